@@ -1,0 +1,180 @@
+//! The shape of a decoder-only transformer, read from an HF config.json or GGUF metadata.
+use crate::error::{ModelError, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// GGUF llama files store q/k rows permuted for llama.cpp's interleaved ("normal") rope;
+    /// HF checkpoints and GGUF qwen2 use the rotate-half ("neox") pairing.
+    pub rope_interleaved: bool,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (always in Qwen2; optional in Llama).
+    pub attention_bias: bool,
+    /// Per-head RMSNorm on q and k before rope (Qwen3).
+    pub qk_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    rope_scaling: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<EosIds>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EosIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl ModelConfig {
+    /// Parses an HF `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::checkpoint(path, e))?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::checkpoint(path, format!("invalid config.json: {e}")))?;
+        let arch_name = hf
+            .model_type
+            .clone()
+            .or_else(|| hf.architectures.first().cloned())
+            .unwrap_or_default();
+        let architecture = match arch_name.to_lowercase().as_str() {
+            "llama" | "llamaforcausallm" => Architecture::Llama,
+            "qwen2" | "qwen2forcausallm" => Architecture::Qwen2,
+            "qwen3" | "qwen3forcausallm" => Architecture::Qwen3,
+            _ => {
+                return Err(ModelError::UnknownArchitecture {
+                    path: path.into(),
+                    arch: arch_name,
+                })
+            }
+        };
+        if let Some(scaling) = &hf.rope_scaling {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            if !scaling.is_null() && kind != "default" {
+                return Err(ModelError::checkpoint(
+                    path,
+                    format!("rope_scaling type `{kind}` is not supported yet"),
+                ));
+            }
+        }
+        if let Some(act) = &hf.hidden_act {
+            if act != "silu" {
+                return Err(ModelError::checkpoint(
+                    path,
+                    format!("hidden_act `{act}` is not supported (only silu)"),
+                ));
+            }
+        }
+        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
+            return Err(ModelError::checkpoint(
+                path,
+                "hidden_size must be a multiple of num_attention_heads",
+            ));
+        }
+        let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
+        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+            return Err(ModelError::checkpoint(
+                path,
+                "num_attention_heads must be a multiple of num_key_value_heads",
+            ));
+        }
+        let eos_token_ids = match hf.eos_token_id {
+            Some(EosIds::One(id)) => vec![id],
+            Some(EosIds::Many(ids)) => ids,
+            None => vec![],
+        };
+        Ok(ModelConfig {
+            architecture,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_layers: hf.num_hidden_layers,
+            num_heads: hf.num_attention_heads,
+            num_kv_heads,
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            vocab_size: hf.vocab_size,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta,
+            rope_interleaved: false,
+            max_position_embeddings: hf.max_position_embeddings,
+            tie_word_embeddings: hf.tie_word_embeddings,
+            attention_bias: architecture == Architecture::Qwen2 || hf.attention_bias,
+            qk_norm: architecture == Architecture::Qwen3,
+            bos_token_id: hf.bos_token_id,
+            eos_token_ids,
+        })
+    }
+
+    pub fn q_size(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_size(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}

@@ -1,0 +1,20 @@
+//! tandem-models: checkpoint loading (GGUF, HF safetensors), tokenizers, and the transformer
+//! forward pass over a caller-owned KV cache.
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod linear;
+pub mod loader;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use candle_core::Device;
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use loader::{load, LoadedModel};
+pub use model::{ForwardOutput, LoadOptions, LogitsFor, Model, SequenceInput};
+pub use ops::OpsPath;
+pub use tokenizers::Tokenizer;

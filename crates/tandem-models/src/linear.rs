@@ -1,0 +1,95 @@
+//! Projection layers: dense f32 weights (our streaming kernel or gemm) or GGUF-quantized weights
+//! (candle's quantized matmul).
+use crate::ops::{self, OpsPath};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Tensor};
+use std::sync::Arc;
+
+type CResult<T> = candle_core::Result<T>;
+
+#[derive(Clone)]
+pub enum Linear {
+    /// weight: [out, in].
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    Quantized { weight: Arc<QMatMul>, out_features: usize, bias: Option<Tensor> },
+    /// Several projections of the same input whose outputs are concatenated (quantized weights of
+    /// different types cannot be fused into one matrix).
+    Stacked(Vec<Linear>),
+}
+
+impl Linear {
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear::Dense { weight, bias }
+    }
+
+    pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> CResult<Self> {
+        let out_features = weight.shape().dims()[0];
+        Ok(Linear::Quantized {
+            weight: Arc::new(QMatMul::from_qtensor(weight)?),
+            out_features,
+            bias,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.dims()[0],
+            Linear::Quantized { out_features, .. } => *out_features,
+            Linear::Stacked(parts) => parts.iter().map(Linear::out_features).sum(),
+        }
+    }
+
+    /// Projections of one input fused into one: dense weights become one matrix, so one pass over
+    /// the input computes all of them.
+    pub fn fuse(parts: Vec<Linear>) -> CResult<Self> {
+        if parts.iter().all(|p| matches!(p, Linear::Dense { .. })) {
+            let mut weights = Vec::new();
+            let mut biases = Vec::new();
+            let any_bias = parts.iter().any(|p| matches!(p, Linear::Dense { bias: Some(_), .. }));
+            for p in &parts {
+                if let Linear::Dense { weight, bias } = p {
+                    weights.push(weight.clone());
+                    if any_bias {
+                        biases.push(match bias {
+                            Some(b) => b.clone(),
+                            None => Tensor::zeros(weight.dims()[0], weight.dtype(), weight.device())?,
+                        });
+                    }
+                }
+            }
+            let weight = Tensor::cat(&weights, 0)?;
+            let bias = if any_bias { Some(Tensor::cat(&biases, 0)?) } else { None };
+            Ok(Linear::Dense { weight, bias })
+        } else {
+            Ok(Linear::Stacked(parts))
+        }
+    }
+
+    /// x: [m, in] -> [m, out].
+    pub fn forward(&self, x: &Tensor, path: OpsPath) -> CResult<Tensor> {
+        let (y, bias) = match self {
+            Linear::Dense { weight, bias } => (ops::matmul_xwt(x, weight, path)?, bias),
+            Linear::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
+            Linear::Stacked(parts) => {
+                let outs = parts.iter().map(|p| p.forward(x, path)).collect::<CResult<Vec<_>>>()?;
+                return Tensor::cat(&outs, 1);
+            }
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Bytes of weights read by one forward.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            Linear::Quantized { weight, .. } => match weight.as_ref() {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            },
+            Linear::Stacked(parts) => parts.iter().map(Linear::weight_bytes).sum(),
+        }
+    }
+}

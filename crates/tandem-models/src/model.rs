@@ -1,0 +1,371 @@
+//! The decoder-only transformer shared by Llama, Qwen2 and Qwen3: pre-norm blocks of GQA attention
+//! with rope and a SwiGLU MLP. The model holds only weights; the caller owns the KV cache and
+//! says, per forward, which sequences (slots) advance by which tokens.
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::ops::{self, OpsPath, RopeTables, TokenSlot};
+use crate::weights::{Weight, WeightSource};
+use candle_core::{Device, Tensor};
+use std::ops::Range;
+
+struct Block {
+    attn_norm: Tensor,
+    /// q, k and v projections as one [q + 2 kv, hidden] product.
+    qkv: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    o_proj: Linear,
+    mlp_norm: Tensor,
+    /// gate and up projections as one [2 intermediate, hidden] product.
+    gate_up: Linear,
+    down: Linear,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: RopeTables,
+    device: Device,
+    path: OpsPath,
+}
+
+/// Which positions of a sequence's new tokens get logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+    /// Indices into the sequence's new tokens.
+    Positions(Vec<usize>),
+}
+
+/// One sequence's share of a batched forward: its new tokens are appended to its cache slot.
+#[derive(Debug, Clone)]
+pub struct SequenceInput<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    pub logits: LogitsFor,
+}
+
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// [rows, vocab] f32: the selected positions of every sequence, in batch order.
+    pub logits: Tensor,
+    /// For each sequence, its rows in `logits`.
+    pub logit_rows: Vec<Range<usize>>,
+    /// For each requested layer, the residual stream after that layer: [total new tokens, hidden],
+    /// sequences in batch order.
+    pub hidden: Vec<Tensor>,
+}
+
+/// Options to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Keep GGUF block-quantized weights as they are (smaller, compute-bound) instead of f32.
+    pub keep_quantized: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { device: Device::Cpu, keep_quantized: false }
+    }
+}
+
+struct Builder<'a> {
+    source: &'a mut dyn WeightSource,
+    opts: &'a LoadOptions,
+    loaded: usize,
+    total: usize,
+    progress: &'a mut dyn FnMut(usize, usize),
+}
+
+impl Builder<'_> {
+    fn fetch(&mut self, name: &str, keep_quantized: bool) -> Result<Option<Weight>> {
+        let w = self.source.get(name, keep_quantized && self.opts.keep_quantized)?;
+        self.loaded += 1;
+        (self.progress)(self.loaded.min(self.total), self.total);
+        Ok(w)
+    }
+
+    fn check_shape(&self, name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+        if actual != expected {
+            return Err(ModelError::WrongShape {
+                path: self.source.path().into(),
+                name: name.into(),
+                actual: actual.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::MissingTensor { path: self.source.path().into(), name: name.into() }
+    }
+
+    fn dense_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        match self.fetch(name, false)? {
+            None => Ok(None),
+            Some(Weight::Dense(t)) => {
+                self.check_shape(name, t.dims(), shape)?;
+                Ok(Some(t))
+            }
+            Some(Weight::Quantized(q)) => {
+                self.check_shape(name, q.shape().dims(), shape)?;
+                Ok(Some(q.dequantize(&self.opts.device)?))
+            }
+        }
+    }
+
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.dense_opt(name, shape)?.ok_or_else(|| self.missing(name))
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = match self.fetch(&name, true)? {
+            None => return Err(self.missing(&name)),
+            Some(w) => w,
+        };
+        let bias = if bias { Some(self.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
+        match weight {
+            Weight::Dense(t) => {
+                self.check_shape(&name, t.dims(), &[out, inp])?;
+                Ok(Linear::dense(t, bias))
+            }
+            Weight::Quantized(q) => {
+                self.check_shape(&name, q.shape().dims(), &[out, inp])?;
+                Ok(Linear::quantized(q, bias)?)
+            }
+        }
+    }
+}
+
+impl Model {
+    /// Builds the model from a weight source; `progress(done, total)` is called per tensor.
+    /// `max_positions` bounds the rope tables (and so the longest usable sequence).
+    pub fn load(
+        config: ModelConfig,
+        source: &mut dyn WeightSource,
+        opts: &LoadOptions,
+        max_positions: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let c = &config;
+        let (hidden, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q_size, kv_size) = (c.q_size(), c.kv_size());
+        let total = 3 + c.num_layers * (9 + if c.attention_bias { 3 } else { 0 } + if c.qk_norm { 2 } else { 0 });
+        let mut b = Builder { source, opts, loaded: 0, total, progress };
+
+        let embed_name = "model.embed_tokens.weight";
+        let embed_q = b.fetch(embed_name, true)?.ok_or_else(|| b.missing(embed_name))?;
+        let (embed, tied_quantized) = match embed_q {
+            Weight::Dense(t) => {
+                b.check_shape(embed_name, t.dims(), &[vocab, hidden])?;
+                (t, None)
+            }
+            Weight::Quantized(q) => {
+                b.check_shape(embed_name, q.shape().dims(), &[vocab, hidden])?;
+                (q.dequantize(&opts.device)?, Some(q))
+            }
+        };
+
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let attn_norm = b.dense(&format!("{p}.input_layernorm.weight"), &[hidden])?;
+            let q = b.linear(&format!("{p}.self_attn.q_proj"), q_size, hidden, c.attention_bias)?;
+            let k = b.linear(&format!("{p}.self_attn.k_proj"), kv_size, hidden, c.attention_bias)?;
+            let v = b.linear(&format!("{p}.self_attn.v_proj"), kv_size, hidden, c.attention_bias)?;
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(b.dense(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?),
+                    Some(b.dense(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?),
+                )
+            } else {
+                (None, None)
+            };
+            let o_proj = b.linear(&format!("{p}.self_attn.o_proj"), hidden, q_size, false)?;
+            let mlp_norm = b.dense(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?;
+            let gate = b.linear(&format!("{p}.mlp.gate_proj"), inter, hidden, false)?;
+            let up = b.linear(&format!("{p}.mlp.up_proj"), inter, hidden, false)?;
+            let down = b.linear(&format!("{p}.mlp.down_proj"), hidden, inter, false)?;
+            blocks.push(Block {
+                attn_norm,
+                qkv: Linear::fuse(vec![q, k, v])?,
+                q_norm,
+                k_norm,
+                o_proj,
+                mlp_norm,
+                gate_up: Linear::fuse(vec![gate, up])?,
+                down,
+            });
+        }
+        let norm = b.dense("model.norm.weight", &[hidden])?;
+        let lm_head = if c.tie_word_embeddings {
+            match tied_quantized {
+                Some(q) => Linear::quantized(q, None)?,
+                None => Linear::dense(embed.clone(), None),
+            }
+        } else {
+            match b.fetch("lm_head.weight", true)? {
+                Some(Weight::Dense(t)) => {
+                    b.check_shape("lm_head.weight", t.dims(), &[vocab, hidden])?;
+                    Linear::dense(t, None)
+                }
+                Some(Weight::Quantized(q)) => {
+                    b.check_shape("lm_head.weight", q.shape().dims(), &[vocab, hidden])?;
+                    Linear::quantized(q, None)?
+                }
+                None => return Err(b.missing("lm_head.weight")),
+            }
+        };
+        let rope = RopeTables::new(c.head_dim, c.rope_theta, max_positions, c.rope_interleaved, &opts.device)?;
+        Ok(Model {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: opts.device.clone(),
+            path: OpsPath::for_device(&opts.device),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Longest sequence the rope tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// Chooses the op implementations (tests run the generic path on CPU to check it).
+    pub fn set_ops_path(&mut self, path: OpsPath) {
+        self.path = path;
+    }
+
+    /// Bytes of weights streamed by one decode step (the embedding table is only gathered).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.blocks
+            .iter()
+            .map(|b| b.qkv.weight_bytes() + b.o_proj.weight_bytes() + b.gate_up.weight_bytes() + b.down.weight_bytes() + dense(&b.attn_norm) + dense(&b.mlp_norm))
+            .sum::<usize>()
+            + self.lm_head.weight_bytes()
+            + dense(&self.norm)
+    }
+
+    /// Appends each sequence's tokens to its cache slot and returns the requested logits and
+    /// hidden states. `hidden_layers` are 0-based layer indices.
+    pub fn forward(&self, batch: &[SequenceInput], cache: &mut KvCache, hidden_layers: &[usize]) -> Result<ForwardOutput> {
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        let mut logit_rows = Vec::with_capacity(batch.len());
+        let mut seen = vec![false; cache.num_slots()];
+        let limit = cache.capacity().min(self.max_positions());
+        for seq in batch {
+            if seq.slot >= cache.num_slots() {
+                return Err(ModelError::InvalidBatch(format!("slot {} does not exist ({} slots)", seq.slot, cache.num_slots())));
+            }
+            if std::mem::replace(&mut seen[seq.slot], true) {
+                return Err(ModelError::InvalidBatch(format!("slot {} appears twice in one batch", seq.slot)));
+            }
+            if seq.tokens.is_empty() {
+                return Err(ModelError::InvalidBatch(format!("slot {} has no new tokens", seq.slot)));
+            }
+            let start = cache.len(seq.slot);
+            if start + seq.tokens.len() > limit {
+                return Err(ModelError::InvalidBatch(format!(
+                    "slot {} would hold {} tokens, more than the {} it can",
+                    seq.slot,
+                    start + seq.tokens.len(),
+                    limit
+                )));
+            }
+            if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary ({})", c.vocab_size)));
+            }
+            let base = ids.len();
+            let first_row = rows.len();
+            match &seq.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => rows.push((base + seq.tokens.len() - 1) as u32),
+                LogitsFor::All => rows.extend((0..seq.tokens.len()).map(|i| (base + i) as u32)),
+                LogitsFor::Positions(ps) => {
+                    for &p in ps {
+                        if p >= seq.tokens.len() {
+                            return Err(ModelError::InvalidBatch(format!("logits position {p} is past the {} new tokens", seq.tokens.len())));
+                        }
+                        rows.push((base + p) as u32);
+                    }
+                }
+            }
+            logit_rows.push(first_row..rows.len());
+            ids.extend_from_slice(seq.tokens);
+            tokens.extend((0..seq.tokens.len()).map(|i| TokenSlot { slot: seq.slot, pos: start + i }));
+        }
+        if let Some(&l) = hidden_layers.iter().find(|&&l| l >= c.num_layers) {
+            return Err(ModelError::InvalidBatch(format!("layer {l} does not exist ({} layers)", c.num_layers)));
+        }
+
+        let t = ids.len();
+        let positions: Vec<usize> = tokens.iter().map(|ts| ts.pos).collect();
+        let path = self.path;
+        let ids = Tensor::from_vec(ids, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut hidden = Vec::with_capacity(hidden_layers.len());
+        let (q_size, kv_size) = (c.q_size(), c.kv_size());
+        for (l, b) in self.blocks.iter().enumerate() {
+            let h = ops::rms_norm(&x, &b.attn_norm, c.rms_norm_eps, path)?;
+            let qkv = b.qkv.forward(&h, path)?;
+            let mut q = qkv.narrow(1, 0, q_size)?.reshape((t, c.num_heads, c.head_dim))?;
+            let mut k = qkv.narrow(1, q_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            let v = qkv.narrow(1, q_size + kv_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+                q = ops::rms_norm(&q, qn, c.rms_norm_eps, path)?;
+                k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
+            }
+            let q = ops::rope(&q, &positions, &self.rope, path)?;
+            let k = ops::rope(&k, &positions, &self.rope, path)?;
+            ops::cache_write(&cache.keys[l], &k, &tokens, path)?;
+            ops::cache_write(&cache.values[l], &v, &tokens, path)?;
+            let a = ops::attention(&q, &cache.keys[l], &cache.values[l], &tokens, path)?;
+            x = (x + b.o_proj.forward(&a, path)?)?;
+            let h = ops::rms_norm(&x, &b.mlp_norm, c.rms_norm_eps, path)?;
+            let m = ops::silu_mul(&b.gate_up.forward(&h, path)?, path)?;
+            x = (x + b.down.forward(&m, path)?)?;
+            if hidden_layers.contains(&l) {
+                hidden.push((l, x.clone()));
+            }
+        }
+        for seq in batch {
+            let len = cache.len(seq.slot) + seq.tokens.len();
+            cache.set_len(seq.slot, len);
+        }
+        let logits = if rows.is_empty() {
+            Tensor::zeros((0, c.vocab_size), candle_core::DType::F32, &self.device)?
+        } else {
+            let n = rows.len();
+            let sel = x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
+            let sel = ops::rms_norm(&sel, &self.norm, c.rms_norm_eps, path)?;
+            self.lm_head.forward(&sel, path)?
+        };
+        // Return hidden states in the order the caller asked for them.
+        let hidden = hidden_layers
+            .iter()
+            .map(|l| hidden.iter().find(|(hl, _)| hl == l).map(|(_, t)| t.clone()).expect("layer recorded"))
+            .collect();
+        Ok(ForwardOutput { logits, logit_rows, hidden })
+    }
+}

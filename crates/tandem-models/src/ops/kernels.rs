@@ -1,0 +1,302 @@
+//! Plain-slice CPU kernels for the decode and verification hot path.
+//!
+//! candle's gemm is excellent for prefill-sized products but pays fixed costs that dominate when only
+//! 1-16 rows are multiplied (decode and draft verification). These kernels stream each weight row
+//! once and reuse it for every input row, so a forward over k tokens costs little more than one.
+use rayon::prelude::*;
+
+/// Raw pointer that may be shared by workers writing disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// y[i, j] = sum_k x[i, k] * w[j, k] (+ bias[j]) for x: [m, k], w: [n, k] row-major, y: [m, n].
+pub fn matmul_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(y.len(), m * n);
+    let threads = rayon::current_num_threads().max(1);
+    // Enough blocks to balance the workers, each big enough to amortise scheduling.
+    let block = (n / (threads * 4)).clamp(16, 512).div_ceil(ROWS) * ROWS;
+    let out = SharedMut(y.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+        let j0 = b * block;
+        let j1 = (j0 + block).min(n);
+        let out = out;
+        // SAFETY: every block writes only columns j0..j1 of y, and blocks do not overlap.
+        unsafe { matmul_block(x, w, m, k, n, j0, j1, out.0) };
+        if let Some(bias) = bias {
+            for i in 0..m {
+                for j in j0..j1 {
+                    unsafe { *out.0.add(i * n + j) += bias[j] };
+                }
+            }
+        }
+    });
+}
+
+const ROWS: usize = 4;
+
+unsafe fn matmul_block(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return avx2::matmul_block(x, w, m, k, n, j0, j1, y);
+        }
+    }
+    for j in j0..j1 {
+        let wr = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            *y.add(i * n + j) = dot(&x[i * k..(i + 1) * k], wr);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// R weight rows against C input rows: R*C accumulators stay in registers.
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        n: usize,
+        j: usize,
+        i: usize,
+        y: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let k8 = k / 8 * 8;
+        let wp = w.as_ptr().add(j * k);
+        let xp = x.as_ptr().add(i * k);
+        let mut p = 0;
+        while p < k8 {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                wv[r] = _mm256_loadu_ps(wp.add(r * k + p));
+            }
+            for c in 0..C {
+                let xv = _mm256_loadu_ps(xp.add(c * k + p));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                }
+            }
+            p += 8;
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let mut s = hsum(acc[r][c]);
+                for q in k8..k {
+                    s += *wp.add(r * k + q) * *xp.add(c * k + q);
+                }
+                *y.add((i + c) * n + j + r) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matmul_block(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+        let mut j = j0;
+        while j + 4 <= j1 {
+            let mut i = 0;
+            while i + 2 <= m {
+                tile::<4, 2>(x, w, k, n, j, i, y);
+                i += 2;
+            }
+            if i < m {
+                tile::<4, 1>(x, w, k, n, j, i, y);
+            }
+            j += 4;
+        }
+        while j < j1 {
+            for i in 0..m {
+                tile::<1, 1>(x, w, k, n, j, i, y);
+            }
+            j += 1;
+        }
+    }
+}
+
+/// Dot product with eight independent partial sums, which the compiler keeps in vector lanes.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for q in chunks..a.len() {
+        s += a[q] * b[q];
+    }
+    s
+}
+
+/// RMSNorm of each row of x ([rows, dim]) scaled by weight.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let ss = dot(xr, xr) / dim as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// Rotates each head of x ([tokens, heads, head_dim]) in place by the angle of its token's position.
+/// cos/sin tables are [max_pos, head_dim / 2].
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = head_dim / 2;
+    for (t, &pos) in positions.iter().enumerate() {
+        let c = &cos[pos * half..(pos + 1) * half];
+        let s = &sin[pos * half..(pos + 1) * half];
+        for h in 0..heads {
+            let v = &mut x[(t * heads + h) * head_dim..(t * heads + h + 1) * head_dim];
+            if interleaved {
+                for i in 0..half {
+                    let (a, b) = (v[2 * i], v[2 * i + 1]);
+                    v[2 * i] = a * c[i] - b * s[i];
+                    v[2 * i + 1] = a * s[i] + b * c[i];
+                }
+            } else {
+                for i in 0..half {
+                    let (a, b) = (v[i], v[i + half]);
+                    v[i] = a * c[i] - b * s[i];
+                    v[i + half] = a * s[i] + b * c[i];
+                }
+            }
+        }
+    }
+}
+
+/// out = silu(gate) * up, where gate_up rows are [gate | up].
+pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    for (gu, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = gu.split_at(inter);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// Where one token of a batch lives in the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSlot {
+    pub slot: usize,
+    pub pos: usize,
+}
+
+/// Geometry of one layer's cache tensor: [slots, kv_heads, capacity, head_dim].
+#[derive(Debug, Clone, Copy)]
+pub struct CacheGeometry {
+    pub kv_heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+impl CacheGeometry {
+    #[inline]
+    pub fn offset(&self, slot: usize, head: usize, pos: usize) -> usize {
+        ((slot * self.kv_heads + head) * self.capacity + pos) * self.head_dim
+    }
+}
+
+/// Writes new rows ([tokens, kv_heads, head_dim]) into the cache at each token's slot and position.
+pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: CacheGeometry) {
+    let d = g.head_dim;
+    for (t, ts) in tokens.iter().enumerate() {
+        for h in 0..g.kv_heads {
+            let dst = g.offset(ts.slot, h, ts.pos);
+            let src = (t * g.kv_heads + h) * d;
+            cache[dst..dst + d].copy_from_slice(&rows[src..src + d]);
+        }
+    }
+}
+
+/// Causal attention of each token over its own slot's cache, positions 0..=pos.
+/// q: [tokens, heads, head_dim] -> out: [tokens, heads * head_dim].
+pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], tokens: &[TokenSlot], heads: usize, g: CacheGeometry, out: &mut [f32]) {
+    let d = g.head_dim;
+    let group = heads / g.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (th, o)| {
+        let (t, h) = (th / heads, th % heads);
+        let ts = tokens[t];
+        let kvh = h / group;
+        let qv = &q[th * d..(th + 1) * d];
+        let len = ts.pos + 1;
+        let base = g.offset(ts.slot, kvh, 0);
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for p in 0..len {
+            let s = dot(qv, &k_cache[base + p * d..base + (p + 1) * d]) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        let inv = 1.0 / sum;
+        for (p, &s) in scores.iter().enumerate() {
+            let w = s * inv;
+            let vr = &v_cache[base + p * d..base + (p + 1) * d];
+            for (o, &v) in o.iter_mut().zip(vr) {
+                *o += w * v;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_odd_shapes() {
+        for &(m, k, n) in &[(1, 5, 3), (3, 19, 37), (2, 64, 130), (7, 96, 33), (16, 40, 17)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 17) as f32 / 17.0 - 0.5).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
+            let mut y = vec![0f32; m * n];
+            matmul_xwt(&x, &w, Some(&bias), m, k, n, &mut y);
+            let mut r = naive(&x, &w, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    r[i * n + j] += bias[j];
+                }
+            }
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            }
+        }
+    }
+}

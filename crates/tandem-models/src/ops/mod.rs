@@ -1,0 +1,338 @@
+//! Tensor operations of the transformer, each with one CPU implementation (fused kernels over
+//! plain slices, run as candle custom ops) and one device-generic implementation built from candle
+//! primitives (used on CUDA, and on CPU by the tests that prove both paths agree).
+//!
+//! This is the one place where the hardware decides the code path.
+pub mod kernels;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, D};
+pub use kernels::{CacheGeometry, TokenSlot};
+use std::sync::Arc;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Largest number of rows for which the streaming CPU matmul beats candle's gemm.
+const SMALL_M: usize = 16;
+
+/// Which implementation the ops use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsPath {
+    /// Fused CPU kernels (only on a CPU device).
+    CpuKernels,
+    /// candle primitives: any device.
+    Generic,
+}
+
+impl OpsPath {
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            OpsPath::CpuKernels
+        } else {
+            OpsPath::Generic
+        }
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("tandem kernels need contiguous f32 tensors"),
+    }
+}
+
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> CResult<&'a mut [f32]> {
+    let (a, b) = match l.contiguous_offsets() {
+        Some(o) => o,
+        None => candle_core::bail!("tandem kernels need contiguous f32 tensors"),
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("tandem kernels need f32 tensors"),
+    }
+}
+
+// ---------------------------------------------------------------- linear
+
+struct SmallMatmul;
+
+impl CustomOp2 for SmallMatmul {
+    fn name(&self) -> &'static str {
+        "tandem-small-matmul"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("matmul inner dims differ: {k} vs {k2}");
+        }
+        let mut y = vec![0f32; m * n];
+        kernels::matmul_xwt(f32_slice(s1, l1)?, f32_slice(s2, l2)?, None, m, k, n, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// x: [m, k] times w: [n, k] transposed -> [m, n].
+pub fn matmul_xwt(x: &Tensor, w: &Tensor, path: OpsPath) -> CResult<Tensor> {
+    let m = x.dim(0)?;
+    if path == OpsPath::CpuKernels && m <= SMALL_M && w.dtype() == DType::F32 && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul)
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
+// ---------------------------------------------------------------- rms norm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "tandem-rms-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1)?;
+        let w = f32_slice(s2, l2)?;
+        if x.len() % w.len() != 0 {
+            candle_core::bail!("rms norm: {} values do not split into rows of {}", x.len(), w.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        kernels::rms_norm(x, w, self.eps, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// RMSNorm over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: OpsPath) -> CResult<Tensor> {
+    match path {
+        OpsPath::CpuKernels => x.contiguous()?.apply_op2_no_bwd(weight, &RmsNorm { eps: eps as f32 }),
+        OpsPath::Generic => {
+            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+            x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- rope
+
+/// cos/sin of every position up to the cache capacity, [max_pos, rotary_dim / 2].
+#[derive(Clone)]
+pub struct RopeTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    cos_host: Arc<Vec<f32>>,
+    sin_host: Arc<Vec<f32>>,
+    pub interleaved: bool,
+}
+
+impl RopeTables {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize, interleaved: bool, device: &Device) -> CResult<Self> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for i in 0..half {
+                let inv_freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                let angle = p as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok(RopeTables {
+            cos: Tensor::from_slice(&cos, (max_pos, half), device)?,
+            sin: Tensor::from_slice(&sin, (max_pos, half), device)?,
+            cos_host: Arc::new(cos),
+            sin_host: Arc::new(sin),
+            interleaved,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+}
+
+struct Rope<'a> {
+    tables: &'a RopeTables,
+    positions: &'a [usize],
+}
+
+impl CustomOp1 for Rope<'_> {
+    fn name(&self) -> &'static str {
+        "tandem-rope"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (_t, heads, d) = l.shape().dims3()?;
+        let mut x = f32_slice(s, l)?.to_vec();
+        kernels::rope(&mut x, heads, d, self.positions, &self.tables.cos_host, &self.tables.sin_host, self.tables.interleaved);
+        Ok((CpuStorage::F32(x), l.shape().clone()))
+    }
+}
+
+/// Rotary embedding of x: [tokens, heads, head_dim], token t at positions[t].
+pub fn rope(x: &Tensor, positions: &[usize], tables: &RopeTables, path: OpsPath) -> CResult<Tensor> {
+    match path {
+        OpsPath::CpuKernels => x.contiguous()?.apply_op1_no_bwd(&Rope { tables, positions }),
+        OpsPath::Generic => {
+            let (t, h, d) = x.dims3()?;
+            let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            let idx = Tensor::from_vec(idx, t, x.device())?;
+            let cos = tables.cos.index_select(&idx, 0)?.unsqueeze(1)?; // [t, 1, d/2]
+            let sin = tables.sin.index_select(&idx, 0)?.unsqueeze(1)?;
+            if tables.interleaved {
+                let pairs = x.reshape((t, h, d / 2, 2))?;
+                let a = pairs.narrow(3, 0, 1)?.squeeze(3)?;
+                let b = pairs.narrow(3, 1, 1)?.squeeze(3)?;
+                let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+                let rb = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
+                Tensor::stack(&[ra, rb], 3)?.reshape((t, h, d))
+            } else {
+                let a = x.narrow(2, 0, d / 2)?;
+                let b = x.narrow(2, d / 2, d / 2)?;
+                let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+                let rb = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
+                Tensor::cat(&[ra, rb], 2)
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- mlp activation
+
+struct SiluMul;
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "tandem-silu-mul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (t, two_i) = l.shape().dims2()?;
+        let mut out = vec![0f32; t * two_i / 2];
+        kernels::silu_mul(f32_slice(s, l)?, two_i / 2, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((t, two_i / 2))))
+    }
+}
+
+/// silu(gate) * up for rows laid out as [gate | up].
+pub fn silu_mul(gate_up: &Tensor, path: OpsPath) -> CResult<Tensor> {
+    match path {
+        OpsPath::CpuKernels => gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul),
+        OpsPath::Generic => {
+            let inter = gate_up.dim(1)? / 2;
+            let gate = gate_up.narrow(1, 0, inter)?;
+            let up = gate_up.narrow(1, inter, inter)?;
+            candle_core::Tensor::silu(&gate)? * up
+        }
+    }
+}
+
+// ---------------------------------------------------------------- KV cache write + attention
+
+struct CacheWrite<'a> {
+    tokens: &'a [TokenSlot],
+    geometry: CacheGeometry,
+}
+
+impl InplaceOp2 for CacheWrite<'_> {
+    fn name(&self) -> &'static str {
+        "tandem-cache-write"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<()> {
+        let rows = f32_slice(s2, l2)?;
+        let cache = f32_slice_mut(s1, l1)?;
+        kernels::cache_write(cache, rows, self.tokens, self.geometry);
+        Ok(())
+    }
+}
+
+/// Writes rows [tokens, kv_heads, head_dim] into cache [slots, kv_heads, capacity, head_dim] in place.
+pub fn cache_write(cache: &Tensor, rows: &Tensor, tokens: &[TokenSlot], path: OpsPath) -> CResult<()> {
+    let (_s, kv_heads, capacity, head_dim) = cache.dims4()?;
+    let geometry = CacheGeometry { kv_heads, capacity, head_dim };
+    match path {
+        OpsPath::CpuKernels => cache.inplace_op2(&rows.contiguous()?, &CacheWrite { tokens, geometry }),
+        OpsPath::Generic => {
+            let mut idx = Vec::with_capacity(tokens.len() * kv_heads * head_dim);
+            for ts in tokens {
+                for h in 0..kv_heads {
+                    let row = (geometry.offset(ts.slot, h, ts.pos) / head_dim) as u32;
+                    idx.extend(std::iter::repeat_n(row, head_dim));
+                }
+            }
+            let n = tokens.len() * kv_heads;
+            let idx = Tensor::from_vec(idx, (n, head_dim), cache.device())?;
+            let flat = cache.reshape(((), head_dim))?;
+            flat.scatter_set(&idx, &rows.reshape((n, head_dim))?.contiguous()?, 0)
+        }
+    }
+}
+
+struct Attention<'a> {
+    tokens: &'a [TokenSlot],
+    heads: usize,
+}
+
+impl CustomOp3 for Attention<'_> {
+    fn name(&self) -> &'static str {
+        "tandem-attention"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (_s, kv_heads, capacity, head_dim) = l2.shape().dims4()?;
+        let geometry = CacheGeometry { kv_heads, capacity, head_dim };
+        let t = self.tokens.len();
+        let mut out = vec![0f32; t * self.heads * head_dim];
+        kernels::attention(f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?, self.tokens, self.heads, geometry, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((t, self.heads * head_dim))))
+    }
+}
+
+/// Causal attention of q: [tokens, heads, head_dim] over each token's slot in the cache,
+/// keys 0..=pos. Returns [tokens, heads * head_dim].
+pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, tokens: &[TokenSlot], path: OpsPath) -> CResult<Tensor> {
+    let (t, heads, head_dim) = q.dims3()?;
+    match path {
+        OpsPath::CpuKernels => q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &Attention { tokens, heads }),
+        OpsPath::Generic => {
+            let kv_heads = k_cache.dim(1)?;
+            let group = heads / kv_heads;
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let mut outs = Vec::new();
+            // Runs of consecutive positions in one slot share one masked product.
+            let mut start = 0;
+            while start < t {
+                let mut end = start + 1;
+                while end < t && tokens[end].slot == tokens[start].slot && tokens[end].pos == tokens[end - 1].pos + 1 {
+                    end += 1;
+                }
+                let run = end - start;
+                let (slot, p0) = (tokens[start].slot, tokens[start].pos);
+                let len = p0 + run;
+                let k = k_cache.get(slot)?.narrow(1, 0, len)?; // [kvh, len, d]
+                let v = v_cache.get(slot)?.narrow(1, 0, len)?;
+                let qr = q.narrow(0, start, run)?.transpose(0, 1)?.contiguous()?; // [h, run, d]
+                let qr = qr.reshape((kv_heads, group * run, head_dim))?;
+                let scores = (qr.matmul(&k.t()?.contiguous()?)? * scale)?; // [kvh, group*run, len]
+                let mut mask = vec![0f32; group * run * len];
+                for g in 0..group {
+                    for i in 0..run {
+                        for j in (p0 + i + 1)..len {
+                            mask[(g * run + i) * len + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let mask = Tensor::from_vec(mask, (group * run, len), q.device())?;
+                let scores = scores.broadcast_add(&mask)?;
+                let max = scores.max_keepdim(D::Minus1)?;
+                let e = scores.broadcast_sub(&max)?.exp()?;
+                let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+                let o = p.matmul(&v.contiguous()?)?; // [kvh, group*run, d]
+                let o = o.reshape((heads, run, head_dim))?.transpose(0, 1)?.reshape((run, heads * head_dim))?;
+                outs.push(o);
+                start = end;
+            }
+            Tensor::cat(&outs, 0)
+        }
+    }
+}

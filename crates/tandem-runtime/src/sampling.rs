@@ -1,0 +1,263 @@
+//! Turning logits into the next token: repetition penalty, temperature, top-k, top-p, min-p,
+//! seeded randomness, and the log-probabilities users ask for.
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose mass reaches top_p; 1 disables.
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one; 0 disables.
+    pub min_p: f32,
+    /// Divides positive (multiplies negative) logits of tokens already seen; 1 disables.
+    pub repetition_penalty: f32,
+    /// Makes sampling reproducible.
+    pub seed: Option<u64>,
+    /// Also return this many most likely alternatives with each token's logprob.
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None, top_logprobs: 0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// A chosen token with its log-probability under the model (the raw, unprocessed distribution,
+/// as vLLM reports by default) and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+/// log-softmax of the logits.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    logits.iter().map(|&l| l - lse).collect()
+}
+
+/// Index of the largest value; the lowest index wins ties, so greedy decoding is deterministic.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The n largest entries, largest first (ties: lower id first).
+pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return vec![];
+    }
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let n = n.min(idx.len());
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_by(cmp);
+    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Chooses the next token. `history` is every token of the sequence so far (prompt and output),
+    /// for the repetition penalty.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> SampledToken {
+        let p = self.params.clone();
+        let processed: Vec<f32>;
+        let mut scores: &[f32] = logits;
+        if p.repetition_penalty != 1.0 && !history.is_empty() {
+            let mut penalised = logits.to_vec();
+            let mut seen = history.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for &t in &seen {
+                if let Some(l) = penalised.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+            processed = penalised;
+            scores = &processed;
+        }
+        let id = if p.temperature == 0.0 { argmax(scores) } else { self.draw(scores) };
+        let logprobs = log_softmax(logits);
+        SampledToken { id, logprob: logprobs[id as usize], top_logprobs: top_n(&logprobs, p.top_logprobs) }
+    }
+
+    fn draw(&mut self, scores: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f32> = scores.iter().map(|&s| ((s - max) * inv_t).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+
+        // Candidates, most likely first. Each filter keeps a prefix of that order, so only tokens
+        // above a threshold that provably holds that prefix need sorting (not the whole vocabulary).
+        let p_max = probs.iter().copied().fold(0.0, f32::max);
+        let floor = p.min_p * p_max;
+        let mut threshold = if p.top_k == 0 && p.top_p >= 1.0 { floor } else { (p_max * 1e-3).max(floor) };
+        let mut cands: Vec<u32> = loop {
+            let cands: Vec<u32> = (0..probs.len() as u32).filter(|&i| probs[i as usize] >= threshold).collect();
+            let holds_prefix = if p.top_k > 0 {
+                cands.len() >= p.top_k
+            } else {
+                cands.iter().map(|&i| probs[i as usize]).sum::<f32>() >= p.top_p
+            };
+            if holds_prefix || threshold <= floor {
+                break cands;
+            }
+            threshold = if threshold < 1e-30 { floor } else { (threshold * 1e-3).max(floor) };
+        };
+        if p.top_k > 0 || p.top_p < 1.0 {
+            cands.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+        }
+        if p.top_k > 0 {
+            cands.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 {
+            // The nucleus of what top-k left, renormalised.
+            let target = p.top_p * cands.iter().map(|&c| probs[c as usize]).sum::<f32>();
+            let mut acc = 0.0;
+            let mut keep = cands.len();
+            for (i, &c) in cands.iter().enumerate() {
+                acc += probs[c as usize];
+                if acc >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep.max(1));
+        }
+        let mass: f32 = cands.iter().map(|&c| probs[c as usize]).sum();
+        let mut r = self.rng.random::<f32>() * mass;
+        for &c in &cands {
+            r -= probs[c as usize];
+            if r <= 0.0 {
+                return c;
+            }
+        }
+        *cands.last().expect("at least one candidate")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32) -> SamplingParams {
+        SamplingParams { temperature: t, seed: Some(7), ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_takes_argmax_and_reports_logprobs() {
+        let mut s = Sampler::new(SamplingParams { top_logprobs: 2, ..Default::default() });
+        let t = s.sample(&[1.0, 3.0, 2.0], &[]);
+        assert_eq!(t.id, 1);
+        let lp = log_softmax(&[1.0, 3.0, 2.0]);
+        assert!((t.logprob - lp[1]).abs() < 1e-6);
+        assert_eq!(t.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn seed_makes_sampling_reproducible() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = || {
+            let mut s = Sampler::new(params(1.0));
+            (0..50).map(|_| s.sample(&logits, &[]).id).collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 17) % 23) as f32).collect();
+        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(5.0) });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&logits, &[]).id, argmax(&logits));
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // probs ~ [0.6, 0.3, 0.1]: top_p 0.5 keeps only token 0, 0.8 keeps 0 and 1.
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) });
+        assert!((0..200).all(|_| s.sample(&logits, &[]).id == 0));
+        let mut s = Sampler::new(SamplingParams { top_p: 0.8, ..params(1.0) });
+        let ids: Vec<u32> = (0..500).map(|_| s.sample(&logits, &[]).id).collect();
+        assert!(ids.contains(&1) && !ids.contains(&2));
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let mut s = Sampler::new(SamplingParams { min_p: 0.2, ..params(1.0) });
+        let ids: Vec<u32> = (0..500).map(|_| s.sample(&logits, &[]).id).collect();
+        assert!(ids.contains(&1) && !ids.contains(&2));
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.5f32.ln(), 0.25f32.ln(), 0.25f32.ln()];
+        let mut s = Sampler::new(params(1.0));
+        let n = 20000;
+        let zeros = (0..n).filter(|_| s.sample(&logits, &[]).id == 0).count();
+        let frac = zeros as f64 / n as f64;
+        assert!((frac - 0.5).abs() < 0.02, "{frac}");
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_seen_tokens() {
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        assert_eq!(s.sample(&[2.0, 1.5], &[0]).id, 1);
+        assert_eq!(s.sample(&[2.0, 1.5], &[]).id, 0);
+    }
+}

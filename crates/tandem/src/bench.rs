@@ -1,0 +1,174 @@
+//! `tandem bench`: prefill tok/s, single-stream decode tok/s, and the cost of one forward over k new
+//! tokens (logits for all k, the draft-verification pattern) relative to k = 1, for each model and
+//! weight mode. Prints a table and writes JSON.
+use crate::{load_model, models};
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, Model, SequenceInput};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Models: paths or `smollm2` / `qwen-coder` (default: both).
+    #[arg(long)]
+    model: Vec<String>,
+    /// Weight modes: f32 (dequantized) and/or quantized (GGUF blocks kept).
+    #[arg(long, value_delimiter = ',', default_value = "f32,quantized")]
+    modes: Vec<String>,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens decoded for the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// KV depth at which the k-token forwards are timed.
+    #[arg(long, default_value_t = 256)]
+    depth: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results/bench.json")]
+    out: String,
+}
+
+const KS: [usize; 5] = [1, 2, 4, 8, 16];
+
+#[derive(Serialize)]
+struct Row {
+    model: String,
+    mode: String,
+    weight_mb_per_token: f64,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    /// Median seconds of one forward over k tokens at the given depth.
+    k_forward_secs: Vec<(usize, f64)>,
+    /// The same, relative to k = 1.
+    k_cost_ratio: Vec<(usize, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn fake_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + salt * 104_729 + 17) % vocab.min(30_000)) as u32).collect()
+}
+
+fn forward(model: &Model, cache: &mut KvCache, tokens: &[u32], logits: LogitsFor) -> Result<()> {
+    model.forward(&[SequenceInput { slot: 0, tokens, logits }], cache, &[])?;
+    Ok(())
+}
+
+fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<Row> {
+    let vocab = model.config.vocab_size;
+    let capacity = (a.depth + 32).max(a.prompt_tokens).max(16 + a.decode_tokens) + 1;
+    let mut cache = KvCache::new(&model.config, 1, capacity, model.device())?;
+    // Warm up caches and thread pools.
+    forward(model, &mut cache, &fake_tokens(8, vocab, 0), LogitsFor::Last)?;
+
+    let mut prefill = Vec::new();
+    for r in 0..a.reps {
+        cache.reset(0)?;
+        let toks = fake_tokens(a.prompt_tokens, vocab, r + 1);
+        let t = Instant::now();
+        forward(model, &mut cache, &toks, LogitsFor::Last)?;
+        prefill.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+
+    let mut decode = Vec::new();
+    for r in 0..a.reps.min(3) {
+        cache.reset(0)?;
+        forward(model, &mut cache, &fake_tokens(16, vocab, r + 7), LogitsFor::Last)?;
+        let toks = fake_tokens(a.decode_tokens, vocab, r + 11);
+        let t = Instant::now();
+        for tok in &toks {
+            forward(model, &mut cache, std::slice::from_ref(tok), LogitsFor::Last)?;
+        }
+        decode.push(a.decode_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+
+    cache.reset(0)?;
+    let fill = fake_tokens(a.depth, vocab, 3);
+    for chunk in fill.chunks(256) {
+        forward(model, &mut cache, chunk, LogitsFor::None)?;
+    }
+    let mut k_secs = Vec::new();
+    for &k in &KS {
+        let toks = fake_tokens(k, vocab, k);
+        let mut times = Vec::new();
+        for _ in 0..a.reps.max(3) * 2 {
+            let t = Instant::now();
+            forward(model, &mut cache, &toks, LogitsFor::All)?;
+            times.push(t.elapsed().as_secs_f64());
+            cache.truncate(0, a.depth)?;
+        }
+        k_secs.push((k, median(times)));
+    }
+    let base = k_secs[0].1;
+    Ok(Row {
+        model: name.to_string(),
+        mode: mode.to_string(),
+        weight_mb_per_token: model.weight_bytes_per_token() as f64 / 1e6,
+        prefill_tok_s: median(prefill),
+        decode_tok_s: median(decode),
+        k_cost_ratio: k_secs.iter().map(|&(k, s)| (k, s / base)).collect(),
+        k_forward_secs: k_secs,
+    })
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let names = if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
+    let mut rows = Vec::new();
+    println!(
+        "{:<34} {:<9} {:>8} {:>10} {:>9}  {}",
+        "model",
+        "weights",
+        "MB/tok",
+        "prefill/s",
+        "decode/s",
+        KS.iter().map(|k| format!("k={k:<5}")).collect::<Vec<_>>().join(" ")
+    );
+    for name in &names {
+        let path = models::resolve(Some(name))?;
+        for mode in &args.modes {
+            let opts = LoadOptions { device: Device::Cpu, keep_quantized: mode == "quantized" };
+            let loaded = load_model(&path, &opts)?;
+            let row = bench_model(&loaded.model, &loaded.name, mode, &args)?;
+            println!(
+                "{:<34} {:<9} {:>8.0} {:>10.1} {:>9.1}  {}",
+                row.model,
+                row.mode,
+                row.weight_mb_per_token,
+                row.prefill_tok_s,
+                row.decode_tok_s,
+                row.k_cost_ratio.iter().map(|(_, r)| format!("{r:<7.2}")).collect::<Vec<_>>().join(" ")
+            );
+            rows.push(row);
+        }
+    }
+    if let Some(dir) = std::path::Path::new(&args.out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let json = serde_json::json!({
+        "machine": machine_description(),
+        "threads": rayon_threads(),
+        "rows": rows,
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", args.out);
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {} threads", rayon_threads())
+}

