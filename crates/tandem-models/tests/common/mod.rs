@@ -1,0 +1,99 @@
+//! Shared helpers of tandem-models' integration tests: the tiny checkpoints, the default model
+//! files and the Python reference.
+#![allow(dead_code)]
+use candle_core::Tensor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tandem_models::{load, LoadOptions, LoadedModel};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Folder of tiny random checkpoints, generated once per test binary.
+pub fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tandem-tiny-{}", std::process::id()));
+        let status = Command::new(python())
+            .arg(repo_root().join("tests/reference/make_tiny.py"))
+            .arg(&dir)
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "make_tiny.py failed");
+        dir
+    })
+}
+
+pub const TINY: &[&str] = &[
+    "llama-gqa-untied-sharded",
+    "llama-bf16-tied",
+    "qwen2-tied-bias",
+    "qwen2-f16-untied",
+    "qwen3-qknorm-untied",
+    "qwen3-qknorm-tied",
+];
+
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("TANDEM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
+    }
+}
+
+/// A default model file; fails with instructions when it has not been fetched.
+pub fn model_file(name: &str) -> PathBuf {
+    let p = models_dir().join(name);
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
+    p
+}
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const QWEN_CODER: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+pub fn load_path(path: &Path) -> LoadedModel {
+    load(path, &LoadOptions::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// Logits of every position of `tokens` from the numpy reference.
+pub fn reference_logits(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let out = std::env::temp_dir().join(format!("tandem-ref-{}-{}.npy", std::process::id(), rand_suffix()));
+    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let o = Command::new(python())
+        .arg(repo_root().join("tests/reference/reference.py"))
+        .arg(checkpoint)
+        .arg(toks.join(","))
+        .arg(&out)
+        .output()
+        .expect("python3 runs");
+    assert!(o.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&o.stderr));
+    let t = Tensor::read_npy(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    t.to_vec2::<f32>().unwrap()
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// max |a - b| / max |b|.
+pub fn relative_error(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "row count");
+    let mut max_diff = 0f64;
+    let mut max_ref = 0f64;
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len(), "row length");
+        for (&x, &y) in ra.iter().zip(rb) {
+            max_diff = max_diff.max((x as f64 - y as f64).abs());
+            max_ref = max_ref.max((y as f64).abs());
+        }
+    }
+    max_diff / max_ref
+}

@@ -1,0 +1,68 @@
+//! Logits from tandem agree with an independent numpy implementation of the forward pass.
+mod common;
+
+use common::*;
+use tandem_models::{KvCache, LogitsFor, OpsPath, SequenceInput};
+
+const TOL: f64 = 1e-4;
+
+fn tandem_logits(loaded: &tandem_models::LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut model_cache = KvCache::new(&loaded.model.config, 1, 64, loaded.model.device()).unwrap();
+    let out = loaded
+        .model
+        .forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All }], &mut model_cache, &[])
+        .unwrap();
+    out.logits.to_vec2::<f32>().unwrap()
+}
+
+#[test]
+fn tiny_checkpoints_match_the_numpy_reference_on_both_op_paths() {
+    let tokens: Vec<u32> = vec![260, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 262, 5, 270];
+    for name in TINY {
+        let dir = tiny_dir().join(name);
+        let reference = reference_logits(&dir, &tokens);
+        let mut loaded = load_path(&dir);
+        for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+            loaded.model.set_ops_path(path);
+            let ours = tandem_logits(&loaded, &tokens);
+            let err = relative_error(&ours, &reference);
+            assert!(err < TOL, "{name} ({path:?}): relative error {err:.2e} exceeds {TOL:.0e}");
+        }
+    }
+}
+
+#[test]
+fn smollm2_gguf_matches_the_numpy_reference() {
+    let file = model_file(SMOLLM2);
+    // "<|im_start|>user\nWhat is 2+2?" and a few ordinary ids.
+    let tokens: Vec<u32> = vec![1, 4093, 198, 1780, 314, 216, 34, 33, 34, 47, 2, 198, 1, 520, 9531];
+    let reference = reference_logits(&file, &tokens);
+    let mut loaded = load_path(&file);
+    for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+        loaded.model.set_ops_path(path);
+        let ours = tandem_logits(&loaded, &tokens);
+        let err = relative_error(&ours, &reference);
+        assert!(err < TOL, "SmolLM2 ({path:?}): relative error {err:.2e} exceeds {TOL:.0e}");
+    }
+}
+
+#[test]
+fn a_wrong_rope_or_norm_detail_is_caught() {
+    // The comparison must be able to fail: the common bug of a default rope theta (1e4 instead of
+    // Qwen's 1e6) breaks agreement.
+    let dir = tiny_dir().join("qwen2-tied-bias");
+    let tokens: Vec<u32> = (1..20).collect();
+    let reference = reference_logits(&dir, &tokens);
+    let broken = std::env::temp_dir().join(format!("tandem-broken-rope-{}", std::process::id()));
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(broken.join("config.json")).unwrap().replace("1000000.0", "10000.0");
+    std::fs::write(broken.join("config.json"), cfg).unwrap();
+    let loaded = load_path(&broken);
+    let err = relative_error(&tandem_logits(&loaded, &tokens), &reference);
+    eprintln!("error with the wrong theta: {err:.2e}");
+    assert!(err > TOL, "a changed rope theta went unnoticed ({err:.2e})");
+}
