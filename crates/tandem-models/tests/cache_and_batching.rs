@@ -1,0 +1,127 @@
+//! The KV cache and batching do not change results: a batch of sequences of different lengths
+//! gives each one's logits alone; truncating and refeeding equals never having fed the extra
+//! tokens; chunked prefill equals one-shot prefill.
+mod common;
+
+use common::*;
+use tandem_models::{KvCache, LoadedModel, LogitsFor, OpsPath, SequenceInput};
+
+const TOL: f64 = 1e-5;
+
+fn alone(m: &LoadedModel, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
+    if !prefix.is_empty() {
+        m.model.forward(&[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None }], &mut cache, &[]).unwrap();
+    }
+    let out = m.model.forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    out.logits.to_vec2().unwrap()
+}
+
+fn check_batching(m: &LoadedModel, label: &str) {
+    // Three sequences at different depths, advancing by different numbers of tokens.
+    let prefixes: [Vec<u32>; 3] = [vec![10, 11, 12, 13, 14, 15, 16], vec![], vec![40, 41, 42]];
+    let news: [Vec<u32>; 3] = [vec![17, 18], vec![30, 31, 32, 33, 34], vec![43]];
+    let mut cache = KvCache::new(&m.model.config, 4, 128, m.model.device()).unwrap();
+    // Slots 3, 0 and 2 (out of order on purpose); prefixes fed as one batch too.
+    let slots = [3usize, 0, 2];
+    let prefill: Vec<SequenceInput> = slots
+        .iter()
+        .zip(&prefixes)
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(&slot, p)| SequenceInput { slot, tokens: p, logits: LogitsFor::None })
+        .collect();
+    m.model.forward(&prefill, &mut cache, &[]).unwrap();
+    let batch: Vec<SequenceInput> =
+        slots.iter().zip(&news).map(|(&slot, t)| SequenceInput { slot, tokens: t, logits: LogitsFor::All }).collect();
+    let out = m.model.forward(&batch, &mut cache, &[]).unwrap();
+    let all: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+    for (i, range) in out.logit_rows.iter().enumerate() {
+        let expected = alone(m, &prefixes[i], &news[i]);
+        let err = relative_error(&all[range.clone()], &expected);
+        assert!(err < TOL, "{label}: sequence {i} batched differs from alone by {err:.2e}");
+    }
+    for (slot, (p, n)) in slots.iter().zip(prefixes.iter().zip(&news)) {
+        assert_eq!(cache.len(*slot), p.len() + n.len());
+    }
+}
+
+fn check_truncation(m: &LoadedModel, label: &str) {
+    let a: Vec<u32> = (20..32).collect();
+    let rejected: Vec<u32> = vec![90, 91, 92, 93];
+    let c: Vec<u32> = vec![50, 51, 52];
+    let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
+    m.model.forward(&[SequenceInput { slot: 0, tokens: &a, logits: LogitsFor::None }], &mut cache, &[]).unwrap();
+    m.model.forward(&[SequenceInput { slot: 0, tokens: &rejected, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    cache.truncate(0, a.len()).unwrap();
+    let out = m.model.forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    let err = relative_error(&out.logits.to_vec2().unwrap(), &alone(m, &a, &c));
+    assert!(err < TOL, "{label}: logits after truncation differ by {err:.2e}");
+}
+
+fn check_chunked_prefill(m: &LoadedModel, label: &str) {
+    let tokens: Vec<u32> = (1..40).collect();
+    let whole = alone(m, &[], &tokens);
+    let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
+    let mut rows = Vec::new();
+    for chunk in tokens.chunks(7) {
+        let out = m.model.forward(&[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+        rows.extend(out.logits.to_vec2::<f32>().unwrap());
+    }
+    let err = relative_error(&rows, &whole);
+    assert!(err < TOL, "{label}: chunked prefill differs by {err:.2e}");
+}
+
+#[test]
+fn batching_truncation_and_chunking_keep_logits_on_tiny_models() {
+    for name in TINY {
+        let mut m = load_path(&tiny_dir().join(name));
+        for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+            m.model.set_ops_path(path);
+            let label = format!("{name} {path:?}");
+            check_batching(&m, &label);
+            check_truncation(&m, &label);
+            check_chunked_prefill(&m, &label);
+        }
+    }
+}
+
+#[test]
+fn batching_and_truncation_keep_logits_on_smollm2() {
+    let m = load_path(&model_file(SMOLLM2));
+    check_batching(&m, "SmolLM2");
+    check_truncation(&m, "SmolLM2");
+}
+
+#[test]
+fn selected_positions_and_hidden_states() {
+    let m = load_path(&tiny_dir().join("qwen3-qknorm-untied"));
+    let tokens: Vec<u32> = (1..9).collect();
+    let all = alone(&m, &[], &tokens);
+    let mut cache = KvCache::new(&m.model.config, 1, 64, m.model.device()).unwrap();
+    let out = m
+        .model
+        .forward(&[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]) }], &mut cache, &[1, 0])
+        .unwrap();
+    let rows: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+    assert!(relative_error(&rows, &[all[6].clone(), all[2].clone()]) < TOL);
+    assert_eq!(out.hidden.len(), 2);
+    for h in &out.hidden {
+        assert_eq!(h.dims(), &[tokens.len(), m.model.config.hidden_size]);
+    }
+    assert_ne!(out.hidden[0].to_vec2::<f32>().unwrap(), out.hidden[1].to_vec2::<f32>().unwrap());
+}
+
+#[test]
+fn invalid_batches_are_errors_not_panics() {
+    let m = load_path(&tiny_dir().join("llama-bf16-tied"));
+    let mut cache = KvCache::new(&m.model.config, 2, 8, m.model.device()).unwrap();
+    let f = |cache: &mut KvCache, batch: &[SequenceInput]| m.model.forward(batch, cache, &[]).unwrap_err().to_string();
+    assert!(f(&mut cache, &[SequenceInput { slot: 5, tokens: &[1], logits: LogitsFor::Last }]).contains("slot 5"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[], logits: LogitsFor::Last }]).contains("no new tokens"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last }]).contains("vocabulary"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[1; 9], logits: LogitsFor::Last }]).contains("more than"));
+    let twice = [SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last }, SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last }];
+    assert!(f(&mut cache, &twice).contains("twice"));
+    assert!(cache.truncate(0, 3).is_err());
+    assert_eq!(cache.len(0), 0, "failed forwards leave the cache as it was");
+}
