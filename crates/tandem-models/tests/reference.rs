@@ -66,3 +66,21 @@ fn a_wrong_rope_or_norm_detail_is_caught() {
     eprintln!("error with the wrong theta: {err:.2e}");
     assert!(err > TOL, "a changed rope theta went unnoticed ({err:.2e})");
 }
+
+#[test]
+fn quantized_smollm2_tracks_the_reference() {
+    // Kept-quantized weights multiply 8-bit-quantized activations (as llama.cpp does), so agreement
+    // is looser: the same most likely token at every position and a few percent of logit error.
+    let file = model_file(SMOLLM2);
+    let tokens: Vec<u32> = vec![1, 4093, 198, 1780, 314, 216, 34, 33, 34, 47, 2, 198, 1, 520, 9531];
+    let reference = reference_logits(&file, &tokens);
+    let opts = tandem_models::LoadOptions { keep_quantized: true, ..Default::default() };
+    let loaded = tandem_models::load(&file, &opts, &mut |_, _| {}).unwrap();
+    let ours = tandem_logits(&loaded, &tokens);
+    let err = relative_error(&ours, &reference);
+    assert!(err < 0.1, "quantized SmolLM2: relative error {err:.2e}");
+    let argmax = |r: &Vec<f32>| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let ours: Vec<usize> = ours.iter().map(argmax).collect();
+    let theirs: Vec<usize> = reference.iter().map(argmax).collect();
+    assert_eq!(ours, theirs);
+}
