@@ -1,0 +1,91 @@
+"""The benchmark peer: llama.cpp (through llama-cpp-python, 2 threads) timed on the same GGUF file
+with the same measurements as `tandem bench`: prefill tok/s, decode tok/s, and the cost of one
+forward over k tokens with logits for all k at a given KV depth, relative to k = 1.
+
+With --f32 the file is first dequantized to an F32 GGUF by llama.cpp's own quantize tool (cached
+beside the original), so that llama.cpp and tandem's default f32 weights are compared like for like.
+
+usage: python3 scripts/peer_llamacpp.py MODEL.gguf [--f32] [--reps N] [--depth D] > result.json
+"""
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+
+import llama_cpp
+from llama_cpp import Llama
+
+
+def to_f32(path):
+    out = path[: -len(".gguf")] + ".F32.gguf"
+    if not os.path.exists(out):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+        params.allow_requantize = True
+        rc = llama_cpp.llama_model_quantize(path.encode(), (out + ".tmp").encode(), ctypes.byref(params))
+        if rc != 0:
+            sys.exit(f"llama_model_quantize failed ({rc})")
+        os.rename(out + ".tmp", out)
+    return out
+
+
+def tokens(n, salt):
+    return [((i * 7919 + salt * 104729 + 17) % 30000) for i in range(n)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--f32", action="store_true")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    a = ap.parse_args()
+    path = to_f32(a.model) if a.f32 else a.model
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512, logits_all=True, verbose=False)
+    llm.eval(tokens(8, 0))
+
+    prefill = []
+    for r in range(a.reps):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(tokens(a.prompt_tokens, r + 1))
+        prefill.append(a.prompt_tokens / (time.perf_counter() - t))
+
+    decode = []
+    for r in range(min(a.reps, 3)):
+        llm.reset()
+        llm.eval(tokens(16, r + 7))
+        toks = tokens(a.decode_tokens, r + 11)
+        t = time.perf_counter()
+        for tok in toks:
+            llm.eval([tok])
+        decode.append(a.decode_tokens / (time.perf_counter() - t))
+
+    llm.reset()
+    llm.eval(tokens(a.depth, 3))
+    ks = {}
+    for k in [1, 2, 4, 8, 16]:
+        times = []
+        for _ in range(max(a.reps, 3) * 2):
+            t = time.perf_counter()
+            llm.eval(tokens(k, k))
+            times.append(time.perf_counter() - t)
+            llm.n_tokens = a.depth
+            llm._ctx.kv_cache_seq_rm(-1, a.depth, -1)
+        ks[k] = statistics.median(times)
+    json.dump({
+        "model": os.path.basename(path),
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "k_forward_secs": [[k, s] for k, s in ks.items()],
+        "k_cost_ratio": [[k, s / ks[1]] for k, s in ks.items()],
+    }, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
