@@ -84,3 +84,14 @@ fn quantized_smollm2_tracks_the_reference() {
     let theirs: Vec<usize> = reference.iter().map(argmax).collect();
     assert_eq!(ours, theirs);
 }
+
+#[test]
+fn qwen_coder_gguf_matches_the_numpy_reference() {
+    // qwen2 in GGUF: qkv bias, separate output matrix, rotate-half rope, q5_0/q6_K/q4_K/q8_0 blocks.
+    let file = model_file(QWEN_CODER);
+    let tokens: Vec<u32> = vec![151644, 872, 198, 7985, 264, 729, 13, 151645, 198, 151644, 77091, 198];
+    let reference = reference_logits(&file, &tokens);
+    let loaded = load_path(&file);
+    let err = relative_error(&tandem_logits(&loaded, &tokens), &reference);
+    assert!(err < TOL, "Qwen2.5-Coder: relative error {err:.2e} exceeds {TOL:.0e}");
+}

@@ -30,6 +30,36 @@ pub struct BenchArgs {
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results/bench.json")]
     out: String,
+    /// Also time llama.cpp (llama-cpp-python, 2 threads) on the same file in the same run and report
+    /// tandem / llama.cpp ratios. f32 rows use an F32 GGUF that llama.cpp's quantize tool makes once.
+    #[arg(long)]
+    peer: bool,
+}
+
+const PEER_SCRIPT: &str = include_str!("../../../scripts/peer_llamacpp.py");
+
+#[derive(Serialize, serde::Deserialize)]
+struct PeerRow {
+    model: String,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    k_forward_secs: Vec<(usize, f64)>,
+    k_cost_ratio: Vec<(usize, f64)>,
+}
+
+/// Runs the llama.cpp peer on `path`; f32 mode compares against llama.cpp on an F32 GGUF.
+fn run_peer(path: &std::path::Path, mode: &str, a: &BenchArgs) -> Result<PeerRow> {
+    let script = std::env::temp_dir().join("tandem_peer_llamacpp.py");
+    std::fs::write(&script, PEER_SCRIPT)?;
+    let mut cmd = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
+    cmd.arg(&script).arg(path).args(["--reps", &a.reps.to_string(), "--depth", &a.depth.to_string()]);
+    cmd.args(["--prompt-tokens", &a.prompt_tokens.to_string(), "--decode-tokens", &a.decode_tokens.to_string()]);
+    if mode == "f32" {
+        cmd.arg("--f32");
+    }
+    let out = cmd.stderr(std::process::Stdio::null()).output()?;
+    anyhow::ensure!(out.status.success(), "the llama.cpp peer failed (is llama-cpp-python installed? pip install llama-cpp-python==0.3.36)");
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -121,6 +151,7 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
 pub fn run(args: BenchArgs) -> Result<()> {
     let names = if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
     let mut rows = Vec::new();
+    let mut peers = Vec::new();
     println!(
         "{:<34} {:<9} {:>8} {:>10} {:>9}  {}",
         "model",
@@ -136,15 +167,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let opts = LoadOptions { device: Device::Cpu, keep_quantized: mode == "quantized" };
             let loaded = load_model(&path, &opts)?;
             let row = bench_model(&loaded.model, &loaded.name, mode, &args)?;
-            println!(
-                "{:<34} {:<9} {:>8.0} {:>10.1} {:>9.1}  {}",
-                row.model,
-                row.mode,
-                row.weight_mb_per_token,
-                row.prefill_tok_s,
-                row.decode_tok_s,
-                row.k_cost_ratio.iter().map(|(_, r)| format!("{r:<7.2}")).collect::<Vec<_>>().join(" ")
-            );
+            print_row(&row.model, &row.mode, row.weight_mb_per_token, row.prefill_tok_s, row.decode_tok_s, &row.k_cost_ratio);
+            drop(loaded);
+            if args.peer {
+                let peer = run_peer(&path, mode, &args)?;
+                print_row("  llama.cpp (same file, same run)", mode, row.weight_mb_per_token, peer.prefill_tok_s, peer.decode_tok_s, &peer.k_cost_ratio);
+                println!(
+                    "{:<34} {:<9} {:>8} {:>9.2}x {:>8.2}x",
+                    "  tandem / llama.cpp",
+                    mode,
+                    "",
+                    row.prefill_tok_s / peer.prefill_tok_s,
+                    row.decode_tok_s / peer.decode_tok_s
+                );
+                peers.push(serde_json::json!({
+                    "model": row.model,
+                    "mode": mode,
+                    "peer": peer,
+                    "decode_ratio": row.decode_tok_s / peer.decode_tok_s,
+                    "prefill_ratio": row.prefill_tok_s / peer.prefill_tok_s,
+                }));
+            }
             rows.push(row);
         }
     }
@@ -155,10 +198,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "machine": machine_description(),
         "threads": rayon_threads(),
         "rows": rows,
+        "llama_cpp": peers,
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)?;
     println!("wrote {}", args.out);
     Ok(())
+}
+
+fn print_row(model: &str, mode: &str, mb: f64, prefill: f64, decode: f64, ratios: &[(usize, f64)]) {
+    println!(
+        "{:<34} {:<9} {:>8.0} {:>10.1} {:>9.1}  {}",
+        model,
+        mode,
+        mb,
+        prefill,
+        decode,
+        ratios.iter().map(|(_, r)| format!("{r:<7.2}")).collect::<Vec<_>>().join(" ")
+    );
 }
 
 fn rayon_threads() -> usize {
