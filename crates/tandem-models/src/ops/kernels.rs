@@ -17,8 +17,8 @@ pub fn matmul_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize
     assert_eq!(w.len(), n * k);
     assert_eq!(y.len(), m * n);
     let threads = rayon::current_num_threads().max(1);
-    // Enough blocks to balance the workers, each big enough to amortise scheduling.
-    let block = (n / (threads * 4)).clamp(16, 512).div_ceil(ROWS) * ROWS;
+    // Two blocks per worker: balance enough, and few forks (a decode step runs ~120 of these).
+    let block = (n / (threads * 2)).clamp(16, 4096).div_ceil(ROWS) * ROWS;
     let out = SharedMut(y.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let j0 = b * block;
@@ -235,7 +235,7 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], tokens: &[TokenSlo
     let d = g.head_dim;
     let group = heads / g.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (th, o)| {
+    let per_head = |scores: &mut Vec<f32>, (th, o): (usize, &mut [f32])| {
         let (t, h) = (th / heads, th % heads);
         let ts = tokens[t];
         let kvh = h / group;
@@ -263,7 +263,15 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], tokens: &[TokenSlo
                 *o += w * v;
             }
         }
-    });
+    };
+    // Forking workers costs more than a decode step's few heads over a short cache.
+    let work: usize = tokens.iter().map(|ts| ts.pos + 1).sum::<usize>() * heads * d;
+    if work < 1 << 16 {
+        let mut scores = Vec::new();
+        out.chunks_mut(d).enumerate().for_each(|item| per_head(&mut scores, item));
+    } else {
+        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, per_head);
+    }
 }
 
 #[cfg(test)]
