@@ -2,10 +2,11 @@
 with the same measurements as `tandem bench`: prefill tok/s, decode tok/s, and the cost of one
 forward over k tokens with logits for all k at a given KV depth, relative to k = 1.
 
-With --f32 the file is first dequantized to an F32 GGUF by llama.cpp's own quantize tool (cached
-beside the original), so that llama.cpp and tandem's default f32 weights are compared like for like.
+With --dtype f32 (or bf16) the file is first dequantized to an F32 (BF16) GGUF by llama.cpp's own
+quantize tool (cached beside the original), so that llama.cpp and tandem's dense weights are
+compared like for like.
 
-usage: python3 scripts/peer_llamacpp.py MODEL.gguf [--f32] [--reps N] [--depth D] > result.json
+usage: python3 scripts/peer_llamacpp.py MODEL.gguf [--dtype f32|bf16] [--reps N] [--depth D] > result.json
 """
 import argparse
 import ctypes
@@ -19,11 +20,11 @@ import llama_cpp
 from llama_cpp import Llama
 
 
-def to_f32(path):
-    out = path[: -len(".gguf")] + ".F32.gguf"
+def dequantized(path, dtype):
+    out = path[: -len(".gguf")] + f".{dtype.upper()}.gguf"
     if not os.path.exists(out):
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+        params.ftype = {"f32": llama_cpp.LLAMA_FTYPE_ALL_F32, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}[dtype]
         params.allow_requantize = True
         rc = llama_cpp.llama_model_quantize(path.encode(), (out + ".tmp").encode(), ctypes.byref(params))
         if rc != 0:
@@ -39,13 +40,13 @@ def tokens(n, salt):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--f32", action="store_true")
+    ap.add_argument("--dtype", choices=["f32", "bf16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--depth", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=128)
     a = ap.parse_args()
-    path = to_f32(a.model) if a.f32 else a.model
+    path = dequantized(a.model, a.dtype) if a.dtype else a.model
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512, logits_all=True, verbose=False)
     llm.eval(tokens(8, 0))
 

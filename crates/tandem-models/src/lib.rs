@@ -15,6 +15,6 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use loader::{load, LoadedModel};
-pub use model::{ForwardOutput, LoadOptions, LogitsFor, Model, SequenceInput};
+pub use model::{ForwardOutput, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
 pub use ops::OpsPath;
 pub use tokenizers::Tokenizer;

@@ -63,17 +63,27 @@ pub struct ForwardOutput {
     pub hidden: Vec<Tensor>,
 }
 
+/// How dense projection weights are held in memory (norms, biases and activations stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    /// Half the bytes streamed per token; products still accumulate in f32.
+    Bf16,
+}
+
 /// Options to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
-    /// Keep GGUF block-quantized weights as they are (smaller, compute-bound) instead of f32.
+    /// Keep GGUF block-quantized weights as they are (smaller, compute-bound) instead of dense.
     pub keep_quantized: bool,
+    pub weight_dtype: WeightDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, keep_quantized: false }
+        LoadOptions { device: Device::Cpu, keep_quantized: false, weight_dtype: WeightDtype::F32 }
     }
 }
 
@@ -103,6 +113,14 @@ impl Builder<'_> {
             });
         }
         Ok(())
+    }
+
+    /// A dense projection matrix in the requested storage type.
+    fn projection(&self, t: Tensor) -> Result<Tensor> {
+        Ok(match self.opts.weight_dtype {
+            WeightDtype::F32 => t,
+            WeightDtype::Bf16 => t.to_dtype(candle_core::DType::BF16)?,
+        })
     }
 
     fn missing(&self, name: &str) -> ModelError {
@@ -137,7 +155,7 @@ impl Builder<'_> {
         match weight {
             Weight::Dense(t) => {
                 self.check_shape(&name, t.dims(), &[out, inp])?;
-                Ok(Linear::dense(t, bias))
+                Ok(Linear::dense(self.projection(t)?, bias))
             }
             Weight::Quantized(q) => {
                 self.check_shape(&name, q.shape().dims(), &[out, inp])?;
@@ -211,13 +229,13 @@ impl Model {
         let lm_head = if c.tie_word_embeddings {
             match tied_quantized {
                 Some(q) => Linear::quantized(q, None)?,
-                None => Linear::dense(embed.clone(), None),
+                None => Linear::dense(b.projection(embed.clone())?, None),
             }
         } else {
             match b.fetch("lm_head.weight", true)? {
                 Some(Weight::Dense(t)) => {
                     b.check_shape("lm_head.weight", t.dims(), &[vocab, hidden])?;
-                    Linear::dense(t, None)
+                    Linear::dense(b.projection(t)?, None)
                 }
                 Some(Weight::Quantized(q)) => {
                     b.check_shape("lm_head.weight", q.shape().dims(), &[vocab, hidden])?;

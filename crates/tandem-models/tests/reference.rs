@@ -95,3 +95,19 @@ fn qwen_coder_gguf_matches_the_numpy_reference() {
     let err = relative_error(&tandem_logits(&loaded, &tokens), &reference);
     assert!(err < TOL, "Qwen2.5-Coder: relative error {err:.2e} exceeds {TOL:.0e}");
 }
+
+#[test]
+fn bf16_weights_match_the_reference_when_the_checkpoint_is_bf16() {
+    // A bf16 checkpoint kept in bf16 loses nothing: the reference sees the same weight values, so
+    // the f32-accumulating bf16 kernels must meet the same 1e-4 bound, on both op paths.
+    let tokens: Vec<u32> = vec![260, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 262];
+    let dir = tiny_dir().join("llama-bf16-tied");
+    let reference = reference_logits(&dir, &tokens);
+    let opts = tandem_models::LoadOptions { weight_dtype: tandem_models::WeightDtype::Bf16, ..Default::default() };
+    let mut loaded = tandem_models::load(&dir, &opts, &mut |_, _| {}).unwrap();
+    for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+        loaded.model.set_ops_path(path);
+        let err = relative_error(&tandem_logits(&loaded, &tokens), &reference);
+        assert!(err < TOL, "bf16 ({path:?}): relative error {err:.2e} exceeds {TOL:.0e}");
+    }
+}

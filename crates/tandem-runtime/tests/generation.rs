@@ -1,7 +1,7 @@
 //! End-to-end generation with the real default models.
 use std::path::PathBuf;
 use std::process::Command;
-use tandem_models::{load, KvCache, LoadOptions, LoadedModel};
+use tandem_models::{load, KvCache, LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::{generate, ChatTemplate, GenerateOptions, Generation, Message, SamplingParams};
 
 fn model_file(name: &str) -> PathBuf {
@@ -15,7 +15,11 @@ fn model_file(name: &str) -> PathBuf {
 }
 
 fn load_model(name: &str, keep_quantized: bool) -> LoadedModel {
-    load(&model_file(name), &LoadOptions { keep_quantized, ..Default::default() }, &mut |_, _| {}).unwrap()
+    load_with(name, LoadOptions { keep_quantized, ..Default::default() })
+}
+
+fn load_with(name: &str, opts: LoadOptions) -> LoadedModel {
+    load(&model_file(name), &opts, &mut |_, _| {}).unwrap()
 }
 
 fn chat(m: &LoadedModel, user: &str, max_tokens: usize, sampling: SamplingParams) -> (String, Generation) {
@@ -37,10 +41,12 @@ fn smollm2_knows_the_capital_of_france() {
     // f32 weights (dequantized from the Q4_1 file). With the Q4 blocks kept, both tandem and
     // llama.cpp answer this prompt with the same non-answer ("L'Étoile, ..."): the quantized path is
     // checked against the reference logits in tandem-models instead.
-    let m = load_model(SMOLLM2, false);
-    let (text, g) = chat(&m, "What is the capital of France?", 48, SamplingParams::default());
-    assert!(text.contains("Paris"), "{text:?}");
-    assert_eq!(g.finish_reason, tandem_runtime::FinishReason::Stop, "ends at <|im_end|>: {text:?}");
+    for weight_dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        let m = load_with(SMOLLM2, LoadOptions { weight_dtype, ..Default::default() });
+        let (text, g) = chat(&m, "What is the capital of France?", 48, SamplingParams::default());
+        assert!(text.contains("Paris"), "{weight_dtype:?}: {text:?}");
+        assert_eq!(g.finish_reason, tandem_runtime::FinishReason::Stop, "ends at <|im_end|>: {text:?}");
+    }
 }
 
 #[test]

@@ -5,15 +5,15 @@ use crate::{load_model, models};
 use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
-use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, Model, SequenceInput};
+use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Models: paths or `smollm2` / `qwen-coder` (default: both).
     #[arg(long)]
     model: Vec<String>,
-    /// Weight modes: f32 (dequantized) and/or quantized (GGUF blocks kept).
-    #[arg(long, value_delimiter = ',', default_value = "f32,quantized")]
+    /// Weight modes: f32 and bf16 (dense, dequantized) and quantized (GGUF blocks kept).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,quantized")]
     modes: Vec<String>,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 128)]
@@ -31,7 +31,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bench-results/bench.json")]
     out: String,
     /// Also time llama.cpp (llama-cpp-python, 2 threads) on the same file in the same run and report
-    /// tandem / llama.cpp ratios. f32 rows use an F32 GGUF that llama.cpp's quantize tool makes once.
+    /// tandem / llama.cpp ratios. f32 and bf16 rows use an F32 / BF16 GGUF that llama.cpp's quantize
+    /// tool makes once from the file.
     #[arg(long)]
     peer: bool,
 }
@@ -54,8 +55,8 @@ fn run_peer(path: &std::path::Path, mode: &str, a: &BenchArgs) -> Result<PeerRow
     let mut cmd = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
     cmd.arg(&script).arg(path).args(["--reps", &a.reps.to_string(), "--depth", &a.depth.to_string()]);
     cmd.args(["--prompt-tokens", &a.prompt_tokens.to_string(), "--decode-tokens", &a.decode_tokens.to_string()]);
-    if mode == "f32" {
-        cmd.arg("--f32");
+    if mode != "quantized" {
+        cmd.args(["--dtype", mode]);
     }
     let out = cmd.stderr(std::process::Stdio::null()).output()?;
     anyhow::ensure!(out.status.success(), "the llama.cpp peer failed (is llama-cpp-python installed? pip install llama-cpp-python==0.3.36)");
@@ -164,7 +165,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for name in &names {
         let path = models::resolve(Some(name))?;
         for mode in &args.modes {
-            let opts = LoadOptions { device: Device::Cpu, keep_quantized: mode == "quantized" };
+            let weight_dtype = match mode.as_str() {
+                "f32" | "quantized" => WeightDtype::F32,
+                "bf16" => WeightDtype::Bf16,
+                other => anyhow::bail!("unknown mode `{other}` (f32, bf16, quantized)"),
+            };
+            let opts = LoadOptions { device: Device::Cpu, keep_quantized: mode == "quantized", weight_dtype };
             let loaded = load_model(&path, &opts)?;
             let row = bench_model(&loaded.model, &loaded.name, mode, &args)?;
             print_row(&row.model, &row.mode, row.weight_mb_per_token, row.prefill_tok_s, row.decode_tok_s, &row.k_cost_ratio);

@@ -11,8 +11,45 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+/// A weight element the streaming matmul can read: f32, or bf16 (half the bytes to stream).
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Eight consecutive elements widened to f32.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl WeightElem for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+}
+
 /// y[i, j] = sum_k x[i, k] * w[j, k] (+ bias[j]) for x: [m, k], w: [n, k] row-major, y: [m, n].
-pub fn matmul_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
+/// Every output is accumulated in the same order whatever m is, so results do not depend on how
+/// many rows are batched together.
+pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(y.len(), m * n);
@@ -24,8 +61,12 @@ pub fn matmul_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize
         let j0 = b * block;
         let j1 = (j0 + block).min(n);
         let out = out;
-        // SAFETY: every block writes only columns j0..j1 of y, and blocks do not overlap.
-        unsafe { matmul_block(x, w, m, k, n, j0, j1, out.0) };
+        // Inputs in groups that stay cache-resident while a block of weight rows streams past.
+        for i0 in (0..m).step_by(INPUT_GROUP) {
+            let i1 = (i0 + INPUT_GROUP).min(m);
+            // SAFETY: every block writes only columns j0..j1 of y, and blocks do not overlap.
+            unsafe { matmul_block(&x[i0 * k..i1 * k], w, i1 - i0, k, n, j0, j1, out.0.add(i0 * n)) };
+        }
         if let Some(bias) = bias {
             for i in 0..m {
                 for j in j0..j1 {
@@ -37,8 +78,10 @@ pub fn matmul_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize
 }
 
 const ROWS: usize = 4;
+const INPUT_GROUP: usize = 32;
 
-unsafe fn matmul_block(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_block<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -48,13 +91,15 @@ unsafe fn matmul_block(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, j0: u
     for j in j0..j1 {
         let wr = &w[j * k..(j + 1) * k];
         for i in 0..m {
-            *y.add(i * n + j) = dot(&x[i * k..(i + 1) * k], wr);
+            let xr = &x[i * k..(i + 1) * k];
+            *y.add(i * n + j) = xr.iter().zip(wr).map(|(&a, &b)| a * b.to_f32()).sum();
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::WeightElem;
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -69,9 +114,10 @@ mod avx2 {
 
     /// R weight rows against C input rows: R*C accumulators stay in registers.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<W: WeightElem, const R: usize, const C: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         k: usize,
         n: usize,
         j: usize,
@@ -86,7 +132,7 @@ mod avx2 {
         while p < k8 {
             let mut wv = [_mm256_setzero_ps(); R];
             for r in 0..R {
-                wv[r] = _mm256_loadu_ps(wp.add(r * k + p));
+                wv[r] = W::load8(wp.add(r * k + p));
             }
             for c in 0..C {
                 let xv = _mm256_loadu_ps(xp.add(c * k + p));
@@ -100,7 +146,7 @@ mod avx2 {
             for c in 0..C {
                 let mut s = hsum(acc[r][c]);
                 for q in k8..k {
-                    s += *wp.add(r * k + q) * *xp.add(c * k + q);
+                    s += (*wp.add(r * k + q)).to_f32() * *xp.add(c * k + q);
                 }
                 *y.add((i + c) * n + j + r) = s;
             }
@@ -108,22 +154,23 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn matmul_block(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_block<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
         let mut j = j0;
         while j + 4 <= j1 {
             let mut i = 0;
             while i + 2 <= m {
-                tile::<4, 2>(x, w, k, n, j, i, y);
+                tile::<W, 4, 2>(x, w, k, n, j, i, y);
                 i += 2;
             }
             if i < m {
-                tile::<4, 1>(x, w, k, n, j, i, y);
+                tile::<W, 4, 1>(x, w, k, n, j, i, y);
             }
             j += 4;
         }
         while j < j1 {
             for i in 0..m {
-                tile::<1, 1>(x, w, k, n, j, i, y);
+                tile::<W, 1, 1>(x, w, k, n, j, i, y);
             }
             j += 1;
         }
@@ -305,6 +352,28 @@ mod tests {
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
             }
+            // bf16 weights: the same product over the bf16-rounded values.
+            let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            matmul_xwt(&x, &wb, None, m, k, n, &mut y);
+            let r = naive(&x, &wr, m, k, n);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-4, "bf16 {m}x{k}x{n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_batch_size() {
+        let (k, n) = (72, 40);
+        let x: Vec<f32> = (0..40 * k).map(|i| ((i * 31) % 11) as f32 / 11.0 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5).collect();
+        let mut all = vec![0f32; 40 * n];
+        matmul_xwt(&x, &w, None, 40, k, n, &mut all);
+        for i in 0..40 {
+            let mut one = vec![0f32; n];
+            matmul_xwt(&x[i * k..(i + 1) * k], &w, None, 1, k, n, &mut one);
+            assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
         }
     }
 }

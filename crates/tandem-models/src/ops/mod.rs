@@ -67,18 +67,28 @@ impl CustomOp2 for SmallMatmul {
             candle_core::bail!("matmul inner dims differ: {k} vs {k2}");
         }
         let mut y = vec![0f32; m * n];
-        kernels::matmul_xwt(f32_slice(s1, l1)?, f32_slice(s2, l2)?, None, m, k, n, &mut y);
+        let x = f32_slice(s1, l1)?;
+        let Some((a, b)) = l2.contiguous_offsets() else { candle_core::bail!("matmul weights must be contiguous") };
+        match s2 {
+            CpuStorage::F32(w) => kernels::matmul_xwt(x, &w[a..b], None, m, k, n, &mut y),
+            CpuStorage::BF16(w) => kernels::matmul_xwt(x, &w[a..b], None, m, k, n, &mut y),
+            _ => candle_core::bail!("matmul weights must be f32 or bf16"),
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
 
-/// x: [m, k] times w: [n, k] transposed -> [m, n].
+/// x: [m, k] (f32) times w: [n, k] (f32 or bf16) transposed -> [m, n] f32.
 pub fn matmul_xwt(x: &Tensor, w: &Tensor, path: OpsPath) -> CResult<Tensor> {
     let m = x.dim(0)?;
-    if path == OpsPath::CpuKernels && m <= SMALL_M && w.dtype() == DType::F32 && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul)
-    } else {
-        x.matmul(&w.t()?)
+    match (path, w.dtype()) {
+        // candle's CPU gemm has no bf16, and the streaming kernel handles any m for it.
+        (OpsPath::CpuKernels, DType::BF16) => x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul),
+        (OpsPath::CpuKernels, DType::F32) if m <= SMALL_M => x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul),
+        (_, DType::F32) => x.matmul(&w.t()?),
+        // The generic path on CPU (tests): widen, as candle's CPU gemm has no bf16.
+        (_, _) if x.device().is_cpu() => x.matmul(&w.to_dtype(DType::F32)?.t()?),
+        (_, dtype) => x.to_dtype(dtype)?.matmul(&w.t()?)?.to_dtype(DType::F32),
     }
 }
 
