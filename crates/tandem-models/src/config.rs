@@ -92,55 +92,30 @@ impl ModelConfig {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::checkpoint(path, e))?;
         let hf: HfConfig = serde_json::from_str(&text)
             .map_err(|e| ModelError::checkpoint(path, format!("invalid config.json: {e}")))?;
-        let arch_name = hf
-            .model_type
-            .clone()
-            .or_else(|| hf.architectures.first().cloned())
-            .unwrap_or_default();
+        let arch_name = hf.model_type.clone().or_else(|| hf.architectures.first().cloned()).unwrap_or_default();
         let architecture = match arch_name.to_lowercase().as_str() {
             "llama" | "llamaforcausallm" => Architecture::Llama,
             "qwen2" | "qwen2forcausallm" => Architecture::Qwen2,
             "qwen3" | "qwen3forcausallm" => Architecture::Qwen3,
-            _ => {
-                return Err(ModelError::UnknownArchitecture {
-                    path: path.into(),
-                    arch: arch_name,
-                })
-            }
+            _ => return Err(ModelError::UnknownArchitecture { path: path.into(), arch: arch_name }),
         };
         if let Some(scaling) = &hf.rope_scaling {
-            let kind = scaling
-                .get("rope_type")
-                .or_else(|| scaling.get("type"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str()).unwrap_or("");
             if !scaling.is_null() && kind != "default" {
-                return Err(ModelError::checkpoint(
-                    path,
-                    format!("rope_scaling type `{kind}` is not supported yet"),
-                ));
+                return Err(ModelError::checkpoint(path, format!("rope_scaling type `{kind}` is not supported yet")));
             }
         }
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
-                return Err(ModelError::checkpoint(
-                    path,
-                    format!("hidden_act `{act}` is not supported (only silu)"),
-                ));
+                return Err(ModelError::checkpoint(path, format!("hidden_act `{act}` is not supported (only silu)")));
             }
         }
-        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
-            return Err(ModelError::checkpoint(
-                path,
-                "hidden_size must be a multiple of num_attention_heads",
-            ));
+        if hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
+            return Err(ModelError::checkpoint(path, "hidden_size must be a multiple of num_attention_heads"));
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
-            return Err(ModelError::checkpoint(
-                path,
-                "num_attention_heads must be a multiple of num_key_value_heads",
-            ));
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
+            return Err(ModelError::checkpoint(path, "num_attention_heads must be a multiple of num_key_value_heads"));
         }
         let eos_token_ids = match hf.eos_token_id {
             Some(EosIds::One(id)) => vec![id],
@@ -154,9 +129,7 @@ impl ModelConfig {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads,
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta,

@@ -13,12 +13,7 @@ pub enum ModelError {
     MissingTensor { path: PathBuf, name: String },
 
     #[error("{path}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
-    WrongShape {
-        path: PathBuf,
-        name: String,
-        actual: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    WrongShape { path: PathBuf, name: String, actual: Vec<usize>, expected: Vec<usize> },
 
     #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2, qwen3)")]
     UnknownArchitecture { path: PathBuf, arch: String },
@@ -38,10 +33,7 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn checkpoint(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        ModelError::Checkpoint {
-            path: path.into(),
-            message: message.to_string(),
-        }
+        ModelError::Checkpoint { path: path.into(), message: message.to_string() }
     }
 }
 

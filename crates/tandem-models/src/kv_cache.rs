@@ -47,10 +47,7 @@ impl KvCache {
 
     /// Forgets everything past `len` tokens of `slot`.
     pub fn truncate(&mut self, slot: usize, len: usize) -> Result<()> {
-        let cur = *self
-            .lens
-            .get(slot)
-            .ok_or_else(|| ModelError::KvCache(format!("no slot {slot}")))?;
+        let cur = *self.lens.get(slot).ok_or_else(|| ModelError::KvCache(format!("no slot {slot}")))?;
         if len > cur {
             return Err(ModelError::KvCache(format!("cannot truncate slot {slot} from {cur} up to {len} tokens")));
         }

@@ -10,8 +10,15 @@ type CResult<T> = candle_core::Result<T>;
 #[derive(Clone)]
 pub enum Linear {
     /// weight: [out, in].
-    Dense { weight: Tensor, bias: Option<Tensor> },
-    Quantized { weight: Arc<QMatMul>, out_features: usize, bias: Option<Tensor> },
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    Quantized {
+        weight: Arc<QMatMul>,
+        out_features: usize,
+        bias: Option<Tensor>,
+    },
     /// Several projections of the same input whose outputs are concatenated (quantized weights of
     /// different types cannot be fused into one matrix).
     Stacked(Vec<Linear>),
@@ -24,11 +31,7 @@ impl Linear {
 
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> CResult<Self> {
         let out_features = weight.shape().dims()[0];
-        Ok(Linear::Quantized {
-            weight: Arc::new(QMatMul::from_qtensor(weight)?),
-            out_features,
-            bias,
-        })
+        Ok(Linear::Quantized { weight: Arc::new(QMatMul::from_qtensor(weight)?), out_features, bias })
     }
 
     pub fn out_features(&self) -> usize {

@@ -117,11 +117,21 @@ fn load_gguf(path: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, us
     let token = |key: &str| metadata_u32(&source.content, key).and_then(|id| tokenizer.id_to_token(id));
     let bos_token = token("tokenizer.ggml.bos_token_id");
     let eos_token = token("tokenizer.ggml.eos_token_id");
-    let chat_template = source.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    let chat_template =
+        source.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     let stop_token_ids = stop_ids(&tokenizer, config.eos_token_ids.clone());
     let max_pos = config.max_position_embeddings;
     let model = Model::load(config, &mut source, opts, max_pos, progress)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, bos_token, eos_token, stop_token_ids, path: path.into(), name: name_of(path) })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        bos_token,
+        eos_token,
+        stop_token_ids,
+        path: path.into(),
+        name: name_of(path),
+    })
 }
 
 /// A token given in tokenizer_config.json either as a string or as {"content": ...}.
@@ -135,15 +145,18 @@ fn token_field(json: &serde_json::Value, key: &str) -> Option<String> {
 fn load_hf(folder: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
     let config_path = folder.join("config.json");
     if !config_path.exists() {
-        return Err(ModelError::checkpoint(folder, "no config.json in this folder (expected an HF model folder or a .gguf file)"));
+        return Err(ModelError::checkpoint(
+            folder,
+            "no config.json in this folder (expected an HF model folder or a .gguf file)",
+        ));
     }
     let config = ModelConfig::from_hf_json(&config_path)?;
     let tok_path = folder.join("tokenizer.json");
     if !tok_path.exists() {
         return Err(ModelError::checkpoint(&tok_path, "missing (the tokenizer is required)"));
     }
-    let tokenizer =
-        Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer { path: tok_path.clone(), message: e.to_string() })?;
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| ModelError::Tokenizer { path: tok_path.clone(), message: e.to_string() })?;
     let tc_path = folder.join("tokenizer_config.json");
     let (mut chat_template, mut bos_token, mut eos_token) = (None, None, None);
     if tc_path.exists() {
@@ -177,5 +190,14 @@ fn load_hf(folder: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, us
     let mut source = SafetensorsSource::open(folder, &opts.device)?;
     let max_pos = config.max_position_embeddings;
     let model = Model::load(config, &mut source, opts, max_pos, progress)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, bos_token, eos_token, stop_token_ids, path: folder.into(), name: name_of(folder) })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        bos_token,
+        eos_token,
+        stop_token_ids,
+        path: folder.into(),
+        name: name_of(folder),
+    })
 }

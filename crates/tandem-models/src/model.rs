@@ -276,7 +276,14 @@ impl Model {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.blocks
             .iter()
-            .map(|b| b.qkv.weight_bytes() + b.o_proj.weight_bytes() + b.gate_up.weight_bytes() + b.down.weight_bytes() + dense(&b.attn_norm) + dense(&b.mlp_norm))
+            .map(|b| {
+                b.qkv.weight_bytes()
+                    + b.o_proj.weight_bytes()
+                    + b.gate_up.weight_bytes()
+                    + b.down.weight_bytes()
+                    + dense(&b.attn_norm)
+                    + dense(&b.mlp_norm)
+            })
             .sum::<usize>()
             + self.lm_head.weight_bytes()
             + dense(&self.norm)
@@ -284,7 +291,12 @@ impl Model {
 
     /// Appends each sequence's tokens to its cache slot and returns the requested logits and
     /// hidden states. `hidden_layers` are 0-based layer indices.
-    pub fn forward(&self, batch: &[SequenceInput], cache: &mut KvCache, hidden_layers: &[usize]) -> Result<ForwardOutput> {
+    pub fn forward(
+        &self,
+        batch: &[SequenceInput],
+        cache: &mut KvCache,
+        hidden_layers: &[usize],
+    ) -> Result<ForwardOutput> {
         let c = &self.config;
         let mut ids = Vec::new();
         let mut tokens = Vec::new();
@@ -294,7 +306,11 @@ impl Model {
         let limit = cache.capacity().min(self.max_positions());
         for seq in batch {
             if seq.slot >= cache.num_slots() {
-                return Err(ModelError::InvalidBatch(format!("slot {} does not exist ({} slots)", seq.slot, cache.num_slots())));
+                return Err(ModelError::InvalidBatch(format!(
+                    "slot {} does not exist ({} slots)",
+                    seq.slot,
+                    cache.num_slots()
+                )));
             }
             if std::mem::replace(&mut seen[seq.slot], true) {
                 return Err(ModelError::InvalidBatch(format!("slot {} appears twice in one batch", seq.slot)));
@@ -312,7 +328,10 @@ impl Model {
                 )));
             }
             if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary ({})", c.vocab_size)));
+                return Err(ModelError::InvalidBatch(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
             }
             let base = ids.len();
             let first_row = rows.len();
@@ -323,7 +342,10 @@ impl Model {
                 LogitsFor::Positions(ps) => {
                     for &p in ps {
                         if p >= seq.tokens.len() {
-                            return Err(ModelError::InvalidBatch(format!("logits position {p} is past the {} new tokens", seq.tokens.len())));
+                            return Err(ModelError::InvalidBatch(format!(
+                                "logits position {p} is past the {} new tokens",
+                                seq.tokens.len()
+                            )));
                         }
                         rows.push((base + p) as u32);
                     }

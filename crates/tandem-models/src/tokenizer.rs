@@ -14,16 +14,15 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// Qwen2's split: contractions, letters with one leading non-letter, single digits, punctuation runs,
 /// newlines, spaces not followed by a non-space.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's split: as Qwen2's but digits in groups of up to three.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn strings(content: &Content, key: &str) -> Result<Vec<String>, String> {
     let v = content.metadata.get(key).ok_or_else(|| format!("missing metadata `{key}`"))?;
     let arr = v.to_vec().map_err(|_| format!("`{key}` is not an array"))?;
-    arr.iter()
-        .map(|v| v.to_string().cloned().map_err(|_| format!("`{key}` holds a non-string")))
-        .collect()
+    arr.iter().map(|v| v.to_string().cloned().map_err(|_| format!("`{key}` holds a non-string"))).collect()
 }
 
 fn as_u32(v: &Value) -> Option<u32> {
@@ -66,10 +65,7 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, String> {
         .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or(format!("bad merge `{m}`")))
         .collect::<Result<_, _>>()?;
     let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| format!("cannot build BPE: {e}"))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| format!("cannot build BPE: {e}"))?;
     let mut tok = Tokenizer::new(bpe);
 
     let pre = content
@@ -87,7 +83,9 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, String> {
             tok.with_normalizer(Some(NFC)).map_err(|e| e.to_string())?;
             Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level_plain.into()]).into()
         }
-        "llama3" | "llama-bpe" | "smaug-bpe" => Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_plain.into()]).into(),
+        "llama3" | "llama-bpe" | "smaug-bpe" => {
+            Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_plain.into()]).into()
+        }
         "default" | "gpt2" | "gpt-2" => byte_level_regex.into(),
         other => return Err(format!("pre-tokenizer `{other}` is not supported (smollm, qwen2, llama3, gpt2)")),
     };

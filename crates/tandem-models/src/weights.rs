@@ -35,8 +35,8 @@ impl SafetensorsSource {
         let index = folder.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::checkpoint(&index, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::checkpoint(&index, format!("invalid JSON: {e}")))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::checkpoint(&index, format!("invalid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())

@@ -11,7 +11,9 @@ const TOL: f64 = 1e-5;
 fn alone(m: &LoadedModel, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
     if !prefix.is_empty() {
-        m.model.forward(&[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None }], &mut cache, &[]).unwrap();
+        m.model
+            .forward(&[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None }], &mut cache, &[])
+            .unwrap();
     }
     let out = m.model.forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
     out.logits.to_vec2().unwrap()
@@ -53,7 +55,8 @@ fn check_truncation(m: &LoadedModel, label: &str) {
     m.model.forward(&[SequenceInput { slot: 0, tokens: &a, logits: LogitsFor::None }], &mut cache, &[]).unwrap();
     m.model.forward(&[SequenceInput { slot: 0, tokens: &rejected, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
     cache.truncate(0, a.len()).unwrap();
-    let out = m.model.forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    let out =
+        m.model.forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
     let err = relative_error(&out.logits.to_vec2().unwrap(), &alone(m, &a, &c));
     assert!(err < TOL, "{label}: logits after truncation differ by {err:.2e}");
 }
@@ -64,7 +67,10 @@ fn check_chunked_prefill(m: &LoadedModel, label: &str) {
     let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
     let mut rows = Vec::new();
     for chunk in tokens.chunks(7) {
-        let out = m.model.forward(&[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+        let out = m
+            .model
+            .forward(&[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All }], &mut cache, &[])
+            .unwrap();
         rows.extend(out.logits.to_vec2::<f32>().unwrap());
     }
     let err = relative_error(&rows, &whole);
@@ -100,7 +106,11 @@ fn selected_positions_and_hidden_states() {
     let mut cache = KvCache::new(&m.model.config, 1, 64, m.model.device()).unwrap();
     let out = m
         .model
-        .forward(&[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]) }], &mut cache, &[1, 0])
+        .forward(
+            &[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]) }],
+            &mut cache,
+            &[1, 0],
+        )
         .unwrap();
     let rows: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
     assert!(relative_error(&rows, &[all[6].clone(), all[2].clone()]) < TOL);
@@ -118,9 +128,14 @@ fn invalid_batches_are_errors_not_panics() {
     let f = |cache: &mut KvCache, batch: &[SequenceInput]| m.model.forward(batch, cache, &[]).unwrap_err().to_string();
     assert!(f(&mut cache, &[SequenceInput { slot: 5, tokens: &[1], logits: LogitsFor::Last }]).contains("slot 5"));
     assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[], logits: LogitsFor::Last }]).contains("no new tokens"));
-    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last }]).contains("vocabulary"));
+    assert!(
+        f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last }]).contains("vocabulary")
+    );
     assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[1; 9], logits: LogitsFor::Last }]).contains("more than"));
-    let twice = [SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last }, SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last }];
+    let twice = [
+        SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last },
+        SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last },
+    ];
     assert!(f(&mut cache, &twice).contains("twice"));
     assert!(cache.truncate(0, 3).is_err());
     assert_eq!(cache.len(0), 0, "failed forwards leave the cache as it was");

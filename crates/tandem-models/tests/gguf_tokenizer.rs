@@ -35,7 +35,11 @@ fn reference_ids(file: &std::path::Path, nfc: bool) -> Vec<(Vec<u32>, String)> {
         .expect("python3 runs");
     child.stdin.take().unwrap().write_all(serde_json::to_string(TEXTS).unwrap().as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "tokenize_reference.py failed (is llama-cpp-python installed?): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tokenize_reference.py failed (is llama-cpp-python installed?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -23,7 +23,8 @@ fn load_with(name: &str, opts: LoadOptions) -> LoadedModel {
 }
 
 fn chat(m: &LoadedModel, user: &str, max_tokens: usize, sampling: SamplingParams) -> (String, Generation) {
-    let template = ChatTemplate::new(m.chat_template.as_deref(), m.bos_token.as_deref(), m.eos_token.as_deref()).unwrap();
+    let template =
+        ChatTemplate::new(m.chat_template.as_deref(), m.bos_token.as_deref(), m.eos_token.as_deref()).unwrap();
     let prompt = template.render(&[Message::new("user", user)], true).unwrap();
     let ids = m.tokenizer.encode(prompt.as_str(), false).unwrap().get_ids().to_vec();
     let mut cache = KvCache::new(&m.model.config, 1, ids.len() + max_tokens, m.model.device()).unwrap();
@@ -90,7 +91,14 @@ fn qwen_coder_writes_python_that_parses() {
 #[test]
 fn seeded_sampling_is_reproducible_and_logprobs_are_consistent() {
     let m = load_model(SMOLLM2, true);
-    let sampling = |seed| SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(seed), top_logprobs: 3, ..Default::default() };
+    let sampling = |seed| SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        seed: Some(seed),
+        top_logprobs: 3,
+        ..Default::default()
+    };
     let (a, ga) = chat(&m, "Tell me a short story about a cat.", 40, sampling(1));
     let (b, _) = chat(&m, "Tell me a short story about a cat.", 40, sampling(1));
     let (c, _) = chat(&m, "Tell me a short story about a cat.", 40, sampling(2));

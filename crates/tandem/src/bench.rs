@@ -59,7 +59,10 @@ fn run_peer(path: &std::path::Path, mode: &str, a: &BenchArgs) -> Result<PeerRow
         cmd.args(["--dtype", mode]);
     }
     let out = cmd.stderr(std::process::Stdio::null()).output()?;
-    anyhow::ensure!(out.status.success(), "the llama.cpp peer failed (is llama-cpp-python installed? pip install llama-cpp-python==0.3.36)");
+    anyhow::ensure!(
+        out.status.success(),
+        "the llama.cpp peer failed (is llama-cpp-python installed? pip install llama-cpp-python==0.3.36)"
+    );
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
@@ -150,7 +153,8 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let names = if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
+    let names =
+        if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
     let mut rows = Vec::new();
     let mut peers = Vec::new();
     println!(
@@ -173,11 +177,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let opts = LoadOptions { device: Device::Cpu, keep_quantized: mode == "quantized", weight_dtype };
             let loaded = load_model(&path, &opts)?;
             let row = bench_model(&loaded.model, &loaded.name, mode, &args)?;
-            print_row(&row.model, &row.mode, row.weight_mb_per_token, row.prefill_tok_s, row.decode_tok_s, &row.k_cost_ratio);
+            print_row(
+                &row.model,
+                &row.mode,
+                row.weight_mb_per_token,
+                row.prefill_tok_s,
+                row.decode_tok_s,
+                &row.k_cost_ratio,
+            );
             drop(loaded);
             if args.peer {
                 let peer = run_peer(&path, mode, &args)?;
-                print_row("  llama.cpp (same file, same run)", mode, row.weight_mb_per_token, peer.prefill_tok_s, peer.decode_tok_s, &peer.k_cost_ratio);
+                print_row(
+                    "  llama.cpp (same file, same run)",
+                    mode,
+                    row.weight_mb_per_token,
+                    peer.prefill_tok_s,
+                    peer.decode_tok_s,
+                    &peer.k_cost_ratio,
+                );
                 println!(
                     "{:<34} {:<9} {:>8} {:>9.2}x {:>8.2}x",
                     "  tandem / llama.cpp",
@@ -230,7 +248,11 @@ fn rayon_threads() -> usize {
 fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpu}, {} threads", rayon_threads())
 }

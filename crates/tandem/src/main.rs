@@ -11,7 +11,11 @@ use tandem_models::{Device, KvCache, LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::{generate, ChatTemplate, GenerateOptions, Message, SamplingParams, TextStream};
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Serve and train LLMs in one Rust engine.", long_about = "\
+#[command(
+    name = "tandem",
+    version,
+    about = "Serve and train LLMs in one Rust engine.",
+    long_about = "\
 tandem runs real checkpoints (GGUF files; Hugging Face folders with config.json, *.safetensors and \
 tokenizer.json; Llama, Qwen2 and Qwen3 families) on the CPU, or on CUDA when built with --features cuda.
 
@@ -21,7 +25,8 @@ Start with:
   tandem generate --model qwen-coder --chat --prompt \"Write a Python function that reverses a list\"
   tandem bench                                      prefill / decode / verification cost table (JSON in bench-results/)
 
-Models are cached in $TANDEM_CACHE (default ~/.cache/tandem/models). Logs: RUST_LOG=debug.")]
+Models are cached in $TANDEM_CACHE (default ~/.cache/tandem/models). Logs: RUST_LOG=debug."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -121,7 +126,9 @@ fn device(cuda: Option<usize>) -> Result<Device> {
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let bar = ProgressBar::new(1);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}").expect("valid template").progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     bar.set_message(format!("loading {}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let loaded = tandem_models::load(path, opts, &mut |done, total| {
@@ -136,11 +143,16 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
-    let opts = LoadOptions { device: device(args.cuda)?, keep_quantized: args.quantized, weight_dtype: args.dtype.into() };
+    let opts =
+        LoadOptions { device: device(args.cuda)?, keep_quantized: args.quantized, weight_dtype: args.dtype.into() };
     let loaded = load_model(&path, &opts)?;
     let text = if args.chat {
-        let template = ChatTemplate::new(loaded.chat_template.as_deref(), loaded.bos_token.as_deref(), loaded.eos_token.as_deref())
-            .map_err(anyhow::Error::msg)?;
+        let template = ChatTemplate::new(
+            loaded.chat_template.as_deref(),
+            loaded.bos_token.as_deref(),
+            loaded.eos_token.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(Message::new("system", s));
@@ -163,10 +175,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     sampling.validate().map_err(anyhow::Error::msg)?;
     let capacity = (prompt.len() + args.max_tokens).min(loaded.model.max_positions());
     if prompt.len() >= capacity {
-        anyhow::bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), loaded.model.max_positions());
+        anyhow::bail!(
+            "the prompt has {} tokens; the model's context is {}",
+            prompt.len(),
+            loaded.model.max_positions()
+        );
     }
     let mut cache = KvCache::new(&loaded.model.config, 1, capacity, loaded.model.device())?;
-    let gen_opts = GenerateOptions { max_tokens: args.max_tokens, sampling, stop_token_ids: loaded.stop_token_ids.clone() };
+    let gen_opts =
+        GenerateOptions { max_tokens: args.max_tokens, sampling, stop_token_ids: loaded.stop_token_ids.clone() };
     let mut stream = TextStream::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout();
     let generation = generate(&loaded.model, &mut cache, 0, &prompt, &gen_opts, &mut |t| {

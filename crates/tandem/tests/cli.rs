@@ -49,7 +49,11 @@ fn generate_streams_text_and_reports_speed() {
         .output()
         .unwrap();
     assert_eq!(out.stdout, again.stdout);
-    let chat = tandem().args(["generate", "--chat", "--max-tokens", "4", "--prompt", "hi", "--model"]).arg(&model).output().unwrap();
+    let chat = tandem()
+        .args(["generate", "--chat", "--max-tokens", "4", "--prompt", "hi", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
     assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
 }
 

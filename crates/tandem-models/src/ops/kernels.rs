@@ -15,6 +15,9 @@ unsafe impl Sync for SharedMut {}
 pub trait WeightElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Eight consecutive elements widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to eight readable elements, and the CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
@@ -46,10 +49,10 @@ impl WeightElem for half::bf16 {
     }
 }
 
-/// y[i, j] = sum_k x[i, k] * w[j, k] (+ bias[j]) for x: [m, k], w: [n, k] row-major, y: [m, n].
+/// y[i, j] = sum_k x[i, k] * w[j, k] for x: [m, k], w: [n, k] row-major, y: [m, n].
 /// Every output is accumulated in the same order whatever m is, so results do not depend on how
 /// many rows are batched together.
-pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
+pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(y.len(), m * n);
@@ -60,19 +63,14 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], bias: Option<&[f32]>, m: us
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let j0 = b * block;
         let j1 = (j0 + block).min(n);
+        // Rebind so the closure captures the Send wrapper, not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let out = out;
         // Inputs in groups that stay cache-resident while a block of weight rows streams past.
         for i0 in (0..m).step_by(INPUT_GROUP) {
             let i1 = (i0 + INPUT_GROUP).min(m);
             // SAFETY: every block writes only columns j0..j1 of y, and blocks do not overlap.
             unsafe { matmul_block(&x[i0 * k..i1 * k], w, i1 - i0, k, n, j0, j1, out.0.add(i0 * n)) };
-        }
-        if let Some(bias) = bias {
-            for i in 0..m {
-                for j in j0..j1 {
-                    unsafe { *out.0.add(i * n + j) += bias[j] };
-                }
-            }
         }
     });
 }
@@ -81,7 +79,16 @@ const ROWS: usize = 4;
 const INPUT_GROUP: usize = 32;
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_block<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+unsafe fn matmul_block<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    y: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -98,6 +105,7 @@ unsafe fn matmul_block<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n:
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
 mod avx2 {
     use super::WeightElem;
     use std::arch::x86_64::*;
@@ -155,7 +163,16 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn matmul_block<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+    pub unsafe fn matmul_block<W: WeightElem>(
+        x: &[f32],
+        w: &[W],
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+        y: *mut f32,
+    ) {
         let mut j = j0;
         while j + 4 <= j1 {
             let mut i = 0;
@@ -208,7 +225,15 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// Rotates each head of x ([tokens, heads, head_dim]) in place by the angle of its token's position.
 /// cos/sin tables are [max_pos, head_dim / 2].
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], cos: &[f32], sin: &[f32], interleaved: bool) {
+pub fn rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
     let half = head_dim / 2;
     for (t, &pos) in positions.iter().enumerate() {
         let c = &cos[pos * half..(pos + 1) * half];
@@ -278,7 +303,15 @@ pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: Cac
 
 /// Causal attention of each token over its own slot's cache, positions 0..=pos.
 /// q: [tokens, heads, head_dim] -> out: [tokens, heads * head_dim].
-pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], tokens: &[TokenSlot], heads: usize, g: CacheGeometry, out: &mut [f32]) {
+pub fn attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    tokens: &[TokenSlot],
+    heads: usize,
+    g: CacheGeometry,
+    out: &mut [f32],
+) {
     let d = g.head_dim;
     let group = heads / g.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -340,22 +373,16 @@ mod tests {
         for &(m, k, n) in &[(1, 5, 3), (3, 19, 37), (2, 64, 130), (7, 96, 33), (16, 40, 17)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 17) as f32 / 17.0 - 0.5).collect();
-            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
             let mut y = vec![0f32; m * n];
-            matmul_xwt(&x, &w, Some(&bias), m, k, n, &mut y);
-            let mut r = naive(&x, &w, m, k, n);
-            for i in 0..m {
-                for j in 0..n {
-                    r[i * n + j] += bias[j];
-                }
-            }
+            matmul_xwt(&x, &w, m, k, n, &mut y);
+            let r = naive(&x, &w, m, k, n);
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
             }
             // bf16 weights: the same product over the bf16-rounded values.
             let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            matmul_xwt(&x, &wb, None, m, k, n, &mut y);
+            matmul_xwt(&x, &wb, m, k, n, &mut y);
             let r = naive(&x, &wr, m, k, n);
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-4, "bf16 {m}x{k}x{n}: {a} vs {b}");
@@ -369,10 +396,10 @@ mod tests {
         let x: Vec<f32> = (0..40 * k).map(|i| ((i * 31) % 11) as f32 / 11.0 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5).collect();
         let mut all = vec![0f32; 40 * n];
-        matmul_xwt(&x, &w, None, 40, k, n, &mut all);
+        matmul_xwt(&x, &w, 40, k, n, &mut all);
         for i in 0..40 {
             let mut one = vec![0f32; n];
-            matmul_xwt(&x[i * k..(i + 1) * k], &w, None, 1, k, n, &mut one);
+            matmul_xwt(&x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
             assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
         }
     }

@@ -70,8 +70,8 @@ impl CustomOp2 for SmallMatmul {
         let x = f32_slice(s1, l1)?;
         let Some((a, b)) = l2.contiguous_offsets() else { candle_core::bail!("matmul weights must be contiguous") };
         match s2 {
-            CpuStorage::F32(w) => kernels::matmul_xwt(x, &w[a..b], None, m, k, n, &mut y),
-            CpuStorage::BF16(w) => kernels::matmul_xwt(x, &w[a..b], None, m, k, n, &mut y),
+            CpuStorage::F32(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
+            CpuStorage::BF16(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
             _ => candle_core::bail!("matmul weights must be f32 or bf16"),
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
@@ -176,7 +176,15 @@ impl CustomOp1 for Rope<'_> {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (_t, heads, d) = l.shape().dims3()?;
         let mut x = f32_slice(s, l)?.to_vec();
-        kernels::rope(&mut x, heads, d, self.positions, &self.tables.cos_host, &self.tables.sin_host, self.tables.interleaved);
+        kernels::rope(
+            &mut x,
+            heads,
+            d,
+            self.positions,
+            &self.tables.cos_host,
+            &self.tables.sin_host,
+            self.tables.interleaved,
+        );
         Ok((CpuStorage::F32(x), l.shape().clone()))
     }
 }
@@ -288,19 +296,41 @@ impl CustomOp3 for Attention<'_> {
     fn name(&self) -> &'static str {
         "tandem-attention"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let (_s, kv_heads, capacity, head_dim) = l2.shape().dims4()?;
         let geometry = CacheGeometry { kv_heads, capacity, head_dim };
         let t = self.tokens.len();
         let mut out = vec![0f32; t * self.heads * head_dim];
-        kernels::attention(f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?, self.tokens, self.heads, geometry, &mut out);
+        kernels::attention(
+            f32_slice(s1, l1)?,
+            f32_slice(s2, l2)?,
+            f32_slice(s3, l3)?,
+            self.tokens,
+            self.heads,
+            geometry,
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), Shape::from((t, self.heads * head_dim))))
     }
 }
 
 /// Causal attention of q: [tokens, heads, head_dim] over each token's slot in the cache,
 /// keys 0..=pos. Returns [tokens, heads * head_dim].
-pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, tokens: &[TokenSlot], path: OpsPath) -> CResult<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    tokens: &[TokenSlot],
+    path: OpsPath,
+) -> CResult<Tensor> {
     let (t, heads, head_dim) = q.dims3()?;
     match path {
         OpsPath::CpuKernels => q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &Attention { tokens, heads }),
