@@ -1,0 +1,443 @@
+//! The engine loop and its handle.
+use crate::scheduler::{SchedulingPolicy, WaitingInfo};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tandem_models::{KvCache, LogitsFor, Model, SequenceInput};
+use tandem_runtime::{FinishReason, SampledToken, Sampler, SamplingParams};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences served at once (one KV slot each).
+    pub max_batch: usize,
+    /// Longest sequence, prompt plus output, that a slot holds.
+    pub max_seq_len: usize,
+    /// Tokens fed per forward. Up to 16 keeps every product on the streaming CPU kernel, whose
+    /// results do not depend on what else is in the batch: a request's output is the same
+    /// whether it is served alone or with others.
+    pub step_token_budget: usize,
+    /// Requests that may wait for a slot; beyond that, submissions are refused.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch: 8, max_seq_len: 2048, step_token_budget: 16, max_waiting: 256 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops at these tokens, which are not returned.
+    pub stop_token_ids: Vec<u32>,
+    /// Who sent it, for scheduling fairness.
+    pub client: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a request's channel carries, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(SampledToken),
+    Finished { reason: FinishReason, usage: Usage },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context holds {limit} (including at least one generated token)")]
+    PromptTooLong { prompt: usize, limit: usize },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("too many requests are waiting ({0}); retry later")]
+    QueueFull(usize),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+enum Command {
+    Submit { request: GenerationRequest, events: UnboundedSender<Event> },
+    Shutdown,
+}
+
+/// A cheap handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    config: EngineConfig,
+    vocab_size: usize,
+}
+
+/// Counters the engine publishes for metrics and admission control.
+#[derive(Default)]
+struct Shared {
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on the returned channel. Drop the receiver to cancel.
+    pub fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+        if self.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        if request.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if request.prompt.len() >= self.config.max_seq_len {
+            return Err(EngineError::PromptTooLong { prompt: request.prompt.len(), limit: self.config.max_seq_len });
+        }
+        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.vocab_size
+            )));
+        }
+        request.sampling.validate().map_err(EngineError::Invalid)?;
+        let waiting = self.shared.waiting.load(Ordering::SeqCst);
+        if waiting >= self.config.max_waiting {
+            return Err(EngineError::QueueFull(waiting));
+        }
+        let (tx, rx) = unbounded_channel();
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        self.commands.send(Command::Submit { request, events: tx }).map_err(|_| EngineError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    /// Stops accepting requests; the engine finishes those it has, then its thread ends.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        let _ = self.commands.send(Command::Shutdown);
+    }
+
+    /// Requests waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Requests holding a slot.
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+}
+
+struct Waiting {
+    info: WaitingInfo,
+    request: GenerationRequest,
+    events: UnboundedSender<Event>,
+}
+
+struct Running {
+    slot: usize,
+    request: GenerationRequest,
+    events: UnboundedSender<Event>,
+    sampler: Sampler,
+    /// Prompt and output so far (for the repetition penalty).
+    history: Vec<u32>,
+    generated: usize,
+    /// The last sampled token, to be fed next step.
+    pending: Option<u32>,
+}
+
+impl Running {
+    fn prompt_done(&self, computed: usize) -> bool {
+        computed >= self.request.prompt.len()
+    }
+}
+
+pub struct Engine {
+    model: Model,
+    cache: KvCache,
+    config: EngineConfig,
+    policy: Box<dyn SchedulingPolicy>,
+    waiting: Vec<Waiting>,
+    running: Vec<Running>,
+    free_slots: Vec<usize>,
+    next_arrival: u64,
+    commands: UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+    shutting_down: bool,
+}
+
+impl Engine {
+    /// An engine over `model` with `config.max_batch` KV slots of `config.max_seq_len` tokens.
+    pub fn new(
+        model: Model,
+        config: EngineConfig,
+        policy: Box<dyn SchedulingPolicy>,
+    ) -> tandem_models::Result<(Engine, EngineHandle)> {
+        let mut config = config;
+        config.max_seq_len = config.max_seq_len.min(model.max_positions());
+        config.max_batch = config.max_batch.max(1);
+        config.step_token_budget = config.step_token_budget.max(1);
+        let cache = KvCache::new(&model.config, config.max_batch, config.max_seq_len, model.device())?;
+        let (tx, rx) = unbounded_channel();
+        let shared = Arc::new(Shared::default());
+        let handle = EngineHandle {
+            commands: tx,
+            shared: shared.clone(),
+            config: config.clone(),
+            vocab_size: model.config.vocab_size,
+        };
+        let engine = Engine {
+            model,
+            cache,
+            free_slots: (0..config.max_batch).rev().collect(),
+            config,
+            policy,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            commands: rx,
+            shared,
+            shutting_down: false,
+        };
+        Ok((engine, handle))
+    }
+
+    /// Runs the engine on its own thread until shutdown (or until every handle is dropped).
+    pub fn spawn(self) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("tandem-engine".into())
+            .spawn(move || self.run())
+            .expect("spawning the engine thread")
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if self.shutting_down {
+                    break;
+                }
+                match self.commands.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                }
+            }
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.handle(cmd);
+            }
+            self.step();
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { request, events } => {
+                let info = WaitingInfo {
+                    arrival: self.next_arrival,
+                    client: request.client.clone(),
+                    prompt_tokens: request.prompt.len(),
+                };
+                self.next_arrival += 1;
+                self.waiting.push(Waiting { info, request, events });
+            }
+            Command::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    /// One scheduling step and one forward. Returns false when there was nothing to do.
+    pub fn step(&mut self) -> bool {
+        self.drop_cancelled();
+        self.admit();
+        let worked = self.forward_once();
+        self.publish();
+        self.check_invariants();
+        worked
+    }
+
+    /// Runs steps until every request has finished (tests drive the engine this way).
+    pub fn run_until_idle(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.handle(cmd);
+        }
+        while self.step() {
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.handle(cmd);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.shared.waiting.store(self.waiting.len(), Ordering::SeqCst);
+        self.shared.running.store(self.running.len(), Ordering::SeqCst);
+    }
+
+    /// Requests whose client has gone free their slot now.
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|w| !w.events.is_closed());
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let r = self.running.swap_remove(i);
+                self.release(r.slot);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while !self.free_slots.is_empty() && !self.waiting.is_empty() {
+            let infos: Vec<WaitingInfo> = self.waiting.iter().map(|w| w.info.clone()).collect();
+            let Some(i) = self.policy.pick(&infos) else { break };
+            let w = self.waiting.swap_remove(i);
+            let slot = self.free_slots.pop().expect("a free slot");
+            let sampler = Sampler::new(w.request.sampling.clone());
+            let history = w.request.prompt.clone();
+            self.running.push(Running {
+                slot,
+                request: w.request,
+                events: w.events,
+                sampler,
+                history,
+                generated: 0,
+                pending: None,
+            });
+        }
+    }
+
+    fn release(&mut self, slot: usize) {
+        self.cache.reset(slot).expect("slot exists");
+        self.free_slots.push(slot);
+    }
+
+    /// Builds one batch under the token budget, runs it, samples and sends events.
+    fn forward_once(&mut self) -> bool {
+        if self.running.is_empty() {
+            return false;
+        }
+        // Which tokens each running sequence feeds this step: decodes first (one token each),
+        // then prompt chunks with what is left of the budget.
+        let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (index in running, tokens, wants logits)
+        let mut budget = self.config.step_token_budget;
+        for (i, r) in self.running.iter().enumerate() {
+            if let Some(t) = r.pending {
+                plan.push((i, vec![t], true));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (i, r) in self.running.iter().enumerate() {
+            if r.pending.is_some() || budget == 0 {
+                continue;
+            }
+            let computed = self.cache.len(r.slot);
+            let rest = &r.request.prompt[computed..];
+            let n = rest.len().min(budget);
+            budget -= n;
+            plan.push((i, rest[..n].to_vec(), n == rest.len()));
+        }
+        if plan.is_empty() {
+            return false;
+        }
+        let batch: Vec<SequenceInput> = plan
+            .iter()
+            .map(|(i, tokens, logits)| SequenceInput {
+                slot: self.running[*i].slot,
+                tokens,
+                logits: if *logits { LogitsFor::Last } else { LogitsFor::None },
+            })
+            .collect();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.model.forward(&batch, &mut self.cache, &[])));
+        let out = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                return self.fail_batch(&plan, &format!("internal error: {}", msg.unwrap_or_else(|| "panic".into())));
+            }
+        };
+        let logits = match out.logits.to_vec2::<f32>() {
+            Ok(l) => l,
+            Err(e) => return self.fail_batch(&plan, &e.to_string()),
+        };
+        let mut finished = Vec::new();
+        for ((i, _, wants), rows) in plan.iter().zip(&out.logit_rows) {
+            if !wants {
+                continue;
+            }
+            let r = &mut self.running[*i];
+            let token = r.sampler.sample(&logits[rows.start], &r.history);
+            let usage = |generated| Usage { prompt_tokens: r.request.prompt.len(), completion_tokens: generated };
+            if r.request.stop_token_ids.contains(&token.id) {
+                let _ = r.events.send(Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) });
+                finished.push(*i);
+                continue;
+            }
+            r.history.push(token.id);
+            r.generated += 1;
+            let id = token.id;
+            if r.events.send(Event::Token(token)).is_err() {
+                finished.push(*i);
+                continue;
+            }
+            let full = self.cache.len(r.slot) + 1 > self.config.max_seq_len;
+            if r.generated >= r.request.max_tokens || full {
+                let _ = r.events.send(Event::Finished { reason: FinishReason::Length, usage: usage(r.generated) });
+                finished.push(*i);
+            } else {
+                r.pending = Some(id);
+            }
+        }
+        // Sequences that fed their pending token this step and were not finished keep the new one.
+        self.remove_running(finished);
+        true
+    }
+
+    fn fail_batch(&mut self, plan: &[(usize, Vec<u32>, bool)], message: &str) -> bool {
+        tracing::error!(error = message, "forward failed; failing its requests");
+        let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        for &i in &idx {
+            let _ = self.running[i].events.send(Event::Failed(message.to_string()));
+        }
+        idx.sort_unstable();
+        self.remove_running(idx);
+        true
+    }
+
+    fn remove_running(&mut self, mut idx: Vec<usize>) {
+        idx.sort_unstable();
+        idx.dedup();
+        for i in idx.into_iter().rev() {
+            let r = self.running.remove(i);
+            self.release(r.slot);
+        }
+    }
+
+    /// The bookkeeping the engine relies on; cheap, so every step checks it.
+    fn check_invariants(&self) {
+        let mut seen = vec![false; self.config.max_batch];
+        for &s in &self.free_slots {
+            assert!(!std::mem::replace(&mut seen[s], true), "slot {s} free twice");
+            assert_eq!(self.cache.len(s), 0, "free slot {s} holds tokens");
+        }
+        for r in &self.running {
+            assert!(!std::mem::replace(&mut seen[r.slot], true), "slot {} used twice", r.slot);
+            let computed = self.cache.len(r.slot);
+            assert!(computed <= r.request.prompt.len() + r.generated, "slot {} is ahead of its tokens", r.slot);
+            assert_eq!(r.pending.is_some(), r.prompt_done(computed) && r.generated > 0);
+        }
+        assert!(seen.iter().all(|&s| s), "a slot is lost");
+    }
+}
