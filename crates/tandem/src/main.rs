@@ -1,6 +1,7 @@
 //! The tandem command line: generate text, fetch models, benchmark.
 mod bench;
 mod models;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -23,6 +24,7 @@ Start with:
   tandem models fetch                               fetch the default models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct)
   tandem generate --chat --prompt \"What is the capital of France?\"
   tandem generate --model qwen-coder --chat --prompt \"Write a Python function that reverses a list\"
+  tandem serve --port 8000                          OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)
   tandem bench                                      prefill / decode / verification cost table (JSON in bench-results/)
 
 Models are cached in $TANDEM_CACHE (default ~/.cache/tandem/models). Logs: RUST_LOG=debug."
@@ -36,6 +38,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout; prints prompt and decode speed at the end.
     Generate(GenerateArgs),
+    /// Serve the OpenAI API (completions, chat completions, streaming, logprobs) with continuous batching.
+    Serve(serve::ServeArgs),
     /// Manage the default models.
     Models {
         #[command(subcommand)]
@@ -115,7 +119,7 @@ impl From<DtypeArg> for WeightDtype {
     }
 }
 
-fn device(cuda: Option<usize>) -> Result<Device> {
+pub fn device(cuda: Option<usize>) -> Result<Device> {
     match cuda {
         None => Ok(Device::Cpu),
         Some(i) => Device::new_cuda(i).context("opening the CUDA device (was tandem built with --features cuda?)"),
@@ -225,5 +229,6 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -1,0 +1,111 @@
+//! One generated choice: submits it to the engine, turns its tokens into text (holding back what
+//! may be a stop string), measures latency, and reports deltas on a channel. Dropping that channel's
+//! receiver (the client went away) cancels the engine request.
+use crate::error::ApiError;
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::AppState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_engine::{EngineError, Event, GenerationRequest};
+use tandem_runtime::{FinishReason, TextStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug)]
+pub enum ChoiceEvent {
+    Delta { text: String, tokens: Vec<TokenInfo> },
+    End { finish_reason: &'static str, completion_tokens: usize },
+    Error(String),
+}
+
+pub fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::QueueFull(_) | EngineError::ShuttingDown => ApiError::unavailable(e.to_string(), 1),
+        EngineError::PromptTooLong { .. } => ApiError::bad_request(e.to_string(), Some("prompt")),
+        EngineError::EmptyPrompt => ApiError::bad_request(e.to_string(), Some("prompt")),
+        EngineError::Invalid(m) => ApiError::bad_request(m, None),
+    }
+}
+
+/// Starts one choice; its events arrive on the returned channel.
+pub fn start(
+    state: &Arc<AppState>,
+    request: GenerationRequest,
+    stops: Vec<String>,
+    want_logprobs: bool,
+    started: Instant,
+) -> Result<UnboundedReceiver<ChoiceEvent>, ApiError> {
+    let mut events = state.engine.submit(request).map_err(engine_error)?;
+    let (tx, rx) = unbounded_channel();
+    let state = state.clone();
+    tokio::spawn(async move {
+        let tokenizer = state.tokenizer.clone();
+        let mut text = TextStream::new(&tokenizer);
+        let mut stop = StopMatcher::new(stops);
+        let mut last = started;
+        let mut generated = 0usize;
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Token(t) => {
+                    let now = Instant::now();
+                    if generated == 0 {
+                        state.metrics.time_to_first_token.observe((now - started).as_secs_f64());
+                    } else {
+                        state.metrics.inter_token_latency.observe((now - last).as_secs_f64());
+                    }
+                    last = now;
+                    generated += 1;
+                    state.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+                    let tokens = if want_logprobs {
+                        let name = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+                        vec![TokenInfo {
+                            token: name(t.id),
+                            logprob: t.logprob,
+                            top: t.top_logprobs.iter().map(|&(id, lp)| (name(id), lp)).collect(),
+                        }]
+                    } else {
+                        vec![]
+                    };
+                    let piece = text.push(t.id).unwrap_or_default();
+                    match stop.push(&piece) {
+                        StopOutcome::Continue(out) => {
+                            if tx.send(ChoiceEvent::Delta { text: out, tokens }).is_err() {
+                                return; // client gone: dropping `events` cancels the request
+                            }
+                        }
+                        StopOutcome::Stop(out) => {
+                            let _ = tx.send(ChoiceEvent::Delta { text: out, tokens });
+                            let _ = tx.send(ChoiceEvent::End { finish_reason: "stop", completion_tokens: generated });
+                            return;
+                        }
+                    }
+                }
+                Event::Finished { reason, usage } => {
+                    let rest = stop.flush();
+                    if !rest.is_empty() {
+                        let _ = tx.send(ChoiceEvent::Delta { text: rest, tokens: vec![] });
+                    }
+                    let finish_reason = match reason {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length => "length",
+                    };
+                    let _ = tx.send(ChoiceEvent::End { finish_reason, completion_tokens: usage.completion_tokens });
+                    return;
+                }
+                Event::Failed(message) => {
+                    let _ = tx.send(ChoiceEvent::Error(message));
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(ChoiceEvent::Error("the engine stopped".into()));
+    });
+    Ok(rx)
+}

@@ -1,0 +1,114 @@
+//! tandem-server: the OpenAI-compatible HTTP API over the engine (axum + tokio).
+mod api;
+mod choice;
+mod error;
+mod metrics;
+mod routes;
+mod stop;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tandem_engine::{Engine, EngineConfig, EngineHandle, Fcfs};
+use tandem_models::{LoadedModel, Tokenizer};
+use tandem_runtime::ChatTemplate;
+
+/// Largest request body accepted (a long prompt fits; a runaway upload is refused with 413).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<ChatTemplate>,
+    pub model_name: String,
+    pub stop_token_ids: Vec<u32>,
+    pub metrics: Arc<Metrics>,
+    pub kv_bytes_per_slot: usize,
+    pub next_id: AtomicU64,
+    pub created: u64,
+}
+
+impl AppState {
+    /// Starts the engine thread for `loaded` and wraps what the routes need.
+    pub fn start(
+        loaded: LoadedModel,
+        config: EngineConfig,
+    ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
+        let template = ChatTemplate::new(
+            loaded.chat_template.as_deref(),
+            loaded.bos_token.as_deref(),
+            loaded.eos_token.as_deref(),
+        )?;
+        let c = &loaded.model.config;
+        let kv_bytes_per_slot =
+            c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4 * config.max_seq_len.min(loaded.model.max_positions());
+        let (engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs)).map_err(|e| e.to_string())?;
+        let thread = engine.spawn();
+        let state = AppState {
+            engine: handle,
+            tokenizer: Arc::new(loaded.tokenizer),
+            template: Arc::new(template),
+            model_name: loaded.name,
+            stop_token_ids: loaded.stop_token_ids,
+            metrics: Arc::new(Metrics::default()),
+            kv_bytes_per_slot,
+            next_id: AtomicU64::new(1),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        Ok((Arc::new(state), thread))
+    }
+}
+
+/// Counts every response by endpoint and status, and turns a panic in a handler into a 500 for
+/// that request alone.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = req.uri().path().to_string();
+    let resp = match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => ApiError::internal("internal error while handling the request").into_response(),
+    };
+    state.metrics.count_request(&endpoint, resp.status().as_u16());
+    resp
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/models", get(routes::models))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` resolves; then stops accepting requests, lets running
+/// generations finish, and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let engine = state.engine.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new requests, finishing running ones");
+            engine.shutdown();
+        })
+        .await
+}

@@ -1,0 +1,496 @@
+//! The HTTP routes: OpenAI completions and chat completions (plain and streamed), models, health
+//! and metrics.
+use crate::api::{ChatRequest, Common, CompletionRequest, Content, Prompt, Stop};
+use crate::choice::{self, ChoiceEvent, TokenInfo};
+use crate::error::ApiError;
+use crate::metrics::EngineGauges;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_engine::GenerationRequest;
+use tandem_runtime::{Message, SamplingParams};
+
+type Shared = State<Arc<AppState>>;
+
+/// Most choices one request may ask for (n times the number of prompts).
+const MAX_CHOICES: usize = 64;
+
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { None } else { Some(path.as_str()) };
+        let at = field.map(|p| format!(" (field `{p}`)")).unwrap_or_default();
+        ApiError::bad_request(format!("invalid request body: {}{at}", e.inner()), field)
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// Everything needed to run one request, validated.
+struct Job {
+    endpoint: Endpoint,
+    /// (choice index, request, text echoed before the completion)
+    choices: Vec<(usize, GenerationRequest, Option<String>)>,
+    prompt_tokens: usize,
+    stops: Vec<String>,
+    logprobs: bool,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -> Result<T, ApiError> {
+    if v < lo || v > hi {
+        return Err(ApiError::bad_request(format!("`{name}` must be between {lo} and {hi}, got {v}"), Some(name)));
+    }
+    Ok(v)
+}
+
+fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::bad_request(format!("`top_k` must be -1 (off) or positive, got {k}"), Some("top_k")))
+        }
+    };
+    let s = SamplingParams {
+        temperature: in_range(c.temperature.unwrap_or(1.0), 0.0, 2.0, "temperature")?,
+        top_k,
+        top_p: c.top_p.unwrap_or(1.0),
+        min_p: in_range(c.min_p.unwrap_or(0.0), 0.0, 1.0, "min_p")?,
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        seed: c.seed,
+        top_logprobs,
+    };
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(ApiError::bad_request(format!("`top_p` must be in (0, 1], got {}", s.top_p), Some("top_p")));
+    }
+    s.validate().map_err(|m| ApiError::bad_request(m, None))?;
+    Ok(s)
+}
+
+fn check_model(state: &AppState, c: &Common) -> Result<(), ApiError> {
+    match &c.model {
+        Some(m) if m != &state.model_name => Err(ApiError::not_found(format!(
+            "the model `{m}` does not exist; this server serves `{}`",
+            state.model_name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Builds the choices of a job from its prompts, applying n, max_tokens, seeds and stops.
+fn build_job(
+    state: &AppState,
+    endpoint: Endpoint,
+    c: &Common,
+    prompts: Vec<(Vec<u32>, Option<String>)>,
+    max_tokens: Option<i64>,
+    default_max_tokens: Option<usize>,
+    logprobs: Option<usize>,
+) -> Result<Job, ApiError> {
+    check_model(state, c)?;
+    let n = in_range(c.n.unwrap_or(1), 1, 16, "n")? as usize;
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+    }
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::bad_request(
+            format!("at most {MAX_CHOICES} choices per request (prompts x n)"),
+            Some("n"),
+        ));
+    }
+    let limit = state.engine.config().max_seq_len;
+    let base = sampling(c, logprobs.unwrap_or(0))?;
+    let mut stop_ids = if c.ignore_eos.unwrap_or(false) { vec![] } else { state.stop_token_ids.clone() };
+    stop_ids.extend(c.stop_token_ids.iter().flatten());
+    let stops = match &c.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > 16 {
+        return Err(ApiError::bad_request("at most 16 stop strings", Some("stop")));
+    }
+    let mut choices = Vec::new();
+    let mut prompt_tokens = 0;
+    for (pi, (ids, echo)) in prompts.into_iter().enumerate() {
+        if ids.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+        }
+        if ids.len() >= limit {
+            return Err(ApiError::bad_request(
+                format!("the prompt has {} tokens but this model's context is {limit} tokens", ids.len()),
+                Some(if endpoint == Endpoint::Chat { "messages" } else { "prompt" }),
+            ));
+        }
+        let max_tokens = match max_tokens {
+            Some(m) if m < 1 => {
+                return Err(ApiError::bad_request(
+                    format!("`max_tokens` must be at least 1, got {m}"),
+                    Some("max_tokens"),
+                ))
+            }
+            Some(m) if ids.len() as i64 + m > limit as i64 => return Err(ApiError::bad_request(
+                format!(
+                    "this model's context is {limit} tokens, but {} were requested ({} in the prompt, {m} to generate)",
+                    ids.len() as i64 + m,
+                    ids.len()
+                ),
+                Some("max_tokens"),
+            )),
+            Some(m) => m as usize,
+            None => default_max_tokens.unwrap_or(limit - ids.len()).min(limit - ids.len()),
+        };
+        prompt_tokens += ids.len();
+        for j in 0..n {
+            let mut sampling = base.clone();
+            sampling.seed = base.seed.map(|s| s.wrapping_add(j as u64));
+            let request = GenerationRequest {
+                prompt: ids.clone(),
+                max_tokens,
+                sampling,
+                stop_token_ids: stop_ids.clone(),
+                client: c.user.clone(),
+            };
+            choices.push((pi * n + j, request, echo.clone()));
+        }
+    }
+    Ok(Job {
+        endpoint,
+        choices,
+        prompt_tokens,
+        stops,
+        logprobs: logprobs.is_some(),
+        stream: c.stream.unwrap_or(false),
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    state
+        .tokenizer
+        .encode(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), Some("prompt")))
+}
+
+pub async fn completions(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let req: CompletionRequest = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let echo = req.echo.unwrap_or(false);
+    let texts: Result<Vec<(Vec<u32>, Option<String>)>, ApiError> = match &req.prompt {
+        Prompt::Text(t) => tokenize(&state, t).map(|ids| vec![(ids, echo.then(|| t.clone()))]),
+        Prompt::Texts(ts) => ts.iter().map(|t| tokenize(&state, t).map(|ids| (ids, echo.then(|| t.clone())))).collect(),
+        Prompt::Tokens(ids) => {
+            Ok(vec![(ids.clone(), echo.then(|| state.tokenizer.decode(ids, false).unwrap_or_default()))])
+        }
+        Prompt::TokenLists(ls) => Ok(ls
+            .iter()
+            .map(|ids| (ids.clone(), echo.then(|| state.tokenizer.decode(ids, false).unwrap_or_default())))
+            .collect()),
+    };
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(l) => match in_range(l, 0, 20, "logprobs") {
+            Ok(l) => Some(l as usize),
+            Err(e) => return e.into_response(),
+        },
+    };
+    let job = texts.and_then(|prompts| {
+        build_job(&state, Endpoint::Completions, &req.common, prompts, req.common.max_tokens, Some(16), logprobs)
+    });
+    match job {
+        Ok(job) => run(state, job, started).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn chat_completions(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let req: ChatRequest = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result = (|| {
+        if req.messages.is_empty() {
+            return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));
+        }
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for (i, m) in req.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}].role `{}` is not one of system, user, assistant, tool, developer", m.role),
+                    Some("messages"),
+                ));
+            }
+            let content =
+                match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => return Err(ApiError::bad_request(
+                                    format!(
+                                        "messages[{i}]: content parts of type `{kind}` are not supported (text only)"
+                                    ),
+                                    Some("messages"),
+                                )),
+                            }
+                        }
+                        text
+                    }
+                };
+            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            messages.push(Message::new(role, &content));
+        }
+        let prompt = state.template.render(&messages, true).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
+        let ids = tokenize(&state, &prompt)?;
+        let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")))
+            }
+            (false, None) => None,
+            (true, t) => Some(in_range(t.unwrap_or(0), 0, 20, "top_logprobs")? as usize),
+        };
+        let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+        build_job(&state, Endpoint::Chat, &req.common, vec![(ids, None)], max_tokens, None, logprobs)
+    })();
+    match result {
+        Ok(job) => run(state, job, started).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn completion_logprobs(tokens: &[TokenInfo], offset0: usize) -> Value {
+    let mut offset = offset0;
+    let mut offsets = Vec::new();
+    for t in tokens {
+        offsets.push(offset);
+        offset += t.token.len();
+    }
+    json!({
+        "tokens": tokens.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|(s, l)| (s.clone(), json!(l))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    json!({"content": tokens.iter().map(|t| {
+        let mut e = entry(&t.token, t.logprob);
+        e["top_logprobs"] = Value::Array(t.top.iter().map(|(s, l)| entry(s, *l)).collect());
+        e
+    }).collect::<Vec<_>>()})
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
+    state.metrics.prompt_tokens.fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
+    let mut receivers = Vec::with_capacity(job.choices.len());
+    for (index, request, echo) in &job.choices {
+        match choice::start(&state, request.clone(), job.stops.clone(), job.logprobs, started) {
+            Ok(rx) => receivers.push((*index, rx, echo.clone())),
+            Err(e) => return e.into_response(), // started choices are cancelled as their receivers drop
+        }
+    }
+    let id = format!(
+        "{}-{}",
+        if job.endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" },
+        state.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    if job.stream {
+        return stream_response(state, job, id, receivers).into_response();
+    }
+    let mut choices = Vec::new();
+    let mut completion_tokens = 0;
+    for (index, mut rx, echo) in receivers {
+        let mut text = echo.unwrap_or_default();
+        let mut tokens = Vec::new();
+        let offset0 = text.len();
+        let mut finish = "stop";
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                ChoiceEvent::Delta { text: t, tokens: ts } => {
+                    text.push_str(&t);
+                    tokens.extend(ts);
+                }
+                ChoiceEvent::End { finish_reason, completion_tokens: n } => {
+                    finish = finish_reason;
+                    completion_tokens += n;
+                }
+                ChoiceEvent::Error(m) => return ApiError::internal(format!("generation failed: {m}")).into_response(),
+            }
+        }
+        choices.push(match job.endpoint {
+            Endpoint::Completions => json!({
+                "index": index, "text": text, "finish_reason": finish,
+                "logprobs": if job.logprobs { completion_logprobs(&tokens, offset0) } else { Value::Null },
+            }),
+            Endpoint::Chat => json!({
+                "index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                "logprobs": if job.logprobs { chat_logprobs(&tokens) } else { Value::Null },
+            }),
+        });
+    }
+    let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+    Json(json!({
+        "id": id, "object": object, "created": now_secs(), "model": state.model_name,
+        "choices": choices, "usage": usage(job.prompt_tokens, completion_tokens),
+    }))
+    .into_response()
+}
+
+type ChoiceRx = tokio::sync::mpsc::UnboundedReceiver<ChoiceEvent>;
+
+fn stream_response(
+    state: Arc<AppState>,
+    job: Job,
+    id: String,
+    receivers: Vec<(usize, ChoiceRx, Option<String>)>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let chat = job.endpoint == Endpoint::Chat;
+    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let created = now_secs();
+    let model = state.model_name.clone();
+    let usage_id = id.clone();
+    let chunk = move |choice: Value| {
+        SseEvent::default().data(
+            json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]}).to_string(),
+        )
+    };
+    let logprobs = job.logprobs;
+    // One stream per choice: an opening chunk (role, or echoed prompt), deltas, a closing chunk.
+    let per_choice = receivers.into_iter().map(move |(index, rx, echo)| {
+        let chunk = chunk.clone();
+        let opening = if chat {
+            Some(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+        } else {
+            echo.map(|e| json!({"index": index, "text": e, "logprobs": null, "finish_reason": null}))
+        };
+        let opening = stream::iter(opening.map(|c| (chunk(c.clone()), 0usize)));
+        let body = stream::unfold((rx, 0usize), move |(mut rx, offset)| async move {
+            let ev = rx.recv().await?;
+            Some((ev, (rx, offset)))
+        })
+        .map(move |ev| match ev {
+            ChoiceEvent::Delta { text, tokens } => {
+                let lp = if !logprobs {
+                    Value::Null
+                } else if chat {
+                    chat_logprobs(&tokens)
+                } else {
+                    completion_logprobs(&tokens, 0)
+                };
+                let c = if chat {
+                    json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                } else {
+                    json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
+                };
+                (chunk(c), 0)
+            }
+            ChoiceEvent::End { finish_reason, completion_tokens } => {
+                let c = if chat {
+                    json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                } else {
+                    json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})
+                };
+                (chunk(c), completion_tokens)
+            }
+            ChoiceEvent::Error(m) => (SseEvent::default().data(ApiError::internal(format!("generation failed: {m}")).body().to_string()), 0),
+        });
+        opening.chain(body)
+    });
+    let merged = stream::select_all(per_choice.map(|s| s.boxed()));
+    let prompt_tokens = job.prompt_tokens;
+    let include_usage = job.include_usage;
+    let model = state.model_name.clone();
+    let events = merged
+        .scan(0usize, |completion, (event, n)| {
+            *completion += n;
+            futures::future::ready(Some((event, *completion)))
+        })
+        .map(Some)
+        .chain(stream::once(async { None }))
+        .scan(0usize, move |last, item| {
+            let out = match item {
+                Some((event, completion)) => {
+                    *last = completion;
+                    vec![event]
+                }
+                None => {
+                    let mut tail = Vec::new();
+                    if include_usage {
+                        tail.push(
+                            SseEvent::default().data(
+                                json!({"id": usage_id, "object": object, "created": created, "model": model,
+                                   "choices": [], "usage": usage(prompt_tokens, *last)})
+                                .to_string(),
+                            ),
+                        );
+                    }
+                    tail.push(SseEvent::default().data("[DONE]"));
+                    tail
+                }
+            };
+            futures::future::ready(Some(stream::iter(out)))
+        })
+        .flatten()
+        .map(Ok);
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+pub async fn models(State(state): Shared) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "tandem",
+        "max_model_len": state.engine.config().max_seq_len,
+    }]}))
+}
+
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn metrics(State(state): Shared) -> Response {
+    let running = state.engine.running();
+    let gauges = EngineGauges {
+        waiting: state.engine.waiting(),
+        running,
+        kv_bytes_used: running * state.kv_bytes_per_slot,
+        kv_bytes_total: state.kv_bytes_per_slot * state.engine.config().max_batch,
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
+}

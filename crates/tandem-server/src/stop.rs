@@ -1,0 +1,83 @@
+//! Stop strings, matched on the decoded text so that a stop string split across tokens is found;
+//! text that might be the start of a stop string is held back until it is known not to be.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    text: String,
+    emitted: usize,
+}
+
+/// What to do after a piece of text arrives.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Emit this text (possibly empty) and continue.
+    Continue(String),
+    /// Emit this text, then finish with reason "stop".
+    Stop(String),
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
+    }
+
+    pub fn push(&mut self, piece: &str) -> StopOutcome {
+        let search_from = self.emitted;
+        self.text.push_str(piece);
+        let found =
+            self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p)).min();
+        if let Some(at) = found {
+            let out = self.text[self.emitted..at].to_string();
+            self.emitted = at;
+            return StopOutcome::Stop(out);
+        }
+        // Hold back the longest tail that could still grow into a stop string.
+        let mut keep = self.text.len();
+        for s in &self.stops {
+            for len in (1..s.len()).rev() {
+                if len <= self.text.len() - self.emitted && self.text.ends_with(&s[..len]) && s.is_char_boundary(len) {
+                    keep = keep.min(self.text.len() - len);
+                    break;
+                }
+            }
+        }
+        let out = self.text[self.emitted..keep].to_string();
+        self.emitted = keep;
+        StopOutcome::Continue(out)
+    }
+
+    /// Text still held back, released when generation ends without a stop string.
+    pub fn flush(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_stop_strings_across_pieces() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("hello E"), StopOutcome::Continue("hello ".into()));
+        assert_eq!(m.push("N"), StopOutcome::Continue(String::new()));
+        assert_eq!(m.push("D and more"), StopOutcome::Stop(String::new()));
+    }
+
+    #[test]
+    fn releases_held_text_that_was_not_a_stop() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("a E"), StopOutcome::Continue("a ".into()));
+        assert_eq!(m.push("x"), StopOutcome::Continue("Ex".into()));
+        assert_eq!(m.push("EN"), StopOutcome::Continue(String::new()));
+        assert_eq!(m.flush(), "EN");
+    }
+
+    #[test]
+    fn stops_at_the_earliest_of_several() {
+        let mut m = StopMatcher::new(vec!["\n\n".into(), "b".into()]);
+        assert_eq!(m.push("aab\n\nc"), StopOutcome::Stop("aa".into()));
+    }
+}

@@ -1,0 +1,125 @@
+//! `tandem serve`: the OpenAI-compatible server.
+use crate::{device, load_model, models, DtypeArg};
+use anyhow::{bail, Context, Result};
+use std::time::Duration;
+use tandem_engine::EngineConfig;
+use tandem_models::LoadOptions;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// A .gguf file, an HF model folder, or `smollm2` / `qwen-coder` (default: smollm2).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Sequences generated at once (KV cache slots).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// KV cache memory, e.g. 512MiB or 2GiB; shared by the slots, it sets the longest sequence.
+    /// Default: enough for the model's full context in every slot, capped at 4096 tokens.
+    #[arg(long)]
+    kv_budget: Option<String>,
+    /// Requests that may wait for a slot before new ones get 503 + Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Storage of dense projection weights.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+    /// Seconds running requests get to finish after SIGTERM / Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+    #[arg(long)]
+    cuda: Option<usize>,
+}
+
+/// Parses sizes like `512MiB`, `2GiB`, `1000000` (bytes).
+fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().with_context(|| format!("`{s}` is not a size like 512MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("unknown size unit `{other}` (use KiB, MiB or GiB)"),
+    };
+    Ok((num * mult) as usize)
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let path = models::resolve(args.model.as_deref())?;
+    let opts = LoadOptions { device: device(args.cuda)?, keep_quantized: false, weight_dtype: args.dtype.into() };
+    let loaded = load_model(&path, &opts)?;
+    let c = &loaded.model.config;
+    let per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+    let max_batch = args.max_batch.max(1);
+    let max_seq_len = match &args.kv_budget {
+        Some(b) => parse_size(b)? / (per_token * max_batch),
+        None => loaded.model.max_positions().min(4096),
+    }
+    .min(loaded.model.max_positions());
+    if max_seq_len < 16 {
+        bail!(
+            "a KV budget of {} holds only {max_seq_len} tokens per slot for {max_batch} slots",
+            args.kv_budget.unwrap_or_default()
+        );
+    }
+    let config = EngineConfig { max_batch, max_seq_len, max_waiting: args.max_waiting, ..Default::default() };
+    let (state, engine_thread) = tandem_server::AppState::start(loaded, config).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let grace = Duration::from_secs(args.shutdown_grace);
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        eprintln!(
+            "tandem serving {} on http://{} ({} slots x {} tokens)",
+            state.model_name,
+            listener.local_addr()?,
+            max_batch,
+            max_seq_len
+        );
+        let shutdown = async move {
+            wait_for_signal().await;
+            // Requests still running after the grace period are cut off.
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                eprintln!("shutdown grace period over; exiting");
+                std::process::exit(0);
+            });
+        };
+        tandem_server::serve(listener, state, shutdown).await?;
+        anyhow::Ok(())
+    })?;
+    let _ = engine_thread.join();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(super::parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(super::parse_size("1000").unwrap(), 1000);
+        assert!(super::parse_size("12 parsecs").is_err());
+    }
+}
