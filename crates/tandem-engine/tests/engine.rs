@@ -27,7 +27,7 @@ fn engine(config: EngineConfig) -> (Engine, EngineHandle) {
 fn request(i: usize) -> GenerationRequest {
     let len = 1 + (i * 7) % 37;
     let prompt: Vec<u32> = (0..len).map(|j| ((i * 31 + j * 17) % 250) as u32 + 1).collect();
-    let sampling = if i % 3 == 0 {
+    let sampling = if i.is_multiple_of(3) {
         SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(i as u64), ..Default::default() }
     } else {
         SamplingParams::default()

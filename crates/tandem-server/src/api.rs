@@ -44,10 +44,10 @@ pub struct Common {
     pub ignore_eos: Option<bool>,
 }
 
+/// The completions-only fields; `Common` is read from the same body separately (not flattened, so
+/// that an error names the field it is about).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    #[serde(flatten)]
-    pub common: Common,
     pub prompt: Prompt,
     /// Number of most likely alternatives to return per token (0-20).
     pub logprobs: Option<i64>,
@@ -76,8 +76,6 @@ pub struct ChatMessage {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
-    #[serde(flatten)]
-    pub common: Common,
     pub messages: Vec<ChatMessage>,
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,

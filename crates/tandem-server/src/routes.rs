@@ -24,18 +24,29 @@ use tandem_runtime::{Message, SamplingParams};
 
 type Shared = State<Arc<AppState>>;
 
+/// A prompt's token ids and the text echoed before its completion.
+type PromptIds = (Vec<u32>, Option<String>);
+
 /// Most choices one request may ask for (n times the number of prompts).
 const MAX_CHOICES: usize = 64;
 
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+/// Parses the body as the endpoint's own fields plus the common ones; errors name the field.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Common), ApiError> {
     let bytes = body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { None } else { Some(path.as_str()) };
-        let at = field.map(|p| format!(" (field `{p}`)")).unwrap_or_default();
-        ApiError::bad_request(format!("invalid request body: {}{at}", e.inner()), field)
-    })
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}"), None))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object", None));
+    }
+    fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { None } else { Some(path.as_str()) };
+            let at = field.map(|p| format!(" (field `{p}`)")).unwrap_or_default();
+            ApiError::bad_request(format!("invalid request body: {}{at}", e.inner()), field)
+        })
+    }
+    Ok((typed(&value)?, typed(&value)?))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -102,7 +113,7 @@ fn build_job(
     state: &AppState,
     endpoint: Endpoint,
     c: &Common,
-    prompts: Vec<(Vec<u32>, Option<String>)>,
+    prompts: Vec<PromptIds>,
     max_tokens: Option<i64>,
     default_max_tokens: Option<usize>,
     logprobs: Option<usize>,
@@ -151,7 +162,7 @@ fn build_job(
             }
             Some(m) if ids.len() as i64 + m > limit as i64 => return Err(ApiError::bad_request(
                 format!(
-                    "this model's context is {limit} tokens, but {} were requested ({} in the prompt, {m} to generate)",
+                    "`max_tokens` is too large: this model's context is {limit} tokens, but {} were requested ({} in the prompt, {m} to generate)",
                     ids.len() as i64 + m,
                     ids.len()
                 ),
@@ -195,12 +206,12 @@ fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
 
 pub async fn completions(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
-    let req: CompletionRequest = match parse(body) {
+    let (req, common): (CompletionRequest, Common) = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let echo = req.echo.unwrap_or(false);
-    let texts: Result<Vec<(Vec<u32>, Option<String>)>, ApiError> = match &req.prompt {
+    let texts: Result<Vec<PromptIds>, ApiError> = match &req.prompt {
         Prompt::Text(t) => tokenize(&state, t).map(|ids| vec![(ids, echo.then(|| t.clone()))]),
         Prompt::Texts(ts) => ts.iter().map(|t| tokenize(&state, t).map(|ids| (ids, echo.then(|| t.clone())))).collect(),
         Prompt::Tokens(ids) => {
@@ -219,7 +230,7 @@ pub async fn completions(State(state): Shared, body: Result<Bytes, BytesRejectio
         },
     };
     let job = texts.and_then(|prompts| {
-        build_job(&state, Endpoint::Completions, &req.common, prompts, req.common.max_tokens, Some(16), logprobs)
+        build_job(&state, Endpoint::Completions, &common, prompts, common.max_tokens, Some(16), logprobs)
     });
     match job {
         Ok(job) => run(state, job, started).await,
@@ -229,7 +240,7 @@ pub async fn completions(State(state): Shared, body: Result<Bytes, BytesRejectio
 
 pub async fn chat_completions(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
-    let req: ChatRequest = match parse(body) {
+    let (req, common): (ChatRequest, Common) = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -245,26 +256,27 @@ pub async fn chat_completions(State(state): Shared, body: Result<Bytes, BytesRej
                     Some("messages"),
                 ));
             }
-            let content =
-                match &m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t.clone(),
-                    Some(Content::Parts(parts)) => {
-                        let mut text = String::new();
-                        for p in parts {
-                            match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => text.push_str(t),
-                                (kind, _) => return Err(ApiError::bad_request(
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::bad_request(
                                     format!(
                                         "messages[{i}]: content parts of type `{kind}` are not supported (text only)"
                                     ),
                                     Some("messages"),
-                                )),
+                                ))
                             }
                         }
-                        text
                     }
-                };
+                    text
+                }
+            };
             let role = if m.role == "developer" { "system" } else { m.role.as_str() };
             messages.push(Message::new(role, &content));
         }
@@ -277,8 +289,8 @@ pub async fn chat_completions(State(state): Shared, body: Result<Bytes, BytesRej
             (false, None) => None,
             (true, t) => Some(in_range(t.unwrap_or(0), 0, 20, "top_logprobs")? as usize),
         };
-        let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-        build_job(&state, Endpoint::Chat, &req.common, vec![(ids, None)], max_tokens, None, logprobs)
+        let max_tokens = req.max_completion_tokens.or(common.max_tokens);
+        build_job(&state, Endpoint::Chat, &common, vec![(ids, None)], max_tokens, None, logprobs)
     })();
     match result {
         Ok(job) => run(state, job, started).await,

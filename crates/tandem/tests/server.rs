@@ -1,0 +1,80 @@
+//! Starts the built `tandem serve` on a real model and drives it with the official `openai`
+//! Python client and raw HTTP (tests/server/test_server.py), then stops it with SIGTERM.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn smollm2() -> PathBuf {
+    let dir = match std::env::var_os("TANDEM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
+    };
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn start(model: &Path, port: u16) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["serve", "--port", &port.to_string(), "--max-batch", "8", "--shutdown-grace", "20", "--model"])
+        .arg(model)
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get(port, "/health").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
+        assert!(Instant::now() < deadline, "the server did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    server
+}
+
+#[test]
+fn openai_client_and_raw_http_against_tandem_serve() {
+    let port = free_port();
+    let mut server = start(&smollm2(), port);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root.join("tests/server/test_server.py"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("SmolLM2-135M-Instruct.Q4_1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_server.py failed (output above)");
+
+    // SIGTERM: the server stops accepting, finishes what runs, and exits cleanly.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(code) = server.0.try_wait().unwrap() {
+            assert!(code.success(), "exit status after SIGTERM: {code}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

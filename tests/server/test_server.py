@@ -1,0 +1,216 @@
+"""Black-box tests of `tandem serve`, driven like users drive it: the official `openai` client and
+raw HTTP. Run by crates/tandem/tests/server.rs against a freshly started server.
+
+usage: python3 test_server.py BASE_URL MODEL_NAME
+"""
+import concurrent.futures
+import http.client
+import json
+import socket
+import sys
+import time
+import urllib.parse
+
+import openai
+
+BASE, MODEL = sys.argv[1], sys.argv[2]
+HOST = urllib.parse.urlparse(BASE)
+client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def raw(method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection(HOST.hostname, HOST.port, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered (413) and closed before reading an oversized body
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, data, dict(r.getheaders())
+
+
+def error_of(status_data):
+    status, data, _ = status_data
+    body = json.loads(data)
+    assert "error" in body and body["error"]["message"], body
+    return status, body["error"]
+
+
+def still_serving():
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                       temperature=0, max_tokens=20)
+    assert "Paris" in r.choices[0].message.content, r
+
+
+def test_models_and_health():
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert raw("GET", "/health")[0] == 200
+
+
+def test_completion_and_chat():
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                       temperature=0, max_completion_tokens=30)
+    assert "Paris" in c.choices[0].message.content and c.choices[0].finish_reason == "stop"
+    assert c.usage.completion_tokens > 0
+
+
+def test_streaming_with_usage():
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                            temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                           temperature=0, max_tokens=30)
+    assert text == plain.choices[0].message.content, (text, plain)
+    assert finish == "stop" and usage.completion_tokens == plain.usage.completion_tokens
+    s = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in s if c.choices)
+
+
+def test_logprobs():
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], temperature=0,
+                                       max_tokens=5, logprobs=True, top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5  # greedy takes the top token
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+def test_n_seed_stop_echo():
+    r = client.completions.create(model=MODEL, prompt="My favourite animal is", max_tokens=8, temperature=1.0, n=3, seed=5)
+    again = client.completions.create(model=MODEL, prompt="My favourite animal is", max_tokens=8, temperature=1.0, n=3, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    assert r.usage.completion_tokens == sum(1 for _ in range(3)) * 8 or r.usage.completion_tokens <= 24
+    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0).choices[0].text
+    word = full.strip().split()[0]
+    cut = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0, stop=[word])
+    assert cut.choices[0].finish_reason == "stop" and word not in cut.choices[0].text
+    assert full.startswith(cut.choices[0].text)
+    e = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0, echo=True)
+    assert e.choices[0].text.startswith("Hello")
+
+
+def test_openai_errors():
+    try:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError as e:
+        assert "no-such-model" in str(e)
+    try:
+        client.completions.create(model=MODEL, prompt="word " * 5000, max_tokens=5)
+        raise AssertionError("oversized prompt accepted")
+    except openai.BadRequestError as e:
+        assert "context" in str(e)
+    try:
+        client.completions.create(model=MODEL, prompt="x", temperature=7)
+        raise AssertionError("temperature 7 accepted")
+    except openai.BadRequestError as e:
+        assert "temperature" in str(e)
+
+
+def test_concurrent_equals_alone():
+    prompts = [f"Write one sentence about the number {i}." for i in range(16)]
+    params = [dict(max_tokens=8 + i % 5, temperature=0) if i % 2 else dict(max_tokens=10, temperature=0.7, seed=i, top_p=0.9)
+              for i in range(16)]
+
+    def ask(i):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}], **params[i])
+        return r.choices[0].message.content
+
+    alone = [ask(i) for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    assert together == alone, [(a, b) for a, b in zip(alone, together) if a != b]
+
+
+def test_bad_input_never_takes_the_server_down():
+    cases = {
+        "truncated json": (b'{"prompt": "hi", "max_tok', 400, None),
+        "wrong type": (json.dumps({"prompt": "hi", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+        "negative max_tokens": (json.dumps({"prompt": "hi", "max_tokens": -3}).encode(), 400, "max_tokens"),
+        "huge max_tokens": (json.dumps({"prompt": "hi", "max_tokens": 10**12}).encode(), 400, "max_tokens"),
+        "invalid utf-8": (b'{"prompt": "\xff\xfe bad"}', 400, None),
+        "10 MB body": (b'{"prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}', 413, None),
+        "not an object": (b"[1, 2, 3]", 400, None),
+        "missing prompt": (b"{}", 400, None),
+        "bad n": (json.dumps({"prompt": "hi", "n": 0}).encode(), 400, "n"),
+    }
+    for name, (body, status, param) in cases.items():
+        got, err = error_of(raw("POST", "/v1/completions", body))
+        assert got == status, (name, got, err)
+        if param:
+            assert param in err["message"], (name, err)
+        still_serving()
+    for name, body in {
+        "empty messages": {"messages": []},
+        "bad role": {"messages": [{"role": "wizard", "content": "hi"}]},
+        "messages not a list": {"messages": "hi"},
+    }.items():
+        got, err = error_of(raw("POST", "/v1/chat/completions", json.dumps(body).encode()))
+        assert got == 400 and "messages" in err["message"], (name, err)
+    # Unknown fields are ignored, as OpenAI does.
+    status, data, _ = raw("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "frobnicate": True}).encode())
+    assert status == 200, data
+    assert raw("GET", "/no/such/route")[0] == 404
+    # A client that disconnects mid-stream: its generation is cancelled, the server goes on.
+    s = socket.create_connection((HOST.hostname, HOST.port))
+    body = json.dumps({"prompt": "Count to one thousand:", "max_tokens": 2000, "stream": True}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"data:" not in received:
+        chunk = s.recv(4096)
+        assert chunk, "the stream ended before any data"
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:100]
+    s.close()
+    still_serving()
+    for _ in range(50):
+        metrics = raw("GET", "/metrics")[1].decode()
+        if "tandem_running_batch_size 0" in metrics:
+            break
+        time.sleep(0.1)
+    assert "tandem_running_batch_size 0" in metrics, "the disconnected stream was not cancelled"
+
+
+def test_metrics():
+    status, data, headers = raw("GET", "/metrics")
+    text = data.decode()
+    assert status == 200
+    for name in ["tandem_requests_total", "tandem_prompt_tokens_total", "tandem_generation_tokens_total", "tandem_queue_depth",
+                 "tandem_running_batch_size", "tandem_kv_cache_used_bytes", "tandem_time_to_first_token_seconds_bucket",
+                 "tandem_inter_token_latency_seconds_count"]:
+        assert name in text, name
+    assert 'status="400"' in text and 'status="200"' in text
+
+
+if __name__ == "__main__":
+    tests = [v for k, v in list(globals().items()) if k.startswith("test_")]
+    failed = 0
+    for t in tests:
+        start = time.time()
+        try:
+            t()
+            print(f"ok     {t.__name__} ({time.time() - start:.1f}s)", flush=True)
+        except Exception as e:  # report every failure, then fail
+            failed += 1
+            print(f"FAILED {t.__name__}: {type(e).__name__}: {e}", flush=True)
+    sys.exit(1 if failed else 0)
