@@ -13,9 +13,10 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Longest sequence, prompt plus output, that a slot holds.
     pub max_seq_len: usize,
-    /// Tokens fed per forward. Up to 16 keeps every product on the streaming CPU kernel, whose
-    /// results do not depend on what else is in the batch: a request's output is the same
-    /// whether it is served alone or with others.
+    /// Tokens fed per forward (decodes first, prompt chunks fill the rest). The CPU kernels'
+    /// results do not depend on batch composition, so any budget keeps a request's output the
+    /// same whether it is served alone or with others; a larger one prefills faster, a smaller one
+    /// keeps decode steps short while long prompts are being read.
     pub step_token_budget: usize,
     /// Requests that may wait for a slot; beyond that, submissions are refused.
     pub max_waiting: usize,
@@ -23,7 +24,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 8, max_seq_len: 2048, step_token_budget: 16, max_waiting: 256 }
+        EngineConfig { max_batch: 8, max_seq_len: 2048, step_token_budget: 64, max_waiting: 256 }
     }
 }
 

@@ -140,3 +140,33 @@ fn invalid_batches_are_errors_not_panics() {
     assert!(cache.truncate(0, 3).is_err());
     assert_eq!(cache.len(0), 0, "failed forwards leave the cache as it was");
 }
+
+#[test]
+fn cpu_kernels_are_batch_invariant_bit_for_bit() {
+    // Not merely close: the same bits whatever else shares the forward or how a prompt is chunked,
+    // which is what lets the server promise that batching never changes a greedy output.
+    let m = load_path(&model_file(SMOLLM2));
+    let prompt: Vec<u32> = (0..40).map(|i| 100 + i * 37).collect();
+    let whole = alone(&m, &[], &prompt);
+    let mut cache = KvCache::new(&m.model.config, 2, 128, m.model.device()).unwrap();
+    let other: Vec<u32> = (0..23).map(|i| 900 + i * 11).collect();
+    let mut rows = Vec::new();
+    for (i, chunk) in prompt.chunks(9).enumerate() {
+        let noise = &other[..(i * 5 % 23) + 1];
+        let out = m
+            .model
+            .forward(
+                &[
+                    SequenceInput { slot: 1, tokens: noise, logits: LogitsFor::All },
+                    SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All },
+                ],
+                &mut cache,
+                &[],
+            )
+            .unwrap();
+        let all: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+        rows.extend_from_slice(&all[out.logit_rows[1].clone()]);
+        cache.reset(1).unwrap();
+    }
+    assert!(rows == whole, "batched and chunked logits differ from one-shot logits");
+}

@@ -8,7 +8,10 @@ use std::time::Instant;
 use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    target: Option<BenchTarget>,
     /// Models: paths or `smollm2` / `qwen-coder` (default: both).
     #[arg(long)]
     model: Vec<String>,
@@ -64,6 +67,13 @@ fn run_peer(path: &std::path::Path, mode: &str, a: &BenchArgs) -> Result<PeerRow
         "the llama.cpp peer failed (is llama-cpp-python installed? pip install llama-cpp-python==0.3.36)"
     );
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[derive(clap::Subcommand)]
+enum BenchTarget {
+    /// The OpenAI server over HTTP: output tok/s, time to first token and inter-token latency at
+    /// several concurrencies.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -153,6 +163,9 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(BenchTarget::Serve(a)) = args.target {
+        return crate::bench_serve::run(a);
+    }
     let names =
         if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
     let mut rows = Vec::new();

@@ -1,5 +1,6 @@
 //! The tandem command line: generate text, fetch models, benchmark.
 mod bench;
+mod bench_serve;
 mod models;
 mod serve;
 
@@ -45,7 +46,8 @@ enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
-    /// Measure prefill, decode and k-token verification cost (table on stdout, JSON file).
+    /// Measure prefill, decode and k-token verification cost (table on stdout, JSON file);
+    /// `tandem bench serve` measures the HTTP server under concurrent load.
     Bench(bench::BenchArgs),
 }
 

@@ -1,8 +1,8 @@
 //! Plain-slice CPU kernels for the decode and verification hot path.
 //!
-//! candle's gemm is excellent for prefill-sized products but pays fixed costs that dominate when only
-//! 1-16 rows are multiplied (decode and draft verification). These kernels stream each weight row
-//! once and reuse it for every input row, so a forward over k tokens costs little more than one.
+//! Decode and draft verification multiply a handful of rows by every weight, so they are bound by
+//! how fast weights stream from memory. The matmul here streams each weight row once and reuses it
+//! for every input row, so a forward over k tokens costs little more than one.
 use rayon::prelude::*;
 
 /// Raw pointer that may be shared by workers writing disjoint parts of one buffer.
