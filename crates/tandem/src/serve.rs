@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Default: enough for the model's full context in every slot, capped at 4096 tokens.
     #[arg(long)]
     kv_budget: Option<String>,
+    /// Tokens per engine step: decodes first, prompt chunks fill the rest. Larger prefills faster;
+    /// smaller keeps other streams' inter-token latency low while long prompts are read.
+    #[arg(long, default_value_t = 64)]
+    step_token_budget: usize,
     /// Requests that may wait for a slot before new ones get 503 + Retry-After.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
@@ -68,7 +72,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.kv_budget.unwrap_or_default()
         );
     }
-    let config = EngineConfig { max_batch, max_seq_len, max_waiting: args.max_waiting, ..Default::default() };
+    let config = EngineConfig {
+        max_batch,
+        max_seq_len,
+        max_waiting: args.max_waiting,
+        step_token_budget: args.step_token_budget,
+    };
     let (state, engine_thread) = tandem_server::AppState::start(loaded, config).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
