@@ -113,6 +113,10 @@ fn bad_requests_are_refused_precisely() {
     let bad_sampling =
         GenerationRequest { sampling: SamplingParams { top_p: 0.0, ..Default::default() }, ..request(0) };
     assert!(matches!(h.submit(bad_sampling).unwrap_err(), EngineError::Invalid(m) if m.contains("top_p")));
+    // Two may wait; the third is refused until the engine takes some.
+    let _a = h.submit(request(1)).unwrap();
+    let _b = h.submit(request(2)).unwrap();
+    assert_eq!(h.submit(request(3)).unwrap_err(), EngineError::QueueFull(2));
 }
 
 #[test]
