@@ -120,8 +120,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, us
     let chat_template =
         source.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     let stop_token_ids = stop_ids(&tokenizer, config.eos_token_ids.clone());
-    let max_pos = config.max_position_embeddings;
-    let model = Model::load(config, &mut source, opts, max_pos, progress)?;
+    let model = Model::load(config, &mut source, opts, progress)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -188,8 +187,7 @@ fn load_hf(folder: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, us
     }
     let stop_token_ids = stop_ids(&tokenizer, eos_ids);
     let mut source = SafetensorsSource::open(folder, &opts.device)?;
-    let max_pos = config.max_position_embeddings;
-    let model = Model::load(config, &mut source, opts, max_pos, progress)?;
+    let model = Model::load(config, &mut source, opts, progress)?;
     Ok(LoadedModel {
         model,
         tokenizer,

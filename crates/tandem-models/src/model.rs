@@ -167,12 +167,11 @@ impl Builder<'_> {
 
 impl Model {
     /// Builds the model from a weight source; `progress(done, total)` is called per tensor.
-    /// `max_positions` bounds the rope tables (and so the longest usable sequence).
+    /// The rope tables cover `config.max_position_embeddings`, the longest usable sequence.
     pub fn load(
         config: ModelConfig,
         source: &mut dyn WeightSource,
         opts: &LoadOptions,
-        max_positions: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let c = &config;
@@ -244,7 +243,8 @@ impl Model {
                 None => return Err(b.missing("lm_head.weight")),
             }
         };
-        let rope = RopeTables::new(c.head_dim, c.rope_theta, max_positions, c.rope_interleaved, &opts.device)?;
+        let rope =
+            RopeTables::new(c.head_dim, c.rope_theta, c.max_position_embeddings, c.rope_interleaved, &opts.device)?;
         Ok(Model {
             config,
             embed,
