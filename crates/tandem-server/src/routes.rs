@@ -408,15 +408,17 @@ fn stream_response(
     // One stream per choice: an opening chunk (role, or echoed prompt), deltas, a closing chunk.
     let per_choice = receivers.into_iter().map(move |(index, rx, echo)| {
         let chunk = chunk.clone();
+        // Where the next token's text starts in the choice's whole text (completions logprobs).
+        let mut text_offset = echo.as_ref().map_or(0, String::len);
         let opening = if chat {
             Some(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
         } else {
             echo.map(|e| json!({"index": index, "text": e, "logprobs": null, "finish_reason": null}))
         };
         let opening = stream::iter(opening.map(|c| (chunk(c.clone()), 0usize)));
-        let body = stream::unfold((rx, 0usize), move |(mut rx, offset)| async move {
+        let body = stream::unfold(rx, |mut rx| async move {
             let ev = rx.recv().await?;
-            Some((ev, (rx, offset)))
+            Some((ev, rx))
         })
         .map(move |ev| match ev {
             ChoiceEvent::Delta { text, tokens } => {
@@ -425,7 +427,9 @@ fn stream_response(
                 } else if chat {
                     chat_logprobs(&tokens)
                 } else {
-                    completion_logprobs(&tokens, 0)
+                    let lp = completion_logprobs(&tokens, text_offset);
+                    text_offset += tokens.iter().map(|t| t.token.len()).sum::<usize>();
+                    lp
                 };
                 let c = if chat {
                     json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
