@@ -1,4 +1,4 @@
-//! Projection layers: dense f32 weights (our streaming kernel or gemm) or GGUF-quantized weights
+//! Projection layers: dense f32/bf16 weights (the ops module picks the kernel) or GGUF-quantized weights
 //! (candle's quantized matmul).
 use crate::ops::{self, OpsPath};
 use candle_core::quantized::{QMatMul, QTensor};
