@@ -25,7 +25,6 @@ pub trait WeightSource {
 /// Sharded or single-file safetensors in an HF folder.
 pub struct SafetensorsSource {
     folder: PathBuf,
-    files: Vec<PathBuf>,
     tensors: MmapedSafetensors,
     device: Device,
 }
@@ -60,25 +59,13 @@ impl SafetensorsSource {
                 return Err(ModelError::checkpoint(f, "shard named in model.safetensors.index.json is missing"));
             }
         }
-        // Open each shard alone first so that a corrupt one is named in the error.
-        for f in &files {
-            // SAFETY: the file is mapped read-only; tandem never writes checkpoints it has open.
-            unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::checkpoint(f, strip_path(e)))?;
-        }
-        // SAFETY: as above.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::checkpoint(folder, e))?;
-        Ok(SafetensorsSource { folder: folder.into(), files, tensors, device: device.clone() })
-    }
-
-    pub fn files(&self) -> &[PathBuf] {
-        &self.files
-    }
-}
-
-fn strip_path(e: candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithPath { inner, .. } => inner.to_string(),
-        e => e.to_string(),
+        // SAFETY: the files are mapped read-only; tandem never writes checkpoints it has open.
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| match e {
+            // candle tags a shard it cannot read with its path: name that shard, not the folder.
+            candle_core::Error::WithPath { inner, path } => ModelError::checkpoint(path, inner),
+            e => ModelError::checkpoint(folder, e),
+        })?;
+        Ok(SafetensorsSource { folder: folder.into(), tensors, device: device.clone() })
     }
 }
 
