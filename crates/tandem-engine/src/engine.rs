@@ -1,9 +1,12 @@
 //! The engine loop and its handle.
 use crate::scheduler::{SchedulingPolicy, WaitingInfo};
+use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use tandem_models::{KvCache, LogitsFor, Model, SequenceInput};
+use tandem_runtime::spec::{verify, Draft, DraftRequest, Drafter};
 use tandem_runtime::{FinishReason, SampledToken, Sampler, SamplingParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -20,11 +23,13 @@ pub struct EngineConfig {
     pub step_token_budget: usize,
     /// Requests that may wait for a slot; beyond that, submissions are refused.
     pub max_waiting: usize,
+    /// Most draft tokens verified per sequence per step when a drafter is set (0 turns it off).
+    pub spec_k: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 8, max_seq_len: 2048, step_token_budget: 64, max_waiting: 256 }
+        EngineConfig { max_batch: 8, max_seq_len: 2048, step_token_budget: 64, max_waiting: 256, spec_k: 4 }
     }
 }
 
@@ -43,6 +48,8 @@ pub struct GenerationRequest {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Set when a drafter served the request.
+    pub speculation: Option<SpecUsage>,
 }
 
 /// What a request's channel carries, in order: tokens, then exactly one `Finished` or `Failed`.
@@ -87,6 +94,7 @@ struct Shared {
     waiting: AtomicUsize,
     running: AtomicUsize,
     shutting_down: AtomicBool,
+    spec: SpecCounters,
 }
 
 impl EngineHandle {
@@ -137,6 +145,11 @@ impl EngineHandle {
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
+
+    /// Speculative decoding totals since start.
+    pub fn spec_stats(&self) -> SpecStats {
+        self.shared.spec.snapshot()
+    }
 }
 
 struct Waiting {
@@ -155,6 +168,7 @@ struct Running {
     generated: usize,
     /// The last sampled token, to be fed next step.
     pending: Option<u32>,
+    spec: SpecUsage,
 }
 
 impl Running {
@@ -163,11 +177,24 @@ impl Running {
     }
 }
 
+/// One sequence's part of a step.
+struct Planned {
+    /// Index in `running`.
+    index: usize,
+    tokens: Vec<u32>,
+    wants_logits: bool,
+    /// Draft tokens fed after the pending token (empty for prompt chunks and plain decodes).
+    draft: Draft,
+    /// Cache length before this step.
+    start: usize,
+}
+
 pub struct Engine {
     model: Model,
     cache: KvCache,
     config: EngineConfig,
     policy: Box<dyn SchedulingPolicy>,
+    drafter: Option<Box<dyn Drafter>>,
     waiting: Vec<Waiting>,
     running: Vec<Running>,
     free_slots: Vec<usize>,
@@ -203,6 +230,7 @@ impl Engine {
             free_slots: (0..config.max_batch).rev().collect(),
             config,
             policy,
+            drafter: None,
             waiting: Vec::new(),
             running: Vec::new(),
             next_arrival: 0,
@@ -211,6 +239,15 @@ impl Engine {
             shutting_down: false,
         };
         Ok((engine, handle))
+    }
+
+    /// Speculative decoding with `drafter`, up to `config.spec_k` tokens per sequence per step.
+    pub fn with_drafter(mut self, mut drafter: Box<dyn Drafter>) -> tandem_models::Result<Self> {
+        drafter.prepare(self.config.max_batch, self.config.max_seq_len)?;
+        tracing::info!(drafter = drafter.name(), k = self.config.spec_k, "speculative decoding on");
+        *self.shared.spec.drafter.lock().expect("not poisoned") = Some(drafter.name());
+        self.drafter = Some(drafter);
+        Ok(self)
     }
 
     /// Runs the engine on its own thread until shutdown (or until every handle is dropped).
@@ -312,28 +349,85 @@ impl Engine {
                 history,
                 generated: 0,
                 pending: None,
+                spec: SpecUsage::default(),
             });
         }
     }
 
     fn release(&mut self, slot: usize) {
         self.cache.reset(slot).expect("slot exists");
+        if let Some(d) = self.drafter.as_mut() {
+            d.release(slot);
+        }
         self.free_slots.push(slot);
     }
 
-    /// Builds one batch under the token budget, runs it, samples and sends events.
+    /// Asks the drafter for each decoding sequence's draft (empty where none is wanted or the
+    /// drafter fails: a broken drafter slows serving down, it never fails a request).
+    fn propose_drafts(&mut self) -> Vec<Draft> {
+        let mut drafts = vec![Draft::default(); self.running.len()];
+        let Some(drafter) = self.drafter.as_mut() else { return drafts };
+        let mut asks = Vec::new();
+        let mut who = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if r.pending.is_none() {
+                continue;
+            }
+            // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
+            let remaining = r.request.max_tokens - r.generated;
+            let room = self.config.max_seq_len.saturating_sub(self.cache.len(r.slot) + 1);
+            let k = self.config.spec_k.min(remaining.saturating_sub(1)).min(room);
+            if k > 0 {
+                asks.push(DraftRequest { slot: r.slot, tokens: &r.history, k, sampling: &r.request.sampling });
+                who.push((i, k));
+            }
+        }
+        if asks.is_empty() {
+            return drafts;
+        }
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| drafter.propose(&self.model, &asks)));
+        match result {
+            Ok(Ok(proposed)) => {
+                let vocab = self.model.config.vocab_size as u32;
+                for ((i, k), mut d) in who.into_iter().zip(proposed) {
+                    // Whatever the drafter says, verify only what fits and exists.
+                    let valid = d.tokens.iter().take(k).take_while(|&&t| t < vocab).count();
+                    d.tokens.truncate(valid);
+                    if let Some(p) = d.probs.as_mut() {
+                        if p.len() < valid {
+                            d.tokens.truncate(p.len());
+                        }
+                        p.truncate(d.tokens.len());
+                    }
+                    drafts[i] = d;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "drafter failed; decoding without drafts this step"),
+            Err(_) => tracing::warn!("drafter panicked; decoding without drafts this step"),
+        }
+        drafts
+    }
+
+    /// Builds one batch under the token budget, runs it, samples or verifies, and sends events.
     fn forward_once(&mut self) -> bool {
         if self.running.is_empty() {
             return false;
         }
-        // Which tokens each running sequence feeds this step: decodes first (one token each),
-        // then prompt chunks with what is left of the budget.
-        let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (index in running, tokens, wants logits)
+        let draft_start = Instant::now();
+        let mut drafts = self.propose_drafts();
+        let draft_nanos = draft_start.elapsed().as_nanos() as u64;
+        let verify_start = Instant::now();
+        // Which tokens each running sequence feeds this step: decodes first (the pending token and
+        // its draft), then prompt chunks with what is left of the budget.
+        let mut plan: Vec<Planned> = Vec::new();
         let mut budget = self.config.step_token_budget;
         for (i, r) in self.running.iter().enumerate() {
             if let Some(t) = r.pending {
-                plan.push((i, vec![t], true));
-                budget = budget.saturating_sub(1);
+                let draft = std::mem::take(&mut drafts[i]);
+                let mut tokens = vec![t];
+                tokens.extend_from_slice(&draft.tokens);
+                budget = budget.saturating_sub(tokens.len());
+                plan.push(Planned { index: i, tokens, wants_logits: true, draft, start: self.cache.len(r.slot) });
             }
         }
         for (i, r) in self.running.iter().enumerate() {
@@ -344,20 +438,32 @@ impl Engine {
             let rest = &r.request.prompt[computed..];
             let n = rest.len().min(budget);
             budget -= n;
-            plan.push((i, rest[..n].to_vec(), n == rest.len()));
+            plan.push(Planned {
+                index: i,
+                tokens: rest[..n].to_vec(),
+                wants_logits: n == rest.len(),
+                draft: Draft::default(),
+                start: computed,
+            });
         }
         if plan.is_empty() {
             return false;
         }
         let batch: Vec<SequenceInput> = plan
             .iter()
-            .map(|(i, tokens, logits)| SequenceInput {
-                slot: self.running[*i].slot,
-                tokens,
-                logits: if *logits { LogitsFor::Last } else { LogitsFor::None },
+            .map(|p| SequenceInput {
+                slot: self.running[p.index].slot,
+                tokens: &p.tokens,
+                logits: match (p.wants_logits, p.draft.tokens.is_empty()) {
+                    (false, _) => LogitsFor::None,
+                    (true, true) => LogitsFor::Last,
+                    (true, false) => LogitsFor::All,
+                },
             })
             .collect();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.model.forward(&batch, &mut self.cache, &[])));
+        let layers: Vec<usize> = self.drafter.as_ref().map(|d| d.target_layers().to_vec()).unwrap_or_default();
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.model.forward(&batch, &mut self.cache, &layers)));
         let out = match result {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
@@ -373,42 +479,111 @@ impl Engine {
             Ok(l) => l,
             Err(e) => return self.fail_batch(&plan, &e.to_string()),
         };
+        let spec_on = self.drafter.is_some();
+        let (mut drafted, mut accepted_total, mut steps, mut emitted_total) = (0u64, 0u64, 0u64, 0u64);
         let mut finished = Vec::new();
-        for ((i, _, wants), rows) in plan.iter().zip(&out.logit_rows) {
-            if !wants {
+        let mut row_offset = 0;
+        for (p, rows) in plan.iter().zip(&out.logit_rows) {
+            let offset = row_offset;
+            row_offset += p.tokens.len();
+            let slot = self.running[p.index].slot;
+            if !p.wants_logits {
+                self.observe(slot, p.start, offset, p.tokens.len(), &out.hidden);
                 continue;
             }
-            let r = &mut self.running[*i];
-            let token = r.sampler.sample(&logits[rows.start], &r.history);
-            let usage = |generated| Usage { prompt_tokens: r.request.prompt.len(), completion_tokens: generated };
-            if r.request.stop_token_ids.contains(&token.id) {
-                let _ = r.events.send(Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) });
-                finished.push(*i);
-                continue;
-            }
-            r.history.push(token.id);
-            r.generated += 1;
-            let id = token.id;
-            if r.events.send(Event::Token(token)).is_err() {
-                finished.push(*i);
-                continue;
-            }
-            let full = self.cache.len(r.slot) + 1 > self.config.max_seq_len;
-            if r.generated >= r.request.max_tokens || full {
-                let _ = r.events.send(Event::Finished { reason: FinishReason::Length, usage: usage(r.generated) });
-                finished.push(*i);
+            let r = &mut self.running[p.index];
+            let (emitted, accepted) = if p.draft.tokens.is_empty() {
+                (vec![r.sampler.sample(&logits[rows.start], &r.history)], 0)
             } else {
-                r.pending = Some(id);
+                let rows: Vec<&[f32]> = logits[rows.clone()].iter().map(|l| l.as_slice()).collect();
+                let v = verify(&mut r.sampler, &rows, &p.draft, &r.history);
+                (v.tokens, v.accepted)
+            };
+            // Keep the pending token and the accepted drafts; rejected ones are rolled back.
+            let is_decode = r.pending.is_some();
+            let kept = if is_decode { 1 + accepted } else { p.tokens.len() };
+            if kept < p.tokens.len() {
+                if let Err(e) = self.cache.truncate(slot, p.start + kept) {
+                    tracing::error!(error = %e, "KV rollback failed");
+                }
+            }
+            if is_decode && spec_on {
+                let r = &mut self.running[p.index];
+                r.spec.drafted_tokens += p.draft.tokens.len();
+                r.spec.accepted_tokens += accepted;
+                r.spec.decode_steps += 1;
+                drafted += p.draft.tokens.len() as u64;
+                accepted_total += accepted as u64;
+                steps += 1;
+                emitted_total += emitted.len() as u64;
+            }
+            self.observe(slot, p.start, offset, kept, &out.hidden);
+            let r = &mut self.running[p.index];
+            let spec = spec_on.then_some(r.spec);
+            let usage = |generated| Usage {
+                prompt_tokens: r.request.prompt.len(),
+                completion_tokens: generated,
+                speculation: spec,
+            };
+            let count = emitted.len();
+            for (j, token) in emitted.into_iter().enumerate() {
+                if r.request.stop_token_ids.contains(&token.id) {
+                    let _ = r.events.send(Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) });
+                    finished.push(p.index);
+                    break;
+                }
+                r.history.push(token.id);
+                r.generated += 1;
+                let id = token.id;
+                if r.events.send(Event::Token(token)).is_err() {
+                    finished.push(p.index);
+                    break;
+                }
+                // As plain decoding would judge it: the cache would hold p.start + 1 + j tokens
+                // (p.start + kept for a prompt's first token) with this one pending.
+                let cached = if is_decode { p.start + 1 + j } else { p.start + kept };
+                let full = cached + 1 > self.config.max_seq_len;
+                if r.generated >= r.request.max_tokens || full {
+                    let _ = r.events.send(Event::Finished { reason: FinishReason::Length, usage: usage(r.generated) });
+                    finished.push(p.index);
+                    break;
+                }
+                if j + 1 == count {
+                    r.pending = Some(id);
+                }
             }
         }
-        // Sequences that fed their pending token this step and were not finished keep the new one.
+        if spec_on {
+            let c = &self.shared.spec;
+            c.add(&c.drafted, drafted);
+            c.add(&c.accepted, accepted_total);
+            c.add(&c.decode_steps, steps);
+            c.add(&c.emitted, emitted_total);
+            c.add(&c.draft_nanos, draft_nanos);
+            c.add(&c.verify_nanos, verify_start.elapsed().as_nanos() as u64);
+        }
         self.remove_running(finished);
         true
     }
 
-    fn fail_batch(&mut self, plan: &[(usize, Vec<u32>, bool)], message: &str) -> bool {
+    /// Hands the drafter the target's hidden states of `n` committed positions from `start`, which
+    /// are rows `offset..offset + n` of this step's batch.
+    fn observe(&mut self, slot: usize, start: usize, offset: usize, n: usize, hidden: &[candle_core::Tensor]) {
+        let Some(drafter) = self.drafter.as_mut() else { return };
+        if hidden.is_empty() || n == 0 {
+            return;
+        }
+        let rows: Result<Vec<_>, _> = hidden.iter().map(|h| h.narrow(0, offset, n)).collect();
+        let outcome =
+            rows.map_err(tandem_models::ModelError::from).and_then(|rows| drafter.observe(slot, start, &rows));
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "drafter could not take hidden states");
+        }
+    }
+
+    fn fail_batch(&mut self, plan: &[Planned], message: &str) -> bool {
         tracing::error!(error = message, "forward failed; failing its requests");
-        let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        let mut idx: Vec<usize> = plan.iter().map(|p| p.index).collect();
         for &i in &idx {
             let _ = self.running[i].events.send(Event::Failed(message.to_string()));
         }

@@ -8,6 +8,8 @@
 //! forward, sample, and send each request its token.
 mod engine;
 mod scheduler;
+mod spec_stats;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage};
 pub use scheduler::{Fcfs, SchedulingPolicy, WaitingInfo};
+pub use spec_stats::{SpecStats, SpecUsage};

@@ -24,6 +24,9 @@ pub enum ModelError {
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
 
+    #[error("drafter: {0}")]
+    Drafter(String),
+
     #[error("KV cache: {0}")]
     KvCache(String),
 

@@ -289,6 +289,12 @@ impl Model {
             + dense(&self.norm)
     }
 
+    /// Token embeddings as f32 rows [ids.len(), hidden] (drafters share the target's table).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?.to_dtype(candle_core::DType::F32)?)
+    }
+
     /// Appends each sequence's tokens to its cache slot and returns the requested logits and
     /// hidden states. `hidden_layers` are 0-based layer indices.
     pub fn forward(

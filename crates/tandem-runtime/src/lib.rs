@@ -2,7 +2,8 @@
 pub mod chat;
 pub mod generate;
 pub mod sampling;
+pub mod spec;
 
 pub use chat::{ChatTemplate, Message};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, GenerationStats, TextStream};
-pub use sampling::{SampledToken, Sampler, SamplingParams};
+pub use sampling::{SampledToken, Sampler, SamplingParams, Target};

@@ -118,7 +118,23 @@ impl Sampler {
     /// Chooses the next token. `history` is every token of the sequence so far (prompt and output),
     /// for the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> SampledToken {
-        let p = self.params.clone();
+        let id = match self.target(logits, history) {
+            Target::Greedy(id) => id,
+            Target::Probs(probs) => self.draw(&probs),
+        };
+        self.token(logits, id)
+    }
+
+    /// The token `id` with its logprobs under `logits` (raw, as reported to users).
+    pub fn token(&self, logits: &[f32], id: u32) -> SampledToken {
+        let logprobs = log_softmax(logits);
+        SampledToken { id, logprob: logprobs[id as usize], top_logprobs: top_n(&logprobs, self.params.top_logprobs) }
+    }
+
+    /// The distribution the next token is drawn from: the argmax when greedy, else the candidates
+    /// that survive the penalty, temperature and top-k / top-p / min-p filters, normalised.
+    pub fn target(&self, logits: &[f32], history: &[u32]) -> Target {
+        let p = &self.params;
         let processed: Vec<f32>;
         let mut scores: &[f32] = logits;
         if p.repetition_penalty != 1.0 && !history.is_empty() {
@@ -134,12 +150,32 @@ impl Sampler {
             processed = penalised;
             scores = &processed;
         }
-        let id = if p.temperature == 0.0 { argmax(scores) } else { self.draw(scores) };
-        let logprobs = log_softmax(logits);
-        SampledToken { id, logprob: logprobs[id as usize], top_logprobs: top_n(&logprobs, p.top_logprobs) }
+        if p.temperature == 0.0 {
+            Target::Greedy(argmax(scores))
+        } else {
+            Target::Probs(self.filtered(scores))
+        }
     }
 
-    fn draw(&mut self, scores: &[f32]) -> u32 {
+    /// Draws one token from `probs` (which need not be normalised).
+    pub fn draw(&mut self, probs: &[(u32, f32)]) -> u32 {
+        let mass: f32 = probs.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * mass;
+        for &(c, p) in probs {
+            r -= p;
+            if r <= 0.0 {
+                return c;
+            }
+        }
+        probs.iter().rev().find(|c| c.1 > 0.0).or(probs.last()).expect("at least one candidate").0
+    }
+
+    /// A uniform number in [0, 1) from this request's generator (for accept/reject decisions).
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+
+    fn filtered(&self, scores: &[f32]) -> Vec<(u32, f32)> {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -185,14 +221,26 @@ impl Sampler {
             cands.truncate(keep.max(1));
         }
         let mass: f32 = cands.iter().map(|&c| probs[c as usize]).sum();
-        let mut r = self.rng.random::<f32>() * mass;
-        for &c in &cands {
-            r -= probs[c as usize];
-            if r <= 0.0 {
-                return c;
-            }
+        cands.into_iter().map(|c| (c, probs[c as usize] / mass)).collect()
+    }
+}
+
+/// What the next token is drawn from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Temperature 0: this token, deterministically.
+    Greedy(u32),
+    /// Candidate tokens with their probabilities (summing to 1); every other token has 0.
+    Probs(Vec<(u32, f32)>),
+}
+
+impl Target {
+    /// The probability of `id`.
+    pub fn prob(&self, id: u32) -> f32 {
+        match self {
+            Target::Greedy(g) => (*g == id) as u8 as f32,
+            Target::Probs(p) => p.iter().find(|c| c.0 == id).map_or(0.0, |c| c.1),
         }
-        *cands.last().expect("at least one candidate")
     }
 }
 

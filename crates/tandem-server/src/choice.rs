@@ -7,7 +7,7 @@ use crate::AppState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_engine::{EngineError, Event, GenerationRequest};
+use tandem_engine::{EngineError, Event, GenerationRequest, SpecUsage};
 use tandem_runtime::{FinishReason, TextStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -21,7 +21,7 @@ pub struct TokenInfo {
 #[derive(Debug)]
 pub enum ChoiceEvent {
     Delta { text: String, tokens: Vec<TokenInfo> },
-    End { finish_reason: &'static str, completion_tokens: usize },
+    End { finish_reason: &'static str, completion_tokens: usize, speculation: Option<SpecUsage> },
     Error(String),
 }
 
@@ -82,7 +82,11 @@ pub fn start(
                         }
                         StopOutcome::Stop(out) => {
                             let _ = tx.send(ChoiceEvent::Delta { text: out, tokens });
-                            let _ = tx.send(ChoiceEvent::End { finish_reason: "stop", completion_tokens: generated });
+                            let _ = tx.send(ChoiceEvent::End {
+                                finish_reason: "stop",
+                                completion_tokens: generated,
+                                speculation: None,
+                            });
                             return;
                         }
                     }
@@ -96,7 +100,11 @@ pub fn start(
                         FinishReason::Stop => "stop",
                         FinishReason::Length => "length",
                     };
-                    let _ = tx.send(ChoiceEvent::End { finish_reason, completion_tokens: usage.completion_tokens });
+                    let _ = tx.send(ChoiceEvent::End {
+                        finish_reason,
+                        completion_tokens: usage.completion_tokens,
+                        speculation: usage.speculation,
+                    });
                     return;
                 }
                 Event::Failed(message) => {

@@ -70,6 +70,7 @@ pub struct EngineGauges {
     pub running: usize,
     pub kv_bytes_used: usize,
     pub kv_bytes_total: usize,
+    pub spec: tandem_engine::SpecStats,
 }
 
 impl Metrics {
@@ -106,6 +107,32 @@ impl Metrics {
         gauge(&mut out, "tandem_running_batch_size", "Requests being generated.", gauges.running);
         gauge(&mut out, "tandem_kv_cache_used_bytes", "KV cache bytes held by running requests.", gauges.kv_bytes_used);
         gauge(&mut out, "tandem_kv_cache_total_bytes", "KV cache bytes allocated.", gauges.kv_bytes_total);
+        if let Some(name) = &gauges.spec.drafter {
+            let s = &gauges.spec;
+            let _ = writeln!(
+                out,
+                "# HELP tandem_spec_drafter_info The drafter speculative decoding uses.\n# TYPE tandem_spec_drafter_info gauge\ntandem_spec_drafter_info{{drafter=\"{name}\"}} 1"
+            );
+            counter(&mut out, "tandem_spec_draft_tokens_total", "Draft tokens verified.", s.drafted_tokens);
+            counter(&mut out, "tandem_spec_accepted_tokens_total", "Draft tokens accepted.", s.accepted_tokens);
+            counter(
+                &mut out,
+                "tandem_spec_decode_steps_total",
+                "Per-sequence target forwards while speculating.",
+                s.decode_steps,
+            );
+            counter(&mut out, "tandem_spec_emitted_tokens_total", "Tokens those forwards emitted.", s.emitted_tokens);
+            let _ = writeln!(
+                out,
+                "# HELP tandem_spec_acceptance_length Tokens emitted per sequence per target forward.\n# TYPE tandem_spec_acceptance_length gauge\ntandem_spec_acceptance_length {}",
+                s.acceptance_length()
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tandem_spec_seconds_total Engine time spent drafting and verifying.\n# TYPE tandem_spec_seconds_total counter\ntandem_spec_seconds_total{{phase=\"draft\"}} {}\ntandem_spec_seconds_total{{phase=\"verify\"}} {}",
+                s.draft_secs, s.verify_secs
+            );
+        }
         self.time_to_first_token.render(
             "tandem_time_to_first_token_seconds",
             "Time from request to first token.",

@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_engine::GenerationRequest;
+use tandem_engine::{GenerationRequest, SpecUsage};
 use tandem_runtime::{Message, SamplingParams};
 
 type Shared = State<Arc<AppState>>;
@@ -326,8 +326,37 @@ fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
     }).collect::<Vec<_>>()})
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Completion tokens and speculation figures summed over a response's choices.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    completion: usize,
+    speculation: Option<SpecUsage>,
+}
+
+impl Counted {
+    fn add(&mut self, completion: usize, speculation: Option<SpecUsage>) {
+        self.completion += completion;
+        if let Some(s) = speculation {
+            let acc = self.speculation.get_or_insert_with(SpecUsage::default);
+            acc.drafted_tokens += s.drafted_tokens;
+            acc.accepted_tokens += s.accepted_tokens;
+            acc.decode_steps += s.decode_steps;
+        }
+    }
+}
+
+/// OpenAI's usage object; with speculation, a `speculation` extension (drafted and accepted draft
+/// tokens, target forwards, and tokens per forward).
+fn usage(prompt: usize, counted: Counted) -> Value {
+    let completion = counted.completion;
+    let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    if let Some(s) = counted.speculation {
+        u["speculation"] = json!({
+            "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
+            "decode_steps": s.decode_steps, "acceptance_length": s.acceptance_length(completion),
+        });
+    }
+    u
 }
 
 async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
@@ -348,7 +377,7 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
         return stream_response(state, job, id, receivers).into_response();
     }
     let mut choices = Vec::new();
-    let mut completion_tokens = 0;
+    let mut counted = Counted::default();
     for (index, mut rx, echo) in receivers {
         let mut text = echo.unwrap_or_default();
         let mut tokens = Vec::new();
@@ -360,9 +389,9 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
                     text.push_str(&t);
                     tokens.extend(ts);
                 }
-                ChoiceEvent::End { finish_reason, completion_tokens: n } => {
+                ChoiceEvent::End { finish_reason, completion_tokens: n, speculation } => {
                     finish = finish_reason;
-                    completion_tokens += n;
+                    counted.add(n, speculation);
                 }
                 ChoiceEvent::Error(m) => return ApiError::internal(format!("generation failed: {m}")).into_response(),
             }
@@ -381,7 +410,7 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
     let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
     Json(json!({
         "id": id, "object": object, "created": now_secs(), "model": state.model_name,
-        "choices": choices, "usage": usage(job.prompt_tokens, completion_tokens),
+        "choices": choices, "usage": usage(job.prompt_tokens, counted),
     }))
     .into_response()
 }
@@ -415,7 +444,7 @@ fn stream_response(
         } else {
             echo.map(|e| json!({"index": index, "text": e, "logprobs": null, "finish_reason": null}))
         };
-        let opening = stream::iter(opening.map(|c| (chunk(c.clone()), 0usize)));
+        let opening = stream::iter(opening.map(|c| (chunk(c.clone()), Counted::default())));
         let body = stream::unfold(rx, |mut rx| async move {
             let ev = rx.recv().await?;
             Some((ev, rx))
@@ -436,17 +465,22 @@ fn stream_response(
                 } else {
                     json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
                 };
-                (chunk(c), 0)
+                (chunk(c), Counted::default())
             }
-            ChoiceEvent::End { finish_reason, completion_tokens } => {
+            ChoiceEvent::End { finish_reason, completion_tokens, speculation } => {
                 let c = if chat {
                     json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
                 } else {
                     json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})
                 };
-                (chunk(c), completion_tokens)
+                let mut counted = Counted::default();
+                counted.add(completion_tokens, speculation);
+                (chunk(c), counted)
             }
-            ChoiceEvent::Error(m) => (SseEvent::default().data(ApiError::internal(format!("generation failed: {m}")).body().to_string()), 0),
+            ChoiceEvent::Error(m) => (
+                SseEvent::default().data(ApiError::internal(format!("generation failed: {m}")).body().to_string()),
+                Counted::default(),
+            ),
         });
         opening.chain(body)
     });
@@ -455,13 +489,13 @@ fn stream_response(
     let include_usage = job.include_usage;
     let model = state.model_name.clone();
     let events = merged
-        .scan(0usize, |completion, (event, n)| {
-            *completion += n;
-            futures::future::ready(Some((event, *completion)))
+        .scan(Counted::default(), |total, (event, n): (SseEvent, Counted)| {
+            total.add(n.completion, n.speculation);
+            futures::future::ready(Some((event, *total)))
         })
         .map(Some)
         .chain(stream::once(async { None }))
-        .scan(0usize, move |last, item| {
+        .scan(Counted::default(), move |last, item| {
             let out = match item {
                 Some((event, completion)) => {
                     *last = completion;
@@ -507,6 +541,7 @@ pub async fn metrics(State(state): Shared) -> Response {
         running,
         kv_bytes_used: running * state.kv_bytes_per_slot,
         kv_bytes_total: state.kv_bytes_per_slot * state.engine.config().max_batch,
+        spec: state.engine.spec_stats(),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
 }

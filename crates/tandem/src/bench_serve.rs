@@ -123,7 +123,8 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         let model_name = loaded.name.clone();
         let max_batch = args.concurrency.iter().copied().max().unwrap_or(1);
         let config = EngineConfig { max_batch, max_seq_len: 512 + args.max_tokens, ..Default::default() };
-        let (state, engine_thread) = tandem_server::AppState::start(loaded, config).map_err(anyhow::Error::msg)?;
+        let (state, engine_thread) =
+            tandem_server::AppState::start(loaded, config, None).map_err(anyhow::Error::msg)?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let mut single = None;
         runtime.block_on(async {

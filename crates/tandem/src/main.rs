@@ -3,14 +3,18 @@ mod bench;
 mod bench_serve;
 mod models;
 mod serve;
+mod spec_arg;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::Path;
-use tandem_models::{Device, KvCache, LoadOptions, LoadedModel, WeightDtype};
-use tandem_runtime::{generate, ChatTemplate, GenerateOptions, Message, SamplingParams, TextStream};
+use std::time::Instant;
+use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
+use tandem_models::{Device, LoadOptions, LoadedModel, WeightDtype};
+use tandem_runtime::generate::PREFILL_CHUNK;
+use tandem_runtime::{ChatTemplate, Message, SamplingParams, TextStream};
 
 #[derive(Parser)]
 #[command(
@@ -104,6 +108,8 @@ struct GenerateArgs {
     /// Run on this CUDA device (needs a build with --features cuda).
     #[arg(long)]
     cuda: Option<usize>,
+    #[command(flatten)]
+    spec: spec_arg::SpecArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -187,28 +193,72 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             loaded.model.max_positions()
         );
     }
-    let mut cache = KvCache::new(&loaded.model.config, 1, capacity, loaded.model.device())?;
-    let gen_opts =
-        GenerateOptions { max_tokens: args.max_tokens, sampling, stop_token_ids: loaded.stop_token_ids.clone() };
+    // The same engine the server runs (one slot), so speculation and every sampling option take
+    // the same path here as there.
+    let drafter = spec_arg::build(&args.spec, &loaded, &opts)?;
+    let config = EngineConfig {
+        max_batch: 1,
+        max_seq_len: capacity,
+        step_token_budget: PREFILL_CHUNK,
+        max_waiting: 1,
+        spec_k: args.spec.spec_k,
+    };
+    let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs))?;
+    if let Some(d) = drafter {
+        engine = engine.with_drafter(d)?;
+    }
+    let thread = engine.spawn();
+    let request = GenerationRequest {
+        prompt: prompt.clone(),
+        max_tokens: args.max_tokens,
+        sampling,
+        stop_token_ids: loaded.stop_token_ids.clone(),
+        client: None,
+    };
+    let start = Instant::now();
+    let mut events = handle.submit(request)?;
     let mut stream = TextStream::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout();
-    let generation = generate(&loaded.model, &mut cache, 0, &prompt, &gen_opts, &mut |t| {
-        if let Some(piece) = stream.push(t.id) {
-            let _ = write!(stdout, "{piece}");
-            let _ = stdout.flush();
+    let mut first_token_at = None;
+    let mut generated = 0usize;
+    let outcome = loop {
+        match events.blocking_recv() {
+            Some(Event::Token(t)) => {
+                first_token_at.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                generated += 1;
+                if let Some(piece) = stream.push(t.id) {
+                    let _ = write!(stdout, "{piece}");
+                    let _ = stdout.flush();
+                }
+            }
+            Some(Event::Finished { reason, usage }) => break Ok((reason, usage)),
+            Some(Event::Failed(m)) => break Err(anyhow::anyhow!("generation failed: {m}")),
+            None => break Err(anyhow::anyhow!("the engine stopped")),
         }
-        true
-    })?;
-    let s = &generation.stats;
+    };
+    let total = start.elapsed().as_secs_f64();
+    handle.shutdown();
+    let _ = thread.join();
+    let (reason, usage) = outcome?;
+    let prompt_secs = first_token_at.unwrap_or(total);
     println!();
     eprintln!(
         "\nprompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
-        s.prompt_tokens,
-        s.prompt_tokens_per_sec(),
-        s.generated_tokens,
-        s.decode_tokens_per_sec(),
-        generation.finish_reason
+        prompt.len(),
+        prompt.len() as f64 / prompt_secs.max(1e-9),
+        generated,
+        generated.saturating_sub(1) as f64 / (total - prompt_secs).max(1e-9),
+        reason
     );
+    if let Some(s) = usage.speculation {
+        eprintln!(
+            "speculation ({}): {} drafted, {} accepted, {:.2} tokens per target forward",
+            args.spec.spec,
+            s.drafted_tokens,
+            s.accepted_tokens,
+            s.acceptance_length(usage.completion_tokens)
+        );
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
 //! `tandem serve`: the OpenAI-compatible server.
+use crate::spec_arg::{self, SpecArgs};
 use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
@@ -36,6 +37,8 @@ pub struct ServeArgs {
     shutdown_grace: u64,
     #[arg(long)]
     cuda: Option<usize>,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1000000` (bytes).
@@ -77,8 +80,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_seq_len,
         max_waiting: args.max_waiting,
         step_token_budget: args.step_token_budget,
+        spec_k: args.spec.spec_k,
     };
-    let (state, engine_thread) = tandem_server::AppState::start(loaded, config).map_err(anyhow::Error::msg)?;
+    let drafter = spec_arg::build(&args.spec, &loaded, &opts)?;
+    let (state, engine_thread) = tandem_server::AppState::start(loaded, config, drafter).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
     runtime.block_on(async move {

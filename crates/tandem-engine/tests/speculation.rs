@@ -1,0 +1,282 @@
+//! Speculative decoding is lossless: greedy output equals plain decoding token for token (logprobs
+//! included) for every drafter, alone and batched; sampled output keeps the target's distribution;
+//! thousands of partial rejections leave the KV cache consistent; a failing drafter fails nothing.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
+use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
+use tandem_runtime::spec::{DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter};
+use tandem_runtime::{SampledToken, Sampler, SamplingParams, Target};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::temp_dir().join(format!("tandem-spec-tiny-{}", std::process::id()));
+        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
+        assert!(ok.success());
+        dir
+    })
+}
+
+fn model(name: &str) -> Model {
+    load(&tiny_dir().join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
+}
+
+const TARGET: &str = "qwen3-qknorm-untied";
+const DRAFT: &str = "llama-gqa-untied-sharded";
+
+fn engine(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Engine, EngineHandle) {
+    let (mut e, h) = Engine::new(model(TARGET), config, Box::new(Fcfs)).unwrap();
+    if let Some(d) = drafter {
+        e = e.with_drafter(d).unwrap();
+    }
+    (e, h)
+}
+
+/// Greedy requests whose prompts repeat themselves (so n-gram lookup finds matches), with
+/// different lengths, limits, stop tokens and a repetition penalty on some.
+fn greedy_request(i: usize) -> GenerationRequest {
+    let unit: Vec<u32> = (0..3 + i % 5).map(|j| ((i * 37 + j * 11) % 250) as u32 + 1).collect();
+    let prompt: Vec<u32> = unit.iter().cycle().take(4 + (i * 7) % 40).copied().collect();
+    let sampling = SamplingParams {
+        repetition_penalty: if i % 4 == 3 { 1.3 } else { 1.0 },
+        top_logprobs: 2,
+        ..Default::default()
+    };
+    GenerationRequest {
+        prompt,
+        max_tokens: 10 + (i * 13) % 50,
+        sampling,
+        stop_token_ids: if i % 5 == 2 { vec![(i * 7 % 250) as u32] } else { vec![] },
+        client: None,
+    }
+}
+
+fn collect(rx: &mut UnboundedReceiver<Event>) -> (Vec<SampledToken>, String) {
+    let mut tokens = Vec::new();
+    loop {
+        match rx.try_recv().expect("the request has finished") {
+            Event::Token(t) => tokens.push(t),
+            Event::Finished { reason, usage } => {
+                assert_eq!(usage.completion_tokens, tokens.len());
+                return (tokens, format!("{reason:?}"));
+            }
+            Event::Failed(m) => panic!("request failed: {m}"),
+        }
+    }
+}
+
+fn run_all(
+    config: EngineConfig,
+    drafter: Option<Box<dyn Drafter>>,
+    requests: &[GenerationRequest],
+) -> (Vec<(Vec<SampledToken>, String)>, EngineHandle) {
+    let (mut e, h) = engine(config, drafter);
+    let mut rxs: Vec<_> = requests.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+    e.run_until_idle();
+    (rxs.iter_mut().map(collect).collect(), h)
+}
+
+fn plain(requests: &[GenerationRequest]) -> Vec<(Vec<SampledToken>, String)> {
+    run_all(EngineConfig { max_batch: 4, ..Default::default() }, None, requests).0
+}
+
+fn oracle_sequences(requests: &[GenerationRequest], outputs: &[(Vec<SampledToken>, String)]) -> Vec<Vec<u32>> {
+    requests
+        .iter()
+        .zip(outputs)
+        .map(|(r, (out, _))| r.prompt.iter().copied().chain(out.iter().map(|t| t.id)).collect())
+        .collect()
+}
+
+/// Every drafter, with one slot and with five, with k = 1 and k = 5: outputs equal plain decoding.
+#[test]
+fn greedy_speculation_changes_nothing_for_any_drafter() {
+    let requests: Vec<GenerationRequest> = (0..14).map(greedy_request).collect();
+    let expected = plain(&requests);
+    let sequences = oracle_sequences(&requests, &expected);
+    let vocab = model(TARGET).config.vocab_size;
+    type MakeDrafter = Box<dyn Fn() -> Box<dyn Drafter>>;
+    let seqs = sequences.clone();
+    let seqs2 = sequences.clone();
+    let seqs3 = sequences.clone();
+    let drafters: Vec<(&str, MakeDrafter)> = vec![
+        ("ngram", Box::new(|| Box::new(NgramDrafter::default()))),
+        ("draft-model", Box::new(|| Box::new(DraftModelDrafter::new(model(DRAFT))))),
+        ("eagle", Box::new(|| Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap()))),
+        ("oracle", Box::new(move || Box::new(OracleDrafter::new(seqs.clone(), vocab)))),
+        ("always-wrong", Box::new(move || Box::new(OracleDrafter::new(seqs2.clone(), vocab).with_mistakes(1.0, 0)))),
+        (
+            "oracle-with-mistakes",
+            Box::new(move || Box::new(OracleDrafter::new(seqs3.clone(), vocab).with_mistakes(0.5, 9))),
+        ),
+    ];
+    for (name, make) in &drafters {
+        for (max_batch, spec_k) in [(1, 5), (5, 1), (5, 5)] {
+            let config = EngineConfig { max_batch, spec_k, ..Default::default() };
+            let (got, h) = run_all(config, Some(make()), &requests);
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(g, e, "{name} (batch {max_batch}, k {spec_k}) changed request {i}");
+            }
+            let stats = h.spec_stats();
+            assert_eq!(stats.drafter.as_deref(), Some(*name));
+            if *name == "oracle" {
+                // Only the last draft of a request can fall short: nearly every token is accepted.
+                assert!(stats.acceptance_rate() > 0.95, "{stats:?}");
+                if spec_k == 5 {
+                    assert!(stats.acceptance_length() > 3.0, "{stats:?}");
+                }
+            }
+            if *name == "always-wrong" {
+                assert_eq!(stats.accepted_tokens, 0, "{stats:?}");
+                assert!(stats.drafted_tokens > 0);
+            }
+        }
+    }
+}
+
+/// A drafter with mistakes at random places, over long outputs: thousands of partial rejections,
+/// each rolled back by truncating the KV cache; outputs and logprobs stay those of plain decoding.
+#[test]
+fn thousands_of_partial_rejections_keep_the_cache_consistent() {
+    let requests: Vec<GenerationRequest> =
+        (0..40).map(|i| GenerationRequest { max_tokens: 220, stop_token_ids: vec![], ..greedy_request(i) }).collect();
+    let expected = plain(&requests);
+    let vocab = model(TARGET).config.vocab_size;
+    let drafter = OracleDrafter::new(oracle_sequences(&requests, &expected), vocab).with_mistakes(0.9, 3);
+    let config = EngineConfig { max_batch: 6, spec_k: 4, ..Default::default() };
+    let (got, h) = run_all(config, Some(Box::new(drafter)), &requests);
+    assert_eq!(got, expected);
+    let s = h.spec_stats();
+    let partial = s.decode_steps as f64 * 0.9; // about 90% of drafts had a mistake
+    assert!(partial > 2000.0 && s.accepted_tokens > 0 && s.accepted_tokens < s.drafted_tokens, "{s:?}");
+}
+
+/// A drafter that errors or panics, or proposes garbage ids, never fails a request.
+#[test]
+fn a_failing_drafter_only_costs_speed() {
+    struct Broken(usize);
+    impl Drafter for Broken {
+        fn name(&self) -> String {
+            "broken".into()
+        }
+        fn propose(
+            &mut self,
+            _t: &Model,
+            r: &[DraftRequest],
+        ) -> tandem_models::Result<Vec<tandem_runtime::spec::Draft>> {
+            self.0 += 1;
+            match self.0 % 3 {
+                0 => Err(ModelError::Drafter("out of ideas".into())),
+                1 => panic!("drafter bug"),
+                _ => Ok(r.iter().map(|_| tandem_runtime::spec::Draft::greedy(vec![u32::MAX, 5])).collect()),
+            }
+        }
+    }
+    let requests: Vec<GenerationRequest> = (0..6).map(greedy_request).collect();
+    let expected = plain(&requests);
+    let (got, _) = run_all(EngineConfig { max_batch: 3, ..Default::default() }, Some(Box::new(Broken(0))), &requests);
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn eagle_drafter_saves_and_loads() {
+    let target = model(TARGET);
+    let drafter = EagleDrafter::random(&target, Some(100), 5).unwrap();
+    let dir = tiny_dir().join("eagle-saved");
+    drafter.save(&dir).unwrap();
+    let loaded = EagleDrafter::load(&dir, &target).unwrap();
+    assert_eq!(loaded.config, drafter.config);
+    assert_eq!(loaded.weights().d2t, drafter.weights().d2t);
+    for (name, t) in &drafter.weights().tensors {
+        let diff = (t - &loaded.weights().tensors[name]).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+    // A drafter for another target is refused with a reason.
+    let other = model("qwen2-tied-bias");
+    let mut cfg = drafter.config.clone();
+    cfg.hidden_size += 1;
+    std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let err = EagleDrafter::load(&dir, &other).err().expect("a misfit is refused").to_string();
+    assert!(err.contains("hidden size"), "{err}");
+}
+
+/// The exact distribution of the first three sampled tokens, from the target's logits.
+fn exact_joint(target: &Model, prompt: &[u32], params: &SamplingParams, depth: usize) -> Vec<(Vec<u32>, f64)> {
+    let sampler = Sampler::new(params.clone());
+    let mut cache = KvCache::new(&target.config, 1, 256, target.device()).unwrap();
+    let mut out = Vec::new();
+    let mut stack = vec![(Vec::<u32>::new(), 1.0f64)];
+    while let Some((prefix, p)) = stack.pop() {
+        if prefix.len() == depth {
+            out.push((prefix, p));
+            continue;
+        }
+        cache.reset(0).unwrap();
+        let seq: Vec<u32> = prompt.iter().chain(&prefix).copied().collect();
+        let o = target
+            .forward(&[SequenceInput { slot: 0, tokens: &seq, logits: LogitsFor::Last }], &mut cache, &[])
+            .unwrap();
+        let logits = o.logits.to_vec2::<f32>().unwrap().remove(0);
+        let Target::Probs(probs) = sampler.target(&logits, &seq) else { panic!("sampling expected") };
+        for (t, q) in probs {
+            let mut next = prefix.clone();
+            next.push(t);
+            stack.push((next, p * q as f64));
+        }
+    }
+    out
+}
+
+/// Sampled output with speculation follows the target's distribution: a chi-square test over the
+/// joint distribution of three tokens (the second and third come out of rejection sampling)
+/// against the exact one, for a sampling drafter (its own q) and a deterministic one (and plain
+/// decoding, which checks the test itself). A drafter that shared the target's random numbers
+/// failed this test with chi-square 2052.
+#[test]
+fn sampled_speculation_keeps_the_target_distribution() {
+    let target = model(TARGET);
+    let prompt: Vec<u32> = vec![10, 20, 30, 10, 20];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, ..Default::default() };
+    let joint = exact_joint(&target, &prompt, &params, 3);
+    let n = 6000;
+    let requests: Vec<GenerationRequest> = (0..n)
+        .map(|i| GenerationRequest {
+            prompt: prompt.clone(),
+            max_tokens: 4,
+            sampling: SamplingParams { seed: Some(i as u64), ..params.clone() },
+            stop_token_ids: vec![],
+            client: None,
+        })
+        .collect();
+    let drafters: Vec<Option<Box<dyn Drafter>>> = vec![
+        None,
+        Some(Box::new(DraftModelDrafter::new(model(DRAFT)))),
+        Some(Box::new(NgramDrafter { max_ngram: 2, min_ngram: 1 })),
+    ];
+    for drafter in drafters {
+        let name = drafter.as_ref().map_or("none".to_string(), |d| d.name());
+        let config = EngineConfig { max_batch: 8, spec_k: 2, max_waiting: n, ..Default::default() };
+        let (got, h) = run_all(config, drafter, &requests);
+        let stats = h.spec_stats();
+        if name != "none" {
+            // Tokens 2 and 3 come out of verifying a two-token draft.
+            assert!(stats.drafted_tokens >= 2 * n as u64 && stats.accepted_tokens > 0, "{name}: {stats:?}");
+        }
+        let mut chi2 = 0.0;
+        let mut cells = 0;
+        for (seq, p) in &joint {
+            let observed =
+                got.iter().filter(|(t, _)| t.iter().take(3).map(|x| x.id).eq(seq.iter().copied())).count() as f64;
+            let expected = p * n as f64;
+            chi2 += (observed - expected).powi(2) / expected;
+            cells += 1;
+        }
+        assert_eq!(cells, 27);
+        // 26 degrees of freedom: P(chi2 > 54.05) = 0.001.
+        assert!(chi2 < 54.05, "{name}: chi-square {chi2:.1} over {cells} cells");
+    }
+}

@@ -1,0 +1,47 @@
+//! `--spec` and `--spec-k`: which drafter speculative decoding uses.
+use crate::load_model;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tandem_models::{LoadOptions, LoadedModel};
+use tandem_runtime::spec::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SpecArgs {
+    /// Speculative decoding: `none`, `ngram` (prompt lookup), `eagle` (a fresh EAGLE-3-style drafter
+    /// on the target's hidden states), `eagle:DIR` (a saved one) or `draft-model:PATH` (a small model
+    /// with the same tokenizer). Output is identical to `none` (greedy) or has the same distribution
+    /// (sampling); only speed changes.
+    #[arg(long, default_value = "none")]
+    pub spec: String,
+    /// Most tokens drafted per sequence per step.
+    #[arg(long, default_value_t = 4)]
+    pub spec_k: usize,
+}
+
+/// The drafter `args.spec` names, or None for `none`.
+pub fn build(args: &SpecArgs, target: &LoadedModel, opts: &LoadOptions) -> Result<Option<Box<dyn Drafter>>> {
+    let (kind, arg) = match args.spec.split_once(':') {
+        Some((k, a)) => (k, Some(a)),
+        None => (args.spec.as_str(), None),
+    };
+    Ok(match (kind, arg) {
+        ("none", None) => None,
+        ("ngram", None) => Some(Box::new(NgramDrafter::default())),
+        ("eagle", None) => Some(Box::new(EagleDrafter::random(&target.model, None, 0)?)),
+        ("eagle", Some(dir)) => Some(Box::new(
+            EagleDrafter::load(Path::new(dir), &target.model).with_context(|| format!("loading the drafter {dir}"))?,
+        )),
+        ("draft-model", Some(path)) => {
+            let draft = load_model(Path::new(path), opts)?;
+            if draft.tokenizer.get_vocab_size(true) != target.tokenizer.get_vocab_size(true) {
+                bail!(
+                    "the draft model's tokenizer ({} tokens) differs from the target's ({})",
+                    draft.tokenizer.get_vocab_size(true),
+                    target.tokenizer.get_vocab_size(true)
+                );
+            }
+            Some(Box::new(DraftModelDrafter::new(draft.model)))
+        }
+        _ => bail!("unknown --spec `{}`: use none, ngram, eagle, eagle:DIR or draft-model:PATH", args.spec),
+    })
+}
