@@ -250,6 +250,11 @@ impl Engine {
         Ok(self)
     }
 
+    /// Ends an in-thread engine and hands its model back (benchmarks reuse one loaded model).
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+
     /// Runs the engine on its own thread until shutdown (or until every handle is dropped).
     pub fn spawn(self) -> std::thread::JoinHandle<()> {
         std::thread::Builder::new()
@@ -268,9 +273,6 @@ impl Engine {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 }
-            }
-            while let Ok(cmd) = self.commands.try_recv() {
-                self.handle(cmd);
             }
             self.step();
         }
@@ -294,6 +296,9 @@ impl Engine {
 
     /// One scheduling step and one forward. Returns false when there was nothing to do.
     pub fn step(&mut self) -> bool {
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.handle(cmd);
+        }
         self.drop_cancelled();
         self.admit();
         let worked = self.forward_once();
@@ -304,14 +309,7 @@ impl Engine {
 
     /// Runs steps until every request has finished (tests drive the engine this way).
     pub fn run_until_idle(&mut self) {
-        while let Ok(cmd) = self.commands.try_recv() {
-            self.handle(cmd);
-        }
-        while self.step() {
-            while let Ok(cmd) = self.commands.try_recv() {
-                self.handle(cmd);
-            }
-        }
+        while self.step() {}
     }
 
     fn publish(&self) {

@@ -74,6 +74,9 @@ enum BenchTarget {
     /// The OpenAI server over HTTP: output tok/s, time to first token and inter-token latency at
     /// several concurrencies.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Speculative decoding: tok/s without drafts, with the n-gram drafter and with the oracle
+    /// drafter (the upper bound) on "edit" and "write" code prompts.
+    Spec(crate::bench_spec::SpecBenchArgs),
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -163,8 +166,10 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if let Some(BenchTarget::Serve(a)) = args.target {
-        return crate::bench_serve::run(a);
+    match args.target {
+        Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),
+        Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
+        None => {}
     }
     let names =
         if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
@@ -258,7 +263,7 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-fn machine_description() -> String {
+pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -1,6 +1,7 @@
 //! The tandem command line: generate text, fetch models, benchmark.
 mod bench;
 mod bench_serve;
+mod bench_spec;
 mod models;
 mod serve;
 mod spec_arg;
