@@ -44,7 +44,7 @@ def main():
     for mode, k in modes:
         draft = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=k) if k else None
         llm = Llama(model_path=path, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512,
-                    draft_model=draft, verbose=False)
+                    draft_model=draft, logits_all=draft is not None, verbose=False)
         for kind, prompt in prompts.items():
             r = run(llm, prompt, a.max_tokens)
             r.update({"prompt": kind, "mode": mode, "k": k or 0})

@@ -160,7 +160,6 @@ fn run_peer(path: &std::path::Path, prompts: &[(&str, Vec<u32>)], max_tokens: us
         .args(["--dtype", "f32", "--max-tokens", &max_tokens.to_string(), "--k", "4,10"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
         .spawn()?;
     use std::io::Write;
     child.stdin.take().expect("piped").write_all(serde_json::to_string(&input)?.as_bytes())?;

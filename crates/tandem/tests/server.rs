@@ -38,9 +38,14 @@ fn get(port: u16, path: &str) -> Option<String> {
 }
 
 fn start(model: &Path, port: u16) -> Server {
+    start_with(model, port, &[])
+}
+
+fn start_with(model: &Path, port: u16, extra: &[&str]) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["serve", "--port", &port.to_string(), "--max-batch", "8", "--shutdown-grace", "20", "--model"])
         .arg(model)
+        .args(extra)
         .spawn()
         .unwrap();
     let server = Server(child);
@@ -77,4 +82,20 @@ fn openai_client_and_raw_http_against_tandem_serve() {
         assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn speculative_server_answers_exactly_what_a_plain_server_answers() {
+    let (plain_port, spec_port) = (free_port(), free_port());
+    let _plain = start(&smollm2(), plain_port);
+    let _spec = start_with(&smollm2(), spec_port, &["--spec", "ngram", "--spec-k", "4"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root.join("tests/server/test_spec.py"))
+        .arg(format!("http://127.0.0.1:{plain_port}"))
+        .arg(format!("http://127.0.0.1:{spec_port}"))
+        .arg("SmolLM2-135M-Instruct.Q4_1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_spec.py failed (output above)");
 }

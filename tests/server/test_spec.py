@@ -1,0 +1,66 @@
+"""Black-box check of speculative serving: a server started with `--spec` answers exactly what a
+plain server answers (greedy text and logprobs, streamed and not, several requests at once), reports
+the speculation figures in `usage`, and exports them in /metrics. Run by crates/tandem/tests/server.rs.
+
+usage: python3 test_spec.py PLAIN_URL SPEC_URL MODEL_NAME
+"""
+import concurrent.futures
+import sys
+import urllib.request
+
+import openai
+
+PLAIN, SPEC, MODEL = sys.argv[1], sys.argv[2], sys.argv[3]
+plain = openai.OpenAI(base_url=PLAIN + "/v1", api_key="unused", max_retries=0, timeout=300)
+spec = openai.OpenAI(base_url=SPEC + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return a * b\n"
+PROMPTS = [
+    "Repeat this code exactly, then add a function div:\n" + CODE,
+    "Write a haiku about the sea.",
+    "List the numbers from 1 to 20 separated by commas.",
+    "Translate to French: The cat sleeps on the warm windowsill.",
+]
+
+
+def chat(client, prompt, stream=False):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=80,
+                logprobs=True, top_logprobs=2)
+    if not stream:
+        r = client.chat.completions.create(**args)
+        c = r.choices[0]
+        return c.message.content, [(t.token, t.logprob) for t in c.logprobs.content], r.usage
+    text, lps, usage = "", [], None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.logprobs and c.logprobs.content:
+                lps += [(t.token, t.logprob) for t in c.logprobs.content]
+    return text, lps, usage
+
+
+def main():
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        jobs = [(p, s) for p in PROMPTS for s in (False, True)]
+        want = list(pool.map(lambda j: chat(plain, *j), jobs))
+        got = list(pool.map(lambda j: chat(spec, *j), jobs))
+    accepted = 0
+    for (p, s), w, g in zip(jobs, want, got):
+        assert g[0] == w[0], f"text differs (stream={s}) for {p[:30]!r}:\n{w[0]!r}\n{g[0]!r}"
+        assert g[1] == w[1], f"logprobs differ (stream={s}) for {p[:30]!r}"
+        sp = g[2].model_extra.get("speculation")
+        assert sp and sp["decode_steps"] > 0 and sp["accepted_tokens"] <= sp["drafted_tokens"], g[2]
+        assert (w[2].model_extra or {}).get("speculation") is None
+        accepted += sp["accepted_tokens"]
+    assert accepted > 0, "the n-gram drafter never got a token accepted"
+    metrics = urllib.request.urlopen(SPEC + "/metrics").read().decode()
+    for name in ['tandem_spec_drafter_info{drafter="ngram"} 1', "tandem_spec_draft_tokens_total",
+                 "tandem_spec_accepted_tokens_total", "tandem_spec_acceptance_length", 'phase="verify"']:
+        assert name in metrics, name
+    print(f"ok     speculative server equals plain server ({len(jobs)} requests, {accepted} draft tokens accepted)")
+
+
+if __name__ == "__main__":
+    main()
