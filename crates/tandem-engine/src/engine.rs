@@ -1,5 +1,5 @@
 //! The engine loop and its handle.
-use crate::scheduler::{SchedulingPolicy, WaitingInfo};
+use crate::scheduler::{RequestInfo, SchedulingPolicy, Service};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,8 +40,10 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Generation stops at these tokens, which are not returned.
     pub stop_token_ids: Vec<u32>,
-    /// Who sent it, for scheduling fairness.
+    /// Who sent it, for scheduling fairness (None: the shared "default" client).
     pub client: Option<String>,
+    /// The agent (a bundle of calls) within the client, if any: fairness then counts the agent.
+    pub agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,6 +84,7 @@ enum Command {
 /// A cheap handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
+    policy_name: &'static str,
     commands: UnboundedSender<Command>,
     shared: Arc<Shared>,
     config: EngineConfig,
@@ -95,6 +98,9 @@ struct Shared {
     running: AtomicUsize,
     shutting_down: AtomicBool,
     spec: SpecCounters,
+    /// Service per client or agent, and requests waiting per client, as of the last step.
+    service: std::sync::Mutex<(Vec<Service>, Vec<(String, usize)>)>,
+    preemptions: AtomicUsize,
 }
 
 impl EngineHandle {
@@ -146,19 +152,58 @@ impl EngineHandle {
         &self.config
     }
 
+    /// Service received per client or agent (the scheduling policy's accounting).
+    pub fn service(&self) -> Vec<Service> {
+        self.shared.service.lock().map(|s| s.0.clone()).unwrap_or_default()
+    }
+
+    /// Requests waiting, per client.
+    pub fn waiting_by_client(&self) -> Vec<(String, usize)> {
+        self.shared.service.lock().map(|s| s.1.clone()).unwrap_or_default()
+    }
+
+    /// "fcfs" or "fair".
+    pub fn policy_name(&self) -> &'static str {
+        self.policy_name
+    }
+
+    /// Running requests preempted (to be recomputed later) so far.
+    pub fn preemptions(&self) -> usize {
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
     /// Speculative decoding totals since start.
     pub fn spec_stats(&self) -> SpecStats {
         self.shared.spec.snapshot()
     }
 }
 
-struct Waiting {
-    info: WaitingInfo,
-    request: GenerationRequest,
-    events: UnboundedSender<Event>,
+/// A request waiting for a slot: new, or preempted with its progress kept for recomputation.
+enum Waiting {
+    New { info: RequestInfo, request: GenerationRequest, events: UnboundedSender<Event> },
+    Preempted(Running),
+}
+
+impl Waiting {
+    fn info(&self) -> &RequestInfo {
+        match self {
+            Waiting::New { info, .. } => info,
+            Waiting::Preempted(r) => &r.info,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiting::New { events, .. } => events.is_closed(),
+            Waiting::Preempted(r) => r.events.is_closed(),
+        }
+    }
 }
 
 struct Running {
+    info: RequestInfo,
+    /// Prompt tokens the policy has been charged for (recomputation after preemption is free).
+    prompt_charged: usize,
     slot: usize,
     request: GenerationRequest,
     events: UnboundedSender<Event>,
@@ -172,8 +217,13 @@ struct Running {
 }
 
 impl Running {
-    fn prompt_done(&self, computed: usize) -> bool {
-        computed >= self.request.prompt.len()
+    /// Tokens that must be in the cache before the next decode: the prompt, or after a preemption
+    /// everything but the pending token.
+    fn prefill_target(&self) -> usize {
+        match self.pending {
+            Some(_) => self.history.len() - 1,
+            None => self.request.prompt.len(),
+        }
     }
 }
 
@@ -219,6 +269,7 @@ impl Engine {
         let (tx, rx) = unbounded_channel();
         let shared = Arc::new(Shared::default());
         let handle = EngineHandle {
+            policy_name: policy.name(),
             commands: tx,
             shared: shared.clone(),
             config: config.clone(),
@@ -282,13 +333,15 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { request, events } => {
-                let info = WaitingInfo {
-                    arrival: self.next_arrival,
-                    client: request.client.clone(),
+                let info = RequestInfo {
+                    id: self.next_arrival,
+                    client: request.client.clone().unwrap_or_else(|| "default".into()),
+                    agent: request.agent.clone(),
                     prompt_tokens: request.prompt.len(),
                 };
                 self.next_arrival += 1;
-                self.waiting.push(Waiting { info, request, events });
+                self.policy.on_arrival(&info);
+                self.waiting.push(Waiting::New { info, request, events });
             }
             Command::Shutdown => self.shutting_down = true,
         }
@@ -315,40 +368,74 @@ impl Engine {
     fn publish(&self) {
         self.shared.waiting.store(self.waiting.len(), Ordering::SeqCst);
         self.shared.running.store(self.running.len(), Ordering::SeqCst);
+        let mut by_client = std::collections::BTreeMap::<String, usize>::new();
+        for w in &self.waiting {
+            *by_client.entry(w.info().client.clone()).or_default() += 1;
+        }
+        if let Ok(mut s) = self.shared.service.lock() {
+            *s = (self.policy.service(), by_client.into_iter().collect());
+        }
     }
 
     /// Requests whose client has gone free their slot now.
     fn drop_cancelled(&mut self) {
-        self.waiting.retain(|w| !w.events.is_closed());
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].events.is_closed() {
-                let r = self.running.swap_remove(i);
-                self.release(r.slot);
-            } else {
-                i += 1;
+        let policy = &mut self.policy;
+        self.waiting.retain(|w| {
+            let closed = w.is_closed();
+            if closed {
+                policy.on_finish(w.info());
             }
-        }
+            !closed
+        });
+        let gone: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].events.is_closed()).collect();
+        self.remove_running(gone);
     }
 
+    /// Fills free slots in the policy's order; when none is free and someone waits, lets the
+    /// policy preempt one running request (at most one per step, so the batch does not churn).
     fn admit(&mut self) {
-        while !self.free_slots.is_empty() && !self.waiting.is_empty() {
-            let infos: Vec<WaitingInfo> = self.waiting.iter().map(|w| w.info.clone()).collect();
+        let mut preempted = false;
+        while !self.waiting.is_empty() {
+            if self.free_slots.is_empty() {
+                if preempted {
+                    break;
+                }
+                let running: Vec<RequestInfo> = self.running.iter().map(|r| r.info.clone()).collect();
+                let waiting: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
+                let Some(v) = self.policy.victim(&running, &waiting) else { break };
+                let r = self.running.remove(v);
+                self.release(r.slot);
+                tracing::debug!(id = r.info.id, client = %r.info.client, "preempted; will be recomputed");
+                self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
+                self.waiting.push(Waiting::Preempted(r));
+                preempted = true;
+                continue;
+            }
+            let infos: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
             let Some(i) = self.policy.pick(&infos) else { break };
-            let w = self.waiting.swap_remove(i);
             let slot = self.free_slots.pop().expect("a free slot");
-            let sampler = Sampler::new(w.request.sampling.clone());
-            let history = w.request.prompt.clone();
-            self.running.push(Running {
-                slot,
-                request: w.request,
-                events: w.events,
-                sampler,
-                history,
-                generated: 0,
-                pending: None,
-                spec: SpecUsage::default(),
-            });
+            match self.waiting.remove(i) {
+                Waiting::Preempted(mut r) => {
+                    r.slot = slot;
+                    self.running.push(r);
+                }
+                Waiting::New { info, request, events } => {
+                    let sampler = Sampler::new(request.sampling.clone());
+                    let history = request.prompt.clone();
+                    self.running.push(Running {
+                        info,
+                        prompt_charged: 0,
+                        slot,
+                        request,
+                        events,
+                        sampler,
+                        history,
+                        generated: 0,
+                        pending: None,
+                        spec: SpecUsage::default(),
+                    });
+                }
+            }
         }
     }
 
@@ -368,7 +455,7 @@ impl Engine {
         let mut asks = Vec::new();
         let mut who = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
-            if r.pending.is_none() {
+            if r.pending.is_none() || self.cache.len(r.slot) != r.prefill_target() {
                 continue;
             }
             // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
@@ -420,7 +507,7 @@ impl Engine {
         let mut plan: Vec<Planned> = Vec::new();
         let mut budget = self.config.step_token_budget;
         for (i, r) in self.running.iter().enumerate() {
-            if let Some(t) = r.pending {
+            if let Some(t) = r.pending.filter(|_| self.cache.len(r.slot) == r.prefill_target()) {
                 let draft = std::mem::take(&mut drafts[i]);
                 let mut tokens = vec![t];
                 tokens.extend_from_slice(&draft.tokens);
@@ -429,17 +516,18 @@ impl Engine {
             }
         }
         for (i, r) in self.running.iter().enumerate() {
-            if r.pending.is_some() || budget == 0 {
+            let computed = self.cache.len(r.slot);
+            if computed == r.prefill_target() || budget == 0 {
                 continue;
             }
-            let computed = self.cache.len(r.slot);
-            let rest = &r.request.prompt[computed..];
+            // The prompt, or after a preemption the whole sequence but the pending token.
+            let rest = &r.history[computed..r.prefill_target()];
             let n = rest.len().min(budget);
             budget -= n;
             plan.push(Planned {
                 index: i,
                 tokens: rest[..n].to_vec(),
-                wants_logits: n == rest.len(),
+                wants_logits: n == rest.len() && r.pending.is_none(),
                 draft: Draft::default(),
                 start: computed,
             });
@@ -485,6 +573,16 @@ impl Engine {
             let offset = row_offset;
             row_offset += p.tokens.len();
             let slot = self.running[p.index].slot;
+            let is_decode = p.wants_logits && self.running[p.index].pending.is_some();
+            if !is_decode {
+                // Prompt tokens are charged once, when first computed.
+                let r = &mut self.running[p.index];
+                let upto = (p.start + p.tokens.len()).min(r.request.prompt.len());
+                if upto > r.prompt_charged {
+                    self.policy.charge(&r.info, upto - r.prompt_charged, 0);
+                    r.prompt_charged = upto;
+                }
+            }
             if !p.wants_logits {
                 self.observe(slot, p.start, offset, p.tokens.len(), &out.hidden);
                 continue;
@@ -498,7 +596,6 @@ impl Engine {
                 (v.tokens, v.accepted)
             };
             // Keep the pending token and the accepted drafts; rejected ones are rolled back.
-            let is_decode = r.pending.is_some();
             let kept = if is_decode { 1 + accepted } else { p.tokens.len() };
             if kept < p.tokens.len() {
                 if let Err(e) = self.cache.truncate(slot, p.start + kept) {
@@ -524,6 +621,7 @@ impl Engine {
                 speculation: spec,
             };
             let count = emitted.len();
+            let generated_before = r.generated;
             for (j, token) in emitted.into_iter().enumerate() {
                 if r.request.stop_token_ids.contains(&token.id) {
                     let _ = r.events.send(Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) });
@@ -550,6 +648,8 @@ impl Engine {
                     r.pending = Some(id);
                 }
             }
+            // Output is charged as it is emitted (speculative tokens only if they were accepted).
+            self.policy.charge(&r.info, 0, r.generated - generated_before);
         }
         if spec_on {
             let c = &self.shared.spec;
@@ -595,6 +695,7 @@ impl Engine {
         idx.dedup();
         for i in idx.into_iter().rev() {
             let r = self.running.remove(i);
+            self.policy.on_finish(&r.info);
             self.release(r.slot);
         }
     }
@@ -609,8 +710,9 @@ impl Engine {
         for r in &self.running {
             assert!(!std::mem::replace(&mut seen[r.slot], true), "slot {} used twice", r.slot);
             let computed = self.cache.len(r.slot);
-            assert!(computed <= r.request.prompt.len() + r.generated, "slot {} is ahead of its tokens", r.slot);
-            assert_eq!(r.pending.is_some(), r.prompt_done(computed) && r.generated > 0);
+            assert!(computed <= r.prefill_target(), "slot {} is ahead of its tokens", r.slot);
+            assert_eq!(r.history.len(), r.request.prompt.len() + r.generated);
+            assert_eq!(r.pending.is_some(), r.generated > 0);
         }
         assert!(seen.iter().all(|&s| s), "a slot is lost");
     }

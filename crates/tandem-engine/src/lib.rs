@@ -7,9 +7,9 @@
 //! budget (every decoding sequence advances one token, prefills take the rest in chunks), run one
 //! forward, sample, and send each request its token.
 mod engine;
-mod scheduler;
+pub mod scheduler;
 mod spec_stats;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage};
-pub use scheduler::{Fcfs, SchedulingPolicy, WaitingInfo};
+pub use scheduler::{sim, FairConfig, Fcfs, RequestInfo, SchedulingPolicy, Service, VirtualTokenCounter};
 pub use spec_stats::{SpecStats, SpecUsage};

@@ -21,7 +21,7 @@ fn tiny_model_dir() -> &'static Path {
 
 fn engine(config: EngineConfig) -> (Engine, EngineHandle) {
     let loaded = load(tiny_model_dir(), &LoadOptions::default(), &mut |_, _| {}).unwrap();
-    Engine::new(loaded.model, config, Box::new(Fcfs)).unwrap()
+    Engine::new(loaded.model, config, Box::new(Fcfs::default())).unwrap()
 }
 
 fn request(i: usize) -> GenerationRequest {
@@ -32,7 +32,7 @@ fn request(i: usize) -> GenerationRequest {
     } else {
         SamplingParams::default()
     };
-    GenerationRequest { prompt, max_tokens: 6 + i % 9, sampling, stop_token_ids: vec![], client: None }
+    GenerationRequest { prompt, max_tokens: 6 + i % 9, sampling, stop_token_ids: vec![], client: None, agent: None }
 }
 
 fn collect(rx: &mut UnboundedReceiver<Event>) -> (Vec<u32>, Event) {

@@ -29,7 +29,7 @@ const TARGET: &str = "qwen3-qknorm-untied";
 const DRAFT: &str = "llama-gqa-untied-sharded";
 
 fn engine(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Engine, EngineHandle) {
-    let (mut e, h) = Engine::new(model(TARGET), config, Box::new(Fcfs)).unwrap();
+    let (mut e, h) = Engine::new(model(TARGET), config, Box::new(Fcfs::default())).unwrap();
     if let Some(d) = drafter {
         e = e.with_drafter(d).unwrap();
     }
@@ -52,6 +52,7 @@ fn greedy_request(i: usize) -> GenerationRequest {
         sampling,
         stop_token_ids: if i % 5 == 2 { vec![(i * 7 % 250) as u32] } else { vec![] },
         client: None,
+        agent: None,
     }
 }
 
@@ -268,6 +269,7 @@ fn sampled_speculation_keeps_the_target_distribution() {
             sampling: SamplingParams { seed: Some(i as u64), ..params.clone() },
             stop_token_ids: vec![],
             client: None,
+            agent: None,
         })
         .collect();
     let drafters: Vec<Option<Box<dyn Drafter>>> =

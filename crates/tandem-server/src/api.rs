@@ -27,6 +27,11 @@ pub struct StreamOptions {
 /// Fields both endpoints share.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct Common {
+    /// Who the request is attributed to (set from headers / `user`, never from the body itself).
+    #[serde(skip)]
+    pub client: Option<String>,
+    #[serde(skip)]
+    pub agent: Option<String>,
     pub model: Option<String>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,

@@ -42,10 +42,19 @@ pub fn start(
     want_logprobs: bool,
     started: Instant,
 ) -> Result<UnboundedReceiver<ChoiceEvent>, ApiError> {
+    let client = request.client.clone().unwrap_or_else(|| "default".into());
     let mut events = state.engine.submit(request).map_err(engine_error)?;
     let (tx, rx) = unbounded_channel();
     let state = state.clone();
     tokio::spawn(async move {
+        // Per-client latency of the whole choice, whichever way it ends.
+        struct Done(Arc<AppState>, String, Instant);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.metrics.observe_client_latency(&self.1, self.2.elapsed().as_secs_f64());
+            }
+        }
+        let _done = Done(state.clone(), client, started);
         let tokenizer = state.tokenizer.clone();
         let mut text = TextStream::new(&tokenizer);
         let mut stop = StopMatcher::new(stops);

@@ -18,7 +18,7 @@ use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use tandem_engine::{Engine, EngineConfig, EngineHandle, Fcfs};
+use tandem_engine::{Engine, EngineConfig, EngineHandle, SchedulingPolicy};
 use tandem_models::{LoadedModel, Tokenizer};
 use tandem_runtime::spec::Drafter;
 use tandem_runtime::ChatTemplate;
@@ -40,10 +40,11 @@ pub struct AppState {
 
 impl AppState {
     /// Starts the engine thread for `loaded` and wraps what the routes need.
-    /// With a `drafter`, decoding is speculative (`config.spec_k` tokens per step at most).
+    /// `policy` orders waiting requests (FCFS or fair). With a `drafter`, decoding is speculative (`config.spec_k` tokens per step at most).
     pub fn start(
         loaded: LoadedModel,
         config: EngineConfig,
+        policy: Box<dyn SchedulingPolicy>,
         drafter: Option<Box<dyn Drafter>>,
     ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
         let template = ChatTemplate::new(
@@ -54,7 +55,7 @@ impl AppState {
         let c = &loaded.model.config;
         let kv_bytes_per_slot =
             c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4 * config.max_seq_len.min(loaded.model.max_positions());
-        let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs)).map_err(|e| e.to_string())?;
+        let (mut engine, handle) = Engine::new(loaded.model, config, policy).map_err(|e| e.to_string())?;
         if let Some(d) = drafter {
             engine = engine.with_drafter(d).map_err(|e| e.to_string())?;
         }

@@ -34,13 +34,20 @@ impl Histogram {
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(name, "", out);
+    }
+
+    /// The bucket, sum and count lines, with `labels` (e.g. `client="a"`) on each.
+    fn render_series(&self, name: &str, labels: &str, out: &mut String) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
         for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {count}");
     }
 }
 
@@ -50,6 +57,8 @@ pub struct Metrics {
     pub generation_tokens: AtomicU64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// Request latency (arrival to last token) per client.
+    client_latency: Mutex<BTreeMap<String, Histogram>>,
 }
 
 impl Default for Metrics {
@@ -60,6 +69,7 @@ impl Default for Metrics {
             generation_tokens: AtomicU64::new(0),
             time_to_first_token: Histogram::new(),
             inter_token_latency: Histogram::new(),
+            client_latency: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -71,12 +81,21 @@ pub struct EngineGauges {
     pub kv_bytes_used: usize,
     pub kv_bytes_total: usize,
     pub spec: tandem_engine::SpecStats,
+    pub policy: &'static str,
+    pub service: Vec<tandem_engine::Service>,
+    pub waiting_by_client: Vec<(String, usize)>,
+    pub preemptions: usize,
 }
 
 impl Metrics {
     pub fn count_request(&self, endpoint: &str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry((endpoint.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn observe_client_latency(&self, client: &str, secs: f64) {
+        let mut map = self.client_latency.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(client.to_string()).or_insert_with(Histogram::new).observe(secs);
     }
 
     pub fn render(&self, gauges: &EngineGauges) -> String {
@@ -107,6 +126,15 @@ impl Metrics {
         gauge(&mut out, "tandem_running_batch_size", "Requests being generated.", gauges.running);
         gauge(&mut out, "tandem_kv_cache_used_bytes", "KV cache bytes held by running requests.", gauges.kv_bytes_used);
         gauge(&mut out, "tandem_kv_cache_total_bytes", "KV cache bytes allocated.", gauges.kv_bytes_total);
+        render_fairness(&mut out, gauges);
+        {
+            let map = self.client_latency.lock().unwrap_or_else(|e| e.into_inner());
+            let name = "tandem_client_request_latency_seconds";
+            let _ = writeln!(out, "# HELP {name} Request latency per client.\n# TYPE {name} histogram");
+            for (client, h) in map.iter() {
+                h.render_series(name, &format!("client=\"{}\"", escape(client)), &mut out);
+            }
+        }
         if let Some(name) = &gauges.spec.drafter {
             let s = &gauges.spec;
             let _ = writeln!(
@@ -144,5 +172,44 @@ impl Metrics {
             &mut out,
         );
         out
+    }
+}
+
+/// Label values are client names from requests: escape what the exposition format requires.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn render_fairness(out: &mut String, g: &EngineGauges) {
+    let _ = writeln!(
+        out,
+        "# HELP tandem_scheduler_info The scheduling policy.\n# TYPE tandem_scheduler_info gauge\ntandem_scheduler_info{{policy=\"{}\"}} 1",
+        g.policy
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tandem_preemptions_total Running requests preempted for fairness.\n# TYPE tandem_preemptions_total counter\ntandem_preemptions_total {}",
+        g.preemptions
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tandem_client_service_tokens_total Tokens served per client (or client/agent).\n# TYPE tandem_client_service_tokens_total counter"
+    );
+    for s in &g.service {
+        let e = escape(&s.entity);
+        let _ = writeln!(out, "tandem_client_service_tokens_total{{client=\"{e}\",kind=\"input\"}} {}", s.input_tokens);
+        let _ =
+            writeln!(out, "tandem_client_service_tokens_total{{client=\"{e}\",kind=\"output\"}} {}", s.output_tokens);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_client_virtual_counter The fair policy's virtual token counter (weighted service / weight).\n# TYPE tandem_client_virtual_counter gauge"
+    );
+    for s in &g.service {
+        let _ = writeln!(out, "tandem_client_virtual_counter{{client=\"{}\"}} {}", escape(&s.entity), s.counter);
+    }
+    let _ = writeln!(out, "# HELP tandem_client_waiting_requests Requests waiting per client.\n# TYPE tandem_client_waiting_requests gauge");
+    for (c, n) in &g.waiting_by_client {
+        let _ = writeln!(out, "tandem_client_waiting_requests{{client=\"{}\"}} {n}", escape(c));
     }
 }

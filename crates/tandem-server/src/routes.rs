@@ -8,7 +8,7 @@ use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -31,6 +31,29 @@ type PromptIds = (Vec<u32>, Option<String>);
 const MAX_CHOICES: usize = 64;
 
 /// Parses the body as the endpoint's own fields plus the common ones; errors name the field.
+/// The client a request is charged to: the `X-Tandem-Client` header, else the API key (as a short
+/// hash, so keys never appear in metrics), else the OpenAI `user` field; None shares "default".
+/// `X-Tandem-Agent` names an agent within the client.
+fn identify(headers: &HeaderMap, common: &mut Common, user: Option<&str>) {
+    let header = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(String::from)
+    };
+    let key = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(|k| k.trim().to_string()))
+        .filter(|k| !k.is_empty() && k != "unused" && k != "EMPTY");
+    common.client = header("x-tandem-client")
+        .or_else(|| {
+            key.map(|k| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                k.hash(&mut h);
+                format!("key-{:08x}", h.finish() as u32)
+            })
+        })
+        .or_else(|| user.map(String::from));
+    common.agent = header("x-tandem-agent");
+}
+
 fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Common), ApiError> {
     let bytes = body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))?;
     let value: Value = serde_json::from_slice(&bytes)
@@ -180,7 +203,8 @@ fn build_job(
                 max_tokens,
                 sampling,
                 stop_token_ids: stop_ids.clone(),
-                client: c.user.clone(),
+                client: c.client.clone(),
+                agent: c.agent.clone(),
             };
             choices.push((pi * n + j, request, echo.clone()));
         }
@@ -204,12 +228,14 @@ fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), Some("prompt")))
 }
 
-pub async fn completions(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(State(state): Shared, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
-    let (req, common): (CompletionRequest, Common) = match parse(body) {
+    let (req, mut common): (CompletionRequest, Common) = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let user = common.user.clone();
+    identify(&headers, &mut common, user.as_deref());
     let echo = req.echo.unwrap_or(false);
     let texts: Result<Vec<PromptIds>, ApiError> = match &req.prompt {
         Prompt::Text(t) => tokenize(&state, t).map(|ids| vec![(ids, echo.then(|| t.clone()))]),
@@ -238,12 +264,18 @@ pub async fn completions(State(state): Shared, body: Result<Bytes, BytesRejectio
     }
 }
 
-pub async fn chat_completions(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat_completions(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
-    let (req, common): (ChatRequest, Common) = match parse(body) {
+    let (req, mut common): (ChatRequest, Common) = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let user = common.user.clone();
+    identify(&headers, &mut common, user.as_deref());
     let result = (|| {
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));
@@ -542,6 +574,10 @@ pub async fn metrics(State(state): Shared) -> Response {
         kv_bytes_used: running * state.kv_bytes_per_slot,
         kv_bytes_total: state.kv_bytes_per_slot * state.engine.config().max_batch,
         spec: state.engine.spec_stats(),
+        policy: state.engine.policy_name(),
+        service: state.engine.service(),
+        waiting_by_client: state.engine.waiting_by_client(),
+        preemptions: state.engine.preemptions(),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
 }

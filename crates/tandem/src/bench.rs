@@ -77,6 +77,9 @@ enum BenchTarget {
     /// Speculative decoding: tok/s without drafts, with the n-gram drafter and with the oracle
     /// drafter (the upper bound) on "edit" and "write" code prompts.
     Spec(crate::bench_spec::SpecBenchArgs),
+    /// Fair scheduling: the VTC paper's workloads (overload, on/off, heavy-light, length shift)
+    /// under FCFS and the fair policy; service per client, latency, Jain's index, throughput, PNG.
+    Fair(crate::bench_fair::FairBenchArgs),
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -169,6 +172,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.target {
         Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
+        Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
         None => {}
     }
     let names =

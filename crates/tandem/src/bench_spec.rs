@@ -94,7 +94,7 @@ fn run_once(
         max_waiting: 1,
         spec_k,
     };
-    let (mut engine, handle) = Engine::new(model, config, Box::new(Fcfs))?;
+    let (mut engine, handle) = Engine::new(model, config, Box::new(Fcfs::default()))?;
     if let Some((d, _)) = drafter {
         engine = engine.with_drafter(d)?;
     }
@@ -104,6 +104,7 @@ fn run_once(
         sampling: SamplingParams::default(),
         stop_token_ids: stop.to_vec(),
         client: None,
+        agent: None,
     };
     let mut rx = handle.submit(request)?;
     let mut tokens = Vec::new();

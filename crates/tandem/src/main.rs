@@ -1,8 +1,11 @@
 //! The tandem command line: generate text, fetch models, benchmark.
 mod bench;
+mod bench_fair;
 mod bench_serve;
 mod bench_spec;
 mod models;
+mod plot;
+mod schedule_arg;
 mod serve;
 mod spec_arg;
 
@@ -204,7 +207,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         max_waiting: 1,
         spec_k: args.spec.spec_k,
     };
-    let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs))?;
+    let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs::default()))?;
     if let Some(d) = drafter {
         engine = engine.with_drafter(d)?;
     }
@@ -215,6 +218,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         sampling,
         stop_token_ids: loaded.stop_token_ids.clone(),
         client: None,
+        agent: None,
     };
     let start = Instant::now();
     let mut events = handle.submit(request)?;

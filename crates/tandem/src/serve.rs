@@ -1,4 +1,5 @@
 //! `tandem serve`: the OpenAI-compatible server.
+use crate::schedule_arg::{self, ScheduleArgs};
 use crate::spec_arg::{self, SpecArgs};
 use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
@@ -39,6 +40,8 @@ pub struct ServeArgs {
     cuda: Option<usize>,
     #[command(flatten)]
     spec: SpecArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1000000` (bytes).
@@ -83,7 +86,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         spec_k: args.spec.spec_k,
     };
     let drafter = spec_arg::build(&args.spec, &loaded, &opts)?;
-    let (state, engine_thread) = tandem_server::AppState::start(loaded, config, drafter).map_err(anyhow::Error::msg)?;
+    let policy = schedule_arg::build(&args.schedule)?;
+    let (state, engine_thread) =
+        tandem_server::AppState::start(loaded, config, policy, drafter).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
     runtime.block_on(async move {

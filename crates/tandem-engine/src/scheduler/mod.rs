@@ -1,0 +1,112 @@
+//! Which request runs next, and who pays for the work. Pure bookkeeping on request descriptions:
+//! no tensors, so policies are tested in milliseconds (see `sim`).
+//!
+//! Contract with the engine: `on_arrival` when a request starts waiting, `pick` to admit one into a
+//! free slot, `charge` as its work is done (prompt tokens when prefilled, output tokens as they are
+//! emitted), `victim` when all slots are taken and someone waits (the engine preempts that running
+//! request, recomputes it later, and does not charge the recomputation), `on_finish` when it ends
+//! (finished, failed or cancelled). A policy must pick something whenever anyone waits: the engine
+//! never idles a free slot (work conservation).
+mod fair;
+pub mod sim;
+
+pub use fair::{FairConfig, VirtualTokenCounter};
+
+/// What a policy may look at for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestInfo {
+    /// Unique per engine, increasing with arrival.
+    pub id: u64,
+    /// The client it is attributed to ("default" when unattributed).
+    pub client: String,
+    /// An agent (a bundle of calls) within the client, if the caller named one.
+    pub agent: Option<String>,
+    pub prompt_tokens: usize,
+}
+
+impl RequestInfo {
+    /// What fairness is counted over: the agent when named (within its client), else the client.
+    pub fn entity(&self) -> String {
+        match &self.agent {
+            Some(a) => format!("{}/{}", self.client, a),
+            None => self.client.clone(),
+        }
+    }
+}
+
+/// Service an entity has received, for metrics.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Service {
+    pub entity: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The policy's virtual counter (weighted service / weight); FCFS reports weighted tokens.
+    pub counter: f64,
+}
+
+pub trait SchedulingPolicy: Send {
+    fn name(&self) -> &'static str;
+    fn on_arrival(&mut self, _request: &RequestInfo) {}
+    /// Index into `waiting` of the request to admit next; None only when `waiting` is empty.
+    fn pick(&mut self, waiting: &[RequestInfo]) -> Option<usize>;
+    /// Work done for `request`: prompt tokens prefilled, output tokens emitted.
+    fn charge(&mut self, _request: &RequestInfo, _input_tokens: usize, _output_tokens: usize) {}
+    /// Index into `running` of a request to preempt so that a waiting one can run, or None.
+    fn victim(&mut self, _running: &[RequestInfo], _waiting: &[RequestInfo]) -> Option<usize> {
+        None
+    }
+    fn on_finish(&mut self, _request: &RequestInfo) {}
+    /// Service per entity so far.
+    fn service(&self) -> Vec<Service> {
+        Vec::new()
+    }
+}
+
+/// First come, first served; never preempts. Keeps service totals for metrics.
+#[derive(Debug, Default)]
+pub struct Fcfs {
+    served: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl SchedulingPolicy for Fcfs {
+    fn name(&self) -> &'static str {
+        "fcfs"
+    }
+
+    fn pick(&mut self, waiting: &[RequestInfo]) -> Option<usize> {
+        waiting.iter().enumerate().min_by_key(|(_, w)| w.id).map(|(i, _)| i)
+    }
+
+    fn charge(&mut self, request: &RequestInfo, input_tokens: usize, output_tokens: usize) {
+        let e = self.served.entry(request.entity()).or_default();
+        e.0 += input_tokens as u64;
+        e.1 += output_tokens as u64;
+    }
+
+    fn service(&self) -> Vec<Service> {
+        self.served
+            .iter()
+            .map(|(k, &(i, o))| Service {
+                entity: k.clone(),
+                input_tokens: i,
+                output_tokens: o,
+                counter: i as f64 + 2.0 * o as f64,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod policy_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fcfs_picks_the_earliest_arrival() {
+        let w = |id| RequestInfo { id, client: "a".into(), agent: None, prompt_tokens: 1 };
+        assert_eq!(Fcfs::default().pick(&[w(5), w(2), w(9)]), Some(1));
+        assert_eq!(Fcfs::default().pick(&[]), None);
+    }
+}
