@@ -25,11 +25,21 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Most draft tokens verified per sequence per step when a drafter is set (0 turns it off).
     pub spec_k: usize,
+    /// Host memory for the KV of preempted requests (swapped out, restored when they resume);
+    /// beyond it a preempted request is recomputed instead. None: as much as the KV cache itself.
+    pub swap_bytes: Option<usize>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 8, max_seq_len: 2048, step_token_budget: 64, max_waiting: 256, spec_k: 4 }
+        EngineConfig {
+            max_batch: 8,
+            max_seq_len: 2048,
+            step_token_budget: 64,
+            max_waiting: 256,
+            spec_k: 4,
+            swap_bytes: None,
+        }
     }
 }
 
@@ -214,6 +224,8 @@ struct Running {
     /// The last sampled token, to be fed next step.
     pending: Option<u32>,
     spec: SpecUsage,
+    /// The KV of a preempted request, copied out while it waits.
+    swapped: Option<tandem_models::KvSnapshot>,
 }
 
 impl Running {
@@ -403,9 +415,17 @@ impl Engine {
                 let running: Vec<RequestInfo> = self.running.iter().map(|r| r.info.clone()).collect();
                 let waiting: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
                 let Some(v) = self.policy.victim(&running, &waiting) else { break };
-                let r = self.running.remove(v);
+                let mut r = self.running.remove(v);
+                // Swap the KV out if the budget allows (restoring is a copy); else recompute later.
+                let budget = self.config.swap_bytes.unwrap_or_else(|| self.cache.bytes());
+                let swapped_now: usize = self.swapped_bytes();
+                match self.cache.snapshot(r.slot) {
+                    Ok(snap) if swapped_now + snap.bytes() <= budget => r.swapped = Some(snap),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "KV swap-out failed; the request will be recomputed"),
+                }
                 self.release(r.slot);
-                tracing::debug!(id = r.info.id, client = %r.info.client, "preempted; will be recomputed");
+                tracing::debug!(id = r.info.id, client = %r.info.client, swapped = r.swapped.is_some(), "preempted");
                 self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
                 self.waiting.push(Waiting::Preempted(r));
                 preempted = true;
@@ -417,6 +437,12 @@ impl Engine {
             match self.waiting.remove(i) {
                 Waiting::Preempted(mut r) => {
                     r.slot = slot;
+                    if let Some(snap) = r.swapped.take() {
+                        if let Err(e) = self.cache.restore(slot, &snap) {
+                            tracing::warn!(error = %e, "KV restore failed; recomputing");
+                            let _ = self.cache.reset(slot);
+                        }
+                    }
                     self.running.push(r);
                 }
                 Waiting::New { info, request, events } => {
@@ -433,10 +459,22 @@ impl Engine {
                         generated: 0,
                         pending: None,
                         spec: SpecUsage::default(),
+                        swapped: None,
                     });
                 }
             }
         }
+    }
+
+    /// Host bytes held by swapped-out preempted requests.
+    fn swapped_bytes(&self) -> usize {
+        self.waiting
+            .iter()
+            .map(|w| match w {
+                Waiting::Preempted(r) => r.swapped.as_ref().map_or(0, |s| s.bytes()),
+                Waiting::New { .. } => 0,
+            })
+            .sum()
     }
 
     fn release(&mut self, slot: usize) {

@@ -53,9 +53,14 @@ fn collect(rx: &mut UnboundedReceiver<Event>) -> Vec<u32> {
     }
 }
 
-fn run(policy: Box<dyn SchedulingPolicy>, spec: bool, requests: &[GenerationRequest]) -> (Vec<Vec<u32>>, usize) {
+fn run(
+    policy: Box<dyn SchedulingPolicy>,
+    spec: bool,
+    swap_bytes: Option<usize>,
+    requests: &[GenerationRequest],
+) -> (Vec<Vec<u32>>, usize) {
     let model = load(tiny(), &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
-    let config = EngineConfig { max_batch: 3, step_token_budget: 16, ..Default::default() };
+    let config = EngineConfig { max_batch: 3, step_token_budget: 16, swap_bytes, ..Default::default() };
     let (mut e, h) = Engine::new(model, config, policy).unwrap();
     if spec {
         e = e.with_drafter(Box::new(NgramDrafter::default())).unwrap();
@@ -66,7 +71,8 @@ fn run(policy: Box<dyn SchedulingPolicy>, spec: bool, requests: &[GenerationRequ
 }
 
 /// A small margin makes the fair policy preempt constantly; every output (greedy and seeded
-/// sampling, with and without speculation) is still exactly what FCFS without preemption gives.
+/// sampling, with and without speculation, KV swapped out and restored or recomputed) is still
+/// exactly what FCFS without preemption gives.
 #[test]
 fn preemption_and_recomputation_change_no_output() {
     // "heavy" floods first; "light" arrives behind it, so fairness must preempt heavy's requests.
@@ -77,11 +83,14 @@ fn preemption_and_recomputation_change_no_output() {
             as Box<dyn SchedulingPolicy>
     };
     for spec in [false, true] {
-        let (want, none) = run(Box::new(Fcfs::default()), spec, &requests);
+        let (want, none) = run(Box::new(Fcfs::default()), spec, None, &requests);
         assert_eq!(none, 0);
-        let (got, preemptions) = run(eager(), spec, &requests);
-        assert!(preemptions >= 3, "only {preemptions} preemptions");
-        assert_eq!(got, want, "speculation {spec}");
+        // Swapped out and restored (the default), or recomputed (no swap memory).
+        for swap in [None, Some(0)] {
+            let (got, preemptions) = run(eager(), spec, swap, &requests);
+            assert!(preemptions >= 3, "only {preemptions} preemptions");
+            assert_eq!(got, want, "speculation {spec}, swap {swap:?}");
+        }
     }
 }
 

@@ -3,7 +3,29 @@
 //! truncating is setting a length, which is how rejected draft tokens are rolled back.
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::ops::{self, kernels::TokenSlot, OpsPath};
 use candle_core::{DType, Device, Tensor};
+
+/// One sequence's keys and values, copied out of a cache ([len, kv_heads, head_dim] per layer).
+pub struct KvSnapshot {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: usize,
+}
+
+impl KvSnapshot {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|t| t.elem_count() * 4).sum()
+    }
+}
 
 pub struct KvCache {
     pub(crate) keys: Vec<Tensor>,
@@ -62,6 +84,40 @@ impl KvCache {
     /// Bytes held by the cache tensors.
     pub fn bytes(&self) -> usize {
         self.keys.iter().chain(&self.values).map(|t| t.elem_count() * 4).sum()
+    }
+
+    /// Copies out `slot`'s keys and values (swap-out preemption: the copy can be restored into any
+    /// free slot later, instead of recomputing the sequence).
+    pub fn snapshot(&self, slot: usize) -> Result<KvSnapshot> {
+        let len = *self.lens.get(slot).ok_or_else(|| ModelError::KvCache(format!("no slot {slot}")))?;
+        let take = |t: &Tensor| -> Result<Tensor> {
+            // [1, kv_heads, len, head_dim] -> [len, kv_heads, head_dim], the layout cache_write takes.
+            Ok(t.narrow(0, slot, 1)?.narrow(2, 0, len)?.squeeze(0)?.transpose(0, 1)?.contiguous()?)
+        };
+        Ok(KvSnapshot {
+            keys: self.keys.iter().map(take).collect::<Result<_>>()?,
+            values: self.values.iter().map(take).collect::<Result<_>>()?,
+            len,
+        })
+    }
+
+    /// Writes a snapshot into the empty `slot`.
+    pub fn restore(&mut self, slot: usize, snapshot: &KvSnapshot) -> Result<()> {
+        if self.lens.get(slot) != Some(&0) {
+            return Err(ModelError::KvCache(format!("slot {slot} is not free")));
+        }
+        if snapshot.len > self.capacity || snapshot.keys.len() != self.keys.len() {
+            return Err(ModelError::KvCache("the snapshot does not fit this cache".into()));
+        }
+        if snapshot.len > 0 {
+            let tokens: Vec<TokenSlot> = (0..snapshot.len).map(|pos| TokenSlot { slot, pos }).collect();
+            let path = if self.keys[0].device().is_cpu() { OpsPath::CpuKernels } else { OpsPath::Generic };
+            for (cache, rows) in self.keys.iter().zip(&snapshot.keys).chain(self.values.iter().zip(&snapshot.values)) {
+                ops::cache_write(cache, rows, &tokens, path)?;
+            }
+        }
+        self.lens[slot] = snapshot.len;
+        Ok(())
     }
 
     pub(crate) fn set_len(&mut self, slot: usize, len: usize) {

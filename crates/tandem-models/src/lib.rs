@@ -13,7 +13,7 @@ pub mod weights;
 pub use candle_core::Device;
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvSnapshot};
 pub use loader::{load, LoadedModel};
 pub use model::{ForwardOutput, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
 pub use ops::OpsPath;

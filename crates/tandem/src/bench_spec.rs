@@ -29,7 +29,7 @@ pub struct SpecBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     oracle_k: Vec<usize>,
     /// Draft lengths for the n-gram drafter.
-    #[arg(long, value_delimiter = ',', default_value = "4,8")]
+    #[arg(long, value_delimiter = ',', default_value = "4,8,12")]
     ngram_k: Vec<usize>,
     /// Also run llama.cpp (llama-cpp-python, 2 threads) plain and with prompt lookup.
     #[arg(long)]
@@ -93,6 +93,7 @@ fn run_once(
         step_token_budget: 512,
         max_waiting: 1,
         spec_k,
+        swap_bytes: None,
     };
     let (mut engine, handle) = Engine::new(model, config, Box::new(Fcfs::default()))?;
     if let Some((d, _)) = drafter {
