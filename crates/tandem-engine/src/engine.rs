@@ -353,6 +353,7 @@ impl Engine {
                 };
                 self.next_arrival += 1;
                 self.policy.on_arrival(&info);
+                tracing::debug!(id = info.id, client = %info.client, "arrived");
                 self.waiting.push(Waiting::New { info, request, events });
             }
             Command::Shutdown => self.shutting_down = true,
@@ -446,6 +447,7 @@ impl Engine {
                     self.running.push(r);
                 }
                 Waiting::New { info, request, events } => {
+                    tracing::debug!(id = info.id, client = %info.client, "admitted");
                     let sampler = Sampler::new(request.sampling.clone());
                     let history = request.prompt.clone();
                     self.running.push(Running {
@@ -553,7 +555,16 @@ impl Engine {
                 plan.push(Planned { index: i, tokens, wants_logits: true, draft, start: self.cache.len(r.slot) });
             }
         }
-        for (i, r) in self.running.iter().enumerate() {
+        // Prompt chunks in the policy's order (the least-served client's first under fair).
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        let policy = &self.policy;
+        let running = &self.running;
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&running[a].info, &running[b].info);
+            policy.rank(a).total_cmp(&policy.rank(b)).then(a.id.cmp(&b.id))
+        });
+        for i in order {
+            let r = &self.running[i];
             let computed = self.cache.len(r.slot);
             if computed == r.prefill_target() || budget == 0 {
                 continue;

@@ -24,6 +24,10 @@ pub struct FairBenchArgs {
     workloads: Vec<String>,
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// Tokens per engine step (decodes first, prompt chunks fill the rest); smaller keeps the
+    /// decode steps of short requests quick while long prompts are read.
+    #[arg(long, default_value_t = 16)]
+    step_token_budget: usize,
     #[arg(long, default_value = "bench-results/fair.json")]
     out: String,
 }
@@ -274,10 +278,16 @@ fn summarize(workload: &str, policy: &str, records: &[Record], duration: f64) ->
 fn start_server(
     loaded: tandem_models::LoadedModel,
     policy: Box<dyn SchedulingPolicy>,
-    max_batch: usize,
+    args: &FairBenchArgs,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<(u16, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)> {
-    let config = EngineConfig { max_batch, max_seq_len: 1024, max_waiting: 4096, ..Default::default() };
+    let config = EngineConfig {
+        max_batch: args.max_batch,
+        step_token_budget: args.step_token_budget,
+        max_seq_len: 1024,
+        max_waiting: 4096,
+        ..Default::default()
+    };
     let (state, engine_thread) =
         tandem_server::AppState::start(loaded, config, policy, None).map_err(anyhow::Error::msg)?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
@@ -309,7 +319,7 @@ pub fn run(args: FairBenchArgs) -> Result<()> {
             // The light client alone, for its baseline latency.
             let light: Vec<ClientLoad> = loads.iter().filter(|l| l.name == "light").cloned().collect();
             let loaded = load_model(&path, &opts)?;
-            let (port, stop, thread) = start_server(loaded, Box::new(Fcfs::default()), args.max_batch, &runtime)?;
+            let (port, stop, thread) = start_server(loaded, Box::new(Fcfs::default()), &args, &runtime)?;
             let records = runtime.block_on(drive(port, light, duration.min(20.0)));
             let _ = stop.send(());
             let _ = thread.join();
@@ -325,7 +335,7 @@ pub fn run(args: FairBenchArgs) -> Result<()> {
                 Box::new(VirtualTokenCounter::new(FairConfig::default()))
             };
             let loaded = load_model(&path, &opts)?;
-            let (port, stop, thread) = start_server(loaded, policy, args.max_batch, &runtime)?;
+            let (port, stop, thread) = start_server(loaded, policy, &args, &runtime)?;
             let records = runtime.block_on(drive(port, loads.clone(), duration));
             let _ = stop.send(());
             let _ = thread.join();
@@ -357,6 +367,7 @@ pub fn run(args: FairBenchArgs) -> Result<()> {
     let json = serde_json::json!({
         "machine": crate::bench::machine_description(),
         "model": args.model, "duration_s": duration, "max_batch": args.max_batch,
+        "step_token_budget": args.step_token_budget,
         "runs": runs, "light_latency": verdicts,
     });
     if let Some(dir) = std::path::Path::new(&args.out).parent() {

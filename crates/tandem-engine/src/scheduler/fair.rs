@@ -112,7 +112,18 @@ impl SchedulingPolicy for VirtualTokenCounter {
             running.iter().enumerate().filter(|(_, r)| r.entity() != next_entity).max_by(|(_, a), (_, b)| {
                 self.counter(&a.entity()).total_cmp(&self.counter(&b.entity())).then(a.id.cmp(&b.id))
             })?;
-        (self.counter(&r.entity()) - next_counter > margin).then_some(i)
+        let gap = self.counter(&r.entity()) - next_counter;
+        // An entity with nothing running (typically one just back from idle, lifted to parity)
+        // needs no margin: one slot for it is its fair share at once. Others must trail by more
+        // than the margin, so two busy entities do not swap slots back and forth.
+        let starved = !running.iter().any(|r| r.entity() == next_entity);
+        (gap > margin || (starved && gap >= 0.0)).then_some(i)
+    }
+
+    /// The least-served entity's prompts are read first, so a light client's short prompt is not
+    /// stuck behind a heavy client's long ones.
+    fn rank(&self, request: &RequestInfo) -> f64 {
+        self.counter(&request.entity())
     }
 
     fn on_finish(&mut self, request: &RequestInfo) {

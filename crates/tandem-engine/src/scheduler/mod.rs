@@ -56,6 +56,11 @@ pub trait SchedulingPolicy: Send {
         None
     }
     fn on_finish(&mut self, _request: &RequestInfo) {}
+    /// Order in which running requests get the step's prompt-token budget (smaller first; ties go
+    /// to the earlier arrival). Default: arrival order.
+    fn rank(&self, _request: &RequestInfo) -> f64 {
+        0.0
+    }
     /// Service per entity so far.
     fn service(&self) -> Vec<Service> {
         Vec::new()

@@ -76,6 +76,9 @@ impl Simulator {
                 out.charged.push((r.info.id, 0, 1));
             }
         }
+        let policy = &self.policy;
+        self.running
+            .sort_by(|a, b| policy.rank(&a.info).total_cmp(&policy.rank(&b.info)).then(a.info.id.cmp(&b.info.id)));
         for r in &mut self.running {
             if r.computed < r.info.prompt_tokens && budget > 0 {
                 let n = (r.info.prompt_tokens - r.computed).min(budget);
