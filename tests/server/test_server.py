@@ -191,6 +191,21 @@ def test_bad_input_never_takes_the_server_down():
     assert "tandem_running_batch_size 0" in metrics, "the disconnected stream was not cancelled"
 
 
+def test_clients_are_attributed_and_metered():
+    body = json.dumps({"prompt": "Count: one two three", "max_tokens": 5, "temperature": 0})
+    for who in ({"X-Tandem-Client": "team-a", "X-Tandem-Agent": "planner"}, {"Authorization": "Bearer sk-secret-key"}):
+        status, _, _ = raw("POST", "/v1/completions", body, {"Content-Type": "application/json", **who})
+        assert status == 200
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, user="user-7")
+    assert r.usage.completion_tokens == 3
+    text = raw("GET", "/metrics")[1].decode()
+    assert 'tandem_client_service_tokens_total{client="team-a/planner",kind="output"} 5' in text, text
+    assert 'tandem_client_service_tokens_total{client="user-7",kind="output"} 3' in text
+    assert "sk-secret-key" not in text and 'client="key-' in text  # keys are hashed, never exported
+    assert 'tandem_scheduler_info{policy="fair"} 1' in text
+    assert 'tandem_client_request_latency_seconds_count{client="user-7"} 1' in text
+
+
 def test_metrics():
     status, data, headers = raw("GET", "/metrics")
     text = data.decode()

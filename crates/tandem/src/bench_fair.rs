@@ -28,6 +28,10 @@ pub struct FairBenchArgs {
     /// decode steps of short requests quick while long prompts are read.
     #[arg(long, default_value_t = 16)]
     step_token_budget: usize,
+    /// The fair policy's preemption margin (weighted tokens; 0: preempt only for clients with
+    /// nothing running).
+    #[arg(long, default_value_t = FairConfig::default().preempt_margin.unwrap_or(0.0))]
+    preempt_margin: f64,
     #[arg(long, default_value = "bench-results/fair.json")]
     out: String,
 }
@@ -180,7 +184,7 @@ async fn drive(port: u16, loads: Vec<ClientLoad>, duration: f64) -> Vec<Record> 
 struct ClientRow {
     client: String,
     requests: usize,
-    /// Weighted service (1 per prompt token, 2 per output token) received during the run.
+    /// Weighted service (1 per prompt token, 2 per output token) received during the run's window.
     service: f64,
     output_tokens: usize,
     latency_p50_s: f64,
@@ -194,6 +198,9 @@ struct RunRow {
     clients: Vec<ClientRow>,
     jain_index: f64,
     output_tok_s: f64,
+    /// Prompt plus output tokens processed per second: the engine's work rate, whatever the mix of
+    /// short and long requests a policy ends up serving.
+    total_tok_s: f64,
     /// Largest gap in cumulative weighted service between two clients during the run.
     max_service_gap: f64,
     /// Cumulative weighted service per client, sampled every 0.5 s.
@@ -209,13 +216,15 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 }
 
 /// Service events (time, client, weighted amount): the prompt at its first token, then 2 per token.
-fn service_events(records: &[Record]) -> Vec<(f64, &'static str, f64)> {
+/// Only service inside the measured window counts (requests still running at its end finish, but
+/// their late tokens are not counted).
+fn service_events(records: &[Record], duration: f64) -> Vec<(f64, &'static str, f64)> {
     let mut ev = Vec::new();
     for r in records {
-        if let Some(&first) = r.token_times.first() {
+        if let Some(&first) = r.token_times.first().filter(|&&t| t <= duration) {
             ev.push((first, r.client, r.prompt_tokens as f64));
         }
-        ev.extend(r.token_times.iter().map(|&t| (t, r.client, 2.0)));
+        ev.extend(r.token_times.iter().filter(|&&t| t <= duration).map(|&t| (t, r.client, 2.0)));
     }
     ev.sort_by(|a, b| a.0.total_cmp(&b.0));
     ev
@@ -225,7 +234,7 @@ fn summarize(workload: &str, policy: &str, records: &[Record], duration: f64) ->
     let mut names: Vec<&'static str> = records.iter().map(|r| r.client).collect();
     names.sort();
     names.dedup();
-    let events = service_events(records);
+    let events = service_events(records, duration);
     let mut totals = vec![0.0; names.len()];
     let mut max_gap: f64 = 0.0;
     let mut series: Vec<Vec<(f64, f64)>> = vec![vec![(0.0, 0.0)]; names.len()];
@@ -255,7 +264,7 @@ fn summarize(workload: &str, policy: &str, records: &[Record], duration: f64) ->
                 client: n.to_string(),
                 requests: mine.len(),
                 service: totals[i],
-                output_tokens: mine.iter().map(|r| r.token_times.len()).sum(),
+                output_tokens: mine.iter().map(|r| r.token_times.iter().filter(|&&t| t <= duration).count()).sum(),
                 latency_p50_s: percentile(mine.iter().map(|r| r.end - r.start).collect(), 0.5),
                 latency_p99_s: percentile(mine.iter().map(|r| r.end - r.start).collect(), 0.99),
             }
@@ -264,12 +273,14 @@ fn summarize(workload: &str, policy: &str, records: &[Record], duration: f64) ->
     let x: Vec<f64> = clients.iter().map(|c| c.service).collect();
     let jain = x.iter().sum::<f64>().powi(2) / (x.len() as f64 * x.iter().map(|v| v * v).sum::<f64>()).max(1e-9);
     let output: usize = clients.iter().map(|c| c.output_tokens).sum();
+    let prompt: f64 = events.iter().filter(|e| e.2 != 2.0).map(|e| e.2).sum();
     RunRow {
         workload: workload.into(),
         policy: policy.into(),
         clients,
         jain_index: jain,
         output_tok_s: output as f64 / duration,
+        total_tok_s: (output as f64 + prompt) / duration,
         max_service_gap: max_gap,
         series: names.iter().map(|n| n.to_string()).zip(series).collect(),
     }
@@ -332,7 +343,10 @@ pub fn run(args: FairBenchArgs) -> Result<()> {
             let policy: Box<dyn SchedulingPolicy> = if policy_name == "fcfs" {
                 Box::new(Fcfs::default())
             } else {
-                Box::new(VirtualTokenCounter::new(FairConfig::default()))
+                Box::new(VirtualTokenCounter::new(FairConfig {
+                    preempt_margin: Some(args.preempt_margin),
+                    ..Default::default()
+                }))
             };
             let loaded = load_model(&path, &opts)?;
             let (port, stop, thread) = start_server(loaded, policy, &args, &runtime)?;
@@ -359,15 +373,19 @@ pub fn run(args: FairBenchArgs) -> Result<()> {
         }
     }
     for w in &args.workloads {
-        let tput = |p: &str| runs.iter().find(|r| &r.workload == w && r.policy == p).map(|r| r.output_tok_s);
-        if let (Some(f), Some(c)) = (tput("fair"), tput("fcfs")) {
-            println!("{w}: fair throughput is {:.3}x FCFS's", f / c);
+        let run = |p: &str| runs.iter().find(|r| &r.workload == w && r.policy == p);
+        if let (Some(f), Some(c)) = (run("fair"), run("fcfs")) {
+            println!(
+                "{w}: fair / FCFS throughput: {:.3}x output tokens, {:.3}x all tokens (prompt + output)",
+                f.output_tok_s / c.output_tok_s,
+                f.total_tok_s / c.total_tok_s
+            );
         }
     }
     let json = serde_json::json!({
         "machine": crate::bench::machine_description(),
         "model": args.model, "duration_s": duration, "max_batch": args.max_batch,
-        "step_token_budget": args.step_token_budget,
+        "step_token_budget": args.step_token_budget, "preempt_margin": args.preempt_margin,
         "runs": runs, "light_latency": verdicts,
     });
     if let Some(dir) = std::path::Path::new(&args.out).parent() {

@@ -28,10 +28,10 @@ pub struct ScheduleArgs {
     pub fair_output_weight: f64,
     /// Counter gap (weighted tokens) past which a waiting client preempts the most-served running
     /// one; 0 turns preemption off.
-    #[arg(long, default_value_t = 64.0)]
+    #[arg(long, default_value_t = 1024.0)]
     pub preempt_margin: f64,
     /// A JSON file with the same settings: {"client_weights": {"alice": 2}, "input_weight": 1,
-    /// "output_weight": 2, "preempt_margin": 64}; flags given on the command line add to it.
+    /// "output_weight": 2, "preempt_margin": 1024}; flags given on the command line add to it.
     #[arg(long)]
     pub fair_config: Option<std::path::PathBuf>,
 }

@@ -27,7 +27,7 @@ impl Default for FairConfig {
             input_weight: 1.0,
             output_weight: 2.0,
             client_weights: HashMap::new(),
-            preempt_margin: Some(512.0),
+            preempt_margin: Some(1024.0),
         }
     }
 }
