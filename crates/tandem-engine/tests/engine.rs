@@ -1,26 +1,18 @@
 //! The engine batches many requests without changing any of their outputs, frees what cancelled
 //! requests held, and refuses bad requests with precise errors.
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
+use std::path::PathBuf;
 use tandem_engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, LoadOptions};
 use tandem_runtime::{FinishReason, SamplingParams};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn tiny_model_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-engine-tiny-{}", std::process::id()));
-        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(ok.success());
-        dir.join("qwen3-qknorm-untied")
-    })
+fn tiny_model_dir() -> PathBuf {
+    common::tiny_dir().join("qwen3-qknorm-untied")
 }
 
 fn engine(config: EngineConfig) -> (Engine, EngineHandle) {
-    let loaded = load(tiny_model_dir(), &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let loaded = load(&tiny_model_dir(), &LoadOptions::default(), &mut |_, _| {}).unwrap();
     Engine::new(loaded.model, config, Box::new(Fcfs::default())).unwrap()
 }
 

@@ -1,8 +1,7 @@
 //! The fair policy inside the real engine: preemption (recompute later) changes no output, the
 //! client that trails in service is served first, and accounting matches what was generated.
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
+use std::path::PathBuf;
 use tandem_engine::{
     Engine, EngineConfig, Event, FairConfig, Fcfs, GenerationRequest, SchedulingPolicy, VirtualTokenCounter,
 };
@@ -11,15 +10,8 @@ use tandem_runtime::spec::NgramDrafter;
 use tandem_runtime::SamplingParams;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn tiny() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-fair-tiny-{}", std::process::id()));
-        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(ok.success());
-        dir.join("qwen2-tied-bias")
-    })
+fn tiny() -> PathBuf {
+    common::tiny_dir().join("qwen2-tied-bias")
 }
 
 fn request(i: usize, client: &str) -> GenerationRequest {
@@ -59,7 +51,7 @@ fn run(
     swap_bytes: Option<usize>,
     requests: &[GenerationRequest],
 ) -> (Vec<Vec<u32>>, usize) {
-    let model = load(tiny(), &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
+    let model = load(&tiny(), &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
     let config = EngineConfig { max_batch: 3, step_token_budget: 16, swap_bytes, ..Default::default() };
     let (mut e, h) = Engine::new(model, config, policy).unwrap();
     if spec {
@@ -98,7 +90,7 @@ fn preemption_and_recomputation_change_no_output() {
 /// all six waiting requests), and the accounting charges each prompt once and each output token.
 #[test]
 fn the_trailing_client_is_served_first() {
-    let model = load(tiny(), &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
+    let model = load(&tiny(), &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
     let config = EngineConfig { max_batch: 2, step_token_budget: 16, ..Default::default() };
     let policy = Box::new(VirtualTokenCounter::new(FairConfig::default()));
     let (mut e, h) = Engine::new(model, config, policy).unwrap();

@@ -1,9 +1,8 @@
 //! Speculative decoding is lossless: greedy output equals plain decoding token for token (logprobs
 //! included) for every drafter, alone and batched; sampled output keeps the target's distribution;
 //! thousands of partial rejections leave the KV cache consistent; a failing drafter fails nothing.
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
+use std::path::Path;
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
 use tandem_runtime::spec::{DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter};
@@ -11,14 +10,7 @@ use tandem_runtime::{SampledToken, Sampler, SamplingParams, Target};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn tiny_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-spec-tiny-{}", std::process::id()));
-        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(ok.success());
-        dir
-    })
+    common::tiny_dir()
 }
 
 fn model(name: &str) -> Model {
