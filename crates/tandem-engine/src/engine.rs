@@ -101,6 +101,13 @@ pub struct EngineHandle {
     vocab_size: usize,
 }
 
+/// Service per client or agent, and requests waiting per client.
+#[derive(Default)]
+struct Scheduling {
+    service: Vec<Service>,
+    waiting_by_client: Vec<(String, usize)>,
+}
+
 /// Counters the engine publishes for metrics and admission control.
 #[derive(Default)]
 struct Shared {
@@ -108,8 +115,8 @@ struct Shared {
     running: AtomicUsize,
     shutting_down: AtomicBool,
     spec: SpecCounters,
-    /// Service per client or agent, and requests waiting per client, as of the last step.
-    service: std::sync::Mutex<(Vec<Service>, Vec<(String, usize)>)>,
+    /// Scheduling figures as of the last step.
+    scheduling: std::sync::Mutex<Scheduling>,
     preemptions: AtomicUsize,
 }
 
@@ -164,12 +171,12 @@ impl EngineHandle {
 
     /// Service received per client or agent (the scheduling policy's accounting).
     pub fn service(&self) -> Vec<Service> {
-        self.shared.service.lock().map(|s| s.0.clone()).unwrap_or_default()
+        self.shared.scheduling.lock().map(|s| s.service.clone()).unwrap_or_default()
     }
 
     /// Requests waiting, per client.
     pub fn waiting_by_client(&self) -> Vec<(String, usize)> {
-        self.shared.service.lock().map(|s| s.1.clone()).unwrap_or_default()
+        self.shared.scheduling.lock().map(|s| s.waiting_by_client.clone()).unwrap_or_default()
     }
 
     /// "fcfs" or "fair".
@@ -189,6 +196,8 @@ impl EngineHandle {
 }
 
 /// A request waiting for a slot: new, or preempted with its progress kept for recomputation.
+// The variants differ in size, but waiting requests are few and each lives long: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Waiting {
     New { info: RequestInfo, request: GenerationRequest, events: UnboundedSender<Event> },
     Preempted(Running),
@@ -385,8 +394,8 @@ impl Engine {
         for w in &self.waiting {
             *by_client.entry(w.info().client.clone()).or_default() += 1;
         }
-        if let Ok(mut s) = self.shared.service.lock() {
-            *s = (self.policy.service(), by_client.into_iter().collect());
+        if let Ok(mut s) = self.shared.scheduling.lock() {
+            *s = Scheduling { service: self.policy.service(), waiting_by_client: by_client.into_iter().collect() };
         }
     }
 

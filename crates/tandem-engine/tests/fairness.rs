@@ -16,7 +16,7 @@ fn tiny() -> PathBuf {
 
 fn request(i: usize, client: &str) -> GenerationRequest {
     let prompt: Vec<u32> = (0..5 + (i * 13) % 60).map(|j| ((i * 29 + j * 7) % 250) as u32 + 1).collect();
-    let sampling = if i % 3 == 0 {
+    let sampling = if i.is_multiple_of(3) {
         SamplingParams { temperature: 0.9, seed: Some(i as u64), ..Default::default() }
     } else {
         SamplingParams::default()

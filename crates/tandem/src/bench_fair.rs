@@ -66,7 +66,7 @@ fn workload(name: &str, duration: f64) -> Result<Vec<ClientLoad>> {
         // "a" is always backlogged; "b" sends bursts, on for 5 s, off for 5 s.
         "on-off" => vec![
             steady("a", 12, 48, 64),
-            ClientLoad { active: Arc::new(|t| (t / 5.0) as u64 % 2 == 0), ..steady("b", 8, 48, 64) },
+            ClientLoad { active: Arc::new(|t| ((t / 5.0) as u64).is_multiple_of(2)), ..steady("b", 8, 48, 64) },
         ],
         // A heavy client floods long requests; a light one sends short ones, one at a time.
         "heavy-light" => vec![

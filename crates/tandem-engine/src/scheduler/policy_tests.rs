@@ -156,7 +156,7 @@ fn fair_and_fcfs_agree_for_a_single_client() {
         }
         log
     };
-    let fcfs = run(Box::new(Fcfs::default()));
+    let fcfs = run(Box::<Fcfs>::default());
     let fair = run(fair(&[]));
     assert!(fcfs.iter().map(|s| s.finished.len()).sum::<usize>() > 100);
     assert_eq!(fcfs, fair);
@@ -189,7 +189,7 @@ fn a_many_call_agent_cannot_crowd_out_a_one_call_agent() {
         worst_wait
     };
     let fair_wait = wait_of_single(fair(&[]));
-    let fcfs_wait = wait_of_single(Box::new(Fcfs::default()));
+    let fcfs_wait = wait_of_single(Box::<Fcfs>::default());
     // Without preemption-worthy gaps the solo call takes the next free slot ...
     assert!(fair_wait * 4 < fcfs_wait, "fair: {fair_wait} steps, FCFS: {fcfs_wait} steps behind the swarm");
     // ... and with a small preemption margin it runs almost at once.

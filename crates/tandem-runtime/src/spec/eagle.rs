@@ -67,7 +67,7 @@ impl EagleConfig {
         if let Some(&l) = self.target_layers.iter().find(|&&l| l >= target.num_layers) {
             return bad(format!("layer {l} does not exist ({} layers)", target.num_layers));
         }
-        if self.target_layers.is_empty() || self.num_attention_heads % self.num_key_value_heads.max(1) != 0 {
+        if self.target_layers.is_empty() || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads.max(1)) {
             return bad("target_layers must be non-empty and heads a multiple of kv heads".into());
         }
         Ok(())
