@@ -25,6 +25,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Most draft tokens verified per sequence per step when a drafter is set (0 turns it off).
     pub spec_k: usize,
+    /// Adapt each sequence's draft length to its acceptance: +2 after a fully accepted draft, -1
+    /// (down to 1) after a rejection, so drafts that keep failing stay cheap to verify.
+    pub spec_adaptive: bool,
     /// Host memory for the KV of preempted requests (swapped out, restored when they resume);
     /// beyond it a preempted request is recomputed instead. None: as much as the KV cache itself.
     pub swap_bytes: Option<usize>,
@@ -38,6 +41,7 @@ impl Default for EngineConfig {
             step_token_budget: 64,
             max_waiting: 256,
             spec_k: 4,
+            spec_adaptive: true,
             swap_bytes: None,
         }
     }
@@ -233,6 +237,8 @@ struct Running {
     /// The last sampled token, to be fed next step.
     pending: Option<u32>,
     spec: SpecUsage,
+    /// This sequence's current draft length (see `EngineConfig::spec_adaptive`).
+    draft_k: usize,
     /// The KV of a preempted request, copied out while it waits.
     swapped: Option<tandem_models::KvSnapshot>,
 }
@@ -470,6 +476,7 @@ impl Engine {
                         generated: 0,
                         pending: None,
                         spec: SpecUsage::default(),
+                        draft_k: self.config.spec_k,
                         swapped: None,
                     });
                 }
@@ -510,7 +517,7 @@ impl Engine {
             // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
             let remaining = r.request.max_tokens - r.generated;
             let room = self.config.max_seq_len.saturating_sub(self.cache.len(r.slot) + 1);
-            let k = self.config.spec_k.min(remaining.saturating_sub(1)).min(room);
+            let k = r.draft_k.min(self.config.spec_k).min(remaining.saturating_sub(1)).min(room);
             if k > 0 {
                 asks.push(DraftRequest { slot: r.slot, tokens: &r.history, k, sampling: &r.request.sampling });
                 who.push((i, k));
@@ -665,6 +672,13 @@ impl Engine {
                 r.spec.drafted_tokens += p.draft.tokens.len();
                 r.spec.accepted_tokens += accepted;
                 r.spec.decode_steps += 1;
+                if self.config.spec_adaptive && !p.draft.tokens.is_empty() {
+                    r.draft_k = if accepted == p.draft.tokens.len() {
+                        (r.draft_k + 2).min(self.config.spec_k)
+                    } else {
+                        r.draft_k.saturating_sub(1).max(1)
+                    };
+                }
                 drafted += p.draft.tokens.len() as u64;
                 accepted_total += accepted as u64;
                 steps += 1;

@@ -108,8 +108,8 @@ fn greedy_speculation_changes_nothing_for_any_drafter() {
         ),
     ];
     for (name, make) in &drafters {
-        for (max_batch, spec_k) in [(1, 5), (5, 1), (5, 5)] {
-            let config = EngineConfig { max_batch, spec_k, ..Default::default() };
+        for (max_batch, spec_k, spec_adaptive) in [(1, 5, true), (5, 1, true), (5, 5, true), (5, 5, false)] {
+            let config = EngineConfig { max_batch, spec_k, spec_adaptive, ..Default::default() };
             let (got, h) = run_all(config, Some(make()), &requests);
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert_eq!(g, e, "{name} (batch {max_batch}, k {spec_k}) changed request {i}");

@@ -85,6 +85,7 @@ fn run_once(
     max_tokens: usize,
     stop: &[u32],
     drafter: Option<(Box<dyn Drafter>, usize)>,
+    adaptive: bool,
 ) -> Result<(Run, Model)> {
     let spec_k = drafter.as_ref().map_or(0, |d| d.1);
     let config = EngineConfig {
@@ -93,6 +94,7 @@ fn run_once(
         step_token_budget: 512,
         max_waiting: 1,
         spec_k,
+        spec_adaptive: adaptive,
         swap_bytes: None,
     };
     let (mut engine, handle) = Engine::new(model, config, Box::new(Fcfs::default()))?;
@@ -189,9 +191,9 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         let vocab = loaded.model.config.vocab_size;
         let mut model = loaded.model;
         // Warm-up: thread pools and page cache.
-        (_, model) = run_once(model, &prompts[0].1[..32], 4, &stop, None)?;
+        (_, model) = run_once(model, &prompts[0].1[..32], 4, &stop, None, false)?;
         for (kind, prompt) in &prompts {
-            let (plain, m) = run_once(model, prompt, args.max_tokens, &stop, None)?;
+            let (plain, m) = run_once(model, prompt, args.max_tokens, &stop, None, false)?;
             model = m;
             let mut print = |drafter: &str, k: usize, r: &Run| {
                 let row = Row {
@@ -222,14 +224,16 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             print("none", 0, &plain);
             let sequence: Vec<u32> = prompt.iter().chain(&plain.tokens).copied().collect();
             for &k in &args.ngram_k {
-                let (r, m) =
-                    run_once(model, prompt, args.max_tokens, &stop, Some((Box::new(NgramDrafter::default()), k)))?;
+                // n-gram drafts adapt their length (the default when serving); the oracle keeps k
+                // fixed, since it is the upper bound for each k.
+                let ngram: Box<dyn Drafter> = Box::new(NgramDrafter::default());
+                let (r, m) = run_once(model, prompt, args.max_tokens, &stop, Some((ngram, k)), true)?;
                 model = m;
                 print("ngram", k, &r);
             }
             for &k in &args.oracle_k {
                 let oracle = OracleDrafter::new(vec![sequence.clone()], vocab);
-                let (r, m) = run_once(model, prompt, args.max_tokens, &stop, Some((Box::new(oracle), k)))?;
+                let (r, m) = run_once(model, prompt, args.max_tokens, &stop, Some((Box::new(oracle), k)), false)?;
                 model = m;
                 print("oracle", k, &r);
             }

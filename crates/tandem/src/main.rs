@@ -206,6 +206,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         step_token_budget: PREFILL_CHUNK,
         max_waiting: 1,
         spec_k: args.spec.spec_k,
+        spec_adaptive: !args.spec.spec_fixed_k,
         swap_bytes: None,
     };
     let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs::default()))?;

@@ -84,6 +84,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_waiting: args.max_waiting,
         step_token_budget: args.step_token_budget,
         spec_k: args.spec.spec_k,
+        spec_adaptive: !args.spec.spec_fixed_k,
         swap_bytes: None,
     };
     let drafter = spec_arg::build(&args.spec, &loaded, &opts)?;

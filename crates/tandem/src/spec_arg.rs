@@ -16,6 +16,10 @@ pub struct SpecArgs {
     /// Most tokens drafted per sequence per step.
     #[arg(long, default_value_t = 4)]
     pub spec_k: usize,
+    /// Always draft --spec-k tokens (by default each sequence's draft length adapts to how many
+    /// of its drafts are accepted, between 1 and --spec-k).
+    #[arg(long)]
+    pub spec_fixed_k: bool,
 }
 
 /// The drafter `args.spec` names, or None for `none`.
