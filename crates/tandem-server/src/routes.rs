@@ -34,7 +34,7 @@ const MAX_CHOICES: usize = 64;
 /// The client a request is charged to: the `X-Tandem-Client` header, else the API key (as a short
 /// hash, so keys never appear in metrics), else the OpenAI `user` field; None shares "default".
 /// `X-Tandem-Agent` names an agent within the client.
-fn identify(headers: &HeaderMap, common: &mut Common, user: Option<&str>) {
+fn identify(headers: &HeaderMap, common: &mut Common) {
     let header = |name: &str| {
         headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(String::from)
     };
@@ -50,7 +50,7 @@ fn identify(headers: &HeaderMap, common: &mut Common, user: Option<&str>) {
                 format!("key-{:08x}", h.finish() as u32)
             })
         })
-        .or_else(|| user.map(String::from));
+        .or_else(|| common.user.clone());
     common.agent = header("x-tandem-agent");
 }
 
@@ -234,8 +234,7 @@ pub async fn completions(State(state): Shared, headers: HeaderMap, body: Result<
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let user = common.user.clone();
-    identify(&headers, &mut common, user.as_deref());
+    identify(&headers, &mut common);
     let echo = req.echo.unwrap_or(false);
     let texts: Result<Vec<PromptIds>, ApiError> = match &req.prompt {
         Prompt::Text(t) => tokenize(&state, t).map(|ids| vec![(ids, echo.then(|| t.clone()))]),
@@ -274,8 +273,7 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let user = common.user.clone();
-    identify(&headers, &mut common, user.as_deref());
+    identify(&headers, &mut common);
     let result = (|| {
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));

@@ -2,6 +2,7 @@
 //! streaming completions, clients named by X-Tandem-Client), once with FCFS and once with the fair
 //! policy. Reports per-client service, p50 / p99 latency, Jain's fairness index and total
 //! throughput (table + JSON), and plots cumulative service per client over time (PNG).
+use crate::bench_serve::percentile;
 use crate::{load_model, models};
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -207,14 +208,6 @@ struct RunRow {
     series: Vec<(String, Vec<(f64, f64)>)>,
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
 /// Service events (time, client, weighted amount): the prompt at its first token, then 2 per token.
 /// Only service inside the measured window counts (requests still running at its end finish, but
 /// their late tokens are not counted).
@@ -260,13 +253,14 @@ fn summarize(workload: &str, policy: &str, records: &[Record], duration: f64) ->
         .enumerate()
         .map(|(i, n)| {
             let mine: Vec<&Record> = records.iter().filter(|r| r.client == *n).collect();
+            let mut latencies: Vec<f64> = mine.iter().map(|r| r.end - r.start).collect();
             ClientRow {
                 client: n.to_string(),
                 requests: mine.len(),
                 service: totals[i],
                 output_tokens: mine.iter().map(|r| r.token_times.iter().filter(|&&t| t <= duration).count()).sum(),
-                latency_p50_s: percentile(mine.iter().map(|r| r.end - r.start).collect(), 0.5),
-                latency_p99_s: percentile(mine.iter().map(|r| r.end - r.start).collect(), 0.99),
+                latency_p50_s: percentile(&mut latencies.clone(), 0.5),
+                latency_p99_s: percentile(&mut latencies, 0.99),
             }
         })
         .collect();
