@@ -1,4 +1,5 @@
 //! The engine loop and its handle.
+use crate::online::{OnlineHooks, OnlineState, Rejection, Trace, Version};
 use crate::scheduler::{RequestInfo, SchedulingPolicy, Service};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::panic::AssertUnwindSafe;
@@ -241,6 +242,8 @@ struct Running {
     draft_k: usize,
     /// The KV of a preempted request, copied out while it waits.
     swapped: Option<tandem_models::KvSnapshot>,
+    /// What the target did on this sequence, for the drafter's trainer (online training only).
+    trace: Option<Trace>,
 }
 
 impl Running {
@@ -272,6 +275,9 @@ pub struct Engine {
     config: EngineConfig,
     policy: Box<dyn SchedulingPolicy>,
     drafter: Option<Box<dyn Drafter>>,
+    online: Option<OnlineState>,
+    /// The draft length the throughput controller chose for this step.
+    step_k: Option<usize>,
     waiting: Vec<Waiting>,
     running: Vec<Running>,
     free_slots: Vec<usize>,
@@ -309,6 +315,8 @@ impl Engine {
             config,
             policy,
             drafter: None,
+            online: None,
+            step_k: None,
             waiting: Vec::new(),
             running: Vec::new(),
             next_arrival: 0,
@@ -325,6 +333,18 @@ impl Engine {
         tracing::info!(drafter = drafter.name(), k = self.config.spec_k, "speculative decoding on");
         *self.shared.spec.drafter.lock().expect("not poisoned") = Some(drafter.name());
         self.drafter = Some(drafter);
+        Ok(self)
+    }
+
+    /// Online training: record traces of every sequence into `hooks.traces`, take new drafter
+    /// weights from `hooks.exchange` between steps (rolling back one that lowers acceptance), and
+    /// choose the draft length by measured throughput. Needs a drafter with weights (EAGLE).
+    pub fn with_online(mut self, hooks: OnlineHooks) -> tandem_models::Result<Self> {
+        let initial = self.drafter.as_ref().and_then(|d| d.eagle()).map(|(_, w)| Version { number: 0, weights: w.clone() });
+        if initial.is_none() {
+            return Err(tandem_models::ModelError::Drafter("online training needs an EAGLE drafter".into()));
+        }
+        self.online = Some(OnlineState::new(hooks, self.config.spec_k, initial));
         Ok(self)
     }
 
@@ -381,11 +401,23 @@ impl Engine {
             self.handle(cmd);
         }
         self.drop_cancelled();
+        self.take_new_drafter();
         self.admit();
         let worked = self.forward_once();
         self.publish();
         self.check_invariants();
         worked
+    }
+
+    /// Between steps: serve the newest published drafter weights, if any (an atomic exchange; no
+    /// request is paused, and outputs cannot change since verification decides every token).
+    fn take_new_drafter(&mut self) {
+        let (Some(online), Some(drafter)) = (self.online.as_mut(), self.drafter.as_mut()) else { return };
+        if let Some(v) = online.take_new() {
+            if let Err(e) = drafter.update(v.weights.clone()) {
+                tracing::warn!(error = %e, version = v.number, "new drafter weights refused");
+            }
+        }
     }
 
     /// Runs steps until every request has finished (tests drive the engine this way).
@@ -465,6 +497,13 @@ impl Engine {
                     tracing::debug!(id = info.id, client = %info.client, "admitted");
                     let sampler = Sampler::new(request.sampling.clone());
                     let history = request.prompt.clone();
+                    let feature_size = self.drafter.as_ref().map_or(0, |d| d.target_layers().len())
+                        * self.model.config.hidden_size;
+                    let trace = self.online.as_ref().map(|_| Trace {
+                        prompt_len: request.prompt.len(),
+                        feature_size,
+                        ..Default::default()
+                    });
                     self.running.push(Running {
                         info,
                         prompt_charged: 0,
@@ -478,6 +517,7 @@ impl Engine {
                         spec: SpecUsage::default(),
                         draft_k: self.config.spec_k,
                         swapped: None,
+                        trace,
                     });
                 }
             }
@@ -508,6 +548,9 @@ impl Engine {
     fn propose_drafts(&mut self) -> Vec<Draft> {
         let mut drafts = vec![Draft::default(); self.running.len()];
         let Some(drafter) = self.drafter.as_mut() else { return drafts };
+        // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
+        let global_k = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.k.choose());
+        self.step_k = global_k;
         let mut asks = Vec::new();
         let mut who = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
@@ -517,7 +560,7 @@ impl Engine {
             // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
             let remaining = r.request.max_tokens - r.generated;
             let room = self.config.max_seq_len.saturating_sub(self.cache.len(r.slot) + 1);
-            let k = r.draft_k.min(self.config.spec_k).min(remaining.saturating_sub(1)).min(room);
+            let k = global_k.unwrap_or(r.draft_k).min(self.config.spec_k).min(remaining.saturating_sub(1)).min(room);
             if k > 0 {
                 asks.push(DraftRequest { slot: r.slot, tokens: &r.history, k, sampling: &r.request.sampling });
                 who.push((i, k));
@@ -555,6 +598,7 @@ impl Engine {
             return false;
         }
         let draft_start = Instant::now();
+        self.step_k = None;
         let mut drafts = self.propose_drafts();
         let draft_nanos = draft_start.elapsed().as_nanos() as u64;
         let verify_start = Instant::now();
@@ -649,7 +693,7 @@ impl Engine {
                 }
             }
             if !p.wants_logits {
-                self.observe(slot, p.start, offset, p.tokens.len(), &out.hidden);
+                self.observe(p.index, p.start, offset, p.tokens.len(), &out.hidden);
                 continue;
             }
             let r = &mut self.running[p.index];
@@ -684,7 +728,31 @@ impl Engine {
                 steps += 1;
                 emitted_total += emitted.len() as u64;
             }
-            self.observe(slot, p.start, offset, kept, &out.hidden);
+            if let (Some(online), Some(trace)) = (self.online.as_mut(), self.running[p.index].trace.as_mut()) {
+                // The target's distribution at every committed position that has logits, and the
+                // first rejected draft token (later ones were never judged).
+                let top = online.hooks.config.trace_top;
+                // Logit rows are the last rows.len() of the fed tokens.
+                let first = p.start + p.tokens.len() - rows.len();
+                for (j, row) in rows.clone().enumerate() {
+                    if first + j < p.start + kept {
+                        trace.record_soft(first + j, &logits[row], top);
+                    }
+                }
+                if is_decode && accepted < p.draft.tokens.len() {
+                    trace.rejected.push(Rejection { pos: p.start + accepted, token: p.draft.tokens[accepted], depth: accepted });
+                }
+                if is_decode && !p.draft.tokens.is_empty() {
+                    if let Some(back) = online.record_draft(accepted > 0) {
+                        if let Some(d) = self.drafter.as_mut() {
+                            if let Err(e) = d.update(back.weights) {
+                                tracing::error!(error = %e, "rollback failed");
+                            }
+                        }
+                    }
+                }
+            }
+            self.observe(p.index, p.start, offset, kept, &out.hidden);
             let r = &mut self.running[p.index];
             let spec = spec_on.then_some(r.spec);
             let usage = |generated| Usage {
@@ -732,18 +800,39 @@ impl Engine {
             c.add(&c.draft_nanos, draft_nanos);
             c.add(&c.verify_nanos, verify_start.elapsed().as_nanos() as u64);
         }
+        // Decode-only steps measure the end-to-end speed of the draft length used.
+        let decode_only = plan.iter().all(|p| p.wants_logits && self.running[p.index].pending.is_some());
+        if let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, decode_only) {
+            online.k.record(k, emitted_total as usize, draft_start.elapsed().as_secs_f64());
+            self.shared.spec.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
+            online.hooks.exchange.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
+            if let Ok(mut t) = online.hooks.exchange.k_table.try_lock() {
+                *t = online.k.table();
+            }
+        }
         self.remove_running(finished);
         true
     }
 
     /// Hands the drafter the target's hidden states of `n` committed positions from `start`, which
     /// are rows `offset..offset + n` of this step's batch.
-    fn observe(&mut self, slot: usize, start: usize, offset: usize, n: usize, hidden: &[candle_core::Tensor]) {
+    fn observe(&mut self, index: usize, start: usize, offset: usize, n: usize, hidden: &[candle_core::Tensor]) {
         let Some(drafter) = self.drafter.as_mut() else { return };
         if hidden.is_empty() || n == 0 {
             return;
         }
+        let slot = self.running[index].slot;
         let rows: Result<Vec<_>, _> = hidden.iter().map(|h| h.narrow(0, offset, n)).collect();
+        if let (Some(trace), Ok(rows)) = (self.running[index].trace.as_mut(), rows.as_ref()) {
+            let joined = candle_core::Tensor::cat(rows, 1)
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>());
+            match joined {
+                Ok(v) => trace.record_features(start, &v),
+                Err(e) => tracing::warn!(error = %e, "trace capture failed"),
+            }
+        }
         let outcome =
             rows.map_err(tandem_models::ModelError::from).and_then(|rows| drafter.observe(slot, start, &rows));
         if let Err(e) = outcome {
@@ -766,7 +855,12 @@ impl Engine {
         idx.sort_unstable();
         idx.dedup();
         for i in idx.into_iter().rev() {
-            let r = self.running.remove(i);
+            let mut r = self.running.remove(i);
+            if let (Some(online), Some(trace)) = (self.online.as_ref(), r.trace.take()) {
+                if trace.positions() >= 2 {
+                    online.hooks.traces.push(Trace { tokens: std::mem::take(&mut r.history), ..trace });
+                }
+            }
             self.policy.on_finish(&r.info);
             self.release(r.slot);
         }
@@ -789,3 +883,4 @@ impl Engine {
         assert!(seen.iter().all(|&s| s), "a slot is lost");
     }
 }
+

@@ -7,6 +7,7 @@
 //! budget (every decoding sequence advances one token, prefills take the rest in chunks), run one
 //! forward, sample, and send each request its token.
 mod engine;
+pub mod online;
 pub mod scheduler;
 mod spec_stats;
 

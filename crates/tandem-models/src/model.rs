@@ -289,6 +289,54 @@ impl Model {
             + dense(&self.norm)
     }
 
+    /// The embedding table itself (shares storage with the model: no copy).
+    pub fn embedding_table(&self) -> Tensor {
+        self.embed.clone()
+    }
+
+    /// Rows `ids` of the output projection (and the final norm's weight) as f32, for drafters that
+    /// start from the target's unembedding.
+    pub fn unembedding_rows(&self, ids: &[u32]) -> Result<(Tensor, Tensor)> {
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
+        let rows = match &self.lm_head {
+            Linear::Dense { weight, .. } => weight.index_select(&idx, 0)?,
+            Linear::Quantized { weight, .. } => match weight.as_ref() {
+                candle_core::quantized::QMatMul::QTensor(q) => q.dequantize(&self.device)?.index_select(&idx, 0)?,
+                candle_core::quantized::QMatMul::Tensor(t) | candle_core::quantized::QMatMul::TensorF16(t) => {
+                    t.index_select(&idx, 0)?
+                }
+            },
+            Linear::Stacked(_) => self.embed.index_select(&idx, 0)?,
+        };
+        let f32 = candle_core::DType::F32;
+        Ok((rows.to_dtype(f32)?, self.norm.to_dtype(f32)?))
+    }
+
+    /// Dense f32 weights of block `layer` under Hugging Face names (`self_attn.q_proj.weight`, ...),
+    /// None for quantized blocks. Drafters may start from them.
+    pub fn layer_weights(&self, layer: usize) -> Option<std::collections::HashMap<String, Tensor>> {
+        let b = self.blocks.get(layer)?;
+        let dense = |l: &Linear| match l {
+            Linear::Dense { weight, .. } => weight.to_dtype(candle_core::DType::F32).ok(),
+            _ => None,
+        };
+        let c = &self.config;
+        let (q, kv, i) = (c.q_size(), c.kv_size(), c.intermediate_size);
+        let qkv = dense(&b.qkv)?;
+        let gate_up = dense(&b.gate_up)?;
+        let mut m = std::collections::HashMap::new();
+        m.insert("self_attn.q_proj.weight".into(), qkv.narrow(0, 0, q).ok()?);
+        m.insert("self_attn.k_proj.weight".into(), qkv.narrow(0, q, kv).ok()?);
+        m.insert("self_attn.v_proj.weight".into(), qkv.narrow(0, q + kv, kv).ok()?);
+        m.insert("self_attn.o_proj.weight".into(), dense(&b.o_proj)?);
+        m.insert("mlp.gate_proj.weight".into(), gate_up.narrow(0, 0, i).ok()?);
+        m.insert("mlp.up_proj.weight".into(), gate_up.narrow(0, i, i).ok()?);
+        m.insert("mlp.down_proj.weight".into(), dense(&b.down)?);
+        m.insert("input_layernorm.weight".into(), b.attn_norm.to_dtype(candle_core::DType::F32).ok()?);
+        m.insert("post_attention_layernorm.weight".into(), b.mlp_norm.to_dtype(candle_core::DType::F32).ok()?);
+        Some(m)
+    }
+
     /// Token embeddings as f32 rows [ids.len(), hidden] (drafters share the target's table).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;

@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use tandem_models::{Model, ModelConfig, ModelError, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +142,75 @@ impl EagleWeights {
     fn get(&self, name: &str) -> &Tensor {
         &self.tensors[name]
     }
+
+    /// A fresh drafter for `target`, random except for what `warm` copies from the target.
+    pub fn init(c: &EagleConfig, target: &Model, warm: WarmStart, seed: u64) -> Result<Self> {
+        let mut w = Self::random(c, seed, target.device())?;
+        if warm == WarmStart::None {
+            return Ok(w);
+        }
+        // The target's unembedding over the draft vocabulary: the drafter starts out speaking the
+        // target's output language and only has to learn which hidden state to produce.
+        let (rows, norm) = target.unembedding_rows(&w.d2t)?;
+        w.tensors.insert("lm_head.weight".into(), rows);
+        w.tensors.insert("norm.weight".into(), norm);
+        if warm == WarmStart::Full {
+            // fc passes the highest target layer straight through, and the decoder layer starts as
+            // the target's last layer reading that hidden state (the embedding half starts small).
+            let h = c.hidden_size;
+            let n = c.target_layers.len();
+            let mut fc = vec![0f32; h * n * h];
+            for i in 0..h {
+                fc[i * n * h + (n - 1) * h + i] = 1.0;
+            }
+            w.tensors.insert("fc.weight".into(), Tensor::from_vec(fc, (h, n * h), target.device())?);
+            if let Some(layer) = target.layer_weights(target.config.num_layers - 1) {
+                for (name, t) in layer {
+                    let key = format!("midlayer.{name}");
+                    let Some(old) = w.tensors.get(&key) else { continue };
+                    let t = if matches!(name.as_str(), "self_attn.q_proj.weight" | "self_attn.k_proj.weight" | "self_attn.v_proj.weight") {
+                        // Input is [embedding, hidden]: keep the random embedding half, copy the rest.
+                        Tensor::cat(&[&(old.narrow(1, 0, h)? * 0.1)?, &t], 1)?
+                    } else {
+                        t
+                    };
+                    if t.dims() == old.dims() {
+                        let t = if name == "input_layernorm.weight" { t.clone() } else { t };
+                        w.tensors.insert(key, t);
+                    }
+                }
+                // The hidden half is normed by hidden_norm in the drafter: start it as the target's.
+                if let Some(n) = w.tensors.get("midlayer.input_layernorm.weight").cloned() {
+                    w.tensors.insert("midlayer.hidden_norm.weight".into(), n);
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// What a fresh drafter copies from its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WarmStart {
+    /// Random weights throughout.
+    None,
+    /// The target's unembedding rows and final norm for `lm_head` / `norm`.
+    #[default]
+    Head,
+    /// Head, plus the decoder layer from the target's last layer and `fc` passing the top layer through.
+    Full,
+}
+
+impl std::str::FromStr for WarmStart {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" | "random" => Ok(WarmStart::None),
+            "head" => Ok(WarmStart::Head),
+            "full" => Ok(WarmStart::Full),
+            _ => Err(format!("unknown warm start {s:?} (none, head, full)")),
+        }
+    }
 }
 
 /// Per-sequence state: the target features seen so far and the drafter's KV cache over them.
@@ -157,43 +227,67 @@ struct SlotState {
 
 pub struct EagleDrafter {
     pub config: EagleConfig,
-    weights: EagleWeights,
+    weights: Arc<EagleWeights>,
     device: Device,
     slots: Vec<SlotState>,
     /// cos / sin tables [positions, head_dim], grown on demand.
     rope: Option<(Tensor, Tensor)>,
 }
 
+/// Every tensor present with its expected shape, and `d2t` mapping into the target's vocabulary.
+pub fn check_shapes(config: &EagleConfig, weights: &EagleWeights) -> Result<()> {
+    for (name, shape) in NAMES.iter().zip(EagleWeights::shapes(config)) {
+        let t = weights.tensors.get(*name).ok_or_else(|| ModelError::Drafter(format!("missing tensor {name}")))?;
+        if t.dims() != shape.as_slice() {
+            return Err(ModelError::Drafter(format!("EAGLE tensor {name} has shape {:?}, expected {shape:?}", t.dims())));
+        }
+    }
+    if weights.d2t.len() != config.draft_vocab_size || weights.d2t.iter().any(|&t| t as usize >= config.vocab_size) {
+        return Err(ModelError::Drafter("EAGLE d2t does not map the draft vocabulary into the target's".into()));
+    }
+    Ok(())
+}
+
+/// Writes `dir/config.json` and `dir/model.safetensors` (d2t stored as EAGLE-3 offsets).
+pub fn save_weights(config: &EagleConfig, weights: &EagleWeights, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::checkpoint(dir, e))?;
+    let cfg_path = dir.join("config.json");
+    let json = serde_json::to_string_pretty(config).expect("config serialises");
+    std::fs::write(&cfg_path, json).map_err(|e| ModelError::checkpoint(&cfg_path, e))?;
+    let mut tensors: HashMap<String, Tensor> =
+        weights.tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let offsets: Vec<i64> = weights.d2t.iter().enumerate().map(|(i, &t)| t as i64 - i as i64).collect();
+    tensors.insert("d2t".into(), Tensor::new(offsets, &Device::Cpu)?);
+    // Write then rename, so a reader (or a crash) never sees half a checkpoint.
+    let tmp = dir.join("model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| ModelError::checkpoint(dir, e))?;
+    Ok(())
+}
+
 impl EagleDrafter {
     pub fn new(config: EagleConfig, weights: EagleWeights, device: &Device) -> Result<Self> {
-        for (name, shape) in NAMES.iter().zip(EagleWeights::shapes(&config)) {
-            let t = weights.tensors.get(*name).ok_or_else(|| ModelError::Drafter(format!("missing tensor {name}")))?;
-            if t.dims() != shape.as_slice() {
-                return Err(ModelError::Drafter(format!(
-                    "EAGLE tensor {name} has shape {:?}, expected {shape:?}",
-                    t.dims()
-                )));
-            }
-        }
-        if weights.d2t.len() != config.draft_vocab_size || weights.d2t.iter().any(|&t| t as usize >= config.vocab_size)
-        {
-            return Err(ModelError::Drafter("EAGLE d2t does not map the draft vocabulary into the target's".into()));
-        }
-        let weights = EagleWeights {
+        check_shapes(&config, &weights)?;
+        let weights = Arc::new(EagleWeights {
             tensors: weights
                 .tensors
                 .into_iter()
                 .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.to_device(device)?)))
                 .collect::<Result<_>>()?,
             d2t: weights.d2t,
-        };
+        });
         Ok(EagleDrafter { config, weights, device: device.clone(), slots: Vec::new(), rope: None })
     }
 
     /// A freshly initialised drafter for `target`.
     pub fn random(target: &Model, draft_vocab_size: Option<usize>, seed: u64) -> Result<Self> {
+        Self::fresh(target, draft_vocab_size, WarmStart::None, seed)
+    }
+
+    /// A fresh drafter for `target`, initialised as `warm` says.
+    pub fn fresh(target: &Model, draft_vocab_size: Option<usize>, warm: WarmStart, seed: u64) -> Result<Self> {
         let config = EagleConfig::for_target(&target.config, draft_vocab_size);
-        let weights = EagleWeights::random(&config, seed, target.device())?;
+        let weights = EagleWeights::init(&config, target, warm, seed)?;
         Self::new(config, weights, target.device())
     }
 
@@ -223,19 +317,24 @@ impl EagleDrafter {
 
     /// Writes `dir/config.json` and `dir/model.safetensors`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::checkpoint(dir, e))?;
-        let cfg_path = dir.join("config.json");
-        let json = serde_json::to_string_pretty(&self.config).expect("config serialises");
-        std::fs::write(&cfg_path, json).map_err(|e| ModelError::checkpoint(&cfg_path, e))?;
-        let mut tensors = self.weights.tensors.clone();
-        let offsets: Vec<i64> = self.weights.d2t.iter().enumerate().map(|(i, &t)| t as i64 - i as i64).collect();
-        tensors.insert("d2t".into(), Tensor::new(offsets, &Device::Cpu)?);
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-        Ok(())
+        save_weights(&self.config, &self.weights, dir)
     }
 
-    pub fn weights(&self) -> &EagleWeights {
+    pub fn weights(&self) -> &Arc<EagleWeights> {
         &self.weights
+    }
+
+    /// Serves `weights` from the next draft on. The per-slot caches were computed with the old
+    /// weights, so they are rebuilt from the kept target features.
+    pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
+        check_shapes(&self.config, &weights)?;
+        self.weights = weights;
+        for s in &mut self.slots {
+            s.cached = 0;
+            s.keys = None;
+            s.values = None;
+        }
+        Ok(())
     }
 
     fn feature_size(&self) -> usize {
@@ -421,36 +520,44 @@ impl Drafter for EagleDrafter {
             *s = SlotState::default();
         }
     }
+
+    fn update(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
+        self.set_weights(weights)
+    }
+
+    fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
+        Some((&self.config, &self.weights))
+    }
 }
 
 /// A standard normal draw (Box-Muller).
-fn normal(rng: &mut StdRng) -> f32 {
+pub fn normal(rng: &mut StdRng) -> f32 {
     let u1: f32 = rng.random::<f32>().max(1e-12);
     let u2: f32 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
 
-fn silu(x: &Tensor) -> Result<Tensor> {
+pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_core::Tensor::exp(&x.neg()?)?.affine(1.0, 1.0)?.recip()?)?)
 }
 
-fn candle_softmax(x: &Tensor) -> Result<Tensor> {
+pub fn candle_softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// x: [t, heads, d]; cos, sin: [t, 1, d] in rotate-half layout.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -459,7 +566,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// [kv_heads, n, d] -> [kv_heads * group, n, d], each kv head serving `group` query heads.
-fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+pub fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
     if group == 1 {
         return Ok(x.clone());
     }

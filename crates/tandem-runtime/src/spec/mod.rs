@@ -6,19 +6,20 @@
 //! longest prefix equal to the target's argmax; sampling uses rejection sampling, so the output
 //! distribution is exactly the target's whatever the drafter proposes. Drafters only change speed.
 mod draft_model;
-mod eagle;
+pub mod eagle;
 mod ngram;
 mod oracle;
 mod verify;
 
 pub use draft_model::DraftModelDrafter;
-pub use eagle::{EagleConfig, EagleDrafter};
+pub use eagle::{EagleConfig, EagleDrafter, EagleWeights, WarmStart};
 pub use ngram::NgramDrafter;
 pub use oracle::OracleDrafter;
 pub use verify::{verify, Verified};
 
 use crate::sampling::{Sampler, SamplingParams, Target};
 use candle_core::Tensor;
+use std::sync::Arc;
 use tandem_models::{Model, Result};
 
 /// One decoding sequence asking for a draft.
@@ -84,6 +85,17 @@ pub trait Drafter: Send {
 
     /// The sequence in `slot` has ended.
     fn release(&mut self, _slot: usize) {}
+
+    /// Serves new weights from the next draft on (online training hot-swaps them between engine
+    /// steps). Drafters without trainable weights refuse.
+    fn update(&mut self, _weights: Arc<EagleWeights>) -> Result<()> {
+        Err(tandem_models::ModelError::Drafter(format!("the {} drafter has no weights to update", self.name())))
+    }
+
+    /// The EAGLE configuration and weights now served, for drafters that have them.
+    fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
+        None
+    }
 }
 
 /// A sampler for a drafter's own draws. Seeded requests stay reproducible, but from a stream
