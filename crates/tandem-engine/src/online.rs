@@ -54,10 +54,15 @@ impl Trace {
         if start > self.positions() {
             return; // a gap: keep what is consistent
         }
-        self.features.truncate(start * fs);
+        if start < self.positions() {
+            // Recomputed after a preemption: the same positions again.
+            self.features.truncate(start * fs);
+            self.rejected.retain(|r| r.pos < start);
+        }
         self.features.extend_from_slice(rows);
-        self.soft.resize(self.positions(), Vec::new());
-        self.rejected.retain(|r| r.pos < start);
+        if self.soft.len() < self.positions() {
+            self.soft.resize(self.positions(), Vec::new());
+        }
     }
 
     pub(crate) fn record_soft(&mut self, pos: usize, logits: &[f32], top: usize) {

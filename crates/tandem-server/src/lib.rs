@@ -18,6 +18,7 @@ use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use tandem_engine::online::OnlineHooks;
 use tandem_engine::{Engine, EngineConfig, EngineHandle, SchedulingPolicy};
 use tandem_models::{LoadedModel, Tokenizer};
 use tandem_runtime::spec::Drafter;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub kv_bytes_per_slot: usize,
     pub next_id: AtomicU64,
     pub created: u64,
+    /// Online drafter training, when on (for /metrics).
+    pub online: Option<OnlineHooks>,
 }
 
 impl AppState {
@@ -46,6 +49,7 @@ impl AppState {
         config: EngineConfig,
         policy: Box<dyn SchedulingPolicy>,
         drafter: Option<Box<dyn Drafter>>,
+        online: Option<OnlineHooks>,
     ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
         let template = ChatTemplate::new(
             loaded.chat_template.as_deref(),
@@ -58,6 +62,9 @@ impl AppState {
         let (mut engine, handle) = Engine::new(loaded.model, config, policy).map_err(|e| e.to_string())?;
         if let Some(d) = drafter {
             engine = engine.with_drafter(d).map_err(|e| e.to_string())?;
+        }
+        if let Some(hooks) = &online {
+            engine = engine.with_online(hooks.clone()).map_err(|e| e.to_string())?;
         }
         let thread = engine.spawn();
         let state = AppState {
@@ -73,6 +80,7 @@ impl AppState {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            online,
         };
         Ok((Arc::new(state), thread))
     }

@@ -576,6 +576,7 @@ pub async fn metrics(State(state): Shared) -> Response {
         service: state.engine.service(),
         waiting_by_client: state.engine.waiting_by_client(),
         preemptions: state.engine.preemptions(),
+        online: state.online.clone(),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
 }

@@ -294,7 +294,7 @@ fn start_server(
         ..Default::default()
     };
     let (state, engine_thread) =
-        tandem_server::AppState::start(loaded, config, policy, None).map_err(anyhow::Error::msg)?;
+        tandem_server::AppState::start(loaded, config, policy, None, None).map_err(anyhow::Error::msg)?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let port = listener.local_addr()?.port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -124,7 +124,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         let max_batch = args.concurrency.iter().copied().max().unwrap_or(1);
         let config = EngineConfig { max_batch, max_seq_len: 512 + args.max_tokens, ..Default::default() };
         let (state, engine_thread) =
-            tandem_server::AppState::start(loaded, config, Box::new(tandem_engine::Fcfs::default()), None)
+            tandem_server::AppState::start(loaded, config, Box::new(tandem_engine::Fcfs::default()), None, None)
                 .map_err(anyhow::Error::msg)?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let mut single = None;

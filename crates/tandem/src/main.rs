@@ -4,10 +4,12 @@ mod bench_fair;
 mod bench_serve;
 mod bench_spec;
 mod models;
+mod online_arg;
 mod plot;
 mod schedule_arg;
 mod serve;
 mod spec_arg;
+mod train_drafter;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -57,6 +59,8 @@ enum Command {
     /// Measure prefill, decode and k-token verification cost (table on stdout, JSON file);
     /// `tandem bench serve` measures the HTTP server under concurrent load.
     Bench(bench::BenchArgs),
+    /// Train an EAGLE drafter offline from traces recorded by `serve --spec-train online --trace-dir DIR`.
+    TrainDrafter(train_drafter::TrainDrafterArgs),
 }
 
 #[derive(Subcommand)]
@@ -288,6 +292,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::TrainDrafter(args) => train_drafter::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }

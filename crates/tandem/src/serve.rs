@@ -1,5 +1,6 @@
 //! `tandem serve`: the OpenAI-compatible server.
 use crate::schedule_arg::{self, ScheduleArgs};
+use crate::online_arg::{self, OnlineArgs};
 use crate::spec_arg::{self, SpecArgs};
 use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
@@ -40,6 +41,8 @@ pub struct ServeArgs {
     cuda: Option<usize>,
     #[command(flatten)]
     spec: SpecArgs,
+    #[command(flatten)]
+    online: OnlineArgs,
     #[command(flatten)]
     schedule: ScheduleArgs,
 }
@@ -87,10 +90,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
         spec_adaptive: !args.spec.spec_fixed_k,
         swap_bytes: None,
     };
-    let drafter = spec_arg::build(&args.spec, &loaded, &opts)?;
+    let (drafter, online, trainer) = if args.online.enabled()? {
+        if !args.spec.spec.starts_with("eagle") {
+            bail!("--spec-train online trains an EAGLE drafter: add --spec eagle");
+        }
+        let eagle = spec_arg::build_eagle(&args.spec, &loaded)?;
+        let (hooks, trainer) = online_arg::start(&args.online, &loaded.model, &eagle)?;
+        eprintln!(
+            "online drafter training on: checkpoints in {}{}",
+            args.online.drafter_save.display(),
+            args.online.trace_dir.as_ref().map(|d| format!(", traces in {}", d.display())).unwrap_or_default()
+        );
+        (Some(Box::new(eagle) as Box<dyn tandem_runtime::spec::Drafter>), Some(hooks), Some(trainer))
+    } else {
+        (spec_arg::build(&args.spec, &loaded, &opts)?, None, None)
+    };
     let policy = schedule_arg::build(&args.schedule)?;
     let (state, engine_thread) =
-        tandem_server::AppState::start(loaded, config, policy, drafter).map_err(anyhow::Error::msg)?;
+        tandem_server::AppState::start(loaded, config, policy, drafter, online).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
     runtime.block_on(async move {
@@ -116,6 +133,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     let _ = engine_thread.join();
+    if let Some(t) = trainer {
+        // Writes the final drafter checkpoint.
+        t.shutdown();
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@ use crate::load_model;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tandem_models::{LoadOptions, LoadedModel};
-use tandem_runtime::spec::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter};
+use tandem_runtime::spec::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, WarmStart};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SpecArgs {
@@ -20,6 +20,38 @@ pub struct SpecArgs {
     /// of its drafts are accepted, between 1 and --spec-k).
     #[arg(long)]
     pub spec_fixed_k: bool,
+    /// Rows of a fresh EAGLE drafter's output layer: the first N token ids (BPE ids roughly follow
+    /// frequency). Smaller drafts faster; 0 keeps the whole vocabulary.
+    #[arg(long, default_value_t = 8192)]
+    pub draft_vocab: usize,
+    /// What a fresh EAGLE drafter copies from the target: `none` (random), `head` (the target's
+    /// unembedding rows and final norm) or `full` (head, plus its last layer as the decoder layer).
+    #[arg(long, default_value = "head")]
+    pub warm_start: WarmStart,
+    /// Start the EAGLE drafter from this saved drafter (same as `--spec eagle:DIR`).
+    #[arg(long)]
+    pub drafter: Option<std::path::PathBuf>,
+}
+
+impl SpecArgs {
+    fn draft_vocab(&self) -> Option<usize> {
+        (self.draft_vocab > 0).then_some(self.draft_vocab)
+    }
+}
+
+/// The EAGLE drafter the arguments name: loaded from `--drafter` / `eagle:DIR`, else fresh.
+pub fn build_eagle(args: &SpecArgs, target: &LoadedModel) -> Result<EagleDrafter> {
+    let saved = match args.spec.strip_prefix("eagle:") {
+        Some(dir) => Some(std::path::PathBuf::from(dir)),
+        // --drafter names a checkpoint folder that may not exist yet (a first online run).
+        None => args.drafter.clone().filter(|d| d.join("model.safetensors").exists()),
+    };
+    match saved {
+        Some(dir) => {
+            EagleDrafter::load(&dir, &target.model).with_context(|| format!("loading the drafter {}", dir.display()))
+        }
+        None => Ok(EagleDrafter::fresh(&target.model, args.draft_vocab(), args.warm_start, 0)?),
+    }
 }
 
 /// The drafter `args.spec` names, or None for `none`.
@@ -31,10 +63,7 @@ pub fn build(args: &SpecArgs, target: &LoadedModel, opts: &LoadOptions) -> Resul
     Ok(match (kind, arg) {
         ("none", None) => None,
         ("ngram", None) => Some(Box::new(NgramDrafter::default())),
-        ("eagle", None) => Some(Box::new(EagleDrafter::random(&target.model, None, 0)?)),
-        ("eagle", Some(dir)) => Some(Box::new(
-            EagleDrafter::load(Path::new(dir), &target.model).with_context(|| format!("loading the drafter {dir}"))?,
-        )),
+        ("eagle", _) => Some(Box::new(build_eagle(args, target)?)),
         ("draft-model", Some(path)) => {
             let draft = load_model(Path::new(path), opts)?;
             if draft.tokenizer.get_vocab_size(true) != target.tokenizer.get_vocab_size(true) {

@@ -1,0 +1,15 @@
+//! tandem-speculator: the drafter learns from the traffic it serves.
+//!
+//! The engine records traces (target hidden states, the target's distribution, accepted and
+//! rejected drafts) into a bounded buffer; [`OnlineTrainer`] runs beside serving in the same
+//! process, trains a copy of the EAGLE drafter on them ([`Trainer`]: candle autograd, AdamW), and
+//! publishes numbered versions that the engine swaps in between steps (rolling back one that
+//! lowers acceptance). `tandem train-drafter` runs the same trainer over traces spilled to disk.
+pub mod online;
+pub mod pool;
+pub mod trainer;
+pub mod traces_io;
+
+pub use online::{OnlineTrainer, OnlineTrainerConfig, TrainerHandle};
+pub use pool::{Batch, TracePool};
+pub use trainer::{StepStats, TrainConfig, Trainer};

@@ -1,0 +1,243 @@
+//! The trainer thread beside serving: drains traces, trains, publishes numbered drafter versions,
+//! follows the engine's rollbacks, writes checkpoints, and keeps to its share of the CPU.
+use crate::pool::TracePool;
+use crate::traces_io::TraceSpill;
+use crate::trainer::{StepStats, Trainer};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_engine::online::{DrafterExchange, TraceBuffer, Version};
+use tandem_runtime::spec::eagle::save_weights;
+use tandem_runtime::spec::EagleWeights;
+
+#[derive(Debug, Clone)]
+pub struct OnlineTrainerConfig {
+    /// Optimizer steps between published versions.
+    pub publish_every: u64,
+    /// Positions pooled before the first step.
+    pub min_positions: usize,
+    /// Most positions kept in the pool (the oldest traces go first).
+    pub pool_positions: usize,
+    /// Share of wall time the trainer may compute (it sleeps the rest), so serving keeps the CPU.
+    pub cpu_share: f64,
+    /// Threads for the trainer's kernels.
+    pub threads: usize,
+    /// Drafter checkpoints: every `checkpoint_every` steps and at shutdown.
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    /// Also write every trace here (replayable with `tandem train-drafter --traces`).
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for OnlineTrainerConfig {
+    fn default() -> Self {
+        OnlineTrainerConfig {
+            publish_every: 10,
+            min_positions: 256,
+            pool_positions: 200_000,
+            cpu_share: 0.5,
+            threads: 1,
+            checkpoint_dir: None,
+            checkpoint_every: 200,
+            spill_dir: None,
+        }
+    }
+}
+
+/// What the trainer has done so far.
+#[derive(Debug, Clone, Default)]
+pub struct TrainerStatus {
+    pub steps: u64,
+    pub last: StepStats,
+    pub version: u64,
+    pub pooled_positions: usize,
+    pub traces_seen: u64,
+    pub compute_secs: f64,
+    pub error: Option<String>,
+}
+
+pub struct TrainerHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub status: Arc<Mutex<TrainerStatus>>,
+}
+
+impl TrainerHandle {
+    /// Stops the trainer after its current step; it writes its final checkpoint before this returns.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn status(&self) -> TrainerStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for TrainerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+pub struct OnlineTrainer;
+
+impl OnlineTrainer {
+    pub fn spawn(
+        trainer: Trainer,
+        traces: Arc<TraceBuffer>,
+        exchange: Arc<DrafterExchange>,
+        config: OnlineTrainerConfig,
+    ) -> TrainerHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Mutex::new(TrainerStatus::default()));
+        let (s, st) = (stop.clone(), status.clone());
+        let thread = std::thread::Builder::new()
+            .name("tandem-trainer".into())
+            .spawn(move || {
+                // A panic in training must not take serving down: it ends training, and says why.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(trainer, traces, exchange, config, s, st.clone())
+                }));
+                if r.is_err() {
+                    tracing::error!("the drafter trainer panicked; serving continues with the last drafter");
+                    st.lock().unwrap_or_else(|e| e.into_inner()).error = Some("trainer panicked".into());
+                }
+            })
+            .expect("spawning the trainer thread");
+        TrainerHandle { stop, thread: Some(thread), status }
+    }
+}
+
+fn run(
+    mut trainer: Trainer,
+    traces: Arc<TraceBuffer>,
+    exchange: Arc<DrafterExchange>,
+    config: OnlineTrainerConfig,
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<TrainerStatus>>,
+) {
+    let pool_threads = rayon_pool(config.threads);
+    let mut pool = TracePool::new(config.pool_positions);
+    let mut rng = StdRng::seed_from_u64(trainer.train.seed ^ 0x7EA1);
+    let mut spill = config.spill_dir.as_ref().and_then(|d| match TraceSpill::new(d) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot spill traces; keeping them in memory only");
+            None
+        }
+    });
+    // Recent published versions, to continue from the one the engine rolled back to.
+    let mut versions: BTreeMap<u64, Arc<EagleWeights>> = BTreeMap::new();
+    if let Ok(w) = trainer.weights() {
+        versions.insert(0, Arc::new(w));
+    }
+    let mut next_version = 1u64;
+    let share = config.cpu_share.clamp(0.01, 1.0);
+    while !stop.load(Ordering::SeqCst) {
+        for t in traces.drain() {
+            if let Some(s) = spill.as_mut() {
+                if let Err(e) = s.write(&t) {
+                    tracing::warn!(error = %e, "trace spill failed");
+                }
+            }
+            pool.add(t);
+        }
+        if !exchange.take_rejected().is_empty() {
+            let back = exchange.serving_version.load(Ordering::Relaxed);
+            if let Some(w) = versions.get(&back) {
+                tracing::info!(version = back, "trainer continues from the version serving fell back to");
+                if let Err(e) = trainer.reset_to(w) {
+                    tracing::warn!(error = %e, "trainer reset failed");
+                }
+            }
+        }
+        if pool.positions() < config.min_positions {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let tc = trainer.train.clone();
+        let vd = trainer.config.draft_vocab_size;
+        let Some(batch) = pool.sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id)) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let start = Instant::now();
+        let result = match &pool_threads {
+            Some(p) => p.install(|| trainer.step(&batch)),
+            None => trainer.step(&batch),
+        };
+        let secs = start.elapsed().as_secs_f64();
+        let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+        st.compute_secs += secs;
+        st.pooled_positions = pool.positions();
+        st.traces_seen = pool.seen;
+        match result {
+            Ok(s) => {
+                st.steps = trainer.steps;
+                st.last = s;
+                exchange.set_loss(s.loss);
+                exchange.train_steps.store(trainer.steps, Ordering::Relaxed);
+                exchange.train_positions.fetch_add(s.positions as u64, Ordering::Relaxed);
+                if trainer.steps.is_multiple_of(config.publish_every.max(1)) {
+                    match trainer.weights() {
+                        Ok(w) => {
+                            let w = Arc::new(w);
+                            exchange.publish(Version { number: next_version, weights: w.clone() });
+                            versions.insert(next_version, w);
+                            while versions.len() > 8 {
+                                versions.pop_first();
+                            }
+                            st.version = next_version;
+                            tracing::debug!(version = next_version, loss = s.loss, top1 = s.top1, "drafter published");
+                            next_version += 1;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not copy the drafter's weights"),
+                    }
+                }
+                if trainer.steps.is_multiple_of(config.checkpoint_every.max(1)) {
+                    checkpoint(&trainer, &config);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "training step failed");
+                st.error = Some(e.to_string());
+            }
+        }
+        drop(st);
+        // Keep to the CPU share: sleep so that compute / wall time stays at `share`.
+        let rest = secs * (1.0 - share) / share;
+        if rest > 0.0 {
+            let until = Instant::now() + Duration::from_secs_f64(rest);
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
+            }
+        }
+    }
+    checkpoint(&trainer, &config);
+}
+
+fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {
+    let Some(dir) = &config.checkpoint_dir else { return };
+    match trainer.weights().and_then(|w| save_weights(&trainer.config, &w, dir)) {
+        Ok(()) => tracing::info!(dir = %dir.display(), steps = trainer.steps, "drafter checkpoint written"),
+        Err(e) => tracing::warn!(error = %e, "drafter checkpoint failed"),
+    }
+}
+
+fn rayon_pool(threads: usize) -> Option<rayon::ThreadPool> {
+    if threads == 0 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("tandem-train-{i}")).build().ok()
+}

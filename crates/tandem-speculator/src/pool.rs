@@ -1,0 +1,208 @@
+//! The trainer's pool of recent traces and the batches it samples from them.
+use rand::rngs::StdRng;
+use rand::Rng;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tandem_engine::online::Trace;
+
+/// Positions beyond this are not trained on (the trainer's rope table ends there).
+pub const MAX_POSITION: usize = 16384;
+
+/// Windows of traces packed into one sequence: row r is trace position t of some window.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub feature_size: usize,
+    pub draft_vocab: usize,
+    /// [rows, feature_size]: the target's features at t.
+    pub features: Vec<f32>,
+    /// Token t + 1 (its embedding is the drafter's other input).
+    pub next_tokens: Vec<u32>,
+    /// t, for rope.
+    pub positions: Vec<u32>,
+    /// Index of the row within its window, and the window's number.
+    pub offsets: Vec<usize>,
+    pub windows: Vec<u32>,
+    /// [rows, draft_vocab]: the target's distribution over token t + 2 (zero rows: no label).
+    pub labels: Vec<f32>,
+    pub has_label: Vec<bool>,
+    /// The target's most likely token t + 2 as a draft id, if in the draft vocabulary.
+    pub top_label: Vec<i64>,
+    /// (row, draft id, step): proposals the target rejected.
+    pub rejected: Vec<(usize, usize, usize)>,
+}
+
+impl Batch {
+    pub fn rows(&self) -> usize {
+        self.next_tokens.len()
+    }
+
+    pub fn labelled(&self) -> usize {
+        self.has_label.iter().filter(|&&l| l).count()
+    }
+
+    /// Additive attention mask of training-time-test step `i`: row t sees rows u of its window
+    /// with offset(u) <= offset(t) - i.
+    pub fn mask(&self, i: usize) -> Vec<f32> {
+        let n = self.rows();
+        let mut m = vec![f32::NEG_INFINITY; n * n];
+        for t in 0..n {
+            for u in 0..n {
+                if self.windows[u] == self.windows[t] && self.offsets[u] + i <= self.offsets[t] {
+                    m[t * n + u] = 0.0;
+                }
+            }
+        }
+        m
+    }
+
+    /// 1.0 for rows with a label whose step-`i` chain starts inside their window.
+    pub fn valid(&self, i: usize) -> Vec<f32> {
+        (0..self.rows()).map(|t| (self.has_label[t] && self.offsets[t] >= i) as u8 as f32).collect()
+    }
+
+    /// Share of labelled rows whose argmax in `logits` is the target's top token.
+    pub fn top1_agreement(&self, logits: &[Vec<f32>]) -> f64 {
+        let (mut hit, mut n) = (0usize, 0usize);
+        for (t, row) in logits.iter().enumerate() {
+            if !self.has_label[t] {
+                continue;
+            }
+            n += 1;
+            let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as i64);
+            hit += (best == Some(self.top_label[t])) as usize;
+        }
+        hit as f64 / n.max(1) as f64
+    }
+
+    /// One window over `start..start + len` of `trace`.
+    pub fn window(trace: &Trace, start: usize, len: usize, draft_vocab: usize, t2d: &dyn Fn(u32) -> Option<usize>) -> Batch {
+        let mut b = Batch { feature_size: trace.feature_size, draft_vocab, ..Default::default() };
+        b.push_window(trace, start, len, t2d);
+        b
+    }
+
+    /// Appends rows `start..start + len` of `trace`.
+    fn push_window(&mut self, trace: &Trace, start: usize, len: usize, t2d: &dyn Fn(u32) -> Option<usize>) {
+        let fs = trace.feature_size;
+        let window = self.windows.last().map_or(0, |w| w + 1);
+        let first_row = self.rows();
+        for (o, t) in (start..start + len).enumerate() {
+            self.features.extend_from_slice(&trace.features[t * fs..(t + 1) * fs]);
+            self.next_tokens.push(trace.tokens[t + 1]);
+            self.positions.push(t as u32);
+            self.offsets.push(o);
+            self.windows.push(window);
+            let mut row = vec![0f32; self.draft_vocab];
+            let mut top = -1i64;
+            let soft = trace.soft.get(t + 1).filter(|s| !s.is_empty());
+            match soft {
+                Some(entries) => {
+                    // The target's top entries, renormalised over those the draft vocabulary has.
+                    let mut mass = 0.0;
+                    for &(id, p) in entries {
+                        if let Some(d) = t2d(id) {
+                            row[d] += p;
+                            mass += p;
+                        }
+                    }
+                    if mass > 1e-6 {
+                        row.iter_mut().for_each(|x| *x /= mass);
+                    }
+                    top = t2d(entries[0].0).map_or(-1, |d| d as i64);
+                }
+                None => {
+                    if let Some(d) = trace.tokens.get(t + 2).and_then(|&id| t2d(id)) {
+                        row[d] = 1.0;
+                        top = d as i64;
+                    }
+                }
+            }
+            let labelled = row.iter().any(|&x| x > 0.0);
+            self.labels.extend_from_slice(&row);
+            self.has_label.push(labelled);
+            self.top_label.push(top);
+        }
+        for r in &trace.rejected {
+            // The proposal for token pos + 1 was drafted at position pos - 1.
+            if r.pos >= start + 1 && r.pos - 1 < start + len {
+                if let Some(d) = t2d(r.token) {
+                    self.rejected.push((first_row + r.pos - 1 - start, d, r.depth));
+                }
+            }
+        }
+    }
+}
+
+/// Recent traces, bounded by positions (the oldest go first).
+pub struct TracePool {
+    traces: VecDeque<Arc<Trace>>,
+    positions: usize,
+    max_positions: usize,
+    /// Positions ever added.
+    pub seen: u64,
+}
+
+impl TracePool {
+    pub fn new(max_positions: usize) -> Self {
+        TracePool { traces: VecDeque::new(), positions: 0, max_positions, seen: 0 }
+    }
+
+    pub fn add(&mut self, trace: Trace) {
+        if trace.positions() < 2 || trace.tokens.len() < 2 {
+            return;
+        }
+        self.positions += trace.positions();
+        self.seen += trace.positions() as u64;
+        self.traces.push_back(Arc::new(trace));
+        while self.positions > self.max_positions && self.traces.len() > 1 {
+            let old = self.traces.pop_front().expect("non-empty");
+            self.positions -= old.positions();
+        }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    pub fn len(&self) -> usize {
+        self.traces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.traces.is_empty()
+    }
+
+    /// About `rows` positions in windows of at most `window`, favouring recent traces (so a new
+    /// domain is learnt quickly) while older ones keep being revisited.
+    pub fn sample(
+        &self,
+        rng: &mut StdRng,
+        rows: usize,
+        window: usize,
+        draft_vocab: usize,
+        t2d: &dyn Fn(u32) -> Option<usize>,
+    ) -> Option<Batch> {
+        let first = self.traces.front()?;
+        let mut b = Batch { feature_size: first.feature_size, draft_vocab, ..Default::default() };
+        let n = self.traces.len();
+        let mut tries = 0;
+        while b.rows() < rows && tries < 64 {
+            tries += 1;
+            // u^2 skews towards the newest traces.
+            let u: f64 = rng.random();
+            let trace = &self.traces[n - 1 - ((u * u * n as f64) as usize).min(n - 1)];
+            // Rows need the next token; positions past the rope table are skipped.
+            let usable = trace.positions().min(trace.tokens.len() - 1).min(MAX_POSITION);
+            if usable < 2 || trace.feature_size != b.feature_size {
+                continue;
+            }
+            let len = window.min(usable).min(rows - b.rows());
+            if len < 2 {
+                break;
+            }
+            let start = rng.random_range(0..=usable - len);
+            b.push_window(trace, start, len, t2d);
+        }
+        (b.rows() > 0).then_some(b)
+    }
+}

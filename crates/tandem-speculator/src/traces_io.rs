@@ -1,0 +1,125 @@
+//! Traces on disk, so they can be replayed (`tandem train-drafter --traces DIR`).
+//!
+//! One safetensors file per trace, `trace-<n>.safetensors`, holding:
+//! - `tokens` u32 [n_tokens]; `prompt_len` u32 [1]; `features` f32 [positions, feature_size];
+//! - `soft_offsets` u32 [positions + 1], `soft_ids` u32 [m], `soft_probs` f32 [m]: position t's
+//!   top entries are `soft_*[soft_offsets[t]..soft_offsets[t + 1]]` (none: the next token is the label);
+//! - `rejected` u32 [r, 3]: rows (pos, token, depth).
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tandem_engine::online::{Rejection, Trace};
+use tandem_models::{ModelError, Result};
+
+pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
+    let cpu = &Device::Cpu;
+    let n = trace.positions();
+    let mut t = HashMap::new();
+    t.insert("tokens".to_string(), Tensor::new(trace.tokens.as_slice(), cpu)?);
+    t.insert("prompt_len".to_string(), Tensor::new(&[trace.prompt_len as u32], cpu)?);
+    t.insert("features".to_string(), Tensor::from_slice(&trace.features, (n, trace.feature_size), cpu)?);
+    let mut offsets = vec![0u32];
+    let (mut ids, mut probs) = (Vec::new(), Vec::new());
+    for p in 0..n {
+        for &(id, pr) in trace.soft.get(p).map(|v| v.as_slice()).unwrap_or(&[]) {
+            ids.push(id);
+            probs.push(pr);
+        }
+        offsets.push(ids.len() as u32);
+    }
+    t.insert("soft_offsets".to_string(), Tensor::new(offsets, cpu)?);
+    t.insert("soft_ids".to_string(), Tensor::new(ids, cpu)?);
+    t.insert("soft_probs".to_string(), Tensor::new(probs, cpu)?);
+    let rej: Vec<u32> = trace.rejected.iter().flat_map(|r| [r.pos as u32, r.token, r.depth as u32]).collect();
+    t.insert("rejected".to_string(), Tensor::from_vec(rej, (trace.rejected.len(), 3), cpu)?);
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&t, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::checkpoint(path, e))
+}
+
+pub fn load_trace(path: &Path) -> Result<Trace> {
+    let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::checkpoint(path, e))?;
+    let get = |name: &str| t.get(name).ok_or_else(|| ModelError::checkpoint(path, format!("trace lacks `{name}`")));
+    let features = get("features")?;
+    let (n, feature_size) = features.dims2()?;
+    let offsets = get("soft_offsets")?.to_vec1::<u32>()?;
+    let ids = get("soft_ids")?.to_vec1::<u32>()?;
+    let probs = get("soft_probs")?.to_vec1::<f32>()?;
+    if offsets.len() != n + 1 || ids.len() != probs.len() || offsets.last().copied() != Some(ids.len() as u32) {
+        return Err(ModelError::checkpoint(path, "soft label offsets do not match"));
+    }
+    let soft = (0..n)
+        .map(|p| {
+            let r = offsets[p] as usize..offsets[p + 1] as usize;
+            ids[r.clone()].iter().copied().zip(probs[r].iter().copied()).collect()
+        })
+        .collect();
+    let rejected = get("rejected")?
+        .to_vec2::<u32>()?
+        .into_iter()
+        .map(|r| Rejection { pos: r[0] as usize, token: r[1], depth: r[2] as usize })
+        .collect();
+    Ok(Trace {
+        tokens: get("tokens")?.to_vec1::<u32>()?,
+        prompt_len: get("prompt_len")?.to_vec1::<u32>()?[0] as usize,
+        feature_size,
+        features: features.flatten_all()?.to_vec1::<f32>()?,
+        soft,
+        rejected,
+    })
+}
+
+/// Every `*.safetensors` trace in `dir`, in name order.
+pub fn trace_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::checkpoint(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Writes traces into a folder, numbering them from where it left off.
+pub struct TraceSpill {
+    dir: PathBuf,
+    next: usize,
+}
+
+impl TraceSpill {
+    pub fn new(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::checkpoint(dir, e))?;
+        let next = trace_files(dir)?.len();
+        Ok(TraceSpill { dir: dir.to_path_buf(), next })
+    }
+
+    pub fn write(&mut self, trace: &Trace) -> Result<()> {
+        let path = self.dir.join(format!("trace-{:08}.safetensors", self.next));
+        self.next += 1;
+        save_trace(trace, &path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let trace = Trace {
+            tokens: vec![5, 6, 7, 8],
+            prompt_len: 2,
+            feature_size: 3,
+            features: (0..9).map(|i| i as f32 * 0.5).collect(),
+            soft: vec![vec![], vec![(7, 0.5), (1, 0.25)], vec![(8, 0.9)]],
+            rejected: vec![Rejection { pos: 2, token: 3, depth: 1 }],
+        };
+        let dir = std::env::temp_dir().join(format!("tandem-trace-{}", std::process::id()));
+        let mut spill = TraceSpill::new(&dir).unwrap();
+        spill.write(&trace).unwrap();
+        let files = trace_files(&dir).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(load_trace(&files[0]).unwrap(), trace);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

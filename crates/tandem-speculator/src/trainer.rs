@@ -1,0 +1,334 @@
+//! The drafter's trainer: candle autograd over the EAGLE layer, AdamW, gradient clipping.
+//!
+//! Loss, over windows of recorded traces (positions of prompts and outputs alike):
+//! - soft cross-entropy (forward KL up to a constant) from the target's distribution at t + 1 to the
+//!   drafter's prediction at t, unrolled over `ttt_steps` training-time-test steps in which the
+//!   drafter reads its own previous output in place of the target's features, exactly as it does
+//!   when drafting (step i weighted `step_decay^i`);
+//! - a discard term on rejected proposals, `-log(1 - q(rejected))` at the step that drafted them,
+//!   weighted `discard_weight`: it pushes mass away from tokens the target refused.
+//!
+//! The attention of step i mirrors drafting: a query at position t sees the target-feature keys up
+//! to t - i (where its chain started) and the keys its own chain made at steps 1..=i.
+use crate::pool::Batch;
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use tandem_models::{ModelError, Result};
+use tandem_runtime::spec::eagle::{apply_rope, linear, repeat_kv, rms_norm, silu};
+use tandem_runtime::spec::{EagleConfig, EagleWeights};
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub lr: f64,
+    /// Positions per optimizer step (windows are packed into one sequence).
+    pub batch_positions: usize,
+    /// Longest window taken from one trace.
+    pub window: usize,
+    pub ttt_steps: usize,
+    pub step_decay: f64,
+    pub discard_weight: f64,
+    /// Global gradient-norm clip (0: none).
+    pub grad_clip: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            batch_positions: 256,
+            window: 128,
+            ttt_steps: 3,
+            step_decay: 0.8,
+            discard_weight: 0.1,
+            grad_clip: 2.5,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Figures of one optimizer step (or one evaluation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// The whole weighted loss.
+    pub loss: f64,
+    /// Cross-entropy of the first step (what drafting the first token sees).
+    pub ce0: f64,
+    /// Share of labelled positions whose top drafter token is the target's top token, first step.
+    pub top1: f64,
+    pub discard: f64,
+    pub grad_norm: f64,
+    pub positions: usize,
+}
+
+pub struct Trainer {
+    pub config: EagleConfig,
+    pub train: TrainConfig,
+    vars: Vec<(String, Var)>,
+    d2t: Vec<u32>,
+    /// Target id -> draft id (-1: outside the draft vocabulary).
+    t2d: Vec<i32>,
+    /// The target's embedding table (frozen, shared with the target: no copy).
+    embed: Tensor,
+    opt: AdamW,
+    device: Device,
+    rope: (Tensor, Tensor),
+    pub steps: u64,
+}
+
+const TRAINED: &[&str] = &[
+    "fc.weight",
+    "midlayer.hidden_norm.weight",
+    "midlayer.input_layernorm.weight",
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+    "norm.weight",
+    "lm_head.weight",
+];
+
+impl Trainer {
+    pub fn new(config: EagleConfig, weights: &EagleWeights, embed: Tensor, train: TrainConfig) -> Result<Self> {
+        tandem_runtime::spec::eagle::check_shapes(&config, weights)?;
+        let device = embed.device().clone();
+        let mut vars = Vec::new();
+        for name in TRAINED {
+            let t = weights.tensors[*name].to_dtype(DType::F32)?.to_device(&device)?.copy()?;
+            vars.push((name.to_string(), Var::from_tensor(&t)?));
+        }
+        let mut t2d = vec![-1i32; config.vocab_size];
+        for (d, &t) in weights.d2t.iter().enumerate() {
+            t2d[t as usize] = d as i32;
+        }
+        let params = ParamsAdamW {
+            lr: train.lr,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: train.weight_decay,
+        };
+        let opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+        let rope = rope_tables(&config, crate::pool::MAX_POSITION, &device)?;
+        Ok(Trainer { config, train, vars, d2t: weights.d2t.clone(), t2d, embed, opt, device, rope, steps: 0 })
+    }
+
+    /// A copy of the current weights (the trainer keeps updating its own in place).
+    pub fn weights(&self) -> Result<EagleWeights> {
+        let tensors = self.vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
+        Ok(EagleWeights { tensors, d2t: self.d2t.clone() })
+    }
+
+    /// Continues from `weights` (after a rollback), keeping the optimizer's moments.
+    pub fn reset_to(&mut self, weights: &EagleWeights) -> Result<()> {
+        for (name, var) in &self.vars {
+            var.set(&weights.tensors[name].to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn draft_id(&self, target: u32) -> Option<usize> {
+        self.t2d.get(target as usize).and_then(|&d| (d >= 0).then_some(d as usize))
+    }
+
+    fn var(&self, name: &str) -> &Tensor {
+        self.vars.iter().find(|(n, _)| n == name).expect("known parameter").1.as_tensor()
+    }
+
+    /// One optimizer step on `batch`.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepStats> {
+        let (loss, mut stats) = self.loss(batch)?;
+        let mut grads = loss.backward()?;
+        let mut sq = 0f64;
+        for (_, v) in &self.vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        stats.grad_norm = norm;
+        if !norm.is_finite() {
+            return Err(ModelError::Drafter(format!("gradient norm is {norm}; step skipped")));
+        }
+        if self.train.grad_clip > 0.0 && norm > self.train.grad_clip {
+            let scale = self.train.grad_clip / norm;
+            for (_, v) in &self.vars {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    grads.insert(v.as_tensor(), (g * scale)?);
+                }
+            }
+        }
+        self.opt.step(&grads)?;
+        self.steps += 1;
+        Ok(stats)
+    }
+
+    /// The loss without a step.
+    pub fn evaluate(&self, batch: &Batch) -> Result<StepStats> {
+        Ok(self.loss(batch)?.1)
+    }
+
+    /// The drafter's first-step prediction (a draft id) for every row of `batch`.
+    pub fn predict(&self, batch: &Batch) -> Result<Vec<u32>> {
+        let (_, _, logits) = self.forward(batch, 1)?;
+        Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    }
+
+    fn loss(&self, b: &Batch) -> Result<(Tensor, StepStats)> {
+        let (total, stats, _) = self.forward(b, self.train.ttt_steps.max(1))?;
+        Ok((total, stats))
+    }
+
+    /// The weighted loss over `steps` training-time-test steps, its figures, and the first
+    /// step's logits.
+    fn forward(&self, b: &Batch, steps: usize) -> Result<(Tensor, StepStats, Tensor)> {
+        let c = &self.config;
+        let dev = &self.device;
+        let n = b.rows();
+        let fs = c.target_layers.len() * c.hidden_size;
+        let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let group = heads / kvh;
+        let scale = 1.0 / (d as f64).sqrt();
+        let vd = c.draft_vocab_size;
+        let feats = Tensor::from_slice(&b.features, (n, fs), dev)?;
+        let ids = Tensor::from_slice(&b.next_tokens, n, dev)?;
+        let embeds = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let pos = Tensor::from_slice(&b.positions, n, dev)?;
+        let cos = self.rope.0.index_select(&pos, 0)?.unsqueeze(1)?;
+        let sin = self.rope.1.index_select(&pos, 0)?.unsqueeze(1)?;
+        let w = |name: &str| self.var(name);
+        let eps = c.rms_norm_eps;
+        let labels = Tensor::from_slice(&b.labels, (n, vd), dev)?;
+        let normed_emb = rms_norm(&embeds, w("midlayer.input_layernorm.weight"), eps)?;
+
+        let mut total = Tensor::zeros((), DType::F32, dev)?;
+        let mut stats = StepStats { positions: b.labelled(), ..Default::default() };
+        let mut keys: Vec<Tensor> = Vec::new(); // per step, [heads, n, d] (repeated kv)
+        let mut values: Vec<Tensor> = Vec::new();
+        let mut prev_out: Option<Tensor> = None;
+        let mut first_logits = None;
+        let fc = linear(&feats, w("fc.weight"))?;
+        for i in 0..steps {
+            // Step 0 reads the target's features; step i the drafter's own output one position back.
+            let x = match &prev_out {
+                None => fc.clone(),
+                Some(h) => shift_rows(h, 1)?,
+            };
+            let a = Tensor::cat(&[&normed_emb, &rms_norm(&x, w("midlayer.hidden_norm.weight"), eps)?], 1)?;
+            let q = linear(&a, w("midlayer.self_attn.q_proj.weight"))?.reshape((n, heads, d))?;
+            let k = linear(&a, w("midlayer.self_attn.k_proj.weight"))?.reshape((n, kvh, d))?;
+            let v = linear(&a, w("midlayer.self_attn.v_proj.weight"))?.reshape((n, kvh, d))?;
+            let q = apply_rope(&q, &cos, &sin)?.transpose(0, 1)?.contiguous()?;
+            let k = repeat_kv(&apply_rope(&k, &cos, &sin)?.transpose(0, 1)?.contiguous()?, group)?;
+            let v = repeat_kv(&v.transpose(0, 1)?.contiguous()?, group)?;
+            keys.push(k);
+            values.push(v);
+            let mask = Tensor::from_vec(b.mask(i), (1, n, n), dev)?;
+            let s0 = (q.matmul(&keys[0].t()?)? * scale)?.broadcast_add(&mask)?; // [heads, n, n]
+            let attn = if i == 0 {
+                candle_nn::ops::softmax(&s0, D::Minus1)?.matmul(&values[0])?
+            } else {
+                // The chain's own keys: step j's key at position t - (i - j).
+                let mut parts = vec![s0];
+                let mut chain_v = Vec::new();
+                for j in 1..=i {
+                    let kj = shift_rows3(&keys[j], i - j)?;
+                    parts.push(((&q * kj)?.sum_keepdim(D::Minus1)? * scale)?);
+                    chain_v.push(shift_rows3(&values[j], i - j)?);
+                }
+                let p = candle_nn::ops::softmax(&Tensor::cat(&parts, D::Minus1)?, D::Minus1)?;
+                let mut out = p.narrow(D::Minus1, 0, n)?.matmul(&values[0])?;
+                for (j, vj) in chain_v.iter().enumerate() {
+                    out = (out + p.narrow(D::Minus1, n + j, 1)?.broadcast_mul(vj)?)?;
+                }
+                out
+            };
+            let attn = attn.transpose(0, 1)?.reshape((n, heads * d))?;
+            let h = (&x + linear(&attn, w("midlayer.self_attn.o_proj.weight"))?)?;
+            let m = rms_norm(&h, w("midlayer.post_attention_layernorm.weight"), eps)?;
+            let gate = linear(&m, w("midlayer.mlp.gate_proj.weight"))?;
+            let up = linear(&m, w("midlayer.mlp.up_proj.weight"))?;
+            let out = (&h + linear(&(silu(&gate)? * up)?, w("midlayer.mlp.down_proj.weight"))?)?;
+            let logits = linear(&rms_norm(&out, w("norm.weight"), eps)?, w("lm_head.weight"))?;
+            let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            if i == 0 {
+                first_logits = Some(logits.detach());
+            }
+            // Rows whose chain starts inside their window and that have a label.
+            let valid = b.valid(i);
+            let count = valid.iter().filter(|&&v| v > 0.0).count();
+            let weight = self.train.step_decay.powi(i as i32);
+            if count > 0 {
+                let valid_t = Tensor::from_vec(valid, (n, 1), dev)?;
+                let ce = ((labels.broadcast_mul(&valid_t)? * &logq)?.sum_all()?.neg()? / count as f64)?;
+                if i == 0 {
+                    stats.ce0 = ce.to_scalar::<f32>()? as f64;
+                    stats.top1 = b.top1_agreement(&logits.to_vec2::<f32>()?);
+                }
+                total = (total + ce.affine(weight, 0.0)?)?;
+            }
+            let rej: Vec<&(usize, usize, usize)> = b.rejected.iter().filter(|r| r.2 == i).collect();
+            if self.train.discard_weight > 0.0 && !rej.is_empty() {
+                let flat: Vec<u32> = rej.iter().map(|r| (r.0 * vd + r.1) as u32).collect();
+                let idx = Tensor::from_vec(flat, rej.len(), dev)?;
+                let lq = logq.flatten_all()?.index_select(&idx, 0)?;
+                // -log(1 - q): large when the drafter is sure of a token the target refused.
+                let one_minus = lq.exp()?.affine(-1.0, 1.0 + 1e-6)?;
+                let discard = (one_minus.log()?.neg()?.sum_all()? / rej.len() as f64)?;
+                stats.discard += discard.to_scalar::<f32>()? as f64;
+                total = (total + discard.affine(weight * self.train.discard_weight, 0.0)?)?;
+            }
+            prev_out = Some(out);
+        }
+        stats.loss = total.to_scalar::<f32>()? as f64;
+        Ok((total, stats, first_logits.expect("at least one step")))
+    }
+}
+
+/// Rows moved down by `s` (row t gets row t - s; the first `s` rows are zero). x: [n, h].
+fn shift_rows(x: &Tensor, s: usize) -> Result<Tensor> {
+    let (n, h) = x.dims2()?;
+    if s == 0 {
+        return Ok(x.clone());
+    }
+    let s = s.min(n);
+    let zeros = Tensor::zeros((s, h), x.dtype(), x.device())?;
+    Ok(Tensor::cat(&[&zeros, &x.narrow(0, 0, n - s)?], 0)?)
+}
+
+/// As `shift_rows` along dimension 1 of [heads, n, d].
+fn shift_rows3(x: &Tensor, s: usize) -> Result<Tensor> {
+    let (hh, n, d) = x.dims3()?;
+    if s == 0 {
+        return Ok(x.clone());
+    }
+    let s = s.min(n);
+    let zeros = Tensor::zeros((hh, s, d), x.dtype(), x.device())?;
+    Ok(Tensor::cat(&[&zeros, &x.narrow(1, 0, n - s)?], 1)?)
+}
+
+/// cos / sin [positions, head_dim] in the rotate-half layout the drafter uses.
+fn rope_tables(c: &EagleConfig, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let d = c.head_dim;
+    let inv: Vec<f32> = (0..d / 2).map(|i| (c.rope_theta.powf(-2.0 * i as f64 / d as f64)) as f32).collect();
+    let mut angles = Vec::with_capacity(n * d);
+    for p in 0..n {
+        for _half in 0..2 {
+            angles.extend(inv.iter().map(|f| p as f32 * f));
+        }
+    }
+    let a = Tensor::from_vec(angles, (n, d), device)?;
+    Ok((a.cos()?, a.sin()?))
+}
+
+/// The drafter configuration and the trainable tensor names, for checkpoints of optimizer state.
+pub fn trained_names() -> &'static [&'static str] {
+    TRAINED
+}
+

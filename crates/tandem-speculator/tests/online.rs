@@ -1,0 +1,284 @@
+//! Online speculator training end to end on a tiny checkpoint: traces are recorded while serving,
+//! the trainer lowers its loss and raises acceptance, swaps under concurrent load change no greedy
+//! output, a broken drafter is rolled back, and a full or busy trace buffer never stalls serving.
+#[path = "../../tandem-engine/tests/common/mod.rs"]
+mod common;
+use std::sync::Arc;
+use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer, Version};
+use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
+use tandem_models::{load, LoadOptions, Model};
+use tandem_runtime::spec::{EagleDrafter, EagleWeights, WarmStart};
+use tandem_runtime::SamplingParams;
+use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
+
+const TARGET: &str = "llama-gqa-untied-sharded";
+
+fn model() -> Model {
+    load(&common::tiny_dir().join(TARGET), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
+}
+
+fn request(i: usize, max_tokens: usize) -> GenerationRequest {
+    let prompt: Vec<u32> = (0..6 + i % 7).map(|j| ((i * 31 + j * 17) % 240) as u32 + 3).collect();
+    GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_token_ids: vec![],
+        client: None,
+        agent: None,
+    }
+}
+
+fn hooks(capacity: usize, online: OnlineConfig) -> OnlineHooks {
+    OnlineHooks { traces: Arc::new(TraceBuffer::new(capacity)), exchange: Arc::new(DrafterExchange::default()), config: online }
+}
+
+fn engine_with(drafter: EagleDrafter, hooks: &OnlineHooks, config: EngineConfig) -> (Engine, EngineHandle) {
+    let (e, h) = Engine::new(model(), config, Box::new(Fcfs::default())).unwrap();
+    let e = e.with_drafter(Box::new(drafter)).unwrap().with_online(hooks.clone()).unwrap();
+    (e, h)
+}
+
+/// Serves `requests` to completion in this thread; returns each output and the acceptance length.
+fn serve(engine: &mut Engine, handle: &EngineHandle, requests: &[GenerationRequest]) -> (Vec<Vec<u32>>, f64) {
+    let mut rxs: Vec<_> = requests.iter().map(|r| handle.submit(r.clone()).unwrap()).collect();
+    engine.run_until_idle();
+    let (mut emitted, mut steps) = (0usize, 0usize);
+    let outs = rxs
+        .iter_mut()
+        .map(|rx| {
+            let mut out = Vec::new();
+            loop {
+                match rx.try_recv().unwrap() {
+                    Event::Token(t) => out.push(t.id),
+                    Event::Finished { usage, .. } => {
+                        let s = usage.speculation.unwrap();
+                        emitted += usage.completion_tokens;
+                        steps += s.decode_steps;
+                        return out;
+                    }
+                    Event::Failed(m) => panic!("{m}"),
+                }
+            }
+        })
+        .collect();
+    (outs, emitted as f64 / steps.max(1) as f64)
+}
+
+fn plain_outputs(requests: &[GenerationRequest]) -> Vec<Vec<u32>> {
+    let (mut e, h) = Engine::new(model(), EngineConfig::default(), Box::new(Fcfs::default())).unwrap();
+    let mut rxs: Vec<_> = requests.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+    e.run_until_idle();
+    rxs.iter_mut()
+        .map(|rx| {
+            let mut out = Vec::new();
+            while let Ok(Event::Token(t)) = rx.try_recv() {
+                out.push(t.id);
+            }
+            out
+        })
+        .collect()
+}
+
+fn fixed_k() -> OnlineConfig {
+    OnlineConfig { k_by_throughput: false, rollback_window: 60, ..Default::default() }
+}
+
+fn train_config() -> TrainConfig {
+    TrainConfig { lr: 3e-3, batch_positions: 192, window: 64, ttt_steps: 3, ..Default::default() }
+}
+
+/// A drafter trained offline on traces of `n` requests; returns it with the served traces.
+fn trained(steps: usize) -> (EagleWeights, f64, f64) {
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 7).unwrap();
+    let (config, weights) = (drafter.config.clone(), (**drafter.weights()).clone());
+    let hooks = hooks(1 << 30, fixed_k());
+    let (mut engine, handle) = engine_with(drafter, &hooks, EngineConfig { spec_k: 4, ..Default::default() });
+    let requests: Vec<_> = (0..48).map(|i| request(i, 40)).collect();
+    serve(&mut engine, &handle, &requests);
+    let traces = hooks.traces.drain();
+    assert_eq!(traces.len(), 48, "one trace per request");
+    for t in &traces {
+        assert_eq!(t.features.len(), t.positions() * t.feature_size);
+        assert!(t.positions() + 1 >= t.tokens.len() && t.positions() <= t.tokens.len());
+        assert!(t.soft.iter().skip(t.prompt_len).any(|s| !s.is_empty()), "output positions carry the target's distribution");
+    }
+    assert!(traces.iter().any(|t| !t.rejected.is_empty()), "a random drafter gets rejected");
+    let mut pool = TracePool::new(1 << 20);
+    traces.into_iter().for_each(|t| pool.add(t));
+    let mut trainer = Trainer::new(config, &weights, target.embedding_table(), train_config()).unwrap();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let vd = trainer.config.draft_vocab_size;
+    let fixed = pool.sample(&mut rng, 256, 64, vd, &|id| trainer.draft_id(id)).unwrap();
+    let before = trainer.evaluate(&fixed).unwrap();
+    for _ in 0..steps {
+        let b = pool.sample(&mut rng, 192, 64, vd, &|id| trainer.draft_id(id)).unwrap();
+        let s = trainer.step(&b).unwrap();
+        assert!(s.loss.is_finite());
+    }
+    let after = trainer.evaluate(&fixed).unwrap();
+    eprintln!("fixed batch: loss {:.3} -> {:.3}, ce0 {:.3} -> {:.3}, top1 {:.3} -> {:.3}", before.loss, after.loss, before.ce0, after.ce0, before.top1, after.top1);
+    (trainer.weights().unwrap(), before.loss, after.loss)
+}
+
+/// The trainer's forward is the drafter's: its first-step prediction at every position of a
+/// recorded sequence is the token the serving drafter proposes there.
+#[test]
+fn trainer_and_drafter_agree() {
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Full, 11).unwrap();
+    let (config, weights) = (drafter.config.clone(), (**drafter.weights()).clone());
+    let h = hooks(1 << 30, fixed_k());
+    let (mut engine, handle) = engine_with(drafter, &h, EngineConfig::default());
+    serve(&mut engine, &handle, &[request(5, 30)]);
+    let trace = h.traces.drain().pop().unwrap();
+    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config()).unwrap();
+    let n = trace.positions().min(trace.tokens.len() - 1);
+    let batch = tandem_speculator::Batch::window(&trace, 0, n, config.draft_vocab_size, &|id| trainer.draft_id(id));
+    let predicted = trainer.predict(&batch).unwrap();
+    let mut drafter = EagleDrafter::new(config, weights, target.device()).unwrap();
+    use tandem_runtime::spec::{DraftRequest, Drafter};
+    drafter.prepare(1, 256).unwrap();
+    let fs = trace.feature_size;
+    let rows = |a: usize, b: usize| {
+        let t = candle_core::Tensor::from_slice(&trace.features[a * fs..b * fs], (b - a, fs), target.device()).unwrap();
+        (0..3).map(|l| t.narrow(1, l * fs / 3, fs / 3).unwrap()).collect::<Vec<_>>()
+    };
+    let mut mismatches = 0;
+    for t in 0..n {
+        drafter.release(0);
+        drafter.observe(0, 0, &rows(0, t + 1)).unwrap();
+        let sampling = SamplingParams::default();
+        let ask = DraftRequest { slot: 0, tokens: &trace.tokens[..t + 2], k: 1, sampling: &sampling };
+        let d = drafter.propose(&target, &[ask]).unwrap();
+        mismatches += (d[0].tokens[0] != predicted[t]) as usize;
+    }
+    assert_eq!(mismatches, 0, "of {n} positions");
+}
+
+#[test]
+fn trainer_lowers_loss_and_raises_acceptance() {
+    let (weights, before, after) = trained(150);
+    assert!(after < before * 0.7, "loss {before} -> {after}");
+    // Served with the trained weights, drafts are accepted more often than with the random ones.
+    let target = model();
+    let fresh = EagleDrafter::fresh(&target, None, WarmStart::Head, 7).unwrap();
+    let config = fresh.config.clone();
+    let h = hooks(1 << 30, fixed_k());
+    let (mut e, handle) = engine_with(fresh, &h, EngineConfig { spec_k: 4, ..Default::default() });
+    let eval: Vec<_> = (0..24).map(|i| request(i, 40)).collect();
+    let (plain, cold) = serve(&mut e, &handle, &eval);
+    let good = EagleDrafter::new(config, weights, target.device()).unwrap();
+    let (mut e, handle) = engine_with(good, &h, EngineConfig { spec_k: 4, ..Default::default() });
+    let (outs, warm) = serve(&mut e, &handle, &eval);
+    assert_eq!(outs, plain);
+    assert!(warm > cold + 0.15, "acceptance length {cold:.2} -> {warm:.2}");
+}
+
+#[test]
+fn swaps_under_concurrent_load_change_no_output() {
+    let requests: Vec<_> = (0..40).map(|i| request(i, 30 + i % 20)).collect();
+    let expected = plain_outputs(&requests);
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 3).unwrap();
+    let trainer =
+        Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), train_config()).unwrap();
+    let h = hooks(1 << 30, OnlineConfig::default());
+    let (engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, max_batch: 6, ..Default::default() });
+    let thread = engine.spawn();
+    let trainer = OnlineTrainer::spawn(
+        trainer,
+        h.traces.clone(),
+        h.exchange.clone(),
+        OnlineTrainerConfig { publish_every: 1, min_positions: 32, cpu_share: 1.0, ..Default::default() },
+    );
+    // Four clients submit concurrently, in waves, while the trainer publishes a version per step.
+    let outs: Vec<(usize, Vec<u32>)> = std::thread::scope(|s| {
+        let joins: Vec<_> = (0..4)
+            .map(|c| {
+                let handle = handle.clone();
+                let requests = &requests;
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    for i in (c..requests.len()).step_by(4) {
+                        let mut rx = handle.submit(requests[i].clone()).unwrap();
+                        let mut out = Vec::new();
+                        loop {
+                            match rx.blocking_recv().expect("the engine answers") {
+                                Event::Token(t) => out.push(t.id),
+                                Event::Finished { .. } => break,
+                                Event::Failed(m) => panic!("{m}"),
+                            }
+                        }
+                        got.push((i, out));
+                    }
+                    got
+                })
+            })
+            .collect();
+        joins.into_iter().flat_map(|j| j.join().unwrap()).collect()
+    });
+    let status = trainer.status();
+    trainer.shutdown();
+    handle.shutdown();
+    thread.join().unwrap();
+    assert_eq!(outs.len(), requests.len(), "no request lost");
+    for (i, out) in outs {
+        assert_eq!(out, expected[i], "request {i} changed under hot swaps");
+    }
+    let served = h.exchange.serving_version.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(status.steps >= 2 && served >= 1, "trainer steps {}, serving version {served}", status.steps);
+    assert!(h.exchange.history().len() >= 1);
+}
+
+#[test]
+fn a_broken_drafter_is_rolled_back() {
+    let (good, _, _) = trained(60);
+    let target = model();
+    let config = EagleDrafter::fresh(&target, None, WarmStart::Head, 7).unwrap().config;
+    let drafter = EagleDrafter::new(config, good.clone(), target.device()).unwrap();
+    let h = hooks(1 << 30, fixed_k());
+    let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, ..Default::default() });
+    let warmup: Vec<_> = (200..230).map(|i| request(i, 40)).collect();
+    let (_, good_len) = serve(&mut engine, &handle, &warmup);
+    // A broken version: its head puts all mass on one token.
+    let mut broken = good.clone();
+    let head = broken.tensors["lm_head.weight"].zeros_like().unwrap();
+    broken.tensors.insert("lm_head.weight".into(), head);
+    h.exchange.publish(Version { number: 1, weights: Arc::new(broken) });
+    let more: Vec<_> = (300..340).map(|i| request(i, 40)).collect();
+    let expected = plain_outputs(&more);
+    let (outs, _) = serve(&mut engine, &handle, &more);
+    assert_eq!(outs, expected);
+    let ex = &h.exchange;
+    assert_eq!(ex.rollbacks.load(std::sync::atomic::Ordering::Relaxed), 1, "{:?}", ex.history());
+    assert_eq!(ex.serving_version.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let rec = &ex.history()[0];
+    assert!(rec.rolled_back && rec.accept_after.unwrap() < rec.accept_before.unwrap(), "{rec:?}");
+    assert_eq!(ex.take_rejected(), vec![1]);
+    // After the rollback the good drafter serves again.
+    let (_, back_len) = serve(&mut engine, &handle, &warmup);
+    assert!((back_len - good_len).abs() < 0.3, "{good_len} vs {back_len}");
+}
+
+#[test]
+fn a_full_or_busy_trace_buffer_never_stalls_serving() {
+    let requests: Vec<_> = (0..12).map(|i| request(i, 20)).collect();
+    let expected = plain_outputs(&requests);
+    // Room for about one trace: the rest are dropped, oldest first.
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 1).unwrap();
+    let h = hooks(20_000, fixed_k());
+    let (mut engine, handle) = engine_with(drafter, &h, EngineConfig::default());
+    let (outs, _) = serve(&mut engine, &handle, &requests);
+    assert_eq!(outs, expected);
+    assert_eq!(h.traces.pushed(), 12);
+    assert!(h.traces.dropped() >= 10, "dropped {}", h.traces.dropped());
+    // A consumer holding the buffer: serving goes on (in this very thread) and drops the traces.
+    let guard = h.traces.lock_for_test();
+    let (outs, _) = serve(&mut engine, &handle, &requests);
+    drop(guard);
+    assert_eq!(outs, expected);
+    assert_eq!(h.traces.pushed(), 12, "nothing pushed while the buffer was busy");
+}

@@ -1,0 +1,70 @@
+//! `tandem train-drafter`: trains an EAGLE drafter offline from traces a server recorded
+//! (`tandem serve --spec eagle --spec-train online --trace-dir DIR`), with the online trainer's code.
+use crate::online_arg::TrainArgs;
+use crate::spec_arg::{self, SpecArgs};
+use crate::{load_model, models};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use std::path::PathBuf;
+use tandem_models::LoadOptions;
+use tandem_speculator::traces_io::{load_trace, trace_files};
+use tandem_speculator::{TracePool, Trainer};
+
+#[derive(clap::Args)]
+pub struct TrainDrafterArgs {
+    /// Folder of recorded traces (`trace-*.safetensors`).
+    #[arg(long)]
+    traces: PathBuf,
+    /// The target model the traces came from (default: smollm2).
+    #[arg(long)]
+    model: Option<String>,
+    /// Where to write the trained drafter (config.json + model.safetensors).
+    #[arg(long, default_value = "tandem-drafter")]
+    out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 500)]
+    steps: u64,
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+pub fn run(args: TrainDrafterArgs) -> Result<()> {
+    let path = models::resolve(args.model.as_deref())?;
+    let loaded = load_model(&path, &LoadOptions::default())?;
+    let drafter = spec_arg::build_eagle(&args.spec, &loaded)?;
+    let mut pool = TracePool::new(usize::MAX);
+    let files = trace_files(&args.traces)?;
+    if files.is_empty() {
+        bail!("no traces (trace-*.safetensors) in {}", args.traces.display());
+    }
+    let fs = drafter.config.target_layers.len() * drafter.config.hidden_size;
+    for f in &files {
+        let t = load_trace(f).with_context(|| format!("reading {}", f.display()))?;
+        if t.feature_size != fs {
+            bail!("{} holds {}-float features; this drafter reads {fs}: traces of another model?", f.display(), t.feature_size);
+        }
+        pool.add(t);
+    }
+    eprintln!("{} traces, {} positions", files.len(), pool.positions());
+    let tc = args.train.train_config();
+    let mut trainer = Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
+    let vd = trainer.config.draft_vocab_size;
+    let bar = ProgressBar::new(args.steps);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("valid template"));
+    for _ in 0..args.steps {
+        let batch = pool
+            .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
+            .context("the traces hold no trainable positions")?;
+        let s = trainer.step(&batch)?;
+        bar.set_message(format!("loss {:.3} top-1 {:.2}", s.loss, s.top1));
+        bar.inc(1);
+    }
+    bar.finish();
+    tandem_runtime::spec::eagle::save_weights(&trainer.config, &trainer.weights()?, &args.out)?;
+    eprintln!("drafter written to {} (serve it with --spec eagle:{})", args.out.display(), args.out.display());
+    Ok(())
+}
