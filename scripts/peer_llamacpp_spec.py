@@ -40,7 +40,8 @@ def main():
     prompts = json.load(sys.stdin)
     path = dequantized(a.model, a.dtype) if a.dtype else a.model
     rows = []
-    modes = [("plain", None)] + [(f"ngram", int(k)) for k in a.k.split(",")]
+    ks = [] if a.k in ("", "none") else [int(k) for k in a.k.split(",")]
+    modes = [("plain", None)] + [("ngram", k) for k in ks]
     for mode, k in modes:
         draft = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=k) if k else None
         llm = Llama(model_path=path, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512,

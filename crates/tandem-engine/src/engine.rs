@@ -340,7 +340,8 @@ impl Engine {
     /// weights from `hooks.exchange` between steps (rolling back one that lowers acceptance), and
     /// choose the draft length by measured throughput. Needs a drafter with weights (EAGLE).
     pub fn with_online(mut self, hooks: OnlineHooks) -> tandem_models::Result<Self> {
-        let initial = self.drafter.as_ref().and_then(|d| d.eagle()).map(|(_, w)| Version { number: 0, weights: w.clone() });
+        let initial =
+            self.drafter.as_ref().and_then(|d| d.eagle()).map(|(_, w)| Version { number: 0, weights: w.clone() });
         if initial.is_none() {
             return Err(tandem_models::ModelError::Drafter("online training needs an EAGLE drafter".into()));
         }
@@ -497,8 +498,8 @@ impl Engine {
                     tracing::debug!(id = info.id, client = %info.client, "admitted");
                     let sampler = Sampler::new(request.sampling.clone());
                     let history = request.prompt.clone();
-                    let feature_size = self.drafter.as_ref().map_or(0, |d| d.target_layers().len())
-                        * self.model.config.hidden_size;
+                    let feature_size =
+                        self.drafter.as_ref().map_or(0, |d| d.target_layers().len()) * self.model.config.hidden_size;
                     let trace = self.online.as_ref().map(|_| Trace {
                         prompt_len: request.prompt.len(),
                         feature_size,
@@ -740,7 +741,11 @@ impl Engine {
                     }
                 }
                 if is_decode && accepted < p.draft.tokens.len() {
-                    trace.rejected.push(Rejection { pos: p.start + accepted, token: p.draft.tokens[accepted], depth: accepted });
+                    trace.rejected.push(Rejection {
+                        pos: p.start + accepted,
+                        token: p.draft.tokens[accepted],
+                        depth: accepted,
+                    });
                 }
                 if is_decode && !p.draft.tokens.is_empty() {
                     if let Some(back) = online.record_draft(accepted > 0) {
@@ -802,8 +807,14 @@ impl Engine {
         }
         // Decode-only steps measure the end-to-end speed of the draft length used.
         let decode_only = plan.iter().all(|p| p.wants_logits && self.running[p.index].pending.is_some());
+        let catch_up = self.drafter.as_mut().map_or((0.0, 0), |d| d.take_catch_up());
         if let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, decode_only) {
-            online.k.record(k, emitted_total as usize, draft_start.elapsed().as_secs_f64());
+            // Steady drafting catches up about one position per emitted token; a backlog left by
+            // steps without drafts is not this k's cost.
+            let (secs, positions) = catch_up;
+            let steady = secs / positions.max(1) as f64 * (emitted_total as f64).min(positions as f64);
+            let step_secs = draft_start.elapsed().as_secs_f64() - secs + steady;
+            online.k.record(k, emitted_total as usize, step_secs);
             self.shared.spec.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
             online.hooks.exchange.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
             if let Ok(mut t) = online.hooks.exchange.k_table.try_lock() {
@@ -883,4 +894,3 @@ impl Engine {
         assert!(seen.iter().all(|&s| s), "a slot is lost");
     }
 }
-

@@ -190,15 +190,50 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
     let mut metric = |name: &str, kind: &str, help: &str, v: String| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     };
-    metric("tandem_drafter_version", "gauge", "Drafter version being served.", ex.serving_version.load(Relaxed).to_string());
-    metric("tandem_drafter_published_version", "gauge", "Newest version the trainer published.", ex.published.load(Relaxed).to_string());
-    metric("tandem_drafter_rollbacks_total", "counter", "Versions rolled back for lowering acceptance.", ex.rollbacks.load(Relaxed).to_string());
+    metric(
+        "tandem_drafter_version",
+        "gauge",
+        "Drafter version being served.",
+        ex.serving_version.load(Relaxed).to_string(),
+    );
+    metric(
+        "tandem_drafter_published_version",
+        "gauge",
+        "Newest version the trainer published.",
+        ex.published.load(Relaxed).to_string(),
+    );
+    metric(
+        "tandem_drafter_rollbacks_total",
+        "counter",
+        "Versions rolled back for lowering acceptance.",
+        ex.rollbacks.load(Relaxed).to_string(),
+    );
     metric("tandem_drafter_train_loss", "gauge", "Loss of the trainer's last step.", ex.loss().to_string());
-    metric("tandem_drafter_train_steps_total", "counter", "Trainer optimizer steps.", ex.train_steps.load(Relaxed).to_string());
-    metric("tandem_drafter_train_positions_total", "counter", "Positions trained on.", ex.train_positions.load(Relaxed).to_string());
-    metric("tandem_spec_chosen_k", "gauge", "Draft length chosen by measured throughput (0: speculation off).", ex.chosen_k.load(Relaxed).to_string());
+    metric(
+        "tandem_drafter_train_steps_total",
+        "counter",
+        "Trainer optimizer steps.",
+        ex.train_steps.load(Relaxed).to_string(),
+    );
+    metric(
+        "tandem_drafter_train_positions_total",
+        "counter",
+        "Positions trained on.",
+        ex.train_positions.load(Relaxed).to_string(),
+    );
+    metric(
+        "tandem_spec_chosen_k",
+        "gauge",
+        "Draft length chosen by measured throughput (0: speculation off).",
+        ex.chosen_k.load(Relaxed).to_string(),
+    );
     metric("tandem_traces_total", "counter", "Traces recorded for the trainer.", o.traces.pushed().to_string());
-    metric("tandem_traces_dropped_total", "counter", "Traces dropped (buffer full or busy).", o.traces.dropped().to_string());
+    metric(
+        "tandem_traces_dropped_total",
+        "counter",
+        "Traces dropped (buffer full or busy).",
+        o.traces.dropped().to_string(),
+    );
     let _ = writeln!(out, "# HELP tandem_spec_k_tokens_per_second Measured decode tokens/s per draft length.\n# TYPE tandem_spec_k_tokens_per_second gauge");
     for (k, rate, _) in ex.k_table.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         let _ = writeln!(out, "tandem_spec_k_tokens_per_second{{k=\"{k}\"}} {rate}");

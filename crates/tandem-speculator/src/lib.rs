@@ -7,8 +7,8 @@
 //! lowers acceptance). `tandem train-drafter` runs the same trainer over traces spilled to disk.
 pub mod online;
 pub mod pool;
-pub mod trainer;
 pub mod traces_io;
+pub mod trainer;
 
 pub use online::{OnlineTrainer, OnlineTrainerConfig, TrainerHandle};
 pub use pool::{Batch, TracePool};

@@ -75,7 +75,13 @@ impl Batch {
     }
 
     /// One window over `start..start + len` of `trace`.
-    pub fn window(trace: &Trace, start: usize, len: usize, draft_vocab: usize, t2d: &dyn Fn(u32) -> Option<usize>) -> Batch {
+    pub fn window(
+        trace: &Trace,
+        start: usize,
+        len: usize,
+        draft_vocab: usize,
+        t2d: &dyn Fn(u32) -> Option<usize>,
+    ) -> Batch {
         let mut b = Batch { feature_size: trace.feature_size, draft_vocab, ..Default::default() };
         b.push_window(trace, start, len, t2d);
         b

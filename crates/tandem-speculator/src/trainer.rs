@@ -36,10 +36,10 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            lr: 1e-3,
-            batch_positions: 256,
-            window: 128,
-            ttt_steps: 3,
+            lr: 3e-3,
+            batch_positions: 128,
+            window: 64,
+            ttt_steps: 2,
             step_decay: 0.8,
             discard_weight: 0.1,
             grad_clip: 2.5,
@@ -107,13 +107,7 @@ impl Trainer {
         for (d, &t) in weights.d2t.iter().enumerate() {
             t2d[t as usize] = d as i32;
         }
-        let params = ParamsAdamW {
-            lr: train.lr,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: train.weight_decay,
-        };
+        let params = ParamsAdamW { lr: train.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: train.weight_decay };
         let opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
         let rope = rope_tables(&config, crate::pool::MAX_POSITION, &device)?;
         Ok(Trainer { config, train, vars, d2t: weights.d2t.clone(), t2d, embed, opt, device, rope, steps: 0 })
@@ -331,4 +325,3 @@ fn rope_tables(c: &EagleConfig, n: usize, device: &Device) -> Result<(Tensor, Te
 pub fn trained_names() -> &'static [&'static str] {
     TRAINED
 }
-

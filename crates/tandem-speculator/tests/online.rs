@@ -30,7 +30,11 @@ fn request(i: usize, max_tokens: usize) -> GenerationRequest {
 }
 
 fn hooks(capacity: usize, online: OnlineConfig) -> OnlineHooks {
-    OnlineHooks { traces: Arc::new(TraceBuffer::new(capacity)), exchange: Arc::new(DrafterExchange::default()), config: online }
+    OnlineHooks {
+        traces: Arc::new(TraceBuffer::new(capacity)),
+        exchange: Arc::new(DrafterExchange::default()),
+        config: online,
+    }
 }
 
 fn engine_with(drafter: EagleDrafter, hooks: &OnlineHooks, config: EngineConfig) -> (Engine, EngineHandle) {
@@ -102,7 +106,10 @@ fn trained(steps: usize) -> (EagleWeights, f64, f64) {
     for t in &traces {
         assert_eq!(t.features.len(), t.positions() * t.feature_size);
         assert!(t.positions() + 1 >= t.tokens.len() && t.positions() <= t.tokens.len());
-        assert!(t.soft.iter().skip(t.prompt_len).any(|s| !s.is_empty()), "output positions carry the target's distribution");
+        assert!(
+            t.soft.iter().skip(t.prompt_len).any(|s| !s.is_empty()),
+            "output positions carry the target's distribution"
+        );
     }
     assert!(traces.iter().any(|t| !t.rejected.is_empty()), "a random drafter gets rejected");
     let mut pool = TracePool::new(1 << 20);
@@ -118,7 +125,10 @@ fn trained(steps: usize) -> (EagleWeights, f64, f64) {
         assert!(s.loss.is_finite());
     }
     let after = trainer.evaluate(&fixed).unwrap();
-    eprintln!("fixed batch: loss {:.3} -> {:.3}, ce0 {:.3} -> {:.3}, top1 {:.3} -> {:.3}", before.loss, after.loss, before.ce0, after.ce0, before.top1, after.top1);
+    eprintln!(
+        "fixed batch: loss {:.3} -> {:.3}, ce0 {:.3} -> {:.3}, top1 {:.3} -> {:.3}",
+        before.loss, after.loss, before.ce0, after.ce0, before.top1, after.top1
+    );
     (trainer.weights().unwrap(), before.loss, after.loss)
 }
 

@@ -80,6 +80,10 @@ enum BenchTarget {
     /// Fair scheduling: the VTC paper's workloads (overload, on/off, heavy-light, length shift)
     /// under FCFS and the fair policy; service per client, latency, Jain's index, throughput, PNG.
     Fair(crate::bench_fair::FairBenchArgs),
+    /// Online speculator training: a code -> math -> chat prompt stream under no speculation,
+    /// n-gram, and EAGLE drafters trained online (from scratch, warm-started) or offline; acceptance
+    /// length and tokens/s per window of requests, table, JSON and PNG.
+    Online(crate::bench_online::OnlineBenchArgs),
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -173,6 +177,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
         Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
+        Some(BenchTarget::Online(a)) => return crate::bench_online::run(a),
         None => {}
     }
     let names =

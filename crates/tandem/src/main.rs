@@ -1,6 +1,7 @@
 //! The tandem command line: generate text, fetch models, benchmark.
 mod bench;
 mod bench_fair;
+mod bench_online;
 mod bench_serve;
 mod bench_spec;
 mod models;
@@ -10,6 +11,7 @@ mod schedule_arg;
 mod serve;
 mod spec_arg;
 mod train_drafter;
+mod workload;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -262,12 +264,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         reason
     );
     if let Some(s) = usage.speculation {
+        let stats = handle.spec_stats();
         eprintln!(
-            "speculation ({}): {} drafted, {} accepted, {:.2} tokens per target forward",
+            "speculation ({}): {} drafted, {} accepted, {:.2} tokens per target forward; {:.1} ms drafting and {:.1} ms verifying per step",
             args.spec.spec,
             s.drafted_tokens,
             s.accepted_tokens,
-            s.acceptance_length(usage.completion_tokens)
+            s.acceptance_length(usage.completion_tokens),
+            stats.draft_secs * 1e3 / s.decode_steps.max(1) as f64,
+            stats.verify_secs * 1e3 / s.decode_steps.max(1) as f64
         );
     }
     Ok(())

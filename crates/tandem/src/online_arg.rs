@@ -11,13 +11,13 @@ use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TrainConfig, Trainer
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     /// Learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 3e-3)]
     pub train_lr: f64,
     /// Positions per optimizer step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     pub train_batch: usize,
     /// Training-time-test steps: the drafter is unrolled on its own outputs this many times.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub train_ttt: usize,
     /// Weight of the discard term on rejected proposals (0 turns it off).
     #[arg(long, default_value_t = 0.1)]
@@ -86,6 +86,17 @@ pub fn start(args: &OnlineArgs, target: &Model, drafter: &EagleDrafter) -> Resul
         exchange: Arc::new(DrafterExchange::default()),
         config: OnlineConfig::default(),
     };
+    let handle = start_with(args, target, drafter, hooks.clone())?;
+    Ok((hooks, handle))
+}
+
+/// A trainer for `drafter` fed by, and publishing through, `hooks`.
+pub fn start_with(
+    args: &OnlineArgs,
+    target: &Model,
+    drafter: &EagleDrafter,
+    hooks: OnlineHooks,
+) -> Result<TrainerHandle> {
     let trainer =
         Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), args.train.train_config())?;
     let handle = OnlineTrainer::spawn(
@@ -101,5 +112,5 @@ pub fn start(args: &OnlineArgs, target: &Model, drafter: &EagleDrafter) -> Resul
             ..Default::default()
         },
     );
-    Ok((hooks, handle))
+    Ok(handle)
 }

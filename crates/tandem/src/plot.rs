@@ -32,12 +32,21 @@ pub type Series = Vec<(String, Vec<(f64, f64)>)>;
 
 /// One panel per (title, series), two panels per row: cumulative service (y) against seconds (x).
 pub fn service_grid(path: &str, panels: &[(String, Series)]) -> Result<()> {
+    let panels: Vec<_> = panels
+        .iter()
+        .map(|(t, s)| (t.clone(), "seconds".to_string(), "weighted service".to_string(), s.clone()))
+        .collect();
+    line_grid(path, &panels)
+}
+
+/// One panel per (title, x label, y label, series), two panels per row.
+pub fn line_grid(path: &str, panels: &[(String, String, String, Series)]) -> Result<()> {
     register_font()?;
     let rows = panels.len().div_ceil(2).max(1);
     let root = BitMapBackend::new(path, (1200, 330 * rows as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let areas = root.split_evenly((rows, 2));
-    for ((title, series), area) in panels.iter().zip(areas) {
+    for ((title, x_desc, y_desc, series), area) in panels.iter().zip(areas) {
         let x_max = series.iter().flat_map(|s| s.1.iter().map(|p| p.0)).fold(1.0, f64::max);
         let y_max = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&area)
@@ -47,7 +56,7 @@ pub fn service_grid(path: &str, panels: &[(String, Series)]) -> Result<()> {
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..x_max, 0.0..y_max * 1.05)
             .map_err(|e| anyhow!("{e}"))?;
-        chart.configure_mesh().x_desc("seconds").y_desc("weighted service").draw().map_err(|e| anyhow!("{e}"))?;
+        chart.configure_mesh().x_desc(x_desc.as_str()).y_desc(y_desc.as_str()).draw().map_err(|e| anyhow!("{e}"))?;
         for (i, (name, points)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart

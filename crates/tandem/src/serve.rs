@@ -1,6 +1,6 @@
 //! `tandem serve`: the OpenAI-compatible server.
-use crate::schedule_arg::{self, ScheduleArgs};
 use crate::online_arg::{self, OnlineArgs};
+use crate::schedule_arg::{self, ScheduleArgs};
 use crate::spec_arg::{self, SpecArgs};
 use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};

@@ -44,24 +44,43 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     for f in &files {
         let t = load_trace(f).with_context(|| format!("reading {}", f.display()))?;
         if t.feature_size != fs {
-            bail!("{} holds {}-float features; this drafter reads {fs}: traces of another model?", f.display(), t.feature_size);
+            bail!(
+                "{} holds {}-float features; this drafter reads {fs}: traces of another model?",
+                f.display(),
+                t.feature_size
+            );
         }
         pool.add(t);
     }
     eprintln!("{} traces, {} positions", files.len(), pool.positions());
     let tc = args.train.train_config();
-    let mut trainer = Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let mut trainer =
+        Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
     let vd = trainer.config.draft_vocab_size;
     let bar = ProgressBar::new(args.steps);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("valid template"));
-    for _ in 0..args.steps {
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("valid template"),
+    );
+    let mut avg = (0.0, 0.0);
+    for step in 1..=args.steps {
         let batch = pool
             .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
             .context("the traces hold no trainable positions")?;
         let s = trainer.step(&batch)?;
         bar.set_message(format!("loss {:.3} top-1 {:.2}", s.loss, s.top1));
         bar.inc(1);
+        avg = (avg.0 + s.loss, avg.1 + s.top1);
+        if step % 50 == 0 {
+            bar.suspend(|| {
+                eprintln!(
+                    "step {step}: loss {:.3}, top-1 agreement {:.3} (mean of the last 50)",
+                    avg.0 / 50.0,
+                    avg.1 / 50.0
+                )
+            });
+            avg = (0.0, 0.0);
+        }
     }
     bar.finish();
     tandem_runtime::spec::eagle::save_weights(&trainer.config, &trainer.weights()?, &args.out)?;

@@ -168,7 +168,10 @@ impl EagleWeights {
                 for (name, t) in layer {
                     let key = format!("midlayer.{name}");
                     let Some(old) = w.tensors.get(&key) else { continue };
-                    let t = if matches!(name.as_str(), "self_attn.q_proj.weight" | "self_attn.k_proj.weight" | "self_attn.v_proj.weight") {
+                    let t = if matches!(
+                        name.as_str(),
+                        "self_attn.q_proj.weight" | "self_attn.k_proj.weight" | "self_attn.v_proj.weight"
+                    ) {
                         // Input is [embedding, hidden]: keep the random embedding half, copy the rest.
                         Tensor::cat(&[&(old.narrow(1, 0, h)? * 0.1)?, &t], 1)?
                     } else {
@@ -232,6 +235,8 @@ pub struct EagleDrafter {
     slots: Vec<SlotState>,
     /// cos / sin tables [positions, head_dim], grown on demand.
     rope: Option<(Tensor, Tensor)>,
+    /// Seconds and positions of catching up since the last `take_catch_up`.
+    catch_up: (f64, usize),
 }
 
 /// Every tensor present with its expected shape, and `d2t` mapping into the target's vocabulary.
@@ -239,7 +244,10 @@ pub fn check_shapes(config: &EagleConfig, weights: &EagleWeights) -> Result<()> 
     for (name, shape) in NAMES.iter().zip(EagleWeights::shapes(config)) {
         let t = weights.tensors.get(*name).ok_or_else(|| ModelError::Drafter(format!("missing tensor {name}")))?;
         if t.dims() != shape.as_slice() {
-            return Err(ModelError::Drafter(format!("EAGLE tensor {name} has shape {:?}, expected {shape:?}", t.dims())));
+            return Err(ModelError::Drafter(format!(
+                "EAGLE tensor {name} has shape {:?}, expected {shape:?}",
+                t.dims()
+            )));
         }
     }
     if weights.d2t.len() != config.draft_vocab_size || weights.d2t.iter().any(|&t| t as usize >= config.vocab_size) {
@@ -276,7 +284,7 @@ impl EagleDrafter {
                 .collect::<Result<_>>()?,
             d2t: weights.d2t,
         });
-        Ok(EagleDrafter { config, weights, device: device.clone(), slots: Vec::new(), rope: None })
+        Ok(EagleDrafter { config, weights, device: device.clone(), slots: Vec::new(), rope: None, catch_up: (0.0, 0) })
     }
 
     /// A freshly initialised drafter for `target`.
@@ -383,9 +391,9 @@ impl EagleDrafter {
             1,
         )?;
         let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let q = linear(&x, w("midlayer.self_attn.q_proj.weight"))?.reshape((t, heads, d))?;
-        let k = linear(&x, w("midlayer.self_attn.k_proj.weight"))?.reshape((t, kvh, d))?;
-        let v = linear(&x, w("midlayer.self_attn.v_proj.weight"))?.reshape((t, kvh, d))?;
+        let q = fast_linear(&x, w("midlayer.self_attn.q_proj.weight"))?.reshape((t, heads, d))?;
+        let k = fast_linear(&x, w("midlayer.self_attn.k_proj.weight"))?.reshape((t, kvh, d))?;
+        let v = fast_linear(&x, w("midlayer.self_attn.v_proj.weight"))?.reshape((t, kvh, d))?;
         let cos = rope.0.narrow(0, start, t)?.unsqueeze(1)?;
         let sin = rope.1.narrow(0, start, t)?.unsqueeze(1)?;
         let q = apply_rope(&q, &cos, &sin)?.transpose(0, 1)?.contiguous()?; // [heads, t, d]
@@ -407,11 +415,11 @@ impl EagleDrafter {
         let mask = Tensor::from_vec(mask, (1, t, total), &self.device)?;
         let probs = candle_softmax(&scores.broadcast_add(&mask)?)?;
         let attn = probs.matmul(&all_v)?.transpose(0, 1)?.reshape((t, heads * d))?;
-        let h = (features + linear(&attn, w("midlayer.self_attn.o_proj.weight"))?)?;
+        let h = (features + fast_linear(&attn, w("midlayer.self_attn.o_proj.weight"))?)?;
         let m = rms_norm(&h, w("midlayer.post_attention_layernorm.weight"), eps)?;
-        let gate = linear(&m, w("midlayer.mlp.gate_proj.weight"))?;
-        let up = linear(&m, w("midlayer.mlp.up_proj.weight"))?;
-        let out = (&h + linear(&(silu(&gate)? * up)?, w("midlayer.mlp.down_proj.weight"))?)?;
+        let gate = fast_linear(&m, w("midlayer.mlp.gate_proj.weight"))?;
+        let up = fast_linear(&m, w("midlayer.mlp.up_proj.weight"))?;
+        let out = (&h + fast_linear(&(silu(&gate)? * up)?, w("midlayer.mlp.down_proj.weight"))?)?;
         Ok((out, k, v))
     }
 
@@ -419,7 +427,7 @@ impl EagleDrafter {
     fn logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         let last = hidden.i(hidden.dim(0)? - 1..)?;
         let normed = rms_norm(&last, self.weights.get("norm.weight"), self.config.rms_norm_eps)?;
-        Ok(linear(&normed, self.weights.get("lm_head.weight"))?.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(fast_linear(&normed, self.weights.get("lm_head.weight"))?.squeeze(0)?.to_vec1::<f32>()?)
     }
 
     fn propose_one(&mut self, target: &Model, r: &DraftRequest) -> Result<Draft> {
@@ -433,11 +441,12 @@ impl EagleDrafter {
         }
         let rope = self.rope_tables(committed + r.k + 1)?;
         // Catch up over committed positions not yet in the drafter's cache.
+        let catch_up_start = std::time::Instant::now();
         let state = &self.slots[r.slot];
         let from = state.cached;
         let feats =
             Tensor::from_slice(&state.features[from * fs..committed * fs], (committed - from, fs), &self.device)?;
-        let feats = linear(&feats, self.weights.get("fc.weight"))?;
+        let feats = fast_linear(&feats, self.weights.get("fc.weight"))?;
         let embeds = target.embed(&r.tokens[from + 1..committed + 1])?;
         let past = match (&state.keys, &state.values) {
             (Some(k), Some(v)) => Some((k.clone(), v.clone())),
@@ -452,6 +461,9 @@ impl EagleDrafter {
         state.keys = Some(keys.clone());
         state.values = Some(values.clone());
         state.cached = committed;
+        self.catch_up.0 += catch_up_start.elapsed().as_secs_f64();
+        self.catch_up.1 += committed - from;
+        let state = &mut self.slots[r.slot];
         if state.sampler.is_none() {
             state.sampler = Some(drafter_sampler(r.sampling));
         }
@@ -525,6 +537,10 @@ impl Drafter for EagleDrafter {
         self.set_weights(weights)
     }
 
+    fn take_catch_up(&mut self) -> (f64, usize) {
+        std::mem::take(&mut self.catch_up)
+    }
+
     fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
         Some((&self.config, &self.weights))
     }
@@ -535,6 +551,12 @@ pub fn normal(rng: &mut StdRng) -> f32 {
     let u1: f32 = rng.random::<f32>().max(1e-12);
     let u2: f32 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+/// Inference-only projection through the engine's streaming kernels (reads each weight row once;
+/// candle's gemm is slow for the one-row products drafting makes). No autograd.
+fn fast_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(tandem_models::ops::matmul_xwt(x, w, tandem_models::OpsPath::for_device(x.device()))?)
 }
 
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {

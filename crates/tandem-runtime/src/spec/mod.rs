@@ -92,6 +92,13 @@ pub trait Drafter: Send {
         Err(tandem_models::ModelError::Drafter(format!("the {} drafter has no weights to update", self.name())))
     }
 
+    /// Seconds and positions spent bringing per-sequence state up to date with the target since
+    /// the last call. After steps without drafts this is a backlog that steady drafting would not
+    /// pay, so the draft-length controller discounts it.
+    fn take_catch_up(&mut self) -> (f64, usize) {
+        (0.0, 0)
+    }
+
     /// The EAGLE configuration and weights now served, for drafters that have them.
     fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
         None

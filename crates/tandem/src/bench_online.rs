@@ -1,0 +1,587 @@
+//! `tandem bench online`: does the drafter learn from the traffic it serves?
+//!
+//! Replays one prompt stream (code, then math, then chat: two domain shifts) at temperature 0
+//! through the serving engine under several configurations and reports, per window of requests,
+//! the acceptance length and the end-to-end output tokens/s:
+//! - `none`: no speculation; `ngram`: prompt lookup;
+//! - `scratch`: an EAGLE drafter trained online from random weights;
+//! - `warm`: trained online from the target's unembedding (`--warm-start head`);
+//!   `warm-full`: also from the target's last layer;
+//! - `offline`: a drafter trained offline (the same trainer) on the traces the `warm` run recorded
+//!   of this same stream, then frozen;
+//! - `none+train`: no speculation while a trainer trains in the background at the configured CPU
+//!   share (what training costs serving).
+//!
+//! Every configuration's outputs are checked identical to `none` (greedy). Writes a table, JSON and
+//! a PNG (acceptance length and tokens/s against requests served).
+use crate::online_arg::{self, OnlineArgs};
+use crate::workload::{self, Prompt};
+use crate::{load_model, models, plot};
+use anyhow::{bail, ensure, Context, Result};
+use rand::SeedableRng;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer};
+use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
+use tandem_models::{LoadOptions, LoadedModel, WeightDtype};
+use tandem_runtime::spec::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
+use tandem_runtime::{ChatTemplate, Message, SamplingParams};
+use tandem_speculator::traces_io::{load_trace, trace_files};
+use tandem_speculator::{TracePool, Trainer};
+
+#[derive(clap::Args)]
+pub struct OnlineBenchArgs {
+    /// Target model (default: smollm2), f32 weights.
+    #[arg(long)]
+    model: Option<String>,
+    /// Requests per domain: code, math, chat.
+    #[arg(long, value_delimiter = ',', default_value = "500,200,200")]
+    domains: Vec<usize>,
+    /// The reduced run (under 10 minutes here): 40,20,20 requests, configurations none and warm.
+    #[arg(long)]
+    reduced: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Configurations to run, in order (`offline` needs `warm` before it).
+    #[arg(long, value_delimiter = ',', default_value = "none,ngram,scratch,warm,warm-full,offline,none+train")]
+    configs: Vec<String>,
+    /// Most draft tokens per step.
+    #[arg(long, default_value_t = 6)]
+    spec_k: usize,
+    /// Requests per reported window.
+    #[arg(long, default_value_t = 50)]
+    window: usize,
+    /// Optimizer steps for the `offline` drafter.
+    #[arg(long, default_value_t = 600)]
+    offline_steps: u64,
+    #[arg(long, default_value_t = 8192)]
+    draft_vocab: usize,
+    /// Also time llama.cpp's plain decode on the first prompts of each domain (same file, same tokens).
+    #[arg(long)]
+    peer: bool,
+    #[arg(long, default_value = "bench-results/online.json")]
+    out: String,
+    #[command(flatten)]
+    online: OnlineArgs,
+}
+
+/// One finished request.
+#[derive(Serialize, Clone, Debug)]
+struct Done {
+    index: usize,
+    domain: &'static str,
+    finished_secs: f64,
+    tokens: usize,
+    decode_steps: usize,
+    output: Vec<u32>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+struct WindowRow {
+    config: String,
+    /// Requests served by the end of the window.
+    served: usize,
+    domain: &'static str,
+    acceptance_length: f64,
+    tok_s: f64,
+    /// tok/s over `none`'s in the same window (when `none` ran).
+    speedup: Option<f64>,
+    chosen_k: Option<u64>,
+    drafter_version: Option<u64>,
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
+struct Summary {
+    config: String,
+    requests: usize,
+    wall_secs: f64,
+    tok_s: f64,
+    acceptance_length: f64,
+    identical_to_none: Option<bool>,
+    trainer_steps: u64,
+    drafter_versions: u64,
+    rollbacks: u64,
+    traces_dropped: u64,
+    trainer_cpu_secs: f64,
+    /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
+    /// `none`'s tok/s; None: never in this run.
+    reached_target_after: Vec<(String, Option<usize>)>,
+}
+
+struct RunOutput {
+    done: Vec<Done>,
+    wall: f64,
+    samples: Vec<(usize, u64, u64)>,
+    summary: Summary,
+}
+
+fn tokenize(loaded: &LoadedModel, prompts: &[Prompt]) -> Result<Vec<Vec<u32>>> {
+    let template =
+        ChatTemplate::new(loaded.chat_template.as_deref(), loaded.bos_token.as_deref(), loaded.eos_token.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    prompts
+        .iter()
+        .map(|p| {
+            let text = template.render(&[Message::new("user", &p.text)], true).map_err(anyhow::Error::msg)?;
+            Ok(loaded.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec())
+        })
+        .collect()
+}
+
+/// Serves the stream with `concurrency` requests in flight; samples (served, k, version) as it goes.
+fn replay(
+    engine: Engine,
+    handle: tandem_engine::EngineHandle,
+    prompts: &[Prompt],
+    ids: &[Vec<u32>],
+    stop: &[u32],
+    args: &OnlineBenchArgs,
+    exchange: Option<&DrafterExchange>,
+    label: &str,
+) -> Result<(Vec<Done>, f64, Vec<(usize, u64, u64)>)> {
+    let thread = engine.spawn();
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::new());
+    let samples = Mutex::new(Vec::new());
+    let start = Instant::now();
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{label:>10} {{bar:40}} {{pos}}/{{len}} [{{elapsed}}]"))
+            .expect("template"),
+    );
+    std::thread::scope(|s| -> Result<()> {
+        let mut joins = Vec::new();
+        for _ in 0..args.concurrency.max(1) {
+            joins.push(s.spawn(|| -> Result<()> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= prompts.len() {
+                        return Ok(());
+                    }
+                    let request = GenerationRequest {
+                        prompt: ids[i].clone(),
+                        max_tokens: args.max_tokens,
+                        sampling: SamplingParams::default(),
+                        stop_token_ids: stop.to_vec(),
+                        client: None,
+                        agent: None,
+                    };
+                    let mut rx = handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let mut output = Vec::new();
+                    let (tokens, steps) = loop {
+                        match rx.blocking_recv().context("the engine stopped")? {
+                            Event::Token(t) => output.push(t.id),
+                            Event::Finished { usage, .. } => {
+                                let steps = usage.speculation.map_or(usage.completion_tokens, |s| s.decode_steps);
+                                break (usage.completion_tokens, steps);
+                            }
+                            Event::Failed(m) => bail!("request {i} failed: {m}"),
+                        }
+                    };
+                    let mut d = done.lock().expect("not poisoned");
+                    d.push(Done {
+                        index: i,
+                        domain: prompts[i].domain,
+                        finished_secs: start.elapsed().as_secs_f64(),
+                        tokens,
+                        decode_steps: steps,
+                        output,
+                    });
+                    if let Some(ex) = exchange {
+                        samples.lock().expect("not poisoned").push((
+                            d.len(),
+                            ex.chosen_k.load(Ordering::Relaxed),
+                            ex.serving_version.load(Ordering::Relaxed),
+                        ));
+                    }
+                    bar.inc(1);
+                }
+            }));
+        }
+        for j in joins {
+            j.join().expect("client thread")?;
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let wall = start.elapsed().as_secs_f64();
+    handle.shutdown();
+    let _ = thread.join();
+    let mut done = done.into_inner().expect("not poisoned");
+    done.sort_by(|a, b| a.finished_secs.total_cmp(&b.finished_secs));
+    Ok((done, wall, samples.into_inner().expect("not poisoned")))
+}
+
+fn engine_config(args: &OnlineBenchArgs, spec: bool) -> EngineConfig {
+    EngineConfig {
+        max_batch: args.concurrency.max(1),
+        max_seq_len: 2048,
+        spec_k: if spec { args.spec_k } else { 0 },
+        ..Default::default()
+    }
+}
+
+fn hooks(args: &OnlineArgs) -> OnlineHooks {
+    OnlineHooks {
+        traces: Arc::new(TraceBuffer::new(args.trace_buffer_mib << 20)),
+        exchange: Arc::new(DrafterExchange::default()),
+        config: OnlineConfig::default(),
+    }
+}
+
+/// Trains a drafter offline from the traces in `dir` with the online trainer's code.
+fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Result<EagleDrafter> {
+    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Head, 0)?;
+    let mut pool = TracePool::new(usize::MAX);
+    for f in trace_files(dir)? {
+        pool.add(load_trace(&f)?);
+    }
+    ensure!(!pool.is_empty(), "no traces in {}", dir.display());
+    let tc = args.online.train.train_config();
+    let mut trainer =
+        Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let vd = trainer.config.draft_vocab_size;
+    let bar = indicatif::ProgressBar::new(args.offline_steps);
+    for _ in 0..args.offline_steps {
+        let b = pool
+            .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
+            .context("no positions")?;
+        trainer.step(&b)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?)
+}
+
+fn run_config(
+    name: &str,
+    path: &Path,
+    prompts: &[Prompt],
+    args: &OnlineBenchArgs,
+    trace_dir: &Path,
+) -> Result<RunOutput> {
+    let opts = LoadOptions { weight_dtype: WeightDtype::F32, ..Default::default() };
+    let loaded = load_model(path, &opts)?;
+    let ids = tokenize(&loaded, prompts)?;
+    let stop = loaded.stop_token_ids.clone();
+    let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };
+    let online = &args.online;
+    let eagle = |warm: WarmStart| EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0);
+    let (drafter, trained, hooks_used): (Option<Box<dyn Drafter>>, Option<EagleDrafter>, bool) = match name {
+        "none" | "none+train" => (None, None, false),
+        "ngram" => (Some(Box::new(NgramDrafter::default())), None, false),
+        "scratch" => (None, Some(eagle(WarmStart::None)?), true),
+        "warm" => (None, Some(eagle(WarmStart::Head)?), true),
+        "warm-full" => (None, Some(eagle(WarmStart::Full)?), true),
+        "offline" => (None, Some(train_offline(&loaded, trace_dir, args)?), true),
+        other => bail!("unknown configuration `{other}`"),
+    };
+    let spec = drafter.is_some() || trained.is_some();
+    let hooks = hooks(online);
+    let mut trainer = None;
+    if let (Some(e), false) = (&trained, name == "offline") {
+        let mut o = online.clone();
+        if name == "warm" {
+            // The offline configuration trains on exactly what this run saw.
+            let _ = std::fs::remove_dir_all(trace_dir);
+            o.trace_dir = Some(trace_dir.to_path_buf());
+        }
+        o.drafter_save = std::env::temp_dir().join(format!("tandem-bench-drafter-{name}"));
+        trainer = Some(online_arg::start_with(&o, &loaded.model, e, hooks.clone())?);
+    }
+    let background = if name == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
+    let (mut engine, handle) = Engine::new(loaded.model, engine_config(args, spec), Box::new(Fcfs::default()))?;
+    if let Some(d) = drafter {
+        engine = engine.with_drafter(d)?;
+    }
+    if let Some(e) = trained {
+        engine = engine.with_drafter(Box::new(e))?.with_online(hooks.clone())?;
+    }
+    let (done, wall, samples) =
+        replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name)?;
+    if let Some(t) = trainer {
+        let st = t.status();
+        summary.trainer_steps = st.steps;
+        summary.trainer_cpu_secs = st.compute_secs;
+        t.shutdown();
+    }
+    if let Some((stop, thread)) = background {
+        stop.store(true, Ordering::SeqCst);
+        summary.trainer_steps = thread.join().expect("background trainer")?;
+    }
+    let ex = &hooks.exchange;
+    summary.drafter_versions = ex.published.load(Ordering::Relaxed);
+    summary.rollbacks = ex.rollbacks.load(Ordering::Relaxed);
+    summary.traces_dropped = hooks.traces.dropped();
+    summary.wall_secs = wall;
+    let tokens: usize = done.iter().map(|d| d.tokens).sum();
+    let steps: usize = done.iter().map(|d| d.decode_steps).sum();
+    summary.tok_s = tokens as f64 / wall;
+    summary.acceptance_length = tokens as f64 / steps.max(1) as f64;
+    Ok(RunOutput { done, wall, samples, summary })
+}
+
+/// Trains on recorded traces in a background thread at the configured CPU share until stopped;
+/// returns the steps it made.
+fn background_trainer(
+    loaded: &LoadedModel,
+    dir: &Path,
+    args: &OnlineBenchArgs,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<Result<u64>>)> {
+    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Head, 0)?;
+    let mut pool = TracePool::new(usize::MAX);
+    for f in trace_files(dir)? {
+        pool.add(load_trace(&f)?);
+    }
+    ensure!(!pool.is_empty(), "none+train needs the traces of a `warm` run first");
+    let tc = args.online.train.train_config();
+    let mut trainer =
+        Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let share = args.online.train.train_cpu_share.clamp(0.01, 1.0);
+    let threads = args.online.train.train_threads;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || -> Result<u64> {
+        let pool_threads = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let vd = trainer.config.draft_vocab_size;
+        while !s.load(Ordering::SeqCst) {
+            let b = pool
+                .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
+                .context("no positions")?;
+            let t0 = Instant::now();
+            pool_threads.install(|| trainer.step(&b))?;
+            std::thread::sleep(Duration::from_secs_f64(t0.elapsed().as_secs_f64() * (1.0 - share) / share));
+        }
+        Ok(trainer.steps)
+    });
+    Ok((stop, thread))
+}
+
+/// Per-window figures of one run.
+fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
+    let mut rows = Vec::new();
+    let mut prev_t = 0.0;
+    for (w, chunk) in run.done.chunks(window).enumerate() {
+        let served = w * window + chunk.len();
+        let end = chunk.last().map_or(prev_t, |d| d.finished_secs);
+        let tokens: usize = chunk.iter().map(|d| d.tokens).sum();
+        let steps: usize = chunk.iter().map(|d| d.decode_steps).sum();
+        let sample = run.samples.iter().rev().find(|s| s.0 <= served);
+        let domain = chunk.iter().map(|d| d.domain).max_by_key(|dm| chunk.iter().filter(|d| d.domain == *dm).count());
+        rows.push(WindowRow {
+            config: name.to_string(),
+            served,
+            domain: domain.unwrap_or("code"),
+            acceptance_length: tokens as f64 / steps.max(1) as f64,
+            tok_s: tokens as f64 / (end - prev_t).max(1e-9),
+            speedup: None,
+            chosen_k: sample.map(|s| s.1),
+            drafter_version: sample.map(|s| s.2),
+        });
+        prev_t = end;
+    }
+    rows
+}
+
+pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
+    if args.reduced {
+        args.domains = vec![40, 20, 20];
+        if args.configs.len() == 7 {
+            args.configs = vec!["none".into(), "warm".into()];
+        }
+        args.window = args.window.min(10);
+    }
+    ensure!(args.domains.len() == 3, "--domains takes three counts: code,math,chat");
+    let path = models::resolve(args.model.as_deref())?;
+    let prompts = workload::stream(args.domains[0], args.domains[1], args.domains[2], 7)?;
+    let keep_traces = args.online.trace_dir.is_some();
+    let trace_dir = args
+        .online
+        .trace_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-bench-online-traces-{}", std::process::id())));
+    eprintln!(
+        "stream: {} code, {} math, {} chat requests, {} tokens each, {} in flight; machine: {}",
+        args.domains[0],
+        args.domains[1],
+        args.domains[2],
+        args.max_tokens,
+        args.concurrency,
+        crate::bench::machine_description()
+    );
+    let mut runs: Vec<(String, RunOutput)> = Vec::new();
+    for name in args.configs.clone() {
+        let r =
+            run_config(&name, &path, &prompts, &args, &trace_dir).with_context(|| format!("configuration {name}"))?;
+        eprintln!(
+            "{name:>10}: {:.1} tok/s, acceptance {:.2}, {:.0} s, trainer steps {}, versions {}, rollbacks {}",
+            r.summary.tok_s,
+            r.summary.acceptance_length,
+            r.wall,
+            r.summary.trainer_steps,
+            r.summary.drafter_versions,
+            r.summary.rollbacks
+        );
+        runs.push((name, r));
+    }
+    // Identical outputs, and per-window ratios against `none`.
+    let none = runs.iter().position(|(n, _)| n == "none");
+    let reference: Option<Vec<Vec<u32>>> = none.map(|i| {
+        let mut v = vec![Vec::new(); prompts.len()];
+        for d in &runs[i].1.done {
+            v[d.index] = d.output.clone();
+        }
+        v
+    });
+    let none_windows = none.map(|i| windows("none", &runs[i].1, args.window));
+    let shifts = [0, args.domains[0], args.domains[0] + args.domains[1]];
+    let mut all_rows = Vec::new();
+    let mut summaries = Vec::new();
+    for (name, run) in &mut runs {
+        if let Some(r) = &reference {
+            run.summary.identical_to_none = Some(run.done.iter().all(|d| d.output == r[d.index]));
+        }
+        let mut rows = windows(name, run, args.window);
+        if let Some(nw) = &none_windows {
+            for (row, base) in rows.iter_mut().zip(nw) {
+                row.speedup = Some(row.tok_s / base.tok_s.max(1e-9));
+            }
+        }
+        for (d, &start) in ["code", "math", "chat"].iter().zip(&shifts) {
+            let hit = rows.iter().find(|r| {
+                r.served > start && r.domain == *d && r.acceptance_length >= 2.0 && r.speedup.unwrap_or(0.0) >= 1.3
+            });
+            run.summary.reached_target_after.push((d.to_string(), hit.map(|r| r.served - start)));
+        }
+        all_rows.extend(rows);
+        summaries.push(run.summary.clone());
+    }
+    println!("\n| config | served | domain | acceptance length | tok/s | x none | k | version |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &all_rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {} | {} | {} |",
+            r.config,
+            r.served,
+            r.domain,
+            r.acceptance_length,
+            r.tok_s,
+            r.speedup.map_or("".into(), |s| format!("{s:.2}x")),
+            r.chosen_k.map_or("".into(), |k| k.to_string()),
+            r.drafter_version.map_or("".into(), |v| v.to_string())
+        );
+    }
+    println!("\n| config | tok/s | acceptance | identical | trainer steps | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for s in &summaries {
+        let reach: Vec<String> =
+            s.reached_target_after.iter().map(|(_, n)| n.map_or("no".into(), |n| n.to_string())).collect();
+        println!(
+            "| {} | {:.1} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            s.config,
+            s.tok_s,
+            s.acceptance_length,
+            s.identical_to_none.map_or("".into(), |b| b.to_string()),
+            s.trainer_steps,
+            s.drafter_versions,
+            s.rollbacks,
+            s.traces_dropped,
+            reach.join(", ")
+        );
+    }
+    let peer = if args.peer { Some(run_peer(&path, &prompts, &args)?) } else { None };
+    if let Some(p) = &peer {
+        println!("\nllama.cpp plain decode (same file, batch 1, first prompts of each domain): {p:.1} tok/s");
+    }
+    if let Some(dir) = Path::new(&args.out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let json = serde_json::json!({
+        "machine": crate::bench::machine_description(),
+        "model": path.display().to_string(),
+        "domains": args.domains,
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+        "window": args.window,
+        "summaries": summaries,
+        "windows": all_rows,
+        "llama_cpp_plain_tok_s": peer,
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)?;
+    let png = PathBuf::from(&args.out).with_extension("png");
+    let series = |f: &dyn Fn(&WindowRow) -> f64| -> plot::Series {
+        runs.iter()
+            .map(|(n, _)| {
+                (n.clone(), all_rows.iter().filter(|r| &r.config == n).map(|r| (r.served as f64, f(r))).collect())
+            })
+            .collect()
+    };
+    let title = format!("shifts at {} (math) and {} (chat)", shifts[1], shifts[2]);
+    plot::line_grid(
+        png.to_str().context("path")?,
+        &[
+            (
+                format!("acceptance length; {title}"),
+                "requests served".into(),
+                "tokens per target forward".into(),
+                series(&|r| r.acceptance_length),
+            ),
+            (format!("output tokens/s; {title}"), "requests served".into(), "tokens/s".into(), series(&|r| r.tok_s)),
+        ],
+    )?;
+    if !keep_traces {
+        let _ = std::fs::remove_dir_all(&trace_dir);
+    }
+    eprintln!("wrote {} and {}", args.out, png.display());
+    Ok(())
+}
+
+const PEER_SCRIPT: &str = include_str!("../../../scripts/peer_llamacpp_spec.py");
+const PEER_BASE: &str = include_str!("../../../scripts/peer_llamacpp.py");
+
+/// llama.cpp plain decode tok/s (batch 1) over the first 4 prompts of each domain.
+fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f64> {
+    let loaded = load_model(path, &LoadOptions::default())?;
+    let ids = tokenize(&loaded, prompts)?;
+    let shifts = [0, args.domains[0], args.domains[0] + args.domains[1]];
+    let mut input = serde_json::Map::new();
+    for (d, &s) in ["code", "math", "chat"].iter().zip(&shifts) {
+        for j in 0..4 {
+            if let Some(p) = ids.get(s + j) {
+                input.insert(format!("{d}{j}"), serde_json::json!(p));
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join("tandem-peer-online");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("peer_llamacpp.py"), PEER_BASE)?;
+    std::fs::write(dir.join("peer_llamacpp_spec.py"), PEER_SCRIPT)?;
+    let mut child = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(dir.join("peer_llamacpp_spec.py"))
+        .arg(path)
+        .args(["--dtype", "f32", "--max-tokens", &args.max_tokens.to_string(), "--k", "none"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    child.stdin.take().expect("piped").write_all(serde_json::to_string(&input)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "the llama.cpp peer failed (pip install llama-cpp-python==0.3.36)");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let (mut tokens, mut secs) = (0.0, 0.0);
+    for r in rows {
+        let n = r["tokens"].as_f64().unwrap_or(0.0);
+        let tps = r["decode_tok_s"].as_f64().unwrap_or(1.0);
+        tokens += n - 1.0;
+        secs += (n - 1.0) / tps.max(1e-9);
+    }
+    Ok(tokens / secs.max(1e-9))
+}

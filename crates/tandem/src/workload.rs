@@ -1,0 +1,170 @@
+//! A prompt stream in three domains from material available offline, for `tandem bench online`:
+//! - code: top-level functions of the Python standard library found on this machine, to complete
+//!   (the signature and first lines given) or to explain;
+//! - math: generated arithmetic word problems;
+//! - chat: general questions built from topic lists.
+//!
+//! Deterministic for a seed; the same stream for every configuration a benchmark compares.
+use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub domain: &'static str,
+    pub text: String,
+}
+
+/// The standard library folder of the first python3 found (or a common location).
+fn stdlib_dir() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    p.join("os.py").exists().then_some(p)
+}
+
+/// Top-level functions of 6 to 40 lines from the `.py` files directly in `dir`.
+fn functions(dir: &Path) -> Vec<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "py")).collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let lines: Vec<&str> = text.lines().collect();
+        let mut i = 0;
+        while i < lines.len() {
+            if lines[i].starts_with("def ") {
+                let mut j = i + 1;
+                while j < lines.len()
+                    && (lines[j].is_empty() || lines[j].starts_with(' ') || lines[j].starts_with('\t'))
+                {
+                    j += 1;
+                }
+                let body: Vec<&str> = lines[i..j].iter().copied().collect();
+                let body_len = body.iter().rposition(|l| !l.trim().is_empty()).map_or(0, |p| p + 1);
+                if (6..=40).contains(&body_len) {
+                    out.push(body[..body_len].join("\n"));
+                }
+                i = j;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn code_prompts(rng: &mut StdRng, n: usize) -> Result<Vec<Prompt>> {
+    let Some(dir) = stdlib_dir() else {
+        bail!("no Python standard library found (python3 is needed for the code prompts)")
+    };
+    let mut funcs = functions(&dir);
+    if funcs.len() < 20 {
+        bail!("only {} functions found in {}", funcs.len(), dir.display());
+    }
+    funcs.shuffle(rng);
+    Ok((0..n)
+        .map(|i| {
+            let f = &funcs[i % funcs.len()];
+            let text = if i % 2 == 0 {
+                let lines: Vec<&str> = f.lines().collect();
+                let head = lines[..(lines.len() / 3).max(2)].join("\n");
+                format!("Complete this Python function from the standard library. Output only the code.\n\n```python\n{head}\n")
+            } else {
+                format!("Explain what this Python function does, step by step.\n\n```python\n{f}\n```")
+            };
+            Prompt { domain: "code", text }
+        })
+        .collect())
+}
+
+fn math_prompts(rng: &mut StdRng, n: usize) -> Vec<Prompt> {
+    let names = ["Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas"];
+    let items = ["apples", "books", "marbles", "stamps", "pencils", "cookies", "coins", "shells"];
+    (0..n)
+        .map(|_| {
+            let who = names[rng.random_range(0..names.len())];
+            let other = names[rng.random_range(0..names.len())];
+            let item = items[rng.random_range(0..items.len())];
+            let (a, b, c) = (rng.random_range(12..500), rng.random_range(2..60), rng.random_range(2..12));
+            let text = match rng.random_range(0..5) {
+                0 => format!("{who} has {a} {item}. {who} buys {b} more and then gives {c} to {other}. How many {item} does {who} have now? Show your reasoning."),
+                1 => format!("A box holds {c} {item}. {who} needs {a} {item}. How many boxes must {who} buy, and how many {item} are left over? Explain."),
+                2 => format!("{who} saves {b} dollars every week. How many weeks until {who} has saved {a} dollars? Solve step by step."),
+                3 => format!("A train travels at {b} km per hour for {c} hours, then at {} km per hour for {} hours. How far does it travel in total? Show the calculation.", b + 10, c + 1),
+                _ => format!("What is {a} multiplied by {b}, minus {c}? Work it out step by step."),
+            };
+            Prompt { domain: "math", text }
+        })
+        .collect()
+}
+
+fn chat_prompts(rng: &mut StdRng, n: usize) -> Vec<Prompt> {
+    let topics = [
+        "learning a new language",
+        "growing tomatoes",
+        "saving money",
+        "running a first marathon",
+        "sleeping better",
+        "cooking rice",
+        "public speaking",
+        "keeping a houseplant alive",
+        "planning a trip to Japan",
+        "writing a cover letter",
+        "training a puppy",
+        "reducing stress at work",
+        "starting to paint",
+        "choosing a laptop",
+        "making friends in a new city",
+    ];
+    let pairs = [
+        ("cats", "dogs"),
+        ("tea", "coffee"),
+        ("trains", "planes"),
+        ("e-books", "paper books"),
+        ("renting", "buying a home"),
+        ("running", "swimming"),
+        ("the sea", "the mountains"),
+        ("summer", "winter"),
+    ];
+    let concepts = [
+        "photosynthesis",
+        "inflation",
+        "the water cycle",
+        "compound interest",
+        "how vaccines work",
+        "why the sky is blue",
+        "how a bill becomes law",
+        "what a black hole is",
+    ];
+    (0..n)
+        .map(|_| {
+            let text = match rng.random_range(0..3) {
+                0 => format!("Give me five practical tips for {}.", topics[rng.random_range(0..topics.len())]),
+                1 => {
+                    let (a, b) = pairs[rng.random_range(0..pairs.len())];
+                    format!("What are the main differences between {a} and {b}? Which would you recommend and why?")
+                }
+                _ => format!("Explain {} to a curious twelve-year-old.", concepts[rng.random_range(0..concepts.len())]),
+            };
+            Prompt { domain: "chat", text }
+        })
+        .collect()
+}
+
+/// `code` code prompts, then `math`, then `chat` (the domain shifts of the benchmark).
+pub fn stream(code: usize, math: usize, chat: usize, seed: u64) -> Result<Vec<Prompt>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = code_prompts(&mut rng, code)?;
+    out.extend(math_prompts(&mut rng, math));
+    out.extend(chat_prompts(&mut rng, chat));
+    Ok(out)
+}
