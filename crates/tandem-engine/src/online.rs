@@ -384,7 +384,7 @@ impl KController {
         self.step += 1;
         // Until k = 0 and k = 1 are measured, alternate them: both are cheap.
         for k in 0..=self.max_k.min(1) {
-            if self.rate[k].1 < 4 {
+            if self.rate[k].1 < 8 {
                 return k;
             }
         }
@@ -402,14 +402,17 @@ impl KController {
         }
         let r = tokens as f64 / secs;
         let (avg, n) = &mut self.rate[k];
-        let alpha = if *n < 8 { 1.0 / (*n + 1) as f64 } else { 0.1 };
+        let alpha = if *n < 16 { 1.0 / (*n + 1) as f64 } else { 0.05 };
         *avg += alpha * (r - *avg);
         *n += 1;
         let best = self.best;
-        let measured = |k: usize| self.rate[k].1 >= 4;
-        // Move to a measured neighbour that is faster.
+        let measured = |k: usize| self.rate[k].1 >= 8;
+        // Move to a measured neighbour that is clearly faster: step times are noisy (batch
+        // composition, a trainer sharing the CPU), and a wrong move to a longer draft costs more
+        // than staying a little longer at a shorter one.
         for cand in [best.saturating_sub(1), (best + 1).min(self.max_k)] {
-            if measured(cand) && self.rate[cand].0 > self.rate[self.best].0 {
+            let margin = if cand > best { 1.03 } else { 1.0 };
+            if cand != best && measured(cand) && self.rate[cand].0 > self.rate[self.best].0 * margin {
                 self.best = cand;
             }
         }

@@ -9,6 +9,8 @@
 //!   `warm-full`: also from the target's last layer;
 //! - `offline`: a drafter trained offline (the same trainer) on the traces the `warm` run recorded
 //!   of this same stream, then frozen;
+//! - `cold`: the warm-started drafter frozen, never trained (what a useless drafter costs once the
+//!   draft length controller has its say);
 //! - `none+train`: no speculation while a trainer trains in the background at the configured CPU
 //!   share (what training costs serving).
 //!
@@ -40,7 +42,7 @@ pub struct OnlineBenchArgs {
     /// Requests per domain: code, math, chat.
     #[arg(long, value_delimiter = ',', default_value = "500,200,200")]
     domains: Vec<usize>,
-    /// The reduced run (under 10 minutes here): 40,20,20 requests, configurations none and warm.
+    /// The reduced run (under 10 minutes here): 30,15,15 requests, configurations none and warm.
     #[arg(long)]
     reduced: bool,
     #[arg(long, default_value_t = 64)]
@@ -278,7 +280,7 @@ fn run_config(
         "none" | "none+train" => (None, None, false),
         "ngram" => (Some(Box::new(NgramDrafter::default())), None, false),
         "scratch" => (None, Some(eagle(WarmStart::None)?), true),
-        "warm" => (None, Some(eagle(WarmStart::Head)?), true),
+        "warm" | "cold" => (None, Some(eagle(WarmStart::Head)?), true),
         "warm-full" => (None, Some(eagle(WarmStart::Full)?), true),
         "offline" => (None, Some(train_offline(&loaded, trace_dir, args)?), true),
         other => bail!("unknown configuration `{other}`"),
@@ -286,7 +288,8 @@ fn run_config(
     let spec = drafter.is_some() || trained.is_some();
     let hooks = hooks(online);
     let mut trainer = None;
-    if let (Some(e), false) = (&trained, name == "offline") {
+    // `cold` and `offline` serve a frozen drafter: no trainer.
+    if let (Some(e), false) = (&trained, matches!(name, "offline" | "cold")) {
         let mut o = online.clone();
         if name == "warm" {
             // The offline configuration trains on exactly what this run saw.
@@ -393,7 +396,7 @@ fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
 
 pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     if args.reduced {
-        args.domains = vec![40, 20, 20];
+        args.domains = vec![30, 15, 15];
         if args.configs.len() == 7 {
             args.configs = vec!["none".into(), "warm".into()];
         }

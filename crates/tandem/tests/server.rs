@@ -99,3 +99,51 @@ fn speculative_server_answers_exactly_what_a_plain_server_answers() {
         .unwrap();
     assert!(status.success(), "tests/server/test_spec.py failed (output above)");
 }
+
+#[test]
+fn online_training_server_answers_exactly_what_a_plain_server_answers() {
+    let (plain_port, online_port) = (free_port(), free_port());
+    let save = std::env::temp_dir().join(format!("tandem-online-drafter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&save);
+    let _plain = start(&smollm2(), plain_port);
+    let mut online = start_with(
+        &smollm2(),
+        online_port,
+        &[
+            "--spec",
+            "eagle",
+            "--spec-train",
+            "online",
+            "--publish-every",
+            "1",
+            "--train-cpu-share",
+            "1.0",
+            "--train-batch",
+            "32",
+            "--drafter-save",
+            save.to_str().unwrap(),
+        ],
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root.join("tests/server/test_online.py"))
+        .arg(format!("http://127.0.0.1:{plain_port}"))
+        .arg(format!("http://127.0.0.1:{online_port}"))
+        .arg("SmolLM2-135M-Instruct.Q4_1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_online.py failed (output above)");
+    // Shutdown writes the drafter checkpoint, which a new server can start from.
+    let pid = online.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while online.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the online server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(save.join("config.json").exists() && save.join("model.safetensors").exists(), "no checkpoint at shutdown");
+    let port = free_port();
+    let _again = start_with(&smollm2(), port, &["--spec", &format!("eagle:{}", save.display())]);
+    assert!(get(port, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    let _ = std::fs::remove_dir_all(&save);
+}
