@@ -130,7 +130,7 @@ impl Batch {
         }
         for r in &trace.rejected {
             // The proposal for token pos + 1 was drafted at position pos - 1.
-            if r.pos >= start + 1 && r.pos - 1 < start + len {
+            if r.pos > start && r.pos - 1 < start + len {
                 if let Some(d) = t2d(r.token) {
                     self.rejected.push((first_row + r.pos - 1 - start, d, r.depth));
                 }

@@ -119,7 +119,7 @@ struct Summary {
 struct RunOutput {
     done: Vec<Done>,
     wall: f64,
-    samples: Vec<(usize, u64, u64)>,
+    samples: Samples,
     summary: Summary,
 }
 
@@ -136,7 +136,11 @@ fn tokenize(loaded: &LoadedModel, prompts: &[Prompt]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
+/// Requests served, chosen k and drafter version, sampled as requests finish.
+type Samples = Vec<(usize, u64, u64)>;
+
 /// Serves the stream with `concurrency` requests in flight; samples (served, k, version) as it goes.
+#[allow(clippy::too_many_arguments)]
 fn replay(
     engine: Engine,
     handle: tandem_engine::EngineHandle,
@@ -146,7 +150,7 @@ fn replay(
     args: &OnlineBenchArgs,
     exchange: Option<&DrafterExchange>,
     label: &str,
-) -> Result<(Vec<Done>, f64, Vec<(usize, u64, u64)>)> {
+) -> Result<(Vec<Done>, f64, Samples)> {
     let thread = engine.spawn();
     let next = AtomicUsize::new(0);
     let done = Mutex::new(Vec::new());

@@ -48,7 +48,7 @@ fn functions(dir: &Path) -> Vec<String> {
                 {
                     j += 1;
                 }
-                let body: Vec<&str> = lines[i..j].iter().copied().collect();
+                let body: Vec<&str> = lines[i..j].to_vec();
                 let body_len = body.iter().rposition(|l| !l.trim().is_empty()).map_or(0, |p| p + 1);
                 if (6..=40).contains(&body_len) {
                     out.push(body[..body_len].join("\n"));
