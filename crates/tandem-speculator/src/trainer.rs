@@ -78,21 +78,8 @@ pub struct Trainer {
     pub steps: u64,
 }
 
-const TRAINED: &[&str] = &[
-    "fc.weight",
-    "midlayer.hidden_norm.weight",
-    "midlayer.input_layernorm.weight",
-    "midlayer.self_attn.q_proj.weight",
-    "midlayer.self_attn.k_proj.weight",
-    "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight",
-    "midlayer.post_attention_layernorm.weight",
-    "midlayer.mlp.gate_proj.weight",
-    "midlayer.mlp.up_proj.weight",
-    "midlayer.mlp.down_proj.weight",
-    "norm.weight",
-    "lm_head.weight",
-];
+/// Every drafter tensor is trained (the embedding is the target's, frozen, and not among them).
+const TRAINED: &[&str] = tandem_runtime::spec::eagle::NAMES;
 
 impl Trainer {
     pub fn new(config: EagleConfig, weights: &EagleWeights, embed: Tensor, train: TrainConfig) -> Result<Self> {

@@ -551,44 +551,25 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     Ok(())
 }
 
-const PEER_SCRIPT: &str = include_str!("../../../scripts/peer_llamacpp_spec.py");
-const PEER_BASE: &str = include_str!("../../../scripts/peer_llamacpp.py");
-
 /// llama.cpp plain decode tok/s (batch 1) over the first 4 prompts of each domain.
 fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f64> {
     let loaded = load_model(path, &LoadOptions::default())?;
     let ids = tokenize(&loaded, prompts)?;
     let shifts = [0, args.domains[0], args.domains[0] + args.domains[1]];
-    let mut input = serde_json::Map::new();
-    for (d, &s) in ["code", "math", "chat"].iter().zip(&shifts) {
+    let names: Vec<String> =
+        ["code", "math", "chat"].iter().flat_map(|d| (0..4).map(move |j| format!("{d}{j}"))).collect();
+    let mut picked = Vec::new();
+    for (d, &s) in shifts.iter().enumerate() {
         for j in 0..4 {
             if let Some(p) = ids.get(s + j) {
-                input.insert(format!("{d}{j}"), serde_json::json!(p));
+                picked.push((names[d * 4 + j].as_str(), p.clone()));
             }
         }
     }
-    let dir = std::env::temp_dir().join("tandem-peer-online");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("peer_llamacpp.py"), PEER_BASE)?;
-    std::fs::write(dir.join("peer_llamacpp_spec.py"), PEER_SCRIPT)?;
-    let mut child = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(dir.join("peer_llamacpp_spec.py"))
-        .arg(path)
-        .args(["--dtype", "f32", "--max-tokens", &args.max_tokens.to_string(), "--k", "none"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    use std::io::Write;
-    child.stdin.take().expect("piped").write_all(serde_json::to_string(&input)?.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "the llama.cpp peer failed (pip install llama-cpp-python==0.3.36)");
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-    let (mut tokens, mut secs) = (0.0, 0.0);
-    for r in rows {
-        let n = r["tokens"].as_f64().unwrap_or(0.0);
-        let tps = r["decode_tok_s"].as_f64().unwrap_or(1.0);
-        tokens += n - 1.0;
-        secs += (n - 1.0) / tps.max(1e-9);
-    }
+    let rows = crate::bench_spec::run_peer(path, &picked, args.max_tokens, "none")?;
+    let (tokens, secs) = rows.iter().fold((0.0, 0.0), |(t, s), r| {
+        let n = r.tokens.saturating_sub(1) as f64;
+        (t + n, s + n / r.decode_tok_s.max(1e-9))
+    });
     Ok(tokens / secs.max(1e-9))
 }

@@ -143,15 +143,22 @@ fn run_once(
 }
 
 #[derive(serde::Deserialize, Serialize, Clone)]
-struct PeerRow {
+pub(crate) struct PeerRow {
     prompt: String,
     mode: String,
     k: usize,
-    tokens: usize,
-    decode_tok_s: f64,
+    pub tokens: usize,
+    pub decode_tok_s: f64,
 }
 
-fn run_peer(path: &std::path::Path, prompts: &[(&str, Vec<u32>)], max_tokens: usize) -> Result<Vec<PeerRow>> {
+/// llama.cpp on `prompts` (name, token ids): plain, and with prompt lookup at each of `ks`
+/// (comma-separated; "none" for plain only).
+pub(crate) fn run_peer(
+    path: &std::path::Path,
+    prompts: &[(&str, Vec<u32>)],
+    max_tokens: usize,
+    ks: &str,
+) -> Result<Vec<PeerRow>> {
     let dir = std::env::temp_dir().join("tandem-peer-spec");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("peer_llamacpp.py"), PEER_BASE)?;
@@ -161,7 +168,7 @@ fn run_peer(path: &std::path::Path, prompts: &[(&str, Vec<u32>)], max_tokens: us
     let mut child = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
         .arg(dir.join("peer_llamacpp_spec.py"))
         .arg(path)
-        .args(["--dtype", "f32", "--max-tokens", &max_tokens.to_string(), "--k", "4,10"])
+        .args(["--dtype", "f32", "--max-tokens", &max_tokens.to_string(), "--k", ks])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -239,7 +246,7 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             }
         }
         if args.peer {
-            for p in run_peer(&path, &prompts, args.max_tokens)? {
+            for p in run_peer(&path, &prompts, args.max_tokens, "4,10")? {
                 println!(
                     "{:<36} {:<6} {:<8} {:>2} {:>6} {:>9.1}",
                     format!("llama.cpp {}", model_name),

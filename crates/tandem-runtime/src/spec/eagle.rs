@@ -82,7 +82,8 @@ pub struct EagleWeights {
     pub d2t: Vec<u32>,
 }
 
-const NAMES: &[&str] = &[
+/// The drafter's tensors (all trained; `d2t` is stored beside them).
+pub const NAMES: &[&str] = &[
     "fc.weight",
     "midlayer.hidden_norm.weight",
     "midlayer.input_layernorm.weight",
