@@ -20,7 +20,8 @@ pub struct OnlineTrainerConfig {
     pub publish_every: u64,
     /// Positions pooled before the first step.
     pub min_positions: usize,
-    /// Most positions kept in the pool (the oldest traces go first).
+    /// Most positions kept in the pool (the oldest traces go first). Each holds 3 x hidden f32
+    /// features: 50,000 positions are ~350 MB for SmolLM2.
     pub pool_positions: usize,
     /// Share of wall time the trainer may compute (it sleeps the rest), so serving keeps the CPU.
     pub cpu_share: f64,
@@ -38,7 +39,7 @@ impl Default for OnlineTrainerConfig {
         OnlineTrainerConfig {
             publish_every: 10,
             min_positions: 256,
-            pool_positions: 200_000,
+            pool_positions: 50_000,
             cpu_share: 0.5,
             threads: 1,
             checkpoint_dir: None,
