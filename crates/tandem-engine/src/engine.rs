@@ -815,7 +815,6 @@ impl Engine {
             let steady = secs / positions.max(1) as f64 * (emitted_total as f64).min(positions as f64);
             let step_secs = draft_start.elapsed().as_secs_f64() - secs + steady;
             online.k.record(k, emitted_total as usize, step_secs);
-            self.shared.spec.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
             online.hooks.exchange.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
             if let Ok(mut t) = online.hooks.exchange.k_table.try_lock() {
                 *t = online.k.table();

@@ -54,8 +54,6 @@ pub(crate) struct SpecCounters {
     pub emitted: AtomicU64,
     pub draft_nanos: AtomicU64,
     pub verify_nanos: AtomicU64,
-    /// The draft length the throughput controller serves (online training).
-    pub chosen_k: AtomicU64,
 }
 
 impl SpecCounters {

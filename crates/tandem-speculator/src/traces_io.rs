@@ -80,6 +80,11 @@ pub fn trace_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Every trace in `dir`, in name order (an error names the file that failed).
+pub fn load_dir(dir: &Path) -> Result<Vec<Trace>> {
+    trace_files(dir)?.iter().map(|f| load_trace(f)).collect()
+}
+
 /// Writes traces into a folder, numbering them from where it left off.
 pub struct TraceSpill {
     dir: PathBuf,

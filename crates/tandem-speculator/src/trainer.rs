@@ -14,7 +14,7 @@ use crate::pool::Batch;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use tandem_models::{ModelError, Result};
-use tandem_runtime::spec::eagle::{apply_rope, linear, repeat_kv, rms_norm, silu};
+use tandem_runtime::spec::eagle::{apply_rope, linear, repeat_kv, rms_norm, rope_tables, silu};
 use tandem_runtime::spec::{EagleConfig, EagleWeights};
 
 #[derive(Debug, Clone)]
@@ -292,20 +292,6 @@ fn shift_rows3(x: &Tensor, s: usize) -> Result<Tensor> {
     let s = s.min(n);
     let zeros = Tensor::zeros((hh, s, d), x.dtype(), x.device())?;
     Ok(Tensor::cat(&[&zeros, &x.narrow(1, 0, n - s)?], 1)?)
-}
-
-/// cos / sin [positions, head_dim] in the rotate-half layout the drafter uses.
-fn rope_tables(c: &EagleConfig, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let d = c.head_dim;
-    let inv: Vec<f32> = (0..d / 2).map(|i| (c.rope_theta.powf(-2.0 * i as f64 / d as f64)) as f32).collect();
-    let mut angles = Vec::with_capacity(n * d);
-    for p in 0..n {
-        for _half in 0..2 {
-            angles.extend(inv.iter().map(|f| p as f32 * f));
-        }
-    }
-    let a = Tensor::from_vec(angles, (n, d), device)?;
-    Ok((a.cos()?, a.sin()?))
 }
 
 /// The drafter configuration and the trainable tensor names, for checkpoints of optimizer state.

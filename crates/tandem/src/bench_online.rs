@@ -31,7 +31,7 @@ use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::spec::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::{ChatTemplate, Message, SamplingParams};
-use tandem_speculator::traces_io::{load_trace, trace_files};
+use tandem_speculator::traces_io::load_dir;
 use tandem_speculator::{TracePool, Trainer};
 
 #[derive(clap::Args)]
@@ -245,9 +245,7 @@ fn hooks(args: &OnlineArgs) -> OnlineHooks {
 fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Result<EagleDrafter> {
     let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Head, 0)?;
     let mut pool = TracePool::new(usize::MAX);
-    for f in trace_files(dir)? {
-        pool.add(load_trace(&f)?);
-    }
+    load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
     ensure!(!pool.is_empty(), "no traces in {}", dir.display());
     let tc = args.online.train.train_config();
     let mut trainer =
@@ -344,9 +342,7 @@ fn background_trainer(
 ) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<Result<u64>>)> {
     let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Head, 0)?;
     let mut pool = TracePool::new(usize::MAX);
-    for f in trace_files(dir)? {
-        pool.add(load_trace(&f)?);
-    }
+    load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
     ensure!(!pool.is_empty(), "none+train needs the traces of a `warm` run first");
     let tc = args.online.train.train_config();
     let mut trainer =

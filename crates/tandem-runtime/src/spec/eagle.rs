@@ -352,19 +352,7 @@ impl EagleDrafter {
 
     fn rope_tables(&mut self, upto: usize) -> Result<(Tensor, Tensor)> {
         if self.rope.as_ref().is_none_or(|(c, _)| c.dim(0).unwrap_or(0) < upto) {
-            let n = upto.next_power_of_two().max(256);
-            let d = self.config.head_dim;
-            let inv: Vec<f32> =
-                (0..d / 2).map(|i| (self.config.rope_theta.powf(-2.0 * i as f64 / d as f64)) as f32).collect();
-            let mut angles = Vec::with_capacity(n * d);
-            for p in 0..n {
-                // HF layout: the two halves of each head share frequencies (rotate_half).
-                for _half in 0..2 {
-                    angles.extend(inv.iter().map(|f| p as f32 * f));
-                }
-            }
-            let a = Tensor::from_vec(angles, (n, d), &self.device)?;
-            self.rope = Some((a.cos()?, a.sin()?));
+            self.rope = Some(rope_tables(&self.config, upto.next_power_of_two().max(256), &self.device)?);
         }
         Ok(self.rope.clone().expect("built above"))
     }
@@ -545,6 +533,21 @@ impl Drafter for EagleDrafter {
     fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
         Some((&self.config, &self.weights))
     }
+}
+
+/// cos / sin tables [n, head_dim] for positions 0..n in the HF layout (the two halves of each head
+/// share frequencies: rotate_half). The drafter and its trainer use the same tables.
+pub fn rope_tables(c: &EagleConfig, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let d = c.head_dim;
+    let inv: Vec<f32> = (0..d / 2).map(|i| (c.rope_theta.powf(-2.0 * i as f64 / d as f64)) as f32).collect();
+    let mut angles = Vec::with_capacity(n * d);
+    for p in 0..n {
+        for _half in 0..2 {
+            angles.extend(inv.iter().map(|f| p as f32 * f));
+        }
+    }
+    let a = Tensor::from_vec(angles, (n, d), device)?;
+    Ok((a.cos()?, a.sin()?))
 }
 
 /// A standard normal draw (Box-Muller).
