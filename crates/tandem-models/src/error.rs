@@ -27,6 +27,9 @@ pub enum ModelError {
     #[error("drafter: {0}")]
     Drafter(String),
 
+    #[error("adapter: {0}")]
+    Adapter(String),
+
     #[error("KV cache: {0}")]
     KvCache(String),
 

@@ -22,6 +22,17 @@ pub enum Linear {
     /// Several projections of the same input whose outputs are concatenated (quantized weights of
     /// different types cannot be fused into one matrix).
     Stacked(Vec<Linear>),
+    /// A frozen projection plus low-rank adapters: y = base(x) + scale·[(x·a_iᵀ)·b_iᵀ]_i, the parts'
+    /// outputs concatenated (one part per projection fused into `base`). The base weights are
+    /// shared, not copied; serving and training run this same code, so their values agree exactly.
+    Lora { base: Box<Linear>, parts: Vec<LoraPart>, scale: f64 },
+}
+
+/// One projection's adapter: a: [rank, in], b: [out, rank] (f32).
+#[derive(Clone)]
+pub struct LoraPart {
+    pub a: Tensor,
+    pub b: Tensor,
 }
 
 impl Linear {
@@ -39,6 +50,7 @@ impl Linear {
             Linear::Dense { weight, .. } => weight.dims()[0],
             Linear::Quantized { out_features, .. } => *out_features,
             Linear::Stacked(parts) => parts.iter().map(Linear::out_features).sum(),
+            Linear::Lora { base, .. } => base.out_features(),
         }
     }
 
@@ -77,6 +89,15 @@ impl Linear {
                 let outs = parts.iter().map(|p| p.forward(x, path)).collect::<CResult<Vec<_>>>()?;
                 return Tensor::cat(&outs, 1);
             }
+            Linear::Lora { base, parts, scale } => {
+                let y = base.forward(x, path)?;
+                let deltas = parts
+                    .iter()
+                    .map(|p| ops::matmul_xwt(&ops::matmul_xwt(x, &p.a, path)?, &p.b, path))
+                    .collect::<CResult<Vec<_>>>()?;
+                let delta = if deltas.len() == 1 { deltas[0].clone() } else { Tensor::cat(&deltas, 1)? };
+                return y + (delta * *scale)?;
+            }
         };
         match bias {
             Some(b) => y.broadcast_add(b),
@@ -93,6 +114,36 @@ impl Linear {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
             },
             Linear::Stacked(parts) => parts.iter().map(Linear::weight_bytes).sum(),
+            Linear::Lora { base, parts, .. } => {
+                base.weight_bytes() + parts.iter().map(|p| (p.a.elem_count() + p.b.elem_count()) * 4).sum::<usize>()
+            }
         }
+    }
+}
+
+impl Linear {
+    /// The dense weight [out, in] (None for quantized or stacked projections).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense { weight, .. } => Some(weight),
+            Linear::Lora { base, .. } => base.dense_weight(),
+            _ => None,
+        }
+    }
+
+    /// The same projection with `weight` in place of its dense weight (bias kept).
+    pub fn with_weight(&self, weight: Tensor) -> Linear {
+        match self {
+            Linear::Lora { base, parts, scale } => {
+                Linear::Lora { base: Box::new(base.with_weight(weight)), parts: parts.clone(), scale: *scale }
+            }
+            Linear::Dense { bias, .. } => Linear::Dense { weight, bias: bias.clone() },
+            other => other.clone(),
+        }
+    }
+
+    /// The same projection with adapters added.
+    pub fn with_lora(&self, parts: Vec<LoraPart>, scale: f64) -> Linear {
+        Linear::Lora { base: Box::new(self.clone()), parts, scale }
     }
 }

@@ -10,28 +10,33 @@ use crate::weights::{Weight, WeightSource};
 use candle_core::{Device, Tensor};
 use std::ops::Range;
 
-struct Block {
-    attn_norm: Tensor,
+#[derive(Clone)]
+pub(crate) struct Block {
+    pub(crate) attn_norm: Tensor,
     /// q, k and v projections as one [q + 2 kv, hidden] product.
-    qkv: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    o_proj: Linear,
-    mlp_norm: Tensor,
+    pub(crate) qkv: Linear,
+    pub(crate) q_norm: Option<Tensor>,
+    pub(crate) k_norm: Option<Tensor>,
+    pub(crate) o_proj: Linear,
+    pub(crate) mlp_norm: Tensor,
     /// gate and up projections as one [2 intermediate, hidden] product.
-    gate_up: Linear,
-    down: Linear,
+    pub(crate) gate_up: Linear,
+    pub(crate) down: Linear,
 }
 
+/// Cloning a model shares its weights (candle tensors are reference counted): a clone with
+/// adapters or replaced weights (`with_lora`, `with_parameters`) is a new weight version at the
+/// cost of only what changed.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: Linear,
-    rope: RopeTables,
-    device: Device,
-    path: OpsPath,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
+    pub(crate) rope: RopeTables,
+    pub(crate) device: Device,
+    pub(crate) path: OpsPath,
 }
 
 /// Which positions of a sequence's new tokens get logits.
@@ -306,7 +311,7 @@ impl Model {
                     t.index_select(&idx, 0)?
                 }
             },
-            Linear::Stacked(_) => self.embed.index_select(&idx, 0)?,
+            _ => self.embed.index_select(&idx, 0)?,
         };
         let f32 = candle_core::DType::F32;
         Ok((rows.to_dtype(f32)?, self.norm.to_dtype(f32)?))
@@ -417,32 +422,13 @@ impl Model {
         let positions: Vec<usize> = tokens.iter().map(|ts| ts.pos).collect();
         let path = self.path;
         let ids = Tensor::from_vec(ids, t, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let mut hidden = Vec::with_capacity(hidden_layers.len());
-        let (q_size, kv_size) = (c.q_size(), c.kv_size());
-        for (l, b) in self.blocks.iter().enumerate() {
-            let h = ops::rms_norm(&x, &b.attn_norm, c.rms_norm_eps, path)?;
-            let qkv = b.qkv.forward(&h, path)?;
-            let mut q = qkv.narrow(1, 0, q_size)?.reshape((t, c.num_heads, c.head_dim))?;
-            let mut k = qkv.narrow(1, q_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let v = qkv.narrow(1, q_size + kv_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
-                q = ops::rms_norm(&q, qn, c.rms_norm_eps, path)?;
-                k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
-            }
-            let q = ops::rope(&q, &positions, &self.rope, path)?;
-            let k = ops::rope(&k, &positions, &self.rope, path)?;
-            ops::cache_write(&cache.keys[l], &k, &tokens, path)?;
-            ops::cache_write(&cache.values[l], &v, &tokens, path)?;
-            let a = ops::attention(&q, &cache.keys[l], &cache.values[l], &tokens, path)?;
-            x = (x + b.o_proj.forward(&a, path)?)?;
-            let h = ops::rms_norm(&x, &b.mlp_norm, c.rms_norm_eps, path)?;
-            let m = ops::silu_mul(&b.gate_up.forward(&h, path)?, path)?;
-            x = (x + b.down.forward(&m, path)?)?;
-            if hidden_layers.contains(&l) {
-                hidden.push((l, x.clone()));
-            }
-        }
+        let x = self.embed.index_select(&ids, 0)?;
+        let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            ops::cache_write(&cache.keys[l], k, &tokens, path)?;
+            ops::cache_write(&cache.values[l], v, &tokens, path)?;
+            Ok(ops::attention(q, &cache.keys[l], &cache.values[l], &tokens, path)?)
+        };
+        let (x, hidden) = self.blocks_forward(x, &positions, hidden_layers, &mut attend)?;
         for seq in batch {
             let len = cache.len(seq.slot) + seq.tokens.len();
             cache.set_len(seq.slot, len);
@@ -455,11 +441,78 @@ impl Model {
             let sel = ops::rms_norm(&sel, &self.norm, c.rms_norm_eps, path)?;
             self.lm_head.forward(&sel, path)?
         };
-        // Return hidden states in the order the caller asked for them.
+        Ok(ForwardOutput { logits, logit_rows, hidden })
+    }
+
+    /// The blocks over embedded tokens x: [t, hidden] at `positions`; `attend(layer, q, k, v)`
+    /// does the attention. Returns the final residual stream and the requested layers' streams
+    /// in the order asked.
+    fn blocks_forward(
+        &self,
+        mut x: Tensor,
+        positions: &[usize],
+        hidden_layers: &[usize],
+        attend: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let c = &self.config;
+        let t = positions.len();
+        let path = self.path;
+        let mut hidden = Vec::with_capacity(hidden_layers.len());
+        let (q_size, kv_size) = (c.q_size(), c.kv_size());
+        for (l, b) in self.blocks.iter().enumerate() {
+            let h = ops::rms_norm(&x, &b.attn_norm, c.rms_norm_eps, path)?;
+            let qkv = b.qkv.forward(&h, path)?;
+            let mut q = qkv.narrow(1, 0, q_size)?.reshape((t, c.num_heads, c.head_dim))?;
+            let mut k = qkv.narrow(1, q_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            let v = qkv.narrow(1, q_size + kv_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+                q = ops::rms_norm(&q, qn, c.rms_norm_eps, path)?;
+                k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
+            }
+            let q = ops::rope(&q, positions, &self.rope, path)?;
+            let k = ops::rope(&k, positions, &self.rope, path)?;
+            let a = attend(l, &q, &k, &v)?;
+            x = (x + b.o_proj.forward(&a, path)?)?;
+            let h = ops::rms_norm(&x, &b.mlp_norm, c.rms_norm_eps, path)?;
+            let m = ops::silu_mul(&b.gate_up.forward(&h, path)?, path)?;
+            x = (x + b.down.forward(&m, path)?)?;
+            if hidden_layers.contains(&l) {
+                hidden.push((l, x.clone()));
+            }
+        }
         let hidden = hidden_layers
             .iter()
             .map(|l| hidden.iter().find(|(hl, _)| hl == l).map(|(_, t)| t.clone()).expect("layer recorded"))
             .collect();
-        Ok(ForwardOutput { logits, logit_rows, hidden })
+        Ok((x, hidden))
+    }
+
+    /// Logits [t, vocab] at every position of one whole sequence, without a KV cache. Gradients
+    /// flow to any weights or adapters that are candle `Var`s (training); the values equal the
+    /// rows serving computes for the same tokens and weights.
+    pub fn forward_sequence(&self, tokens: &[u32]) -> Result<Tensor> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidBatch("the sequence is empty".into()));
+        }
+        if tokens.len() > self.max_positions() {
+            return Err(ModelError::InvalidBatch(format!(
+                "the sequence has {} tokens, more than the {} the model holds",
+                tokens.len(),
+                self.max_positions()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary ({})", c.vocab_size)));
+        }
+        let path = self.path;
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &self.device)?;
+        let x = self.embed.index_select(&ids, 0)?;
+        let mut attend =
+            |_l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> { Ok(ops::self_attention(q, k, v, path)?) };
+        let (x, _) = self.blocks_forward(x, &positions, &[], &mut attend)?;
+        let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps, path)?;
+        Ok(self.lm_head.forward(&x, path)?)
     }
 }

@@ -3,6 +3,7 @@
 //! primitives (used on CUDA, and on CPU by the tests that prove both paths agree).
 //!
 //! This is the one place where the hardware decides the code path.
+mod grad;
 pub mod kernels;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, D};
@@ -73,6 +74,14 @@ impl CustomOp2 for StreamingMatmul {
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        grad::matmul_xwt_bwd(x, w, g)
+    }
+}
+
+/// True when a product of these tensors must be recorded for a backward pass.
+fn differentiated(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
 }
 
 /// x: [m, k] (f32) times w: [n, k] (f32 or bf16) transposed -> [m, n] f32.
@@ -83,6 +92,9 @@ impl CustomOp2 for StreamingMatmul {
 /// same whether it is batched with others, chunked differently, or run alone.
 pub fn matmul_xwt(x: &Tensor, w: &Tensor, path: OpsPath) -> CResult<Tensor> {
     match (path, w.dtype()) {
+        (OpsPath::CpuKernels, DType::BF16 | DType::F32) if differentiated(&[x, w]) => {
+            x.contiguous()?.apply_op2(w, StreamingMatmul)
+        }
         (OpsPath::CpuKernels, DType::BF16 | DType::F32) => x.contiguous()?.apply_op2_no_bwd(w, &StreamingMatmul),
         (_, DType::F32) => x.matmul(&w.t()?),
         // The generic path on CPU (tests): widen, as candle's CPU gemm has no bf16.
@@ -111,11 +123,17 @@ impl CustomOp2 for RmsNorm {
         kernels::rms_norm(x, w, self.eps, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        grad::rms_norm_bwd(x, w, g, self.eps as f64)
+    }
 }
 
 /// RMSNorm over the last dimension.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: OpsPath) -> CResult<Tensor> {
     match path {
+        OpsPath::CpuKernels if differentiated(&[x, weight]) => {
+            x.contiguous()?.apply_op2(weight, RmsNorm { eps: eps as f32 })
+        }
         OpsPath::CpuKernels => x.contiguous()?.apply_op2_no_bwd(weight, &RmsNorm { eps: eps as f32 }),
         OpsPath::Generic => {
             let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -191,6 +209,9 @@ impl CustomOp1 for Rope<'_> {
 /// Rotary embedding of x: [tokens, heads, head_dim], token t at positions[t].
 pub fn rope(x: &Tensor, positions: &[usize], tables: &RopeTables, path: OpsPath) -> CResult<Tensor> {
     match path {
+        OpsPath::CpuKernels if x.track_op() => {
+            x.contiguous()?.apply_op1(grad::RopeGrad { tables: tables.clone(), positions: positions.to_vec() })
+        }
         OpsPath::CpuKernels => x.contiguous()?.apply_op1_no_bwd(&Rope { tables, positions }),
         OpsPath::Generic => {
             let (t, h, d) = x.dims3()?;
@@ -230,11 +251,15 @@ impl CustomOp1 for SiluMul {
         kernels::silu_mul(f32_slice(s, l)?, two_i / 2, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((t, two_i / 2))))
     }
+    fn bwd(&self, gate_up: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        grad::silu_mul_bwd(gate_up, g)
+    }
 }
 
 /// silu(gate) * up for rows laid out as [gate | up].
 pub fn silu_mul(gate_up: &Tensor, path: OpsPath) -> CResult<Tensor> {
     match path {
+        OpsPath::CpuKernels if gate_up.track_op() => gate_up.contiguous()?.apply_op1(SiluMul),
         OpsPath::CpuKernels => gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul),
         OpsPath::Generic => {
             let inter = gate_up.dim(1)? / 2;
@@ -372,6 +397,36 @@ pub fn attention(
                 start = end;
             }
             Tensor::cat(&outs, 0)
+        }
+    }
+}
+
+/// Causal self-attention of one whole sequence (training: gradients flow to q, k and v),
+/// q: [t, heads, d], k and v: [t, kv_heads, d] -> [t, heads * d]. On CPU the forward is serving's
+/// attention kernel, so a trained sequence's values equal the ones serving computes for it.
+pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, path: OpsPath) -> CResult<Tensor> {
+    let (t, heads, d) = q.dims3()?;
+    match path {
+        OpsPath::CpuKernels => q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, grad::SelfAttention),
+        OpsPath::Generic => {
+            let kv_heads = k.dim(1)?;
+            let group = heads / kv_heads;
+            let qg = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * t, d))?;
+            let kt = k.transpose(0, 1)?.contiguous()?;
+            let vt = v.transpose(0, 1)?.contiguous()?;
+            let mut mask = vec![0f32; group * t * t];
+            for r in 0..group * t {
+                for j in (r % t + 1)..t {
+                    mask[r * t + j] = f32::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
+            let s = (qg.matmul(&kt.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
+            let max = s.max_keepdim(D::Minus1)?.detach();
+            let e = s.broadcast_sub(&max)?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let o = p.matmul(&vt)?; // [kvh, group*t, d]
+            o.reshape((heads, t, d))?.transpose(0, 1)?.reshape((t, heads * d))
         }
     }
 }

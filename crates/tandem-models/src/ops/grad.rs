@@ -1,0 +1,174 @@
+//! Backward passes of the CPU kernels, so training runs the very kernels serving runs.
+//!
+//! A model being trained computes its forward with the same fused kernels as the sampler: the
+//! logprobs a training step sees for a sampled token are then bit-for-bit the ones the sampler
+//! reported (trainer/sampler mismatch destabilises RL). Each backward here is written with candle
+//! primitives; it only runs when an input is being differentiated.
+use super::{kernels, f32_slice, CResult, RopeTables};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+/// x·wᵀ's gradients: dx = g·w, dw = gᵀ·x (each only when its input is differentiated).
+pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let gx = if x.track_op() { Some(g.matmul(&w.to_dtype(DType::F32)?)?) } else { None };
+    let gw = if w.track_op() { Some(g.t()?.matmul(&x.contiguous()?)?.to_dtype(w.dtype())?) } else { None };
+    Ok((gx, gw))
+}
+
+/// RMSNorm's gradients over the last dimension: y = x·r·w with r = 1/sqrt(mean(x²) + eps).
+pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let n = w.elem_count();
+    let x2 = x.reshape(((), n))?;
+    let g2 = g.reshape(((), n))?;
+    let r = (x2.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [rows, 1]
+    let gx = if x.track_op() {
+        let gw = g2.broadcast_mul(w)?;
+        let dot = (&gw * &x2)?.mean_keepdim(D::Minus1)?; // mean(g·w·x)
+        let r3 = r.powf(3.0)?;
+        let gx = (gw.broadcast_mul(&r)? - x2.broadcast_mul(&(dot * r3)?)?)?;
+        Some(gx.reshape(x.shape())?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() { Some((&g2 * x2.broadcast_mul(&r)?)?.sum(0)?) } else { None };
+    Ok((gx, gw))
+}
+
+/// silu(gate)·up's gradient for rows laid out as [gate | up].
+pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+    let inter = gate_up.dim(1)? / 2;
+    let gate = gate_up.narrow(1, 0, inter)?;
+    let up = gate_up.narrow(1, inter, inter)?;
+    let sig = candle_core::Tensor::ones_like(&gate)?.broadcast_div(&(gate.neg()?.exp()? + 1.0)?)?;
+    let silu = (&gate * &sig)?;
+    // silu'(x) = σ(x)·(1 + x·(1 - σ(x)))
+    let dsilu = (&sig * ((&gate * (1.0 - &sig)?)? + 1.0)?)?;
+    let d_gate = ((g * up)? * dsilu)?;
+    let d_up = (g * silu)?;
+    Ok(Some(Tensor::cat(&[d_gate, d_up], 1)?))
+}
+
+/// Rope rotates pairs by position-dependent angles; its gradient rotates back (sin negated).
+pub(super) fn rope_bwd(g: &Tensor, positions: &[usize], tables: &RopeTables) -> CResult<Tensor> {
+    let (t, h, d) = g.dims3()?;
+    let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    let idx = Tensor::from_vec(idx, t, g.device())?;
+    let cos = tables.cos.index_select(&idx, 0)?.unsqueeze(1)?;
+    let sin = tables.sin.index_select(&idx, 0)?.unsqueeze(1)?.neg()?;
+    let rotate = |a: &Tensor, b: &Tensor| -> CResult<(Tensor, Tensor)> {
+        Ok(((a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?, (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?))
+    };
+    if tables.interleaved {
+        let pairs = g.reshape((t, h, d / 2, 2))?;
+        let a = pairs.narrow(3, 0, 1)?.squeeze(3)?;
+        let b = pairs.narrow(3, 1, 1)?.squeeze(3)?;
+        let (ra, rb) = rotate(&a, &b)?;
+        Tensor::stack(&[ra, rb], 3)?.reshape((t, h, d))
+    } else {
+        let (ra, rb) = rotate(&g.narrow(2, 0, d / 2)?, &g.narrow(2, d / 2, d / 2)?)?;
+        Tensor::cat(&[ra, rb], 2)
+    }
+}
+
+/// Rope as an op that owns its inputs (candle keeps differentiable ops past the forward).
+pub(super) struct RopeGrad {
+    pub tables: RopeTables,
+    pub positions: Vec<usize>,
+}
+
+impl CustomOp1 for RopeGrad {
+    fn name(&self) -> &'static str {
+        "tandem-rope-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (_t, heads, d) = l.shape().dims3()?;
+        let mut x = f32_slice(s, l)?.to_vec();
+        let t = &self.tables;
+        kernels::rope(&mut x, heads, d, &self.positions, &t.cos_host, &t.sin_host, t.interleaved);
+        Ok((CpuStorage::F32(x), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(rope_bwd(g, &self.positions, &self.tables)?))
+    }
+}
+
+/// Causal self-attention of one whole sequence, q: [t, heads, d], k and v: [t, kv_heads, d]
+/// -> [t, heads·d]. The forward is the serving kernel over a one-slot cache holding exactly this
+/// sequence, so its values equal serving's row for row.
+pub(super) struct SelfAttention;
+
+impl CustomOp3 for SelfAttention {
+    fn name(&self) -> &'static str {
+        "tandem-self-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (t, heads, d) = l1.shape().dims3()?;
+        let (_, kv_heads, _) = l2.shape().dims3()?;
+        // [t, kvh, d] -> the cache layout [1, kvh, t, d].
+        let to_cache = |s: &CpuStorage, l: &Layout| -> CResult<Vec<f32>> {
+            let src = f32_slice(s, l)?;
+            let mut out = vec![0f32; src.len()];
+            for p in 0..t {
+                for h in 0..kv_heads {
+                    out[(h * t + p) * d..(h * t + p + 1) * d]
+                        .copy_from_slice(&src[(p * kv_heads + h) * d..(p * kv_heads + h + 1) * d]);
+                }
+            }
+            Ok(out)
+        };
+        let (k, v) = (to_cache(s2, l2)?, to_cache(s3, l3)?);
+        let tokens: Vec<kernels::TokenSlot> = (0..t).map(|pos| kernels::TokenSlot { slot: 0, pos }).collect();
+        let geometry = kernels::CacheGeometry { kv_heads, capacity: t, head_dim: d };
+        let mut out = vec![0f32; t * heads * d];
+        kernels::attention(f32_slice(s1, l1)?, &k, &v, &tokens, heads, geometry, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((t, heads * d))))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (t, heads, d) = q.dims3()?;
+        let kv_heads = k.dim(1)?;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        // Heads grouped by the kv head they share: [kvh, group·t, d].
+        let by_kv = |x: &Tensor, n: usize| -> CResult<Tensor> {
+            x.transpose(0, 1)?.contiguous()?.reshape((kv_heads, n * t, d))
+        };
+        let qg = by_kv(q, group)?;
+        let kt = k.transpose(0, 1)?.contiguous()?; // [kvh, t, d]
+        let vt = v.transpose(0, 1)?.contiguous()?;
+        let mut mask = vec![0f32; group * t * t];
+        for r in 0..group * t {
+            for j in (r % t + 1)..t {
+                mask[r * t + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
+        let s = (qg.matmul(&kt.t()?)? * scale)?.broadcast_add(&mask)?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let e = s.broadcast_sub(&max)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?; // [kvh, gt, t]
+        let go = by_kv(&g.reshape((t, heads, d))?, group)?; // [kvh, gt, d]
+        let dv = p.t()?.matmul(&go)?; // [kvh, t, d]
+        let dp = go.matmul(&vt.t()?)?; // [kvh, gt, t]
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (ds.matmul(&kt)? * scale)?; // [kvh, gt, d]
+        let dk = (ds.t()?.matmul(&qg)? * scale)?; // [kvh, t, d]
+        let dq = dq.reshape((heads, t, d))?.transpose(0, 1)?.contiguous()?;
+        let dk = dk.transpose(0, 1)?.contiguous()?;
+        let dv = dv.transpose(0, 1)?.contiguous()?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}

@@ -1,0 +1,7 @@
+//! tandem-train: training models inside the engine (LoRA or full weights), the policy losses of
+//! the training API, AdamW, checkpoints and merged export.
+pub mod loss;
+pub mod model;
+
+pub use loss::{ConfigValue, LossFn};
+pub use model::{AdamParams, Datum, ForwardBackwardOutput, Mode, TrainError, TrainingModel};

@@ -1,0 +1,419 @@
+//! A model being trained: the engine's base weights (shared, never copied) plus either LoRA adapters
+//! or a full set of trainable weights, with gradients accumulated across forward_backward calls
+//! until an optimizer step applies them.
+use crate::loss::{target_logprobs, LossFn};
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tandem_models::{Adapter, LoraSpec, Model};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The request is wrong (shapes, ids, names): the caller's to fix.
+    #[error("{0}")]
+    User(String),
+    #[error(transparent)]
+    Model(#[from] tandem_models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl TrainError {
+    pub fn is_user(&self) -> bool {
+        matches!(self, TrainError::User(_))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+fn user<T>(msg: impl Into<String>) -> Result<T> {
+    Err(TrainError::User(msg.into()))
+}
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Mode {
+    Lora(LoraSpec),
+    Full,
+}
+
+/// One training example: the tokens fed, the token to predict after each, and per-token inputs
+/// of the loss (`weights`, `logprobs`, `advantages`), each as long as `tokens`.
+#[derive(Debug, Clone, Default)]
+pub struct Datum {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub inputs: BTreeMap<String, Vec<f32>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardBackwardOutput {
+    /// Per datum, the model's logprob of each target token.
+    pub logprobs: Vec<Vec<f32>>,
+    /// `name:reduction` -> value; always `loss:sum`.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// AdamW's settings for one step (the training API sends them with each step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamParams {
+    pub learning_rate: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 means none.
+    pub grad_clip_norm: f64,
+}
+
+impl Default for AdamParams {
+    fn default() -> Self {
+        AdamParams { learning_rate: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-12, weight_decay: 0.0, grad_clip_norm: 0.0 }
+    }
+}
+
+pub struct TrainingModel {
+    base: Model,
+    mode: Mode,
+    vars: BTreeMap<String, Var>,
+    grads: BTreeMap<String, Tensor>,
+    /// AdamW moments per parameter.
+    moments: BTreeMap<String, (Tensor, Tensor)>,
+    steps: u64,
+    /// Data whose gradients are waiting for an optimizer step.
+    pending: usize,
+}
+
+impl TrainingModel {
+    /// A fresh model to train on `base`: adapters with a = uniform(±1/sqrt(in)) from `seed` and
+    /// b = 0 (so it starts equal to the base), or a trainable copy of every dense weight.
+    pub fn new(base: &Model, mode: Mode, seed: u64) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        match mode {
+            Mode::Lora(spec) => {
+                if spec.rank == 0 || spec.rank > 1024 {
+                    return user(format!("LoRA rank must be between 1 and 1024, got {}", spec.rank));
+                }
+                if !(spec.targets.attn || spec.targets.mlp || spec.targets.unembed) {
+                    return user("LoRA must train at least one of attention, MLP or unembedding");
+                }
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                for (name, out, inp) in base.adapter_targets(&spec) {
+                    let bound = 1.0 / (inp as f32).sqrt();
+                    let a: Vec<f32> = (0..spec.rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+                    let a = Tensor::from_vec(a, (spec.rank, inp), base.device())?;
+                    vars.insert(format!("{name}.a"), Var::from_tensor(&a)?);
+                    vars.insert(format!("{name}.b"), Var::zeros((out, spec.rank), DType::F32, base.device())?);
+                }
+            }
+            Mode::Full => {
+                for (name, t) in base.parameters()? {
+                    vars.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?);
+                }
+            }
+        }
+        Ok(TrainingModel {
+            base: base.clone(),
+            mode,
+            vars,
+            grads: BTreeMap::new(),
+            moments: BTreeMap::new(),
+            steps: 0,
+            pending: 0,
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    pub fn base(&self) -> &Model {
+        &self.base
+    }
+
+    /// The gradients waiting for the next optimizer step, by parameter name.
+    pub fn pending_gradients(&self) -> BTreeMap<String, Tensor> {
+        self.grads.clone()
+    }
+
+    /// A trainable tensor by name (tests perturb it). Panics on an unknown name.
+    pub fn variable(&self, name: &str) -> &Var {
+        &self.vars[name]
+    }
+
+    /// Trainable values.
+    pub fn num_parameters(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The model as it is now, its trainable tensors being the live variables (differentiable).
+    fn live(&self) -> Result<Model> {
+        let tensors: BTreeMap<String, Tensor> = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        self.model_from(tensors)
+    }
+
+    fn model_from(&self, tensors: BTreeMap<String, Tensor>) -> Result<Model> {
+        Ok(match self.mode {
+            Mode::Lora(spec) => self.base.with_adapter(&Adapter { spec, tensors })?,
+            Mode::Full => self.base.with_parameters(&tensors)?,
+        })
+    }
+
+    /// A frozen copy of the current weights for sampling: adapters are copied (small); the base
+    /// stays shared. Later training steps do not change it.
+    pub fn snapshot(&self) -> Result<Model> {
+        let tensors = self
+            .vars
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        self.model_from(tensors)
+    }
+
+    fn check(&self, d: &Datum, loss: &LossFn, i: usize) -> Result<()> {
+        let vocab = self.base.config.vocab_size;
+        let n = d.tokens.len();
+        if n == 0 {
+            return user(format!("datum {i}: model_input is empty"));
+        }
+        if n > self.base.max_positions() {
+            return user(format!("datum {i}: {n} tokens, more than the model's {} positions", self.base.max_positions()));
+        }
+        if d.targets.len() != n {
+            return user(format!("datum {i}: target_tokens has {} entries, model_input has {n}", d.targets.len()));
+        }
+        for (what, ids) in [("model_input", &d.tokens), ("target_tokens", &d.targets)] {
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return user(format!("datum {i}: {what} holds token id {bad}, outside the vocabulary ({vocab})"));
+            }
+        }
+        for name in loss.inputs() {
+            match d.inputs.get(*name) {
+                // Cross-entropy weights default to 1 (plain next-token loss).
+                None if *name == "weights" => {}
+                None => return user(format!("datum {i}: loss_fn {} needs input `{name}`", loss.name())),
+                Some(v) if v.len() != n => {
+                    return user(format!("datum {i}: `{name}` has {} entries, model_input has {n}", v.len()))
+                }
+                Some(v) if v.iter().any(|x| !x.is_finite()) => {
+                    return user(format!("datum {i}: `{name}` holds a value that is not finite"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Logprobs of every datum's targets and the loss; unless `forward_only`, the gradients are
+    /// added to those waiting for the next optimizer step. Data are checked before any work.
+    pub fn forward_backward(&mut self, data: &[Datum], loss: &LossFn, forward_only: bool) -> Result<ForwardBackwardOutput> {
+        if data.is_empty() {
+            return user("no data");
+        }
+        for (i, d) in data.iter().enumerate() {
+            self.check(d, loss, i)?;
+        }
+        let model = if forward_only { self.snapshot_shared()? } else { self.live()? };
+        let mut total = 0f64;
+        let mut tokens = 0usize;
+        let mut max_diff = 0f64;
+        let mut logprobs = Vec::with_capacity(data.len());
+        let mut new_grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        for d in data {
+            let logits = model.forward_sequence(&d.tokens)?;
+            // Reported logprobs come from the logits exactly as the sampler computes them.
+            let rows = logits.to_vec2::<f32>()?;
+            let lp_host: Vec<f32> = rows
+                .iter()
+                .zip(&d.targets)
+                .map(|(row, &t)| tandem_runtime::sampling::log_softmax(row)[t as usize])
+                .collect();
+            if let Some(q) = d.inputs.get("logprobs") {
+                for (a, b) in lp_host.iter().zip(q) {
+                    max_diff = max_diff.max((a - b).abs() as f64);
+                }
+            }
+            let lp = target_logprobs(&logits, &d.targets)?;
+            let n = d.tokens.len();
+            let mut inputs = BTreeMap::new();
+            for name in loss.inputs() {
+                let v = d.inputs.get(*name).cloned().unwrap_or_else(|| vec![1.0; n]);
+                inputs.insert(*name, Tensor::from_vec(v, n, model.device())?);
+            }
+            let l = loss.loss(&lp, &inputs)?;
+            total += l.to_scalar::<f32>()? as f64;
+            tokens += n;
+            logprobs.push(lp_host);
+            if !forward_only {
+                let g = l.backward()?;
+                for (name, var) in &self.vars {
+                    if let Some(gv) = g.get(var.as_tensor()) {
+                        let sum = match new_grads.remove(name) {
+                            Some(prev) => (prev + gv)?,
+                            None => gv.clone(),
+                        };
+                        new_grads.insert(name.clone(), sum);
+                    }
+                }
+            }
+        }
+        // Gradients join the accumulated ones only once the whole request succeeded.
+        for (name, g) in new_grads {
+            let sum = match self.grads.remove(&name) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            self.grads.insert(name, sum);
+        }
+        if !forward_only {
+            self.pending += data.len();
+        }
+        let mut metrics = BTreeMap::new();
+        metrics.insert("loss:sum".to_string(), total);
+        metrics.insert("num_tokens:sum".to_string(), tokens as f64);
+        if data.iter().any(|d| d.inputs.contains_key("logprobs")) {
+            metrics.insert("sampler_logprob_diff:max".to_string(), max_diff);
+        }
+        Ok(ForwardBackwardOutput { logprobs, metrics })
+    }
+
+    /// Current weights without copying (forward-only passes need no frozen copy).
+    fn snapshot_shared(&self) -> Result<Model> {
+        let tensors: BTreeMap<String, Tensor> =
+            self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        self.model_from(tensors)
+    }
+
+    /// Applies the accumulated gradients with AdamW (decoupled weight decay, bias-corrected
+    /// moments, optional global-norm clip), then clears them.
+    pub fn optim_step(&mut self, p: &AdamParams) -> Result<BTreeMap<String, f64>> {
+        if !(p.learning_rate.is_finite() && p.learning_rate >= 0.0) {
+            return user(format!("learning_rate must be finite and >= 0, got {}", p.learning_rate));
+        }
+        if !(0.0..1.0).contains(&p.beta1) || !(0.0..1.0).contains(&p.beta2) || p.eps < 0.0 || p.grad_clip_norm < 0.0 {
+            return user("adam_params: beta1 and beta2 must be in [0, 1), eps and grad_clip_norm >= 0");
+        }
+        let mut sq = 0f64;
+        for g in self.grads.values() {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        let clip = if p.grad_clip_norm > 0.0 && norm > p.grad_clip_norm { p.grad_clip_norm / norm } else { 1.0 };
+        self.steps += 1;
+        let t = self.steps as i32;
+        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
+        for (name, var) in &self.vars {
+            let Some(g) = self.grads.get(name) else { continue };
+            let g = (g * clip)?;
+            let (m, v) = match self.moments.remove(name) {
+                Some(mv) => mv,
+                None => (g.zeros_like()?, g.zeros_like()?),
+            };
+            let m = ((m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+            let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
+            let w = var.as_tensor();
+            let decayed = (w * (1.0 - p.learning_rate * p.weight_decay))?;
+            var.set(&(decayed - (update * p.learning_rate)?)?)?;
+            self.moments.insert(name.clone(), (m, v));
+        }
+        self.grads.clear();
+        let mut metrics = BTreeMap::new();
+        metrics.insert("grad_norm:max".to_string(), norm);
+        metrics.insert("learning_rate:mean".to_string(), p.learning_rate);
+        metrics.insert("num_datums:sum".to_string(), std::mem::take(&mut self.pending) as f64);
+        Ok(metrics)
+    }
+
+    /// Saves the trainable weights (`weights.safetensors`), optionally the optimizer state
+    /// (`optimizer.safetensors`: `m.NAME`, `v.NAME`) and `state.json` {mode, steps}.
+    pub fn save(&self, dir: &Path, optimizer: bool) -> Result<()> {
+        let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let weights: Vec<(String, Tensor)> = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&weights.into_iter().collect(), dir.join("weights.safetensors"))?;
+        if optimizer {
+            let mut opt = std::collections::HashMap::new();
+            for (k, (m, v)) in &self.moments {
+                opt.insert(format!("m.{k}"), m.clone());
+                opt.insert(format!("v.{k}"), v.clone());
+            }
+            candle_core::safetensors::save(&opt, dir.join("optimizer.safetensors"))?;
+        }
+        let state = serde_json::json!({"mode": self.mode, "steps": self.steps, "format": "tandem-train/1"});
+        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state).expect("json")).map_err(io)?;
+        Ok(())
+    }
+
+    /// Loads weights saved by `save` into this model (same mode and shapes), and the optimizer
+    /// state too when `optimizer` (else the moments restart). Pending gradients are dropped.
+    pub fn load(&mut self, dir: &Path, optimizer: bool) -> Result<()> {
+        let state: serde_json::Value = std::fs::read(dir.join("state.json"))
+            .map_err(|e| TrainError::User(format!("{}: not a checkpoint ({e})", dir.display())))
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| TrainError::User(format!("state.json: {e}"))))?;
+        let mode: Mode = serde_json::from_value(state["mode"].clone())
+            .map_err(|e| TrainError::User(format!("state.json mode: {e}")))?;
+        if mode != self.mode {
+            return user(format!("checkpoint was trained as {mode:?}, this model is {:?}", self.mode));
+        }
+        let weights = candle_core::safetensors::load(dir.join("weights.safetensors"), self.base.device())?;
+        for (name, var) in &self.vars {
+            let t = weights.get(name).ok_or_else(|| TrainError::User(format!("checkpoint lacks {name}")))?;
+            if t.dims() != var.dims() {
+                return user(format!("checkpoint {name} has shape {:?}, expected {:?}", t.dims(), var.dims()));
+            }
+            var.set(t)?;
+        }
+        self.moments.clear();
+        if optimizer {
+            let path = dir.join("optimizer.safetensors");
+            if !path.exists() {
+                return user(format!("{} has no optimizer state", dir.display()));
+            }
+            let opt = candle_core::safetensors::load(path, self.base.device())?;
+            for name in self.vars.keys() {
+                if let (Some(m), Some(v)) = (opt.get(&format!("m.{name}")), opt.get(&format!("v.{name}"))) {
+                    self.moments.insert(name.clone(), (m.clone(), v.clone()));
+                }
+            }
+            self.steps = state["steps"].as_u64().unwrap_or(0);
+        }
+        self.grads.clear();
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Writes a Hugging Face folder of the merged weights (config.json and tokenizer files copied
+    /// from `base_dir`) that `tandem serve --model` loads.
+    pub fn export_hf(&self, base_dir: &Path, out: &Path) -> Result<()> {
+        let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", out.display()));
+        std::fs::create_dir_all(out).map_err(io)?;
+        let tensors = self.snapshot()?.export_hf()?;
+        let untied = tensors.iter().any(|(n, _)| n == "lm_head.weight");
+        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        candle_core::safetensors::save(&map, out.join("model.safetensors"))?;
+        // An adapter on a tied output projection unties it.
+        let config_path = base_dir.join("config.json");
+        let mut config: serde_json::Value = std::fs::read(&config_path)
+            .map_err(|e| TrainError::Io(format!("{}: {e}", config_path.display())))
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| TrainError::Io(format!("config.json: {e}"))))?;
+        if untied {
+            config["tie_word_embeddings"] = serde_json::Value::Bool(false);
+        }
+        std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).map_err(io)?;
+        for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+            let src = base_dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, out.join(f)).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! Training numerics on the tiny checkpoints: the training forward equals serving's, the kernels'
+//! gradients equal candle's autograd over primitives and finite differences, every loss's gradient
+//! equals finite differences, merged and unmerged adapters agree, and training lowers the loss.
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tandem_models::{load, KvCache, LoadOptions, LogitsFor, LoraSpec, LoraTargets, Model, OpsPath, SequenceInput};
+use tandem_train::{AdamParams, ConfigValue, Datum, LossFn, Mode, TrainingModel};
+
+fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::temp_dir().join(format!("tandem-train-tiny-{}", std::process::id()));
+        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
+        assert!(ok.success(), "make_tiny.py failed");
+        dir
+    })
+}
+
+fn tiny(name: &str) -> Model {
+    load(&tiny_dir().join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
+}
+
+const MODELS: [&str; 3] = ["llama-gqa-untied-sharded", "qwen2-tied-bias", "qwen3-qknorm-untied"];
+
+fn all_targets(rank: usize) -> Mode {
+    Mode::Lora(LoraSpec { rank, alpha: 16.0, targets: LoraTargets { attn: true, mlp: true, unembed: true } })
+}
+
+fn tokens(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + seed * 104729 + 13) % vocab as u32).collect()
+}
+
+/// A trained-looking model: adapters with non-zero b after a few steps.
+fn trained(base: &Model, mode: Mode) -> TrainingModel {
+    let mut t = TrainingModel::new(base, mode, 3).unwrap();
+    let v = base.config.vocab_size;
+    let d = Datum { tokens: tokens(12, v, 1), targets: tokens(12, v, 2), inputs: BTreeMap::new() };
+    for _ in 0..2 {
+        t.forward_backward(&[d.clone()], &LossFn::CrossEntropy, false).unwrap();
+        t.optim_step(&AdamParams { learning_rate: 1e-2, ..Default::default() }).unwrap();
+    }
+    t
+}
+
+/// Logits of every position as serving computes them: a prefill chunk, then one token at a time.
+fn served_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(&model.config, 2, 64, model.device()).unwrap();
+    let split = toks.len() / 2;
+    let mut rows = Vec::new();
+    let out = model
+        .forward(&[SequenceInput { slot: 1, tokens: &toks[..split], logits: LogitsFor::All }], &mut cache, &[])
+        .unwrap();
+    rows.extend(out.logits.to_vec2::<f32>().unwrap());
+    for t in &toks[split..] {
+        let out = model
+            .forward(&[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last }], &mut cache, &[])
+            .unwrap();
+        rows.extend(out.logits.to_vec2::<f32>().unwrap());
+    }
+    rows
+}
+
+#[test]
+fn training_forward_equals_serving_bit_for_bit() {
+    for name in MODELS {
+        let base = tiny(name);
+        let t = trained(&base, all_targets(4));
+        let m = t.snapshot().unwrap();
+        let toks = tokens(20, base.config.vocab_size, 5);
+        let served = served_logits(&m, &toks);
+        let trained = m.forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(served, trained, "{name}: training forward differs from serving");
+        // And the adapters are not a no-op.
+        assert_ne!(served, served_logits(&base, &toks), "{name}: adapter changed nothing");
+    }
+}
+
+/// Gradients of a scalar loss with respect to every trainable tensor, with ops on `path`.
+fn grads(base: &Model, mode: Mode, path: OpsPath, toks: &[u32], targets: &[u32]) -> BTreeMap<String, Tensor> {
+    let mut base = base.clone();
+    base.set_ops_path(path);
+    let mut t = trained(&base, mode);
+    let d = Datum { tokens: toks.to_vec(), targets: targets.to_vec(), inputs: BTreeMap::new() };
+    t.forward_backward(&[d], &LossFn::CrossEntropy, false).unwrap();
+    t.pending_gradients()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / m.max(1e-12)
+}
+
+#[test]
+fn kernel_gradients_equal_candle_autograd() {
+    for name in MODELS {
+        let base = tiny(name);
+        let v = base.config.vocab_size;
+        let (toks, targets) = (tokens(16, v, 7), tokens(16, v, 8));
+        for mode in [all_targets(3), Mode::Full] {
+            let fast = grads(&base, mode, OpsPath::CpuKernels, &toks, &targets);
+            let reference = grads(&base, mode, OpsPath::Generic, &toks, &targets);
+            assert_eq!(fast.len(), reference.len());
+            assert!(!fast.is_empty());
+            for (k, g) in &fast {
+                let e = max_rel(g, &reference[k]);
+                assert!(e < 2e-3, "{name} {mode:?} {k}: relative gradient error {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    // Along a random direction of one adapter tensor, in f32: (L(w+εd) − L(w−εd)) / 2ε ≈ g·d.
+    let base = tiny("qwen2-tied-bias");
+    let v = base.config.vocab_size;
+    let mut t = trained(&base, all_targets(2));
+    let d = Datum { tokens: tokens(10, v, 3), targets: tokens(10, v, 4), inputs: BTreeMap::new() };
+    let out = t.forward_backward(&[d.clone()], &LossFn::CrossEntropy, false).unwrap();
+    let _ = out;
+    let g = t.pending_gradients();
+    for name in ["layers.0.q.b", "layers.1.down.a", "lm_head.b"] {
+        let grad = &g[name];
+        let dir = Tensor::randn(0f32, 1f32, grad.dims(), &Device::Cpu).unwrap();
+        let analytic = (grad * &dir).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let eps = 1e-2;
+        let loss_at = |t: &mut TrainingModel, s: f64| {
+            let w0 = t.variable(name).as_tensor().copy().unwrap();
+            t.variable(name).set(&(&w0 + (&dir * s).unwrap()).unwrap()).unwrap();
+            let l = t.forward_backward(&[d.clone()], &LossFn::CrossEntropy, true).unwrap().metrics["loss:sum"];
+            t.variable(name).set(&w0).unwrap();
+            l
+        };
+        let numeric = (loss_at(&mut t, eps) - loss_at(&mut t, -eps)) / (2.0 * eps);
+        let err = (numeric - analytic).abs() / analytic.abs().max(1e-3);
+        assert!(err < 2e-2, "{name}: finite difference {numeric} vs gradient {analytic}");
+    }
+}
+
+#[test]
+fn every_loss_gradient_matches_finite_differences() {
+    // In f64, on the per-token logprobs the model feeds the loss.
+    let n = 6;
+    let dev = Device::Cpu;
+    let lp0: Vec<f64> = (0..n).map(|i| -0.3 - 0.45 * i as f64).collect();
+    let q: Vec<f64> = (0..n).map(|i| -0.5 - 0.4 * i as f64 + if i % 2 == 0 { 0.25 } else { -0.3 }).collect();
+    let a: Vec<f64> = (0..n).map(|i| if i % 3 == 0 { -1.5 } else { 0.7 + i as f64 * 0.1 }).collect();
+    let w: Vec<f64> = (0..n).map(|i| [1.0, 0.0, 0.5, 2.0, 1.0, 0.25][i]).collect();
+    let mut inputs = BTreeMap::new();
+    inputs.insert("logprobs", Tensor::from_vec(q.clone(), n, &dev).unwrap());
+    inputs.insert("advantages", Tensor::from_vec(a.clone(), n, &dev).unwrap());
+    inputs.insert("weights", Tensor::from_vec(w.clone(), n, &dev).unwrap());
+    let num = |k: &str, x: f64| (k.to_string(), ConfigValue::Number(x));
+    let losses = [
+        LossFn::parse("cross_entropy", &BTreeMap::new()).unwrap(),
+        LossFn::parse("importance_sampling", &BTreeMap::new()).unwrap(),
+        LossFn::parse("ppo", &[num("clip_low_threshold", 0.8), num("clip_high_threshold", 1.2)].into()).unwrap(),
+        LossFn::parse("cispo", &[num("clip_low_threshold", 0.8), num("clip_high_threshold", 1.2)].into()).unwrap(),
+        LossFn::parse("dro", &[num("beta", 0.3)].into()).unwrap(),
+    ];
+    for loss in &losses {
+        let lp = Var::from_vec(lp0.clone(), n, &dev).unwrap();
+        let l = loss.loss(lp.as_tensor(), &inputs).unwrap();
+        let g = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for i in 0..n {
+            let at = |d: f64| {
+                let mut x = lp0.clone();
+                x[i] += d;
+                loss.loss(&Tensor::from_vec(x, n, &dev).unwrap(), &inputs).unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = if matches!(loss, LossFn::Cispo { .. }) {
+                // CISPO's clipped ratio is a constant (stop-gradient): its gradient is −w·A.
+                let r: f64 = (lp0[i] - q[i]).exp().clamp(0.8, 1.2);
+                -r * a[i]
+            } else {
+                (at(1e-6) - at(-1e-6)) / 2e-6
+            };
+            assert!((numeric - g[i]).abs() < 1e-6, "{}: token {i}: {numeric} vs {}", loss.name(), g[i]);
+        }
+        // And the value is the documented sum.
+        let value = l.to_scalar::<f64>().unwrap();
+        let expect: f64 = (0..n)
+            .map(|i| {
+                let r = (lp0[i] - q[i]).exp();
+                match loss {
+                    LossFn::CrossEntropy => -w[i] * lp0[i],
+                    LossFn::ImportanceSampling => -r * a[i],
+                    LossFn::Ppo { .. } => -(r * a[i]).min(r.clamp(0.8, 1.2) * a[i]),
+                    LossFn::Cispo { .. } => -r.clamp(0.8, 1.2) * lp0[i] * a[i],
+                    LossFn::Dro { .. } => -(lp0[i] * a[i] - 0.5 * 0.3 * (lp0[i] - q[i]).powi(2)),
+                }
+            })
+            .sum();
+        assert!((value - expect).abs() < 1e-9, "{}: {value} vs {expect}", loss.name());
+    }
+    assert!(LossFn::parse("reinforce", &BTreeMap::new()).unwrap_err().contains("unknown loss_fn"));
+    assert!(LossFn::parse("ppo", &[num("clip", 0.1)].into()).unwrap_err().contains("no option"));
+}
+
+#[test]
+fn merged_export_gives_the_same_logits_as_adapters() {
+    for name in ["qwen2-tied-bias", "llama-gqa-untied-sharded"] {
+        let base = tiny(name);
+        let t = trained(&base, all_targets(4));
+        let out = std::env::temp_dir().join(format!("tandem-merged-{}-{name}", std::process::id()));
+        t.export_hf(&tiny_dir().join(name), &out).unwrap();
+        let merged = load(&out, &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
+        let toks = tokens(14, base.config.vocab_size, 9);
+        let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap();
+        let b = merged.forward_sequence(&toks).unwrap();
+        let e = max_rel(&a, &b);
+        assert!(e < 1e-5, "{name}: merged vs adapters relative error {e}");
+        let _ = std::fs::remove_dir_all(out);
+    }
+}
+
+#[test]
+fn training_lowers_the_loss_and_checkpoints_round_trip() {
+    let base = tiny("qwen3-qknorm-untied");
+    let v = base.config.vocab_size;
+    let data: Vec<Datum> = (0..3)
+        .map(|s| Datum { tokens: tokens(12, v, s), targets: tokens(12, v, s + 10), inputs: BTreeMap::new() })
+        .collect();
+    for mode in [all_targets(8), Mode::Full] {
+        let mut t = TrainingModel::new(&base, mode, 1).unwrap();
+        let first = t.forward_backward(&data, &LossFn::CrossEntropy, true).unwrap().metrics["loss:sum"];
+        for _ in 0..15 {
+            t.forward_backward(&data, &LossFn::CrossEntropy, false).unwrap();
+            t.optim_step(&AdamParams { learning_rate: 1e-2, grad_clip_norm: 10.0, ..Default::default() }).unwrap();
+        }
+        let last = t.forward_backward(&data, &LossFn::CrossEntropy, true).unwrap().metrics["loss:sum"];
+        assert!(last < first * 0.5, "{mode:?}: loss {first} -> {last}");
+
+        let dir = std::env::temp_dir().join(format!("tandem-ckpt-{}-{}", std::process::id(), t.num_parameters()));
+        t.save(&dir, true).unwrap();
+        let mut u = TrainingModel::new(&base, mode, 99).unwrap();
+        u.load(&dir, true).unwrap();
+        let toks = tokens(9, v, 4);
+        let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+        let b = u.snapshot().unwrap().forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(a, b, "{mode:?}: reloaded weights differ");
+        // The optimizer state came back too: one more identical step gives identical weights.
+        for m in [&mut t, &mut u] {
+            m.forward_backward(&data, &LossFn::CrossEntropy, false).unwrap();
+            m.optim_step(&AdamParams { learning_rate: 1e-2, ..Default::default() }).unwrap();
+        }
+        let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+        let b = u.snapshot().unwrap().forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(a, b, "{mode:?}: optimizer state not restored");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let _ = DType::F32;
+}
+
+#[test]
+fn bad_data_is_refused_before_any_work() {
+    let base = tiny("qwen2-tied-bias");
+    let v = base.config.vocab_size;
+    let mut t = TrainingModel::new(&base, all_targets(2), 1).unwrap();
+    let good = Datum { tokens: tokens(5, v, 1), targets: tokens(5, v, 2), inputs: BTreeMap::new() };
+    let cases: Vec<(Datum, LossFn, &str)> = vec![
+        (Datum { targets: tokens(4, v, 2), ..good.clone() }, LossFn::CrossEntropy, "target_tokens has 4"),
+        (Datum { tokens: vec![1, v as u32 + 5, 2, 3, 4], ..good.clone() }, LossFn::CrossEntropy, "outside the vocabulary"),
+        (good.clone(), LossFn::ImportanceSampling, "needs input `logprobs`"),
+        (Datum { tokens: vec![], targets: vec![], ..good.clone() }, LossFn::CrossEntropy, "empty"),
+    ];
+    for (d, loss, msg) in cases {
+        let e = t.forward_backward(&[good.clone(), d], &loss, false).unwrap_err();
+        assert!(e.is_user() && e.to_string().contains(msg), "{e}");
+    }
+    assert!(t.pending_gradients().is_empty(), "a refused request left gradients behind");
+}
