@@ -59,6 +59,24 @@ pub struct GenerationRequest {
     pub client: Option<String>,
     /// The agent (a bundle of calls) within the client, if any: fairness then counts the agent.
     pub agent: Option<String>,
+    /// Weights other than the engine's own (a version a trainer saved for sampling); None: the
+    /// served model. Such sequences are batched with all others, one forward per version.
+    pub weights: Option<WeightVersion>,
+}
+
+/// A numbered set of weights to sample from. Versions of one base share its tensors; KV is never
+/// shared between versions (each sequence computes its own under its version's weights).
+#[derive(Clone)]
+pub struct WeightVersion {
+    /// Unique per engine (the trainer numbers them).
+    pub id: u64,
+    pub model: Arc<Model>,
+}
+
+impl std::fmt::Debug for WeightVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightVersion({})", self.id)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -500,7 +518,8 @@ impl Engine {
                     let history = request.prompt.clone();
                     let feature_size =
                         self.drafter.as_ref().map_or(0, |d| d.target_layers().len()) * self.model.config.hidden_size;
-                    let trace = self.online.as_ref().map(|_| Trace {
+                    // Traces teach the drafter the served model: other weights' sequences are not recorded.
+                    let trace = self.online.as_ref().filter(|_| request.weights.is_none()).map(|_| Trace {
                         prompt_len: request.prompt.len(),
                         feature_size,
                         ..Default::default()
@@ -555,7 +574,8 @@ impl Engine {
         let mut asks = Vec::new();
         let mut who = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
-            if r.pending.is_none() || self.cache.len(r.slot) != r.prefill_target() {
+            // The drafter predicts the served model; other weight versions decode plainly.
+            if r.pending.is_none() || self.cache.len(r.slot) != r.prefill_target() || r.request.weights.is_some() {
                 continue;
             }
             // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
@@ -645,6 +665,8 @@ impl Engine {
         if plan.is_empty() {
             return false;
         }
+        // Sequences of one weight version are contiguous: one forward each.
+        plan.sort_by_key(|p| self.running[p.index].request.weights.as_ref().map_or(0, |w| w.id + 1));
         let batch: Vec<SequenceInput> = plan
             .iter()
             .map(|p| SequenceInput {
@@ -658,8 +680,11 @@ impl Engine {
             })
             .collect();
         let layers: Vec<usize> = self.drafter.as_ref().map(|d| d.target_layers().to_vec()).unwrap_or_default();
+        let versions: Vec<Option<&WeightVersion>> =
+            plan.iter().map(|p| self.running[p.index].request.weights.as_ref()).collect();
+        let (model, cache) = (&self.model, &mut self.cache);
         let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.model.forward(&batch, &mut self.cache, &layers)));
+            std::panic::catch_unwind(AssertUnwindSafe(|| forward_versions(model, &versions, &batch, cache, &layers)));
         let out = match result {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
@@ -892,4 +917,45 @@ impl Engine {
         }
         assert!(seen.iter().all(|&s| s), "a slot is lost");
     }
+}
+
+/// One forward per run of sequences that share weights (`versions[i]` belongs to `batch[i]`; runs
+/// are contiguous), merged as if it were one: logits rows and hidden states in batch order.
+fn forward_versions(
+    base: &Model,
+    versions: &[Option<&WeightVersion>],
+    batch: &[SequenceInput],
+    cache: &mut KvCache,
+    layers: &[usize],
+) -> tandem_models::Result<tandem_models::ForwardOutput> {
+    let key = |v: &Option<&WeightVersion>| v.map(|w| w.id);
+    if versions.iter().all(|v| key(v) == key(&versions[0])) {
+        let model = versions[0].map_or(base, |w| w.model.as_ref());
+        return model.forward(batch, cache, layers);
+    }
+    let mut logits = Vec::new();
+    let mut logit_rows = Vec::new();
+    let mut hidden: Vec<Vec<candle_core::Tensor>> = vec![Vec::new(); layers.len()];
+    let mut rows_so_far = 0;
+    let mut start = 0;
+    while start < batch.len() {
+        let mut end = start + 1;
+        while end < batch.len() && key(&versions[end]) == key(&versions[start]) {
+            end += 1;
+        }
+        let model = versions[start].map_or(base, |w| w.model.as_ref());
+        let out = model.forward(&batch[start..end], cache, layers)?;
+        logit_rows.extend(out.logit_rows.iter().map(|r| r.start + rows_so_far..r.end + rows_so_far));
+        rows_so_far += out.logits.dim(0)?;
+        logits.push(out.logits);
+        for (h, t) in hidden.iter_mut().zip(out.hidden) {
+            h.push(t);
+        }
+        start = end;
+    }
+    Ok(tandem_models::ForwardOutput {
+        logits: candle_core::Tensor::cat(&logits, 0)?,
+        logit_rows,
+        hidden: hidden.iter().map(|h| candle_core::Tensor::cat(h, 0)).collect::<candle_core::Result<_>>()?,
+    })
 }

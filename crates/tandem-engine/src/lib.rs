@@ -11,6 +11,6 @@ pub mod online;
 pub mod scheduler;
 mod spec_stats;
 
-pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage};
+pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage, WeightVersion};
 pub use scheduler::{sim, FairConfig, Fcfs, RequestInfo, SchedulingPolicy, Service, VirtualTokenCounter};
 pub use spec_stats::{SpecStats, SpecUsage};

@@ -28,6 +28,7 @@ fn request(i: usize, client: &str) -> GenerationRequest {
         stop_token_ids: vec![],
         client: Some(client.into()),
         agent: None,
+        weights: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn greedy_request(i: usize) -> GenerationRequest {
         stop_token_ids: if i % 5 == 2 { vec![(i * 7 % 250) as u32] } else { vec![] },
         client: None,
         agent: None,
+        weights: None,
     }
 }
 
@@ -262,6 +263,7 @@ fn sampled_speculation_keeps_the_target_distribution() {
             stop_token_ids: vec![],
             client: None,
             agent: None,
+            weights: None,
         })
         .collect();
     let drafters: Vec<Option<Box<dyn Drafter>>> =

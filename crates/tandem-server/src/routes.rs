@@ -205,6 +205,7 @@ fn build_job(
                 stop_token_ids: stop_ids.clone(),
                 client: c.client.clone(),
                 agent: c.agent.clone(),
+                weights: None,
             };
             choices.push((pi * n + j, request, echo.clone()));
         }

@@ -26,6 +26,7 @@ fn request(i: usize, max_tokens: usize) -> GenerationRequest {
         stop_token_ids: vec![],
         client: None,
         agent: None,
+        weights: None,
     }
 }
 

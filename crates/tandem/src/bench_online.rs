@@ -177,6 +177,7 @@ fn replay(
                         stop_token_ids: stop.to_vec(),
                         client: None,
                         agent: None,
+                        weights: None,
                     };
                     let mut rx = handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
                     let mut output = Vec::new();

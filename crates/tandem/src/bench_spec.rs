@@ -108,6 +108,7 @@ fn run_once(
         stop_token_ids: stop.to_vec(),
         client: None,
         agent: None,
+        weights: None,
     };
     let mut rx = handle.submit(request)?;
     let mut tokens = Vec::new();

@@ -227,6 +227,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         stop_token_ids: loaded.stop_token_ids.clone(),
         client: None,
         agent: None,
+        weights: None,
     };
     let start = Instant::now();
     let mut events = handle.submit(request)?;
