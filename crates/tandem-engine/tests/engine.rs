@@ -24,7 +24,15 @@ fn request(i: usize) -> GenerationRequest {
     } else {
         SamplingParams::default()
     };
-    GenerationRequest { prompt, max_tokens: 6 + i % 9, sampling, stop_token_ids: vec![], client: None, agent: None, weights: None }
+    GenerationRequest {
+        prompt,
+        max_tokens: 6 + i % 9,
+        sampling,
+        stop_token_ids: vec![],
+        client: None,
+        agent: None,
+        weights: None,
+    }
 }
 
 fn collect(rx: &mut UnboundedReceiver<Event>) -> (Vec<u32>, Event) {

@@ -25,7 +25,11 @@ pub enum Linear {
     /// A frozen projection plus low-rank adapters: y = base(x) + scale·[(x·a_iᵀ)·b_iᵀ]_i, the parts'
     /// outputs concatenated (one part per projection fused into `base`). The base weights are
     /// shared, not copied; serving and training run this same code, so their values agree exactly.
-    Lora { base: Box<Linear>, parts: Vec<LoraPart>, scale: f64 },
+    Lora {
+        base: Box<Linear>,
+        parts: Vec<LoraPart>,
+        scale: f64,
+    },
 }
 
 /// One projection's adapter: a: [rank, in], b: [out, rank] (f32).

@@ -36,7 +36,6 @@ pub struct Adapter {
     pub tensors: BTreeMap<String, Tensor>,
 }
 
-
 impl Model {
     /// Names and [out, in] shapes of the projections `spec` adapts.
     pub fn adapter_targets(&self, spec: &LoraSpec) -> Vec<(String, usize, usize)> {
@@ -98,9 +97,9 @@ impl Model {
     /// models only), `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,q_norm,k_norm}`.
     pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let dense = |name: &str, l: &Linear| -> Result<Tensor> {
-            l.dense_weight()
-                .cloned()
-                .ok_or_else(|| ModelError::Adapter(format!("{name} is not a dense weight (quantized models train adapters only)")))
+            l.dense_weight().cloned().ok_or_else(|| {
+                ModelError::Adapter(format!("{name} is not a dense weight (quantized models train adapters only)"))
+            })
         };
         let mut out = vec![("embed".to_string(), self.embed.clone()), ("norm".to_string(), self.norm.clone())];
         if !self.config.tie_word_embeddings {

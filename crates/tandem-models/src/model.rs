@@ -266,6 +266,13 @@ impl Model {
         &self.device
     }
 
+    /// True when every projection is a dense matrix (training differentiates through them).
+    pub fn is_dense(&self) -> bool {
+        let dense = |l: &Linear| l.dense_weight().is_some();
+        dense(&self.lm_head)
+            && self.blocks.iter().all(|b| dense(&b.qkv) && dense(&b.o_proj) && dense(&b.gate_up) && dense(&b.down))
+    }
+
     /// Longest sequence the rope tables cover.
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
@@ -503,14 +510,18 @@ impl Model {
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary ({})", c.vocab_size)));
+            return Err(ModelError::InvalidBatch(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
         }
         let path = self.path;
         let positions: Vec<usize> = (0..tokens.len()).collect();
         let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &self.device)?;
         let x = self.embed.index_select(&ids, 0)?;
-        let mut attend =
-            |_l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> { Ok(ops::self_attention(q, k, v, path)?) };
+        let mut attend = |_l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            Ok(ops::self_attention(q, k, v, path)?)
+        };
         let (x, _) = self.blocks_forward(x, &positions, &[], &mut attend)?;
         let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps, path)?;
         Ok(self.lm_head.forward(&x, path)?)

@@ -5,6 +5,7 @@ mod error;
 mod metrics;
 mod routes;
 mod stop;
+pub mod training;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub created: u64,
     /// Online drafter training, when on (for /metrics).
     pub online: Option<OnlineHooks>,
+    /// The RL training service (Tinker API), when on.
+    pub training: Option<Arc<training::TrainingService>>,
 }
 
 impl AppState {
@@ -51,6 +54,19 @@ impl AppState {
         drafter: Option<Box<dyn Drafter>>,
         online: Option<OnlineHooks>,
     ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
+        Self::start_with_training(loaded, config, policy, drafter, online, None)
+    }
+
+    /// As `start`, with the training API on when `training` is given: models trained through it
+    /// share the served model's weights, and their samples go through the same engine.
+    pub fn start_with_training(
+        loaded: LoadedModel,
+        config: EngineConfig,
+        policy: Box<dyn SchedulingPolicy>,
+        drafter: Option<Box<dyn Drafter>>,
+        online: Option<OnlineHooks>,
+        training: Option<training::TrainingConfig>,
+    ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
         let template = ChatTemplate::new(
             loaded.chat_template.as_deref(),
             loaded.bos_token.as_deref(),
@@ -59,6 +75,8 @@ impl AppState {
         let c = &loaded.model.config;
         let kv_bytes_per_slot =
             c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4 * config.max_seq_len.min(loaded.model.max_positions());
+        // The training service holds the same weights as the engine (tensors are shared, not copied).
+        let base = training.as_ref().map(|_| loaded.model.clone());
         let (mut engine, handle) = Engine::new(loaded.model, config, policy).map_err(|e| e.to_string())?;
         if let Some(d) = drafter {
             engine = engine.with_drafter(d).map_err(|e| e.to_string())?;
@@ -67,9 +85,22 @@ impl AppState {
             engine = engine.with_online(hooks.clone()).map_err(|e| e.to_string())?;
         }
         let thread = engine.spawn();
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let training = match (training, base) {
+            (Some(tc), Some(base)) => {
+                if !base.is_dense() {
+                    return Err(
+                        "training needs dense weights; quantized GGUF weights are kept only with --keep-quantized"
+                            .into(),
+                    );
+                }
+                Some(training::TrainingService::new(base, loaded.name.clone(), tc, handle.clone(), tokenizer.clone()))
+            }
+            _ => None,
+        };
         let state = AppState {
             engine: handle,
-            tokenizer: Arc::new(loaded.tokenizer),
+            tokenizer,
             template: Arc::new(template),
             model_name: loaded.name,
             stop_token_ids: loaded.stop_token_ids,
@@ -81,6 +112,7 @@ impl AppState {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             online,
+            training,
         };
         Ok((Arc::new(state), thread))
     }
@@ -98,17 +130,23 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
     resp
 }
 
+/// Training requests carry whole batches of token sequences.
+pub const MAX_TRAINING_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let mut app = Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/models", get(routes::models))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(state.clone());
+    if let Some(t) = &state.training {
+        app = app.merge(training::router(t.clone()).layer(DefaultBodyLimit::max(MAX_TRAINING_BODY_BYTES)));
+    }
+    app.fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state)
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting requests, lets running

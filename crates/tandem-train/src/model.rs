@@ -155,7 +155,8 @@ impl TrainingModel {
 
     /// The model as it is now, its trainable tensors being the live variables (differentiable).
     fn live(&self) -> Result<Model> {
-        let tensors: BTreeMap<String, Tensor> = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let tensors: BTreeMap<String, Tensor> =
+            self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         self.model_from(tensors)
     }
 
@@ -184,7 +185,10 @@ impl TrainingModel {
             return user(format!("datum {i}: model_input is empty"));
         }
         if n > self.base.max_positions() {
-            return user(format!("datum {i}: {n} tokens, more than the model's {} positions", self.base.max_positions()));
+            return user(format!(
+                "datum {i}: {n} tokens, more than the model's {} positions",
+                self.base.max_positions()
+            ));
         }
         if d.targets.len() != n {
             return user(format!("datum {i}: target_tokens has {} entries, model_input has {n}", d.targets.len()));
@@ -213,7 +217,12 @@ impl TrainingModel {
 
     /// Logprobs of every datum's targets and the loss; unless `forward_only`, the gradients are
     /// added to those waiting for the next optimizer step. Data are checked before any work.
-    pub fn forward_backward(&mut self, data: &[Datum], loss: &LossFn, forward_only: bool) -> Result<ForwardBackwardOutput> {
+    pub fn forward_backward(
+        &mut self,
+        data: &[Datum],
+        loss: &LossFn,
+        forward_only: bool,
+    ) -> Result<ForwardBackwardOutput> {
         if data.is_empty() {
             return user("no data");
         }
@@ -337,7 +346,8 @@ impl TrainingModel {
     pub fn save(&self, dir: &Path, optimizer: bool) -> Result<()> {
         let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let weights: Vec<(String, Tensor)> = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let weights: Vec<(String, Tensor)> =
+            self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         candle_core::safetensors::save(&weights.into_iter().collect(), dir.join("weights.safetensors"))?;
         if optimizer {
             let mut opt = std::collections::HashMap::new();

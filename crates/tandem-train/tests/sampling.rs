@@ -36,7 +36,9 @@ fn request(i: usize, weights: Option<WeightVersion>) -> GenerationRequest {
 }
 
 fn run(base: &Model, reqs: Vec<GenerationRequest>) -> Vec<Vec<(u32, f32)>> {
-    let (mut e, h) = Engine::new(base.clone(), EngineConfig { max_batch: 4, ..Default::default() }, Box::new(Fcfs::default())).unwrap();
+    let (mut e, h) =
+        Engine::new(base.clone(), EngineConfig { max_batch: 4, ..Default::default() }, Box::new(Fcfs::default()))
+            .unwrap();
     let mut rxs: Vec<_> = reqs.into_iter().map(|r| h.submit(r).unwrap()).collect();
     e.run_until_idle();
     rxs.iter_mut()

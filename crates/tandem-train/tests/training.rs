@@ -57,7 +57,11 @@ fn served_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
     rows.extend(out.logits.to_vec2::<f32>().unwrap());
     for t in &toks[split..] {
         let out = model
-            .forward(&[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last }], &mut cache, &[])
+            .forward(
+                &[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last }],
+                &mut cache,
+                &[],
+            )
             .unwrap();
         rows.extend(out.logits.to_vec2::<f32>().unwrap());
     }
@@ -265,7 +269,11 @@ fn bad_data_is_refused_before_any_work() {
     let good = Datum { tokens: tokens(5, v, 1), targets: tokens(5, v, 2), inputs: BTreeMap::new() };
     let cases: Vec<(Datum, LossFn, &str)> = vec![
         (Datum { targets: tokens(4, v, 2), ..good.clone() }, LossFn::CrossEntropy, "target_tokens has 4"),
-        (Datum { tokens: vec![1, v as u32 + 5, 2, 3, 4], ..good.clone() }, LossFn::CrossEntropy, "outside the vocabulary"),
+        (
+            Datum { tokens: vec![1, v as u32 + 5, 2, 3, 4], ..good.clone() },
+            LossFn::CrossEntropy,
+            "outside the vocabulary",
+        ),
         (good.clone(), LossFn::ImportanceSampling, "needs input `logprobs`"),
         (Datum { tokens: vec![], targets: vec![], ..good.clone() }, LossFn::CrossEntropy, "empty"),
     ];

@@ -45,6 +45,19 @@ pub struct ServeArgs {
     online: OnlineArgs,
     #[command(flatten)]
     schedule: ScheduleArgs,
+    /// The RL training API (Tinker-compatible, under /api/v1): trains LoRA or full weights of
+    /// the served model in this process and samples from them through the same engine.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    training_api: Switch,
+    /// Where the training API keeps checkpoints (tinker://RUN/KIND/NAME -> DIR/RUN/KIND/NAME).
+    #[arg(long, default_value = "tandem-training")]
+    training_dir: std::path::PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1000000` (bytes).
@@ -106,8 +119,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (spec_arg::build(&args.spec, &loaded, &opts)?, None, None)
     };
     let policy = schedule_arg::build(&args.schedule)?;
+    let training = (args.training_api == Switch::On).then(|| tandem_server::training::TrainingConfig {
+        root: args.training_dir.clone(),
+        model_dir: path.is_dir().then(|| path.clone()),
+    });
     let (state, engine_thread) =
-        tandem_server::AppState::start(loaded, config, policy, drafter, online).map_err(anyhow::Error::msg)?;
+        tandem_server::AppState::start_with_training(loaded, config, policy, drafter, online, training)
+            .map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
     runtime.block_on(async move {

@@ -147,3 +147,26 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     assert!(get(port, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
     let _ = std::fs::remove_dir_all(&save);
 }
+
+#[test]
+fn tinker_sdk_trains_and_samples_against_tandem_serve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::temp_dir().join(format!("tandem-training-api-{}", std::process::id()));
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python).arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
+    assert!(ok.success(), "make_tiny.py failed");
+    let port = free_port();
+    let ckpt = dir.join("training");
+    let _server = start_with(&dir.join("qwen2-tied-bias"), port, &["--training-dir", ckpt.to_str().unwrap()]);
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("qwen2-tied-bias/config.json")).unwrap()).unwrap();
+    let status = Command::new(&python)
+        .arg(root.join("tests/server/test_training.py"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("qwen2-tied-bias")
+        .arg(vocab["vocab_size"].to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_training.py failed (output above)");
+    let _ = std::fs::remove_dir_all(&dir);
+}

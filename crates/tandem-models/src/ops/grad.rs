@@ -4,7 +4,7 @@
 //! logprobs a training step sees for a sampled token are then bit-for-bit the ones the sampler
 //! reported (trainer/sampler mismatch destabilises RL). Each backward here is written with candle
 //! primitives; it only runs when an input is being differentiated.
-use super::{kernels, f32_slice, CResult, RopeTables};
+use super::{f32_slice, kernels, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 /// x·wᵀ's gradients: dx = g·w, dw = gᵀ·x (each only when its input is differentiated).

@@ -1,0 +1,697 @@
+//! The training service: sessions, training models (each on its own worker thread, running its
+//! requests in seq_id order), weight versions for sampling, and checkpoints on disk.
+use super::futures::{Completer, FutureStore};
+use super::results::{ForwardBackwardResult, Outcome, SampleResult, SampledSequence};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use tandem_engine::{EngineHandle, Event, GenerationRequest, WeightVersion};
+use tandem_models::{Model, Tokenizer};
+use tandem_runtime::SamplingParams;
+use tandem_train::{AdamParams, Datum, LossFn, Mode, TrainError, TrainingModel};
+
+/// Where and how the service runs.
+#[derive(Debug, Clone)]
+pub struct TrainingConfig {
+    /// Checkpoints live under `root/<run id>/{weights,sampler_weights}/<name>`.
+    pub root: PathBuf,
+    /// The folder the served model was loaded from, if a Hugging Face folder (clients load its
+    /// tokenizer; merged exports copy its config).
+    pub model_dir: Option<PathBuf>,
+}
+
+/// A request's failure: the caller's (`user`) or ours.
+#[derive(Debug)]
+pub struct Failure {
+    pub user: bool,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn user(m: impl Into<String>) -> Self {
+        Failure { user: true, message: m.into() }
+    }
+    pub fn server(m: impl Into<String>) -> Self {
+        Failure { user: false, message: m.into() }
+    }
+}
+
+impl From<TrainError> for Failure {
+    fn from(e: TrainError) -> Self {
+        Failure { user: e.is_user(), message: e.to_string() }
+    }
+}
+
+impl From<Failure> for Outcome {
+    fn from(f: Failure) -> Self {
+        if f.user {
+            Outcome::failed_user(f.message)
+        } else {
+            Outcome::failed_server(f.message)
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Failure>;
+
+/// What a training model does for one request.
+pub enum Work {
+    ForwardBackward {
+        data: Vec<Datum>,
+        loss: LossFn,
+        forward_only: bool,
+    },
+    OptimStep(AdamParams),
+    SaveWeights {
+        name: String,
+    },
+    /// Saved under `name`, or (without one) straight into a new sampling session.
+    SaveForSampler {
+        name: Option<String>,
+        session: Option<String>,
+    },
+    LoadWeights {
+        path: String,
+        optimizer: bool,
+    },
+    /// A request that was malformed: it fails in its turn (category user).
+    Fail(String),
+}
+
+struct Job {
+    work: Work,
+    done: Completer,
+}
+
+/// Requests of one model wait here until every earlier seq_id has arrived.
+#[derive(Default)]
+struct SeqQueue {
+    next: i64,
+    waiting: BTreeMap<i64, Job>,
+    /// seq_id -> request id, so a resubmission gets the same future.
+    seen: HashMap<i64, String>,
+}
+
+pub struct TrainedModel {
+    pub id: String,
+    pub mode: Mode,
+    queue: Mutex<SeqQueue>,
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+pub struct Sampler {
+    pub base_model: String,
+    pub model_path: Option<String>,
+    pub weights: Option<WeightVersion>,
+}
+
+pub struct TrainingService {
+    pub base: Model,
+    pub base_name: String,
+    pub config: TrainingConfig,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub futures: FutureStore,
+    sessions: Mutex<HashMap<String, std::time::Instant>>,
+    models: Mutex<HashMap<String, Arc<TrainedModel>>>,
+    samplers: Mutex<HashMap<String, Arc<Sampler>>>,
+    /// (sampling session, seq_id) -> request id.
+    samples_seen: Mutex<HashMap<(String, i64), (String, Vec<String>)>>,
+    /// Sampler weights by tinker path, kept in memory once saved or loaded.
+    versions: Mutex<HashMap<String, WeightVersion>>,
+    next_version: AtomicU64,
+    next_id: AtomicU64,
+    me: std::sync::Weak<TrainingService>,
+}
+
+/// Checkpoint and run names become folder names: keep them to a safe alphabet.
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::user(format!("`{name}` is not a valid name (letters, digits, - _ . : only)")))
+    }
+}
+
+/// A parsed `tinker://<run>/<kind>/<name>` path.
+pub struct TinkerPath {
+    pub run: String,
+    pub kind: String,
+    pub name: String,
+}
+
+impl TinkerPath {
+    pub fn parse(path: &str) -> Result<Self> {
+        let rest =
+            path.strip_prefix("tinker://").ok_or_else(|| Failure::user(format!("`{path}` is not a tinker:// path")))?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [run, kind, name] = parts[..] else {
+            return Err(Failure::user(format!("`{path}` is not tinker://<run>/<weights|sampler_weights>/<name>")));
+        };
+        if kind != "weights" && kind != "sampler_weights" {
+            return Err(Failure::user(format!("`{path}`: unknown checkpoint kind `{kind}`")));
+        }
+        check_name(run)?;
+        check_name(name)?;
+        Ok(TinkerPath { run: run.into(), kind: kind.into(), name: name.into() })
+    }
+
+    pub fn to_path(&self) -> String {
+        format!("tinker://{}/{}/{}", self.run, self.kind, self.name)
+    }
+}
+
+impl TrainingService {
+    pub fn new(
+        base: Model,
+        base_name: String,
+        config: TrainingConfig,
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| TrainingService {
+            base,
+            base_name,
+            config,
+            engine,
+            tokenizer,
+            futures: FutureStore::default(),
+            sessions: Mutex::default(),
+            models: Mutex::default(),
+            samplers: Mutex::default(),
+            samples_seen: Mutex::default(),
+            versions: Mutex::default(),
+            next_version: AtomicU64::new(1),
+            next_id: AtomicU64::new(1),
+            me: me.clone(),
+        })
+    }
+
+    fn unique(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn create_session(&self) -> String {
+        let id = format!("session-{}-{:08x}", self.unique(), rand::random::<u32>());
+        self.sessions.lock().expect("not poisoned").insert(id.clone(), std::time::Instant::now());
+        id
+    }
+
+    pub fn heartbeat(&self, session: &str) -> Result<()> {
+        match self.sessions.lock().expect("not poisoned").get_mut(session) {
+            Some(t) => {
+                *t = std::time::Instant::now();
+                Ok(())
+            }
+            None => Err(Failure::user(format!("unknown session_id `{session}`"))),
+        }
+    }
+
+    fn check_session(&self, session: &str) -> Result<()> {
+        if self.sessions.lock().expect("not poisoned").contains_key(session) {
+            Ok(())
+        } else {
+            Err(Failure::user(format!("unknown session_id `{session}`; create one with create_session")))
+        }
+    }
+
+    /// The served model answers to its own name, with or without an organisation prefix.
+    pub fn check_base(&self, name: &str) -> Result<()> {
+        let short = |s: &str| s.rsplit('/').next().unwrap_or(s).to_ascii_lowercase();
+        if short(name) == short(&self.base_name) {
+            Ok(())
+        } else {
+            Err(Failure::user(format!(
+                "base_model `{name}` is not served here; this server trains `{}` (the model it serves)",
+                self.base_name
+            )))
+        }
+    }
+
+    pub fn model(&self, id: &str) -> Result<Arc<TrainedModel>> {
+        self.models
+            .lock()
+            .expect("not poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Failure::user(format!("unknown model_id `{id}`")))
+    }
+
+    /// A new training model `{session}:train:{seq}` with its worker thread.
+    pub fn create_model(&self, session: &str, seq: i64, mode: Mode, seed: u64) -> Result<String> {
+        self.check_session(session)?;
+        let id = format!("{session}:train:{seq}");
+        if self.models.lock().expect("not poisoned").contains_key(&id) {
+            return Ok(id); // a resubmitted create
+        }
+        let trainer = TrainingModel::new(&self.base, mode, seed)?;
+        tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
+        self.start_model(id.clone(), mode, trainer)?;
+        Ok(id)
+    }
+
+    fn start_model(&self, id: String, mode: Mode, trainer: TrainingModel) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let me = self.me.clone();
+        let model_id = id.clone();
+        std::thread::Builder::new()
+            .name(format!("tandem-train-{}", self.unique()))
+            .spawn(move || worker(me, model_id, trainer, rx))
+            .map_err(|e| Failure::server(format!("cannot start a training thread: {e}")))?;
+        let entry = TrainedModel {
+            id: id.clone(),
+            mode,
+            queue: Mutex::new(SeqQueue { next: 1, ..Default::default() }),
+            jobs: Mutex::new(tx),
+        };
+        self.models.lock().expect("not poisoned").insert(id, Arc::new(entry));
+        Ok(())
+    }
+
+    /// Queues `work` as request `seq` of `model`; runs it once every earlier seq_id has run.
+    /// A resubmitted seq_id gets the first submission's request id.
+    pub fn submit(&self, model: &TrainedModel, seq: i64, work: Work) -> Result<String> {
+        let mut q = model.queue.lock().expect("not poisoned");
+        if let Some(id) = q.seen.get(&seq) {
+            return Ok(id.clone());
+        }
+        if seq < q.next {
+            return Err(Failure::user(format!(
+                "seq_id {seq} of model {} was already used (next expected: {})",
+                model.id, q.next
+            )));
+        }
+        let (id, done) = self.futures.create();
+        q.seen.insert(seq, id.clone());
+        q.waiting.insert(seq, Job { work, done });
+        let jobs = model.jobs.lock().expect("not poisoned");
+        while let Some(job) = {
+            let next = q.next;
+            q.waiting.remove(&next)
+        } {
+            q.next += 1;
+            if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                job.done.complete(Outcome::failed_server("the training thread has stopped"));
+            }
+        }
+        Ok(id)
+    }
+
+    /// A future completed with `outcome` at once (requests with no ordering).
+    pub fn immediate(&self, outcome: Outcome) -> String {
+        let (id, done) = self.futures.create();
+        done.complete(outcome);
+        id
+    }
+
+    fn checkpoint_dir(&self, p: &TinkerPath) -> PathBuf {
+        self.config.root.join(&p.run).join(&p.kind).join(&p.name)
+    }
+
+    fn register_version(&self, model: Model) -> WeightVersion {
+        WeightVersion { id: self.next_version.fetch_add(1, Ordering::Relaxed), model: Arc::new(model) }
+    }
+
+    /// The weights behind a sampler path: in memory, or loaded from disk.
+    fn version_for(&self, path: &str) -> Result<WeightVersion> {
+        let p = TinkerPath::parse(path)?;
+        if let Some(v) = self.versions.lock().expect("not poisoned").get(&p.to_path()) {
+            return Ok(v.clone());
+        }
+        let dir = self.checkpoint_dir(&p);
+        let mode = read_mode(&dir)?;
+        let mut t = TrainingModel::new(&self.base, mode, 0)?;
+        t.load(&dir, false)?;
+        let v = self.register_version(t.snapshot()?);
+        self.versions.lock().expect("not poisoned").insert(p.to_path(), v.clone());
+        Ok(v)
+    }
+
+    pub fn create_sampler(
+        &self,
+        session: &str,
+        model_path: Option<String>,
+        base_model: Option<String>,
+    ) -> Result<String> {
+        self.check_session(session)?;
+        let weights = match &model_path {
+            Some(p) => Some(self.version_for(p)?),
+            None => {
+                self.check_base(base_model.as_deref().unwrap_or(""))?;
+                None
+            }
+        };
+        Ok(self.add_sampler(Sampler { base_model: self.base_name.clone(), model_path, weights }))
+    }
+
+    fn add_sampler(&self, s: Sampler) -> String {
+        let id = format!("sampler-{}-{:08x}", self.unique(), rand::random::<u32>());
+        self.samplers.lock().expect("not poisoned").insert(id.clone(), Arc::new(s));
+        id
+    }
+
+    pub fn sampler(&self, id: &str) -> Result<Arc<Sampler>> {
+        self.samplers
+            .lock()
+            .expect("not poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Failure::user(format!("unknown sampling_session_id `{id}`")))
+    }
+
+    /// Starts `n` samples of `prompt` through the engine (batched with all other traffic);
+    /// returns the request id and one sequence id per sample. A resubmission of the same
+    /// (session, seq_id) gets the same ids.
+    pub fn sample(&self, req: SampleRequest) -> Result<(String, Vec<String>)> {
+        let key = req.dedup.clone();
+        if let Some(k) = &key {
+            if let Some(found) = self.samples_seen.lock().expect("not poisoned").get(k) {
+                return Ok(found.clone());
+            }
+        }
+        let vocab = self.base.config.vocab_size;
+        if req.prompt.is_empty() {
+            return Err(Failure::user("the prompt is empty"));
+        }
+        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Failure::user(format!("prompt token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        if req.num_samples == 0 || req.num_samples > 128 {
+            return Err(Failure::user(format!("num_samples must be 1..=128, got {}", req.num_samples)));
+        }
+        let limit = self.engine.config().max_seq_len;
+        if req.prompt.len() >= limit {
+            return Err(Failure::user(format!(
+                "the prompt has {} tokens; the context holds {limit} (including one generated token)",
+                req.prompt.len()
+            )));
+        }
+        let max_tokens = req.max_tokens.unwrap_or(limit - req.prompt.len()).min(limit - req.prompt.len());
+        let mut receivers = Vec::new();
+        for i in 0..req.num_samples {
+            let sampling = SamplingParams {
+                temperature: req.temperature,
+                top_k: req.top_k,
+                top_p: req.top_p,
+                seed: Some(req.seed.map_or_else(rand::random, |s| s.wrapping_add(i as u64))),
+                ..Default::default()
+            };
+            let gen = GenerationRequest {
+                prompt: req.prompt.clone(),
+                max_tokens,
+                sampling,
+                stop_token_ids: vec![],
+                client: Some(format!("tinker:{}", req.session)),
+                agent: None,
+                weights: req.weights.clone(),
+            };
+            match self.engine.submit(gen) {
+                Ok(rx) => receivers.push(rx),
+                Err(e) => {
+                    let user = matches!(
+                        e,
+                        tandem_engine::EngineError::PromptTooLong { .. } | tandem_engine::EngineError::Invalid(_)
+                    );
+                    return Err(Failure { user, message: e.to_string() });
+                }
+            }
+        }
+        let (id, done) = self.futures.create();
+        let seq_ids: Vec<String> = (0..req.num_samples).map(|i| format!("{id}-{i}")).collect();
+        if let Some(k) = key {
+            self.samples_seen.lock().expect("not poisoned").insert(k, (id.clone(), seq_ids.clone()));
+        }
+        let tokenizer = self.tokenizer.clone();
+        let prompt_model =
+            req.prompt_logprobs.then(|| req.weights.as_ref().map_or(self.base.clone(), |w| (*w.model).clone()));
+        let (prompt, stop) = (req.prompt.clone(), req.stop.clone());
+        tokio::spawn(async move {
+            let prompt_lp = match prompt_model {
+                None => Ok(None),
+                Some(model) => tokio::task::spawn_blocking(move || prompt_logprobs(&model, &prompt))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("prompt logprobs failed: {e}")))
+                    .map(Some),
+            };
+            let mut sequences = Vec::new();
+            for rx in receivers {
+                match collect(rx, &stop, &tokenizer).await {
+                    Ok(s) => sequences.push(s),
+                    Err(e) => return done.complete(Outcome::failed_server(e)),
+                }
+            }
+            match prompt_lp {
+                Ok(prompt_logprobs) => done.complete(Outcome::Sample(SampleResult { sequences, prompt_logprobs })),
+                Err(e) => done.complete(Outcome::failed_server(e)),
+            }
+        });
+        Ok((id, seq_ids))
+    }
+
+    pub fn list_checkpoints(&self, run: &str) -> Result<Value> {
+        check_name(run)?;
+        let mut out = Vec::new();
+        for kind in ["weights", "sampler_weights"] {
+            let dir = self.config.root.join(run).join(kind);
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let size: u64 = std::fs::read_dir(e.path())
+                    .map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
+                    .unwrap_or(0);
+                let time = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                out.push(json!({
+                    "checkpoint_id": format!("{kind}/{name}"),
+                    "checkpoint_type": if kind == "weights" { "training" } else { "sampler" },
+                    "time": rfc3339(time),
+                    "tinker_path": format!("tinker://{run}/{kind}/{name}"),
+                    "size_bytes": size,
+                    "public": false,
+                }));
+            }
+        }
+        Ok(json!({"checkpoints": out}))
+    }
+
+    pub fn delete_checkpoint(&self, run: &str, checkpoint: &str) -> Result<()> {
+        let p = TinkerPath::parse(&format!("tinker://{run}/{checkpoint}"))?;
+        let dir = self.checkpoint_dir(&p);
+        if !dir.exists() {
+            return Err(Failure::user(format!("no checkpoint {}", p.to_path())));
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| Failure::server(format!("{}: {e}", dir.display())))?;
+        self.versions.lock().expect("not poisoned").remove(&p.to_path());
+        Ok(())
+    }
+
+    /// Writes the merged Hugging Face folder of a checkpoint.
+    pub fn export(&self, path: &str, out: &std::path::Path) -> Result<()> {
+        let p = TinkerPath::parse(path)?;
+        let dir = self.checkpoint_dir(&p);
+        let base_dir = self.config.model_dir.clone().ok_or_else(|| {
+            Failure::user("the served model is not a Hugging Face folder: nothing to copy its config from")
+        })?;
+        let mut t = TrainingModel::new(&self.base, read_mode(&dir)?, 0)?;
+        t.load(&dir, false)?;
+        t.export_hf(&base_dir, out)?;
+        Ok(())
+    }
+}
+
+pub struct SampleRequest {
+    pub session: String,
+    pub dedup: Option<(String, i64)>,
+    pub weights: Option<WeightVersion>,
+    pub prompt: Vec<u32>,
+    pub num_samples: usize,
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop: Stop,
+    pub prompt_logprobs: bool,
+}
+
+#[derive(Clone, Default)]
+pub struct Stop {
+    pub tokens: Vec<u32>,
+    pub strings: Vec<String>,
+}
+
+/// Reads one sample's events; a stop token or string ends it (and is kept, with its logprob:
+/// the policy chose it). Dropping the receiver cancels the rest in the engine.
+async fn collect(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    stop: &Stop,
+    tokenizer: &Tokenizer,
+) -> std::result::Result<SampledSequence, String> {
+    let mut s = SampledSequence { tokens: Vec::new(), logprobs: Vec::new(), stopped: false };
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(t) => {
+                s.tokens.push(t.id);
+                s.logprobs.push(t.logprob);
+                if stop.tokens.contains(&t.id) {
+                    s.stopped = true;
+                    return Ok(s);
+                }
+                if !stop.strings.is_empty() {
+                    let text = tokenizer.decode(&s.tokens, false).unwrap_or_default();
+                    if stop.strings.iter().any(|x| text.contains(x.as_str())) {
+                        s.stopped = true;
+                        return Ok(s);
+                    }
+                }
+            }
+            Event::Finished { reason, .. } => {
+                s.stopped = matches!(reason, tandem_runtime::FinishReason::Stop);
+                return Ok(s);
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err("the engine stopped before the sample finished".into())
+}
+
+/// log p(prompt[i] | prompt[..i]) for every position, NaN at 0 (nothing precedes it).
+fn prompt_logprobs(model: &Model, prompt: &[u32]) -> std::result::Result<Vec<f32>, String> {
+    let logits = model.forward_sequence(prompt).map_err(|e| e.to_string())?;
+    let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+    let mut out = vec![f32::NAN];
+    for (i, row) in rows.iter().enumerate().take(prompt.len().saturating_sub(1)) {
+        out.push(tandem_runtime::sampling::log_softmax(row)[prompt[i + 1] as usize]);
+    }
+    Ok(out)
+}
+
+fn read_mode(dir: &std::path::Path) -> Result<Mode> {
+    let bytes = std::fs::read(dir.join("state.json"))
+        .map_err(|_| Failure::user(format!("no checkpoint at {}", dir.display())))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| Failure::server(format!("state.json: {e}")))?;
+    serde_json::from_value(v["mode"].clone()).map_err(|e| Failure::server(format!("state.json mode: {e}")))
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// A training model's thread: runs its requests one at a time, in seq_id order.
+fn worker(me: std::sync::Weak<TrainingService>, model_id: String, mut trainer: TrainingModel, rx: mpsc::Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        let Some(service) = me.upgrade() else { break };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| service.run(&model_id, &mut trainer, job.work)));
+        let outcome = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(f)) => f.into(),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                tracing::error!(model_id = %model_id, error = %msg, "training request panicked");
+                Outcome::failed_server(format!("internal error: {msg}"))
+            }
+        };
+        job.done.complete(outcome);
+    }
+}
+
+impl TrainingService {
+    fn run(&self, model_id: &str, t: &mut TrainingModel, work: Work) -> Result<Outcome> {
+        match work {
+            Work::ForwardBackward { data, loss, forward_only } => {
+                let started = std::time::Instant::now();
+                let out = t.forward_backward(&data, &loss, forward_only)?;
+                tracing::info!(
+                    model_id,
+                    loss = loss.name(),
+                    datums = data.len(),
+                    forward_only,
+                    loss_sum = out.metrics["loss:sum"],
+                    secs = started.elapsed().as_secs_f64(),
+                    "forward_backward"
+                );
+                Ok(Outcome::ForwardBackward(ForwardBackwardResult { logprobs: out.logprobs, metrics: out.metrics }))
+            }
+            Work::OptimStep(p) => {
+                let metrics = t.optim_step(&p)?;
+                Ok(Outcome::Json(json!({"metrics": metrics, "type": "optim_step"})))
+            }
+            Work::SaveWeights { name } => {
+                check_name(&name)?;
+                let p = TinkerPath { run: model_id.into(), kind: "weights".into(), name };
+                t.save(&self.checkpoint_dir(&p), true)?;
+                Ok(Outcome::Json(json!({"path": p.to_path(), "type": "save_weights"})))
+            }
+            Work::SaveForSampler { name, session } => {
+                let version = self.register_version(t.snapshot()?);
+                match (name, session) {
+                    (Some(name), _) => {
+                        check_name(&name)?;
+                        let p = TinkerPath { run: model_id.into(), kind: "sampler_weights".into(), name };
+                        t.save(&self.checkpoint_dir(&p), false)?;
+                        self.versions.lock().expect("not poisoned").insert(p.to_path(), version);
+                        Ok(Outcome::Json(json!({"path": p.to_path(), "type": "save_weights_for_sampler"})))
+                    }
+                    (None, session) => {
+                        if let Some(s) = &session {
+                            self.check_session(s)?;
+                        }
+                        let id = self.add_sampler(Sampler {
+                            base_model: self.base_name.clone(),
+                            model_path: None,
+                            weights: Some(version),
+                        });
+                        Ok(Outcome::Json(json!({"sampling_session_id": id, "type": "save_weights_for_sampler"})))
+                    }
+                }
+            }
+            Work::Fail(message) => Err(Failure::user(message)),
+            Work::LoadWeights { path, optimizer } => {
+                let p = TinkerPath::parse(&path)?;
+                t.load(&self.checkpoint_dir(&p), optimizer)?;
+                Ok(Outcome::Json(json!({"path": path, "model_id": model_id, "type": "load_weights"})))
+            }
+        }
+    }
+
+    /// A training model created straight from a checkpoint (load_weights with a session).
+    pub fn create_from_checkpoint(&self, session: &str, seq: i64, path: &str, optimizer: bool) -> Result<String> {
+        self.check_session(session)?;
+        let p = TinkerPath::parse(path)?;
+        let dir = self.checkpoint_dir(&p);
+        let mode = read_mode(&dir)?;
+        let mut t = TrainingModel::new(&self.base, mode, 0)?;
+        t.load(&dir, optimizer)?;
+        let id = format!("{session}:train:{seq}");
+        self.start_model(id.clone(), mode, t)?;
+        Ok(id)
+    }
+}
