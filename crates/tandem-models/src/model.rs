@@ -498,29 +498,46 @@ impl Model {
     /// flow to any weights or adapters that are candle `Var`s (training); the values equal the
     /// rows serving computes for the same tokens and weights.
     pub fn forward_sequence(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.forward_sequences(&[tokens])
+    }
+
+    /// `forward_sequence` of several sequences in one pass (each attends only to itself): their
+    /// logits rows one after another. Bigger products, fewer ops; the same values.
+    pub fn forward_sequences(&self, seqs: &[&[u32]]) -> Result<Tensor> {
         let c = &self.config;
-        if tokens.is_empty() {
-            return Err(ModelError::InvalidBatch("the sequence is empty".into()));
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut lens = Vec::with_capacity(seqs.len());
+        for tokens in seqs {
+            if tokens.is_empty() {
+                return Err(ModelError::InvalidBatch("a sequence is empty".into()));
+            }
+            if tokens.len() > self.max_positions() {
+                return Err(ModelError::InvalidBatch(format!(
+                    "a sequence has {} tokens, more than the {} the model holds",
+                    tokens.len(),
+                    self.max_positions()
+                )));
+            }
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::InvalidBatch(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+            ids.extend_from_slice(tokens);
+            positions.extend(0..tokens.len());
+            lens.push(tokens.len());
         }
-        if tokens.len() > self.max_positions() {
-            return Err(ModelError::InvalidBatch(format!(
-                "the sequence has {} tokens, more than the {} the model holds",
-                tokens.len(),
-                self.max_positions()
-            )));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::InvalidBatch(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                c.vocab_size
-            )));
+        if ids.is_empty() {
+            return Err(ModelError::InvalidBatch("no sequences".into()));
         }
         let path = self.path;
-        let positions: Vec<usize> = (0..tokens.len()).collect();
-        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &self.device)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
         let x = self.embed.index_select(&ids, 0)?;
         let mut attend = |_l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-            Ok(ops::self_attention(q, k, v, path)?)
+            Ok(ops::self_attention(q, k, v, &lens, path)?)
         };
         let (x, _) = self.blocks_forward(x, &positions, &[], &mut attend)?;
         let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps, path)?;

@@ -87,7 +87,22 @@ impl AppState {
         let thread = engine.spawn();
         let tokenizer = Arc::new(loaded.tokenizer);
         let training = match (training, base) {
-            (Some(tc), Some(base)) => {
+            (Some(mut tc), Some(base)) => {
+                if tc.model_dir.is_none() && tc.tokenizer_dir.is_none() {
+                    let dir = tc.root.join("tokenizer").join(&loaded.name);
+                    match training::export_tokenizer(
+                        &dir,
+                        &tokenizer,
+                        loaded.chat_template.as_deref(),
+                        loaded.bos_token.as_deref(),
+                        loaded.eos_token.as_deref(),
+                    ) {
+                        Ok(()) => tc.tokenizer_dir = Some(dir),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not write the tokenizer folder for training clients")
+                        }
+                    }
+                }
                 if !base.is_dense() {
                     return Err(
                         "training needs dense weights; quantized GGUF weights are kept only with --keep-quantized"

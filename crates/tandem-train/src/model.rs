@@ -29,6 +29,10 @@ impl TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
+/// Most tokens packed into one forward/backward pass (bounds activation memory: about 1.5 GB
+/// for SmolLM2-135M at this size, most of it logits over the vocabulary).
+const PACK_TOKENS: usize = 1024;
+
 fn user<T>(msg: impl Into<String>) -> Result<T> {
     Err(TrainError::User(msg.into()))
 }
@@ -235,38 +239,70 @@ impl TrainingModel {
         let mut max_diff = 0f64;
         let mut logprobs = Vec::with_capacity(data.len());
         let mut new_grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        for d in data {
-            let logits = model.forward_sequence(&d.tokens)?;
-            // Reported logprobs come from the logits exactly as the sampler computes them.
-            let rows = logits.to_vec2::<f32>()?;
-            let lp_host: Vec<f32> = rows
-                .iter()
-                .zip(&d.targets)
-                .map(|(row, &t)| tandem_runtime::sampling::log_softmax(row)[t as usize])
-                .collect();
-            if let Some(q) = d.inputs.get("logprobs") {
-                for (a, b) in lp_host.iter().zip(q) {
-                    max_diff = max_diff.max((a - b).abs() as f64);
+        // Data are packed into passes of up to PACK_TOKENS tokens: one forward and one backward
+        // each, with bigger products than one datum alone; every datum attends only to itself.
+        let mut groups: Vec<&[Datum]> = Vec::new();
+        let mut start = 0;
+        while start < data.len() {
+            let mut end = start + 1;
+            let mut tokens_in = data[start].tokens.len();
+            while end < data.len() && tokens_in + data[end].tokens.len() <= PACK_TOKENS {
+                tokens_in += data[end].tokens.len();
+                end += 1;
+            }
+            groups.push(&data[start..end]);
+            start = end;
+        }
+        for group in groups {
+            let t0 = std::time::Instant::now();
+            let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
+            let logits = model.forward_sequences(&seqs)?;
+            let t_fwd = t0.elapsed();
+            let mut group_loss: Option<Tensor> = None;
+            let mut off = 0;
+            for d in group {
+                let n = d.tokens.len();
+                let rows = logits.narrow(0, off, n)?;
+                off += n;
+                // Reported logprobs come from the logits exactly as the sampler computes them.
+                let lp_host: Vec<f32> = rows
+                    .to_vec2::<f32>()?
+                    .iter()
+                    .zip(&d.targets)
+                    .map(|(row, &t)| tandem_runtime::sampling::log_softmax(row)[t as usize])
+                    .collect();
+                if let Some(q) = d.inputs.get("logprobs") {
+                    for (a, b) in lp_host.iter().zip(q) {
+                        max_diff = max_diff.max((a - b).abs() as f64);
+                    }
                 }
+                let lp = target_logprobs(&rows, &d.targets)?;
+                let mut inputs = BTreeMap::new();
+                for name in loss.inputs() {
+                    let v = d.inputs.get(*name).cloned().unwrap_or_else(|| vec![1.0; n]);
+                    inputs.insert(*name, Tensor::from_vec(v, n, model.device())?);
+                }
+                let l = loss.loss(&lp, &inputs)?;
+                total += l.to_scalar::<f32>()? as f64;
+                tokens += n;
+                logprobs.push(lp_host);
+                group_loss = Some(match group_loss {
+                    None => l,
+                    Some(acc) => (acc + l)?,
+                });
             }
-            let lp = target_logprobs(&logits, &d.targets)?;
-            let n = d.tokens.len();
-            let mut inputs = BTreeMap::new();
-            for name in loss.inputs() {
-                let v = d.inputs.get(*name).cloned().unwrap_or_else(|| vec![1.0; n]);
-                inputs.insert(*name, Tensor::from_vec(v, n, model.device())?);
-            }
-            let l = loss.loss(&lp, &inputs)?;
-            total += l.to_scalar::<f32>()? as f64;
-            tokens += n;
-            logprobs.push(lp_host);
-            if !forward_only {
+            let t_loss = t0.elapsed();
+            if let (false, Some(l)) = (forward_only, group_loss) {
                 let g = l.backward()?;
+                tracing::trace!(forward = ?t_fwd, loss = ?(t_loss - t_fwd), backward = ?(t0.elapsed() - t_loss), datums = group.len(), "pass");
                 for (name, var) in &self.vars {
                     if let Some(gv) = g.get(var.as_tensor()) {
+                        // Detached: a gradient computed from tracked tensors would otherwise keep
+                        // this pass's whole graph alive.
+                        let gv = gv.detach();
                         let sum = match new_grads.remove(name) {
-                            Some(prev) => (prev + gv)?,
-                            None => gv.clone(),
+                            Some(prev) => (prev + gv)?.detach(),
+                            None => gv,
                         };
                         new_grads.insert(name.clone(), sum);
                     }

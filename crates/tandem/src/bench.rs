@@ -84,6 +84,9 @@ enum BenchTarget {
     /// n-gram, and EAGLE drafters trained online (from scratch, warm-started) or offline; acceptance
     /// length and tokens/s per window of requests, table, JSON and PNG.
     Online(crate::bench_online::OnlineBenchArgs),
+    /// The training service: forward_backward tokens/s, LoRA and full weights, against the same
+    /// model in PyTorch (when installed) on the same data.
+    Train(crate::bench_train::TrainBenchArgs),
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -178,6 +181,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
         Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
         Some(BenchTarget::Online(a)) => return crate::bench_online::run(a),
+        Some(BenchTarget::Train(a)) => return crate::bench_train::run(a),
         None => {}
     }
     let names =

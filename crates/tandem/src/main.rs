@@ -1,9 +1,23 @@
 //! The tandem command line: generate text, fetch models, benchmark.
+
+/// Training allocates and frees large activations on every pass. glibc returns big blocks to the
+/// system and faults fresh zeroed pages in for the next pass (a fifth of forward_backward's time on
+/// SmolLM2); keeping freed memory in the heap for reuse made LoRA training ~15% faster here.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called once at start-up before any threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 512 << 20);
+    }
+}
 mod bench;
 mod bench_fair;
 mod bench_online;
 mod bench_serve;
 mod bench_spec;
+mod bench_train;
 mod models;
 mod online_arg;
 mod plot;
@@ -280,6 +294,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

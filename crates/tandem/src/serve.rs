@@ -122,6 +122,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let training = (args.training_api == Switch::On).then(|| tandem_server::training::TrainingConfig {
         root: args.training_dir.clone(),
         model_dir: path.is_dir().then(|| path.clone()),
+        tokenizer_dir: None,
     });
     let (state, engine_thread) =
         tandem_server::AppState::start_with_training(loaded, config, policy, drafter, online, training)

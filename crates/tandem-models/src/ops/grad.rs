@@ -9,18 +9,23 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor
 
 /// x·wᵀ's gradients: dx = g·w, dw = gᵀ·x (each only when its input is differentiated).
 pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    let gx = if x.track_op() { Some(g.matmul(&w.to_dtype(DType::F32)?)?) } else { None };
-    let gw = if w.track_op() { Some(g.t()?.matmul(&x.contiguous()?)?.to_dtype(w.dtype())?) } else { None };
+    // Gradients are values, not part of the graph: detached inputs keep them from holding it alive.
+    let (want_x, want_w) = (x.track_op(), w.track_op());
+    let (x, w, g) = (x.detach(), w.detach(), g.detach());
+    let gx = if want_x { Some(g.matmul(&w.to_dtype(DType::F32)?)?) } else { None };
+    let gw = if want_w { Some(g.t()?.matmul(&x.contiguous()?)?.to_dtype(w.dtype())?) } else { None };
     Ok((gx, gw))
 }
 
 /// RMSNorm's gradients over the last dimension: y = x·r·w with r = 1/sqrt(mean(x²) + eps).
 pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let (want_x, want_w) = (x.track_op(), w.track_op());
+    let (x, w, g) = (&x.detach(), &w.detach(), &g.detach());
     let n = w.elem_count();
     let x2 = x.reshape(((), n))?;
     let g2 = g.reshape(((), n))?;
     let r = (x2.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [rows, 1]
-    let gx = if x.track_op() {
+    let gx = if want_x {
         let gw = g2.broadcast_mul(w)?;
         let dot = (&gw * &x2)?.mean_keepdim(D::Minus1)?; // mean(g·w·x)
         let r3 = r.powf(3.0)?;
@@ -29,12 +34,13 @@ pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CRes
     } else {
         None
     };
-    let gw = if w.track_op() { Some((&g2 * x2.broadcast_mul(&r)?)?.sum(0)?) } else { None };
+    let gw = if want_w { Some((&g2 * x2.broadcast_mul(&r)?)?.sum(0)?) } else { None };
     Ok((gx, gw))
 }
 
 /// silu(gate)·up's gradient for rows laid out as [gate | up].
 pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+    let (gate_up, g) = (&gate_up.detach(), &g.detach());
     let inter = gate_up.dim(1)? / 2;
     let gate = gate_up.narrow(1, 0, inter)?;
     let up = gate_up.narrow(1, inter, inter)?;
@@ -49,6 +55,7 @@ pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tenso
 
 /// Rope rotates pairs by position-dependent angles; its gradient rotates back (sin negated).
 pub(super) fn rope_bwd(g: &Tensor, positions: &[usize], tables: &RopeTables) -> CResult<Tensor> {
+    let g = &g.detach();
     let (t, h, d) = g.dims3()?;
     let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
     let idx = Tensor::from_vec(idx, t, g.device())?;
@@ -91,10 +98,13 @@ impl CustomOp1 for RopeGrad {
     }
 }
 
-/// Causal self-attention of one whole sequence, q: [t, heads, d], k and v: [t, kv_heads, d]
-/// -> [t, heads·d]. The forward is the serving kernel over a one-slot cache holding exactly this
-/// sequence, so its values equal serving's row for row.
-pub(super) struct SelfAttention;
+/// Causal self-attention within each of several whole sequences packed one after another,
+/// q: [t, heads, d], k and v: [t, kv_heads, d] -> [t, heads·d]; `lens` are the sequences' lengths.
+/// The forward is the serving kernel over a cache with one slot per sequence, so its values equal
+/// serving's row for row.
+pub(super) struct SelfAttention {
+    pub lens: Vec<usize>,
+}
 
 impl CustomOp3 for SelfAttention {
     fn name(&self) -> &'static str {
@@ -111,21 +121,28 @@ impl CustomOp3 for SelfAttention {
     ) -> CResult<(CpuStorage, Shape)> {
         let (t, heads, d) = l1.shape().dims3()?;
         let (_, kv_heads, _) = l2.shape().dims3()?;
-        // [t, kvh, d] -> the cache layout [1, kvh, t, d].
+        let cap = self.lens.iter().copied().max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(t);
+        for (slot, &n) in self.lens.iter().enumerate() {
+            tokens.extend((0..n).map(|pos| kernels::TokenSlot { slot, pos }));
+        }
+        if tokens.len() != t {
+            candle_core::bail!("self attention: lengths sum to {}, not {t}", tokens.len());
+        }
+        let geometry = kernels::CacheGeometry { kv_heads, capacity: cap, head_dim: d };
+        // [t, kvh, d] rows -> the cache layout [sequences, kvh, cap, d].
         let to_cache = |s: &CpuStorage, l: &Layout| -> CResult<Vec<f32>> {
             let src = f32_slice(s, l)?;
-            let mut out = vec![0f32; src.len()];
-            for p in 0..t {
+            let mut out = vec![0f32; self.lens.len() * kv_heads * cap * d];
+            for (row, ts) in tokens.iter().enumerate() {
                 for h in 0..kv_heads {
-                    out[(h * t + p) * d..(h * t + p + 1) * d]
-                        .copy_from_slice(&src[(p * kv_heads + h) * d..(p * kv_heads + h + 1) * d]);
+                    let o = geometry.offset(ts.slot, h, ts.pos);
+                    out[o..o + d].copy_from_slice(&src[(row * kv_heads + h) * d..(row * kv_heads + h + 1) * d]);
                 }
             }
             Ok(out)
         };
         let (k, v) = (to_cache(s2, l2)?, to_cache(s3, l3)?);
-        let tokens: Vec<kernels::TokenSlot> = (0..t).map(|pos| kernels::TokenSlot { slot: 0, pos }).collect();
-        let geometry = kernels::CacheGeometry { kv_heads, capacity: t, head_dim: d };
         let mut out = vec![0f32; t * heads * d];
         kernels::attention(f32_slice(s1, l1)?, &k, &v, &tokens, heads, geometry, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((t, heads * d))))
@@ -138,37 +155,65 @@ impl CustomOp3 for SelfAttention {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (t, heads, d) = q.dims3()?;
-        let kv_heads = k.dim(1)?;
-        let group = heads / kv_heads;
-        let scale = 1.0 / (d as f64).sqrt();
-        // Heads grouped by the kv head they share: [kvh, group·t, d].
-        let by_kv = |x: &Tensor, n: usize| -> CResult<Tensor> {
-            x.transpose(0, 1)?.contiguous()?.reshape((kv_heads, n * t, d))
-        };
-        let qg = by_kv(q, group)?;
-        let kt = k.transpose(0, 1)?.contiguous()?; // [kvh, t, d]
-        let vt = v.transpose(0, 1)?.contiguous()?;
-        let mut mask = vec![0f32; group * t * t];
-        for r in 0..group * t {
-            for j in (r % t + 1)..t {
-                mask[r * t + j] = f32::NEG_INFINITY;
-            }
+        let (q, k, v, g) = (&q.detach(), &k.detach(), &v.detach(), &g.detach());
+        let heads = q.dim(1)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        for &n in &self.lens {
+            let g_seg = g.narrow(0, start, n)?;
+            let (a, b, c) = attention_bwd_one(
+                &q.narrow(0, start, n)?,
+                &k.narrow(0, start, n)?,
+                &v.narrow(0, start, n)?,
+                &g_seg,
+                heads,
+            )?;
+            dq.push(a);
+            dk.push(b);
+            dv.push(c);
+            start += n;
         }
-        let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
-        let s = (qg.matmul(&kt.t()?)? * scale)?.broadcast_add(&mask)?;
-        let max = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&max)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?; // [kvh, gt, t]
-        let go = by_kv(&g.reshape((t, heads, d))?, group)?; // [kvh, gt, d]
-        let dv = p.t()?.matmul(&go)?; // [kvh, t, d]
-        let dp = go.matmul(&vt.t()?)?; // [kvh, gt, t]
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (ds.matmul(&kt)? * scale)?; // [kvh, gt, d]
-        let dk = (ds.t()?.matmul(&qg)? * scale)?; // [kvh, t, d]
-        let dq = dq.reshape((heads, t, d))?.transpose(0, 1)?.contiguous()?;
-        let dk = dk.transpose(0, 1)?.contiguous()?;
-        let dv = dv.transpose(0, 1)?.contiguous()?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((Some(Tensor::cat(&dq, 0)?), Some(Tensor::cat(&dk, 0)?), Some(Tensor::cat(&dv, 0)?)))
     }
+}
+
+/// The attention backward of one sequence (candle primitives).
+fn attention_bwd_one(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    heads: usize,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (t, _, d) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    // Heads grouped by the kv head they share: [kvh, group·t, d].
+    let by_kv =
+        |x: &Tensor, n: usize| -> CResult<Tensor> { x.transpose(0, 1)?.contiguous()?.reshape((kv_heads, n * t, d)) };
+    let qg = by_kv(q, group)?;
+    let kt = k.transpose(0, 1)?.contiguous()?; // [kvh, t, d]
+    let vt = v.transpose(0, 1)?.contiguous()?;
+    let mut mask = vec![0f32; group * t * t];
+    for r in 0..group * t {
+        for j in (r % t + 1)..t {
+            mask[r * t + j] = f32::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
+    let s = (qg.matmul(&kt.t()?)? * scale)?.broadcast_add(&mask)?;
+    let max = s.max_keepdim(D::Minus1)?;
+    let e = s.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?; // [kvh, gt, t]
+    let go = by_kv(&g.reshape((t, heads, d))?, group)?; // [kvh, gt, d]
+    let dv = p.t()?.matmul(&go)?; // [kvh, t, d]
+    let dp = go.matmul(&vt.t()?)?; // [kvh, gt, t]
+    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+    let dq = (ds.matmul(&kt)? * scale)?; // [kvh, gt, d]
+    let dk = (ds.t()?.matmul(&qg)? * scale)?; // [kvh, t, d]
+    let dq = dq.reshape((heads, t, d))?.transpose(0, 1)?.contiguous()?;
+    let dk = dk.transpose(0, 1)?.contiguous()?;
+    let dv = dv.transpose(0, 1)?.contiguous()?;
+    Ok((dq, dk, dv))
 }

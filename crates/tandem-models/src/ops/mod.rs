@@ -401,32 +401,49 @@ pub fn attention(
     }
 }
 
-/// Causal self-attention of one whole sequence (training: gradients flow to q, k and v),
-/// q: [t, heads, d], k and v: [t, kv_heads, d] -> [t, heads * d]. On CPU the forward is serving's
-/// attention kernel, so a trained sequence's values equal the ones serving computes for it.
-pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, path: OpsPath) -> CResult<Tensor> {
-    let (t, heads, d) = q.dims3()?;
+/// Causal self-attention within each of several whole sequences packed one after another
+/// (training: gradients flow to q, k and v), q: [t, heads, d], k and v: [t, kv_heads, d] ->
+/// [t, heads * d]; `lens` sum to t. On CPU the forward is serving's attention kernel, so a trained
+/// sequence's values equal the ones serving computes for it, whatever it is packed with.
+pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize], path: OpsPath) -> CResult<Tensor> {
     match path {
-        OpsPath::CpuKernels => q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, grad::SelfAttention),
+        OpsPath::CpuKernels => {
+            q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, grad::SelfAttention { lens: lens.to_vec() })
+        }
         OpsPath::Generic => {
-            let kv_heads = k.dim(1)?;
-            let group = heads / kv_heads;
-            let qg = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * t, d))?;
-            let kt = k.transpose(0, 1)?.contiguous()?;
-            let vt = v.transpose(0, 1)?.contiguous()?;
-            let mut mask = vec![0f32; group * t * t];
-            for r in 0..group * t {
-                for j in (r % t + 1)..t {
-                    mask[r * t + j] = f32::NEG_INFINITY;
-                }
+            let mut outs = Vec::with_capacity(lens.len());
+            let mut start = 0;
+            for &n in lens {
+                outs.push(generic_self_attention(
+                    &q.narrow(0, start, n)?,
+                    &k.narrow(0, start, n)?,
+                    &v.narrow(0, start, n)?,
+                )?);
+                start += n;
             }
-            let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
-            let s = (qg.matmul(&kt.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
-            let max = s.max_keepdim(D::Minus1)?.detach();
-            let e = s.broadcast_sub(&max)?.exp()?;
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let o = p.matmul(&vt)?; // [kvh, group*t, d]
-            o.reshape((heads, t, d))?.transpose(0, 1)?.reshape((t, heads * d))
+            Tensor::cat(&outs, 0)
         }
     }
+}
+
+fn generic_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<Tensor> {
+    let (t, heads, d) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let group = heads / kv_heads;
+    let qg = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * t, d))?;
+    let kt = k.transpose(0, 1)?.contiguous()?;
+    let vt = v.transpose(0, 1)?.contiguous()?;
+    let mut mask = vec![0f32; group * t * t];
+    for r in 0..group * t {
+        for j in (r % t + 1)..t {
+            mask[r * t + j] = f32::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
+    let s = (qg.matmul(&kt.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
+    let max = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let o = p.matmul(&vt)?; // [kvh, group*t, d]
+    o.reshape((heads, t, d))?.transpose(0, 1)?.reshape((t, heads * d))
 }

@@ -167,7 +167,7 @@ async fn get_info(State(s): S, body: Bytes) -> Reply {
         "model_data": {
             "arch": format!("{:?}", s.base.config.architecture).to_lowercase(),
             "model_name": s.base_name,
-            "tokenizer_id": s.config.model_dir.as_ref().map(|d| d.display().to_string()),
+            "tokenizer_id": s.config.tokenizer_dir.as_ref().or(s.config.model_dir.as_ref()).map(|d| d.display().to_string()),
         },
         "is_lora": is_lora,
         "lora_rank": rank,

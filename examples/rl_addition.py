@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""GRPO-style RL with the official Tinker SDK, against `tandem serve` on this machine.
+
+Task: two-digit addition in a few-shot completion prompt ("12 + 34 = 46\\n...\\n57 + 25 ="), checked
+by a program: reward 1 when the sampled answer is the right sum, else 0. Each step samples a group of
+answers per problem from the *current* LoRA weights (save_weights_and_get_sampling_client: no copy,
+no restart; tandem samples them through its own engine), sets advantage = reward - group mean, and
+trains with the importance_sampling loss on the sampler's logprobs.
+
+Run (two terminals, or `&`):
+    tandem serve --model smollm2 --max-batch 16 --step-token-budget 256
+    python3 examples/rl_addition.py --minutes 10
+
+Writes a per-step table (stdout and OUT.txt), OUT.json, and OUT.png (reward per step; needs
+matplotlib). Needs: pip install tinker==0.38.0 (and matplotlib for the plot).
+"""
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import time
+
+os.environ.setdefault("TINKER_API_KEY", "tml-tandem-local")  # the SDK wants a key; tandem ignores it
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+import numpy as np
+import tinker
+from tinker import types
+
+logging.getLogger("tinker").setLevel(logging.ERROR)  # long polls answer try_again: not news
+
+
+def problem(rng, shots):
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    lines = []
+    for _ in range(shots):
+        x, y = rng.randint(10, 99), rng.randint(10, 99)
+        lines.append(f"{x} + {y} = {x + y}")
+    return "\n".join(lines) + f"\n{a} + {b} =", a + b
+
+
+def reward(text, answer):
+    m = re.match(r"\s*(-?\d+)", text)
+    return 1.0 if m is not None and int(m.group(1)) == answer else 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    ap.add_argument("--minutes", type=float, default=10.0, help="stop starting new steps after this long")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--problems", type=int, default=8, help="problems per step")
+    ap.add_argument("--group", type=int, default=8, help="samples per problem")
+    ap.add_argument("--shots", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench-results/rl-addition")
+    args = ap.parse_args()
+
+    service = tinker.ServiceClient(base_url=args.base_url)
+    caps = service.get_server_capabilities()
+    base = caps.supported_models[0].model_name
+    training = service.create_lora_training_client(base_model=base, rank=args.rank, seed=args.seed).result()
+    tokenizer = training.get_tokenizer()
+    rng = random.Random(args.seed)
+    rows, start = [], time.time()
+    print(f"model {base}, LoRA rank {args.rank}, {args.problems} problems x {args.group} samples per step")
+    print(f"{'step':>4} {'reward':>7} {'solved':>7} {'datums':>6} {'sample s':>8} {'train s':>7} {'elapsed':>7}")
+    for step in range(args.steps):
+        if time.time() - start > args.minutes * 60:
+            break
+        t0 = time.time()
+        sampler = training.save_weights_and_get_sampling_client()
+        problems = [problem(rng, args.shots) for _ in range(args.problems)]
+        prompts = [tokenizer.encode(p) for p, _ in problems]
+        futures = [
+            sampler.sample(types.ModelInput.from_ints(ids), num_samples=args.group,
+                           sampling_params=types.SamplingParams(max_tokens=4, temperature=1.0, stop=["\n"]))
+            for ids in prompts
+        ]
+        data, rewards, solved = [], [], 0
+        for (text, answer), ids, fut in zip(problems, prompts, futures):
+            seqs = fut.result().sequences
+            rs = [reward(tokenizer.decode(s.tokens), answer) for s in seqs]
+            rewards += rs
+            solved += max(rs) > 0
+            mean = float(np.mean(rs))
+            if all(r == mean for r in rs):
+                continue  # no preference within the group: nothing to learn
+            for s, r in zip(seqs, rs):
+                full = list(ids) + list(s.tokens)
+                n_prompt = len(ids) - 1
+                data.append(types.Datum(
+                    model_input=types.ModelInput.from_ints(full[:-1]),
+                    loss_fn_inputs={
+                        "target_tokens": full[1:],
+                        "logprobs": [0.0] * n_prompt + list(s.logprobs),
+                        "advantages": [0.0] * n_prompt + [r - mean] * len(s.tokens),
+                    },
+                ))
+        t1 = time.time()
+        if data:
+            fb = training.forward_backward(data, "importance_sampling")
+            opt = training.optim_step(types.AdamParams(learning_rate=args.lr))
+            fb.result(), opt.result()
+        t2 = time.time()
+        row = {"step": step, "reward": float(np.mean(rewards)), "solved": solved / len(problems),
+               "datums": len(data), "sample_s": t1 - t0, "train_s": t2 - t1, "elapsed_s": t2 - start}
+        rows.append(row)
+        print(f"{step:>4} {row['reward']:>7.3f} {row['solved']:>7.2f} {len(data):>6} {t1 - t0:>8.1f} {t2 - t1:>7.1f} {t2 - start:>7.0f}",
+              flush=True)
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    k = max(1, len(rows) // 5)
+    first, last = np.mean([r["reward"] for r in rows[:k]]), np.mean([r["reward"] for r in rows[-k:]])
+    summary = {"model": base, "args": vars(args), "steps": rows,
+               "first_fifth_reward": first, "last_fifth_reward": last}
+    with open(args.out + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(args.out + ".txt", "w") as f:
+        f.write(f"# examples/rl_addition.py on {base}: mean reward first fifth {first:.3f}, last fifth {last:.3f}\n")
+        f.write("step reward solved datums sample_s train_s elapsed_s\n")
+        for r in rows:
+            f.write(f"{r['step']} {r['reward']:.3f} {r['solved']:.2f} {r['datums']} {r['sample_s']:.1f} {r['train_s']:.1f} {r['elapsed_s']:.0f}\n")
+    print(f"mean reward: first fifth {first:.3f} -> last fifth {last:.3f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        xs = [r["step"] for r in rows]
+        ys = [r["reward"] for r in rows]
+        smooth = np.convolve(ys, np.ones(5) / 5, mode="valid") if len(ys) >= 5 else ys
+        plt.figure(figsize=(7, 4))
+        plt.plot(xs, ys, "o-", alpha=0.4, label="mean reward per step")
+        plt.plot(xs[len(xs) - len(smooth):], smooth, "-", lw=2, label="5-step mean")
+        plt.xlabel("RL step")
+        plt.ylabel("reward (share of correct sums)")
+        plt.title(f"GRPO on 2-digit addition, {base}, LoRA r={args.rank} (tandem, CPU)")
+        plt.legend()
+        plt.grid(alpha=0.3)
+        plt.tight_layout()
+        plt.savefig(args.out + ".png", dpi=120)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    main()
