@@ -2,7 +2,9 @@
 """GRPO-style RL with the official Tinker SDK, against `tandem serve` on this machine.
 
 Task: two-digit addition in a few-shot completion prompt ("12 + 34 = 46\\n...\\n57 + 25 ="), checked
-by a program: reward 1 when the sampled answer is the right sum, else 0. Each step samples a group of
+by a program: reward 1 when the sampled answer is the right sum, else 0. Problems come from a fixed
+pool (`--pool`), a few per step, so the reward curve measures learning rather than which problems
+happened to be drawn. Each step samples a group of
 answers per problem from the *current* LoRA weights (save_weights_and_get_sampling_client: no copy,
 no restart; tandem samples them through its own engine), sets advantage = reward - group mean, and
 trains with the importance_sampling loss on the sampler's logprobs.
@@ -51,11 +53,13 @@ def main():
     ap.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
     ap.add_argument("--minutes", type=float, default=10.0, help="stop starting new steps after this long")
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--pool", type=int, default=32, help="distinct problems (0: a fresh one every time)")
     ap.add_argument("--problems", type=int, default=8, help="problems per step")
     ap.add_argument("--group", type=int, default=8, help="samples per problem")
     ap.add_argument("--shots", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-results/rl-addition")
     args = ap.parse_args()
@@ -66,6 +70,7 @@ def main():
     training = service.create_lora_training_client(base_model=base, rank=args.rank, seed=args.seed).result()
     tokenizer = training.get_tokenizer()
     rng = random.Random(args.seed)
+    pool = [problem(rng, args.shots) for _ in range(args.pool)]
     rows, start = [], time.time()
     print(f"model {base}, LoRA rank {args.rank}, {args.problems} problems x {args.group} samples per step")
     print(f"{'step':>4} {'reward':>7} {'solved':>7} {'datums':>6} {'sample s':>8} {'train s':>7} {'elapsed':>7}")
@@ -74,7 +79,7 @@ def main():
             break
         t0 = time.time()
         sampler = training.save_weights_and_get_sampling_client()
-        problems = [problem(rng, args.shots) for _ in range(args.problems)]
+        problems = rng.sample(pool, args.problems) if pool else [problem(rng, args.shots) for _ in range(args.problems)]
         prompts = [tokenizer.encode(p) for p, _ in problems]
         futures = [
             sampler.sample(types.ModelInput.from_ints(ids), num_samples=args.group,
@@ -104,7 +109,7 @@ def main():
         t1 = time.time()
         if data:
             fb = training.forward_backward(data, "importance_sampling")
-            opt = training.optim_step(types.AdamParams(learning_rate=args.lr))
+            opt = training.optim_step(types.AdamParams(learning_rate=args.lr, grad_clip_norm=args.clip))
             fb.result(), opt.result()
         t2 = time.time()
         row = {"step": step, "reward": float(np.mean(rewards)), "solved": solved / len(problems),
@@ -138,7 +143,7 @@ def main():
         plt.plot(xs[len(xs) - len(smooth):], smooth, "-", lw=2, label="5-step mean")
         plt.xlabel("RL step")
         plt.ylabel("reward (share of correct sums)")
-        plt.title(f"GRPO on 2-digit addition, {base}, LoRA r={args.rank} (tandem, CPU)")
+        plt.title(f"GRPO, 2-digit addition, {base}, LoRA r={args.rank}", fontsize=10)
         plt.legend()
         plt.grid(alpha=0.3)
         plt.tight_layout()

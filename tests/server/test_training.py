@@ -21,6 +21,7 @@ from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
 URL, BASE = sys.argv[1], sys.argv[2]
+EXPORT_DIR = sys.argv[4] if len(sys.argv) > 4 else None
 http = httpx.Client(base_url=URL, timeout=60)
 
 
@@ -140,6 +141,14 @@ lp = s2.compute_logprobs(types.ModelInput.from_ints(seqs[0])).result()
 assert lp[0] is None and len(lp) == 16
 fwd = tc.forward([datum(seqs[0])], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
 assert np.abs(np.array(lp[1:]) - np.array(fwd)).max() < 1e-5
+if EXPORT_DIR:
+    r = http.post("/tandem/v1/export", json={"path": sampler_path, "out_dir": EXPORT_DIR})
+    assert r.status_code == 200, r.text
+    assert os.path.exists(os.path.join(EXPORT_DIR, "model.safetensors")), os.listdir(EXPORT_DIR)
+    cfg = json.load(open(os.path.join(EXPORT_DIR, "config.json")))
+    assert cfg["tie_word_embeddings"] is False  # the unembedding adapter unties the output
+info = http.post("/api/v1/weights_info", json={"tinker_path": sampler_path}).json()
+assert info["is_lora"] and info["lora_rank"] == 8, info
 run = saved.path.split("/")[2]
 status, listing = 0, http.get(f"/api/v1/training_runs/{run}/checkpoints").json()
 ids = sorted(c["checkpoint_id"] for c in listing["checkpoints"])

@@ -40,7 +40,7 @@ fn trained(base: &Model, mode: Mode) -> TrainingModel {
     let v = base.config.vocab_size;
     let d = Datum { tokens: tokens(12, v, 1), targets: tokens(12, v, 2), inputs: BTreeMap::new() };
     for _ in 0..2 {
-        t.forward_backward(&[d.clone()], &LossFn::CrossEntropy, false).unwrap();
+        t.forward_backward(std::slice::from_ref(&d), &LossFn::CrossEntropy, false).unwrap();
         t.optim_step(&AdamParams { learning_rate: 1e-2, ..Default::default() }).unwrap();
     }
     t
@@ -125,7 +125,7 @@ fn gradients_match_finite_differences() {
     let v = base.config.vocab_size;
     let mut t = trained(&base, all_targets(2));
     let d = Datum { tokens: tokens(10, v, 3), targets: tokens(10, v, 4), inputs: BTreeMap::new() };
-    let out = t.forward_backward(&[d.clone()], &LossFn::CrossEntropy, false).unwrap();
+    let out = t.forward_backward(std::slice::from_ref(&d), &LossFn::CrossEntropy, false).unwrap();
     let _ = out;
     let g = t.pending_gradients();
     for name in ["layers.0.q.b", "layers.1.down.a", "lm_head.b"] {
@@ -139,7 +139,8 @@ fn gradients_match_finite_differences() {
         let loss_at = |t: &mut TrainingModel, s: f64| {
             let w0 = t.variable(name).as_tensor().copy().unwrap();
             t.variable(name).set(&(&w0 + (&dir * s).unwrap()).unwrap()).unwrap();
-            let l = t.forward_backward(&[d.clone()], &LossFn::CrossEntropy, true).unwrap().metrics["loss:sum"];
+            let l =
+                t.forward_backward(std::slice::from_ref(&d), &LossFn::CrossEntropy, true).unwrap().metrics["loss:sum"];
             t.variable(name).set(&w0).unwrap();
             l
         };

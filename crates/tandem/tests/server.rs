@@ -160,13 +160,29 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     let _server = start_with(&dir.join("qwen2-tied-bias"), port, &["--training-dir", ckpt.to_str().unwrap()]);
     let vocab: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("qwen2-tied-bias/config.json")).unwrap()).unwrap();
+    let export = dir.join("merged");
     let status = Command::new(&python)
         .arg(root.join("tests/server/test_training.py"))
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("qwen2-tied-bias")
         .arg(vocab["vocab_size"].to_string())
+        .arg(&export)
         .status()
         .unwrap();
     assert!(status.success(), "tests/server/test_training.py failed (output above)");
+    let status = Command::new(&python)
+        .arg(root.join("tests/server/test_xorl.py"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("qwen2-tied-bias")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_xorl.py failed (output above)");
+    // The merged export of trained weights is a checkpoint tandem serves.
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["generate", "--max-tokens", "4", "--prompt", "hello", "--model"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "generate on the merged export failed: {}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }

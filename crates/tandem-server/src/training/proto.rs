@@ -211,7 +211,7 @@ pub fn tensor_values(t: &Tensor) -> Result<(Vec<f64>, Vec<usize>), String> {
             DType::Bfloat16 => (2, |b| f32::from_bits((u16::from_le_bytes(b.try_into().unwrap()) as u32) << 16) as f64),
             DType::Unspecified => return Err("tensor dtype is unspecified".into()),
         };
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(format!("{} bytes do not split into {dtype:?} values", bytes.len()));
         }
         Ok(bytes.chunks_exact(size).map(f).collect())

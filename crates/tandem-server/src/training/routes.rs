@@ -69,6 +69,9 @@ pub fn router(service: Arc<TrainingService>) -> Router {
         .route("/api/v1/retrieve_future", post(retrieve_future))
         .route("/api/v1/training_runs/{run}/checkpoints", get(list_checkpoints))
         .route("/api/v1/training_runs/{run}/checkpoints/{*checkpoint}", delete(delete_checkpoint))
+        .route("/api/v1/unload_model", post(unload_model))
+        .route("/api/v1/weights_info", post(weights_info))
+        .route("/generate", post(generate))
         .route("/tandem/v1/export", post(export))
         .with_state(service)
 }
@@ -117,8 +120,12 @@ async fn capabilities(State(s): S) -> Json<Value> {
 
 async fn create_model(State(s): S, body: Bytes) -> Reply {
     let v = body_json(&body)?;
-    let session = str_field(&v, "session_id")?;
-    let seq = int_field(&v, "model_seq_id")?;
+    // Tinker names models by session and sequence; xorl-client by a name of its choosing.
+    let session = v.get("session_id").and_then(Value::as_str);
+    let seq = match session {
+        Some(_) => int_field(&v, "model_seq_id")?,
+        None => 0,
+    };
     let outcome = (|| -> Result<Outcome, Failure> {
         s.check_base(v.get("base_model").and_then(Value::as_str).unwrap_or(""))?;
         if let Some(t) = v.pointer("/optimizer_config/type").and_then(Value::as_str) {
@@ -135,6 +142,9 @@ async fn create_model(State(s): S, body: Bytes) -> Reply {
                     .ok_or_else(|| Failure::user("lora_config.rank is required"))?;
                 let flag = |k: &str| c.get(k).and_then(Value::as_bool).unwrap_or(true);
                 let alpha = c.get("alpha").and_then(Value::as_f64).unwrap_or(32.0);
+                if c.get("dropout").and_then(Value::as_f64).is_some_and(|d| d != 0.0) {
+                    return Err(Failure::user("LoRA dropout is not supported (use 0)"));
+                }
                 let targets =
                     LoraTargets { attn: flag("train_attn"), mlp: flag("train_mlp"), unembed: flag("train_unembed") };
                 (
@@ -143,7 +153,10 @@ async fn create_model(State(s): S, body: Bytes) -> Reply {
                 )
             }
         };
-        let id = s.create_model(session, seq, mode, seed)?;
+        let id = match session {
+            Some(session) => s.create_model(session, seq, mode, seed)?,
+            None => s.create_named_model(v.get("model_id").and_then(Value::as_str).unwrap_or("default"), mode, seed)?,
+        };
         Ok(Outcome::Json(json!({"model_id": id, "type": "create_model"})))
     })();
     let model_id = match &outcome {
@@ -414,7 +427,7 @@ async fn save_weights_for_sampler(State(s): S, body: Bytes) -> Reply {
 async fn load_weights(State(s): S, body: Bytes) -> Reply {
     let v = body_json(&body)?;
     let path = str_field(&v, "path")?.to_string();
-    let optimizer = v.get("optimizer").and_then(Value::as_bool).unwrap_or(false);
+    let optimizer = v.get("optimizer").or_else(|| v.get("load_optimizer")).and_then(Value::as_bool).unwrap_or(false);
     if let Some(model_id) = v.get("model_id").and_then(Value::as_str) {
         return submit(&s, model_id, int_field(&v, "seq_id")?, Ok(Work::LoadWeights { path, optimizer }));
     }
@@ -433,7 +446,12 @@ async fn load_weights(State(s): S, body: Bytes) -> Reply {
 
 async fn create_sampling_session(State(s): S, body: Bytes) -> Reply {
     let v = body_json(&body)?;
-    let session = str_field(&v, "session_id")?;
+    let Some(session) = v.get("session_id").and_then(Value::as_str) else {
+        // xorl-client: make the saved adapter addressable by name for /generate.
+        let path = str_field(&v, "model_path")?;
+        let name = s.register_lora_name(path)?;
+        return Ok(Json(json!({"success": true, "lora_name": name, "model_path": path})));
+    };
     let path = v.get("model_path").and_then(Value::as_str).map(String::from);
     let base = v.get("base_model").and_then(Value::as_str).map(String::from);
     let id = s.create_sampler(session, path, base)?;
@@ -541,4 +559,91 @@ async fn export(State(s): S, body: Bytes) -> Reply {
         .await
         .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(json!({"out_dir": out.display().to_string()})))
+}
+
+async fn unload_model(State(s): S, body: Bytes) -> Reply {
+    let v = body_json(&body)?;
+    let id = str_field(&v, "model_id")?;
+    s.unload(id)?;
+    Ok(Json(json!({"model_id": id, "type": "unload_model"})))
+}
+
+async fn weights_info(State(s): S, body: Bytes) -> Reply {
+    let v = body_json(&body)?;
+    let path = v.get("tinker_path").or_else(|| v.get("path")).or_else(|| v.get("model_path"));
+    let path = path.and_then(Value::as_str).ok_or_else(|| bad("`tinker_path` (a string) is required"))?;
+    Ok(Json(s.weights_info(path)?))
+}
+
+/// SGLang's `/generate` (what xorl-client samples with): `input_ids` or `text`, `sampling_params`
+/// {max_new_tokens, temperature, top_p, top_k, n, stop, seed}, `lora_path` naming saved sampler
+/// weights. One result object for n = 1, a list otherwise.
+async fn generate(State(s): S, body: Bytes) -> Result<Json<Value>, HttpError> {
+    let v = body_json(&body)?;
+    let prompt: Vec<u32> = match (v.get("input_ids"), v.get("text").and_then(Value::as_str)) {
+        (Some(ids), _) => json_tokens(&json!({"input_ids": ids})).map_err(bad)?,
+        (None, Some(text)) => {
+            s.tokenizer.encode(text, false).map_err(|e| bad(format!("tokenizing: {e}")))?.get_ids().to_vec()
+        }
+        (None, None) => return Err(bad("`input_ids` or `text` is required")),
+    };
+    let weights = match v.get("lora_path").and_then(Value::as_str).filter(|p| !p.is_empty()) {
+        Some(name) => Some(s.lora_by_name(name)?),
+        None => None,
+    };
+    let p = v.get("sampling_params").cloned().unwrap_or(json!({}));
+    let mut stop = Stop::default();
+    if let Some(items) = p.get("stop").and_then(Value::as_array) {
+        stop.strings = items.iter().filter_map(Value::as_str).map(String::from).collect();
+    } else if let Some(x) = p.get("stop").and_then(Value::as_str) {
+        stop.strings.push(x.to_string());
+    }
+    if let Some(items) = p.get("stop_token_ids").and_then(Value::as_array) {
+        stop.tokens = items.iter().filter_map(Value::as_u64).map(|t| t as u32).collect();
+    }
+    let n = p.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
+    let req = SampleRequest {
+        session: "generate".into(),
+        dedup: None,
+        weights,
+        prompt: prompt.clone(),
+        num_samples: n,
+        max_tokens: p.get("max_new_tokens").and_then(Value::as_u64).map(|m| m as usize),
+        temperature: p.get("temperature").and_then(Value::as_f64).unwrap_or(1.0) as f32,
+        top_k: p.get("top_k").and_then(Value::as_i64).filter(|&k| k > 0).unwrap_or(0) as usize,
+        top_p: p.get("top_p").and_then(Value::as_f64).unwrap_or(1.0) as f32,
+        seed: p.get("seed").or_else(|| p.get("sampling_seed")).and_then(Value::as_u64),
+        stop,
+        prompt_logprobs: false,
+    };
+    let (id, _) = s.sample(req)?;
+    let outcome = loop {
+        match s.futures.poll(&id, HOLD).await {
+            Poll::Done(o) => break o,
+            Poll::Pending => continue,
+            Poll::Unknown => return Err(HttpError(StatusCode::INTERNAL_SERVER_ERROR, "the sample was lost".into())),
+        }
+    };
+    let r = match outcome.as_ref() {
+        Outcome::Sample(r) => r,
+        Outcome::Failed { error, .. } => return Err(HttpError(StatusCode::BAD_REQUEST, error.clone())),
+        _ => return Err(HttpError(StatusCode::INTERNAL_SERVER_ERROR, "unexpected result".into())),
+    };
+    let items: Vec<Value> = r
+        .sequences
+        .iter()
+        .map(|q| {
+            json!({
+                "text": s.tokenizer.decode(&q.tokens, false).unwrap_or_default(),
+                "output_ids": q.tokens,
+                "meta_info": {
+                    "finish_reason": if q.stopped { "stop" } else { "length" },
+                    "prompt_tokens": prompt.len(),
+                    "completion_tokens": q.tokens.len(),
+                    "output_token_logprobs": q.logprobs.iter().zip(&q.tokens).map(|(lp, t)| json!([lp, t, Value::Null])).collect::<Vec<_>>(),
+                },
+            })
+        })
+        .collect();
+    Ok(Json(if items.len() == 1 { items.into_iter().next().expect("one") } else { Value::Array(items) }))
 }

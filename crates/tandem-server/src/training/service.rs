@@ -82,6 +82,9 @@ impl From<Failure> for Outcome {
 
 pub type Result<T> = std::result::Result<T, Failure>;
 
+/// A sample request's future id and one id per sampled sequence.
+type SampleIds = (String, Vec<String>);
+
 /// What a training model does for one request.
 pub enum Work {
     ForwardBackward {
@@ -144,9 +147,12 @@ pub struct TrainingService {
     models: Mutex<HashMap<String, Arc<TrainedModel>>>,
     samplers: Mutex<HashMap<String, Arc<Sampler>>>,
     /// (sampling session, seq_id) -> request id.
-    samples_seen: Mutex<HashMap<(String, i64), (String, Vec<String>)>>,
+    samples_seen: Mutex<HashMap<(String, i64), SampleIds>>,
     /// Sampler weights by tinker path, kept in memory once saved or loaded.
     versions: Mutex<HashMap<String, WeightVersion>>,
+    /// Sampler weights by checkpoint name, for SGLang-style `/generate` requests (xorl-client
+    /// names the adapter by its checkpoint name alone).
+    lora_names: Mutex<HashMap<String, WeightVersion>>,
     next_version: AtomicU64,
     next_id: AtomicU64,
     me: std::sync::Weak<TrainingService>,
@@ -214,6 +220,7 @@ impl TrainingService {
             samplers: Mutex::default(),
             samples_seen: Mutex::default(),
             versions: Mutex::default(),
+            lora_names: Mutex::default(),
             next_version: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
             me: me.clone(),
@@ -281,6 +288,57 @@ impl TrainingService {
         tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
         self.start_model(id.clone(), mode, trainer)?;
         Ok(id)
+    }
+
+    /// A training model under a name the client chose (xorl-client's form: no session). Creating
+    /// a name again replaces that model (its queued requests still finish).
+    pub fn create_named_model(&self, id: &str, mode: Mode, seed: u64) -> Result<String> {
+        check_name(id)?;
+        let trainer = TrainingModel::new(&self.base, mode, seed)?;
+        tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
+        self.start_model(id.to_string(), mode, trainer)?;
+        Ok(id.to_string())
+    }
+
+    /// Frees a training model (its thread ends once its queued requests are done).
+    pub fn unload(&self, id: &str) -> Result<()> {
+        match self.models.lock().expect("not poisoned").remove(id) {
+            Some(_) => Ok(()),
+            None => Err(Failure::user(format!("unknown model_id `{id}`"))),
+        }
+    }
+
+    /// Makes the sampler weights at `path` addressable by their checkpoint name.
+    pub fn register_lora_name(&self, path: &str) -> Result<String> {
+        let v = self.version_for(path)?;
+        let name = TinkerPath::parse(path)?.name;
+        self.lora_names.lock().expect("not poisoned").insert(name.clone(), v);
+        Ok(name)
+    }
+
+    pub fn lora_by_name(&self, name: &str) -> Result<WeightVersion> {
+        if let Some(v) = self.lora_names.lock().expect("not poisoned").get(name) {
+            return Ok(v.clone());
+        }
+        // A full path works too.
+        if name.contains("://") {
+            return self.version_for(name);
+        }
+        Err(Failure::user(format!("no sampler weights named `{name}`; save them and create a sampling session first")))
+    }
+
+    /// What a checkpoint holds (Tinker's and xorl's weights_info).
+    pub fn weights_info(&self, path: &str) -> Result<Value> {
+        let p = TinkerPath::parse(path)?;
+        let mode = read_mode(&self.checkpoint_dir(&p))?;
+        let (is_lora, rank, train_unembed, train_mlp, train_attn) = match mode {
+            Mode::Lora(s) => (true, Some(s.rank), s.targets.unembed, s.targets.mlp, s.targets.attn),
+            Mode::Full => (false, None, true, true, true),
+        };
+        Ok(json!({
+            "base_model": self.base_name, "is_lora": is_lora, "lora_rank": rank,
+            "train_unembed": train_unembed, "train_mlp": train_mlp, "train_attn": train_attn,
+        }))
     }
 
     fn start_model(&self, id: String, mode: Mode, trainer: TrainingModel) -> Result<()> {
