@@ -143,6 +143,35 @@ impl ModelConfig {
         })
     }
 
+    /// The Hugging Face `config.json` of this configuration (what `from_hf_json` reads back).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (arch, model_type) = match self.architecture {
+            Architecture::Llama => ("LlamaForCausalLM", "llama"),
+            Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "torch_dtype": "float32",
+        })
+    }
+
     pub fn q_size(&self) -> usize {
         self.num_heads * self.head_dim
     }

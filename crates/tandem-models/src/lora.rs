@@ -173,8 +173,29 @@ impl Model {
     }
 
     /// Every weight under its Hugging Face name, adapters merged in (W + scale·b·a), fused
-    /// projections split again, as f32: what `tandem serve --model` loads back.
+    /// projections split again, as f32, in Hugging Face's rope convention (GGUF llama files store
+    /// q and k rows permuted for interleaved rope; they are put back): what `tandem serve --model`
+    /// loads back with `config.to_hf_json()`.
     pub fn export_hf(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.export_stored()?;
+        if self.config.rope_interleaved {
+            let c = &self.config;
+            for (name, t) in out.iter_mut() {
+                let heads = if name.contains("self_attn.q_proj.") {
+                    c.num_heads
+                } else if name.contains("self_attn.k_proj.") {
+                    c.num_kv_heads
+                } else {
+                    continue;
+                };
+                *t = unpermute_rope_rows(t, heads, c.head_dim)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `export_hf` in the layout the weights are held in.
+    fn export_stored(&self) -> Result<Vec<(String, Tensor)>> {
         let c = &self.config;
         let (q, kv, i) = (c.q_size(), c.kv_size(), c.intermediate_size);
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.to_dtype(DType::F32)?)];
@@ -228,4 +249,13 @@ fn merged(l: &Linear) -> Result<(Tensor, Option<Tensor>)> {
         }
         _ => Err(ModelError::Adapter("quantized weights cannot be exported merged".into())),
     }
+}
+
+/// Undoes llama.cpp's q/k row permutation: stored rows (head, pair, 2) -> Hugging Face (head, 2, pair).
+fn unpermute_rope_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let rest: Vec<usize> = t.dims()[1..].to_vec();
+    let mut shape = vec![heads, head_dim / 2, 2];
+    shape.extend(&rest);
+    let x = t.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+    Ok(x.reshape(t.dims())?)
 }

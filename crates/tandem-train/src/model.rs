@@ -436,26 +436,38 @@ impl TrainingModel {
         Ok(())
     }
 
-    /// Writes a Hugging Face folder of the merged weights (config.json and tokenizer files copied
-    /// from `base_dir`) that `tandem serve --model` loads.
-    pub fn export_hf(&self, base_dir: &Path, out: &Path) -> Result<()> {
+    /// Writes a Hugging Face folder of the merged weights that `tandem serve --model` loads:
+    /// `model.safetensors`, `config.json` (the base's, or one written from the model's
+    /// configuration), and the tokenizer files found in `tokenizer_dir`.
+    pub fn export_hf(&self, config_dir: Option<&Path>, tokenizer_dir: &Path, out: &Path) -> Result<()> {
         let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", out.display()));
         std::fs::create_dir_all(out).map_err(io)?;
         let tensors = self.snapshot()?.export_hf()?;
         let untied = tensors.iter().any(|(n, _)| n == "lm_head.weight");
         let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         candle_core::safetensors::save(&map, out.join("model.safetensors"))?;
+        let mut config = match config_dir {
+            Some(dir) => {
+                let path = dir.join("config.json");
+                std::fs::read(&path)
+                    .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| TrainError::Io(format!("config.json: {e}"))))?
+            }
+            None => self.base.config.to_hf_json(),
+        };
         // An adapter on a tied output projection unties it.
-        let config_path = base_dir.join("config.json");
-        let mut config: serde_json::Value = std::fs::read(&config_path)
-            .map_err(|e| TrainError::Io(format!("{}: {e}", config_path.display())))
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| TrainError::Io(format!("config.json: {e}"))))?;
         if untied {
             config["tie_word_embeddings"] = serde_json::Value::Bool(false);
         }
         std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).map_err(io)?;
-        for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
-            let src = base_dir.join(f);
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ] {
+            let src = tokenizer_dir.join(f);
             if src.exists() {
                 std::fs::copy(&src, out.join(f)).map_err(io)?;
             }

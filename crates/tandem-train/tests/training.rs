@@ -216,7 +216,7 @@ fn merged_export_gives_the_same_logits_as_adapters() {
         let base = tiny(name);
         let t = trained(&base, all_targets(4));
         let out = std::env::temp_dir().join(format!("tandem-merged-{}-{name}", std::process::id()));
-        t.export_hf(&tiny_dir().join(name), &out).unwrap();
+        t.export_hf(Some(&tiny_dir().join(name)), &tiny_dir().join(name), &out).unwrap();
         let merged = load(&out, &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
         let toks = tokens(14, base.config.vocab_size, 9);
         let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap();
@@ -286,4 +286,30 @@ fn bad_data_is_refused_before_any_work() {
         assert!(e.is_user() && e.to_string().contains(msg), "{e}");
     }
     assert!(t.pending_gradients().is_empty(), "a refused request left gradients behind");
+}
+
+#[test]
+fn a_gguf_served_model_exports_to_a_hugging_face_folder_with_the_same_logits() {
+    // The real SmolLM2 GGUF (llama: q/k rows stored permuted for interleaved rope, tied output).
+    let cache = std::env::var_os("TANDEM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"));
+    let file = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(file.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", file.display());
+    let loaded = load(&file, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let t = trained(&loaded.model, all_targets(4));
+    let dir = std::env::temp_dir().join(format!("tandem-gguf-export-{}", std::process::id()));
+    let tok_dir = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    loaded.tokenizer.save(tok_dir.join("tokenizer.json"), false).unwrap();
+    let out = dir.join("merged");
+    t.export_hf(None, &tok_dir, &out).unwrap();
+    let merged = load(&out, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let toks = merged.tokenizer.encode("def add(a, b):\n    return a + b", false).unwrap().get_ids().to_vec();
+    assert_eq!(toks, loaded.tokenizer.encode("def add(a, b):\n    return a + b", false).unwrap().get_ids());
+    let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap();
+    let b = merged.model.forward_sequence(&toks).unwrap();
+    let e = max_rel(&a, &b);
+    assert!(e < 1e-4, "GGUF model vs its merged HF export: relative error {e}");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -89,7 +89,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         let config = serde_json::json!({
             "hidden_size": c.hidden_size, "num_layers": c.num_layers, "num_heads": c.num_heads,
             "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
-            "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_interleaved": c.rope_interleaved,
+            "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_interleaved": false,
         });
         std::fs::write(dir.join("tandem_config.json"), serde_json::to_vec(&config)?)?;
         std::fs::write(dir.join("peer.py"), PEER_SCRIPT)?;

@@ -477,6 +477,16 @@ async fn asample(State(s): S, body: Bytes) -> Reply {
         }
     };
     let prompt = json_tokens(v.get("prompt").ok_or_else(|| bad("`prompt` is required"))?).map_err(bad)?;
+    for k in ["topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"] {
+        if v.get(k).and_then(Value::as_u64).unwrap_or(0) > 0 {
+            return Err(bad(format!(
+                "`{k}` is not supported yet (per-token logprobs of the sampled tokens are always returned)"
+            )));
+        }
+    }
+    if v.get("target_prompt_logprobs").is_some_and(|t| !t.is_null()) {
+        return Err(bad("`target_prompt_logprobs` is not supported yet"));
+    }
     let p = v.get("sampling_params").cloned().unwrap_or(json!({}));
     let mut stop = Stop::default();
     match p.get("stop") {

@@ -580,16 +580,20 @@ impl TrainingService {
         Ok(())
     }
 
-    /// Writes the merged Hugging Face folder of a checkpoint.
+    /// Writes the merged Hugging Face folder of a checkpoint (for a GGUF-served model, its
+    /// config.json is written from the model's configuration and its tokenizer from the file's).
     pub fn export(&self, path: &str, out: &std::path::Path) -> Result<()> {
         let p = TinkerPath::parse(path)?;
         let dir = self.checkpoint_dir(&p);
-        let base_dir = self.config.model_dir.clone().ok_or_else(|| {
-            Failure::user("the served model is not a Hugging Face folder: nothing to copy its config from")
-        })?;
+        let tokenizer_dir = self
+            .config
+            .model_dir
+            .clone()
+            .or_else(|| self.config.tokenizer_dir.clone())
+            .ok_or_else(|| Failure::server("no tokenizer folder to copy into the export"))?;
         let mut t = TrainingModel::new(&self.base, read_mode(&dir)?, 0)?;
         t.load(&dir, false)?;
-        t.export_hf(&base_dir, out)?;
+        t.export_hf(self.config.model_dir.as_deref(), &tokenizer_dir, out)?;
         Ok(())
     }
 }
