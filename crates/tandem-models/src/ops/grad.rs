@@ -195,17 +195,7 @@ fn attention_bwd_one(
     let qg = by_kv(q, group)?;
     let kt = k.transpose(0, 1)?.contiguous()?; // [kvh, t, d]
     let vt = v.transpose(0, 1)?.contiguous()?;
-    let mut mask = vec![0f32; group * t * t];
-    for r in 0..group * t {
-        for j in (r % t + 1)..t {
-            mask[r * t + j] = f32::NEG_INFINITY;
-        }
-    }
-    let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
-    let s = (qg.matmul(&kt.t()?)? * scale)?.broadcast_add(&mask)?;
-    let max = s.max_keepdim(D::Minus1)?;
-    let e = s.broadcast_sub(&max)?.exp()?;
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?; // [kvh, gt, t]
+    let p = causal_probs(&qg, &kt, group)?; // [kvh, gt, t]
     let go = by_kv(&g.reshape((t, heads, d))?, group)?; // [kvh, gt, d]
     let dv = p.t()?.matmul(&go)?; // [kvh, t, d]
     let dp = go.matmul(&vt.t()?)?; // [kvh, gt, t]
@@ -216,4 +206,21 @@ fn attention_bwd_one(
     let dk = dk.transpose(0, 1)?.contiguous()?;
     let dv = dv.transpose(0, 1)?.contiguous()?;
     Ok((dq, dk, dv))
+}
+
+/// Attention probabilities of grouped queries qg: [kvh, group·t, d] over keys kt: [kvh, t, d],
+/// each query row i (of every group) seeing keys 0..=i.
+pub(super) fn causal_probs(qg: &Tensor, kt: &Tensor, group: usize) -> CResult<Tensor> {
+    let (_, t, d) = kt.dims3()?;
+    let mut mask = vec![0f32; group * t * t];
+    for r in 0..group * t {
+        for j in (r % t + 1)..t {
+            mask[r * t + j] = f32::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (group * t, t), qg.device())?;
+    let s = (qg.matmul(&kt.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
+    let max = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }

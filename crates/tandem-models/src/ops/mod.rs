@@ -433,17 +433,7 @@ fn generic_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<Tensor>
     let qg = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * t, d))?;
     let kt = k.transpose(0, 1)?.contiguous()?;
     let vt = v.transpose(0, 1)?.contiguous()?;
-    let mut mask = vec![0f32; group * t * t];
-    for r in 0..group * t {
-        for j in (r % t + 1)..t {
-            mask[r * t + j] = f32::NEG_INFINITY;
-        }
-    }
-    let mask = Tensor::from_vec(mask, (group * t, t), q.device())?;
-    let s = (qg.matmul(&kt.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
-    let max = s.max_keepdim(D::Minus1)?.detach();
-    let e = s.broadcast_sub(&max)?.exp()?;
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let p = grad::causal_probs(&qg, &kt, group)?;
     let o = p.matmul(&vt)?; // [kvh, group*t, d]
     o.reshape((heads, t, d))?.transpose(0, 1)?.reshape((t, heads * d))
 }
