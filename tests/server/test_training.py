@@ -50,7 +50,8 @@ def datum(tokens):
 
 
 service = tinker.ServiceClient(base_url=URL)
-caps = tinker.RestClient(base_url=URL).get_server_capabilities().result() if hasattr(tinker, "RestClient") else None
+caps = tinker.RestClient(base_url=URL).get_server_capabilities().result()
+assert caps.supported_models[0].model_name == BASE and caps.supported_models[0].trainable, caps
 
 # ---------------------------------------------------------------- SFT: the loss falls
 tc = service.create_lora_training_client(base_model=BASE, rank=8).result()
@@ -150,7 +151,7 @@ if EXPORT_DIR:
 info = http.post("/api/v1/weights_info", json={"tinker_path": sampler_path}).json()
 assert info["is_lora"] and info["lora_rank"] == 8, info
 run = saved.path.split("/")[2]
-status, listing = 0, http.get(f"/api/v1/training_runs/{run}/checkpoints").json()
+listing = http.get(f"/api/v1/training_runs/{run}/checkpoints").json()
 ids = sorted(c["checkpoint_id"] for c in listing["checkpoints"])
 assert ids == ["sampler_weights/for-sampling", "weights/ckpt-a"], ids
 assert http.delete(f"/api/v1/training_runs/{run}/checkpoints/weights/ckpt-a").status_code == 204

@@ -125,8 +125,9 @@ impl Model {
     /// follows the embedding.
     pub fn with_parameters(&self, params: &BTreeMap<String, Tensor>) -> Result<Model> {
         let mut m = self.clone();
+        let known: Vec<String> = self.parameters()?.into_iter().map(|(n, _)| n).collect();
         for name in params.keys() {
-            if !self.parameters()?.iter().any(|(n, _)| n == name) {
+            if !known.contains(name) {
                 return Err(ModelError::Adapter(format!("the model has no parameter {name}")));
             }
         }

@@ -53,10 +53,9 @@ impl ChatTemplate {
     }
 }
 
-/// Today's date (UTC) for templates that print it; supports %d %m %Y %b %B.
-fn strftime_today(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+/// (year, month 1-12, day 1-31) of a Unix time in seconds, UTC (Howard Hinnant's civil-date
+/// algorithm).
+pub fn civil_date(secs: u64) -> (i64, i64, i64) {
     let z = (secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -65,7 +64,13 @@ fn strftime_today(fmt: &str) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Today's date (UTC) for templates that print it; supports %d %m %Y %b %B.
+fn strftime_today(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (year, month, day) = civil_date(secs);
     const MONTHS: [&str; 12] = [
         "January",
         "February",

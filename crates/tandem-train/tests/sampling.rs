@@ -1,26 +1,14 @@
 //! Sampling from the weights being trained, through the engine's scheduler and batched with the
 //! served model's traffic: the logprobs the sampler reports equal what training computes for the
 //! same tokens, and the served model's outputs are untouched by the versions beside them.
+mod common;
+use common::tiny;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest, WeightVersion};
-use tandem_models::{load, LoadOptions, LoraSpec, LoraTargets, Model};
+use tandem_models::{LoraSpec, LoraTargets, Model};
 use tandem_runtime::SamplingParams;
 use tandem_train::{AdamParams, Datum, LossFn, Mode, TrainingModel};
-
-fn tiny(name: &str) -> Model {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-train-tiny-s-{}", std::process::id()));
-        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(ok.success());
-        dir
-    });
-    load(&dir.join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
-}
 
 fn request(i: usize, weights: Option<WeightVersion>) -> GenerationRequest {
     let prompt: Vec<u32> = (0..5 + i % 7).map(|j| ((i * 37 + j * 11) % 200) as u32 + 3).collect();

@@ -1,28 +1,13 @@
 //! Training numerics on the tiny checkpoints: the training forward equals serving's, the kernels'
 //! gradients equal candle's autograd over primitives and finite differences, every loss's gradient
 //! equals finite differences, merged and unmerged adapters agree, and training lowers the loss.
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::{tiny, tiny_dir};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, LoraSpec, LoraTargets, Model, OpsPath, SequenceInput};
 use tandem_train::{AdamParams, ConfigValue, Datum, LossFn, Mode, TrainingModel};
-
-fn tiny_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-train-tiny-{}", std::process::id()));
-        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(ok.success(), "make_tiny.py failed");
-        dir
-    })
-}
-
-fn tiny(name: &str) -> Model {
-    load(&tiny_dir().join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
-}
 
 const MODELS: [&str; 3] = ["llama-gqa-untied-sharded", "qwen2-tied-bias", "qwen3-qknorm-untied"];
 

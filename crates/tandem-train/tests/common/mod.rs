@@ -1,0 +1,22 @@
+//! Shared by tandem-train's integration tests: the tiny random checkpoints, generated once per
+//! test binary by tests/reference/make_tiny.py.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tandem_models::{load, LoadOptions, Model};
+
+pub fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::temp_dir().join(format!("tandem-train-tiny-{}", std::process::id()));
+        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
+        assert!(ok.success(), "make_tiny.py failed");
+        dir
+    })
+}
+
+pub fn tiny(name: &str) -> Model {
+    load(&tiny_dir().join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
+}
