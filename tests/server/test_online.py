@@ -50,7 +50,8 @@ def main():
             if metric(m, "tandem_drafter_version") >= 1 or time.time() > deadline:
                 break
     for name in ["tandem_drafter_published_version", "tandem_drafter_rollbacks_total", "tandem_drafter_train_loss",
-                 "tandem_spec_chosen_k", "tandem_traces_dropped_total"]:
+                 "tandem_spec_chosen_k", "tandem_traces_dropped_total", "tandem_spec_gain",
+                 "tandem_drafter_train_cpu_share"]:
         metric(m, name)
     assert metric(m, "tandem_traces_total") >= done - 6, "traces were not recorded"
     assert metric(m, "tandem_drafter_train_steps_total") >= 1, "the trainer never stepped"

@@ -386,7 +386,11 @@ impl Engine {
                 if self.shutting_down {
                     break;
                 }
-                match self.commands.blocking_recv() {
+                // While nothing is served, an online trainer may use the whole CPU.
+                self.set_idle(true);
+                let cmd = self.commands.blocking_recv();
+                self.set_idle(false);
+                match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 }
@@ -436,6 +440,12 @@ impl Engine {
             if let Err(e) = drafter.update(v.weights.clone()) {
                 tracing::warn!(error = %e, version = v.number, "new drafter weights refused");
             }
+        }
+    }
+
+    fn set_idle(&self, idle: bool) {
+        if let Some(o) = &self.online {
+            o.hooks.exchange.idle.store(idle, Ordering::Relaxed);
         }
     }
 
@@ -841,6 +851,7 @@ impl Engine {
             let step_secs = draft_start.elapsed().as_secs_f64() - secs + steady;
             online.k.record(k, emitted_total as usize, step_secs);
             online.hooks.exchange.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
+            online.hooks.exchange.gain_bits.store(online.k.gain().to_bits(), Ordering::Relaxed);
             if let Ok(mut t) = online.hooks.exchange.k_table.try_lock() {
                 *t = online.k.table();
             }

@@ -7,7 +7,7 @@
 //! buffer drops, and counts the drop), and new weights are taken between engine steps only when
 //! the exchange is free.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_runtime::spec::EagleWeights;
 
@@ -187,6 +187,16 @@ pub struct DrafterExchange {
     pub train_loss_bits: AtomicU64,
     pub train_steps: AtomicU64,
     pub train_positions: AtomicU64,
+    /// The engine has nothing to do (the trainer may take the CPU).
+    pub idle: AtomicBool,
+    /// Measured decode tokens/s at the chosen draft length over that without drafts (f64 bits;
+    /// 0 until measured): what speculation currently earns, which bounds what training may spend.
+    pub gain_bits: AtomicU64,
+    /// The CPU share the trainer currently allows itself (f64 bits).
+    pub train_share_bits: AtomicU64,
+    /// The drafter's first-token agreement with the target on traces it had not yet trained on,
+    /// smoothed (f64 bits).
+    pub fresh_agreement_bits: AtomicU64,
 }
 
 impl DrafterExchange {
@@ -216,6 +226,23 @@ impl DrafterExchange {
 
     pub fn loss(&self) -> f64 {
         f64::from_bits(self.train_loss_bits.load(Ordering::Relaxed))
+    }
+
+    /// Speculation's measured speed-up (1.0 until measured, or when it does not pay).
+    pub fn gain(&self) -> f64 {
+        f64::from_bits(self.gain_bits.load(Ordering::Relaxed)).max(1.0)
+    }
+
+    pub fn fresh_agreement(&self) -> f64 {
+        f64::from_bits(self.fresh_agreement_bits.load(Ordering::Relaxed))
+    }
+
+    pub fn train_share(&self) -> f64 {
+        f64::from_bits(self.train_share_bits.load(Ordering::Relaxed))
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
     }
 }
 
@@ -423,6 +450,15 @@ impl KController {
 
     pub fn best(&self) -> usize {
         self.best
+    }
+
+    /// tokens/s at the best draft length over tokens/s without drafts (1.0 until both are measured).
+    pub fn gain(&self) -> f64 {
+        let (base, best) = (self.rate[0], self.rate[self.best]);
+        if self.best == 0 || base.1 < 8 || best.1 < 8 || base.0 <= 0.0 {
+            return 1.0;
+        }
+        best.0 / base.0
     }
 
     /// (k, tokens/s, samples) for every k measured.

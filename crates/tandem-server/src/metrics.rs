@@ -227,6 +227,24 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
         "Draft length chosen by measured throughput (0: speculation off).",
         ex.chosen_k.load(Relaxed).to_string(),
     );
+    metric(
+        "tandem_spec_gain",
+        "gauge",
+        "Measured decode tokens/s at the chosen draft length over no speculation.",
+        ex.gain().to_string(),
+    );
+    metric(
+        "tandem_drafter_train_cpu_share",
+        "gauge",
+        "Share of one core the drafter trainer may use now (more while it is still learning).",
+        ex.train_share().to_string(),
+    );
+    metric(
+        "tandem_drafter_fresh_agreement",
+        "gauge",
+        "Drafter's first-token agreement with the target on traffic it had not trained on (smoothed).",
+        ex.fresh_agreement().to_string(),
+    );
     metric("tandem_traces_total", "counter", "Traces recorded for the trainer.", o.traces.pushed().to_string());
     metric(
         "tandem_traces_dropped_total",

@@ -23,8 +23,15 @@ pub struct OnlineTrainerConfig {
     /// Most positions kept in the pool (the oldest traces go first). Each holds 3 x hidden f32
     /// features: 50,000 positions are ~350 MB for SmolLM2.
     pub pool_positions: usize,
-    /// Share of wall time the trainer may compute (it sleeps the rest), so serving keeps the CPU.
+    /// Share of one core's time the trainer may compute while the drafter is learning (it sleeps
+    /// the rest, so serving keeps the CPU): at first, while its agreement with the target on
+    /// traffic it has not trained on is rising, and after that agreement drops (a domain shift).
     pub cpu_share: f64,
+    /// The share once that agreement has stopped rising (a plateau: more training buys little).
+    pub min_share: f64,
+    /// Run the trainer's threads at the lowest OS priority (Linux SCHED_IDLE): they then take
+    /// only CPU time serving leaves unused, whatever the share allows.
+    pub background_priority: bool,
     /// Threads for the trainer's kernels.
     pub threads: usize,
     /// Drafter checkpoints: every `checkpoint_every` steps and at shutdown.
@@ -41,6 +48,8 @@ impl Default for OnlineTrainerConfig {
             min_positions: 256,
             pool_positions: 50_000,
             cpu_share: 0.5,
+            min_share: 0.1,
+            background_priority: true,
             threads: 1,
             checkpoint_dir: None,
             checkpoint_every: 200,
@@ -128,7 +137,11 @@ fn run(
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<TrainerStatus>>,
 ) {
-    let pool_threads = rayon_pool(config.threads);
+    let low = config.background_priority;
+    if low {
+        lower_priority();
+    }
+    let pool_threads = rayon_pool(config.threads, low);
     let mut pool = TracePool::new(config.pool_positions);
     let mut rng = StdRng::seed_from_u64(trainer.train.seed ^ 0x7EA1);
     let mut spill = config.spill_dir.as_ref().and_then(|d| match TraceSpill::new(d) {
@@ -144,9 +157,20 @@ fn run(
         versions.insert(0, Arc::new(w));
     }
     let mut next_version = 1u64;
-    let share = config.cpu_share.clamp(0.01, 1.0);
+    let mut progress = Progress::default();
     while !stop.load(Ordering::SeqCst) {
         for t in traces.drain() {
+            // Before training on it: how well does the drafter predict this fresh traffic?
+            if let Some(b) = fresh_batch(&t, &trainer) {
+                let agreement = match &pool_threads {
+                    Some(p) => p.install(|| trainer.evaluate(&b)),
+                    None => trainer.evaluate(&b),
+                };
+                if let Ok(s) = agreement {
+                    progress.record(s.top1);
+                    exchange.fresh_agreement_bits.store(progress.fast.to_bits(), Ordering::Relaxed);
+                }
+            }
             if let Some(s) = spill.as_mut() {
                 if let Err(e) = s.write(&t) {
                     tracing::warn!(error = %e, "trace spill failed");
@@ -174,9 +198,10 @@ fn run(
             continue;
         };
         let start = Instant::now();
+        let depth = exchange.chosen_k.load(Ordering::Relaxed) as usize + 1;
         let result = match &pool_threads {
-            Some(p) => p.install(|| trainer.step(&batch)),
-            None => trainer.step(&batch),
+            Some(p) => p.install(|| trainer.step_unrolled(&batch, depth)),
+            None => trainer.step_unrolled(&batch, depth),
         };
         let secs = start.elapsed().as_secs_f64();
         let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,16 +241,57 @@ fn run(
             }
         }
         drop(st);
-        // Keep to the CPU share: sleep so that compute / wall time stays at `share`.
+        // Keep to the CPU share: sleep so that compute / wall time stays at the share allowed now;
+        // serving going idle ends the sleep.
+        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
+        exchange.train_share_bits.store(share.to_bits(), Ordering::Relaxed);
         let rest = secs * (1.0 - share) / share;
         if rest > 0.0 {
             let until = Instant::now() + Duration::from_secs_f64(rest);
-            while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.is_idle() {
                 std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
             }
         }
     }
     checkpoint(&trainer, &config);
+}
+
+/// The drafter's first-token agreement with the target on each new trace before it is trained
+/// on (prequential: always unseen traffic), smoothed fast and slow. Training pays while the fast
+/// average is above the slow one (still learning) or well below it (the traffic changed).
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub fast: f64,
+    pub slow: f64,
+    pub traces: u64,
+}
+
+impl Progress {
+    /// Traces before a plateau can be declared.
+    const WARMUP: u64 = 30;
+
+    pub fn record(&mut self, agreement: f64) {
+        if self.traces == 0 {
+            (self.fast, self.slow) = (agreement, agreement);
+        }
+        self.fast += 0.2 * (agreement - self.fast);
+        self.slow += 0.03 * (agreement - self.slow);
+        self.traces += 1;
+    }
+
+    /// Still learning (or relearning after a shift), so worth the larger CPU share.
+    pub fn learning(&self) -> bool {
+        self.traces < Self::WARMUP || self.fast > self.slow + 0.01 || self.fast < self.slow - 0.03
+    }
+}
+
+/// The output positions of `trace` (at most 64, the newest) as one evaluation window.
+fn fresh_batch(trace: &tandem_engine::online::Trace, trainer: &Trainer) -> Option<crate::pool::Batch> {
+    let usable = trace.positions().min(trace.tokens.len().saturating_sub(1));
+    let start = trace.prompt_len.saturating_sub(1).max(usable.saturating_sub(64)).min(usable);
+    let vd = trainer.config.draft_vocab_size;
+    (usable - start >= 2)
+        .then(|| crate::pool::Batch::window(trace, start, usable - start, vd, &|id| trainer.draft_id(id)))
 }
 
 fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {
@@ -236,9 +302,58 @@ fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {
     }
 }
 
-fn rayon_pool(threads: usize) -> Option<rayon::ThreadPool> {
+fn rayon_pool(threads: usize, low_priority: bool) -> Option<rayon::ThreadPool> {
     if threads == 0 {
         return None;
     }
-    rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("tandem-train-{i}")).build().ok()
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("tandem-train-{i}"))
+        .start_handler(move |_| {
+            if low_priority {
+                lower_priority();
+            }
+        })
+        .build()
+        .ok()
+}
+
+/// Moves the calling thread to SCHED_IDLE: the kernel runs it only when no normal thread wants
+/// the core, so training fills the gaps serving leaves (between requests, the engine thread's
+/// single-threaded work) instead of competing with it.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter struct.
+        let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if r != 0 {
+            tracing::debug!("could not lower the trainer's priority; it keeps to its CPU share only");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trainer_backs_off_at_a_plateau_and_returns_after_a_shift() {
+        let mut p = Progress::default();
+        // A cold drafter learning: agreement rising from 0 to 0.4 over 60 traces.
+        for i in 0..60 {
+            p.record(0.4 * i as f64 / 60.0);
+            assert!(p.learning(), "trace {i}: {p:?}");
+        }
+        // A plateau: the slow average catches up and training backs off.
+        for _ in 0..150 {
+            p.record(0.4);
+        }
+        assert!(!p.learning(), "{p:?}");
+        // Traffic changes: agreement falls, training resumes at once.
+        for _ in 0..3 {
+            p.record(0.1);
+        }
+        assert!(p.learning(), "{p:?}");
+    }
 }

@@ -30,20 +30,24 @@ pub struct TrainConfig {
     /// Global gradient-norm clip (0: none).
     pub grad_clip: f64,
     pub weight_decay: f64,
+    /// Keep `lm_head` and `norm` as initialised (EAGLE-1's choice with a head copied from the
+    /// target): the drafter then only learns to produce hidden states the target's head reads.
+    pub freeze_head: bool,
     pub seed: u64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            lr: 3e-3,
+            lr: 1e-3,
             batch_positions: 128,
             window: 64,
-            ttt_steps: 2,
+            ttt_steps: 3,
             step_decay: 0.8,
             discard_weight: 0.1,
             grad_clip: 2.5,
             weight_decay: 0.0,
+            freeze_head: false,
             seed: 0,
         }
     }
@@ -58,6 +62,8 @@ pub struct StepStats {
     pub ce0: f64,
     /// Share of labelled positions whose top drafter token is the target's top token, first step.
     pub top1: f64,
+    /// The same for the second step (the drafter reading its own previous output), when unrolled.
+    pub top1_second: f64,
     pub discard: f64,
     pub grad_norm: f64,
     pub positions: usize,
@@ -78,8 +84,10 @@ pub struct Trainer {
     pub steps: u64,
 }
 
-/// Every drafter tensor is trained (the embedding is the target's, frozen, and not among them).
+/// Every drafter tensor is trained (the embedding is the target's, frozen, and not among them)...
 const TRAINED: &[&str] = tandem_runtime::spec::eagle::NAMES;
+/// ...except these with `freeze_head`.
+const FROZEN_WITH_HEAD: &[&str] = &["lm_head.weight", "norm.weight"];
 
 impl Trainer {
     pub fn new(config: EagleConfig, weights: &EagleWeights, embed: Tensor, train: TrainConfig) -> Result<Self> {
@@ -95,7 +103,8 @@ impl Trainer {
             t2d[t as usize] = d as i32;
         }
         let params = ParamsAdamW { lr: train.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: train.weight_decay };
-        let opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+        let trained = vars.iter().filter(|(n, _)| !(train.freeze_head && FROZEN_WITH_HEAD.contains(&n.as_str())));
+        let opt = AdamW::new(trained.map(|(_, v)| v.clone()).collect(), params)?;
         let rope = rope_tables(&config, crate::pool::MAX_POSITION, &device)?;
         Ok(Trainer { config, train, vars, d2t: weights.d2t.clone(), t2d, embed, opt, device, rope, steps: 0 })
     }
@@ -118,13 +127,25 @@ impl Trainer {
         self.t2d.get(target as usize).and_then(|&d| (d >= 0).then_some(d as usize))
     }
 
-    fn var(&self, name: &str) -> &Tensor {
-        self.vars.iter().find(|(n, _)| n == name).expect("known parameter").1.as_tensor()
+    /// A parameter as the forward pass reads it: frozen ones detached, so no gradient is formed.
+    fn var(&self, name: &str) -> Tensor {
+        let t = self.vars.iter().find(|(n, _)| n == name).expect("known parameter").1.as_tensor();
+        match self.train.freeze_head && FROZEN_WITH_HEAD.contains(&name) {
+            true => t.detach(),
+            false => t.clone(),
+        }
     }
 
     /// One optimizer step on `batch`.
     pub fn step(&mut self, batch: &Batch) -> Result<StepStats> {
-        let (loss, mut stats) = self.loss(batch)?;
+        self.step_unrolled(batch, self.train.ttt_steps)
+    }
+
+    /// One optimizer step unrolled `ttt_steps` deep (at most the configured depth): the online
+    /// trainer trains only as deep as serving drafts (plus one, so a longer draft can start to pay).
+    pub fn step_unrolled(&mut self, batch: &Batch, ttt_steps: usize) -> Result<StepStats> {
+        let (total, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)))?;
+        let loss = total;
         let mut grads = loss.backward()?;
         let mut sq = 0f64;
         for (_, v) in &self.vars {
@@ -150,20 +171,16 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// The loss without a step.
+    /// The loss without a step, unrolled at least two steps (so the second token's agreement is
+    /// measured whatever the training unroll).
     pub fn evaluate(&self, batch: &Batch) -> Result<StepStats> {
-        Ok(self.loss(batch)?.1)
+        Ok(self.forward(batch, self.train.ttt_steps.max(2))?.1)
     }
 
     /// The drafter's first-step prediction (a draft id) for every row of `batch`.
     pub fn predict(&self, batch: &Batch) -> Result<Vec<u32>> {
         let (_, _, logits) = self.forward(batch, 1)?;
         Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
-    }
-
-    fn loss(&self, b: &Batch) -> Result<(Tensor, StepStats)> {
-        let (total, stats, _) = self.forward(b, self.train.ttt_steps.max(1))?;
-        Ok((total, stats))
     }
 
     /// The weighted loss over `steps` training-time-test steps, its figures, and the first
@@ -186,7 +203,7 @@ impl Trainer {
         let w = |name: &str| self.var(name);
         let eps = c.rms_norm_eps;
         let labels = Tensor::from_slice(&b.labels, (n, vd), dev)?;
-        let normed_emb = rms_norm(&embeds, w("midlayer.input_layernorm.weight"), eps)?;
+        let normed_emb = rms_norm(&embeds, &w("midlayer.input_layernorm.weight"), eps)?;
 
         let mut total = Tensor::zeros((), DType::F32, dev)?;
         let mut stats = StepStats { positions: b.labelled(), ..Default::default() };
@@ -194,17 +211,17 @@ impl Trainer {
         let mut values: Vec<Tensor> = Vec::new();
         let mut prev_out: Option<Tensor> = None;
         let mut first_logits = None;
-        let fc = linear(&feats, w("fc.weight"))?;
+        let fc = linear(&feats, &w("fc.weight"))?;
         for i in 0..steps {
             // Step 0 reads the target's features; step i the drafter's own output one position back.
             let x = match &prev_out {
                 None => fc.clone(),
                 Some(h) => shift_rows(h, 1)?,
             };
-            let a = Tensor::cat(&[&normed_emb, &rms_norm(&x, w("midlayer.hidden_norm.weight"), eps)?], 1)?;
-            let q = linear(&a, w("midlayer.self_attn.q_proj.weight"))?.reshape((n, heads, d))?;
-            let k = linear(&a, w("midlayer.self_attn.k_proj.weight"))?.reshape((n, kvh, d))?;
-            let v = linear(&a, w("midlayer.self_attn.v_proj.weight"))?.reshape((n, kvh, d))?;
+            let a = Tensor::cat(&[&normed_emb, &rms_norm(&x, &w("midlayer.hidden_norm.weight"), eps)?], 1)?;
+            let q = linear(&a, &w("midlayer.self_attn.q_proj.weight"))?.reshape((n, heads, d))?;
+            let k = linear(&a, &w("midlayer.self_attn.k_proj.weight"))?.reshape((n, kvh, d))?;
+            let v = linear(&a, &w("midlayer.self_attn.v_proj.weight"))?.reshape((n, kvh, d))?;
             let q = apply_rope(&q, &cos, &sin)?.transpose(0, 1)?.contiguous()?;
             let k = repeat_kv(&apply_rope(&k, &cos, &sin)?.transpose(0, 1)?.contiguous()?, group)?;
             let v = repeat_kv(&v.transpose(0, 1)?.contiguous()?, group)?;
@@ -231,12 +248,12 @@ impl Trainer {
                 out
             };
             let attn = attn.transpose(0, 1)?.reshape((n, heads * d))?;
-            let h = (&x + linear(&attn, w("midlayer.self_attn.o_proj.weight"))?)?;
-            let m = rms_norm(&h, w("midlayer.post_attention_layernorm.weight"), eps)?;
-            let gate = linear(&m, w("midlayer.mlp.gate_proj.weight"))?;
-            let up = linear(&m, w("midlayer.mlp.up_proj.weight"))?;
-            let out = (&h + linear(&(silu(&gate)? * up)?, w("midlayer.mlp.down_proj.weight"))?)?;
-            let logits = linear(&rms_norm(&out, w("norm.weight"), eps)?, w("lm_head.weight"))?;
+            let h = (&x + linear(&attn, &w("midlayer.self_attn.o_proj.weight"))?)?;
+            let m = rms_norm(&h, &w("midlayer.post_attention_layernorm.weight"), eps)?;
+            let gate = linear(&m, &w("midlayer.mlp.gate_proj.weight"))?;
+            let up = linear(&m, &w("midlayer.mlp.up_proj.weight"))?;
+            let out = (&h + linear(&(silu(&gate)? * up)?, &w("midlayer.mlp.down_proj.weight"))?)?;
+            let logits = linear(&rms_norm(&out, &w("norm.weight"), eps)?, &w("lm_head.weight"))?;
             let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             if i == 0 {
                 first_logits = Some(logits.detach());
@@ -251,6 +268,9 @@ impl Trainer {
                 if i == 0 {
                     stats.ce0 = ce.to_scalar::<f32>()? as f64;
                     stats.top1 = b.top1_agreement(&logits.to_vec2::<f32>()?);
+                }
+                if i == 1 {
+                    stats.top1_second = b.top1_agreement(&logits.to_vec2::<f32>()?);
                 }
                 total = (total + ce.affine(weight, 0.0)?)?;
             }

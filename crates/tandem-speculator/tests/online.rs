@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer, Version};
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, LoadOptions, Model};
+use tandem_runtime::spec::eagle::DRAFT_CONTEXT;
 use tandem_runtime::spec::{EagleDrafter, EagleWeights, WarmStart};
 use tandem_runtime::SamplingParams;
 use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
@@ -142,12 +143,20 @@ fn trainer_and_drafter_agree() {
     let (config, weights) = (drafter.config.clone(), (**drafter.weights()).clone());
     let h = hooks(1 << 30, fixed_k());
     let (mut engine, handle) = engine_with(drafter, &h, EngineConfig::default());
-    serve(&mut engine, &handle, &[request(5, 30)]);
+    serve(&mut engine, &handle, &[request(5, 100)]);
     let trace = h.traces.drain().pop().unwrap();
     let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config()).unwrap();
     let n = trace.positions().min(trace.tokens.len() - 1);
-    let batch = tandem_speculator::Batch::window(&trace, 0, n, config.draft_vocab_size, &|id| trainer.draft_id(id));
-    let predicted = trainer.predict(&batch).unwrap();
+    assert!(n > DRAFT_CONTEXT + 8, "the trace ({n} positions) should be longer than the drafter's context");
+    // The drafter attends to its last DRAFT_CONTEXT positions: the trainer's window for t is the same.
+    let predicted: Vec<u32> = (0..n)
+        .map(|t| {
+            let start = (t + 1).saturating_sub(DRAFT_CONTEXT);
+            let vd = config.draft_vocab_size;
+            let batch = tandem_speculator::Batch::window(&trace, start, t + 1 - start, vd, &|id| trainer.draft_id(id));
+            *trainer.predict(&batch).unwrap().last().unwrap()
+        })
+        .collect();
     let mut drafter = EagleDrafter::new(config, weights, target.device()).unwrap();
     use tandem_runtime::spec::{DraftRequest, Drafter};
     drafter.prepare(1, 256).unwrap();
@@ -202,7 +211,13 @@ fn swaps_under_concurrent_load_change_no_output() {
         trainer,
         h.traces.clone(),
         h.exchange.clone(),
-        OnlineTrainerConfig { publish_every: 1, min_positions: 32, cpu_share: 1.0, ..Default::default() },
+        OnlineTrainerConfig {
+            publish_every: 1,
+            min_positions: 32,
+            cpu_share: 1.0,
+            min_share: 1.0,
+            ..Default::default()
+        },
     );
     // Four clients submit concurrently, wave after wave, while the trainer publishes a version per
     // step. The engine takes a version only while it steps, so a version number read between waves

@@ -5,8 +5,8 @@
 //! the acceptance length and the end-to-end output tokens/s:
 //! - `none`: no speculation; `ngram`: prompt lookup;
 //! - `scratch`: an EAGLE drafter trained online from random weights;
-//! - `warm`: trained online from the target's unembedding (`--warm-start head`);
-//!   `warm-full`: also from the target's last layer;
+//! - `warm`: trained online from the target's last layer and unembedding (`--warm-start full`,
+//!   head frozen); `warm-head`: from the unembedding alone (head frozen);
 //! - `offline`: a drafter trained offline (the same trainer) on the traces the `warm` run recorded
 //!   of this same stream, then frozen;
 //! - `cold`: the warm-started drafter frozen, never trained (what a useless drafter costs once the
@@ -51,7 +51,7 @@ pub struct OnlineBenchArgs {
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// Configurations to run, in order (`offline` needs `warm` before it).
-    #[arg(long, value_delimiter = ',', default_value = "none,ngram,scratch,warm,warm-full,offline,none+train")]
+    #[arg(long, value_delimiter = ',', default_value = "none,ngram,scratch,warm,warm-head,offline,none+train")]
     configs: Vec<String>,
     /// Most draft tokens per step.
     #[arg(long, default_value_t = 6)]
@@ -64,6 +64,9 @@ pub struct OnlineBenchArgs {
     offline_steps: u64,
     #[arg(long, default_value_t = 8192)]
     draft_vocab: usize,
+    /// The drafter's projections while serving (f32 or bf16; the trainer keeps f32).
+    #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
+    draft_dtype: String,
     /// Also time llama.cpp's plain decode on the first prompts of each domain (same file, same tokens).
     #[arg(long)]
     peer: bool,
@@ -96,6 +99,13 @@ struct WindowRow {
     speedup: Option<f64>,
     chosen_k: Option<u64>,
     drafter_version: Option<u64>,
+    /// Measured speed-up of the chosen k over k = 0 (the engine's own estimate) and the trainer's
+    /// CPU share of one core it allowed, at the window's end.
+    gain: Option<f64>,
+    /// The drafter's first-token agreement on traffic it had not trained on (the trainer's figure).
+    fresh_agreement: Option<f64>,
+    train_share: Option<f64>,
+    train_steps: Option<u64>,
 }
 
 #[derive(Serialize, Clone, Debug, Default)]
@@ -137,7 +147,9 @@ fn tokenize(loaded: &LoadedModel, prompts: &[Prompt]) -> Result<Vec<Vec<u32>>> {
 }
 
 /// Requests served, chosen k and drafter version, sampled as requests finish.
-type Samples = Vec<(usize, u64, u64)>;
+/// (served, chosen k, serving version, gain, trainer share, trainer steps, fresh agreement) after
+/// each request.
+type Samples = Vec<(usize, u64, u64, f64, f64, u64, f64)>;
 
 /// Serves the stream with `concurrency` requests in flight; samples (served, k, version) as it goes.
 #[allow(clippy::too_many_arguments)]
@@ -205,6 +217,10 @@ fn replay(
                             d.len(),
                             ex.chosen_k.load(Ordering::Relaxed),
                             ex.serving_version.load(Ordering::Relaxed),
+                            ex.gain(),
+                            ex.train_share(),
+                            ex.train_steps.load(Ordering::Relaxed),
+                            ex.fresh_agreement(),
                         ));
                     }
                     bar.inc(1);
@@ -244,11 +260,11 @@ fn hooks(args: &OnlineArgs) -> OnlineHooks {
 
 /// Trains a drafter offline from the traces in `dir` with the online trainer's code.
 fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Result<EagleDrafter> {
-    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Head, 0)?;
+    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Full, 0)?;
     let mut pool = TracePool::new(usize::MAX);
     load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
     ensure!(!pool.is_empty(), "no traces in {}", dir.display());
-    let tc = args.online.train.train_config();
+    let tc = args.online.train.train_config(WarmStart::Full);
     let mut trainer =
         Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -262,7 +278,9 @@ fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Re
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?)
+    let dtype = crate::spec_arg::draft_dtype(&args.draft_dtype);
+    Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?
+        .with_serving_dtype(dtype)?)
 }
 
 fn run_config(
@@ -278,13 +296,16 @@ fn run_config(
     let stop = loaded.stop_token_ids.clone();
     let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };
     let online = &args.online;
-    let eagle = |warm: WarmStart| EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0);
+    let dtype = crate::spec_arg::draft_dtype(&args.draft_dtype);
+    let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
+        Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving_dtype(dtype)?)
+    };
     let (drafter, trained, hooks_used): (Option<Box<dyn Drafter>>, Option<EagleDrafter>, bool) = match name {
         "none" | "none+train" => (None, None, false),
         "ngram" => (Some(Box::new(NgramDrafter::default())), None, false),
         "scratch" => (None, Some(eagle(WarmStart::None)?), true),
-        "warm" | "cold" => (None, Some(eagle(WarmStart::Head)?), true),
-        "warm-full" => (None, Some(eagle(WarmStart::Full)?), true),
+        "warm" | "cold" => (None, Some(eagle(WarmStart::Full)?), true),
+        "warm-head" => (None, Some(eagle(WarmStart::Head)?), true),
         "offline" => (None, Some(train_offline(&loaded, trace_dir, args)?), true),
         other => bail!("unknown configuration `{other}`"),
     };
@@ -300,7 +321,12 @@ fn run_config(
             o.trace_dir = Some(trace_dir.to_path_buf());
         }
         o.drafter_save = std::env::temp_dir().join(format!("tandem-bench-drafter-{name}"));
-        trainer = Some(online_arg::start_with(&o, &loaded.model, e, hooks.clone())?);
+        let warm = match name {
+            "scratch" => WarmStart::None,
+            "warm-head" => WarmStart::Head,
+            _ => WarmStart::Full,
+        };
+        trainer = Some(online_arg::start_with(&o, &loaded.model, e, warm, hooks.clone())?);
     }
     let background = if name == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
     let (mut engine, handle) = Engine::new(loaded.model, engine_config(args, spec), Box::new(Fcfs::default()))?;
@@ -341,11 +367,11 @@ fn background_trainer(
     dir: &Path,
     args: &OnlineBenchArgs,
 ) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<Result<u64>>)> {
-    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Head, 0)?;
+    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Full, 0)?;
     let mut pool = TracePool::new(usize::MAX);
     load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
     ensure!(!pool.is_empty(), "none+train needs the traces of a `warm` run first");
-    let tc = args.online.train.train_config();
+    let tc = args.online.train.train_config(WarmStart::Full);
     let mut trainer =
         Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
     let share = args.online.train.train_cpu_share.clamp(0.01, 1.0);
@@ -389,6 +415,10 @@ fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
             speedup: None,
             chosen_k: sample.map(|s| s.1),
             drafter_version: sample.map(|s| s.2),
+            gain: sample.map(|s| s.3),
+            fresh_agreement: sample.map(|s| s.6),
+            train_share: sample.map(|s| s.4),
+            train_steps: sample.map(|s| s.5),
         });
         prev_t = end;
     }
@@ -468,11 +498,11 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         all_rows.extend(rows);
         summaries.push(run.summary.clone());
     }
-    println!("\n| config | served | domain | acceptance length | tok/s | x none | k | version |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\n| config | served | domain | acceptance length | tok/s | x none | k | version | gain | fresh agreement | trainer share | trainer steps |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &all_rows {
         println!(
-            "| {} | {} | {} | {:.2} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             r.config,
             r.served,
             r.domain,
@@ -480,7 +510,11 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
             r.tok_s,
             r.speedup.map_or("".into(), |s| format!("{s:.2}x")),
             r.chosen_k.map_or("".into(), |k| k.to_string()),
-            r.drafter_version.map_or("".into(), |v| v.to_string())
+            r.drafter_version.map_or("".into(), |v| v.to_string()),
+            r.gain.map_or("".into(), |g| format!("{g:.2}")),
+            r.fresh_agreement.filter(|_| r.train_steps.unwrap_or(0) > 0).map_or("".into(), |a| format!("{a:.2}")),
+            r.train_share.filter(|&s| s > 0.0).map_or("".into(), |s| format!("{s:.2}")),
+            r.train_steps.filter(|&s| s > 0).map_or("".into(), |s| s.to_string())
         );
     }
     println!("\n| config | tok/s | acceptance | identical | trainer steps | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");

@@ -5,19 +5,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer};
 use tandem_models::Model;
-use tandem_runtime::spec::EagleDrafter;
+use tandem_runtime::spec::{EagleDrafter, WarmStart};
 use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TrainConfig, Trainer, TrainerHandle};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     /// Learning rate (AdamW).
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     pub train_lr: f64,
     /// Positions per optimizer step.
     #[arg(long, default_value_t = 128)]
     pub train_batch: usize,
-    /// Training-time-test steps: the drafter is unrolled on its own outputs this many times.
-    #[arg(long, default_value_t = 2)]
+    /// Most training-time-test steps: the drafter is unrolled on its own outputs this many times
+    /// (online, only as deep as serving drafts plus one: a cold drafter trains one step deep).
+    #[arg(long, default_value_t = 3)]
     pub train_ttt: usize,
     /// Weight of the discard term on rejected proposals (0 turns it off).
     #[arg(long, default_value_t = 0.1)]
@@ -25,22 +26,39 @@ pub struct TrainArgs {
     /// Gradient-norm clip.
     #[arg(long, default_value_t = 2.5)]
     pub train_clip: f64,
-    /// Share of wall time the trainer may compute; it sleeps the rest so serving keeps the CPU.
+    /// Share of one core's time the trainer may compute while the drafter is still learning (its
+    /// agreement with the target on fresh traffic rising, or fallen after a change of traffic); it
+    /// sleeps the rest so serving keeps the CPU, and takes the whole core while nothing is served.
     #[arg(long, default_value_t = 0.5)]
     pub train_cpu_share: f64,
+    /// The trainer's share once that agreement has levelled off.
+    #[arg(long, default_value_t = 0.1)]
+    pub train_min_share: f64,
+    /// `frozen`: keep the drafter's `lm_head` and final norm as initialised, so a head copied from
+    /// the target (`--warm-start head|full`) reads the drafter's hidden states as the target's own
+    /// would (cheaper steps, and it generalises better from little traffic); `trained`; `auto`:
+    /// frozen when the warm start copied the head.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "frozen", "trained"])]
+    pub train_head: String,
     /// Threads for the trainer's kernels.
     #[arg(long, default_value_t = 1)]
     pub train_threads: usize,
 }
 
 impl TrainArgs {
-    pub fn train_config(&self) -> TrainConfig {
+    /// The trainer's settings for a drafter initialised as `warm` says.
+    pub fn train_config(&self, warm: WarmStart) -> TrainConfig {
         TrainConfig {
             lr: self.train_lr,
             batch_positions: self.train_batch.max(8),
             ttt_steps: self.train_ttt.max(1),
             discard_weight: self.train_discard,
             grad_clip: self.train_clip,
+            freeze_head: match self.train_head.as_str() {
+                "frozen" => true,
+                "trained" => false,
+                _ => warm != WarmStart::None,
+            },
             ..Default::default()
         }
     }
@@ -80,13 +98,18 @@ impl OnlineArgs {
 }
 
 /// Hooks for the engine and a running trainer, for `drafter` serving `target`.
-pub fn start(args: &OnlineArgs, target: &Model, drafter: &EagleDrafter) -> Result<(OnlineHooks, TrainerHandle)> {
+pub fn start(
+    args: &OnlineArgs,
+    target: &Model,
+    drafter: &EagleDrafter,
+    warm: WarmStart,
+) -> Result<(OnlineHooks, TrainerHandle)> {
     let hooks = OnlineHooks {
         traces: Arc::new(TraceBuffer::new(args.trace_buffer_mib << 20)),
         exchange: Arc::new(DrafterExchange::default()),
         config: OnlineConfig::default(),
     };
-    let handle = start_with(args, target, drafter, hooks.clone())?;
+    let handle = start_with(args, target, drafter, warm, hooks.clone())?;
     Ok((hooks, handle))
 }
 
@@ -95,10 +118,11 @@ pub fn start_with(
     args: &OnlineArgs,
     target: &Model,
     drafter: &EagleDrafter,
+    warm: WarmStart,
     hooks: OnlineHooks,
 ) -> Result<TrainerHandle> {
-    let trainer =
-        Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), args.train.train_config())?;
+    let tc = args.train.train_config(warm);
+    let trainer = Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), tc)?;
     let handle = OnlineTrainer::spawn(
         trainer,
         hooks.traces.clone(),
@@ -106,6 +130,7 @@ pub fn start_with(
         OnlineTrainerConfig {
             publish_every: args.publish_every,
             cpu_share: args.train.train_cpu_share,
+            min_share: args.train.train_min_share,
             threads: args.train.train_threads,
             checkpoint_dir: Some(args.drafter_save.clone()),
             spill_dir: args.trace_dir.clone(),

@@ -108,7 +108,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             bail!("--spec-train online trains an EAGLE drafter: add --spec eagle");
         }
         let eagle = spec_arg::build_eagle(&args.spec, &loaded)?;
-        let (hooks, trainer) = online_arg::start(&args.online, &loaded.model, &eagle)?;
+        let (hooks, trainer) = online_arg::start(&args.online, &loaded.model, &eagle, args.spec.warm_start)?;
         eprintln!(
             "online drafter training on: checkpoints in {}{}",
             args.online.drafter_save.display(),

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use std::path::PathBuf;
 use tandem_models::LoadOptions;
 use tandem_speculator::traces_io::{load_trace, trace_files};
-use tandem_speculator::{TracePool, Trainer};
+use tandem_speculator::{Batch, TracePool, Trainer};
 
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
@@ -25,6 +25,13 @@ pub struct TrainDrafterArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 500)]
     steps: u64,
+    /// Keep the last N trace files out of training and report the drafter's agreement with the
+    /// target on their output positions (what drafting would see on unseen traffic).
+    #[arg(long, default_value_t = 0)]
+    holdout: usize,
+    /// Steps between reports.
+    #[arg(long, default_value_t = 50)]
+    report_every: u64,
     #[command(flatten)]
     spec: SpecArgs,
     #[command(flatten)]
@@ -37,11 +44,12 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let drafter = spec_arg::build_eagle(&args.spec, &loaded)?;
     let mut pool = TracePool::new(usize::MAX);
     let files = trace_files(&args.traces)?;
-    if files.is_empty() {
-        bail!("no traces (trace-*.safetensors) in {}", args.traces.display());
+    if files.len() <= args.holdout {
+        bail!("{} traces in {}: need more than --holdout {}", files.len(), args.traces.display(), args.holdout);
     }
     let fs = drafter.config.target_layers.len() * drafter.config.hidden_size;
-    for f in &files {
+    let mut held = Vec::new();
+    for (i, f) in files.iter().enumerate() {
         let t = load_trace(f).with_context(|| format!("reading {}", f.display()))?;
         if t.feature_size != fs {
             bail!(
@@ -50,10 +58,14 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
                 t.feature_size
             );
         }
-        pool.add(t);
+        if i + args.holdout >= files.len() {
+            held.push(t);
+        } else {
+            pool.add(t);
+        }
     }
-    eprintln!("{} traces, {} positions", files.len(), pool.positions());
-    let tc = args.train.train_config();
+    eprintln!("{} traces, {} positions ({} held out)", files.len() - held.len(), pool.positions(), held.len());
+    let tc = args.train.train_config(args.spec.warm_start);
     let mut trainer =
         Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
@@ -62,6 +74,39 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("valid template"),
     );
+    // Held-out batches: each held trace's output positions (from the last prompt position on).
+    let held: Vec<Batch> = held
+        .iter()
+        .filter_map(|t| {
+            let usable = t.positions().min(t.tokens.len() - 1);
+            let start = t.prompt_len.saturating_sub(1).min(usable);
+            (usable - start >= 2).then(|| Batch::window(t, start, usable - start, vd, &|id| trainer.draft_id(id)))
+        })
+        .collect();
+    // Held-out figures: first-token agreement, second-token agreement (reading its own output,
+    // as drafting does), first-token cross-entropy.
+    let evaluate = |trainer: &Trainer| -> Result<String> {
+        let (mut top1, mut second, mut ce, mut n) = (0.0, 0.0, 0.0, 0.0);
+        for b in &held {
+            let s = trainer.evaluate(b)?;
+            let w = s.positions as f64;
+            top1 += s.top1 * w;
+            second += s.top1_second * w;
+            ce += s.ce0 * w;
+            n += w;
+        }
+        let n = f64::max(n, 1.0);
+        Ok(format!(
+            "held-out top-1 agreement {:.3} (second token {:.3}), cross-entropy {:.3}",
+            top1 / n,
+            second / n,
+            ce / n
+        ))
+    };
+    if !held.is_empty() {
+        eprintln!("step 0: {}", evaluate(&trainer)?);
+    }
+    let every = args.report_every.max(1);
     let mut avg = (0.0, 0.0);
     for step in 1..=args.steps {
         let batch = pool
@@ -71,12 +116,16 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         bar.set_message(format!("loss {:.3} top-1 {:.2}", s.loss, s.top1));
         bar.inc(1);
         avg = (avg.0 + s.loss, avg.1 + s.top1);
-        if step % 50 == 0 {
+        if step % every == 0 {
+            let held_out = match held.is_empty() {
+                true => String::new(),
+                false => format!("; {}", evaluate(&trainer)?),
+            };
             bar.suspend(|| {
                 eprintln!(
-                    "step {step}: loss {:.3}, top-1 agreement {:.3} (mean of the last 50)",
-                    avg.0 / 50.0,
-                    avg.1 / 50.0
+                    "step {step}: loss {:.3}, top-1 agreement {:.3} (mean of the last {every} batches){held_out}",
+                    avg.0 / every as f64,
+                    avg.1 / every as f64
                 )
             });
             avg = (0.0, 0.0);

@@ -199,9 +199,9 @@ pub enum WarmStart {
     /// Random weights throughout.
     None,
     /// The target's unembedding rows and final norm for `lm_head` / `norm`.
-    #[default]
     Head,
     /// Head, plus the decoder layer from the target's last layer and `fc` passing the top layer through.
+    #[default]
     Full,
 }
 
@@ -217,6 +217,11 @@ impl std::str::FromStr for WarmStart {
     }
 }
 
+/// Positions of its own past the drafter attends to. Its trainer sees windows of at most 64
+/// positions, so a longer context is one it was never trained on; and catching up a whole prompt
+/// before the first draft would cost a prefill of the drafter (a tenth of the target's) per request.
+pub const DRAFT_CONTEXT: usize = 64;
+
 /// Per-sequence state: the target features seen so far and the drafter's KV cache over them.
 #[derive(Default)]
 struct SlotState {
@@ -224,6 +229,8 @@ struct SlotState {
     features: Vec<f32>,
     /// Positions already in the drafter's KV cache (computed from target features, never drafts).
     cached: usize,
+    /// Position of the first key held (older ones are dropped: see [`DRAFT_CONTEXT`]).
+    kv_start: usize,
     keys: Option<Tensor>,
     values: Option<Tensor>,
     sampler: Option<Sampler>,
@@ -238,6 +245,9 @@ pub struct EagleDrafter {
     rope: Option<(Tensor, Tensor)>,
     /// Seconds and positions of catching up since the last `take_catch_up`.
     catch_up: (f64, usize),
+    /// The projections' type while serving (norms stay f32). Drafts never change outputs, so a
+    /// bf16 drafter only trades a little agreement for half the bytes read per draft token.
+    serve_dtype: DType,
 }
 
 /// Every tensor present with its expected shape, and `d2t` mapping into the target's vocabulary.
@@ -285,7 +295,36 @@ impl EagleDrafter {
                 .collect::<Result<_>>()?,
             d2t: weights.d2t,
         });
-        Ok(EagleDrafter { config, weights, device: device.clone(), slots: Vec::new(), rope: None, catch_up: (0.0, 0) })
+        Ok(EagleDrafter {
+            config,
+            weights,
+            device: device.clone(),
+            slots: Vec::new(),
+            rope: None,
+            catch_up: (0.0, 0),
+            serve_dtype: DType::F32,
+        })
+    }
+
+    /// Serves the projections in `dtype` (f32 or bf16), now and for every later update.
+    pub fn with_serving_dtype(mut self, dtype: DType) -> Result<Self> {
+        self.serve_dtype = dtype;
+        let w = self.weights.clone();
+        self.set_weights(w)?;
+        Ok(self)
+    }
+
+    /// `w` with its matrices in the serving type (norms, and `w` itself if nothing changes, kept).
+    fn for_serving(&self, w: Arc<EagleWeights>) -> Result<Arc<EagleWeights>> {
+        if w.tensors.values().all(|t| t.rank() != 2 || t.dtype() == self.serve_dtype) {
+            return Ok(w);
+        }
+        let tensors = w
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), if t.rank() == 2 { t.to_dtype(self.serve_dtype)? } else { t.clone() })))
+            .collect::<Result<_>>()?;
+        Ok(Arc::new(EagleWeights { tensors, d2t: w.d2t.clone() }))
     }
 
     /// A freshly initialised drafter for `target`.
@@ -337,9 +376,10 @@ impl EagleDrafter {
     /// weights, so they are rebuilt from the kept target features.
     pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
         check_shapes(&self.config, &weights)?;
-        self.weights = weights;
+        self.weights = self.for_serving(weights)?;
         for s in &mut self.slots {
             s.cached = 0;
+            s.kv_start = 0;
             s.keys = None;
             s.values = None;
         }
@@ -360,11 +400,14 @@ impl EagleDrafter {
     /// One pass of the decoder layer over `t` new positions starting at `start`.
     /// `features`: [t, h] (fc output or fed-back hidden), `embeds`: [t, h]. Returns the layer output
     /// [t, h] and the new positions' keys and values [kv_heads, t, d].
+    /// `kv_start` is the position of the first key in `past`.
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         features: &Tensor,
         embeds: &Tensor,
         past: Option<(&Tensor, &Tensor)>,
+        kv_start: usize,
         start: usize,
         rope: &(Tensor, Tensor),
     ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -397,9 +440,9 @@ impl EagleDrafter {
         let all_k = repeat_kv(&all_k, group)?;
         let all_v = repeat_kv(&all_v, group)?;
         let scores = (q.matmul(&all_k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [heads, t, total]
-                                                                            // Causal: new row i (position start + i) sees keys up to start + i.
+                                                                            // Causal: new row i (position start + i) sees keys up to start + i; key j is at kv_start + j.
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| (0..total).map(move |j| if kv_start + j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
         let mask = Tensor::from_vec(mask, (1, t, total), &self.device)?;
         let probs = candle_softmax(&scores.broadcast_add(&mask)?)?;
@@ -431,8 +474,14 @@ impl EagleDrafter {
         let rope = self.rope_tables(committed + r.k + 1)?;
         // Catch up over committed positions not yet in the drafter's cache.
         let catch_up_start = std::time::Instant::now();
-        let state = &self.slots[r.slot];
-        let from = state.cached;
+        let state = &mut self.slots[r.slot];
+        if committed - state.cached > DRAFT_CONTEXT || state.keys.is_none() {
+            // Too far behind (a new prompt, or steps without drafts): start over from the last
+            // DRAFT_CONTEXT positions rather than catching up on all of them.
+            let from = committed.saturating_sub(DRAFT_CONTEXT);
+            (state.cached, state.kv_start, state.keys, state.values) = (from, from, None, None);
+        }
+        let (from, kv_start) = (state.cached, state.kv_start);
         let feats =
             Tensor::from_slice(&state.features[from * fs..committed * fs], (committed - from, fs), &self.device)?;
         let feats = fast_linear(&feats, self.weights.get("fc.weight"))?;
@@ -441,15 +490,26 @@ impl EagleDrafter {
             (Some(k), Some(v)) => Some((k.clone(), v.clone())),
             _ => None,
         };
-        let (mut hidden, k, v) = self.layer(&feats, &embeds, past.as_ref().map(|(a, b)| (a, b)), from, &rope)?;
-        let (keys, values) = match past {
+        let (mut hidden, k, v) =
+            self.layer(&feats, &embeds, past.as_ref().map(|(a, b)| (a, b)), kv_start, from, &rope)?;
+        let (mut keys, mut values) = match past {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             None => (k, v),
         };
+        let mut kv_start = kv_start;
+        let held = keys.dim(1)?;
+        if held > 2 * DRAFT_CONTEXT {
+            // Keep the last DRAFT_CONTEXT keys (dropped in batches, so copies stay rare).
+            let drop = held - DRAFT_CONTEXT;
+            keys = keys.narrow(1, drop, DRAFT_CONTEXT)?.contiguous()?;
+            values = values.narrow(1, drop, DRAFT_CONTEXT)?.contiguous()?;
+            kv_start += drop;
+        }
         let state = &mut self.slots[r.slot];
         state.keys = Some(keys.clone());
         state.values = Some(values.clone());
         state.cached = committed;
+        state.kv_start = kv_start;
         self.catch_up.0 += catch_up_start.elapsed().as_secs_f64();
         self.catch_up.1 += committed - from;
         let state = &mut self.slots[r.slot];
@@ -473,7 +533,7 @@ impl EagleDrafter {
             // Feed back: own hidden state in place of the target's, with the token just drafted.
             let last = hidden.i(hidden.dim(0)? - 1..)?;
             let embeds = target.embed(&[token])?;
-            let (h, k, v) = self.layer(&last, &embeds, Some((&keys, &values)), committed + step, &rope)?;
+            let (h, k, v) = self.layer(&last, &embeds, Some((&keys, &values)), kv_start, committed + step, &rope)?;
             keys = Tensor::cat(&[&keys, &k], 1)?;
             values = Tensor::cat(&[&values, &v], 1)?;
             hidden = h;
