@@ -158,16 +158,20 @@ fn run(
     }
     let mut next_version = 1u64;
     let mut progress = Progress::default();
+    // Compute time not yet paid for by sleeping (evaluations of fresh traces).
+    let mut unpaid = 0.0;
     while !stop.load(Ordering::SeqCst) {
         for t in traces.drain() {
             // Before training on it: how well does the drafter predict this fresh traffic?
             if let Some(b) = fresh_batch(&t, &trainer) {
+                let start = Instant::now();
                 let agreement = match &pool_threads {
-                    Some(p) => p.install(|| trainer.evaluate(&b)),
-                    None => trainer.evaluate(&b),
+                    Some(p) => p.install(|| trainer.first_token_agreement(&b)),
+                    None => trainer.first_token_agreement(&b),
                 };
-                if let Ok(s) = agreement {
-                    progress.record(s.top1);
+                unpaid += start.elapsed().as_secs_f64();
+                if let Ok(a) = agreement {
+                    progress.record(a);
                     exchange.fresh_agreement_bits.store(progress.fast.to_bits(), Ordering::Relaxed);
                 }
             }
@@ -245,7 +249,7 @@ fn run(
         // serving going idle ends the sleep.
         let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
         exchange.train_share_bits.store(share.to_bits(), Ordering::Relaxed);
-        let rest = secs * (1.0 - share) / share;
+        let rest = (secs + std::mem::take(&mut unpaid)) * (1.0 - share) / share;
         if rest > 0.0 {
             let until = Instant::now() + Duration::from_secs_f64(rest);
             while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.is_idle() {

@@ -177,6 +177,12 @@ impl Trainer {
         Ok(self.forward(batch, self.train.ttt_steps.max(2))?.1)
     }
 
+    /// Share of `batch`'s labelled rows where the drafter's first draft token is the target's top
+    /// token (one step, no unroll: the cheapest figure of how well it drafts).
+    pub fn first_token_agreement(&self, batch: &Batch) -> Result<f64> {
+        Ok(self.forward(batch, 1)?.1.top1)
+    }
+
     /// The drafter's first-step prediction (a draft id) for every row of `batch`.
     pub fn predict(&self, batch: &Batch) -> Result<Vec<u32>> {
         let (_, _, logits) = self.forward(batch, 1)?;

@@ -104,7 +104,9 @@ fn speculative_server_answers_exactly_what_a_plain_server_answers() {
 fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     let (plain_port, online_port) = (free_port(), free_port());
     let save = std::env::temp_dir().join(format!("tandem-online-drafter-{}", std::process::id()));
+    let traces = std::env::temp_dir().join(format!("tandem-online-traces-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&save);
+    let _ = std::fs::remove_dir_all(&traces);
     let _plain = start(&smollm2(), plain_port);
     let mut online = start_with(
         &smollm2(),
@@ -118,10 +120,14 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
             "1",
             "--train-cpu-share",
             "1.0",
+            "--train-min-share",
+            "1.0",
             "--train-batch",
             "32",
             "--drafter-save",
             save.to_str().unwrap(),
+            "--trace-dir",
+            traces.to_str().unwrap(),
         ],
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -145,7 +151,26 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     let port = free_port();
     let _again = start_with(&smollm2(), port, &["--spec", &format!("eagle:{}", save.display())]);
     assert!(get(port, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
-    let _ = std::fs::remove_dir_all(&save);
+    // The recorded traces train a drafter offline with the same trainer, reporting agreement on
+    // the traces it held out.
+    let offline = std::env::temp_dir().join(format!("tandem-offline-drafter-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["train-drafter", "--steps", "4", "--report-every", "2", "--holdout", "2", "--train-batch", "32"])
+        .arg("--model")
+        .arg(smollm2())
+        .arg("--traces")
+        .arg(&traces)
+        .arg("--out")
+        .arg(&offline)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "train-drafter failed:\n{log}");
+    assert!(log.contains("step 4: loss") && log.contains("held-out top-1 agreement"), "{log}");
+    assert!(offline.join("model.safetensors").exists());
+    for d in [&save, &traces, &offline] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 #[test]

@@ -498,8 +498,8 @@ impl EagleDrafter {
         };
         let mut kv_start = kv_start;
         let held = keys.dim(1)?;
-        if held > 2 * DRAFT_CONTEXT {
-            // Keep the last DRAFT_CONTEXT keys (dropped in batches, so copies stay rare).
+        if held > DRAFT_CONTEXT {
+            // Keep the last DRAFT_CONTEXT keys: the context the trainer's windows give it.
             let drop = held - DRAFT_CONTEXT;
             keys = keys.narrow(1, drop, DRAFT_CONTEXT)?.contiguous()?;
             values = values.narrow(1, drop, DRAFT_CONTEXT)?.contiguous()?;
