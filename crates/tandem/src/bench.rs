@@ -83,7 +83,7 @@ enum BenchTarget {
     /// Online speculator training: a code -> math -> chat prompt stream under no speculation,
     /// n-gram, and EAGLE drafters trained online (from scratch, warm-started) or offline; acceptance
     /// length and tokens/s per window of requests, table, JSON and PNG.
-    Online(crate::bench_online::OnlineBenchArgs),
+    Online(Box<crate::bench_online::OnlineBenchArgs>),
     /// The training service: forward_backward tokens/s, LoRA and full weights, against the same
     /// model in PyTorch (when installed) on the same data.
     Train(crate::bench_train::TrainBenchArgs),
@@ -180,7 +180,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
         Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
-        Some(BenchTarget::Online(a)) => return crate::bench_online::run(a),
+        Some(BenchTarget::Online(a)) => return crate::bench_online::run(*a),
         Some(BenchTarget::Train(a)) => return crate::bench_train::run(a),
         None => {}
     }

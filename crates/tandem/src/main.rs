@@ -66,7 +66,7 @@ enum Command {
     /// Generate text from a prompt, streaming it to stdout; prints prompt and decode speed at the end.
     Generate(GenerateArgs),
     /// Serve the OpenAI API (completions, chat completions, streaming, logprobs) with continuous batching.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Manage the default models.
     Models {
         #[command(subcommand)]
@@ -314,6 +314,6 @@ fn main() -> Result<()> {
         }
         Command::Bench(args) => bench::run(args),
         Command::TrainDrafter(args) => train_drafter::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
     }
 }

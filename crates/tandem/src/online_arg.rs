@@ -29,7 +29,7 @@ pub struct TrainArgs {
     /// Share of one core's time the trainer may compute while the drafter is still learning (its
     /// agreement with the target on fresh traffic rising, or fallen after a change of traffic); it
     /// sleeps the rest so serving keeps the CPU, and takes the whole core while nothing is served.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.3)]
     pub train_cpu_share: f64,
     /// The trainer's share once that agreement has levelled off.
     #[arg(long, default_value_t = 0.1)]
