@@ -190,7 +190,7 @@ pub struct DrafterExchange {
     /// The engine has nothing to do (the trainer may take the CPU).
     pub idle: AtomicBool,
     /// Measured decode tokens/s at the chosen draft length over that without drafts (f64 bits;
-    /// 0 until measured): what speculation currently earns, which bounds what training may spend.
+    /// 0 until measured): what speculation currently earns.
     pub gain_bits: AtomicU64,
     /// The CPU share the trainer currently allows itself (f64 bits).
     pub train_share_bits: AtomicU64,

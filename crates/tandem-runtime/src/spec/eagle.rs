@@ -401,7 +401,6 @@ impl EagleDrafter {
     /// `features`: [t, h] (fc output or fed-back hidden), `embeds`: [t, h]. Returns the layer output
     /// [t, h] and the new positions' keys and values [kv_heads, t, d].
     /// `kv_start` is the position of the first key in `past`.
-    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         features: &Tensor,
@@ -439,8 +438,9 @@ impl EagleDrafter {
         let group = heads / kvh;
         let all_k = repeat_kv(&all_k, group)?;
         let all_v = repeat_kv(&all_v, group)?;
-        let scores = (q.matmul(&all_k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [heads, t, total]
-                                                                            // Causal: new row i (position start + i) sees keys up to start + i; key j is at kv_start + j.
+        // [heads, t, total]. Causal: new row i (position start + i) sees keys up to start + i;
+        // key j is at kv_start + j.
+        let scores = (q.matmul(&all_k.t()?)? * (1.0 / (d as f64).sqrt()))?;
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..total).map(move |j| if kv_start + j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
