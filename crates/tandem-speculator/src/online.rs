@@ -1,6 +1,6 @@
 //! The trainer thread beside serving: drains traces, trains, publishes numbered drafter versions,
 //! follows the engine's rollbacks, writes checkpoints, and keeps to its share of the CPU.
-use crate::pool::TracePool;
+use crate::pool::{Batch, TracePool};
 use crate::traces_io::TraceSpill;
 use crate::trainer::{StepStats, Trainer};
 use rand::rngs::StdRng;
@@ -163,7 +163,8 @@ fn run(
     while !stop.load(Ordering::SeqCst) {
         for t in traces.drain() {
             // Before training on it: how well does the drafter predict this fresh traffic?
-            if let Some(b) = fresh_batch(&t, &trainer) {
+            let vd = trainer.config.draft_vocab_size;
+            if let Some(b) = Batch::outputs(&t, 64, vd, &|id| trainer.draft_id(id)) {
                 let start = Instant::now();
                 let agreement = match &pool_threads {
                     Some(p) => p.install(|| trainer.first_token_agreement(&b)),
@@ -289,15 +290,6 @@ impl Progress {
     pub fn learning(&self) -> bool {
         self.traces < Self::WARMUP || self.fast > self.slow + 0.02 || self.fast < self.slow - 0.05
     }
-}
-
-/// The output positions of `trace` (at most 64, the newest) as one evaluation window.
-fn fresh_batch(trace: &tandem_engine::online::Trace, trainer: &Trainer) -> Option<crate::pool::Batch> {
-    let usable = trace.positions().min(trace.tokens.len().saturating_sub(1));
-    let start = trace.prompt_len.saturating_sub(1).max(usable.saturating_sub(64)).min(usable);
-    let vd = trainer.config.draft_vocab_size;
-    (usable - start >= 2)
-        .then(|| crate::pool::Batch::window(trace, start, usable - start, vd, &|id| trainer.draft_id(id)))
 }
 
 fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {

@@ -87,6 +87,19 @@ impl Batch {
         b
     }
 
+    /// The output positions of `trace` (from its last prompt position on; the newest `max_rows`
+    /// of them), where drafting happens: what drafter quality is judged on. None if under 2.
+    pub fn outputs(
+        trace: &Trace,
+        max_rows: usize,
+        draft_vocab: usize,
+        t2d: &dyn Fn(u32) -> Option<usize>,
+    ) -> Option<Batch> {
+        let usable = trace.positions().min(trace.tokens.len().saturating_sub(1));
+        let start = trace.prompt_len.saturating_sub(1).max(usable.saturating_sub(max_rows)).min(usable);
+        (usable - start >= 2).then(|| Self::window(trace, start, usable - start, draft_vocab, t2d))
+    }
+
     /// Appends rows `start..start + len` of `trace`.
     fn push_window(&mut self, trace: &Trace, start: usize, len: usize, t2d: &dyn Fn(u32) -> Option<usize>) {
         let fs = trace.feature_size;

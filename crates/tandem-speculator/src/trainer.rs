@@ -144,8 +144,7 @@ impl Trainer {
     /// One optimizer step unrolled `ttt_steps` deep (at most the configured depth): the online
     /// trainer trains only as deep as serving drafts (plus one, so a longer draft can start to pay).
     pub fn step_unrolled(&mut self, batch: &Batch, ttt_steps: usize) -> Result<StepStats> {
-        let (total, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)))?;
-        let loss = total;
+        let (loss, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)))?;
         let mut grads = loss.backward()?;
         let mut sq = 0f64;
         for (_, v) in &self.vars {

@@ -75,14 +75,8 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("valid template"),
     );
     // Held-out batches: each held trace's output positions (from the last prompt position on).
-    let held: Vec<Batch> = held
-        .iter()
-        .filter_map(|t| {
-            let usable = t.positions().min(t.tokens.len() - 1);
-            let start = t.prompt_len.saturating_sub(1).min(usable);
-            (usable - start >= 2).then(|| Batch::window(t, start, usable - start, vd, &|id| trainer.draft_id(id)))
-        })
-        .collect();
+    let held: Vec<Batch> =
+        held.iter().filter_map(|t| Batch::outputs(t, usize::MAX, vd, &|id| trainer.draft_id(id))).collect();
     // Held-out figures: first-token agreement, second-token agreement (reading its own output,
     // as drafting does), first-token cross-entropy.
     let evaluate = |trainer: &Trainer| -> Result<String> {
