@@ -689,7 +689,11 @@ impl Engine {
                 },
             })
             .collect();
-        let layers: Vec<usize> = self.drafter.as_ref().map(|d| d.target_layers().to_vec()).unwrap_or_default();
+        let mut layers: Vec<usize> = self.drafter.as_ref().map(|d| d.target_layers().to_vec()).unwrap_or_default();
+        if self.online.is_some() && !layers.is_empty() {
+            // The last residual stream too, for the trainer's labels (see `Trace::final_hidden`).
+            layers.push(self.model.config.num_layers - 1);
+        }
         let versions: Vec<Option<&WeightVersion>> =
             plan.iter().map(|p| self.running[p.index].request.weights.as_ref()).collect();
         let (model, cache) = (&self.model, &mut self.cache);
@@ -868,15 +872,20 @@ impl Engine {
             return;
         }
         let slot = self.running[index].slot;
+        // The drafter's layers, then (with online training) the last residual stream.
+        let (hidden, last) = hidden.split_at(drafter.target_layers().len().min(hidden.len()));
         let rows: Result<Vec<_>, _> = hidden.iter().map(|h| h.narrow(0, offset, n)).collect();
         if let (Some(trace), Ok(rows)) = (self.running[index].trace.as_mut(), rows.as_ref()) {
-            let joined = candle_core::Tensor::cat(rows, 1)
-                .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>());
-            match joined {
-                Ok(v) => trace.record_features(start, &v),
-                Err(e) => tracing::warn!(error = %e, "trace capture failed"),
+            let floats = |t: candle_core::Result<candle_core::Tensor>| {
+                t.and_then(|t| t.to_dtype(candle_core::DType::F32))
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+            };
+            let joined = floats(candle_core::Tensor::cat(rows, 1));
+            let last = last.first().map(|l| floats(l.narrow(0, offset, n))).transpose();
+            match (joined, last) {
+                (Ok(v), Ok(l)) => trace.record_features(start, &v, l.as_deref()),
+                (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "trace capture failed"),
             }
         }
         let outcome =

@@ -25,6 +25,10 @@ pub struct Trace {
     /// probabilities (softmax at temperature 1); the mass not listed is spread over the rest.
     /// Empty where the target computed no logits (prompt positions): the next token is the label.
     pub soft: Vec<Vec<(u32, f32)>>,
+    /// `positions() * hidden` floats (or none): the target's last residual stream, before its
+    /// final norm. With the target's head it gives the target's whole distribution at every
+    /// position, prompt positions included, which the trainer computes off the serving path.
+    pub final_hidden: Vec<f32>,
     /// Draft tokens the target rejected.
     pub rejected: Vec<Rejection>,
 }
@@ -44,20 +48,36 @@ impl Trace {
     }
 
     pub fn bytes(&self) -> usize {
-        self.features.len() * 4 + self.tokens.len() * 4 + self.soft.iter().map(|s| s.len() * 8).sum::<usize>()
+        (self.features.len() + self.final_hidden.len() + self.tokens.len()) * 4
+            + self.soft.iter().map(|s| s.len() * 8).sum::<usize>()
     }
 
-    /// Records the target features of positions `start..`, dropping anything recorded from
-    /// `start` on (a recomputed sequence records the same positions again).
-    pub(crate) fn record_features(&mut self, start: usize, rows: &[f32]) {
+    /// Floats per position of `final_hidden` (0: not recorded).
+    pub fn final_size(&self) -> usize {
+        self.final_hidden.len() / self.positions().max(1)
+    }
+
+    /// Records the target features (and last residual stream, if given) of positions `start..`,
+    /// dropping anything recorded from `start` on (a recomputed sequence records the same
+    /// positions again).
+    pub(crate) fn record_features(&mut self, start: usize, rows: &[f32], last: Option<&[f32]>) {
         let fs = self.feature_size.max(1);
         if start > self.positions() {
             return; // a gap: keep what is consistent
         }
+        let final_size = self.final_size();
         if start < self.positions() {
             // Recomputed after a preemption: the same positions again.
             self.features.truncate(start * fs);
+            self.final_hidden.truncate(start * final_size);
             self.rejected.retain(|r| r.pos < start);
+        }
+        // The last stream only while it covers every position so far.
+        match last {
+            Some(l) if self.final_hidden.len() == start * (l.len() * fs / rows.len().max(1)) => {
+                self.final_hidden.extend_from_slice(l)
+            }
+            _ => self.final_hidden.clear(),
         }
         self.features.extend_from_slice(rows);
         if self.soft.len() < self.positions() {

@@ -34,6 +34,8 @@ pub struct OnlineTrainerConfig {
     pub background_priority: bool,
     /// Threads for the trainer's kernels.
     pub threads: usize,
+    /// Threads for a step that starts while serving is idle (every core is free then).
+    pub idle_threads: usize,
     /// Drafter checkpoints: every `checkpoint_every` steps and at shutdown.
     pub checkpoint_dir: Option<PathBuf>,
     pub checkpoint_every: u64,
@@ -51,6 +53,7 @@ impl Default for OnlineTrainerConfig {
             min_share: 0.1,
             background_priority: true,
             threads: 1,
+            idle_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             checkpoint_dir: None,
             checkpoint_every: 200,
             spill_dir: None,
@@ -142,6 +145,7 @@ fn run(
         lower_priority();
     }
     let pool_threads = rayon_pool(config.threads, low);
+    let idle_pool = if config.idle_threads > config.threads { rayon_pool(config.idle_threads, low) } else { None };
     let mut pool = TracePool::new(config.pool_positions);
     let mut rng = StdRng::seed_from_u64(trainer.train.seed ^ 0x7EA1);
     let mut spill = config.spill_dir.as_ref().and_then(|d| match TraceSpill::new(d) {
@@ -204,7 +208,11 @@ fn run(
         };
         let start = Instant::now();
         let depth = exchange.chosen_k.load(Ordering::Relaxed) as usize + 1;
-        let result = match &pool_threads {
+        let threads = match &idle_pool {
+            Some(p) if exchange.is_idle() => Some(p),
+            _ => pool_threads.as_ref(),
+        };
+        let result = match threads {
             Some(p) => p.install(|| trainer.step_unrolled(&batch, depth)),
             None => trainer.step_unrolled(&batch, depth),
         };

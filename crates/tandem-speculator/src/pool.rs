@@ -25,10 +25,18 @@ pub struct Batch {
     /// [rows, draft_vocab]: the target's distribution over token t + 2 (zero rows: no label).
     pub labels: Vec<f32>,
     pub has_label: Vec<bool>,
+    /// The label is the target's distribution (an output position); otherwise it is the next
+    /// token of the text (a prompt position, where the target's distribution was not kept).
+    pub soft_label: Vec<bool>,
     /// The target's most likely token t + 2 as a draft id, if in the draft vocabulary.
     pub top_label: Vec<i64>,
     /// (row, draft id, step): proposals the target rejected.
     pub rejected: Vec<(usize, usize, usize)>,
+    /// Rows without the target's distribution whose trace kept the target's last residual stream
+    /// at t + 1 (`derived_hidden`, one row each): a trainer holding the target's head computes
+    /// their labels (`Trainer::target_labels`); otherwise the next token of the text stays the label.
+    pub derived: Vec<usize>,
+    pub derived_hidden: Vec<f32>,
 }
 
 impl Batch {
@@ -137,8 +145,14 @@ impl Batch {
                 }
             }
             let labelled = row.iter().any(|&x| x > 0.0);
+            let hs = trace.final_size();
+            if soft.is_none() && hs > 0 && t + 1 < trace.positions() {
+                self.derived.push(first_row + o);
+                self.derived_hidden.extend_from_slice(&trace.final_hidden[(t + 1) * hs..(t + 2) * hs]);
+            }
             self.labels.extend_from_slice(&row);
             self.has_label.push(labelled);
+            self.soft_label.push(soft.is_some());
             self.top_label.push(top);
         }
         for r in &trace.rejected {

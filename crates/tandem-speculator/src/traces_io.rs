@@ -4,7 +4,8 @@
 //! - `tokens` u32 [n_tokens]; `prompt_len` u32 [1]; `features` f32 [positions, feature_size];
 //! - `soft_offsets` u32 [positions + 1], `soft_ids` u32 [m], `soft_probs` f32 [m]: position t's
 //!   top entries are `soft_*[soft_offsets[t]..soft_offsets[t + 1]]` (none: the next token is the label);
-//! - `rejected` u32 [r, 3]: rows (pos, token, depth).
+//! - `rejected` u32 [r, 3]: rows (pos, token, depth);
+//! - `final_hidden` f32 [positions, hidden], when recorded: the target's last residual stream.
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,10 @@ pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
     t.insert("soft_probs".to_string(), Tensor::new(probs, cpu)?);
     let rej: Vec<u32> = trace.rejected.iter().flat_map(|r| [r.pos as u32, r.token, r.depth as u32]).collect();
     t.insert("rejected".to_string(), Tensor::from_vec(rej, (trace.rejected.len(), 3), cpu)?);
+    if trace.final_size() > 0 {
+        let last = Tensor::from_slice(&trace.final_hidden, (n, trace.final_size()), cpu)?;
+        t.insert("final_hidden".to_string(), last);
+    }
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&t, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::checkpoint(path, e))
@@ -59,12 +64,18 @@ pub fn load_trace(path: &Path) -> Result<Trace> {
         .into_iter()
         .map(|r| Rejection { pos: r[0] as usize, token: r[1], depth: r[2] as usize })
         .collect();
+    let final_hidden = match t.get("final_hidden") {
+        Some(f) if f.dims2()?.0 == n => f.flatten_all()?.to_vec1::<f32>()?,
+        Some(_) => return Err(ModelError::checkpoint(path, "final_hidden does not cover the positions")),
+        None => Vec::new(),
+    };
     Ok(Trace {
         tokens: get("tokens")?.to_vec1::<u32>()?,
         prompt_len: get("prompt_len")?.to_vec1::<u32>()?[0] as usize,
         feature_size,
         features: features.flatten_all()?.to_vec1::<f32>()?,
         soft,
+        final_hidden,
         rejected,
     })
 }
@@ -117,6 +128,7 @@ mod tests {
             feature_size: 3,
             features: (0..9).map(|i| i as f32 * 0.5).collect(),
             soft: vec![vec![], vec![(7, 0.5), (1, 0.25)], vec![(8, 0.9)]],
+            final_hidden: (0..6).map(|i| i as f32 - 2.5).collect(),
             rejected: vec![Rejection { pos: 2, token: 3, depth: 1 }],
         };
         let dir = std::env::temp_dir().join(format!("tandem-trace-{}", std::process::id()));
@@ -125,6 +137,10 @@ mod tests {
         let files = trace_files(&dir).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(load_trace(&files[0]).unwrap(), trace);
+        // Traces recorded without the last stream still load.
+        let old = Trace { final_hidden: Vec::new(), ..trace };
+        spill.write(&old).unwrap();
+        assert_eq!(load_trace(&trace_files(&dir).unwrap()[1]).unwrap(), old);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,6 +33,12 @@ pub struct TrainConfig {
     /// Keep `lm_head` and `norm` as initialised (EAGLE-1's choice with a head copied from the
     /// target): the drafter then only learns to produce hidden states the target's head reads.
     pub freeze_head: bool,
+    /// Weight of positions labelled with the text's next token rather than the target's
+    /// distribution (prompt positions) relative to output positions.
+    pub prompt_weight: f64,
+    /// Gaussian noise added to the target's features while training, as a share of each row's
+    /// RMS (EAGLE's augmentation: the drafter must not rely on exact features it will not see).
+    pub feature_noise: f64,
     pub seed: u64,
 }
 
@@ -48,6 +54,8 @@ impl Default for TrainConfig {
             grad_clip: 2.5,
             weight_decay: 0.0,
             freeze_head: false,
+            prompt_weight: 1.0,
+            feature_noise: 0.0,
             seed: 0,
         }
     }
@@ -78,6 +86,10 @@ pub struct Trainer {
     t2d: Vec<i32>,
     /// The target's embedding table (frozen, shared with the target: no copy).
     embed: Tensor,
+    /// The target's unembedding rows of the draft vocabulary and its final norm, when given:
+    /// they turn a recorded last residual stream into the target's distribution (labels for
+    /// prompt positions).
+    target_head: Option<(Tensor, Tensor)>,
     opt: AdamW,
     device: Device,
     rope: (Tensor, Tensor),
@@ -106,7 +118,56 @@ impl Trainer {
         let trained = vars.iter().filter(|(n, _)| !(train.freeze_head && FROZEN_WITH_HEAD.contains(&n.as_str())));
         let opt = AdamW::new(trained.map(|(_, v)| v.clone()).collect(), params)?;
         let rope = rope_tables(&config, crate::pool::MAX_POSITION, &device)?;
-        Ok(Trainer { config, train, vars, d2t: weights.d2t.clone(), t2d, embed, opt, device, rope, steps: 0 })
+        Ok(Trainer {
+            config,
+            train,
+            vars,
+            d2t: weights.d2t.clone(),
+            t2d,
+            embed,
+            target_head: None,
+            opt,
+            device,
+            rope,
+            steps: 0,
+        })
+    }
+
+    /// Labels positions that have the target's last residual stream recorded with the target's
+    /// own distribution, computed here from its head (`Model::unembedding_rows` of the draft
+    /// vocabulary: rows [draft_vocab, hidden], final norm [hidden]).
+    pub fn with_target_head(mut self, rows: Tensor, norm: Tensor) -> Result<Self> {
+        let (vd, h) = rows.dims2()?;
+        if vd != self.config.draft_vocab_size || h != self.config.hidden_size || norm.dims1()? != h {
+            return Err(ModelError::Drafter("the target head does not match the drafter".into()));
+        }
+        let f32 = DType::F32;
+        self.target_head =
+            Some((rows.to_dtype(f32)?.to_device(&self.device)?, norm.to_dtype(f32)?.to_device(&self.device)?));
+        Ok(self)
+    }
+
+    /// `b` with its derived rows (see `Batch::derived`) labelled by the target's distribution
+    /// over the draft vocabulary (softmax at temperature 1, as the recorded output positions),
+    /// if this trainer holds the target's head; `b` itself otherwise.
+    pub fn target_labels<'a>(&self, b: &'a Batch) -> Result<std::borrow::Cow<'a, Batch>> {
+        let Some((rows, norm)) = &self.target_head else { return Ok(std::borrow::Cow::Borrowed(b)) };
+        if b.derived.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(b));
+        }
+        let (m, h, vd) = (b.derived.len(), self.config.hidden_size, self.config.draft_vocab_size);
+        let hidden = Tensor::from_slice(&b.derived_hidden, (m, h), &self.device)?;
+        let logits = linear(&rms_norm(&hidden, norm, self.config.rms_norm_eps)?, rows)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+        let mut out = b.clone();
+        for (&row, p) in b.derived.iter().zip(probs) {
+            let best = p.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(-1, |(i, _)| i as i64);
+            out.labels[row * vd..(row + 1) * vd].copy_from_slice(&p);
+            out.top_label[row] = best;
+            out.has_label[row] = true;
+            out.soft_label[row] = true;
+        }
+        Ok(std::borrow::Cow::Owned(out))
     }
 
     /// A copy of the current weights (the trainer keeps updating its own in place).
@@ -144,7 +205,7 @@ impl Trainer {
     /// One optimizer step unrolled `ttt_steps` deep (at most the configured depth): the online
     /// trainer trains only as deep as serving drafts (plus one, so a longer draft can start to pay).
     pub fn step_unrolled(&mut self, batch: &Batch, ttt_steps: usize) -> Result<StepStats> {
-        let (loss, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)))?;
+        let (loss, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)), true)?;
         let mut grads = loss.backward()?;
         let mut sq = 0f64;
         for (_, v) in &self.vars {
@@ -173,24 +234,25 @@ impl Trainer {
     /// The loss without a step, unrolled at least two steps (so the second token's agreement is
     /// measured whatever the training unroll).
     pub fn evaluate(&self, batch: &Batch) -> Result<StepStats> {
-        Ok(self.forward(batch, self.train.ttt_steps.max(2))?.1)
+        Ok(self.forward(batch, self.train.ttt_steps.max(2), false)?.1)
     }
 
     /// Share of `batch`'s labelled rows where the drafter's first draft token is the target's top
     /// token (one step, no unroll: the cheapest figure of how well it drafts).
     pub fn first_token_agreement(&self, batch: &Batch) -> Result<f64> {
-        Ok(self.forward(batch, 1)?.1.top1)
+        Ok(self.forward(batch, 1, false)?.1.top1)
     }
 
     /// The drafter's first-step prediction (a draft id) for every row of `batch`.
     pub fn predict(&self, batch: &Batch) -> Result<Vec<u32>> {
-        let (_, _, logits) = self.forward(batch, 1)?;
+        let (_, _, logits) = self.forward(batch, 1, false)?;
         Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
     }
 
     /// The weighted loss over `steps` training-time-test steps, its figures, and the first
-    /// step's logits.
-    fn forward(&self, b: &Batch, steps: usize) -> Result<(Tensor, StepStats, Tensor)> {
+    /// step's logits; `training` adds the configured feature noise.
+    fn forward(&self, b: &Batch, steps: usize, training: bool) -> Result<(Tensor, StepStats, Tensor)> {
+        let b = &*self.target_labels(b)?;
         let c = &self.config;
         let dev = &self.device;
         let n = b.rows();
@@ -199,7 +261,14 @@ impl Trainer {
         let group = heads / kvh;
         let scale = 1.0 / (d as f64).sqrt();
         let vd = c.draft_vocab_size;
-        let feats = Tensor::from_slice(&b.features, (n, fs), dev)?;
+        let mut feats = Tensor::from_slice(&b.features, (n, fs), dev)?;
+        if training && self.train.feature_noise > 0.0 {
+            // Scaled per row and per target layer: the layers' magnitudes differ widely.
+            let layers = feats.reshape((n, c.target_layers.len(), c.hidden_size))?;
+            let rms = layers.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
+            let noise = Tensor::randn(0f32, 1f32, layers.shape(), dev)?.broadcast_mul(&rms)?;
+            feats = (layers + noise.affine(self.train.feature_noise, 0.0)?)?.reshape((n, fs))?;
+        }
         let ids = Tensor::from_slice(&b.next_tokens, n, dev)?;
         let embeds = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
         let pos = Tensor::from_slice(&b.positions, n, dev)?;
@@ -264,12 +333,17 @@ impl Trainer {
                 first_logits = Some(logits.detach());
             }
             // Rows whose chain starts inside their window and that have a label.
-            let valid = b.valid(i);
-            let count = valid.iter().filter(|&&v| v > 0.0).count();
+            let valid: Vec<f32> = b
+                .valid(i)
+                .iter()
+                .zip(&b.soft_label)
+                .map(|(&v, &soft)| if soft { v } else { v * self.train.prompt_weight as f32 })
+                .collect();
+            let count: f64 = valid.iter().map(|&v| v as f64).sum();
             let weight = self.train.step_decay.powi(i as i32);
-            if count > 0 {
+            if count > 0.0 {
                 let valid_t = Tensor::from_vec(valid, (n, 1), dev)?;
-                let ce = ((labels.broadcast_mul(&valid_t)? * &logq)?.sum_all()?.neg()? / count as f64)?;
+                let ce = ((labels.broadcast_mul(&valid_t)? * &logq)?.sum_all()?.neg()? / count)?;
                 if i == 0 {
                     stats.ce0 = ce.to_scalar::<f32>()? as f64;
                     stats.top1 = b.top1_agreement(&logits.to_vec2::<f32>()?);

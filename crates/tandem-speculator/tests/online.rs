@@ -10,7 +10,7 @@ use tandem_models::{load, LoadOptions, Model};
 use tandem_runtime::spec::eagle::DRAFT_CONTEXT;
 use tandem_runtime::spec::{EagleDrafter, EagleWeights, WarmStart};
 use tandem_runtime::SamplingParams;
-use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
+use tandem_speculator::{Batch, OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
 
 const TARGET: &str = "llama-gqa-untied-sharded";
 
@@ -190,6 +190,44 @@ fn trainer_and_drafter_agree() {
             mismatches += (d[0].tokens[0] != want) as usize;
         }
         assert!(mismatches <= allowed, "{dtype:?} (fresh {fresh}): {mismatches} of {n} positions differ");
+    }
+}
+
+#[test]
+fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 5).unwrap();
+    let weights = (**drafter.weights()).clone();
+    let h = hooks(1 << 30, fixed_k());
+    let config = drafter.config.clone();
+    let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 3, ..Default::default() });
+    serve(&mut engine, &handle, &[request(4, 30)]);
+    let trace = h.traces.drain().pop().unwrap();
+    let hs = config.hidden_size;
+    assert_eq!(trace.final_size(), hs, "the last residual stream is recorded at every position");
+    let (rows, norm) = target.unembedding_rows(&weights.d2t).unwrap();
+    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config())
+        .unwrap()
+        .with_target_head(rows, norm)
+        .unwrap();
+    let n = trace.positions().min(trace.tokens.len() - 1);
+    let batch = Batch::window(&trace, 0, n, config.draft_vocab_size, &|id| trainer.draft_id(id));
+    // Every position without a recorded distribution (the prompt's) gets one derived.
+    let unrecorded: Vec<usize> = (0..n).filter(|&t| !batch.soft_label[t] && t + 1 < trace.positions()).collect();
+    assert!(unrecorded.len() >= trace.prompt_len - 2, "{unrecorded:?}");
+    assert_eq!(batch.derived, unrecorded);
+    let labelled = trainer.target_labels(&batch).unwrap();
+    // Reference: the target's own forward over the whole sequence, without a cache.
+    let logits = target.forward_sequence(&trace.tokens[..n + 1]).unwrap();
+    let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2::<f32>().unwrap();
+    let vd = config.draft_vocab_size;
+    for &t in &unrecorded {
+        let want = &probs[t + 1];
+        let got = &labelled.labels[t * vd..(t + 1) * vd];
+        let diff = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "position {t}: largest difference {diff}");
+        let best = want.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(labelled.top_label[t], best as i64);
     }
 }
 

@@ -175,6 +175,13 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
     })
 }
 
+impl BenchArgs {
+    /// `bench online`: serving with a trainer beside it.
+    pub fn is_online(&self) -> bool {
+        matches!(self.target, Some(BenchTarget::Online(_)))
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.target {
         Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),

@@ -32,7 +32,7 @@ use tandem_models::{LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::spec::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::{ChatTemplate, Message, SamplingParams};
 use tandem_speculator::traces_io::load_dir;
-use tandem_speculator::{TracePool, Trainer};
+use tandem_speculator::TracePool;
 
 #[derive(clap::Args)]
 pub struct OnlineBenchArgs {
@@ -50,6 +50,11 @@ pub struct OnlineBenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Each client's pause between a response and its next request (an agent's tool call or a
+    /// user reading): the engine idles and the trainer may take the idle cores. tokens/s is counted
+    /// over the time requests were in flight, so pauses do not dilute it.
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
     /// Configurations to run, in order (`offline` needs `warm` before it).
     #[arg(long, value_delimiter = ',', default_value = "none,ngram,scratch,warm,warm-head,offline,none+train")]
     configs: Vec<String>,
@@ -81,9 +86,11 @@ pub struct OnlineBenchArgs {
 struct Done {
     index: usize,
     domain: &'static str,
+    submitted_secs: f64,
     finished_secs: f64,
     tokens: usize,
     decode_steps: usize,
+    #[serde(skip)]
     output: Vec<u32>,
 }
 
@@ -162,6 +169,7 @@ fn replay(
     args: &OnlineBenchArgs,
     exchange: Option<&DrafterExchange>,
     label: &str,
+    think: Duration,
 ) -> Result<(Vec<Done>, f64, Samples)> {
     let thread = engine.spawn();
     let next = AtomicUsize::new(0);
@@ -182,6 +190,7 @@ fn replay(
                     if i >= prompts.len() {
                         return Ok(());
                     }
+                    let submitted_secs = start.elapsed().as_secs_f64();
                     let request = GenerationRequest {
                         prompt: ids[i].clone(),
                         max_tokens: args.max_tokens,
@@ -207,6 +216,7 @@ fn replay(
                     d.push(Done {
                         index: i,
                         domain: prompts[i].domain,
+                        submitted_secs,
                         finished_secs: start.elapsed().as_secs_f64(),
                         tokens,
                         decode_steps: steps,
@@ -223,7 +233,9 @@ fn replay(
                             ex.fresh_agreement(),
                         ));
                     }
+                    drop(d);
                     bar.inc(1);
+                    std::thread::sleep(think);
                 }
             }));
         }
@@ -265,8 +277,7 @@ fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Re
     load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
     ensure!(!pool.is_empty(), "no traces in {}", dir.display());
     let tc = args.online.train.train_config(WarmStart::Full);
-    let mut trainer =
-        Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let mut trainer = args.online.train.trainer(&drafter, &loaded.model, WarmStart::Full)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let vd = trainer.config.draft_vocab_size;
     let bar = indicatif::ProgressBar::new(args.offline_steps);
@@ -336,8 +347,11 @@ fn run_config(
     if let Some(e) = trained {
         engine = engine.with_drafter(Box::new(e))?.with_online(hooks.clone())?;
     }
+    // Every configuration pauses alike: a request after a pause runs slower (measured here: a
+    // frozen drafter with pauses 0.95x of no speculation without), whoever uses the pause.
+    let think = Duration::from_millis(args.think_ms);
     let (done, wall, samples) =
-        replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name)?;
+        replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name, think)?;
     if let Some(t) = trainer {
         let st = t.status();
         summary.trainer_steps = st.steps;
@@ -355,7 +369,7 @@ fn run_config(
     summary.wall_secs = wall;
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
     let steps: usize = done.iter().map(|d| d.decode_steps).sum();
-    summary.tok_s = tokens as f64 / wall;
+    summary.tok_s = tokens as f64 / busy_secs(&done, 0.0);
     summary.acceptance_length = tokens as f64 / steps.max(1) as f64;
     Ok(RunOutput { done, wall, samples, summary })
 }
@@ -372,8 +386,7 @@ fn background_trainer(
     load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
     ensure!(!pool.is_empty(), "none+train needs the traces of a `warm` run first");
     let tc = args.online.train.train_config(WarmStart::Full);
-    let mut trainer =
-        Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let mut trainer = args.online.train.trainer(&drafter, &loaded.model, WarmStart::Full)?;
     let share = args.online.train.train_cpu_share.clamp(0.01, 1.0);
     let threads = args.online.train.train_threads;
     let stop = Arc::new(AtomicBool::new(false));
@@ -395,6 +408,21 @@ fn background_trainer(
     Ok((stop, thread))
 }
 
+/// Time some request of `done` (sorted by finish) was in flight, counted from `from` on.
+fn busy_secs(done: &[Done], from: f64) -> f64 {
+    let mut spans: Vec<(f64, f64)> = done.iter().map(|d| (d.submitted_secs.max(from), d.finished_secs)).collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut busy, mut reach) = (0.0, f64::NEG_INFINITY);
+    for (s, e) in spans {
+        let s = s.max(reach);
+        if e > s {
+            busy += e - s;
+            reach = e;
+        }
+    }
+    busy.max(1e-9)
+}
+
 /// Per-window figures of one run.
 fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
     let mut rows = Vec::new();
@@ -411,7 +439,8 @@ fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
             served,
             domain: domain.unwrap_or("code"),
             acceptance_length: tokens as f64 / steps.max(1) as f64,
-            tok_s: tokens as f64 / (end - prev_t).max(1e-9),
+            // Over the time requests were in flight since the previous window ended.
+            tok_s: tokens as f64 / busy_secs(chunk, prev_t),
             speedup: None,
             chosen_k: sample.map(|s| s.1),
             drafter_version: sample.map(|s| s.2),
@@ -551,6 +580,8 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         "window": args.window,
         "summaries": summaries,
         "windows": all_rows,
+        // Every request of every configuration, in the order they finished.
+        "requests": runs.iter().map(|(name, r)| (name.clone(), &r.done)).collect::<std::collections::BTreeMap<_, _>>(),
         "llama_cpp_plain_tok_s": peer,
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)?;

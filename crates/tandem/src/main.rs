@@ -293,6 +293,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Online speculator training: a trainer shares the process with serving.
+fn trains_beside_serving(command: &Command) -> bool {
+    match command {
+        Command::Serve(args) => args.online.spec_train == "online",
+        Command::Bench(args) => args.is_online(),
+        _ => false,
+    }
+}
+
 fn main() -> Result<()> {
     keep_freed_memory();
     tracing_subscriber::fmt()
@@ -300,6 +309,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if trains_beside_serving(&cli.command) {
+        online_arg::keep_candle_ops_on_their_thread();
+    }
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Models { action: ModelsAction::Fetch } => models::fetch(),

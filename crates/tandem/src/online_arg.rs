@@ -8,6 +8,18 @@ use tandem_models::Model;
 use tandem_runtime::spec::{EagleDrafter, WarmStart};
 use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TrainConfig, Trainer, TrainerHandle};
 
+/// Runs candle's element-wise CPU ops on the thread that calls them (CANDLE_NUM_THREADS=1, unless
+/// the user set it). candle otherwise hands them to one process-wide pool of spinning worker
+/// threads, pinned to cores, at normal priority and behind one lock: the trainer's ops then run
+/// outside its SCHED_IDLE threads, and the engine's wait behind them (perf, a 26-request online
+/// run: 11% of all samples on that pool's worker). Must run before any candle op (the pool is
+/// sized once) and while the process has one thread.
+pub fn keep_candle_ops_on_their_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     /// Learning rate (AdamW).
@@ -40,12 +52,40 @@ pub struct TrainArgs {
     /// frozen when the warm start copied the head.
     #[arg(long, default_value = "auto", value_parser = ["auto", "frozen", "trained"])]
     pub train_head: String,
+    /// Weight of prompt positions (labelled with the text's next token) against output positions
+    /// (labelled with the target's own distribution) in the loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub train_prompt_weight: f64,
+    /// Noise added to the target's features while training, as a share of their RMS (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub train_feature_noise: f64,
+    /// Weight decay (AdamW, decoupled).
+    #[arg(long, default_value_t = 0.0)]
+    pub train_weight_decay: f64,
+    /// Labels of prompt positions: `target` (the target's own distribution, computed by the
+    /// trainer from the target's last hidden state, recorded while serving) or `text` (the next
+    /// token of the prompt). Output positions always carry the target's distribution.
+    #[arg(long, default_value = "target", value_parser = ["target", "text"])]
+    pub train_prompt_labels: String,
     /// Threads for the trainer's kernels.
     #[arg(long, default_value_t = 1)]
     pub train_threads: usize,
 }
 
 impl TrainArgs {
+    /// A trainer for `drafter` of `target` with these settings.
+    pub fn trainer(&self, drafter: &EagleDrafter, target: &Model, warm: WarmStart) -> Result<Trainer> {
+        let tc = self.train_config(warm);
+        let trainer = Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), tc)?;
+        Ok(match self.train_prompt_labels.as_str() {
+            "target" => {
+                let (rows, norm) = target.unembedding_rows(&drafter.weights().d2t)?;
+                trainer.with_target_head(rows, norm)?
+            }
+            _ => trainer,
+        })
+    }
+
     /// The trainer's settings for a drafter initialised as `warm` says.
     pub fn train_config(&self, warm: WarmStart) -> TrainConfig {
         TrainConfig {
@@ -54,6 +94,9 @@ impl TrainArgs {
             ttt_steps: self.train_ttt.max(1),
             discard_weight: self.train_discard,
             grad_clip: self.train_clip,
+            prompt_weight: self.train_prompt_weight,
+            feature_noise: self.train_feature_noise,
+            weight_decay: self.train_weight_decay,
             freeze_head: match self.train_head.as_str() {
                 "frozen" => true,
                 "trained" => false,
@@ -121,8 +164,7 @@ pub fn start_with(
     warm: WarmStart,
     hooks: OnlineHooks,
 ) -> Result<TrainerHandle> {
-    let tc = args.train.train_config(warm);
-    let trainer = Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), tc)?;
+    let trainer = args.train.trainer(drafter, target, warm)?;
     let handle = OnlineTrainer::spawn(
         trainer,
         hooks.traces.clone(),

@@ -42,7 +42,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     spec: SpecArgs,
     #[command(flatten)]
-    online: OnlineArgs,
+    pub online: OnlineArgs,
     #[command(flatten)]
     schedule: ScheduleArgs,
     /// The RL training API (Tinker-compatible, under /api/v1): trains LoRA or full weights of

@@ -66,8 +66,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     }
     eprintln!("{} traces, {} positions ({} held out)", files.len() - held.len(), pool.positions(), held.len());
     let tc = args.train.train_config(args.spec.warm_start);
-    let mut trainer =
-        Trainer::new(drafter.config.clone(), drafter.weights(), loaded.model.embedding_table(), tc.clone())?;
+    let mut trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
     let vd = trainer.config.draft_vocab_size;
     let bar = ProgressBar::new(args.steps);
