@@ -52,8 +52,9 @@ pub struct TrainArgs {
     /// frozen when the warm start copied the head.
     #[arg(long, default_value = "auto", value_parser = ["auto", "frozen", "trained"])]
     pub train_head: String,
-    /// Weight of prompt positions (labelled with the text's next token) against output positions
-    /// (labelled with the target's own distribution) in the loss.
+    /// Weight in the loss of positions labelled with the prompt's next token (`--train-prompt-labels
+    /// text`, or traces recorded without the target's last hidden state) against positions
+    /// labelled with the target's own distribution.
     #[arg(long, default_value_t = 1.0)]
     pub train_prompt_weight: f64,
     /// Noise added to the target's features while training, as a share of their RMS (0: none).
