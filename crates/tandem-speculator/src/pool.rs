@@ -25,8 +25,8 @@ pub struct Batch {
     /// [rows, draft_vocab]: the target's distribution over token t + 2 (zero rows: no label).
     pub labels: Vec<f32>,
     pub has_label: Vec<bool>,
-    /// The label is the target's distribution (an output position); otherwise it is the next
-    /// token of the text (a prompt position, where the target's distribution was not kept).
+    /// The label is the target's distribution (recorded at an output position, or derived by
+    /// `Trainer::target_labels`); otherwise it is the next token of the text (a prompt position).
     pub soft_label: Vec<bool>,
     /// The target's most likely token t + 2 as a draft id, if in the draft vocabulary.
     pub top_label: Vec<i64>,
