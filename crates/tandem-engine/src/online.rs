@@ -73,8 +73,9 @@ impl Trace {
             self.rejected.retain(|r| r.pos < start);
         }
         // The last stream only while it covers every position so far.
+        let new_positions = (rows.len() / fs).max(1);
         match last {
-            Some(l) if self.final_hidden.len() == start * (l.len() * fs / rows.len().max(1)) => {
+            Some(l) if self.final_hidden.len() == start * (l.len() / new_positions) => {
                 self.final_hidden.extend_from_slice(l)
             }
             _ => self.final_hidden.clear(),

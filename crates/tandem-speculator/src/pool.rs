@@ -113,6 +113,7 @@ impl Batch {
         let fs = trace.feature_size;
         let window = self.windows.last().map_or(0, |w| w + 1);
         let first_row = self.rows();
+        let hs = trace.final_size();
         for (o, t) in (start..start + len).enumerate() {
             self.features.extend_from_slice(&trace.features[t * fs..(t + 1) * fs]);
             self.next_tokens.push(trace.tokens[t + 1]);
@@ -145,7 +146,6 @@ impl Batch {
                 }
             }
             let labelled = row.iter().any(|&x| x > 0.0);
-            let hs = trace.final_size();
             if soft.is_none() && hs > 0 && t + 1 < trace.positions() {
                 self.derived.push(first_row + o);
                 self.derived_hidden.extend_from_slice(&trace.final_hidden[(t + 1) * hs..(t + 2) * hs]);
