@@ -258,6 +258,9 @@ struct Running {
     spec: SpecUsage,
     /// This sequence's current draft length (see `EngineConfig::spec_adaptive`).
     draft_k: usize,
+    /// The longest draft prompt lookup may copy for it (`DraftRequest::copy_k`): grows after a
+    /// copy accepted whole, shrinks after a rejection, like `draft_k`.
+    copy_k: usize,
     /// The KV of a preempted request, copied out while it waits.
     swapped: Option<tandem_models::KvSnapshot>,
     /// What the target did on this sequence, for the drafter's trainer (online training only).
@@ -546,6 +549,7 @@ impl Engine {
                         pending: None,
                         spec: SpecUsage::default(),
                         draft_k: self.config.spec_k,
+                        copy_k: self.config.spec_k,
                         swapped: None,
                         trace,
                     });
@@ -591,10 +595,13 @@ impl Engine {
             // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
             let remaining = r.request.max_tokens - r.generated;
             let room = self.config.max_seq_len.saturating_sub(self.cache.len(r.slot) + 1);
-            let k = global_k.unwrap_or(r.draft_k).min(self.config.spec_k).min(remaining.saturating_sub(1)).min(room);
-            if k > 0 {
-                asks.push(DraftRequest { slot: r.slot, tokens: &r.history, k, sampling: &r.request.sampling });
-                who.push((i, k));
+            let limit = self.config.spec_k.min(remaining.saturating_sub(1)).min(room);
+            let k = global_k.unwrap_or(r.draft_k).min(limit);
+            // Copies are free to propose: asked for even while the learned drafter is off (k = 0).
+            let copy_k = r.copy_k.min(limit);
+            if k > 0 || copy_k > 0 {
+                asks.push(DraftRequest { slot: r.slot, tokens: &r.history, k, copy_k, sampling: &r.request.sampling });
+                who.push((i, k, copy_k));
             }
         }
         if asks.is_empty() {
@@ -604,9 +611,10 @@ impl Engine {
         match result {
             Ok(Ok(proposed)) => {
                 let vocab = self.model.config.vocab_size as u32;
-                for ((i, k), mut d) in who.into_iter().zip(proposed) {
+                for ((i, k, copy_k), mut d) in who.into_iter().zip(proposed) {
                     // Whatever the drafter says, verify only what fits and exists.
-                    let valid = d.tokens.iter().take(k).take_while(|&&t| t < vocab).count();
+                    let most = if d.lookup { copy_k } else { k };
+                    let valid = d.tokens.iter().take(most).take_while(|&&t| t < vocab).count();
                     d.tokens.truncate(valid);
                     if let Some(p) = d.probs.as_mut() {
                         if p.len() < valid {
@@ -716,6 +724,7 @@ impl Engine {
         };
         let spec_on = self.drafter.is_some();
         let (mut drafted, mut accepted_total, mut steps, mut emitted_total) = (0u64, 0u64, 0u64, 0u64);
+        let (mut lookup_drafted, mut lookup_accepted) = (0u64, 0u64);
         let mut finished = Vec::new();
         let mut row_offset = 0;
         for (p, rows) in plan.iter().zip(&out.logit_rows) {
@@ -756,8 +765,12 @@ impl Engine {
                 r.spec.drafted_tokens += p.draft.tokens.len();
                 r.spec.accepted_tokens += accepted;
                 r.spec.decode_steps += 1;
-                if self.config.spec_adaptive && !p.draft.tokens.is_empty() {
-                    r.draft_k = if accepted == p.draft.tokens.len() {
+                let all_in = accepted == p.draft.tokens.len();
+                if p.draft.lookup {
+                    r.copy_k =
+                        if all_in { (r.copy_k + 2).min(self.config.spec_k) } else { r.copy_k.saturating_sub(1).max(1) };
+                } else if self.config.spec_adaptive && !p.draft.tokens.is_empty() {
+                    r.draft_k = if all_in {
                         (r.draft_k + 2).min(self.config.spec_k)
                     } else {
                         r.draft_k.saturating_sub(1).max(1)
@@ -765,6 +778,10 @@ impl Engine {
                 }
                 drafted += p.draft.tokens.len() as u64;
                 accepted_total += accepted as u64;
+                if p.draft.lookup {
+                    lookup_drafted += p.draft.tokens.len() as u64;
+                    lookup_accepted += accepted as u64;
+                }
                 steps += 1;
                 emitted_total += emitted.len() as u64;
             }
@@ -779,14 +796,16 @@ impl Engine {
                         trace.record_soft(first + j, &logits[row], top);
                     }
                 }
-                if is_decode && accepted < p.draft.tokens.len() {
+                // Copied (prompt-lookup) drafts say nothing about the learned drafter.
+                let learned = !p.draft.lookup;
+                if is_decode && learned && accepted < p.draft.tokens.len() {
                     trace.rejected.push(Rejection {
                         pos: p.start + accepted,
                         token: p.draft.tokens[accepted],
                         depth: accepted,
                     });
                 }
-                if is_decode && !p.draft.tokens.is_empty() {
+                if is_decode && learned && !p.draft.tokens.is_empty() {
                     if let Some(back) = online.record_draft(accepted > 0) {
                         if let Some(d) = self.drafter.as_mut() {
                             if let Err(e) = d.update(back.weights) {
@@ -842,10 +861,14 @@ impl Engine {
             c.add(&c.decode_steps, steps);
             c.add(&c.emitted, emitted_total);
             c.add(&c.draft_nanos, draft_nanos);
+            c.add(&c.lookup_drafted, lookup_drafted);
+            c.add(&c.lookup_accepted, lookup_accepted);
             c.add(&c.verify_nanos, verify_start.elapsed().as_nanos() as u64);
         }
-        // Decode-only steps measure the end-to-end speed of the draft length used.
-        let decode_only = plan.iter().all(|p| p.wants_logits && self.running[p.index].pending.is_some());
+        // Decode-only steps measure the end-to-end speed of the draft length used (steps with
+        // copied drafts say nothing about the learned drafter's length).
+        let decode_only =
+            plan.iter().all(|p| p.wants_logits && self.running[p.index].pending.is_some() && !p.draft.lookup);
         let catch_up = self.drafter.as_mut().map_or((0.0, 0), |d| d.take_catch_up());
         if let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, decode_only) {
             // Steady drafting catches up about one position per emitted token; a backlog left by

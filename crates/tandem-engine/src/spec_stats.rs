@@ -33,6 +33,9 @@ pub struct SpecStats {
     /// Seconds spent proposing drafts, and running the target forward plus verification.
     pub draft_secs: f64,
     pub verify_secs: f64,
+    /// Of the drafted and accepted tokens, those copied by prompt lookup (`Draft::lookup`).
+    pub lookup_drafted_tokens: u64,
+    pub lookup_accepted_tokens: u64,
 }
 
 impl SpecStats {
@@ -54,6 +57,8 @@ pub(crate) struct SpecCounters {
     pub emitted: AtomicU64,
     pub draft_nanos: AtomicU64,
     pub verify_nanos: AtomicU64,
+    pub lookup_drafted: AtomicU64,
+    pub lookup_accepted: AtomicU64,
 }
 
 impl SpecCounters {
@@ -67,6 +72,8 @@ impl SpecCounters {
             emitted_tokens: get(&self.emitted),
             draft_secs: get(&self.draft_nanos) as f64 * 1e-9,
             verify_secs: get(&self.verify_nanos) as f64 * 1e-9,
+            lookup_drafted_tokens: get(&self.lookup_drafted),
+            lookup_accepted_tokens: get(&self.lookup_accepted),
         }
     }
 

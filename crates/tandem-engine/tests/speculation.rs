@@ -101,6 +101,13 @@ fn greedy_speculation_changes_nothing_for_any_drafter() {
         ("ngram", Box::new(|| Box::new(NgramDrafter::default()))),
         ("draft-model", Box::new(|| Box::new(DraftModelDrafter::new(model(DRAFT))))),
         ("eagle", Box::new(|| Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap()))),
+        (
+            "eagle+lookup",
+            Box::new(|| {
+                let lookup = NgramDrafter { max_ngram: 4, min_ngram: 2 };
+                Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap().with_lookup(Some(lookup)))
+            }),
+        ),
         ("oracle", Box::new(move || Box::new(OracleDrafter::new(seqs.clone(), vocab)))),
         ("always-wrong", Box::new(move || Box::new(OracleDrafter::new(seqs2.clone(), vocab).with_mistakes(1.0, 0)))),
         (

@@ -146,6 +146,18 @@ impl Metrics {
             counter(&mut out, "tandem_spec_accepted_tokens_total", "Draft tokens accepted.", s.accepted_tokens);
             counter(
                 &mut out,
+                "tandem_spec_lookup_draft_tokens_total",
+                "Of the draft tokens, those copied by prompt lookup (--spec-lookup).",
+                s.lookup_drafted_tokens,
+            );
+            counter(
+                &mut out,
+                "tandem_spec_lookup_accepted_tokens_total",
+                "Of the accepted tokens, those copied by prompt lookup.",
+                s.lookup_accepted_tokens,
+            );
+            counter(
+                &mut out,
                 "tandem_spec_decode_steps_total",
                 "Per-sequence target forwards while speculating.",
                 s.decode_steps,

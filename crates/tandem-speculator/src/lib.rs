@@ -4,7 +4,9 @@
 //! rejected drafts) into a bounded buffer; [`OnlineTrainer`] runs beside serving in the same
 //! process, trains a copy of the EAGLE drafter on them ([`Trainer`]: candle autograd, AdamW), and
 //! publishes numbered versions that the engine swaps in between steps (rolling back one that
-//! lowers acceptance). `tandem train-drafter` runs the same trainer over traces spilled to disk.
+//! lowers acceptance). `tandem train-drafter` runs the same trainer over traces spilled to disk, or over text the
+//! target reads beforehand ([`distill`]).
+pub mod distill;
 pub mod online;
 pub mod pool;
 pub mod traces_io;

@@ -8,9 +8,9 @@ use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuf
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, LoadOptions, Model};
 use tandem_runtime::spec::eagle::DRAFT_CONTEXT;
-use tandem_runtime::spec::{EagleDrafter, EagleWeights, WarmStart};
+use tandem_runtime::spec::{EagleDrafter, EagleWeights, NgramDrafter, WarmStart};
 use tandem_runtime::SamplingParams;
-use tandem_speculator::{Batch, OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
+use tandem_speculator::{distill, Batch, OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
 
 const TARGET: &str = "llama-gqa-untied-sharded";
 
@@ -185,7 +185,7 @@ fn trainer_and_drafter_agree() {
                 drafter.observe(0, t, &rows(t, t + 1)).unwrap();
             }
             let sampling = SamplingParams::default();
-            let ask = DraftRequest { slot: 0, tokens: &trace.tokens[..t + 2], k: 1, sampling: &sampling };
+            let ask = DraftRequest { slot: 0, tokens: &trace.tokens[..t + 2], k: 1, copy_k: 0, sampling: &sampling };
             let d = drafter.propose(&target, &[ask]).unwrap();
             mismatches += (d[0].tokens[0] != want) as usize;
         }
@@ -374,4 +374,84 @@ fn a_full_or_busy_trace_buffer_never_stalls_serving() {
     drop(guard);
     assert_eq!(outs, expected);
     assert_eq!(h.traces.pushed(), 12, "nothing pushed while the buffer was busy");
+}
+
+/// With prompt lookup in front of the learned drafter, copied drafts are verified like any other
+/// (outputs unchanged) but never recorded as the learned drafter's rejected proposals.
+#[test]
+fn copied_drafts_are_not_held_against_the_learned_drafter() {
+    // Prompts that repeat themselves, so lookup has matches to copy.
+    let requests: Vec<_> = (0..10)
+        .map(|i| {
+            let mut r = request(i, 40);
+            let head: Vec<u32> = r.prompt.iter().take(4).copied().collect();
+            r.prompt.extend_from_slice(&head);
+            r.prompt.extend_from_slice(&head);
+            r
+        })
+        .collect();
+    let expected = plain_outputs(&requests);
+    let target = model();
+    let lookup = NgramDrafter { max_ngram: 4, min_ngram: 2 };
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 2).unwrap().with_lookup(Some(lookup.clone()));
+    let h = hooks(1 << 30, fixed_k());
+    let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 3, ..Default::default() });
+    let (outs, _) = serve(&mut engine, &handle, &requests);
+    assert_eq!(outs, expected);
+    let traces = h.traces.drain();
+    assert_eq!(traces.len(), requests.len());
+    let (mut copied_steps, mut rejections) = (0, 0);
+    for t in &traces {
+        // Decode steps whose draft lookup would have copied (the sequence then ended in a repeat).
+        copied_steps +=
+            (t.prompt_len..t.tokens.len()).filter(|&n| !lookup.lookup(&t.tokens[..n], 3).is_empty()).count();
+        for r in &t.rejected {
+            rejections += 1;
+            // The draft was asked for with the sequence up to the pending token, pos - depth.
+            let history = &t.tokens[..r.pos - r.depth + 1];
+            assert!(lookup.lookup(history, 3).is_empty(), "a copied draft was recorded as rejected: {r:?}");
+        }
+    }
+    assert!(copied_steps > 20, "lookup had too little to copy ({copied_steps} steps)");
+    assert!(rejections > 0, "the learned drafter's own rejections are still recorded");
+}
+
+/// Text read by the target becomes traces whose every position carries the target's features and
+/// last residual stream; the labels derived from them are the target's own distribution, and
+/// reading chunks together or one by one gives the same numbers.
+#[test]
+fn text_traces_carry_the_targets_distribution_at_every_position() {
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 5).unwrap();
+    let config = drafter.config.clone();
+    let chunks: Vec<Vec<u32>> = (0..5).map(|i| request(i, 1).prompt.repeat(3)).collect();
+    let mut calls = 0;
+    let traces = distill::text_traces(&target, &config.target_layers, &chunks, 3, |_| calls += 1).unwrap();
+    assert_eq!(calls, 2, "two forwards of up to three chunks");
+    let one_by_one = distill::text_traces(&target, &config.target_layers, &chunks, 1, |_| {}).unwrap();
+    assert_eq!(traces, one_by_one, "batching changed the recorded numbers");
+    let weights = (**drafter.weights()).clone();
+    let (rows, norm) = target.unembedding_rows(&weights.d2t).unwrap();
+    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config())
+        .unwrap()
+        .with_target_head(rows, norm)
+        .unwrap();
+    let vd = config.draft_vocab_size;
+    for (trace, chunk) in traces.iter().zip(&chunks) {
+        assert_eq!(&trace.tokens, chunk);
+        assert_eq!(trace.positions(), chunk.len());
+        assert_eq!(trace.feature_size, config.target_layers.len() * config.hidden_size);
+        let n = chunk.len() - 1;
+        let batch = Batch::window(trace, 0, n, vd, &|id| trainer.draft_id(id));
+        let labelled = trainer.target_labels(&batch).unwrap();
+        let logits = target.forward_sequence(chunk).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2::<f32>().unwrap();
+        // Row t predicts token t + 2 from the target's distribution at t + 1.
+        for t in 0..n - 1 {
+            assert!(labelled.soft_label[t], "position {t} has no derived label");
+            let got = &labelled.labels[t * vd..(t + 1) * vd];
+            let diff = probs[t + 1].iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "position {t}: largest difference {diff}");
+        }
+    }
 }

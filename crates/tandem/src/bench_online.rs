@@ -11,6 +11,8 @@
 //!   of this same stream, then frozen;
 //! - `cold`: the warm-started drafter frozen, never trained (what a useless drafter costs once the
 //!   draft length controller has its say);
+//! - `CONFIG+lookup` (e.g. `warm+lookup`): that EAGLE configuration with prompt lookup tried first
+//!   (copied drafts where the sequence repeats itself, the drafter's elsewhere);
 //! - `none+train`: no speculation while a trainer trains in the background at the configured CPU
 //!   share (what training costs serving).
 //!
@@ -55,7 +57,8 @@ pub struct OnlineBenchArgs {
     /// over the time requests were in flight, so pauses do not dilute it.
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
-    /// Configurations to run, in order (`offline` needs `warm` before it).
+    /// Configurations to run, in order (`offline` needs `warm` before it). An EAGLE configuration
+    /// with `+lookup` (e.g. `warm+lookup`) tries prompt lookup before its drafter.
     #[arg(long, value_delimiter = ',', default_value = "none,ngram,scratch,warm,warm-head,offline,none+train")]
     configs: Vec<String>,
     /// Most draft tokens per step.
@@ -69,6 +72,9 @@ pub struct OnlineBenchArgs {
     offline_steps: u64,
     #[arg(long, default_value_t = 8192)]
     draft_vocab: usize,
+    /// Shortest match prompt lookup uses in `+lookup` configurations.
+    #[arg(long, default_value_t = 2)]
+    lookup_min: usize,
     /// The drafter's projections while serving (f32 or bf16; the trainer keeps f32).
     #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
     draft_dtype: String,
@@ -128,6 +134,11 @@ struct Summary {
     rollbacks: u64,
     traces_dropped: u64,
     trainer_cpu_secs: f64,
+    /// Draft tokens verified and accepted; of them, those copied by prompt lookup (`+lookup`).
+    drafted_tokens: u64,
+    accepted_tokens: u64,
+    lookup_drafted_tokens: u64,
+    lookup_accepted_tokens: u64,
     /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
     /// `none`'s tok/s; None: never in this run.
     reached_target_after: Vec<(String, Option<usize>)>,
@@ -170,7 +181,7 @@ fn replay(
     exchange: Option<&DrafterExchange>,
     label: &str,
     think: Duration,
-) -> Result<(Vec<Done>, f64, Samples)> {
+) -> Result<(Vec<Done>, f64, Samples, tandem_engine::SpecStats)> {
     let thread = engine.spawn();
     let next = AtomicUsize::new(0);
     let done = Mutex::new(Vec::new());
@@ -246,11 +257,12 @@ fn replay(
     })?;
     bar.finish_and_clear();
     let wall = start.elapsed().as_secs_f64();
+    let spec = handle.spec_stats();
     handle.shutdown();
     let _ = thread.join();
     let mut done = done.into_inner().expect("not poisoned");
     done.sort_by(|a, b| a.finished_secs.total_cmp(&b.finished_secs));
-    Ok((done, wall, samples.into_inner().expect("not poisoned")))
+    Ok((done, wall, samples.into_inner().expect("not poisoned"), spec))
 }
 
 fn engine_config(args: &OnlineBenchArgs, spec: bool) -> EngineConfig {
@@ -311,7 +323,12 @@ fn run_config(
     let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
         Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving_dtype(dtype)?)
     };
-    let (drafter, trained, hooks_used): (Option<Box<dyn Drafter>>, Option<EagleDrafter>, bool) = match name {
+    // `CONFIG+lookup`: the same EAGLE drafter with prompt lookup tried first.
+    let (base, lookup) = match name.strip_suffix("+lookup") {
+        Some(base) if base != "none" => (base, true),
+        _ => (name, false),
+    };
+    let (drafter, trained, hooks_used): (Option<Box<dyn Drafter>>, Option<EagleDrafter>, bool) = match base {
         "none" | "none+train" => (None, None, false),
         "ngram" => (Some(Box::new(NgramDrafter::default())), None, false),
         "scratch" => (None, Some(eagle(WarmStart::None)?), true),
@@ -324,33 +341,34 @@ fn run_config(
     let hooks = hooks(online);
     let mut trainer = None;
     // `cold` and `offline` serve a frozen drafter: no trainer.
-    if let (Some(e), false) = (&trained, matches!(name, "offline" | "cold")) {
+    if let (Some(e), false) = (&trained, matches!(base, "offline" | "cold")) {
         let mut o = online.clone();
-        if name == "warm" {
+        if base == "warm" {
             // The offline configuration trains on exactly what this run saw.
             let _ = std::fs::remove_dir_all(trace_dir);
             o.trace_dir = Some(trace_dir.to_path_buf());
         }
         o.drafter_save = std::env::temp_dir().join(format!("tandem-bench-drafter-{name}"));
-        let warm = match name {
+        let warm = match base {
             "scratch" => WarmStart::None,
             "warm-head" => WarmStart::Head,
             _ => WarmStart::Full,
         };
         trainer = Some(online_arg::start_with(&o, &loaded.model, e, warm, hooks.clone())?);
     }
-    let background = if name == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
+    let background = if base == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
     let (mut engine, handle) = Engine::new(loaded.model, engine_config(args, spec), Box::new(Fcfs::default()))?;
     if let Some(d) = drafter {
         engine = engine.with_drafter(d)?;
     }
     if let Some(e) = trained {
+        let e = e.with_lookup(lookup.then(|| crate::spec_arg::lookup(args.lookup_min)).flatten());
         engine = engine.with_drafter(Box::new(e))?.with_online(hooks.clone())?;
     }
     // Every configuration pauses alike: a request after a pause runs slower (measured here: a
     // frozen drafter with pauses 0.95x of no speculation without), whoever uses the pause.
     let think = Duration::from_millis(args.think_ms);
-    let (done, wall, samples) =
+    let (done, wall, samples, spec_stats) =
         replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name, think)?;
     if let Some(t) = trainer {
         let st = t.status();
@@ -366,6 +384,10 @@ fn run_config(
     summary.drafter_versions = ex.published.load(Ordering::Relaxed);
     summary.rollbacks = ex.rollbacks.load(Ordering::Relaxed);
     summary.traces_dropped = hooks.traces.dropped();
+    summary.drafted_tokens = spec_stats.drafted_tokens;
+    summary.accepted_tokens = spec_stats.accepted_tokens;
+    summary.lookup_drafted_tokens = spec_stats.lookup_drafted_tokens;
+    summary.lookup_accepted_tokens = spec_stats.lookup_accepted_tokens;
     summary.wall_secs = wall;
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
     let steps: usize = done.iter().map(|d| d.decode_steps).sum();
@@ -493,6 +515,17 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
             r.summary.drafter_versions,
             r.summary.rollbacks
         );
+        let s = &r.summary;
+        if s.drafted_tokens > 0 {
+            let learned = s.drafted_tokens - s.lookup_drafted_tokens;
+            eprintln!(
+                "{:>10}  drafts accepted: learned {}/{learned}, copied by lookup {}/{}",
+                "",
+                s.accepted_tokens - s.lookup_accepted_tokens,
+                s.lookup_accepted_tokens,
+                s.lookup_drafted_tokens
+            );
+        }
         runs.push((name, r));
     }
     // Identical outputs, and per-window ratios against `none`.

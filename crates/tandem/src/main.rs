@@ -289,6 +289,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             stats.draft_secs * 1e3 / s.decode_steps.max(1) as f64,
             stats.verify_secs * 1e3 / s.decode_steps.max(1) as f64
         );
+        if stats.lookup_drafted_tokens > 0 {
+            eprintln!(
+                "prompt lookup drafted {} of those tokens ({} accepted); the EAGLE drafter {} ({} accepted)",
+                stats.lookup_drafted_tokens,
+                stats.lookup_accepted_tokens,
+                stats.drafted_tokens - stats.lookup_drafted_tokens,
+                stats.accepted_tokens - stats.lookup_accepted_tokens
+            );
+        }
     }
     Ok(())
 }

@@ -38,6 +38,11 @@ pub struct SpecArgs {
     /// Start the EAGLE drafter from this saved drafter (same as `--spec eagle:DIR`).
     #[arg(long)]
     pub drafter: Option<std::path::PathBuf>,
+    /// With an EAGLE drafter, try prompt lookup first: where the sequence's last N (up to 4)
+    /// tokens occurred earlier in it, draft what followed them; elsewhere the EAGLE drafter
+    /// drafts. 0 turns lookup off.
+    #[arg(long, default_value_t = 0)]
+    pub spec_lookup: usize,
 }
 
 impl SpecArgs {
@@ -59,7 +64,12 @@ pub fn build_eagle(args: &SpecArgs, target: &LoadedModel) -> Result<EagleDrafter
         }
         None => EagleDrafter::fresh(&target.model, args.draft_vocab(), args.warm_start, 0)?,
     };
-    Ok(drafter.with_serving_dtype(draft_dtype(&args.draft_dtype))?)
+    Ok(drafter.with_serving_dtype(draft_dtype(&args.draft_dtype))?.with_lookup(lookup(args.spec_lookup)))
+}
+
+/// Prompt lookup for matches of `min` to 4 tokens (or longer if `min` is), none for 0.
+pub fn lookup(min: usize) -> Option<NgramDrafter> {
+    (min > 0).then(|| NgramDrafter { max_ngram: min.max(4), min_ngram: min })
 }
 
 /// `bf16` or (anything else) f32.

@@ -1,5 +1,7 @@
-//! `tandem train-drafter`: trains an EAGLE drafter offline from traces a server recorded
-//! (`tandem serve --spec eagle --spec-train online --trace-dir DIR`), with the online trainer's code.
+//! `tandem train-drafter`: trains an EAGLE drafter offline, with the online trainer's code, from
+//! traces a server recorded (`tandem serve --spec eagle --spec-train online --trace-dir DIR`)
+//! and/or from text the target reads first (`--corpus`), which labels every position with the
+//! target's own distribution.
 use crate::online_arg::TrainArgs;
 use crate::spec_arg::{self, SpecArgs};
 use crate::{load_model, models};
@@ -9,13 +11,24 @@ use rand::SeedableRng;
 use std::path::PathBuf;
 use tandem_models::LoadOptions;
 use tandem_speculator::traces_io::{load_trace, trace_files};
-use tandem_speculator::{Batch, TracePool, Trainer};
+use tandem_speculator::{distill, Batch, TracePool, Trainer};
 
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
     /// Folder of recorded traces (`trace-*.safetensors`).
+    #[arg(long, required_unless_present = "corpus")]
+    traces: Option<PathBuf>,
+    /// Text the target reads first, every position labelled with its own distribution: files,
+    /// folders (their .py, .rs, .md and .txt files, recursively), or `python-stdlib` (the Python
+    /// standard library's packages; `bench online`'s code prompts come from its other files).
     #[arg(long)]
-    traces: PathBuf,
+    corpus: Vec<String>,
+    /// Tokens of corpus text to read (chunks drawn at random across the files).
+    #[arg(long, default_value_t = 200_000)]
+    corpus_tokens: usize,
+    /// Tokens per corpus chunk (one trace each).
+    #[arg(long, default_value_t = 256)]
+    corpus_chunk: usize,
     /// The target model the traces came from (default: smollm2).
     #[arg(long)]
     model: Option<String>,
@@ -43,9 +56,28 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let loaded = load_model(&path, &LoadOptions::default())?;
     let drafter = spec_arg::build_eagle(&args.spec, &loaded)?;
     let mut pool = TracePool::new(usize::MAX);
-    let files = trace_files(&args.traces)?;
-    if files.len() <= args.holdout {
-        bail!("{} traces in {}: need more than --holdout {}", files.len(), args.traces.display(), args.holdout);
+    let tc = args.train.train_config(args.spec.warm_start);
+    if !args.corpus.is_empty() {
+        let chunks = corpus_chunks(&args.corpus, &loaded.tokenizer, args.corpus_tokens, args.corpus_chunk, tc.seed)?;
+        let bar = ProgressBar::new(chunks.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} corpus chunks read by the target [{elapsed} < {eta}]")
+                .expect("valid template"),
+        );
+        let traces =
+            distill::text_traces(&loaded.model, &drafter.config.target_layers, &chunks, 4, |n| bar.inc(n as u64))?;
+        bar.finish_and_clear();
+        for t in traces {
+            pool.add(t);
+        }
+        eprintln!("corpus: {} chunks, {} positions", chunks.len(), pool.positions());
+    }
+    let files = match &args.traces {
+        Some(dir) => trace_files(dir)?,
+        None => Vec::new(),
+    };
+    if args.holdout > 0 && files.len() <= args.holdout {
+        bail!("{} trace files: need more than --holdout {}", files.len(), args.holdout);
     }
     let fs = drafter.config.target_layers.len() * drafter.config.hidden_size;
     let mut held = Vec::new();
@@ -64,8 +96,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             pool.add(t);
         }
     }
-    eprintln!("{} traces, {} positions ({} held out)", files.len() - held.len(), pool.positions(), held.len());
-    let tc = args.train.train_config(args.spec.warm_start);
+    eprintln!("{} traces, {} positions ({} held out)", pool.len(), pool.positions(), held.len());
     let mut trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
     let vd = trainer.config.draft_vocab_size;
@@ -127,5 +158,79 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     bar.finish();
     tandem_runtime::spec::eagle::save_weights(&trainer.config, &trainer.weights()?, &args.out)?;
     eprintln!("drafter written to {} (serve it with --spec eagle:{})", args.out.display(), args.out.display());
+    Ok(())
+}
+
+/// Chunks of `chunk` tokens from the corpus files, drawn across them at random (at most four per
+/// file, so no single file dominates) until `tokens` are gathered.
+fn corpus_chunks(
+    sources: &[String],
+    tokenizer: &tandem_models::Tokenizer,
+    tokens: usize,
+    chunk: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    use rand::seq::SliceRandom;
+    if chunk < 8 {
+        bail!("--corpus-chunk {chunk} is too short (at least 8 tokens)");
+    }
+    let mut files = Vec::new();
+    for s in sources {
+        if s == "python-stdlib" {
+            files.extend(crate::workload::stdlib_package_files()?);
+            continue;
+        }
+        let p = PathBuf::from(s);
+        if p.is_dir() {
+            collect_text_files(&p, &mut files)?;
+        } else if p.is_file() {
+            files.push(p);
+        } else {
+            bail!("corpus {s}: no such file or folder (or `python-stdlib`)");
+        }
+    }
+    if files.is_empty() {
+        bail!("the corpus holds no .py, .rs, .md or .txt files");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    files.shuffle(&mut rng);
+    let mut out = Vec::new();
+    let mut gathered = 0;
+    for f in files {
+        if gathered >= tokens {
+            break;
+        }
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let ids = tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", f.display()))?
+            .get_ids()
+            .to_vec();
+        let mut pieces: Vec<&[u32]> = ids.chunks(chunk).filter(|c| c.len() >= chunk / 2).collect();
+        pieces.shuffle(&mut rng);
+        for p in pieces.into_iter().take(4) {
+            gathered += p.len();
+            out.push(p.to_vec());
+            if gathered >= tokens {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn collect_text_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_text_files(&p, out)?;
+        } else if p.extension().is_some_and(|e| ["py", "rs", "md", "txt"].iter().any(|x| e == *x)) {
+            out.push(p);
+        }
+    }
     Ok(())
 }

@@ -62,6 +62,32 @@ fn functions(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Python files in the standard library's packages (its subfolders; tests, IDLE and installed
+/// packages left out): text a drafter can learn the target from before serving. Disjoint from the
+/// code prompts, which come from the modules directly in the folder.
+pub fn stdlib_package_files() -> Result<Vec<PathBuf>> {
+    let Some(dir) = stdlib_dir() else { bail!("no Python standard library found (python3 is needed)") };
+    let skip = ["test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3"];
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| skip.iter().any(|s| n == *s)))
+        .collect();
+    while let Some(d) = stack.pop() {
+        for p in std::fs::read_dir(&d)?.filter_map(|e| e.ok().map(|e| e.path())) {
+            if p.is_dir() {
+                if !p.file_name().is_some_and(|n| skip.iter().any(|s| n == *s)) {
+                    stack.push(p);
+                }
+            } else if p.extension().is_some_and(|e| e == "py") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn code_prompts(rng: &mut StdRng, n: usize) -> Result<Vec<Prompt>> {
     let Some(dir) = stdlib_dir() else {
         bail!("no Python standard library found (python3 is needed for the code prompts)")

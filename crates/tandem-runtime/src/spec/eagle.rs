@@ -9,7 +9,7 @@
 //!
 //! Checkpoint: a folder with `config.json` ([`EagleConfig`]) and `model.safetensors` using the
 //! tensor names of published EAGLE-3 drafters (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`).
-use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter};
+use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter};
 use crate::sampling::Sampler;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use rand::rngs::StdRng;
@@ -248,6 +248,8 @@ pub struct EagleDrafter {
     /// The projections' type while serving (norms stay f32). Drafts never change outputs, so a
     /// bf16 drafter only trades a little agreement for half the bytes read per draft token.
     serve_dtype: DType,
+    /// Prompt lookup tried before the learned drafter (see `with_lookup`).
+    lookup: Option<NgramDrafter>,
 }
 
 /// Every tensor present with its expected shape, and `d2t` mapping into the target's vocabulary.
@@ -303,7 +305,17 @@ impl EagleDrafter {
             rope: None,
             catch_up: (0.0, 0),
             serve_dtype: DType::F32,
+            lookup: None,
         })
+    }
+
+    /// Tries prompt lookup first: where the sequence's last `lookup.min_ngram` or more tokens
+    /// occurred earlier in it, the draft is what followed them (free to compute, and right
+    /// whenever the output copies its context: code being completed or explained, quotes);
+    /// elsewhere the learned drafter proposes. Such drafts are marked `Draft::lookup`.
+    pub fn with_lookup(mut self, lookup: Option<NgramDrafter>) -> Self {
+        self.lookup = lookup;
+        self
     }
 
     /// Serves the projections in `dtype` (f32 or bf16), now and for every later update.
@@ -468,6 +480,10 @@ impl EagleDrafter {
         let state = &self.slots[r.slot];
         let committed = state.features.len() / fs;
         // The target must have committed every token but the pending last one.
+        if let Some(copied) = self.lookup.as_ref().map(|l| l.lookup(r.tokens, r.copy_k)).filter(|t| !t.is_empty()) {
+            // The learned drafter catches up on these positions at its next draft.
+            return Ok(Draft { tokens: copied, probs: None, lookup: true });
+        }
         if r.k == 0 || committed == 0 || committed + 1 != n_tokens {
             return Ok(Draft::default());
         }
@@ -516,7 +532,11 @@ impl EagleDrafter {
         if state.sampler.is_none() {
             state.sampler = Some(drafter_sampler(r.sampling));
         }
-        let mut draft = Draft { tokens: Vec::with_capacity(r.k), probs: (r.sampling.temperature > 0.0).then(Vec::new) };
+        let mut draft = Draft {
+            tokens: Vec::with_capacity(r.k),
+            probs: (r.sampling.temperature > 0.0).then(Vec::new),
+            lookup: false,
+        };
         let (mut keys, mut values) = (keys, values);
         for step in 0..r.k {
             let logits = self.logits(&hidden)?;
@@ -544,7 +564,10 @@ impl EagleDrafter {
 
 impl Drafter for EagleDrafter {
     fn name(&self) -> String {
-        "eagle".into()
+        match self.lookup {
+            Some(_) => "eagle+lookup".into(),
+            None => "eagle".into(),
+        }
     }
 
     fn prepare(&mut self, slots: usize, _max_seq_len: usize) -> Result<()> {

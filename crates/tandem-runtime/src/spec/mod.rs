@@ -32,6 +32,10 @@ pub struct DraftRequest<'a> {
     pub tokens: &'a [u32],
     /// Propose at most this many tokens.
     pub k: usize,
+    /// At most this many tokens for a draft copied by prompt lookup (`Draft::lookup`), which a
+    /// drafter may offer even where `k` is 0: copies are free to make, and the engine tunes their
+    /// length apart from the learned drafter's.
+    pub copy_k: usize,
     pub sampling: &'a SamplingParams,
 }
 
@@ -42,11 +46,14 @@ pub struct Draft {
     /// The distribution each token was drawn from (sparse, target ids), for rejection sampling.
     /// None: the tokens were chosen deterministically (the distribution is one-hot).
     pub probs: Option<Vec<Vec<(u32, f32)>>>,
+    /// Copied from earlier in the sequence by prompt lookup, not proposed by a learned drafter:
+    /// online training neither learns from its rejections nor judges the drafter by it.
+    pub lookup: bool,
 }
 
 impl Draft {
     pub fn greedy(tokens: Vec<u32>) -> Draft {
-        Draft { tokens, probs: None }
+        Draft { tokens, probs: None, lookup: false }
     }
 
     /// The drafter's probability of its `i`-th token.

@@ -115,7 +115,7 @@ mod tests {
         let mut fixed = vec![0; 5];
         for _ in 0..n {
             let d = drafter.draw(&q_sparse);
-            let draft = Draft { tokens: vec![d], probs: Some(vec![q_sparse.clone()]) };
+            let draft = Draft { tokens: vec![d], probs: Some(vec![q_sparse.clone()]), lookup: false };
             sampled[verify(&mut s, &[&logits, &logits], &draft, &[]).tokens[0].id as usize] += 1;
             // A deterministic drafter always proposing the least likely token.
             fixed[verify(&mut s, &[&logits, &logits], &Draft::greedy(vec![4]), &[]).tokens[0].id as usize] += 1;
