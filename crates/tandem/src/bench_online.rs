@@ -44,7 +44,8 @@ pub struct OnlineBenchArgs {
     /// Requests per domain: code, math, chat.
     #[arg(long, value_delimiter = ',', default_value = "500,200,200")]
     domains: Vec<usize>,
-    /// The reduced run (under 10 minutes here): 30,15,15 requests, configurations none and warm.
+    /// The reduced run (under 10 minutes here): 30,15,15 requests, configurations none, ngram and
+    /// warm+lookup (unless --configs says otherwise).
     #[arg(long)]
     reduced: bool,
     #[arg(long, default_value_t = 64)]
@@ -59,7 +60,7 @@ pub struct OnlineBenchArgs {
     think_ms: u64,
     /// Configurations to run, in order (`offline` needs `warm` before it). An EAGLE configuration
     /// with `+lookup` (e.g. `warm+lookup`) tries prompt lookup before its drafter.
-    #[arg(long, value_delimiter = ',', default_value = "none,ngram,scratch,warm,warm-head,offline,none+train")]
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONFIGS)]
     configs: Vec<String>,
     /// Most draft tokens per step.
     #[arg(long, default_value_t = 6)]
@@ -86,6 +87,8 @@ pub struct OnlineBenchArgs {
     #[command(flatten)]
     online: OnlineArgs,
 }
+
+const DEFAULT_CONFIGS: &str = "none,ngram,scratch,warm,warm+lookup,warm-head,offline,none+train";
 
 /// One finished request.
 #[derive(Serialize, Clone, Debug)]
@@ -479,8 +482,8 @@ fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
 pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     if args.reduced {
         args.domains = vec![30, 15, 15];
-        if args.configs.len() == 7 {
-            args.configs = vec!["none".into(), "warm".into()];
+        if args.configs.join(",") == DEFAULT_CONFIGS {
+            args.configs = vec!["none".into(), "ngram".into(), "warm+lookup".into()];
         }
         args.window = args.window.min(10);
     }

@@ -40,8 +40,9 @@ pub struct SpecArgs {
     pub drafter: Option<std::path::PathBuf>,
     /// With an EAGLE drafter, try prompt lookup first: where the sequence's last N (up to 4)
     /// tokens occurred earlier in it, draft what followed them; elsewhere the EAGLE drafter
-    /// drafts. 0 turns lookup off.
-    #[arg(long, default_value_t = 0)]
+    /// drafts. Copies are free and right whenever the output repeats its context; online training
+    /// ignores them. 0: the EAGLE drafter alone.
+    #[arg(long, default_value_t = 2)]
     pub spec_lookup: usize,
 }
 

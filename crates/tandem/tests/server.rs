@@ -168,7 +168,27 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     assert!(out.status.success(), "train-drafter failed:\n{log}");
     assert!(log.contains("step 4: loss") && log.contains("held-out top-1 agreement"), "{log}");
     assert!(offline.join("model.safetensors").exists());
-    for d in [&save, &traces, &offline] {
+    // Text the target reads trains it too (here besides the traces): at most four chunks a file.
+    let corpus = std::env::temp_dir().join(format!("tandem-corpus-{}", std::process::id()));
+    std::fs::create_dir_all(corpus.join("pkg")).unwrap();
+    std::fs::write(corpus.join("pkg/ops.py"), "def add(a, b):\n    return a + b\n\n".repeat(80)).unwrap();
+    std::fs::write(corpus.join("pkg/skipped.bin"), "not text").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["train-drafter", "--steps", "2", "--report-every", "2", "--holdout", "2", "--train-batch", "32"])
+        .args(["--corpus-tokens", "100000", "--corpus-chunk", "128", "--corpus"])
+        .arg(&corpus)
+        .arg("--model")
+        .arg(smollm2())
+        .arg("--traces")
+        .arg(&traces)
+        .arg("--out")
+        .arg(&offline)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "train-drafter --corpus failed:\n{log}");
+    assert!(log.contains("corpus: 4 chunks, 512 positions") && log.contains("step 2: loss"), "{log}");
+    for d in [&save, &traces, &offline, &corpus] {
         let _ = std::fs::remove_dir_all(d);
     }
 }
