@@ -154,18 +154,22 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     // The recorded traces train a drafter offline with the same trainer, reporting agreement on
     // the traces it held out.
     let offline = std::env::temp_dir().join(format!("tandem-offline-drafter-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["train-drafter", "--steps", "4", "--report-every", "2", "--holdout", "2", "--train-batch", "32"])
-        .arg("--model")
-        .arg(smollm2())
-        .arg("--traces")
-        .arg(&traces)
-        .arg("--out")
-        .arg(&offline)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "train-drafter failed:\n{log}");
+    let train_drafter = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["train-drafter", "--report-every", "2", "--holdout", "2", "--train-batch", "32", "--model"])
+            .arg(smollm2())
+            .arg("--traces")
+            .arg(&traces)
+            .arg("--out")
+            .arg(&offline)
+            .args(args)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "train-drafter {args:?} failed:\n{log}");
+        log
+    };
+    let log = train_drafter(&["--steps", "4"]);
     assert!(log.contains("step 4: loss") && log.contains("held-out top-1 agreement"), "{log}");
     assert!(offline.join("model.safetensors").exists());
     // Text the target reads trains it too (here besides the traces): at most four chunks a file.
@@ -173,20 +177,9 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     std::fs::create_dir_all(corpus.join("pkg")).unwrap();
     std::fs::write(corpus.join("pkg/ops.py"), "def add(a, b):\n    return a + b\n\n".repeat(80)).unwrap();
     std::fs::write(corpus.join("pkg/skipped.bin"), "not text").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["train-drafter", "--steps", "2", "--report-every", "2", "--holdout", "2", "--train-batch", "32"])
-        .args(["--corpus-tokens", "100000", "--corpus-chunk", "128", "--corpus"])
-        .arg(&corpus)
-        .arg("--model")
-        .arg(smollm2())
-        .arg("--traces")
-        .arg(&traces)
-        .arg("--out")
-        .arg(&offline)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "train-drafter --corpus failed:\n{log}");
+    let corpus_arg = corpus.to_str().unwrap();
+    let log =
+        train_drafter(&["--steps", "2", "--corpus-tokens", "100000", "--corpus-chunk", "128", "--corpus", corpus_arg]);
     assert!(log.contains("corpus: 4 chunks, 512 positions") && log.contains("step 2: loss"), "{log}");
     for d in [&save, &traces, &offline, &corpus] {
         let _ = std::fs::remove_dir_all(d);
