@@ -479,11 +479,11 @@ impl EagleDrafter {
         let n_tokens = r.tokens.len();
         let state = &self.slots[r.slot];
         let committed = state.features.len() / fs;
-        // The target must have committed every token but the pending last one.
         if let Some(copied) = self.lookup.as_ref().map(|l| l.lookup(r.tokens, r.copy_k)).filter(|t| !t.is_empty()) {
             // The learned drafter catches up on these positions at its next draft.
             return Ok(Draft { tokens: copied, probs: None, lookup: true });
         }
+        // The target must have committed every token but the pending last one.
         if r.k == 0 || committed == 0 || committed + 1 != n_tokens {
             return Ok(Draft::default());
         }
