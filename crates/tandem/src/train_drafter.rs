@@ -182,7 +182,7 @@ fn corpus_chunks(
         }
         let p = PathBuf::from(s);
         if p.is_dir() {
-            collect_text_files(&p, &mut files)?;
+            crate::workload::files_under(&p, &["py", "rs", "md", "txt"], &[], &mut files)?;
         } else if p.is_file() {
             files.push(p);
         } else {
@@ -217,20 +217,4 @@ fn corpus_chunks(
         }
     }
     Ok(out)
-}
-
-fn collect_text_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            collect_text_files(&p, out)?;
-        } else if p.extension().is_some_and(|e| ["py", "rs", "md", "txt"].iter().any(|x| e == *x)) {
-            out.push(p);
-        }
-    }
-    Ok(())
 }

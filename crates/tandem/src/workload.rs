@@ -5,7 +5,7 @@
 //! - chat: general questions built from topic lists.
 //!
 //! Deterministic for a seed; the same stream for every configuration a benchmark compares.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -69,23 +69,33 @@ pub fn stdlib_package_files() -> Result<Vec<PathBuf>> {
     let Some(dir) = stdlib_dir() else { bail!("no Python standard library found (python3 is needed)") };
     let skip = ["test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3"];
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| skip.iter().any(|s| n == *s)))
-        .collect();
-    while let Some(d) = stack.pop() {
-        for p in std::fs::read_dir(&d)?.filter_map(|e| e.ok().map(|e| e.path())) {
-            if p.is_dir() {
-                if !p.file_name().is_some_and(|n| skip.iter().any(|s| n == *s)) {
-                    stack.push(p);
-                }
-            } else if p.extension().is_some_and(|e| e == "py") {
-                out.push(p);
-            }
+    for p in std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())) {
+        if p.is_dir() && !p.file_name().is_some_and(|n| skip.iter().any(|s| n == *s)) {
+            files_under(&p, &["py"], &skip, &mut out)?;
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Appends the files under `dir` (recursively, in name order) whose extension is one of `exts`,
+/// leaving out folders named in `skip`.
+pub fn files_under(dir: &Path, exts: &[&str], skip: &[&str], out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            if !p.file_name().is_some_and(|n| skip.iter().any(|s| n == *s)) {
+                files_under(&p, exts, skip, out)?;
+            }
+        } else if p.extension().is_some_and(|e| exts.iter().any(|x| e == *x)) {
+            out.push(p);
+        }
+    }
+    Ok(())
 }
 
 fn code_prompts(rng: &mut StdRng, n: usize) -> Result<Vec<Prompt>> {
