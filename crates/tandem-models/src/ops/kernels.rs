@@ -192,6 +192,61 @@ mod avx2 {
             j += 1;
         }
     }
+
+    /// scores[p] = (q . keys[p]) * scale for every key row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+        let d = q.len();
+        let qp = q.as_ptr();
+        for (p, s) in scores.iter_mut().enumerate() {
+            let kp = keys.as_ptr().add(p * d);
+            // Two chains so consecutive FMAs do not wait on each other.
+            let mut a0 = _mm256_setzero_ps();
+            let mut a1 = _mm256_setzero_ps();
+            let mut c = 0;
+            while c + 16 <= d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c + 8)), _mm256_loadu_ps(kp.add(c + 8)), a1);
+                c += 16;
+            }
+            if c < d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)), a0);
+            }
+            *s = hsum(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+
+    /// o = sum_p weights[p] * inv * values[p]: 64 output lanes at a time stay in registers while
+    /// every value row streams past.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(weights: &[f32], inv: f32, values: &[f32], o: &mut [f32]) {
+        let d = o.len();
+        let mut c0 = 0;
+        while c0 + 64 <= d {
+            lanes::<8>(weights, inv, values, d, c0, o);
+            c0 += 64;
+        }
+        while c0 < d {
+            lanes::<1>(weights, inv, values, d, c0, o);
+            c0 += 8;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lanes<const N: usize>(weights: &[f32], inv: f32, values: &[f32], d: usize, c0: usize, o: &mut [f32]) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let vp = values.as_ptr().add(c0);
+        for (p, &w) in weights.iter().enumerate() {
+            let wv = _mm256_set1_ps(w * inv);
+            let row = vp.add(p * d);
+            for n in 0..N {
+                acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
+            }
+        }
+        for n in 0..N {
+            _mm256_storeu_ps(o.as_mut_ptr().add(c0 + n * 8), acc[n]);
+        }
+    }
 }
 
 /// Dot product with eight independent partial sums, which the compiler keeps in vector lanes.
@@ -303,6 +358,11 @@ pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: Cac
 
 /// Causal attention of each token over its own slot's cache, positions 0..=pos.
 /// q: [tokens, heads, head_dim] -> out: [tokens, heads * head_dim].
+///
+/// One work item is one (head, token) row; a row's result is computed by the same instructions
+/// whatever else is in the batch, so verifying k drafted tokens gives each of them bit for bit what
+/// decoding it alone would. Items run head-major: a sequence's verified rows for one head follow
+/// each other on the same worker and find that head's keys and values still in cache.
 pub fn attention(
     q: &[f32],
     k_cache: &[f32],
@@ -313,45 +373,76 @@ pub fn attention(
     out: &mut [f32],
 ) {
     let d = g.head_dim;
+    let t = tokens.len();
+    assert_eq!(q.len(), t * heads * d);
+    assert_eq!(out.len(), t * heads * d);
     let group = heads / g.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let per_head = |scores: &mut Vec<f32>, (th, o): (usize, &mut [f32])| {
-        let (t, h) = (th / heads, th % heads);
-        let ts = tokens[t];
-        let kvh = h / group;
-        let qv = &q[th * d..(th + 1) * d];
+    let dst = SharedMut(out.as_mut_ptr());
+    let item = |scores: &mut Vec<f32>, i: usize| {
+        let (h, ti) = (i / t, i % t);
+        let ts = tokens[ti];
+        let th = ti * heads + h;
         let len = ts.pos + 1;
-        let base = g.offset(ts.slot, kvh, 0);
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for p in 0..len {
-            let s = dot(qv, &k_cache[base + p * d..base + (p + 1) * d]) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        o.fill(0.0);
-        let inv = 1.0 / sum;
-        for (p, &s) in scores.iter().enumerate() {
-            let w = s * inv;
-            let vr = &v_cache[base + p * d..base + (p + 1) * d];
-            for (o, &v) in o.iter_mut().zip(vr) {
-                *o += w * v;
-            }
-        }
+        let base = g.offset(ts.slot, h / group, 0);
+        let keys = &k_cache[base..base + len * d];
+        let values = &v_cache[base..base + len * d];
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        // SAFETY: item i alone writes row th of out, and th is distinct for every i.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(th * d), d) };
+        attend_row(&q[th * d..(th + 1) * d], keys, values, scale, scores, o);
     };
     // Forking workers costs more than a decode step's few heads over a short cache.
     let work: usize = tokens.iter().map(|ts| ts.pos + 1).sum::<usize>() * heads * d;
     if work < 1 << 16 {
         let mut scores = Vec::new();
-        out.chunks_mut(d).enumerate().for_each(|item| per_head(&mut scores, item));
+        (0..t * heads).for_each(|i| item(&mut scores, i));
     } else {
-        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, per_head);
+        (0..t * heads).into_par_iter().for_each_init(Vec::new, item);
     }
+}
+
+/// One query row against `len` keys and values ([len, d] each): softmax(q.K * scale).V into o.
+fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+    let d = q.len();
+    let len = keys.len() / d;
+    scores.clear();
+    scores.resize(len, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if d % 8 == 0 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA; every slice holds whole rows of d = 8n floats.
+            unsafe {
+                avx2::scores(q, keys, scale, scores);
+                let inv = softmax_in_place(scores);
+                avx2::weighted_sum(scores, inv, values, o);
+            }
+            return;
+        }
+    }
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+        *s = dot(q, k) * scale;
+    }
+    let inv = softmax_in_place(scores);
+    o.fill(0.0);
+    for (&s, vr) in scores.iter().zip(values.chunks_exact(d)) {
+        let w = s * inv;
+        for (o, &v) in o.iter_mut().zip(vr) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Replaces scores by exp(score - max) and returns 1 / their sum.
+fn softmax_in_place(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    1.0 / sum
 }
 
 #[cfg(test)]
@@ -401,6 +492,46 @@ mod tests {
             let mut one = vec![0f32; n];
             matmul_xwt(&x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
             assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+        }
+    }
+
+    #[test]
+    fn attention_matches_naive_and_each_row_equals_its_own_pass() {
+        let (heads, kv_heads, d, capacity) = (6, 2, 72, 40);
+        let g = CacheGeometry { kv_heads, capacity, head_dim: d };
+        let cache_len = 2 * kv_heads * capacity * d;
+        let kc: Vec<f32> = (0..cache_len).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();
+        let vc: Vec<f32> = (0..cache_len).map(|i| ((i * 11) % 19) as f32 / 19.0 - 0.5).collect();
+        // A prefill-like run in slot 1 and a verification-like run in slot 0.
+        let tokens: Vec<TokenSlot> = (0..7)
+            .map(|p| TokenSlot { slot: 1, pos: p * 5 })
+            .chain((30..35).map(|p| TokenSlot { slot: 0, pos: p }))
+            .collect();
+        let t = tokens.len();
+        let q: Vec<f32> = (0..t * heads * d).map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5).collect();
+        let mut all = vec![0f32; t * heads * d];
+        attention(&q, &kc, &vc, &tokens, heads, g, &mut all);
+        for (ti, ts) in tokens.iter().enumerate() {
+            for h in 0..heads {
+                let qr = &q[(ti * heads + h) * d..(ti * heads + h + 1) * d];
+                let base = g.offset(ts.slot, h / (heads / kv_heads), 0);
+                let s: Vec<f64> = (0..=ts.pos)
+                    .map(|p| {
+                        (0..d).map(|c| qr[c] as f64 * kc[base + p * d + c] as f64).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..d {
+                    let want: f64 = (0..=ts.pos).map(|p| e[p] / z * vc[base + p * d + c] as f64).sum();
+                    let got = all[(ti * heads + h) * d + c];
+                    assert!((got as f64 - want).abs() < 1e-5, "token {ti} head {h} lane {c}: {got} vs {want}");
+                }
+            }
+            let mut one = vec![0f32; heads * d];
+            attention(&q[ti * heads * d..(ti + 1) * heads * d], &kc, &vc, &[*ts], heads, g, &mut one);
+            assert_eq!(&all[ti * heads * d..(ti + 1) * heads * d], &one[..], "token {ti}");
         }
     }
 }
