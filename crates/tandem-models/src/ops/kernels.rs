@@ -77,6 +77,8 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
 
 const ROWS: usize = 4;
 const INPUT_GROUP: usize = 32;
+/// Cache lines of the next tile's weights prefetched per step of 8 columns.
+const PREFETCH_LINES: usize = 2;
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_block<W: WeightElem>(
@@ -107,7 +109,7 @@ unsafe fn matmul_block<W: WeightElem>(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
 mod avx2 {
-    use super::WeightElem;
+    use super::{WeightElem, PREFETCH_LINES};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -141,6 +143,15 @@ mod avx2 {
             let mut wv = [_mm256_setzero_ps(); R];
             for r in 0..R {
                 wv[r] = W::load8(wp.add(r * k + p));
+            }
+            if R == 4 {
+                // The next tile's weight rows, a slice per step, so their loads from memory overlap
+                // this tile's arithmetic: with several input rows the hardware prefetcher alone
+                // falls behind. (wrapping_add: past the last row this only names an address.)
+                let ahead = wp.wrapping_add(R * k + p * R) as *const i8;
+                for line in 0..PREFETCH_LINES {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
             }
             for c in 0..C {
                 let xv = _mm256_loadu_ps(xp.add(c * k + p));
