@@ -227,6 +227,68 @@ mod avx2 {
         }
     }
 
+    /// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
+        let n = scores.len();
+        let n8 = n / 8 * 8;
+        let sp = scores.as_mut_ptr();
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in (0..n8).step_by(8) {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(sp.add(c)));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let max = lanes.iter().chain(&scores[n8..]).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mv = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        for c in (0..n8).step_by(8) {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(sp.add(c)), mv));
+            _mm256_storeu_ps(sp.add(c), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if n8 < n {
+            // The tail through the same polynomial (so a score's weight does not depend on where
+            // the row ends), padded lanes masked out of the sum.
+            let mut tail = [max; 8];
+            tail[..n - n8].copy_from_slice(&scores[n8..]);
+            let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(
+                _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
+                _mm256_set1_ps((n - n8) as f32),
+            );
+            let e = _mm256_and_ps(exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv)), keep);
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            scores[n8..].copy_from_slice(&tail[..n - n8]);
+            sum = _mm256_add_ps(sum, e);
+        }
+        1.0 / hsum(sum)
+    }
+
+    /// e^x for x <= 0 to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
+    /// parts so n ln2 is exact), e^r by its degree-6 minimax polynomial (Cephes' expf
+    /// coefficients), and 2^n built in the exponent bits. Inputs below -87 give 0.
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale))
+    }
+
     /// o = sum_p weights[p] * inv * values[p]: 64 output lanes at a time stay in registers while
     /// every value row streams past.
     #[target_feature(enable = "avx2,fma")]
@@ -422,11 +484,11 @@ fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut 
     scores.resize(len, 0.0);
     #[cfg(target_arch = "x86_64")]
     {
-        if d % 8 == 0 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA; every slice holds whole rows of d = 8n floats.
             unsafe {
                 avx2::scores(q, keys, scale, scores);
-                let inv = softmax_in_place(scores);
+                let inv = avx2::softmax_in_place(scores);
                 avx2::weighted_sum(scores, inv, values, o);
             }
             return;
