@@ -265,8 +265,8 @@ mod avx2 {
     }
 
     /// e^x for x <= 0 to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
-    /// parts so n ln2 is exact), e^r by its degree-6 minimax polynomial (Cephes' expf
-    /// coefficients), and 2^n built in the exponent bits. Inputs below -87 give 0.
+    /// parts so n ln2 is exact), e^r as 1 + r + r^2 P(r) with Cephes' expf coefficients for P,
+    /// and 2^n built in the exponent bits. Inputs below -87 give 0.
     #[inline(always)]
     unsafe fn exp(x: __m256) -> __m256 {
         let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
