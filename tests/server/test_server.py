@@ -195,15 +195,16 @@ def test_clients_are_attributed_and_metered():
     body = json.dumps({"prompt": "Count: one two three", "max_tokens": 5, "temperature": 0})
     for who in ({"X-Tandem-Client": "team-a", "X-Tandem-Agent": "planner"}, {"Authorization": "Bearer sk-secret-key"}):
         status, _, _ = raw("POST", "/v1/completions", body, {"Content-Type": "application/json", **who})
-        assert status == 200
+        assert status == 200, status
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, user="user-7")
-    assert r.usage.completion_tokens == 3
+    assert r.usage.completion_tokens == 3, r.usage
+    # No waiting: a response's accounting is published before the response ends.
     text = raw("GET", "/metrics")[1].decode()
     assert 'tandem_client_service_tokens_total{client="team-a/planner",kind="output"} 5' in text, text
-    assert 'tandem_client_service_tokens_total{client="user-7",kind="output"} 3' in text
-    assert "sk-secret-key" not in text and 'client="key-' in text  # keys are hashed, never exported
-    assert 'tandem_scheduler_info{policy="fair"} 1' in text
-    assert 'tandem_client_request_latency_seconds_count{client="user-7"} 1' in text
+    assert 'tandem_client_service_tokens_total{client="user-7",kind="output"} 3' in text, text
+    assert "sk-secret-key" not in text and 'client="key-' in text, "API keys must be hashed, never exported"
+    assert 'tandem_scheduler_info{policy="fair"} 1' in text, text
+    assert 'tandem_client_request_latency_seconds_count{client="user-7"} 1' in text, text
 
 
 def test_metrics():

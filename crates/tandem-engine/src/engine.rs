@@ -306,6 +306,9 @@ pub struct Engine {
     commands: UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     shutting_down: bool,
+    /// Finished events of this step, sent once the step's accounting is published: a client that
+    /// reads /metrics after its response then sees that response counted.
+    finishing: Vec<(UnboundedSender<Event>, Event)>,
 }
 
 impl Engine {
@@ -343,6 +346,7 @@ impl Engine {
             next_arrival: 0,
             commands: rx,
             shared,
+            finishing: Vec::new(),
             shutting_down: false,
         };
         Ok((engine, handle))
@@ -431,6 +435,9 @@ impl Engine {
         self.admit();
         let worked = self.forward_once();
         self.publish();
+        for (events, finished) in self.finishing.drain(..) {
+            let _ = events.send(finished);
+        }
         self.check_invariants();
         worked
     }
@@ -827,7 +834,10 @@ impl Engine {
             let generated_before = r.generated;
             for (j, token) in emitted.into_iter().enumerate() {
                 if r.request.stop_token_ids.contains(&token.id) {
-                    let _ = r.events.send(Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) });
+                    self.finishing.push((
+                        r.events.clone(),
+                        Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) },
+                    ));
                     finished.push(p.index);
                     break;
                 }
@@ -843,7 +853,10 @@ impl Engine {
                 let cached = if is_decode { p.start + 1 + j } else { p.start + kept };
                 let full = cached + 1 > self.config.max_seq_len;
                 if r.generated >= r.request.max_tokens || full {
-                    let _ = r.events.send(Event::Finished { reason: FinishReason::Length, usage: usage(r.generated) });
+                    self.finishing.push((
+                        r.events.clone(),
+                        Event::Finished { reason: FinishReason::Length, usage: usage(r.generated) },
+                    ));
                     finished.push(p.index);
                     break;
                 }

@@ -47,14 +47,23 @@ pub fn start(
     let (tx, rx) = unbounded_channel();
     let state = state.clone();
     tokio::spawn(async move {
-        // Per-client latency of the whole choice, whichever way it ends.
-        struct Done(Arc<AppState>, String, Instant);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                self.0.metrics.observe_client_latency(&self.1, self.2.elapsed().as_secs_f64());
+        // Per-client latency of the whole choice, whichever way it ends. It is recorded before the
+        // final event is sent, so a client that reads /metrics after its response sees it; the
+        // guard covers the other exits (client gone, task dropped).
+        struct Done(Arc<AppState>, String, Instant, bool);
+        impl Done {
+            fn record(&mut self) {
+                if !std::mem::replace(&mut self.3, true) {
+                    self.0.metrics.observe_client_latency(&self.1, self.2.elapsed().as_secs_f64());
+                }
             }
         }
-        let _done = Done(state.clone(), client, started);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.record();
+            }
+        }
+        let mut done = Done(state.clone(), client, started, false);
         let tokenizer = state.tokenizer.clone();
         let mut text = TextStream::new(&tokenizer);
         let mut stop = StopMatcher::new(stops);
@@ -91,6 +100,7 @@ pub fn start(
                         }
                         StopOutcome::Stop(out) => {
                             let _ = tx.send(ChoiceEvent::Delta { text: out, tokens });
+                            done.record();
                             let _ = tx.send(ChoiceEvent::End {
                                 finish_reason: "stop",
                                 completion_tokens: generated,
@@ -109,6 +119,7 @@ pub fn start(
                         FinishReason::Stop => "stop",
                         FinishReason::Length => "length",
                     };
+                    done.record();
                     let _ = tx.send(ChoiceEvent::End {
                         finish_reason,
                         completion_tokens: usage.completion_tokens,
@@ -117,11 +128,13 @@ pub fn start(
                     return;
                 }
                 Event::Failed(message) => {
+                    done.record();
                     let _ = tx.send(ChoiceEvent::Error(message));
                     return;
                 }
             }
         }
+        done.record();
         let _ = tx.send(ChoiceEvent::Error("the engine stopped".into()));
     });
     Ok(rx)
