@@ -29,6 +29,10 @@ pub struct EngineConfig {
     /// Adapt each sequence's draft length to its acceptance: +2 after a fully accepted draft, -1
     /// (down to 1) after a rejection, so drafts that keep failing stay cheap to verify.
     pub spec_adaptive: bool,
+    /// Greedy requests: this many of the drafter's runners-up for the first draft token are
+    /// verified beside the draft in the same forward (`Draft::alternatives`), so a wrong first
+    /// guess can still yield two tokens. Each costs one more row in the verification forward.
+    pub spec_alternatives: usize,
     /// Host memory for the KV of preempted requests (swapped out, restored when they resume);
     /// beyond it a preempted request is recomputed instead. None: as much as the KV cache itself.
     pub swap_bytes: Option<usize>,
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             spec_k: 4,
             spec_adaptive: true,
+            spec_alternatives: 2,
             swap_bytes: None,
         }
     }
@@ -606,9 +611,22 @@ impl Engine {
             let k = global_k.unwrap_or(r.draft_k).min(limit);
             // Copies are free to propose: asked for even while the learned drafter is off (k = 0).
             let copy_k = r.copy_k.min(limit);
+            // Siblings of the first draft token need a first token, greedy verification, and
+            // cache rows of their own after the draft's.
+            let alternatives = match (k > 0, r.request.sampling.temperature == 0.0) {
+                (true, true) => self.config.spec_alternatives.min(room - k),
+                _ => 0,
+            };
             if k > 0 || copy_k > 0 {
-                asks.push(DraftRequest { slot: r.slot, tokens: &r.history, k, copy_k, sampling: &r.request.sampling });
-                who.push((i, k, copy_k));
+                asks.push(DraftRequest {
+                    slot: r.slot,
+                    tokens: &r.history,
+                    k,
+                    copy_k,
+                    alternatives,
+                    sampling: &r.request.sampling,
+                });
+                who.push((i, k, copy_k, alternatives));
             }
         }
         if asks.is_empty() {
@@ -618,11 +636,17 @@ impl Engine {
         match result {
             Ok(Ok(proposed)) => {
                 let vocab = self.model.config.vocab_size as u32;
-                for ((i, k, copy_k), mut d) in who.into_iter().zip(proposed) {
+                for ((i, k, copy_k, alternatives), mut d) in who.into_iter().zip(proposed) {
                     // Whatever the drafter says, verify only what fits and exists.
                     let most = if d.lookup { copy_k } else { k };
                     let valid = d.tokens.iter().take(most).take_while(|&&t| t < vocab).count();
                     d.tokens.truncate(valid);
+                    let (first, vocab_ok) = (d.tokens.first().copied(), |t: &u32| *t < vocab);
+                    d.alternatives.truncate(if d.lookup || d.probs.is_some() { 0 } else { alternatives });
+                    d.alternatives.retain(|t| vocab_ok(t) && Some(*t) != first);
+                    if first.is_none() {
+                        d.alternatives.clear();
+                    }
                     if let Some(p) = d.probs.as_mut() {
                         if p.len() < valid {
                             d.tokens.truncate(p.len());
@@ -657,6 +681,7 @@ impl Engine {
                 let draft = std::mem::take(&mut drafts[i]);
                 let mut tokens = vec![t];
                 tokens.extend_from_slice(&draft.tokens);
+                tokens.extend_from_slice(&draft.alternatives);
                 budget = budget.saturating_sub(tokens.len());
                 plan.push(Planned { index: i, tokens, wants_logits: true, draft, start: self.cache.len(r.slot) });
             }
@@ -702,6 +727,7 @@ impl Engine {
                     (true, true) => LogitsFor::Last,
                     (true, false) => LogitsFor::All,
                 },
+                siblings: p.draft.alternatives.len(),
             })
             .collect();
         let mut layers: Vec<usize> = self.drafter.as_ref().map(|d| d.target_layers().to_vec()).unwrap_or_default();
@@ -732,6 +758,7 @@ impl Engine {
         let spec_on = self.drafter.is_some();
         let (mut drafted, mut accepted_total, mut steps, mut emitted_total) = (0u64, 0u64, 0u64, 0u64);
         let (mut lookup_drafted, mut lookup_accepted) = (0u64, 0u64);
+        let (mut alternatives_drafted, mut alternatives_accepted) = (0u64, 0u64);
         let mut finished = Vec::new();
         let mut row_offset = 0;
         for (p, rows) in plan.iter().zip(&out.logit_rows) {
@@ -753,16 +780,27 @@ impl Engine {
                 continue;
             }
             let r = &mut self.running[p.index];
-            let (emitted, accepted) = if p.draft.tokens.is_empty() {
-                (vec![r.sampler.sample(&logits[rows.start], &r.history)], 0)
+            let (emitted, accepted, alternative) = if p.draft.tokens.is_empty() {
+                (vec![r.sampler.sample(&logits[rows.start], &r.history)], 0, None)
             } else {
                 let rows: Vec<&[f32]> = logits[rows.clone()].iter().map(|l| l.as_slice()).collect();
                 let v = verify(&mut r.sampler, &rows, &p.draft, &r.history);
-                (v.tokens, v.accepted)
+                (v.tokens, v.accepted, v.alternative)
             };
-            // Keep the pending token and the accepted drafts; rejected ones are rolled back.
+            // Keep the pending token and the accepted drafts; rejected ones are rolled back. An
+            // accepted sibling's keys and values move into the place of the draft's first token.
             let kept = if is_decode { 1 + accepted } else { p.tokens.len() };
-            if kept < p.tokens.len() {
+            // Where each kept position's row is in this step's batch (a sibling's is not next).
+            let k = p.draft.tokens.len();
+            let row_of = |i: usize| match (i, alternative) {
+                (1, Some(j)) => 1 + k + j,
+                _ => i,
+            };
+            if let Some(j) = alternative {
+                if let Err(e) = self.cache.move_position(slot, p.start + 1 + k + j, p.start + 1) {
+                    tracing::error!(error = %e, "KV move of an accepted sibling failed");
+                }
+            } else if kept < p.tokens.len() {
                 if let Err(e) = self.cache.truncate(slot, p.start + kept) {
                     tracing::error!(error = %e, "KV rollback failed");
                 }
@@ -770,6 +808,8 @@ impl Engine {
             if is_decode && spec_on {
                 let r = &mut self.running[p.index];
                 r.spec.drafted_tokens += p.draft.tokens.len();
+                alternatives_drafted += p.draft.alternatives.len() as u64;
+                alternatives_accepted += alternative.is_some() as u64;
                 r.spec.accepted_tokens += accepted;
                 r.spec.decode_steps += 1;
                 let all_in = accepted == p.draft.tokens.len();
@@ -798,18 +838,20 @@ impl Engine {
                 let top = online.hooks.config.trace_top;
                 // Logit rows are the last rows.len() of the fed tokens.
                 let first = p.start + p.tokens.len() - rows.len();
-                for (j, row) in rows.clone().enumerate() {
+                for j in 0..rows.len() {
                     if first + j < p.start + kept {
-                        trace.record_soft(first + j, &logits[row], top);
+                        trace.record_soft(first + j, &logits[rows.start + row_of(j)], top);
                     }
                 }
-                // Copied (prompt-lookup) drafts say nothing about the learned drafter.
+                // Copied (prompt-lookup) drafts say nothing about the learned drafter. Where a
+                // sibling won, the draft's first token was the one rejected.
                 let learned = !p.draft.lookup;
-                if is_decode && learned && accepted < p.draft.tokens.len() {
+                let judged = if alternative.is_some() { 0 } else { accepted };
+                if is_decode && learned && judged < p.draft.tokens.len() {
                     trace.rejected.push(Rejection {
-                        pos: p.start + accepted,
-                        token: p.draft.tokens[accepted],
-                        depth: accepted,
+                        pos: p.start + judged,
+                        token: p.draft.tokens[judged],
+                        depth: judged,
                     });
                 }
                 if is_decode && learned && !p.draft.tokens.is_empty() {
@@ -822,7 +864,13 @@ impl Engine {
                     }
                 }
             }
-            self.observe(p.index, p.start, offset, kept, &out.hidden);
+            match alternative {
+                Some(_) => {
+                    self.observe(p.index, p.start, offset, 1, &out.hidden);
+                    self.observe(p.index, p.start + 1, offset + row_of(1), 1, &out.hidden);
+                }
+                None => self.observe(p.index, p.start, offset, kept, &out.hidden),
+            }
             let r = &mut self.running[p.index];
             let spec = spec_on.then_some(r.spec);
             let usage = |generated| Usage {
@@ -876,6 +924,8 @@ impl Engine {
             c.add(&c.draft_nanos, draft_nanos);
             c.add(&c.lookup_drafted, lookup_drafted);
             c.add(&c.lookup_accepted, lookup_accepted);
+            c.add(&c.alternatives_drafted, alternatives_drafted);
+            c.add(&c.alternatives_accepted, alternatives_accepted);
             c.add(&c.verify_nanos, verify_start.elapsed().as_nanos() as u64);
         }
         // Decode-only steps measure the end-to-end speed of the draft length used (steps with

@@ -36,6 +36,9 @@ pub struct SpecStats {
     /// Of the drafted and accepted tokens, those copied by prompt lookup (`Draft::lookup`).
     pub lookup_drafted_tokens: u64,
     pub lookup_accepted_tokens: u64,
+    /// Siblings of first draft tokens verified (`Draft::alternatives`), and steps where one won.
+    pub alternatives_drafted: u64,
+    pub alternatives_accepted: u64,
 }
 
 impl SpecStats {
@@ -59,6 +62,8 @@ pub(crate) struct SpecCounters {
     pub verify_nanos: AtomicU64,
     pub lookup_drafted: AtomicU64,
     pub lookup_accepted: AtomicU64,
+    pub alternatives_drafted: AtomicU64,
+    pub alternatives_accepted: AtomicU64,
 }
 
 impl SpecCounters {
@@ -74,6 +79,8 @@ impl SpecCounters {
             verify_secs: get(&self.verify_nanos) as f64 * 1e-9,
             lookup_drafted_tokens: get(&self.lookup_drafted),
             lookup_accepted_tokens: get(&self.lookup_accepted),
+            alternatives_drafted: get(&self.alternatives_drafted),
+            alternatives_accepted: get(&self.alternatives_accepted),
         }
     }
 

@@ -77,6 +77,26 @@ impl KvCache {
         Ok(())
     }
 
+    /// Copies the keys and values of position `from` of `slot` to position `to` (< from) and keeps
+    /// `to + 1` positions: a verified draft-tree sibling takes the place of the branch it beat.
+    pub fn move_position(&mut self, slot: usize, from: usize, to: usize) -> Result<()> {
+        let cur = *self.lens.get(slot).ok_or_else(|| ModelError::KvCache(format!("no slot {slot}")))?;
+        if to >= from || from >= cur {
+            return Err(ModelError::KvCache(format!(
+                "cannot move position {from} of slot {slot} ({cur} held) to {to}"
+            )));
+        }
+        let path = if self.keys[0].device().is_cpu() { OpsPath::CpuKernels } else { OpsPath::Generic };
+        let tokens = [TokenSlot::causal(slot, to)];
+        for cache in self.keys.iter().chain(&self.values) {
+            // [1, kv_heads, 1, head_dim] -> [1, kv_heads, head_dim], the layout cache_write takes.
+            let row = cache.narrow(0, slot, 1)?.narrow(2, from, 1)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            ops::cache_write(cache, &row, &tokens, path)?;
+        }
+        self.lens[slot] = to + 1;
+        Ok(())
+    }
+
     pub fn reset(&mut self, slot: usize) -> Result<()> {
         self.truncate(slot, 0)
     }
@@ -110,7 +130,7 @@ impl KvCache {
             return Err(ModelError::KvCache("the snapshot does not fit this cache".into()));
         }
         if snapshot.len > 0 {
-            let tokens: Vec<TokenSlot> = (0..snapshot.len).map(|pos| TokenSlot { slot, pos }).collect();
+            let tokens: Vec<TokenSlot> = (0..snapshot.len).map(|pos| TokenSlot::causal(slot, pos)).collect();
             let path = if self.keys[0].device().is_cpu() { OpsPath::CpuKernels } else { OpsPath::Generic };
             for (cache, rows) in self.keys.iter().zip(&snapshot.keys).chain(self.values.iter().zip(&snapshot.values)) {
                 ops::cache_write(cache, rows, &tokens, path)?;

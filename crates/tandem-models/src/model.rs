@@ -55,6 +55,11 @@ pub struct SequenceInput<'a> {
     pub slot: usize,
     pub tokens: &'a [u32],
     pub logits: LogitsFor,
+    /// The last `siblings` tokens are alternatives to tokens[1] (a draft tree forked after the
+    /// first token): each is at tokens[1]'s position and attends to the cache, tokens[0] and itself
+    /// only. Their keys and values land after the others'; `KvCache::move_position` puts a chosen
+    /// one in place. 0 for a plain run of consecutive tokens.
+    pub siblings: usize,
 }
 
 #[derive(Debug)]
@@ -366,6 +371,8 @@ impl Model {
         let c = &self.config;
         let mut ids = Vec::new();
         let mut tokens = Vec::new();
+        // RoPE positions: a sibling's is its first sibling's, not its cache row's.
+        let mut positions = Vec::new();
         let mut rows = Vec::new();
         let mut logit_rows = Vec::with_capacity(batch.len());
         let mut seen = vec![false; cache.num_slots()];
@@ -399,6 +406,12 @@ impl Model {
                     c.vocab_size
                 )));
             }
+            if seq.siblings > 0 && seq.siblings + 2 > seq.tokens.len() {
+                return Err(ModelError::InvalidBatch(format!(
+                    "slot {}: {} siblings need a first token and a token to be siblings of",
+                    seq.slot, seq.siblings
+                )));
+            }
             let base = ids.len();
             let first_row = rows.len();
             match &seq.logits {
@@ -419,14 +432,18 @@ impl Model {
             }
             logit_rows.push(first_row..rows.len());
             ids.extend_from_slice(seq.tokens);
-            tokens.extend((0..seq.tokens.len()).map(|i| TokenSlot { slot: seq.slot, pos: start + i }));
+            let chain = seq.tokens.len() - seq.siblings;
+            tokens.extend((0..seq.tokens.len()).map(|i| match i < chain {
+                true => TokenSlot::causal(seq.slot, start + i),
+                false => TokenSlot { slot: seq.slot, pos: start + i, prefix: start + 1 },
+            }));
+            positions.extend((0..seq.tokens.len()).map(|i| if i < chain { start + i } else { start + 1 }));
         }
         if let Some(&l) = hidden_layers.iter().find(|&&l| l >= c.num_layers) {
             return Err(ModelError::InvalidBatch(format!("layer {l} does not exist ({} layers)", c.num_layers)));
         }
 
         let t = ids.len();
-        let positions: Vec<usize> = tokens.iter().map(|ts| ts.pos).collect();
         let path = self.path;
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let x = self.embed.index_select(&ids, 0)?;

@@ -12,10 +12,17 @@ fn alone(m: &LoadedModel, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
     if !prefix.is_empty() {
         m.model
-            .forward(&[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None }], &mut cache, &[])
+            .forward(
+                &[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None, siblings: 0 }],
+                &mut cache,
+                &[],
+            )
             .unwrap();
     }
-    let out = m.model.forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    let out = m
+        .model
+        .forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .unwrap();
     out.logits.to_vec2().unwrap()
 }
 
@@ -30,11 +37,14 @@ fn check_batching(m: &LoadedModel, label: &str) {
         .iter()
         .zip(&prefixes)
         .filter(|(_, p)| !p.is_empty())
-        .map(|(&slot, p)| SequenceInput { slot, tokens: p, logits: LogitsFor::None })
+        .map(|(&slot, p)| SequenceInput { slot, tokens: p, logits: LogitsFor::None, siblings: 0 })
         .collect();
     m.model.forward(&prefill, &mut cache, &[]).unwrap();
-    let batch: Vec<SequenceInput> =
-        slots.iter().zip(&news).map(|(&slot, t)| SequenceInput { slot, tokens: t, logits: LogitsFor::All }).collect();
+    let batch: Vec<SequenceInput> = slots
+        .iter()
+        .zip(&news)
+        .map(|(&slot, t)| SequenceInput { slot, tokens: t, logits: LogitsFor::All, siblings: 0 })
+        .collect();
     let out = m.model.forward(&batch, &mut cache, &[]).unwrap();
     let all: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
     for (i, range) in out.logit_rows.iter().enumerate() {
@@ -52,11 +62,17 @@ fn check_truncation(m: &LoadedModel, label: &str) {
     let rejected: Vec<u32> = vec![90, 91, 92, 93];
     let c: Vec<u32> = vec![50, 51, 52];
     let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
-    m.model.forward(&[SequenceInput { slot: 0, tokens: &a, logits: LogitsFor::None }], &mut cache, &[]).unwrap();
-    m.model.forward(&[SequenceInput { slot: 0, tokens: &rejected, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    m.model
+        .forward(&[SequenceInput { slot: 0, tokens: &a, logits: LogitsFor::None, siblings: 0 }], &mut cache, &[])
+        .unwrap();
+    m.model
+        .forward(&[SequenceInput { slot: 0, tokens: &rejected, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .unwrap();
     cache.truncate(0, a.len()).unwrap();
-    let out =
-        m.model.forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All }], &mut cache, &[]).unwrap();
+    let out = m
+        .model
+        .forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .unwrap();
     let err = relative_error(&out.logits.to_vec2().unwrap(), &alone(m, &a, &c));
     assert!(err < TOL, "{label}: logits after truncation differ by {err:.2e}");
 }
@@ -69,7 +85,7 @@ fn check_chunked_prefill(m: &LoadedModel, label: &str) {
     for chunk in tokens.chunks(7) {
         let out = m
             .model
-            .forward(&[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All }], &mut cache, &[])
+            .forward(&[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
             .unwrap();
         rows.extend(out.logits.to_vec2::<f32>().unwrap());
     }
@@ -107,7 +123,7 @@ fn selected_positions_and_hidden_states() {
     let out = m
         .model
         .forward(
-            &[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]) }],
+            &[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]), siblings: 0 }],
             &mut cache,
             &[1, 0],
         )
@@ -126,15 +142,17 @@ fn invalid_batches_are_errors_not_panics() {
     let m = load_path(&tiny_dir().join("llama-bf16-tied"));
     let mut cache = KvCache::new(&m.model.config, 2, 8, m.model.device()).unwrap();
     let f = |cache: &mut KvCache, batch: &[SequenceInput]| m.model.forward(batch, cache, &[]).unwrap_err().to_string();
-    assert!(f(&mut cache, &[SequenceInput { slot: 5, tokens: &[1], logits: LogitsFor::Last }]).contains("slot 5"));
-    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[], logits: LogitsFor::Last }]).contains("no new tokens"));
-    assert!(
-        f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last }]).contains("vocabulary")
-    );
-    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[1; 9], logits: LogitsFor::Last }]).contains("more than"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 5, tokens: &[1], logits: LogitsFor::Last, siblings: 0 }])
+        .contains("slot 5"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[], logits: LogitsFor::Last, siblings: 0 }])
+        .contains("no new tokens"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last, siblings: 0 }])
+        .contains("vocabulary"));
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[1; 9], logits: LogitsFor::Last, siblings: 0 }])
+        .contains("more than"));
     let twice = [
-        SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last },
-        SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last },
+        SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last, siblings: 0 },
+        SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last, siblings: 0 },
     ];
     assert!(f(&mut cache, &twice).contains("twice"));
     assert!(cache.truncate(0, 3).is_err());
@@ -157,8 +175,8 @@ fn cpu_kernels_are_batch_invariant_bit_for_bit() {
             .model
             .forward(
                 &[
-                    SequenceInput { slot: 1, tokens: noise, logits: LogitsFor::All },
-                    SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All },
+                    SequenceInput { slot: 1, tokens: noise, logits: LogitsFor::All, siblings: 0 },
+                    SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: 0 },
                 ],
                 &mut cache,
                 &[],
@@ -169,4 +187,65 @@ fn cpu_kernels_are_batch_invariant_bit_for_bit() {
         cache.reset(1).unwrap();
     }
     assert!(rows == whole, "batched and chunked logits differ from one-shot logits");
+}
+
+/// A draft tree forked after its first token: each sibling's logits are what decoding it in place
+/// of the first branch gives, and once moved into place the cache continues as if it had been
+/// decoded. `exact`: the same bits (CPU kernels), else within TOL.
+fn check_siblings(m: &LoadedModel, label: &str, exact: bool) {
+    let prefix: Vec<u32> = (20..33).collect();
+    let (p, chain, sibs) = (7u32, [8u32, 9], [5u32, 6]);
+    let fed: Vec<u32> = [p].iter().chain(&chain).chain(&sibs).copied().collect();
+    let mut cache = KvCache::new(&m.model.config, 2, 64, m.model.device()).unwrap();
+    m.model
+        .forward(&[SequenceInput { slot: 1, tokens: &prefix, logits: LogitsFor::None, siblings: 0 }], &mut cache, &[])
+        .unwrap();
+    let noise: Vec<u32> = vec![3, 4, 5];
+    let out = m
+        .model
+        .forward(
+            &[
+                SequenceInput { slot: 0, tokens: &noise, logits: LogitsFor::All, siblings: 0 },
+                SequenceInput { slot: 1, tokens: &fed, logits: LogitsFor::All, siblings: 2 },
+            ],
+            &mut cache,
+            &[],
+        )
+        .unwrap();
+    let rows: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+    let rows = &rows[out.logit_rows[1].clone()];
+    let same = |got: &[Vec<f32>], want: &[Vec<f32>], what: &str| {
+        if exact {
+            assert!(got == want, "{label}: {what} differs");
+        } else {
+            let err = relative_error(got, want);
+            assert!(err < TOL, "{label}: {what} differs by {err:.2e}");
+        }
+    };
+    same(&rows[..3], &alone(m, &prefix, &[p, chain[0], chain[1]]), "the first branch");
+    for (j, &s) in sibs.iter().enumerate() {
+        same(&rows[3 + j..4 + j], &alone(m, &prefix, &[p, s])[1..], &format!("sibling {j}"));
+    }
+    // The second sibling wins: its keys and values take the first branch's place.
+    let start = prefix.len();
+    cache.move_position(1, start + 4, start + 1).unwrap();
+    assert_eq!(cache.len(1), start + 2);
+    let next = [11u32, 12];
+    let out = m
+        .model
+        .forward(&[SequenceInput { slot: 1, tokens: &next, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .unwrap();
+    same(&out.logits.to_vec2().unwrap(), &alone(m, &prefix, &[p, sibs[1], next[0], next[1]])[2..], "after the move");
+}
+
+#[test]
+fn draft_tree_siblings_equal_decoding_them_in_place() {
+    for name in TINY {
+        let mut m = load_path(&tiny_dir().join(name));
+        for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+            m.model.set_ops_path(path);
+            check_siblings(&m, &format!("{name} {path:?}"), false);
+        }
+    }
+    check_siblings(&load_path(&model_file(SMOLLM2)), "SmolLM2", true);
 }

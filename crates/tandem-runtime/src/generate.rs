@@ -78,7 +78,7 @@ pub fn generate(
     let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
     for (i, chunk) in chunks.iter().enumerate() {
         let want = if i + 1 == chunks.len() { LogitsFor::Last } else { LogitsFor::None };
-        let out = model.forward(&[SequenceInput { slot, tokens: chunk, logits: want }], cache, &[])?;
+        let out = model.forward(&[SequenceInput { slot, tokens: chunk, logits: want, siblings: 0 }], cache, &[])?;
         logits = Some(out.logits);
     }
     let mut next = sampler.sample(&row(&logits.expect("prompt is not empty"), 0)?, &history);
@@ -100,7 +100,11 @@ pub fn generate(
         if tokens.len() >= opts.max_tokens || cache.len(slot) + 1 > cache.capacity().min(model.max_positions()) {
             break;
         }
-        let out = model.forward(&[SequenceInput { slot, tokens: &[next.id], logits: LogitsFor::Last }], cache, &[])?;
+        let out = model.forward(
+            &[SequenceInput { slot, tokens: &[next.id], logits: LogitsFor::Last, siblings: 0 }],
+            cache,
+            &[],
+        )?;
         next = sampler.sample(&row(&out.logits, 0)?, &history);
     }
     stats.generated_tokens = tokens.len();

@@ -158,6 +158,18 @@ impl Metrics {
             );
             counter(
                 &mut out,
+                "tandem_spec_alternatives_total",
+                "Runners-up of first draft tokens verified beside the drafts (--spec-alternatives).",
+                s.alternatives_drafted,
+            );
+            counter(
+                &mut out,
+                "tandem_spec_alternatives_accepted_total",
+                "Verification steps where a runner-up, not the draft's first token, was the target's.",
+                s.alternatives_accepted,
+            );
+            counter(
+                &mut out,
                 "tandem_spec_decode_steps_total",
                 "Per-sequence target forwards while speculating.",
                 s.decode_steps,

@@ -37,13 +37,17 @@ fn served_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
     let split = toks.len() / 2;
     let mut rows = Vec::new();
     let out = model
-        .forward(&[SequenceInput { slot: 1, tokens: &toks[..split], logits: LogitsFor::All }], &mut cache, &[])
+        .forward(
+            &[SequenceInput { slot: 1, tokens: &toks[..split], logits: LogitsFor::All, siblings: 0 }],
+            &mut cache,
+            &[],
+        )
         .unwrap();
     rows.extend(out.logits.to_vec2::<f32>().unwrap());
     for t in &toks[split..] {
         let out = model
             .forward(
-                &[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last }],
+                &[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last, siblings: 0 }],
                 &mut cache,
                 &[],
             )

@@ -65,6 +65,9 @@ pub struct OnlineBenchArgs {
     /// Most draft tokens per step.
     #[arg(long, default_value_t = 6)]
     spec_k: usize,
+    /// Runners-up of the first draft token verified beside each draft (`--spec-alternatives`).
+    #[arg(long, default_value_t = 2)]
+    spec_alternatives: usize,
     /// Requests per reported window.
     #[arg(long, default_value_t = 50)]
     window: usize,
@@ -273,6 +276,7 @@ fn engine_config(args: &OnlineBenchArgs, spec: bool) -> EngineConfig {
         max_batch: args.concurrency.max(1),
         max_seq_len: 2048,
         spec_k: if spec { args.spec_k } else { 0 },
+        spec_alternatives: args.spec_alternatives,
         ..Default::default()
     }
 }

@@ -95,6 +95,7 @@ fn run_once(
         max_waiting: 1,
         spec_k,
         spec_adaptive: adaptive,
+        spec_alternatives: 0,
         swap_bytes: None,
     };
     let (mut engine, handle) = Engine::new(model, config, Box::new(Fcfs::default()))?;

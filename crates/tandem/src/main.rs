@@ -227,6 +227,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         max_waiting: 1,
         spec_k: args.spec.spec_k,
         spec_adaptive: !args.spec.spec_fixed_k,
+        spec_alternatives: args.spec.spec_alternatives,
         swap_bytes: None,
     };
     let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs::default()))?;

@@ -101,6 +101,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         step_token_budget: args.step_token_budget,
         spec_k: args.spec.spec_k,
         spec_adaptive: !args.spec.spec_fixed_k,
+        spec_alternatives: args.spec.spec_alternatives,
         swap_bytes: None,
     };
     let (drafter, online, trainer) = if args.online.enabled()? {

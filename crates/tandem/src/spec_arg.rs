@@ -20,6 +20,10 @@ pub struct SpecArgs {
     /// of its drafts are accepted, between 1 and --spec-k).
     #[arg(long)]
     pub spec_fixed_k: bool,
+    /// Greedy requests: also verify this many of the drafter's runners-up for the first draft
+    /// token in the same forward (a draft tree forked at the root; EAGLE drafters). 0: chains only.
+    #[arg(long, default_value_t = 2)]
+    pub spec_alternatives: usize,
     /// Rows of a fresh EAGLE drafter's output layer: the first N token ids (BPE ids roughly follow
     /// frequency). Smaller drafts faster; 0 keeps the whole vocabulary.
     #[arg(long, default_value_t = 8192)]

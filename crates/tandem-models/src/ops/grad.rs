@@ -124,7 +124,7 @@ impl CustomOp3 for SelfAttention {
         let cap = self.lens.iter().copied().max().unwrap_or(0);
         let mut tokens = Vec::with_capacity(t);
         for (slot, &n) in self.lens.iter().enumerate() {
-            tokens.extend((0..n).map(|pos| kernels::TokenSlot { slot, pos }));
+            tokens.extend((0..n).map(|pos| kernels::TokenSlot::causal(slot, pos)));
         }
         if tokens.len() != t {
             candle_core::bail!("self attention: lengths sum to {}, not {t}", tokens.len());

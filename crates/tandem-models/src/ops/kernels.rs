@@ -292,7 +292,7 @@ mod avx2 {
     /// o = sum_p weights[p] * inv * values[p]: 64 output lanes at a time stay in registers while
     /// every value row streams past.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(weights: &[f32], inv: f32, values: &[f32], o: &mut [f32]) {
+    pub unsafe fn weighted_sum(weights: &[f32], inv: f32, values: [&[f32]; 2], o: &mut [f32]) {
         let d = o.len();
         let mut c0 = 0;
         while c0 + 64 <= d {
@@ -306,14 +306,25 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn lanes<const N: usize>(weights: &[f32], inv: f32, values: &[f32], d: usize, c0: usize, o: &mut [f32]) {
+    unsafe fn lanes<const N: usize>(
+        weights: &[f32],
+        inv: f32,
+        values: [&[f32]; 2],
+        d: usize,
+        c0: usize,
+        o: &mut [f32],
+    ) {
         let mut acc = [_mm256_setzero_ps(); N];
-        let vp = values.as_ptr().add(c0);
-        for (p, &w) in weights.iter().enumerate() {
-            let wv = _mm256_set1_ps(w * inv);
-            let row = vp.add(p * d);
-            for n in 0..N {
-                acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
+        // The rows of both runs in order, into the same accumulators.
+        let split = values[0].len() / d;
+        for (run, ws) in [&weights[..split], &weights[split..]].into_iter().enumerate() {
+            let vp = values[run].as_ptr().add(c0);
+            for (p, &w) in ws.iter().enumerate() {
+                let wv = _mm256_set1_ps(w * inv);
+                let row = vp.add(p * d);
+                for n in 0..N {
+                    acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
+                }
             }
         }
         for n in 0..N {
@@ -399,7 +410,19 @@ pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenSlot {
     pub slot: usize,
+    /// Where the token's key and value are in the cache.
     pub pos: usize,
+    /// The token attends to cache positions 0..prefix and to itself: prefix == pos is plain causal
+    /// attention; prefix < pos is a draft-tree sibling whose cache row sits after the rows of
+    /// branches it must not see.
+    pub prefix: usize,
+}
+
+impl TokenSlot {
+    /// A token at `pos` that sees every position before it.
+    pub fn causal(slot: usize, pos: usize) -> Self {
+        TokenSlot { slot, pos, prefix: pos }
+    }
 }
 
 /// Geometry of one layer's cache tensor: [slots, kv_heads, capacity, head_dim].
@@ -429,7 +452,7 @@ pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: Cac
     }
 }
 
-/// Causal attention of each token over its own slot's cache, positions 0..=pos.
+/// Causal attention of each token over its own slot's cache: positions 0..prefix, then itself.
 /// q: [tokens, heads, head_dim] -> out: [tokens, heads * head_dim].
 ///
 /// One work item is one (head, token) row; a row's result is computed by the same instructions
@@ -456,10 +479,12 @@ pub fn attention(
         let (h, ti) = (i / t, i % t);
         let ts = tokens[ti];
         let th = ti * heads + h;
-        let len = ts.pos + 1;
         let base = g.offset(ts.slot, h / group, 0);
-        let keys = &k_cache[base..base + len * d];
-        let values = &v_cache[base..base + len * d];
+        // Keys 0..prefix then the token's own: one contiguous run when prefix == pos.
+        let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, 0) } else { (ts.prefix, 1) };
+        let own_at = base + ts.pos * d;
+        let keys = [&k_cache[base..base + len * d], &k_cache[own_at..own_at + own * d]];
+        let values = [&v_cache[base..base + len * d], &v_cache[own_at..own_at + own * d]];
         #[allow(clippy::redundant_locals)]
         let dst = dst;
         // SAFETY: item i alone writes row th of out, and th is distinct for every i.
@@ -467,7 +492,7 @@ pub fn attention(
         attend_row(&q[th * d..(th + 1) * d], keys, values, scale, scores, o);
     };
     // Forking workers costs more than a decode step's few heads over a short cache.
-    let work: usize = tokens.iter().map(|ts| ts.pos + 1).sum::<usize>() * heads * d;
+    let work: usize = tokens.iter().map(|ts| ts.prefix.min(ts.pos) + 1).sum::<usize>() * heads * d;
     if work < 1 << 16 {
         let mut scores = Vec::new();
         (0..t * heads).for_each(|i| item(&mut scores, i));
@@ -476,10 +501,14 @@ pub fn attention(
     }
 }
 
-/// One query row against `len` keys and values ([len, d] each): softmax(q.K * scale).V into o.
-fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+/// One query row against the keys and values of two runs of rows ([len, d] each, the second
+/// possibly empty), in order: softmax(q.K * scale).V into o. Each key's score and each value's
+/// term are computed alike wherever the row lies, so a tree sibling attending to [prefix, itself]
+/// gets bit for bit what the same keys in one contiguous run give.
+fn attend_row(q: &[f32], keys: [&[f32]; 2], values: [&[f32]; 2], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
     let d = q.len();
-    let len = keys.len() / d;
+    let split = keys[0].len() / d;
+    let len = split + keys[1].len() / d;
     scores.clear();
     scores.resize(len, 0.0);
     #[cfg(target_arch = "x86_64")]
@@ -487,19 +516,20 @@ fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut 
         if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA; every slice holds whole rows of d = 8n floats.
             unsafe {
-                avx2::scores(q, keys, scale, scores);
+                avx2::scores(q, keys[0], scale, &mut scores[..split]);
+                avx2::scores(q, keys[1], scale, &mut scores[split..]);
                 let inv = avx2::softmax_in_place(scores);
                 avx2::weighted_sum(scores, inv, values, o);
             }
             return;
         }
     }
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+    for (s, k) in scores.iter_mut().zip(keys[0].chunks_exact(d).chain(keys[1].chunks_exact(d))) {
         *s = dot(q, k) * scale;
     }
     let inv = softmax_in_place(scores);
     o.fill(0.0);
-    for (&s, vr) in scores.iter().zip(values.chunks_exact(d)) {
+    for (&s, vr) in scores.iter().zip(values[0].chunks_exact(d).chain(values[1].chunks_exact(d))) {
         let w = s * inv;
         for (o, &v) in o.iter_mut().zip(vr) {
             *o += w * v;
@@ -576,10 +606,8 @@ mod tests {
         let kc: Vec<f32> = (0..cache_len).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();
         let vc: Vec<f32> = (0..cache_len).map(|i| ((i * 11) % 19) as f32 / 19.0 - 0.5).collect();
         // A prefill-like run in slot 1 and a verification-like run in slot 0.
-        let tokens: Vec<TokenSlot> = (0..7)
-            .map(|p| TokenSlot { slot: 1, pos: p * 5 })
-            .chain((30..35).map(|p| TokenSlot { slot: 0, pos: p }))
-            .collect();
+        let tokens: Vec<TokenSlot> =
+            (0..7).map(|p| TokenSlot::causal(1, p * 5)).chain((30..35).map(|p| TokenSlot::causal(0, p))).collect();
         let t = tokens.len();
         let q: Vec<f32> = (0..t * heads * d).map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5).collect();
         let mut all = vec![0f32; t * heads * d];

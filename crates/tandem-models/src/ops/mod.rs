@@ -347,7 +347,7 @@ impl CustomOp3 for Attention<'_> {
 }
 
 /// Causal attention of q: [tokens, heads, head_dim] over each token's slot in the cache,
-/// keys 0..=pos. Returns [tokens, heads * head_dim].
+/// keys 0..prefix and the token's own (see `TokenSlot`). Returns [tokens, heads * head_dim].
 pub fn attention(
     q: &Tensor,
     k_cache: &Tensor,
@@ -367,7 +367,13 @@ pub fn attention(
             let mut start = 0;
             while start < t {
                 let mut end = start + 1;
-                while end < t && tokens[end].slot == tokens[start].slot && tokens[end].pos == tokens[end - 1].pos + 1 {
+                let plain = |ts: &TokenSlot| ts.prefix >= ts.pos;
+                while end < t
+                    && plain(&tokens[start])
+                    && plain(&tokens[end])
+                    && tokens[end].slot == tokens[start].slot
+                    && tokens[end].pos == tokens[end - 1].pos + 1
+                {
                     end += 1;
                 }
                 let run = end - start;
@@ -379,10 +385,14 @@ pub fn attention(
                 let qr = qr.reshape((kv_heads, group * run, head_dim))?;
                 let scores = (qr.matmul(&k.t()?.contiguous()?)? * scale)?; // [kvh, group*run, len]
                 let mut mask = vec![0f32; group * run * len];
+                // A tree sibling (a run of one) does not see the rows between its prefix and itself.
+                let hidden_from = tokens[start].prefix.min(p0);
                 for g in 0..group {
                     for i in 0..run {
-                        for j in (p0 + i + 1)..len {
-                            mask[(g * run + i) * len + j] = f32::NEG_INFINITY;
+                        let row = &mut mask[(g * run + i) * len..(g * run + i + 1) * len];
+                        row[p0 + i + 1..].fill(f32::NEG_INFINITY);
+                        if run == 1 {
+                            row[hidden_from..p0].fill(f32::NEG_INFINITY);
                         }
                     }
                 }

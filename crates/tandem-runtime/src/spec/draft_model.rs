@@ -68,7 +68,12 @@ impl Drafter for DraftModelDrafter {
         while !feeds.is_empty() {
             let batch: Vec<SequenceInput> = feeds
                 .iter()
-                .map(|(i, t, _)| SequenceInput { slot: requests[*i].slot, tokens: t, logits: LogitsFor::Last })
+                .map(|(i, t, _)| SequenceInput {
+                    slot: requests[*i].slot,
+                    tokens: t,
+                    logits: LogitsFor::Last,
+                    siblings: 0,
+                })
                 .collect();
             let out = self.model.forward(&batch, cache, &[])?;
             let logits = out.logits.to_vec2::<f32>()?;

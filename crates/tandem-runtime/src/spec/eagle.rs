@@ -481,7 +481,7 @@ impl EagleDrafter {
         let committed = state.features.len() / fs;
         if let Some(copied) = self.lookup.as_ref().map(|l| l.lookup(r.tokens, r.copy_k)).filter(|t| !t.is_empty()) {
             // The learned drafter catches up on these positions at its next draft.
-            return Ok(Draft { tokens: copied, probs: None, lookup: true });
+            return Ok(Draft { tokens: copied, probs: None, lookup: true, alternatives: Vec::new() });
         }
         // The target must have committed every token but the pending last one.
         if r.k == 0 || committed == 0 || committed + 1 != n_tokens {
@@ -536,6 +536,7 @@ impl EagleDrafter {
             tokens: Vec::with_capacity(r.k),
             probs: (r.sampling.temperature > 0.0).then(Vec::new),
             lookup: false,
+            alternatives: Vec::new(),
         };
         let (mut keys, mut values) = (keys, values);
         for step in 0..r.k {
@@ -543,6 +544,13 @@ impl EagleDrafter {
             let sampler = self.slots[r.slot].sampler.as_mut().expect("set above");
             let (id, q) = draft_token(sampler, &logits);
             let token = self.weights.d2t[id as usize];
+            if step == 0 && q.is_none() && r.alternatives > 0 {
+                draft.alternatives = runners_up(&logits, id, r.alternatives)
+                    .into_iter()
+                    .map(|i| self.weights.d2t[i as usize])
+                    .filter(|&t| t != token)
+                    .collect();
+            }
             draft.tokens.push(token);
             if let (Some(all), Some(q)) = (draft.probs.as_mut(), q) {
                 all.push(q.into_iter().map(|(i, p)| (self.weights.d2t[i as usize], p)).collect());
@@ -560,6 +568,20 @@ impl EagleDrafter {
         }
         Ok(draft)
     }
+}
+
+/// The `n` highest logits but `best`'s, highest first.
+fn runners_up(logits: &[f32], best: u32, n: usize) -> Vec<u32> {
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if i as u32 == best || (top.len() == n && l <= top[n - 1].0) {
+            continue;
+        }
+        let at = top.partition_point(|&(x, _)| x >= l);
+        top.insert(at, (l, i as u32));
+        top.truncate(n);
+    }
+    top.into_iter().map(|(_, i)| i).collect()
 }
 
 impl Drafter for EagleDrafter {

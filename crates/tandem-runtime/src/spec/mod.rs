@@ -36,6 +36,9 @@ pub struct DraftRequest<'a> {
     /// drafter may offer even where `k` is 0: copies are free to make, and the engine tunes their
     /// length apart from the learned drafter's.
     pub copy_k: usize,
+    /// At most this many `Draft::alternatives` (0: a plain chain). The engine asks for them only
+    /// where it can verify them: greedy requests with room for the extra rows.
+    pub alternatives: usize,
     pub sampling: &'a SamplingParams,
 }
 
@@ -49,11 +52,16 @@ pub struct Draft {
     /// Copied from earlier in the sequence by prompt lookup, not proposed by a learned drafter:
     /// online training neither learns from its rejections nor judges the drafter by it.
     pub lookup: bool,
+    /// Other candidates for tokens[0] (greedy requests only), verified in the same forward as
+    /// siblings of it: if the target's token is one of them, it is accepted with the target's
+    /// next token after it. A tree of drafts forked at the root, so one wrong first guess by the
+    /// drafter does not cost the step.
+    pub alternatives: Vec<u32>,
 }
 
 impl Draft {
     pub fn greedy(tokens: Vec<u32>) -> Draft {
-        Draft { tokens, probs: None, lookup: false }
+        Draft { tokens, probs: None, lookup: false, alternatives: Vec::new() }
     }
 
     /// The drafter's probability of its `i`-th token.

@@ -10,6 +10,8 @@ pub struct Verified {
     pub tokens: Vec<SampledToken>,
     /// How many draft tokens were accepted (`tokens.len() - 1`).
     pub accepted: usize,
+    /// The index in `draft.alternatives` of the sibling accepted in place of `draft.tokens[0]`.
+    pub alternative: Option<usize>,
 }
 
 /// Verifies `draft` given the target's logits at `[pending, d1, .., dk]` (`logits[i]` predicts the
@@ -20,8 +22,31 @@ pub struct Verified {
 /// output is exactly plain greedy decoding. Sampling: accept `d` with probability min(1, p(d)/q(d)),
 /// on rejection draw from max(0, p - q) normalised; this leaves every emitted token distributed
 /// exactly as the target's p (Leviathan et al. 2023, Chen et al. 2023).
+///
+/// With `draft.alternatives` the rows after those are the siblings' (`logits[k + 1 + j]` follows
+/// alternative j). Greedy only: when the target's token is not the draft's first but is one of the
+/// alternatives, that alternative is accepted and the target's token after it is emitted too: still
+/// exactly what plain greedy decoding emits. A sampled request ignores them (the chain's rejection
+/// sampling alone keeps p).
 pub fn verify(sampler: &mut Sampler, logits: &[&[f32]], draft: &Draft, history: &[u32]) -> Verified {
-    assert_eq!(logits.len(), draft.tokens.len() + 1, "one logits row per draft token plus the bonus");
+    let k = draft.tokens.len();
+    assert_eq!(
+        logits.len(),
+        k + 1 + draft.alternatives.len(),
+        "one logits row per draft token and alternative plus the bonus"
+    );
+    if !draft.alternatives.is_empty() {
+        if let Target::Greedy(id) = sampler.target(logits[0], history) {
+            if let Some(j) = draft.alternatives.iter().position(|&a| a == id).filter(|_| draft.tokens.first() != Some(&id)) {
+                let first = sampler.token(logits[0], id);
+                let mut history = history.to_vec();
+                history.push(id);
+                let next = sampler.sample(logits[k + 1 + j], &history);
+                return Verified { tokens: vec![first, next], accepted: 1, alternative: Some(j) };
+            }
+        }
+    }
+    let logits = &logits[..k + 1];
     let mut history = history.to_vec();
     let mut tokens = Vec::with_capacity(logits.len());
     for (i, &d) in draft.tokens.iter().enumerate() {
@@ -65,12 +90,11 @@ pub fn verify(sampler: &mut Sampler, logits: &[&[f32]], draft: &Draft, history: 
         };
         let accepted = tokens.len();
         tokens.push(sampler.token(logits[i], id));
-        return Verified { tokens, accepted };
+        return Verified { tokens, accepted, alternative: None };
     }
-    let k = draft.tokens.len();
     let bonus = sampler.sample(logits[k], &history);
     tokens.push(bonus);
-    Verified { tokens, accepted: k }
+    Verified { tokens, accepted: k, alternative: None }
 }
 
 #[cfg(test)]
@@ -91,6 +115,28 @@ mod tests {
         assert_eq!((v.accepted, v.tokens.iter().map(|t| t.id).collect::<Vec<_>>()), (1, vec![1, 0]));
         let v = verify(&mut s, &rows, &Draft::greedy(vec![1, 0]), &[]);
         assert_eq!((v.accepted, v.tokens.iter().map(|t| t.id).collect::<Vec<_>>()), (2, vec![1, 0, 2]));
+    }
+
+    #[test]
+    fn greedy_accepts_an_alternative_when_the_first_token_is_wrong() {
+        let mut s = Sampler::new(SamplingParams::default());
+        // Rows: pending, d1, then siblings 0 and 2 (alternatives to d1 = 1).
+        let rows = [ln(&[0.5, 0.2, 0.3]), ln(&[0.1, 0.1, 0.8]), ln(&[0.6, 0.3, 0.1]), ln(&[0.1, 0.7, 0.2])];
+        let rows: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let draft = Draft { alternatives: vec![2, 0], ..Draft::greedy(vec![1]) };
+        let v = verify(&mut s, &rows, &draft, &[]);
+        // The target wants 0 (alternative 1), then row 3's argmax, 1.
+        assert_eq!((v.accepted, v.alternative), (1, Some(1)));
+        assert_eq!(v.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), vec![0, 1]);
+        // Nothing matches: the target's token alone, as without alternatives.
+        let draft = Draft { alternatives: vec![2], ..Draft::greedy(vec![1]) };
+        let v = verify(&mut s, &rows[..3], &draft, &[]);
+        assert_eq!((v.accepted, v.alternative, v.tokens[0].id), (0, None, 0));
+        // The first token right: the chain decides, siblings unused.
+        let draft = Draft { alternatives: vec![2], ..Draft::greedy(vec![0]) };
+        let v = verify(&mut s, &rows[..3], &draft, &[]);
+        assert_eq!((v.accepted, v.alternative), (1, None));
+        assert_eq!(v.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), vec![0, 2]);
     }
 
     /// Chi-square statistic of observed counts against expected probabilities.
@@ -115,7 +161,7 @@ mod tests {
         let mut fixed = vec![0; 5];
         for _ in 0..n {
             let d = drafter.draw(&q_sparse);
-            let draft = Draft { tokens: vec![d], probs: Some(vec![q_sparse.clone()]), lookup: false };
+            let draft = Draft { tokens: vec![d], probs: Some(vec![q_sparse.clone()]), lookup: false, alternatives: vec![] };
             sampled[verify(&mut s, &[&logits, &logits], &draft, &[]).tokens[0].id as usize] += 1;
             // A deterministic drafter always proposing the least likely token.
             fixed[verify(&mut s, &[&logits, &logits], &Draft::greedy(vec![4]), &[]).tokens[0].id as usize] += 1;
