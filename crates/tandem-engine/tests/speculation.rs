@@ -131,6 +131,10 @@ fn greedy_speculation_changes_nothing_for_any_drafter() {
                     assert!(stats.acceptance_length() > 3.0, "{stats:?}");
                 }
             }
+            if *name == "oracle-with-mistakes" {
+                // Some first tokens were wrong with the right one among the runners-up.
+                assert!(stats.alternatives_accepted > 0 && stats.alternatives_drafted > 0, "{stats:?}");
+            }
             if *name == "always-wrong" {
                 assert_eq!(stats.accepted_tokens, 0, "{stats:?}");
                 assert!(stats.drafted_tokens > 0);

@@ -9,7 +9,8 @@ pub struct OracleDrafter {
     /// Full known sequences (prompt + the target's greedy output).
     sequences: Vec<Vec<u32>>,
     /// Chance that each proposal goes wrong at a random position (0: a perfect oracle; 1: every
-    /// draft has a wrong token, at its start when `always_wrong_first`).
+    /// draft has a wrong token, at its start when `always_wrong_first`). A draft wrong at its first
+    /// token offers runners-up (`Draft::alternatives`) where asked: the right token half the time.
     mistake_rate: f64,
     vocab_size: u32,
     rng: StdRng,
@@ -53,18 +54,26 @@ impl Drafter for OracleDrafter {
         let mut drafts = Vec::with_capacity(requests.len());
         for r in requests {
             let mut tokens = self.continuation(r.tokens, r.k);
+            let mut alternatives = Vec::new();
             if self.mistake_rate >= 1.0 {
                 // Wrong from the first token: the right one shifted by one.
                 tokens = (0..r.k).map(|i| tokens.get(i).map_or(i as u32, |t| (t + 1) % self.vocab_size)).collect();
             } else if !tokens.is_empty() && self.rng.random::<f64>() < self.mistake_rate {
                 let at = self.rng.random_range(0..tokens.len());
+                let right = tokens[at];
                 tokens[at] = (tokens[at] + 1 + self.rng.random_range(0..self.vocab_size - 1)) % self.vocab_size;
+                if at == 0 && r.alternatives > 0 {
+                    // Runners-up: a wrong one, and half the time the right one behind it.
+                    let wrong = (right + 1 + self.rng.random_range(0..self.vocab_size - 1)) % self.vocab_size;
+                    alternatives = if self.rng.random::<bool>() { vec![wrong, right] } else { vec![wrong] };
+                    alternatives.truncate(r.alternatives);
+                }
                 // Random tokens after the mistake, so the rejected tail differs too.
                 for t in tokens.iter_mut().skip(at + 1) {
                     *t = self.rng.random_range(0..self.vocab_size);
                 }
             }
-            drafts.push(Draft::greedy(tokens));
+            drafts.push(Draft { alternatives, ..Draft::greedy(tokens) });
         }
         Ok(drafts)
     }
