@@ -13,6 +13,8 @@
 //!   draft length controller has its say);
 //! - `CONFIG+lookup` (e.g. `warm+lookup`): that EAGLE configuration with prompt lookup tried first
 //!   (copied drafts where the sequence repeats itself, the drafter's elsewhere);
+//! - `CONFIG+chain` (e.g. `warm+lookup+chain`): that configuration verifying chains only, without
+//!   the first token's runners-up (`--spec-alternatives 0`);
 //! - `none+train`: no speculation while a trainer trains in the background at the configured CPU
 //!   share (what training costs serving).
 //!
@@ -145,6 +147,9 @@ struct Summary {
     accepted_tokens: u64,
     lookup_drafted_tokens: u64,
     lookup_accepted_tokens: u64,
+    /// Runners-up of first draft tokens verified, and steps where one was the target's token.
+    alternatives_drafted: u64,
+    alternatives_accepted: u64,
     /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
     /// `none`'s tok/s; None: never in this run.
     reached_target_after: Vec<(String, Option<usize>)>,
@@ -271,12 +276,12 @@ fn replay(
     Ok((done, wall, samples.into_inner().expect("not poisoned"), spec))
 }
 
-fn engine_config(args: &OnlineBenchArgs, spec: bool) -> EngineConfig {
+fn engine_config(args: &OnlineBenchArgs, spec: bool, chain_only: bool) -> EngineConfig {
     EngineConfig {
         max_batch: args.concurrency.max(1),
         max_seq_len: 2048,
         spec_k: if spec { args.spec_k } else { 0 },
-        spec_alternatives: args.spec_alternatives,
+        spec_alternatives: if chain_only { 0 } else { args.spec_alternatives },
         ..Default::default()
     }
 }
@@ -330,10 +335,14 @@ fn run_config(
     let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
         Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving_dtype(dtype)?)
     };
-    // `CONFIG+lookup`: the same EAGLE drafter with prompt lookup tried first.
-    let (base, lookup) = match name.strip_suffix("+lookup") {
+    // `CONFIG+chain`: without runners-up; `CONFIG+lookup`: prompt lookup tried first.
+    let (name_base, chain_only) = match name.strip_suffix("+chain") {
+        Some(base) => (base, true),
+        None => (name, false),
+    };
+    let (base, lookup) = match name_base.strip_suffix("+lookup") {
         Some(base) if base != "none" => (base, true),
-        _ => (name, false),
+        _ => (name_base, false),
     };
     let (drafter, trained, hooks_used): (Option<Box<dyn Drafter>>, Option<EagleDrafter>, bool) = match base {
         "none" | "none+train" => (None, None, false),
@@ -364,7 +373,7 @@ fn run_config(
         trainer = Some(online_arg::start_with(&o, &loaded.model, e, warm, hooks.clone())?);
     }
     let background = if base == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
-    let (mut engine, handle) = Engine::new(loaded.model, engine_config(args, spec), Box::new(Fcfs::default()))?;
+    let (mut engine, handle) = Engine::new(loaded.model, engine_config(args, spec, chain_only), Box::new(Fcfs::default()))?;
     if let Some(d) = drafter {
         engine = engine.with_drafter(d)?;
     }
@@ -395,6 +404,8 @@ fn run_config(
     summary.accepted_tokens = spec_stats.accepted_tokens;
     summary.lookup_drafted_tokens = spec_stats.lookup_drafted_tokens;
     summary.lookup_accepted_tokens = spec_stats.lookup_accepted_tokens;
+    summary.alternatives_drafted = spec_stats.alternatives_drafted;
+    summary.alternatives_accepted = spec_stats.alternatives_accepted;
     summary.wall_secs = wall;
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
     let steps: usize = done.iter().map(|d| d.decode_steps).sum();
@@ -526,11 +537,13 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         if s.drafted_tokens > 0 {
             let learned = s.drafted_tokens - s.lookup_drafted_tokens;
             eprintln!(
-                "{:>10}  drafts accepted: learned {}/{learned}, copied by lookup {}/{}",
+                "{:>10}  drafts accepted: learned {}/{learned}, copied by lookup {}/{}, runners-up {}/{}",
                 "",
                 s.accepted_tokens - s.lookup_accepted_tokens,
                 s.lookup_accepted_tokens,
-                s.lookup_drafted_tokens
+                s.lookup_drafted_tokens,
+                s.alternatives_accepted,
+                s.alternatives_drafted
             );
         }
         runs.push((name, r));
