@@ -185,7 +185,14 @@ fn trainer_and_drafter_agree() {
                 drafter.observe(0, t, &rows(t, t + 1)).unwrap();
             }
             let sampling = SamplingParams::default();
-            let ask = DraftRequest { slot: 0, tokens: &trace.tokens[..t + 2], k: 1, copy_k: 0, alternatives: 0, sampling: &sampling };
+            let ask = DraftRequest {
+                slot: 0,
+                tokens: &trace.tokens[..t + 2],
+                k: 1,
+                copy_k: 0,
+                alternatives: 0,
+                sampling: &sampling,
+            };
             let d = drafter.propose(&target, &[ask]).unwrap();
             mismatches += (d[0].tokens[0] != want) as usize;
         }

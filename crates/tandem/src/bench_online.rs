@@ -373,7 +373,8 @@ fn run_config(
         trainer = Some(online_arg::start_with(&o, &loaded.model, e, warm, hooks.clone())?);
     }
     let background = if base == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
-    let (mut engine, handle) = Engine::new(loaded.model, engine_config(args, spec, chain_only), Box::new(Fcfs::default()))?;
+    let (mut engine, handle) =
+        Engine::new(loaded.model, engine_config(args, spec, chain_only), Box::new(Fcfs::default()))?;
     if let Some(d) = drafter {
         engine = engine.with_drafter(d)?;
     }

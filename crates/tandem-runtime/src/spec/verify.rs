@@ -37,7 +37,9 @@ pub fn verify(sampler: &mut Sampler, logits: &[&[f32]], draft: &Draft, history: 
     );
     if !draft.alternatives.is_empty() {
         if let Target::Greedy(id) = sampler.target(logits[0], history) {
-            if let Some(j) = draft.alternatives.iter().position(|&a| a == id).filter(|_| draft.tokens.first() != Some(&id)) {
+            if let Some(j) =
+                draft.alternatives.iter().position(|&a| a == id).filter(|_| draft.tokens.first() != Some(&id))
+            {
                 let first = sampler.token(logits[0], id);
                 let mut history = history.to_vec();
                 history.push(id);
@@ -161,7 +163,8 @@ mod tests {
         let mut fixed = vec![0; 5];
         for _ in 0..n {
             let d = drafter.draw(&q_sparse);
-            let draft = Draft { tokens: vec![d], probs: Some(vec![q_sparse.clone()]), lookup: false, alternatives: vec![] };
+            let draft =
+                Draft { tokens: vec![d], probs: Some(vec![q_sparse.clone()]), lookup: false, alternatives: vec![] };
             sampled[verify(&mut s, &[&logits, &logits], &draft, &[]).tokens[0].id as usize] += 1;
             // A deterministic drafter always proposing the least likely token.
             fixed[verify(&mut s, &[&logits, &logits], &Draft::greedy(vec![4]), &[]).tokens[0].id as usize] += 1;
