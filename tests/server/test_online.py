@@ -51,7 +51,8 @@ def main():
                 break
     for name in ["tandem_drafter_published_version", "tandem_drafter_rollbacks_total", "tandem_drafter_train_loss",
                  "tandem_spec_chosen_k", "tandem_traces_dropped_total", "tandem_spec_gain",
-                 "tandem_drafter_train_cpu_share"]:
+                 "tandem_drafter_train_cpu_share", "tandem_spec_alternatives_total",
+                 "tandem_spec_alternatives_accepted_total"]:
         metric(m, name)
     assert metric(m, "tandem_traces_total") >= done - 6, "traces were not recorded"
     assert metric(m, "tandem_drafter_train_steps_total") >= 1, "the trainer never stepped"
