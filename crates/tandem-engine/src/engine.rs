@@ -641,12 +641,11 @@ impl Engine {
                     let most = if d.lookup { copy_k } else { k };
                     let valid = d.tokens.iter().take(most).take_while(|&&t| t < vocab).count();
                     d.tokens.truncate(valid);
-                    let (first, vocab_ok) = (d.tokens.first().copied(), |t: &u32| *t < vocab);
-                    d.alternatives.truncate(if d.lookup || d.probs.is_some() { 0 } else { alternatives });
-                    d.alternatives.retain(|t| vocab_ok(t) && Some(*t) != first);
-                    if first.is_none() {
-                        d.alternatives.clear();
-                    }
+                    // Siblings only of a learned greedy draft's first token, as many as were asked.
+                    let first = d.tokens.first().copied();
+                    let room = if d.lookup || d.probs.is_some() || first.is_none() { 0 } else { alternatives };
+                    d.alternatives.truncate(room);
+                    d.alternatives.retain(|&t| t < vocab && Some(t) != first);
                     if let Some(p) = d.probs.as_mut() {
                         if p.len() < valid {
                             d.tokens.truncate(p.len());
