@@ -86,7 +86,7 @@ impl KvCache {
                 "cannot move position {from} of slot {slot} ({cur} held) to {to}"
             )));
         }
-        let path = if self.keys[0].device().is_cpu() { OpsPath::CpuKernels } else { OpsPath::Generic };
+        let path = self.ops_path();
         let tokens = [TokenSlot::causal(slot, to)];
         for cache in self.keys.iter().chain(&self.values) {
             // [1, kv_heads, 1, head_dim] -> [1, kv_heads, head_dim], the layout cache_write takes.
@@ -131,13 +131,22 @@ impl KvCache {
         }
         if snapshot.len > 0 {
             let tokens: Vec<TokenSlot> = (0..snapshot.len).map(|pos| TokenSlot::causal(slot, pos)).collect();
-            let path = if self.keys[0].device().is_cpu() { OpsPath::CpuKernels } else { OpsPath::Generic };
+            let path = self.ops_path();
             for (cache, rows) in self.keys.iter().zip(&snapshot.keys).chain(self.values.iter().zip(&snapshot.values)) {
                 ops::cache_write(cache, rows, &tokens, path)?;
             }
         }
         self.lens[slot] = snapshot.len;
         Ok(())
+    }
+
+    /// The op path for writing rows into this cache's tensors.
+    fn ops_path(&self) -> OpsPath {
+        if self.keys[0].device().is_cpu() {
+            OpsPath::CpuKernels
+        } else {
+            OpsPath::Generic
+        }
     }
 
     pub(crate) fn set_len(&mut self, slot: usize, len: usize) {

@@ -364,10 +364,10 @@ pub fn attention(
             let scale = 1.0 / (head_dim as f64).sqrt();
             let mut outs = Vec::new();
             // Runs of consecutive positions in one slot share one masked product.
+            let plain = |ts: &TokenSlot| ts.prefix >= ts.pos;
             let mut start = 0;
             while start < t {
                 let mut end = start + 1;
-                let plain = |ts: &TokenSlot| ts.prefix >= ts.pos;
                 while end < t
                     && plain(&tokens[start])
                     && plain(&tokens[end])
