@@ -460,7 +460,7 @@ impl Engine {
 
     fn set_idle(&self, idle: bool) {
         if let Some(o) = &self.online {
-            o.hooks.exchange.idle.store(idle, Ordering::Relaxed);
+            o.hooks.exchange.set_idle(idle);
         }
     }
 

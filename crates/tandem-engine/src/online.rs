@@ -7,7 +7,7 @@
 //! buffer drops, and counts the drop), and new weights are taken between engine steps only when
 //! the exchange is free.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_runtime::spec::EagleWeights;
 
@@ -208,8 +208,10 @@ pub struct DrafterExchange {
     pub train_loss_bits: AtomicU64,
     pub train_steps: AtomicU64,
     pub train_positions: AtomicU64,
-    /// The engine has nothing to do (the trainer may take the CPU).
-    pub idle: AtomicBool,
+    /// When the engine last ran out of work (nanoseconds after `epoch()`, 0 while it has work).
+    idle_since: AtomicU64,
+    /// The engine's recent idle gaps (seconds), newest last.
+    gaps: Mutex<VecDeque<f64>>,
     /// Measured decode tokens/s at the chosen draft length over that without drafts (f64 bits;
     /// 0 until measured): what speculation currently earns.
     pub gain_bits: AtomicU64,
@@ -262,9 +264,63 @@ impl DrafterExchange {
         f64::from_bits(self.train_share_bits.load(Ordering::Relaxed))
     }
 
-    pub fn is_idle(&self) -> bool {
-        self.idle.load(Ordering::Relaxed)
+    /// The engine's side: it ran out of work (`true`) or has work again.
+    pub fn set_idle(&self, idle: bool) {
+        let now = epoch().elapsed().as_nanos() as u64 + 1;
+        if idle {
+            self.idle_since.store(now, Ordering::Relaxed);
+            return;
+        }
+        let since = self.idle_since.swap(0, Ordering::Relaxed);
+        if since > 0 {
+            if let Ok(mut g) = self.gaps.try_lock() {
+                g.push_back(now.saturating_sub(since) as f64 * 1e-9);
+                while g.len() > RECENT_GAPS {
+                    g.pop_front();
+                }
+            }
+        }
     }
+
+    /// How long the engine has had nothing to do (None while it serves).
+    pub fn idle_for(&self) -> Option<f64> {
+        let since = self.idle_since.load(Ordering::Relaxed);
+        (since > 0).then(|| (epoch().elapsed().as_nanos() as u64 + 1).saturating_sub(since) as f64 * 1e-9)
+    }
+
+    /// Whether work taking `secs` would likely finish before serving resumes, so it may use every
+    /// core. A gap between back-to-back requests lasts milliseconds: work started in it would run
+    /// on into the next request and slow its steps, so the engine must have been idle for as long
+    /// as the work takes (at least [`IDLE_GRACE`]), and, once gaps have been seen, the gap so far
+    /// plus the work must fit in the median recent gap.
+    pub fn has_room_for(&self, secs: f64) -> bool {
+        let Some(idle) = self.idle_for() else { return false };
+        if idle < secs.max(IDLE_GRACE) {
+            return false;
+        }
+        let mut gaps: Vec<f64> = match self.gaps.try_lock() {
+            Ok(g) => g.iter().copied().collect(),
+            Err(_) => return false,
+        };
+        if gaps.len() < 3 {
+            return true;
+        }
+        gaps.sort_by(f64::total_cmp);
+        // A gap already longer than usual (the server went quiet) is room whatever the median.
+        let median = gaps[gaps.len() / 2];
+        idle + secs <= median || idle >= 2.0 * median
+    }
+}
+
+/// Idle gaps remembered to judge whether work fits in the current one.
+const RECENT_GAPS: usize = 9;
+/// The shortest idle time the trainer treats as room to take every core.
+pub const IDLE_GRACE: f64 = 0.02;
+
+/// The process's reference instant for the engine's idle timestamps.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 /// Settings of the serving side of online training.
