@@ -94,16 +94,23 @@ impl Trace {
     }
 }
 
-/// The `n` most likely tokens of softmax(logits) with their probabilities.
+/// The `n` most likely tokens of softmax(logits) with their probabilities, most likely first.
+/// Runs on the engine thread for every verified position, so one scan keeps the best n (most
+/// logits lose a single comparison) and the partition function takes the vectorised exp.
 pub fn top_probs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let n = n.min(idx.len()).max(1);
-    idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    idx.truncate(n);
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    idx.into_iter().map(|i| (i, (logits[i as usize] - max).exp() / sum)).collect()
+    let n = n.min(logits.len()).max(1);
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if top.len() == n && !(l > top[n - 1].0) {
+            continue;
+        }
+        let at = top.partition_point(|&(x, _)| x >= l);
+        top.insert(at, (l, i as u32));
+        top.truncate(n);
+    }
+    let mut e = logits.to_vec();
+    let inv = tandem_models::ops::kernels::exp_shifted(&mut e);
+    top.into_iter().map(|(_, i)| (i, e[i as usize] * inv)).collect()
 }
 
 /// A bounded buffer of traces between the engine (producer) and a trainer (consumer).
@@ -294,22 +301,26 @@ impl DrafterExchange {
     /// as the work takes (at least [`IDLE_GRACE`]), and, once gaps have been seen, the gap so far
     /// plus the work must fit in the median recent gap.
     pub fn has_room_for(&self, secs: f64) -> bool {
-        let Some(idle) = self.idle_for() else { return false };
-        if idle < secs.max(IDLE_GRACE) {
-            return false;
-        }
-        let mut gaps: Vec<f64> = match self.gaps.try_lock() {
-            Ok(g) => g.iter().copied().collect(),
-            Err(_) => return false,
-        };
-        if gaps.len() < 3 {
-            return true;
-        }
-        gaps.sort_by(f64::total_cmp);
-        // A gap already longer than usual (the server went quiet) is room whatever the median.
-        let median = gaps[gaps.len() / 2];
-        idle + secs <= median || idle >= 2.0 * median
+        let Ok(gaps) = self.gaps.try_lock() else { return false };
+        let gaps: Vec<f64> = gaps.iter().copied().collect();
+        room_for(self.idle_for(), &gaps, secs)
     }
+}
+
+/// [`DrafterExchange::has_room_for`] given how long the engine has been idle and its recent gaps.
+fn room_for(idle: Option<f64>, recent_gaps: &[f64], secs: f64) -> bool {
+    let Some(idle) = idle else { return false };
+    if idle < secs.max(IDLE_GRACE) {
+        return false;
+    }
+    if recent_gaps.len() < 3 {
+        return true;
+    }
+    let mut gaps = recent_gaps.to_vec();
+    gaps.sort_by(f64::total_cmp);
+    // A gap already twice the usual (the server went quiet) is room whatever the median says.
+    let median = gaps[gaps.len() / 2];
+    idle + secs <= median || idle >= 2.0 * median
 }
 
 /// Idle gaps remembered to judge whether work fits in the current one.
@@ -585,6 +596,55 @@ mod tests {
         assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
         let total: f32 = t.iter().map(|x| x.1).sum();
         assert!(total < 1.0 && total > 0.8);
+    }
+
+    #[test]
+    fn top_probs_equals_sorting_the_softmax() {
+        // Pseudo-random logits over a vocabulary-sized row, some tied.
+        let logits: Vec<f32> = (0..5000u32).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 1000) as f32 * 0.01).collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let t = top_probs(&logits, 8);
+        assert_eq!(t.len(), 8);
+        for (&(id, p), &want) in t.iter().zip(&order) {
+            assert_eq!(logits[id as usize], logits[want], "{t:?}");
+            let exact = ((logits[want] - max) as f64).exp() / z;
+            assert!((p as f64 - exact).abs() < 1e-6 * exact.max(1e-3), "{p} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn idle_gaps_too_short_for_a_step_are_not_room() {
+        assert!(!room_for(None, &[], 0.0), "serving");
+        // Back-to-back requests (gaps of milliseconds): never idle as long as a step takes.
+        let back_to_back = [0.003, 0.002, 0.004, 0.003];
+        assert!(!room_for(Some(0.004), &back_to_back, 0.05));
+        assert!(!room_for(Some(0.015), &back_to_back, 0.005), "under the grace");
+        // Until the server goes quiet.
+        assert!(room_for(Some(0.06), &back_to_back, 0.05));
+        // Think time (gaps of ~1 s): a step fits early in a gap, not at its end.
+        let think = [1.0, 1.1, 0.95, 1.05];
+        assert!(!room_for(Some(0.05), &think, 0.1), "idle for less than the step takes");
+        assert!(room_for(Some(0.2), &think, 0.1));
+        assert!(!room_for(Some(1.0), &think, 0.1), "would run into the next request");
+        assert!(room_for(Some(2.5), &think, 0.1), "quiet for longer than usual");
+        // Few gaps seen yet: idle for as long as the step takes is enough.
+        assert!(room_for(Some(0.1), &[0.003], 0.1));
+    }
+
+    #[test]
+    fn idle_is_tracked_across_gaps() {
+        let x = DrafterExchange::default();
+        assert_eq!(x.idle_for(), None);
+        x.set_idle(true);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(x.idle_for().is_some_and(|s| s >= 0.004));
+        x.set_idle(false);
+        assert_eq!(x.idle_for(), None);
+        assert!(!x.has_room_for(0.0));
+        assert!(x.gaps.lock().unwrap().iter().all(|&g| g >= 0.004));
     }
 
     #[test]

@@ -537,6 +537,18 @@ fn attend_row(q: &[f32], keys: [&[f32]; 2], values: [&[f32]; 2], scale: f32, sco
     }
 }
 
+/// Replaces x by exp(x - max x) and returns 1 / their sum: softmax(x) is x[i] * the result.
+pub fn exp_shifted(x: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::softmax_in_place(x) };
+        }
+    }
+    softmax_in_place(x)
+}
+
 /// Replaces scores by exp(score - max) and returns 1 / their sum.
 fn softmax_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
