@@ -101,7 +101,7 @@ pub fn top_probs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     let n = n.min(logits.len()).max(1);
     let mut top: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
     for (i, &l) in logits.iter().enumerate() {
-        if top.len() == n && !(l > top[n - 1].0) {
+        if l.is_nan() || (top.len() == n && l <= top[n - 1].0) {
             continue;
         }
         let at = top.partition_point(|&(x, _)| x >= l);
