@@ -217,8 +217,6 @@ pub struct DrafterExchange {
     pub train_positions: AtomicU64,
     /// When the engine last ran out of work (nanoseconds after `epoch()`, 0 while it has work).
     idle_since: AtomicU64,
-    /// The engine's recent idle gaps (seconds), newest last.
-    gaps: Mutex<VecDeque<f64>>,
     /// Measured decode tokens/s at the chosen draft length over that without drafts (f64 bits;
     /// 0 until measured): what speculation currently earns.
     pub gain_bits: AtomicU64,
@@ -273,20 +271,8 @@ impl DrafterExchange {
 
     /// The engine's side: it ran out of work (`true`) or has work again.
     pub fn set_idle(&self, idle: bool) {
-        let now = epoch().elapsed().as_nanos() as u64 + 1;
-        if idle {
-            self.idle_since.store(now, Ordering::Relaxed);
-            return;
-        }
-        let since = self.idle_since.swap(0, Ordering::Relaxed);
-        if since > 0 {
-            if let Ok(mut g) = self.gaps.try_lock() {
-                g.push_back(now.saturating_sub(since) as f64 * 1e-9);
-                while g.len() > RECENT_GAPS {
-                    g.pop_front();
-                }
-            }
-        }
+        let now = if idle { epoch().elapsed().as_nanos() as u64 + 1 } else { 0 };
+        self.idle_since.store(now, Ordering::Relaxed);
     }
 
     /// How long the engine has had nothing to do (None while it serves).
@@ -295,36 +281,15 @@ impl DrafterExchange {
         (since > 0).then(|| (epoch().elapsed().as_nanos() as u64 + 1).saturating_sub(since) as f64 * 1e-9)
     }
 
-    /// Whether work taking `secs` would likely finish before serving resumes, so it may use every
-    /// core. A gap between back-to-back requests lasts milliseconds: work started in it would run
-    /// on into the next request and slow its steps, so the engine must have been idle for as long
-    /// as the work takes (at least [`IDLE_GRACE`]), and, once gaps have been seen, the gap so far
-    /// plus the work must fit in the median recent gap.
-    pub fn has_room_for(&self, secs: f64) -> bool {
-        let Ok(gaps) = self.gaps.try_lock() else { return false };
-        let gaps: Vec<f64> = gaps.iter().copied().collect();
-        room_for(self.idle_for(), &gaps, secs)
+    /// Whether the trainer may take every core: the engine has been idle for at least
+    /// [`IDLE_GRACE`]. The gap between back-to-back requests lasts a few milliseconds, and a step
+    /// started in it runs on into the next request and slows its steps; a client's think time or
+    /// a quiet server lasts longer.
+    pub fn is_idle(&self) -> bool {
+        self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
     }
 }
 
-/// [`DrafterExchange::has_room_for`] given how long the engine has been idle and its recent gaps.
-fn room_for(idle: Option<f64>, recent_gaps: &[f64], secs: f64) -> bool {
-    let Some(idle) = idle else { return false };
-    if idle < secs.max(IDLE_GRACE) {
-        return false;
-    }
-    if recent_gaps.len() < 3 {
-        return true;
-    }
-    let mut gaps = recent_gaps.to_vec();
-    gaps.sort_by(f64::total_cmp);
-    // A gap already twice the usual (the server went quiet) is room whatever the median says.
-    let median = gaps[gaps.len() / 2];
-    idle + secs <= median || idle >= 2.0 * median
-}
-
-/// Idle gaps remembered to judge whether work fits in the current one.
-const RECENT_GAPS: usize = 9;
 /// The shortest idle time the trainer treats as room to take every core.
 pub const IDLE_GRACE: f64 = 0.02;
 
@@ -616,35 +581,18 @@ mod tests {
     }
 
     #[test]
-    fn idle_gaps_too_short_for_a_step_are_not_room() {
-        assert!(!room_for(None, &[], 0.0), "serving");
-        // Back-to-back requests (gaps of milliseconds): never idle as long as a step takes.
-        let back_to_back = [0.003, 0.002, 0.004, 0.003];
-        assert!(!room_for(Some(0.004), &back_to_back, 0.05));
-        assert!(!room_for(Some(0.015), &back_to_back, 0.005), "under the grace");
-        // Until the server goes quiet.
-        assert!(room_for(Some(0.06), &back_to_back, 0.05));
-        // Think time (gaps of ~1 s): a step fits early in a gap, not at its end.
-        let think = [1.0, 1.1, 0.95, 1.05];
-        assert!(!room_for(Some(0.05), &think, 0.1), "idle for less than the step takes");
-        assert!(room_for(Some(0.2), &think, 0.1));
-        assert!(!room_for(Some(1.0), &think, 0.1), "would run into the next request");
-        assert!(room_for(Some(2.5), &think, 0.1), "quiet for longer than usual");
-        // Few gaps seen yet: idle for as long as the step takes is enough.
-        assert!(room_for(Some(0.1), &[0.003], 0.1));
-    }
-
-    #[test]
-    fn idle_is_tracked_across_gaps() {
+    fn idle_only_after_the_grace() {
         let x = DrafterExchange::default();
         assert_eq!(x.idle_for(), None);
+        assert!(!x.is_idle(), "never idle yet");
         x.set_idle(true);
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(x.idle_for().is_some_and(|s| s >= 0.004));
+        assert!(!x.is_idle(), "a gap between back-to-back requests is not idle time");
+        std::thread::sleep(std::time::Duration::from_secs_f64(IDLE_GRACE + 0.005));
+        assert!(x.idle_for().is_some_and(|s| s >= IDLE_GRACE));
+        assert!(x.is_idle());
         x.set_idle(false);
         assert_eq!(x.idle_for(), None);
-        assert!(!x.has_room_for(0.0));
-        assert!(x.gaps.lock().unwrap().iter().all(|&g| g >= 0.004));
+        assert!(!x.is_idle());
     }
 
     #[test]

@@ -164,8 +164,6 @@ fn run(
     let mut progress = Progress::default();
     // Compute time not yet paid for by sleeping (evaluations of fresh traces).
     let mut unpaid = 0.0;
-    // How long a step on every core takes (smoothed): it is started only in an idle gap with room for it.
-    let mut idle_step_secs = 0.1;
     while !stop.load(Ordering::SeqCst) {
         for t in traces.drain() {
             // Before training on it: how well does the drafter predict this fresh traffic?
@@ -210,16 +208,15 @@ fn run(
         };
         let start = Instant::now();
         let depth = exchange.chosen_k.load(Ordering::Relaxed) as usize + 1;
-        let idle = idle_pool.is_some() && exchange.has_room_for(idle_step_secs);
-        let threads = if idle { idle_pool.as_ref() } else { pool_threads.as_ref() };
+        let threads = match &idle_pool {
+            Some(p) if exchange.is_idle() => Some(p),
+            _ => pool_threads.as_ref(),
+        };
         let result = match threads {
             Some(p) => p.install(|| trainer.step_unrolled(&batch, depth)),
             None => trainer.step_unrolled(&batch, depth),
         };
         let secs = start.elapsed().as_secs_f64();
-        if idle {
-            idle_step_secs += 0.3 * (secs - idle_step_secs);
-        }
         let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
         st.compute_secs += secs;
         st.pooled_positions = pool.positions();
@@ -258,13 +255,13 @@ fn run(
         }
         drop(st);
         // Keep to the CPU share: sleep so that compute / wall time stays at the share allowed now;
-        // serving going idle, with room for a step, ends the sleep.
+        // serving going idle (for longer than a gap between back-to-back requests) ends the sleep.
         let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
         exchange.train_share_bits.store(share.to_bits(), Ordering::Relaxed);
         let rest = (secs + std::mem::take(&mut unpaid)) * (1.0 - share) / share;
         if rest > 0.0 {
             let until = Instant::now() + Duration::from_secs_f64(rest);
-            while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.has_room_for(idle_step_secs) {
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.is_idle() {
                 std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
             }
         }
