@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tandem_runtime::sampling::top_n;
 use tandem_runtime::spec::EagleWeights;
 
 /// The target's view of one finished sequence: everything the drafter's trainer needs.
@@ -95,22 +96,12 @@ impl Trace {
 }
 
 /// The `n` most likely tokens of softmax(logits) with their probabilities, most likely first.
-/// Runs on the engine thread for every verified position, so one scan keeps the best n (most
-/// logits lose a single comparison) and the partition function takes the vectorised exp.
+/// Runs on the engine thread for every verified position: the partition function takes the
+/// vectorised exp.
 pub fn top_probs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let n = n.min(logits.len()).max(1);
-    let mut top: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() || (top.len() == n && l <= top[n - 1].0) {
-            continue;
-        }
-        let at = top.partition_point(|&(x, _)| x >= l);
-        top.insert(at, (l, i as u32));
-        top.truncate(n);
-    }
     let mut e = logits.to_vec();
     let inv = tandem_models::ops::kernels::exp_shifted(&mut e);
-    top.into_iter().map(|(_, i)| (i, e[i as usize] * inv)).collect()
+    top_n(logits, n.max(1)).into_iter().map(|(i, _)| (i, e[i as usize] * inv)).collect()
 }
 
 /// A bounded buffer of traces between the engine (producer) and a trainer (consumer).

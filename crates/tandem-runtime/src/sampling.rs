@@ -86,20 +86,43 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// The n largest entries, largest first (ties: lower id first).
+/// The n largest entries, largest first (ties: lower id first; `f32::total_cmp` order). One scan
+/// with a heap of the best n so far: with n much smaller than a vocabulary, most entries cost one
+/// comparison with the worst kept.
 pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    use std::cmp::{Ordering, Reverse};
+    use std::collections::BinaryHeap;
+    /// Orders entries by value, then the lower id as the larger.
+    #[derive(PartialEq)]
+    struct Entry(f32, u32);
+    impl Eq for Entry {}
+    impl Ord for Entry {
+        fn cmp(&self, other: &Self) -> Ordering {
+            self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
+        }
+    }
+    impl PartialOrd for Entry {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    let n = n.min(values.len());
     if n == 0 {
         return vec![];
     }
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
-    let n = n.min(idx.len());
-    if n < idx.len() {
-        idx.select_nth_unstable_by(n - 1, cmp);
-        idx.truncate(n);
+    // A min-heap: its top is the worst of the best n.
+    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(n + 1);
+    for (i, &v) in values.iter().enumerate() {
+        let e = Entry(v, i as u32);
+        if heap.len() < n {
+            heap.push(Reverse(e));
+        } else if heap.peek().is_some_and(|w| e > w.0) {
+            heap.pop();
+            heap.push(Reverse(e));
+        }
     }
-    idx.sort_by(cmp);
-    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+    // Ascending in Reverse order is descending in value.
+    heap.into_sorted_vec().into_iter().map(|Reverse(Entry(v, i))| (i, v)).collect()
 }
 
 impl Sampler {
@@ -247,6 +270,19 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_n_equals_a_full_sort() {
+        // Many ties (values repeat every 37 ids), a negative stretch, and n beyond the length.
+        let values: Vec<f32> =
+            (0..2000u32).map(|i| ((i * 7919) % 37) as f32 - if i > 1500 { 40.0 } else { 0.0 }).collect();
+        let mut sorted: Vec<u32> = (0..values.len() as u32).collect();
+        sorted.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]).then(a.cmp(&b)));
+        for n in [0, 1, 5, 64, 2000, 3000] {
+            let want: Vec<(u32, f32)> = sorted.iter().take(n).map(|&i| (i, values[i as usize])).collect();
+            assert_eq!(top_n(&values, n), want, "n = {n}");
+        }
+    }
 
     fn params(t: f32) -> SamplingParams {
         SamplingParams { temperature: t, seed: Some(7), ..Default::default() }

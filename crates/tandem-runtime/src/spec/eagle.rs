@@ -580,16 +580,7 @@ const ALTERNATIVE_MIN_PROB: f32 = 0.1;
 
 /// The `n` highest logits but `best`'s, highest first.
 fn runners_up(logits: &[f32], best: u32, n: usize) -> Vec<u32> {
-    let mut top: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        if i as u32 == best || (top.len() == n && l <= top[n - 1].0) {
-            continue;
-        }
-        let at = top.partition_point(|&(x, _)| x >= l);
-        top.insert(at, (l, i as u32));
-        top.truncate(n);
-    }
-    top.into_iter().map(|(_, i)| i).collect()
+    crate::sampling::top_n(logits, n + 1).into_iter().map(|(i, _)| i).filter(|&i| i != best).take(n).collect()
 }
 
 impl Drafter for EagleDrafter {
