@@ -200,8 +200,8 @@ pub struct DrafterExchange {
     pub published: AtomicU64,
     pub rollbacks: AtomicU64,
     pub chosen_k: AtomicU64,
-    /// Measured decode tokens/s per draft length: (k, tokens/s, steps).
-    pub k_table: Mutex<Vec<(usize, f64, u64)>>,
+    /// Measured decode figures per draft length.
+    pub k_table: Mutex<Vec<KStat>>,
     /// Trainer figures (f64 bits): last loss, optimizer steps, traces trained on.
     pub train_loss_bits: AtomicU64,
     pub train_steps: AtomicU64,
@@ -424,6 +424,19 @@ impl OnlineState {
     }
 }
 
+/// What the engine measured at one draft length (exponentially weighted, like the choice).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct KStat {
+    pub k: usize,
+    pub tokens_per_sec: f64,
+    /// Tokens emitted per decode step: how much of a draft the target accepts.
+    pub tokens_per_step: f64,
+    /// Seconds per decode step (drafting, the forward over k + 1 rows, bookkeeping): what a draft
+    /// costs. Against k = 0's, the two figures say whether acceptance or cost limits the gain.
+    pub step_secs: f64,
+    pub steps: u64,
+}
+
 /// Picks the draft length by measured end-to-end decode throughput: an exponentially weighted
 /// tokens/s per k (0 = no speculation), mostly the best, sometimes a neighbour (so a drafter that
 /// improves is noticed, and one that worsens is left).
@@ -432,6 +445,8 @@ pub(crate) struct KController {
     explore: f64,
     /// Per k: weighted tokens/s, samples.
     rate: Vec<(f64, u64)>,
+    /// Per k: weighted tokens per step and seconds per step (reported, not used to choose).
+    shape: Vec<(f64, f64)>,
     best: usize,
     step: u64,
     rng: u64,
@@ -439,7 +454,15 @@ pub(crate) struct KController {
 
 impl KController {
     pub fn new(max_k: usize, explore: f64) -> Self {
-        KController { max_k, explore, rate: vec![(0.0, 0); max_k + 1], best: 0, step: 0, rng: 0x2545_F491_4F6C_DD1D }
+        KController {
+            max_k,
+            explore,
+            rate: vec![(0.0, 0); max_k + 1],
+            shape: vec![(0.0, 0.0); max_k + 1],
+            best: 0,
+            step: 0,
+            rng: 0x2545_F491_4F6C_DD1D,
+        }
     }
 
     fn next_random(&mut self) -> f64 {
@@ -476,6 +499,9 @@ impl KController {
         let alpha = if *n < 16 { 1.0 / (*n + 1) as f64 } else { 0.05 };
         *avg += alpha * (r - *avg);
         *n += 1;
+        let (per_step, step_secs) = &mut self.shape[k];
+        *per_step += alpha * (tokens as f64 - *per_step);
+        *step_secs += alpha * (secs - *step_secs);
         let best = self.best;
         let measured = |k: usize| self.rate[k].1 >= 8;
         // Move to a measured neighbour that is clearly faster: step times are noisy (batch
@@ -505,9 +531,18 @@ impl KController {
         best.0 / base.0
     }
 
-    /// (k, tokens/s, samples) for every k measured.
-    pub fn table(&self) -> Vec<(usize, f64, u64)> {
-        self.rate.iter().enumerate().filter(|(_, r)| r.1 > 0).map(|(k, r)| (k, r.0, r.1)).collect()
+    /// The figures of every k measured.
+    pub fn table(&self) -> Vec<KStat> {
+        (0..=self.max_k)
+            .filter(|&k| self.rate[k].1 > 0)
+            .map(|k| KStat {
+                k,
+                tokens_per_sec: self.rate[k].0,
+                tokens_per_step: self.shape[k].0,
+                step_secs: self.shape[k].1,
+                steps: self.rate[k].1,
+            })
+            .collect()
     }
 }
 

@@ -276,9 +276,18 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
         "Traces dropped (buffer full or busy).",
         o.traces.dropped().to_string(),
     );
-    let _ = writeln!(out, "# HELP tandem_spec_k_tokens_per_second Measured decode tokens/s per draft length.\n# TYPE tandem_spec_k_tokens_per_second gauge");
-    for (k, rate, _) in ex.k_table.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        let _ = writeln!(out, "tandem_spec_k_tokens_per_second{{k=\"{k}\"}} {rate}");
+    let table = ex.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    type Field = fn(&tandem_engine::online::KStat) -> f64;
+    let gauges: [(&str, &str, Field); 3] = [
+        ("tandem_spec_k_tokens_per_second", "Measured decode tokens/s per draft length.", |s| s.tokens_per_sec),
+        ("tandem_spec_k_tokens_per_step", "Tokens emitted per decode step, per draft length.", |s| s.tokens_per_step),
+        ("tandem_spec_k_step_seconds", "Seconds per decode step, per draft length.", |s| s.step_secs),
+    ];
+    for (name, help, field) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for s in &table {
+            let _ = writeln!(out, "{name}{{k=\"{}\"}} {}", s.k, field(s));
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer};
+use tandem_engine::online::{DrafterExchange, KStat, OnlineConfig, OnlineHooks, TraceBuffer};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::spec::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
@@ -153,6 +153,9 @@ struct Summary {
     /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
     /// `none`'s tok/s; None: never in this run.
     reached_target_after: Vec<(String, Option<usize>)>,
+    /// The engine's own figures per draft length at the end (learned drafts only; copied drafts'
+    /// steps are not counted), weighted toward the last steps.
+    k_table: Vec<KStat>,
 }
 
 struct RunOutput {
@@ -399,6 +402,7 @@ fn run_config(
     }
     let ex = &hooks.exchange;
     summary.drafter_versions = ex.published.load(Ordering::Relaxed);
+    summary.k_table = ex.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
     summary.rollbacks = ex.rollbacks.load(Ordering::Relaxed);
     summary.traces_dropped = hooks.traces.dropped();
     summary.drafted_tokens = spec_stats.drafted_tokens;
@@ -617,6 +621,26 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
             s.traces_dropped,
             reach.join(", ")
         );
+    }
+    // Per draft length: a decode step's tokens and time against k = 0's say whether acceptance or
+    // the cost of drafting and verifying limits what speculation earns.
+    for s in summaries.iter().filter(|s| !s.k_table.is_empty()) {
+        let base = s.k_table.iter().find(|r| r.k == 0).map(|r| r.step_secs);
+        println!("\n{}: per draft length (end of run, recent steps weighted)", s.config);
+        println!("| k | steps | tokens/step | ms/step | x k=0 step time | tok/s |");
+        println!("|---|---|---|---|---|---|");
+        for r in &s.k_table {
+            let ratio = base.filter(|&b| b > 0.0).map_or("".into(), |b| format!("{:.2}", r.step_secs / b));
+            println!(
+                "| {} | {} | {:.2} | {:.1} | {} | {:.1} |",
+                r.k,
+                r.steps,
+                r.tokens_per_step,
+                r.step_secs * 1e3,
+                ratio,
+                r.tokens_per_sec
+            );
+        }
     }
     let peer = if args.peer { Some(run_peer(&path, &prompts, &args)?) } else { None };
     if let Some(p) = &peer {
