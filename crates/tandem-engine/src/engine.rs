@@ -293,6 +293,8 @@ struct Planned {
     draft: Draft,
     /// Cache length before this step.
     start: usize,
+    /// Feeds a pending token (a decode), not a prompt chunk.
+    decode: bool,
 }
 
 pub struct Engine {
@@ -682,7 +684,14 @@ impl Engine {
                 tokens.extend_from_slice(&draft.tokens);
                 tokens.extend_from_slice(&draft.alternatives);
                 budget = budget.saturating_sub(tokens.len());
-                plan.push(Planned { index: i, tokens, wants_logits: true, draft, start: self.cache.len(r.slot) });
+                plan.push(Planned {
+                    index: i,
+                    tokens,
+                    wants_logits: true,
+                    draft,
+                    start: self.cache.len(r.slot),
+                    decode: true,
+                });
             }
         }
         // Prompt chunks in the policy's order (the least-served client's first under fair).
@@ -709,6 +718,7 @@ impl Engine {
                 wants_logits: n == rest.len() && r.pending.is_none(),
                 draft: Draft::default(),
                 start: computed,
+                decode: false,
             });
         }
         if plan.is_empty() {
@@ -764,7 +774,7 @@ impl Engine {
             let offset = row_offset;
             row_offset += p.tokens.len();
             let slot = self.running[p.index].slot;
-            let is_decode = p.wants_logits && self.running[p.index].pending.is_some();
+            let is_decode = p.decode;
             if !is_decode {
                 // Prompt tokens are charged once, when first computed.
                 let r = &mut self.running[p.index];
@@ -928,9 +938,10 @@ impl Engine {
             c.add(&c.verify_nanos, verify_start.elapsed().as_nanos() as u64);
         }
         // Decode-only steps measure the end-to-end speed of the draft length used (steps with
-        // copied drafts say nothing about the learned drafter's length).
-        let decode_only =
-            plan.iter().all(|p| p.wants_logits && self.running[p.index].pending.is_some() && !p.draft.lookup);
+        // copied drafts say nothing about the learned drafter's length, and a step that also
+        // finishes a prompt costs what the prompt costs). Judged from the plan: a prompt's last
+        // chunk leaves its sequence with a pending token, like a decode.
+        let decode_only = plan.iter().all(|p| p.decode && !p.draft.lookup);
         let catch_up = self.drafter.as_mut().map_or((0.0, 0), |d| d.take_catch_up());
         if let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, decode_only) {
             // Steady drafting catches up about one position per emitted token; a backlog left by

@@ -423,6 +423,44 @@ fn copied_drafts_are_not_held_against_the_learned_drafter() {
     assert!(rejections > 0, "the learned drafter's own rejections are still recorded");
 }
 
+/// The draft-length controller times decode steps only: a step that finishes a prompt (and emits
+/// its first token) costs what the prompt costs and would charge it to whichever k was chosen.
+#[test]
+fn the_k_controller_times_decode_steps_only() {
+    // Prompts of 16 tokens fed in chunks of 5: the last chunk's step emits the first token.
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            let mut r = request(i, 12);
+            r.prompt = (0..16).map(|j| ((i * 13 + j * 7) % 200) as u32 + 3).collect();
+            r
+        })
+        .collect();
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 3).unwrap();
+    let h = hooks(1 << 30, OnlineConfig::default());
+    let config = EngineConfig { spec_k: 3, step_token_budget: 5, max_batch: 1, ..Default::default() };
+    let (mut engine, handle) = engine_with(drafter, &h, config);
+    let mut decode_steps = 0;
+    for r in &requests {
+        let mut rx = handle.submit(r.clone()).unwrap();
+        engine.run_until_idle();
+        loop {
+            match rx.try_recv().unwrap() {
+                Event::Token(_) => {}
+                Event::Finished { usage, .. } => {
+                    decode_steps += usage.speculation.unwrap().decode_steps;
+                    break;
+                }
+                Event::Failed(m) => panic!("{m}"),
+            }
+        }
+    }
+    let table = h.exchange.k_table.lock().unwrap().clone();
+    let timed: u64 = table.iter().map(|s| s.steps).sum();
+    assert_eq!(timed, decode_steps as u64, "{table:?}");
+    assert!(table.iter().all(|s| s.tokens_per_step >= 0.99 && s.step_secs > 0.0), "{table:?}");
+}
+
 /// Text read by the target becomes traces whose every position carries the target's features and
 /// last residual stream; the labels derived from them are the target's own distribution, and
 /// reading chunks together or one by one gives the same numbers.
