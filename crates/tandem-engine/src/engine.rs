@@ -598,9 +598,10 @@ impl Engine {
         let Some(drafter) = self.drafter.as_mut() else { return drafts };
         // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
         let global_k = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.k.choose());
-        self.step_k = global_k;
         let mut asks = Vec::new();
         let mut who = Vec::new();
+        // A draft cut short by the output limit or the slot is not a step at the chosen k.
+        let mut cut = false;
         for (i, r) in self.running.iter().enumerate() {
             // The drafter predicts the served model; other weight versions decode plainly.
             if r.pending.is_none() || self.cache.len(r.slot) != r.prefill_target() || r.request.weights.is_some() {
@@ -611,6 +612,7 @@ impl Engine {
             let room = self.config.max_seq_len.saturating_sub(self.cache.len(r.slot) + 1);
             let limit = self.config.spec_k.min(remaining.saturating_sub(1)).min(room);
             let k = global_k.unwrap_or(r.draft_k).min(limit);
+            cut |= global_k.is_some_and(|g| k < g);
             // Copies are free to propose: asked for even while the learned drafter is off (k = 0).
             let copy_k = r.copy_k.min(limit);
             // Siblings of the first draft token need a first token, greedy verification, and
@@ -631,6 +633,7 @@ impl Engine {
                 who.push((i, k, copy_k, alternatives));
             }
         }
+        self.step_k = global_k.filter(|_| !cut);
         if asks.is_empty() {
             return drafts;
         }

@@ -631,6 +631,12 @@ mod tests {
             c.record(k, (speed(k) * 10.0) as usize, 1.0);
         }
         assert_eq!(c.best(), 3, "{:?}", c.table());
+        // Its report: per k, tokens per step and seconds per step, whose ratio is the rate.
+        for s in c.table() {
+            assert!((s.step_secs - 1.0).abs() < 1e-9, "{s:?}");
+            assert!((s.tokens_per_step - (speed(s.k) * 10.0).floor()).abs() < 1e-6, "{s:?}");
+            assert!((s.tokens_per_sec - s.tokens_per_step / s.step_secs).abs() < 1e-6, "{s:?}");
+        }
         // A drafter that is useless: k = 0 wins.
         let mut c = KController::new(6, 0.1);
         for _ in 0..500 {

@@ -424,7 +424,8 @@ fn copied_drafts_are_not_held_against_the_learned_drafter() {
 }
 
 /// The draft-length controller times decode steps only: a step that finishes a prompt (and emits
-/// its first token) costs what the prompt costs and would charge it to whichever k was chosen.
+/// its first token) costs what the prompt costs and would charge it to whichever k was chosen; a
+/// step whose draft the output limit cut short is not a step at the chosen k either.
 #[test]
 fn the_k_controller_times_decode_steps_only() {
     // Prompts of 16 tokens fed in chunks of 5: the last chunk's step emits the first token.
@@ -457,7 +458,12 @@ fn the_k_controller_times_decode_steps_only() {
     }
     let table = h.exchange.k_table.lock().unwrap().clone();
     let timed: u64 = table.iter().map(|s| s.steps).sum();
-    assert_eq!(timed, decode_steps as u64, "{table:?}");
+    // Only the last few steps of each request can be cut short (at most spec_k of them).
+    let decode_steps = decode_steps as u64;
+    assert!(
+        timed <= decode_steps && timed + 3 * requests.len() as u64 >= decode_steps,
+        "{timed} of {decode_steps}: {table:?}"
+    );
     assert!(table.iter().all(|s| s.tokens_per_step >= 0.99 && s.step_secs > 0.0), "{table:?}");
 }
 
