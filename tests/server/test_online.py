@@ -54,6 +54,9 @@ def main():
                  "tandem_drafter_train_cpu_share", "tandem_spec_alternatives_total",
                  "tandem_spec_alternatives_accepted_total"]:
         metric(m, name)
+    # The draft-length controller's figures per k (k = 0 is always measured).
+    for name in ["tandem_spec_k_tokens_per_second", "tandem_spec_k_tokens_per_step", "tandem_spec_k_step_seconds"]:
+        assert metric(m, name + '{k="0"}') > 0, name
     assert metric(m, "tandem_traces_total") >= done - 6, "traces were not recorded"
     assert metric(m, "tandem_drafter_train_steps_total") >= 1, "the trainer never stepped"
     assert metric(m, "tandem_drafter_version") >= 1, "no drafter version was swapped in"
