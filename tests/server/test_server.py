@@ -38,7 +38,7 @@ def error_of(status_data):
 
 
 def still_serving():
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name the capital of France."}],
                                        temperature=0, max_tokens=20)
     assert "Paris" in r.choices[0].message.content, r
 
@@ -54,14 +54,14 @@ def test_completion_and_chat():
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + 5
-    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name the capital of France."}],
                                        temperature=0, max_completion_tokens=30)
     assert "Paris" in c.choices[0].message.content and c.choices[0].finish_reason == "stop"
     assert c.usage.completion_tokens > 0
 
 
 def test_streaming_with_usage():
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name the capital of France."}],
                                             temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True})
     text, finish, usage = "", None, None
     for chunk in stream:
@@ -70,7 +70,7 @@ def test_streaming_with_usage():
         for ch in chunk.choices:
             text += ch.delta.content or ""
             finish = ch.finish_reason or finish
-    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name the capital of France."}],
                                            temperature=0, max_tokens=30)
     assert text == plain.choices[0].message.content, (text, plain)
     assert finish == "stop" and usage.completion_tokens == plain.usage.completion_tokens

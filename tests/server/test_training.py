@@ -21,7 +21,7 @@ from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
 URL, BASE = sys.argv[1], sys.argv[2]
-EXPORT_DIR = sys.argv[4] if len(sys.argv) > 4 else None
+EXPORT_ROOT = sys.argv[4] if len(sys.argv) > 4 else None  # the server's --export-dir
 http = httpx.Client(base_url=URL, timeout=60)
 
 
@@ -142,12 +142,38 @@ lp = s2.compute_logprobs(types.ModelInput.from_ints(seqs[0])).result()
 assert lp[0] is None and len(lp) == 16
 fwd = tc.forward([datum(seqs[0])], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
 assert np.abs(np.array(lp[1:]) - np.array(fwd)).max() < 1e-5
-if EXPORT_DIR:
-    r = http.post("/tandem/v1/export", json={"path": sampler_path, "out_dir": EXPORT_DIR})
+if EXPORT_ROOT:
+    r = http.post("/tandem/v1/export", json={"path": sampler_path, "name": "merged"})
     assert r.status_code == 200, r.text
-    assert os.path.exists(os.path.join(EXPORT_DIR, "model.safetensors")), os.listdir(EXPORT_DIR)
-    cfg = json.load(open(os.path.join(EXPORT_DIR, "config.json")))
+    merged = os.path.join(EXPORT_ROOT, "merged")
+    assert os.path.realpath(r.json()["out_dir"]) == os.path.realpath(merged), r.json()
+    assert os.path.exists(os.path.join(merged, "model.safetensors")), os.listdir(merged)
+    cfg = json.load(open(os.path.join(merged, "config.json")))
     assert cfg["tie_word_embeddings"] is False  # the unembedding adapter unties the output
+    # Nothing is replaced unless asked; then it is.
+    r = http.post("/tandem/v1/export", json={"path": sampler_path, "name": "merged"})
+    assert r.status_code == 409 and "overwrite" in r.json()["detail"], r.text
+    r = http.post("/tandem/v1/export", json={"path": sampler_path, "name": "merged", "overwrite": True})
+    assert r.status_code == 200, r.text
+    # A client names a folder; it never gives a path, in any spelling.
+    outside = os.path.join(os.path.dirname(os.path.abspath(EXPORT_ROOT)), "outside-export")
+    os.makedirs(outside, exist_ok=True)
+    for bad in [outside, "/tmp/tandem-escape", "../escape", "..", ".", "a/b", "a\\b", "%2e%2e%2fescape",
+                "..%2fescape", "", "x" * 300, "nul\x00byte"]:
+        r = http.post("/tandem/v1/export", json={"path": sampler_path, "name": bad})
+        assert r.status_code == 400, (bad, r.status_code, r.text)
+    for body in [{"path": sampler_path, "out_dir": outside}, {"path": sampler_path},
+                 {"path": sampler_path, "name": "ok", "overwrite": "yes"}, {"path": "/etc/passwd", "name": "ok"},
+                 {"path": "tinker://../../etc/sampler_weights/x", "name": "ok"}]:
+        r = http.post("/tandem/v1/export", json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+    # A symbolic link planted inside the export directory is not written through.
+    os.symlink(outside, os.path.join(EXPORT_ROOT, "planted"))
+    for overwrite in [False, True]:
+        r = http.post("/tandem/v1/export", json={"path": sampler_path, "name": "planted", "overwrite": overwrite})
+        assert r.status_code == 400 and "symbolic link" in r.text, r.text
+    assert os.listdir(outside) == [], os.listdir(outside)
+    assert not os.path.exists("/tmp/tandem-escape") and not os.path.exists(os.path.join(EXPORT_ROOT, "..", "escape"))
 info = http.post("/api/v1/weights_info", json={"tinker_path": sampler_path}).json()
 assert info["is_lora"] and info["lora_rank"] == 8, info
 run = saved.path.split("/")[2]

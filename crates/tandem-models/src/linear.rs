@@ -1,8 +1,9 @@
-//! Projection layers: dense f32/bf16 weights (the ops module picks the kernel) or GGUF-quantized weights
-//! (candle's quantized matmul).
+//! Projection layers: dense f32/bf16 weights or GGUF block-quantized weights read in place (the ops
+//! module picks the kernel for both).
+use crate::ops::quant::{QFormat, QWeight};
 use crate::ops::{self, OpsPath};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::Tensor;
 use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
@@ -10,26 +11,16 @@ type CResult<T> = candle_core::Result<T>;
 #[derive(Clone)]
 pub enum Linear {
     /// weight: [out, in].
-    Dense {
-        weight: Tensor,
-        bias: Option<Tensor>,
-    },
-    Quantized {
-        weight: Arc<QMatMul>,
-        out_features: usize,
-        bias: Option<Tensor>,
-    },
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    /// GGUF blocks as the file stores them, [out, in] (CPU only).
+    Quantized { weight: Arc<QWeight>, bias: Option<Tensor> },
     /// Several projections of the same input whose outputs are concatenated (quantized weights of
     /// different types cannot be fused into one matrix).
     Stacked(Vec<Linear>),
     /// A frozen projection plus low-rank adapters: y = base(x) + scale·[(x·a_iᵀ)·b_iᵀ]_i, the parts'
     /// outputs concatenated (one part per projection fused into `base`). The base weights are
     /// shared, not copied; serving and training run this same code, so their values agree exactly.
-    Lora {
-        base: Box<Linear>,
-        parts: Vec<LoraPart>,
-        scale: f64,
-    },
+    Lora { base: Box<Linear>, parts: Vec<LoraPart>, scale: f64 },
 }
 
 /// One projection's adapter: a: [rank, in], b: [out, rank] (f32).
@@ -44,15 +35,24 @@ impl Linear {
         Linear::Dense { weight, bias }
     }
 
+    /// A projection over GGUF blocks. Formats without a kernel here (Q2_K, Q3_K, ...) and
+    /// devices other than the CPU get the weight dequantized to a dense f32 matrix instead.
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> CResult<Self> {
-        let out_features = weight.shape().dims()[0];
-        Ok(Linear::Quantized { weight: Arc::new(QMatMul::from_qtensor(weight)?), out_features, bias })
+        let (out, inp) = weight.shape().dims2()?;
+        match QFormat::from_ggml(weight.dtype()) {
+            Some(format) if weight.device().is_cpu() => {
+                let data = weight.data()?.into_owned();
+                let q = QWeight::new(format, out, inp, data).map_err(candle_core::Error::Msg)?;
+                Ok(Linear::Quantized { weight: Arc::new(q), bias })
+            }
+            _ => Ok(Linear::Dense { weight: weight.dequantize(&weight.device())?, bias }),
+        }
     }
 
     pub fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.dims()[0],
-            Linear::Quantized { out_features, .. } => *out_features,
+            Linear::Quantized { weight, .. } => weight.rows,
             Linear::Stacked(parts) => parts.iter().map(Linear::out_features).sum(),
             Linear::Lora { base, .. } => base.out_features(),
         }
@@ -79,6 +79,26 @@ impl Linear {
             let weight = Tensor::cat(&weights, 0)?;
             let bias = if any_bias { Some(Tensor::cat(&biases, 0)?) } else { None };
             Ok(Linear::Dense { weight, bias })
+        } else if parts.iter().all(|p| matches!(p, Linear::Quantized { .. })) {
+            // Block-quantized parts (each in its own format) stack into one matrix: the input is
+            // quantized once and one pass of the kernel computes every part.
+            let mut weights = Vec::new();
+            let mut biases = Vec::new();
+            let any_bias = parts.iter().any(|p| matches!(p, Linear::Quantized { bias: Some(_), .. }));
+            for p in parts {
+                if let Linear::Quantized { weight, bias } = p {
+                    if any_bias {
+                        biases.push(match bias {
+                            Some(b) => b,
+                            None => Tensor::zeros(weight.rows, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+                        });
+                    }
+                    weights.push(Arc::try_unwrap(weight).map_err(|_| candle_core::Error::Msg("shared weight".into()))?);
+                }
+            }
+            let weight = Arc::new(QWeight::stack(weights).map_err(candle_core::Error::Msg)?);
+            let bias = if any_bias { Some(Tensor::cat(&biases, 0)?) } else { None };
+            Ok(Linear::Quantized { weight, bias })
         } else {
             Ok(Linear::Stacked(parts))
         }
@@ -88,7 +108,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, path: OpsPath) -> CResult<Tensor> {
         let (y, bias) = match self {
             Linear::Dense { weight, bias } => (ops::matmul_xwt(x, weight, path)?, bias),
-            Linear::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
+            Linear::Quantized { weight, bias } => (ops::quantized_matmul_xwt(x, weight, path)?, bias),
             Linear::Stacked(parts) => {
                 let outs = parts.iter().map(|p| p.forward(x, path)).collect::<CResult<Vec<_>>>()?;
                 return Tensor::cat(&outs, 1);
@@ -113,10 +133,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
-            Linear::Quantized { weight, .. } => match weight.as_ref() {
-                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            },
+            Linear::Quantized { weight, .. } => weight.bytes(),
             Linear::Stacked(parts) => parts.iter().map(Linear::weight_bytes).sum(),
             Linear::Lora { base, parts, .. } => {
                 base.weight_bytes() + parts.iter().map(|p| (p.a.elem_count() + p.b.elem_count()) * 4).sum::<usize>()

@@ -317,12 +317,13 @@ impl Model {
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
         let rows = match &self.lm_head {
             Linear::Dense { weight, .. } => weight.index_select(&idx, 0)?,
-            Linear::Quantized { weight, .. } => match weight.as_ref() {
-                candle_core::quantized::QMatMul::QTensor(q) => q.dequantize(&self.device)?.index_select(&idx, 0)?,
-                candle_core::quantized::QMatMul::Tensor(t) | candle_core::quantized::QMatMul::TensorF16(t) => {
-                    t.index_select(&idx, 0)?
+            Linear::Quantized { weight, .. } => {
+                let mut rows = vec![0f32; ids.len() * weight.cols];
+                for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(weight.cols)) {
+                    weight.dequantize_row(id as usize, out);
                 }
-            },
+                Tensor::from_vec(rows, (ids.len(), weight.cols), &self.device)?
+            }
             _ => self.embed.index_select(&idx, 0)?,
         };
         let f32 = candle_core::DType::F32;

@@ -108,10 +108,11 @@ fn batching_truncation_and_chunking_keep_logits_on_tiny_models() {
 }
 
 #[test]
-fn batching_and_truncation_keep_logits_on_smollm2() {
-    let m = load_path(&model_file(SMOLLM2));
-    check_batching(&m, "SmolLM2");
-    check_truncation(&m, "SmolLM2");
+fn batching_and_truncation_keep_logits_on_the_default_models() {
+    for (label, m) in default_models() {
+        check_batching(&m, &label);
+        check_truncation(&m, &label);
+    }
 }
 
 #[test]
@@ -162,10 +163,16 @@ fn invalid_batches_are_errors_not_panics() {
 #[test]
 fn cpu_kernels_are_batch_invariant_bit_for_bit() {
     // Not merely close: the same bits whatever else shares the forward or how a prompt is chunked,
-    // which is what lets the server promise that batching never changes a greedy output.
-    let m = load_path(&model_file(SMOLLM2));
+    // which is what lets the server promise that batching never changes a greedy output. In
+    // quantized mode too: each row's inputs are quantized alone and its sums taken in one order.
+    for (label, m) in default_models() {
+        check_batch_invariance(&m, &label);
+    }
+}
+
+fn check_batch_invariance(m: &LoadedModel, label: &str) {
     let prompt: Vec<u32> = (0..40).map(|i| 100 + i * 37).collect();
-    let whole = alone(&m, &[], &prompt);
+    let whole = alone(m, &[], &prompt);
     let mut cache = KvCache::new(&m.model.config, 2, 128, m.model.device()).unwrap();
     let other: Vec<u32> = (0..23).map(|i| 900 + i * 11).collect();
     let mut rows = Vec::new();
@@ -186,7 +193,7 @@ fn cpu_kernels_are_batch_invariant_bit_for_bit() {
         rows.extend_from_slice(&all[out.logit_rows[1].clone()]);
         cache.reset(1).unwrap();
     }
-    assert!(rows == whole, "batched and chunked logits differ from one-shot logits");
+    assert!(rows == whole, "{label}: batched and chunked logits differ from one-shot logits");
 }
 
 /// A draft tree forked after its first token: each sibling's logits are what decoding it in place
@@ -247,5 +254,7 @@ fn draft_tree_siblings_equal_decoding_them_in_place() {
             check_siblings(&m, &format!("{name} {path:?}"), false);
         }
     }
-    check_siblings(&load_path(&model_file(SMOLLM2)), "SmolLM2", true);
+    for (label, m) in default_models() {
+        check_siblings(&m, &label, true);
+    }
 }

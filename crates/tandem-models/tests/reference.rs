@@ -70,7 +70,9 @@ fn a_wrong_rope_or_norm_detail_is_caught() {
 #[test]
 fn quantized_smollm2_tracks_the_reference() {
     // Kept-quantized weights multiply 8-bit-quantized activations (as llama.cpp does), so agreement
-    // is looser: the same most likely token at every position and a few percent of logit error.
+    // is looser: a few percent of logit error (llama.cpp on this file and these tokens: 3.5%), and
+    // the same most likely token wherever the reference's lead is clear of that error (at one
+    // position here its lead is 0.26 and both engines' errors are of that size).
     let file = model_file(SMOLLM2);
     let tokens: Vec<u32> = vec![1, 4093, 198, 1780, 314, 216, 34, 33, 34, 47, 2, 198, 1, 520, 9531];
     let reference = reference_logits(&file, &tokens);
@@ -78,11 +80,18 @@ fn quantized_smollm2_tracks_the_reference() {
     let loaded = tandem_models::load(&file, &opts, &mut |_, _| {}).unwrap();
     let ours = tandem_logits(&loaded, &tokens);
     let err = relative_error(&ours, &reference);
-    assert!(err < 0.1, "quantized SmolLM2: relative error {err:.2e}");
+    assert!(err < 0.05, "quantized SmolLM2: relative error {err:.2e}");
     let argmax = |r: &Vec<f32>| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-    let ours: Vec<usize> = ours.iter().map(argmax).collect();
-    let theirs: Vec<usize> = reference.iter().map(argmax).collect();
-    assert_eq!(ours, theirs);
+    let mut clear = 0;
+    for (pos, (o, r)) in ours.iter().zip(&reference).enumerate() {
+        let best = argmax(r);
+        let runner_up = r.iter().enumerate().filter(|&(i, _)| i != best).map(|(_, v)| *v).fold(f32::MIN, f32::max);
+        if r[best] - runner_up > 1.0 {
+            clear += 1;
+            assert_eq!(argmax(o), best, "position {pos}: the reference leads by {}", r[best] - runner_up);
+        }
+    }
+    assert!(clear >= 10, "only {clear} positions with a clear lead");
 }
 
 #[test]

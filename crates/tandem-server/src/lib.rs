@@ -103,12 +103,6 @@ impl AppState {
                         }
                     }
                 }
-                if !base.is_dense() {
-                    return Err(
-                        "training needs dense weights; quantized GGUF weights are kept only with --keep-quantized"
-                            .into(),
-                    );
-                }
                 Some(training::TrainingService::new(base, loaded.name.clone(), tc, handle.clone(), tokenizer.clone()))
             }
             _ => None,

@@ -63,6 +63,25 @@ pub struct ForwardBackwardOutput {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Data packed into passes of up to PACK_TOKENS tokens: one forward and one backward each, with
+/// bigger products than one datum alone; every datum attends only to itself. A longer datum is a
+/// pass of its own.
+fn passes(data: &[Datum]) -> Vec<&[Datum]> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    while start < data.len() {
+        let mut end = start + 1;
+        let mut tokens_in = data[start].tokens.len();
+        while end < data.len() && tokens_in + data[end].tokens.len() <= PACK_TOKENS {
+            tokens_in += data[end].tokens.len();
+            end += 1;
+        }
+        groups.push(&data[start..end]);
+        start = end;
+    }
+    groups
+}
+
 /// AdamW's settings for one step (the training API sends them with each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamParams {
@@ -81,9 +100,18 @@ impl Default for AdamParams {
     }
 }
 
+/// What one forward_backward may take, set by the server: tokens per datum (the served context)
+/// and the estimated peak memory of a pass (`memory::pass_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_tokens: usize,
+    pub memory_bytes: u64,
+}
+
 pub struct TrainingModel {
     base: Model,
     mode: Mode,
+    limits: Option<Limits>,
     vars: BTreeMap<String, Var>,
     grads: BTreeMap<String, Tensor>,
     /// AdamW moments per parameter.
@@ -124,6 +152,7 @@ impl TrainingModel {
         Ok(TrainingModel {
             base: base.clone(),
             mode,
+            limits: None,
             vars,
             grads: BTreeMap::new(),
             moments: BTreeMap::new(),
@@ -134,6 +163,11 @@ impl TrainingModel {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Bounds every later forward_backward (without them, only the model's positions bound it).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = Some(limits);
     }
 
     pub fn steps(&self) -> u64 {
@@ -196,6 +230,9 @@ impl TrainingModel {
                 self.base.max_positions()
             ));
         }
+        if let Some(l) = self.limits.filter(|l| n > l.max_tokens) {
+            return user(format!("datum {i}: {n} tokens, more than the served context ({} tokens)", l.max_tokens));
+        }
         if d.targets.len() != n {
             return user(format!("datum {i}: target_tokens has {} entries, model_input has {n}", d.targets.len()));
         }
@@ -235,26 +272,14 @@ impl TrainingModel {
         for (i, d) in data.iter().enumerate() {
             self.check(d, loss, i)?;
         }
+        let groups = passes(data);
+        self.check_memory(&groups, forward_only)?;
         let model = if forward_only { self.snapshot_shared()? } else { self.live()? };
         let mut total = 0f64;
         let mut tokens = 0usize;
         let mut max_diff = 0f64;
         let mut logprobs = Vec::with_capacity(data.len());
         let mut new_grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        // Data are packed into passes of up to PACK_TOKENS tokens: one forward and one backward
-        // each, with bigger products than one datum alone; every datum attends only to itself.
-        let mut groups: Vec<&[Datum]> = Vec::new();
-        let mut start = 0;
-        while start < data.len() {
-            let mut end = start + 1;
-            let mut tokens_in = data[start].tokens.len();
-            while end < data.len() && tokens_in + data[end].tokens.len() <= PACK_TOKENS {
-                tokens_in += data[end].tokens.len();
-                end += 1;
-            }
-            groups.push(&data[start..end]);
-            start = end;
-        }
         for group in groups {
             let t0 = std::time::Instant::now();
             let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
@@ -329,6 +354,41 @@ impl TrainingModel {
             metrics.insert("sampler_logprob_diff:max".to_string(), max_diff);
         }
         Ok(ForwardBackwardOutput { logprobs, metrics })
+    }
+
+    /// The estimated peak memory of `forward_backward(data, .., forward_only)`: its largest pass.
+    pub fn peak_bytes(&self, data: &[Datum], forward_only: bool) -> u64 {
+        passes(data).iter().map(|g| self.pass_bytes(g, forward_only)).max().unwrap_or(0)
+    }
+
+    fn pass_bytes(&self, group: &[Datum], forward_only: bool) -> u64 {
+        use crate::memory::PassKind;
+        let kind = match (forward_only, self.mode) {
+            (true, _) => PassKind::ForwardOnly,
+            (false, Mode::Lora(_)) => PassKind::Lora,
+            (false, Mode::Full) => PassKind::Full { parameters: self.num_parameters() },
+        };
+        let lens: Vec<usize> = group.iter().map(|d| d.tokens.len()).collect();
+        crate::memory::pass_bytes(&self.base.config, &lens, kind)
+    }
+
+    /// Refuses a request whose largest pass would need more than the memory budget.
+    fn check_memory(&self, groups: &[&[Datum]], forward_only: bool) -> Result<()> {
+        let Some(limits) = self.limits else { return Ok(()) };
+        for g in groups {
+            let lens: Vec<usize> = g.iter().map(|d| d.tokens.len()).collect();
+            let need = self.pass_bytes(g, forward_only);
+            if need > limits.memory_bytes {
+                return user(format!(
+                    "a pass of {} tokens would need about {} of memory; the training budget is {} \
+                     (--training-memory): send fewer or shorter data per request",
+                    lens.iter().sum::<usize>(),
+                    crate::memory::human(need),
+                    crate::memory::human(limits.memory_bytes)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Current weights without copying (forward-only passes need no frozen copy).

@@ -5,7 +5,6 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{tiny, tiny_dir};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, LoraSpec, LoraTargets, Model, OpsPath, SequenceInput};
 use tandem_train::{AdamParams, ConfigValue, Datum, LossFn, Mode, TrainingModel};
 
@@ -104,6 +103,21 @@ fn kernel_gradients_equal_candle_autograd() {
                 assert!(e < 2e-3, "{name} {mode:?} {k}: relative gradient error {e}");
             }
         }
+    }
+}
+
+#[test]
+fn long_sequence_gradients_equal_candle_autograd() {
+    // 250 positions: the kernel's attention backward runs in several query blocks (each with its
+    // own key prefix and causal mask offset) and must still equal autograd over the whole matrix.
+    let base = tiny("llama-gqa-untied-sharded");
+    let v = base.config.vocab_size;
+    let (toks, targets) = (tokens(250, v, 5), tokens(250, v, 6));
+    let fast = grads(&base, all_targets(2), OpsPath::CpuKernels, &toks, &targets);
+    let reference = grads(&base, all_targets(2), OpsPath::Generic, &toks, &targets);
+    for (k, g) in &fast {
+        let e = max_rel(g, &reference[k]);
+        assert!(e < 2e-3, "{k}: relative gradient error {e}");
     }
 }
 
@@ -280,11 +294,7 @@ fn bad_data_is_refused_before_any_work() {
 #[test]
 fn a_gguf_served_model_exports_to_a_hugging_face_folder_with_the_same_logits() {
     // The real SmolLM2 GGUF (llama: q/k rows stored permuted for interleaved rope, tied output).
-    let cache = std::env::var_os("TANDEM_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"));
-    let file = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(file.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", file.display());
+    let file = common::smollm2_file();
     let loaded = load(&file, &LoadOptions::default(), &mut |_, _| {}).unwrap();
     let t = trained(&loaded.model, all_targets(4));
     let dir = std::env::temp_dir().join(format!("tandem-gguf-export-{}", std::process::id()));

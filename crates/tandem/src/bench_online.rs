@@ -22,7 +22,7 @@
 //! a PNG (acceptance length and tokens/s against requests served).
 use crate::online_arg::{self, OnlineArgs};
 use crate::workload::{self, Prompt};
-use crate::{load_model, models, plot};
+use crate::{load_model, models, plot, DtypeArg};
 use anyhow::{bail, ensure, Context, Result};
 use rand::SeedableRng;
 use serde::Serialize;
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_engine::online::{DrafterExchange, KStat, OnlineConfig, OnlineHooks, TraceBuffer};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
-use tandem_models::{LoadOptions, LoadedModel, WeightDtype};
+use tandem_models::{Device, LoadOptions, LoadedModel};
 use tandem_runtime::spec::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::{ChatTemplate, Message, SamplingParams};
 use tandem_speculator::traces_io::load_dir;
@@ -40,9 +40,11 @@ use tandem_speculator::TracePool;
 
 #[derive(clap::Args)]
 pub struct OnlineBenchArgs {
-    /// Target model (default: smollm2), f32 weights.
+    /// Target model (default: smollm2).
     #[arg(long)]
     model: Option<String>,
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
     /// Requests per domain: code, math, chat.
     #[arg(long, value_delimiter = ',', default_value = "500,200,200")]
     domains: Vec<usize>,
@@ -328,8 +330,7 @@ fn run_config(
     args: &OnlineBenchArgs,
     trace_dir: &Path,
 ) -> Result<RunOutput> {
-    let opts = LoadOptions { weight_dtype: WeightDtype::F32, ..Default::default() };
-    let loaded = load_model(path, &opts)?;
+    let loaded = load_model(path, &args.dtype.load_options(Device::Cpu))?;
     let ids = tokenize(&loaded, prompts)?;
     let stop = loaded.stop_token_ids.clone();
     let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };

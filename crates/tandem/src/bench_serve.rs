@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use tandem_engine::EngineConfig;
-use tandem_models::{Device, LoadOptions};
+use tandem_models::Device;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(clap::Args, Clone)]
@@ -23,7 +23,7 @@ pub struct ServeBenchArgs {
     /// Requests each client sends, one after another.
     #[arg(long, default_value_t = 2)]
     requests_per_client: usize,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
     #[arg(long, default_value = "bench-results/serve.json")]
     out: String,
@@ -118,7 +118,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     );
     for name in &names {
         let path = models::resolve(Some(name))?;
-        let opts = LoadOptions { device: Device::Cpu, keep_quantized: false, weight_dtype: args.dtype.into() };
+        let opts = args.dtype.load_options(Device::Cpu);
         let loaded = load_model(&path, &opts)?;
         let model_name = loaded.name.clone();
         let max_batch = args.concurrency.iter().copied().max().unwrap_or(1);

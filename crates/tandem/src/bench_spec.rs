@@ -4,12 +4,12 @@
 //! given module, so the output mostly copies the prompt) and "write" (new code). Every speculative
 //! output is checked to equal plain greedy decoding. Optionally llama.cpp, plain and with its
 //! prompt-lookup drafting, on the same file and prompt tokens in the same run.
-use crate::{load_model, models};
+use crate::{load_model, models, DtypeArg};
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
-use tandem_models::{LoadOptions, LoadedModel, Model, WeightDtype};
+use tandem_models::{Device, LoadedModel, Model};
 use tandem_runtime::spec::{Drafter, NgramDrafter, OracleDrafter};
 use tandem_runtime::{ChatTemplate, Message, SamplingParams};
 
@@ -19,9 +19,11 @@ const PEER_BASE: &str = include_str!("../../../scripts/peer_llamacpp.py");
 
 #[derive(clap::Args)]
 pub struct SpecBenchArgs {
-    /// Models: paths or `smollm2` / `qwen-coder` (default: both), run with f32 weights.
+    /// Models: paths or `smollm2` / `qwen-coder` (default: both).
     #[arg(long)]
     model: Vec<String>,
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
     /// Tokens generated per run (greedy; the model may stop earlier at end of turn).
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -192,9 +194,8 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     );
     for name in &names {
         let path = models::resolve(Some(name))?;
-        let opts = LoadOptions { weight_dtype: WeightDtype::F32, ..Default::default() };
-        let loaded = load_model(&path, &opts)?;
-        let model_name = format!("{} f32", loaded.name);
+        let loaded = load_model(&path, &args.dtype.load_options(Device::Cpu))?;
+        let model_name = format!("{} {}", loaded.name, args.dtype.name());
         let prompts = prompts(&loaded)?;
         let stop = loaded.stop_token_ids.clone();
         let vocab = loaded.model.config.vocab_size;

@@ -122,12 +122,7 @@ struct GenerateArgs {
     /// Random seed; the same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
-    /// Keep GGUF weights block-quantized (less memory; compute-bound on CPU) instead of dense.
-    #[arg(long, conflicts_with = "dtype")]
-    quantized: bool,
-    /// Storage of dense projection weights: f32 (exact dequantization) or bf16 (half the memory
-    /// traffic, so faster decoding; products still accumulate in f32).
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
     /// Run on this CUDA device (needs a build with --features cuda).
     #[arg(long)]
@@ -136,17 +131,35 @@ struct GenerateArgs {
     spec: spec_arg::SpecArgs,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// How projection weights are held (`--dtype`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum DtypeArg {
+    /// GGUF block-quantized weights as the file stores them (the fastest mode, in the file's own
+    /// size), every other weight as f32.
+    Auto,
+    /// Every weight dequantized to f32.
     F32,
+    /// Every projection dequantized to bf16 (half of f32's memory traffic; products accumulate
+    /// in f32).
     Bf16,
 }
 
-impl From<DtypeArg> for WeightDtype {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::F32 => WeightDtype::F32,
-            DtypeArg::Bf16 => WeightDtype::Bf16,
+impl DtypeArg {
+    pub fn load_options(self, device: Device) -> LoadOptions {
+        let (keep_quantized, weight_dtype) = match self {
+            DtypeArg::Auto => (true, WeightDtype::F32),
+            DtypeArg::F32 => (false, WeightDtype::F32),
+            DtypeArg::Bf16 => (false, WeightDtype::Bf16),
+        };
+        LoadOptions { device, keep_quantized, weight_dtype }
+    }
+
+    /// How benchmark tables name the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::Auto => "auto",
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
         }
     }
 }
@@ -179,8 +192,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
-    let opts =
-        LoadOptions { device: device(args.cuda)?, keep_quantized: args.quantized, weight_dtype: args.dtype.into() };
+    let opts = args.dtype.load_options(device(args.cuda)?);
     let loaded = load_model(&path, &opts)?;
     let text = if args.chat {
         let template = ChatTemplate::new(

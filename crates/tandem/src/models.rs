@@ -17,6 +17,19 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/tandem/models")
 }
 
+/// Where tandem keeps what it makes (training checkpoints, exports): `$TANDEM_DATA`, else
+/// `$XDG_DATA_HOME/tandem`, else `~/.local/share/tandem` (never the directory it was started in).
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TANDEM_DATA") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("tandem");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/tandem")
+}
+
 /// Fetches (or verifies) the default models into the cache.
 pub fn fetch() -> Result<()> {
     let dir = cache_dir();

@@ -6,7 +6,6 @@ use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
 use tandem_engine::EngineConfig;
-use tandem_models::LoadOptions;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -31,8 +30,7 @@ pub struct ServeArgs {
     /// Requests that may wait for a slot before new ones get 503 + Retry-After.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// Storage of dense projection weights.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
     /// Seconds running requests get to finish after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30)]
@@ -50,8 +48,26 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = Switch::On)]
     training_api: Switch,
     /// Where the training API keeps checkpoints (tinker://RUN/KIND/NAME -> DIR/RUN/KIND/NAME).
-    #[arg(long, default_value = "tandem-training")]
-    training_dir: std::path::PathBuf,
+    /// Default: $TANDEM_DATA/training, else ~/.local/share/tandem/training.
+    #[arg(long)]
+    training_dir: Option<std::path::PathBuf>,
+    /// Where `POST /tandem/v1/export` writes merged models (a client names the folder, never a
+    /// path). Default: the training directory's `exports/`.
+    #[arg(long)]
+    export_dir: Option<std::path::PathBuf>,
+    /// Memory that training passes may hold at once, e.g. `8GiB`, `512MiB` (a forward_backward
+    /// whose estimated peak exceeds it is refused with the estimate; smaller ones wait their
+    /// turn). Default: half of the memory available at start.
+    #[arg(long)]
+    training_memory: Option<String>,
+}
+
+/// Half of the memory the kernel says is available now (MemAvailable), or 4 GiB where unknown.
+fn default_training_memory() -> u64 {
+    let kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    kib.map_or(4 << 30, |k| k * 1024 / 2)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,7 +94,7 @@ fn parse_size(s: &str) -> Result<usize> {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
-    let opts = LoadOptions { device: device(args.cuda)?, keep_quantized: false, weight_dtype: args.dtype.into() };
+    let opts = args.dtype.load_options(device(args.cuda)?);
     let loaded = load_model(&path, &opts)?;
     let c = &loaded.model.config;
     let per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
@@ -120,11 +136,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (spec_arg::build(&args.spec, &loaded, &opts)?, None, None)
     };
     let policy = schedule_arg::build(&args.schedule)?;
-    let training = (args.training_api == Switch::On).then(|| tandem_server::training::TrainingConfig {
-        root: args.training_dir.clone(),
-        model_dir: path.is_dir().then(|| path.clone()),
-        tokenizer_dir: None,
-    });
+    let training = if args.training_api == Switch::On {
+        let root = args.training_dir.clone().unwrap_or_else(|| crate::models::data_dir().join("training"));
+        let memory_budget = match &args.training_memory {
+            Some(s) => parse_size(s).context("--training-memory")? as u64,
+            None => default_training_memory(),
+        };
+        Some(tandem_server::training::TrainingConfig {
+            export_dir: args.export_dir.clone().unwrap_or_else(|| root.join("exports")),
+            root,
+            model_dir: path.is_dir().then(|| path.clone()),
+            tokenizer_dir: None,
+            memory_budget,
+        })
+    } else {
+        None
+    };
     let (state, engine_thread) =
         tandem_server::AppState::start_with_training(loaded, config, policy, drafter, online, training)
             .map_err(anyhow::Error::msg)?;

@@ -30,7 +30,7 @@ fn help_explains_the_commands() {
     }
     let out = tandem().args(["generate", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--seed", "--quantized"] {
+    for flag in ["--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--seed", "--dtype"] {
         assert!(text.contains(flag), "generate --help lacks {flag}");
     }
 }

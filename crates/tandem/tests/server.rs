@@ -195,16 +195,20 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     assert!(ok.success(), "make_tiny.py failed");
     let port = free_port();
     let ckpt = dir.join("training");
-    let _server = start_with(&dir.join("qwen2-tied-bias"), port, &["--training-dir", ckpt.to_str().unwrap()]);
+    let exports = dir.join("exports");
+    let _server = start_with(
+        &dir.join("qwen2-tied-bias"),
+        port,
+        &["--training-dir", ckpt.to_str().unwrap(), "--export-dir", exports.to_str().unwrap()],
+    );
     let vocab: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("qwen2-tied-bias/config.json")).unwrap()).unwrap();
-    let export = dir.join("merged");
     let status = Command::new(&python)
         .arg(root.join("tests/server/test_training.py"))
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("qwen2-tied-bias")
         .arg(vocab["vocab_size"].to_string())
-        .arg(&export)
+        .arg(&exports)
         .status()
         .unwrap();
     assert!(status.success(), "tests/server/test_training.py failed (output above)");
@@ -218,7 +222,7 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     // The merged export of trained weights is a checkpoint tandem serves.
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["generate", "--max-tokens", "4", "--prompt", "hello", "--model"])
-        .arg(&export)
+        .arg(exports.join("merged"))
         .output()
         .unwrap();
     assert!(out.status.success(), "generate on the merged export failed: {}", String::from_utf8_lossy(&out.stderr));

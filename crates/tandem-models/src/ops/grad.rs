@@ -177,7 +177,13 @@ impl CustomOp3 for SelfAttention {
     }
 }
 
-/// The attention backward of one sequence (candle primitives).
+/// Query rows per block of the attention backward: its temporaries are [heads, block, t], so
+/// memory grows linearly with the sequence (a whole [heads, t, t] at 5,000 tokens is ~0.9 GB per
+/// tensor, and the backward holds several).
+const BWD_QUERY_BLOCK: usize = 128;
+
+/// The attention backward of one sequence (candle primitives), a block of query rows at a time:
+/// each block needs only the keys up to its last row, and adds its share of dK and dV.
 fn attention_bwd_one(
     q: &Tensor,
     k: &Tensor,
@@ -189,36 +195,54 @@ fn attention_bwd_one(
     let kv_heads = k.dim(1)?;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
-    // Heads grouped by the kv head they share: [kvh, group·t, d].
-    let by_kv =
-        |x: &Tensor, n: usize| -> CResult<Tensor> { x.transpose(0, 1)?.contiguous()?.reshape((kv_heads, n * t, d)) };
-    let qg = by_kv(q, group)?;
+    // Heads grouped by the kv head they share: [kvh, group·n, d].
+    let by_kv = |x: &Tensor, n: usize| -> CResult<Tensor> {
+        x.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * n, d))
+    };
     let kt = k.transpose(0, 1)?.contiguous()?; // [kvh, t, d]
     let vt = v.transpose(0, 1)?.contiguous()?;
-    let p = causal_probs(&qg, &kt, group)?; // [kvh, gt, t]
-    let go = by_kv(&g.reshape((t, heads, d))?, group)?; // [kvh, gt, d]
-    let dv = p.t()?.matmul(&go)?; // [kvh, t, d]
-    let dp = go.matmul(&vt.t()?)?; // [kvh, gt, t]
-    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-    let dq = (ds.matmul(&kt)? * scale)?; // [kvh, gt, d]
-    let dk = (ds.t()?.matmul(&qg)? * scale)?; // [kvh, t, d]
-    let dq = dq.reshape((heads, t, d))?.transpose(0, 1)?.contiguous()?;
-    let dk = dk.transpose(0, 1)?.contiguous()?;
-    let dv = dv.transpose(0, 1)?.contiguous()?;
-    Ok((dq, dk, dv))
+    let g = g.reshape((t, heads, d))?;
+    let mut dk = Tensor::zeros((kv_heads, t, d), DType::F32, q.device())?;
+    let mut dv = dk.clone();
+    let mut dq = Vec::new();
+    for r0 in (0..t).step_by(BWD_QUERY_BLOCK) {
+        let n = BWD_QUERY_BLOCK.min(t - r0);
+        let seen = r0 + n; // keys 0..seen are visible to this block
+        let qg = by_kv(&q.narrow(0, r0, n)?, n)?; // [kvh, gn, d]
+        let go = by_kv(&g.narrow(0, r0, n)?, n)?;
+        let (kp, vp) = (kt.narrow(1, 0, seen)?, vt.narrow(1, 0, seen)?);
+        let p = causal_probs_from(&qg, &kp, group, r0)?; // [kvh, gn, seen]
+        let dp = go.matmul(&vp.t()?)?;
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let pad = |x: Tensor| x.pad_with_zeros(1, 0, t - seen);
+        dv = (dv + pad(p.t()?.matmul(&go)?)?)?;
+        dk = (dk + pad((ds.t()?.matmul(&qg)? * scale)?)?)?;
+        let dq_block = (ds.matmul(&kp)? * scale)?; // [kvh, gn, d]
+        dq.push(dq_block.reshape((heads, n, d))?.transpose(0, 1)?);
+    }
+    let dq = Tensor::cat(&dq, 0)?.contiguous()?;
+    Ok((dq, dk.transpose(0, 1)?.contiguous()?, dv.transpose(0, 1)?.contiguous()?))
 }
 
 /// Attention probabilities of grouped queries qg: [kvh, group·t, d] over keys kt: [kvh, t, d],
 /// each query row i (of every group) seeing keys 0..=i.
 pub(super) fn causal_probs(qg: &Tensor, kt: &Tensor, group: usize) -> CResult<Tensor> {
-    let (_, t, d) = kt.dims3()?;
-    let mut mask = vec![0f32; group * t * t];
-    for r in 0..group * t {
-        for j in (r % t + 1)..t {
-            mask[r * t + j] = f32::NEG_INFINITY;
+    causal_probs_from(qg, kt, group, 0)
+}
+
+/// As `causal_probs` for a block of queries at positions first.. (qg: [kvh, group·n, d], each
+/// group's rows in position order) over keys kt: [kvh, seen, d]; row i of a group sees keys
+/// 0..=first + i.
+fn causal_probs_from(qg: &Tensor, kt: &Tensor, group: usize, first: usize) -> CResult<Tensor> {
+    let (_, seen, d) = kt.dims3()?;
+    let n = qg.dim(1)? / group;
+    let mut mask = vec![0f32; group * n * seen];
+    for r in 0..group * n {
+        for j in (first + r % n + 1)..seen {
+            mask[r * seen + j] = f32::NEG_INFINITY;
         }
     }
-    let mask = Tensor::from_vec(mask, (group * t, t), qg.device())?;
+    let mask = Tensor::from_vec(mask, (group * n, seen), qg.device())?;
     let s = (qg.matmul(&kt.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
     let max = s.max_keepdim(D::Minus1)?.detach();
     let e = s.broadcast_sub(&max)?.exp()?;

@@ -5,6 +5,7 @@
 //! This is the one place where the hardware decides the code path.
 mod grad;
 pub mod kernels;
+pub mod quant;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, D};
 pub use kernels::{CacheGeometry, TokenSlot};
@@ -100,6 +101,44 @@ pub fn matmul_xwt(x: &Tensor, w: &Tensor, path: OpsPath) -> CResult<Tensor> {
         // The generic path on CPU (tests): widen, as candle's CPU gemm has no bf16.
         (_, _) if x.device().is_cpu() => x.matmul(&w.to_dtype(DType::F32)?.t()?),
         (_, dtype) => x.to_dtype(dtype)?.matmul(&w.t()?)?.to_dtype(DType::F32),
+    }
+}
+
+/// x·wᵀ with w block-quantized; the weight is frozen (its gradient is never asked for), the
+/// input's gradient is g·w.
+struct QuantizedMatmul(Arc<quant::QWeight>);
+
+impl CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "tandem-quantized-matmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.0.cols {
+            candle_core::bail!("quantized matmul: input has {k} columns, the weight {}", self.0.cols);
+        }
+        let mut y = vec![0f32; m * self.0.rows];
+        quant::matmul_xwt(f32_slice(s, l)?, &self.0, m, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows))))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(g.detach().matmul(&dequantized(&self.0, x.device())?)?))
+    }
+}
+
+/// The whole weight as a dense f32 tensor [rows, cols] (backward passes, the generic path).
+fn dequantized(w: &quant::QWeight, device: &Device) -> CResult<Tensor> {
+    Tensor::from_vec(w.dequantize(), (w.rows, w.cols), device)
+}
+
+/// x: [m, k] (f32) times the quantized w: [n, k] transposed -> [m, n] f32. On CPU the input rows
+/// are quantized to 8 bits and multiplied in integers (`quant`); the generic path multiplies by
+/// the dequantized weight in f32 (the reference the tests compare with).
+pub fn quantized_matmul_xwt(x: &Tensor, w: &Arc<quant::QWeight>, path: OpsPath) -> CResult<Tensor> {
+    match path {
+        OpsPath::CpuKernels if differentiated(&[x]) => x.contiguous()?.apply_op1(QuantizedMatmul(w.clone())),
+        OpsPath::CpuKernels => x.contiguous()?.apply_op1_no_bwd(&QuantizedMatmul(w.clone())),
+        OpsPath::Generic => x.matmul(&dequantized(w, x.device())?.t()?),
     }
 }
 

@@ -60,6 +60,21 @@ pub fn load_path(path: &Path) -> LoadedModel {
     load(path, &LoadOptions::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
+/// A GGUF file with its block-quantized weights kept as they are (the serving default).
+pub fn load_quantized(path: &Path) -> LoadedModel {
+    let opts = LoadOptions { keep_quantized: true, ..Default::default() };
+    load(path, &opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// Both default models as served by default (quantized blocks), and SmolLM2 dequantized to f32.
+pub fn default_models() -> Vec<(String, LoadedModel)> {
+    vec![
+        ("SmolLM2 f32".into(), load_path(&model_file(SMOLLM2))),
+        ("SmolLM2 quantized".into(), load_quantized(&model_file(SMOLLM2))),
+        ("Qwen2.5-Coder quantized".into(), load_quantized(&model_file(QWEN_CODER))),
+    ]
+}
+
 /// Logits of every position of `tokens` from the numpy reference.
 pub fn reference_logits(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let out = std::env::temp_dir().join(format!("tandem-ref-{}-{}.npy", std::process::id(), rand_suffix()));

@@ -39,7 +39,12 @@ fn bad(msg: impl Into<String>) -> HttpError {
 
 impl From<Failure> for HttpError {
     fn from(f: Failure) -> Self {
-        HttpError(if f.user { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR }, f.message)
+        let status = match (f.conflict, f.user) {
+            (true, _) => StatusCode::CONFLICT,
+            (false, true) => StatusCode::BAD_REQUEST,
+            (false, false) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError(status, f.message)
     }
 }
 
@@ -559,13 +564,23 @@ async fn delete_checkpoint(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `{"path": "tinker://...", "name": NAME, "overwrite": false}` -> `export_dir/NAME`.
 async fn export(State(s): S, body: Bytes) -> Reply {
     let v = body_json(&body)?;
+    if v.get("out_dir").is_some() {
+        return Err(HttpError(
+            StatusCode::BAD_REQUEST,
+            "`out_dir` is not accepted: exports go under the server's --export-dir; give the folder's `name`".into(),
+        ));
+    }
     let path = str_field(&v, "path")?.to_string();
-    let out = std::path::PathBuf::from(str_field(&v, "out_dir")?);
-    let s2 = s.clone();
-    let out2 = out.clone();
-    tokio::task::spawn_blocking(move || s2.export(&path, &out2))
+    let name = str_field(&v, "name")?.to_string();
+    let overwrite = match v.get("overwrite") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(HttpError(StatusCode::BAD_REQUEST, "`overwrite` must be true or false".into())),
+    };
+    let out = tokio::task::spawn_blocking(move || s.export(&path, &name, overwrite))
         .await
         .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(json!({"out_dir": out.display().to_string()})))

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use tandem_engine::{EngineHandle, Event, GenerationRequest, WeightVersion};
 use tandem_models::{Model, Tokenizer};
 use tandem_runtime::SamplingParams;
-use tandem_train::{AdamParams, Datum, LossFn, Mode, TrainError, TrainingModel};
+use tandem_train::{AdamParams, Datum, Limits, LossFn, Mode, TrainError, TrainingModel};
 
 /// Where and how the service runs.
 #[derive(Debug, Clone)]
@@ -24,6 +24,10 @@ pub struct TrainingConfig {
     /// A folder with the served tokenizer as `tokenizer.json` (+ `tokenizer_config.json`), for
     /// clients that load it (`TrainingClient.get_tokenizer()`); set by `AppState`.
     pub tokenizer_dir: Option<PathBuf>,
+    /// Merged exports go to `export_dir/<name>`, a name the client gives (never a path).
+    pub export_dir: PathBuf,
+    /// Bytes that training passes may hold at once (estimated by `tandem_train::memory`).
+    pub memory_budget: u64,
 }
 
 /// Writes the served tokenizer where Hugging Face tooling loads it offline: `tokenizer.json` and a
@@ -48,25 +52,43 @@ pub fn export_tokenizer(
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
-/// A request's failure: the caller's (`user`) or ours.
+/// Training memory held by one running pass; released (and waiters woken) on drop.
+struct MemoryHold<'a> {
+    service: &'a TrainingService,
+    bytes: u64,
+}
+
+impl Drop for MemoryHold<'_> {
+    fn drop(&mut self) {
+        *self.service.memory_held.lock().expect("not poisoned") -= self.bytes;
+        self.service.memory_freed.notify_all();
+    }
+}
+
+/// A request's failure: the caller's (`user`) or ours; `conflict` when it would replace
+/// something that exists.
 #[derive(Debug)]
 pub struct Failure {
     pub user: bool,
+    pub conflict: bool,
     pub message: String,
 }
 
 impl Failure {
     pub fn user(m: impl Into<String>) -> Self {
-        Failure { user: true, message: m.into() }
+        Failure { user: true, conflict: false, message: m.into() }
     }
     pub fn server(m: impl Into<String>) -> Self {
-        Failure { user: false, message: m.into() }
+        Failure { user: false, conflict: false, message: m.into() }
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Failure { user: true, conflict: true, message: m.into() }
     }
 }
 
 impl From<TrainError> for Failure {
     fn from(e: TrainError) -> Self {
-        Failure { user: e.is_user(), message: e.to_string() }
+        Failure { user: e.is_user(), conflict: false, message: e.to_string() }
     }
 }
 
@@ -155,6 +177,9 @@ pub struct TrainingService {
     lora_names: Mutex<HashMap<String, WeightVersion>>,
     next_version: AtomicU64,
     next_id: AtomicU64,
+    /// Estimated bytes held by the training passes running now (at most `memory_budget`).
+    memory_held: Mutex<u64>,
+    memory_freed: std::sync::Condvar,
     me: std::sync::Weak<TrainingService>,
 }
 
@@ -223,6 +248,8 @@ impl TrainingService {
             lora_names: Mutex::default(),
             next_version: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
+            memory_held: Mutex::new(0),
+            memory_freed: std::sync::Condvar::new(),
             me: me.clone(),
         })
     }
@@ -284,17 +311,36 @@ impl TrainingService {
         if self.models.lock().expect("not poisoned").contains_key(&id) {
             return Ok(id); // a resubmitted create
         }
-        let trainer = TrainingModel::new(&self.base, mode, seed)?;
+        let trainer = self.new_trainer(mode, seed)?;
         tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
         self.start_model(id.clone(), mode, trainer)?;
         Ok(id)
+    }
+
+    /// A model to train on the served base, bounded by the served context and the memory budget.
+    fn new_trainer(&self, mode: Mode, seed: u64) -> Result<TrainingModel> {
+        let mut t = TrainingModel::new(&self.base, mode, seed)?;
+        t.set_limits(Limits { max_tokens: self.engine.config().max_seq_len, memory_bytes: self.config.memory_budget });
+        Ok(t)
+    }
+
+    /// Waits until `bytes` more fit in the training memory budget, then holds them until the
+    /// returned guard drops.
+    fn hold_memory(&self, bytes: u64) -> MemoryHold<'_> {
+        let bytes = bytes.min(self.config.memory_budget);
+        let mut held = self.memory_held.lock().expect("not poisoned");
+        while *held + bytes > self.config.memory_budget {
+            held = self.memory_freed.wait(held).expect("not poisoned");
+        }
+        *held += bytes;
+        MemoryHold { service: self, bytes }
     }
 
     /// A training model under a name the client chose (xorl-client's form: no session). Creating
     /// a name again replaces that model (its queued requests still finish).
     pub fn create_named_model(&self, id: &str, mode: Mode, seed: u64) -> Result<String> {
         check_name(id)?;
-        let trainer = TrainingModel::new(&self.base, mode, seed)?;
+        let trainer = self.new_trainer(mode, seed)?;
         tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
         self.start_model(id.to_string(), mode, trainer)?;
         Ok(id.to_string())
@@ -503,7 +549,7 @@ impl TrainingService {
                         e,
                         tandem_engine::EngineError::PromptTooLong { .. } | tandem_engine::EngineError::Invalid(_)
                     );
-                    return Err(Failure { user, message: e.to_string() });
+                    return Err(Failure { user, conflict: false, message: e.to_string() });
                 }
             }
         }
@@ -580,9 +626,19 @@ impl TrainingService {
         Ok(())
     }
 
-    /// Writes the merged Hugging Face folder of a checkpoint (for a GGUF-served model, its
-    /// config.json is written from the model's configuration and its tokenizer from the file's).
-    pub fn export(&self, path: &str, out: &std::path::Path) -> Result<()> {
+    /// Writes the merged Hugging Face folder of a checkpoint to `export_dir/<name>` (for a
+    /// GGUF-served model, its config.json is written from the model's configuration and its
+    /// tokenizer from the file's) and returns that folder. `name` is a name, never a path; an
+    /// existing export is replaced only with `overwrite`, and a symbolic link there never is.
+    /// The folder is written beside its final place and renamed into it, so a failed export
+    /// leaves nothing half-written under the name.
+    pub fn export(&self, path: &str, name: &str, overwrite: bool) -> Result<PathBuf> {
+        check_name(name).map_err(|_| {
+            Failure::user(format!(
+                "export name `{name}` must be a plain folder name (letters, digits, - _ . :), not a path; \
+                 exports go under the server's --export-dir"
+            ))
+        })?;
         let p = TinkerPath::parse(path)?;
         let dir = self.checkpoint_dir(&p);
         let tokenizer_dir = self
@@ -591,10 +647,37 @@ impl TrainingService {
             .clone()
             .or_else(|| self.config.tokenizer_dir.clone())
             .ok_or_else(|| Failure::server("no tokenizer folder to copy into the export"))?;
+        let root = &self.config.export_dir;
+        let io = |e: std::io::Error| Failure::server(format!("{}: {e}", root.display()));
+        std::fs::create_dir_all(root).map_err(io)?;
+        let out = root.join(name);
+        let existing = std::fs::symlink_metadata(&out).ok();
+        match existing {
+            Some(m) if m.file_type().is_symlink() => {
+                return Err(Failure::user(format!(
+                    "export `{name}` is a symbolic link in the export directory; refusing to write through it"
+                )))
+            }
+            Some(_) if !overwrite => {
+                return Err(Failure::conflict(format!(
+                    "export `{name}` already exists; set \"overwrite\": true to replace it"
+                )))
+            }
+            _ => {}
+        }
         let mut t = TrainingModel::new(&self.base, read_mode(&dir)?, 0)?;
         t.load(&dir, false)?;
-        t.export_hf(self.config.model_dir.as_deref(), &tokenizer_dir, out)?;
-        Ok(())
+        let partial = root.join(format!(".{name}.partial-{:08x}", rand::random::<u32>()));
+        let written = t.export_hf(self.config.model_dir.as_deref(), &tokenizer_dir, &partial);
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e.into());
+        }
+        if existing.is_some() {
+            std::fs::remove_dir_all(&out).map_err(io)?;
+        }
+        std::fs::rename(&partial, &out).map_err(io)?;
+        Ok(out)
     }
 }
 
@@ -705,6 +788,7 @@ impl TrainingService {
         match work {
             Work::ForwardBackward { data, loss, forward_only } => {
                 let started = std::time::Instant::now();
+                let _memory = self.hold_memory(t.peak_bytes(&data, forward_only));
                 let out = t.forward_backward(&data, &loss, forward_only)?;
                 tracing::info!(
                     model_id,
@@ -765,7 +849,7 @@ impl TrainingService {
         let p = TinkerPath::parse(path)?;
         let dir = self.checkpoint_dir(&p);
         let mode = read_mode(&dir)?;
-        let mut t = TrainingModel::new(&self.base, mode, 0)?;
+        let mut t = self.new_trainer(mode, 0)?;
         t.load(&dir, optimizer)?;
         let id = format!("{session}:train:{seq}");
         self.start_model(id.clone(), mode, t)?;
