@@ -2,7 +2,7 @@
 //! Hugging Face export of a trained version.
 use crate::error::{ModelError, Result};
 use crate::linear::{Linear, LoraPart};
-use crate::model::Model;
+use crate::model::{Embedding, Model};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
@@ -101,7 +101,10 @@ impl Model {
                 ModelError::Adapter(format!("{name} is not a dense weight (quantized models train adapters only)"))
             })
         };
-        let mut out = vec![("embed".to_string(), self.embed.clone()), ("norm".to_string(), self.norm.clone())];
+        let embed = self.embed.dense().cloned().ok_or_else(|| {
+            ModelError::Adapter("the embedding is quantized (quantized models train adapters only)".into())
+        })?;
+        let mut out = vec![("embed".to_string(), embed), ("norm".to_string(), self.norm.clone())];
         if !self.config.tie_word_embeddings {
             out.push(("lm_head".into(), dense("lm_head", &self.lm_head)?));
         }
@@ -132,7 +135,7 @@ impl Model {
             }
         }
         if let Some(e) = params.get("embed") {
-            m.embed = e.clone();
+            m.embed = Embedding::Dense(e.clone());
             if m.config.tie_word_embeddings {
                 m.lm_head = m.lm_head.with_weight(e.clone());
             }
@@ -199,7 +202,7 @@ impl Model {
     fn export_stored(&self) -> Result<Vec<(String, Tensor)>> {
         let c = &self.config;
         let (q, kv, i) = (c.q_size(), c.kv_size(), c.intermediate_size);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.to_dtype(DType::F32)?)];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.table()?.to_dtype(DType::F32)?)];
         let push_split = |out: &mut Vec<(String, Tensor)>, l: &Linear, names: &[(&str, usize)]| -> Result<()> {
             let (w, bias) = merged(l)?;
             let mut off = 0;
@@ -248,7 +251,12 @@ fn merged(l: &Linear) -> Result<(Tensor, Option<Tensor>)> {
             let delta = Tensor::cat(&deltas, 0)?;
             Ok(((w + (delta * *scale)?)?, bias))
         }
-        _ => Err(ModelError::Adapter("quantized weights cannot be exported merged".into())),
+        // A quantized base exports dequantized (f32): the adapters merge into exact values.
+        Linear::Quantized { weight, bias } => {
+            let w = Tensor::from_vec(weight.dequantize(), (weight.rows, weight.cols), &candle_core::Device::Cpu)?;
+            Ok((w, bias.clone()))
+        }
+        Linear::Stacked(_) => Err(ModelError::Adapter("stacked projections cannot be exported merged".into())),
     }
 }
 

@@ -5,10 +5,12 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::ops::quant::QWeight;
 use crate::ops::{self, OpsPath, RopeTables, TokenSlot};
 use crate::weights::{Weight, WeightSource};
 use candle_core::{Device, Tensor};
 use std::ops::Range;
+use std::sync::Arc;
 
 #[derive(Clone)]
 pub(crate) struct Block {
@@ -24,13 +26,52 @@ pub(crate) struct Block {
     pub(crate) down: Linear,
 }
 
+/// The token embedding table: dense, or GGUF blocks whose rows are dequantized as they are
+/// gathered (a tied output projection shares the same blocks).
+#[derive(Clone)]
+pub(crate) enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QWeight>),
+}
+
+impl Embedding {
+    /// Rows `ids` [ids.len(), hidden], in the table's dtype (quantized: f32).
+    fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), device)?, 0)?),
+            Embedding::Quantized(w) => {
+                let mut rows = vec![0f32; ids.len() * w.cols];
+                for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(w.cols)) {
+                    w.dequantize_row(id as usize, out);
+                }
+                Ok(Tensor::from_vec(rows, (ids.len(), w.cols), device)?)
+            }
+        }
+    }
+
+    /// The whole table (a dequantized copy when quantized).
+    pub(crate) fn table(&self) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.clone()),
+            Embedding::Quantized(w) => Ok(Tensor::from_vec(w.dequantize(), (w.rows, w.cols), &Device::Cpu)?),
+        }
+    }
+
+    pub(crate) fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Embedding::Dense(t) => Some(t),
+            Embedding::Quantized(_) => None,
+        }
+    }
+}
+
 /// Cloning a model shares its weights (candle tensors are reference counted): a clone with
 /// adapters or replaced weights (`with_lora`, `with_parameters`) is a new weight version at the
 /// cost of only what changed.
 #[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
-    pub(crate) embed: Tensor,
+    pub(crate) embed: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Linear,
@@ -192,14 +233,21 @@ impl Model {
 
         let embed_name = "model.embed_tokens.weight";
         let embed_q = b.fetch(embed_name, true)?.ok_or_else(|| b.missing(embed_name))?;
-        let (embed, tied_quantized) = match embed_q {
+        let (embed, tied_head) = match embed_q {
             Weight::Dense(t) => {
                 b.check_shape(embed_name, t.dims(), &[vocab, hidden])?;
-                (t, None)
+                (Embedding::Dense(t.clone()), Linear::dense(b.projection(t)?, None))
             }
             Weight::Quantized(q) => {
                 b.check_shape(embed_name, q.shape().dims(), &[vocab, hidden])?;
-                (q.dequantize(&opts.device)?, Some(q))
+                // Kept as blocks (shared with a tied output projection) where the kernels take
+                // the format, else dense.
+                match Linear::quantized(q, None)? {
+                    Linear::Quantized { weight, bias } => {
+                        (Embedding::Quantized(weight.clone()), Linear::Quantized { weight, bias })
+                    }
+                    dense => (Embedding::Dense(dense.dense_weight().expect("dense").clone()), dense),
+                }
             }
         };
 
@@ -236,10 +284,7 @@ impl Model {
         }
         let norm = b.dense("model.norm.weight", &[hidden])?;
         let lm_head = if c.tie_word_embeddings {
-            match tied_quantized {
-                Some(q) => Linear::quantized(q, None)?,
-                None => Linear::dense(b.projection(embed.clone())?, None),
-            }
+            tied_head
         } else {
             match b.fetch("lm_head.weight", true)? {
                 Some(Weight::Dense(t)) => {
@@ -306,9 +351,10 @@ impl Model {
             + dense(&self.norm)
     }
 
-    /// The embedding table itself (shares storage with the model: no copy).
-    pub fn embedding_table(&self) -> Tensor {
-        self.embed.clone()
+    /// The embedding table itself (shares storage with the model: no copy; a quantized table is
+    /// dequantized into a copy, which the drafter's trainer reads).
+    pub fn embedding_table(&self) -> Result<Tensor> {
+        self.embed.table()
     }
 
     /// Rows `ids` of the output projection (and the final norm's weight) as f32, for drafters that
@@ -324,7 +370,7 @@ impl Model {
                 }
                 Tensor::from_vec(rows, (ids.len(), weight.cols), &self.device)?
             }
-            _ => self.embed.index_select(&idx, 0)?,
+            _ => self.embed.rows(ids, &self.device)?,
         };
         let f32 = candle_core::DType::F32;
         Ok((rows.to_dtype(f32)?, self.norm.to_dtype(f32)?))
@@ -357,13 +403,22 @@ impl Model {
 
     /// Token embeddings as f32 rows [ids.len(), hidden] (drafters share the target's table).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
-        Ok(self.embed.index_select(&ids, 0)?.to_dtype(candle_core::DType::F32)?)
+        Ok(self.embed.rows(ids, &self.device)?.to_dtype(candle_core::DType::F32)?)
     }
 
     /// Appends each sequence's tokens to its cache slot and returns the requested logits and
     /// hidden states. `hidden_layers` are 0-based layer indices.
     pub fn forward(
+        &self,
+        batch: &[SequenceInput],
+        cache: &mut KvCache,
+        hidden_layers: &[usize],
+    ) -> Result<ForwardOutput> {
+        ops::on_compute_threads(|| self.forward_here(batch, cache, hidden_layers))
+    }
+
+    /// `forward` on the calling thread.
+    fn forward_here(
         &self,
         batch: &[SequenceInput],
         cache: &mut KvCache,
@@ -444,10 +499,8 @@ impl Model {
             return Err(ModelError::InvalidBatch(format!("layer {l} does not exist ({} layers)", c.num_layers)));
         }
 
-        let t = ids.len();
         let path = self.path;
-        let ids = Tensor::from_vec(ids, t, &self.device)?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let x = self.embed.rows(&ids, &self.device)?;
         let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
             ops::cache_write(&cache.keys[l], k, &tokens, path)?;
             ops::cache_write(&cache.values[l], v, &tokens, path)?;
@@ -551,9 +604,7 @@ impl Model {
             return Err(ModelError::InvalidBatch("no sequences".into()));
         }
         let path = self.path;
-        let n = ids.len();
-        let ids = Tensor::from_vec(ids, n, &self.device)?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let x = self.embed.rows(&ids, &self.device)?;
         let mut attend = |_l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
             Ok(ops::self_attention(q, k, v, &lens, path)?)
         };

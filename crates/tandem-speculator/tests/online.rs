@@ -116,7 +116,7 @@ fn trained(steps: usize) -> (EagleWeights, f64, f64) {
     assert!(traces.iter().any(|t| !t.rejected.is_empty()), "a random drafter gets rejected");
     let mut pool = TracePool::new(1 << 20);
     traces.into_iter().for_each(|t| pool.add(t));
-    let mut trainer = Trainer::new(config, &weights, target.embedding_table(), train_config()).unwrap();
+    let mut trainer = Trainer::new(config, &weights, target.embedding_table().unwrap(), train_config()).unwrap();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
     let vd = trainer.config.draft_vocab_size;
     let fixed = pool.sample(&mut rng, 256, 64, vd, &|id| trainer.draft_id(id)).unwrap();
@@ -145,7 +145,7 @@ fn trainer_and_drafter_agree() {
     let (mut engine, handle) = engine_with(drafter, &h, EngineConfig::default());
     serve(&mut engine, &handle, &[request(5, 100)]);
     let trace = h.traces.drain().pop().unwrap();
-    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config()).unwrap();
+    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table().unwrap(), train_config()).unwrap();
     let n = trace.positions().min(trace.tokens.len() - 1);
     assert!(n > DRAFT_CONTEXT + 8, "the trace ({n} positions) should be longer than the drafter's context");
     // The drafter attends to its last DRAFT_CONTEXT positions: the trainer's window for t is the same.
@@ -213,7 +213,7 @@ fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
     let hs = config.hidden_size;
     assert_eq!(trace.final_size(), hs, "the last residual stream is recorded at every position");
     let (rows, norm) = target.unembedding_rows(&weights.d2t).unwrap();
-    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config())
+    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table().unwrap(), train_config())
         .unwrap()
         .with_target_head(rows, norm)
         .unwrap();
@@ -264,7 +264,8 @@ fn swaps_under_concurrent_load_change_no_output() {
     let target = model();
     let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 3).unwrap();
     let trainer =
-        Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), train_config()).unwrap();
+        Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table().unwrap(), train_config())
+            .unwrap();
     let h = hooks(1 << 30, OnlineConfig::default());
     let (engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, max_batch: 6, ..Default::default() });
     let thread = engine.spawn();
@@ -483,7 +484,7 @@ fn text_traces_carry_the_targets_distribution_at_every_position() {
     assert_eq!(traces, one_by_one, "batching changed the recorded numbers");
     let weights = (**drafter.weights()).clone();
     let (rows, norm) = target.unembedding_rows(&weights.d2t).unwrap();
-    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table(), train_config())
+    let trainer = Trainer::new(config.clone(), &weights, target.embedding_table().unwrap(), train_config())
         .unwrap()
         .with_target_head(rows, norm)
         .unwrap();

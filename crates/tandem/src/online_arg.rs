@@ -77,7 +77,7 @@ impl TrainArgs {
     /// A trainer for `drafter` of `target` with these settings.
     pub fn trainer(&self, drafter: &EagleDrafter, target: &Model, warm: WarmStart) -> Result<Trainer> {
         let tc = self.train_config(warm);
-        let trainer = Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table(), tc)?;
+        let trainer = Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table()?, tc)?;
         Ok(match self.train_prompt_labels.as_str() {
             "target" => {
                 let (rows, norm) = target.unembedding_rows(&drafter.weights().d2t)?;
