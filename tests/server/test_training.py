@@ -231,6 +231,15 @@ wait(post("/api/v1/optim_step", {"model_id": full_id, "seq_id": 2, "adam_params"
 xorl["seq_id"] = 3
 second_loss = wait(post("/api/v1/forward", xorl)[1]["request_id"])["metrics"]["loss:sum"]
 assert second_loss < first_loss, (first_loss, second_loss)
+# The server holds one full-weight model at a time by default (--max-full-models): a second is
+# refused before any memory is taken, and fits once the first is unloaded.
+code, r = post("/api/v1/create_model", {"session_id": session, "model_seq_id": 2, "base_model": BASE})
+refused = wait(r["request_id"]) if code == 200 else r
+assert "--max-full-models" in json.dumps(refused), refused
+assert post("/api/v1/unload_model", {"model_id": full_id})[0] == 200
+_, r = post("/api/v1/create_model", {"session_id": session, "model_seq_id": 3, "base_model": BASE})
+full_id = wait(r["request_id"])["model_id"]
+assert post("/api/v1/unload_model", {"model_id": full_id})[0] == 200
 
 # ---------------------------------------------------------------- bad inputs: clear errors
 def expect_error(fn, needle):

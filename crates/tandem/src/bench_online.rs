@@ -707,7 +707,7 @@ fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f
             }
         }
     }
-    let rows = crate::bench_spec::run_peer(path, &picked, args.max_tokens, "none")?;
+    let rows = crate::bench_spec::run_peer(path, args.dtype, &picked, args.max_tokens, "none")?;
     let (tokens, secs) = rows.iter().fold((0.0, 0.0), |(t, s), r| {
         let n = r.tokens.saturating_sub(1) as f64;
         (t + n, s + n / r.decode_tok_s.max(1e-9))

@@ -156,9 +156,11 @@ pub(crate) struct PeerRow {
 }
 
 /// llama.cpp on `prompts` (name, token ids): plain, and with prompt lookup at each of `ks`
-/// (comma-separated; "none" for plain only).
+/// (comma-separated; "none" for plain only), on the weights tandem ran (`dtype`: the file as it
+/// is, or an F32 / BF16 GGUF made from it).
 pub(crate) fn run_peer(
     path: &std::path::Path,
+    dtype: DtypeArg,
     prompts: &[(&str, Vec<u32>)],
     max_tokens: usize,
     ks: &str,
@@ -172,7 +174,11 @@ pub(crate) fn run_peer(
     let mut child = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
         .arg(dir.join("peer_llamacpp_spec.py"))
         .arg(path)
-        .args(["--dtype", "f32", "--max-tokens", &max_tokens.to_string(), "--k", ks])
+        .args(match dtype {
+            DtypeArg::Auto => vec![],
+            other => vec!["--dtype", other.name()],
+        })
+        .args(["--max-tokens", &max_tokens.to_string(), "--k", ks])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -249,7 +255,7 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             }
         }
         if args.peer {
-            for p in run_peer(&path, &prompts, args.max_tokens, "4,10")? {
+            for p in run_peer(&path, args.dtype, &prompts, args.max_tokens, "4,10")? {
                 println!(
                     "{:<36} {:<6} {:<8} {:>2} {:>6} {:>9.1}",
                     format!("llama.cpp {}", model_name),

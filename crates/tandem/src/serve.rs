@@ -60,6 +60,13 @@ pub struct ServeArgs {
     /// turn). Default: half of the memory available at start.
     #[arg(long)]
     training_memory: Option<String>,
+    /// Training models (LoRA or full) the training API holds at once.
+    #[arg(long, default_value_t = 16)]
+    max_training_models: usize,
+    /// Full-weight training models held at once (each is a copy of every weight plus gradients
+    /// and optimizer state: ~2 GB for SmolLM2-135M).
+    #[arg(long, default_value_t = 1)]
+    max_full_models: usize,
 }
 
 /// Half of the memory the kernel says is available now (MemAvailable), or 4 GiB where unknown.
@@ -148,6 +155,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             model_dir: path.is_dir().then(|| path.clone()),
             tokenizer_dir: None,
             memory_budget,
+            limits: tandem_server::training::ModelLimits {
+                max_models: args.max_training_models,
+                max_full_models: args.max_full_models,
+            },
         })
     } else {
         None

@@ -28,6 +28,14 @@ pub struct TrainingConfig {
     pub export_dir: PathBuf,
     /// Bytes that training passes may hold at once (estimated by `tandem_train::memory`).
     pub memory_budget: u64,
+    pub limits: ModelLimits,
+}
+
+/// How many training models a server holds at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelLimits {
+    pub max_models: usize,
+    pub max_full_models: usize,
 }
 
 /// Writes the served tokenizer where Hugging Face tooling loads it offline: `tokenizer.json` and a
@@ -311,17 +319,44 @@ impl TrainingService {
         if self.models.lock().expect("not poisoned").contains_key(&id) {
             return Ok(id); // a resubmitted create
         }
-        let trainer = self.new_trainer(mode, seed)?;
+        let trainer = self.new_trainer(&id, mode, seed)?;
         tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
         self.start_model(id.clone(), mode, trainer)?;
         Ok(id)
     }
 
-    /// A model to train on the served base, bounded by the served context and the memory budget.
-    fn new_trainer(&self, mode: Mode, seed: u64) -> Result<TrainingModel> {
+    /// A model `id` to train on the served base, bounded by the served context and the memory
+    /// budget; refused before any allocation when the server holds as many models as allowed.
+    fn new_trainer(&self, id: &str, mode: Mode, seed: u64) -> Result<TrainingModel> {
+        self.check_room(id, mode)?;
         let mut t = TrainingModel::new(&self.base, mode, seed)?;
         t.set_limits(Limits { max_tokens: self.engine.config().max_seq_len, memory_bytes: self.config.memory_budget });
         Ok(t)
+    }
+
+    /// Refuses a new model (one replacing `id` does not count) beyond `--max-training-models`,
+    /// or a full-weight one beyond `--max-full-models` (each holds a copy of every weight plus
+    /// gradients and optimizer state: ~2 GB for SmolLM2-135M).
+    fn check_room(&self, id: &str, mode: Mode) -> Result<()> {
+        let models = self.models.lock().expect("not poisoned");
+        let others: Vec<&Arc<TrainedModel>> = models.iter().filter(|(k, _)| k.as_str() != id).map(|(_, m)| m).collect();
+        let full = others.iter().filter(|m| m.mode == Mode::Full).count();
+        let limits = &self.config.limits;
+        if others.len() >= limits.max_models {
+            return Err(Failure::user(format!(
+                "this server already holds {} training models, its limit (--max-training-models {}); unload one first",
+                others.len(),
+                limits.max_models
+            )));
+        }
+        if mode == Mode::Full && full >= limits.max_full_models {
+            return Err(Failure::user(format!(
+                "this server already holds {full} full-weight training models, its limit (--max-full-models {}); \
+                 unload one or train LoRA adapters",
+                limits.max_full_models
+            )));
+        }
+        Ok(())
     }
 
     /// Waits until `bytes` more fit in the training memory budget, then holds them until the
@@ -340,7 +375,7 @@ impl TrainingService {
     /// a name again replaces that model (its queued requests still finish).
     pub fn create_named_model(&self, id: &str, mode: Mode, seed: u64) -> Result<String> {
         check_name(id)?;
-        let trainer = self.new_trainer(mode, seed)?;
+        let trainer = self.new_trainer(id, mode, seed)?;
         tracing::info!(model_id = %id, ?mode, parameters = trainer.num_parameters(), "training model created");
         self.start_model(id.to_string(), mode, trainer)?;
         Ok(id.to_string())
@@ -849,9 +884,9 @@ impl TrainingService {
         let p = TinkerPath::parse(path)?;
         let dir = self.checkpoint_dir(&p);
         let mode = read_mode(&dir)?;
-        let mut t = self.new_trainer(mode, 0)?;
-        t.load(&dir, optimizer)?;
         let id = format!("{session}:train:{seq}");
+        let mut t = self.new_trainer(&id, mode, 0)?;
+        t.load(&dir, optimizer)?;
         self.start_model(id.clone(), mode, t)?;
         Ok(id)
     }
