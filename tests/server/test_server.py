@@ -152,6 +152,14 @@ def test_bad_input_never_takes_the_server_down():
         "not an object": (b"[1, 2, 3]", 400, None),
         "missing prompt": (b"{}", 400, None),
         "bad n": (json.dumps({"prompt": "hi", "n": 0}).encode(), 400, "n"),
+        # Fields tandem does not implement are refused, not silently ignored.
+        "logit_bias": (json.dumps({"prompt": "hi", "logit_bias": {"50": -100}}).encode(), 400, "logit_bias"),
+        "presence_penalty": (json.dumps({"prompt": "hi", "presence_penalty": 0.5}).encode(), 400, "presence_penalty"),
+        "frequency_penalty": (json.dumps({"prompt": "hi", "frequency_penalty": 1}).encode(), 400, "frequency_penalty"),
+        "best_of": (json.dumps({"prompt": "hi", "best_of": 3}).encode(), 400, "best_of"),
+        "suffix": (json.dumps({"prompt": "hi", "suffix": "end"}).encode(), 400, "suffix"),
+        "json mode": (json.dumps({"prompt": "hi", "response_format": {"type": "json_object"}}).encode(), 400,
+                      "response_format"),
     }
     for name, (body, status, param) in cases.items():
         got, err = error_of(raw("POST", "/v1/completions", body))
@@ -166,6 +174,10 @@ def test_bad_input_never_takes_the_server_down():
     }.items():
         got, err = error_of(raw("POST", "/v1/chat/completions", json.dumps(body).encode()))
         assert got == 400 and "messages" in err["message"], (name, err)
+    # Their neutral values are what clients send by default: accepted.
+    neutral = {"prompt": "hi", "max_tokens": 2, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+               "best_of": 1, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
+    assert raw("POST", "/v1/completions", json.dumps(neutral).encode())[0] == 200
     # Unknown fields are ignored, as OpenAI does.
     status, data, _ = raw("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "frobnicate": True}).encode())
     assert status == 200, data

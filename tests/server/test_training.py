@@ -261,6 +261,14 @@ out_of_range = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 10**7])
 expect_error(lambda: tc.forward_backward([out_of_range], "cross_entropy").result(), "outside the vocabulary")
 expect_error(lambda: tc.forward_backward(data, "importance_sampling").result(), "needs input `logprobs`")
 expect_error(lambda: tc.forward_backward(data, "ppo", {"clip": 0.2}).result(), "takes no option `clip`")
+# Numeric options are checked, never replaced by defaults or let through to overflow.
+expect_error(lambda: tc.optim_step(types.AdamParams(learning_rate=1e30)).result(), "learning_rate must be in")
+huge = types.Datum(model_input=types.ModelInput.from_ints(seqs[0][:-1]),
+                   loss_fn_inputs={"target_tokens": seqs[0][1:], "weights": [1e38] * (len(seqs[0]) - 1)})
+expect_error(lambda: tc.forward_backward([huge], "cross_entropy").result(), "beyond")
+code, body = post("/api/v1/optim_step", {"model_id": tc.get_info().model_id, "seq_id": 10**6,
+                                         "adam_params": {"learning_rate": "x"}})
+assert code == 400 and "learning_rate must be a number" in body["detail"], (code, body)
 r = http.post("/api/v1/forward_backward", content=fb_proto(99, seqs[0], model="nobody:train:0"),
               headers={"Content-Type": "application/x-protobuf"})
 failed = wait(r.json()["request_id"])

@@ -54,6 +54,34 @@ fn identify(headers: &HeaderMap, common: &mut Common) {
     common.agent = header("x-tandem-agent");
 }
 
+/// OpenAI request fields tandem does not implement: a request that asks for one of them gets a 400
+/// naming it instead of an answer that silently ignores it. Their neutral values (absent, null,
+/// 0, empty, `best_of: 1`, `response_format: {"type": "text"}`, a `tool_choice` without tools)
+/// are accepted, since clients send them by default.
+fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
+    let asks = |v: &Value| match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    };
+    let field = |name: &str| body.get(name).filter(|v| asks(v));
+    let refused = ["logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions", "suffix"]
+        .into_iter()
+        .find(|f| field(f).is_some())
+        .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"))
+        .or_else(|| field("response_format").filter(|v| v["type"] != "text").map(|_| "response_format"));
+    match refused {
+        Some(name) => Err(ApiError::bad_request(
+            format!("`{name}` is not supported by this server; remove it (or send its neutral value)"),
+            Some(name),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Common), ApiError> {
     let bytes = body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))?;
     let value: Value = serde_json::from_slice(&bytes)
@@ -61,6 +89,7 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T,
     if !value.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object", None));
     }
+    refuse_unsupported(&value)?;
     fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();

@@ -35,6 +35,13 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 /// gain. A sequence longer than this is one pass of its own.
 const PACK_TOKENS: usize = 256;
 
+/// The largest learning rate an optimizer step takes (AdamW steps are about lr per value: beyond
+/// this a step only destroys the weights).
+const MAX_LEARNING_RATE: f64 = 1.0;
+/// The largest magnitude of a per-token loss input (weights, advantages, logprobs): beyond it the
+/// loss's f32 sums overflow (±1e38 weights gave a null loss).
+const MAX_LOSS_INPUT: f32 = 1e6;
+
 fn user<T>(msg: impl Into<String>) -> Result<T> {
     Err(TrainError::User(msg.into()))
 }
@@ -249,8 +256,10 @@ impl TrainingModel {
                 Some(v) if v.len() != n => {
                     return user(format!("datum {i}: `{name}` has {} entries, model_input has {n}", v.len()))
                 }
-                Some(v) if v.iter().any(|x| !x.is_finite()) => {
-                    return user(format!("datum {i}: `{name}` holds a value that is not finite"))
+                Some(v) if v.iter().any(|x| !x.is_finite() || x.abs() > MAX_LOSS_INPUT) => {
+                    return user(format!(
+                        "datum {i}: `{name}` holds a value that is not finite or beyond ±{MAX_LOSS_INPUT:e}"
+                    ))
                 }
                 _ => {}
             }
@@ -401,11 +410,17 @@ impl TrainingModel {
     /// Applies the accumulated gradients with AdamW (decoupled weight decay, bias-corrected
     /// moments, optional global-norm clip), then clears them.
     pub fn optim_step(&mut self, p: &AdamParams) -> Result<BTreeMap<String, f64>> {
-        if !(p.learning_rate.is_finite() && p.learning_rate >= 0.0) {
-            return user(format!("learning_rate must be finite and >= 0, got {}", p.learning_rate));
+        if !(0.0..=MAX_LEARNING_RATE).contains(&p.learning_rate) {
+            return user(format!("learning_rate must be in [0, {MAX_LEARNING_RATE}], got {}", p.learning_rate));
         }
-        if !(0.0..1.0).contains(&p.beta1) || !(0.0..1.0).contains(&p.beta2) || p.eps < 0.0 || p.grad_clip_norm < 0.0 {
-            return user("adam_params: beta1 and beta2 must be in [0, 1), eps and grad_clip_norm >= 0");
+        let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !(0.0..1.0).contains(&p.beta1)
+            || !(0.0..1.0).contains(&p.beta2)
+            || ![p.eps, p.grad_clip_norm, p.weight_decay].into_iter().all(finite_non_negative)
+        {
+            return user(
+                "adam_params: beta1 and beta2 must be in [0, 1); eps, weight_decay and grad_clip_norm finite and >= 0",
+            );
         }
         let mut sq = 0f64;
         for g in self.grads.values() {

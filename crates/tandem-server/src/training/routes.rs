@@ -401,14 +401,21 @@ async fn optim_step(State(s): S, body: Bytes) -> Reply {
     let model_id = str_field(&v, "model_id")?;
     let p = v.get("adam_params").or_else(|| v.get("optim_params")).cloned().unwrap_or(json!({}));
     let d = AdamParams::default();
-    let f = |k: &str, default: f64| p.get(k).and_then(Value::as_f64).unwrap_or(default);
+    // A field present with the wrong type is the caller's error, never replaced by a default.
+    let f = |k: &str, default: f64| -> Result<f64, HttpError> {
+        match p.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| bad(format!("adam_params.{k} must be a number, got {v}"))),
+        }
+    };
+    let lr = if p.get("learning_rate").is_some() { "learning_rate" } else { "lr" };
     let params = AdamParams {
-        learning_rate: f("learning_rate", f("lr", d.learning_rate)),
-        beta1: f("beta1", d.beta1),
-        beta2: f("beta2", d.beta2),
-        eps: f("eps", d.eps),
-        weight_decay: f("weight_decay", d.weight_decay),
-        grad_clip_norm: f("grad_clip_norm", d.grad_clip_norm),
+        learning_rate: f(lr, d.learning_rate)?,
+        beta1: f("beta1", d.beta1)?,
+        beta2: f("beta2", d.beta2)?,
+        eps: f("eps", d.eps)?,
+        weight_decay: f("weight_decay", d.weight_decay)?,
+        grad_clip_norm: f("grad_clip_norm", d.grad_clip_norm)?,
     };
     submit(&s, model_id, int_field(&v, "seq_id")?, Ok(Work::OptimStep(params)))
 }
