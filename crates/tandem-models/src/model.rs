@@ -376,12 +376,17 @@ impl Model {
         Ok((rows.to_dtype(f32)?, self.norm.to_dtype(f32)?))
     }
 
-    /// Dense f32 weights of block `layer` under Hugging Face names (`self_attn.q_proj.weight`, ...),
-    /// None for quantized blocks. Drafters may start from them.
+    /// f32 weights of block `layer` under Hugging Face names (`self_attn.q_proj.weight`, ...),
+    /// quantized blocks dequantized. Drafters may start from them.
     pub fn layer_weights(&self, layer: usize) -> Option<std::collections::HashMap<String, Tensor>> {
         let b = self.blocks.get(layer)?;
         let dense = |l: &Linear| match l {
             Linear::Dense { weight, .. } => weight.to_dtype(candle_core::DType::F32).ok(),
+            // Quantized blocks are dequantized: a drafter warm-started from a quantized target
+            // gets the same layer it would from the f32 file.
+            Linear::Quantized { weight, .. } => {
+                Tensor::from_vec(weight.dequantize(), (weight.rows, weight.cols), &self.device).ok()
+            }
             _ => None,
         };
         let c = &self.config;

@@ -185,3 +185,19 @@ fn every_implementation_and_batch_size_gives_the_same_bits() {
         }
     }
 }
+
+#[test]
+fn a_quantized_models_layer_weights_are_its_dequantized_blocks() {
+    // Drafters warm-start from the target's last layer: from the quantized default they must get
+    // what the f32 load of the same file gives (candle's dequantization there, ours here).
+    let file = model_file(SMOLLM2);
+    let (dense, quantized) = (common::load_path(&file), common::load_quantized(&file));
+    let last = dense.model.config.num_layers - 1;
+    let (a, b) = (dense.model.layer_weights(last).unwrap(), quantized.model.layer_weights(last).unwrap());
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let scale = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 2e-6 * scale, "{name}: differs by {diff} (scale {scale})");
+    }
+}
