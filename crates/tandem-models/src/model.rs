@@ -236,7 +236,9 @@ impl Model {
         let (embed, tied_head) = match embed_q {
             Weight::Dense(t) => {
                 b.check_shape(embed_name, t.dims(), &[vocab, hidden])?;
-                (Embedding::Dense(t.clone()), Linear::dense(b.projection(t)?, None))
+                let head =
+                    if c.tie_word_embeddings { Some(Linear::dense(b.projection(t.clone())?, None)) } else { None };
+                (Embedding::Dense(t), head)
             }
             Weight::Quantized(q) => {
                 b.check_shape(embed_name, q.shape().dims(), &[vocab, hidden])?;
@@ -244,9 +246,9 @@ impl Model {
                 // the format, else dense.
                 match Linear::quantized(q, None)? {
                     Linear::Quantized { weight, bias } => {
-                        (Embedding::Quantized(weight.clone()), Linear::Quantized { weight, bias })
+                        (Embedding::Quantized(weight.clone()), Some(Linear::Quantized { weight, bias }))
                     }
-                    dense => (Embedding::Dense(dense.dense_weight().expect("dense").clone()), dense),
+                    dense => (Embedding::Dense(dense.dense_weight().expect("dense").clone()), Some(dense)),
                 }
             }
         };
@@ -283,8 +285,8 @@ impl Model {
             });
         }
         let norm = b.dense("model.norm.weight", &[hidden])?;
-        let lm_head = if c.tie_word_embeddings {
-            tied_head
+        let lm_head = if let (true, Some(head)) = (c.tie_word_embeddings, tied_head) {
+            head
         } else {
             match b.fetch("lm_head.weight", true)? {
                 Some(Weight::Dense(t)) => {

@@ -14,6 +14,7 @@
 //! Attention itself is linear in the sequence: its forward is the serving kernel (no [t, t]
 //! matrix) and its backward works in blocks of query rows. What grows fastest is the LoRA path's
 //! per-layer copies and the vocabulary-wide rows (fusing those is the training-speed issue's).
+use tandem_models::ops::ATTENTION_BWD_QUERY_BLOCK as ATTN_BLOCK;
 use tandem_models::ModelConfig;
 
 /// f32 values kept per token, fitted to measured peaks on SmolLM2-135M and Qwen2.5-0.5B
@@ -27,9 +28,7 @@ const LORA_LAYER_ROWS: f64 = 14.0;
 const FULL_LAYER_ROWS: f64 = 6.0;
 /// - a forward-only pass keeps nothing for a backward: its logits and their log-softmax.
 const FORWARD_VOCAB_ROWS: f64 = 3.0;
-/// Query rows per attention backward block (`BWD_QUERY_BLOCK`), and the f32 [heads, block, t]
-/// temporaries it holds.
-const ATTN_BLOCK: usize = 128;
+/// The f32 [heads, block, t] temporaries an attention backward block holds.
 const ATTN_TEMPS: f64 = 8.0;
 
 /// What a pass trains.

@@ -180,7 +180,7 @@ impl CustomOp3 for SelfAttention {
 /// Query rows per block of the attention backward: its temporaries are [heads, block, t], so
 /// memory grows linearly with the sequence (a whole [heads, t, t] at 5,000 tokens is ~0.9 GB per
 /// tensor, and the backward holds several).
-const BWD_QUERY_BLOCK: usize = 128;
+pub const BWD_QUERY_BLOCK: usize = 128;
 
 /// The attention backward of one sequence (candle primitives), a block of query rows at a time:
 /// each block needs only the keys up to its last row, and adds its share of dK and dV.

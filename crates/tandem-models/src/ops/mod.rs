@@ -8,6 +8,8 @@ pub mod kernels;
 pub mod quant;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, D};
+/// Query rows per block of the training attention backward (its memory is linear in t).
+pub use grad::BWD_QUERY_BLOCK as ATTENTION_BWD_QUERY_BLOCK;
 pub use kernels::{CacheGeometry, TokenSlot};
 use std::sync::Arc;
 

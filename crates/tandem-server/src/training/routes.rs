@@ -3,7 +3,7 @@
 use super::futures::Poll;
 use super::proto;
 use super::results::Outcome;
-use super::service::{Failure, SampleRequest, Stop, TrainingService, Work};
+use super::service::{Failure, FailureKind, SampleRequest, Stop, TrainingService, Work};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -39,10 +39,10 @@ fn bad(msg: impl Into<String>) -> HttpError {
 
 impl From<Failure> for HttpError {
     fn from(f: Failure) -> Self {
-        let status = match (f.conflict, f.user) {
-            (true, _) => StatusCode::CONFLICT,
-            (false, true) => StatusCode::BAD_REQUEST,
-            (false, false) => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = match f.kind {
+            FailureKind::Conflict => StatusCode::CONFLICT,
+            FailureKind::User => StatusCode::BAD_REQUEST,
+            FailureKind::Server => StatusCode::INTERNAL_SERVER_ERROR,
         };
         HttpError(status, f.message)
     }

@@ -1,17 +1,19 @@
 //! The training service: sessions, training models (each on its own worker thread, running its
 //! requests in seq_id order), weight versions for sampling, and checkpoints on disk.
 use super::futures::{Completer, FutureStore};
-use super::results::{ForwardBackwardResult, Outcome, SampleResult, SampledSequence};
+use super::results::{ForwardBackwardResult, Outcome};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use tandem_engine::{EngineHandle, Event, GenerationRequest, WeightVersion};
+use tandem_engine::{EngineHandle, WeightVersion};
 use tandem_models::{Model, Tokenizer};
-use tandem_runtime::SamplingParams;
 use tandem_train::{AdamParams, Datum, Limits, LossFn, Mode, TrainError, TrainingModel};
+
+mod sampling;
+pub use sampling::{SampleRequest, Stop};
 
 /// Where and how the service runs.
 #[derive(Debug, Clone)]
@@ -73,36 +75,50 @@ impl Drop for MemoryHold<'_> {
     }
 }
 
-/// A request's failure: the caller's (`user`) or ours; `conflict` when it would replace
-/// something that exists.
+/// Whose a failure is: the caller's (bad input, or a request that would replace something that
+/// exists) or ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    User,
+    Conflict,
+    Server,
+}
+
 #[derive(Debug)]
 pub struct Failure {
-    pub user: bool,
-    pub conflict: bool,
+    pub kind: FailureKind,
     pub message: String,
 }
 
 impl Failure {
     pub fn user(m: impl Into<String>) -> Self {
-        Failure { user: true, conflict: false, message: m.into() }
+        Failure { kind: FailureKind::User, message: m.into() }
     }
     pub fn server(m: impl Into<String>) -> Self {
-        Failure { user: false, conflict: false, message: m.into() }
+        Failure { kind: FailureKind::Server, message: m.into() }
     }
     pub fn conflict(m: impl Into<String>) -> Self {
-        Failure { user: true, conflict: true, message: m.into() }
+        Failure { kind: FailureKind::Conflict, message: m.into() }
+    }
+    /// The caller's to fix (a conflict included).
+    pub fn is_user(&self) -> bool {
+        self.kind != FailureKind::Server
     }
 }
 
 impl From<TrainError> for Failure {
     fn from(e: TrainError) -> Self {
-        Failure { user: e.is_user(), conflict: false, message: e.to_string() }
+        if e.is_user() {
+            Failure::user(e.to_string())
+        } else {
+            Failure::server(e.to_string())
+        }
     }
 }
 
 impl From<Failure> for Outcome {
     fn from(f: Failure) -> Self {
-        if f.user {
+        if f.is_user() {
             Outcome::failed_user(f.message)
         } else {
             Outcome::failed_server(f.message)
@@ -531,95 +547,6 @@ impl TrainingService {
             .ok_or_else(|| Failure::user(format!("unknown sampling_session_id `{id}`")))
     }
 
-    /// Starts `n` samples of `prompt` through the engine (batched with all other traffic);
-    /// returns the request id and one sequence id per sample. A resubmission of the same
-    /// (session, seq_id) gets the same ids.
-    pub fn sample(&self, req: SampleRequest) -> Result<(String, Vec<String>)> {
-        let key = req.dedup.clone();
-        if let Some(k) = &key {
-            if let Some(found) = self.samples_seen.lock().expect("not poisoned").get(k) {
-                return Ok(found.clone());
-            }
-        }
-        let vocab = self.base.config.vocab_size;
-        if req.prompt.is_empty() {
-            return Err(Failure::user("the prompt is empty"));
-        }
-        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Failure::user(format!("prompt token id {bad} is outside the vocabulary ({vocab})")));
-        }
-        if req.num_samples == 0 || req.num_samples > 128 {
-            return Err(Failure::user(format!("num_samples must be 1..=128, got {}", req.num_samples)));
-        }
-        let limit = self.engine.config().max_seq_len;
-        if req.prompt.len() >= limit {
-            return Err(Failure::user(format!(
-                "the prompt has {} tokens; the context holds {limit} (including one generated token)",
-                req.prompt.len()
-            )));
-        }
-        let max_tokens = req.max_tokens.unwrap_or(limit - req.prompt.len()).min(limit - req.prompt.len());
-        let mut receivers = Vec::new();
-        for i in 0..req.num_samples {
-            let sampling = SamplingParams {
-                temperature: req.temperature,
-                top_k: req.top_k,
-                top_p: req.top_p,
-                seed: Some(req.seed.map_or_else(rand::random, |s| s.wrapping_add(i as u64))),
-                ..Default::default()
-            };
-            let gen = GenerationRequest {
-                prompt: req.prompt.clone(),
-                max_tokens,
-                sampling,
-                stop_token_ids: vec![],
-                client: Some(format!("tinker:{}", req.session)),
-                agent: None,
-                weights: req.weights.clone(),
-            };
-            match self.engine.submit(gen) {
-                Ok(rx) => receivers.push(rx),
-                Err(e) => {
-                    let user = matches!(
-                        e,
-                        tandem_engine::EngineError::PromptTooLong { .. } | tandem_engine::EngineError::Invalid(_)
-                    );
-                    return Err(Failure { user, conflict: false, message: e.to_string() });
-                }
-            }
-        }
-        let (id, done) = self.futures.create();
-        let seq_ids: Vec<String> = (0..req.num_samples).map(|i| format!("{id}-{i}")).collect();
-        if let Some(k) = key {
-            self.samples_seen.lock().expect("not poisoned").insert(k, (id.clone(), seq_ids.clone()));
-        }
-        let tokenizer = self.tokenizer.clone();
-        let prompt_model =
-            req.prompt_logprobs.then(|| req.weights.as_ref().map_or(self.base.clone(), |w| (*w.model).clone()));
-        let (prompt, stop) = (req.prompt.clone(), req.stop.clone());
-        tokio::spawn(async move {
-            let prompt_lp = match prompt_model {
-                None => Ok(None),
-                Some(model) => tokio::task::spawn_blocking(move || prompt_logprobs(&model, &prompt))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("prompt logprobs failed: {e}")))
-                    .map(Some),
-            };
-            let mut sequences = Vec::new();
-            for rx in receivers {
-                match collect(rx, &stop, &tokenizer).await {
-                    Ok(s) => sequences.push(s),
-                    Err(e) => return done.complete(Outcome::failed_server(e)),
-                }
-            }
-            match prompt_lp {
-                Ok(prompt_logprobs) => done.complete(Outcome::Sample(SampleResult { sequences, prompt_logprobs })),
-                Err(e) => done.complete(Outcome::failed_server(e)),
-            }
-        });
-        Ok((id, seq_ids))
-    }
-
     pub fn list_checkpoints(&self, run: &str) -> Result<Value> {
         check_name(run)?;
         let mut out = Vec::new();
@@ -714,73 +641,6 @@ impl TrainingService {
         std::fs::rename(&partial, &out).map_err(io)?;
         Ok(out)
     }
-}
-
-pub struct SampleRequest {
-    pub session: String,
-    pub dedup: Option<(String, i64)>,
-    pub weights: Option<WeightVersion>,
-    pub prompt: Vec<u32>,
-    pub num_samples: usize,
-    pub max_tokens: Option<usize>,
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: Option<u64>,
-    pub stop: Stop,
-    pub prompt_logprobs: bool,
-}
-
-#[derive(Clone, Default)]
-pub struct Stop {
-    pub tokens: Vec<u32>,
-    pub strings: Vec<String>,
-}
-
-/// Reads one sample's events; a stop token or string ends it (and is kept, with its logprob:
-/// the policy chose it). Dropping the receiver cancels the rest in the engine.
-async fn collect(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    stop: &Stop,
-    tokenizer: &Tokenizer,
-) -> std::result::Result<SampledSequence, String> {
-    let mut s = SampledSequence { tokens: Vec::new(), logprobs: Vec::new(), stopped: false };
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token(t) => {
-                s.tokens.push(t.id);
-                s.logprobs.push(t.logprob);
-                if stop.tokens.contains(&t.id) {
-                    s.stopped = true;
-                    return Ok(s);
-                }
-                if !stop.strings.is_empty() {
-                    let text = tokenizer.decode(&s.tokens, false).unwrap_or_default();
-                    if stop.strings.iter().any(|x| text.contains(x.as_str())) {
-                        s.stopped = true;
-                        return Ok(s);
-                    }
-                }
-            }
-            Event::Finished { reason, .. } => {
-                s.stopped = matches!(reason, tandem_runtime::FinishReason::Stop);
-                return Ok(s);
-            }
-            Event::Failed(e) => return Err(e),
-        }
-    }
-    Err("the engine stopped before the sample finished".into())
-}
-
-/// log p(prompt[i] | prompt[..i]) for every position, NaN at 0 (nothing precedes it).
-fn prompt_logprobs(model: &Model, prompt: &[u32]) -> std::result::Result<Vec<f32>, String> {
-    let logits = model.forward_sequence(prompt).map_err(|e| e.to_string())?;
-    let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
-    let mut out = vec![f32::NAN];
-    for (i, row) in rows.iter().enumerate().take(prompt.len().saturating_sub(1)) {
-        out.push(tandem_runtime::sampling::log_softmax(row)[prompt[i + 1] as usize]);
-    }
-    Ok(out)
 }
 
 fn read_mode(dir: &std::path::Path) -> Result<Mode> {
