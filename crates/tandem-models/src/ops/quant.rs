@@ -1,26 +1,33 @@
 //! Products with GGUF block-quantized weights, read in place (never dequantized to memory).
 //!
 //! Each input row is quantized to 8 bits per block of 32 values (one f32 scale per block, as
-//! llama.cpp does for its integer dot products), then every 32-value slice of a weight row is
-//! multiplied with it in integers: exact, so the only rounding is the float accumulation of the
-//! per-slice sums, which happens in the same order whatever else is in the batch. The AVX2 path
-//! (`maddubs`) and the AVX-512 VNNI path (`dpbusd`) compute the same integers, and the portable
-//! path mirrors their eight-lane float accumulation, so all three give the same bits.
+//! llama.cpp does for its integer dot products). At load, a weight's rows are regrouped into
+//! tiles of `TILE` = 16 rows: for each 32-value slice, the 16 rows' values are interleaved four at
+//! a time, so one 64-byte vector holds four consecutive values of all 16 rows. An integer dot
+//! instruction (`dpbusd` on AVX-512 VNNI, `maddubs` on AVX2) then multiplies them with four input
+//! values broadcast to every row and accumulates one exact integer per row: no horizontal sums,
+//! and each slice's float work (convert, scale, add) is one vector operation for 16 rows. Scales
+//! and offsets keep the file's precision (f16 and 6-bit integers), so a tile holds the same bytes
+//! as the GGUF blocks, reordered.
 //!
-//! Like the dense streaming matmul, a weight row is read once for a group of up to `GROUP` input
-//! rows (its 32-value slices are unpacked once and multiplied with each input), so verifying k
-//! drafted tokens costs little more than decoding one.
+//! Per weight row and input row the arithmetic is a fixed sequence: per slice an exact integer
+//! sum, converted and multiplied by (weight scale · input scale), added into one f32 accumulator
+//! (fused), then the format's offset term. The SIMD paths hold 16 rows in lanes and the portable
+//! path runs the same sequence per row, so every implementation gives the same bits for any batch
+//! size. A tile is read once for a group of up to `GROUP` input rows, so verifying k drafted
+//! tokens costs little more than decoding one.
 //!
-//! A weight slice of 32 values is described by unsigned integers `u` (0..=63; Q8_0's are signed),
-//! a scale per half (`s`: Q6_K scales each 16 values, all other formats the whole slice) and an
-//! offset per half (`b`): w = s·u + b. With the input slice x ≈ dx·q, the slice's dot product is
-//! Σ s·dx·(u·q) + b·dx·Σq; the second term uses each input half's precomputed dx·Σq.
+//! A slice's weights are w = s·(u − z) for the zero-point formats (Q4_0, Q5_0, Q8_0, Q6_K; the
+//! zero is subtracted in integers, z·Σq) and w = s·u + b for the formats with a minimum (Q4_1,
+//! Q5_1, Q4_K, Q5_K: b times the input block's d·Σq). Q6_K scales each 16-value half separately.
 use half::f16;
 use rayon::prelude::*;
 
 /// Values per input quantization block (and per weight slice).
 pub const QK: usize = 32;
-/// Input rows multiplied with a weight row per pass over it.
+/// Weight rows interleaved in a tile.
+pub const TILE: usize = 16;
+/// Input rows multiplied with a tile per pass over it.
 const GROUP: usize = 8;
 
 /// Every format, in the order the SIMD kernels are instantiated.
@@ -64,7 +71,7 @@ impl QFormat {
         })
     }
 
-    /// Values per block.
+    /// Values per GGUF block.
     pub fn block_len(self) -> usize {
         match self {
             QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => 256,
@@ -72,7 +79,7 @@ impl QFormat {
         }
     }
 
-    /// Bytes per block (ggml's layouts).
+    /// Bytes per GGUF block (ggml's layouts).
     pub fn block_bytes(self) -> usize {
         match self {
             QFormat::Q4_0 => 18,
@@ -86,14 +93,103 @@ impl QFormat {
         }
     }
 
-    /// Q8_0 holds signed values; the others unsigned ones with an offset.
-    fn signed(self) -> bool {
-        self == QFormat::Q8_0
+    /// Bits per stored value (Q8_0's are stored as u = v + 128).
+    const fn bits(self) -> usize {
+        match self {
+            QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q4K => 4,
+            QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q5K => 5,
+            QFormat::Q6K => 6,
+            QFormat::Q8_0 => 8,
+        }
+    }
+
+    /// The zero point z of w = s·(u − z); None for the formats with a minimum (w = s·u + b).
+    const fn zero(self) -> Option<i32> {
+        match self {
+            QFormat::Q4_0 => Some(8),
+            QFormat::Q5_0 => Some(16),
+            QFormat::Q8_0 => Some(128),
+            QFormat::Q6K => Some(32),
+            _ => None,
+        }
+    }
+
+    /// Q6_K scales each 16-value half of a slice separately.
+    const fn halves(self) -> bool {
+        matches!(self, QFormat::Q6K)
+    }
+
+    // Tile layout: per group of `super_slices` slices (a K-quant super-block, or one slice) a
+    // header (f16 per row: d, then m or dmin where the format has them), then per slice its
+    // interleaved values and (K-quants) 8-bit scales per row.
+
+    /// Slices sharing a header.
+    const fn super_slices(self) -> usize {
+        match self {
+            QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => 8,
+            _ => 1,
+        }
+    }
+
+    const fn header_bytes(self) -> usize {
+        match self {
+            QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 | QFormat::Q6K => 2 * TILE,
+            _ => 4 * TILE,
+        }
+    }
+
+    /// Value bytes per tile slice: a nibble plane (4 x 64 bytes) plus 1 or 2 planes of high bits
+    /// (64 bytes each); 8-bit values are stored whole.
+    const fn quant_bytes(self) -> usize {
+        match self.bits() {
+            8 => 8 * 4 * TILE,
+            b => 4 * 4 * TILE + (b - 4) * 4 * TILE,
+        }
+    }
+
+    /// Where the bits above the nibble of group g (values 4g..4g+4) are stored: the offset of
+    /// their plane within the slice's values, the bit they start at in each byte, and their mask
+    /// once moved to bit 4.
+    const fn high_bits(self, g: usize) -> Option<(usize, u32, u8)> {
+        match self.bits() {
+            5 => Some((4 * 4 * TILE, g as u32, 0x10)),
+            6 => Some((4 * 4 * TILE + 4 * TILE * (g / 4), 2 * (g % 4) as u32, 0x30)),
+            _ => None,
+        }
+    }
+
+    /// Per-slice scale bytes: Q4_K / Q5_K a scale and a min per row, Q6_K a scale per row and half.
+    const fn param_bytes(self) -> usize {
+        match self {
+            QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => 2 * TILE,
+            _ => 0,
+        }
+    }
+
+    const fn slice_bytes(self) -> usize {
+        self.quant_bytes() + self.param_bytes()
+    }
+
+    const fn super_bytes(self) -> usize {
+        self.header_bytes() + self.super_slices() * self.slice_bytes()
+    }
+
+    /// Bytes of one tile of a matrix with `slices` slices per row.
+    fn tile_bytes(self, slices: usize) -> usize {
+        slices / self.super_slices() * self.super_bytes()
+    }
+
+    /// Offsets of slice `s` within a tile: its header, values and scales.
+    #[inline(always)]
+    fn slice_at(self, s: usize) -> (usize, usize, usize) {
+        let header = s / self.super_slices() * self.super_bytes();
+        let quants = header + self.header_bytes() + s % self.super_slices() * self.slice_bytes();
+        (header, quants, quants + self.quant_bytes())
     }
 }
 
 /// A block-quantized weight matrix [rows, cols]: one or more stacked parts (projections of the
-/// same input, such as q, k and v, each in its own format), rows stored in GGUF blocks.
+/// same input, such as q, k and v, each in its own format), each stored as tiles of `TILE` rows.
 pub struct QWeight {
     pub rows: usize,
     pub cols: usize,
@@ -102,17 +198,22 @@ pub struct QWeight {
 
 struct Part {
     format: QFormat,
-    /// The first row of the matrix that this part holds.
+    /// The first row of the matrix that this part holds, and how many.
     first: usize,
-    row_bytes: usize,
+    rows: usize,
+    /// Tiles of `TILE` rows (the last padded with zero rows), `tile_bytes` each.
+    tile_bytes: usize,
     data: Vec<u8>,
 }
 
-/// One weight row: its format and blocks.
-#[derive(Clone, Copy)]
-struct QRow<'a> {
-    format: QFormat,
-    data: &'a [u8],
+impl Part {
+    fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE)
+    }
+
+    fn tile(&self, t: usize) -> &[u8] {
+        &self.data[t * self.tile_bytes..][..self.tile_bytes]
+    }
 }
 
 impl std::fmt::Debug for QWeight {
@@ -122,6 +223,7 @@ impl std::fmt::Debug for QWeight {
 }
 
 impl QWeight {
+    /// A matrix from its GGUF blocks (row-major, `cols` values per row), regrouped into tiles.
     pub fn new(format: QFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         if !cols.is_multiple_of(format.block_len()) {
             return Err(format!("{format:?} rows need a multiple of {} values, got {cols}", format.block_len()));
@@ -130,7 +232,15 @@ impl QWeight {
         if data.len() != rows * row_bytes {
             return Err(format!("{format:?} [{rows}, {cols}] needs {} bytes, got {}", rows * row_bytes, data.len()));
         }
-        Ok(QWeight { rows, cols, parts: vec![Part { format, first: 0, row_bytes, data }] })
+        let tile_bytes = format.tile_bytes(cols / QK);
+        let mut tiled = vec![0u8; rows.div_ceil(TILE) * tile_bytes];
+        for (t, tile) in tiled.chunks_exact_mut(tile_bytes).enumerate() {
+            let rows_here = (rows - t * TILE).min(TILE);
+            let gguf_rows: Vec<&[u8]> =
+                (0..rows_here).map(|r| &data[(t * TILE + r) * row_bytes..][..row_bytes]).collect();
+            encode_tile(format, &gguf_rows, cols / QK, tile);
+        }
+        Ok(QWeight { rows, cols, parts: vec![Part { format, first: 0, rows, tile_bytes, data: tiled }] })
     }
 
     /// Matrices over the same input, one above the other: one product computes all of them.
@@ -160,55 +270,29 @@ impl QWeight {
         self.parts.iter().map(|p| p.data.len()).sum()
     }
 
-    fn row(&self, r: usize) -> QRow<'_> {
-        let p = self.parts.iter().rev().find(|p| p.first <= r).expect("row within the matrix");
-        let at = (r - p.first) * p.row_bytes;
-        QRow { format: p.format, data: &p.data[at..at + p.row_bytes] }
-    }
-
-    /// Row `r` as f32 (embedding lookups, unembedding rows, the generic path).
+    /// Row `r` as f32 (embedding lookups, the generic path).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols);
-        let QRow { format: f, data } = self.row(r);
-        for (b, block) in data.chunks_exact(f.block_bytes()).enumerate() {
-            for sub in 0..f.block_len() / QK {
-                let p = slice_params(f, block, sub);
-                let u = values(f, block, sub);
-                let o = &mut out[b * f.block_len() + sub * QK..][..QK];
-                for (e, v) in o.iter_mut().enumerate() {
-                    let (s, off) = (p.s[e / 16], p.b[e / 16]);
-                    let q = if f.signed() { u[e] as i8 as f32 } else { u[e] as f32 };
-                    *v = s * q + off;
-                }
-            }
-        }
+        let p = self.parts.iter().rev().find(|p| p.first <= r).expect("row within the matrix");
+        let (tile, lane) = ((r - p.first) / TILE, (r - p.first) % TILE);
+        dequantize_lane(p.format, p.tile(tile), lane, out);
     }
 
     /// The whole matrix as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.dequantize_row(r, o);
-        }
+        out.par_chunks_exact_mut(self.cols).enumerate().for_each(|(r, o)| self.dequantize_row(r, o));
         out
     }
 }
 
-// ---------------------------------------------------------------- block layouts
+// ---------------------------------------------------------------- GGUF blocks -> tiles
 
-/// Scale and offset of each half of slice `sub` of a block: w = s·u + b.
-#[derive(Clone, Copy)]
-struct SliceParams {
-    s: [f32; 2],
-    b: [f32; 2],
-}
-
-fn half_at(block: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([block[at], block[at + 1]])).to_f32()
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
 /// Q4_K / Q5_K: the 6-bit scale and min of slice j from the 12 packed bytes.
-#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -217,41 +301,8 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-fn slice_params(f: QFormat, block: &[u8], sub: usize) -> SliceParams {
-    slice_params_with(f, block, sub, |at| half_at(block, at))
-}
-
-/// `slice_params` with the half-float conversion given (the SIMD paths use the hardware's).
-#[inline(always)]
-fn slice_params_with(f: QFormat, block: &[u8], sub: usize, half_at: impl Fn(usize) -> f32) -> SliceParams {
-    let both = |s: f32, b: f32| SliceParams { s: [s, s], b: [b, b] };
-    match f {
-        QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 => {
-            let d = half_at(0);
-            let zero = match f {
-                QFormat::Q4_0 => 8.0,
-                QFormat::Q5_0 => 16.0,
-                _ => 0.0,
-            };
-            both(d, -zero * d)
-        }
-        QFormat::Q4_1 | QFormat::Q5_1 => both(half_at(0), half_at(2)),
-        QFormat::Q4K | QFormat::Q5K => {
-            let (sc, m) = scale_min_k4(sub, &block[4..16]);
-            both(half_at(0) * sc as f32, -half_at(2) * m as f32)
-        }
-        QFormat::Q6K => {
-            // Slice sub is quarter sub % 4 of 128-value chunk sub / 4; its halves have their own scales.
-            let d = half_at(208);
-            let first = 192 + 8 * (sub / 4) + 2 * (sub % 4);
-            let (s0, s1) = (d * block[first] as i8 as f32, d * block[first + 1] as i8 as f32);
-            SliceParams { s: [s0, s1], b: [-32.0 * s0, -32.0 * s1] }
-        }
-    }
-}
-
-/// The 32 unsigned (Q8_0: signed) integers of slice `sub`.
-fn values(f: QFormat, block: &[u8], sub: usize) -> [u8; 32] {
+/// The 32 stored integers of slice `sub` of a GGUF block (Q8_0's as v + 128).
+fn gguf_values(f: QFormat, block: &[u8], sub: usize) -> [u8; 32] {
     let mut u = [0u8; 32];
     match f {
         QFormat::Q4_0 | QFormat::Q4_1 => {
@@ -270,45 +321,148 @@ fn values(f: QFormat, block: &[u8], sub: usize) -> [u8; 32] {
                 u[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
             }
         }
-        QFormat::Q8_0 => u.copy_from_slice(&block[2..34]),
+        QFormat::Q8_0 => {
+            for (o, &v) in u.iter_mut().zip(&block[2..34]) {
+                *o = v ^ 0x80;
+            }
+        }
         QFormat::Q4K => {
             let qs = &block[16 + 32 * (sub / 2)..][..32];
-            let shift = 4 * (sub % 2);
             for j in 0..32 {
-                u[j] = (qs[j] >> shift) & 0xF;
+                u[j] = (qs[j] >> (4 * (sub % 2))) & 0xF;
             }
         }
         QFormat::Q5K => {
-            let qh = &block[16..48];
-            let qs = &block[48 + 32 * (sub / 2)..][..32];
-            let shift = 4 * (sub % 2);
+            let (qh, qs) = (&block[16..48], &block[48 + 32 * (sub / 2)..][..32]);
             for j in 0..32 {
-                u[j] = ((qs[j] >> shift) & 0xF) | (((qh[j] >> sub) & 1) << 4);
+                u[j] = ((qs[j] >> (4 * (sub % 2))) & 0xF) | (((qh[j] >> sub) & 1) << 4);
             }
         }
         QFormat::Q6K => {
             let (chunk, quarter) = (sub / 4, sub % 4);
             let ql = &block[64 * chunk + 32 * (quarter % 2)..][..32];
             let qh = &block[128 + 32 * chunk..][..32];
-            let shift = 4 * (quarter / 2);
             for j in 0..32 {
-                u[j] = ((ql[j] >> shift) & 0xF) | (((qh[j] >> (2 * quarter)) & 3) << 4);
+                u[j] = ((ql[j] >> (4 * (quarter / 2))) & 0xF) | (((qh[j] >> (2 * quarter)) & 3) << 4);
             }
         }
     }
     u
 }
 
+/// One tile from up to `TILE` GGUF rows (missing rows stay zero).
+fn encode_tile(f: QFormat, rows: &[&[u8]], slices: usize, tile: &mut [u8]) {
+    let subs = f.block_len() / QK;
+    for (lane, row) in rows.iter().enumerate() {
+        for s in 0..slices {
+            let block = &row[s / subs * f.block_bytes()..][..f.block_bytes()];
+            let (header, quants, params) = f.slice_at(s);
+            // The header: d, then m / dmin, as the file's f16 bits.
+            let (d_at, m_at) = match f {
+                QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 => (0, None),
+                QFormat::Q4_1 | QFormat::Q5_1 | QFormat::Q4K | QFormat::Q5K => (0, Some(2)),
+                QFormat::Q6K => (208, None),
+            };
+            tile[header + 2 * lane..][..2].copy_from_slice(&block[d_at..d_at + 2]);
+            if let Some(m) = m_at {
+                tile[header + 2 * TILE + 2 * lane..][..2].copy_from_slice(&block[m..m + 2]);
+            }
+            match f {
+                QFormat::Q4K | QFormat::Q5K => {
+                    let (sc, m) = scale_min_k4(s % subs, &block[4..16]);
+                    tile[params + lane] = sc;
+                    tile[params + TILE + lane] = m;
+                }
+                QFormat::Q6K => {
+                    let sub = s % subs;
+                    let first = 192 + 8 * (sub / 4) + 2 * (sub % 4);
+                    tile[params + lane] = block[first];
+                    tile[params + TILE + lane] = block[first + 1];
+                }
+                _ => {}
+            }
+            let u = gguf_values(f, block, s % subs);
+            let q = &mut tile[quants..][..f.quant_bytes()];
+            for (i, &v) in u.iter().enumerate() {
+                let (g, at) = (i / 4, 4 * lane + i % 4);
+                if f.bits() == 8 {
+                    q[64 * g + at] = v;
+                    continue;
+                }
+                q[64 * (g % 4) + at] |= (v & 0xF) << (4 * (g / 4));
+                if let Some((plane, from, mask)) = f.high_bits(g) {
+                    q[plane + at] |= ((v & mask) >> 4) << from;
+                }
+            }
+        }
+    }
+}
+
+/// The 32 stored integers of one row (`lane`) of a tile slice's values.
+fn lane_values(f: QFormat, q: &[u8], lane: usize) -> [u8; 32] {
+    std::array::from_fn(|i| {
+        let (g, at) = (i / 4, 4 * lane + i % 4);
+        match f.bits() {
+            8 => q[64 * g + at],
+            _ => {
+                let low = (q[64 * (g % 4) + at] >> (4 * (g / 4))) & 0xF;
+                let high = f.high_bits(g).map_or(0, |(plane, from, mask)| ((q[plane + at] >> from) << 4) & mask);
+                low | high
+            }
+        }
+    })
+}
+
+/// One row's scales (per half) and offset in a tile slice: w = s·(u − z), or s·u + b.
+#[derive(Clone, Copy)]
+struct LaneParams {
+    s: [f32; 2],
+    b: f32,
+}
+
+fn lane_params(f: QFormat, tile: &[u8], header: usize, params: usize, lane: usize) -> LaneParams {
+    let d = f16_at(tile, header + 2 * lane);
+    let second = || f16_at(tile, header + 2 * TILE + 2 * lane);
+    match f {
+        QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 => LaneParams { s: [d, d], b: 0.0 },
+        QFormat::Q4_1 | QFormat::Q5_1 => LaneParams { s: [d, d], b: second() },
+        QFormat::Q4K | QFormat::Q5K => {
+            let s = d * tile[params + lane] as f32;
+            LaneParams { s: [s, s], b: -second() * tile[params + TILE + lane] as f32 }
+        }
+        QFormat::Q6K => {
+            let half = |h: usize| d * tile[params + h * TILE + lane] as i8 as f32;
+            LaneParams { s: [half(0), half(1)], b: 0.0 }
+        }
+    }
+}
+
+fn dequantize_lane(f: QFormat, tile: &[u8], lane: usize, out: &mut [f32]) {
+    for (s, o) in out.chunks_exact_mut(QK).enumerate() {
+        let (header, quants, params) = f.slice_at(s);
+        let p = lane_params(f, tile, header, params, lane);
+        let u = lane_values(f, &tile[quants..], lane);
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = match f.zero() {
+                Some(z) => p.s[i / 16] * (u[i] as i32 - z) as f32,
+                None => p.s[i / 16] * u[i] as f32 + p.b,
+            };
+        }
+    }
+}
+
 // ---------------------------------------------------------------- inputs
 
-/// Input rows quantized to 8 bits per 32 values: q = round(x / d), d = max|x| / 127.
+/// Input rows quantized to 8 bits per 32 values: q = round(x / d) (ties to even), d = max|x| / 127.
 pub struct QInput {
     k: usize,
     q: Vec<i8>,
     /// One scale per 32 values.
     d: Vec<f32>,
-    /// d·Σq per 16 values (the offset terms' input sums).
-    sums: Vec<f32>,
+    /// d·Σq per 32 values (the offset terms' input sums).
+    dsum: Vec<f32>,
+    /// Σq per 16 values (the zero points' integer terms).
+    qsum: Vec<i32>,
 }
 
 impl QInput {
@@ -316,22 +470,57 @@ impl QInput {
         assert_eq!(x.len(), m * k);
         assert_eq!(k % QK, 0);
         let blocks = m * k / QK;
-        let mut out = QInput { k, q: vec![0; m * k], d: vec![0.0; blocks], sums: vec![0.0; 2 * blocks] };
-        for (b, xs) in x.chunks_exact(QK).enumerate() {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let q = &mut out.q[b * QK..][..QK];
-            for (qi, &v) in q.iter_mut().zip(xs) {
-                *qi = (v * inv).round() as i8;
-            }
-            out.d[b] = d;
-            for h in 0..2 {
-                let s: i32 = q[16 * h..16 * h + 16].iter().map(|&v| v as i32).sum();
-                out.sums[2 * b + h] = d * s as f32;
+        let mut out =
+            QInput { k, q: vec![0; m * k], d: vec![0.0; blocks], dsum: vec![0.0; blocks], qsum: vec![0; 2 * blocks] };
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            unsafe { quantize_avx2(x, &mut out) };
+            return out;
+        }
+        quantize(x, &mut out);
+        out
+    }
+}
+
+/// The same code compiled for AVX2 (IEEE operations without contraction: the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(x: &[f32], out: &mut QInput) {
+    quantize(x, out)
+}
+
+/// Quantizes x block by block into `out`, written so that it vectorizes.
+#[inline(always)]
+fn quantize(x: &[f32], out: &mut QInput) {
+    // Rounding by adding 1.5·2²³: the sum's low mantissa bits are then the integer, rounded half
+    // to even (exact for |v| < 2²²; no float-to-int conversion, which does not vectorize).
+    const MAGIC: f32 = 12_582_912.0;
+    for (b, xs) in x.chunks_exact(QK).enumerate() {
+        let xs: &[f32; QK] = xs.try_into().expect("32 values");
+        // max |x| in eight lanes, then across them (max is exact: any order gives the same value;
+        // NaN never compares greater, so it is skipped in every order).
+        let mut lanes = [0f32; 8];
+        for c in xs.chunks_exact(8) {
+            for j in 0..8 {
+                let a = c[j].abs();
+                lanes[j] = if a > lanes[j] { a } else { lanes[j] };
             }
         }
-        out
+        let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut r = [0i32; QK];
+        for (ri, &v) in r.iter_mut().zip(xs) {
+            *ri = (v * inv + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+        }
+        for (qi, &ri) in out.q[b * QK..][..QK].iter_mut().zip(&r) {
+            *qi = ri as i8;
+        }
+        let sums = [r[..16].iter().sum::<i32>(), r[16..].iter().sum::<i32>()];
+        out.d[b] = d;
+        out.qsum[2 * b..2 * b + 2].copy_from_slice(&sums);
+        out.dsum[b] = d * (sums[0] + sums[1]) as f32;
     }
 }
 
@@ -357,16 +546,9 @@ impl Isa {
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            let has = |f: &str| match f {
-                "avx2" => std::is_x86_feature_detected!("avx2"),
-                "fma" => std::is_x86_feature_detected!("fma"),
-                "f16c" => std::is_x86_feature_detected!("f16c"),
-                "avx512vnni" => std::is_x86_feature_detected!("avx512vnni"),
-                "avx512vl" => std::is_x86_feature_detected!("avx512vl"),
-                _ => false,
-            };
-            if ["avx2", "fma", "f16c"].iter().all(|f| has(f)) {
-                if has("avx512vnni") && has("avx512vl") {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
                     return Isa::Avx512Vnni;
                 }
                 return Isa::Avx2;
@@ -390,6 +572,15 @@ impl Isa {
         }
         out
     }
+
+    /// Input rows per pass over a tile (AVX2 has half the registers).
+    fn group(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => 4,
+            _ => GROUP,
+        }
+    }
 }
 
 /// y[i, j] = x[i, :] · w[j, :] for x: [m, k] f32, w: [n, k] quantized, y: [m, n].
@@ -402,22 +593,24 @@ pub fn matmul_xwt_with(isa: Isa, x: &[f32], w: &QWeight, m: usize, y: &mut [f32]
     let (n, k) = (w.rows, w.cols);
     assert_eq!(y.len(), m * n);
     let input = QInput::new(x, m, k);
+    let tiles: Vec<(&Part, usize)> = w.parts.iter().flat_map(|p| (0..p.tiles()).map(move |t| (p, t))).collect();
     let threads = rayon::current_num_threads().max(1);
-    let block = (n / (threads * 2)).clamp(16, 4096);
+    let chunk = (tiles.len() / (threads * 4)).clamp(1, 64);
     let out = SharedMut(y.as_mut_ptr());
-    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+    tiles.par_chunks(chunk).for_each(|chunk| {
         #[allow(clippy::redundant_locals)]
         let out = out;
-        for j in b * block..((b + 1) * block).min(n) {
+        for &(part, t) in chunk {
+            let (first_col, lanes) = (part.first + t * TILE, (part.rows - t * TILE).min(TILE));
             let mut i0 = 0;
             while i0 < m {
                 // Groups of 8, 4, 2 or 1 input rows (each row's arithmetic is the same in any).
-                let rows = [GROUP, 4, 2, 1].into_iter().find(|&g| g <= m - i0).unwrap_or(1);
-                let mut sums = [0f32; GROUP];
-                row_dot(isa, w.row(j), &input, i0, &mut sums[..rows]);
+                let rows = [GROUP, 4, 2, 1].into_iter().find(|&g| g <= m - i0 && g <= isa.group()).unwrap_or(1);
+                let mut sums = [[0f32; TILE]; GROUP];
+                tile_dot(isa, part.format, part.tile(t), &input, i0, &mut sums[..rows]);
                 for (c, s) in sums[..rows].iter().enumerate() {
-                    // SAFETY: each worker writes only its own columns j.
-                    unsafe { *out.0.add((i0 + c) * n + j) = *s };
+                    // SAFETY: each worker writes only its own tiles' columns.
+                    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), out.0.add((i0 + c) * n + first_col), lanes) };
                 }
                 i0 += rows;
             }
@@ -425,295 +618,395 @@ pub fn matmul_xwt_with(isa: Isa, x: &[f32], w: &QWeight, m: usize, y: &mut [f32]
     });
 }
 
-/// Weight row j against input rows first.. (one per entry of `out`).
-fn row_dot(isa: Isa, w: QRow, x: &QInput, first: usize, out: &mut [f32]) {
+/// A tile's 16 rows against input rows first.. (one per entry of `out`).
+fn tile_dot(isa: Isa, f: QFormat, tile: &[u8], x: &QInput, first: usize, out: &mut [[f32; TILE]]) {
     match isa {
-        Isa::Portable => portable::row_dot(w, x, first, out),
+        Isa::Portable => portable::tile_dot(f, tile, x, first, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose these only where the CPU has the features.
-        Isa::Avx2 => unsafe { simd::row_dot_avx2(w, x, first, out) },
+        Isa::Avx2 => unsafe { avx2::tile_dot(f, tile, x, first, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => unsafe { simd::row_dot_vnni(w, x, first, out) },
+        Isa::Avx512Vnni => unsafe { avx512::tile_dot(f, tile, x, first, out) },
     }
 }
 
-/// The order the SIMD paths add eight lanes in: (i + i+4), then (0+2, 1+3), then 0+1.
-fn hsum8(v: [f32; 8]) -> f32 {
-    let s: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
-    let (a, b) = (s[0] + s[2], s[1] + s[3]);
-    a + b
-}
-
-/// Slices whose offsets are folded together: eight 16-value halves fill one vector of lanes.
-const FOLD: usize = 4;
-
-// The order every path adds in, per weight row and input row (so all give the same bits):
-// - each slice's integer dot products in eight lanes of four values, each lane multiplied by its
-//   half's scale times the input block's scale and added into lane accumulators (fused);
-// - the offsets b times the input's half sums dx·Σq, FOLD slices (eight halves) at a time into
-//   eight more lanes (fused), the remaining halves one at a time after those lanes' sum;
-// - the result is (sum of the first lanes) + (the offsets' total); lanes are summed by `hsum8`.
+// The order every path computes in, per weight row and input row (so all give the same bits),
+// for each slice in turn, with dx the input block's scale and acc the row's f32 accumulator:
+// - zero-point formats: i = Σu·q − z·Σq (exact), acc = fma(i, s·dx, acc); Q6_K does this for
+//   each 16-value half with its own s, first half first;
+// - formats with a minimum: i = Σu·q, acc = fma(i, s·dx, acc), then acc = fma(b, dx·Σq, acc).
 
 mod portable {
     use super::*;
 
-    pub fn row_dot(w: QRow, x: &QInput, first: usize, out: &mut [f32]) {
-        let f = w.format;
-        let (subs, slices, halves) = (f.block_len() / QK, x.k / QK, 2 * x.k / QK);
-        let row = w.data;
-        let slice_at = |slice: usize| {
-            let block = &row[slice / subs * f.block_bytes()..][..f.block_bytes()];
-            (slice_params(f, block, slice % subs), values(f, block, slice % subs))
-        };
-        let mut acc = vec![[0f32; 8]; out.len()];
-        let mut off = vec![[0f32; 8]; out.len()];
-        let mut tail = Vec::new();
-        for slice in 0..slices {
-            let (p, u) = slice_at(slice);
-            for (c, lanes) in acc.iter_mut().enumerate() {
-                let xb = (first + c) * slices + slice;
-                let q = &x.q[xb * QK..][..QK];
-                for (lane, a) in lanes.iter_mut().enumerate() {
-                    let isum: i32 = (0..4)
-                        .map(|e| {
-                            let v = u[4 * lane + e];
-                            (if f.signed() { v as i8 as i32 } else { v as i32 }) * q[4 * lane + e] as i32
-                        })
-                        .sum();
-                    *a = (isum as f32).mul_add(p.s[lane / 4] * x.d[xb], *a);
-                }
-            }
-            if slice < slices / FOLD * FOLD {
-                let h0 = 2 * slice;
-                for (c, lanes) in off.iter_mut().enumerate() {
-                    let sums = &x.sums[(first + c) * halves..];
-                    for h in 0..2 {
-                        let l = (h0 + h) % 8;
-                        lanes[l] = p.b[h].mul_add(sums[h0 + h], lanes[l]);
+    pub fn tile_dot(f: QFormat, tile: &[u8], x: &QInput, first: usize, out: &mut [[f32; TILE]]) {
+        let slices = x.k / QK;
+        for o in out.iter_mut() {
+            *o = [0.0; TILE];
+        }
+        for s in 0..slices {
+            let (header, quants, params) = f.slice_at(s);
+            for lane in 0..TILE {
+                let p = lane_params(f, tile, header, params, lane);
+                let u = lane_values(f, &tile[quants..], lane);
+                for (c, o) in out.iter_mut().enumerate() {
+                    let xb = (first + c) * slices + s;
+                    let q = &x.q[xb * QK..][..QK];
+                    let half = |h: usize| -> i32 { (16 * h..16 * h + 16).map(|i| u[i] as i32 * q[i] as i32).sum() };
+                    let (h0, h1) = (half(0), half(1));
+                    let (dx, qs) = (x.d[xb], [x.qsum[2 * xb], x.qsum[2 * xb + 1]]);
+                    let acc = &mut o[lane];
+                    match f.zero() {
+                        Some(z) if f.halves() => {
+                            *acc = ((h0 - z * qs[0]) as f32).mul_add(p.s[0] * dx, *acc);
+                            *acc = ((h1 - z * qs[1]) as f32).mul_add(p.s[1] * dx, *acc);
+                        }
+                        Some(z) => *acc = ((h0 + h1 - z * (qs[0] + qs[1])) as f32).mul_add(p.s[0] * dx, *acc),
+                        None => {
+                            *acc = ((h0 + h1) as f32).mul_add(p.s[0] * dx, *acc);
+                            *acc = p.b.mul_add(x.dsum[xb], *acc);
+                        }
                     }
                 }
-            } else {
-                tail.extend_from_slice(&p.b);
             }
         }
-        let folded = halves - tail.len();
-        for (c, o) in out.iter_mut().enumerate() {
-            let sums = &x.sums[(first + c) * halves..][..halves];
-            let mut offset = hsum8(off[c]);
-            for (h, b) in tail.iter().enumerate() {
-                offset = b.mul_add(sums[folded + h], offset);
-            }
-            *o = hsum8(acc[c]) + offset;
+    }
+}
+
+/// Dispatch to `$kernel::<F, C>` by format (its index in `FORMATS`) and input rows, so the
+/// format's branches fold away and every accumulator stays in a register.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_format_and_rows {
+    ($kernel:ident, $f:expr, $out:expr, $($arg:expr),*) => {{
+        macro_rules! rows {
+            ($fi:literal) => {
+                match $out.len() {
+                    8 => $kernel::<$fi, 8>($($arg),*, $out),
+                    4 => $kernel::<$fi, 4>($($arg),*, $out),
+                    2 => $kernel::<$fi, 2>($($arg),*, $out),
+                    1 => $kernel::<$fi, 1>($($arg),*, $out),
+                    n => unreachable!("input groups are 8, 4, 2 or 1 rows, not {n}"),
+                }
+            };
+        }
+        match $f {
+            QFormat::Q4_0 => rows!(0),
+            QFormat::Q4_1 => rows!(1),
+            QFormat::Q5_0 => rows!(2),
+            QFormat::Q5_1 => rows!(3),
+            QFormat::Q8_0 => rows!(4),
+            QFormat::Q4K => rows!(5),
+            QFormat::Q5K => rows!(6),
+            QFormat::Q6K => rows!(7),
+        }
+    }};
+}
+
+/// Runs `$body` for `$c` = 0..$n (a constant up to `GROUP`) written out, so that per-input
+/// accumulators are indexed by constants and stay in registers (LLVM does not unroll the loop).
+#[cfg(target_arch = "x86_64")]
+macro_rules! unrolled {
+    ($c:ident in $n:expr => $body:block) => {{
+        seq_unrolled!($c, $n, $body, 0 1 2 3 4 5 6 7)
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! seq_unrolled {
+    ($c:ident, $n:expr, $body:block, $($i:literal)*) => {{
+        $(if $i < $n {
+            let $c: usize = $i;
+            $body
+        })*
+    }};
+}
+
+/// Pointers to the input rows a tile is multiplied with.
+#[cfg(target_arch = "x86_64")]
+struct Inputs<const C: usize> {
+    q: [*const i8; C],
+    d: [*const f32; C],
+    dsum: [*const f32; C],
+    qsum: [*const i32; C],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const C: usize> Inputs<C> {
+    fn new(x: &QInput, first: usize) -> Self {
+        let slices = x.k / QK;
+        // SAFETY (of the reads through these): rows first..first + C exist in x.
+        Inputs {
+            q: std::array::from_fn(|c| x.q[(first + c) * x.k..].as_ptr()),
+            d: std::array::from_fn(|c| x.d[(first + c) * slices..].as_ptr()),
+            dsum: std::array::from_fn(|c| x.dsum[(first + c) * slices..].as_ptr()),
+            qsum: std::array::from_fn(|c| x.qsum[2 * (first + c) * slices..].as_ptr()),
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // fixed-size register arrays read best indexed
-mod simd {
+mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// The eight groups of four values of a tile slice, one 64-byte vector each (16 rows × 4).
     #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
-    }
-
-    /// Slice `sub` of a block as 32 bytes (the same integers `values` gives).
-    #[inline(always)]
-    unsafe fn values_simd(f: QFormat, block: *const u8, sub: usize) -> __m256i {
-        let low4 = _mm256_set1_epi8(0xF);
-        // 16 bytes -> their low nibbles then their high nibbles.
-        let nibbles = |p: *const u8| {
-            let v = _mm_loadu_si128(p as *const __m128i);
-            let lo = _mm_and_si128(v, _mm_set1_epi8(0xF));
-            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0xF));
-            _mm256_set_m128i(hi, lo)
-        };
-        // 32 bits -> 0x10 in byte i where bit i is set.
-        let bits_to_16 = |qh: u32| {
-            let v = _mm256_set1_epi32(qh as i32);
-            let spread = _mm256_shuffle_epi8(
-                v,
-                _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000),
-            );
-            let mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
-            let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, mask), _mm256_set1_epi64x(-1));
-            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-        };
-        match f {
-            QFormat::Q4_0 => nibbles(block.add(2)),
-            QFormat::Q4_1 => nibbles(block.add(4)),
-            QFormat::Q5_0 | QFormat::Q5_1 => {
-                let at = if f == QFormat::Q5_0 { 2 } else { 4 };
-                let qh = (block.add(at) as *const u32).read_unaligned();
-                _mm256_or_si256(nibbles(block.add(at + 4)), bits_to_16(qh))
-            }
-            QFormat::Q8_0 => _mm256_loadu_si256(block.add(2) as *const __m256i),
-            QFormat::Q4K => {
-                let v = _mm256_loadu_si256(block.add(16 + 32 * (sub / 2)) as *const __m256i);
-                _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (sub % 2) as i32)), low4)
-            }
-            QFormat::Q5K => {
-                let v = _mm256_loadu_si256(block.add(48 + 32 * (sub / 2)) as *const __m256i);
-                let lo = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (sub % 2) as i32)), low4);
-                let qh = _mm256_loadu_si256(block.add(16) as *const __m256i);
-                let hb = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(sub as i32)), _mm256_set1_epi8(1));
-                _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4))
-            }
-            QFormat::Q6K => {
-                let (chunk, quarter) = (sub / 4, sub % 4);
-                let ql = _mm256_loadu_si256(block.add(64 * chunk + 32 * (quarter % 2)) as *const __m256i);
-                let qh = _mm256_loadu_si256(block.add(128 + 32 * chunk) as *const __m256i);
-                let lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)), low4);
-                let hi =
-                    _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32)), _mm256_set1_epi8(3));
-                _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4))
+    unsafe fn values(f: QFormat, q: *const u8) -> [__m512i; 8] {
+        let load = |at: usize| _mm512_loadu_si512(q.add(at) as *const _);
+        if f.bits() == 8 {
+            return std::array::from_fn(|g| load(64 * g));
+        }
+        let low4 = _mm512_set1_epi8(0xF);
+        let mut u = [_mm512_setzero_si512(); 8];
+        for j in 0..4 {
+            let v = load(64 * j);
+            u[j] = _mm512_and_si512(v, low4);
+            u[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+        }
+        // High bits: a 32-bit rotation moves bit `from` of each byte to bit 4 of the same byte.
+        for g in 0..8 {
+            if let Some((plane, from, mask)) = f.high_bits(g) {
+                let moved = _mm512_rolv_epi32(load(plane), _mm512_set1_epi32(((36 - from) % 32) as i32));
+                // u | (moved & mask)
+                u[g] = _mm512_ternarylogic_epi32::<0xF8>(u[g], moved, _mm512_set1_epi8(mask as i8));
             }
         }
+        u
     }
 
-    /// `slice_params` with the hardware half-float conversion.
+    /// Sixteen f16 at p as f32.
     #[inline(always)]
-    unsafe fn slice_params_simd(f: QFormat, block: *const u8, sub: usize) -> SliceParams {
-        slice_params_with(f, std::slice::from_raw_parts(block, f.block_bytes()), sub, |at| f16_at(block.add(at)))
+    unsafe fn halves_at(p: *const u8) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 
-    /// Eight i32 lanes, lane l = Σ of u·q over values 4l..4l+4 (Q8_0: signed u).
+    /// Sixteen bytes at p as f32 (signed or not).
     #[inline(always)]
-    unsafe fn dot_avx2(u: __m256i, q: __m256i, signed: bool) -> __m256i {
-        let (u, q) = if signed { (_mm256_sign_epi8(u, u), _mm256_sign_epi8(q, u)) } else { (u, q) };
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1))
+    unsafe fn bytes_at(p: *const u8, signed: bool) -> __m512 {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        _mm512_cvtepi32_ps(if signed { _mm512_cvtepi8_epi32(v) } else { _mm512_cvtepu8_epi32(v) })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    pub unsafe fn tile_dot(f: QFormat, tile: &[u8], x: &QInput, first: usize, out: &mut [[f32; TILE]]) {
+        by_format_and_rows!(kernel, f, out, tile.as_ptr(), x, first)
     }
 
     #[inline(always)]
-    unsafe fn dot_vnni(u: __m256i, q: __m256i, signed: bool) -> __m256i {
-        let (u, q) = if signed { (_mm256_sign_epi8(u, u), _mm256_sign_epi8(q, u)) } else { (u, q) };
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q)
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// The input rows a weight row is multiplied with: their 8-bit values and block scales.
-    struct Rows<const C: usize> {
-        q: [*const i8; C],
-        d: [*const f32; C],
-    }
-
-    /// One slice of a weight row against every input row (added to `acc`); returns its offsets.
-    /// (A function, not a closure: a closure would not inherit the caller's target features.)
-    #[inline(always)]
-    unsafe fn slice_dot<const VNNI: bool, const F: usize, const C: usize>(
-        row: *const u8,
-        rows: &Rows<C>,
-        slice: usize,
-        acc: &mut [__m256; C],
-    ) -> [f32; 2] {
-        let f = FORMATS[F];
-        let subs = f.block_len() / QK;
-        let block = row.add(slice / subs * f.block_bytes());
-        let p = slice_params_simd(f, block, slice % subs);
-        let u = values_simd(f, block, slice % subs);
-        let s = if f == QFormat::Q6K {
-            _mm256_set_m128(_mm_set1_ps(p.s[1]), _mm_set1_ps(p.s[0]))
-        } else {
-            _mm256_set1_ps(p.s[0])
-        };
-        for c in 0..C {
-            let q = _mm256_loadu_si256(rows.q[c].add(slice * QK) as *const __m256i);
-            let isum = if VNNI { dot_vnni(u, q, f.signed()) } else { dot_avx2(u, q, f.signed()) };
-            let scale = _mm256_mul_ps(s, _mm256_set1_ps(*rows.d[c].add(slice)));
-            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[c]);
-        }
-        p.b
-    }
-
-    /// One instance per format (`F` is its index in `FORMATS`) and count of input rows `C`, so
-    /// the format's branches fold away and every accumulator stays in a register.
-    #[inline(always)]
-    unsafe fn row_dot_impl<const VNNI: bool, const F: usize, const C: usize>(
-        w: QRow,
+    unsafe fn kernel<const F: usize, const C: usize>(
+        tile: *const u8,
         x: &QInput,
         first: usize,
-        out: &mut [f32],
+        out: &mut [[f32; TILE]],
     ) {
-        let (slices, halves) = (x.k / QK, 2 * x.k / QK);
-        let row = w.data.as_ptr();
-        let q_rows: [*const i8; C] = std::array::from_fn(|c| x.q.as_ptr().add((first + c) * x.k));
-        let d_rows: [*const f32; C] = std::array::from_fn(|c| x.d.as_ptr().add((first + c) * slices));
-        let sum_rows: [*const f32; C] = std::array::from_fn(|c| x.sums.as_ptr().add((first + c) * halves));
-        let mut acc = [_mm256_setzero_ps(); C];
-        let mut off = [_mm256_setzero_ps(); C];
-        let rows = Rows { q: q_rows, d: d_rows };
-        let folded = slices / FOLD * FOLD;
-        let mut slice = 0;
-        while slice < folded {
-            let mut pending = [0f32; 2 * FOLD];
-            for t in 0..FOLD {
-                let b = slice_dot::<VNNI, F, C>(row, &rows, slice + t, &mut acc);
-                pending[2 * t] = b[0];
-                pending[2 * t + 1] = b[1];
+        let f = FORMATS[F];
+        let inputs = Inputs::<C>::new(x, first);
+        let mut acc = [_mm512_setzero_ps(); C];
+        let (mut d, mut second) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for s in 0..x.k / QK {
+            let (header, quants, params) = f.slice_at(s);
+            if s % f.super_slices() == 0 {
+                d = halves_at(tile.add(header));
+                if f.zero().is_none() {
+                    second = halves_at(tile.add(header + 2 * TILE));
+                }
             }
-            let pv = _mm256_loadu_ps(pending.as_ptr());
-            for c in 0..C {
-                off[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(sum_rows[c].add(2 * slice)), off[c]);
-            }
-            slice += FOLD;
-        }
-        let mut tail = [0f32; 2 * FOLD];
-        for t in 0..slices - folded {
-            let b = slice_dot::<VNNI, F, C>(row, &rows, folded + t, &mut acc);
-            tail[2 * t] = b[0];
-            tail[2 * t + 1] = b[1];
+            let u = values(f, tile.add(quants));
+            // Per row: the scale of each half and the offset (as `lane_params`).
+            let (s0, s1, b) = match f {
+                QFormat::Q4K | QFormat::Q5K => {
+                    let sc = _mm512_mul_ps(d, bytes_at(tile.add(params), false));
+                    let neg_min = _mm512_mul_ps(second, _mm512_set1_ps(-1.0));
+                    (sc, sc, _mm512_mul_ps(neg_min, bytes_at(tile.add(params + TILE), false)))
+                }
+                QFormat::Q6K => (
+                    _mm512_mul_ps(d, bytes_at(tile.add(params), true)),
+                    _mm512_mul_ps(d, bytes_at(tile.add(params + TILE), true)),
+                    second,
+                ),
+                _ => (d, d, second),
+            };
+            unrolled!(c in C => {
+                let q = inputs.q[c].add(s * QK) as *const i32;
+                let bcast = |g: usize| _mm512_set1_epi32(q.add(g).read_unaligned());
+                let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast(0));
+                let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4], bcast(4));
+                for g in 1..4 {
+                    lo = _mm512_dpbusd_epi32(lo, u[g], bcast(g));
+                    hi = _mm512_dpbusd_epi32(hi, u[g + 4], bcast(g + 4));
+                }
+                let dx = _mm512_set1_ps(*inputs.d[c].add(s));
+                let qs = [*inputs.qsum[c].add(2 * s), *inputs.qsum[c].add(2 * s + 1)];
+                match f.zero() {
+                    Some(z) if f.halves() => {
+                        let i0 = _mm512_sub_epi32(lo, _mm512_set1_epi32(z * qs[0]));
+                        let i1 = _mm512_sub_epi32(hi, _mm512_set1_epi32(z * qs[1]));
+                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, dx), acc[c]);
+                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, dx), acc[c]);
+                    }
+                    Some(z) => {
+                        let i = _mm512_sub_epi32(_mm512_add_epi32(lo, hi), _mm512_set1_epi32(z * (qs[0] + qs[1])));
+                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s0, dx), acc[c]);
+                    }
+                    None => {
+                        let i = _mm512_add_epi32(lo, hi);
+                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s0, dx), acc[c]);
+                        acc[c] = _mm512_fmadd_ps(b, _mm512_set1_ps(*inputs.dsum[c].add(s)), acc[c]);
+                    }
+                }
+            });
         }
         for c in 0..C {
-            let mut offset = hsum(off[c]);
-            for h in 0..2 * (slices - folded) {
-                offset = tail[h].mul_add(*sum_rows[c].add(2 * folded + h), offset);
-            }
-            out[c] = hsum(acc[c]) + offset;
+            _mm512_storeu_ps(out[c].as_mut_ptr(), acc[c]);
         }
     }
+}
 
-    macro_rules! by_format {
-        ($vnni:literal, $c:literal, $w:expr, $($arg:expr),*) => {
-            match $w.format {
-                QFormat::Q4_0 => row_dot_impl::<$vnni, 0, $c>($w, $($arg),*),
-                QFormat::Q4_1 => row_dot_impl::<$vnni, 1, $c>($w, $($arg),*),
-                QFormat::Q5_0 => row_dot_impl::<$vnni, 2, $c>($w, $($arg),*),
-                QFormat::Q5_1 => row_dot_impl::<$vnni, 3, $c>($w, $($arg),*),
-                QFormat::Q8_0 => row_dot_impl::<$vnni, 4, $c>($w, $($arg),*),
-                QFormat::Q4K => row_dot_impl::<$vnni, 5, $c>($w, $($arg),*),
-                QFormat::Q5K => row_dot_impl::<$vnni, 6, $c>($w, $($arg),*),
-                QFormat::Q6K => row_dot_impl::<$vnni, 7, $c>($w, $($arg),*),
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // fixed-size register arrays read best indexed
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Rows 8h..8h+8 of the eight groups of a tile slice, one 32-byte vector each (8 rows × 4).
+    #[inline(always)]
+    unsafe fn values(f: QFormat, q: *const u8, h: usize) -> [__m256i; 8] {
+        let load = |at: usize| _mm256_loadu_si256(q.add(at + 32 * h) as *const __m256i);
+        if f.bits() == 8 {
+            return std::array::from_fn(|g| load(64 * g));
+        }
+        let low4 = _mm256_set1_epi8(0xF);
+        let mut u = [_mm256_setzero_si256(); 8];
+        for j in 0..4 {
+            let v = load(64 * j);
+            u[j] = _mm256_and_si256(v, low4);
+            u[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+        }
+        // High bits: a shift within 32-bit lanes moves bit `from` of each byte to bit 4.
+        for g in 0..8 {
+            if let Some((plane, from, mask)) = f.high_bits(g) {
+                let (plane, from) = (load(plane), from as i32);
+                let moved = if from <= 4 {
+                    _mm256_sllv_epi32(plane, _mm256_set1_epi32(4 - from))
+                } else {
+                    _mm256_srlv_epi32(plane, _mm256_set1_epi32(from - 4))
+                };
+                u[g] = _mm256_or_si256(u[g], _mm256_and_si256(moved, _mm256_set1_epi8(mask as i8)));
             }
-        };
+        }
+        u
     }
 
-    macro_rules! by_rows {
-        ($vnni:literal, $w:expr, $x:expr, $first:expr, $out:expr) => {
-            match $out.len() {
-                8 => by_format!($vnni, 8, $w, $x, $first, $out),
-                4 => by_format!($vnni, 4, $w, $x, $first, $out),
-                2 => by_format!($vnni, 2, $w, $x, $first, $out),
-                1 => by_format!($vnni, 1, $w, $x, $first, $out),
-                n => unreachable!("row groups are 8, 4, 2 or 1 rows, not {n}"),
+    #[inline(always)]
+    unsafe fn halves_at(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[inline(always)]
+    unsafe fn bytes_at(p: *const u8, signed: bool) -> __m256 {
+        let v = _mm_loadl_epi64(p as *const __m128i);
+        _mm256_cvtepi32_ps(if signed { _mm256_cvtepi8_epi32(v) } else { _mm256_cvtepu8_epi32(v) })
+    }
+
+    /// Σ over groups `gs` of u·q per row (exact). `maddubs` sums two products into 16 bits, so
+    /// groups are added in 16 bits only as far as they cannot overflow: four groups of values
+    /// below 32 (|q| ≤ 127: 4·2·31·127 < 2¹⁵), two of 6-bit values; Q8_0 goes through signs.
+    #[inline(always)]
+    unsafe fn dot(f: QFormat, u: &[__m256i; 8], q: *const i32, gs: std::ops::Range<usize>) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let bcast = |g: usize| _mm256_set1_epi32(q.add(g).read_unaligned());
+        let mut total = _mm256_setzero_si256();
+        if f.bits() == 8 {
+            for g in gs {
+                // v = u − 128 as i8; |v|·sign(q, v) keeps each pair's sum within 16 bits.
+                let v = _mm256_xor_si256(u[g], _mm256_set1_epi8(-128));
+                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(bcast(g), v));
+                total = _mm256_add_epi32(total, _mm256_madd_epi16(p, ones));
             }
-        };
+            return total;
+        }
+        let run = if f.bits() <= 5 { 4 } else { 2 };
+        let mut g = gs.start;
+        while g < gs.end {
+            let mut p = _mm256_maddubs_epi16(u[g], bcast(g));
+            for h in g + 1..(g + run).min(gs.end) {
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(u[h], bcast(h)));
+            }
+            total = _mm256_add_epi32(total, _mm256_madd_epi16(p, ones));
+            g += run;
+        }
+        total
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn row_dot_avx2(w: QRow, x: &QInput, first: usize, out: &mut [f32]) {
-        by_rows!(false, w, x, first, out)
+    pub unsafe fn tile_dot(f: QFormat, tile: &[u8], x: &QInput, first: usize, out: &mut [[f32; TILE]]) {
+        by_format_and_rows!(kernel, f, out, tile.as_ptr(), x, first)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn row_dot_vnni(w: QRow, x: &QInput, first: usize, out: &mut [f32]) {
-        by_rows!(true, w, x, first, out)
+    #[inline(always)]
+    unsafe fn kernel<const F: usize, const C: usize>(
+        tile: *const u8,
+        x: &QInput,
+        first: usize,
+        out: &mut [[f32; TILE]],
+    ) {
+        let f = FORMATS[F];
+        let inputs = Inputs::<C>::new(x, first);
+        // The tile's two halves of eight rows, one after the other.
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); C];
+            let (mut d, mut second) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for s in 0..x.k / QK {
+                let (header, quants, params) = f.slice_at(s);
+                if s % f.super_slices() == 0 {
+                    d = halves_at(tile.add(header + 16 * h));
+                    if f.zero().is_none() {
+                        second = halves_at(tile.add(header + 2 * TILE + 16 * h));
+                    }
+                }
+                let u = values(f, tile.add(quants), h);
+                let (s0, s1, b) = match f {
+                    QFormat::Q4K | QFormat::Q5K => {
+                        let sc = _mm256_mul_ps(d, bytes_at(tile.add(params + 8 * h), false));
+                        let neg_min = _mm256_mul_ps(second, _mm256_set1_ps(-1.0));
+                        (sc, sc, _mm256_mul_ps(neg_min, bytes_at(tile.add(params + TILE + 8 * h), false)))
+                    }
+                    QFormat::Q6K => (
+                        _mm256_mul_ps(d, bytes_at(tile.add(params + 8 * h), true)),
+                        _mm256_mul_ps(d, bytes_at(tile.add(params + TILE + 8 * h), true)),
+                        second,
+                    ),
+                    _ => (d, d, second),
+                };
+                unrolled!(c in C => {
+                    let q = inputs.q[c].add(s * QK) as *const i32;
+                    let dx = _mm256_set1_ps(*inputs.d[c].add(s));
+                    let qs = [*inputs.qsum[c].add(2 * s), *inputs.qsum[c].add(2 * s + 1)];
+                    // Q8_0's products are Σv·q = Σu·q − 128·Σq already.
+                    let z = |z: i32| if f.bits() == 8 { 0 } else { z };
+                    match f.zero() {
+                        Some(zp) if f.halves() => {
+                            let i0 = _mm256_sub_epi32(dot(f, &u, q, 0..4), _mm256_set1_epi32(z(zp) * qs[0]));
+                            let i1 = _mm256_sub_epi32(dot(f, &u, q, 4..8), _mm256_set1_epi32(z(zp) * qs[1]));
+                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, dx), acc[c]);
+                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, dx), acc[c]);
+                        }
+                        Some(zp) => {
+                            let i = _mm256_sub_epi32(dot(f, &u, q, 0..8), _mm256_set1_epi32(z(zp) * (qs[0] + qs[1])));
+                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s0, dx), acc[c]);
+                        }
+                        None => {
+                            let i = dot(f, &u, q, 0..8);
+                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s0, dx), acc[c]);
+                            acc[c] = _mm256_fmadd_ps(b, _mm256_set1_ps(*inputs.dsum[c].add(s)), acc[c]);
+                        }
+                    }
+                });
+            }
+            for c in 0..C {
+                _mm256_storeu_ps(out[c].as_mut_ptr().add(8 * h), acc[c]);
+            }
+        }
     }
 }
