@@ -827,33 +827,48 @@ mod avx512 {
                 ),
                 _ => (d, d, second),
             };
-            unrolled!(c in C => {
-                let q = inputs.q[c].add(s * QK) as *const i32;
-                let bcast = |g: usize| _mm512_set1_epi32(q.add(g).read_unaligned());
-                let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast(0));
-                let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4], bcast(4));
-                for g in 1..4 {
-                    lo = _mm512_dpbusd_epi32(lo, u[g], bcast(g));
-                    hi = _mm512_dpbusd_epi32(hi, u[g + 4], bcast(g + 4));
+            // Integer sums, started with the zero point's −z·Σq (exact in any order), the inputs
+            // interleaved so that consecutive dot products do not wait on each other. Q6_K's halves
+            // are summed one after the other; other formats use one chain per input when enough
+            // inputs hide its latency, two (added) otherwise.
+            let bcast =
+                |c: usize, g: usize| _mm512_set1_epi32((inputs.q[c].add(s * QK) as *const i32).add(g).read_unaligned());
+            let qs = |c: usize, h: usize| *inputs.qsum[c].add(2 * s + h);
+            let dx = |c: usize| _mm512_set1_ps(*inputs.d[c].add(s));
+            let mut lo = [_mm512_setzero_si512(); C];
+            if f.halves() {
+                let z = f.zero().unwrap_or(0);
+                for (h, sh) in [(0, s0), (1, s1)] {
+                    unrolled!(c in C => { lo[c] = _mm512_set1_epi32(-z * qs(c, h)); });
+                    for g in 4 * h..4 * h + 4 {
+                        unrolled!(c in C => { lo[c] = _mm512_dpbusd_epi32(lo[c], u[g], bcast(c, g)); });
+                    }
+                    unrolled!(c in C => {
+                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[c]), _mm512_mul_ps(sh, dx(c)), acc[c]);
+                    });
                 }
-                let dx = _mm512_set1_ps(*inputs.d[c].add(s));
-                let qs = [*inputs.qsum[c].add(2 * s), *inputs.qsum[c].add(2 * s + 1)];
-                match f.zero() {
-                    Some(z) if f.halves() => {
-                        let i0 = _mm512_sub_epi32(lo, _mm512_set1_epi32(z * qs[0]));
-                        let i1 = _mm512_sub_epi32(hi, _mm512_set1_epi32(z * qs[1]));
-                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, dx), acc[c]);
-                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, dx), acc[c]);
-                    }
-                    Some(z) => {
-                        let i = _mm512_sub_epi32(_mm512_add_epi32(lo, hi), _mm512_set1_epi32(z * (qs[0] + qs[1])));
-                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s0, dx), acc[c]);
-                    }
-                    None => {
-                        let i = _mm512_add_epi32(lo, hi);
-                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s0, dx), acc[c]);
-                        acc[c] = _mm512_fmadd_ps(b, _mm512_set1_ps(*inputs.dsum[c].add(s)), acc[c]);
-                    }
+                continue;
+            }
+            let z = f.zero().unwrap_or(0);
+            unrolled!(c in C => { lo[c] = _mm512_set1_epi32(-z * (qs(c, 0) + qs(c, 1))); });
+            if C < 4 {
+                let mut hi = [_mm512_setzero_si512(); C];
+                for g in 0..4 {
+                    unrolled!(c in C => {
+                        lo[c] = _mm512_dpbusd_epi32(lo[c], u[g], bcast(c, g));
+                        hi[c] = _mm512_dpbusd_epi32(hi[c], u[g + 4], bcast(c, g + 4));
+                    });
+                }
+                unrolled!(c in C => { lo[c] = _mm512_add_epi32(lo[c], hi[c]); });
+            } else {
+                for g in 0..8 {
+                    unrolled!(c in C => { lo[c] = _mm512_dpbusd_epi32(lo[c], u[g], bcast(c, g)); });
+                }
+            }
+            unrolled!(c in C => {
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[c]), _mm512_mul_ps(s0, dx(c)), acc[c]);
+                if f.zero().is_none() {
+                    acc[c] = _mm512_fmadd_ps(b, _mm512_set1_ps(*inputs.dsum[c].add(s)), acc[c]);
                 }
             });
         }
