@@ -234,12 +234,12 @@ impl QWeight {
         }
         let tile_bytes = format.tile_bytes(cols / QK);
         let mut tiled = vec![0u8; rows.div_ceil(TILE) * tile_bytes];
-        for (t, tile) in tiled.chunks_exact_mut(tile_bytes).enumerate() {
+        tiled.par_chunks_exact_mut(tile_bytes).enumerate().for_each(|(t, tile)| {
             let rows_here = (rows - t * TILE).min(TILE);
             let gguf_rows: Vec<&[u8]> =
                 (0..rows_here).map(|r| &data[(t * TILE + r) * row_bytes..][..row_bytes]).collect();
             encode_tile(format, &gguf_rows, cols / QK, tile);
-        }
+        });
         Ok(QWeight { rows, cols, parts: vec![Part { format, first: 0, rows, tile_bytes, data: tiled }] })
     }
 
