@@ -12,6 +12,7 @@ import time
 import urllib.parse
 
 import openai
+from harness import run_tests
 
 BASE, MODEL = sys.argv[1], sys.argv[2]
 HOST = urllib.parse.urlparse(BASE)
@@ -152,8 +153,12 @@ def test_bad_input_never_takes_the_server_down():
         "not an object": (b"[1, 2, 3]", 400, None),
         "missing prompt": (b"{}", 400, None),
         "bad n": (json.dumps({"prompt": "hi", "n": 0}).encode(), 400, "n"),
+        "logit_bias not an id": (json.dumps({"prompt": "hi", "logit_bias": {"abc": 5}}).encode(), 400, "logit_bias"),
+        "logit_bias out of range": (json.dumps({"prompt": "hi", "logit_bias": {"50": 101}}).encode(), 400, "logit_bias"),
+        "logit_bias past the vocabulary": (json.dumps({"prompt": "hi", "logit_bias": {"99999999": 1}}).encode(), 400,
+                                           "logit_bias"),
+        "logit_bias not a number": (json.dumps({"prompt": "hi", "logit_bias": {"50": "x"}}).encode(), 400, "logit_bias"),
         # Fields tandem does not implement are refused, not silently ignored.
-        "logit_bias": (json.dumps({"prompt": "hi", "logit_bias": {"50": -100}}).encode(), 400, "logit_bias"),
         "presence_penalty": (json.dumps({"prompt": "hi", "presence_penalty": 0.5}).encode(), 400, "presence_penalty"),
         "frequency_penalty": (json.dumps({"prompt": "hi", "frequency_penalty": 1}).encode(), 400, "frequency_penalty"),
         "best_of": (json.dumps({"prompt": "hi", "best_of": 3}).encode(), 400, "best_of"),
@@ -203,6 +208,24 @@ def test_bad_input_never_takes_the_server_down():
     assert "tandem_running_batch_size 0" in metrics, "the disconnected stream was not cancelled"
 
 
+def test_logit_bias():
+    def tokens(bias, **extra):
+        body = {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "logprobs": 1,
+                "logit_bias": bias, **extra}
+        status, data, _ = raw("POST", "/v1/completions", json.dumps(body).encode())
+        assert status == 200, data
+        return json.loads(data)["choices"][0]["logprobs"]["tokens"]
+    # +100 forces a token; -100 bans it (the next bias then wins), also when sampling.
+    a, b = tokens({"42": 100}), tokens({"43": 100})
+    assert len(set(a)) == 1 and len(set(b)) == 1 and a[0] != b[0], (a, b)
+    assert tokens({"42": -100, "43": 100}) == b
+    assert tokens({"42": 100}, temperature=1.0, seed=3) == a
+    # The OpenAI client sends the same field.
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                  logit_bias={"42": 100})
+    assert r.choices[0].text == "".join(a), (r.choices[0].text, a)
+
+
 def test_clients_are_attributed_and_metered():
     body = json.dumps({"prompt": "Count: one two three", "max_tokens": 5, "temperature": 0})
     for who in ({"X-Tandem-Client": "team-a", "X-Tandem-Agent": "planner"}, {"Authorization": "Bearer sk-secret-key"}):
@@ -231,14 +254,4 @@ def test_metrics():
 
 
 if __name__ == "__main__":
-    tests = [v for k, v in list(globals().items()) if k.startswith("test_")]
-    failed = 0
-    for t in tests:
-        start = time.time()
-        try:
-            t()
-            print(f"ok     {t.__name__} ({time.time() - start:.1f}s)", flush=True)
-        except Exception as e:  # report every failure, then fail
-            failed += 1
-            print(f"FAILED {t.__name__}: {type(e).__name__}: {e}", flush=True)
-    sys.exit(1 if failed else 0)
+    run_tests(globals())

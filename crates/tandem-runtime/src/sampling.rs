@@ -19,6 +19,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Also return this many most likely alternatives with each token's logprob.
     pub top_logprobs: usize,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 effectively bans
+    /// a token, 100 forces it); reported logprobs stay the model's own.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -31,6 +34,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: None,
             top_logprobs: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -48,6 +52,9 @@ impl SamplingParams {
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(format!("logit_bias values must be between -100 and 100, got {b} for token {t}"));
         }
         Ok(())
     }
@@ -172,6 +179,17 @@ impl Sampler {
             }
             processed = penalised;
             scores = &processed;
+        }
+        let biased: Vec<f32>;
+        if !p.logit_bias.is_empty() {
+            let mut b = scores.to_vec();
+            for &(t, bias) in &p.logit_bias {
+                if let Some(l) = b.get_mut(t as usize) {
+                    *l += bias;
+                }
+            }
+            biased = b;
+            scores = &biased;
         }
         if p.temperature == 0.0 {
             Target::Greedy(argmax(scores))
@@ -351,5 +369,23 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
         assert_eq!(s.sample(&[2.0, 1.5], &[0]).id, 1);
         assert_eq!(s.sample(&[2.0, 1.5], &[]).id, 0);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_and_leaves_logprobs_raw() {
+        let logits = [1.0, 3.0, 2.0];
+        let raw = log_softmax(&logits);
+        let mut forced = Sampler::new(SamplingParams { logit_bias: vec![(0, 5.0)], ..Default::default() });
+        let t = forced.sample(&logits, &[]);
+        assert_eq!((t.id, t.logprob), (0, raw[0]));
+        let mut banned = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            logit_bias: vec![(1, -100.0), (2, -100.0)],
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| banned.sample(&logits, &[]).id == 0));
+        let out_of_range = SamplingParams { logit_bias: vec![(1, 101.0)], ..Default::default() };
+        assert!(out_of_range.validate().is_err());
     }
 }

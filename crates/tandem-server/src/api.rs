@@ -47,6 +47,8 @@ pub struct Common {
     pub seed: Option<u64>,
     pub user: Option<String>,
     pub ignore_eos: Option<bool>,
+    /// Token id (as a string, OpenAI's form) -> bias added to its logit, -100..=100.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 /// The completions-only fields; `Common` is read from the same body separately (not flattened, so

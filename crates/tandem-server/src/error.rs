@@ -21,6 +21,12 @@ impl ApiError {
             retry_after_secs: None,
         }
     }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::with_status(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::with_status(StatusCode::FORBIDDEN, message)
+    }
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::NOT_FOUND, message: message.into(), param: None, retry_after_secs: None }
     }
@@ -46,7 +52,9 @@ impl ApiError {
 
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
-            400 | 413 | 415 | 422 => "invalid_request_error",
+            400 | 408 | 413 | 415 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
             404 => "not_found_error",
             429 | 503 => "server_overloaded",
             _ => "internal_server_error",
@@ -66,6 +74,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -1,5 +1,6 @@
 //! tandem-server: the OpenAI-compatible HTTP API over the engine (axum + tokio).
 mod api;
+pub mod auth;
 mod choice;
 mod error;
 mod metrics;
@@ -19,6 +20,7 @@ use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 use tandem_engine::online::OnlineHooks;
 use tandem_engine::{Engine, EngineConfig, EngineHandle, SchedulingPolicy};
 use tandem_models::{LoadedModel, Tokenizer};
@@ -142,7 +144,44 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
 /// Training requests carry whole batches of token sequences.
 pub const MAX_TRAINING_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// How the HTTP server treats its clients: keys, and how long it waits for them.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub auth: auth::AuthConfig,
+    /// A request must be answered (its response started: streams then run on) within this.
+    pub request_timeout: Duration,
+    /// A connection must send a request's headers within this, and is closed after this long idle.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            auth: auth::AuthConfig::default(),
+            request_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Cuts a request off (408) when its response has not started within the request timeout: a
+/// client that trickles its body, or a non-streaming generation longer than the operator allows
+/// (dropping it cancels the generation).
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::with_status(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request was not answered within {} s (--request-timeout); stream long generations",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+pub fn router(state: Arc<AppState>, options: &ServerOptions) -> Router {
     let mut app = Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
@@ -153,24 +192,57 @@ pub fn router(state: Arc<AppState>) -> Router {
     if let Some(t) = &state.training {
         app = app.merge(training::router(t.clone()).layer(DefaultBodyLimit::max(MAX_TRAINING_BODY_BYTES)));
     }
+    // Layers run outside in: count, authorize, then time the handler.
     app.fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(options.request_timeout, time_limit))
+        .layer(middleware::from_fn_with_state(Arc::new(options.auth.clone()), auth::authorize))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
 }
 
-/// Serves on `listener` until `shutdown` resolves; then stops accepting requests, lets running
-/// generations finish, and returns.
+/// Serves on `listener` until `shutdown` resolves; then stops accepting connections, lets
+/// running generations finish, and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
+    options: ServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let engine = state.engine.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: refusing new requests, finishing running ones");
-            engine.shutdown();
-        })
-        .await
+    let app = router(state, &options);
+    // HTTP/1.1 only (what OpenAI clients speak): hyper then times the first request's headers from
+    // the moment a connection opens, and every later request's from when the connection went idle,
+    // which closes silent, idle and header-trickling connections alike.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(options.idle_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: refusing new requests, finishing running ones");
+    engine.shutdown();
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The HTTP routes: OpenAI completions and chat completions (plain and streamed), models, health
 //! and metrics.
 use crate::api::{ChatRequest, Common, CompletionRequest, Content, Prompt, Stop};
+use crate::auth::Identity;
 use crate::choice::{self, ChoiceEvent, TokenInfo};
 use crate::error::ApiError;
 use crate::metrics::EngineGauges;
@@ -11,7 +12,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::stream::{self, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -31,27 +32,31 @@ type PromptIds = (Vec<u32>, Option<String>);
 const MAX_CHOICES: usize = 64;
 
 /// Parses the body as the endpoint's own fields plus the common ones; errors name the field.
-/// The client a request is charged to: the `X-Tandem-Client` header, else the API key (as a short
-/// hash, so keys never appear in metrics), else the OpenAI `user` field; None shares "default".
+/// The client a request is charged to and the agent within it. With API keys on, the key is the
+/// client and `X-Tandem-Client` only names an agent within it (unless the operator trusts the
+/// header). Without keys: the `X-Tandem-Client` header, else the bearer token (as a short hash,
+/// so tokens never appear in metrics), else the OpenAI `user` field; None shares "default".
 /// `X-Tandem-Agent` names an agent within the client.
-fn identify(headers: &HeaderMap, common: &mut Common) {
+fn identify(headers: &HeaderMap, identity: Option<&Identity>, common: &mut Common) {
     let header = |name: &str| {
         headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(String::from)
     };
-    let key = header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer ").map(|k| k.trim().to_string()))
-        .filter(|k| !k.is_empty() && k != "unused" && k != "EMPTY");
-    common.client = header("x-tandem-client")
-        .or_else(|| {
-            key.map(|k| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                k.hash(&mut h);
-                format!("key-{:08x}", h.finish() as u32)
-            })
-        })
-        .or_else(|| common.user.clone());
-    common.agent = header("x-tandem-agent");
+    let (named, agent) = (header("x-tandem-client"), header("x-tandem-agent"));
+    match identity.and_then(|i| i.key_client.clone()) {
+        Some(key) if identity.is_some_and(|i| i.trust_client_header) => {
+            common.client = Some(named.unwrap_or(key));
+            common.agent = agent;
+        }
+        Some(key) => {
+            common.client = Some(key);
+            common.agent = agent.or(named);
+        }
+        None => {
+            let token = crate::auth::request_key(headers).filter(|k| k != "unused" && k != "EMPTY");
+            common.client = named.or_else(|| token.map(|k| crate::auth::key_name(&k))).or_else(|| common.user.clone());
+            common.agent = agent;
+        }
+    }
 }
 
 /// OpenAI request fields tandem does not implement: a request that asks for one of them gets a 400
@@ -68,7 +73,7 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         Value::Object(o) => !o.is_empty(),
     };
     let field = |name: &str| body.get(name).filter(|v| asks(v));
-    let refused = ["logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions", "suffix"]
+    let refused = ["presence_penalty", "frequency_penalty", "tools", "functions", "suffix"]
         .into_iter()
         .find(|f| field(f).is_some())
         .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"))
@@ -126,7 +131,24 @@ fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -
     Ok(v)
 }
 
-fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
+/// `logit_bias` as (token id, bias): ids below `vocab`, biases within -100..=100.
+fn logit_bias(c: &Common, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |m: String| ApiError::bad_request(m, Some("logit_bias"));
+    let mut out = Vec::new();
+    for (key, &bias) in c.logit_bias.iter().flatten() {
+        let id: u32 = key.trim().parse().map_err(|_| bad(format!("`logit_bias` keys are token ids, got `{key}`")))?;
+        if id as usize >= vocab {
+            return Err(bad(format!("`logit_bias` names token {id}; the vocabulary has {vocab}")));
+        }
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(bad(format!("`logit_bias` values must be between -100 and 100, got {bias} for token {id}")));
+        }
+        out.push((id, bias));
+    }
+    Ok(out)
+}
+
+fn sampling(c: &Common, top_logprobs: usize, vocab: usize) -> Result<SamplingParams, ApiError> {
     let top_k = match c.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
@@ -142,6 +164,7 @@ fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError>
         repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
         seed: c.seed,
         top_logprobs,
+        logit_bias: logit_bias(c, vocab)?,
     };
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
         return Err(ApiError::bad_request(format!("`top_p` must be in (0, 1], got {}", s.top_p), Some("top_p")));
@@ -182,7 +205,7 @@ fn build_job(
         ));
     }
     let limit = state.engine.config().max_seq_len;
-    let base = sampling(c, logprobs.unwrap_or(0))?;
+    let base = sampling(c, logprobs.unwrap_or(0), state.tokenizer.get_vocab_size(true))?;
     let mut stop_ids = if c.ignore_eos.unwrap_or(false) { vec![] } else { state.stop_token_ids.clone() };
     stop_ids.extend(c.stop_token_ids.iter().flatten());
     let stops = match &c.stop {
@@ -258,13 +281,18 @@ fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), Some("prompt")))
 }
 
-pub async fn completions(State(state): Shared, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(
+    State(state): Shared,
+    headers: HeaderMap,
+    identity: Option<Extension<Identity>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let (req, mut common): (CompletionRequest, Common) = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    identify(&headers, &mut common);
+    identify(&headers, identity.as_deref(), &mut common);
     let echo = req.echo.unwrap_or(false);
     let texts: Result<Vec<PromptIds>, ApiError> = match &req.prompt {
         Prompt::Text(t) => tokenize(&state, t).map(|ids| vec![(ids, echo.then(|| t.clone()))]),
@@ -296,6 +324,7 @@ pub async fn completions(State(state): Shared, headers: HeaderMap, body: Result<
 pub async fn chat_completions(
     State(state): Shared,
     headers: HeaderMap,
+    identity: Option<Extension<Identity>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
@@ -303,7 +332,7 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    identify(&headers, &mut common);
+    identify(&headers, identity.as_deref(), &mut common);
     let result = (|| {
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));

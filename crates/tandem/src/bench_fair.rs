@@ -299,7 +299,7 @@ fn start_server(
     let port = listener.local_addr()?.port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(async move {
-        let _ = tandem_server::serve(listener, state, async move {
+        let _ = tandem_server::serve(listener, state, tandem_server::ServerOptions::default(), async move {
             let _ = stop_rx.await;
         })
         .await;

@@ -219,6 +219,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         top_logprobs: 0,
+        logit_bias: Vec::new(),
     };
     sampling.validate().map_err(anyhow::Error::msg)?;
     let capacity = (prompt.len() + args.max_tokens).min(loaded.model.max_positions());

@@ -67,6 +67,45 @@ pub struct ServeArgs {
     /// and optimizer state: ~2 GB for SmolLM2-135M).
     #[arg(long, default_value_t = 1)]
     max_full_models: usize,
+    /// Require this key on every route but /health (`Authorization: Bearer KEY` or `X-API-Key`).
+    /// Repeatable; `@PATH` reads one key per line from a file (keeps keys out of `ps`).
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true, value_delimiter = ',')]
+    api_key: Vec<String>,
+    /// Keys for the training API (then the only keys it accepts besides admin keys). Same forms.
+    #[arg(long)]
+    training_api_key: Vec<String>,
+    /// Keys for every route, including exports (then the only keys exports accept). Same forms.
+    #[arg(long)]
+    admin_api_key: Vec<String>,
+    /// With keys on, let `X-Tandem-Client` name the client charged for a request (a trusted
+    /// gateway in front); otherwise the key is the client and the header names an agent in it.
+    #[arg(long)]
+    trust_client_header: bool,
+    /// Seconds a request may take before its response starts (streams then run on); 408 after.
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Seconds a connection may sit idle, or take to send a request's headers, before it is closed.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
+}
+
+impl ServeArgs {
+    /// The HTTP server's keys and timeouts.
+    fn server_options(&self) -> Result<tandem_server::ServerOptions> {
+        let keys = |v: &[String], flag: &str| {
+            tandem_server::auth::AuthConfig::read_keys(v).map_err(anyhow::Error::msg).with_context(|| flag.to_string())
+        };
+        Ok(tandem_server::ServerOptions {
+            auth: tandem_server::auth::AuthConfig {
+                api_keys: keys(&self.api_key, "--api-key")?,
+                training_keys: keys(&self.training_api_key, "--training-api-key")?,
+                admin_keys: keys(&self.admin_api_key, "--admin-api-key")?,
+                trust_client_header: self.trust_client_header,
+            },
+            request_timeout: Duration::from_secs(self.request_timeout.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+        })
+    }
 }
 
 /// Half of the memory the kernel says is available now (MemAvailable), or 4 GiB where unknown.
@@ -100,6 +139,7 @@ fn parse_size(s: &str) -> Result<usize> {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    let server_options = args.server_options()?;
     let path = models::resolve(args.model.as_deref())?;
     let opts = args.dtype.load_options(device(args.cuda)?);
     let loaded = load_model(&path, &opts)?;
@@ -172,11 +212,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         eprintln!(
-            "tandem serving {} on http://{} ({} slots x {} tokens)",
+            "tandem serving {} on http://{} ({} slots x {} tokens{})",
             state.model_name,
             listener.local_addr()?,
             max_batch,
-            max_seq_len
+            max_seq_len,
+            if server_options.auth.enabled() { ", API keys required" } else { "" }
         );
         let shutdown = async move {
             wait_for_signal().await;
@@ -187,7 +228,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 std::process::exit(0);
             });
         };
-        tandem_server::serve(listener, state, shutdown).await?;
+        tandem_server::serve(listener, state, server_options, shutdown).await?;
         anyhow::Ok(())
     })?;
     let _ = engine_thread.join();

@@ -228,3 +228,30 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     assert!(out.status.success(), "generate on the merged export failed: {}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn api_keys_guard_every_route_and_slow_or_idle_clients_are_cut_off() {
+    let port = free_port();
+    let (serve, train, admin) = ("sk-serve-0123456789", "sk-train-0123456789", "sk-admin-0123456789");
+    let args = [
+        "--api-key",
+        serve,
+        "--training-api-key",
+        train,
+        "--admin-api-key",
+        admin,
+        "--idle-timeout",
+        "2",
+        "--request-timeout",
+        "2",
+    ];
+    let _server = start_with(&smollm2(), port, &args);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root.join("tests/server/test_auth.py"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(["SmolLM2-135M-Instruct.Q4_1", serve, train, admin, "2", "2"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_auth.py failed (output above)");
+}

@@ -4,12 +4,13 @@ use super::futures::Poll;
 use super::proto;
 use super::results::Outcome;
 use super::service::{Failure, FailureKind, SampleRequest, Stop, TrainingService, Work};
+use crate::auth::Identity;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use prost::Message;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -475,7 +476,7 @@ async fn get_sampler(State(s): S, Path(id): Path<String>) -> Reply {
     Ok(Json(json!({"sampler_id": id, "base_model": sampler.base_model, "model_path": sampler.model_path})))
 }
 
-async fn asample(State(s): S, body: Bytes) -> Reply {
+async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Reply {
     let v = body_json(&body)?;
     let (session, weights, dedup) = match v.get("sampling_session_id").and_then(Value::as_str) {
         Some(id) => {
@@ -524,6 +525,7 @@ async fn asample(State(s): S, body: Bytes) -> Reply {
     }
     let req = SampleRequest {
         session,
+        key_client: identity.and_then(|i| i.0.key_client),
         dedup,
         weights,
         prompt,
@@ -610,7 +612,7 @@ async fn weights_info(State(s): S, body: Bytes) -> Reply {
 /// SGLang's `/generate` (what xorl-client samples with): `input_ids` or `text`, `sampling_params`
 /// {max_new_tokens, temperature, top_p, top_k, n, stop, seed}, `lora_path` naming saved sampler
 /// weights. One result object for n = 1, a list otherwise.
-async fn generate(State(s): S, body: Bytes) -> Result<Json<Value>, HttpError> {
+async fn generate(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Result<Json<Value>, HttpError> {
     let v = body_json(&body)?;
     let prompt: Vec<u32> = match (v.get("input_ids"), v.get("text").and_then(Value::as_str)) {
         (Some(ids), _) => json_tokens(&json!({"input_ids": ids})).map_err(bad)?,
@@ -636,6 +638,7 @@ async fn generate(State(s): S, body: Bytes) -> Result<Json<Value>, HttpError> {
     let n = p.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
     let req = SampleRequest {
         session: "generate".into(),
+        key_client: identity.and_then(|i| i.0.key_client),
         dedup: None,
         weights,
         prompt: prompt.clone(),

@@ -50,8 +50,8 @@ impl TrainingService {
                 max_tokens,
                 sampling,
                 stop_token_ids: vec![],
-                client: Some(format!("tinker:{}", req.session)),
-                agent: None,
+                client: Some(req.key_client.clone().unwrap_or_else(|| format!("tinker:{}", req.session))),
+                agent: req.key_client.as_ref().map(|_| format!("tinker:{}", req.session)),
                 weights: req.weights.clone(),
             };
             match self.engine.submit(gen) {
@@ -100,6 +100,8 @@ impl TrainingService {
 
 pub struct SampleRequest {
     pub session: String,
+    /// The API key's client when keys are on (the session is then the agent within it).
+    pub key_client: Option<String>,
     pub dedup: Option<(String, i64)>,
     pub weights: Option<WeightVersion>,
     pub prompt: Vec<u32>,
