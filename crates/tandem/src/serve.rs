@@ -67,6 +67,21 @@ pub struct ServeArgs {
     /// and optimizer state: ~2 GB for SmolLM2-135M).
     #[arg(long, default_value_t = 1)]
     max_full_models: usize,
+    /// Training models one Tinker session may hold at once.
+    #[arg(long, default_value_t = 4)]
+    max_session_models: usize,
+    /// Training requests (forward_backward, optim_step, sample, save...) submitted and not yet
+    /// finished, all clients together; more get 429 until results are retrieved.
+    #[arg(long, default_value_t = 1024)]
+    max_pending_requests: usize,
+    /// Disk the training directory may fill with checkpoints, e.g. `20GiB` (a save that would
+    /// pass it is refused). Default: half of the free space where it lives at start.
+    #[arg(long)]
+    training_disk: Option<String>,
+    /// Seconds after which a Tinker session that sent no request or heartbeat ends (its training
+    /// models are unloaded; saved checkpoints stay).
+    #[arg(long, default_value_t = 600)]
+    session_timeout: u64,
     /// Require this key on every route but /health (`Authorization: Bearer KEY` or `X-API-Key`).
     /// Repeatable; `@PATH` reads one key per line from a file (keeps keys out of `ps`).
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true, value_delimiter = ',')]
@@ -114,6 +129,20 @@ fn default_training_memory() -> u64 {
         m.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
     });
     kib.map_or(4 << 30, |k| k * 1024 / 2)
+}
+
+/// Half of the free space on the filesystem holding `dir` (or its nearest existing parent), or
+/// 10 GiB where unknown.
+fn default_training_disk(dir: &std::path::Path) -> u64 {
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(std::path::Path::new("/"));
+    let free = std::process::Command::new("df")
+        .args(["-Pk"])
+        .arg(existing)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1)?.split_whitespace().nth(3)?.parse::<u64>().ok());
+    free.map_or(10 << 30, |kib| kib * 1024 / 2)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -189,15 +218,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
             Some(s) => parse_size(s).context("--training-memory")? as u64,
             None => default_training_memory(),
         };
+        let disk_bytes = match &args.training_disk {
+            Some(s) => parse_size(s).context("--training-disk")? as u64,
+            None => default_training_disk(&root),
+        };
         Some(tandem_server::training::TrainingConfig {
             export_dir: args.export_dir.clone().unwrap_or_else(|| root.join("exports")),
             root,
             model_dir: path.is_dir().then(|| path.clone()),
             tokenizer_dir: None,
             memory_budget,
-            limits: tandem_server::training::ModelLimits {
+            limits: tandem_server::training::TrainingLimits {
                 max_models: args.max_training_models,
                 max_full_models: args.max_full_models,
+                max_session_models: args.max_session_models,
+                max_pending: args.max_pending_requests,
+                disk_bytes,
+                session_timeout: Duration::from_secs(args.session_timeout.max(1)),
             },
         })
     } else {

@@ -212,6 +212,32 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
         .status()
         .unwrap();
     assert!(status.success(), "tests/server/test_training.py failed (output above)");
+    // The same tiny model under small training limits.
+    let limited_port = free_port();
+    let limited_dir = dir.join("limited");
+    let _limited = start_with(
+        &dir.join("qwen2-tied-bias"),
+        limited_port,
+        &[
+            "--training-dir",
+            limited_dir.to_str().unwrap(),
+            "--max-session-models",
+            "1",
+            "--max-pending-requests",
+            "2",
+            "--training-disk",
+            "2000",
+            "--session-timeout",
+            "3",
+        ],
+    );
+    let status = Command::new(&python)
+        .arg(root.join("tests/server/test_limits.py"))
+        .arg(format!("http://127.0.0.1:{limited_port}"))
+        .arg("qwen2-tied-bias")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_limits.py failed (output above)");
     let status = Command::new(&python)
         .arg(root.join("tests/server/test_xorl.py"))
         .arg(format!("http://127.0.0.1:{port}"))

@@ -2,6 +2,7 @@
 //! is fetched by long-polling `retrieve_future`.
 use super::results::Outcome;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -14,6 +15,8 @@ type Slot = watch::Sender<Option<Arc<Outcome>>>;
 #[derive(Default)]
 pub struct FutureStore {
     inner: Mutex<Inner>,
+    /// Futures created and not completed yet.
+    pending: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -26,21 +29,25 @@ struct Inner {
 /// Completes one future (dropping it unresolved fails the future as a server error).
 pub struct Completer {
     slot: Option<Slot>,
+    pending: Arc<AtomicUsize>,
 }
 
 impl Completer {
     pub fn complete(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
         if let Some(s) = self.slot.take() {
             s.send_replace(Some(Arc::new(outcome)));
+            self.pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for Completer {
     fn drop(&mut self) {
-        if let Some(s) = self.slot.take() {
-            s.send_replace(Some(Arc::new(Outcome::failed_server("the request was dropped before it finished"))));
-        }
+        self.finish(Outcome::failed_server("the request was dropped before it finished"));
     }
 }
 
@@ -52,8 +59,14 @@ pub enum Poll {
 }
 
 impl FutureStore {
-    pub fn create(&self) -> (String, Completer) {
+    /// A new pending future, unless `limit` futures are pending already (then how many are).
+    pub fn create(&self, limit: usize) -> Result<(String, Completer), usize> {
         let mut inner = self.inner.lock().expect("not poisoned");
+        let pending = self.pending.load(Ordering::Relaxed);
+        if pending >= limit {
+            return Err(pending);
+        }
+        self.pending.fetch_add(1, Ordering::Relaxed);
         inner.next += 1;
         let id = format!("req-{}", inner.next);
         let (tx, _) = watch::channel(None);
@@ -68,7 +81,7 @@ impl FutureStore {
             inner.order.pop_front();
             inner.map.remove(&oldest);
         }
-        (id, Completer { slot: Some(tx) })
+        Ok((id, Completer { slot: Some(tx), pending: self.pending.clone() }))
     }
 
     /// Waits up to `hold` for the future to finish.

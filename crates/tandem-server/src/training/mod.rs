@@ -7,4 +7,4 @@ mod routes;
 mod service;
 
 pub use routes::router;
-pub use service::{export_tokenizer, ModelLimits, TrainingConfig, TrainingService};
+pub use service::{export_tokenizer, TrainingConfig, TrainingLimits, TrainingService};

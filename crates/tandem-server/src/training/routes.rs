@@ -42,6 +42,7 @@ impl From<Failure> for HttpError {
     fn from(f: Failure) -> Self {
         let status = match f.kind {
             FailureKind::Conflict => StatusCode::CONFLICT,
+            FailureKind::Busy => StatusCode::TOO_MANY_REQUESTS,
             FailureKind::User => StatusCode::BAD_REQUEST,
             FailureKind::Server => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -8,6 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 use tandem_engine::{EngineHandle, WeightVersion};
 use tandem_models::{Model, Tokenizer};
 use tandem_train::{AdamParams, Datum, Limits, LossFn, Mode, TrainError, TrainingModel};
@@ -30,14 +31,24 @@ pub struct TrainingConfig {
     pub export_dir: PathBuf,
     /// Bytes that training passes may hold at once (estimated by `tandem_train::memory`).
     pub memory_budget: u64,
-    pub limits: ModelLimits,
+    pub limits: TrainingLimits,
 }
 
-/// How many training models a server holds at once.
+/// What the training API may hold at once; each refusal names its flag.
 #[derive(Debug, Clone, Copy)]
-pub struct ModelLimits {
+pub struct TrainingLimits {
+    /// Training models (`--max-training-models`).
     pub max_models: usize,
+    /// Full-weight training models (`--max-full-models`).
     pub max_full_models: usize,
+    /// Training models one session may hold (`--max-session-models`).
+    pub max_session_models: usize,
+    /// Requests submitted and not finished yet, all clients together (`--max-pending-requests`).
+    pub max_pending: usize,
+    /// Bytes of checkpoints under the training directory (`--training-disk`).
+    pub disk_bytes: u64,
+    /// A session unheard of for this long ends, and its models are unloaded (`--session-timeout`).
+    pub session_timeout: std::time::Duration,
 }
 
 /// Writes the served tokenizer where Hugging Face tooling loads it offline: `tokenizer.json` and a
@@ -81,6 +92,8 @@ impl Drop for MemoryHold<'_> {
 pub enum FailureKind {
     User,
     Conflict,
+    /// A limit on what is pending or held was reached: retry later (429).
+    Busy,
     Server,
 }
 
@@ -99,6 +112,9 @@ impl Failure {
     }
     pub fn conflict(m: impl Into<String>) -> Self {
         Failure { kind: FailureKind::Conflict, message: m.into() }
+    }
+    pub fn busy(m: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Busy, message: m.into() }
     }
     /// The caller's to fix (a conflict included).
     pub fn is_user(&self) -> bool {
@@ -177,6 +193,8 @@ pub struct TrainedModel {
 }
 
 pub struct Sampler {
+    /// The session that created it (it ends with that session).
+    pub session: Option<String>,
     pub base_model: String,
     pub model_path: Option<String>,
     pub weights: Option<WeightVersion>,
@@ -221,6 +239,19 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// Bytes of the files under `dir` (symbolic links not followed; unreadable entries count 0).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// A parsed `tinker://<run>/<kind>/<name>` path.
 pub struct TinkerPath {
     pub run: String,
@@ -257,7 +288,7 @@ impl TrainingService {
         engine: EngineHandle,
         tokenizer: Arc<Tokenizer>,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|me| TrainingService {
+        let service = Arc::new_cyclic(|me| TrainingService {
             base,
             base_name,
             config,
@@ -275,7 +306,22 @@ impl TrainingService {
             memory_held: Mutex::new(0),
             memory_freed: std::sync::Condvar::new(),
             me: me.clone(),
-        })
+        });
+        // Sessions end when unheard of for --session-timeout; look a few times per timeout.
+        let weak = Arc::downgrade(&service);
+        let every =
+            (service.config.limits.session_timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let sweeper = std::thread::Builder::new().name("tandem-session-expiry".into()).spawn(move || loop {
+            std::thread::sleep(every);
+            match weak.upgrade() {
+                Some(s) => s.expire_sessions(),
+                None => return,
+            }
+        });
+        if let Err(e) = sweeper {
+            tracing::warn!(error = %e, "could not start the session expiry thread: sessions will not expire");
+        }
+        service
     }
 
     fn unique(&self) -> u64 {
@@ -298,11 +344,43 @@ impl TrainingService {
         }
     }
 
+    /// A known session (any request naming it counts as a sign of life).
     fn check_session(&self, session: &str) -> Result<()> {
-        if self.sessions.lock().expect("not poisoned").contains_key(session) {
-            Ok(())
-        } else {
-            Err(Failure::user(format!("unknown session_id `{session}`; create one with create_session")))
+        match self.sessions.lock().expect("not poisoned").get_mut(session) {
+            Some(seen) => {
+                *seen = std::time::Instant::now();
+                Ok(())
+            }
+            None => Err(Failure::user(format!(
+                "unknown session_id `{session}` (sessions unheard of for --session-timeout end); create one with \
+                 create_session"
+            ))),
+        }
+    }
+
+    /// Ends sessions unheard of for `--session-timeout`: their training models are unloaded and
+    /// their sampling sessions dropped (saved checkpoints stay on disk).
+    pub fn expire_sessions(&self) {
+        let timeout = self.config.limits.session_timeout;
+        let expired: Vec<String> = {
+            let mut sessions = self.sessions.lock().expect("not poisoned");
+            let old: Vec<String> =
+                sessions.iter().filter(|(_, seen)| seen.elapsed() > timeout).map(|(id, _)| id.clone()).collect();
+            for id in &old {
+                sessions.remove(id);
+            }
+            old
+        };
+        for session in expired {
+            let prefix = format!("{session}:");
+            let mut models = self.models.lock().expect("not poisoned");
+            let unloaded: Vec<String> = models.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+            for id in &unloaded {
+                models.remove(id);
+            }
+            drop(models);
+            self.samplers.lock().expect("not poisoned").retain(|_, s| s.session.as_deref() != Some(session.as_str()));
+            tracing::info!(session, models = unloaded.len(), "session expired: no request or heartbeat in time");
         }
     }
 
@@ -358,6 +436,17 @@ impl TrainingService {
         let others: Vec<&Arc<TrainedModel>> = models.iter().filter(|(k, _)| k.as_str() != id).map(|(_, m)| m).collect();
         let full = others.iter().filter(|m| m.mode == Mode::Full).count();
         let limits = &self.config.limits;
+        // Session models are named `{session}:train:{seq}`.
+        if let Some((session, _)) = id.split_once(":train:") {
+            let mine = models.keys().filter(|k| k.as_str() != id && k.starts_with(&format!("{session}:"))).count();
+            if mine >= limits.max_session_models {
+                return Err(Failure::user(format!(
+                    "this session already holds {mine} training models, the limit per session \
+                     (--max-session-models {}); unload one first",
+                    limits.max_session_models
+                )));
+            }
+        }
         if others.len() >= limits.max_models {
             return Err(Failure::user(format!(
                 "this server already holds {} training models, its limit (--max-training-models {}); unload one first",
@@ -469,7 +558,7 @@ impl TrainingService {
                 model.id, q.next
             )));
         }
-        let (id, done) = self.futures.create();
+        let (id, done) = self.new_future()?;
         q.seen.insert(seq, id.clone());
         q.waiting.insert(seq, Job { work, done });
         let jobs = model.jobs.lock().expect("not poisoned");
@@ -485,11 +574,38 @@ impl TrainingService {
         Ok(id)
     }
 
-    /// A future completed with `outcome` at once (requests with no ordering).
+    /// A future completed with `outcome` at once (requests with no ordering; never pending).
     pub fn immediate(&self, outcome: Outcome) -> String {
-        let (id, done) = self.futures.create();
+        let (id, done) = self.futures.create(usize::MAX).expect("no limit");
         done.complete(outcome);
         id
+    }
+
+    /// A pending future, within `--max-pending-requests`.
+    pub fn new_future(&self) -> Result<(String, super::futures::Completer)> {
+        let limit = self.config.limits.max_pending;
+        self.futures.create(limit).map_err(|pending| {
+            Failure::busy(format!(
+                "{pending} training requests are pending, the server's limit (--max-pending-requests {limit}); \
+                 retrieve results before submitting more"
+            ))
+        })
+    }
+
+    /// Refuses a write of about `adding` bytes that would take the training directory past
+    /// `--training-disk`.
+    fn check_disk(&self, adding: u64) -> Result<()> {
+        let (used, limit) = (dir_bytes(&self.config.root), self.config.limits.disk_bytes);
+        if used + adding > limit {
+            return Err(Failure::user(format!(
+                "the training directory holds {:.1} MB and this write needs about {:.1} MB more: over its limit \
+                 (--training-disk {:.1} MB); delete checkpoints first",
+                used as f64 / 1e6,
+                adding as f64 / 1e6,
+                limit as f64 / 1e6
+            )));
+        }
+        Ok(())
     }
 
     fn checkpoint_dir(&self, p: &TinkerPath) -> PathBuf {
@@ -529,7 +645,12 @@ impl TrainingService {
                 None
             }
         };
-        Ok(self.add_sampler(Sampler { base_model: self.base_name.clone(), model_path, weights }))
+        Ok(self.add_sampler(Sampler {
+            session: Some(session.to_string()),
+            base_model: self.base_name.clone(),
+            model_path,
+            weights,
+        }))
     }
 
     fn add_sampler(&self, s: Sampler) -> String {
@@ -702,6 +823,8 @@ impl TrainingService {
             }
             Work::SaveWeights { name } => {
                 check_name(&name)?;
+                // Weights and the optimizer's two moments, in f32.
+                self.check_disk(t.num_parameters() as u64 * 12)?;
                 let p = TinkerPath { run: model_id.into(), kind: "weights".into(), name };
                 t.save(&self.checkpoint_dir(&p), true)?;
                 Ok(Outcome::Json(json!({"path": p.to_path(), "type": "save_weights"})))
@@ -711,6 +834,7 @@ impl TrainingService {
                 match (name, session) {
                     (Some(name), _) => {
                         check_name(&name)?;
+                        self.check_disk(t.num_parameters() as u64 * 4)?;
                         let p = TinkerPath { run: model_id.into(), kind: "sampler_weights".into(), name };
                         t.save(&self.checkpoint_dir(&p), false)?;
                         self.versions.lock().expect("not poisoned").insert(p.to_path(), version);
@@ -721,6 +845,7 @@ impl TrainingService {
                             self.check_session(s)?;
                         }
                         let id = self.add_sampler(Sampler {
+                            session: session.clone(),
                             base_model: self.base_name.clone(),
                             model_path: None,
                             weights: Some(version),

@@ -65,7 +65,7 @@ impl TrainingService {
                 }
             }
         }
-        let (id, done) = self.futures.create();
+        let (id, done) = self.new_future()?;
         let seq_ids: Vec<String> = (0..req.num_samples).map(|i| format!("{id}-{i}")).collect();
         if let Some(k) = key {
             self.samples_seen.lock().expect("not poisoned").insert(k, (id.clone(), seq_ids.clone()));
