@@ -346,7 +346,14 @@ pub async fn chat_completions(
                 ));
             }
             let content = match &m.content {
-                None => String::new(),
+                // Only an assistant turn may come without content (OpenAI: one that called tools).
+                None if m.role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::bad_request(
+                        format!("messages[{i}] ({}) needs `content`", m.role),
+                        Some("messages"),
+                    ))
+                }
                 Some(Content::Text(t)) => t.clone(),
                 Some(Content::Parts(parts)) => {
                     let mut text = String::new();

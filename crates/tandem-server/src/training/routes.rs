@@ -106,8 +106,12 @@ fn future_reply(id: String, model_id: Option<&str>) -> Json<Value> {
     }
 }
 
-async fn create_session(State(s): S) -> Json<Value> {
-    Json(json!({"type": "create_session", "session_id": s.create_session()}))
+async fn create_session(State(s): S, body: Bytes) -> Reply {
+    // Its fields (tags, metadata, SDK version) are informational, but the body must be JSON.
+    if !body.is_empty() {
+        body_json(&body)?;
+    }
+    Ok(Json(json!({"type": "create_session", "session_id": s.create_session()})))
 }
 
 async fn heartbeat(State(s): S, body: Bytes) -> Reply {

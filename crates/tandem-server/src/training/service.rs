@@ -397,7 +397,13 @@ impl TrainingService {
         }
     }
 
+    /// A training model by id; using a session's model counts as a sign of life of the session.
     pub fn model(&self, id: &str) -> Result<Arc<TrainedModel>> {
+        if let Some((session, _)) = id.split_once(":train:") {
+            if let Some(seen) = self.sessions.lock().expect("not poisoned").get_mut(session) {
+                *seen = std::time::Instant::now();
+            }
+        }
         self.models
             .lock()
             .expect("not poisoned")
