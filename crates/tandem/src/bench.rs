@@ -87,6 +87,10 @@ enum BenchTarget {
     /// The training service: forward_backward tokens/s, LoRA and full weights, against the same
     /// model in PyTorch (when installed) on the same data.
     Train(crate::bench_train::TrainBenchArgs),
+    /// A long run of `tandem serve` under mixed traffic (streaming chat with hang-ups, an RL loop
+    /// through the Tinker API, the online drafter): requests, errors by kind, latency and memory
+    /// per window; table, JSON and PNG. Not part of CI (30 minutes by default).
+    Soak(crate::bench_soak::SoakBenchArgs),
 }
 
 const KS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -188,6 +192,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
         Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
         Some(BenchTarget::Online(a)) => return crate::bench_online::run(*a),
+        Some(BenchTarget::Soak(a)) => return crate::bench_soak::run(a),
         Some(BenchTarget::Train(a)) => return crate::bench_train::run(a),
         None => {}
     }

@@ -16,6 +16,7 @@ mod bench;
 mod bench_fair;
 mod bench_online;
 mod bench_serve;
+mod bench_soak;
 mod bench_spec;
 mod bench_train;
 mod models;
