@@ -1,5 +1,6 @@
 """The training API's resource limits on a server started with small ones
-(`--max-session-models 1 --max-pending-requests 2 --training-disk 2000 --session-timeout 3`):
+(`--max-session-models 1 --max-pending-requests 2 --max-samplers 2 --training-disk 2000
+--session-timeout 3`):
 each refusal names its flag, nothing is taken before it, and the server goes on. Raw HTTP in the
 Tinker SDK's JSON forms. Run by crates/tandem/tests/server.rs.
 
@@ -69,6 +70,23 @@ def test_models_per_session_pending_requests_and_disk():
     fresh_model = new_model(fresh, 0)["model_id"]
     done = outcome(post("/api/v1/forward_backward", fb(fresh_model, 1)))
     assert "loss:sum" in str(done), done
+
+
+def test_samplers_beyond_the_limit_are_dropped_least_recently_used_first():
+    session = post("/api/v1/create_session", {})[1]["session_id"]
+    def sampler():
+        code, body = post("/api/v1/create_sampling_session", {"session_id": session, "base_model": BASE})
+        assert code == 200, body
+        return body["sampling_session_id"]
+    def sample(sid):
+        return post("/api/v1/asample", {"sampling_session_id": sid, "prompt": {"input_ids": SEQ[:4]},
+                                        "sampling_params": {"max_tokens": 2}})
+    a, b = sampler(), sampler()
+    assert sample(a)[0] == 200  # a is now the most recently used
+    c = sampler()  # drops b
+    code, body = sample(b)
+    assert code == 400 and "--max-samplers" in str(body), (code, body)
+    assert sample(a)[0] == 200 and sample(c)[0] == 200
 
 
 def test_sessions_without_a_sign_of_life_end():

@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// finished, all clients together; more get 429 until results are retrieved.
     #[arg(long, default_value_t = 1024)]
     max_pending_requests: usize,
+    /// Sampling sessions kept (each holds a copy of its adapter weights; an RL loop makes one per
+    /// step); beyond it the least recently used is dropped.
+    #[arg(long, default_value_t = 64)]
+    max_samplers: usize,
     /// Disk the training directory may fill with checkpoints, e.g. `20GiB` (a save that would
     /// pass it is refused). Default: half of the free space where it lives at start.
     #[arg(long)]
@@ -233,6 +237,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 max_full_models: args.max_full_models,
                 max_session_models: args.max_session_models,
                 max_pending: args.max_pending_requests,
+                max_samplers: args.max_samplers,
                 disk_bytes,
                 session_timeout: Duration::from_secs(args.session_timeout.max(1)),
             },

@@ -225,6 +225,8 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
             "1",
             "--max-pending-requests",
             "2",
+            "--max-samplers",
+            "2",
             "--training-disk",
             "2000",
             "--session-timeout",

@@ -45,6 +45,8 @@ pub struct TrainingLimits {
     pub max_session_models: usize,
     /// Requests submitted and not finished yet, all clients together (`--max-pending-requests`).
     pub max_pending: usize,
+    /// Sampling sessions kept, the least recently used dropped first (`--max-samplers`).
+    pub max_samplers: usize,
     /// Bytes of checkpoints under the training directory (`--training-disk`).
     pub disk_bytes: u64,
     /// A session unheard of for this long ends, and its models are unloaded (`--session-timeout`).
@@ -209,14 +211,16 @@ pub struct TrainingService {
     pub futures: FutureStore,
     sessions: Mutex<HashMap<String, std::time::Instant>>,
     models: Mutex<HashMap<String, Arc<TrainedModel>>>,
-    samplers: Mutex<HashMap<String, Arc<Sampler>>>,
+    /// Sampling sessions, the least recently used dropped beyond `--max-samplers` (an RL loop
+    /// makes one per step) or once unused for `--session-timeout`.
+    samplers: Mutex<Recent<Arc<Sampler>>>,
     /// (sampling session, seq_id) -> request id.
     samples_seen: Mutex<HashMap<(String, i64), SampleIds>>,
     /// Sampler weights by tinker path, kept in memory once saved or loaded.
-    versions: Mutex<HashMap<String, WeightVersion>>,
+    versions: Mutex<Recent<WeightVersion>>,
     /// Sampler weights by checkpoint name, for SGLang-style `/generate` requests (xorl-client
     /// names the adapter by its checkpoint name alone).
-    lora_names: Mutex<HashMap<String, WeightVersion>>,
+    lora_names: Mutex<HashMap<String, String>>,
     next_version: AtomicU64,
     next_id: AtomicU64,
     /// Estimated bytes held by the training passes running now (at most `memory_budget`).
@@ -236,6 +240,49 @@ fn check_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Failure::user(format!("`{name}` is not a valid name (letters, digits, - _ . : only)")))
+    }
+}
+
+/// Sampler weights of saved checkpoints kept in memory (others are read from disk again when
+/// asked for).
+const VERSIONS_IN_MEMORY: usize = 16;
+
+/// A map of at most `cap` entries: inserting beyond it drops the least recently used.
+struct Recent<V> {
+    cap: usize,
+    map: HashMap<String, (V, std::time::Instant)>,
+}
+
+impl<V: Clone> Recent<V> {
+    fn new(cap: usize) -> Self {
+        Recent { cap: cap.max(1), map: HashMap::new() }
+    }
+
+    /// The entry, marked as used now.
+    fn get(&mut self, key: &str) -> Option<V> {
+        let (v, used) = self.map.get_mut(key)?;
+        *used = std::time::Instant::now();
+        Some(v.clone())
+    }
+
+    fn insert(&mut self, key: String, value: V) {
+        while self.map.len() >= self.cap && !self.map.contains_key(&key) {
+            let oldest = self.map.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.map.remove(&k),
+                None => break,
+            };
+        }
+        self.map.insert(key, (value, std::time::Instant::now()));
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.map.remove(key);
+    }
+
+    /// Keeps the entries for which `keep(value, last used)` holds.
+    fn retain(&mut self, mut keep: impl FnMut(&V, std::time::Instant) -> bool) {
+        self.map.retain(|_, (v, used)| keep(v, *used));
     }
 }
 
@@ -288,6 +335,7 @@ impl TrainingService {
         engine: EngineHandle,
         tokenizer: Arc<Tokenizer>,
     ) -> Arc<Self> {
+        let max_samplers = config.limits.max_samplers;
         let service = Arc::new_cyclic(|me| TrainingService {
             base,
             base_name,
@@ -297,9 +345,9 @@ impl TrainingService {
             futures: FutureStore::default(),
             sessions: Mutex::default(),
             models: Mutex::default(),
-            samplers: Mutex::default(),
+            samplers: Mutex::new(Recent::new(max_samplers)),
             samples_seen: Mutex::default(),
-            versions: Mutex::default(),
+            versions: Mutex::new(Recent::new(VERSIONS_IN_MEMORY)),
             lora_names: Mutex::default(),
             next_version: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
@@ -362,6 +410,7 @@ impl TrainingService {
     /// their sampling sessions dropped (saved checkpoints stay on disk).
     pub fn expire_sessions(&self) {
         let timeout = self.config.limits.session_timeout;
+        self.samplers.lock().expect("not poisoned").retain(|_, used| used.elapsed() <= timeout);
         let expired: Vec<String> = {
             let mut sessions = self.sessions.lock().expect("not poisoned");
             let old: Vec<String> =
@@ -379,7 +428,7 @@ impl TrainingService {
                 models.remove(id);
             }
             drop(models);
-            self.samplers.lock().expect("not poisoned").retain(|_, s| s.session.as_deref() != Some(session.as_str()));
+            self.samplers.lock().expect("not poisoned").retain(|s, _| s.session.as_deref() != Some(session.as_str()));
             tracing::info!(session, models = unloaded.len(), "session expired: no request or heartbeat in time");
         }
     }
@@ -502,15 +551,16 @@ impl TrainingService {
 
     /// Makes the sampler weights at `path` addressable by their checkpoint name.
     pub fn register_lora_name(&self, path: &str) -> Result<String> {
-        let v = self.version_for(path)?;
+        self.version_for(path)?;
         let name = TinkerPath::parse(path)?.name;
-        self.lora_names.lock().expect("not poisoned").insert(name.clone(), v);
+        self.lora_names.lock().expect("not poisoned").insert(name.clone(), path.to_string());
         Ok(name)
     }
 
     pub fn lora_by_name(&self, name: &str) -> Result<WeightVersion> {
-        if let Some(v) = self.lora_names.lock().expect("not poisoned").get(name) {
-            return Ok(v.clone());
+        let path = self.lora_names.lock().expect("not poisoned").get(name).cloned();
+        if let Some(path) = path {
+            return self.version_for(&path);
         }
         // A full path works too.
         if name.contains("://") {
@@ -666,12 +716,12 @@ impl TrainingService {
     }
 
     pub fn sampler(&self, id: &str) -> Result<Arc<Sampler>> {
-        self.samplers
-            .lock()
-            .expect("not poisoned")
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Failure::user(format!("unknown sampling_session_id `{id}`")))
+        self.samplers.lock().expect("not poisoned").get(id).ok_or_else(|| {
+            Failure::user(format!(
+                "unknown sampling_session_id `{id}` (samplers unused for --session-timeout, or beyond the \
+                 --max-samplers most recently used, are dropped)"
+            ))
+        })
     }
 
     pub fn list_checkpoints(&self, run: &str) -> Result<Value> {
