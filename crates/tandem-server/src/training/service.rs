@@ -13,6 +13,7 @@ use tandem_engine::{EngineHandle, WeightVersion};
 use tandem_models::{Model, Tokenizer};
 use tandem_train::{AdamParams, Datum, Limits, LossFn, Mode, TrainError, TrainingModel};
 
+mod recent;
 mod sampling;
 pub use sampling::{SampleRequest, Stop};
 
@@ -243,48 +244,11 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+use recent::Recent;
+
 /// Sampler weights of saved checkpoints kept in memory (others are read from disk again when
 /// asked for).
 const VERSIONS_IN_MEMORY: usize = 16;
-
-/// A map of at most `cap` entries: inserting beyond it drops the least recently used.
-struct Recent<V> {
-    cap: usize,
-    map: HashMap<String, (V, std::time::Instant)>,
-}
-
-impl<V: Clone> Recent<V> {
-    fn new(cap: usize) -> Self {
-        Recent { cap: cap.max(1), map: HashMap::new() }
-    }
-
-    /// The entry, marked as used now.
-    fn get(&mut self, key: &str) -> Option<V> {
-        let (v, used) = self.map.get_mut(key)?;
-        *used = std::time::Instant::now();
-        Some(v.clone())
-    }
-
-    fn insert(&mut self, key: String, value: V) {
-        while self.map.len() >= self.cap && !self.map.contains_key(&key) {
-            let oldest = self.map.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => self.map.remove(&k),
-                None => break,
-            };
-        }
-        self.map.insert(key, (value, std::time::Instant::now()));
-    }
-
-    fn remove(&mut self, key: &str) {
-        self.map.remove(key);
-    }
-
-    /// Keeps the entries for which `keep(value, last used)` holds.
-    fn retain(&mut self, mut keep: impl FnMut(&V, std::time::Instant) -> bool) {
-        self.map.retain(|_, (v, used)| keep(v, *used));
-    }
-}
 
 /// Bytes of the files under `dir` (symbolic links not followed; unreadable entries count 0).
 fn dir_bytes(dir: &std::path::Path) -> u64 {
