@@ -3,7 +3,7 @@
 //! Decode and draft verification multiply a handful of rows by every weight, so they are bound by
 //! how fast weights stream from memory. The matmul here streams each weight row once and reuses it
 //! for every input row, so a forward over k tokens costs little more than one.
-use rayon::prelude::*;
+use super::team;
 
 /// Raw pointer that may be shared by workers writing disjoint parts of one buffer.
 #[derive(Clone, Copy)]
@@ -56,11 +56,11 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(y.len(), m * n);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team::threads();
     // Two blocks per worker: balance enough, and few forks (a decode step runs ~120 of these).
     let block = (n / (threads * 2)).clamp(16, 4096).div_ceil(ROWS) * ROWS;
     let out = SharedMut(y.as_mut_ptr());
-    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+    team::for_each(n.div_ceil(block), &|b| {
         let j0 = b * block;
         let j1 = (j0 + block).min(n);
         // Rebind so the closure captures the Send wrapper, not its raw-pointer field.
@@ -204,27 +204,50 @@ mod avx2 {
         }
     }
 
-    /// scores[p] = (q . keys[p]) * scale for every key row.
+    /// scores[p] = (q . keys[p]) * scale for every key row, eight keys at a time: eight
+    /// independent multiply-add chains (one per key), then one transposing reduction gives the
+    /// eight sums in one vector. Every key's sum is formed by the same operations wherever it
+    /// lies (a short last group repeats its last key in the unused chains, whose sums are
+    /// dropped), so a key's score does not depend on how many keys the run has.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
         let d = q.len();
-        let qp = q.as_ptr();
-        for (p, s) in scores.iter_mut().enumerate() {
-            let kp = keys.as_ptr().add(p * d);
-            // Two chains so consecutive FMAs do not wait on each other.
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
-            let mut c = 0;
-            while c + 16 <= d {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c + 8)), _mm256_loadu_ps(kp.add(c + 8)), a1);
-                c += 16;
+        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        let sv = _mm256_set1_ps(scale);
+        let mut p0 = 0;
+        while p0 < scores.len() {
+            let n = (scores.len() - p0).min(8);
+            let rows: [*const f32; 8] = std::array::from_fn(|j| kp.add((p0 + j.min(n - 1)) * d));
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..d).step_by(8) {
+                let qv = _mm256_loadu_ps(qp.add(c));
+                for j in 0..8 {
+                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
+                }
             }
-            if c < d {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)), a0);
+            let out = _mm256_mul_ps(sum8(acc), sv);
+            if n == 8 {
+                _mm256_storeu_ps(scores.as_mut_ptr().add(p0), out);
+            } else {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), out);
+                scores[p0..p0 + n].copy_from_slice(&lanes[..n]);
             }
-            *s = hsum(_mm256_add_ps(a0, a1)) * scale;
+            p0 += n;
         }
+    }
+
+    /// The lane sums of eight vectors, as one vector: lane j is
+    /// ((a_j[0] + a_j[1]) + (a_j[2] + a_j[3])) + ((a_j[4] + a_j[5]) + (a_j[6] + a_j[7])).
+    #[inline(always)]
+    unsafe fn sum8(a: [__m256; 8]) -> __m256 {
+        let h0 = _mm256_hadd_ps(a[0], a[1]);
+        let h1 = _mm256_hadd_ps(a[2], a[3]);
+        let h2 = _mm256_hadd_ps(a[4], a[5]);
+        let h3 = _mm256_hadd_ps(a[6], a[7]);
+        let g0 = _mm256_hadd_ps(h0, h1);
+        let g1 = _mm256_hadd_ps(h2, h3);
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(g0, g1), _mm256_permute2f128_ps::<0x31>(g0, g1))
     }
 
     /// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
@@ -262,6 +285,42 @@ mod avx2 {
             sum = _mm256_add_ps(sum, e);
         }
         1.0 / hsum(sum)
+    }
+
+    /// out = silu(gate) * up, eight values at a time (a libm call per value was 4% of a k = 8
+    /// verification step): sigmoid from e^-|g|, which the polynomial below covers, so large
+    /// gates of either sign neither overflow nor lose precision. A row's tail runs the same
+    /// lanes on a padded copy, so every value is computed alike.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+        for (gu, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+            let (g, u) = gu.split_at(inter);
+            let mut c = 0;
+            while c + 8 <= inter {
+                let r = silu_mul8(_mm256_loadu_ps(g.as_ptr().add(c)), _mm256_loadu_ps(u.as_ptr().add(c)));
+                _mm256_storeu_ps(o.as_mut_ptr().add(c), r);
+                c += 8;
+            }
+            if c < inter {
+                let (mut gt, mut ut) = ([0f32; 8], [0f32; 8]);
+                gt[..inter - c].copy_from_slice(&g[c..]);
+                ut[..inter - c].copy_from_slice(&u[c..]);
+                let mut r = [0f32; 8];
+                _mm256_storeu_ps(r.as_mut_ptr(), silu_mul8(_mm256_loadu_ps(gt.as_ptr()), _mm256_loadu_ps(ut.as_ptr())));
+                o[c..].copy_from_slice(&r[..inter - c]);
+            }
+        }
+    }
+
+    /// g · sigmoid(g) · u with sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = e^-|g|.
+    #[inline(always)]
+    unsafe fn silu_mul8(g: __m256, u: __m256) -> __m256 {
+        let neg_abs = _mm256_or_ps(g, _mm256_set1_ps(-0.0));
+        let e = exp(neg_abs);
+        let inv = _mm256_div_ps(_mm256_set1_ps(1.0), _mm256_add_ps(_mm256_set1_ps(1.0), e));
+        let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(g, _mm256_setzero_ps());
+        let sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), negative);
+        _mm256_mul_ps(_mm256_mul_ps(g, sig), u)
     }
 
     /// e^x for x <= 0 to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
@@ -398,6 +457,13 @@ pub fn rope(
 
 /// out = silu(gate) * up, where gate_up rows are [gate | up].
 pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::silu_mul(gate_up, inter, out) };
+        }
+    }
     for (gu, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
         let (g, u) = gu.split_at(inter);
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
@@ -475,7 +541,7 @@ pub fn attention(
     let group = heads / g.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let dst = SharedMut(out.as_mut_ptr());
-    let item = |scores: &mut Vec<f32>, i: usize| {
+    let item = |i: usize| {
         let (h, ti) = (i / t, i % t);
         let ts = tokens[ti];
         let th = ti * heads + h;
@@ -489,16 +555,20 @@ pub fn attention(
         let dst = dst;
         // SAFETY: item i alone writes row th of out, and th is distinct for every i.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(th * d), d) };
-        attend_row(&q[th * d..(th + 1) * d], keys, values, scale, scores, o);
+        SCORES.with_borrow_mut(|scores| attend_row(&q[th * d..(th + 1) * d], keys, values, scale, scores, o));
     };
     // Forking workers costs more than a decode step's few heads over a short cache.
     let work: usize = tokens.iter().map(|ts| ts.prefix.min(ts.pos) + 1).sum::<usize>() * heads * d;
     if work < 1 << 16 {
-        let mut scores = Vec::new();
-        (0..t * heads).for_each(|i| item(&mut scores, i));
+        (0..t * heads).for_each(item);
     } else {
-        (0..t * heads).into_par_iter().for_each_init(Vec::new, item);
+        team::for_each(t * heads, &item);
     }
+}
+
+thread_local! {
+    /// Each thread's attention scores (one query row's at a time).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One query row against the keys and values of two runs of rows ([len, d] each, the second
@@ -592,6 +662,31 @@ mod tests {
             let r = naive(&x, &wr, m, k, n);
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-4, "bf16 {m}x{k}x{n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_f64() {
+        // Rows of odd width (a padded tail), gates from -100 to 100 and around 0.
+        let inter = 37;
+        let gates: Vec<f32> = (0..3 * inter).map(|i| ((i as f32 * 0.7311).sin() * 1.3).powi(3) * 40.0).collect();
+        let mut gate_up = Vec::new();
+        for (r, g) in gates.chunks(inter).enumerate() {
+            gate_up.extend_from_slice(g);
+            gate_up.extend((0..inter).map(|i| (i + r) as f32 / 7.0 - 2.0));
+        }
+        gate_up[5] = -100.0;
+        gate_up[6] = 100.0;
+        gate_up[7] = 1e-7;
+        let mut out = vec![0f32; 3 * inter];
+        silu_mul(&gate_up, inter, &mut out);
+        for (r, (gu, o)) in gate_up.chunks(2 * inter).zip(out.chunks(inter)).enumerate() {
+            for i in 0..inter {
+                let (g, u) = (gu[i] as f64, gu[inter + i] as f64);
+                let want = g / (1.0 + (-g).exp()) * u;
+                let tol = 4.0 * f32::EPSILON as f64 * want.abs() + 1e-30;
+                assert!((o[i] as f64 - want).abs() <= tol, "row {r} col {i}: {} vs {want}", o[i]);
             }
         }
     }

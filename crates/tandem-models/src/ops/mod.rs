@@ -6,6 +6,7 @@
 mod grad;
 pub mod kernels;
 pub mod quant;
+pub mod team;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, D};
 /// Query rows per block of the training attention backward (its memory is linear in t).
@@ -34,22 +35,25 @@ impl OpsPath {
     }
 }
 
-/// Runs `f` (a whole forward) on a thread of the kernels' worker pool, so the ~150 parallel
-/// products of a decode step each split work between threads that are already awake instead of
-/// handing it over from an outside thread and sleeping until it is done (measured on a SmolLM2
-/// decode: 30% of the time went to the scheduler's wake-ups that way). A caller already on a
-/// pool (the drafter's trainer runs on its own low-priority one) keeps its own.
+/// Runs `f` (a whole forward) with the compute team helping its parallel loops (see `team`):
+/// the ~150 products of a decode step then split work between threads that are already awake
+/// instead of waking pool threads for each. A forward that finds the team busy (another model's
+/// forward at the same moment) runs on the kernels' rayon pool; a caller already on a pool (the
+/// drafter's trainer runs on its own low-priority one) keeps its own.
 pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    let pool = POOL
-        .get_or_init(|| rayon::ThreadPoolBuilder::new().thread_name(|i| format!("tandem-compute-{i}")).build().ok());
-    match pool {
-        Some(p) => p.install(f),
-        None => f(),
-    }
+    team::lead(f, |f| {
+        let pool = POOL.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new().thread_name(|i| format!("tandem-compute-{i}")).build().ok()
+        });
+        match pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    })
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {

@@ -594,10 +594,11 @@ pub fn matmul_xwt_with(isa: Isa, x: &[f32], w: &QWeight, m: usize, y: &mut [f32]
     assert_eq!(y.len(), m * n);
     let input = QInput::new(x, m, k);
     let tiles: Vec<(&Part, usize)> = w.parts.iter().flat_map(|p| (0..p.tiles()).map(move |t| (p, t))).collect();
-    let threads = rayon::current_num_threads().max(1);
+    let threads = super::team::threads();
     let chunk = (tiles.len() / (threads * 4)).clamp(1, 64);
     let out = SharedMut(y.as_mut_ptr());
-    tiles.par_chunks(chunk).for_each(|chunk| {
+    super::team::for_each(tiles.len().div_ceil(chunk), &|c| {
+        let chunk = &tiles[c * chunk..((c + 1) * chunk).min(tiles.len())];
         #[allow(clippy::redundant_locals)]
         let out = out;
         for &(part, t) in chunk {
