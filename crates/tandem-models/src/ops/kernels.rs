@@ -250,6 +250,97 @@ mod avx2 {
         _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(g0, g1), _mm256_permute2f128_ps::<0x31>(g0, g1))
     }
 
+    /// `attend_rows` for AVX2: key blocks of eight, each used by every row of the item while it
+    /// is in L1; per row the same operations as `attend_row` (scores in groups of eight from the
+    /// run's start, softmax, values added in order into the same accumulators).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend_rows(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        rows: &[super::QueryRow],
+        d: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let stride = rows.iter().map(|r| r.len + 1).max().unwrap_or(0);
+        scores.clear();
+        scores.resize(rows.len() * stride, 0.0);
+        let longest = stride.saturating_sub(1);
+        for p0 in (0..longest).step_by(8) {
+            for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
+                let n = (row.len - p0).min(8);
+                let s = &mut scores[r * stride + p0..r * stride + p0 + n];
+                super::avx2::scores(&q[row.at..row.at + d], &keys[p0 * d..(p0 + n) * d], scale, s);
+            }
+        }
+        let mut inv = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            let n = row.len + row.own.is_some() as usize;
+            if let Some(p) = row.own {
+                let s = &mut scores[r * stride + row.len..r * stride + n];
+                super::avx2::scores(&q[row.at..row.at + d], &keys[p * d..(p + 1) * d], scale, s);
+            }
+            inv.push(softmax_in_place(&mut scores[r * stride..r * stride + n]));
+        }
+        for p0 in (0..longest).step_by(8) {
+            for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
+                let n = (row.len - p0).min(8);
+                let w = &scores[r * stride + p0..r * stride + p0 + n];
+                add_values(w, inv[r], values.as_ptr().add(p0 * d), p0 == 0, &mut out[row.at..row.at + d]);
+            }
+        }
+        for (r, row) in rows.iter().enumerate() {
+            if let Some(p) = row.own {
+                let w = &scores[r * stride + row.len..r * stride + row.len + 1];
+                add_values(w, inv[r], values.as_ptr().add(p * d), row.len == 0, &mut out[row.at..row.at + d]);
+            }
+        }
+    }
+
+    /// o += Σ_p w[p]·inv·values[p] for consecutive value rows (o starts at zero when `first`):
+    /// each lane adds the rows in order into one accumulator, 64 lanes held in registers.
+    #[inline(always)]
+    unsafe fn add_values(w: &[f32], inv: f32, values: *const f32, first: bool, o: &mut [f32]) {
+        let d = o.len();
+        let mut c0 = 0;
+        while c0 + 64 <= d {
+            add_lanes::<8>(w, inv, values, d, c0, first, o);
+            c0 += 64;
+        }
+        while c0 < d {
+            add_lanes::<1>(w, inv, values, d, c0, first, o);
+            c0 += 8;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add_lanes<const N: usize>(
+        w: &[f32],
+        inv: f32,
+        values: *const f32,
+        d: usize,
+        c0: usize,
+        first: bool,
+        o: &mut [f32],
+    ) {
+        let op = o.as_mut_ptr().add(c0);
+        let mut acc: [__m256; N] =
+            std::array::from_fn(|n| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(op.add(n * 8)) });
+        for (p, &wp) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(wp * inv);
+            let row = values.add(p * d + c0);
+            for n in 0..N {
+                acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
+            }
+        }
+        for n in 0..N {
+            _mm256_storeu_ps(op.add(n * 8), acc[n]);
+        }
+    }
+
     /// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
@@ -346,49 +437,6 @@ mod avx2 {
             _mm256_set1_epi32(127),
         )));
         _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale))
-    }
-
-    /// o = sum_p weights[p] * inv * values[p]: 64 output lanes at a time stay in registers while
-    /// every value row streams past.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(weights: &[f32], inv: f32, values: [&[f32]; 2], o: &mut [f32]) {
-        let d = o.len();
-        let mut c0 = 0;
-        while c0 + 64 <= d {
-            lanes::<8>(weights, inv, values, d, c0, o);
-            c0 += 64;
-        }
-        while c0 < d {
-            lanes::<1>(weights, inv, values, d, c0, o);
-            c0 += 8;
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn lanes<const N: usize>(
-        weights: &[f32],
-        inv: f32,
-        values: [&[f32]; 2],
-        d: usize,
-        c0: usize,
-        o: &mut [f32],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        // The rows of both runs in order, into the same accumulators.
-        let split = values[0].len() / d;
-        for (run, ws) in [&weights[..split], &weights[split..]].into_iter().enumerate() {
-            let vp = values[run].as_ptr().add(c0);
-            for (p, &w) in ws.iter().enumerate() {
-                let wv = _mm256_set1_ps(w * inv);
-                let row = vp.add(p * d);
-                for n in 0..N {
-                    acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
-                }
-            }
-        }
-        for n in 0..N {
-            _mm256_storeu_ps(o.as_mut_ptr().add(c0 + n * 8), acc[n]);
-        }
     }
 }
 
@@ -521,10 +569,12 @@ pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: Cac
 /// Causal attention of each token over its own slot's cache: positions 0..prefix, then itself.
 /// q: [tokens, heads, head_dim] -> out: [tokens, heads * head_dim].
 ///
-/// One work item is one (head, token) row; a row's result is computed by the same instructions
-/// whatever else is in the batch, so verifying k drafted tokens gives each of them bit for bit what
-/// decoding it alone would. Items run head-major: a sequence's verified rows for one head follow
-/// each other on the same worker and find that head's keys and values still in cache.
+/// A work item is a few query rows that read the same keys and values: consecutive tokens of one
+/// slot, the query heads of one KV head. They go over the keys in blocks of eight, each block
+/// staying in L1 while every row of the item uses it (a verification's k rows would otherwise
+/// each stream the whole cache from L2). A row's result is computed by the same instructions
+/// whatever else is in its item or the batch, so verifying k drafted tokens gives each of them
+/// bit for bit what decoding it alone would.
 pub fn attention(
     q: &[f32],
     k_cache: &[f32],
@@ -539,38 +589,88 @@ pub fn attention(
     assert_eq!(q.len(), t * heads * d);
     assert_eq!(out.len(), t * heads * d);
     let group = heads / g.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
+    // Rows per item: enough items to balance the threads, at most a few tokens' worth.
+    let per_item = (t * heads / (team::threads() * 4)).clamp(1, 3 * group);
+    let mut items = Vec::new();
+    let mut start = 0;
+    while start < t {
+        let end = start + tokens[start..].iter().take_while(|ts| ts.slot == tokens[start].slot).count();
+        for kv in 0..g.kv_heads {
+            let rows = (end - start) * group;
+            items.extend((0..rows).step_by(per_item).map(|r| (start, kv, r, (r + per_item).min(rows))));
+        }
+        start = end;
+    }
     let dst = SharedMut(out.as_mut_ptr());
     let item = |i: usize| {
-        let (h, ti) = (i / t, i % t);
-        let ts = tokens[ti];
-        let th = ti * heads + h;
-        let base = g.offset(ts.slot, h / group, 0);
-        // Keys 0..prefix then the token's own: one contiguous run when prefix == pos.
-        let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, 0) } else { (ts.prefix, 1) };
-        let own_at = base + ts.pos * d;
-        let keys = [&k_cache[base..base + len * d], &k_cache[own_at..own_at + own * d]];
-        let values = [&v_cache[base..base + len * d], &v_cache[own_at..own_at + own * d]];
+        let (first, kv, r0, r1) = items[i];
+        let base = g.offset(tokens[first].slot, kv, 0);
+        let rows: Vec<QueryRow> = (r0..r1)
+            .map(|r| {
+                let (ti, h) = (first + r / group, kv * group + r % group);
+                let ts = tokens[ti];
+                // Keys 0..len of the run, then the token's own when it is not the next one.
+                let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, None) } else { (ts.prefix, Some(ts.pos)) };
+                QueryRow { at: (ti * heads + h) * d, len, own }
+            })
+            .collect();
         #[allow(clippy::redundant_locals)]
         let dst = dst;
-        // SAFETY: item i alone writes row th of out, and th is distinct for every i.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(th * d), d) };
-        SCORES.with_borrow_mut(|scores| attend_row(&q[th * d..(th + 1) * d], keys, values, scale, scores, o));
+        // SAFETY: every row belongs to exactly one item, and an item writes only its rows of out.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.0, t * heads * d) };
+        let keys = &k_cache[base..base + g.capacity * d];
+        let values = &v_cache[base..base + g.capacity * d];
+        SCORES.with_borrow_mut(|scores| attend_rows(q, keys, values, &rows, d, scores, out));
     };
     // Forking workers costs more than a decode step's few heads over a short cache.
     let work: usize = tokens.iter().map(|ts| ts.prefix.min(ts.pos) + 1).sum::<usize>() * heads * d;
     if work < 1 << 16 {
-        (0..t * heads).for_each(item);
+        (0..items.len()).for_each(item);
     } else {
-        team::for_each(t * heads, &item);
+        team::for_each(items.len(), &item);
     }
 }
 
+/// One query row of an attention item: where its query and output are, how many of the run's
+/// keys it sees, and the position of its own key when that is not the next one (a sibling).
+struct QueryRow {
+    at: usize,
+    len: usize,
+    own: Option<usize>,
+}
+
 thread_local! {
-    /// Each thread's attention scores (one query row's at a time).
+    /// Each thread's attention scores (one item's rows at a time).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The rows of one item against one KV head's keys and values (`[capacity, d]` each).
+fn attend_rows(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    rows: &[QueryRow],
+    d: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let scale = 1.0 / (d as f32).sqrt();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA; rows lie within q, out and the cache runs.
+            return unsafe { avx2::attend_rows(q, keys, values, rows, d, scale, scores, out) };
+        }
+    }
+    for r in rows {
+        let own = r.own.map_or(0..0, |p| p * d..(p + 1) * d);
+        let k = [&keys[..r.len * d], &keys[own.clone()]];
+        let v = [&values[..r.len * d], &values[own]];
+        attend_row(&q[r.at..r.at + d], k, v, scale, scores, &mut out[r.at..r.at + d]);
+    }
+}
+
+/// The portable form of `avx2::attend_rows`, one row at a time.
 /// One query row against the keys and values of two runs of rows ([len, d] each, the second
 /// possibly empty), in order: softmax(q.K * scale).V into o. Each key's score and each value's
 /// term are computed alike wherever the row lies, so a tree sibling attending to [prefix, itself]
@@ -581,19 +681,6 @@ fn attend_row(q: &[f32], keys: [&[f32]; 2], values: [&[f32]; 2], scale: f32, sco
     let len = split + keys[1].len() / d;
     scores.clear();
     scores.resize(len, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA; every slice holds whole rows of d = 8n floats.
-            unsafe {
-                avx2::scores(q, keys[0], scale, &mut scores[..split]);
-                avx2::scores(q, keys[1], scale, &mut scores[split..]);
-                let inv = avx2::softmax_in_place(scores);
-                avx2::weighted_sum(scores, inv, values, o);
-            }
-            return;
-        }
-    }
     for (s, k) in scores.iter_mut().zip(keys[0].chunks_exact(d).chain(keys[1].chunks_exact(d))) {
         *s = dot(q, k) * scale;
     }
