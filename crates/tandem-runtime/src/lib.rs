@@ -6,4 +6,4 @@ pub mod spec;
 
 pub use chat::{ChatTemplate, Message};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, GenerationStats, TextStream};
-pub use sampling::{SampledToken, Sampler, SamplingParams, Target};
+pub use sampling::{InvalidParam, SampledToken, Sampler, SamplingParams, Target, MAX_TEMPERATURE};

@@ -39,22 +39,50 @@ impl Default for SamplingParams {
     }
 }
 
+/// The highest temperature any API accepts (OpenAI's documented range is [0, 2]; the training
+/// API follows the same rule so that the two never disagree).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// A sampling parameter out of its range: which one, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidParam {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for InvalidParam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 impl SamplingParams {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+    /// The one check of every sampling parameter's range, for every API.
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |param, message: String| Err(InvalidParam { param, message });
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
+            return bad(
+                "temperature",
+                format!("`temperature` must be in [0, {MAX_TEMPERATURE}], got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad("top_p", format!("`top_p` must be in (0, 1], got {}", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return bad("min_p", format!("`min_p` must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("`repetition_penalty` must be > 0, got {}", self.repetition_penalty),
+            );
         }
         if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
-            return Err(format!("logit_bias values must be between -100 and 100, got {b} for token {t}"));
+            return bad(
+                "logit_bias",
+                format!("`logit_bias` values must be between -100 and 100, got {b} for token {t}"),
+            );
         }
         Ok(())
     }

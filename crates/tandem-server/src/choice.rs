@@ -7,7 +7,7 @@ use crate::AppState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_engine::{EngineError, Event, GenerationRequest, SpecUsage};
+use tandem_engine::{Event, GenerationRequest, SpecUsage};
 use tandem_runtime::{FinishReason, TextStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -25,15 +25,6 @@ pub enum ChoiceEvent {
     Error(String),
 }
 
-pub fn engine_error(e: EngineError) -> ApiError {
-    match e {
-        EngineError::QueueFull(_) | EngineError::ShuttingDown => ApiError::unavailable(e.to_string(), 1),
-        EngineError::PromptTooLong { .. } => ApiError::bad_request(e.to_string(), Some("prompt")),
-        EngineError::EmptyPrompt => ApiError::bad_request(e.to_string(), Some("prompt")),
-        EngineError::Invalid(m) => ApiError::bad_request(m, None),
-    }
-}
-
 /// Starts one choice; its events arrive on the returned channel.
 pub fn start(
     state: &Arc<AppState>,
@@ -43,7 +34,7 @@ pub fn start(
     started: Instant,
 ) -> Result<UnboundedReceiver<ChoiceEvent>, ApiError> {
     let client = request.client.clone().unwrap_or_else(|| "default".into());
-    let mut events = state.engine.submit(request).map_err(engine_error)?;
+    let mut events = state.engine.submit(request)?;
     let (tx, rx) = unbounded_channel();
     let state = state.clone();
     tokio::spawn(async move {

@@ -3,6 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tandem_engine::EngineError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -81,5 +82,20 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+/// The engine's refusals as OpenAI errors: the caller's mistakes are 400 with the parameter
+/// named, a full queue or a stopping engine 503 with a retry hint.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull(_) | EngineError::ShuttingDown => ApiError::unavailable(e.to_string(), 1),
+            EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt => {
+                ApiError::bad_request(e.to_string(), Some("prompt"))
+            }
+            EngineError::InvalidParam { param, message } => ApiError::bad_request(message, Some(param)),
+            EngineError::Invalid(m) => ApiError::bad_request(m, None),
+        }
     }
 }

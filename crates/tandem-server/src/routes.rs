@@ -9,7 +9,7 @@ use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -131,24 +131,20 @@ fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -
     Ok(v)
 }
 
-/// `logit_bias` as (token id, bias): ids below `vocab`, biases within -100..=100.
-fn logit_bias(c: &Common, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+/// `logit_bias` as (token id, bias); the ids' and biases' ranges are the engine's to check.
+fn logit_bias(c: &Common) -> Result<Vec<(u32, f32)>, ApiError> {
     let bad = |m: String| ApiError::bad_request(m, Some("logit_bias"));
     let mut out = Vec::new();
     for (key, &bias) in c.logit_bias.iter().flatten() {
         let id: u32 = key.trim().parse().map_err(|_| bad(format!("`logit_bias` keys are token ids, got `{key}`")))?;
-        if id as usize >= vocab {
-            return Err(bad(format!("`logit_bias` names token {id}; the vocabulary has {vocab}")));
-        }
-        if !(-100.0..=100.0).contains(&bias) {
-            return Err(bad(format!("`logit_bias` values must be between -100 and 100, got {bias} for token {id}")));
-        }
         out.push((id, bias));
     }
     Ok(out)
 }
 
-fn sampling(c: &Common, top_logprobs: usize, vocab: usize) -> Result<SamplingParams, ApiError> {
+/// The request's sampling parameters. Their ranges are checked once, by the engine
+/// (`SamplingParams::validate`, the same rule the training API's sampling meets).
+fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
     let top_k = match c.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
@@ -156,21 +152,16 @@ fn sampling(c: &Common, top_logprobs: usize, vocab: usize) -> Result<SamplingPar
             return Err(ApiError::bad_request(format!("`top_k` must be -1 (off) or positive, got {k}"), Some("top_k")))
         }
     };
-    let s = SamplingParams {
-        temperature: in_range(c.temperature.unwrap_or(1.0), 0.0, 2.0, "temperature")?,
+    Ok(SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
         top_k,
         top_p: c.top_p.unwrap_or(1.0),
-        min_p: in_range(c.min_p.unwrap_or(0.0), 0.0, 1.0, "min_p")?,
+        min_p: c.min_p.unwrap_or(0.0),
         repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
         seed: c.seed,
         top_logprobs,
-        logit_bias: logit_bias(c, vocab)?,
-    };
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(ApiError::bad_request(format!("`top_p` must be in (0, 1], got {}", s.top_p), Some("top_p")));
-    }
-    s.validate().map_err(|m| ApiError::bad_request(m, None))?;
-    Ok(s)
+        logit_bias: logit_bias(c)?,
+    })
 }
 
 fn check_model(state: &AppState, c: &Common) -> Result<(), ApiError> {
@@ -205,7 +196,7 @@ fn build_job(
         ));
     }
     let limit = state.engine.config().max_seq_len;
-    let base = sampling(c, logprobs.unwrap_or(0), state.tokenizer.get_vocab_size(true))?;
+    let base = sampling(c, logprobs.unwrap_or(0))?;
     let mut stop_ids = if c.ignore_eos.unwrap_or(false) { vec![] } else { state.stop_token_ids.clone() };
     stop_ids.extend(c.stop_token_ids.iter().flatten());
     let stops = match &c.stop {
@@ -219,15 +210,23 @@ fn build_job(
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     for (pi, (ids, echo)) in prompts.into_iter().enumerate() {
-        if ids.is_empty() {
-            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
-        }
-        if ids.len() >= limit {
-            return Err(ApiError::bad_request(
-                format!("the prompt has {} tokens but this model's context is {limit} tokens", ids.len()),
-                Some(if endpoint == Endpoint::Chat { "messages" } else { "prompt" }),
-            ));
-        }
+        // The engine's one check of prompt and sampling (the chat API calls its prompt `messages`).
+        let probe = GenerationRequest {
+            prompt: ids.clone(),
+            max_tokens: 1,
+            sampling: base.clone(),
+            stop_token_ids: Vec::new(),
+            client: None,
+            agent: None,
+            weights: None,
+        };
+        state.engine.validate(&probe).map_err(|e| {
+            let mut e = ApiError::from(e);
+            if endpoint == Endpoint::Chat && e.param.as_deref() == Some("prompt") {
+                e.param = Some("messages".into());
+            }
+            e
+        })?;
         let max_tokens = match max_tokens {
             Some(m) if m < 1 => {
                 return Err(ApiError::bad_request(
@@ -626,8 +625,17 @@ pub async fn models(State(state): Shared) -> Json<Value> {
     }]}))
 }
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while the engine serves; 503 once its thread has stopped (a load balancer then stops
+/// sending traffic here instead of collecting errors).
+pub async fn health(State(state): Shared) -> Response {
+    match state.engine.is_alive() {
+        true => Json(json!({"status": "ok"})).into_response(),
+        false => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unhealthy", "error": "the engine thread has stopped"})),
+        )
+            .into_response(),
+    }
 }
 
 pub async fn metrics(State(state): Shared) -> Response {

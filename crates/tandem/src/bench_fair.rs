@@ -164,7 +164,7 @@ async fn drive(port: u16, loads: Vec<ClientLoad>, duration: f64) -> Vec<Record> 
                     let prompt = prompt_text(load.prompt_words, stream * 1000 + n);
                     n += 1;
                     match one_request(port, load.name, &prompt, (load.max_tokens)(t), t0).await {
-                        Ok(r) => records.lock().expect("not poisoned").push(r),
+                        Ok(r) => records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(r),
                         Err(e) => eprintln!("{}: {e}", load.name),
                     }
                     if !load.think.is_zero() {
@@ -177,7 +177,7 @@ async fn drive(port: u16, loads: Vec<ClientLoad>, duration: f64) -> Vec<Record> 
     for t in tasks {
         let _ = t.await;
     }
-    let r = records.lock().expect("not poisoned").clone();
+    let r = records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     r
 }
 

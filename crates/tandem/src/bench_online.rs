@@ -239,7 +239,7 @@ fn replay(
                             Event::Failed(m) => bail!("request {i} failed: {m}"),
                         }
                     };
-                    let mut d = done.lock().expect("not poisoned");
+                    let mut d = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     d.push(Done {
                         index: i,
                         domain: prompts[i].domain,
@@ -250,7 +250,7 @@ fn replay(
                         output,
                     });
                     if let Some(ex) = exchange {
-                        samples.lock().expect("not poisoned").push((
+                        samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((
                             d.len(),
                             ex.chosen_k.load(Ordering::Relaxed),
                             ex.serving_version.load(Ordering::Relaxed),

@@ -158,7 +158,7 @@ fn record(log: &Shared, started: Instant, kind: &'static str, began: Instant, re
         seconds: began.elapsed().as_secs_f64(),
         error: result.err().map(|e| kind_of(&e)),
     };
-    log.lock().expect("not poisoned").events.push(event);
+    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).events.push(event);
 }
 
 /// A chat client: requests until the deadline; `hang` marks those it hangs up on.
@@ -380,7 +380,11 @@ pub fn run(args: SoakBenchArgs) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             while started.elapsed().as_secs_f64() < minutes * 60.0 {
                 if let Some(b) = rss_bytes(pid) {
-                    sampler_log.lock().expect("not poisoned").rss.push((started.elapsed().as_secs_f64(), b));
+                    sampler_log
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .rss
+                        .push((started.elapsed().as_secs_f64(), b));
                 }
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
@@ -400,7 +404,7 @@ pub fn run(args: SoakBenchArgs) -> Result<()> {
         .unwrap_or("?")
         .to_string();
     drop(server);
-    let log = log.lock().expect("not poisoned");
+    let log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     report(&log, &args, &model, &drafter_version)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

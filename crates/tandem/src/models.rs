@@ -30,14 +30,16 @@ pub fn data_dir() -> PathBuf {
     home.join(".local/share/tandem")
 }
 
-/// Fetches (or verifies) the default models into the cache.
-pub fn fetch() -> Result<()> {
+/// Fetches (or verifies) default models into the cache: `which` is `smollm2`, `qwen-coder` or
+/// `all`.
+pub fn fetch(which: &str) -> Result<()> {
     let dir = cache_dir();
     let status = Command::new("bash")
         .arg("-c")
         .arg(FETCH_SCRIPT)
         .arg("fetch-models.sh")
         .arg(&dir)
+        .arg(which)
         .status()
         .context("running bash for the model fetch script")?;
     if !status.success() {
@@ -46,12 +48,17 @@ pub fn fetch() -> Result<()> {
     Ok(())
 }
 
-/// The path of a default model, fetching it first when it is not cached.
-pub fn default_model(file: &str) -> Result<PathBuf> {
+/// The path of a default model (by short name), fetching only that one when it is not cached.
+pub fn default_model(name: &str) -> Result<PathBuf> {
+    let file = match name {
+        "smollm2" => SMOLLM2_FILE,
+        "qwen-coder" => QWEN_CODER_FILE,
+        other => bail!("no default model is called `{other}` (smollm2 or qwen-coder)"),
+    };
     let path = cache_dir().join(file);
     if !path.exists() {
-        eprintln!("{} is not cached yet; fetching the default models", path.display());
-        fetch()?;
+        eprintln!("{} is not cached yet; fetching it", path.display());
+        fetch(name)?;
     }
     Ok(path)
 }
@@ -59,8 +66,8 @@ pub fn default_model(file: &str) -> Result<PathBuf> {
 /// Resolves a --model value: a path, or one of the short names `smollm2` / `qwen-coder`.
 pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
     match model {
-        None | Some("smollm2") => default_model(SMOLLM2_FILE),
-        Some("qwen-coder") | Some("qwen2.5-coder") => default_model(QWEN_CODER_FILE),
+        None | Some("smollm2") => default_model("smollm2"),
+        Some("qwen-coder") | Some("qwen2.5-coder") => default_model("qwen-coder"),
         Some(p) => Ok(PathBuf::from(p)),
     }
 }

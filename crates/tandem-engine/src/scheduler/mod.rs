@@ -1,5 +1,5 @@
 //! Which request runs next, and who pays for the work. Pure bookkeeping on request descriptions:
-//! no tensors, so policies are tested in milliseconds (see `sim`).
+//! no tensors, so policies are tested in milliseconds on the real `Scheduler` (see `tests`).
 //!
 //! Contract with the engine: `on_arrival` when a request starts waiting, `pick` to admit one into a
 //! free slot, `charge` as its work is done (prompt tokens when prefilled, output tokens as they are
@@ -8,9 +8,11 @@
 //! (finished, failed or cancelled). A policy must pick something whenever anyone waits: the engine
 //! never idles a free slot (work conservation).
 mod fair;
-pub mod sim;
+mod step;
 
 pub use fair::{FairConfig, VirtualTokenCounter};
+pub(crate) use step::KvSlots;
+pub use step::{DraftAsk, Scheduled, Scheduler, StepPlan};
 
 /// What a policy may look at for a request.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,215 @@
-//! Fairness properties, checked on the model-free simulator (milliseconds per test).
-use super::sim::{SimStep, Simulator};
-use super::{FairConfig, Fcfs, SchedulingPolicy, VirtualTokenCounter};
+//! Fairness and preemption properties, checked on the real `Scheduler` and commit stage with a
+//! fake model runner (milliseconds per test): the engine runs this same code, so the properties
+//! hold for what it serves.
+use super::*;
+use crate::commit::{commit, CommitKv};
+use crate::engine::{EngineConfig, Event, GenerationRequest};
+use crate::runner::StepOutput;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// A model runner without a model: its cache is a length per slot, and every position's logits
+/// make token 1 the greedy choice.
+struct FakeRunner {
+    lens: Vec<usize>,
+}
+
+impl FakeRunner {
+    fn execute(&mut self, plan: &StepPlan) -> StepOutput {
+        let (mut logits, mut logit_rows) = (Vec::new(), Vec::new());
+        for p in &plan.seqs {
+            assert_eq!(self.lens[p.slot], p.start, "the plan starts where the cache ends");
+            self.lens[p.slot] += p.tokens.len();
+            let first = logits.len();
+            let rows = match (p.wants_logits, p.draft.tokens.is_empty()) {
+                (false, _) => 0,
+                (true, true) => 1,
+                (true, false) => p.tokens.len(),
+            };
+            logits.extend((0..rows).map(|_| vec![0.0, 1.0]));
+            logit_rows.push(first..logits.len());
+        }
+        StepOutput { logits, logit_rows, hidden: Vec::new() }
+    }
+}
+
+impl KvSlots for FakeRunner {
+    fn snapshot(&self, _slot: usize) -> Option<tandem_models::KvSnapshot> {
+        None // preempted requests are recomputed
+    }
+    fn restore(&mut self, _slot: usize, _snapshot: &tandem_models::KvSnapshot) -> bool {
+        false
+    }
+    fn release(&mut self, slot: usize) {
+        self.lens[slot] = 0;
+    }
+    fn cache_bytes(&self) -> usize {
+        0
+    }
+}
+
+impl CommitKv for FakeRunner {
+    fn keep(&mut self, slot: usize, start: usize, _fed: usize, kept: usize, _sibling: Option<usize>) {
+        self.lens[slot] = start + kept;
+    }
+    fn observe(&mut self, _: usize, _: usize, _: usize, _: usize, _: &[candle_core::Tensor]) {}
+    fn drafting(&self) -> bool {
+        false
+    }
+}
+
+/// The policy under test, with every charge recorded as (request id, input, output).
+struct Recording {
+    inner: Box<dyn SchedulingPolicy>,
+    charges: Arc<Mutex<Vec<(u64, usize, usize)>>>,
+}
+
+impl SchedulingPolicy for Recording {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn on_arrival(&mut self, r: &RequestInfo) {
+        self.inner.on_arrival(r)
+    }
+    fn pick(&mut self, waiting: &[RequestInfo]) -> Option<usize> {
+        self.inner.pick(waiting)
+    }
+    fn charge(&mut self, r: &RequestInfo, input: usize, output: usize) {
+        self.charges.lock().unwrap().push((r.id, input, output));
+        self.inner.charge(r, input, output)
+    }
+    fn victim(&mut self, running: &[RequestInfo], waiting: &[RequestInfo]) -> Option<usize> {
+        self.inner.victim(running, waiting)
+    }
+    fn on_finish(&mut self, r: &RequestInfo) {
+        self.inner.on_finish(r)
+    }
+    fn rank(&self, r: &RequestInfo) -> f64 {
+        self.inner.rank(r)
+    }
+    fn service(&self) -> Vec<Service> {
+        self.inner.service()
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SimStep {
+    /// (id, input tokens, output tokens) charged this step.
+    charged: Vec<(u64, usize, usize)>,
+    admitted: Vec<u64>,
+    preempted: Vec<u64>,
+    finished: Vec<u64>,
+    /// Free slots left after admission while requests still waited (must always be 0).
+    idle_slots_while_waiting: usize,
+}
+
+/// The engine's step on the real scheduler and commit stage, the fake runner in the model's place.
+struct Simulator {
+    sched: Scheduler,
+    kv: FakeRunner,
+    config: EngineConfig,
+    charges: Arc<Mutex<Vec<(u64, usize, usize)>>>,
+    /// Each request's event channel, kept open (a closed one is a cancelled request).
+    events: HashMap<u64, UnboundedReceiver<Event>>,
+}
+
+impl Simulator {
+    fn new(policy: Box<dyn SchedulingPolicy>, slots: usize, step_token_budget: usize) -> Self {
+        let config = EngineConfig { max_batch: slots, step_token_budget, max_seq_len: 4096, ..Default::default() };
+        let charges = Arc::new(Mutex::new(Vec::new()));
+        let policy = Box::new(Recording { inner: policy, charges: charges.clone() });
+        Simulator {
+            sched: Scheduler::new(config.clone(), policy),
+            kv: FakeRunner { lens: vec![0; slots] },
+            config,
+            charges,
+            events: HashMap::new(),
+        }
+    }
+
+    /// Queues a request; returns its id.
+    fn submit(&mut self, client: &str, agent: Option<&str>, prompt_tokens: usize, output_tokens: usize) -> u64 {
+        let request = GenerationRequest {
+            prompt: vec![0; prompt_tokens.max(1)],
+            max_tokens: output_tokens.max(1),
+            sampling: Default::default(),
+            stop_token_ids: Vec::new(),
+            client: Some(client.into()),
+            agent: agent.map(Into::into),
+            weights: None,
+        };
+        let (tx, rx) = unbounded_channel();
+        let id = self.sched.add(request, tx);
+        self.events.insert(id, rx);
+        id
+    }
+
+    /// Requests of `entity` waiting or running.
+    fn active(&self, entity: &str) -> usize {
+        let waiting = self.sched.waiting.iter().map(|w| w.info());
+        let running = self.sched.running.iter().map(|s| &s.info);
+        waiting.chain(running).filter(|i| i.entity() == entity).count()
+    }
+
+    fn running_ids(&self) -> Vec<u64> {
+        self.sched.running.iter().map(|s| s.info.id).collect()
+    }
+
+    fn step(&mut self) -> SimStep {
+        let mut out = SimStep::default();
+        let before = self.running_ids();
+        self.sched.admit(&mut self.kv, &|_| None);
+        let after = self.running_ids();
+        out.admitted = after.iter().filter(|id| !before.contains(id)).copied().collect();
+        out.preempted = before.iter().filter(|id| !after.contains(id)).copied().collect();
+        if self.sched.waiting_len() > 0 {
+            out.idle_slots_while_waiting = self.config.max_batch - self.sched.running_len();
+        }
+        let plan = self.sched.plan(Vec::new());
+        let output = self.kv.execute(&plan);
+        let report = commit(&mut self.sched, &mut self.kv, &self.config, &plan, &output);
+        out.finished = report.finished.iter().map(|&i| self.sched.running[i].info.id).collect();
+        out.finished.sort_unstable();
+        for s in self.sched.finish(report.finished, &mut self.kv) {
+            self.events.remove(&s.info.id);
+        }
+        let lens = &self.kv.lens;
+        self.sched.check(&|slot| lens[slot]).unwrap();
+        out.charged = std::mem::take(&mut *self.charges.lock().unwrap());
+        out
+    }
+}
+
+/// The engine's bookkeeping holds after preemptions: a preempted request is recomputed, charged
+/// its prompt once, and finishes with exactly its output.
+#[test]
+fn preempted_requests_are_recomputed_and_charged_once() {
+    let eager = Box::new(VirtualTokenCounter::new(FairConfig { preempt_margin: Some(16.0), ..Default::default() }));
+    let mut sim = Simulator::new(eager, 2, 32);
+    let mut input: HashMap<u64, usize> = HashMap::new();
+    let mut output: HashMap<u64, usize> = HashMap::new();
+    let mut preempted = 0;
+    for step in 0..400 {
+        if step < 40 {
+            sim.submit(if step % 2 == 0 { "a" } else { "b" }, None, 20 + step, 10);
+        }
+        let s = sim.step();
+        preempted += s.preempted.len();
+        for (id, i, o) in s.charged {
+            *input.entry(id).or_default() += i;
+            *output.entry(id).or_default() += o;
+        }
+    }
+    assert!(preempted > 0, "the test must preempt");
+    assert!(sim.sched.is_idle());
+    assert_eq!(input.len(), 40);
+    for (id, i) in input {
+        assert_eq!(i, 20 + id as usize, "request {id}: prompt charged once");
+        assert_eq!(output[&id], 10, "request {id}: output charged as emitted");
+    }
+}
 
 const SLOTS: usize = 8;
 const BUDGET: usize = 64;

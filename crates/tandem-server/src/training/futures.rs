@@ -61,7 +61,7 @@ pub enum Poll {
 impl FutureStore {
     /// A new pending future, unless `limit` futures are pending already (then how many are).
     pub fn create(&self, limit: usize) -> Result<(String, Completer), usize> {
-        let mut inner = self.inner.lock().expect("not poisoned");
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pending = self.pending.load(Ordering::Relaxed);
         if pending >= limit {
             return Err(pending);
@@ -86,7 +86,7 @@ impl FutureStore {
 
     /// Waits up to `hold` for the future to finish.
     pub async fn poll(&self, id: &str, hold: Duration) -> Poll {
-        let rx = match self.inner.lock().expect("not poisoned").map.get(id) {
+        let rx = match self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.get(id) {
             None => return Poll::Unknown,
             Some(s) => s.subscribe(),
         };

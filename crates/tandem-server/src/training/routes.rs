@@ -523,11 +523,9 @@ async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes
         }
         Some(other) => return Err(bad(format!("`stop` must be a string or a list, got {other}"))),
     }
+    // Ranges are checked once, by the engine (`SamplingParams::validate`), for every API.
     let temperature = p.get("temperature").and_then(Value::as_f64).unwrap_or(1.0);
     let top_p = p.get("top_p").and_then(Value::as_f64).unwrap_or(1.0);
-    if !(0.0..=100.0).contains(&temperature) || !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
-        return Err(bad("temperature must be in [0, 100] and top_p in (0, 1]"));
-    }
     let req = SampleRequest {
         session,
         key_client: identity.and_then(|i| i.0.key_client),

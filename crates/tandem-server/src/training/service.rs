@@ -84,7 +84,7 @@ struct MemoryHold<'a> {
 
 impl Drop for MemoryHold<'_> {
     fn drop(&mut self) {
-        *self.service.memory_held.lock().expect("not poisoned") -= self.bytes;
+        *self.service.memory_held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) -= self.bytes;
         self.service.memory_freed.notify_all();
     }
 }
@@ -122,6 +122,21 @@ impl Failure {
     /// The caller's to fix (a conflict included).
     pub fn is_user(&self) -> bool {
         self.kind != FailureKind::Server
+    }
+}
+
+/// The engine's refusals as training-API failures: the caller's mistakes are user errors, a full
+/// queue is busy (retry), a stopping engine a server error.
+impl From<tandem_engine::EngineError> for Failure {
+    fn from(e: tandem_engine::EngineError) -> Self {
+        use tandem_engine::EngineError as E;
+        match e {
+            E::QueueFull(_) => Failure::busy(e.to_string()),
+            E::ShuttingDown => Failure::server(e.to_string()),
+            E::EmptyPrompt | E::PromptTooLong { .. } | E::Invalid(_) | E::InvalidParam { .. } => {
+                Failure::user(e.to_string())
+            }
+        }
     }
 }
 
@@ -342,12 +357,15 @@ impl TrainingService {
 
     pub fn create_session(&self) -> String {
         let id = format!("session-{}-{:08x}", self.unique(), rand::random::<u32>());
-        self.sessions.lock().expect("not poisoned").insert(id.clone(), std::time::Instant::now());
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), std::time::Instant::now());
         id
     }
 
     pub fn heartbeat(&self, session: &str) -> Result<()> {
-        match self.sessions.lock().expect("not poisoned").get_mut(session) {
+        match self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(session) {
             Some(t) => {
                 *t = std::time::Instant::now();
                 Ok(())
@@ -358,7 +376,7 @@ impl TrainingService {
 
     /// A known session (any request naming it counts as a sign of life).
     fn check_session(&self, session: &str) -> Result<()> {
-        match self.sessions.lock().expect("not poisoned").get_mut(session) {
+        match self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(session) {
             Some(seen) => {
                 *seen = std::time::Instant::now();
                 Ok(())
@@ -374,9 +392,12 @@ impl TrainingService {
     /// their sampling sessions dropped (saved checkpoints stay on disk).
     pub fn expire_sessions(&self) {
         let timeout = self.config.limits.session_timeout;
-        self.samplers.lock().expect("not poisoned").retain(|_, used| used.elapsed() <= timeout);
+        self.samplers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, used| used.elapsed() <= timeout);
         let expired: Vec<String> = {
-            let mut sessions = self.sessions.lock().expect("not poisoned");
+            let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let old: Vec<String> =
                 sessions.iter().filter(|(_, seen)| seen.elapsed() > timeout).map(|(id, _)| id.clone()).collect();
             for id in &old {
@@ -386,13 +407,16 @@ impl TrainingService {
         };
         for session in expired {
             let prefix = format!("{session}:");
-            let mut models = self.models.lock().expect("not poisoned");
+            let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let unloaded: Vec<String> = models.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
             for id in &unloaded {
                 models.remove(id);
             }
             drop(models);
-            self.samplers.lock().expect("not poisoned").retain(|s, _| s.session.as_deref() != Some(session.as_str()));
+            self.samplers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|s, _| s.session.as_deref() != Some(session.as_str()));
             tracing::info!(session, models = unloaded.len(), "session expired: no request or heartbeat in time");
         }
     }
@@ -413,7 +437,8 @@ impl TrainingService {
     /// A training model by id; using a session's model counts as a sign of life of the session.
     pub fn model(&self, id: &str) -> Result<Arc<TrainedModel>> {
         if let Some((session, _)) = id.split_once(":train:") {
-            if let Some(seen) = self.sessions.lock().expect("not poisoned").get_mut(session) {
+            if let Some(seen) = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(session)
+            {
                 *seen = std::time::Instant::now();
             }
         }
@@ -429,7 +454,7 @@ impl TrainingService {
     pub fn create_model(&self, session: &str, seq: i64, mode: Mode, seed: u64) -> Result<String> {
         self.check_session(session)?;
         let id = format!("{session}:train:{seq}");
-        if self.models.lock().expect("not poisoned").contains_key(&id) {
+        if self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&id) {
             return Ok(id); // a resubmitted create
         }
         let trainer = self.new_trainer(&id, mode, seed)?;
@@ -451,7 +476,7 @@ impl TrainingService {
     /// or a full-weight one beyond `--max-full-models` (each holds a copy of every weight plus
     /// gradients and optimizer state: ~2 GB for SmolLM2-135M).
     fn check_room(&self, id: &str, mode: Mode) -> Result<()> {
-        let models = self.models.lock().expect("not poisoned");
+        let models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let others: Vec<&Arc<TrainedModel>> = models.iter().filter(|(k, _)| k.as_str() != id).map(|(_, m)| m).collect();
         let full = others.iter().filter(|m| m.mode == Mode::Full).count();
         let limits = &self.config.limits;
@@ -487,7 +512,7 @@ impl TrainingService {
     /// returned guard drops.
     fn hold_memory(&self, bytes: u64) -> MemoryHold<'_> {
         let bytes = bytes.min(self.config.memory_budget);
-        let mut held = self.memory_held.lock().expect("not poisoned");
+        let mut held = self.memory_held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while *held + bytes > self.config.memory_budget {
             held = self.memory_freed.wait(held).expect("not poisoned");
         }
@@ -507,7 +532,7 @@ impl TrainingService {
 
     /// Frees a training model (its thread ends once its queued requests are done).
     pub fn unload(&self, id: &str) -> Result<()> {
-        match self.models.lock().expect("not poisoned").remove(id) {
+        match self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id) {
             Some(_) => Ok(()),
             None => Err(Failure::user(format!("unknown model_id `{id}`"))),
         }
@@ -517,12 +542,15 @@ impl TrainingService {
     pub fn register_lora_name(&self, path: &str) -> Result<String> {
         self.version_for(path)?;
         let name = TinkerPath::parse(path)?.name;
-        self.lora_names.lock().expect("not poisoned").insert(name.clone(), path.to_string());
+        self.lora_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), path.to_string());
         Ok(name)
     }
 
     pub fn lora_by_name(&self, name: &str) -> Result<WeightVersion> {
-        let path = self.lora_names.lock().expect("not poisoned").get(name).cloned();
+        let path = self.lora_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned();
         if let Some(path) = path {
             return self.version_for(&path);
         }
@@ -561,14 +589,14 @@ impl TrainingService {
             queue: Mutex::new(SeqQueue { next: 1, ..Default::default() }),
             jobs: Mutex::new(tx),
         };
-        self.models.lock().expect("not poisoned").insert(id, Arc::new(entry));
+        self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, Arc::new(entry));
         Ok(())
     }
 
     /// Queues `work` as request `seq` of `model`; runs it once every earlier seq_id has run.
     /// A resubmitted seq_id gets the first submission's request id.
     pub fn submit(&self, model: &TrainedModel, seq: i64, work: Work) -> Result<String> {
-        let mut q = model.queue.lock().expect("not poisoned");
+        let mut q = model.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(id) = q.seen.get(&seq) {
             return Ok(id.clone());
         }
@@ -581,7 +609,7 @@ impl TrainingService {
         let (id, done) = self.new_future()?;
         q.seen.insert(seq, id.clone());
         q.waiting.insert(seq, Job { work, done });
-        let jobs = model.jobs.lock().expect("not poisoned");
+        let jobs = model.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(job) = {
             let next = q.next;
             q.waiting.remove(&next)
@@ -639,7 +667,7 @@ impl TrainingService {
     /// The weights behind a sampler path: in memory, or loaded from disk.
     fn version_for(&self, path: &str) -> Result<WeightVersion> {
         let p = TinkerPath::parse(path)?;
-        if let Some(v) = self.versions.lock().expect("not poisoned").get(&p.to_path()) {
+        if let Some(v) = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&p.to_path()) {
             return Ok(v.clone());
         }
         let dir = self.checkpoint_dir(&p);
@@ -647,7 +675,7 @@ impl TrainingService {
         let mut t = TrainingModel::new(&self.base, mode, 0)?;
         t.load(&dir, false)?;
         let v = self.register_version(t.snapshot()?);
-        self.versions.lock().expect("not poisoned").insert(p.to_path(), v.clone());
+        self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(p.to_path(), v.clone());
         Ok(v)
     }
 
@@ -675,12 +703,12 @@ impl TrainingService {
 
     fn add_sampler(&self, s: Sampler) -> String {
         let id = format!("sampler-{}-{:08x}", self.unique(), rand::random::<u32>());
-        self.samplers.lock().expect("not poisoned").insert(id.clone(), Arc::new(s));
+        self.samplers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone(), Arc::new(s));
         id
     }
 
     pub fn sampler(&self, id: &str) -> Result<Arc<Sampler>> {
-        self.samplers.lock().expect("not poisoned").get(id).ok_or_else(|| {
+        self.samplers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(id).ok_or_else(|| {
             Failure::user(format!(
                 "unknown sampling_session_id `{id}` (samplers unused for --session-timeout, or beyond the \
                  --max-samplers most recently used, are dropped)"
@@ -725,7 +753,7 @@ impl TrainingService {
             return Err(Failure::user(format!("no checkpoint {}", p.to_path())));
         }
         std::fs::remove_dir_all(&dir).map_err(|e| Failure::server(format!("{}: {e}", dir.display())))?;
-        self.versions.lock().expect("not poisoned").remove(&p.to_path());
+        self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&p.to_path());
         Ok(())
     }
 
@@ -857,7 +885,10 @@ impl TrainingService {
                         self.check_disk(t.num_parameters() as u64 * 4)?;
                         let p = TinkerPath { run: model_id.into(), kind: "sampler_weights".into(), name };
                         t.save(&self.checkpoint_dir(&p), false)?;
-                        self.versions.lock().expect("not poisoned").insert(p.to_path(), version);
+                        self.versions
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(p.to_path(), version);
                         Ok(Outcome::Json(json!({"path": p.to_path(), "type": "save_weights_for_sampler"})))
                     }
                     (None, session) => {

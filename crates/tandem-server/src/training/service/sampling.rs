@@ -14,61 +14,43 @@ impl TrainingService {
     pub fn sample(&self, req: SampleRequest) -> Result<(String, Vec<String>)> {
         let key = req.dedup.clone();
         if let Some(k) = &key {
-            if let Some(found) = self.samples_seen.lock().expect("not poisoned").get(k) {
+            if let Some(found) = self.samples_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(k) {
                 return Ok(found.clone());
             }
-        }
-        let vocab = self.base.config.vocab_size;
-        if req.prompt.is_empty() {
-            return Err(Failure::user("the prompt is empty"));
-        }
-        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Failure::user(format!("prompt token id {bad} is outside the vocabulary ({vocab})")));
         }
         if req.num_samples == 0 || req.num_samples > 128 {
             return Err(Failure::user(format!("num_samples must be 1..=128, got {}", req.num_samples)));
         }
         let limit = self.engine.config().max_seq_len;
-        if req.prompt.len() >= limit {
-            return Err(Failure::user(format!(
-                "the prompt has {} tokens; the context holds {limit} (including one generated token)",
-                req.prompt.len()
-            )));
-        }
-        let max_tokens = req.max_tokens.unwrap_or(limit - req.prompt.len()).min(limit - req.prompt.len());
-        let mut receivers = Vec::new();
-        for i in 0..req.num_samples {
-            let sampling = SamplingParams {
+        let max_tokens = req.max_tokens.unwrap_or(limit).min(limit.saturating_sub(req.prompt.len()));
+        let request = |i: usize| GenerationRequest {
+            prompt: req.prompt.clone(),
+            max_tokens,
+            sampling: SamplingParams {
                 temperature: req.temperature,
                 top_k: req.top_k,
                 top_p: req.top_p,
                 seed: Some(req.seed.map_or_else(rand::random, |s| s.wrapping_add(i as u64))),
                 ..Default::default()
-            };
-            let gen = GenerationRequest {
-                prompt: req.prompt.clone(),
-                max_tokens,
-                sampling,
-                stop_token_ids: vec![],
-                client: Some(req.key_client.clone().unwrap_or_else(|| format!("tinker:{}", req.session))),
-                agent: req.key_client.as_ref().map(|_| format!("tinker:{}", req.session)),
-                weights: req.weights.clone(),
-            };
-            match self.engine.submit(gen) {
-                Ok(rx) => receivers.push(rx),
-                Err(e) => {
-                    let user = matches!(
-                        e,
-                        tandem_engine::EngineError::PromptTooLong { .. } | tandem_engine::EngineError::Invalid(_)
-                    );
-                    return Err(if user { Failure::user(e.to_string()) } else { Failure::server(e.to_string()) });
-                }
-            }
+            },
+            stop_token_ids: vec![],
+            client: Some(req.key_client.clone().unwrap_or_else(|| format!("tinker:{}", req.session))),
+            agent: req.key_client.as_ref().map(|_| format!("tinker:{}", req.session)),
+            weights: req.weights.clone(),
+        };
+        // The engine's one check, before any sample is queued (all n or none).
+        self.engine.validate(&request(0))?;
+        let mut receivers = Vec::new();
+        for i in 0..req.num_samples {
+            receivers.push(self.engine.submit(request(i))?);
         }
         let (id, done) = self.new_future()?;
         let seq_ids: Vec<String> = (0..req.num_samples).map(|i| format!("{id}-{i}")).collect();
         if let Some(k) = key {
-            self.samples_seen.lock().expect("not poisoned").insert(k, (id.clone(), seq_ids.clone()));
+            self.samples_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(k, (id.clone(), seq_ids.clone()));
         }
         let tokenizer = self.tokenizer.clone();
         let prompt_model =

@@ -1,0 +1,99 @@
+//! Online learning as an observer of committed steps: after the commit stage, `on_step` records
+//! what the target did into each sequence's trace (its distributions, hidden states and rejected
+//! draft tokens) and judges the served drafter version; `on_finished` hands finished traces to
+//! the trainer; `on_decode_step` feeds the draft-length controller. Nothing here decides a token.
+use crate::commit::StepReport;
+use crate::online::{OnlineState, Rejection, Trace, Version};
+use crate::runner::StepOutput;
+use crate::scheduler::StepPlan;
+use crate::sequence::Sequence;
+use candle_core::Tensor;
+use std::sync::atomic::Ordering;
+
+impl OnlineState {
+    /// Records a committed step into the traces of `running` (the scheduler's list, indexed as in
+    /// the plan). `layers`: how many of the hidden states are the drafter's features (the rest is
+    /// the last residual stream). Returns a drafter version to roll back to, applied between steps.
+    pub(crate) fn on_step(
+        &mut self,
+        running: &mut [Sequence],
+        plan: &StepPlan,
+        report: &StepReport,
+        out: &StepOutput,
+        layers: usize,
+    ) -> Option<Version> {
+        let mut rollback = None;
+        for ((p, c), rows) in plan.seqs.iter().zip(&report.seqs).zip(&out.logit_rows) {
+            let Some(trace) = running[p.index].trace.as_mut() else { continue };
+            if p.wants_logits {
+                // The target's distribution at every kept position that has logits. Logit rows
+                // are the last rows.len() of the fed tokens.
+                let first = p.start + p.tokens.len() - rows.len();
+                for j in (0..rows.len()).filter(|&j| first + j < p.start + c.kept) {
+                    let row = rows.start + c.row_of(p, j) - c.offset;
+                    trace.record_soft(first + j, &out.logits[row], self.hooks.config.trace_top);
+                }
+            }
+            // Copied (prompt-lookup) drafts say nothing about the learned drafter. Where a
+            // sibling won, the draft's first token was the one rejected.
+            if p.decode && !p.draft.lookup && !p.draft.tokens.is_empty() {
+                let judged = if c.alternative.is_some() { 0 } else { c.accepted };
+                if judged < p.draft.tokens.len() {
+                    let token = p.draft.tokens[judged];
+                    trace.rejected.push(Rejection { pos: p.start + judged, token, depth: judged });
+                }
+                rollback = self.record_draft(c.accepted > 0).or(rollback);
+            }
+            match c.alternative {
+                Some(_) => {
+                    record_features(trace, p.start, c.offset, 1, &out.hidden, layers);
+                    record_features(trace, p.start + 1, c.row_of(p, 1), 1, &out.hidden, layers);
+                }
+                None => record_features(trace, p.start, c.offset, c.kept, &out.hidden, layers),
+            }
+        }
+        rollback
+    }
+
+    /// Finished sequences' traces go to the trainer.
+    pub(crate) fn on_finished(&self, ended: Vec<Sequence>) {
+        for mut s in ended {
+            if let Some(trace) = s.trace.take().filter(|t| t.positions() >= 2) {
+                self.hooks.traces.push(Trace { tokens: std::mem::take(&mut s.history), ..trace });
+            }
+        }
+    }
+
+    /// A decode-only step at draft length k emitted `emitted` tokens in `step_secs` (drafting
+    /// included): the controller's measurement, published for /metrics.
+    pub(crate) fn on_decode_step(&mut self, k: usize, emitted: usize, step_secs: f64) {
+        self.k.record(k, emitted, step_secs);
+        let ex = &self.hooks.exchange;
+        ex.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);
+        ex.gain_bits.store(self.k.gain().to_bits(), Ordering::Relaxed);
+        if let Ok(mut t) = ex.k_table.try_lock() {
+            *t = self.k.table();
+        }
+    }
+}
+
+/// The target's features (and last residual stream) of `n` kept positions from `start`, rows
+/// `offset..offset + n` of the step's hidden states.
+fn record_features(trace: &mut Trace, start: usize, offset: usize, n: usize, hidden: &[Tensor], layers: usize) {
+    if hidden.is_empty() || n == 0 {
+        return;
+    }
+    let (features, last) = hidden.split_at(layers.min(hidden.len()));
+    let floats = |t: candle_core::Result<Tensor>| {
+        t.and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+    };
+    let rows: candle_core::Result<Vec<Tensor>> = features.iter().map(|h| h.narrow(0, offset, n)).collect();
+    let joined = floats(rows.and_then(|r| Tensor::cat(&r, 1)));
+    let last = last.first().map(|l| floats(l.narrow(0, offset, n))).transpose();
+    match (joined, last) {
+        (Ok(v), Ok(l)) => trace.record_features(start, &v, l.as_deref()),
+        (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "trace capture failed"),
+    }
+}

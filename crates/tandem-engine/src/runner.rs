@@ -1,0 +1,229 @@
+//! The model runner: owns the model, the KV cache and the drafter, and turns a `StepPlan` into a
+//! `StepOutput` (logits rows and hidden states). It decides nothing about requests.
+use crate::commit::CommitKv;
+use crate::engine::WeightVersion;
+use crate::scheduler::{DraftAsk, KvSlots, StepPlan};
+use crate::sequence::Sequence;
+use candle_core::Tensor;
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use tandem_models::{KvCache, KvSnapshot, LogitsFor, Model, SequenceInput};
+use tandem_runtime::spec::{Draft, DraftRequest, Drafter};
+
+/// What the forward of a step computed, in plan order.
+pub struct StepOutput {
+    /// Logits rows of the whole step.
+    pub logits: Vec<Vec<f32>>,
+    /// Which logits rows belong to each planned sequence.
+    pub logit_rows: Vec<Range<usize>>,
+    /// Hidden states of the layers asked for (`ModelRunner::hidden_layers`), one [tokens, hidden]
+    /// tensor per layer, rows in plan order.
+    pub hidden: Vec<Tensor>,
+}
+
+pub(crate) struct ModelRunner {
+    pub model: Model,
+    pub cache: KvCache,
+    pub drafter: Option<Box<dyn Drafter>>,
+    /// The drafter's layers, then (online training) the last residual stream for the trainer's
+    /// labels (see `Trace::final_hidden`).
+    pub hidden_layers: Vec<usize>,
+}
+
+impl ModelRunner {
+    /// Runs the plan's forward. A panic inside it is an error of this step, not of the engine.
+    pub fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
+        let batch: Vec<SequenceInput> = plan
+            .seqs
+            .iter()
+            .map(|p| SequenceInput {
+                slot: p.slot,
+                tokens: &p.tokens,
+                logits: match (p.wants_logits, p.draft.tokens.is_empty()) {
+                    (false, _) => LogitsFor::None,
+                    (true, true) => LogitsFor::Last,
+                    (true, false) => LogitsFor::All,
+                },
+                siblings: p.draft.alternatives.len(),
+            })
+            .collect();
+        let versions: Vec<Option<&WeightVersion>> = plan.seqs.iter().map(|p| p.weights.as_ref()).collect();
+        let (model, cache, layers) = (&self.model, &mut self.cache, &self.hidden_layers);
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| forward_versions(model, &versions, &batch, cache, layers)));
+        let out = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(panic) => return Err(format!("internal error: {}", panic_message(&panic))),
+        };
+        let logits = out.logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+        Ok(StepOutput { logits, logit_rows: out.logit_rows, hidden: out.hidden })
+    }
+
+    /// Each asking sequence's draft (`drafts[i]` for running sequence i; empty where none was
+    /// asked or the drafter fails: a broken drafter slows serving down, it never fails a request).
+    pub fn propose(&mut self, running: &[Sequence], asks: &[DraftAsk]) -> Vec<Draft> {
+        let mut drafts = vec![Draft::default(); running.len()];
+        let Some(drafter) = self.drafter.as_mut() else { return drafts };
+        if asks.is_empty() {
+            return drafts;
+        }
+        let requests: Vec<DraftRequest> = asks
+            .iter()
+            .map(|a| {
+                let s = &running[a.index];
+                DraftRequest {
+                    slot: s.slot,
+                    tokens: &s.history,
+                    k: a.k,
+                    copy_k: a.copy_k,
+                    alternatives: a.alternatives,
+                    sampling: &s.request.sampling,
+                }
+            })
+            .collect();
+        let model = &self.model;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| drafter.propose(model, &requests))) {
+            Ok(Ok(proposed)) => {
+                let vocab = self.model.config.vocab_size as u32;
+                for (a, d) in asks.iter().zip(proposed) {
+                    drafts[a.index] = checked_draft(d, a, vocab);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "drafter failed; decoding without drafts this step"),
+            Err(_) => tracing::warn!("drafter panicked; decoding without drafts this step"),
+        }
+        drafts
+    }
+}
+
+impl CommitKv for ModelRunner {
+    /// Keeps `kept` of the tokens a step fed from `start`, rolling back the rest; where a sibling
+    /// of the draft's first token (at row `sibling`) was accepted, its keys and values move into
+    /// the first token's place.
+    fn keep(&mut self, slot: usize, start: usize, fed: usize, kept: usize, sibling: Option<usize>) {
+        if let Some(row) = sibling {
+            if let Err(e) = self.cache.move_position(slot, start + row, start + 1) {
+                tracing::error!(error = %e, "KV move of an accepted sibling failed");
+            }
+        } else if kept < fed {
+            if let Err(e) = self.cache.truncate(slot, start + kept) {
+                tracing::error!(error = %e, "KV rollback failed");
+            }
+        }
+    }
+
+    /// Hands the drafter the target's hidden states of `n` committed positions from `start`, rows
+    /// `offset..offset + n` of this step's batch.
+    fn observe(&mut self, slot: usize, start: usize, offset: usize, n: usize, hidden: &[Tensor]) {
+        let Some(drafter) = self.drafter.as_mut() else { return };
+        if hidden.is_empty() || n == 0 {
+            return;
+        }
+        let layers = &hidden[..drafter.target_layers().len().min(hidden.len())];
+        let outcome = layers
+            .iter()
+            .map(|h| h.narrow(0, offset, n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(tandem_models::ModelError::from)
+            .and_then(|rows| drafter.observe(slot, start, &rows));
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "drafter could not take hidden states");
+        }
+    }
+
+    fn drafting(&self) -> bool {
+        self.drafter.is_some()
+    }
+}
+
+impl KvSlots for ModelRunner {
+    fn snapshot(&self, slot: usize) -> Option<KvSnapshot> {
+        self.cache.snapshot(slot).map_err(|e| tracing::warn!(error = %e, "KV swap-out failed")).ok()
+    }
+
+    fn restore(&mut self, slot: usize, snapshot: &KvSnapshot) -> bool {
+        self.cache.restore(slot, snapshot).map_err(|e| tracing::warn!(error = %e, "KV restore failed")).is_ok()
+    }
+
+    fn release(&mut self, slot: usize) {
+        if let Err(e) = self.cache.reset(slot) {
+            tracing::error!(error = %e, slot, "KV slot reset failed");
+        }
+        if let Some(d) = self.drafter.as_mut() {
+            d.release(slot);
+        }
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+}
+
+/// Whatever the drafter says, verify only what fits and exists: tokens within the vocabulary and
+/// the asked length, siblings only of a learned greedy draft's first token, as many as asked.
+fn checked_draft(mut d: Draft, a: &DraftAsk, vocab: u32) -> Draft {
+    let most = if d.lookup { a.copy_k } else { a.k };
+    let valid = d.tokens.iter().take(most).take_while(|&&t| t < vocab).count();
+    d.tokens.truncate(valid);
+    let first = d.tokens.first().copied();
+    let room = if d.lookup || d.probs.is_some() || first.is_none() { 0 } else { a.alternatives };
+    d.alternatives.truncate(room);
+    d.alternatives.retain(|&t| t < vocab && Some(t) != first);
+    if let Some(p) = d.probs.as_mut() {
+        if p.len() < valid {
+            d.tokens.truncate(p.len());
+        }
+        p.truncate(d.tokens.len());
+    }
+    d
+}
+
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// One forward per run of sequences that share weights (`versions[i]` belongs to `batch[i]`; runs
+/// are contiguous), merged as if it were one: logits rows and hidden states in batch order.
+fn forward_versions(
+    base: &Model,
+    versions: &[Option<&WeightVersion>],
+    batch: &[SequenceInput],
+    cache: &mut KvCache,
+    layers: &[usize],
+) -> tandem_models::Result<tandem_models::ForwardOutput> {
+    let key = |v: &Option<&WeightVersion>| v.map(|w| w.id);
+    if versions.iter().all(|v| key(v) == key(&versions[0])) {
+        let model = versions[0].map_or(base, |w| w.model.as_ref());
+        return model.forward(batch, cache, layers);
+    }
+    let mut logits = Vec::new();
+    let mut logit_rows = Vec::new();
+    let mut hidden: Vec<Vec<Tensor>> = vec![Vec::new(); layers.len()];
+    let mut rows_so_far = 0;
+    let mut start = 0;
+    while start < batch.len() {
+        let mut end = start + 1;
+        while end < batch.len() && key(&versions[end]) == key(&versions[start]) {
+            end += 1;
+        }
+        let model = versions[start].map_or(base, |w| w.model.as_ref());
+        let out = model.forward(&batch[start..end], cache, layers)?;
+        logit_rows.extend(out.logit_rows.iter().map(|r| r.start + rows_so_far..r.end + rows_so_far));
+        rows_so_far += out.logits.dim(0)?;
+        logits.push(out.logits);
+        for (h, t) in hidden.iter_mut().zip(out.hidden) {
+            h.push(t);
+        }
+        start = end;
+    }
+    Ok(tandem_models::ForwardOutput {
+        logits: Tensor::cat(&logits, 0)?,
+        logit_rows,
+        hidden: hidden.iter().map(|h| Tensor::cat(h, 0)).collect::<candle_core::Result<_>>()?,
+    })
+}

@@ -1,0 +1,374 @@
+//! The `Scheduler`: every request's state (waiting, running, free slots, each sequence's computed
+//! length and pending token), the policy, and each step's `StepPlan`. No tensors: its tests drive
+//! it with a fake model (see `tests.rs`), and the engine runs exactly this code.
+//!
+//! A step is planned in two halves because drafts take budget: `draft_asks` says which decoding
+//! sequences may draft and how far, the runner proposes, and `plan` lays out the batch (decodes
+//! with their drafts first, then prompt chunks in the policy's order under what is left).
+use super::{RequestInfo, SchedulingPolicy};
+use crate::engine::{EngineConfig, Event, GenerationRequest, WeightVersion};
+use crate::online::Trace;
+use crate::sequence::{Phase, Sequence, Waiting};
+use tandem_models::KvSnapshot;
+use tandem_runtime::spec::Draft;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the scheduler asks of the KV cache when requests move in and out of slots (the model
+/// runner; a fake in tests).
+pub(crate) trait KvSlots {
+    /// A copy of a slot's KV (for a preempted request), or None when it cannot be made.
+    fn snapshot(&self, slot: usize) -> Option<KvSnapshot>;
+    /// Puts a copy back; false when it fails (the request is then recomputed).
+    fn restore(&mut self, slot: usize, snapshot: &KvSnapshot) -> bool;
+    /// Empties a slot: its sequence ended or left it.
+    fn release(&mut self, slot: usize);
+    /// Bytes of the whole KV cache (the default budget for swapped-out KV).
+    fn cache_bytes(&self) -> usize;
+}
+
+/// A decoding sequence the drafter may propose for this step, with its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftAsk {
+    /// Index in the running list.
+    pub index: usize,
+    /// Most learned draft tokens (0: none).
+    pub k: usize,
+    /// Most tokens copied by prompt lookup.
+    pub copy_k: usize,
+    /// Most siblings of the first draft token.
+    pub alternatives: usize,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone)]
+pub struct Scheduled {
+    /// Index in the running list.
+    pub index: usize,
+    pub slot: usize,
+    /// Tokens in its cache before this step.
+    pub start: usize,
+    /// Tokens fed: a prompt chunk, or the pending token followed by the draft and its siblings.
+    pub tokens: Vec<u32>,
+    /// Logits wanted (for every fed token when there is a draft, else for the last).
+    pub wants_logits: bool,
+    /// Draft tokens fed after the pending token (empty for prompt chunks and plain decodes).
+    pub draft: Draft,
+    /// Feeds a pending token (a decode), not a prompt chunk.
+    pub decode: bool,
+    /// The weights it samples from (None: the served model).
+    pub weights: Option<WeightVersion>,
+}
+
+/// What one step computes: sequences of one weight version are contiguous.
+#[derive(Debug, Clone, Default)]
+pub struct StepPlan {
+    pub seqs: Vec<Scheduled>,
+}
+
+impl StepPlan {
+    /// Every sequence decodes without copied drafts: the step measures a draft length's speed.
+    pub fn decode_only(&self) -> bool {
+        self.seqs.iter().all(|s| s.decode && !s.draft.lookup)
+    }
+}
+
+pub struct Scheduler {
+    config: EngineConfig,
+    policy: Box<dyn SchedulingPolicy>,
+    pub(crate) waiting: Vec<Waiting>,
+    pub(crate) running: Vec<Sequence>,
+    free_slots: Vec<usize>,
+    next_arrival: u64,
+    preemptions: usize,
+}
+
+impl Scheduler {
+    pub fn new(config: EngineConfig, policy: Box<dyn SchedulingPolicy>) -> Self {
+        Scheduler {
+            free_slots: (0..config.max_batch).rev().collect(),
+            config,
+            policy,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            preemptions: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &dyn SchedulingPolicy {
+        self.policy.as_ref()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Running requests preempted so far.
+    pub fn preemptions(&self) -> usize {
+        self.preemptions
+    }
+
+    /// Requests waiting, per client.
+    pub fn waiting_by_client(&self) -> Vec<(String, usize)> {
+        let mut by_client = std::collections::BTreeMap::<String, usize>::new();
+        for w in &self.waiting {
+            *by_client.entry(w.info().client.clone()).or_default() += 1;
+        }
+        by_client.into_iter().collect()
+    }
+
+    /// A new request starts waiting; returns its arrival number.
+    pub(crate) fn add(&mut self, request: GenerationRequest, events: UnboundedSender<Event>) -> u64 {
+        let info = RequestInfo {
+            id: self.next_arrival,
+            client: request.client.clone().unwrap_or_else(|| "default".into()),
+            agent: request.agent.clone(),
+            prompt_tokens: request.prompt.len(),
+        };
+        self.next_arrival += 1;
+        self.policy.on_arrival(&info);
+        tracing::debug!(id = info.id, client = %info.client, "arrived");
+        self.waiting.push(Waiting::New { info, request, events });
+        self.next_arrival - 1
+    }
+
+    /// Requests whose client has gone free their slot now; returns the running ones that ended.
+    pub(crate) fn drop_cancelled(&mut self, kv: &mut dyn KvSlots) -> Vec<Sequence> {
+        let policy = &mut self.policy;
+        self.waiting.retain(|w| {
+            let closed = w.is_closed();
+            if closed {
+                policy.on_finish(w.info());
+            }
+            !closed
+        });
+        let gone: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].events.is_closed()).collect();
+        self.finish(gone, kv)
+    }
+
+    /// Fills free slots in the policy's order; when none is free and someone waits, lets the
+    /// policy preempt one running request (at most one per step, so the batch does not churn).
+    /// `trace` makes a new sequence's trace (online training) or None.
+    pub(crate) fn admit(&mut self, kv: &mut dyn KvSlots, trace: &dyn Fn(&GenerationRequest) -> Option<Trace>) {
+        let mut preempted = false;
+        while !self.waiting.is_empty() {
+            if self.free_slots.is_empty() {
+                if preempted || !self.preempt(kv) {
+                    break;
+                }
+                preempted = true;
+                continue;
+            }
+            let infos: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
+            let Some(i) = self.policy.pick(&infos) else { break };
+            let slot = self.free_slots.pop().expect("a free slot");
+            let seq = match self.waiting.remove(i) {
+                Waiting::Preempted(mut s) => {
+                    s.slot = slot;
+                    if let Some(snap) = s.swapped.take() {
+                        if !kv.restore(slot, &snap) {
+                            tracing::warn!("KV restore failed; recomputing");
+                            kv.release(slot);
+                            s.computed = 0;
+                        }
+                    }
+                    s
+                }
+                Waiting::New { info, request, events } => {
+                    tracing::debug!(id = info.id, client = %info.client, "admitted");
+                    let t = trace(&request);
+                    Sequence::new(info, slot, request, events, self.config.spec_k, t)
+                }
+            };
+            self.running.push(seq);
+        }
+    }
+
+    /// Moves the policy's victim back to waiting, its KV swapped out if the budget allows (else it
+    /// is recomputed when it returns). False when the policy preempts no one.
+    fn preempt(&mut self, kv: &mut dyn KvSlots) -> bool {
+        let running: Vec<RequestInfo> = self.running.iter().map(|r| r.info.clone()).collect();
+        let waiting: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
+        let Some(v) = self.policy.victim(&running, &waiting) else { return false };
+        let mut s = self.running.remove(v);
+        let budget = self.config.swap_bytes.unwrap_or_else(|| kv.cache_bytes());
+        let swapped_now: usize = self.waiting.iter().map(Waiting::swapped_bytes).sum();
+        match kv.snapshot(s.slot) {
+            Some(snap) if swapped_now + snap.bytes() <= budget => s.swapped = Some(snap),
+            _ => s.computed = 0,
+        }
+        kv.release(s.slot);
+        self.free_slots.push(s.slot);
+        tracing::debug!(id = s.info.id, client = %s.info.client, swapped = s.swapped.is_some(), "preempted");
+        self.preemptions += 1;
+        self.waiting.push(Waiting::Preempted(s));
+        true
+    }
+
+    /// Which decoding sequences may draft this step and how far. `global_k`: one draft length for
+    /// all (the throughput controller's choice), else each sequence's own. The second value is
+    /// true when some draft had to be cut below `global_k` (by its output limit or slot), so the
+    /// step does not measure that k.
+    pub fn draft_asks(&self, global_k: Option<usize>) -> (Vec<DraftAsk>, bool) {
+        let mut asks = Vec::new();
+        let mut cut = false;
+        for (index, s) in self.running.iter().enumerate() {
+            // The drafter predicts the served model; other weight versions decode plainly.
+            if s.phase() != Phase::Decode || s.request.weights.is_some() {
+                continue;
+            }
+            // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.
+            let remaining = s.request.max_tokens - s.generated;
+            let room = self.config.max_seq_len.saturating_sub(s.computed + 1);
+            let limit = self.config.spec_k.min(remaining.saturating_sub(1)).min(room);
+            let k = global_k.unwrap_or(s.draft_k).min(limit);
+            cut |= global_k.is_some_and(|g| k < g);
+            // Copies are free to propose: asked for even while the learned drafter is off (k = 0).
+            let copy_k = s.copy_k.min(limit);
+            // Siblings of the first draft token need a first token, greedy verification, and
+            // cache rows of their own after the draft's.
+            let alternatives = match (k > 0, s.request.sampling.temperature == 0.0) {
+                (true, true) => self.config.spec_alternatives.min(room - k),
+                _ => 0,
+            };
+            if k > 0 || copy_k > 0 {
+                asks.push(DraftAsk { index, k, copy_k, alternatives });
+            }
+        }
+        (asks, cut)
+    }
+
+    /// The step: decodes first (the pending token and its draft; `drafts[i]` belongs to running
+    /// sequence i), then prompt chunks in the policy's order with what is left of the token budget.
+    pub fn plan(&self, mut drafts: Vec<Draft>) -> StepPlan {
+        drafts.resize(self.running.len(), Draft::default());
+        let mut seqs = Vec::new();
+        let mut budget = self.config.step_token_budget;
+        for (index, s) in self.running.iter().enumerate() {
+            let (Some(t), Phase::Decode) = (s.pending, s.phase()) else { continue };
+            let draft = std::mem::take(&mut drafts[index]);
+            let mut tokens = vec![t];
+            tokens.extend_from_slice(&draft.tokens);
+            tokens.extend_from_slice(&draft.alternatives);
+            budget = budget.saturating_sub(tokens.len());
+            seqs.push(self.scheduled(index, tokens, true, draft, true));
+        }
+        // Prompt chunks in the policy's order (the least-served client's first under fair).
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        let (policy, running) = (&self.policy, &self.running);
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&running[a].info, &running[b].info);
+            policy.rank(a).total_cmp(&policy.rank(b)).then(a.id.cmp(&b.id))
+        });
+        for index in order {
+            let s = &self.running[index];
+            if s.phase() != Phase::Prefill || budget == 0 || s.computed == s.prefill_target() {
+                continue;
+            }
+            // The prompt, or after a preemption the whole sequence but the pending token.
+            let rest = &s.history[s.computed..s.prefill_target()];
+            let n = rest.len().min(budget);
+            budget -= n;
+            let wants_logits = n == rest.len() && s.pending.is_none();
+            seqs.push(self.scheduled(index, rest[..n].to_vec(), wants_logits, Draft::default(), false));
+        }
+        // Sequences of one weight version are contiguous: one forward each.
+        seqs.sort_by_key(|p| p.weights.as_ref().map_or(0, |w| w.id + 1));
+        StepPlan { seqs }
+    }
+
+    fn scheduled(&self, index: usize, tokens: Vec<u32>, wants_logits: bool, draft: Draft, decode: bool) -> Scheduled {
+        let s = &self.running[index];
+        Scheduled {
+            index,
+            slot: s.slot,
+            start: s.computed,
+            tokens,
+            wants_logits,
+            draft,
+            decode,
+            weights: s.request.weights.clone(),
+        }
+    }
+
+    /// Charges prompt tokens the first time they are computed (recomputation is free).
+    pub(crate) fn charge_prompt(&mut self, index: usize, upto: usize) {
+        let s = &mut self.running[index];
+        let upto = upto.min(s.request.prompt.len());
+        if upto > s.prompt_charged {
+            self.policy.charge(&s.info, upto - s.prompt_charged, 0);
+            s.prompt_charged = upto;
+        }
+    }
+
+    /// Charges output tokens as they are emitted.
+    pub(crate) fn charge_output(&mut self, index: usize, tokens: usize) {
+        self.policy.charge(&self.running[index].info, 0, tokens);
+    }
+
+    /// Ends running sequences (finished, failed or cancelled): their slots are freed. Returns them
+    /// (their traces go to the trainer).
+    pub(crate) fn finish(&mut self, mut indices: Vec<usize>, kv: &mut dyn KvSlots) -> Vec<Sequence> {
+        indices.sort_unstable();
+        indices.dedup();
+        let mut ended = Vec::with_capacity(indices.len());
+        for i in indices.into_iter().rev() {
+            let s = self.running.remove(i);
+            self.policy.on_finish(&s.info);
+            kv.release(s.slot);
+            self.free_slots.push(s.slot);
+            ended.push(s);
+        }
+        ended
+    }
+
+    /// Ends every running sequence and empties every slot (after a broken invariant).
+    pub(crate) fn reset(&mut self, kv: &mut dyn KvSlots) -> Vec<Sequence> {
+        let ended = self.finish((0..self.running.len()).collect(), kv);
+        self.free_slots = (0..self.config.max_batch).rev().collect();
+        for slot in 0..self.config.max_batch {
+            kv.release(slot);
+        }
+        ended
+    }
+
+    /// The bookkeeping the engine relies on, against the runner's cache lengths; cheap, so every
+    /// step checks it. An error names the first broken rule.
+    pub(crate) fn check(&self, cache_len: &dyn Fn(usize) -> usize) -> Result<(), String> {
+        let mut seen = vec![false; self.config.max_batch];
+        for &s in &self.free_slots {
+            if std::mem::replace(&mut seen[s], true) {
+                return Err(format!("slot {s} free twice"));
+            }
+            if cache_len(s) != 0 {
+                return Err(format!("free slot {s} holds tokens"));
+            }
+        }
+        for r in &self.running {
+            if std::mem::replace(&mut seen[r.slot], true) {
+                return Err(format!("slot {} used twice", r.slot));
+            }
+            if cache_len(r.slot) != r.computed {
+                return Err(format!("slot {} holds {} tokens, its sequence {}", r.slot, cache_len(r.slot), r.computed));
+            }
+            if r.computed > r.prefill_target() {
+                return Err(format!("slot {} is ahead of its tokens", r.slot));
+            }
+            if r.history.len() != r.request.prompt.len() + r.generated || r.pending.is_some() != (r.generated > 0) {
+                return Err(format!("slot {}: history and output disagree", r.slot));
+            }
+        }
+        match seen.iter().all(|&s| s) {
+            true => Ok(()),
+            false => Err("a slot is lost".into()),
+        }
+    }
+}
