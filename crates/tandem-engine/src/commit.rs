@@ -5,7 +5,7 @@ use crate::engine::{EngineConfig, Event, Usage};
 use crate::runner::StepOutput;
 use crate::scheduler::{Scheduled, Scheduler, StepPlan};
 use crate::sequence::Sequence;
-use tandem_runtime::spec::verify;
+use tandem_runtime::speculative::verify;
 use tandem_runtime::{FinishReason, SampledToken};
 use tokio::sync::mpsc::UnboundedSender;
 

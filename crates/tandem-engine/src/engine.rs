@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_models::{KvCache, Model};
-use tandem_runtime::spec::Drafter;
+use tandem_runtime::speculative::Drafter;
 use tandem_runtime::{FinishReason, SampledToken, SamplingParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_runtime::sampling::top_n;
-use tandem_runtime::spec::EagleWeights;
+use tandem_runtime::speculative::EagleWeights;
 
 /// The target's view of one finished sequence: everything the drafter's trainer needs.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use tandem_models::{KvCache, KvSnapshot, LogitsFor, Model, SequenceInput};
-use tandem_runtime::spec::{Draft, DraftRequest, Drafter};
+use tandem_runtime::speculative::{Draft, DraftRequest, Drafter};
 
 /// What the forward of a step computed, in plan order.
 pub struct StepOutput {

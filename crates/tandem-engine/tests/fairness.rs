@@ -6,7 +6,7 @@ use tandem_engine::{
     Engine, EngineConfig, Event, FairConfig, Fcfs, GenerationRequest, SchedulingPolicy, VirtualTokenCounter,
 };
 use tandem_models::{load, LoadOptions};
-use tandem_runtime::spec::NgramDrafter;
+use tandem_runtime::speculative::NgramDrafter;
 use tandem_runtime::SamplingParams;
 use tokio::sync::mpsc::UnboundedReceiver;
 

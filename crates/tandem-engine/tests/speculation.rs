@@ -5,7 +5,9 @@ mod common;
 use std::path::Path;
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
-use tandem_runtime::spec::{DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter};
+use tandem_runtime::speculative::{
+    DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter,
+};
 use tandem_runtime::{SampledToken, Sampler, SamplingParams, Target};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -172,12 +174,12 @@ fn a_failing_drafter_only_costs_speed() {
             &mut self,
             _t: &Model,
             r: &[DraftRequest],
-        ) -> tandem_models::Result<Vec<tandem_runtime::spec::Draft>> {
+        ) -> tandem_models::Result<Vec<tandem_runtime::speculative::Draft>> {
             self.0 += 1;
             match self.0 % 3 {
                 0 => Err(ModelError::Drafter("out of ideas".into())),
                 1 => panic!("drafter bug"),
-                _ => Ok(r.iter().map(|_| tandem_runtime::spec::Draft::greedy(vec![u32::MAX, 5])).collect()),
+                _ => Ok(r.iter().map(|_| tandem_runtime::speculative::Draft::greedy(vec![u32::MAX, 5])).collect()),
             }
         }
     }
@@ -216,12 +218,16 @@ impl Drafter for Guesser {
     fn name(&self) -> String {
         "guesser".into()
     }
-    fn propose(&mut self, _t: &Model, r: &[DraftRequest]) -> tandem_models::Result<Vec<tandem_runtime::spec::Draft>> {
+    fn propose(
+        &mut self,
+        _t: &Model,
+        r: &[DraftRequest],
+    ) -> tandem_models::Result<Vec<tandem_runtime::speculative::Draft>> {
         const LIKELY: [u32; 5] = [36, 100, 187, 104, 164];
         Ok(r.iter()
             .map(|r| {
                 let n = r.tokens.len() + r.tokens.last().copied().unwrap_or(0) as usize;
-                tandem_runtime::spec::Draft::greedy((0..r.k).map(|j| LIKELY[(n + j) % 5]).collect())
+                tandem_runtime::speculative::Draft::greedy((0..r.k).map(|j| LIKELY[(n + j) % 5]).collect())
             })
             .collect())
     }

@@ -2,7 +2,7 @@
 pub mod chat;
 pub mod generate;
 pub mod sampling;
-pub mod spec;
+pub mod speculative;
 
 pub use chat::{ChatTemplate, Message};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, GenerationStats, TextStream};

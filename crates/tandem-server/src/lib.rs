@@ -24,7 +24,7 @@ use std::time::Duration;
 use tandem_engine::online::OnlineHooks;
 use tandem_engine::{Engine, EngineConfig, EngineHandle, SchedulingPolicy};
 use tandem_models::{LoadedModel, Tokenizer};
-use tandem_runtime::spec::Drafter;
+use tandem_runtime::speculative::Drafter;
 use tandem_runtime::ChatTemplate;
 
 /// Largest request body accepted (a long prompt fits; a runaway upload is refused with 413).

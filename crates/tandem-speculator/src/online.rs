@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_engine::online::{DrafterExchange, TraceBuffer, Version};
-use tandem_runtime::spec::eagle::save_weights;
-use tandem_runtime::spec::EagleWeights;
+use tandem_runtime::speculative::eagle::save_weights;
+use tandem_runtime::speculative::EagleWeights;
 
 #[derive(Debug, Clone)]
 pub struct OnlineTrainerConfig {

@@ -14,8 +14,8 @@ use crate::pool::Batch;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use tandem_models::{ModelError, Result};
-use tandem_runtime::spec::eagle::{apply_rope, linear, repeat_kv, rms_norm, rope_tables, silu};
-use tandem_runtime::spec::{EagleConfig, EagleWeights};
+use tandem_runtime::speculative::eagle::{apply_rope, linear, repeat_kv, rms_norm, rope_tables, silu};
+use tandem_runtime::speculative::{EagleConfig, EagleWeights};
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -97,13 +97,13 @@ pub struct Trainer {
 }
 
 /// Every drafter tensor is trained (the embedding is the target's, frozen, and not among them)...
-const TRAINED: &[&str] = tandem_runtime::spec::eagle::NAMES;
+const TRAINED: &[&str] = tandem_runtime::speculative::eagle::NAMES;
 /// ...except these with `freeze_head`.
 const FROZEN_WITH_HEAD: &[&str] = &["lm_head.weight", "norm.weight"];
 
 impl Trainer {
     pub fn new(config: EagleConfig, weights: &EagleWeights, embed: Tensor, train: TrainConfig) -> Result<Self> {
-        tandem_runtime::spec::eagle::check_shapes(&config, weights)?;
+        tandem_runtime::speculative::eagle::check_shapes(&config, weights)?;
         let device = embed.device().clone();
         let mut vars = Vec::new();
         for name in TRAINED {

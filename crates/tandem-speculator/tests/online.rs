@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer, Version};
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, LoadOptions, Model};
-use tandem_runtime::spec::eagle::DRAFT_CONTEXT;
-use tandem_runtime::spec::{EagleDrafter, EagleWeights, NgramDrafter, WarmStart};
+use tandem_runtime::speculative::eagle::DRAFT_CONTEXT;
+use tandem_runtime::speculative::{EagleDrafter, EagleWeights, NgramDrafter, WarmStart};
 use tandem_runtime::SamplingParams;
 use tandem_speculator::{distill, Batch, OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
 
@@ -157,7 +157,7 @@ fn trainer_and_drafter_agree() {
             *trainer.predict(&batch).unwrap().last().unwrap()
         })
         .collect();
-    use tandem_runtime::spec::{DraftRequest, Drafter};
+    use tandem_runtime::speculative::{DraftRequest, Drafter};
     let fs = trace.feature_size;
     let rows = |a: usize, b: usize| {
         let t = candle_core::Tensor::from_slice(&trace.features[a * fs..b * fs], (b - a, fs), target.device()).unwrap();

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tandem_engine::online::{DrafterExchange, KStat, OnlineConfig, OnlineHooks, TraceBuffer};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadOptions, LoadedModel};
-use tandem_runtime::spec::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
+use tandem_runtime::speculative::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::{ChatTemplate, Message, SamplingParams};
 use tandem_speculator::traces_io::load_dir;
 use tandem_speculator::TracePool;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::time::Instant;
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadedModel, Model};
-use tandem_runtime::spec::{Drafter, NgramDrafter, OracleDrafter};
+use tandem_runtime::speculative::{Drafter, NgramDrafter, OracleDrafter};
 use tandem_runtime::{ChatTemplate, Message, SamplingParams};
 
 const EDIT_MODULE: &str = include_str!("bench_prompts/inventory.py");

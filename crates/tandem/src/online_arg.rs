@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer};
 use tandem_models::Model;
-use tandem_runtime::spec::{EagleDrafter, WarmStart};
+use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TrainConfig, Trainer, TrainerHandle};
 
 /// Runs candle's element-wise CPU ops on the thread that calls them (CANDLE_NUM_THREADS=1, unless

@@ -211,7 +211,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.online.drafter_save.display(),
             args.online.trace_dir.as_ref().map(|d| format!(", traces in {}", d.display())).unwrap_or_default()
         );
-        (Some(Box::new(eagle) as Box<dyn tandem_runtime::spec::Drafter>), Some(hooks), Some(trainer))
+        (Some(Box::new(eagle) as Box<dyn tandem_runtime::speculative::Drafter>), Some(hooks), Some(trainer))
     } else {
         (spec_arg::build(&args.spec, &loaded, &opts)?, None, None)
     };

@@ -3,7 +3,7 @@ use crate::load_model;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tandem_models::{LoadOptions, LoadedModel};
-use tandem_runtime::spec::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, WarmStart};
+use tandem_runtime::speculative::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, WarmStart};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SpecArgs {

@@ -10,7 +10,7 @@ use crate::engine::{EngineConfig, Event, GenerationRequest, WeightVersion};
 use crate::online::Trace;
 use crate::sequence::{Phase, Sequence, Waiting};
 use tandem_models::KvSnapshot;
-use tandem_runtime::spec::Draft;
+use tandem_runtime::speculative::Draft;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What the scheduler asks of the KV cache when requests move in and out of slots (the model
