@@ -84,8 +84,8 @@ pub struct OnlineBenchArgs {
     #[arg(long, default_value_t = 2)]
     lookup_min: usize,
     /// The drafter's projections while serving (f32 or bf16; the trainer keeps f32).
-    #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
-    draft_dtype: String,
+    #[arg(long, value_enum, default_value_t = crate::spec_arg::DraftDtype::Bf16)]
+    draft_dtype: crate::spec_arg::DraftDtype,
     /// Also time llama.cpp's plain decode on the first prompts of each domain (same file, same tokens).
     #[arg(long)]
     peer: bool,
@@ -318,7 +318,7 @@ fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Re
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let dtype = crate::spec_arg::draft_dtype(&args.draft_dtype);
+    let dtype = args.draft_dtype.dtype();
     Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?
         .with_serving_dtype(dtype)?)
 }
@@ -335,7 +335,7 @@ fn run_config(
     let stop = loaded.stop_token_ids.clone();
     let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };
     let online = &args.online;
-    let dtype = crate::spec_arg::draft_dtype(&args.draft_dtype);
+    let dtype = args.draft_dtype.dtype();
     let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
         Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving_dtype(dtype)?)
     };

@@ -324,7 +324,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 /// Online speculator training: a trainer shares the process with serving.
 fn trains_beside_serving(command: &Command) -> bool {
     match command {
-        Command::Serve(args) => args.online.spec_train == "online",
+        Command::Serve(args) => args.online.enabled(),
         Command::Bench(args) => args.is_online(),
         _ => false,
     }

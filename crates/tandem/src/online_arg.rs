@@ -1,6 +1,6 @@
 //! `--spec-train online` and the trainer's settings, shared by `serve`, `bench online` and
 //! `train-drafter`.
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer};
@@ -20,56 +20,83 @@ pub fn keep_candle_ops_on_their_thread() {
     }
 }
 
+/// Whether the drafter's `lm_head` and final norm train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainHead {
+    /// Frozen when the warm start copied the target's head.
+    Auto,
+    Frozen,
+    Trained,
+}
+
+/// What labels prompt positions in the drafter's training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptLabels {
+    /// The target's own distribution (from its last hidden state, recorded while serving).
+    Target,
+    /// The prompt's next token.
+    Text,
+}
+
+/// `--spec-train`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpecTrain {
+    #[value(alias = "none")]
+    Off,
+    /// Train the EAGLE drafter on the traffic being served.
+    Online,
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     /// Learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
     pub train_lr: f64,
     /// Positions per optimizer step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_positions)]
     pub train_batch: usize,
     /// Most training-time-test steps: the drafter is unrolled on its own outputs this many times
     /// (online, only as deep as serving drafts plus one: a cold drafter trains one step deep).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = TrainConfig::default().ttt_steps)]
     pub train_ttt: usize,
     /// Weight of the discard term on rejected proposals (0 turns it off).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainConfig::default().discard_weight)]
     pub train_discard: f64,
     /// Gradient-norm clip.
-    #[arg(long, default_value_t = 2.5)]
+    #[arg(long, default_value_t = TrainConfig::default().grad_clip)]
     pub train_clip: f64,
     /// Share of one core's time the trainer may compute while the drafter is still learning (its
     /// agreement with the target on fresh traffic rising, or fallen after a change of traffic); it
     /// sleeps the rest so serving keeps the CPU, and takes the whole core while nothing is served.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = OnlineTrainerConfig::default().cpu_share)]
     pub train_cpu_share: f64,
     /// The trainer's share once that agreement has levelled off.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = OnlineTrainerConfig::default().min_share)]
     pub train_min_share: f64,
     /// `frozen`: keep the drafter's `lm_head` and final norm as initialised, so a head copied from
     /// the target (`--warm-start head|full`) reads the drafter's hidden states as the target's own
     /// would (cheaper steps, and it generalises better from little traffic); `trained`; `auto`:
     /// frozen when the warm start copied the head.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "frozen", "trained"])]
-    pub train_head: String,
+    #[arg(long, value_enum, default_value_t = TrainHead::Auto)]
+    pub train_head: TrainHead,
     /// Weight in the loss of positions labelled with the prompt's next token (`--train-prompt-labels
     /// text`, or traces recorded without the target's last hidden state) against positions
     /// labelled with the target's own distribution.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = TrainConfig::default().prompt_weight)]
     pub train_prompt_weight: f64,
     /// Noise added to the target's features while training, as a share of their RMS (0: none).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainConfig::default().feature_noise)]
     pub train_feature_noise: f64,
     /// Weight decay (AdamW, decoupled).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
     pub train_weight_decay: f64,
     /// Labels of prompt positions: `target` (the target's own distribution, computed by the
     /// trainer from the target's last hidden state, recorded while serving) or `text` (the next
     /// token of the prompt). Output positions always carry the target's distribution.
-    #[arg(long, default_value = "target", value_parser = ["target", "text"])]
-    pub train_prompt_labels: String,
+    #[arg(long, value_enum, default_value_t = PromptLabels::Target)]
+    pub train_prompt_labels: PromptLabels,
     /// Threads for the trainer's kernels.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = OnlineTrainerConfig::default().threads)]
     pub train_threads: usize,
 }
 
@@ -78,12 +105,12 @@ impl TrainArgs {
     pub fn trainer(&self, drafter: &EagleDrafter, target: &Model, warm: WarmStart) -> Result<Trainer> {
         let tc = self.train_config(warm);
         let trainer = Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table()?, tc)?;
-        Ok(match self.train_prompt_labels.as_str() {
-            "target" => {
+        Ok(match self.train_prompt_labels {
+            PromptLabels::Target => {
                 let (rows, norm) = target.unembedding_rows(&drafter.weights().d2t)?;
                 trainer.with_target_head(rows, norm)?
             }
-            _ => trainer,
+            PromptLabels::Text => trainer,
         })
     }
 
@@ -98,10 +125,10 @@ impl TrainArgs {
             prompt_weight: self.train_prompt_weight,
             feature_noise: self.train_feature_noise,
             weight_decay: self.train_weight_decay,
-            freeze_head: match self.train_head.as_str() {
-                "frozen" => true,
-                "trained" => false,
-                _ => warm != WarmStart::None,
+            freeze_head: match self.train_head {
+                TrainHead::Frozen => true,
+                TrainHead::Trained => false,
+                TrainHead::Auto => warm != WarmStart::None,
             },
             ..Default::default()
         }
@@ -112,8 +139,8 @@ impl TrainArgs {
 pub struct OnlineArgs {
     /// `online`: train the EAGLE drafter on the traffic being served, in this process, and swap
     /// each new version in without pausing (rolled back if it lowers acceptance). Needs `--spec eagle`.
-    #[arg(long, default_value = "off")]
-    pub spec_train: String,
+    #[arg(long, value_enum, default_value_t = SpecTrain::Off)]
+    pub spec_train: SpecTrain,
     /// Where the online drafter is checkpointed (periodically and at shutdown); also where
     /// `--drafter` would continue from next time.
     #[arg(long, default_value = "tandem-drafter")]
@@ -125,19 +152,15 @@ pub struct OnlineArgs {
     #[arg(long, default_value_t = 256)]
     pub trace_buffer_mib: usize,
     /// Optimizer steps between published drafter versions.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = OnlineTrainerConfig::default().publish_every)]
     pub publish_every: u64,
     #[command(flatten)]
     pub train: TrainArgs,
 }
 
 impl OnlineArgs {
-    pub fn enabled(&self) -> Result<bool> {
-        match self.spec_train.as_str() {
-            "off" | "none" => Ok(false),
-            "online" => Ok(true),
-            other => bail!("unknown --spec-train `{other}`: use online or off"),
-        }
+    pub fn enabled(&self) -> bool {
+        self.spec_train == SpecTrain::Online
     }
 }
 

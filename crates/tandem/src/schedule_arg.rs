@@ -22,13 +22,13 @@ pub struct ScheduleArgs {
     #[arg(long = "client-weight", value_name = "NAME=WEIGHT")]
     pub client_weights: Vec<String>,
     /// Cost of a prompt token and of an output token in the fair policy's counters.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = FairConfig::default().input_weight)]
     pub fair_input_weight: f64,
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = FairConfig::default().output_weight)]
     pub fair_output_weight: f64,
     /// Counter gap (weighted tokens) past which a waiting client preempts the most-served running
     /// one; 0 turns preemption off.
-    #[arg(long, default_value_t = 1024.0)]
+    #[arg(long, default_value_t = FairConfig::default().preempt_margin.unwrap_or(0.0))]
     pub preempt_margin: f64,
     /// A JSON file with the same settings: {"client_weights": {"alice": 2}, "input_weight": 1,
     /// "output_weight": 2, "preempt_margin": 1024}; flags given on the command line add to it.

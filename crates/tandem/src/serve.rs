@@ -6,6 +6,8 @@ use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
 use tandem_engine::EngineConfig;
+use tandem_server::training::TrainingLimits;
+use tandem_server::ServerOptions;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -17,7 +19,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8000)]
     port: u16,
     /// Sequences generated at once (KV cache slots).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = EngineConfig::default().max_batch)]
     max_batch: usize,
     /// KV cache memory, e.g. 512MiB or 2GiB; shared by the slots, it sets the longest sequence.
     /// Default: enough for the model's full context in every slot, capped at 4096 tokens.
@@ -25,10 +27,10 @@ pub struct ServeArgs {
     kv_budget: Option<String>,
     /// Tokens per engine step: decodes first, prompt chunks fill the rest. Larger prefills faster;
     /// smaller keeps other streams' inter-token latency low while long prompts are read.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = EngineConfig::default().step_token_budget)]
     step_token_budget: usize,
     /// Requests that may wait for a slot before new ones get 503 + Retry-After.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = EngineConfig::default().max_waiting)]
     max_waiting: usize,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
@@ -61,22 +63,22 @@ pub struct ServeArgs {
     #[arg(long)]
     training_memory: Option<String>,
     /// Training models (LoRA or full) the training API holds at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = TrainingLimits::default().max_models)]
     max_training_models: usize,
     /// Full-weight training models held at once (each is a copy of every weight plus gradients
     /// and optimizer state: ~2 GB for SmolLM2-135M).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainingLimits::default().max_full_models)]
     max_full_models: usize,
     /// Training models one Tinker session may hold at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = TrainingLimits::default().max_session_models)]
     max_session_models: usize,
     /// Training requests (forward_backward, optim_step, sample, save...) submitted and not yet
     /// finished, all clients together; more get 429 until results are retrieved.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = TrainingLimits::default().max_pending)]
     max_pending_requests: usize,
     /// Sampling sessions kept (each holds a copy of its adapter weights; an RL loop makes one per
     /// step); beyond it the least recently used is dropped.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = TrainingLimits::default().max_samplers)]
     max_samplers: usize,
     /// Disk the training directory may fill with checkpoints, e.g. `20GiB` (a save that would
     /// pass it is refused). Default: half of the free space where it lives at start.
@@ -84,7 +86,7 @@ pub struct ServeArgs {
     training_disk: Option<String>,
     /// Seconds after which a Tinker session that sent no request or heartbeat ends (its training
     /// models are unloaded; saved checkpoints stay).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = TrainingLimits::default().session_timeout.as_secs())]
     session_timeout: u64,
     /// Require this key on every route but /health (`Authorization: Bearer KEY` or `X-API-Key`).
     /// Repeatable; `@PATH` reads one key per line from a file (keeps keys out of `ps`).
@@ -101,10 +103,10 @@ pub struct ServeArgs {
     #[arg(long)]
     trust_client_header: bool,
     /// Seconds a request may take before its response starts (streams then run on); 408 after.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = ServerOptions::default().request_timeout.as_secs())]
     request_timeout: u64,
     /// Seconds a connection may sit idle, or take to send a request's headers, before it is closed.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = ServerOptions::default().idle_timeout.as_secs())]
     idle_timeout: u64,
 }
 
@@ -200,7 +202,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         spec_alternatives: args.spec.spec_alternatives,
         swap_bytes: None,
     };
-    let (drafter, online, trainer) = if args.online.enabled()? {
+    let (drafter, online, trainer) = if args.online.enabled() {
         if !args.spec.spec.starts_with("eagle") {
             bail!("--spec-train online trains an EAGLE drafter: add --spec eagle");
         }

@@ -2,6 +2,7 @@
 use crate::load_model;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use tandem_engine::EngineConfig;
 use tandem_models::{LoadOptions, LoadedModel};
 use tandem_runtime::speculative::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, WarmStart};
 
@@ -14,7 +15,7 @@ pub struct SpecArgs {
     #[arg(long, default_value = "none")]
     pub spec: String,
     /// Most tokens drafted per sequence per step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = EngineConfig::default().spec_k)]
     pub spec_k: usize,
     /// Always draft --spec-k tokens (by default each sequence's draft length adapts to how many
     /// of its drafts are accepted, between 1 and --spec-k).
@@ -22,7 +23,7 @@ pub struct SpecArgs {
     pub spec_fixed_k: bool,
     /// Greedy requests: also verify this many of the drafter's runners-up for the first draft
     /// token in the same forward (a draft tree forked at the root; EAGLE drafters). 0: chains only.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = EngineConfig::default().spec_alternatives)]
     pub spec_alternatives: usize,
     /// Rows of a fresh EAGLE drafter's output layer: the first N token ids (BPE ids roughly follow
     /// frequency). Smaller drafts faster; 0 keeps the whole vocabulary.
@@ -32,13 +33,13 @@ pub struct SpecArgs {
     /// unembedding rows and final norm) or `full` (head, plus its last layer as the decoder layer).
     /// Measured on SmolLM2 code traces (agreement with the target on held-out requests after 300
     /// steps): full with the copied head kept frozen learns best and with the cheapest steps, so it
-    /// is the default (README, "Online speculator training").
+    /// is the default (docs/speculative-decoding.md, "Online speculator training").
     #[arg(long, default_value = "full")]
     pub warm_start: WarmStart,
     /// Type of the EAGLE drafter's projections while serving: `bf16` reads half the bytes per
     /// draft token (drafts never change outputs; the trainer keeps f32).
-    #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
-    pub draft_dtype: String,
+    #[arg(long, value_enum, default_value_t = DraftDtype::Bf16)]
+    pub draft_dtype: DraftDtype,
     /// Start the EAGLE drafter from this saved drafter (same as `--spec eagle:DIR`).
     #[arg(long)]
     pub drafter: Option<std::path::PathBuf>,
@@ -69,7 +70,7 @@ pub fn build_eagle(args: &SpecArgs, target: &LoadedModel) -> Result<EagleDrafter
         }
         None => EagleDrafter::fresh(&target.model, args.draft_vocab(), args.warm_start, 0)?,
     };
-    Ok(drafter.with_serving_dtype(draft_dtype(&args.draft_dtype))?.with_lookup(lookup(args.spec_lookup)))
+    Ok(drafter.with_serving_dtype(args.draft_dtype.dtype())?.with_lookup(lookup(args.spec_lookup)))
 }
 
 /// Prompt lookup for matches of `min` to 4 tokens (or longer if `min` is), none for 0.
@@ -78,10 +79,19 @@ pub fn lookup(min: usize) -> Option<NgramDrafter> {
 }
 
 /// `bf16` or (anything else) f32.
-pub fn draft_dtype(name: &str) -> candle_core::DType {
-    match name {
-        "bf16" => candle_core::DType::BF16,
-        _ => candle_core::DType::F32,
+/// The EAGLE drafter's projection type while serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DraftDtype {
+    F32,
+    Bf16,
+}
+
+impl DraftDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DraftDtype::Bf16 => candle_core::DType::BF16,
+            DraftDtype::F32 => candle_core::DType::F32,
+        }
     }
 }
 

@@ -54,6 +54,21 @@ pub struct TrainingLimits {
     pub session_timeout: std::time::Duration,
 }
 
+impl Default for TrainingLimits {
+    /// The defaults of `tandem serve`'s flags (the disk bound there is half the free disk).
+    fn default() -> Self {
+        TrainingLimits {
+            max_models: 16,
+            max_full_models: 1,
+            max_session_models: 4,
+            max_pending: 1024,
+            max_samplers: 64,
+            disk_bytes: u64::MAX,
+            session_timeout: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
 /// Writes the served tokenizer where Hugging Face tooling loads it offline: `tokenizer.json` and a
 /// `tokenizer_config.json` with the chat template and special tokens (GGUF files carry no folder).
 pub fn export_tokenizer(
