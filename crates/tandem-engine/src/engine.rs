@@ -1,14 +1,14 @@
 //! The engine loop and its handle.
 use crate::commit::commit;
 use crate::online::{OnlineHooks, OnlineState, Trace, Version};
-use crate::runner::ModelRunner;
+use crate::runner::{ModelRunner, ServedDrafter};
 use crate::scheduler::{Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_models::{KvCache, Model};
-use tandem_runtime::speculative::Drafter;
+use tandem_runtime::speculative::{Drafter, EagleWeights, TrainableDrafter};
 use tandem_runtime::{FinishReason, SampledToken, SamplingParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -299,23 +299,38 @@ impl Engine {
     }
 
     /// Speculative decoding with `drafter`, up to `config.spec_k` tokens per sequence per step.
-    pub fn with_drafter(mut self, mut drafter: Box<dyn Drafter>) -> tandem_models::Result<Self> {
-        drafter.prepare(self.config.max_batch, self.config.max_seq_len)?;
-        tracing::info!(drafter = drafter.name(), k = self.config.spec_k, "speculative decoding on");
-        *self.shared.spec.drafter.lock().unwrap_or_else(|e| e.into_inner()) = Some(drafter.name());
-        self.runner.hidden_layers = drafter.target_layers().to_vec();
+    pub fn with_drafter(self, drafter: Box<dyn Drafter>) -> tandem_models::Result<Self> {
+        self.with_served_drafter(ServedDrafter::Fixed(drafter))
+    }
+
+    /// Speculative decoding with a drafter that online training can update (see `with_online`).
+    pub fn with_trainable_drafter(
+        self,
+        drafter: Box<dyn TrainableDrafter<Weights = EagleWeights>>,
+    ) -> tandem_models::Result<Self> {
+        self.with_served_drafter(ServedDrafter::Trained(drafter))
+    }
+
+    pub fn with_served_drafter(mut self, mut drafter: ServedDrafter) -> tandem_models::Result<Self> {
+        let d = drafter.get_mut();
+        d.prepare(self.config.max_batch, self.config.max_seq_len)?;
+        tracing::info!(drafter = d.name(), k = self.config.spec_k, "speculative decoding on");
+        *self.shared.spec.drafter.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.name());
+        self.runner.hidden_layers = d.target_layers().to_vec();
         self.runner.drafter = Some(drafter);
         Ok(self)
     }
 
     /// Online training: record traces of every sequence into `hooks.traces`, take new drafter
     /// weights from `hooks.exchange` between steps (rolling back one that lowers acceptance), and
-    /// choose the draft length by measured throughput. Needs a drafter with weights (EAGLE).
+    /// choose the draft length by measured throughput. Needs a trainable drafter
+    /// (`with_trainable_drafter`).
     pub fn with_online(mut self, hooks: OnlineHooks) -> tandem_models::Result<Self> {
-        let drafter = self.runner.drafter.as_ref();
-        let initial = drafter.and_then(|d| d.eagle()).map(|(_, w)| Version { number: 0, weights: w.clone() });
+        let initial = self.runner.trained_mut().map(|d| Version { number: 0, weights: d.served_weights() });
         if initial.is_none() {
-            return Err(tandem_models::ModelError::Drafter("online training needs an EAGLE drafter".into()));
+            return Err(tandem_models::ModelError::Drafter(
+                "online training needs a trainable drafter (EAGLE), set with with_trainable_drafter".into(),
+            ));
         }
         if !self.runner.hidden_layers.is_empty() {
             // The last residual stream too, for the trainer's labels (see `Trace::final_hidden`).
@@ -412,7 +427,7 @@ impl Engine {
             false => 0,
         };
         if let Some(online) = self.online.as_mut() {
-            let layers = self.runner.drafter.as_ref().map_or(0, |d| d.target_layers().len());
+            let layers = self.runner.drafter().map_or(0, |d| d.target_layers().len());
             if let Some(back) = online.on_step(&mut self.scheduler.running, &plan, &report, &out, layers) {
                 self.serve_drafter(back, "rollback");
             }
@@ -443,7 +458,7 @@ impl Engine {
     /// copied drafts say nothing about the learned drafter's length, and a step that also
     /// finishes a prompt costs what the prompt costs).
     fn measure_k(&mut self, plan: &StepPlan, emitted: u64, started: Instant) {
-        let catch_up = self.runner.drafter.as_mut().map_or((0.0, 0), |d| d.take_catch_up());
+        let catch_up = self.runner.drafter_mut().map_or((0.0, 0), |d| d.take_catch_up());
         let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, plan.decode_only()) else { return };
         // Steady drafting catches up about one position per emitted token; a backlog left by
         // steps without drafts is not this k's cost.
@@ -455,7 +470,7 @@ impl Engine {
     /// A new sequence's trace (online training), for the served model's sequences only: other
     /// weights' sequences do not teach the drafter the served model.
     fn trace_maker(&self) -> impl Fn(&GenerationRequest) -> Option<Trace> {
-        let layers = self.runner.drafter.as_ref().map_or(0, |d| d.target_layers().len());
+        let layers = self.runner.drafter().map_or(0, |d| d.target_layers().len());
         let feature_size = layers * self.runner.model.config.hidden_size;
         let online = self.online.is_some();
         move |request| {
@@ -476,7 +491,7 @@ impl Engine {
     }
 
     fn serve_drafter(&mut self, v: Version, why: &str) {
-        if let Some(drafter) = self.runner.drafter.as_mut() {
+        if let Some(drafter) = self.runner.trained_mut() {
             if let Err(e) = drafter.update(v.weights.clone()) {
                 tracing::warn!(error = %e, version = v.number, why, "drafter weights refused");
             }
@@ -491,7 +506,7 @@ impl Engine {
 
     fn set_idle(&self, idle: bool) {
         if let Some(o) = &self.online {
-            o.hooks.exchange.set_idle(idle);
+            o.hooks.exchange.idle.set(idle);
         }
     }
 

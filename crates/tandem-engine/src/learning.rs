@@ -68,10 +68,10 @@ impl OnlineState {
     /// included): the controller's measurement, published for /metrics.
     pub(crate) fn on_decode_step(&mut self, k: usize, emitted: usize, step_secs: f64) {
         self.k.record(k, emitted, step_secs);
-        let ex = &self.hooks.exchange;
-        ex.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);
-        ex.gain_bits.store(self.k.gain().to_bits(), Ordering::Relaxed);
-        if let Ok(mut t) = ex.k_table.try_lock() {
+        let m = &self.hooks.exchange.metrics;
+        m.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);
+        m.gain.set(self.k.gain());
+        if let Ok(mut t) = m.k_table.try_lock() {
             *t = self.k.table();
         }
     }

@@ -23,7 +23,7 @@ mod sequence;
 mod spec_stats;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage, WeightVersion};
-pub use runner::StepOutput;
+pub use runner::{ServedDrafter, StepOutput};
 pub use scheduler::{
     FairConfig, Fcfs, RequestInfo, Scheduled, Scheduler, SchedulingPolicy, Service, StepPlan, VirtualTokenCounter,
 };

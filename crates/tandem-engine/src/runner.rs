@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use tandem_models::{KvCache, KvSnapshot, LogitsFor, Model, SequenceInput};
-use tandem_runtime::speculative::{Draft, DraftRequest, Drafter};
+use tandem_runtime::speculative::{Draft, DraftRequest, Drafter, EagleWeights, TrainableDrafter};
 
 /// What the forward of a step computed, in plan order.
 pub struct StepOutput {
@@ -21,16 +21,54 @@ pub struct StepOutput {
     pub hidden: Vec<Tensor>,
 }
 
+/// The drafter a server runs: a fixed one, or one whose weights online training swaps.
+pub enum ServedDrafter {
+    Fixed(Box<dyn Drafter>),
+    Trained(Box<dyn TrainableDrafter<Weights = EagleWeights>>),
+}
+
+impl ServedDrafter {
+    pub fn get(&self) -> &dyn Drafter {
+        match self {
+            ServedDrafter::Fixed(d) => d.as_ref(),
+            ServedDrafter::Trained(d) => d.as_ref(),
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut dyn Drafter {
+        match self {
+            ServedDrafter::Fixed(d) => d.as_mut(),
+            ServedDrafter::Trained(d) => d.as_mut(),
+        }
+    }
+}
+
 pub(crate) struct ModelRunner {
     pub model: Model,
     pub cache: KvCache,
-    pub drafter: Option<Box<dyn Drafter>>,
+    pub drafter: Option<ServedDrafter>,
     /// The drafter's layers, then (online training) the last residual stream for the trainer's
     /// labels (see `Trace::final_hidden`).
     pub hidden_layers: Vec<usize>,
 }
 
 impl ModelRunner {
+    pub fn drafter(&self) -> Option<&dyn Drafter> {
+        self.drafter.as_ref().map(|d| d.get())
+    }
+
+    pub fn drafter_mut(&mut self) -> Option<&mut dyn Drafter> {
+        self.drafter.as_mut().map(|d| d.get_mut())
+    }
+
+    /// The drafter online training updates, if it is one.
+    pub fn trained_mut(&mut self) -> Option<&mut dyn TrainableDrafter<Weights = EagleWeights>> {
+        match self.drafter.as_mut()? {
+            ServedDrafter::Trained(d) => Some(d.as_mut()),
+            ServedDrafter::Fixed(_) => None,
+        }
+    }
+
     /// Runs the plan's forward. A panic inside it is an error of this step, not of the engine.
     pub fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
         let batch: Vec<SequenceInput> = plan
@@ -64,7 +102,7 @@ impl ModelRunner {
     /// asked or the drafter fails: a broken drafter slows serving down, it never fails a request).
     pub fn propose(&mut self, running: &[Sequence], asks: &[DraftAsk]) -> Vec<Draft> {
         let mut drafts = vec![Draft::default(); running.len()];
-        let Some(drafter) = self.drafter.as_mut() else { return drafts };
+        let Some(drafter) = self.drafter.as_mut().map(|d| d.get_mut()) else { return drafts };
         if asks.is_empty() {
             return drafts;
         }
@@ -116,7 +154,7 @@ impl CommitKv for ModelRunner {
     /// Hands the drafter the target's hidden states of `n` committed positions from `start`, rows
     /// `offset..offset + n` of this step's batch.
     fn observe(&mut self, slot: usize, start: usize, offset: usize, n: usize, hidden: &[Tensor]) {
-        let Some(drafter) = self.drafter.as_mut() else { return };
+        let Some(drafter) = self.drafter_mut() else { return };
         if hidden.is_empty() || n == 0 {
             return;
         }
@@ -150,7 +188,7 @@ impl KvSlots for ModelRunner {
         if let Err(e) = self.cache.reset(slot) {
             tracing::error!(error = %e, slot, "KV slot reset failed");
         }
-        if let Some(d) = self.drafter.as_mut() {
+        if let Some(d) = self.drafter_mut() {
             d.release(slot);
         }
     }

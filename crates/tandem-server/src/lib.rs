@@ -22,9 +22,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_engine::online::OnlineHooks;
-use tandem_engine::{Engine, EngineConfig, EngineHandle, SchedulingPolicy};
+use tandem_engine::{Engine, EngineConfig, EngineHandle, SchedulingPolicy, ServedDrafter};
 use tandem_models::{LoadedModel, Tokenizer};
-use tandem_runtime::speculative::Drafter;
 use tandem_runtime::ChatTemplate;
 
 /// Largest request body accepted (a long prompt fits; a runaway upload is refused with 413).
@@ -53,7 +52,7 @@ impl AppState {
         loaded: LoadedModel,
         config: EngineConfig,
         policy: Box<dyn SchedulingPolicy>,
-        drafter: Option<Box<dyn Drafter>>,
+        drafter: Option<ServedDrafter>,
         online: Option<OnlineHooks>,
     ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
         Self::start_with_training(loaded, config, policy, drafter, online, None)
@@ -65,7 +64,7 @@ impl AppState {
         loaded: LoadedModel,
         config: EngineConfig,
         policy: Box<dyn SchedulingPolicy>,
-        drafter: Option<Box<dyn Drafter>>,
+        drafter: Option<ServedDrafter>,
         online: Option<OnlineHooks>,
         training: Option<training::TrainingConfig>,
     ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>), String> {
@@ -81,7 +80,7 @@ impl AppState {
         let base = training.as_ref().map(|_| loaded.model.clone());
         let (mut engine, handle) = Engine::new(loaded.model, config, policy).map_err(|e| e.to_string())?;
         if let Some(d) = drafter {
-            engine = engine.with_drafter(d).map_err(|e| e.to_string())?;
+            engine = engine.with_served_drafter(d).map_err(|e| e.to_string())?;
         }
         if let Some(hooks) = &online {
             engine = engine.with_online(hooks.clone()).map_err(|e| e.to_string())?;

@@ -218,56 +218,61 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
         "tandem_drafter_version",
         "gauge",
         "Drafter version being served.",
-        ex.serving_version.load(Relaxed).to_string(),
+        ex.weights.serving_version.load(Relaxed).to_string(),
     );
     metric(
         "tandem_drafter_published_version",
         "gauge",
         "Newest version the trainer published.",
-        ex.published.load(Relaxed).to_string(),
+        ex.weights.published.load(Relaxed).to_string(),
     );
     metric(
         "tandem_drafter_rollbacks_total",
         "counter",
         "Versions rolled back for lowering acceptance.",
-        ex.rollbacks.load(Relaxed).to_string(),
+        ex.weights.rollbacks.load(Relaxed).to_string(),
     );
-    metric("tandem_drafter_train_loss", "gauge", "Loss of the trainer's last step.", ex.loss().to_string());
+    metric(
+        "tandem_drafter_train_loss",
+        "gauge",
+        "Loss of the trainer's last step.",
+        ex.metrics.train_loss.get().to_string(),
+    );
     metric(
         "tandem_drafter_train_steps_total",
         "counter",
         "Trainer optimizer steps.",
-        ex.train_steps.load(Relaxed).to_string(),
+        ex.metrics.train_steps.load(Relaxed).to_string(),
     );
     metric(
         "tandem_drafter_train_positions_total",
         "counter",
         "Positions trained on.",
-        ex.train_positions.load(Relaxed).to_string(),
+        ex.metrics.train_positions.load(Relaxed).to_string(),
     );
     metric(
         "tandem_spec_chosen_k",
         "gauge",
         "Draft length chosen by measured throughput (0: speculation off).",
-        ex.chosen_k.load(Relaxed).to_string(),
+        ex.metrics.chosen_k.load(Relaxed).to_string(),
     );
     metric(
         "tandem_spec_gain",
         "gauge",
         "Measured decode tokens/s at the chosen draft length over no speculation.",
-        ex.gain().to_string(),
+        ex.metrics.speedup().to_string(),
     );
     metric(
         "tandem_drafter_train_cpu_share",
         "gauge",
         "Share of one core the drafter trainer may use now (more while it is still learning).",
-        ex.train_share().to_string(),
+        ex.metrics.train_share.get().to_string(),
     );
     metric(
         "tandem_drafter_fresh_agreement",
         "gauge",
         "Drafter's first-token agreement with the target on traffic it had not trained on (smoothed).",
-        ex.fresh_agreement().to_string(),
+        ex.metrics.fresh_agreement.get().to_string(),
     );
     metric("tandem_traces_total", "counter", "Traces recorded for the trainer.", o.traces.pushed().to_string());
     metric(
@@ -276,7 +281,7 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
         "Traces dropped (buffer full or busy).",
         o.traces.dropped().to_string(),
     );
-    let table = ex.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let table = ex.metrics.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
     type Field = fn(&tandem_engine::online::KStat) -> f64;
     let gauges: [(&str, &str, Field); 3] = [
         ("tandem_spec_k_tokens_per_second", "Measured decode tokens/s per draft length.", |s| s.tokens_per_sec),

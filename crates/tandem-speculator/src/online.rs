@@ -177,7 +177,7 @@ fn run(
                 unpaid += start.elapsed().as_secs_f64();
                 if let Ok(a) = agreement {
                     progress.record(a);
-                    exchange.fresh_agreement_bits.store(progress.fast.to_bits(), Ordering::Relaxed);
+                    exchange.metrics.fresh_agreement.set(progress.fast);
                 }
             }
             if let Some(s) = spill.as_mut() {
@@ -187,8 +187,8 @@ fn run(
             }
             pool.add(t);
         }
-        if !exchange.take_rejected().is_empty() {
-            let back = exchange.serving_version.load(Ordering::Relaxed);
+        if !exchange.weights.take_rejected().is_empty() {
+            let back = exchange.weights.serving_version.load(Ordering::Relaxed);
             if let Some(w) = versions.get(&back) {
                 tracing::info!(version = back, "trainer continues from the version serving fell back to");
                 if let Err(e) = trainer.reset_to(w) {
@@ -207,9 +207,9 @@ fn run(
             continue;
         };
         let start = Instant::now();
-        let depth = exchange.chosen_k.load(Ordering::Relaxed) as usize + 1;
+        let depth = exchange.metrics.chosen_k.load(Ordering::Relaxed) as usize + 1;
         let threads = match &idle_pool {
-            Some(p) if exchange.is_idle() => Some(p),
+            Some(p) if exchange.idle.is_idle() => Some(p),
             _ => pool_threads.as_ref(),
         };
         let result = match threads {
@@ -225,14 +225,14 @@ fn run(
             Ok(s) => {
                 st.steps = trainer.steps;
                 st.last = s;
-                exchange.set_loss(s.loss);
-                exchange.train_steps.store(trainer.steps, Ordering::Relaxed);
-                exchange.train_positions.fetch_add(s.positions as u64, Ordering::Relaxed);
+                exchange.metrics.train_loss.set(s.loss);
+                exchange.metrics.train_steps.store(trainer.steps, Ordering::Relaxed);
+                exchange.metrics.train_positions.fetch_add(s.positions as u64, Ordering::Relaxed);
                 if trainer.steps.is_multiple_of(config.publish_every.max(1)) {
                     match trainer.weights() {
                         Ok(w) => {
                             let w = Arc::new(w);
-                            exchange.publish(Version { number: next_version, weights: w.clone() });
+                            exchange.weights.publish(Version { number: next_version, weights: w.clone() });
                             versions.insert(next_version, w);
                             while versions.len() > 8 {
                                 versions.pop_first();
@@ -257,11 +257,11 @@ fn run(
         // Keep to the CPU share: sleep so that compute / wall time stays at the share allowed now;
         // serving going idle (for longer than a gap between back-to-back requests) ends the sleep.
         let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
-        exchange.train_share_bits.store(share.to_bits(), Ordering::Relaxed);
+        exchange.metrics.train_share.set(share);
         let rest = (secs + std::mem::take(&mut unpaid)) * (1.0 - share) / share;
         if rest > 0.0 {
             let until = Instant::now() + Duration::from_secs_f64(rest);
-            while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.is_idle() {
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.idle.is_idle() {
                 std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
             }
         }

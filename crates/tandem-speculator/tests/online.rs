@@ -41,7 +41,7 @@ fn hooks(capacity: usize, online: OnlineConfig) -> OnlineHooks {
 
 fn engine_with(drafter: EagleDrafter, hooks: &OnlineHooks, config: EngineConfig) -> (Engine, EngineHandle) {
     let (e, h) = Engine::new(model(), config, Box::new(Fcfs::default())).unwrap();
-    let e = e.with_drafter(Box::new(drafter)).unwrap().with_online(hooks.clone()).unwrap();
+    let e = e.with_trainable_drafter(Box::new(drafter)).unwrap().with_online(hooks.clone()).unwrap();
     (e, h)
 }
 
@@ -284,7 +284,7 @@ fn swaps_under_concurrent_load_change_no_output() {
     // Four clients submit concurrently, wave after wave, while the trainer publishes a version per
     // step. The engine takes a version only while it steps, so a version number read between waves
     // was swapped in under load; go on until two were, and one more wave ran after (bounded).
-    let version = || h.exchange.serving_version.load(std::sync::atomic::Ordering::Relaxed);
+    let version = || h.exchange.weights.serving_version.load(std::sync::atomic::Ordering::Relaxed);
     let mut waves = 0;
     let mut swapped_at = None;
     loop {
@@ -330,7 +330,7 @@ fn swaps_under_concurrent_load_change_no_output() {
     handle.shutdown();
     thread.join().unwrap();
     assert!(swapped_at.is_some(), "no version swapped in during {waves} waves (trainer steps {})", status.steps);
-    assert!(h.exchange.history().len() >= 2);
+    assert!(h.exchange.weights.history().len() >= 2);
 }
 
 #[test]
@@ -347,17 +347,17 @@ fn a_broken_drafter_is_rolled_back() {
     let mut broken = good.clone();
     let head = broken.tensors["lm_head.weight"].zeros_like().unwrap();
     broken.tensors.insert("lm_head.weight".into(), head);
-    h.exchange.publish(Version { number: 1, weights: Arc::new(broken) });
+    h.exchange.weights.publish(Version { number: 1, weights: Arc::new(broken) });
     let more: Vec<_> = (300..340).map(|i| request(i, 40)).collect();
     let expected = plain_outputs(&more);
     let (outs, _) = serve(&mut engine, &handle, &more);
     assert_eq!(outs, expected);
     let ex = &h.exchange;
-    assert_eq!(ex.rollbacks.load(std::sync::atomic::Ordering::Relaxed), 1, "{:?}", ex.history());
-    assert_eq!(ex.serving_version.load(std::sync::atomic::Ordering::Relaxed), 0);
-    let rec = &ex.history()[0];
+    assert_eq!(ex.weights.rollbacks.load(std::sync::atomic::Ordering::Relaxed), 1, "{:?}", ex.weights.history());
+    assert_eq!(ex.weights.serving_version.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let rec = &ex.weights.history()[0];
     assert!(rec.rolled_back && rec.accept_after.unwrap() < rec.accept_before.unwrap(), "{rec:?}");
-    assert_eq!(ex.take_rejected(), vec![1]);
+    assert_eq!(ex.weights.take_rejected(), vec![1]);
     // After the rollback the good drafter serves again.
     let (_, back_len) = serve(&mut engine, &handle, &warmup);
     assert!((back_len - good_len).abs() < 0.3, "{good_len} vs {back_len}");
@@ -457,7 +457,7 @@ fn the_k_controller_times_decode_steps_only() {
             }
         }
     }
-    let table = h.exchange.k_table.lock().unwrap().clone();
+    let table = h.exchange.metrics.k_table.lock().unwrap().clone();
     let timed: u64 = table.iter().map(|s| s.steps).sum();
     // Only the last few steps of each request can be cut short (at most spec_k of them).
     let decode_steps = decode_steps as u64;

@@ -252,12 +252,12 @@ fn replay(
                     if let Some(ex) = exchange {
                         samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((
                             d.len(),
-                            ex.chosen_k.load(Ordering::Relaxed),
-                            ex.serving_version.load(Ordering::Relaxed),
-                            ex.gain(),
-                            ex.train_share(),
-                            ex.train_steps.load(Ordering::Relaxed),
-                            ex.fresh_agreement(),
+                            ex.metrics.chosen_k.load(Ordering::Relaxed),
+                            ex.weights.serving_version.load(Ordering::Relaxed),
+                            ex.metrics.speedup(),
+                            ex.metrics.train_share.get(),
+                            ex.metrics.train_steps.load(Ordering::Relaxed),
+                            ex.metrics.fresh_agreement.get(),
                         ));
                     }
                     drop(d);
@@ -384,7 +384,7 @@ fn run_config(
     }
     if let Some(e) = trained {
         let e = e.with_lookup(lookup.then(|| crate::spec_arg::lookup(args.lookup_min)).flatten());
-        engine = engine.with_drafter(Box::new(e))?.with_online(hooks.clone())?;
+        engine = engine.with_trainable_drafter(Box::new(e))?.with_online(hooks.clone())?;
     }
     // Every configuration pauses alike: a request after a pause runs slower (measured here: a
     // frozen drafter with pauses 0.95x of no speculation without), whoever uses the pause.
@@ -402,9 +402,9 @@ fn run_config(
         summary.trainer_steps = thread.join().expect("background trainer")?;
     }
     let ex = &hooks.exchange;
-    summary.drafter_versions = ex.published.load(Ordering::Relaxed);
-    summary.k_table = ex.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    summary.rollbacks = ex.rollbacks.load(Ordering::Relaxed);
+    summary.drafter_versions = ex.weights.published.load(Ordering::Relaxed);
+    summary.k_table = ex.metrics.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    summary.rollbacks = ex.weights.rollbacks.load(Ordering::Relaxed);
     summary.traces_dropped = hooks.traces.dropped();
     summary.drafted_tokens = spec_stats.drafted_tokens;
     summary.accepted_tokens = spec_stats.accepted_tokens;

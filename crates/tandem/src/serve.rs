@@ -213,9 +213,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.online.drafter_save.display(),
             args.online.trace_dir.as_ref().map(|d| format!(", traces in {}", d.display())).unwrap_or_default()
         );
-        (Some(Box::new(eagle) as Box<dyn tandem_runtime::speculative::Drafter>), Some(hooks), Some(trainer))
+        (Some(tandem_engine::ServedDrafter::Trained(Box::new(eagle))), Some(hooks), Some(trainer))
     } else {
-        (spec_arg::build(&args.spec, &loaded, &opts)?, None, None)
+        (spec_arg::build(&args.spec, &loaded, &opts)?.map(tandem_engine::ServedDrafter::Fixed), None, None)
     };
     let policy = schedule_arg::build(&args.schedule)?;
     let training = if args.training_api == Switch::On {

@@ -9,7 +9,7 @@
 //!
 //! Checkpoint: a folder with `config.json` ([`EagleConfig`]) and `model.safetensors` using the
 //! tensor names of published EAGLE-3 drafters (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`).
-use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter};
+use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
 use crate::sampling::Sampler;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use rand::rngs::StdRng;
@@ -626,16 +626,20 @@ impl Drafter for EagleDrafter {
         }
     }
 
-    fn update(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
-        self.set_weights(weights)
-    }
-
     fn take_catch_up(&mut self) -> (f64, usize) {
         std::mem::take(&mut self.catch_up)
     }
+}
 
-    fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
-        Some((&self.config, &self.weights))
+impl TrainableDrafter for EagleDrafter {
+    type Weights = EagleWeights;
+
+    fn served_weights(&self) -> Arc<EagleWeights> {
+        self.weights.clone()
+    }
+
+    fn update(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
+        self.set_weights(weights)
     }
 }
 

@@ -101,23 +101,22 @@ pub trait Drafter: Send {
     /// The sequence in `slot` has ended.
     fn release(&mut self, _slot: usize) {}
 
-    /// Serves new weights from the next draft on (online training hot-swaps them between engine
-    /// steps). Drafters without trainable weights refuse.
-    fn update(&mut self, _weights: Arc<EagleWeights>) -> Result<()> {
-        Err(tandem_models::ModelError::Drafter(format!("the {} drafter has no weights to update", self.name())))
-    }
-
     /// Seconds and positions spent bringing per-sequence state up to date with the target since
     /// the last call. After steps without drafts this is a backlog that steady drafting would not
     /// pay, so the draft-length controller discounts it.
     fn take_catch_up(&mut self) -> (f64, usize) {
         (0.0, 0)
     }
+}
 
-    /// The EAGLE configuration and weights now served, for drafters that have them.
-    fn eagle(&self) -> Option<(&EagleConfig, &Arc<EagleWeights>)> {
-        None
-    }
+/// A drafter whose weights are trained while it serves (online training): the engine swaps new
+/// versions in between steps.
+pub trait TrainableDrafter: Drafter {
+    type Weights: Send + Sync;
+    /// The weights now served.
+    fn served_weights(&self) -> Arc<Self::Weights>;
+    /// Serves `weights` from the next draft on.
+    fn update(&mut self, weights: Arc<Self::Weights>) -> Result<()>;
 }
 
 /// A sampler for a drafter's own draws. Seeded requests stay reproducible, but from a stream

@@ -1,0 +1,188 @@
+//! Between the trainer and the engine, three small things with one job each: the slot through
+//! which the trainer publishes drafter weights and the engine takes (or rolls back) them, the
+//! engine's idle signal, and the figures both publish for /metrics.
+use super::controller::KStat;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tandem_runtime::speculative::EagleWeights;
+
+/// A numbered set of drafter weights.
+#[derive(Clone)]
+pub struct Version {
+    pub number: u64,
+    pub weights: Arc<EagleWeights>,
+}
+
+/// What happened to a published version, as seen by the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwapRecord {
+    pub version: u64,
+    /// First-draft-token acceptance of the previous version before the swap, and of this one
+    /// after (None until measured).
+    pub accept_before: Option<f64>,
+    pub accept_after: Option<f64>,
+    pub rolled_back: bool,
+}
+
+/// Where the trainer publishes drafter weights and the engine takes them between steps.
+#[derive(Default)]
+pub struct WeightSlot {
+    pending: Mutex<Option<Version>>,
+    /// Versions the engine rolled back (the trainer restarts from the last good one).
+    rejected: Mutex<Vec<u64>>,
+    history: Mutex<Vec<SwapRecord>>,
+    /// The version the engine serves, the newest published, and rollbacks so far.
+    pub serving_version: AtomicU64,
+    pub published: AtomicU64,
+    pub rollbacks: AtomicU64,
+}
+
+impl WeightSlot {
+    /// Offers `version` to the engine; a version not yet taken is replaced by the newer one.
+    pub fn publish(&self, version: Version) {
+        self.published.store(version.number, Ordering::Relaxed);
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
+    }
+
+    /// The engine's side: a new version if one is waiting and the lock is free.
+    pub(crate) fn take(&self) -> Option<Version> {
+        self.pending.try_lock().ok()?.take()
+    }
+
+    /// The engine's side: `version` now serves (a swap, recorded with the acceptance before it).
+    pub(crate) fn record_swap(&self, record: SwapRecord) {
+        self.serving_version.store(record.version, Ordering::Relaxed);
+        self.history.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+    }
+
+    /// The engine's side: the newest swap's acceptance after it, and whether it was rolled back.
+    pub(crate) fn judge_last(&self, accept_after: f64, rolled_back: bool) {
+        if let Some(rec) = self.history.lock().unwrap_or_else(|e| e.into_inner()).last_mut() {
+            rec.accept_after = Some(accept_after);
+            rec.rolled_back = rolled_back;
+        }
+    }
+
+    /// The engine's side: `bad` was rolled back to `back`.
+    pub(crate) fn reject(&self, bad: u64, back: u64) {
+        self.rollbacks.fetch_add(1, Ordering::Relaxed);
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).push(bad);
+        self.serving_version.store(back, Ordering::Relaxed);
+    }
+
+    /// Versions rolled back since the last call.
+    pub fn take_rejected(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.rejected.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn history(&self) -> Vec<SwapRecord> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// When the engine last ran out of work: the trainer takes every core only in real idle time.
+#[derive(Default)]
+pub struct IdleSignal {
+    /// Nanoseconds after `epoch()` when the engine ran out of work, 0 while it has work.
+    since: AtomicU64,
+}
+
+impl IdleSignal {
+    /// The engine's side: it ran out of work (`true`) or has work again.
+    pub fn set(&self, idle: bool) {
+        let now = if idle { epoch().elapsed().as_nanos() as u64 + 1 } else { 0 };
+        self.since.store(now, Ordering::Relaxed);
+    }
+
+    /// How long the engine has had nothing to do (None while it serves).
+    pub fn idle_for(&self) -> Option<f64> {
+        let since = self.since.load(Ordering::Relaxed);
+        (since > 0).then(|| (epoch().elapsed().as_nanos() as u64 + 1).saturating_sub(since) as f64 * 1e-9)
+    }
+
+    /// Whether the trainer may take every core: the engine has been idle for at least
+    /// [`IDLE_GRACE`]. The gap between back-to-back requests lasts a few milliseconds, and a step
+    /// started in it runs on into the next request and slows its steps; a client's think time or
+    /// a quiet server lasts longer.
+    pub fn is_idle(&self) -> bool {
+        self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
+    }
+}
+
+/// The shortest idle time the trainer treats as room to take every core.
+pub const IDLE_GRACE: f64 = 0.02;
+
+/// The process's reference instant for the engine's idle timestamps.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// An f64 read and written atomically (a figure one thread publishes and others read).
+#[derive(Default)]
+pub struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed)
+    }
+}
+
+/// Figures of online training for /metrics and benchmarks: the engine's draft-length choice and
+/// the trainer's progress.
+#[derive(Default)]
+pub struct OnlineMetrics {
+    pub chosen_k: AtomicU64,
+    /// Measured decode figures per draft length.
+    pub k_table: Mutex<Vec<KStat>>,
+    /// Measured decode tokens/s at the chosen draft length over that without drafts (0 until
+    /// measured): what speculation currently earns.
+    pub gain: AtomicF64,
+    /// The trainer's last loss, optimizer steps and positions trained on.
+    pub train_loss: AtomicF64,
+    pub train_steps: AtomicU64,
+    pub train_positions: AtomicU64,
+    /// The CPU share the trainer currently allows itself.
+    pub train_share: AtomicF64,
+    /// The drafter's first-token agreement with the target on traces it had not yet trained on,
+    /// smoothed.
+    pub fresh_agreement: AtomicF64,
+}
+
+impl OnlineMetrics {
+    /// Speculation's measured speed-up (1.0 until measured, or when it does not pay).
+    pub fn speedup(&self) -> f64 {
+        self.gain.get().max(1.0)
+    }
+}
+
+/// What the trainer and the engine share.
+#[derive(Default)]
+pub struct DrafterExchange {
+    pub weights: WeightSlot,
+    pub idle: IdleSignal,
+    pub metrics: OnlineMetrics,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_only_after_the_grace() {
+        let x = IdleSignal::default();
+        assert_eq!(x.idle_for(), None);
+        assert!(!x.is_idle(), "never idle yet");
+        x.set(true);
+        assert!(!x.is_idle(), "a gap between back-to-back requests is not idle time");
+        std::thread::sleep(std::time::Duration::from_secs_f64(IDLE_GRACE + 0.005));
+        assert!(x.idle_for().is_some_and(|s| s >= IDLE_GRACE));
+        assert!(x.is_idle());
+        x.set(false);
+        assert_eq!(x.idle_for(), None);
+        assert!(!x.is_idle());
+    }
+}

@@ -1,0 +1,144 @@
+//! The serving side of online speculator training: traces of what happened at each verification
+//! step (`trace`), what the trainer and the engine share (`exchange`: the weight slot, the idle
+//! signal, metrics), the draft-length controller (`controller`), and the engine's judgement of each
+//! drafter version (roll back one that lowers acceptance).
+//!
+//! Nothing here makes serving wait: the trace buffer is pushed with `try_lock` (a busy or full
+//! buffer drops, and counts the drop), and new weights are taken between engine steps only when
+//! the slot is free.
+mod controller;
+mod exchange;
+mod trace;
+
+pub(crate) use controller::KController;
+pub use controller::KStat;
+pub use exchange::{
+    AtomicF64, DrafterExchange, IdleSignal, OnlineMetrics, SwapRecord, Version, WeightSlot, IDLE_GRACE,
+};
+use std::collections::VecDeque;
+use std::sync::Arc;
+pub use trace::{top_probs, Rejection, Trace, TraceBuffer};
+
+/// Settings of the serving side of online training.
+#[derive(Debug, Clone)]
+pub struct OnlineConfig {
+    /// Top entries of the target's distribution kept per position in traces.
+    pub trace_top: usize,
+    /// Roll a new version back when its first-token acceptance falls below this fraction of the
+    /// previous version's (measured over `rollback_window` drafts each).
+    pub rollback_ratio: f64,
+    pub rollback_window: usize,
+    /// Choose k by measured tokens/s (else the engine's acceptance heuristic applies).
+    pub k_by_throughput: bool,
+    /// Share of decode steps that try a draft length other than the best one.
+    pub explore: f64,
+}
+
+impl Default for OnlineConfig {
+    fn default() -> Self {
+        OnlineConfig { trace_top: 8, rollback_ratio: 0.75, rollback_window: 200, k_by_throughput: true, explore: 0.08 }
+    }
+}
+
+/// Everything the engine needs for online training.
+#[derive(Clone)]
+pub struct OnlineHooks {
+    pub traces: Arc<TraceBuffer>,
+    pub exchange: Arc<DrafterExchange>,
+    pub config: OnlineConfig,
+}
+
+/// First-token acceptance counts.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    drafts: usize,
+    first_accepted: usize,
+}
+
+impl Window {
+    fn rate(&self) -> f64 {
+        self.first_accepted as f64 / self.drafts.max(1) as f64
+    }
+}
+
+/// Engine-side state: versions, rollback judgement, and the draft length controller.
+pub(crate) struct OnlineState {
+    pub hooks: OnlineHooks,
+    /// The version before the current one, to roll back to.
+    previous: Option<Version>,
+    current: Option<Version>,
+    /// Recent drafts of the current version (a ring of outcomes), and of the previous one.
+    recent: VecDeque<bool>,
+    before: Option<Window>,
+    after: Window,
+    pub k: KController,
+}
+
+impl OnlineState {
+    pub fn new(hooks: OnlineHooks, max_k: usize, initial: Option<Version>) -> Self {
+        let k = KController::new(max_k, hooks.config.explore);
+        OnlineState {
+            hooks,
+            previous: None,
+            current: initial,
+            recent: VecDeque::new(),
+            before: None,
+            after: Window::default(),
+            k,
+        }
+    }
+
+    /// A version waiting to be served, remembering the current one for rollback.
+    pub fn take_new(&mut self) -> Option<Version> {
+        let v = self.hooks.exchange.weights.take()?;
+        let window = self.window();
+        self.before = (window.drafts >= self.hooks.config.rollback_window / 2).then_some(window);
+        self.previous = self.current.replace(v.clone());
+        self.recent.clear();
+        self.after = Window::default();
+        self.hooks.exchange.weights.record_swap(SwapRecord {
+            version: v.number,
+            accept_before: self.before.map(|w| w.rate()),
+            accept_after: None,
+            rolled_back: false,
+        });
+        tracing::info!(version = v.number, accept_before = ?self.before.map(|w| w.rate()), "drafter swapped in");
+        Some(v)
+    }
+
+    fn window(&self) -> Window {
+        Window { drafts: self.recent.len(), first_accepted: self.recent.iter().filter(|&&a| a).count() }
+    }
+
+    /// Records one verified draft; returns the version to roll back to when the current one has
+    /// measurably lowered acceptance.
+    pub fn record_draft(&mut self, first_accepted: bool) -> Option<Version> {
+        self.recent.push_back(first_accepted);
+        if self.recent.len() > self.hooks.config.rollback_window {
+            self.recent.pop_front();
+        }
+        self.after.drafts += 1;
+        self.after.first_accepted += first_accepted as usize;
+        let window = self.hooks.config.rollback_window;
+        if self.after.drafts != window {
+            return None;
+        }
+        // Judged once per version, after a full window of its own drafts.
+        let after = self.after.rate();
+        let slot = &self.hooks.exchange.weights;
+        let before = self.before.map(|w| w.rate());
+        let worse = before.is_some_and(|b| after < b * self.hooks.config.rollback_ratio - 0.02);
+        slot.judge_last(after, worse && self.previous.is_some());
+        if !worse {
+            tracing::info!(version = self.current.as_ref().map(|v| v.number), accept = after, "drafter kept");
+            return None;
+        }
+        let back = self.previous.take()?;
+        let bad = self.current.replace(back.clone()).map(|v| v.number).unwrap_or(0);
+        tracing::warn!(version = bad, accept_before = ?before, accept_after = after, back_to = back.number, "drafter rolled back");
+        slot.reject(bad, back.number);
+        self.recent.clear();
+        self.before = None;
+        Some(back)
+    }
+}
