@@ -1,6 +1,10 @@
 //! The decoder-only transformer shared by Llama, Qwen2 and Qwen3: pre-norm blocks of GQA attention
 //! with rope and a SwiGLU MLP. The model holds only weights; the caller owns the KV cache and
 //! says, per forward, which sequences (slots) advance by which tokens.
+//!
+//! Over 600 lines because loading (building the blocks from any checkpoint) and the forward
+//! (serving's batched one and training's whole-sequence one, sharing `blocks_forward`) belong
+//! together: both follow the same weight layout.
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;

@@ -1,5 +1,8 @@
 //! The HTTP routes: OpenAI completions and chat completions (plain and streamed), models, health
 //! and metrics.
+//!
+//! Over 600 lines because both OpenAI endpoints share one job builder and one streaming path;
+//! the request types are in `api.rs`, choices in `choice.rs`, errors in `error.rs`.
 use crate::api::{ChatRequest, Common, CompletionRequest, Content, Prompt, Stop};
 use crate::auth::Identity;
 use crate::choice::{self, ChoiceEvent, TokenInfo};

@@ -20,6 +20,10 @@
 //! A slice's weights are w = s·(u − z) for the zero-point formats (Q4_0, Q5_0, Q8_0, Q6_K; the
 //! zero is subtracted in integers, z·Σq) and w = s·u + b for the formats with a minimum (Q4_1,
 //! Q5_1, Q4_K, Q5_K: b times the input block's d·Σq). Q6_K scales each 16-value half separately.
+//!
+//! Over 600 lines because the formats' layout rules (tiles, slices, scales), the encoding at load,
+//! input quantization and the dispatch are one contract that every kernel (portable here, AVX2
+//! and AVX-512 in `quant/`) must follow bit for bit.
 use half::f16;
 use rayon::prelude::*;
 

@@ -9,6 +9,10 @@
 //!
 //! Checkpoint: a folder with `config.json` ([`EagleConfig`]) and `model.safetensors` using the
 //! tensor names of published EAGLE-3 drafters (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`).
+//!
+//! Over 600 lines because the drafter's config, weights (load, save, warm starts) and its
+//! batched drafting forward live together; the training forward is in tandem-speculator (one
+//! shared layer for both is an open item of the engine-shape issue).
 use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
 use crate::sampling::Sampler;
 use candle_core::{DType, Device, IndexOp, Tensor, D};

@@ -1,5 +1,8 @@
 //! The training service: sessions, training models (each on its own worker thread, running its
 //! requests in seq_id order), weight versions for sampling, and checkpoints on disk.
+//!
+//! Over 600 lines because the limits, sessions, model lifetimes and checkpoints all guard the same
+//! maps; sampling is in `service/sampling.rs`, the recent-use map in `service/recent.rs`.
 use super::futures::{Completer, FutureStore};
 use super::results::{ForwardBackwardResult, Outcome};
 use serde_json::{json, Value};

@@ -1,0 +1,329 @@
+//! The AVX2 + FMA forms of the CPU kernels (streaming matmul tiles, attention, softmax, SiLU).
+#![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
+use super::{WeightElem, PREFETCH_LINES};
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// R weight rows against C input rows: R*C accumulators stay in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<W: WeightElem, const R: usize, const C: usize>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    n: usize,
+    j: usize,
+    i: usize,
+    y: *mut f32,
+) {
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let k8 = k / 8 * 8;
+    let wp = w.as_ptr().add(j * k);
+    let xp = x.as_ptr().add(i * k);
+    let mut p = 0;
+    while p < k8 {
+        let mut wv = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            wv[r] = W::load8(wp.add(r * k + p));
+        }
+        if R == 4 {
+            // The next tile's weight rows, a slice per step, so their loads from memory overlap
+            // this tile's arithmetic: with several input rows the hardware prefetcher alone
+            // falls behind. (wrapping_add: past the last row this only names an address.)
+            let ahead = wp.wrapping_add(R * k + p * R) as *const i8;
+            for line in 0..PREFETCH_LINES {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+            }
+        }
+        for c in 0..C {
+            let xv = _mm256_loadu_ps(xp.add(c * k + p));
+            for r in 0..R {
+                acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+            }
+        }
+        p += 8;
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let mut s = hsum(acc[r][c]);
+            for q in k8..k {
+                s += (*wp.add(r * k + q)).to_f32() * *xp.add(c * k + q);
+            }
+            *y.add((i + c) * n + j + r) = s;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_block<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    y: *mut f32,
+) {
+    let mut j = j0;
+    while j + 4 <= j1 {
+        let mut i = 0;
+        while i + 2 <= m {
+            tile::<W, 4, 2>(x, w, k, n, j, i, y);
+            i += 2;
+        }
+        if i < m {
+            tile::<W, 4, 1>(x, w, k, n, j, i, y);
+        }
+        j += 4;
+    }
+    while j < j1 {
+        for i in 0..m {
+            tile::<W, 1, 1>(x, w, k, n, j, i, y);
+        }
+        j += 1;
+    }
+}
+
+/// scores[p] = (q . keys[p]) * scale for every key row, eight keys at a time: eight
+/// independent multiply-add chains (one per key), then one transposing reduction gives the
+/// eight sums in one vector. Every key's sum is formed by the same operations wherever it
+/// lies (a short last group repeats its last key in the unused chains, whose sums are
+/// dropped), so a key's score does not depend on how many keys the run has.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    let d = q.len();
+    let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+    let sv = _mm256_set1_ps(scale);
+    let mut p0 = 0;
+    while p0 < scores.len() {
+        let n = (scores.len() - p0).min(8);
+        let rows: [*const f32; 8] = std::array::from_fn(|j| kp.add((p0 + j.min(n - 1)) * d));
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..d).step_by(8) {
+            let qv = _mm256_loadu_ps(qp.add(c));
+            for j in 0..8 {
+                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
+            }
+        }
+        let out = _mm256_mul_ps(sum8(acc), sv);
+        if n == 8 {
+            _mm256_storeu_ps(scores.as_mut_ptr().add(p0), out);
+        } else {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), out);
+            scores[p0..p0 + n].copy_from_slice(&lanes[..n]);
+        }
+        p0 += n;
+    }
+}
+
+/// The lane sums of eight vectors, as one vector: lane j is
+/// ((a_j[0] + a_j[1]) + (a_j[2] + a_j[3])) + ((a_j[4] + a_j[5]) + (a_j[6] + a_j[7])).
+#[inline(always)]
+unsafe fn sum8(a: [__m256; 8]) -> __m256 {
+    let h0 = _mm256_hadd_ps(a[0], a[1]);
+    let h1 = _mm256_hadd_ps(a[2], a[3]);
+    let h2 = _mm256_hadd_ps(a[4], a[5]);
+    let h3 = _mm256_hadd_ps(a[6], a[7]);
+    let g0 = _mm256_hadd_ps(h0, h1);
+    let g1 = _mm256_hadd_ps(h2, h3);
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(g0, g1), _mm256_permute2f128_ps::<0x31>(g0, g1))
+}
+
+/// `attend_rows` for AVX2: key blocks of eight, each used by every row of the item while it
+/// is in L1; per row the same operations as `attend_row` (scores in groups of eight from the
+/// run's start, softmax, values added in order into the same accumulators).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attend_rows(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    rows: &[super::QueryRow],
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let stride = rows.iter().map(|r| r.len + 1).max().unwrap_or(0);
+    scores.clear();
+    scores.resize(rows.len() * stride, 0.0);
+    let longest = stride.saturating_sub(1);
+    for p0 in (0..longest).step_by(8) {
+        for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
+            let n = (row.len - p0).min(8);
+            let s = &mut scores[r * stride + p0..r * stride + p0 + n];
+            super::avx2::scores(&q[row.at..row.at + d], &keys[p0 * d..(p0 + n) * d], scale, s);
+        }
+    }
+    let mut inv = Vec::with_capacity(rows.len());
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.len + row.own.is_some() as usize;
+        if let Some(p) = row.own {
+            let s = &mut scores[r * stride + row.len..r * stride + n];
+            super::avx2::scores(&q[row.at..row.at + d], &keys[p * d..(p + 1) * d], scale, s);
+        }
+        inv.push(softmax_in_place(&mut scores[r * stride..r * stride + n]));
+    }
+    for p0 in (0..longest).step_by(8) {
+        for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
+            let n = (row.len - p0).min(8);
+            let w = &scores[r * stride + p0..r * stride + p0 + n];
+            add_values(w, inv[r], values.as_ptr().add(p0 * d), p0 == 0, &mut out[row.at..row.at + d]);
+        }
+    }
+    for (r, row) in rows.iter().enumerate() {
+        if let Some(p) = row.own {
+            let w = &scores[r * stride + row.len..r * stride + row.len + 1];
+            add_values(w, inv[r], values.as_ptr().add(p * d), row.len == 0, &mut out[row.at..row.at + d]);
+        }
+    }
+}
+
+/// o += Σ_p w[p]·inv·values[p] for consecutive value rows (o starts at zero when `first`):
+/// each lane adds the rows in order into one accumulator, 64 lanes held in registers.
+#[inline(always)]
+unsafe fn add_values(w: &[f32], inv: f32, values: *const f32, first: bool, o: &mut [f32]) {
+    let d = o.len();
+    let mut c0 = 0;
+    while c0 + 64 <= d {
+        add_lanes::<8>(w, inv, values, d, c0, first, o);
+        c0 += 64;
+    }
+    while c0 < d {
+        add_lanes::<1>(w, inv, values, d, c0, first, o);
+        c0 += 8;
+    }
+}
+
+#[inline(always)]
+unsafe fn add_lanes<const N: usize>(
+    w: &[f32],
+    inv: f32,
+    values: *const f32,
+    d: usize,
+    c0: usize,
+    first: bool,
+    o: &mut [f32],
+) {
+    let op = o.as_mut_ptr().add(c0);
+    let mut acc: [__m256; N] =
+        std::array::from_fn(|n| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(op.add(n * 8)) });
+    for (p, &wp) in w.iter().enumerate() {
+        let wv = _mm256_set1_ps(wp * inv);
+        let row = values.add(p * d + c0);
+        for n in 0..N {
+            acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
+        }
+    }
+    for n in 0..N {
+        _mm256_storeu_ps(op.add(n * 8), acc[n]);
+    }
+}
+
+/// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
+    let n = scores.len();
+    let n8 = n / 8 * 8;
+    let sp = scores.as_mut_ptr();
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in (0..n8).step_by(8) {
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(sp.add(c)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+    let max = lanes.iter().chain(&scores[n8..]).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mv = _mm256_set1_ps(max);
+    let mut sum = _mm256_setzero_ps();
+    for c in (0..n8).step_by(8) {
+        let e = exp(_mm256_sub_ps(_mm256_loadu_ps(sp.add(c)), mv));
+        _mm256_storeu_ps(sp.add(c), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if n8 < n {
+        // The tail through the same polynomial (so a score's weight does not depend on where
+        // the row ends), padded lanes masked out of the sum.
+        let mut tail = [max; 8];
+        tail[..n - n8].copy_from_slice(&scores[n8..]);
+        let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(
+            _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
+            _mm256_set1_ps((n - n8) as f32),
+        );
+        let e = _mm256_and_ps(exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv)), keep);
+        _mm256_storeu_ps(tail.as_mut_ptr(), e);
+        scores[n8..].copy_from_slice(&tail[..n - n8]);
+        sum = _mm256_add_ps(sum, e);
+    }
+    1.0 / hsum(sum)
+}
+
+/// out = silu(gate) * up, eight values at a time (a libm call per value was 4% of a k = 8
+/// verification step): sigmoid from e^-|g|, which the polynomial below covers, so large
+/// gates of either sign neither overflow nor lose precision. A row's tail runs the same
+/// lanes on a padded copy, so every value is computed alike.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    for (gu, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = gu.split_at(inter);
+        let mut c = 0;
+        while c + 8 <= inter {
+            let r = silu_mul8(_mm256_loadu_ps(g.as_ptr().add(c)), _mm256_loadu_ps(u.as_ptr().add(c)));
+            _mm256_storeu_ps(o.as_mut_ptr().add(c), r);
+            c += 8;
+        }
+        if c < inter {
+            let (mut gt, mut ut) = ([0f32; 8], [0f32; 8]);
+            gt[..inter - c].copy_from_slice(&g[c..]);
+            ut[..inter - c].copy_from_slice(&u[c..]);
+            let mut r = [0f32; 8];
+            _mm256_storeu_ps(r.as_mut_ptr(), silu_mul8(_mm256_loadu_ps(gt.as_ptr()), _mm256_loadu_ps(ut.as_ptr())));
+            o[c..].copy_from_slice(&r[..inter - c]);
+        }
+    }
+}
+
+/// g · sigmoid(g) · u with sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = e^-|g|.
+#[inline(always)]
+unsafe fn silu_mul8(g: __m256, u: __m256) -> __m256 {
+    let neg_abs = _mm256_or_ps(g, _mm256_set1_ps(-0.0));
+    let e = exp(neg_abs);
+    let inv = _mm256_div_ps(_mm256_set1_ps(1.0), _mm256_add_ps(_mm256_set1_ps(1.0), e));
+    let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(g, _mm256_setzero_ps());
+    let sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), negative);
+    _mm256_mul_ps(_mm256_mul_ps(g, sig), u)
+}
+
+/// e^x for x <= 0 to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
+/// parts so n ln2 is exact), e^r as 1 + r + r^2 P(r) with Cephes' expf coefficients for P,
+/// and 2^n built in the exponent bits. Inputs below -87 give 0.
+#[inline(always)]
+unsafe fn exp(x: __m256) -> __m256 {
+    let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let scale =
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+    _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale))
+}
