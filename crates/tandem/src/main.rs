@@ -19,6 +19,7 @@ mod bench_serve;
 mod bench_soak;
 mod bench_spec;
 mod bench_train;
+mod hub;
 mod models;
 mod online_arg;
 mod plot;

@@ -63,11 +63,13 @@ pub fn default_model(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Resolves a --model value: a path, or one of the short names `smollm2` / `qwen-coder`.
+/// Resolves a --model value: a path, one of the short names `smollm2` / `qwen-coder`, or a
+/// Hugging Face repository `org/name` (`org/name:file.gguf` for one GGUF file of it).
 pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
     match model {
         None | Some("smollm2") => default_model("smollm2"),
         Some("qwen-coder") | Some("qwen2.5-coder") => default_model("qwen-coder"),
+        Some(spec) if crate::hub::is_repo_id(spec) => crate::hub::resolve(spec),
         Some(p) => Ok(PathBuf::from(p)),
     }
 }
