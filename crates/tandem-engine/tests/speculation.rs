@@ -20,7 +20,8 @@ fn model(name: &str) -> Model {
 }
 
 const TARGET: &str = "qwen3-qknorm-untied";
-const DRAFT: &str = "llama-gqa-untied-sharded";
+/// A near copy of the target (its weights plus noise): drafts the target sometimes accepts.
+const DRAFT: &str = "qwen3-qknorm-untied-near";
 
 fn engine(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Engine, EngineHandle) {
     let (mut e, h) = Engine::new(model(TARGET), config, Box::new(Fcfs::default())).unwrap();
@@ -212,7 +213,9 @@ fn eagle_drafter_saves_and_loads() {
 }
 
 /// Deterministic drafts (q one-hot) picked from a few likely tokens by the context's length.
-struct Guesser;
+/// Proposes, deterministically, a few tokens the target often samples (found from its exact
+/// distribution), so some drafts are accepted and some rejected.
+struct Guesser(Vec<u32>);
 
 impl Drafter for Guesser {
     fn name(&self) -> String {
@@ -223,14 +226,29 @@ impl Drafter for Guesser {
         _t: &Model,
         r: &[DraftRequest],
     ) -> tandem_models::Result<Vec<tandem_runtime::speculative::Draft>> {
-        const LIKELY: [u32; 5] = [36, 100, 187, 104, 164];
+        let likely = &self.0;
         Ok(r.iter()
             .map(|r| {
                 let n = r.tokens.len() + r.tokens.last().copied().unwrap_or(0) as usize;
-                tandem_runtime::speculative::Draft::greedy((0..r.k).map(|j| LIKELY[(n + j) % 5]).collect())
+                tandem_runtime::speculative::Draft::greedy((0..r.k).map(|j| likely[(n + j) % likely.len()]).collect())
             })
             .collect())
     }
+}
+
+/// The tokens of the most likely sequences of `joint`, most likely first (at most five).
+fn likely_tokens(joint: &[(Vec<u32>, f64)]) -> Vec<u32> {
+    let mut seqs: Vec<&(Vec<u32>, f64)> = joint.iter().collect();
+    seqs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut out = Vec::new();
+    for (seq, _) in seqs {
+        for &t in seq {
+            if !out.contains(&t) && out.len() < 5 {
+                out.push(t);
+            }
+        }
+    }
+    out
 }
 
 /// The exact distribution of the first three sampled tokens, from the target's logits.
@@ -283,8 +301,11 @@ fn sampled_speculation_keeps_the_target_distribution() {
             weights: None,
         })
         .collect();
-    let drafters: Vec<Option<Box<dyn Drafter>>> =
-        vec![None, Some(Box::new(DraftModelDrafter::new(model(DRAFT)))), Some(Box::new(Guesser))];
+    let drafters: Vec<Option<Box<dyn Drafter>>> = vec![
+        None,
+        Some(Box::new(DraftModelDrafter::new(model(DRAFT)))),
+        Some(Box::new(Guesser(likely_tokens(&joint)))),
+    ];
     for drafter in drafters {
         let name = drafter.as_ref().map_or("none".to_string(), |d| d.name());
         let config = EngineConfig { max_batch: 8, spec_k: 2, max_waiting: n, ..Default::default() };

@@ -24,6 +24,7 @@ const TEXTS: &[&str] = &[
 
 /// (ids, text as tokenized) per text.
 fn reference_ids(file: &std::path::Path, nfc: bool) -> Vec<(Vec<u32>, String)> {
+    tandem_testkit::require_python(&["llama_cpp"]);
     let mut child = Command::new(python())
         .arg(repo_root().join("tests/reference/tokenize_reference.py"))
         .arg(file)

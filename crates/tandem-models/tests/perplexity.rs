@@ -41,6 +41,7 @@ fn tandem_nll(m: &LoadedModel, tokens: &[u32]) -> f64 {
 
 fn llama_nll(file: &std::path::Path, tokens: &[u32]) -> f64 {
     let path = std::env::temp_dir().join(format!("tandem-ppl-{}.json", std::process::id()));
+    tandem_testkit::require_python(&["llama_cpp"]);
     std::fs::write(&path, serde_json::to_vec(tokens).unwrap()).unwrap();
     let o = Command::new(python())
         .arg(repo_root().join("tests/reference/llama_perplexity.py"))

@@ -34,6 +34,7 @@ fn format(name: &str) -> QFormat {
 fn cases() -> &'static [Case] {
     static CASES: OnceLock<Vec<Case>> = OnceLock::new();
     CASES.get_or_init(|| {
+        tandem_testkit::require_python(&["numpy", "gguf"]);
         let dir = std::env::temp_dir().join(format!("tandem-quant-{}", std::process::id()));
         let o = Command::new(python())
             .arg(repo_root().join("tests/reference/quant_cases.py"))

@@ -138,7 +138,9 @@ fn gradients_match_finite_differences() {
         let dir: Vec<f32> = (0..n).map(|i| ((i as f32 * 12.9898).sin() * 43758.547).fract() * 2.0 - 1.0).collect();
         let dir = Tensor::from_vec(dir, grad.dims(), &Device::Cpu).unwrap();
         let analytic = (grad * &dir).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-        let eps = 1e-2;
+        // Small enough that the central difference's curvature error stays well under the 2%
+        // asserted (1e-2 gave 3% on a q bias), large enough for f32 sums of the loss.
+        let eps = 3e-3;
         let loss_at = |t: &mut TrainingModel, s: f64| {
             let w0 = t.variable(name).as_tensor().copy().unwrap();
             t.variable(name).set(&(&w0 + (&dir * s).unwrap()).unwrap()).unwrap();

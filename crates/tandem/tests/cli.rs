@@ -1,23 +1,13 @@
 //! The built `tandem` binary, driven like a user drives it.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn tandem() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
 }
 
-/// Generated once per test binary: tests run in parallel, and one rewriting the files while
-/// another loads them made outputs differ between runs.
 fn tiny_model() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-cli-tiny-{}", std::process::id()));
-        let status = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(status.success());
-        dir.join("qwen2-tied-bias")
-    })
-    .clone()
+    tandem_testkit::tiny("qwen2-tied-bias")
 }
 
 #[test]

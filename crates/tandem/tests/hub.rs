@@ -12,15 +12,6 @@ fn tandem() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
 }
 
-/// A tiny Hugging Face folder checkpoint (tests/reference/make_tiny.py).
-fn tiny_models() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = std::env::temp_dir().join(format!("tandem-hub-tiny-{}", std::process::id()));
-    let status = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-    assert!(status.success(), "make_tiny.py failed");
-    dir
-}
-
 /// Serves `GET /{org}/{name}/resolve/{revision}/{file}` from `repos/{org}/{name}/{file}` the way
 /// the hub does for hf-hub: `Range` requests answered with 206 and `Content-Range`, an `ETag` and
 /// an `X-Repo-Commit` on every file, 404 for anything else. Returns the endpoint and a count of
@@ -96,12 +87,13 @@ fn generate(model: &str, hf_home: &Path, env: &[(&str, &str)]) -> std::process::
 
 #[test]
 fn models_come_from_the_hub_cache_and_load_offline() {
-    let tiny = tiny_models();
+    let tiny = std::env::temp_dir().join(format!("tandem-hub-{}", std::process::id()));
     let repos = tiny.join("repos");
     // A folder checkpoint as org/name on the stand-in hub.
     let repo = repos.join("tiny-org").join("tiny-qwen2");
     std::fs::create_dir_all(&repo).unwrap();
-    for f in std::fs::read_dir(tiny.join("qwen2-tied-bias")).unwrap() {
+    let local_dir = tandem_testkit::tiny("qwen2-tied-bias");
+    for f in std::fs::read_dir(&local_dir).unwrap() {
         let f = f.unwrap();
         std::fs::copy(f.path(), repo.join(f.file_name())).unwrap();
     }
@@ -111,7 +103,7 @@ fn models_come_from_the_hub_cache_and_load_offline() {
     // The local folder's output is what the hub's copy must give.
     let local = tandem()
         .args(["generate", "--model"])
-        .arg(tiny.join("qwen2-tied-bias"))
+        .arg(&local_dir)
         .args(["--prompt", "the cat", "--max-tokens", "5"])
         .output()
         .unwrap();

@@ -190,19 +190,19 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
 fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = std::env::temp_dir().join(format!("tandem-training-api-{}", std::process::id()));
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python).arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-    assert!(ok.success(), "make_tiny.py failed");
+    let tiny = tandem_testkit::tiny_dir();
+    tandem_testkit::require_python(&["tinker"]);
+    let python = tandem_testkit::python();
     let port = free_port();
     let ckpt = dir.join("training");
     let exports = dir.join("exports");
     let _server = start_with(
-        &dir.join("qwen2-tied-bias"),
+        &tiny.join("qwen2-tied-bias"),
         port,
         &["--training-dir", ckpt.to_str().unwrap(), "--export-dir", exports.to_str().unwrap()],
     );
     let vocab: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("qwen2-tied-bias/config.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(tiny.join("qwen2-tied-bias/config.json")).unwrap()).unwrap();
     let status = Command::new(&python)
         .arg(root.join("tests/server/test_training.py"))
         .arg(format!("http://127.0.0.1:{port}"))
@@ -216,7 +216,7 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     let limited_port = free_port();
     let limited_dir = dir.join("limited");
     let _limited = start_with(
-        &dir.join("qwen2-tied-bias"),
+        &tiny.join("qwen2-tied-bias"),
         limited_port,
         &[
             "--training-dir",

@@ -5,8 +5,10 @@
 //! with short serial work (norms, rope, residuals) between them. A general pool's workers go to
 //! sleep in those gaps and must be woken by a system call for the next product; measured on
 //! SmolLM2 Q4_1 that cost ~15% of a step's CPU time (`__schedule`, `sched_yield`, futex wake-ups).
-//! The team's workers instead poll an atomic counter while a forward is running and for a short
-//! while after, and park only when the engine is idle.
+//! The team's workers instead poll an atomic counter while a forward is running, and park as soon
+//! as it ends: between forwards the cores are free for other work (the online drafter's trainer
+//! runs at the lowest priority and lives on exactly that idle time; polling past the end of each
+//! forward starved it).
 //!
 //! The thread that calls [`lead`] is the team's first member: it publishes each loop, takes items
 //! like any worker, and waits for the last one, so the loop's closure never outlives the call.
@@ -20,10 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering:
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker polls for the next loop before it parks. Long enough to span the
-/// serial work between two products and the engine's work between two steps, short enough that
-/// an idle server gives its cores back at once.
-const POLL: Duration = Duration::from_micros(300);
+/// The longest a worker polls within one forward before it parks until the next loop (a serial
+/// stretch this long is rare; the gaps between products are microseconds).
+const MAX_POLL: Duration = Duration::from_millis(1);
 
 /// One published loop: items 0..n of `f`, for the loop numbered `epoch`.
 #[derive(Clone, Copy)]
@@ -47,6 +48,10 @@ struct Shared {
     /// Items of the current loop finished (by any thread).
     done: AtomicUsize,
     panicked: AtomicBool,
+    /// A forward is running (workers poll), or not (they park).
+    active: AtomicBool,
+    /// Forwards begun: a parked worker wakes to poll when a new one begins.
+    forwards: AtomicU32,
     /// Workers parked (or about to park) on `wake`.
     parked: AtomicUsize,
     park_lock: Mutex<()>,
@@ -76,6 +81,8 @@ fn team() -> &'static Team {
             claim: AtomicU64::new(0),
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
+            active: AtomicBool::new(false),
+            forwards: AtomicU32::new(0),
             parked: AtomicUsize::new(0),
             park_lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -101,9 +108,14 @@ pub fn lead<R: Send>(
     }
     let team = team();
     let Ok(_guard) = team.lead.try_lock() else { return fallback(Box::new(f)) };
+    let s = team.shared;
+    s.forwards.fetch_add(1, SeqCst);
+    s.active.store(true, SeqCst);
+    wake_parked(s);
     LEADING.set(true);
     let out = catch_unwind(AssertUnwindSafe(f));
     LEADING.set(false);
+    s.active.store(false, SeqCst);
     out.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
@@ -143,10 +155,7 @@ fn run(s: &Shared, f: &(dyn Fn(usize) + Sync), n: usize) {
     s.claim.store((epoch as u64) << 32, SeqCst);
     *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
     s.epoch.store(epoch, SeqCst);
-    if s.parked.load(SeqCst) > 0 {
-        let _g = s.park_lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.wake.notify_all();
-    }
+    wake_parked(s);
     take_items(s, job);
     while s.done.load(Acquire) < n {
         std::hint::spin_loop();
@@ -189,30 +198,47 @@ fn work(s: &'static Shared) {
     }
 }
 
-/// Polls for an epoch after `seen` for `POLL`, then parks until one comes; returns it.
-fn wait_for_epoch(s: &Shared, seen: u32) -> u32 {
-    let start = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        let e = s.epoch.load(Acquire);
-        if e != seen {
-            return e;
-        }
-        std::hint::spin_loop();
-        spins += 1;
-        if spins.is_multiple_of(256) && start.elapsed() > POLL {
-            break;
-        }
+/// Wakes parked workers (after a new loop or forward was published).
+fn wake_parked(s: &Shared) {
+    if s.parked.load(SeqCst) > 0 {
+        let _g = s.park_lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.wake.notify_all();
     }
-    let mut g = s.park_lock.lock().unwrap_or_else(|e| e.into_inner());
-    s.parked.fetch_add(1, SeqCst);
+}
+
+/// Waits for an epoch after `seen` and returns it: polling while a forward runs (at most
+/// `MAX_POLL` at a stretch), parked otherwise until a loop is published or a forward begins.
+fn wait_for_epoch(s: &Shared, seen: u32) -> u32 {
     loop {
-        let e = s.epoch.load(SeqCst);
-        if e != seen {
-            s.parked.fetch_sub(1, SeqCst);
-            return e;
+        let forward = s.forwards.load(SeqCst);
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while s.active.load(Acquire) {
+            let e = s.epoch.load(Acquire);
+            if e != seen {
+                return e;
+            }
+            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(256) && start.elapsed() > MAX_POLL {
+                break;
+            }
         }
-        g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+        let mut g = s.park_lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.parked.fetch_add(1, SeqCst);
+        loop {
+            let e = s.epoch.load(SeqCst);
+            if e != seen {
+                s.parked.fetch_sub(1, SeqCst);
+                return e;
+            }
+            if s.forwards.load(SeqCst) != forward {
+                // A new forward began: poll for its loops.
+                s.parked.fetch_sub(1, SeqCst);
+                break;
+            }
+            g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 

@@ -4,40 +4,10 @@
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use tandem_models::{load, LoadOptions, LoadedModel};
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-pub fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Folder of tiny random checkpoints, generated once per test binary.
-pub fn tiny_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tandem-tiny-{}", std::process::id()));
-        let status = Command::new(python())
-            .arg(repo_root().join("tests/reference/make_tiny.py"))
-            .arg(&dir)
-            .status()
-            .expect("python3 runs");
-        assert!(status.success(), "make_tiny.py failed");
-        dir
-    })
-}
-
-pub const TINY: &[&str] = &[
-    "llama-gqa-untied-sharded",
-    "llama-bf16-tied",
-    "qwen2-tied-bias",
-    "qwen2-f16-untied",
-    "qwen3-qknorm-untied",
-    "qwen3-qknorm-tied",
-];
+#[allow(unused_imports)]
+pub use tandem_testkit::{python, repo_root, tiny_dir, TINY};
 
 pub fn models_dir() -> PathBuf {
     match std::env::var_os("TANDEM_CACHE") {
@@ -78,6 +48,8 @@ pub fn default_models() -> Vec<(String, LoadedModel)> {
 /// Logits of every position of `tokens` from the numpy reference.
 pub fn reference_logits(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let out = std::env::temp_dir().join(format!("tandem-ref-{}-{}.npy", std::process::id(), rand_suffix()));
+    let gguf = checkpoint.extension().is_some_and(|e| e == "gguf");
+    tandem_testkit::require_python(if gguf { &["numpy", "gguf"] } else { &["numpy"] });
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let o = Command::new(python())
         .arg(repo_root().join("tests/reference/reference.py"))

@@ -1,21 +1,10 @@
-//! Shared by tandem-train's integration tests: the tiny random checkpoints, generated once per
-//! test binary by tests/reference/make_tiny.py.
+//! Shared by tandem-train's integration tests: the tiny random checkpoints (tandem-testkit) and
+//! the default SmolLM2 file.
 #![allow(dead_code)]
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use tandem_models::{load, LoadOptions, Model};
 
-pub fn tiny_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let dir = std::env::temp_dir().join(format!("tandem-train-tiny-{}", std::process::id()));
-        let ok = Command::new("python3").arg(root.join("tests/reference/make_tiny.py")).arg(&dir).status().unwrap();
-        assert!(ok.success(), "make_tiny.py failed");
-        dir
-    })
-}
+pub use tandem_testkit::tiny_dir;
 
 /// The default SmolLM2 GGUF from the model cache (scripts/fetch-models.sh).
 pub fn smollm2_file() -> PathBuf {

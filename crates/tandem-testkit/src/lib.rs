@@ -1,0 +1,56 @@
+//! What tandem's tests share: the tiny random Hugging Face checkpoints (Llama, Qwen2 and Qwen3
+//! shapes: GQA, tied and untied embeddings, q/k norm, qkv bias, f32 / f16 / bf16 storage, a
+//! sharded variant), written once per test process by Rust (`tiny`, so the engine's, scheduler's,
+//! speculator's and trainer's tests need no Python), and the Python interpreter the
+//! independent-reference tests run (numpy, the gguf package, llama.cpp, the API clients).
+pub mod tiny;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Every tiny checkpoint, by folder name.
+pub const TINY: [&str; 7] = {
+    let c = tiny::CHECKPOINTS;
+    [c[0].name, c[1].name, c[2].name, c[3].name, c[4].name, c[5].name, c[6].name]
+};
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the repository root")
+}
+
+/// `$PYTHON`, else `python3`.
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Fails the calling test with what to install when Python or one of `modules` is missing
+/// (instead of an obscure error further on).
+pub fn require_python(modules: &[&str]) {
+    let check = format!("import {}", if modules.is_empty() { "sys".to_string() } else { modules.join(", ") });
+    let ok = Command::new(python()).args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(
+        ok,
+        "this test needs {} with {} (the independent reference tools): run .ci/run once, or pip install {}",
+        python(),
+        if modules.is_empty() { "no extra modules".to_string() } else { modules.join(", ") },
+        modules.join(" ")
+    );
+}
+
+/// The folder holding every tiny checkpoint (one subfolder each), written once per process.
+pub fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tandem-tiny-{}", std::process::id()));
+        tiny::write_all(&dir).expect("writing the tiny checkpoints");
+        dir
+    })
+}
+
+/// One tiny checkpoint's folder.
+pub fn tiny(name: &str) -> PathBuf {
+    assert!(TINY.contains(&name), "no tiny checkpoint is called {name}");
+    tiny_dir().join(name)
+}
