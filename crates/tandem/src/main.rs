@@ -12,31 +12,17 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_TOP_PAD, 512 << 20);
     }
 }
-mod bench;
-mod bench_fair;
-mod bench_online;
-mod bench_serve;
-mod bench_soak;
-mod bench_spec;
-mod bench_train;
-mod hub;
-mod models;
-mod online_arg;
-mod plot;
-mod schedule_arg;
 mod serve;
-mod spec_arg;
 mod train_drafter;
-mod workload;
 
-use anyhow::{Context, Result};
+use tandem_bench as bench;
+use tandem_cli::{device, load_model, models, online_arg, spec_arg, DtypeArg};
+
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
-use std::path::Path;
 use std::time::Instant;
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
-use tandem_models::{Device, LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::generate::PREFILL_CHUNK;
 use tandem_runtime::{ChatTemplate, Message, SamplingParams, TextStream};
 
@@ -135,65 +121,6 @@ struct GenerateArgs {
     cuda: Option<usize>,
     #[command(flatten)]
     spec: spec_arg::SpecArgs,
-}
-
-/// How projection weights are held (`--dtype`).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-pub enum DtypeArg {
-    /// GGUF block-quantized weights as the file stores them (the fastest mode, in the file's own
-    /// size), every other weight as f32.
-    Auto,
-    /// Every weight dequantized to f32.
-    F32,
-    /// Every projection dequantized to bf16 (half of f32's memory traffic; products accumulate
-    /// in f32).
-    Bf16,
-}
-
-impl DtypeArg {
-    pub fn load_options(self, device: Device) -> LoadOptions {
-        let (keep_quantized, weight_dtype) = match self {
-            DtypeArg::Auto => (true, WeightDtype::F32),
-            DtypeArg::F32 => (false, WeightDtype::F32),
-            DtypeArg::Bf16 => (false, WeightDtype::Bf16),
-        };
-        LoadOptions { device, keep_quantized, weight_dtype }
-    }
-
-    /// How benchmark tables name the mode.
-    pub fn name(self) -> &'static str {
-        match self {
-            DtypeArg::Auto => "auto",
-            DtypeArg::F32 => "f32",
-            DtypeArg::Bf16 => "bf16",
-        }
-    }
-}
-
-pub fn device(cuda: Option<usize>) -> Result<Device> {
-    match cuda {
-        None => Ok(Device::Cpu),
-        Some(i) => Device::new_cuda(i).context("opening the CUDA device (was tandem built with --features cuda?)"),
-    }
-}
-
-/// Loads a checkpoint with a progress bar.
-pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    let bar = ProgressBar::new(1);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("loading {}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-    let loaded = tandem_models::load(path, opts, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
-    bar.finish_and_clear();
-    let loaded = loaded?;
-    tracing::info!(model = %loaded.name, arch = loaded.model.config.architecture.name(), layers = loaded.model.config.num_layers, "model loaded");
-    Ok(loaded)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {

@@ -1,10 +1,10 @@
 //! `tandem serve`: the OpenAI-compatible server.
-use crate::online_arg::{self, OnlineArgs};
-use crate::schedule_arg::{self, ScheduleArgs};
-use crate::spec_arg::{self, SpecArgs};
-use crate::{device, load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
+use tandem_cli::online_arg::{self, OnlineArgs};
+use tandem_cli::schedule_arg::{self, ScheduleArgs};
+use tandem_cli::spec_arg::{self, SpecArgs};
+use tandem_cli::{device, load_model, models, DtypeArg};
 use tandem_engine::EngineConfig;
 use tandem_server::training::TrainingLimits;
 use tandem_server::ServerOptions;
@@ -219,7 +219,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let policy = schedule_arg::build(&args.schedule)?;
     let training = if args.training_api == Switch::On {
-        let root = args.training_dir.clone().unwrap_or_else(|| crate::models::data_dir().join("training"));
+        let root = args.training_dir.clone().unwrap_or_else(|| tandem_cli::models::data_dir().join("training"));
         let memory_budget = match &args.training_memory {
             Some(s) => parse_size(s).context("--training-memory")? as u64,
             None => default_training_memory(),

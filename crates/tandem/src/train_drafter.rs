@@ -2,13 +2,13 @@
 //! traces a server recorded (`tandem serve --spec eagle --spec-train online --trace-dir DIR`)
 //! and/or from text the target reads first (`--corpus`), which labels every position with the
 //! target's own distribution.
-use crate::online_arg::TrainArgs;
-use crate::spec_arg::{self, SpecArgs};
-use crate::{load_model, models};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use std::path::PathBuf;
+use tandem_cli::online_arg::TrainArgs;
+use tandem_cli::spec_arg::{self, SpecArgs};
+use tandem_cli::{load_model, models};
 use tandem_models::LoadOptions;
 use tandem_speculator::traces_io::{load_trace, trace_files};
 use tandem_speculator::{distill, Batch, TracePool, Trainer};
@@ -177,12 +177,12 @@ fn corpus_chunks(
     let mut files = Vec::new();
     for s in sources {
         if s == "python-stdlib" {
-            files.extend(crate::workload::stdlib_package_files()?);
+            files.extend(tandem_bench::workload::stdlib_package_files()?);
             continue;
         }
         let p = PathBuf::from(s);
         if p.is_dir() {
-            crate::workload::files_under(&p, &["py", "rs", "md", "txt"], &[], &mut files)?;
+            tandem_bench::workload::files_under(&p, &["py", "rs", "md", "txt"], &[], &mut files)?;
         } else if p.is_file() {
             files.push(p);
         } else {

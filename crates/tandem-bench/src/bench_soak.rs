@@ -343,7 +343,7 @@ fn windows(log: &Log, args: &SoakBenchArgs) -> Vec<Window> {
 }
 
 pub fn run(args: SoakBenchArgs) -> Result<()> {
-    let path = crate::models::resolve(args.model.as_deref())?;
+    let path = tandem_cli::models::resolve(args.model.as_deref())?;
     let dir = std::env::temp_dir().join(format!("tandem-soak-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let server = start_server(&path, port, &dir, args.concurrency)?;
@@ -443,7 +443,7 @@ fn report(log: &Log, args: &SoakBenchArgs, model: &str, drafter_version: &str) -
         std::fs::create_dir_all(dir)?;
     }
     let out = json!({"model": model, "minutes": args.minutes, "concurrency": args.concurrency,
-                     "disconnect_share": args.disconnect_share, "machine": crate::bench::machine_description(),
+                     "disconnect_share": args.disconnect_share, "machine": crate::machine_description(),
                      "drafter_version": drafter_version, "windows": rows, "rss": log.rss, "events": log.events.len()});
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
     let png = args.out.trim_end_matches(".json").to_string() + ".png";

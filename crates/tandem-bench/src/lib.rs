@@ -1,10 +1,20 @@
 //! `tandem bench`: prefill tok/s, single-stream decode tok/s, and the cost of one forward over k new
 //! tokens (logits for all k, the draft-verification pattern) relative to k = 1, for each model and
-//! weight mode. Prints a table and writes JSON.
-use crate::{load_model, models};
+//! weight mode. Prints a table and writes JSON. The other benchmarks are its subcommands (one module
+//! each); `workload` builds the online benchmark's prompt stream, `plot` draws the PNGs.
+mod bench_fair;
+mod bench_online;
+mod bench_serve;
+mod bench_soak;
+mod bench_spec;
+mod bench_train;
+mod plot;
+pub mod workload;
+
 use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
+use tandem_cli::{load_model, models};
 use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
 
 #[derive(clap::Args)]

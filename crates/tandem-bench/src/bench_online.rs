@@ -22,11 +22,9 @@
 //! a PNG (acceptance length and tokens/s against requests served).
 //!
 //! Over 600 lines because one benchmark drives the stream, every configuration, the llama.cpp
-//! peer, windowed figures, the table, JSON and plot; moving the benchmarks into their own crate is
-//! an open item of the engine-shape issue.
-use crate::online_arg::{self, OnlineArgs};
+//! peer, windowed figures, the table, JSON and plot.
+use crate::plot;
 use crate::workload::{self, Prompt};
-use crate::{load_model, models, plot, DtypeArg};
 use anyhow::{bail, ensure, Context, Result};
 use rand::SeedableRng;
 use serde::Serialize;
@@ -34,6 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tandem_cli::online_arg::{self, OnlineArgs};
+use tandem_cli::{load_model, models, DtypeArg};
 use tandem_engine::online::{DrafterExchange, KStat, OnlineConfig, OnlineHooks, TraceBuffer};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadOptions, LoadedModel};
@@ -88,8 +88,8 @@ pub struct OnlineBenchArgs {
     #[arg(long, default_value_t = 2)]
     lookup_min: usize,
     /// The drafter's projections while serving (f32 or bf16; the trainer keeps f32).
-    #[arg(long, value_enum, default_value_t = crate::spec_arg::DraftDtype::Bf16)]
-    draft_dtype: crate::spec_arg::DraftDtype,
+    #[arg(long, value_enum, default_value_t = tandem_cli::spec_arg::DraftDtype::Bf16)]
+    draft_dtype: tandem_cli::spec_arg::DraftDtype,
     /// Also time llama.cpp's plain decode on the first prompts of each domain (same file, same tokens).
     #[arg(long)]
     peer: bool,
@@ -387,7 +387,7 @@ fn run_config(
         engine = engine.with_drafter(d)?;
     }
     if let Some(e) = trained {
-        let e = e.with_lookup(lookup.then(|| crate::spec_arg::lookup(args.lookup_min)).flatten());
+        let e = e.with_lookup(lookup.then(|| tandem_cli::spec_arg::lookup(args.lookup_min)).flatten());
         engine = engine.with_trainable_drafter(Box::new(e))?.with_online(hooks.clone())?;
     }
     // Every configuration pauses alike: a request after a pause runs slower (measured here: a
@@ -528,7 +528,7 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         args.domains[2],
         args.max_tokens,
         args.concurrency,
-        crate::bench::machine_description()
+        crate::machine_description()
     );
     let mut runs: Vec<(String, RunOutput)> = Vec::new();
     for name in args.configs.clone() {
@@ -655,7 +655,7 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let json = serde_json::json!({
-        "machine": crate::bench::machine_description(),
+        "machine": crate::machine_description(),
         "model": path.display().to_string(),
         "domains": args.domains,
         "max_tokens": args.max_tokens,

@@ -1,10 +1,10 @@
 //! `tandem bench serve`: starts the server in-process on a free port and drives it over real HTTP
 //! with streaming chat requests at several concurrencies; reports output tok/s and time-to-first-
 //! token / inter-token latency percentiles (table + JSON).
-use crate::{load_model, models, DtypeArg};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::time::{Duration, Instant};
+use tandem_cli::{load_model, models, DtypeArg};
 use tandem_engine::EngineConfig;
 use tandem_models::Device;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,11 +2,11 @@
 //! and full weights) on a real checkpoint, against the same model written plainly in PyTorch on the
 //! same machine in the same run (scripts/peer_torch_train.py; skipped with a message when PyTorch
 //! is not installed). Both start from the same weights, so their first losses must agree.
-use crate::{load_model, models};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
+use tandem_cli::{load_model, models};
 use tandem_models::{LoadOptions, LoraSpec, LoraTargets};
 use tandem_train::{Datum, LossFn, Mode, TrainingModel};
 

@@ -4,10 +4,10 @@
 //! given module, so the output mostly copies the prompt) and "write" (new code). Every speculative
 //! output is checked to equal plain greedy decoding. Optionally llama.cpp, plain and with its
 //! prompt-lookup drafting, on the same file and prompt tokens in the same run.
-use crate::{load_model, models, DtypeArg};
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
+use tandem_cli::{load_model, models, DtypeArg};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadedModel, Model};
 use tandem_runtime::speculative::{Drafter, NgramDrafter, OracleDrafter};
@@ -271,7 +271,7 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     }
     let all_identical = rows.iter().all(|r| r.identical);
     let json = serde_json::json!({
-        "machine": crate::bench::machine_description(),
+        "machine": crate::machine_description(),
         "max_tokens": args.max_tokens,
         "rows": rows,
         "llama_cpp": peers,

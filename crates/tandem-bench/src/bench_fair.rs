@@ -3,11 +3,11 @@
 //! policy. Reports per-client service, p50 / p99 latency, Jain's fairness index and total
 //! throughput (table + JSON), and plots cumulative service per client over time (PNG).
 use crate::bench_serve::percentile;
-use crate::{load_model, models};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tandem_cli::{load_model, models};
 use tandem_engine::{EngineConfig, FairConfig, Fcfs, SchedulingPolicy, VirtualTokenCounter};
 use tandem_models::LoadOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -377,7 +377,7 @@ pub fn run(args: FairBenchArgs) -> Result<()> {
         }
     }
     let json = serde_json::json!({
-        "machine": crate::bench::machine_description(),
+        "machine": crate::machine_description(),
         "model": args.model, "duration_s": duration, "max_batch": args.max_batch,
         "step_token_budget": args.step_token_budget, "preempt_margin": args.preempt_margin,
         "runs": runs, "light_latency": verdicts,
