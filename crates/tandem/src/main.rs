@@ -81,7 +81,8 @@ enum ModelsAction {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A .gguf file, an HF model folder, or `smollm2` / `qwen-coder` (default: smollm2, SmolLM2-135M-Instruct).
+    /// A .gguf file, an HF model folder, `smollm2` / `qwen-coder` (default: smollm2, SmolLM2-135M-Instruct),
+    /// or a Hugging Face repository `org/name` (`org/name:file.gguf` for one GGUF file).
     #[arg(long)]
     model: Option<String>,
     /// The prompt text.
@@ -97,19 +98,19 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = SamplingParams::default().temperature)]
     temperature: f32,
     /// Keep only the k most likely tokens (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
     top_k: usize,
     /// Nucleus sampling mass (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SamplingParams::default().top_p)]
     top_p: f32,
     /// Drop tokens below min_p times the top probability (0: off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = SamplingParams::default().min_p)]
     min_p: f32,
     /// Penalise tokens already present (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SamplingParams::default().repetition_penalty)]
     repetition_penalty: f32,
     /// Random seed; the same seed gives the same text.
     #[arg(long)]

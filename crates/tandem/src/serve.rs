@@ -11,7 +11,8 @@ use tandem_server::ServerOptions;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// A .gguf file, an HF model folder, or `smollm2` / `qwen-coder` (default: smollm2).
+    /// A .gguf file, an HF model folder, `smollm2` / `qwen-coder` (default: smollm2), or a Hugging
+    /// Face repository `org/name` (`org/name:file.gguf` for one GGUF file).
     #[arg(long)]
     model: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]
