@@ -189,6 +189,12 @@ CASES = [
     # Tinker: sampling, checkpoints, futures
     ("asample from an unknown session", "POST", "/api/v1/asample",
      lambda: {"sampling_session_id": "nope", "prompt": {"chunks": []}}, 400, "unknown sampling_session_id"),
+    ("asample temperature a string", "POST", "/api/v1/asample",
+     lambda: {"base_model": MODEL, "prompt": {"input_ids": TOKENS[:4]}, "sampling_params": {"temperature": "hot"}},
+     400, "sampling_params.temperature"),
+    ("asample temperature 5", "POST", "/api/v1/asample",
+     lambda: {"base_model": MODEL, "prompt": {"input_ids": TOKENS[:4]}, "sampling_params": {"temperature": 5}},
+     400, "temperature"),
     ("save under a path", "POST", "/api/v1/save_weights",
      lambda: {"model_id": MODEL_ID, "seq_id": next(SEQ), "path": "../escape"}, FUTURE, "not a valid name"),
     ("load a checkpoint that does not exist", "POST", "/api/v1/load_weights",

@@ -485,6 +485,32 @@ async fn get_sampler(State(s): S, Path(id): Path<String>) -> Reply {
     Ok(Json(json!({"sampler_id": id, "base_model": sampler.base_model, "model_path": sampler.model_path})))
 }
 
+/// The Tinker SDK's `SamplingParams` (fields it may add later are ignored).
+#[derive(serde::Deserialize, Default)]
+struct SamplingIn {
+    max_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<StopIn>,
+}
+
+/// `stop`: one string, or a list of strings and token ids.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum StopIn {
+    One(String),
+    Many(Vec<StopItem>),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum StopItem {
+    Text(String),
+    Token(u32),
+}
+
 async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Reply {
     let v = body_json(&body)?;
     let (session, weights, dedup) = match v.get("sampling_session_id").and_then(Value::as_str) {
@@ -509,27 +535,26 @@ async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes
     if v.get("target_prompt_logprobs").is_some_and(|t| !t.is_null()) {
         return Err(bad("`target_prompt_logprobs` is not supported yet"));
     }
-    let p = v.get("sampling_params").cloned().unwrap_or(json!({}));
+    // Typed: a wrong type is a 400 naming the field (it used to fall back to the default silently).
+    // Ranges are checked once, by the engine (`SamplingParams::validate`), for every API.
+    let p: SamplingIn = match v.get("sampling_params") {
+        None | Some(Value::Null) => SamplingIn::default(),
+        Some(p) => serde_path_to_error::deserialize(p)
+            .map_err(|e| bad(format!("`sampling_params.{}`: {}", e.path(), e.inner())))?,
+    };
     let mut stop = Stop::default();
-    match p.get("stop") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(x)) => stop.strings.push(x.clone()),
-        Some(Value::Array(items)) => {
+    match p.stop {
+        None => {}
+        Some(StopIn::One(x)) => stop.strings.push(x),
+        Some(StopIn::Many(items)) => {
             for it in items {
                 match it {
-                    Value::String(x) => stop.strings.push(x.clone()),
-                    Value::Number(n) => {
-                        stop.tokens.push(n.as_u64().ok_or_else(|| bad(format!("bad stop token {n}")))? as u32)
-                    }
-                    other => return Err(bad(format!("bad stop entry {other}"))),
+                    StopItem::Text(x) => stop.strings.push(x),
+                    StopItem::Token(t) => stop.tokens.push(t),
                 }
             }
         }
-        Some(other) => return Err(bad(format!("`stop` must be a string or a list, got {other}"))),
     }
-    // Ranges are checked once, by the engine (`SamplingParams::validate`), for every API.
-    let temperature = p.get("temperature").and_then(Value::as_f64).unwrap_or(1.0);
-    let top_p = p.get("top_p").and_then(Value::as_f64).unwrap_or(1.0);
     let req = SampleRequest {
         session,
         key_client: identity.and_then(|i| i.0.key_client),
@@ -537,11 +562,11 @@ async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes
         weights,
         prompt,
         num_samples: v.get("num_samples").and_then(Value::as_u64).unwrap_or(1) as usize,
-        max_tokens: p.get("max_tokens").and_then(Value::as_u64).map(|m| m as usize),
-        temperature: temperature as f32,
-        top_k: p.get("top_k").and_then(Value::as_i64).filter(|&k| k > 0).unwrap_or(0) as usize,
-        top_p: top_p as f32,
-        seed: p.get("seed").and_then(Value::as_u64),
+        max_tokens: p.max_tokens.map(|m| m as usize),
+        temperature: p.temperature.unwrap_or(1.0),
+        top_k: p.top_k.filter(|&k| k > 0).unwrap_or(0) as usize,
+        top_p: p.top_p.unwrap_or(1.0),
+        seed: p.seed,
         stop,
         prompt_logprobs: v.get("prompt_logprobs").and_then(Value::as_bool).unwrap_or(false),
     };
