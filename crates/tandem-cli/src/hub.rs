@@ -7,9 +7,7 @@ use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo};
 use std::path::{Path, PathBuf};
 
-/// Files a Hugging Face folder checkpoint needs (the weights are found from these), and files it
-/// may have.
-const FOLDER_FILES: [&str; 1] = ["config.json"];
+/// Files a Hugging Face folder checkpoint may have besides config.json and the weights.
 const OPTIONAL_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"];
 
 /// True when `spec` names a hub repository rather than a local path: `org/name`, optionally with
@@ -35,7 +33,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if let Some(file) = file {
         return source.get(file);
     }
-    let config = source.get(FOLDER_FILES[0])?;
+    let config = source.get("config.json")?;
     for f in OPTIONAL_FILES {
         source.get_optional(f)?;
     }

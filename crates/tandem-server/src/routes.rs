@@ -213,55 +213,47 @@ fn build_job(
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     for (pi, (ids, echo)) in prompts.into_iter().enumerate() {
-        // The engine's one check of prompt and sampling (the chat API calls its prompt `messages`).
-        let probe = GenerationRequest {
-            prompt: ids.clone(),
+        let mut request = GenerationRequest {
+            prompt: ids,
             max_tokens: 1,
             sampling: base.clone(),
-            stop_token_ids: Vec::new(),
-            client: None,
-            agent: None,
+            stop_token_ids: stop_ids.clone(),
+            client: c.client.clone(),
+            agent: c.agent.clone(),
             weights: None,
         };
-        state.engine.validate(&probe).map_err(|e| {
+        // The engine's one check of prompt and sampling, before any choice starts (the chat API
+        // calls its prompt `messages`).
+        state.engine.validate(&request).map_err(|e| {
             let mut e = ApiError::from(e);
             if endpoint == Endpoint::Chat && e.param.as_deref() == Some("prompt") {
                 e.param = Some("messages".into());
             }
             e
         })?;
-        let max_tokens = match max_tokens {
+        let len = request.prompt.len();
+        request.max_tokens = match max_tokens {
             Some(m) if m < 1 => {
                 return Err(ApiError::bad_request(
                     format!("`max_tokens` must be at least 1, got {m}"),
                     Some("max_tokens"),
                 ))
             }
-            Some(m) if ids.len() as i64 + m > limit as i64 => return Err(ApiError::bad_request(
+            Some(m) if len as i64 + m > limit as i64 => return Err(ApiError::bad_request(
                 format!(
-                    "`max_tokens` is too large: this model's context is {limit} tokens, but {} were requested ({} in the prompt, {m} to generate)",
-                    ids.len() as i64 + m,
-                    ids.len()
+                    "`max_tokens` is too large: this model's context is {limit} tokens, but {} were requested ({len} in the prompt, {m} to generate)",
+                    len as i64 + m,
                 ),
                 Some("max_tokens"),
             )),
             Some(m) => m as usize,
-            None => default_max_tokens.unwrap_or(limit - ids.len()).min(limit - ids.len()),
+            None => default_max_tokens.unwrap_or(limit - len).min(limit - len),
         };
-        prompt_tokens += ids.len();
+        prompt_tokens += len;
         for j in 0..n {
-            let mut sampling = base.clone();
-            sampling.seed = base.seed.map(|s| s.wrapping_add(j as u64));
-            let request = GenerationRequest {
-                prompt: ids.clone(),
-                max_tokens,
-                sampling,
-                stop_token_ids: stop_ids.clone(),
-                client: c.client.clone(),
-                agent: c.agent.clone(),
-                weights: None,
-            };
-            choices.push((pi * n + j, request, echo.clone()));
+            let mut choice = request.clone();
+            choice.sampling.seed = base.seed.map(|s| s.wrapping_add(j as u64));
+            choices.push((pi * n + j, choice, echo.clone()));
         }
     }
     Ok(Job {

@@ -127,8 +127,9 @@ impl Scheduler {
 
     /// A new request starts waiting; returns its arrival number.
     pub(crate) fn add(&mut self, request: GenerationRequest, events: UnboundedSender<Event>) -> u64 {
+        let id = self.next_arrival;
         let info = RequestInfo {
-            id: self.next_arrival,
+            id,
             client: request.client.clone().unwrap_or_else(|| "default".into()),
             agent: request.agent.clone(),
             prompt_tokens: request.prompt.len(),
@@ -137,7 +138,7 @@ impl Scheduler {
         self.policy.on_arrival(&info);
         tracing::debug!(id = info.id, client = %info.client, "arrived");
         self.waiting.push(Waiting::New { info, request, events });
-        self.next_arrival - 1
+        id
     }
 
     /// Requests whose client has gone free their slot now; returns the running ones that ended.

@@ -274,22 +274,24 @@ pub fn attention(
     let item = |i: usize| {
         let (first, kv, r0, r1) = items[i];
         let base = g.offset(tokens[first].slot, kv, 0);
-        let rows: Vec<QueryRow> = (r0..r1)
-            .map(|r| {
-                let (ti, h) = (first + r / group, kv * group + r % group);
-                let ts = tokens[ti];
-                // Keys 0..len of the run, then the token's own when it is not the next one.
-                let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, None) } else { (ts.prefix, Some(ts.pos)) };
-                QueryRow { at: (ti * heads + h) * d, len, own }
-            })
-            .collect();
+        let row = |r: usize| {
+            let (ti, h) = (first + r / group, kv * group + r % group);
+            let ts = tokens[ti];
+            // Keys 0..len of the run, then the token's own when it is not the next one.
+            let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, None) } else { (ts.prefix, Some(ts.pos)) };
+            QueryRow { at: (ti * heads + h) * d, len, own }
+        };
         #[allow(clippy::redundant_locals)]
         let dst = dst;
         // SAFETY: every row belongs to exactly one item, and an item writes only its rows of out.
         let out = unsafe { std::slice::from_raw_parts_mut(dst.0, t * heads * d) };
         let keys = &k_cache[base..base + g.capacity * d];
         let values = &v_cache[base..base + g.capacity * d];
-        SCORES.with_borrow_mut(|scores| attend_rows(q, keys, values, &rows, d, scores, out));
+        SCRATCH.with_borrow_mut(|(scores, rows)| {
+            rows.clear();
+            rows.extend((r0..r1).map(row));
+            attend_rows(q, keys, values, rows, d, scores, out)
+        });
     };
     // Forking workers costs more than a decode step's few heads over a short cache.
     let work: usize = tokens.iter().map(|ts| ts.prefix.min(ts.pos) + 1).sum::<usize>() * heads * d;
@@ -309,8 +311,9 @@ struct QueryRow {
 }
 
 thread_local! {
-    /// Each thread's attention scores (one item's rows at a time).
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's attention scores and query rows (one item's at a time): no allocation per item.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<QueryRow>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The rows of one item against one KV head's keys and values (`[capacity, d]` each).

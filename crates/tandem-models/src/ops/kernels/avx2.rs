@@ -156,10 +156,11 @@ pub unsafe fn attend_rows(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let stride = rows.iter().map(|r| r.len + 1).max().unwrap_or(0);
+    // Per row: its keys' scores, its own key's, and its 1 / Σ (the last slot).
+    let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
+    let stride = longest + 2;
     scores.clear();
     scores.resize(rows.len() * stride, 0.0);
-    let longest = stride.saturating_sub(1);
     for p0 in (0..longest).step_by(8) {
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
             let n = (row.len - p0).min(8);
@@ -167,26 +168,28 @@ pub unsafe fn attend_rows(
             super::avx2::scores(&q[row.at..row.at + d], &keys[p0 * d..(p0 + n) * d], scale, s);
         }
     }
-    let mut inv = Vec::with_capacity(rows.len());
     for (r, row) in rows.iter().enumerate() {
         let n = row.len + row.own.is_some() as usize;
         if let Some(p) = row.own {
             let s = &mut scores[r * stride + row.len..r * stride + n];
             super::avx2::scores(&q[row.at..row.at + d], &keys[p * d..(p + 1) * d], scale, s);
         }
-        inv.push(softmax_in_place(&mut scores[r * stride..r * stride + n]));
+        // The row's 1 / Σ goes in its last slot (a slot no key uses).
+        scores[r * stride + stride - 1] = softmax_in_place(&mut scores[r * stride..r * stride + n]);
     }
     for p0 in (0..longest).step_by(8) {
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
             let n = (row.len - p0).min(8);
             let w = &scores[r * stride + p0..r * stride + p0 + n];
-            add_values(w, inv[r], values.as_ptr().add(p0 * d), p0 == 0, &mut out[row.at..row.at + d]);
+            let inv = scores[r * stride + stride - 1];
+            add_values(w, inv, values.as_ptr().add(p0 * d), p0 == 0, &mut out[row.at..row.at + d]);
         }
     }
     for (r, row) in rows.iter().enumerate() {
         if let Some(p) = row.own {
             let w = &scores[r * stride + row.len..r * stride + row.len + 1];
-            add_values(w, inv[r], values.as_ptr().add(p * d), row.len == 0, &mut out[row.at..row.at + d]);
+            let inv = scores[r * stride + stride - 1];
+            add_values(w, inv, values.as_ptr().add(p * d), row.len == 0, &mut out[row.at..row.at + d]);
         }
     }
 }
