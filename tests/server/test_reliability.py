@@ -182,7 +182,7 @@ CASES = [
     ("unknown loss option", "POST", "/api/v1/forward_backward", lambda: fb(loss="ppo", extra={"clip": 0.2}),
      FUTURE, "takes no option"),
     ("learning rate a string", "POST", "/api/v1/optim_step", lambda: opt(seq=10**9, learning_rate="x"), 400,
-     "learning_rate must be a number"),
+     "adam_params.learning_rate"),
     ("learning rate 1e30", "POST", "/api/v1/optim_step", lambda: opt(learning_rate=1e30), FUTURE,
      "learning_rate must be in"),
     ("beta1 above 1", "POST", "/api/v1/optim_step", lambda: opt(learning_rate=1e-3, beta1=2.0), FUTURE, "beta1"),

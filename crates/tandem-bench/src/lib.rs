@@ -2,6 +2,7 @@
 //! tokens (logits for all k, the draft-verification pattern) relative to k = 1, for each model and
 //! weight mode. Prints a table and writes JSON. The other benchmarks are its subcommands (one module
 //! each); `workload` builds the online benchmark's prompt stream, `plot` draws the PNGs.
+mod bench_draft;
 mod bench_fair;
 mod bench_online;
 mod bench_serve;
@@ -87,6 +88,9 @@ enum BenchTarget {
     /// Speculative decoding: tok/s without drafts, with the n-gram drafter and with the oracle
     /// drafter (the upper bound) on "edit" and "write" code prompts.
     Spec(crate::bench_spec::SpecBenchArgs),
+    /// The EAGLE drafter's cost: one draft token for a batch of sequences relative to the
+    /// target's decode step over the same batch, at several batch sizes.
+    Draft(crate::bench_draft::DraftBenchArgs),
     /// Fair scheduling: the VTC paper's workloads (overload, on/off, heavy-light, length shift)
     /// under FCFS and the fair policy; service per client, latency, Jain's index, throughput, PNG.
     Fair(crate::bench_fair::FairBenchArgs),
@@ -200,6 +204,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.target {
         Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
+        Some(BenchTarget::Draft(a)) => return crate::bench_draft::run(a),
         Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
         Some(BenchTarget::Online(a)) => return crate::bench_online::run(*a),
         Some(BenchTarget::Soak(a)) => return crate::bench_soak::run(a),

@@ -199,8 +199,8 @@ fn eagle_drafter_saves_and_loads() {
     let loaded = EagleDrafter::load(&dir, &target).unwrap();
     assert_eq!(loaded.config, drafter.config);
     assert_eq!(loaded.weights().d2t, drafter.weights().d2t);
-    for (name, t) in &drafter.weights().tensors {
-        let diff = (t - &loaded.weights().tensors[name]).unwrap().abs().unwrap().max_all().unwrap();
+    for ((name, t), (_, back)) in drafter.weights().tensors.named().zip(loaded.weights().tensors.named()) {
+        let diff = (t - back).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
     }
     // A drafter for another target is refused with a reason.

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_engine::online::{DrafterExchange, TraceBuffer, Version};
-use tandem_runtime::speculative::eagle::save_weights;
 use tandem_runtime::speculative::EagleWeights;
 
 #[derive(Debug, Clone)]
@@ -302,7 +301,7 @@ impl Progress {
 
 fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {
     let Some(dir) = &config.checkpoint_dir else { return };
-    match trainer.weights().and_then(|w| save_weights(&trainer.config, &w, dir)) {
+    match trainer.weights().and_then(|w| w.save(&trainer.config, dir)) {
         Ok(()) => tracing::info!(dir = %dir.display(), steps = trainer.steps, "drafter checkpoint written"),
         Err(e) => tracing::warn!(error = %e, "drafter checkpoint failed"),
     }

@@ -13,8 +13,9 @@
 use crate::pool::Batch;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use tandem_models::{ModelError, Result};
-use tandem_runtime::speculative::eagle::{apply_rope, linear, repeat_kv, rms_norm, rope_tables, silu};
+use tandem_models::ops::{self, RopeTables};
+use tandem_models::{ModelError, OpsPath, Result};
+use tandem_runtime::speculative::eagle::{layer::rope_tables, EagleLayer, EagleTensors, HEAD_NAMES};
 use tandem_runtime::speculative::{EagleConfig, EagleWeights};
 
 #[derive(Debug, Clone)]
@@ -80,7 +81,7 @@ pub struct StepStats {
 pub struct Trainer {
     pub config: EagleConfig,
     pub train: TrainConfig,
-    vars: Vec<(String, Var)>,
+    vars: EagleTensors<Var>,
     d2t: Vec<u32>,
     /// Target id -> draft id (-1: outside the draft vocabulary).
     t2d: Vec<i32>,
@@ -92,30 +93,26 @@ pub struct Trainer {
     target_head: Option<(Tensor, Tensor)>,
     opt: AdamW,
     device: Device,
-    rope: (Tensor, Tensor),
+    path: OpsPath,
+    rope: RopeTables,
     pub steps: u64,
 }
 
-/// Every drafter tensor is trained (the embedding is the target's, frozen, and not among them)...
-const TRAINED: &[&str] = tandem_runtime::speculative::eagle::NAMES;
-/// ...except these with `freeze_head`.
-const FROZEN_WITH_HEAD: &[&str] = &["lm_head.weight", "norm.weight"];
-
 impl Trainer {
     pub fn new(config: EagleConfig, weights: &EagleWeights, embed: Tensor, train: TrainConfig) -> Result<Self> {
-        tandem_runtime::speculative::eagle::check_shapes(&config, weights)?;
+        weights.check_shapes(&config)?;
         let device = embed.device().clone();
-        let mut vars = Vec::new();
-        for name in TRAINED {
-            let t = weights.tensors[*name].to_dtype(DType::F32)?.to_device(&device)?.copy()?;
-            vars.push((name.to_string(), Var::from_tensor(&t)?));
-        }
+        // Every drafter tensor is trained (the embedding is the target's, frozen, and not among
+        // them), except the head's with `freeze_head`.
+        let vars = weights.tensors.try_map(|_, t| -> Result<Var> {
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&device)?.copy()?)?)
+        })?;
         let mut t2d = vec![-1i32; config.vocab_size];
         for (d, &t) in weights.d2t.iter().enumerate() {
             t2d[t as usize] = d as i32;
         }
         let params = ParamsAdamW { lr: train.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: train.weight_decay };
-        let trained = vars.iter().filter(|(n, _)| !(train.freeze_head && FROZEN_WITH_HEAD.contains(&n.as_str())));
+        let trained = vars.named().filter(|(n, _)| !(train.freeze_head && HEAD_NAMES.contains(n)));
         let opt = AdamW::new(trained.map(|(_, v)| v.clone()).collect(), params)?;
         let rope = rope_tables(&config, crate::pool::MAX_POSITION, &device)?;
         Ok(Trainer {
@@ -127,6 +124,7 @@ impl Trainer {
             embed,
             target_head: None,
             opt,
+            path: OpsPath::for_device(&device),
             device,
             rope,
             steps: 0,
@@ -157,7 +155,8 @@ impl Trainer {
         }
         let (m, h, vd) = (b.derived.len(), self.config.hidden_size, self.config.draft_vocab_size);
         let hidden = Tensor::from_slice(&b.derived_hidden, (m, h), &self.device)?;
-        let logits = linear(&rms_norm(&hidden, norm, self.config.rms_norm_eps)?, rows)?;
+        let normed = ops::rms_norm(&hidden, norm, self.config.rms_norm_eps, self.path)?;
+        let logits = ops::matmul_xwt(&normed, rows, self.path)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
         let mut out = b.clone();
         for (&row, p) in b.derived.iter().zip(probs) {
@@ -172,14 +171,14 @@ impl Trainer {
 
     /// A copy of the current weights (the trainer keeps updating its own in place).
     pub fn weights(&self) -> Result<EagleWeights> {
-        let tensors = self.vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
+        let tensors = self.vars.try_map(|_, v| -> Result<Tensor> { Ok(v.as_tensor().copy()?) })?;
         Ok(EagleWeights { tensors, d2t: self.d2t.clone() })
     }
 
     /// Continues from `weights` (after a rollback), keeping the optimizer's moments.
     pub fn reset_to(&mut self, weights: &EagleWeights) -> Result<()> {
-        for (name, var) in &self.vars {
-            var.set(&weights.tensors[name].to_device(&self.device)?)?;
+        for ((_, var), (_, t)) in self.vars.named().zip(weights.tensors.named()) {
+            var.set(&t.to_device(&self.device)?)?;
         }
         Ok(())
     }
@@ -188,12 +187,15 @@ impl Trainer {
         self.t2d.get(target as usize).and_then(|&d| (d >= 0).then_some(d as usize))
     }
 
-    /// A parameter as the forward pass reads it: frozen ones detached, so no gradient is formed.
-    fn var(&self, name: &str) -> Tensor {
-        let t = self.vars.iter().find(|(n, _)| n == name).expect("known parameter").1.as_tensor();
-        match self.train.freeze_head && FROZEN_WITH_HEAD.contains(&name) {
-            true => t.detach(),
-            false => t.clone(),
+    /// The parameters as the forward pass reads them: frozen ones detached, so no gradient is formed.
+    fn params(&self) -> EagleTensors<Tensor> {
+        let frozen = |name| self.train.freeze_head && HEAD_NAMES.contains(&name);
+        let read = |name, v: &Var| -> std::result::Result<Tensor, std::convert::Infallible> {
+            Ok(if frozen(name) { v.as_tensor().detach() } else { v.as_tensor().clone() })
+        };
+        match self.vars.try_map(read) {
+            Ok(t) => t,
+            Err(never) => match never {},
         }
     }
 
@@ -208,7 +210,7 @@ impl Trainer {
         let (loss, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)), true)?;
         let mut grads = loss.backward()?;
         let mut sq = 0f64;
-        for (_, v) in &self.vars {
+        for (_, v) in self.vars.named() {
             if let Some(g) = grads.get(v.as_tensor()) {
                 sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             }
@@ -220,7 +222,7 @@ impl Trainer {
         }
         if self.train.grad_clip > 0.0 && norm > self.train.grad_clip {
             let scale = self.train.grad_clip / norm;
-            for (_, v) in &self.vars {
+            for (_, v) in self.vars.named() {
                 if let Some(g) = grads.remove(v.as_tensor()) {
                     grads.insert(v.as_tensor(), (g * scale)?);
                 }
@@ -256,78 +258,30 @@ impl Trainer {
         let c = &self.config;
         let dev = &self.device;
         let n = b.rows();
-        let fs = c.target_layers.len() * c.hidden_size;
-        let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let group = heads / kvh;
-        let scale = 1.0 / (d as f64).sqrt();
         let vd = c.draft_vocab_size;
-        let mut feats = Tensor::from_slice(&b.features, (n, fs), dev)?;
-        if training && self.train.feature_noise > 0.0 {
-            // Scaled per row and per target layer: the layers' magnitudes differ widely.
-            let layers = feats.reshape((n, c.target_layers.len(), c.hidden_size))?;
-            let rms = layers.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
-            let noise = Tensor::randn(0f32, 1f32, layers.shape(), dev)?.broadcast_mul(&rms)?;
-            feats = (layers + noise.affine(self.train.feature_noise, 0.0)?)?.reshape((n, fs))?;
-        }
+        let params = self.params();
+        let layer = EagleLayer { w: &params, config: c, rope: &self.rope, path: self.path };
+        let feats = self.features(b, training)?;
         let ids = Tensor::from_slice(&b.next_tokens, n, dev)?;
         let embeds = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
-        let pos = Tensor::from_slice(&b.positions, n, dev)?;
-        let cos = self.rope.0.index_select(&pos, 0)?.unsqueeze(1)?;
-        let sin = self.rope.1.index_select(&pos, 0)?.unsqueeze(1)?;
-        let w = |name: &str| self.var(name);
-        let eps = c.rms_norm_eps;
+        let positions: Vec<usize> = b.positions.iter().map(|&p| p as usize).collect();
         let labels = Tensor::from_slice(&b.labels, (n, vd), dev)?;
-        let normed_emb = rms_norm(&embeds, &w("midlayer.input_layernorm.weight"), eps)?;
+        let normed_emb = layer.normed_embeds(&embeds)?;
 
         let mut total = Tensor::zeros((), DType::F32, dev)?;
         let mut stats = StepStats { positions: b.labelled(), ..Default::default() };
-        let mut keys: Vec<Tensor> = Vec::new(); // per step, [heads, n, d] (repeated kv)
-        let mut values: Vec<Tensor> = Vec::new();
+        let mut chain = Chain::default();
         let mut prev_out: Option<Tensor> = None;
         let mut first_logits = None;
-        let fc = linear(&feats, &w("fc.weight"))?;
+        let fc = layer.features(&feats)?;
         for i in 0..steps {
             // Step 0 reads the target's features; step i the drafter's own output one position back.
             let x = match &prev_out {
                 None => fc.clone(),
                 Some(h) => shift_rows(h, 1)?,
             };
-            let a = Tensor::cat(&[&normed_emb, &rms_norm(&x, &w("midlayer.hidden_norm.weight"), eps)?], 1)?;
-            let q = linear(&a, &w("midlayer.self_attn.q_proj.weight"))?.reshape((n, heads, d))?;
-            let k = linear(&a, &w("midlayer.self_attn.k_proj.weight"))?.reshape((n, kvh, d))?;
-            let v = linear(&a, &w("midlayer.self_attn.v_proj.weight"))?.reshape((n, kvh, d))?;
-            let q = apply_rope(&q, &cos, &sin)?.transpose(0, 1)?.contiguous()?;
-            let k = repeat_kv(&apply_rope(&k, &cos, &sin)?.transpose(0, 1)?.contiguous()?, group)?;
-            let v = repeat_kv(&v.transpose(0, 1)?.contiguous()?, group)?;
-            keys.push(k);
-            values.push(v);
-            let mask = Tensor::from_vec(b.mask(i), (1, n, n), dev)?;
-            let s0 = (q.matmul(&keys[0].t()?)? * scale)?.broadcast_add(&mask)?; // [heads, n, n]
-            let attn = if i == 0 {
-                candle_nn::ops::softmax(&s0, D::Minus1)?.matmul(&values[0])?
-            } else {
-                // The chain's own keys: step j's key at position t - (i - j).
-                let mut parts = vec![s0];
-                let mut chain_v = Vec::new();
-                for j in 1..=i {
-                    let kj = shift_rows3(&keys[j], i - j)?;
-                    parts.push(((&q * kj)?.sum_keepdim(D::Minus1)? * scale)?);
-                    chain_v.push(shift_rows3(&values[j], i - j)?);
-                }
-                let p = candle_nn::ops::softmax(&Tensor::cat(&parts, D::Minus1)?, D::Minus1)?;
-                let mut out = p.narrow(D::Minus1, 0, n)?.matmul(&values[0])?;
-                for (j, vj) in chain_v.iter().enumerate() {
-                    out = (out + p.narrow(D::Minus1, n + j, 1)?.broadcast_mul(vj)?)?;
-                }
-                out
-            };
-            let attn = attn.transpose(0, 1)?.reshape((n, heads * d))?;
-            let h = (&x + linear(&attn, &w("midlayer.self_attn.o_proj.weight"))?)?;
-            let m = rms_norm(&h, &w("midlayer.post_attention_layernorm.weight"), eps)?;
-            let gate = linear(&m, &w("midlayer.mlp.gate_proj.weight"))?;
-            let up = linear(&m, &w("midlayer.mlp.up_proj.weight"))?;
-            let out = (&h + linear(&(silu(&gate)? * up)?, &w("midlayer.mlp.down_proj.weight"))?)?;
-            let logits = linear(&rms_norm(&out, &w("norm.weight"), eps)?, &w("lm_head.weight"))?;
+            let out = layer.forward(&x, &normed_emb, &positions, |q, k, v| chain.attend(c, b, i, q, k, v))?;
+            let logits = layer.logits(&out)?;
             let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             if i == 0 {
                 first_logits = Some(logits.detach());
@@ -353,14 +307,7 @@ impl Trainer {
                 }
                 total = (total + ce.affine(weight, 0.0)?)?;
             }
-            let rej: Vec<&(usize, usize, usize)> = b.rejected.iter().filter(|r| r.2 == i).collect();
-            if self.train.discard_weight > 0.0 && !rej.is_empty() {
-                let flat: Vec<u32> = rej.iter().map(|r| (r.0 * vd + r.1) as u32).collect();
-                let idx = Tensor::from_vec(flat, rej.len(), dev)?;
-                let lq = logq.flatten_all()?.index_select(&idx, 0)?;
-                // -log(1 - q): large when the drafter is sure of a token the target refused.
-                let one_minus = lq.exp()?.affine(-1.0, 1.0 + 1e-6)?;
-                let discard = (one_minus.log()?.neg()?.sum_all()? / rej.len() as f64)?;
+            if let Some(discard) = self.discard(b, &logq, i)? {
                 stats.discard += discard.to_scalar::<f32>()? as f64;
                 total = (total + discard.affine(weight * self.train.discard_weight, 0.0)?)?;
             }
@@ -369,6 +316,89 @@ impl Trainer {
         stats.loss = total.to_scalar::<f32>()? as f64;
         Ok((total, stats, first_logits.expect("at least one step")))
     }
+
+    /// The target's concatenated hidden states of `b`'s rows [n, layers × h], with the configured
+    /// noise when `training`.
+    fn features(&self, b: &Batch, training: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let n = b.rows();
+        let feats = Tensor::from_slice(&b.features, (n, c.feature_size()), &self.device)?;
+        if !training || self.train.feature_noise <= 0.0 {
+            return Ok(feats);
+        }
+        // Scaled per row and per target layer: the layers' magnitudes differ widely.
+        let layers = feats.reshape((n, c.target_layers.len(), c.hidden_size))?;
+        let rms = layers.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
+        let noise = Tensor::randn(0f32, 1f32, layers.shape(), &self.device)?.broadcast_mul(&rms)?;
+        Ok((layers + noise.affine(self.train.feature_noise, 0.0)?)?.reshape((n, c.feature_size()))?)
+    }
+
+    /// The discard term of step `i`: -log(1 - q) of the tokens the target rejected there, large
+    /// when the drafter is sure of a token the target refused (None: nothing rejected, or off).
+    fn discard(&self, b: &Batch, logq: &Tensor, i: usize) -> Result<Option<Tensor>> {
+        let vd = self.config.draft_vocab_size;
+        let rej: Vec<u32> = b.rejected.iter().filter(|r| r.2 == i).map(|r| (r.0 * vd + r.1) as u32).collect();
+        if self.train.discard_weight <= 0.0 || rej.is_empty() {
+            return Ok(None);
+        }
+        let count = rej.len();
+        let lq = logq.flatten_all()?.index_select(&Tensor::from_vec(rej, count, &self.device)?, 0)?;
+        let one_minus = lq.exp()?.affine(-1.0, 1.0 + 1e-6)?;
+        Ok(Some((one_minus.log()?.neg()?.sum_all()? / count as f64)?))
+    }
+}
+
+/// The keys and values of each training-time-test step so far ([heads, n, d], repeated per
+/// query head), and the attention that mirrors drafting over them.
+#[derive(Default)]
+struct Chain {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+}
+
+impl Chain {
+    /// Attention of step `i`: a query at position t sees the target-feature keys of step 0 up to
+    /// t - i (where its chain started, `Batch::mask`) and the keys its own chain made at steps
+    /// 1..=i, step j's at position t - (i - j). q: [n, heads, d], k and v: [n, kv_heads, d];
+    /// returns [n, heads × d].
+    fn attend(&mut self, c: &EagleConfig, b: &Batch, i: usize, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        let n = b.rows();
+        let (heads, d) = (c.num_attention_heads, c.head_dim);
+        let group = heads / c.num_key_value_heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = q.transpose(0, 1)?.contiguous()?;
+        self.keys.push(repeat_kv(&k.transpose(0, 1)?.contiguous()?, group)?);
+        self.values.push(repeat_kv(&v.transpose(0, 1)?.contiguous()?, group)?);
+        let mask = Tensor::from_vec(b.mask(i), (1, n, n), q.device())?;
+        let s0 = (q.matmul(&self.keys[0].t()?)? * scale)?.broadcast_add(&mask)?; // [heads, n, n]
+        let attn = if i == 0 {
+            candle_nn::ops::softmax(&s0, D::Minus1)?.matmul(&self.values[0])?
+        } else {
+            let mut parts = vec![s0];
+            let mut chain_v = Vec::new();
+            for j in 1..=i {
+                let kj = shift_rows3(&self.keys[j], i - j)?;
+                parts.push(((&q * kj)?.sum_keepdim(D::Minus1)? * scale)?);
+                chain_v.push(shift_rows3(&self.values[j], i - j)?);
+            }
+            let p = candle_nn::ops::softmax(&Tensor::cat(&parts, D::Minus1)?, D::Minus1)?;
+            let mut out = p.narrow(D::Minus1, 0, n)?.matmul(&self.values[0])?;
+            for (j, vj) in chain_v.iter().enumerate() {
+                out = (out + p.narrow(D::Minus1, n + j, 1)?.broadcast_mul(vj)?)?;
+            }
+            out
+        };
+        Ok(attn.transpose(0, 1)?.reshape((n, heads * d))?)
+    }
+}
+
+/// [kv_heads, n, d] -> [kv_heads * group, n, d], each kv head serving `group` query heads.
+fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.clone());
+    }
+    let (kvh, n, d) = x.dims3()?;
+    Ok(x.unsqueeze(1)?.expand((kvh, group, n, d))?.reshape((kvh * group, n, d))?)
 }
 
 /// Rows moved down by `s` (row t gets row t - s; the first `s` rows are zero). x: [n, h].
@@ -391,9 +421,4 @@ fn shift_rows3(x: &Tensor, s: usize) -> Result<Tensor> {
     let s = s.min(n);
     let zeros = Tensor::zeros((hh, s, d), x.dtype(), x.device())?;
     Ok(Tensor::cat(&[&zeros, &x.narrow(1, 0, n - s)?], 1)?)
-}
-
-/// The drafter configuration and the trainable tensor names, for checkpoints of optimizer state.
-pub fn trained_names() -> &'static [&'static str] {
-    TRAINED
 }

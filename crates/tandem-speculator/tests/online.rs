@@ -284,10 +284,12 @@ fn swaps_under_concurrent_load_change_no_output() {
     );
     // Four clients submit concurrently, wave after wave, while the trainer publishes a version per
     // step. The engine takes a version only while it steps, so a version number read between waves
-    // was swapped in under load; go on until two were, and one more wave ran after (bounded).
+    // was swapped in under load; go on until two were, and one more wave ran after (bounded in
+    // time: the trainer lives on idle cores, and other tests running beside this one take them).
     let version = || h.exchange.weights.serving_version.load(std::sync::atomic::Ordering::Relaxed);
     let mut waves = 0;
     let mut swapped_at = None;
+    let started = std::time::Instant::now();
     loop {
         let outs: Vec<(usize, Vec<u32>)> = std::thread::scope(|s| {
             let joins: Vec<_> = (0..4)
@@ -322,7 +324,7 @@ fn swaps_under_concurrent_load_change_no_output() {
         if swapped_at.is_none() && version() >= 2 {
             swapped_at = Some(waves);
         }
-        if swapped_at.is_some_and(|w| waves > w) || waves >= 40 {
+        if swapped_at.is_some_and(|w| waves > w) || started.elapsed().as_secs() >= 120 {
             break;
         }
     }
@@ -346,8 +348,7 @@ fn a_broken_drafter_is_rolled_back() {
     let (_, good_len) = serve(&mut engine, &handle, &warmup);
     // A broken version: its head puts all mass on one token.
     let mut broken = good.clone();
-    let head = broken.tensors["lm_head.weight"].zeros_like().unwrap();
-    broken.tensors.insert("lm_head.weight".into(), head);
+    broken.tensors.lm_head = broken.tensors.lm_head.zeros_like().unwrap();
     h.exchange.weights.publish(Version { number: 1, weights: Arc::new(broken) });
     let more: Vec<_> = (300..340).map(|i| request(i, 40)).collect();
     let expected = plain_outputs(&more);

@@ -156,7 +156,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         }
     }
     bar.finish();
-    tandem_runtime::speculative::eagle::save_weights(&trainer.config, &trainer.weights()?, &args.out)?;
+    trainer.weights()?.save(&trainer.config, &args.out)?;
     eprintln!("drafter written to {} (serve it with --spec eagle:{})", args.out.display(), args.out.display());
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! served model's own weights, sampled through the same engine.
 mod futures;
 mod proto;
+mod requests;
 mod results;
 mod routes;
 mod service;

@@ -1,11 +1,9 @@
 //! HTTP routes of the training API: the Tinker SDK's (JSON, with protobuf for forward_backward and
-//! for forward_backward and sample results) and the JSON forms xorl-client sends.
-//!
-//! Over 600 lines because each Tinker and xorl route still decodes its JSON by hand (typed
-//! request structs, as the OpenAI routes have, would shrink it: an open item of the engine-shape
-//! issue).
+//! for forward_backward and sample results) and the JSON forms xorl-client sends. Bodies decode
+//! into the typed requests of `requests.rs`.
 use super::futures::Poll;
 use super::proto;
+use super::requests::{self as req, StopIn, StopItem};
 use super::results::Outcome;
 use super::service::{Failure, FailureKind, SampleRequest, Stop, TrainingService, Work};
 use crate::auth::Identity;
@@ -95,12 +93,17 @@ fn body_json(body: &Bytes) -> Result<Value, HttpError> {
     Ok(v)
 }
 
-fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, HttpError> {
-    v.get(k).and_then(Value::as_str).ok_or_else(|| bad(format!("`{k}` (a string) is required")))
+/// `v` as a `T`; the error names the field that is missing or of the wrong type.
+fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(v).map_err(|e| match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        path => format!("`{path}`: {}", e.inner()),
+    })
 }
 
-fn int_field(v: &Value, k: &str) -> Result<i64, HttpError> {
-    v.get(k).and_then(Value::as_i64).ok_or_else(|| bad(format!("`{k}` (an integer) is required")))
+/// The body as a typed request (a 400 naming the field when it is not one).
+fn typed<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
+    decode(body_json(body)?).map_err(bad)
 }
 
 fn future_reply(id: String, model_id: Option<&str>) -> Json<Value> {
@@ -119,8 +122,8 @@ async fn create_session(State(s): S, body: Bytes) -> Reply {
 }
 
 async fn heartbeat(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    s.heartbeat(str_field(&v, "session_id")?)?;
+    let r: req::SessionRef = typed(&body)?;
+    s.heartbeat(&r.session_id)?;
     Ok(Json(json!({"type": "session_heartbeat"})))
 }
 
@@ -134,43 +137,34 @@ async fn capabilities(State(s): S) -> Json<Value> {
 }
 
 async fn create_model(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    // Tinker names models by session and sequence; xorl-client by a name of its choosing.
-    let session = v.get("session_id").and_then(Value::as_str);
-    let seq = match session {
-        Some(_) => int_field(&v, "model_seq_id")?,
-        None => 0,
+    let r: req::CreateModel = typed(&body)?;
+    let seq = match (&r.session_id, r.model_seq_id) {
+        (Some(_), None) => return Err(bad("`model_seq_id` is required with `session_id`")),
+        (_, seq) => seq.unwrap_or(0),
     };
     let outcome = (|| -> Result<Outcome, Failure> {
-        s.check_base(v.get("base_model").and_then(Value::as_str).unwrap_or(""))?;
-        if let Some(t) = v.pointer("/optimizer_config/type").and_then(Value::as_str) {
+        s.check_base(r.base_model.as_deref().unwrap_or(""))?;
+        if let Some(t) = r.optimizer_config.as_ref().and_then(|o| o.kind.as_deref()) {
             if t != "adamw" && t != "adam" {
                 return Err(Failure::user(format!("optimizer `{t}` is not supported (adamw is)")));
             }
         }
-        let (mode, seed) = match v.get("lora_config").filter(|c| !c.is_null()) {
+        let (mode, seed) = match &r.lora_config {
             None => (Mode::Full, 0),
             Some(c) => {
-                let rank = c
-                    .get("rank")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| Failure::user("lora_config.rank is required"))?;
-                let flag = |k: &str| c.get(k).and_then(Value::as_bool).unwrap_or(true);
-                let alpha = c.get("alpha").and_then(Value::as_f64).unwrap_or(32.0);
-                if c.get("dropout").and_then(Value::as_f64).is_some_and(|d| d != 0.0) {
+                if c.dropout.is_some_and(|d| d != 0.0) {
                     return Err(Failure::user("LoRA dropout is not supported (use 0)"));
                 }
+                let on = |flag: Option<bool>| flag.unwrap_or(true);
                 let targets =
-                    LoraTargets { attn: flag("train_attn"), mlp: flag("train_mlp"), unembed: flag("train_unembed") };
-                (
-                    Mode::Lora(LoraSpec { rank: rank as usize, alpha, targets }),
-                    c.get("seed").and_then(Value::as_u64).unwrap_or(0),
-                )
+                    LoraTargets { attn: on(c.train_attn), mlp: on(c.train_mlp), unembed: on(c.train_unembed) };
+                let spec = LoraSpec { rank: c.rank as usize, alpha: c.alpha.unwrap_or(32.0), targets };
+                (Mode::Lora(spec), c.seed.unwrap_or(0))
             }
         };
-        let id = match session {
+        let id = match &r.session_id {
             Some(session) => s.create_model(session, seq, mode, seed)?,
-            None => s.create_named_model(v.get("model_id").and_then(Value::as_str).unwrap_or("default"), mode, seed)?,
+            None => s.create_named_model(r.model_id.as_deref().unwrap_or("default"), mode, seed)?,
         };
         Ok(Outcome::Json(json!({"model_id": id, "type": "create_model"})))
     })();
@@ -183,8 +177,8 @@ async fn create_model(State(s): S, body: Bytes) -> Reply {
 }
 
 async fn get_info(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let model = s.model(str_field(&v, "model_id")?)?;
+    let r: req::ModelRef = typed(&body)?;
+    let model = s.model(&r.model_id)?;
     let (is_lora, rank) = match model.mode {
         Mode::Lora(spec) => (true, Some(spec.rank)),
         Mode::Full => (false, None),
@@ -200,53 +194,6 @@ async fn get_info(State(s): S, body: Bytes) -> Reply {
         "is_lora": is_lora,
         "lora_rank": rank,
     })))
-}
-
-/// Token ids of a Tinker JSON model input (`{"chunks": [{"type": "encoded_text", "tokens"}]}`)
-/// or an xorl one (`{"input_ids": [...]}`).
-fn json_tokens(v: &Value) -> Result<Vec<u32>, String> {
-    let ids = |a: &Value| -> Result<Vec<u32>, String> {
-        a.as_array()
-            .ok_or("tokens must be an array")?
-            .iter()
-            .map(|t| {
-                t.as_u64()
-                    .filter(|&t| t <= u32::MAX as u64)
-                    .map(|t| t as u32)
-                    .ok_or_else(|| format!("bad token id {t}"))
-            })
-            .collect()
-    };
-    if let Some(a) = v.get("input_ids") {
-        return ids(a);
-    }
-    let chunks = v.get("chunks").and_then(Value::as_array).ok_or("model_input needs `chunks` or `input_ids`")?;
-    let mut out = Vec::new();
-    for c in chunks {
-        match c.get("type").and_then(Value::as_str).unwrap_or("encoded_text") {
-            "encoded_text" => out.extend(ids(c.get("tokens").ok_or("an encoded_text chunk needs `tokens`")?)?),
-            other => return Err(format!("`{other}` chunks are not supported: tandem serves text models")),
-        }
-    }
-    Ok(out)
-}
-
-/// A JSON tensor `{"data": [...], "dtype", "shape"}` (or a bare array) as f64 values.
-fn json_tensor(v: &Value) -> Result<Vec<f64>, String> {
-    let data = v.get("data").unwrap_or(v);
-    fn flat(v: &Value, out: &mut Vec<f64>) -> Result<(), String> {
-        match v {
-            Value::Array(a) => a.iter().try_for_each(|x| flat(x, out)),
-            Value::Number(n) => {
-                out.push(n.as_f64().ok_or("bad number")?);
-                Ok(())
-            }
-            other => Err(format!("tensor values must be numbers, got {other}")),
-        }
-    }
-    let mut out = Vec::new();
-    flat(data, &mut out)?;
-    Ok(out)
 }
 
 /// Builds training data from per-datum tokens and named inputs (`target_tokens` among them).
@@ -265,21 +212,6 @@ fn datum(i: usize, tokens: Vec<u32>, mut inputs: BTreeMap<String, Vec<f64>>) -> 
         .collect::<Result<Vec<u32>, String>>()?;
     let inputs = inputs.into_iter().map(|(k, v)| (k, v.into_iter().map(|x| x as f32).collect())).collect();
     Ok(Datum { tokens, targets, inputs })
-}
-
-fn loss_config(v: Option<&Value>) -> Result<BTreeMap<String, ConfigValue>, String> {
-    let mut out = BTreeMap::new();
-    if let Some(obj) = v.and_then(Value::as_object) {
-        for (k, x) in obj {
-            let c = match x {
-                Value::Number(n) => ConfigValue::Number(n.as_f64().unwrap_or(f64::NAN)),
-                Value::String(s) => ConfigValue::Text(s.clone()),
-                other => return Err(format!("loss_fn_config `{k}`: unsupported value {other}")),
-            };
-            out.insert(k.clone(), c);
-        }
-    }
-    Ok(out)
 }
 
 /// A forward_backward request in any of its encodings.
@@ -342,32 +274,26 @@ fn decode_proto(body: &Bytes) -> Result<FbRequest, HttpError> {
     Ok(FbRequest { model_id: m.model_id, seq_id: m.seq_id as i64, work })
 }
 
-fn decode_json(v: &Value, forward_only: bool) -> Result<FbRequest, HttpError> {
-    let model_id = str_field(v, "model_id")?.to_string();
-    let seq_id = int_field(v, "seq_id")?;
-    let input = v.get("forward_backward_input").or_else(|| v.get("forward_input")).unwrap_or(v);
-    let work = (|| -> Result<Work, String> {
-        let loss_name = input.get("loss_fn").and_then(Value::as_str).unwrap_or("cross_entropy");
-        let config = loss_config(input.get("loss_fn_config").or_else(|| input.get("loss_fn_params")))?;
-        let loss = LossFn::parse(loss_name, &config)?;
-        let items = input.get("data").and_then(Value::as_array).ok_or("`data` (an array of datums) is required")?;
-        let mut data = Vec::new();
-        for (i, d) in items.iter().enumerate() {
-            let tokens =
-                json_tokens(d.get("model_input").ok_or_else(|| format!("datum {i}: `model_input` is required"))?)
-                    .map_err(|e| format!("datum {i}: {e}"))?;
-            let mut inputs = BTreeMap::new();
-            if let Some(obj) = d.get("loss_fn_inputs").and_then(Value::as_object) {
-                for (k, t) in obj {
-                    inputs.insert(k.clone(), json_tensor(t).map_err(|e| format!("datum {i}: `{k}`: {e}"))?);
-                }
-            }
+/// A JSON forward_backward (or forward): the model and seq_id must decode (without them the
+/// request has no place to fail in); anything wrong in the rest fails in its turn.
+fn decode_json(body: &Bytes, forward_only: bool) -> Result<FbRequest, HttpError> {
+    let v = body_json(body)?;
+    let q: req::Queued = decode(v.clone()).map_err(bad)?;
+    let work = decode::<req::ForwardBackward>(v).and_then(|r| {
+        let forward_only = forward_only || r.forward_only.unwrap_or(false);
+        let input = r.forward_backward_input.unwrap_or(r.inline);
+        let config = input.loss_fn_config.unwrap_or_default().into_iter().map(|(k, c)| (k, c.into())).collect();
+        let loss = LossFn::parse(input.loss_fn.as_deref().unwrap_or("cross_entropy"), &config)?;
+        let items = input.data.ok_or("`data` (an array of datums) is required")?;
+        let mut data = Vec::with_capacity(items.len());
+        for (i, d) in items.into_iter().enumerate() {
+            let tokens = d.model_input.tokens().map_err(|e| format!("datum {i}: {e}"))?;
+            let inputs = d.loss_fn_inputs.into_iter().map(|(k, t)| (k, t.values())).collect();
             data.push(datum(i, tokens, inputs)?);
         }
-        let forward_only = forward_only || v.get("forward_only").and_then(Value::as_bool).unwrap_or(false);
         Ok(Work::ForwardBackward { data, loss, forward_only })
-    })();
-    Ok(FbRequest { model_id, seq_id, work })
+    });
+    Ok(FbRequest { model_id: q.model_id, seq_id: q.seq_id, work })
 }
 
 fn is_proto(headers: &HeaderMap, key: header::HeaderName) -> bool {
@@ -393,71 +319,50 @@ async fn forward_backward(State(s): S, headers: HeaderMap, body: Bytes) -> Reply
     if headers.get(header::CONTENT_ENCODING).is_some() {
         return Err(HttpError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "compressed bodies are not supported".into()));
     }
-    let r = if is_proto(&headers, header::CONTENT_TYPE) {
-        decode_proto(&body)?
-    } else {
-        decode_json(&body_json(&body)?, false)?
-    };
+    let r = if is_proto(&headers, header::CONTENT_TYPE) { decode_proto(&body)? } else { decode_json(&body, false)? };
     submit(&s, &r.model_id, r.seq_id, r.work)
 }
 
 async fn forward(State(s): S, body: Bytes) -> Reply {
-    let r = decode_json(&body_json(&body)?, true)?;
+    let r = decode_json(&body, true)?;
     submit(&s, &r.model_id, r.seq_id, r.work)
 }
 
 async fn optim_step(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let model_id = str_field(&v, "model_id")?;
-    let p = v.get("adam_params").or_else(|| v.get("optim_params")).cloned().unwrap_or(json!({}));
-    let d = AdamParams::default();
+    let q: req::Queued = typed(&body)?;
     // A field present with the wrong type is the caller's error, never replaced by a default.
-    let f = |k: &str, default: f64| -> Result<f64, HttpError> {
-        match p.get(k) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| bad(format!("adam_params.{k} must be a number, got {v}"))),
-        }
-    };
-    let lr = if p.get("learning_rate").is_some() { "learning_rate" } else { "lr" };
-    let params = AdamParams {
-        learning_rate: f(lr, d.learning_rate)?,
-        beta1: f("beta1", d.beta1)?,
-        beta2: f("beta2", d.beta2)?,
-        eps: f("eps", d.eps)?,
-        weight_decay: f("weight_decay", d.weight_decay)?,
-        grad_clip_norm: f("grad_clip_norm", d.grad_clip_norm)?,
-    };
-    submit(&s, model_id, int_field(&v, "seq_id")?, Ok(Work::OptimStep(params)))
+    let r: req::OptimStep = typed(&body)?;
+    let params = AdamParams::from(r.adam_params.unwrap_or_default());
+    submit(&s, &q.model_id, q.seq_id, Ok(Work::OptimStep(params)))
 }
 
 async fn save_weights(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let model_id = str_field(&v, "model_id")?;
-    let name = v.get("path").or_else(|| v.get("name")).and_then(Value::as_str).map(String::from);
-    let name = name.unwrap_or_else(|| format!("step-{}", v.get("seq_id").and_then(Value::as_i64).unwrap_or(0)));
-    submit(&s, model_id, int_field(&v, "seq_id")?, Ok(Work::SaveWeights { name }))
+    let q: req::Queued = typed(&body)?;
+    let r: req::SaveWeights = typed(&body)?;
+    let name = r.path.unwrap_or_else(|| format!("step-{}", q.seq_id));
+    submit(&s, &q.model_id, q.seq_id, Ok(Work::SaveWeights { name }))
 }
 
 async fn save_weights_for_sampler(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let model_id = str_field(&v, "model_id")?;
-    let name = v.get("path").or_else(|| v.get("name")).and_then(Value::as_str).map(String::from);
-    let session = model_id.split(':').next().map(String::from);
-    submit(&s, model_id, int_field(&v, "seq_id")?, Ok(Work::SaveForSampler { name, session }))
+    let q: req::Queued = typed(&body)?;
+    let r: req::SaveWeights = typed(&body)?;
+    let session = q.model_id.split(':').next().map(String::from);
+    submit(&s, &q.model_id, q.seq_id, Ok(Work::SaveForSampler { name: r.path, session }))
 }
 
 async fn load_weights(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let path = str_field(&v, "path")?.to_string();
-    let optimizer = v.get("optimizer").or_else(|| v.get("load_optimizer")).and_then(Value::as_bool).unwrap_or(false);
-    if let Some(model_id) = v.get("model_id").and_then(Value::as_str) {
-        return submit(&s, model_id, int_field(&v, "seq_id")?, Ok(Work::LoadWeights { path, optimizer }));
+    let r: req::LoadWeights = typed(&body)?;
+    let (path, optimizer) = (r.path, r.optimizer);
+    if let Some(model_id) = r.model_id {
+        let seq = r.seq_id.ok_or_else(|| bad("`seq_id` is required with `model_id`"))?;
+        return submit(&s, &model_id, seq, Ok(Work::LoadWeights { path, optimizer }));
     }
     // A new training model straight from a checkpoint.
-    let session = str_field(&v, "session_id")?;
-    let seq = int_field(&v, "model_seq_id")?;
+    let (Some(session), Some(seq)) = (r.session_id, r.model_seq_id) else {
+        return Err(bad("`model_id` and `seq_id`, or `session_id` and `model_seq_id`, are required"));
+    };
     let outcome = s
-        .create_from_checkpoint(session, seq, &path, optimizer)
+        .create_from_checkpoint(&session, seq, &path, optimizer)
         .map(|id| Outcome::Json(json!({"path": path, "model_id": id, "type": "load_weights"})));
     let model_id = outcome.as_ref().ok().and_then(|o| match o {
         Outcome::Json(j) => j["model_id"].as_str().map(String::from),
@@ -467,16 +372,14 @@ async fn load_weights(State(s): S, body: Bytes) -> Reply {
 }
 
 async fn create_sampling_session(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let Some(session) = v.get("session_id").and_then(Value::as_str) else {
+    let r: req::CreateSampler = typed(&body)?;
+    let Some(session) = r.session_id else {
         // xorl-client: make the saved adapter addressable by name for /generate.
-        let path = str_field(&v, "model_path")?;
-        let name = s.register_lora_name(path)?;
+        let path = r.model_path.ok_or_else(|| bad("`model_path` is required"))?;
+        let name = s.register_lora_name(&path)?;
         return Ok(Json(json!({"success": true, "lora_name": name, "model_path": path})));
     };
-    let path = v.get("model_path").and_then(Value::as_str).map(String::from);
-    let base = v.get("base_model").and_then(Value::as_str).map(String::from);
-    let id = s.create_sampler(session, path, base)?;
+    let id = s.create_sampler(&session, r.model_path, r.base_model)?;
     Ok(Json(json!({"type": "create_sampling_session", "sampling_session_id": id})))
 }
 
@@ -485,98 +388,74 @@ async fn get_sampler(State(s): S, Path(id): Path<String>) -> Reply {
     Ok(Json(json!({"sampler_id": id, "base_model": sampler.base_model, "model_path": sampler.model_path})))
 }
 
-/// The Tinker SDK's `SamplingParams` (fields it may add later are ignored).
-#[derive(serde::Deserialize, Default)]
-struct SamplingIn {
-    max_tokens: Option<u64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    seed: Option<u64>,
-    stop: Option<StopIn>,
-}
-
-/// `stop`: one string, or a list of strings and token ids.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum StopIn {
-    One(String),
-    Many(Vec<StopItem>),
-}
-
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum StopItem {
-    Text(String),
-    Token(u32),
-}
-
-async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let (session, weights, dedup) = match v.get("sampling_session_id").and_then(Value::as_str) {
-        Some(id) => {
-            let sampler = s.sampler(id)?;
-            let seq = v.get("seq_id").and_then(Value::as_i64);
-            (id.to_string(), sampler.weights.clone(), seq.map(|q| (id.to_string(), q)))
-        }
-        None => {
-            s.check_base(v.get("base_model").and_then(Value::as_str).unwrap_or(""))?;
-            ("base".to_string(), None, None)
-        }
-    };
-    let prompt = json_tokens(v.get("prompt").ok_or_else(|| bad("`prompt` is required"))?).map_err(bad)?;
-    for k in ["topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"] {
-        if v.get(k).and_then(Value::as_u64).unwrap_or(0) > 0 {
-            return Err(bad(format!(
-                "`{k}` is not supported yet (per-token logprobs of the sampled tokens are always returned)"
-            )));
-        }
-    }
-    if v.get("target_prompt_logprobs").is_some_and(|t| !t.is_null()) {
-        return Err(bad("`target_prompt_logprobs` is not supported yet"));
-    }
-    // Typed: a wrong type is a 400 naming the field (it used to fall back to the default silently).
-    // Ranges are checked once, by the engine (`SamplingParams::validate`), for every API.
-    let p: SamplingIn = match v.get("sampling_params") {
-        None | Some(Value::Null) => SamplingIn::default(),
-        Some(p) => serde_path_to_error::deserialize(p)
-            .map_err(|e| bad(format!("`sampling_params.{}`: {}", e.path(), e.inner())))?,
-    };
-    let mut stop = Stop::default();
-    match p.stop {
+/// Stop strings and token ids from either API's `stop`.
+fn stop_of(stop: Option<StopIn>, tokens: Vec<u32>) -> Stop {
+    let mut out = Stop { tokens, strings: Vec::new() };
+    match stop {
         None => {}
-        Some(StopIn::One(x)) => stop.strings.push(x),
+        Some(StopIn::One(x)) => out.strings.push(x),
         Some(StopIn::Many(items)) => {
             for it in items {
                 match it {
-                    StopItem::Text(x) => stop.strings.push(x),
-                    StopItem::Token(t) => stop.tokens.push(t),
+                    StopItem::Text(x) => out.strings.push(x),
+                    StopItem::Token(t) => out.tokens.push(t),
                 }
             }
         }
     }
+    out
+}
+
+async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Reply {
+    let r: req::Sample = typed(&body)?;
+    let (session, weights, dedup) = match &r.sampling_session_id {
+        Some(id) => {
+            let sampler = s.sampler(id)?;
+            (id.clone(), sampler.weights.clone(), r.seq_id.map(|q| (id.clone(), q)))
+        }
+        None => {
+            s.check_base(r.base_model.as_deref().unwrap_or(""))?;
+            ("base".to_string(), None, None)
+        }
+    };
+    let prompt = r.prompt.tokens().map_err(bad)?;
+    let unsupported = [
+        ("topk_prompt_logprobs", r.topk_prompt_logprobs),
+        ("topk_sample_logprobs", r.topk_sample_logprobs),
+        ("prompt_alt_tokens_k", r.prompt_alt_tokens_k),
+    ];
+    if let Some((k, _)) = unsupported.iter().find(|(_, n)| n.unwrap_or(0) > 0) {
+        return Err(bad(format!(
+            "`{k}` is not supported yet (per-token logprobs of the sampled tokens are always returned)"
+        )));
+    }
+    if r.target_prompt_logprobs.is_some_and(|t| !t.is_null()) {
+        return Err(bad("`target_prompt_logprobs` is not supported yet"));
+    }
+    // Ranges are checked once, by the engine (`SamplingParams::validate`), for every API.
+    let p = r.sampling_params.unwrap_or_default();
     let req = SampleRequest {
         session,
         key_client: identity.and_then(|i| i.0.key_client),
         dedup,
         weights,
         prompt,
-        num_samples: v.get("num_samples").and_then(Value::as_u64).unwrap_or(1) as usize,
+        num_samples: r.num_samples.unwrap_or(1) as usize,
         max_tokens: p.max_tokens.map(|m| m as usize),
         temperature: p.temperature.unwrap_or(1.0),
         top_k: p.top_k.filter(|&k| k > 0).unwrap_or(0) as usize,
         top_p: p.top_p.unwrap_or(1.0),
         seed: p.seed,
-        stop,
-        prompt_logprobs: v.get("prompt_logprobs").and_then(Value::as_bool).unwrap_or(false),
+        stop: stop_of(p.stop, Vec::new()),
+        prompt_logprobs: r.prompt_logprobs.unwrap_or(false),
     };
     let (id, seq_ids) = s.sample(req)?;
     Ok(Json(json!({"request_id": id, "sample_sequence_ids": seq_ids})))
 }
 
 async fn retrieve_future(State(s): S, headers: HeaderMap, body: Bytes) -> Result<Response, HttpError> {
-    let v = body_json(&body)?;
-    let id = str_field(&v, "request_id")?;
+    let r: req::FutureRef = typed(&body)?;
+    let id = r.request_id.as_str();
     match s.futures.poll(id, HOLD).await {
         Poll::Unknown => Err(HttpError(StatusCode::NOT_FOUND, format!("unknown request_id `{id}`"))),
         Poll::Pending => {
@@ -607,80 +486,60 @@ async fn delete_checkpoint(
 
 /// `{"path": "tinker://...", "name": NAME, "overwrite": false}` -> `export_dir/NAME`.
 async fn export(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    if v.get("out_dir").is_some() {
-        return Err(HttpError(
-            StatusCode::BAD_REQUEST,
-            "`out_dir` is not accepted: exports go under the server's --export-dir; give the folder's `name`".into(),
+    let r: req::Export = typed(&body)?;
+    if r.out_dir.is_some() {
+        return Err(bad(
+            "`out_dir` is not accepted: exports go under the server's --export-dir; give the folder's `name`",
         ));
     }
-    let path = str_field(&v, "path")?.to_string();
-    let name = str_field(&v, "name")?.to_string();
-    let overwrite = match v.get("overwrite") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(HttpError(StatusCode::BAD_REQUEST, "`overwrite` must be true or false".into())),
-    };
-    let out = tokio::task::spawn_blocking(move || s.export(&path, &name, overwrite))
+    let overwrite = r.overwrite.unwrap_or(false);
+    let out = tokio::task::spawn_blocking(move || s.export(&r.path, &r.name, overwrite))
         .await
         .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(json!({"out_dir": out.display().to_string()})))
 }
 
 async fn unload_model(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let id = str_field(&v, "model_id")?;
-    s.unload(id)?;
-    Ok(Json(json!({"model_id": id, "type": "unload_model"})))
+    let r: req::ModelRef = typed(&body)?;
+    s.unload(&r.model_id)?;
+    Ok(Json(json!({"model_id": r.model_id, "type": "unload_model"})))
 }
 
 async fn weights_info(State(s): S, body: Bytes) -> Reply {
-    let v = body_json(&body)?;
-    let path = v.get("tinker_path").or_else(|| v.get("path")).or_else(|| v.get("model_path"));
-    let path = path.and_then(Value::as_str).ok_or_else(|| bad("`tinker_path` (a string) is required"))?;
-    Ok(Json(s.weights_info(path)?))
+    let r: req::WeightsInfo = typed(&body)?;
+    Ok(Json(s.weights_info(&r.tinker_path)?))
 }
 
 /// SGLang's `/generate` (what xorl-client samples with): `input_ids` or `text`, `sampling_params`
 /// {max_new_tokens, temperature, top_p, top_k, n, stop, seed}, `lora_path` naming saved sampler
 /// weights. One result object for n = 1, a list otherwise.
 async fn generate(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Result<Json<Value>, HttpError> {
-    let v = body_json(&body)?;
-    let prompt: Vec<u32> = match (v.get("input_ids"), v.get("text").and_then(Value::as_str)) {
-        (Some(ids), _) => json_tokens(&json!({"input_ids": ids})).map_err(bad)?,
+    let r: req::Generate = typed(&body)?;
+    let prompt: Vec<u32> = match (r.input_ids, r.text) {
+        (Some(ids), _) => ids,
         (None, Some(text)) => {
             s.tokenizer.encode(text, false).map_err(|e| bad(format!("tokenizing: {e}")))?.get_ids().to_vec()
         }
         (None, None) => return Err(bad("`input_ids` or `text` is required")),
     };
-    let weights = match v.get("lora_path").and_then(Value::as_str).filter(|p| !p.is_empty()) {
-        Some(name) => Some(s.lora_by_name(name)?),
+    let weights = match r.lora_path.filter(|p| !p.is_empty()) {
+        Some(name) => Some(s.lora_by_name(&name)?),
         None => None,
     };
-    let p = v.get("sampling_params").cloned().unwrap_or(json!({}));
-    let mut stop = Stop::default();
-    if let Some(items) = p.get("stop").and_then(Value::as_array) {
-        stop.strings = items.iter().filter_map(Value::as_str).map(String::from).collect();
-    } else if let Some(x) = p.get("stop").and_then(Value::as_str) {
-        stop.strings.push(x.to_string());
-    }
-    if let Some(items) = p.get("stop_token_ids").and_then(Value::as_array) {
-        stop.tokens = items.iter().filter_map(Value::as_u64).map(|t| t as u32).collect();
-    }
-    let n = p.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
+    let p = r.sampling_params;
     let req = SampleRequest {
         session: "generate".into(),
         key_client: identity.and_then(|i| i.0.key_client),
         dedup: None,
         weights,
         prompt: prompt.clone(),
-        num_samples: n,
-        max_tokens: p.get("max_new_tokens").and_then(Value::as_u64).map(|m| m as usize),
-        temperature: p.get("temperature").and_then(Value::as_f64).unwrap_or(1.0) as f32,
-        top_k: p.get("top_k").and_then(Value::as_i64).filter(|&k| k > 0).unwrap_or(0) as usize,
-        top_p: p.get("top_p").and_then(Value::as_f64).unwrap_or(1.0) as f32,
-        seed: p.get("seed").or_else(|| p.get("sampling_seed")).and_then(Value::as_u64),
-        stop,
+        num_samples: p.n.unwrap_or(1) as usize,
+        max_tokens: p.max_new_tokens.map(|m| m as usize),
+        temperature: p.temperature.unwrap_or(1.0),
+        top_k: p.top_k.filter(|&k| k > 0).unwrap_or(0) as usize,
+        top_p: p.top_p.unwrap_or(1.0),
+        seed: p.seed,
+        stop: stop_of(p.stop, p.stop_token_ids.unwrap_or_default()),
         prompt_logprobs: false,
     };
     let (id, _) = s.sample(req)?;

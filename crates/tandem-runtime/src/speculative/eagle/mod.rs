@@ -1,0 +1,462 @@
+//! An EAGLE-3-style drafter: a single decoder layer that reads the target's own hidden states.
+//!
+//! Position t of the drafter takes the target's hidden states at t from three layers (concatenated,
+//! then `fc`: 3h -> h) and the RMS-normed embedding of token t+1 (the target's table, frozen); the
+//! two are concatenated (2h) into one decoder layer whose attention runs over the drafter's own KV
+//! cache; a final norm and `lm_head` (over the target vocabulary or a pruned draft vocabulary,
+//! with `d2t` mapping draft ids to target ids) predict token t+2. Drafting k tokens feeds the
+//! layer's output hidden state back in place of the target's for steps 2..k.
+//!
+//! One step drafts for every sequence at once: the catch-up rows of all of them in one forward of
+//! the layer, then one row per sequence per further draft token, each product reading the
+//! drafter's weights once for the whole batch ([`layer`] is the forward, shared with the trainer).
+//!
+//! Checkpoint: a folder with `config.json` ([`EagleConfig`]) and `model.safetensors` using the
+//! tensor names of published EAGLE-3 drafters ([`weights::TENSOR_NAMES`], plus `d2t`).
+pub mod layer;
+pub mod weights;
+
+pub use layer::EagleLayer;
+pub use weights::{EagleConfig, EagleTensors, EagleWeights, WarmStart, HEAD_NAMES, TENSOR_NAMES};
+
+use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
+use crate::sampling::Sampler;
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+use std::sync::Arc;
+use tandem_models::ops::{self, RopeTables, TokenSlot};
+use tandem_models::{Model, OpsPath, Result};
+
+/// Positions of its own past the drafter attends to. Its trainer sees windows of at most 64
+/// positions, so a longer context is one it was never trained on; and catching up a whole prompt
+/// before the first draft would cost a prefill of the drafter (a tenth of the target's) per request.
+pub const DRAFT_CONTEXT: usize = 64;
+
+/// Per-sequence state: the target features seen so far and which of them the drafter's KV cache holds.
+#[derive(Default)]
+struct SlotState {
+    /// Concatenated target hidden states, `feature_size` floats per committed target position.
+    features: Vec<f32>,
+    /// Position of the first row in the slot's cache (older ones are dropped: see [`DRAFT_CONTEXT`]).
+    kv_start: usize,
+    /// Rows held: positions kv_start..kv_start + held, computed from target features (never drafts).
+    held: usize,
+    sampler: Option<Sampler>,
+}
+
+impl SlotState {
+    fn cached(&self) -> usize {
+        self.kv_start + self.held
+    }
+}
+
+/// The drafter's KV cache, [slots, kv_heads, rows, head_dim], read by the engine's attention kernel.
+struct DraftCache {
+    keys: Tensor,
+    values: Tensor,
+}
+
+/// One row of a drafter forward: which sequence, at which position, in which cache row.
+#[derive(Clone, Copy)]
+struct Row {
+    slot: usize,
+    position: usize,
+    cache_row: usize,
+}
+
+/// A sequence being drafted for in this step.
+struct Drafting {
+    request: usize,
+    committed: usize,
+}
+
+pub struct EagleDrafter {
+    pub config: EagleConfig,
+    weights: Arc<EagleWeights>,
+    device: Device,
+    path: OpsPath,
+    slots: Vec<SlotState>,
+    cache: Option<DraftCache>,
+    rope: Option<RopeTables>,
+    /// Seconds and positions of catching up since the last `take_catch_up`.
+    caught_up: (f64, usize),
+    /// The projections' type while serving (norms stay f32). Drafts never change outputs, so a
+    /// bf16 drafter only trades a little agreement for half the bytes read per draft token.
+    serve_dtype: DType,
+    /// Prompt lookup tried before the learned drafter (see `with_lookup`).
+    lookup: Option<NgramDrafter>,
+}
+
+impl EagleDrafter {
+    pub fn new(config: EagleConfig, weights: EagleWeights, device: &Device) -> Result<Self> {
+        weights.check_shapes(&config)?;
+        let tensors =
+            weights.tensors.try_map(|_, t| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(device)?) })?;
+        Ok(EagleDrafter {
+            config,
+            weights: Arc::new(EagleWeights { tensors, d2t: weights.d2t }),
+            device: device.clone(),
+            path: OpsPath::for_device(device),
+            slots: Vec::new(),
+            cache: None,
+            rope: None,
+            caught_up: (0.0, 0),
+            serve_dtype: DType::F32,
+            lookup: None,
+        })
+    }
+
+    /// Tries prompt lookup first: where the sequence's last `lookup.min_ngram` or more tokens
+    /// occurred earlier in it, the draft is what followed them (free to compute, and right
+    /// whenever the output copies its context: code being completed or explained, quotes);
+    /// elsewhere the learned drafter proposes. Such drafts are marked `Draft::lookup`.
+    pub fn with_lookup(mut self, lookup: Option<NgramDrafter>) -> Self {
+        self.lookup = lookup;
+        self
+    }
+
+    /// Serves the projections in `dtype` (f32 or bf16), now and for every later update.
+    pub fn with_serving_dtype(mut self, dtype: DType) -> Result<Self> {
+        self.serve_dtype = dtype;
+        let w = self.weights.clone();
+        self.set_weights(w)?;
+        Ok(self)
+    }
+
+    /// `w` with its matrices in the serving type (norms, and `w` itself if nothing changes, kept).
+    fn for_serving(&self, w: Arc<EagleWeights>) -> Result<Arc<EagleWeights>> {
+        let serve = |t: &Tensor| t.rank() == 2 && t.dtype() != self.serve_dtype;
+        if !w.tensors.named().any(|(_, t)| serve(t)) {
+            return Ok(w);
+        }
+        let tensors = w.tensors.try_map(|_, t| -> Result<Tensor> {
+            Ok(if serve(t) { t.to_dtype(self.serve_dtype)? } else { t.clone() })
+        })?;
+        Ok(Arc::new(EagleWeights { tensors, d2t: w.d2t.clone() }))
+    }
+
+    /// A freshly initialised drafter for `target`.
+    pub fn random(target: &Model, draft_vocab_size: Option<usize>, seed: u64) -> Result<Self> {
+        Self::fresh(target, draft_vocab_size, WarmStart::None, seed)
+    }
+
+    /// A fresh drafter for `target`, initialised as `warm` says.
+    pub fn fresh(target: &Model, draft_vocab_size: Option<usize>, warm: WarmStart, seed: u64) -> Result<Self> {
+        let config = EagleConfig::for_target(&target.config, draft_vocab_size);
+        let weights = EagleWeights::init(&config, target, warm, seed)?;
+        Self::new(config, weights, target.device())
+    }
+
+    /// Loads `dir/config.json` and `dir/model.safetensors`.
+    pub fn load(dir: &Path, target: &Model) -> Result<Self> {
+        let config = EagleConfig::load(dir)?;
+        config.check(&target.config)?;
+        let weights = EagleWeights::load(dir, &config, target.device())?;
+        Self::new(config, weights, target.device())
+    }
+
+    /// Writes `dir/config.json` and `dir/model.safetensors`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.weights.save(&self.config, dir)
+    }
+
+    pub fn weights(&self) -> &Arc<EagleWeights> {
+        &self.weights
+    }
+
+    /// Serves `weights` from the next draft on. The per-slot caches were computed with the old
+    /// weights, so they are rebuilt from the kept target features.
+    pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
+        weights.check_shapes(&self.config)?;
+        self.weights = self.for_serving(weights)?;
+        for s in &mut self.slots {
+            (s.kv_start, s.held) = (0, 0);
+        }
+        Ok(())
+    }
+
+    /// Rope tables covering positions below `upto`, grown on demand.
+    fn ensure_rope(&mut self, upto: usize) -> Result<()> {
+        if self.rope.as_ref().is_none_or(|r| r.max_positions() < upto) {
+            let n = upto.next_power_of_two().max(256);
+            self.rope = Some(layer::rope_tables(&self.config, n, &self.device)?);
+        }
+        Ok(())
+    }
+
+    /// A cache with room for every slot's context, its catch-up and `k` drafted rows.
+    fn ensure_cache(&mut self, k: usize) -> Result<()> {
+        let rows = 2 * DRAFT_CONTEXT + k.max(16);
+        if self.cache.as_ref().is_some_and(|c| c.keys.dim(2).is_ok_and(|r| r >= rows)) {
+            return Ok(());
+        }
+        let c = &self.config;
+        let shape = (self.slots.len().max(1), c.num_key_value_heads, rows, c.head_dim);
+        // A new geometry loses the rows held: every slot starts over from its features.
+        for s in &mut self.slots {
+            (s.kv_start, s.held) = (0, 0);
+        }
+        self.cache = Some(DraftCache {
+            keys: Tensor::zeros(shape, DType::F32, &self.device)?,
+            values: Tensor::zeros(shape, DType::F32, &self.device)?,
+        });
+        Ok(())
+    }
+
+    /// The layer over `rows`: their keys and values go into the cache, and each attends to its
+    /// slot's rows up to its own. `x`, `embeds`: [rows, h]. Returns the outputs [rows, h].
+    fn forward_rows(&self, x: &Tensor, embeds: &Tensor, rows: &[Row]) -> Result<Tensor> {
+        let cache = self.cache.as_ref().expect("allocated before drafting");
+        let rope = self.rope.as_ref().expect("built before drafting");
+        let layer = EagleLayer { w: &self.weights.tensors, config: &self.config, rope, path: self.path };
+        let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
+        let slots: Vec<TokenSlot> = rows.iter().map(|r| TokenSlot::causal(r.slot, r.cache_row)).collect();
+        let normed = layer.normed_embeds(embeds)?;
+        layer.forward(x, &normed, &positions, |q, k, v| {
+            ops::cache_write(&cache.keys, &k, &slots, self.path)?;
+            ops::cache_write(&cache.values, &v, &slots, self.path)?;
+            Ok(ops::attention(&q, &cache.keys, &cache.values, &slots, self.path)?)
+        })
+    }
+
+    /// Keeps the last [`DRAFT_CONTEXT`] rows of `slot`'s cache, moved to its front.
+    fn trim(&mut self, slot: usize) -> Result<()> {
+        let state = &self.slots[slot];
+        if state.held <= DRAFT_CONTEXT {
+            return Ok(());
+        }
+        let drop = state.held - DRAFT_CONTEXT;
+        let cache = self.cache.as_ref().expect("allocated before drafting");
+        let moved: Vec<TokenSlot> = (0..DRAFT_CONTEXT).map(|p| TokenSlot::causal(slot, p)).collect();
+        for t in [&cache.keys, &cache.values] {
+            // [kv_heads, kept, d] -> [kept, kv_heads, d], a copy, written back from row 0.
+            let kept = t.get(slot)?.narrow(1, drop, DRAFT_CONTEXT)?.transpose(0, 1)?.contiguous()?;
+            ops::cache_write(t, &kept, &moved, self.path)?;
+        }
+        let state = &mut self.slots[slot];
+        state.kv_start += drop;
+        state.held = DRAFT_CONTEXT;
+        Ok(())
+    }
+
+    /// Catches every drafting sequence up on its committed positions in one forward; returns the
+    /// last row's output of each (the hidden state that predicts its first draft token).
+    fn catch_up(&mut self, target: &Model, requests: &[DraftRequest], drafting: &[Drafting]) -> Result<Tensor> {
+        let started = std::time::Instant::now();
+        let fs = self.config.feature_size();
+        let (mut rows, mut feats, mut ids, mut last) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for d in drafting {
+            let r = &requests[d.request];
+            let state = &mut self.slots[r.slot];
+            if d.committed - state.cached() > DRAFT_CONTEXT || state.held == 0 {
+                // Too far behind (a new prompt, or steps without drafts): start over from the last
+                // DRAFT_CONTEXT positions rather than catching up on all of them.
+                (state.kv_start, state.held) = (d.committed.saturating_sub(DRAFT_CONTEXT), 0);
+            } else if state.cached() == d.committed {
+                // Nothing new since the last draft: redo the last row, whose output starts the draft.
+                state.held -= 1;
+            }
+            let from = state.cached();
+            for p in from..d.committed {
+                rows.push(Row { slot: r.slot, position: p, cache_row: p - state.kv_start });
+            }
+            feats.extend_from_slice(&state.features[from * fs..d.committed * fs]);
+            ids.extend_from_slice(&r.tokens[from + 1..d.committed + 1]);
+            state.held += d.committed - from;
+            last.push((rows.len() - 1) as u32);
+        }
+        let x = Tensor::from_vec(feats, (rows.len(), fs), &self.device)?;
+        let layer = EagleLayer {
+            w: &self.weights.tensors,
+            config: &self.config,
+            rope: self.rope.as_ref().expect("built before drafting"),
+            path: self.path,
+        };
+        let x = layer.features(&x)?;
+        let out = self.forward_rows(&x, &target.embed(&ids)?, &rows)?;
+        for d in drafting {
+            self.trim(requests[d.request].slot)?;
+        }
+        self.caught_up.0 += started.elapsed().as_secs_f64();
+        self.caught_up.1 += rows.len();
+        Ok(out.index_select(&Tensor::from_vec(last, drafting.len(), &self.device)?, 0)?)
+    }
+
+    /// Draft-vocabulary logits of each row of `hidden`, one vector per row.
+    fn logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let rope = self.rope.as_ref().expect("built before drafting");
+        let layer = EagleLayer { w: &self.weights.tensors, config: &self.config, rope, path: self.path };
+        Ok(layer.logits(hidden)?.to_vec2::<f32>()?)
+    }
+
+    /// Which requests the learned drafter drafts for (the others get a lookup copy or nothing).
+    fn plan(&self, requests: &[DraftRequest], drafts: &mut [Draft]) -> Vec<Drafting> {
+        let fs = self.config.feature_size();
+        let mut drafting = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            if let Some(copied) = self.lookup.as_ref().map(|l| l.lookup(r.tokens, r.copy_k)).filter(|t| !t.is_empty()) {
+                // The learned drafter catches up on these positions at its next draft.
+                drafts[i] = Draft { tokens: copied, probs: None, lookup: true, alternatives: Vec::new() };
+                continue;
+            }
+            let committed = self.slots[r.slot].features.len() / fs;
+            // The target must have committed every token but the pending last one.
+            if r.k > 0 && committed > 0 && committed + 1 == r.tokens.len() {
+                drafting.push(Drafting { request: i, committed });
+            }
+        }
+        drafting
+    }
+
+    /// Drafts for every sequence of `drafting` at once: catch-up, then one row per sequence per
+    /// further token, each fed its own previous output in place of the target's features.
+    fn draft_batch(
+        &mut self,
+        target: &Model,
+        requests: &[DraftRequest],
+        drafting: Vec<Drafting>,
+        drafts: &mut [Draft],
+    ) -> Result<()> {
+        let max_k = drafting.iter().map(|d| requests[d.request].k).max().unwrap_or(0);
+        let max_pos = drafting.iter().map(|d| d.committed + requests[d.request].k + 1).max().unwrap_or(0);
+        self.ensure_rope(max_pos)?;
+        self.ensure_cache(max_k)?;
+        for d in &drafting {
+            let r = &requests[d.request];
+            let state = &mut self.slots[r.slot];
+            state.sampler.get_or_insert_with(|| drafter_sampler(r.sampling));
+            drafts[d.request].probs = (r.sampling.temperature > 0.0).then(Vec::new);
+        }
+        let mut hidden = self.catch_up(target, requests, &drafting)?;
+        // Indices into `drafting` of the sequences still drafting, one row of `hidden` each.
+        let mut live: Vec<usize> = (0..drafting.len()).collect();
+        let mut step = 0;
+        loop {
+            let logits = self.logits(&hidden)?;
+            for (&i, logits) in live.iter().zip(&logits) {
+                let r = drafting[i].request;
+                self.push_token(&requests[r], logits, step, &mut drafts[r]);
+            }
+            // Sequences wanting more tokens continue from their own last output.
+            let wants_more = |&j: &u32| requests[drafting[live[j as usize]].request].k > step + 1;
+            let keep: Vec<u32> = (0..live.len() as u32).filter(wants_more).collect();
+            if keep.is_empty() {
+                return Ok(());
+            }
+            let x = hidden.index_select(&Tensor::from_slice(&keep, keep.len(), &self.device)?, 0)?;
+            live = keep.iter().map(|&j| live[j as usize]).collect();
+            let rows: Vec<Row> = live
+                .iter()
+                .map(|&i| {
+                    let (d, slot) = (&drafting[i], requests[drafting[i].request].slot);
+                    Row { slot, position: d.committed + step, cache_row: self.slots[slot].held + step }
+                })
+                .collect();
+            let ids: Vec<u32> =
+                live.iter().map(|&i| *drafts[drafting[i].request].tokens.last().expect("drafted")).collect();
+            hidden = self.forward_rows(&x, &target.embed(&ids)?, &rows)?;
+            step += 1;
+        }
+    }
+
+    /// Chooses the request's next draft token from `logits` and appends it to `draft` (with its
+    /// distribution when sampling, and runners-up for the first token when asked).
+    fn push_token(&mut self, r: &DraftRequest, logits: &[f32], step: usize, draft: &mut Draft) {
+        let sampler = self.slots[r.slot].sampler.as_mut().expect("set before drafting");
+        let (id, q) = draft_token(sampler, logits);
+        let token = self.weights.d2t[id as usize];
+        if step == 0 && q.is_none() && r.alternatives > 0 {
+            // Only runners-up likely enough to pay for their row in the verification forward
+            // (each costs ~4% of a step on SmolLM2 / CPU; a step emits ~1.5-2 tokens).
+            let max = logits[id as usize];
+            let z: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+            draft.alternatives = runners_up(logits, id, r.alternatives)
+                .into_iter()
+                .filter(|&i| (logits[i as usize] - max).exp() / z >= ALTERNATIVE_MIN_PROB)
+                .map(|i| self.weights.d2t[i as usize])
+                .filter(|&t| t != token)
+                .collect();
+        }
+        draft.tokens.push(token);
+        if let (Some(all), Some(q)) = (draft.probs.as_mut(), q) {
+            all.push(q.into_iter().map(|(i, p)| (self.weights.d2t[i as usize], p)).collect());
+        }
+    }
+}
+
+/// The drafter's least probability for a runner-up of the first draft token to be verified.
+const ALTERNATIVE_MIN_PROB: f32 = 0.1;
+
+/// The `n` highest logits but `best`'s, highest first.
+fn runners_up(logits: &[f32], best: u32, n: usize) -> Vec<u32> {
+    crate::sampling::top_n(logits, n + 1).into_iter().map(|(i, _)| i).filter(|&i| i != best).take(n).collect()
+}
+
+impl Drafter for EagleDrafter {
+    fn name(&self) -> String {
+        match self.lookup {
+            Some(_) => "eagle+lookup".into(),
+            None => "eagle".into(),
+        }
+    }
+
+    fn prepare(&mut self, slots: usize, _max_seq_len: usize) -> Result<()> {
+        self.slots = (0..slots).map(|_| SlotState::default()).collect();
+        self.cache = None;
+        Ok(())
+    }
+
+    fn target_layers(&self) -> &[usize] {
+        &self.config.target_layers
+    }
+
+    fn observe(&mut self, slot: usize, start: usize, hidden: &[Tensor]) -> Result<()> {
+        let fs = self.config.feature_size();
+        let state = &mut self.slots[slot];
+        if start != state.features.len() / fs {
+            // A gap (should not happen): start over from what we are given.
+            *state = SlotState::default();
+            if start != 0 {
+                return Ok(());
+            }
+        }
+        let joined = Tensor::cat(hidden, 1)?.to_dtype(DType::F32)?;
+        state.features.extend(joined.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    fn propose(&mut self, target: &Model, requests: &[DraftRequest]) -> Result<Vec<Draft>> {
+        self.config.check(&target.config)?;
+        let mut drafts = vec![Draft::default(); requests.len()];
+        let drafting = self.plan(requests, &mut drafts);
+        if !drafting.is_empty() {
+            // On the calling thread and the kernels' pool, not the compute team: the team's workers
+            // poll through a forward, and polling through drafts too left the drafter's trainer (which
+            // lives on idle cores) without a step in a busy server test.
+            self.draft_batch(target, requests, drafting, &mut drafts)?;
+        }
+        Ok(drafts)
+    }
+
+    fn release(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = SlotState::default();
+        }
+    }
+
+    fn take_catch_up(&mut self) -> (f64, usize) {
+        std::mem::take(&mut self.caught_up)
+    }
+}
+
+impl TrainableDrafter for EagleDrafter {
+    type Weights = EagleWeights;
+
+    fn served_weights(&self) -> Arc<EagleWeights> {
+        self.weights.clone()
+    }
+
+    fn update(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
+        self.set_weights(weights)
+    }
+}
