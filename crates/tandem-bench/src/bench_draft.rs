@@ -31,7 +31,8 @@ pub struct DraftBenchArgs {
     /// Rows of the drafter's output layer (0: the whole vocabulary).
     #[arg(long, default_value_t = 8192)]
     draft_vocab: usize,
-    #[arg(long, value_enum, default_value_t = DraftDtype::Bf16)]
+    /// The drafter's matrices while serving.
+    #[arg(long, value_enum, default_value_t = DraftDtype::default())]
     draft_dtype: DraftDtype,
     /// Prompt length of each sequence (the drafter holds the last 64 positions of it).
     #[arg(long, default_value_t = 96)]
@@ -73,7 +74,7 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
     for &batch in &a.batch {
         let draft_vocab = (a.draft_vocab > 0).then_some(a.draft_vocab);
         let mut drafter =
-            EagleDrafter::fresh(model, draft_vocab, WarmStart::Full, 0)?.with_serving_dtype(a.draft_dtype.dtype())?;
+            EagleDrafter::fresh(model, draft_vocab, WarmStart::Full, 0)?.with_serving(a.draft_dtype.serve_as())?;
         let capacity = a.prompt_tokens + a.steps + a.k + 8;
         drafter.prepare(batch, capacity)?;
         let mut cache = KvCache::new(&model.config, batch, capacity, model.device())?;

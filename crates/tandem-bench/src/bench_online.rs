@@ -87,8 +87,8 @@ pub struct OnlineBenchArgs {
     /// Shortest match prompt lookup uses in `+lookup` configurations.
     #[arg(long, default_value_t = 2)]
     lookup_min: usize,
-    /// The drafter's projections while serving (f32 or bf16; the trainer keeps f32).
-    #[arg(long, value_enum, default_value_t = tandem_cli::spec_arg::DraftDtype::Bf16)]
+    /// The drafter's matrices while serving (the trainer keeps f32).
+    #[arg(long, value_enum, default_value_t = tandem_cli::spec_arg::DraftDtype::default())]
     draft_dtype: tandem_cli::spec_arg::DraftDtype,
     /// Also time llama.cpp's plain decode on the first prompts of each domain (same file, same tokens).
     #[arg(long)]
@@ -322,9 +322,9 @@ fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Re
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let dtype = args.draft_dtype.dtype();
+    let dtype = args.draft_dtype.serve_as();
     Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?
-        .with_serving_dtype(dtype)?)
+        .with_serving(dtype)?)
 }
 
 fn run_config(
@@ -339,9 +339,9 @@ fn run_config(
     let stop = loaded.stop_token_ids.clone();
     let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };
     let online = &args.online;
-    let dtype = args.draft_dtype.dtype();
+    let dtype = args.draft_dtype.serve_as();
     let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
-        Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving_dtype(dtype)?)
+        Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving(dtype)?)
     };
     // `CONFIG+chain`: without runners-up; `CONFIG+lookup`: prompt lookup tried first.
     let (name_base, chain_only) = match name.strip_suffix("+chain") {

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tandem_engine::EngineConfig;
 use tandem_models::{LoadOptions, LoadedModel};
-use tandem_runtime::speculative::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, WarmStart};
+use tandem_runtime::speculative::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, ServeAs, WarmStart};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SpecArgs {
@@ -36,9 +36,10 @@ pub struct SpecArgs {
     /// is the default (docs/speculative-decoding.md, "Online speculator training").
     #[arg(long, default_value = "full")]
     pub warm_start: WarmStart,
-    /// Type of the EAGLE drafter's projections while serving: `bf16` reads half the bytes per
-    /// draft token (drafts never change outputs; the trainer keeps f32).
-    #[arg(long, value_enum, default_value_t = DraftDtype::Bf16)]
+    /// Type of the EAGLE drafter's matrices while serving: `q8_0` reads a quarter of f32's bytes
+    /// per draft token and `bf16` half (drafts never change outputs; the trainer keeps f32).
+    /// Measured by `tandem bench draft` (docs/speculative-decoding.md).
+    #[arg(long, value_enum, default_value_t = DraftDtype::default())]
     pub draft_dtype: DraftDtype,
     /// Start the EAGLE drafter from this saved drafter (same as `--spec eagle:DIR`).
     #[arg(long)]
@@ -70,7 +71,7 @@ pub fn build_eagle(args: &SpecArgs, target: &LoadedModel) -> Result<EagleDrafter
         }
         None => EagleDrafter::fresh(&target.model, args.draft_vocab(), args.warm_start, 0)?,
     };
-    Ok(drafter.with_serving_dtype(args.draft_dtype.dtype())?.with_lookup(lookup(args.spec_lookup)))
+    Ok(drafter.with_serving(args.draft_dtype.serve_as())?.with_lookup(lookup(args.spec_lookup)))
 }
 
 /// Prompt lookup for matches of `min` to 4 tokens (or longer if `min` is), none for 0.
@@ -78,19 +79,24 @@ pub fn lookup(min: usize) -> Option<NgramDrafter> {
     (min > 0).then(|| NgramDrafter { max_ngram: min.max(4), min_ngram: min })
 }
 
-/// `bf16` or (anything else) f32.
-/// The EAGLE drafter's projection type while serving.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// The EAGLE drafter's matrix type while serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DraftDtype {
     F32,
     Bf16,
+    /// GGUF Q8_0 blocks through the quantized kernels: on SmolLM2 Q4_1 a draft token costs about
+    /// 8-13% of a target decode step against bf16's 13-17%, with the same agreement in tests.
+    #[default]
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 impl DraftDtype {
-    pub fn dtype(self) -> candle_core::DType {
+    pub fn serve_as(self) -> ServeAs {
         match self {
-            DraftDtype::Bf16 => candle_core::DType::BF16,
-            DraftDtype::F32 => candle_core::DType::F32,
+            DraftDtype::F32 => ServeAs::F32,
+            DraftDtype::Bf16 => ServeAs::Bf16,
+            DraftDtype::Q8_0 => ServeAs::Q8_0,
         }
     }
 }

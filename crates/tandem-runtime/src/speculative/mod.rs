@@ -12,7 +12,7 @@ mod oracle;
 mod verify;
 
 pub use draft_model::DraftModelDrafter;
-pub use eagle::{EagleConfig, EagleDrafter, EagleWeights, WarmStart};
+pub use eagle::{EagleConfig, EagleDrafter, EagleWeights, ServeAs, WarmStart};
 pub use ngram::NgramDrafter;
 pub use oracle::OracleDrafter;
 pub use verify::{verify, Verified};

@@ -5,12 +5,41 @@
 //! on the CPU and fall back to candle primitives elsewhere.
 use super::weights::{EagleConfig, EagleTensors};
 use candle_core::Tensor;
+use tandem_models::linear::Linear;
 use tandem_models::ops::{self, RopeTables};
-use tandem_models::{OpsPath, Result};
+use tandem_models::{ModelError, OpsPath, Result};
+
+/// A weight as the layer reads it: a matrix multiplies its input, a norm's vector scales it.
+/// Training reads plain tensors (differentiable); serving reads projections, which may be
+/// block-quantized.
+pub trait LayerWeight {
+    /// x [m, in] times the matrix transposed -> [m, out].
+    fn project(&self, x: &Tensor, path: OpsPath) -> Result<Tensor>;
+    /// The vector of a norm.
+    fn vector(&self) -> Result<&Tensor>;
+}
+
+impl LayerWeight for Tensor {
+    fn project(&self, x: &Tensor, path: OpsPath) -> Result<Tensor> {
+        Ok(ops::matmul_xwt(x, self, path)?)
+    }
+    fn vector(&self) -> Result<&Tensor> {
+        Ok(self)
+    }
+}
+
+impl LayerWeight for Linear {
+    fn project(&self, x: &Tensor, path: OpsPath) -> Result<Tensor> {
+        Ok(self.forward(x, path)?)
+    }
+    fn vector(&self) -> Result<&Tensor> {
+        self.dense_weight().ok_or_else(|| ModelError::Drafter("a norm of the drafter is not a dense vector".into()))
+    }
+}
 
 /// The layer's weights with what its forward needs beside them.
-pub struct EagleLayer<'a> {
-    pub w: &'a EagleTensors<Tensor>,
+pub struct EagleLayer<'a, W: LayerWeight> {
+    pub w: &'a EagleTensors<W>,
     pub config: &'a EagleConfig,
     pub rope: &'a RopeTables,
     pub path: OpsPath,
@@ -21,13 +50,13 @@ pub fn rope_tables(c: &EagleConfig, positions: usize, device: &candle_core::Devi
     Ok(RopeTables::new(c.head_dim, c.rope_theta, positions, false, device)?)
 }
 
-impl EagleLayer<'_> {
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(ops::matmul_xwt(x, w, self.path)?)
+impl<W: LayerWeight> EagleLayer<'_, W> {
+    fn linear(&self, x: &Tensor, w: &W) -> Result<Tensor> {
+        w.project(x, self.path)
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(ops::rms_norm(x, w, self.config.rms_norm_eps, self.path)?)
+    fn rms_norm(&self, x: &Tensor, w: &W) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, w.vector()?, self.config.rms_norm_eps, self.path)?)
     }
 
     /// `fc` over the target's concatenated hidden states: [t, layers × h] -> [t, h].

@@ -16,16 +16,51 @@
 pub mod layer;
 pub mod weights;
 
-pub use layer::EagleLayer;
+pub use layer::{EagleLayer, LayerWeight};
 pub use weights::{EagleConfig, EagleTensors, EagleWeights, WarmStart, HEAD_NAMES, TENSOR_NAMES};
 
 use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
 use crate::sampling::Sampler;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 use std::sync::Arc;
+use tandem_models::linear::Linear;
 use tandem_models::ops::{self, RopeTables, TokenSlot};
 use tandem_models::{Model, OpsPath, Result};
+
+/// How the drafter's matrices are held while serving (norms stay f32, and the trainer keeps f32
+/// weights). Drafts never change outputs, so a narrower type only trades a little agreement for
+/// fewer bytes read per draft token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeAs {
+    F32,
+    Bf16,
+    /// GGUF's Q8_0 blocks (8.5 bits a value) through the quantized kernels, where a matrix's
+    /// rows are whole blocks (else bf16).
+    Q8_0,
+}
+
+impl ServeAs {
+    /// `t` as a served weight: norms (vectors) dense f32, matrices as `self` says.
+    fn serve(self, t: &Tensor) -> Result<Linear> {
+        let t = t.to_dtype(DType::F32)?;
+        if t.rank() != 2 {
+            return Ok(Linear::dense(t, None));
+        }
+        let blocks = t.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size()) && t.device().is_cpu();
+        Ok(match self {
+            ServeAs::F32 => Linear::dense(t, None),
+            ServeAs::Q8_0 if blocks => {
+                // A fresh copy: candle's quantizer reads the storage from its start, and a
+                // matrix taken from a fused one (a warm start's up_proj) begins past it.
+                let rows = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.shape(), t.device())?;
+                Linear::quantized(QTensor::quantize(&rows, GgmlDType::Q8_0)?, None)?
+            }
+            ServeAs::Bf16 | ServeAs::Q8_0 => Linear::dense(t.to_dtype(DType::BF16)?, None),
+        })
+    }
+}
 
 /// Positions of its own past the drafter attends to. Its trainer sees windows of at most 64
 /// positions, so a longer context is one it was never trained on; and catching up a whole prompt
@@ -72,7 +107,10 @@ struct Drafting {
 
 pub struct EagleDrafter {
     pub config: EagleConfig,
+    /// The weights as given (f32): what the trainer publishes and a rollback returns to.
     weights: Arc<EagleWeights>,
+    /// The same, as drafting reads them (see [`ServeAs`]).
+    served: EagleTensors<Linear>,
     device: Device,
     path: OpsPath,
     slots: Vec<SlotState>,
@@ -80,9 +118,7 @@ pub struct EagleDrafter {
     rope: Option<RopeTables>,
     /// Seconds and positions of catching up since the last `take_catch_up`.
     caught_up: (f64, usize),
-    /// The projections' type while serving (norms stay f32). Drafts never change outputs, so a
-    /// bf16 drafter only trades a little agreement for half the bytes read per draft token.
-    serve_dtype: DType,
+    serve_as: ServeAs,
     /// Prompt lookup tried before the learned drafter (see `with_lookup`).
     lookup: Option<NgramDrafter>,
 }
@@ -92,16 +128,18 @@ impl EagleDrafter {
         weights.check_shapes(&config)?;
         let tensors =
             weights.tensors.try_map(|_, t| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(device)?) })?;
+        let served = tensors.try_map(|_, t| ServeAs::F32.serve(t))?;
         Ok(EagleDrafter {
             config,
             weights: Arc::new(EagleWeights { tensors, d2t: weights.d2t }),
+            served,
             device: device.clone(),
             path: OpsPath::for_device(device),
             slots: Vec::new(),
             cache: None,
             rope: None,
             caught_up: (0.0, 0),
-            serve_dtype: DType::F32,
+            serve_as: ServeAs::F32,
             lookup: None,
         })
     }
@@ -115,24 +153,12 @@ impl EagleDrafter {
         self
     }
 
-    /// Serves the projections in `dtype` (f32 or bf16), now and for every later update.
-    pub fn with_serving_dtype(mut self, dtype: DType) -> Result<Self> {
-        self.serve_dtype = dtype;
+    /// Serves the matrices as `serve_as` says, now and for every later update.
+    pub fn with_serving(mut self, serve_as: ServeAs) -> Result<Self> {
+        self.serve_as = serve_as;
         let w = self.weights.clone();
         self.set_weights(w)?;
         Ok(self)
-    }
-
-    /// `w` with its matrices in the serving type (norms, and `w` itself if nothing changes, kept).
-    fn for_serving(&self, w: Arc<EagleWeights>) -> Result<Arc<EagleWeights>> {
-        let serve = |t: &Tensor| t.rank() == 2 && t.dtype() != self.serve_dtype;
-        if !w.tensors.named().any(|(_, t)| serve(t)) {
-            return Ok(w);
-        }
-        let tensors = w.tensors.try_map(|_, t| -> Result<Tensor> {
-            Ok(if serve(t) { t.to_dtype(self.serve_dtype)? } else { t.clone() })
-        })?;
-        Ok(Arc::new(EagleWeights { tensors, d2t: w.d2t.clone() }))
     }
 
     /// A freshly initialised drafter for `target`.
@@ -168,7 +194,8 @@ impl EagleDrafter {
     /// weights, so they are rebuilt from the kept target features.
     pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
         weights.check_shapes(&self.config)?;
-        self.weights = self.for_serving(weights)?;
+        self.served = weights.tensors.try_map(|_, t| self.serve_as.serve(t))?;
+        self.weights = weights;
         for s in &mut self.slots {
             (s.kv_start, s.held) = (0, 0);
         }
@@ -208,7 +235,7 @@ impl EagleDrafter {
     fn forward_rows(&self, x: &Tensor, embeds: &Tensor, rows: &[Row]) -> Result<Tensor> {
         let cache = self.cache.as_ref().expect("allocated before drafting");
         let rope = self.rope.as_ref().expect("built before drafting");
-        let layer = EagleLayer { w: &self.weights.tensors, config: &self.config, rope, path: self.path };
+        let layer = EagleLayer { w: &self.served, config: &self.config, rope, path: self.path };
         let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
         let slots: Vec<TokenSlot> = rows.iter().map(|r| TokenSlot::causal(r.slot, r.cache_row)).collect();
         let normed = layer.normed_embeds(embeds)?;
@@ -267,7 +294,7 @@ impl EagleDrafter {
         }
         let x = Tensor::from_vec(feats, (rows.len(), fs), &self.device)?;
         let layer = EagleLayer {
-            w: &self.weights.tensors,
+            w: &self.served,
             config: &self.config,
             rope: self.rope.as_ref().expect("built before drafting"),
             path: self.path,
@@ -285,7 +312,7 @@ impl EagleDrafter {
     /// Draft-vocabulary logits of each row of `hidden`, one vector per row.
     fn logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
         let rope = self.rope.as_ref().expect("built before drafting");
-        let layer = EagleLayer { w: &self.weights.tensors, config: &self.config, rope, path: self.path };
+        let layer = EagleLayer { w: &self.served, config: &self.config, rope, path: self.path };
         Ok(layer.logits(hidden)?.to_vec2::<f32>()?)
     }
 
