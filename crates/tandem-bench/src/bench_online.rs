@@ -323,8 +323,7 @@ fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Re
     }
     bar.finish_and_clear();
     let dtype = args.draft_dtype.serve_as();
-    Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?
-        .with_serving(dtype)?)
+    Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?.with_serving(dtype)?)
 }
 
 fn run_config(

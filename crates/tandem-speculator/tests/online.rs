@@ -134,6 +134,60 @@ fn trained(steps: usize) -> (EagleWeights, f64, f64) {
     (trainer.weights().unwrap(), before.loss, after.loss)
 }
 
+/// One draft step serves every sequence at once: drafting for three sequences together (catch-up
+/// rows and each further token batched, fed one committed position per step as serving does, the
+/// oldest keys dropped past DRAFT_CONTEXT) proposes exactly what three drafters, each drafting for
+/// one of them alone, propose.
+#[test]
+fn batched_drafts_equal_drafts_made_alone() {
+    use tandem_runtime::speculative::{DraftRequest, Drafter};
+    let target = model();
+    let fresh = || EagleDrafter::fresh(&target, None, WarmStart::Full, 11).unwrap().with_serving(ServeAs::F32).unwrap();
+    let h = hooks(1 << 30, fixed_k());
+    let (mut engine, handle) = engine_with(fresh(), &h, EngineConfig::default());
+    serve(&mut engine, &handle, &[request(5, 100), request(6, 90), request(7, 110)]);
+    let traces = h.traces.drain();
+    assert_eq!(traces.len(), 3);
+    let n = traces.iter().map(|t| t.positions().min(t.tokens.len() - 1)).min().unwrap();
+    assert!(n > DRAFT_CONTEXT + 8, "traces of {n} positions should be longer than the drafter's context");
+    let rows = |trace: &tandem_engine::online::Trace, t: usize| {
+        let fs = trace.feature_size;
+        let x =
+            candle_core::Tensor::from_slice(&trace.features[t * fs..(t + 1) * fs], (1, fs), target.device()).unwrap();
+        (0..3).map(|l| x.narrow(1, l * fs / 3, fs / 3).unwrap()).collect::<Vec<_>>()
+    };
+    let mut together = fresh();
+    together.prepare(3, 512).unwrap();
+    let mut alone: Vec<EagleDrafter> = (0..3).map(|_| fresh()).collect();
+    for d in &mut alone {
+        d.prepare(1, 512).unwrap();
+    }
+    let sampling = SamplingParams::default();
+    for t in 0..n {
+        let mut asks = Vec::new();
+        for (slot, trace) in traces.iter().enumerate() {
+            together.observe(slot, t, &rows(trace, t)).unwrap();
+            alone[slot].observe(0, t, &rows(trace, t)).unwrap();
+            // Different lengths per sequence, and one that skips a step now and then.
+            let k = [1, 3, 4][slot] * usize::from(slot != 2 || t % 5 != 0);
+            asks.push(DraftRequest {
+                slot,
+                tokens: &trace.tokens[..t + 2],
+                k,
+                copy_k: 0,
+                alternatives: 0,
+                sampling: &sampling,
+            });
+        }
+        let batched = together.propose(&target, &asks).unwrap();
+        for (slot, ask) in asks.iter().enumerate() {
+            let solo = alone[slot].propose(&target, &[DraftRequest { slot: 0, ..ask.clone() }]).unwrap();
+            assert_eq!(batched[slot].tokens, solo[0].tokens, "position {t}, sequence {slot}");
+            assert_eq!(batched[slot].tokens.len(), ask.k);
+        }
+    }
+}
+
 /// The trainer's forward is the drafter's: its first-step prediction at every position of a
 /// recorded sequence is the token the serving drafter proposes there.
 #[test]
