@@ -9,6 +9,8 @@
 //!   head frozen); `warm-head`: from the unembedding alone (head frozen);
 //! - `offline`: a drafter trained offline (the same trainer) on the traces the `warm` run recorded
 //!   of this same stream, then frozen;
+//! - `day0`: a drafter made before any traffic (`--day0-drafter DIR`, e.g. by self-distillation),
+//!   then trained online as `warm` is;
 //! - `cold`: the warm-started drafter frozen, never trained (what a useless drafter costs once the
 //!   draft length controller has its say);
 //! - `CONFIG+lookup` (e.g. `warm+lookup`): that EAGLE configuration with prompt lookup tried first
@@ -38,7 +40,7 @@ use tandem_engine::online::{DrafterExchange, KStat, OnlineConfig, OnlineHooks, T
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadOptions, LoadedModel};
 use tandem_runtime::speculative::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
-use tandem_runtime::{ChatTemplate, Message, SamplingParams};
+use tandem_runtime::SamplingParams;
 use tandem_speculator::traces_io::load_dir;
 use tandem_speculator::TracePool;
 
@@ -79,6 +81,10 @@ pub struct OnlineBenchArgs {
     /// Requests per reported window.
     #[arg(long, default_value_t = 50)]
     window: usize,
+    /// The drafter the `day0` configuration starts from (made before any traffic, e.g. by
+    /// `tandem train-drafter --self-distill N --out DIR`); it is then trained online as `warm` is.
+    #[arg(long)]
+    day0_drafter: Option<std::path::PathBuf>,
     /// Optimizer steps for the `offline` drafter.
     #[arg(long, default_value_t = 600)]
     offline_steps: u64,
@@ -169,19 +175,6 @@ struct RunOutput {
     wall: f64,
     samples: Samples,
     summary: Summary,
-}
-
-fn tokenize(loaded: &LoadedModel, prompts: &[Prompt]) -> Result<Vec<Vec<u32>>> {
-    let template =
-        ChatTemplate::new(loaded.chat_template.as_deref(), loaded.bos_token.as_deref(), loaded.eos_token.as_deref())
-            .map_err(anyhow::Error::msg)?;
-    prompts
-        .iter()
-        .map(|p| {
-            let text = template.render(&[Message::new("user", &p.text)], true).map_err(anyhow::Error::msg)?;
-            Ok(loaded.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec())
-        })
-        .collect()
 }
 
 /// Requests served, chosen k and drafter version, sampled as requests finish.
@@ -334,7 +327,7 @@ fn run_config(
     trace_dir: &Path,
 ) -> Result<RunOutput> {
     let loaded = load_model(path, &args.dtype.load_options(Device::Cpu))?;
-    let ids = tokenize(&loaded, prompts)?;
+    let ids = workload::chat_ids(&loaded, prompts)?;
     let stop = loaded.stop_token_ids.clone();
     let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };
     let online = &args.online;
@@ -358,6 +351,10 @@ fn run_config(
         "warm" | "cold" => (None, Some(eagle(WarmStart::Full)?), true),
         "warm-head" => (None, Some(eagle(WarmStart::Head)?), true),
         "offline" => (None, Some(train_offline(&loaded, trace_dir, args)?), true),
+        "day0" => {
+            let dir = args.day0_drafter.as_ref().context("the day0 configuration needs --day0-drafter DIR")?;
+            (None, Some(EagleDrafter::load(dir, &loaded.model)?.with_serving(dtype)?), true)
+        }
         other => bail!("unknown configuration `{other}`"),
     };
     let spec = drafter.is_some() || trained.is_some();
@@ -513,7 +510,7 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     }
     ensure!(args.domains.len() == 3, "--domains takes three counts: code,math,chat");
     let path = models::resolve(args.model.as_deref())?;
-    let prompts = workload::stream(args.domains[0], args.domains[1], args.domains[2], 7)?;
+    let prompts = workload::stream(args.domains[0], args.domains[1], args.domains[2], workload::STREAM_SEED)?;
     let keep_traces = args.online.trace_dir.is_some();
     let trace_dir = args
         .online
@@ -698,7 +695,7 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
 /// llama.cpp plain decode tok/s (batch 1) over the first 4 prompts of each domain.
 fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f64> {
     let loaded = load_model(path, &LoadOptions::default())?;
-    let ids = tokenize(&loaded, prompts)?;
+    let ids = workload::chat_ids(&loaded, prompts)?;
     let shifts = [0, args.domains[0], args.domains[0] + args.domains[1]];
     let names: Vec<String> =
         ["code", "math", "chat"].iter().flat_map(|d| (0..4).map(move |j| format!("{d}{j}"))).collect();

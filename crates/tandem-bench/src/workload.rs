@@ -35,6 +35,11 @@ fn functions(dir: &Path) -> Vec<String> {
         })
         .unwrap_or_default();
     files.sort();
+    functions_in(&files)
+}
+
+/// Top-level functions of 6 to 40 lines from `files`.
+fn functions_in(files: &[PathBuf]) -> Vec<String> {
     let mut out = Vec::new();
     for f in files {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
@@ -102,12 +107,17 @@ fn code_prompts(rng: &mut StdRng, n: usize) -> Result<Vec<Prompt>> {
     let Some(dir) = stdlib_dir() else {
         bail!("no Python standard library found (python3 is needed for the code prompts)")
     };
-    let mut funcs = functions(&dir);
+    let funcs = functions(&dir);
     if funcs.len() < 20 {
         bail!("only {} functions found in {}", funcs.len(), dir.display());
     }
+    Ok(code_prompts_from(funcs, rng, n))
+}
+
+/// `n` prompts to complete or explain one of `funcs` (shuffled).
+fn code_prompts_from(mut funcs: Vec<String>, rng: &mut StdRng, n: usize) -> Vec<Prompt> {
     funcs.shuffle(rng);
-    Ok((0..n)
+    (0..n)
         .map(|i| {
             let f = &funcs[i % funcs.len()];
             let text = if i % 2 == 0 {
@@ -119,7 +129,7 @@ fn code_prompts(rng: &mut StdRng, n: usize) -> Result<Vec<Prompt>> {
             };
             Prompt { domain: "code", text }
         })
-        .collect())
+        .collect()
 }
 
 fn math_prompts(rng: &mut StdRng, n: usize) -> Vec<Prompt> {
@@ -196,6 +206,27 @@ fn chat_prompts(rng: &mut StdRng, n: usize) -> Vec<Prompt> {
         .collect()
 }
 
+/// Prompts for a drafter to learn its target from before serving (`tandem train-drafter
+/// --self-distill`): the three domains in the benchmark's proportions, shuffled, code from the
+/// standard library's packages (disjoint from the benchmark's code prompts), math and chat drawn
+/// with their own seed.
+pub fn distill_prompts(n: usize, seed: u64) -> Result<Vec<Prompt>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let funcs = functions_in(&stdlib_package_files()?);
+    if funcs.len() < 20 {
+        bail!("only {} functions found in the standard library's packages", funcs.len());
+    }
+    let (code, math) = (n / 2, n / 4);
+    let mut out = code_prompts_from(funcs, &mut rng, code);
+    out.extend(math_prompts(&mut rng, math));
+    out.extend(chat_prompts(&mut rng, n - code - math));
+    out.shuffle(&mut rng);
+    Ok(out)
+}
+
+/// The benchmark's stream seed (`tandem bench online`).
+pub const STREAM_SEED: u64 = 7;
+
 /// `code` code prompts, then `math`, then `chat` (the domain shifts of the benchmark).
 pub fn stream(code: usize, math: usize, chat: usize, seed: u64) -> Result<Vec<Prompt>> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -203,4 +234,19 @@ pub fn stream(code: usize, math: usize, chat: usize, seed: u64) -> Result<Vec<Pr
     out.extend(math_prompts(&mut rng, math));
     out.extend(chat_prompts(&mut rng, chat));
     Ok(out)
+}
+
+/// Each prompt as the user's message in the model's chat template, tokenized.
+pub fn chat_ids(loaded: &tandem_models::LoadedModel, prompts: &[Prompt]) -> Result<Vec<Vec<u32>>> {
+    use tandem_runtime::{ChatTemplate, Message};
+    let template =
+        ChatTemplate::new(loaded.chat_template.as_deref(), loaded.bos_token.as_deref(), loaded.eos_token.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    prompts
+        .iter()
+        .map(|p| {
+            let text = template.render(&[Message::new("user", &p.text)], true).map_err(anyhow::Error::msg)?;
+            Ok(loaded.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec())
+        })
+        .collect()
 }

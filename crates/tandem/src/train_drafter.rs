@@ -1,7 +1,8 @@
 //! `tandem train-drafter`: trains an EAGLE drafter offline, with the online trainer's code, from
 //! traces a server recorded (`tandem serve --spec eagle --spec-train online --trace-dir DIR`)
 //! and/or from text the target reads first (`--corpus`), which labels every position with the
-//! target's own distribution.
+//! target's own distribution, and/or from the target's own answers to prompts made offline
+//! (`--self-distill`: self-distillation, what a day-0 drafter is trained on).
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -10,14 +11,28 @@ use tandem_cli::online_arg::TrainArgs;
 use tandem_cli::spec_arg::{self, SpecArgs};
 use tandem_cli::{load_model, models};
 use tandem_models::LoadOptions;
+use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::traces_io::{load_trace, trace_files};
 use tandem_speculator::{distill, Batch, TracePool, Trainer};
 
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
     /// Folder of recorded traces (`trace-*.safetensors`).
-    #[arg(long, required_unless_present = "corpus")]
+    #[arg(long, required_unless_present_any = ["corpus", "self_distill"])]
     traces: Option<PathBuf>,
+    /// Prompts (code, math and chat, made offline: `workload::distill_prompts`) the target answers
+    /// greedily; prompt and answer are then read back as a trace, every position labelled with the
+    /// target's own distribution: self-distillation.
+    #[arg(long, default_value_t = 0)]
+    self_distill: usize,
+    /// Most tokens of each answer.
+    #[arg(long, default_value_t = 128)]
+    answer_tokens: usize,
+    /// Held-out served traffic: the first N prompts of `tandem bench online`'s stream, answered by
+    /// the target; the drafter's agreement with the target on the answers is reported as it trains,
+    /// beside a random drafter's.
+    #[arg(long, default_value_t = 0)]
+    eval_served: usize,
     /// Text the target reads first, every position labelled with its own distribution: files,
     /// folders (their .py, .rs, .md and .txt files, recursively), or `python-stdlib` (the Python
     /// standard library's packages; `bench online`'s code prompts come from its other files).
@@ -72,6 +87,13 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         }
         eprintln!("corpus: {} chunks, {} positions", chunks.len(), pool.positions());
     }
+    if args.self_distill > 0 {
+        let prompts = tandem_bench::workload::distill_prompts(args.self_distill, tc.seed)?;
+        for t in answered_traces(&loaded, &drafter.config.target_layers, &prompts, args.answer_tokens)? {
+            pool.add(t);
+        }
+        eprintln!("self-distillation: {} answers, {} positions in the pool", args.self_distill, pool.positions());
+    }
     let files = match &args.traces {
         Some(dir) => trace_files(dir)?,
         None => Vec::new(),
@@ -95,6 +117,11 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         } else {
             pool.add(t);
         }
+    }
+    if args.eval_served > 0 {
+        let stream = tandem_bench::workload::stream(30, 15, 15, tandem_bench::workload::STREAM_SEED)?;
+        let served: Vec<_> = stream.into_iter().step_by(60 / args.eval_served.clamp(1, 60)).collect();
+        held.extend(answered_traces(&loaded, &drafter.config.target_layers, &served, args.answer_tokens)?);
     }
     eprintln!("{} traces, {} positions ({} held out)", pool.len(), pool.positions(), held.len());
     let mut trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
@@ -128,6 +155,9 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         ))
     };
     if !held.is_empty() {
+        let random = EagleDrafter::random(&loaded.model, Some(trainer.config.draft_vocab_size), tc.seed)?;
+        let random = args.train.trainer(&random, &loaded.model, WarmStart::None)?;
+        eprintln!("a random drafter: {}", evaluate(&random)?);
         eprintln!("step 0: {}", evaluate(&trainer)?);
     }
     let every = args.report_every.max(1);
@@ -217,4 +247,62 @@ fn corpus_chunks(
         }
     }
     Ok(out)
+}
+
+/// Traces of the target answering `prompts` greedily (at most `max_tokens` each), served by the
+/// engine 16 at a time: prompt and answer read back by the target, the answer's positions marked
+/// as output (`prompt_len`), every position labelled with the target's own distribution.
+fn answered_traces(
+    loaded: &tandem_models::LoadedModel,
+    target_layers: &[usize],
+    prompts: &[tandem_bench::workload::Prompt],
+    max_tokens: usize,
+) -> Result<Vec<tandem_engine::online::Trace>> {
+    use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
+    let ids = tandem_bench::workload::chat_ids(loaded, prompts)?;
+    let config = EngineConfig { max_batch: 16, max_waiting: ids.len().max(1), ..Default::default() };
+    let (engine, handle) = Engine::new(loaded.model.clone(), config, Box::new(Fcfs::default()))?;
+    let thread = engine.spawn();
+    let bar = ProgressBar::new(ids.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} prompts answered by the target [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    let receivers = ids
+        .iter()
+        .map(|prompt| {
+            let request = GenerationRequest {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling: tandem_runtime::SamplingParams { temperature: 0.0, ..Default::default() },
+                stop_token_ids: loaded.stop_token_ids.clone(),
+                client: None,
+                agent: None,
+                weights: None,
+            };
+            handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prompt_lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mut chunks = Vec::with_capacity(ids.len());
+    for (prompt, mut rx) in ids.into_iter().zip(receivers) {
+        let mut seq = prompt;
+        loop {
+            match rx.blocking_recv().context("the engine stopped")? {
+                Event::Token(t) => seq.push(t.id),
+                Event::Finished { .. } => break,
+                Event::Failed(m) => bail!("a self-distillation prompt failed: {m}"),
+            }
+        }
+        chunks.push(seq);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    handle.shutdown();
+    let _ = thread.join();
+    let mut traces = distill::text_traces(&loaded.model, target_layers, &chunks, 4, |_| {})?;
+    for (t, len) in traces.iter_mut().zip(prompt_lens) {
+        t.prompt_len = len;
+    }
+    Ok(traces)
 }
