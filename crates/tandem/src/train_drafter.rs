@@ -9,8 +9,7 @@ use rand::SeedableRng;
 use std::path::PathBuf;
 use tandem_cli::online_arg::TrainArgs;
 use tandem_cli::spec_arg::{self, SpecArgs};
-use tandem_cli::{load_model, models};
-use tandem_models::LoadOptions;
+use tandem_cli::{load_model, models, DtypeArg};
 use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::traces_io::{load_trace, trace_files};
 use tandem_speculator::{distill, Batch, TracePool, Trainer};
@@ -47,6 +46,10 @@ pub struct TrainDrafterArgs {
     /// The target model the traces came from (default: smollm2).
     #[arg(long)]
     model: Option<String>,
+    /// How the target's weights are held: as serving will hold them (`auto`, GGUF blocks kept: the
+    /// drafter then learns the hidden states it will be served), or f32 / bf16.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
     /// Where to write the trained drafter (config.json + model.safetensors).
     #[arg(long, default_value = "tandem-drafter")]
     out: PathBuf,
@@ -68,7 +71,7 @@ pub struct TrainDrafterArgs {
 
 pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
-    let loaded = load_model(&path, &LoadOptions::default())?;
+    let loaded = load_model(&path, &args.dtype.load_options(tandem_models::Device::Cpu))?;
     let drafter = spec_arg::build_eagle(&args.spec, &loaded)?;
     let mut pool = TracePool::new(usize::MAX);
     let tc = args.train.train_config(args.spec.warm_start);
