@@ -169,18 +169,19 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
     for chunk in fill.chunks(256) {
         forward(model, &mut cache, chunk, LogitsFor::None)?;
     }
-    let mut k_secs = Vec::new();
-    for &k in &KS {
-        let toks = fake_tokens(k, vocab, k);
-        let mut times = Vec::new();
-        for _ in 0..a.reps.max(3) * 2 {
+    // Every k once per round, rounds repeated: a machine that slows down or speeds up over the
+    // measurement then shifts all k alike instead of skewing their ratios.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); KS.len()];
+    for _ in 0..a.reps.max(3) * 2 {
+        for (i, &k) in KS.iter().enumerate() {
+            let toks = fake_tokens(k, vocab, k);
             let t = Instant::now();
             forward(model, &mut cache, &toks, LogitsFor::All)?;
-            times.push(t.elapsed().as_secs_f64());
+            times[i].push(t.elapsed().as_secs_f64());
             cache.truncate(0, a.depth)?;
         }
-        k_secs.push((k, median(times)));
     }
+    let k_secs: Vec<(usize, f64)> = KS.iter().zip(times).map(|(&k, t)| (k, median(t))).collect();
     let base = k_secs[0].1;
     Ok(Row {
         model: name.to_string(),

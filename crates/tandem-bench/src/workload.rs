@@ -42,7 +42,7 @@ fn functions(dir: &Path) -> Vec<String> {
 fn functions_in(files: &[PathBuf]) -> Vec<String> {
     let mut out = Vec::new();
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
         let lines: Vec<&str> = text.lines().collect();
         let mut i = 0;
         while i < lines.len() {
