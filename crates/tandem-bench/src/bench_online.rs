@@ -502,7 +502,7 @@ fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
 
 pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     if args.reduced {
-        args.domains = vec![30, 15, 15];
+        args.domains = workload::REDUCED_DOMAINS.to_vec();
         if args.configs.join(",") == DEFAULT_CONFIGS {
             args.configs = vec!["none".into(), "ngram".into(), "warm+lookup".into()];
         }

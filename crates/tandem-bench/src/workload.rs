@@ -227,6 +227,9 @@ pub fn distill_prompts(n: usize, seed: u64) -> Result<Vec<Prompt>> {
 /// The benchmark's stream seed (`tandem bench online`).
 pub const STREAM_SEED: u64 = 7;
 
+/// Requests per domain (code, math, chat) of `tandem bench online --reduced`.
+pub const REDUCED_DOMAINS: [usize; 3] = [30, 15, 15];
+
 /// `code` code prompts, then `math`, then `chat` (the domain shifts of the benchmark).
 pub fn stream(code: usize, math: usize, chat: usize, seed: u64) -> Result<Vec<Prompt>> {
     let mut rng = StdRng::seed_from_u64(seed);

@@ -190,13 +190,7 @@ impl Trainer {
     /// The parameters as the forward pass reads them: frozen ones detached, so no gradient is formed.
     fn params(&self) -> EagleTensors<Tensor> {
         let frozen = |name| self.train.freeze_head && HEAD_NAMES.contains(&name);
-        let read = |name, v: &Var| -> std::result::Result<Tensor, std::convert::Infallible> {
-            Ok(if frozen(name) { v.as_tensor().detach() } else { v.as_tensor().clone() })
-        };
-        match self.vars.try_map(read) {
-            Ok(t) => t,
-            Err(never) => match never {},
-        }
+        self.vars.map(|name, v| if frozen(name) { v.as_tensor().detach() } else { v.as_tensor().clone() })
     }
 
     /// One optimizer step on `batch`.

@@ -27,7 +27,8 @@ pub struct TrainDrafterArgs {
     /// Most tokens of each answer.
     #[arg(long, default_value_t = 128)]
     answer_tokens: usize,
-    /// Held-out served traffic: the first N prompts of `tandem bench online`'s stream, answered by
+    /// Held-out served traffic: N prompts spread evenly over `tandem bench online --reduced`'s stream
+    /// (all three domains), answered by
     /// the target; the drafter's agreement with the target on the answers is reported as it trains,
     /// beside a random drafter's.
     #[arg(long, default_value_t = 0)]
@@ -122,8 +123,10 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         }
     }
     if args.eval_served > 0 {
-        let stream = tandem_bench::workload::stream(30, 15, 15, tandem_bench::workload::STREAM_SEED)?;
-        let served: Vec<_> = stream.into_iter().step_by(60 / args.eval_served.clamp(1, 60)).collect();
+        use tandem_bench::workload::{stream, REDUCED_DOMAINS, STREAM_SEED};
+        let [code, math, chat] = REDUCED_DOMAINS;
+        let all = stream(code, math, chat, STREAM_SEED)?;
+        let served: Vec<_> = all.iter().step_by(all.len() / args.eval_served.clamp(1, all.len())).cloned().collect();
         held.extend(answered_traces(&loaded, &drafter.config.target_layers, &served, args.answer_tokens)?);
     }
     eprintln!("{} traces, {} positions ({} held out)", pool.len(), pool.positions(), held.len());

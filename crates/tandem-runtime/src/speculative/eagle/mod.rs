@@ -230,12 +230,17 @@ impl EagleDrafter {
         Ok(())
     }
 
+    /// The served layer (rope tables built by `ensure_rope` before drafting).
+    fn layer(&self) -> EagleLayer<'_, Linear> {
+        let rope = self.rope.as_ref().expect("built before drafting");
+        EagleLayer { w: &self.served, config: &self.config, rope, path: self.path }
+    }
+
     /// The layer over `rows`: their keys and values go into the cache, and each attends to its
     /// slot's rows up to its own. `x`, `embeds`: [rows, h]. Returns the outputs [rows, h].
     fn forward_rows(&self, x: &Tensor, embeds: &Tensor, rows: &[Row]) -> Result<Tensor> {
         let cache = self.cache.as_ref().expect("allocated before drafting");
-        let rope = self.rope.as_ref().expect("built before drafting");
-        let layer = EagleLayer { w: &self.served, config: &self.config, rope, path: self.path };
+        let layer = self.layer();
         let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
         let slots: Vec<TokenSlot> = rows.iter().map(|r| TokenSlot::causal(r.slot, r.cache_row)).collect();
         let normed = layer.normed_embeds(embeds)?;
@@ -292,14 +297,7 @@ impl EagleDrafter {
             state.held += d.committed - from;
             last.push((rows.len() - 1) as u32);
         }
-        let x = Tensor::from_vec(feats, (rows.len(), fs), &self.device)?;
-        let layer = EagleLayer {
-            w: &self.served,
-            config: &self.config,
-            rope: self.rope.as_ref().expect("built before drafting"),
-            path: self.path,
-        };
-        let x = layer.features(&x)?;
+        let x = self.layer().features(&Tensor::from_vec(feats, (rows.len(), fs), &self.device)?)?;
         let out = self.forward_rows(&x, &target.embed(&ids)?, &rows)?;
         for d in drafting {
             self.trim(requests[d.request].slot)?;
@@ -311,9 +309,7 @@ impl EagleDrafter {
 
     /// Draft-vocabulary logits of each row of `hidden`, one vector per row.
     fn logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let rope = self.rope.as_ref().expect("built before drafting");
-        let layer = EagleLayer { w: &self.served, config: &self.config, rope, path: self.path };
-        Ok(layer.logits(hidden)?.to_vec2::<f32>()?)
+        Ok(self.layer().logits(hidden)?.to_vec2::<f32>()?)
     }
 
     /// Which requests the learned drafter drafts for (the others get a lookup copy or nothing).

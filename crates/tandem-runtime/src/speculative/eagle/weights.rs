@@ -166,6 +166,12 @@ impl<T> EagleTensors<T> {
     }
 
     /// A new set built field by field from each field's name and value.
+    pub fn map<U>(&self, mut f: impl FnMut(&'static str, &T) -> U) -> EagleTensors<U> {
+        let values = self.as_array();
+        EagleTensors::from_array(std::array::from_fn(|i| f(TENSOR_NAMES[i], values[i])))
+    }
+
+    /// As [`Self::map`], stopping at the first error.
     pub fn try_map<U, E>(
         &self,
         mut f: impl FnMut(&'static str, &T) -> std::result::Result<U, E>,
