@@ -94,6 +94,9 @@ unsafe fn kernel<const F: usize, const C: usize>(tile: *const u8, x: &QInput, fi
                     second = halves_at(tile.add(header + 2 * TILE + 16 * h));
                 }
             }
+            if h == 0 {
+                prefetch_ahead(f, tile.add(quants));
+            }
             let u = values(f, tile.add(quants), h);
             let (s0, s1, b) = match f {
                 QFormat::Q4K | QFormat::Q5K => {

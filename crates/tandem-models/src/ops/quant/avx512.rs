@@ -60,6 +60,7 @@ unsafe fn kernel<const F: usize, const C: usize>(tile: *const u8, x: &QInput, fi
                 second = halves_at(tile.add(header + 2 * TILE));
             }
         }
+        prefetch_ahead(f, tile.add(quants));
         let u = values(f, tile.add(quants));
         // Per row: the scale of each half and the offset (as `lane_params`).
         let (s0, s1, b) = match f {

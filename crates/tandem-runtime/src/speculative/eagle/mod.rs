@@ -407,17 +407,6 @@ impl EagleDrafter {
     }
 }
 
-/// One thread for drafting (None if it cannot be made: the caller's thread and the kernels' pool
-/// then draft). A draft step is ~15 small products; waking a pool's threads for each cost more than
-/// the products themselves.
-fn draft_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "tandem-drafter".into()).build().ok()
-    })
-    .as_ref()
-}
-
 /// The drafter's least probability for a runner-up of the first draft token to be verified.
 const ALTERNATIVE_MIN_PROB: f32 = 0.1;
 
@@ -464,14 +453,12 @@ impl Drafter for EagleDrafter {
         let mut drafts = vec![Draft::default(); requests.len()];
         let drafting = self.plan(requests, &mut drafts);
         if !drafting.is_empty() {
-            // Not on the compute team: its workers poll through a forward, and polling through
-            // drafts too left the drafter's trainer (which lives on idle cores) without a step in a
-            // busy server test. One thread drafts as fast as two here (`tandem bench draft`, batch
-            // 1-16: 6.7-13.5% of a target step against 8.2-14.7%) and leaves the other core idle.
-            match draft_pool() {
-                Some(pool) => pool.install(|| self.draft_batch(target, requests, drafting, &mut drafts))?,
-                None => self.draft_batch(target, requests, drafting, &mut drafts)?,
-            }
+            // On the compute team, as the target's forward is: a draft step is ~15 small
+            // products, and the team's awake workers split them for less than waking a pool's
+            // threads costs. A draft token costs 5-7% of a target step this way against 8-10% on
+            // one thread (`tandem bench draft`, batch 1 and 4, 2026-12-02). On a saturated server
+            // the trainer, which lives on idle cores, gets less of them: serving comes first.
+            tandem_models::ops::on_compute_threads(|| self.draft_batch(target, requests, drafting, &mut drafts))?;
         }
         Ok(drafts)
     }
