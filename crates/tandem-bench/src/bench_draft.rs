@@ -84,7 +84,7 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
         let layers = drafter.target_layers().to_vec();
         // The prompt, with the target's real hidden states for the drafter.
         for (slot, t) in tokens.iter().enumerate() {
-            let input = SequenceInput { slot, tokens: &t[..t.len() - 1], logits: LogitsFor::None, siblings: 0 };
+            let input = SequenceInput { slot, tokens: &t[..t.len() - 1], logits: LogitsFor::None, siblings: &[] };
             let out = model.forward(&[input], &mut cache, &layers)?;
             drafter.observe(slot, 0, &out.hidden)?;
         }
@@ -109,7 +109,7 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
                     slot,
                     tokens: &tokens[slot][tokens[slot].len() - 1..],
                     logits: LogitsFor::Last,
-                    siblings: 0,
+                    siblings: &[],
                 })
                 .collect();
             let t = Instant::now();

@@ -16,7 +16,7 @@
 //! - `CONFIG+lookup` (e.g. `warm+lookup`): that EAGLE configuration with prompt lookup tried first
 //!   (copied drafts where the sequence repeats itself, the drafter's elsewhere);
 //! - `CONFIG+chain` (e.g. `warm+lookup+chain`): that configuration verifying chains only, without
-//!   the first token's runners-up (`--spec-alternatives 0`);
+//!   the draft tree's siblings (`--spec-alternatives 0`);
 //! - `none+train`: no speculation while a trainer trains in the background at the configured CPU
 //!   share (what training costs serving).
 //!
@@ -75,7 +75,8 @@ pub struct OnlineBenchArgs {
     /// Most draft tokens per step.
     #[arg(long, default_value_t = 6)]
     spec_k: usize,
-    /// Runners-up of the first draft token verified beside each draft (`--spec-alternatives`).
+    /// Most runners-up of draft tokens verified beside each draft (`--spec-alternatives`: the draft
+    /// tree's node budget; the controller picks up to this many by measured tokens/s).
     #[arg(long, default_value_t = 2)]
     spec_alternatives: usize,
     /// Requests per reported window.
@@ -168,6 +169,9 @@ struct Summary {
     /// The engine's own figures per draft length at the end (learned drafts only; copied drafts'
     /// steps are not counted), weighted toward the last steps.
     k_table: Vec<KStat>,
+    /// The same per sibling budget of the draft tree (`KStat::k` is the budget), from steps that
+    /// drafted.
+    alternatives_table: Vec<KStat>,
 }
 
 struct RunOutput {
@@ -404,6 +408,7 @@ fn run_config(
     let ex = &hooks.exchange;
     summary.drafter_versions = ex.weights.published.load(Ordering::Relaxed);
     summary.k_table = ex.metrics.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    summary.alternatives_table = ex.metrics.alternatives_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
     summary.rollbacks = ex.weights.rollbacks.load(Ordering::Relaxed);
     summary.traces_dropped = hooks.traces.dropped();
     summary.drafted_tokens = spec_stats.drafted_tokens;
@@ -626,22 +631,10 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     // Per draft length: a decode step's tokens and time against k = 0's say whether acceptance or
     // the cost of drafting and verifying limits what speculation earns.
     for s in summaries.iter().filter(|s| !s.k_table.is_empty()) {
-        let base = s.k_table.iter().find(|r| r.k == 0).map(|r| r.step_secs);
         println!("\n{}: per draft length (end of run, recent steps weighted)", s.config);
-        println!("| k | steps | tokens/step | ms/step | x k=0 step time | tok/s |");
-        println!("|---|---|---|---|---|---|");
-        for r in &s.k_table {
-            let ratio = base.filter(|&b| b > 0.0).map_or("".into(), |b| format!("{:.2}", r.step_secs / b));
-            println!(
-                "| {} | {} | {:.2} | {:.1} | {} | {:.1} |",
-                r.k,
-                r.steps,
-                r.tokens_per_step,
-                r.step_secs * 1e3,
-                ratio,
-                r.tokens_per_sec
-            );
-        }
+        print_controller_table("k", &s.k_table);
+        println!("\n{}: per sibling budget of the draft tree (steps that drafted)", s.config);
+        print_controller_table("siblings", &s.alternatives_table);
     }
     let peer = if args.peer { Some(run_peer(&path, &prompts, &args)?) } else { None };
     if let Some(p) = &peer {
@@ -713,4 +706,23 @@ fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f
         (t + n, s + n / r.decode_tok_s.max(1e-9))
     });
     Ok(tokens / secs.max(1e-9))
+}
+
+/// One controller's figures per arm (draft length, or sibling budget), step time against arm 0's.
+fn print_controller_table(arm: &str, table: &[KStat]) {
+    let base = table.iter().find(|r| r.k == 0).map(|r| r.step_secs);
+    println!("| {arm} | steps | tokens/step | ms/step | x {arm}=0 step time | tok/s |");
+    println!("|---|---|---|---|---|---|");
+    for r in table {
+        let ratio = base.filter(|&b| b > 0.0).map_or("".into(), |b| format!("{:.2}", r.step_secs / b));
+        println!(
+            "| {} | {} | {:.2} | {:.1} | {} | {:.1} |",
+            r.k,
+            r.steps,
+            r.tokens_per_step,
+            r.step_secs * 1e3,
+            ratio,
+            r.tokens_per_sec
+        );
+    }
 }

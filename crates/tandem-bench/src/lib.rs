@@ -132,7 +132,7 @@ fn fake_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 fn forward(model: &Model, cache: &mut KvCache, tokens: &[u32], logits: LogitsFor) -> Result<()> {
-    model.forward(&[SequenceInput { slot: 0, tokens, logits, siblings: 0 }], cache, &[])?;
+    model.forward(&[SequenceInput { slot: 0, tokens, logits, siblings: &[] }], cache, &[])?;
     Ok(())
 }
 

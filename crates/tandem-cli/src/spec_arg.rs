@@ -21,8 +21,8 @@ pub struct SpecArgs {
     /// of its drafts are accepted, between 1 and --spec-k).
     #[arg(long)]
     pub spec_fixed_k: bool,
-    /// Greedy requests: also verify this many of the drafter's runners-up for the first draft
-    /// token in the same forward (a draft tree forked at the root; EAGLE drafters). 0: chains only.
+    /// Greedy requests: also verify up to this many of the drafter's runners-up, at any draft
+    /// position, in the same forward (a draft tree; EAGLE drafters). 0: chains only.
     #[arg(long, default_value_t = EngineConfig::default().spec_alternatives)]
     pub spec_alternatives: usize,
     /// Rows of a fresh EAGLE drafter's output layer: the first N token ids (BPE ids roughly follow

@@ -18,7 +18,8 @@ pub(crate) struct Committed {
     pub kept: usize,
     /// Draft tokens accepted.
     pub accepted: usize,
-    /// The sibling of the first draft token accepted in its place, if any.
+    /// The sibling (index in the draft's alternatives) accepted in place of the draft token it
+    /// stands beside, if any: then the last kept position.
     pub alternative: Option<usize>,
     /// Tokens emitted (0 for a prompt chunk that is not the last).
     pub emitted: usize,
@@ -27,8 +28,8 @@ pub(crate) struct Committed {
 impl Committed {
     /// Where kept position i's row is in the step's batch (an accepted sibling's is not next).
     pub fn row_of(&self, p: &Scheduled, i: usize) -> usize {
-        match (i, self.alternative) {
-            (1, Some(j)) => self.offset + 1 + p.draft.tokens.len() + j,
+        match self.alternative {
+            Some(j) if i == p.draft.alternatives[j].of + 1 => self.offset + 1 + p.draft.tokens.len() + j,
             _ => self.offset + i,
         }
     }
@@ -37,7 +38,7 @@ impl Committed {
 /// What the commit stage asks of the model runner (a fake in the scheduler's tests).
 pub(crate) trait CommitKv {
     /// Keeps `kept` of the `fed` positions from `start`; `sibling`: the batch row (relative to
-    /// the sequence's first) of an accepted sibling that moves into the first draft's place.
+    /// the sequence's first) of an accepted sibling that moves into the last kept place.
     fn keep(&mut self, slot: usize, start: usize, fed: usize, kept: usize, sibling: Option<usize>);
     /// Hands the drafter the hidden states of `n` kept positions from `start` (batch rows from
     /// `offset`).
@@ -76,7 +77,8 @@ pub(crate) fn commit(
             false => Committed { offset, kept: p.tokens.len(), accepted: 0, alternative: None, emitted: 0 },
             true => {
                 let (c, emitted) = sample_or_verify(&mut sched.running[p.index], p, &out.logits[rows.clone()], offset);
-                runner.keep(p.slot, p.start, p.tokens.len(), c.kept, c.alternative.map(|_| c.row_of(p, 1) - offset));
+                let sibling = c.alternative.map(|_| c.row_of(p, c.kept - 1) - offset);
+                runner.keep(p.slot, p.start, p.tokens.len(), c.kept, sibling);
                 let s = &mut sched.running[p.index];
                 if p.decode && spec_on {
                     adapt_draft_lengths(s, p, c.accepted, config);
@@ -180,8 +182,9 @@ fn emit(
 fn observe_committed(runner: &mut dyn CommitKv, p: &Scheduled, c: &Committed, hidden: &[candle_core::Tensor]) {
     match c.alternative {
         Some(_) => {
-            runner.observe(p.slot, p.start, c.offset, 1, hidden);
-            runner.observe(p.slot, p.start + 1, c.row_of(p, 1), 1, hidden);
+            let chain = c.kept - 1;
+            runner.observe(p.slot, p.start, c.offset, chain, hidden);
+            runner.observe(p.slot, p.start + chain, c.row_of(p, chain), 1, hidden);
         }
         None => runner.observe(p.slot, p.start, c.offset, c.kept, hidden),
     }

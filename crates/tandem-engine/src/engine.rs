@@ -30,9 +30,10 @@ pub struct EngineConfig {
     /// Adapt each sequence's draft length to its acceptance: +2 after a fully accepted draft, -1
     /// (down to 1) after a rejection, so drafts that keep failing stay cheap to verify.
     pub spec_adaptive: bool,
-    /// Greedy requests: this many of the drafter's runners-up for the first draft token are
-    /// verified beside the draft in the same forward (`Draft::alternatives`), so a wrong first
-    /// guess can still yield two tokens. Each costs one more row in the verification forward.
+    /// Greedy requests: at most this many of the drafter's runners-up, at any draft positions,
+    /// are verified beside the draft in the same forward (`Draft::alternatives`: a draft tree),
+    /// so a wrong guess where the drafter was unsure can still yield a token more. Each costs one
+    /// more row in the verification forward.
     pub spec_alternatives: usize,
     /// Host memory for the KV of preempted requests (swapped out, restored when they resume);
     /// beyond it a preempted request is recomputed instead. None: as much as the KV cache itself.
@@ -253,8 +254,8 @@ pub struct Engine {
     scheduler: Scheduler,
     runner: ModelRunner,
     online: Option<OnlineState>,
-    /// The draft length the throughput controller chose for this step.
-    step_k: Option<usize>,
+    /// The draft length and sibling budget the throughput controller chose for this step.
+    step_k: Option<(usize, usize)>,
     commands: UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     shutting_down: bool,
@@ -336,7 +337,7 @@ impl Engine {
             // The last residual stream too, for the trainer's labels (see `Trace::final_hidden`).
             self.runner.hidden_layers.push(self.runner.model.config.num_layers - 1);
         }
-        self.online = Some(OnlineState::new(hooks, self.config.spec_k, initial));
+        self.online = Some(OnlineState::new(hooks, self.config.spec_k, self.config.spec_alternatives, initial));
         Ok(self)
     }
 
@@ -446,10 +447,15 @@ impl Engine {
             return self.scheduler.plan(Vec::new());
         }
         // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
-        let global_k = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.k.choose());
-        let (asks, cut) = self.scheduler.draft_asks(global_k);
+        // The draft tree's sibling budget too, by the same measure.
+        let global = self
+            .online
+            .as_mut()
+            .filter(|o| o.hooks.config.k_by_throughput)
+            .map(|o| (o.k.choose(), o.alternatives.choose()));
+        let (asks, cut) = self.scheduler.draft_asks(global);
         // A draft cut short by the output limit or the slot is not a step at the chosen k.
-        self.step_k = global_k.filter(|_| !cut);
+        self.step_k = global.filter(|_| !cut);
         let drafts = self.runner.propose(&self.scheduler.running, &asks);
         self.scheduler.plan(drafts)
     }
@@ -459,12 +465,15 @@ impl Engine {
     /// finishes a prompt costs what the prompt costs).
     fn measure_k(&mut self, plan: &StepPlan, emitted: u64, started: Instant) {
         let catch_up = self.runner.drafter_mut().map_or((0.0, 0), |d| d.take_catch_up());
-        let (Some(online), Some(k), true) = (self.online.as_mut(), self.step_k, plan.decode_only()) else { return };
+        let (Some(online), Some((k, alternatives)), true) = (self.online.as_mut(), self.step_k, plan.decode_only())
+        else {
+            return;
+        };
         // Steady drafting catches up about one position per emitted token; a backlog left by
         // steps without drafts is not this k's cost.
         let (secs, positions) = catch_up;
         let steady = secs / positions.max(1) as f64 * (emitted as f64).min(positions as f64);
-        online.on_decode_step(k, emitted as usize, started.elapsed().as_secs_f64() - secs + steady);
+        online.on_decode_step(k, alternatives, emitted as usize, started.elapsed().as_secs_f64() - secs + steady);
     }
 
     /// A new sequence's trace (online training), for the served model's sequences only: other

@@ -35,9 +35,9 @@ impl OnlineState {
                 }
             }
             // Copied (prompt-lookup) drafts say nothing about the learned drafter. Where a
-            // sibling won, the draft's first token was the one rejected.
+            // sibling won, the draft token beside it was the one rejected.
             if p.decode && !p.draft.lookup && !p.draft.tokens.is_empty() {
-                let judged = if c.alternative.is_some() { 0 } else { c.accepted };
+                let judged = c.accepted - c.alternative.is_some() as usize;
                 if judged < p.draft.tokens.len() {
                     let token = p.draft.tokens[judged];
                     trace.rejected.push(Rejection { pos: p.start + judged, token, depth: judged });
@@ -46,8 +46,9 @@ impl OnlineState {
             }
             match c.alternative {
                 Some(_) => {
-                    record_features(trace, p.start, c.offset, 1, &out.hidden, layers);
-                    record_features(trace, p.start + 1, c.row_of(p, 1), 1, &out.hidden, layers);
+                    let chain = c.kept - 1;
+                    record_features(trace, p.start, c.offset, chain, &out.hidden, layers);
+                    record_features(trace, p.start + chain, c.row_of(p, chain), 1, &out.hidden, layers);
                 }
                 None => record_features(trace, p.start, c.offset, c.kept, &out.hidden, layers),
             }
@@ -64,15 +65,23 @@ impl OnlineState {
         }
     }
 
-    /// A decode-only step at draft length k emitted `emitted` tokens in `step_secs` (drafting
-    /// included): the controller's measurement, published for /metrics.
-    pub(crate) fn on_decode_step(&mut self, k: usize, emitted: usize, step_secs: f64) {
+    /// A decode-only step at draft length k with a sibling budget emitted `emitted` tokens in
+    /// `step_secs` (drafting included): the controllers' measurement, published for /metrics. The
+    /// budget is judged only by steps that drafted.
+    pub(crate) fn on_decode_step(&mut self, k: usize, alternatives: usize, emitted: usize, step_secs: f64) {
         self.k.record(k, emitted, step_secs);
+        if k > 0 {
+            self.alternatives.record(alternatives, emitted, step_secs);
+        }
         let m = &self.hooks.exchange.metrics;
         m.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);
+        m.chosen_alternatives.store(self.alternatives.best() as u64, Ordering::Relaxed);
         m.gain.set(self.k.gain());
         if let Ok(mut t) = m.k_table.try_lock() {
             *t = self.k.table();
+        }
+        if let Ok(mut t) = m.alternatives_table.try_lock() {
+            *t = self.alternatives.table();
         }
     }
 }

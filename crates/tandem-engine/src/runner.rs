@@ -71,10 +71,14 @@ impl ModelRunner {
 
     /// Runs the plan's forward. A panic inside it is an error of this step, not of the engine.
     pub fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
+        // Each sibling stands beside a draft token, which is fed after the pending token.
+        let beside: Vec<Vec<usize>> =
+            plan.seqs.iter().map(|p| p.draft.alternatives.iter().map(|a| a.of + 1).collect()).collect();
         let batch: Vec<SequenceInput> = plan
             .seqs
             .iter()
-            .map(|p| SequenceInput {
+            .zip(&beside)
+            .map(|(p, beside)| SequenceInput {
                 slot: p.slot,
                 tokens: &p.tokens,
                 logits: match (p.wants_logits, p.draft.tokens.is_empty()) {
@@ -82,7 +86,7 @@ impl ModelRunner {
                     (true, true) => LogitsFor::Last,
                     (true, false) => LogitsFor::All,
                 },
-                siblings: p.draft.alternatives.len(),
+                siblings: beside,
             })
             .collect();
         let versions: Vec<Option<&WeightVersion>> = plan.seqs.iter().map(|p| p.weights.as_ref()).collect();
@@ -137,11 +141,11 @@ impl ModelRunner {
 
 impl CommitKv for ModelRunner {
     /// Keeps `kept` of the tokens a step fed from `start`, rolling back the rest; where a sibling
-    /// of the draft's first token (at row `sibling`) was accepted, its keys and values move into
-    /// the first token's place.
+    /// (at row `sibling`) was accepted, its keys and values move into the last kept place, that of
+    /// the draft token it beat.
     fn keep(&mut self, slot: usize, start: usize, fed: usize, kept: usize, sibling: Option<usize>) {
         if let Some(row) = sibling {
-            if let Err(e) = self.cache.move_position(slot, start + row, start + 1) {
+            if let Err(e) = self.cache.move_position(slot, start + row, start + kept - 1) {
                 tracing::error!(error = %e, "KV move of an accepted sibling failed");
             }
         } else if kept < fed {
@@ -199,15 +203,18 @@ impl KvSlots for ModelRunner {
 }
 
 /// Whatever the drafter says, verify only what fits and exists: tokens within the vocabulary and
-/// the asked length, siblings only of a learned greedy draft's first token, as many as asked.
+/// the asked length, siblings only in a learned greedy draft, of tokens it kept, in order of
+/// position, each unlike the token it stands beside, as many as asked.
 fn checked_draft(mut d: Draft, a: &DraftAsk, vocab: u32) -> Draft {
     let most = if d.lookup { a.copy_k } else { a.k };
     let valid = d.tokens.iter().take(most).take_while(|&&t| t < vocab).count();
     d.tokens.truncate(valid);
-    let first = d.tokens.first().copied();
-    let room = if d.lookup || d.probs.is_some() || first.is_none() { 0 } else { a.alternatives };
+    let room = if d.lookup || d.probs.is_some() { 0 } else { a.alternatives };
+    let tokens = &d.tokens;
+    d.alternatives.retain(|s| s.of < tokens.len() && s.token < vocab && s.token != tokens[s.of]);
+    d.alternatives.sort_by_key(|s| s.of);
+    d.alternatives.dedup();
     d.alternatives.truncate(room);
-    d.alternatives.retain(|&t| t < vocab && Some(t) != first);
     if let Some(p) = d.probs.as_mut() {
         if p.len() < valid {
             d.tokens.truncate(p.len());

@@ -38,7 +38,7 @@ pub struct SpecStats {
     /// Of the drafted and accepted tokens, those copied by prompt lookup (`Draft::lookup`).
     pub lookup_drafted_tokens: u64,
     pub lookup_accepted_tokens: u64,
-    /// Siblings of first draft tokens verified (`Draft::alternatives`), and steps where one won.
+    /// Siblings of draft tokens verified (`Draft::alternatives`), and steps where one won.
     pub alternatives_drafted: u64,
     pub alternatives_accepted: u64,
 }

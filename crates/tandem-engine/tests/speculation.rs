@@ -265,7 +265,11 @@ fn exact_joint(target: &Model, prompt: &[u32], params: &SamplingParams, depth: u
         cache.reset(0).unwrap();
         let seq: Vec<u32> = prompt.iter().chain(&prefix).copied().collect();
         let o = target
-            .forward(&[SequenceInput { slot: 0, tokens: &seq, logits: LogitsFor::Last, siblings: 0 }], &mut cache, &[])
+            .forward(
+                &[SequenceInput { slot: 0, tokens: &seq, logits: LogitsFor::Last, siblings: &[] }],
+                &mut cache,
+                &[],
+            )
             .unwrap();
         let logits = o.logits.to_vec2::<f32>().unwrap().remove(0);
         let Target::Probs(probs) = sampler.target(&logits, &seq) else { panic!("sampling expected") };

@@ -100,11 +100,12 @@ pub struct SequenceInput<'a> {
     pub slot: usize,
     pub tokens: &'a [u32],
     pub logits: LogitsFor,
-    /// The last `siblings` tokens are alternatives to tokens[1] (a draft tree forked after the
-    /// first token): each is at tokens[1]'s position and attends to the cache, tokens[0] and itself
-    /// only. Their keys and values land after the others'; `KvCache::move_position` puts a chosen
-    /// one in place. 0 for a plain run of consecutive tokens.
-    pub siblings: usize,
+    /// The last `siblings.len()` tokens are alternatives (a draft tree: the chain with branches of
+    /// one token): sibling j stands beside tokens[siblings[j]] (an index of at least 1 into the
+    /// chain), at that token's position, and attends to the cache, the chain before that position
+    /// and itself only. Their keys and values land after the chain's; `KvCache::move_position`
+    /// puts a chosen one in place. Empty for a plain run of consecutive tokens.
+    pub siblings: &'a [usize],
 }
 
 #[derive(Debug)]
@@ -473,10 +474,12 @@ impl Model {
                     c.vocab_size
                 )));
             }
-            if seq.siblings > 0 && seq.siblings + 2 > seq.tokens.len() {
+            let chain = seq.tokens.len().saturating_sub(seq.siblings.len());
+            if let Some(&of) = seq.siblings.iter().find(|&&of| of == 0 || of >= chain) {
                 return Err(ModelError::InvalidBatch(format!(
-                    "slot {}: {} siblings need a first token and a token to be siblings of",
-                    seq.slot, seq.siblings
+                    "slot {}: a sibling of token {of} needs a token before it and one to stand beside \
+                     ({chain} in the chain)",
+                    seq.slot
                 )));
             }
             let base = ids.len();
@@ -499,12 +502,12 @@ impl Model {
             }
             logit_rows.push(first_row..rows.len());
             ids.extend_from_slice(seq.tokens);
-            let chain = seq.tokens.len() - seq.siblings;
+            let beside = |i: usize| if i < chain { i } else { seq.siblings[i - chain] };
             tokens.extend((0..seq.tokens.len()).map(|i| match i < chain {
                 true => TokenSlot::causal(seq.slot, start + i),
-                false => TokenSlot { slot: seq.slot, pos: start + i, prefix: start + 1 },
+                false => TokenSlot { slot: seq.slot, pos: start + i, prefix: start + beside(i) },
             }));
-            positions.extend((0..seq.tokens.len()).map(|i| if i < chain { start + i } else { start + 1 }));
+            positions.extend((0..seq.tokens.len()).map(|i| start + beside(i)));
         }
         if let Some(&l) = hidden_layers.iter().find(|&&l| l >= c.num_layers) {
             return Err(ModelError::InvalidBatch(format!("layer {l} does not exist ({} layers)", c.num_layers)));

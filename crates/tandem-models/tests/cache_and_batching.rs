@@ -13,7 +13,7 @@ fn alone(m: &LoadedModel, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     if !prefix.is_empty() {
         m.model
             .forward(
-                &[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None, siblings: 0 }],
+                &[SequenceInput { slot: 0, tokens: prefix, logits: LogitsFor::None, siblings: &[] }],
                 &mut cache,
                 &[],
             )
@@ -21,7 +21,7 @@ fn alone(m: &LoadedModel, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     }
     let out = m
         .model
-        .forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All, siblings: &[] }], &mut cache, &[])
         .unwrap();
     out.logits.to_vec2().unwrap()
 }
@@ -37,13 +37,13 @@ fn check_batching(m: &LoadedModel, label: &str) {
         .iter()
         .zip(&prefixes)
         .filter(|(_, p)| !p.is_empty())
-        .map(|(&slot, p)| SequenceInput { slot, tokens: p, logits: LogitsFor::None, siblings: 0 })
+        .map(|(&slot, p)| SequenceInput { slot, tokens: p, logits: LogitsFor::None, siblings: &[] })
         .collect();
     m.model.forward(&prefill, &mut cache, &[]).unwrap();
     let batch: Vec<SequenceInput> = slots
         .iter()
         .zip(&news)
-        .map(|(&slot, t)| SequenceInput { slot, tokens: t, logits: LogitsFor::All, siblings: 0 })
+        .map(|(&slot, t)| SequenceInput { slot, tokens: t, logits: LogitsFor::All, siblings: &[] })
         .collect();
     let out = m.model.forward(&batch, &mut cache, &[]).unwrap();
     let all: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
@@ -63,15 +63,19 @@ fn check_truncation(m: &LoadedModel, label: &str) {
     let c: Vec<u32> = vec![50, 51, 52];
     let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
     m.model
-        .forward(&[SequenceInput { slot: 0, tokens: &a, logits: LogitsFor::None, siblings: 0 }], &mut cache, &[])
+        .forward(&[SequenceInput { slot: 0, tokens: &a, logits: LogitsFor::None, siblings: &[] }], &mut cache, &[])
         .unwrap();
     m.model
-        .forward(&[SequenceInput { slot: 0, tokens: &rejected, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .forward(
+            &[SequenceInput { slot: 0, tokens: &rejected, logits: LogitsFor::All, siblings: &[] }],
+            &mut cache,
+            &[],
+        )
         .unwrap();
     cache.truncate(0, a.len()).unwrap();
     let out = m
         .model
-        .forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All, siblings: &[] }], &mut cache, &[])
         .unwrap();
     let err = relative_error(&out.logits.to_vec2().unwrap(), &alone(m, &a, &c));
     assert!(err < TOL, "{label}: logits after truncation differ by {err:.2e}");
@@ -85,7 +89,11 @@ fn check_chunked_prefill(m: &LoadedModel, label: &str) {
     for chunk in tokens.chunks(7) {
         let out = m
             .model
-            .forward(&[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+            .forward(
+                &[SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: &[] }],
+                &mut cache,
+                &[],
+            )
             .unwrap();
         rows.extend(out.logits.to_vec2::<f32>().unwrap());
     }
@@ -124,7 +132,7 @@ fn selected_positions_and_hidden_states() {
     let out = m
         .model
         .forward(
-            &[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]), siblings: 0 }],
+            &[SequenceInput { slot: 0, tokens: &tokens, logits: LogitsFor::Positions(vec![6, 2]), siblings: &[] }],
             &mut cache,
             &[1, 0],
         )
@@ -143,17 +151,17 @@ fn invalid_batches_are_errors_not_panics() {
     let m = load_path(&tiny_dir().join("llama-bf16-tied"));
     let mut cache = KvCache::new(&m.model.config, 2, 8, m.model.device()).unwrap();
     let f = |cache: &mut KvCache, batch: &[SequenceInput]| m.model.forward(batch, cache, &[]).unwrap_err().to_string();
-    assert!(f(&mut cache, &[SequenceInput { slot: 5, tokens: &[1], logits: LogitsFor::Last, siblings: 0 }])
+    assert!(f(&mut cache, &[SequenceInput { slot: 5, tokens: &[1], logits: LogitsFor::Last, siblings: &[] }])
         .contains("slot 5"));
-    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[], logits: LogitsFor::Last, siblings: 0 }])
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[], logits: LogitsFor::Last, siblings: &[] }])
         .contains("no new tokens"));
-    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last, siblings: 0 }])
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[100_000], logits: LogitsFor::Last, siblings: &[] }])
         .contains("vocabulary"));
-    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[1; 9], logits: LogitsFor::Last, siblings: 0 }])
+    assert!(f(&mut cache, &[SequenceInput { slot: 0, tokens: &[1; 9], logits: LogitsFor::Last, siblings: &[] }])
         .contains("more than"));
     let twice = [
-        SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last, siblings: 0 },
-        SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last, siblings: 0 },
+        SequenceInput { slot: 1, tokens: &[1], logits: LogitsFor::Last, siblings: &[] },
+        SequenceInput { slot: 1, tokens: &[2], logits: LogitsFor::Last, siblings: &[] },
     ];
     assert!(f(&mut cache, &twice).contains("twice"));
     assert!(cache.truncate(0, 3).is_err());
@@ -182,8 +190,8 @@ fn check_batch_invariance(m: &LoadedModel, label: &str) {
             .model
             .forward(
                 &[
-                    SequenceInput { slot: 1, tokens: noise, logits: LogitsFor::All, siblings: 0 },
-                    SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: 0 },
+                    SequenceInput { slot: 1, tokens: noise, logits: LogitsFor::All, siblings: &[] },
+                    SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: &[] },
                 ],
                 &mut cache,
                 &[],
@@ -196,24 +204,26 @@ fn check_batch_invariance(m: &LoadedModel, label: &str) {
     assert!(rows == whole, "{label}: batched and chunked logits differ from one-shot logits");
 }
 
-/// A draft tree forked after its first token: each sibling's logits are what decoding it in place
-/// of the first branch gives, and once moved into place the cache continues as if it had been
-/// decoded. `exact`: the same bits (CPU kernels), else within TOL.
+/// A draft tree, the chain with siblings at several positions: each sibling's logits are what
+/// decoding it in place of its branch gives, and once moved into place the cache continues as if
+/// it had been decoded. `exact`: the same bits (CPU kernels), else within TOL.
 fn check_siblings(m: &LoadedModel, label: &str, exact: bool) {
     let prefix: Vec<u32> = (20..33).collect();
-    let (p, chain, sibs) = (7u32, [8u32, 9], [5u32, 6]);
-    let fed: Vec<u32> = [p].iter().chain(&chain).chain(&sibs).copied().collect();
+    // Fed: the pending token and a chain of three, then siblings of chain tokens 1, 1, 2 and 3.
+    let chain = [7u32, 8, 9, 10];
+    let (sibs, beside) = ([5u32, 6, 14, 15], [1usize, 1, 2, 3]);
+    let fed: Vec<u32> = chain.iter().chain(&sibs).copied().collect();
     let mut cache = KvCache::new(&m.model.config, 2, 64, m.model.device()).unwrap();
     m.model
-        .forward(&[SequenceInput { slot: 1, tokens: &prefix, logits: LogitsFor::None, siblings: 0 }], &mut cache, &[])
+        .forward(&[SequenceInput { slot: 1, tokens: &prefix, logits: LogitsFor::None, siblings: &[] }], &mut cache, &[])
         .unwrap();
     let noise: Vec<u32> = vec![3, 4, 5];
     let out = m
         .model
         .forward(
             &[
-                SequenceInput { slot: 0, tokens: &noise, logits: LogitsFor::All, siblings: 0 },
-                SequenceInput { slot: 1, tokens: &fed, logits: LogitsFor::All, siblings: 2 },
+                SequenceInput { slot: 0, tokens: &noise, logits: LogitsFor::All, siblings: &[] },
+                SequenceInput { slot: 1, tokens: &fed, logits: LogitsFor::All, siblings: &beside },
             ],
             &mut cache,
             &[],
@@ -229,20 +239,22 @@ fn check_siblings(m: &LoadedModel, label: &str, exact: bool) {
             assert!(err < TOL, "{label}: {what} differs by {err:.2e}");
         }
     };
-    same(&rows[..3], &alone(m, &prefix, &[p, chain[0], chain[1]]), "the first branch");
-    for (j, &s) in sibs.iter().enumerate() {
-        same(&rows[3 + j..4 + j], &alone(m, &prefix, &[p, s])[1..], &format!("sibling {j}"));
+    same(&rows[..4], &alone(m, &prefix, &chain), "the chain");
+    for (j, (&s, &of)) in sibs.iter().zip(&beside).enumerate() {
+        let path: Vec<u32> = chain[..of].iter().copied().chain([s]).collect();
+        same(&rows[4 + j..5 + j], &alone(m, &prefix, &path)[of..], &format!("sibling {j}"));
     }
-    // The second sibling wins: its keys and values take the first branch's place.
+    // The sibling beside chain token 2 wins: its keys and values take that token's place.
     let start = prefix.len();
-    cache.move_position(1, start + 4, start + 1).unwrap();
-    assert_eq!(cache.len(1), start + 2);
+    cache.move_position(1, start + 4 + 2, start + 2).unwrap();
+    assert_eq!(cache.len(1), start + 3);
     let next = [11u32, 12];
     let out = m
         .model
-        .forward(&[SequenceInput { slot: 1, tokens: &next, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+        .forward(&[SequenceInput { slot: 1, tokens: &next, logits: LogitsFor::All, siblings: &[] }], &mut cache, &[])
         .unwrap();
-    same(&out.logits.to_vec2().unwrap(), &alone(m, &prefix, &[p, sibs[1], next[0], next[1]])[2..], "after the move");
+    let decoded = [chain[0], chain[1], sibs[2], next[0], next[1]];
+    same(&out.logits.to_vec2().unwrap(), &alone(m, &prefix, &decoded)[3..], "after the move");
 }
 
 #[test]

@@ -27,7 +27,7 @@ fn tandem_nll(m: &LoadedModel, tokens: &[u32]) -> f64 {
         let mut cache = KvCache::new(&m.model.config, 1, CHUNK, m.model.device()).unwrap();
         let out = m
             .model
-            .forward(&[SequenceInput { slot: 0, tokens: ids, logits: LogitsFor::All, siblings: 0 }], &mut cache, &[])
+            .forward(&[SequenceInput { slot: 0, tokens: ids, logits: LogitsFor::All, siblings: &[] }], &mut cache, &[])
             .unwrap();
         let rows: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
         for (i, row) in rows.iter().enumerate().take(CHUNK - 1) {

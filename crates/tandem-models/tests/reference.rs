@@ -10,7 +10,7 @@ fn tandem_logits(loaded: &tandem_models::LoadedModel, tokens: &[u32]) -> Vec<Vec
     let mut model_cache = KvCache::new(&loaded.model.config, 1, 64, loaded.model.device()).unwrap();
     let out = loaded
         .model
-        .forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All, siblings: 0 }], &mut model_cache, &[])
+        .forward(&[SequenceInput { slot: 0, tokens, logits: LogitsFor::All, siblings: &[] }], &mut model_cache, &[])
         .unwrap();
     out.logits.to_vec2::<f32>().unwrap()
 }

@@ -78,7 +78,7 @@ pub fn generate(
     let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
     for (i, chunk) in chunks.iter().enumerate() {
         let want = if i + 1 == chunks.len() { LogitsFor::Last } else { LogitsFor::None };
-        let out = model.forward(&[SequenceInput { slot, tokens: chunk, logits: want, siblings: 0 }], cache, &[])?;
+        let out = model.forward(&[SequenceInput { slot, tokens: chunk, logits: want, siblings: &[] }], cache, &[])?;
         logits = Some(out.logits);
     }
     let mut next = sampler.sample(&row(&logits.expect("prompt is not empty"), 0)?, &history);
@@ -101,7 +101,7 @@ pub fn generate(
             break;
         }
         let out = model.forward(
-            &[SequenceInput { slot, tokens: &[next.id], logits: LogitsFor::Last, siblings: 0 }],
+            &[SequenceInput { slot, tokens: &[next.id], logits: LogitsFor::Last, siblings: &[] }],
             cache,
             &[],
         )?;

@@ -257,6 +257,12 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
         ex.metrics.chosen_k.load(Relaxed).to_string(),
     );
     metric(
+        "tandem_spec_chosen_alternatives",
+        "gauge",
+        "Draft tree siblings per draft chosen by measured throughput (the node budget beyond the chain).",
+        ex.metrics.chosen_alternatives.load(Relaxed).to_string(),
+    );
+    metric(
         "tandem_spec_gain",
         "gauge",
         "Measured decode tokens/s at the chosen draft length over no speculation.",

@@ -37,7 +37,7 @@ pub fn text_traces(
             .iter()
             .enumerate()
             .filter(|(_, c)| !c.is_empty())
-            .map(|(slot, c)| SequenceInput { slot, tokens: c, logits: LogitsFor::None, siblings: 0 })
+            .map(|(slot, c)| SequenceInput { slot, tokens: c, logits: LogitsFor::None, siblings: &[] })
             .collect();
         if inputs.is_empty() {
             continue;

@@ -37,7 +37,7 @@ fn served_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
     let mut rows = Vec::new();
     let out = model
         .forward(
-            &[SequenceInput { slot: 1, tokens: &toks[..split], logits: LogitsFor::All, siblings: 0 }],
+            &[SequenceInput { slot: 1, tokens: &toks[..split], logits: LogitsFor::All, siblings: &[] }],
             &mut cache,
             &[],
         )
@@ -46,7 +46,7 @@ fn served_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
     for t in &toks[split..] {
         let out = model
             .forward(
-                &[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last, siblings: 0 }],
+                &[SequenceInput { slot: 1, tokens: std::slice::from_ref(t), logits: LogitsFor::Last, siblings: &[] }],
                 &mut cache,
                 &[],
             )

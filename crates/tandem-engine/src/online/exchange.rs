@@ -138,6 +138,10 @@ pub struct OnlineMetrics {
     pub chosen_k: AtomicU64,
     /// Measured decode figures per draft length.
     pub k_table: Mutex<Vec<KStat>>,
+    /// The draft tree's sibling budget chosen by measured throughput, and its figures (`KStat::k`
+    /// is the budget there).
+    pub chosen_alternatives: AtomicU64,
+    pub alternatives_table: Mutex<Vec<KStat>>,
     /// Measured decode tokens/s at the chosen draft length over that without drafts (0 until
     /// measured): what speculation currently earns.
     pub gain: AtomicF64,

@@ -72,11 +72,15 @@ pub(crate) struct OnlineState {
     before: Option<Window>,
     after: Window,
     pub k: KController,
+    /// The draft tree's node budget (siblings per step), chosen the same way as k, from the
+    /// steps that drafted (k > 0).
+    pub alternatives: KController,
 }
 
 impl OnlineState {
-    pub fn new(hooks: OnlineHooks, max_k: usize, initial: Option<Version>) -> Self {
+    pub fn new(hooks: OnlineHooks, max_k: usize, max_alternatives: usize, initial: Option<Version>) -> Self {
         let k = KController::new(max_k, hooks.config.explore);
+        let alternatives = KController::new(max_alternatives, hooks.config.explore);
         OnlineState {
             hooks,
             previous: None,
@@ -85,6 +89,7 @@ impl OnlineState {
             before: None,
             after: Window::default(),
             k,
+            alternatives,
         }
     }
 

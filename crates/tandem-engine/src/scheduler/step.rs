@@ -35,7 +35,7 @@ pub struct DraftAsk {
     pub k: usize,
     /// Most tokens copied by prompt lookup.
     pub copy_k: usize,
-    /// Most siblings of the first draft token.
+    /// Most siblings of draft tokens, over all positions (the draft tree's node budget).
     pub alternatives: usize,
 }
 
@@ -214,11 +214,13 @@ impl Scheduler {
         true
     }
 
-    /// Which decoding sequences may draft this step and how far. `global_k`: one draft length for
-    /// all (the throughput controller's choice), else each sequence's own. The second value is
-    /// true when some draft had to be cut below `global_k` (by its output limit or slot), so the
-    /// step does not measure that k.
-    pub fn draft_asks(&self, global_k: Option<usize>) -> (Vec<DraftAsk>, bool) {
+    /// Which decoding sequences may draft this step and how far. `global`: one draft length and
+    /// sibling budget for all (the throughput controller's choice), else each sequence's own
+    /// length and the configured budget. The second value is true when some draft had to be cut
+    /// below the global k (by its output limit or slot), so the step does not measure that k.
+    pub fn draft_asks(&self, global: Option<(usize, usize)>) -> (Vec<DraftAsk>, bool) {
+        let global_k = global.map(|g| g.0);
+        let budget = global.map_or(self.config.spec_alternatives, |g| g.1);
         let mut asks = Vec::new();
         let mut cut = false;
         for (index, s) in self.running.iter().enumerate() {
@@ -237,7 +239,7 @@ impl Scheduler {
             // Siblings of the first draft token need a first token, greedy verification, and
             // cache rows of their own after the draft's.
             let alternatives = match (k > 0, s.request.sampling.temperature == 0.0) {
-                (true, true) => self.config.spec_alternatives.min(room - k),
+                (true, true) => budget.min(room - k),
                 _ => 0,
             };
             if k > 0 || copy_k > 0 {
@@ -258,7 +260,7 @@ impl Scheduler {
             let draft = std::mem::take(&mut drafts[index]);
             let mut tokens = vec![t];
             tokens.extend_from_slice(&draft.tokens);
-            tokens.extend_from_slice(&draft.alternatives);
+            tokens.extend(draft.alternatives.iter().map(|a| a.token));
             budget = budget.saturating_sub(tokens.len());
             seqs.push(self.scheduled(index, tokens, true, draft, true));
         }

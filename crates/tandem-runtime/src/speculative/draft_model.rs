@@ -72,7 +72,7 @@ impl Drafter for DraftModelDrafter {
                     slot: requests[*i].slot,
                     tokens: t,
                     logits: LogitsFor::Last,
-                    siblings: 0,
+                    siblings: &[],
                 })
                 .collect();
             let out = self.model.forward(&batch, cache, &[])?;

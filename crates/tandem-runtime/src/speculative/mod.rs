@@ -36,8 +36,9 @@ pub struct DraftRequest<'a> {
     /// drafter may offer even where `k` is 0: copies are free to make, and the engine tunes their
     /// length apart from the learned drafter's.
     pub copy_k: usize,
-    /// At most this many `Draft::alternatives` (0: a plain chain). The engine asks for them only
-    /// where it can verify them: greedy requests with room for the extra rows.
+    /// At most this many `Draft::alternatives` in all, over every draft position (0: a plain
+    /// chain): the draft tree's node budget beyond the chain. The engine asks for them only where
+    /// it can verify them: greedy requests with room for the extra rows.
     pub alternatives: usize,
     pub sampling: &'a SamplingParams,
 }
@@ -52,11 +53,20 @@ pub struct Draft {
     /// Copied from earlier in the sequence by prompt lookup, not proposed by a learned drafter:
     /// online training neither learns from its rejections nor judges the drafter by it.
     pub lookup: bool,
-    /// Other candidates for tokens[0] (greedy requests only), verified in the same forward as
-    /// siblings of it: if the target's token is one of them, it is accepted with the target's
-    /// next token after it. A tree of drafts forked at the root, so one wrong first guess by the
-    /// drafter does not cost the step.
-    pub alternatives: Vec<u32>,
+    /// Other candidates for draft positions (greedy requests only), verified in the same forward
+    /// as siblings of the tokens they stand beside, in order of position: where the chain is
+    /// first rejected, a sibling that is the target's token there is accepted, with the target's
+    /// next token after it. The draft is then a tree (the chain with branches of one token), so a
+    /// wrong guess where the drafter was unsure does not end the step empty-handed.
+    pub alternatives: Vec<Alternative>,
+}
+
+/// A sibling of a draft token: another candidate for the same position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alternative {
+    /// The index in `Draft::tokens` of the token it stands beside.
+    pub of: usize,
+    pub token: u32,
 }
 
 impl Draft {

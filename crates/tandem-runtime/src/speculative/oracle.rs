@@ -1,6 +1,6 @@
 //! Drafters that know the answer: the upper bound of what speculation can buy (the oracle proposes
 //! the target's own greedy continuation), and, with mistakes injected, a tester of rollback.
-use super::{Draft, DraftRequest, Drafter};
+use super::{Alternative, Draft, DraftRequest, Drafter};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_models::{Model, Result};
@@ -9,8 +9,9 @@ pub struct OracleDrafter {
     /// Full known sequences (prompt + the target's greedy output).
     sequences: Vec<Vec<u32>>,
     /// Chance that each proposal goes wrong at a random position (0: a perfect oracle; 1: every
-    /// draft has a wrong token, at its start when `always_wrong_first`). A draft wrong at its first
-    /// token offers runners-up (`Draft::alternatives`) where asked: the right token half the time.
+    /// draft has a wrong token, at its start when `always_wrong_first`). A wrong draft offers
+    /// runners-up (`Draft::alternatives`) where asked: beside the wrong token, the right one half
+    /// the time.
     mistake_rate: f64,
     vocab_size: u32,
     rng: StdRng,
@@ -62,11 +63,21 @@ impl Drafter for OracleDrafter {
                 let at = self.rng.random_range(0..tokens.len());
                 let right = tokens[at];
                 tokens[at] = (tokens[at] + 1 + self.rng.random_range(0..self.vocab_size - 1)) % self.vocab_size;
-                if at == 0 && r.alternatives > 0 {
-                    // Runners-up: a wrong one, and half the time the right one behind it.
-                    let wrong = (right + 1 + self.rng.random_range(0..self.vocab_size - 1)) % self.vocab_size;
-                    alternatives = if self.rng.random::<bool>() { vec![wrong, right] } else { vec![wrong] };
+                if r.alternatives > 0 {
+                    // Runners-up at the mistake: a wrong one, and half the time the right one
+                    // behind it; then, when the mistake is later, a wrong one beside the first
+                    // token (where the chain is right, siblings must change nothing).
+                    let mut wrong = || (right + 1 + self.rng.random_range(0..self.vocab_size - 1)) % self.vocab_size;
+                    let (w0, w1) = (wrong(), wrong());
+                    alternatives.push(Alternative { of: at, token: w1 });
+                    if self.rng.random::<bool>() {
+                        alternatives.push(Alternative { of: at, token: right });
+                    }
+                    if at > 0 && w0 != tokens[0] {
+                        alternatives.push(Alternative { of: 0, token: w0 });
+                    }
                     alternatives.truncate(r.alternatives);
+                    alternatives.sort_by_key(|a| a.of);
                 }
                 // Random tokens after the mistake, so the rejected tail differs too.
                 for t in tokens.iter_mut().skip(at + 1) {

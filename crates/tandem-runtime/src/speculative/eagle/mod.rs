@@ -19,7 +19,7 @@ pub mod weights;
 pub use layer::{EagleLayer, LayerWeight};
 pub use weights::{EagleConfig, EagleTensors, EagleWeights, WarmStart, HEAD_NAMES, TENSOR_NAMES};
 
-use super::{draft_token, drafter_sampler, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
+use super::{draft_token, drafter_sampler, Alternative, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
 use crate::sampling::Sampler;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -351,6 +351,10 @@ impl EagleDrafter {
             drafts[d.request].probs = (r.sampling.temperature > 0.0).then(Vec::new);
         }
         let mut hidden = self.catch_up(target, requests, &drafting)?;
+        // Per request: the drafter's own chance that the chain gets this far, and runners-up
+        // with their chance of being the target's token (the tree's candidate branches).
+        let mut reach = vec![1f32; requests.len()];
+        let mut branches: Vec<Vec<(f32, Alternative)>> = vec![Vec::new(); requests.len()];
         // Indices into `drafting` of the sequences still drafting, one row of `hidden` each.
         let mut live: Vec<usize> = (0..drafting.len()).collect();
         let mut step = 0;
@@ -358,13 +362,20 @@ impl EagleDrafter {
             let logits = self.logits(&hidden)?;
             for (&i, logits) in live.iter().zip(&logits) {
                 let r = drafting[i].request;
-                self.push_token(&requests[r], logits, step, &mut drafts[r]);
+                let token = self.push_token(&requests[r], logits, &mut drafts[r]);
+                if requests[r].alternatives > 0 && drafts[r].probs.is_none() {
+                    let d2t = &self.weights.d2t;
+                    let (chance, runners_up) = runners_up(logits, token, requests[r].alternatives, reach[r]);
+                    let beside = |(c, i): (f32, u32)| (c, Alternative { of: step, token: d2t[i as usize] });
+                    branches[r].extend(runners_up.into_iter().map(beside));
+                    reach[r] *= chance;
+                }
             }
             // Sequences wanting more tokens continue from their own last output.
             let wants_more = |&j: &u32| requests[drafting[live[j as usize]].request].k > step + 1;
             let keep: Vec<u32> = (0..live.len() as u32).filter(wants_more).collect();
             if keep.is_empty() {
-                return Ok(());
+                break;
             }
             let x = hidden.index_select(&Tensor::from_slice(&keep, keep.len(), &self.device)?, 0)?;
             live = keep.iter().map(|&j| live[j as usize]).collect();
@@ -380,39 +391,50 @@ impl EagleDrafter {
             hidden = self.forward_rows(&x, &target.embed(&ids)?, &rows)?;
             step += 1;
         }
+        for (r, mut b) in branches.into_iter().enumerate() {
+            // The likeliest branches within the node budget, in order of position.
+            b.sort_by(|x, y| y.0.total_cmp(&x.0));
+            b.truncate(requests[r].alternatives);
+            drafts[r].alternatives = b.into_iter().map(|(_, a)| a).collect();
+            drafts[r].alternatives.sort_by_key(|a| a.of);
+        }
+        Ok(())
     }
 
     /// Chooses the request's next draft token from `logits` and appends it to `draft` (with its
-    /// distribution when sampling, and runners-up for the first token when asked).
-    fn push_token(&mut self, r: &DraftRequest, logits: &[f32], step: usize, draft: &mut Draft) {
+    /// distribution when sampling); returns its draft-vocabulary id.
+    fn push_token(&mut self, r: &DraftRequest, logits: &[f32], draft: &mut Draft) -> u32 {
         let sampler = self.slots[r.slot].sampler.as_mut().expect("set before drafting");
         let (id, q) = draft_token(sampler, logits);
-        let token = self.weights.d2t[id as usize];
-        if step == 0 && q.is_none() && r.alternatives > 0 {
-            // Only runners-up likely enough to pay for their row in the verification forward
-            // (each costs ~4% of a step on SmolLM2 / CPU; a step emits ~1.5-2 tokens).
-            let max = logits[id as usize];
-            let z: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-            draft.alternatives = runners_up(logits, id, r.alternatives)
-                .into_iter()
-                .filter(|&i| (logits[i as usize] - max).exp() / z >= ALTERNATIVE_MIN_PROB)
-                .map(|i| self.weights.d2t[i as usize])
-                .filter(|&t| t != token)
-                .collect();
-        }
-        draft.tokens.push(token);
+        draft.tokens.push(self.weights.d2t[id as usize]);
         if let (Some(all), Some(q)) = (draft.probs.as_mut(), q) {
             all.push(q.into_iter().map(|(i, p)| (self.weights.d2t[i as usize], p)).collect());
         }
+        id
     }
 }
 
-/// The drafter's least probability for a runner-up of the first draft token to be verified.
+/// The least chance, by the drafter's own probabilities, that a runner-up is the target's token
+/// for it to be verified as a sibling: each costs a row of the verification forward (~3-7% of a
+/// step on SmolLM2 / CPU), and a step emits ~1.5-2 tokens.
 const ALTERNATIVE_MIN_PROB: f32 = 0.1;
 
-/// The `n` highest logits but `best`'s, highest first.
-fn runners_up(logits: &[f32], best: u32, n: usize) -> Vec<u32> {
-    crate::sampling::top_n(logits, n + 1).into_iter().map(|(i, _)| i).filter(|&i| i != best).take(n).collect()
+/// At a draft position the chain reaches with chance `reach`, where the drafter chose `best`: the
+/// drafter's probability of `best`, and up to `n` other tokens (highest first) with their chance
+/// `reach` · p of being the target's token there, those of at least `ALTERNATIVE_MIN_PROB`.
+fn runners_up(logits: &[f32], best: u32, n: usize, reach: f32) -> (f32, Vec<(f32, u32)>) {
+    let max = logits[best as usize];
+    let z: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let p = |i: u32| (logits[i as usize] - max).exp() / z;
+    let others = crate::sampling::top_n(logits, n + 1)
+        .into_iter()
+        .map(|(i, _)| i)
+        .filter(|&i| i != best)
+        .take(n)
+        .map(|i| (reach * p(i), i))
+        .filter(|&(c, _)| c >= ALTERNATIVE_MIN_PROB)
+        .collect();
+    (p(best), others)
 }
 
 impl Drafter for EagleDrafter {
