@@ -104,10 +104,22 @@ pub struct Sampler {
 
 /// log-softmax of the logits.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
+    logits.iter().map(|&l| l - lse).collect()
+}
+
+/// log-softmax of the logits at `id` alone: bit for bit `log_softmax(logits)[id]`, without a
+/// vocabulary-sized vector (every emitted token reports its logprob).
+pub fn logprob(logits: &[f32], id: u32) -> f32 {
+    logits[id as usize] - log_sum_exp(logits)
+}
+
+/// log Σ exp(logits): the one normaliser every reported logprob uses (sampling, verification,
+/// the training API's logprobs), so they agree to the bit.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    logits.iter().map(|&l| l - lse).collect()
+    max + sum.ln() as f32
 }
 
 /// Index of the largest value; the lowest index wins ties, so greedy decoding is deterministic.
@@ -185,8 +197,11 @@ impl Sampler {
 
     /// The token `id` with its logprobs under `logits` (raw, as reported to users).
     pub fn token(&self, logits: &[f32], id: u32) -> SampledToken {
-        let logprobs = log_softmax(logits);
-        SampledToken { id, logprob: logprobs[id as usize], top_logprobs: top_n(&logprobs, self.params.top_logprobs) }
+        let top_logprobs = match self.params.top_logprobs {
+            0 => Vec::new(),
+            n => top_n(&log_softmax(logits), n),
+        };
+        SampledToken { id, logprob: logprob(logits, id), top_logprobs }
     }
 
     /// The distribution the next token is drawn from: the argmax when greedy, else the candidates
@@ -342,6 +357,15 @@ mod tests {
         let lp = log_softmax(&[1.0, 3.0, 2.0]);
         assert!((t.logprob - lp[1]).abs() < 1e-6);
         assert_eq!(t.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn one_logprob_is_the_log_softmax_entry_to_the_bit() {
+        let logits: Vec<f32> = (0..49_152).map(|i| ((i as f32) * 0.618).sin() * 12.0).collect();
+        let all = log_softmax(&logits);
+        for id in [0u32, 7, 4_096, 49_151] {
+            assert_eq!(logprob(&logits, id).to_bits(), all[id as usize].to_bits());
+        }
     }
 
     #[test]

@@ -305,7 +305,7 @@ impl TrainingModel {
                     .to_vec2::<f32>()?
                     .iter()
                     .zip(&d.targets)
-                    .map(|(row, &t)| tandem_runtime::sampling::log_softmax(row)[t as usize])
+                    .map(|(row, &t)| tandem_runtime::sampling::logprob(row, t))
                     .collect();
                 if let Some(q) = d.inputs.get("logprobs") {
                     for (a, b) in lp_host.iter().zip(q) {

@@ -144,7 +144,7 @@ fn prompt_logprobs(model: &Model, prompt: &[u32]) -> std::result::Result<Vec<f32
     let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
     let mut out = vec![f32::NAN];
     for (i, row) in rows.iter().enumerate().take(prompt.len().saturating_sub(1)) {
-        out.push(tandem_runtime::sampling::log_softmax(row)[prompt[i + 1] as usize]);
+        out.push(tandem_runtime::sampling::logprob(row, prompt[i + 1]));
     }
     Ok(out)
 }
