@@ -272,3 +272,31 @@ fn forward_versions(
         hidden: hidden.iter().map(|h| Tensor::cat(h, 0)).collect::<candle_core::Result<_>>()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_runtime::speculative::Alternative;
+
+    #[test]
+    fn a_draft_is_cut_to_what_can_be_verified() {
+        let ask = DraftAsk { index: 0, k: 2, copy_k: 4, alternatives: 2 };
+        let beside = |of: usize, token: u32| Alternative { of, token };
+        let draft = Draft {
+            // Past k, and a token outside the vocabulary.
+            tokens: vec![5, 6, 7, 99],
+            // Unsorted; one beside a token cut off, one equal to its draft token, one outside the
+            // vocabulary, a duplicate, and one more than the budget.
+            alternatives: vec![beside(1, 8), beside(2, 9), beside(0, 5), beside(0, 50), beside(0, 3), beside(1, 8)],
+            ..Draft::default()
+        };
+        let d = checked_draft(draft.clone(), &ask, 10);
+        assert_eq!(d.tokens, vec![5, 6]);
+        assert_eq!(d.alternatives, vec![beside(0, 3), beside(1, 8)]);
+        // Copies and sampled drafts carry no siblings.
+        let copied = checked_draft(Draft { lookup: true, ..draft.clone() }, &ask, 10);
+        assert_eq!((copied.tokens.len(), copied.alternatives.len()), (3, 0));
+        let sampled = checked_draft(Draft { probs: Some(vec![vec![]; 4]), ..draft }, &ask, 10);
+        assert!(sampled.alternatives.is_empty());
+    }
+}
