@@ -53,6 +53,60 @@ pub fn device(cuda: Option<usize>) -> Result<Device> {
     }
 }
 
+/// A progress bar for long work that, where stderr is not a terminal (a background job, CI) and
+/// indicatif draws nothing, writes a line every tenth of the way instead.
+pub struct Progress {
+    bar: ProgressBar,
+    what: &'static str,
+    tty: bool,
+    /// Tenths of the way already reported (without a terminal).
+    reported: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    /// `len` steps of work, each one `what` ("prompts answered by the target").
+    pub fn new(len: u64, what: &'static str) -> Self {
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what} {{msg}} [{{elapsed}} < {{eta}}]"))
+                .expect("valid template"),
+        );
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Progress { bar, what, tty, reported: 0.into() }
+    }
+
+    pub fn inc(&self, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bar.inc(n);
+        let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0).max(1));
+        let tenth = pos * 10 / len;
+        if !self.tty && tenth > self.reported.load(Relaxed) {
+            self.reported.store(tenth, Relaxed);
+            let secs = self.bar.elapsed().as_secs();
+            let message = self.bar.message();
+            let sep = if message.is_empty() { "" } else { " " };
+            eprintln!("{pos}/{len} {}{sep}{message} [{}m{:02}s]", self.what, secs / 60, secs % 60);
+        }
+    }
+
+    pub fn set_message(&self, message: String) {
+        self.bar.set_message(message);
+    }
+
+    /// Runs `f` (which writes its own lines) with the bar out of the way.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Loads a checkpoint with a progress bar.
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let bar = ProgressBar::new(1);

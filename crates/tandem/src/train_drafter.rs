@@ -4,11 +4,11 @@
 //! target's own distribution, and/or from the target's own answers to prompts made offline
 //! (`--self-distill`: self-distillation, what a day-0 drafter is trained on).
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use std::path::PathBuf;
 use tandem_cli::online_arg::TrainArgs;
 use tandem_cli::spec_arg::{self, SpecArgs};
+use tandem_cli::Progress;
 use tandem_cli::{load_model, models, DtypeArg};
 use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::traces_io::{load_trace, trace_files};
@@ -78,11 +78,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let tc = args.train.train_config(args.spec.warm_start);
     if !args.corpus.is_empty() {
         let chunks = corpus_chunks(&args.corpus, &loaded.tokenizer, args.corpus_tokens, args.corpus_chunk, tc.seed)?;
-        let bar = ProgressBar::new(chunks.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} corpus chunks read by the target [{elapsed} < {eta}]")
-                .expect("valid template"),
-        );
+        let bar = Progress::new(chunks.len() as u64, "corpus chunks read by the target");
         let traces =
             distill::text_traces(&loaded.model, &drafter.config.target_layers, &chunks, 4, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
@@ -133,10 +129,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let mut trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
     let vd = trainer.config.draft_vocab_size;
-    let bar = ProgressBar::new(args.steps);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("valid template"),
-    );
+    let bar = Progress::new(args.steps, "steps");
     // Held-out batches: each held trace's output positions (from the last prompt position on).
     let held: Vec<Batch> =
         held.iter().filter_map(|t| Batch::outputs(t, usize::MAX, vd, &|id| trainer.draft_id(id))).collect();
@@ -269,11 +262,7 @@ fn answered_traces(
     let config = EngineConfig { max_batch: 16, max_waiting: ids.len().max(1), ..Default::default() };
     let (engine, handle) = Engine::new(loaded.model.clone(), config, Box::new(Fcfs::default()))?;
     let thread = engine.spawn();
-    let bar = ProgressBar::new(ids.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} prompts answered by the target [{elapsed} < {eta}]")
-            .expect("valid template"),
-    );
+    let bar = Progress::new(ids.len() as u64, "prompts answered by the target");
     let receivers = ids
         .iter()
         .map(|prompt| {
