@@ -599,7 +599,11 @@ pub fn matmul_xwt_with(isa: Isa, x: &[f32], w: &QWeight, m: usize, y: &mut [f32]
     let input = QInput::new(x, m, k);
     let tiles: Vec<(&Part, usize)> = w.parts.iter().flat_map(|p| (0..p.tiles()).map(move |t| (p, t))).collect();
     let threads = super::team::threads();
-    let chunk = (tiles.len() / (threads * 4)).clamp(1, 64);
+    // Two items per thread: on a layer's few dozen tiles each claimed item is a shared-counter
+    // round trip and a cold start of its stream; interleaved over SmolLM2-shaped products, two
+    // per thread ran 1-8% faster than four, one per thread no better than two and exposed to a
+    // descheduled thread (docs/performance.md).
+    let chunk = (tiles.len() / (threads * 2)).clamp(1, 64);
     let out = SharedMut(y.as_mut_ptr());
     super::team::for_each(tiles.len().div_ceil(chunk), &|c| {
         let chunk = &tiles[c * chunk..((c + 1) * chunk).min(tiles.len())];
