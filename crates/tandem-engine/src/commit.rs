@@ -26,6 +26,14 @@ pub(crate) struct Committed {
 }
 
 impl Committed {
+    /// The kept positions as runs of consecutive batch rows, (first position, first row, count):
+    /// one run, or where a sibling won, the chain before it and then the sibling's own row.
+    pub fn kept_runs(&self, p: &Scheduled) -> impl Iterator<Item = (usize, usize, usize)> {
+        let chain = self.kept - self.alternative.is_some() as usize;
+        let sibling = self.alternative.map(|_| (p.start + chain, self.row_of(p, chain), 1));
+        std::iter::once((p.start, self.offset, chain)).chain(sibling)
+    }
+
     /// Where kept position i's row is in the step's batch (an accepted sibling's is not next).
     pub fn row_of(&self, p: &Scheduled, i: usize) -> usize {
         match self.alternative {
@@ -180,12 +188,7 @@ fn emit(
 
 /// Gives the drafter the target's hidden states at the positions the sequence kept.
 fn observe_committed(runner: &mut dyn CommitKv, p: &Scheduled, c: &Committed, hidden: &[candle_core::Tensor]) {
-    match c.alternative {
-        Some(_) => {
-            let chain = c.kept - 1;
-            runner.observe(p.slot, p.start, c.offset, chain, hidden);
-            runner.observe(p.slot, p.start + chain, c.row_of(p, chain), 1, hidden);
-        }
-        None => runner.observe(p.slot, p.start, c.offset, c.kept, hidden),
+    for (start, row, n) in c.kept_runs(p) {
+        runner.observe(p.slot, start, row, n, hidden);
     }
 }

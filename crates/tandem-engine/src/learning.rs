@@ -44,13 +44,8 @@ impl OnlineState {
                 }
                 rollback = self.record_draft(c.accepted > 0).or(rollback);
             }
-            match c.alternative {
-                Some(_) => {
-                    let chain = c.kept - 1;
-                    record_features(trace, p.start, c.offset, chain, &out.hidden, layers);
-                    record_features(trace, p.start + chain, c.row_of(p, chain), 1, &out.hidden, layers);
-                }
-                None => record_features(trace, p.start, c.offset, c.kept, &out.hidden, layers),
+            for (start, row, n) in c.kept_runs(p) {
+                record_features(trace, start, row, n, &out.hidden, layers);
             }
         }
         rollback

@@ -197,11 +197,13 @@ impl Sampler {
 
     /// The token `id` with its logprobs under `logits` (raw, as reported to users).
     pub fn token(&self, logits: &[f32], id: u32) -> SampledToken {
-        let top_logprobs = match self.params.top_logprobs {
-            0 => Vec::new(),
-            n => top_n(&log_softmax(logits), n),
-        };
-        SampledToken { id, logprob: logprob(logits, id), top_logprobs }
+        match self.params.top_logprobs {
+            0 => SampledToken { id, logprob: logprob(logits, id), top_logprobs: Vec::new() },
+            n => {
+                let all = log_softmax(logits);
+                SampledToken { id, logprob: all[id as usize], top_logprobs: top_n(&all, n) }
+            }
+        }
     }
 
     /// The distribution the next token is drawn from: the argmax when greedy, else the candidates

@@ -48,11 +48,13 @@ fn advise_heap_growth() {
         let done = HEAP_ADVISED_TO.load(Ordering::Relaxed);
         // SAFETY: sbrk(0) only reads the current program break.
         let top = unsafe { libc::sbrk(0) } as usize;
+        // Only whole huge pages are advised: the one the top lies in is left for the next growth.
+        let whole = top / HUGE_PAGE * HUGE_PAGE;
         if done != 0
-            && top > done
-            && HEAP_ADVISED_TO.compare_exchange(done, top, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && whole > done
+            && HEAP_ADVISED_TO.compare_exchange(done, whole, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
-            advise_range(done, top);
+            advise_range(done, whole);
         }
     }
 }

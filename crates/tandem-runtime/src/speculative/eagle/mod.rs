@@ -363,7 +363,8 @@ impl EagleDrafter {
             for (&i, logits) in live.iter().zip(&logits) {
                 let r = drafting[i].request;
                 let token = self.push_token(&requests[r], logits, &mut drafts[r]);
-                if requests[r].alternatives > 0 && drafts[r].probs.is_none() {
+                // Past a reach below the least chance a branch needs, none can qualify.
+                if requests[r].alternatives > 0 && drafts[r].probs.is_none() && reach[r] >= ALTERNATIVE_MIN_PROB {
                     let d2t = &self.weights.d2t;
                     let (chance, runners_up) = runners_up(logits, token, requests[r].alternatives, reach[r]);
                     let beside = |(c, i): (f32, u32)| (c, Alternative { of: step, token: d2t[i as usize] });
