@@ -116,10 +116,8 @@ pub fn logprob(logits: &[f32], id: u32) -> f32 {
 
 /// log Σ exp(logits): the one normaliser every reported logprob uses (sampling, verification,
 /// the training API's logprobs), so they agree to the bit.
-fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    max + sum.ln() as f32
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    tandem_models::ops::kernels::log_sum_exp(logits)
 }
 
 /// Index of the largest value; the lowest index wins ties, so greedy decoding is deterministic.
@@ -159,13 +157,22 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     }
     // A min-heap: its top is the worst of the best n.
     let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(n + 1);
+    // The worst kept value, for a one-compare rejection of most entries (a value strictly below
+    // it cannot enter in any order; equal values, ±0 and NaN take the exact comparison).
+    let mut worst = f32::NEG_INFINITY;
     for (i, &v) in values.iter().enumerate() {
+        if v < worst {
+            continue;
+        }
         let e = Entry(v, i as u32);
         if heap.len() < n {
             heap.push(Reverse(e));
         } else if heap.peek().is_some_and(|w| e > w.0) {
             heap.pop();
             heap.push(Reverse(e));
+        }
+        if heap.len() == n {
+            worst = heap.peek().map_or(f32::NEG_INFINITY, |w| w.0 .0);
         }
     }
     // Ascending in Reverse order is descending in value.

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use tandem_runtime::sampling::top_n;
+use tandem_runtime::sampling::{log_sum_exp, top_n};
 
 /// The target's view of one finished sequence: everything the drafter's trainer needs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -89,12 +89,11 @@ impl Trace {
 }
 
 /// The `n` most likely tokens of softmax(logits) with their probabilities, most likely first.
-/// Runs on the engine thread for every verified position: the partition function takes the
-/// vectorised exp.
+/// Runs on the engine thread for every kept position: one read of the row for its normaliser
+/// (the vectorised log-sum-exp), one for the top entries, an exp for each of those alone.
 pub fn top_probs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut e = logits.to_vec();
-    let inv = tandem_models::ops::kernels::exp_shifted(&mut e);
-    top_n(logits, n.max(1)).into_iter().map(|(i, _)| (i, e[i as usize] * inv)).collect()
+    let lse = log_sum_exp(logits);
+    top_n(logits, n.max(1)).into_iter().map(|(i, l)| (i, (l - lse).exp())).collect()
 }
 
 /// A bounded buffer of traces between the engine (producer) and a trainer (consumer).

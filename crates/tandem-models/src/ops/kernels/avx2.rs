@@ -235,20 +235,40 @@ unsafe fn add_lanes<const N: usize>(
     }
 }
 
-/// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
-    let n = scores.len();
-    let n8 = n / 8 * 8;
-    let sp = scores.as_mut_ptr();
+/// The largest of x (exact: max gives the same value in any order).
+#[inline(always)]
+unsafe fn row_max(x: &[f32]) -> f32 {
+    let n8 = x.len() / 8 * 8;
     let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
     for c in (0..n8).step_by(8) {
-        mv = _mm256_max_ps(mv, _mm256_loadu_ps(sp.add(c)));
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(x.as_ptr().add(c)));
     }
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-    let max = lanes.iter().chain(&scores[n8..]).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mv = _mm256_set1_ps(max);
+    lanes.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |m, &s| m.max(s))
+}
+
+/// exp(x - max) of the last `x.len() % 8` values through the same polynomial as the rest (so a
+/// value's weight does not depend on where the row ends), in lanes 0.., padded lanes zero.
+#[inline(always)]
+unsafe fn tail_exp(x: &[f32], max: f32) -> __m256 {
+    let n8 = x.len() / 8 * 8;
+    let mut tail = [max; 8];
+    tail[..x.len() - n8].copy_from_slice(&x[n8..]);
+    let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(
+        _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
+        _mm256_set1_ps((x.len() - n8) as f32),
+    );
+    _mm256_and_ps(exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), _mm256_set1_ps(max))), keep)
+}
+
+/// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
+    let n = scores.len();
+    let n8 = n / 8 * 8;
+    let max = row_max(scores);
+    let (sp, mv) = (scores.as_mut_ptr(), _mm256_set1_ps(max));
     let mut sum = _mm256_setzero_ps();
     for c in (0..n8).step_by(8) {
         let e = exp(_mm256_sub_ps(_mm256_loadu_ps(sp.add(c)), mv));
@@ -256,20 +276,40 @@ pub unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
         sum = _mm256_add_ps(sum, e);
     }
     if n8 < n {
-        // The tail through the same polynomial (so a score's weight does not depend on where
-        // the row ends), padded lanes masked out of the sum.
-        let mut tail = [max; 8];
-        tail[..n - n8].copy_from_slice(&scores[n8..]);
-        let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(
-            _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
-            _mm256_set1_ps((n - n8) as f32),
-        );
-        let e = _mm256_and_ps(exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv)), keep);
+        let e = tail_exp(scores, max);
+        let mut tail = [0f32; 8];
         _mm256_storeu_ps(tail.as_mut_ptr(), e);
         scores[n8..].copy_from_slice(&tail[..n - n8]);
         sum = _mm256_add_ps(sum, e);
     }
     1.0 / hsum(sum)
+}
+
+/// log Σ exp(x): the maximum, then exp(x - max) through the polynomial below, eight lanes at a
+/// time, widened and summed in f64 lanes (a vocabulary of 150k terms in f32 lanes would lose
+/// ~1e-4 of the sum).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn log_sum_exp(x: &[f32]) -> f32 {
+    let n8 = x.len() / 8 * 8;
+    let max = row_max(x);
+    if !max.is_finite() {
+        return max; // empty, all -inf, or +inf somewhere: no finite normaliser
+    }
+    let mv = _mm256_set1_ps(max);
+    let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let mut add = |e: __m256| {
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+    };
+    for c in (0..n8).step_by(8) {
+        add(exp(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(c)), mv)));
+    }
+    if n8 < x.len() {
+        add(tail_exp(x, max));
+    }
+    let mut sums = [0f64; 4];
+    _mm256_storeu_pd(sums.as_mut_ptr(), _mm256_add_pd(lo, hi));
+    max + ((sums[0] + sums[1]) + (sums[2] + sums[3])).ln() as f32
 }
 
 /// out = silu(gate) * up, eight values at a time (a libm call per value was 4% of a k = 8
