@@ -72,6 +72,13 @@ pub struct OnlineBenchArgs {
     /// with `+lookup` (e.g. `warm+lookup`) tries prompt lookup before its drafter.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONFIGS)]
     configs: Vec<String>,
+    /// Run the configurations side by side, taking turns request by request (request 1 under
+    /// each, then request 2, ...), each on its own engine: a machine that slows down for a while
+    /// slows every configuration alike, so their ratios hold where one-after-another runs swing
+    /// by 10-30%. One request in flight, no think time; not with `offline` or `none+train` (they
+    /// read the traces of a `warm` run before them).
+    #[arg(long)]
+    interleave: bool,
     /// Most draft tokens per step.
     #[arg(long, default_value_t = 6)]
     spec_k: usize,
@@ -186,6 +193,41 @@ struct RunOutput {
 /// each request.
 type Samples = Vec<(usize, u64, u64, f64, f64, u64, f64)>;
 
+/// Whose turn it is under `--interleave`: request r of configuration c is turn r × configs + c.
+struct Turns {
+    configs: usize,
+    /// The turn now, and whether a configuration failed (then no turn comes again).
+    state: Mutex<(usize, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Turns {
+    fn new(configs: usize) -> Self {
+        Turns { configs, state: Mutex::new((0, false)), changed: std::sync::Condvar::new() }
+    }
+
+    /// Blocks until request `request` of configuration `config` may run.
+    fn wait(&self, request: usize, config: usize) -> Result<()> {
+        let want = request * self.configs + config;
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while st.0 != want && !st.1 {
+            st = self.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        ensure!(!st.1, "another configuration failed");
+        Ok(())
+    }
+
+    /// The turn is over (`ok`), or its configuration failed and the others stop waiting.
+    fn end(&self, ok: bool) {
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match ok {
+            true => st.0 += 1,
+            false => st.1 = true,
+        }
+        self.changed.notify_all();
+    }
+}
+
 /// Serves the stream with `concurrency` requests in flight; samples (served, k, version) as it goes.
 #[allow(clippy::too_many_arguments)]
 fn replay(
@@ -198,17 +240,69 @@ fn replay(
     exchange: Option<&DrafterExchange>,
     label: &str,
     think: Duration,
+    turns: Option<(&Turns, usize)>,
 ) -> Result<(Vec<Done>, f64, Samples, tandem_engine::SpecStats)> {
     let thread = engine.spawn();
     let next = AtomicUsize::new(0);
     let done = Mutex::new(Vec::new());
     let samples = Mutex::new(Vec::new());
     let start = Instant::now();
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    // Side by side (`--interleave`), one bar per configuration would overwrite the others'.
+    let bar = match turns {
+        Some(_) => indicatif::ProgressBar::hidden(),
+        None => indicatif::ProgressBar::new(prompts.len() as u64),
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!("{label:>10} {{bar:40}} {{pos}}/{{len}} [{{elapsed}}]"))
             .expect("template"),
     );
+    // One request, start to finish, recorded in `done` (and a sample of the drafter's state).
+    let serve_one = |i: usize| -> Result<()> {
+        let submitted_secs = start.elapsed().as_secs_f64();
+        let request = GenerationRequest {
+            prompt: ids[i].clone(),
+            max_tokens: args.max_tokens,
+            sampling: SamplingParams::default(),
+            stop_token_ids: stop.to_vec(),
+            client: None,
+            agent: None,
+            weights: None,
+        };
+        let mut rx = handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut output = Vec::new();
+        let (tokens, steps) = loop {
+            match rx.blocking_recv().context("the engine stopped")? {
+                Event::Token(t) => output.push(t.id),
+                Event::Finished { usage, .. } => {
+                    let steps = usage.speculation.map_or(usage.completion_tokens, |s| s.decode_steps);
+                    break (usage.completion_tokens, steps);
+                }
+                Event::Failed(m) => bail!("request {i} failed: {m}"),
+            }
+        };
+        let mut d = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        d.push(Done {
+            index: i,
+            domain: prompts[i].domain,
+            submitted_secs,
+            finished_secs: start.elapsed().as_secs_f64(),
+            tokens,
+            decode_steps: steps,
+            output,
+        });
+        if let Some(ex) = exchange {
+            samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((
+                d.len(),
+                ex.metrics.chosen_k.load(Ordering::Relaxed),
+                ex.weights.serving_version.load(Ordering::Relaxed),
+                ex.metrics.speedup(),
+                ex.metrics.train_share.get(),
+                ex.metrics.train_steps.load(Ordering::Relaxed),
+                ex.metrics.fresh_agreement.get(),
+            ));
+        }
+        Ok(())
+    };
     std::thread::scope(|s| -> Result<()> {
         let mut joins = Vec::new();
         for _ in 0..args.concurrency.max(1) {
@@ -218,50 +312,14 @@ fn replay(
                     if i >= prompts.len() {
                         return Ok(());
                     }
-                    let submitted_secs = start.elapsed().as_secs_f64();
-                    let request = GenerationRequest {
-                        prompt: ids[i].clone(),
-                        max_tokens: args.max_tokens,
-                        sampling: SamplingParams::default(),
-                        stop_token_ids: stop.to_vec(),
-                        client: None,
-                        agent: None,
-                        weights: None,
-                    };
-                    let mut rx = handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let mut output = Vec::new();
-                    let (tokens, steps) = loop {
-                        match rx.blocking_recv().context("the engine stopped")? {
-                            Event::Token(t) => output.push(t.id),
-                            Event::Finished { usage, .. } => {
-                                let steps = usage.speculation.map_or(usage.completion_tokens, |s| s.decode_steps);
-                                break (usage.completion_tokens, steps);
-                            }
-                            Event::Failed(m) => bail!("request {i} failed: {m}"),
-                        }
-                    };
-                    let mut d = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    d.push(Done {
-                        index: i,
-                        domain: prompts[i].domain,
-                        submitted_secs,
-                        finished_secs: start.elapsed().as_secs_f64(),
-                        tokens,
-                        decode_steps: steps,
-                        output,
-                    });
-                    if let Some(ex) = exchange {
-                        samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((
-                            d.len(),
-                            ex.metrics.chosen_k.load(Ordering::Relaxed),
-                            ex.weights.serving_version.load(Ordering::Relaxed),
-                            ex.metrics.speedup(),
-                            ex.metrics.train_share.get(),
-                            ex.metrics.train_steps.load(Ordering::Relaxed),
-                            ex.metrics.fresh_agreement.get(),
-                        ));
+                    if let Some((t, config)) = turns {
+                        t.wait(i, config)?;
                     }
-                    drop(d);
+                    let served = serve_one(i);
+                    if let Some((t, _)) = turns {
+                        t.end(served.is_ok());
+                    }
+                    served?;
                     bar.inc(1);
                     std::thread::sleep(think);
                 }
@@ -329,6 +387,7 @@ fn run_config(
     prompts: &[Prompt],
     args: &OnlineBenchArgs,
     trace_dir: &Path,
+    turns: Option<(&Turns, usize)>,
 ) -> Result<RunOutput> {
     let loaded = load_model(path, &args.dtype.load_options(Device::Cpu))?;
     let ids = workload::chat_ids(&loaded, prompts)?;
@@ -394,7 +453,7 @@ fn run_config(
     // frozen drafter with pauses 0.95x of no speculation without), whoever uses the pause.
     let think = Duration::from_millis(args.think_ms);
     let (done, wall, samples, spec_stats) =
-        replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name, think)?;
+        replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name, think, turns)?;
     if let Some(t) = trainer {
         let st = t.status();
         summary.trainer_steps = st.steps;
@@ -474,6 +533,41 @@ fn busy_secs(done: &[Done], from: f64) -> f64 {
     busy.max(1e-9)
 }
 
+/// `--interleave`: every configuration on its own engine at once, taking turns request by request.
+fn interleaved(
+    args: &OnlineBenchArgs,
+    path: &Path,
+    prompts: &[Prompt],
+    trace_dir: &Path,
+) -> Result<Vec<(String, RunOutput)>> {
+    ensure!(
+        args.concurrency == 1 && args.think_ms == 0,
+        "--interleave takes turns one request at a time, without think time"
+    );
+    if let Some(c) = args.configs.iter().find(|c| matches!(c.as_str(), "offline" | "none+train")) {
+        bail!("--interleave cannot run `{c}`: it needs the traces of a `warm` run finished before it");
+    }
+    let turns = Turns::new(args.configs.len());
+    std::thread::scope(|s| {
+        let runs: Vec<_> = args
+            .configs
+            .iter()
+            .enumerate()
+            .map(|(c, name)| {
+                let turns = &turns;
+                s.spawn(move || {
+                    let r = run_config(name, path, prompts, args, trace_dir, Some((turns, c)));
+                    if r.is_err() {
+                        turns.end(false);
+                    }
+                    r.with_context(|| format!("configuration {name}")).map(|r| (name.clone(), r))
+                })
+            })
+            .collect();
+        runs.into_iter().map(|j| j.join().expect("configuration thread")).collect()
+    })
+}
+
 /// Per-window figures of one run.
 fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
     let mut rows = Vec::new();
@@ -532,9 +626,16 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         crate::machine_description()
     );
     let mut runs: Vec<(String, RunOutput)> = Vec::new();
-    for name in args.configs.clone() {
-        let r =
-            run_config(&name, &path, &prompts, &args, &trace_dir).with_context(|| format!("configuration {name}"))?;
+    if args.interleave {
+        runs = interleaved(&args, &path, &prompts, &trace_dir)?;
+    } else {
+        for name in args.configs.clone() {
+            let r = run_config(&name, &path, &prompts, &args, &trace_dir, None)
+                .with_context(|| format!("configuration {name}"))?;
+            runs.push((name, r));
+        }
+    }
+    for (name, r) in &runs {
         eprintln!(
             "{name:>10}: {:.1} tok/s, acceptance {:.2}, {:.0} s, trainer steps {}, versions {}, rollbacks {}",
             r.summary.tok_s,
@@ -557,7 +658,6 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
                 s.alternatives_drafted
             );
         }
-        runs.push((name, r));
     }
     // Identical outputs, and per-window ratios against `none`.
     let none = runs.iter().position(|(n, _)| n == "none");
@@ -724,5 +824,38 @@ fn print_controller_table(arm: &str, table: &[KStat]) {
             ratio,
             r.tokens_per_sec
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaved_configurations_take_turns_request_by_request() {
+        let turns = Turns::new(3);
+        let log = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for c in (0..3).rev() {
+                let (turns, log) = (&turns, &log);
+                s.spawn(move || {
+                    for r in 0..4 {
+                        turns.wait(r, c).unwrap();
+                        log.lock().unwrap().push((r, c));
+                        turns.end(true);
+                    }
+                });
+            }
+        });
+        let want: Vec<(usize, usize)> = (0..4).flat_map(|r| (0..3).map(move |c| (r, c))).collect();
+        assert_eq!(log.into_inner().unwrap(), want);
+        // A configuration that fails releases the others instead of leaving them waiting.
+        let turns = Turns::new(2);
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| turns.wait(0, 1));
+            turns.wait(0, 0).unwrap();
+            turns.end(false);
+            assert!(waiting.join().unwrap().is_err());
+        });
     }
 }
