@@ -122,13 +122,7 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
 
 /// Index of the largest value; the lowest index wins ties, so greedy decoding is deterministic.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
+    tandem_models::ops::kernels::argmax(values)
 }
 
 /// The n largest entries, largest first (ties: lower id first; `f32::total_cmp` order). One scan

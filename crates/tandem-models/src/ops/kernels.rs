@@ -366,6 +366,26 @@ fn attend_row(q: &[f32], keys: [&[f32]; 2], values: [&[f32]; 2], scale: f32, sco
     }
 }
 
+/// The index of the largest value, the lowest where several are equal (greedy decoding is
+/// then deterministic); NaN never wins. Every greedy token and every verified row takes one
+/// over the vocabulary.
+pub fn argmax(x: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2::argmax(x) };
+        }
+    }
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// log Σ exp(x), without writing anything: the normaliser of a vocabulary-sized row of logits,
 /// which every emitted token's logprob needs (a libm exp per entry was ~6% of a decode step).
 /// exp(x - max) in f32, summed in f64; one fixed order per machine, so every caller (sampling,
@@ -406,6 +426,32 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_skips_nan() {
+        let scan = |x: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in x.iter().enumerate() {
+                if v > x[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        for &n in &[1usize, 5, 8, 9, 17, 49_152] {
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32).collect();
+            assert_eq!(argmax(&x), scan(&x), "n={n}");
+            if n > 3 {
+                x[n - 1] = 5000.0; // the largest in the tail or the last block
+                x[1] = f32::NAN;
+                assert_eq!(argmax(&x), scan(&x), "n={n}");
+                x[2] = 5000.0; // a tie: the first wins
+                assert_eq!(argmax(&x), 2);
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 3.0, 4.0]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 9]), 0);
     }
 
     #[test]

@@ -262,6 +262,32 @@ unsafe fn tail_exp(x: &[f32], max: f32) -> __m256 {
     _mm256_and_ps(exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), _mm256_set1_ps(max))), keep)
 }
 
+/// The index of the largest value, the lowest where several are equal; NaN never wins (and a
+/// NaN first value stands, as a scalar scan that starts from it would leave it).
+#[target_feature(enable = "avx2")]
+pub unsafe fn argmax(x: &[f32]) -> u32 {
+    if x.is_empty() || x[0].is_nan() {
+        return 0;
+    }
+    let n8 = x.len() / 8 * 8;
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in (0..n8).step_by(8) {
+        // max(v, m) returns m where v is NaN: NaN never enters.
+        mv = _mm256_max_ps(_mm256_loadu_ps(x.as_ptr().add(c)), mv);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+    let max = lanes.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+    let target = _mm256_set1_ps(max);
+    for c in (0..n8).step_by(8) {
+        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_loadu_ps(x.as_ptr().add(c)), target));
+        if hit != 0 {
+            return (c + hit.trailing_zeros() as usize) as u32;
+        }
+    }
+    (n8 + x[n8..].iter().position(|&v| v == max).unwrap_or(0)) as u32
+}
+
 /// Replaces scores by exp(score - max) and returns 1 / their sum; eight lanes at a time.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
