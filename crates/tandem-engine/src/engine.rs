@@ -448,11 +448,7 @@ impl Engine {
         }
         // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
         // The draft tree's sibling budget too, by the same measure.
-        let global = self
-            .online
-            .as_mut()
-            .filter(|o| o.hooks.config.k_by_throughput)
-            .map(|o| (o.k.choose(), o.alternatives.choose()));
+        let global = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.choose());
         let (asks, cut) = self.scheduler.draft_asks(global);
         // A draft cut short by the output limit or the slot is not a step at the chosen k.
         self.step_k = global.filter(|_| !cut);

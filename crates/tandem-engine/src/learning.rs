@@ -62,21 +62,19 @@ impl OnlineState {
 
     /// A decode-only step at draft length k with a sibling budget emitted `emitted` tokens in
     /// `step_secs` (drafting included): the controllers' measurement, published for /metrics. The
-    /// budget is judged only by steps that drafted.
+    /// budget is judged only by steps that drafted, at their draft length.
     pub(crate) fn on_decode_step(&mut self, k: usize, alternatives: usize, emitted: usize, step_secs: f64) {
         self.k.record(k, emitted, step_secs);
-        if k > 0 {
-            self.alternatives.record(alternatives, emitted, step_secs);
-        }
+        self.record_alternatives(k, alternatives, emitted, step_secs);
         let m = &self.hooks.exchange.metrics;
         m.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);
-        m.chosen_alternatives.store(self.alternatives.best() as u64, Ordering::Relaxed);
+        m.chosen_alternatives.store(self.alternatives().map_or(0, |c| c.best()) as u64, Ordering::Relaxed);
         m.gain.set(self.k.gain());
         if let Ok(mut t) = m.k_table.try_lock() {
             *t = self.k.table();
         }
         if let Ok(mut t) = m.alternatives_table.try_lock() {
-            *t = self.alternatives.table();
+            *t = self.alternatives().map(|c| c.table()).unwrap_or_default();
         }
     }
 }

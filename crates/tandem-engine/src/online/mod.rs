@@ -72,15 +72,16 @@ pub(crate) struct OnlineState {
     before: Option<Window>,
     after: Window,
     pub k: KController,
-    /// The draft tree's node budget (siblings per step), chosen the same way as k, from the
-    /// steps that drafted (k > 0).
-    pub alternatives: KController,
+    /// The draft tree's node budget (siblings per step), chosen the same way as k, one controller
+    /// per draft length: a sibling is worth more beside a longer chain, and arms measured at a mix
+    /// of lengths would compare the lengths rather than the budgets.
+    alternatives: Vec<KController>,
 }
 
 impl OnlineState {
     pub fn new(hooks: OnlineHooks, max_k: usize, max_alternatives: usize, initial: Option<Version>) -> Self {
         let k = KController::new(max_k, hooks.config.explore);
-        let alternatives = KController::new(max_alternatives, hooks.config.explore);
+        let alternatives = (0..=max_k).map(|_| KController::new(max_alternatives, hooks.config.explore)).collect();
         OnlineState {
             hooks,
             previous: None,
@@ -90,6 +91,24 @@ impl OnlineState {
             after: Window::default(),
             k,
             alternatives,
+        }
+    }
+
+    /// The next step's draft length and sibling budget.
+    pub fn choose(&mut self) -> (usize, usize) {
+        let k = self.k.choose();
+        (k, if k == 0 { 0 } else { self.alternatives[k].choose() })
+    }
+
+    /// The sibling budget's controller at the best draft length (none while that is 0).
+    pub fn alternatives(&self) -> Option<&KController> {
+        Some(self.k.best()).filter(|&k| k > 0).map(|k| &self.alternatives[k])
+    }
+
+    /// A step that drafted `k` tokens with `budget` siblings emitted `emitted` in `secs`.
+    pub fn record_alternatives(&mut self, k: usize, budget: usize, emitted: usize, secs: f64) {
+        if let Some(c) = self.alternatives.get_mut(k).filter(|_| k > 0) {
+            c.record(budget, emitted, secs);
         }
     }
 
@@ -145,5 +164,34 @@ impl OnlineState {
         self.recent.clear();
         self.before = None;
         Some(back)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_draft_length_finds_its_own_sibling_budget() {
+        let hooks = OnlineHooks {
+            traces: Arc::new(TraceBuffer::new(1 << 20)),
+            exchange: Arc::new(DrafterExchange::default()),
+            config: OnlineConfig::default(),
+        };
+        let mut state = OnlineState::new(hooks, 2, 2, None);
+        // Steps of one second: at k = 1 siblings cost more than they win, at k = 2 two pay
+        // (and k = 2 is the faster length). One controller over both lengths would see a mix.
+        let tokens = |k: usize, siblings: usize| match k {
+            0 => 10,
+            1 => 20 - 3 * siblings,
+            _ => 24 + 4 * siblings,
+        };
+        for _ in 0..4000 {
+            let (k, siblings) = state.choose();
+            state.on_decode_step(k, siblings, tokens(k, siblings), 1.0);
+        }
+        assert_eq!(state.k.best(), 2);
+        assert_eq!(state.alternatives().map(|c| c.best()), Some(2));
+        assert_eq!(state.alternatives[1].best(), 0);
     }
 }

@@ -258,8 +258,11 @@ pub fn attention(
     assert_eq!(q.len(), t * heads * d);
     assert_eq!(out.len(), t * heads * d);
     let group = heads / g.kv_heads;
-    // Rows per item: enough items to balance the threads, at most a few tokens' worth.
-    let per_item = (t * heads / (team::threads() * 4)).clamp(1, 3 * group);
+    // Rows per item: at least the query heads of one KV head (they then read its keys and values
+    // once, not once each: a SmolLM2 Q4_1 decode step 5-8% faster at depth 150-400, though three
+    // items share two threads unevenly), more where there are enough rows to balance the threads,
+    // at most a few tokens' worth.
+    let per_item = (t * heads / (team::threads() * 4)).clamp(group, 3 * group);
     let mut items = Vec::new();
     let mut start = 0;
     while start < t {
