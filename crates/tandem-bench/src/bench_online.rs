@@ -69,7 +69,9 @@ pub struct OnlineBenchArgs {
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
     /// Configurations to run, in order (`offline` needs `warm` before it). An EAGLE configuration
-    /// with `+lookup` (e.g. `warm+lookup`) tries prompt lookup before its drafter.
+    /// with `+lookup` (e.g. `warm+lookup`) tries prompt lookup before its drafter; one with
+    /// `@DTYPE` (e.g. `day0+lookup@q4_1`) serves its drafter's matrices as DTYPE (--draft-dtype's
+    /// values).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONFIGS)]
     configs: Vec<String>,
     /// Run the configurations side by side, taking turns request by request (request 1 under
@@ -394,7 +396,18 @@ fn run_config(
     let stop = loaded.stop_token_ids.clone();
     let mut summary = Summary { config: name.to_string(), requests: prompts.len(), ..Default::default() };
     let online = &args.online;
-    let dtype = args.draft_dtype.serve_as();
+    // `CONFIG@DTYPE`: the drafter's matrices as DTYPE (e.g. `day0+lookup@q4_1` beside
+    // `day0+lookup` under --interleave) instead of --draft-dtype.
+    let full_name = name;
+    let (name, dtype) = match name.split_once('@') {
+        Some((base, d)) => {
+            use clap::ValueEnum;
+            let d = tandem_cli::spec_arg::DraftDtype::from_str(d, true)
+                .map_err(|e| anyhow::anyhow!("configuration {name}: {e}"))?;
+            (base, d.serve_as())
+        }
+        None => (name, args.draft_dtype.serve_as()),
+    };
     let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
         Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving(dtype)?)
     };
@@ -431,7 +444,7 @@ fn run_config(
             let _ = std::fs::remove_dir_all(trace_dir);
             o.trace_dir = Some(trace_dir.to_path_buf());
         }
-        o.drafter_save = std::env::temp_dir().join(format!("tandem-bench-drafter-{name}"));
+        o.drafter_save = std::env::temp_dir().join(format!("tandem-bench-drafter-{full_name}"));
         let warm = match base {
             "scratch" => WarmStart::None,
             "warm-head" => WarmStart::Head,

@@ -89,6 +89,9 @@ pub enum DraftDtype {
     #[default]
     #[value(name = "q8_0")]
     Q8_0,
+    /// GGUF Q4_1 blocks: 60% of Q8_0's bytes per draft token, at some cost in agreement.
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
 impl DraftDtype {
@@ -97,6 +100,7 @@ impl DraftDtype {
             DraftDtype::F32 => ServeAs::F32,
             DraftDtype::Bf16 => ServeAs::Bf16,
             DraftDtype::Q8_0 => ServeAs::Q8_0,
+            DraftDtype::Q4_1 => ServeAs::Q4_1,
         }
     }
 }

@@ -39,6 +39,9 @@ pub enum ServeAs {
     /// GGUF's Q8_0 blocks (8.5 bits a value) through the quantized kernels, where a matrix's
     /// rows are whole blocks (else bf16).
     Q8_0,
+    /// GGUF's Q4_1 blocks (5 bits a value), likewise: 60% of Q8_0's bytes, which a draft step
+    /// reads from memory after the target's weights have passed through the cache.
+    Q4_1,
 }
 
 impl ServeAs {
@@ -51,13 +54,14 @@ impl ServeAs {
         let blocks = t.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size()) && t.device().is_cpu();
         Ok(match self {
             ServeAs::F32 => Linear::dense(t, None),
-            ServeAs::Q8_0 if blocks => {
+            ServeAs::Q8_0 | ServeAs::Q4_1 if blocks => {
+                let format = if self == ServeAs::Q8_0 { GgmlDType::Q8_0 } else { GgmlDType::Q4_1 };
                 // A fresh copy: candle's quantizer reads the storage from its start, and a
                 // matrix taken from a fused one (a warm start's up_proj) begins past it.
                 let rows = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.shape(), t.device())?;
-                Linear::quantized(QTensor::quantize(&rows, GgmlDType::Q8_0)?, None)?
+                Linear::quantized(QTensor::quantize(&rows, format)?, None)?
             }
-            ServeAs::Bf16 | ServeAs::Q8_0 => Linear::dense(t.to_dtype(DType::BF16)?, None),
+            ServeAs::Bf16 | ServeAs::Q8_0 | ServeAs::Q4_1 => Linear::dense(t.to_dtype(DType::BF16)?, None),
         })
     }
 }
