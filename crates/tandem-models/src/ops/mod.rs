@@ -141,8 +141,7 @@ impl CustomOp1 for QuantizedMatmul {
         if k != self.0.cols {
             candle_core::bail!("quantized matmul: input has {k} columns, the weight {}", self.0.cols);
         }
-        let mut y = vec![0f32; m * self.0.rows];
-        quant::matmul_xwt(f32_slice(s, l)?, &self.0, m, &mut y);
+        let y = quant::matmul_xwt_new(f32_slice(s, l)?, &self.0, m);
         Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows))))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {

@@ -644,10 +644,30 @@ pub fn matmul_xwt(x: &[f32], w: &QWeight, m: usize, y: &mut [f32]) {
     matmul_xwt_with(Isa::detect(), x, w, m, y)
 }
 
+/// `matmul_xwt` into a new [m, rows] vector, which it writes without zeroing it first (zeroing
+/// a prefill's outputs was ~2% of it, the other thread waiting).
+pub fn matmul_xwt_new(x: &[f32], w: &QWeight, m: usize) -> Vec<f32> {
+    let len = m * w.rows;
+    let mut y = Vec::with_capacity(len);
+    // SAFETY: the product writes every element of the spare capacity (each tile its columns of
+    // every row; the tiles cover every row of the weight) before the length is set.
+    unsafe {
+        product(Isa::detect(), x, w, m, SharedMut(y.spare_capacity_mut().as_mut_ptr().cast::<f32>()));
+        y.set_len(len);
+    }
+    y
+}
+
 /// As `matmul_xwt` on a chosen implementation.
 pub fn matmul_xwt_with(isa: Isa, x: &[f32], w: &QWeight, m: usize, y: &mut [f32]) {
+    assert_eq!(y.len(), m * w.rows);
+    // SAFETY: y holds m × rows values.
+    unsafe { product(isa, x, w, m, SharedMut(y.as_mut_ptr())) }
+}
+
+/// x times w transposed into `out`, which must have room for m × rows values; writes them all.
+unsafe fn product(isa: Isa, x: &[f32], w: &QWeight, m: usize, out: SharedMut) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(y.len(), m * n);
     let input = QInput::new(x, m, k);
     let tiles: Vec<(&Part, usize)> = w.parts.iter().flat_map(|p| (0..p.tiles()).map(move |t| (p, t))).collect();
     let threads = super::team::threads();
@@ -656,7 +676,6 @@ pub fn matmul_xwt_with(isa: Isa, x: &[f32], w: &QWeight, m: usize, y: &mut [f32]
     // per thread ran 1-8% faster than four, one per thread no better than two and exposed to a
     // descheduled thread (docs/performance.md).
     let chunk = (tiles.len() / (threads * 2)).clamp(1, 64);
-    let out = SharedMut(y.as_mut_ptr());
     super::team::for_each(tiles.len().div_ceil(chunk), &|c| {
         let chunk = &tiles[c * chunk..((c + 1) * chunk).min(tiles.len())];
         #[allow(clippy::redundant_locals)]
