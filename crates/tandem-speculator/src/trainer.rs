@@ -254,7 +254,7 @@ impl Trainer {
         let n = b.rows();
         let vd = c.draft_vocab_size;
         let params = self.params();
-        let layer = EagleLayer { w: &params, config: c, rope: &self.rope, path: self.path };
+        let layer = EagleLayer { w: &params, stacked: None, config: c, rope: &self.rope, path: self.path };
         let feats = self.features(b, training)?;
         let ids = Tensor::from_slice(&b.next_tokens, n, dev)?;
         let embeds = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;

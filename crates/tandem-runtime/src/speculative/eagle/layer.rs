@@ -37,9 +37,20 @@ impl LayerWeight for Linear {
     }
 }
 
+/// Projections that read the same input, stacked into one matrix each while serving: one pass
+/// of the kernels (one input quantization, one hand-out to the threads) instead of three and two.
+/// Each output column is computed as the separate matrix computes it. The trainer keeps them apart.
+pub struct Stacked<'a, W> {
+    /// q_proj, k_proj, v_proj.
+    pub qkv: &'a W,
+    /// gate_proj, up_proj.
+    pub gate_up: &'a W,
+}
+
 /// The layer's weights with what its forward needs beside them.
 pub struct EagleLayer<'a, W: LayerWeight> {
     pub w: &'a EagleTensors<W>,
+    pub stacked: Option<Stacked<'a, W>>,
     pub config: &'a EagleConfig,
     pub rope: &'a RopeTables,
     pub path: OpsPath,
@@ -84,15 +95,31 @@ impl<W: LayerWeight> EagleLayer<'_, W> {
         let t = x.dim(0)?;
         let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let input = Tensor::cat(&[normed_embeds, &self.rms_norm(x, &self.w.hidden_norm)?], 1)?;
-        let q = self.linear(&input, &self.w.q_proj)?.reshape((t, heads, d))?;
-        let k = self.linear(&input, &self.w.k_proj)?.reshape((t, kvh, d))?;
-        let v = self.linear(&input, &self.w.v_proj)?.reshape((t, kvh, d))?;
+        let (q, k, v) = match &self.stacked {
+            Some(st) => {
+                let qkv = self.linear(&input, st.qkv)?;
+                (
+                    qkv.narrow(1, 0, heads * d)?,
+                    qkv.narrow(1, heads * d, kvh * d)?,
+                    qkv.narrow(1, (heads + kvh) * d, kvh * d)?,
+                )
+            }
+            None => (
+                self.linear(&input, &self.w.q_proj)?,
+                self.linear(&input, &self.w.k_proj)?,
+                self.linear(&input, &self.w.v_proj)?,
+            ),
+        };
+        let (q, k, v) = (q.reshape((t, heads, d))?, k.reshape((t, kvh, d))?, v.reshape((t, kvh, d))?);
         let q = ops::rope(&q, positions, self.rope, self.path)?;
         let k = ops::rope(&k, positions, self.rope, self.path)?;
         let attn = attend(q, k, v)?;
         let h = (x + self.linear(&attn, &self.w.o_proj)?)?;
         let m = self.rms_norm(&h, &self.w.post_attention_norm)?;
-        let gate_up = Tensor::cat(&[self.linear(&m, &self.w.gate_proj)?, self.linear(&m, &self.w.up_proj)?], 1)?;
+        let gate_up = match &self.stacked {
+            Some(st) => self.linear(&m, st.gate_up)?,
+            None => Tensor::cat(&[self.linear(&m, &self.w.gate_proj)?, self.linear(&m, &self.w.up_proj)?], 1)?,
+        };
         let mlp = self.linear(&ops::silu_mul(&gate_up, self.path)?, &self.w.down_proj)?;
         Ok((h + mlp)?)
     }

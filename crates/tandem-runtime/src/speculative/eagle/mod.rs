@@ -66,6 +66,15 @@ impl ServeAs {
     }
 }
 
+/// q/k/v and gate/up of the served matrices, each group as one matrix (None if a group's types
+/// differ, e.g. one fell back to bf16).
+fn stack(served: &EagleTensors<Linear>) -> Option<(Linear, Linear)> {
+    let s = served;
+    let qkv = Linear::fuse(vec![s.q_proj.clone(), s.k_proj.clone(), s.v_proj.clone()]).ok()?;
+    let gate_up = Linear::fuse(vec![s.gate_proj.clone(), s.up_proj.clone()]).ok()?;
+    Some((qkv, gate_up))
+}
+
 /// Positions of its own past the drafter attends to. Its trainer sees windows of at most 64
 /// positions, so a longer context is one it was never trained on; and catching up a whole prompt
 /// before the first draft would cost a prefill of the drafter (a tenth of the target's) per request.
@@ -115,6 +124,9 @@ pub struct EagleDrafter {
     weights: Arc<EagleWeights>,
     /// The same, as drafting reads them (see [`ServeAs`]).
     served: EagleTensors<Linear>,
+    /// q/k/v and gate/up of `served` stacked (see [`layer::Stacked`]); None where their types
+    /// differ and cannot stack.
+    stacked: Option<(Linear, Linear)>,
     device: Device,
     path: OpsPath,
     slots: Vec<SlotState>,
@@ -136,6 +148,7 @@ impl EagleDrafter {
         Ok(EagleDrafter {
             config,
             weights: Arc::new(EagleWeights { tensors, d2t: weights.d2t }),
+            stacked: stack(&served),
             served,
             device: device.clone(),
             path: OpsPath::for_device(device),
@@ -199,6 +212,7 @@ impl EagleDrafter {
     pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
         weights.check_shapes(&self.config)?;
         self.served = weights.tensors.try_map(|_, t| self.serve_as.serve(t))?;
+        self.stacked = stack(&self.served);
         self.weights = weights;
         for s in &mut self.slots {
             (s.kv_start, s.held) = (0, 0);
@@ -237,7 +251,8 @@ impl EagleDrafter {
     /// The served layer (rope tables built by `ensure_rope` before drafting).
     fn layer(&self) -> EagleLayer<'_, Linear> {
         let rope = self.rope.as_ref().expect("built before drafting");
-        EagleLayer { w: &self.served, config: &self.config, rope, path: self.path }
+        let stacked = self.stacked.as_ref().map(|(qkv, gate_up)| layer::Stacked { qkv, gate_up });
+        EagleLayer { w: &self.served, stacked, config: &self.config, rope, path: self.path }
     }
 
     /// The layer over `rows`: their keys and values go into the cache, and each attends to its
