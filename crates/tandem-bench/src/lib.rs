@@ -10,6 +10,7 @@ mod bench_soak;
 mod bench_spec;
 mod bench_train;
 mod plot;
+mod turns;
 pub mod workload;
 
 use anyhow::Result;

@@ -457,128 +457,10 @@ fn dequantize_lane(f: QFormat, tile: &[u8], lane: usize, out: &mut [f32]) {
 
 // ---------------------------------------------------------------- inputs
 
-/// Input rows quantized to 8 bits per 32 values: q = round(x / d) (ties to even), d = max|x| / 127.
-pub struct QInput {
-    k: usize,
-    q: Vec<i8>,
-    /// One scale per 32 values.
-    d: Vec<f32>,
-    /// d·Σq per 32 values (the offset terms' input sums).
-    dsum: Vec<f32>,
-    /// Σq per 16 values (the zero points' integer terms).
-    qsum: Vec<i32>,
-}
-
-impl QInput {
-    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
-        assert_eq!(x.len(), m * k);
-        assert_eq!(k % QK, 0);
-        let blocks = m * k / QK;
-        let mut out =
-            QInput { k, q: vec![0; m * k], d: vec![0.0; blocks], dsum: vec![0.0; blocks], qsum: vec![0; 2 * blocks] };
-        // Blocks are independent: a prefill's rows are quantized by the team in row groups
-        // (serially they were ~5% of a 100-token prefill, the other thread waiting).
-        const ROWS: usize = 16;
-        if m < 2 * ROWS {
-            quantize_blocks(x, out.blocks(0..blocks));
-            return out;
-        }
-        let per = ROWS * k / QK;
-        let parts: Vec<std::sync::Mutex<(&[f32], Blocks<'_>)>> =
-            out.split(per).into_iter().zip(x.chunks(ROWS * k)).map(|(b, x)| std::sync::Mutex::new((x, b))).collect();
-        super::team::for_each(parts.len(), &|i| {
-            let mut part = parts[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (x, blocks) = &mut *part;
-            quantize_blocks(x, blocks.reborrow());
-        });
-        drop(parts);
-        out
-    }
-
-    /// Blocks `range` of every field, to be written.
-    fn blocks(&mut self, range: std::ops::Range<usize>) -> Blocks<'_> {
-        Blocks {
-            q: &mut self.q[range.start * QK..range.end * QK],
-            d: &mut self.d[range.clone()],
-            dsum: &mut self.dsum[range.clone()],
-            qsum: &mut self.qsum[2 * range.start..2 * range.end],
-        }
-    }
-
-    /// Every field cut into runs of `per` blocks.
-    fn split(&mut self, per: usize) -> Vec<Blocks<'_>> {
-        let q = self.q.chunks_mut(per * QK);
-        let d = self.d.chunks_mut(per);
-        let dsum = self.dsum.chunks_mut(per);
-        let qsum = self.qsum.chunks_mut(2 * per);
-        q.zip(d).zip(dsum).zip(qsum).map(|(((q, d), dsum), qsum)| Blocks { q, d, dsum, qsum }).collect()
-    }
-}
-
-/// Some consecutive blocks of a [`QInput`], being written.
-struct Blocks<'a> {
-    q: &'a mut [i8],
-    d: &'a mut [f32],
-    dsum: &'a mut [f32],
-    qsum: &'a mut [i32],
-}
-
-impl Blocks<'_> {
-    fn reborrow(&mut self) -> Blocks<'_> {
-        Blocks { q: self.q, d: self.d, dsum: self.dsum, qsum: self.qsum }
-    }
-}
-
-/// Quantizes x into `out` (as many blocks as x has), with the AVX2 build where the CPU has it.
-fn quantize_blocks(x: &[f32], out: Blocks<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { quantize_avx2(x, out) };
-    }
-    quantize(x, out)
-}
-
-/// The same code compiled for AVX2 (IEEE operations without contraction: the same bits).
+mod input;
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(x: &[f32], out: Blocks<'_>) {
-    quantize(x, out)
-}
-
-/// Quantizes x block by block into `out`, written so that it vectorizes.
-#[inline(always)]
-fn quantize(x: &[f32], out: Blocks<'_>) {
-    // Rounding by adding 1.5·2²³: the sum's low mantissa bits are then the integer, rounded half
-    // to even (exact for |v| < 2²²; no float-to-int conversion, which does not vectorize).
-    const MAGIC: f32 = 12_582_912.0;
-    for (b, xs) in x.chunks_exact(QK).enumerate() {
-        let xs: &[f32; QK] = xs.try_into().expect("32 values");
-        // max |x| in eight lanes, then across them (max is exact: any order gives the same value;
-        // NaN never compares greater, so it is skipped in every order).
-        let mut lanes = [0f32; 8];
-        for c in xs.chunks_exact(8) {
-            for j in 0..8 {
-                let a = c[j].abs();
-                lanes[j] = if a > lanes[j] { a } else { lanes[j] };
-            }
-        }
-        let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut r = [0i32; QK];
-        for (ri, &v) in r.iter_mut().zip(xs) {
-            *ri = (v * inv + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
-        }
-        for (qi, &ri) in out.q[b * QK..][..QK].iter_mut().zip(&r) {
-            *qi = ri as i8;
-        }
-        let sums = [r[..16].iter().sum::<i32>(), r[16..].iter().sum::<i32>()];
-        out.d[b] = d;
-        out.qsum[2 * b..2 * b + 2].copy_from_slice(&sums);
-        out.dsum[b] = d * (sums[0] + sums[1]) as f32;
-    }
-}
+use input::Inputs;
+pub use input::QInput;
 
 // ---------------------------------------------------------------- products
 
@@ -717,42 +599,7 @@ fn tile_dot(isa: Isa, f: QFormat, tile: &[u8], x: &QInput, first: usize, out: &m
 //   each 16-value half with its own s, first half first;
 // - formats with a minimum: i = Σu·q, acc = fma(i, s·dx, acc), then acc = fma(b, dx·Σq, acc).
 
-mod portable {
-    use super::*;
-
-    pub fn tile_dot(f: QFormat, tile: &[u8], x: &QInput, first: usize, out: &mut [[f32; TILE]]) {
-        let slices = x.k / QK;
-        for o in out.iter_mut() {
-            *o = [0.0; TILE];
-        }
-        for s in 0..slices {
-            let (header, quants, params) = f.slice_at(s);
-            for lane in 0..TILE {
-                let p = lane_params(f, tile, header, params, lane);
-                let u = lane_values(f, &tile[quants..], lane);
-                for (c, o) in out.iter_mut().enumerate() {
-                    let xb = (first + c) * slices + s;
-                    let q = &x.q[xb * QK..][..QK];
-                    let half = |h: usize| -> i32 { (16 * h..16 * h + 16).map(|i| u[i] as i32 * q[i] as i32).sum() };
-                    let (h0, h1) = (half(0), half(1));
-                    let (dx, qs) = (x.d[xb], [x.qsum[2 * xb], x.qsum[2 * xb + 1]]);
-                    let acc = &mut o[lane];
-                    match f.zero() {
-                        Some(z) if f.halves() => {
-                            *acc = ((h0 - z * qs[0]) as f32).mul_add(p.s[0] * dx, *acc);
-                            *acc = ((h1 - z * qs[1]) as f32).mul_add(p.s[1] * dx, *acc);
-                        }
-                        Some(z) => *acc = ((h0 + h1 - z * (qs[0] + qs[1])) as f32).mul_add(p.s[0] * dx, *acc),
-                        None => {
-                            *acc = ((h0 + h1) as f32).mul_add(p.s[0] * dx, *acc);
-                            *acc = p.b.mul_add(x.dsum[xb], *acc);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
+mod portable;
 
 /// Dispatch to `$kernel::<F, C>` by format (its index in `FORMATS`) and input rows, so the
 /// format's branches fold away and every accumulator stays in a register.
@@ -822,29 +669,6 @@ unsafe fn prefetch_ahead(f: QFormat, at: *const u8) {
     // A prefetch never faults, so addresses past the weights' end are harmless.
     for line in (0..f.super_bytes() / f.super_slices()).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
-    }
-}
-
-/// Pointers to the input rows a tile is multiplied with.
-#[cfg(target_arch = "x86_64")]
-struct Inputs<const C: usize> {
-    q: [*const i8; C],
-    d: [*const f32; C],
-    dsum: [*const f32; C],
-    qsum: [*const i32; C],
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<const C: usize> Inputs<C> {
-    fn new(x: &QInput, first: usize) -> Self {
-        let slices = x.k / QK;
-        // SAFETY (of the reads through these): rows first..first + C exist in x.
-        Inputs {
-            q: std::array::from_fn(|c| x.q[(first + c) * x.k..].as_ptr()),
-            d: std::array::from_fn(|c| x.d[(first + c) * slices..].as_ptr()),
-            dsum: std::array::from_fn(|c| x.dsum[(first + c) * slices..].as_ptr()),
-            qsum: std::array::from_fn(|c| x.qsum[2 * (first + c) * slices..].as_ptr()),
-        }
     }
 }
 

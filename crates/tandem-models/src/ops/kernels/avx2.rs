@@ -235,17 +235,18 @@ unsafe fn add_lanes<const N: usize>(
     }
 }
 
-/// The largest of x (exact: max gives the same value in any order).
+/// The largest of x, NaN skipped (exact: max gives the same value in any order).
 #[inline(always)]
 unsafe fn row_max(x: &[f32]) -> f32 {
     let n8 = x.len() / 8 * 8;
     let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
     for c in (0..n8).step_by(8) {
-        mv = _mm256_max_ps(mv, _mm256_loadu_ps(x.as_ptr().add(c)));
+        // max(v, m) returns m where v is NaN: NaN never enters.
+        mv = _mm256_max_ps(_mm256_loadu_ps(x.as_ptr().add(c)), mv);
     }
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-    lanes.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |m, &s| m.max(s))
+    lanes.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m })
 }
 
 /// exp(x - max) of the last `x.len() % 8` values through the same polynomial as the rest (so a
@@ -270,14 +271,7 @@ pub unsafe fn argmax(x: &[f32]) -> u32 {
         return 0;
     }
     let n8 = x.len() / 8 * 8;
-    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
-    for c in (0..n8).step_by(8) {
-        // max(v, m) returns m where v is NaN: NaN never enters.
-        mv = _mm256_max_ps(_mm256_loadu_ps(x.as_ptr().add(c)), mv);
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-    let max = lanes.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+    let max = row_max(x);
     let target = _mm256_set1_ps(max);
     for c in (0..n8).step_by(8) {
         let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_loadu_ps(x.as_ptr().add(c)), target));

@@ -52,16 +52,20 @@ impl ServeAs {
             return Ok(Linear::dense(t, None));
         }
         let blocks = t.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size()) && t.device().is_cpu();
-        Ok(match self {
-            ServeAs::F32 => Linear::dense(t, None),
-            ServeAs::Q8_0 | ServeAs::Q4_1 if blocks => {
-                let format = if self == ServeAs::Q8_0 { GgmlDType::Q8_0 } else { GgmlDType::Q4_1 };
+        let format = match self {
+            ServeAs::Q8_0 => Some(GgmlDType::Q8_0),
+            ServeAs::Q4_1 => Some(GgmlDType::Q4_1),
+            ServeAs::F32 | ServeAs::Bf16 => None,
+        };
+        Ok(match (self, format) {
+            (ServeAs::F32, _) => Linear::dense(t, None),
+            (_, Some(format)) if blocks => {
                 // A fresh copy: candle's quantizer reads the storage from its start, and a
                 // matrix taken from a fused one (a warm start's up_proj) begins past it.
                 let rows = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.shape(), t.device())?;
                 Linear::quantized(QTensor::quantize(&rows, format)?, None)?
             }
-            ServeAs::Bf16 | ServeAs::Q8_0 | ServeAs::Q4_1 => Linear::dense(t.to_dtype(DType::BF16)?, None),
+            _ => Linear::dense(t.to_dtype(DType::BF16)?, None),
         })
     }
 }
