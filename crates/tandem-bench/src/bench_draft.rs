@@ -4,6 +4,11 @@
 //! tokens for every sequence (one batched catch-up, then one batched row per further token).
 //! Reports one draft token's cost (the drafter's time per step / k) relative to the target's
 //! decode step at the same batch: the figure the learned-drafter issue targets (at most 10%).
+//!
+//! Then the drafter's trainer: one optimizer step over a batch of positions from traces of real
+//! text (the target's features and its own distribution as labels), unrolled 1..3 steps deep as
+//! online training unrolls it, on one thread (the online trainer's share of a busy server) and on
+//! every core (an idle one). Reports ms per step and steps per minute.
 use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
@@ -40,8 +45,27 @@ pub struct DraftBenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 24)]
     steps: usize,
+    /// Unroll depths of the timed trainer steps (empty: no trainer timing).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    train_depths: Vec<usize>,
+    /// Positions per trainer step.
+    #[arg(long, default_value_t = 128)]
+    train_batch: usize,
+    /// Keep the drafter's head frozen in the trainer (as online training of a warm-started or
+    /// day-0 drafter does).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    train_frozen_head: bool,
     #[arg(long, default_value = "bench-results/draft.json")]
     out: String,
+}
+
+#[derive(Serialize)]
+struct TrainRow {
+    threads: usize,
+    depth: usize,
+    /// Median seconds of one optimizer step.
+    step_s: f64,
+    steps_per_minute: f64,
 }
 
 #[derive(Serialize)]
@@ -138,6 +162,7 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
         );
         rows.push(row);
     }
+    let train_rows = trainer_rows(&loaded, &a)?;
     if let Some(dir) = std::path::Path::new(&a.out).parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -148,8 +173,65 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
         "draft_vocab": a.draft_vocab,
         "draft_dtype": format!("{:?}", a.draft_dtype),
         "rows": rows,
+        "train_batch": a.train_batch,
+        "train_frozen_head": a.train_frozen_head,
+        "train_rows": train_rows,
     });
     std::fs::write(&a.out, serde_json::to_string_pretty(&json)?)?;
     println!("wrote {}", a.out);
     Ok(())
+}
+
+/// The trainer's step at each unroll depth, on one thread and on every core.
+fn trainer_rows(loaded: &tandem_models::LoadedModel, a: &DraftBenchArgs) -> Result<Vec<TrainRow>> {
+    use rand::SeedableRng;
+    use tandem_speculator::{distill, TracePool, TrainConfig, Trainer};
+    if a.train_depths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let model = &loaded.model;
+    let drafter = EagleDrafter::fresh(model, (a.draft_vocab > 0).then_some(a.draft_vocab), WarmStart::Full, 0)?;
+    let tc = TrainConfig { freeze_head: a.train_frozen_head, ..Default::default() };
+    let (rows, norm) = model.unembedding_rows(&drafter.weights().d2t)?;
+    let mut trainer = Trainer::new(drafter.config.clone(), drafter.weights(), model.embedding_table()?, tc.clone())?
+        .with_target_head(rows, norm)?;
+    let chunks = crate::workload::chat_ids(loaded, &crate::workload::distill_prompts(40, 1)?)?;
+    let mut pool = TracePool::new(usize::MAX);
+    for t in distill::text_traces(model, &drafter.config.target_layers, &chunks, 4, |_| {})? {
+        pool.add(t);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let vd = trainer.config.draft_vocab_size;
+    println!(
+        "\ntrainer: {} positions per step, head {}",
+        a.train_batch,
+        if tc.freeze_head { "frozen" } else { "trained" }
+    );
+    println!("{:>8} {:>6} {:>10} {:>14}", "threads", "depth", "step ms", "steps / min");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = Vec::new();
+    for threads in [1, cores] {
+        let pool_t = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        for &depth in &a.train_depths {
+            let mut times = Vec::new();
+            for i in 0..a.steps.clamp(3, 10) + 1 {
+                let batch = pool
+                    .sample(&mut rng, a.train_batch, tc.window, vd, &|id| trainer.draft_id(id))
+                    .ok_or_else(|| anyhow::anyhow!("the text traces hold no trainable positions"))?;
+                let t = Instant::now();
+                pool_t.install(|| trainer.step_unrolled(&batch, depth))?;
+                if i > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let step_s = median(times);
+            let row = TrainRow { threads, depth, step_s, steps_per_minute: 60.0 / step_s };
+            println!("{:>8} {:>6} {:>10.1} {:>14.0}", threads, depth, step_s * 1e3, row.steps_per_minute);
+            out.push(row);
+        }
+        if cores == 1 {
+            break;
+        }
+    }
+    Ok(out)
 }

@@ -196,9 +196,10 @@ fn bench_model(model: &Model, name: &str, mode: &str, a: &BenchArgs) -> Result<R
 }
 
 impl BenchArgs {
-    /// `bench online`: serving with a trainer beside it.
+    /// `bench online` (serving with a trainer beside it) and `bench draft` (which times that
+    /// trainer's step as it runs there).
     pub fn is_online(&self) -> bool {
-        matches!(self.target, Some(BenchTarget::Online(_)))
+        matches!(self.target, Some(BenchTarget::Online(_) | BenchTarget::Draft(_)))
     }
 }
 

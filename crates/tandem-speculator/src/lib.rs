@@ -6,7 +6,9 @@
 //! publishes numbered versions that the engine swaps in between steps (rolling back one that
 //! lowers acceptance). `tandem train-drafter` runs the same trainer over traces spilled to disk, or over text the
 //! target reads beforehand ([`distill`]).
+pub mod adam;
 pub mod distill;
+pub mod loss;
 pub mod online;
 pub mod pool;
 pub mod traces_io;

@@ -68,16 +68,15 @@ impl Batch {
         (0..self.rows()).map(|t| (self.has_label[t] && self.offsets[t] >= i) as u8 as f32).collect()
     }
 
-    /// Share of labelled rows whose argmax in `logits` is the target's top token.
-    pub fn top1_agreement(&self, logits: &[Vec<f32>]) -> f64 {
+    /// Share of labelled rows whose drafter argmax (`best`, one per row) is the target's top token.
+    pub fn top1_agreement(&self, best: &[usize]) -> f64 {
         let (mut hit, mut n) = (0usize, 0usize);
-        for (t, row) in logits.iter().enumerate() {
+        for (t, &b) in best.iter().enumerate() {
             if !self.has_label[t] {
                 continue;
             }
             n += 1;
-            let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as i64);
-            hit += (best == Some(self.top_label[t])) as usize;
+            hit += (b as i64 == self.top_label[t]) as usize;
         }
         hit as f64 / n.max(1) as f64
     }

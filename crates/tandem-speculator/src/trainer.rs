@@ -1,4 +1,4 @@
-//! The drafter's trainer: candle autograd over the EAGLE layer, AdamW, gradient clipping.
+//! The drafter's trainer: candle autograd over the EAGLE layer, AdamW (`adam`), gradient clipping.
 //!
 //! Loss, over windows of recorded traces (positions of prompts and outputs alike):
 //! - soft cross-entropy (forward KL up to a constant) from the target's distribution at t + 1 to the
@@ -10,9 +10,11 @@
 //!
 //! The attention of step i mirrors drafting: a query at position t sees the target-feature keys up
 //! to t - i (where its chain started) and the keys its own chain made at steps 1..=i.
+use crate::adam::AdamW;
+use crate::loss::{step_loss, LossTerms};
 use crate::pool::Batch;
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::ParamsAdamW;
 use tandem_models::ops::{self, RopeTables};
 use tandem_models::{ModelError, OpsPath, Result};
 use tandem_runtime::speculative::eagle::{layer::rope_tables, EagleLayer, EagleTensors, HEAD_NAMES};
@@ -203,26 +205,14 @@ impl Trainer {
     pub fn step_unrolled(&mut self, batch: &Batch, ttt_steps: usize) -> Result<StepStats> {
         let (loss, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)), true)?;
         let mut grads = loss.backward()?;
-        let mut sq = 0f64;
-        for (_, v) in self.vars.named() {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-        }
-        let norm = sq.sqrt();
+        let norm = self.opt.grad_norm(&grads)?;
         stats.grad_norm = norm;
         if !norm.is_finite() {
             return Err(ModelError::Drafter(format!("gradient norm is {norm}; step skipped")));
         }
-        if self.train.grad_clip > 0.0 && norm > self.train.grad_clip {
-            let scale = self.train.grad_clip / norm;
-            for (_, v) in self.vars.named() {
-                if let Some(g) = grads.remove(v.as_tensor()) {
-                    grads.insert(v.as_tensor(), (g * scale)?);
-                }
-            }
-        }
-        self.opt.step(&grads)?;
+        let clip = self.train.grad_clip;
+        let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
+        self.opt.step(&mut grads, scale)?;
         self.steps += 1;
         Ok(stats)
     }
@@ -276,7 +266,6 @@ impl Trainer {
             };
             let out = layer.forward(&x, &normed_emb, &positions, |q, k, v| chain.attend(c, b, i, q, k, v))?;
             let logits = layer.logits(&out)?;
-            let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             if i == 0 {
                 first_logits = Some(logits.detach());
             }
@@ -287,21 +276,29 @@ impl Trainer {
                 .zip(&b.soft_label)
                 .map(|(&v, &soft)| if soft { v } else { v * self.train.prompt_weight as f32 })
                 .collect();
-            let count: f64 = valid.iter().map(|&v| v as f64).sum();
+            let count: f32 = valid.iter().sum();
             let weight = self.train.step_decay.powi(i as i32);
+            let discard_on = self.train.discard_weight > 0.0;
+            let terms = LossTerms {
+                row_weights: valid.iter().map(|&v| if count > 0.0 { v / count } else { 0.0 }).collect(),
+                rejected: b.rejected.iter().filter(|r| r.2 == i && discard_on).map(|r| (r.0, r.1)).collect(),
+            };
+            let has_discard = !terms.rejected.is_empty();
+            let parts = step_loss(&logits, &labels, terms)?;
+            let (ce, discard) = (parts.get(0)?, parts.get(1)?);
             if count > 0.0 {
-                let valid_t = Tensor::from_vec(valid, (n, 1), dev)?;
-                let ce = ((labels.broadcast_mul(&valid_t)? * &logq)?.sum_all()?.neg()? / count)?;
-                if i == 0 {
-                    stats.ce0 = ce.to_scalar::<f32>()? as f64;
-                    stats.top1 = b.top1_agreement(&logits.to_vec2::<f32>()?);
-                }
-                if i == 1 {
-                    stats.top1_second = b.top1_agreement(&logits.to_vec2::<f32>()?);
+                if i <= 1 {
+                    let top1 = b.top1_agreement(&row_argmax(&logits)?);
+                    if i == 0 {
+                        stats.ce0 = ce.to_scalar::<f32>()? as f64;
+                        stats.top1 = top1;
+                    } else {
+                        stats.top1_second = top1;
+                    }
                 }
                 total = (total + ce.affine(weight, 0.0)?)?;
             }
-            if let Some(discard) = self.discard(b, &logq, i)? {
+            if has_discard {
                 stats.discard += discard.to_scalar::<f32>()? as f64;
                 total = (total + discard.affine(weight * self.train.discard_weight, 0.0)?)?;
             }
@@ -325,20 +322,6 @@ impl Trainer {
         let rms = layers.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
         let noise = Tensor::randn(0f32, 1f32, layers.shape(), &self.device)?.broadcast_mul(&rms)?;
         Ok((layers + noise.affine(self.train.feature_noise, 0.0)?)?.reshape((n, c.feature_size()))?)
-    }
-
-    /// The discard term of step `i`: -log(1 - q) of the tokens the target rejected there, large
-    /// when the drafter is sure of a token the target refused (None: nothing rejected, or off).
-    fn discard(&self, b: &Batch, logq: &Tensor, i: usize) -> Result<Option<Tensor>> {
-        let vd = self.config.draft_vocab_size;
-        let rej: Vec<u32> = b.rejected.iter().filter(|r| r.2 == i).map(|r| (r.0 * vd + r.1) as u32).collect();
-        if self.train.discard_weight <= 0.0 || rej.is_empty() {
-            return Ok(None);
-        }
-        let count = rej.len();
-        let lq = logq.flatten_all()?.index_select(&Tensor::from_vec(rej, count, &self.device)?, 0)?;
-        let one_minus = lq.exp()?.affine(-1.0, 1.0 + 1e-6)?;
-        Ok(Some((one_minus.log()?.neg()?.sum_all()? / count as f64)?))
     }
 }
 
@@ -393,6 +376,13 @@ fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
     }
     let (kvh, n, d) = x.dims3()?;
     Ok(x.unsqueeze(1)?.expand((kvh, group, n, d))?.reshape((kvh * group, n, d))?)
+}
+
+/// The index of each row's largest logit.
+fn row_argmax(logits: &Tensor) -> Result<Vec<usize>> {
+    let (_, vd) = logits.dims2()?;
+    let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+    Ok(flat.chunks(vd).map(|row| ops::kernels::argmax(row) as usize).collect())
 }
 
 /// Rows moved down by `s` (row t gets row t - s; the first `s` rows are zero). x: [n, h].

@@ -406,6 +406,23 @@ pub fn log_sum_exp(x: &[f32]) -> f32 {
     max + sum.ln() as f32
 }
 
+/// out[j] += scale · exp(z[j] - shift), with shift at least max(z) (the row's log-sum-exp: then
+/// exp(z - shift) is the row's softmax). The gradient of a loss over vocabulary-sized logits is
+/// a multiple of that softmax plus a few sparse terms; this is its one dense pass.
+pub fn add_scaled_exp(z: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    assert_eq!(z.len(), out.len(), "add_scaled_exp: rows of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths are equal.
+            return unsafe { avx2::add_scaled_exp(z, shift, scale, out) };
+        }
+    }
+    for (o, &v) in out.iter_mut().zip(z) {
+        *o += scale * (v - shift).exp();
+    }
+}
+
 /// Replaces scores by exp(score - max) and returns 1 / their sum.
 fn softmax_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -469,6 +486,22 @@ mod tests {
             assert!((got - exact).abs() < 4e-6 * exact.abs().max(1.0), "n={n}: {got} vs {exact}");
         }
         assert_eq!(log_sum_exp(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn add_scaled_exp_matches_f64_libm() {
+        for &n in &[1usize, 7, 8, 13, 8192, 8197] {
+            let z: Vec<f32> =
+                (0..n).map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 3000) as f32 * 0.01 - 12.0).collect();
+            let shift = log_sum_exp(&z);
+            let start: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+            let mut out = start.clone();
+            add_scaled_exp(&z, shift, -0.75, &mut out);
+            for j in 0..n {
+                let exact = start[j] as f64 - 0.75 * (z[j] as f64 - shift as f64).exp();
+                assert!((out[j] as f64 - exact).abs() < 1e-6, "n={n} j={j}: {} vs {exact}", out[j]);
+            }
+        }
     }
 
     #[test]

@@ -332,6 +332,29 @@ pub unsafe fn log_sum_exp(x: &[f32]) -> f32 {
     max + ((sums[0] + sums[1]) + (sums[2] + sums[3])).ln() as f32
 }
 
+/// out += scale · exp(z - shift), eight lanes at a time; the tail through the same lanes on a
+/// padded copy. z - shift must be at most 0 (the polynomial's range).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn add_scaled_exp(z: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    let n = z.len();
+    let n8 = n / 8 * 8;
+    let (sv, kv) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
+    let (zp, op) = (z.as_ptr(), out.as_mut_ptr());
+    for c in (0..n8).step_by(8) {
+        let e = exp(_mm256_sub_ps(_mm256_loadu_ps(zp.add(c)), sv));
+        _mm256_storeu_ps(op.add(c), _mm256_fmadd_ps(kv, e, _mm256_loadu_ps(op.add(c))));
+    }
+    if n8 < n {
+        let mut tail = [shift; 8];
+        tail[..n - n8].copy_from_slice(&z[n8..]);
+        let mut e = [0f32; 8];
+        _mm256_storeu_ps(e.as_mut_ptr(), exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), sv)));
+        for (o, &v) in out[n8..].iter_mut().zip(&e) {
+            *o += scale * v;
+        }
+    }
+}
+
 /// out = silu(gate) * up, eight values at a time (a libm call per value was 4% of a k = 8
 /// verification step): sigmoid from e^-|g|, which the polynomial below covers, so large
 /// gates of either sign neither overflow nor lose precision. A row's tail runs the same
