@@ -17,6 +17,8 @@
 //!   (copied drafts where the sequence repeats itself, the drafter's elsewhere);
 //! - `CONFIG+chain` (e.g. `warm+lookup+chain`): that configuration verifying chains only, without
 //!   the draft tree's siblings (`--spec-alternatives 0`);
+//! - `CONFIG+frozen` (e.g. `day0+lookup+frozen`): that EAGLE configuration served as it starts,
+//!   with no trainer (beside `CONFIG` under --interleave: what online training buys and costs);
 //! - `none+train`: no speculation while a trainer trains in the background at the configured CPU
 //!   share (what training costs serving).
 //!
@@ -71,8 +73,8 @@ pub struct OnlineBenchArgs {
     think_ms: u64,
     /// Configurations to run, in order (`offline` needs `warm` before it). An EAGLE configuration
     /// with `+lookup` (e.g. `warm+lookup`) tries prompt lookup before its drafter; one with
-    /// `@DTYPE` (e.g. `day0+lookup@q4_1`) serves its drafter's matrices as DTYPE (--draft-dtype's
-    /// values).
+    /// `+frozen` (e.g. `day0+lookup+frozen`) is served with no trainer; one with `@DTYPE` (e.g.
+    /// `day0+lookup@q4_1`) serves its drafter's matrices as DTYPE (--draft-dtype's values).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_CONFIGS)]
     configs: Vec<String>,
     /// Run the configurations side by side, taking turns request by request (request 1 under
@@ -377,7 +379,12 @@ fn run_config(
     let eagle = |warm: WarmStart| -> Result<EagleDrafter> {
         Ok(EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), warm, 0)?.with_serving(dtype)?)
     };
-    // `CONFIG+chain`: without runners-up; `CONFIG+lookup`: prompt lookup tried first.
+    // `CONFIG+frozen`: no trainer; `CONFIG+chain`: without runners-up; `CONFIG+lookup`: prompt
+    // lookup tried first.
+    let (name, frozen) = match name.strip_suffix("+frozen") {
+        Some(base) => (base, true),
+        None => (name, false),
+    };
     let (name_base, chain_only) = match name.strip_suffix("+chain") {
         Some(base) => (base, true),
         None => (name, false),
@@ -402,8 +409,8 @@ fn run_config(
     let spec = drafter.is_some() || trained.is_some();
     let hooks = hooks(online);
     let mut trainer = None;
-    // `cold` and `offline` serve a frozen drafter: no trainer.
-    if let (Some(e), false) = (&trained, matches!(base, "offline" | "cold")) {
+    // `cold`, `offline` and `+frozen` serve a frozen drafter: no trainer.
+    if let (Some(e), false) = (&trained, frozen || matches!(base, "offline" | "cold")) {
         let mut o = online.clone();
         if base == "warm" {
             // The offline configuration trains on exactly what this run saw.
