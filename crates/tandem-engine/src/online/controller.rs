@@ -13,6 +13,9 @@ pub struct KStat {
     pub steps: u64,
 }
 
+/// Steps at one draft length before its rate counts.
+const SAMPLES: u64 = 8;
+
 /// Picks the draft length by measured end-to-end decode throughput: an exponentially weighted
 /// tokens/s per k (0 = no speculation), mostly the best, sometimes a neighbour (so a drafter that
 /// improves is noticed, and one that worsens is left).
@@ -52,17 +55,29 @@ impl KController {
     /// The draft length for the next step.
     pub fn choose(&mut self) -> usize {
         self.step += 1;
-        // Until k = 0 and k = 1 are measured, alternate them: both are cheap.
-        for k in 0..=self.max_k.min(1) {
-            if self.rate[k].1 < 8 {
-                return k;
-            }
+        if let Some(k) = self.climbing() {
+            return k;
         }
         if self.next_random() < self.explore {
             let up = self.next_random() < 0.5;
             return if up { (self.best + 1).min(self.max_k) } else { self.best.saturating_sub(1) };
         }
         self.best
+    }
+
+    /// The first sweep: k = 0 and 1, then each next length while the last one measured was
+    /// faster than the one before it. A good drafter then reaches its best length within tens of
+    /// steps; found by exploration alone (one step in twenty above the best, eight samples
+    /// before a move) it took hundreds per length, most of a short run.
+    fn climbing(&self) -> Option<usize> {
+        for k in 0..=self.max_k {
+            if self.rate[k].1 >= SAMPLES {
+                continue;
+            }
+            let rising = k < 2 || self.rate[k - 1].0 > self.rate[k - 2].0;
+            return rising.then_some(k);
+        }
+        None
     }
 
     /// A decode-only step ran with draft length `k`, emitting `tokens` in `secs`.
@@ -78,8 +93,19 @@ impl KController {
         let (per_step, step_secs) = &mut self.shape[k];
         *per_step += alpha * (tokens as f64 - *per_step);
         *step_secs += alpha * (secs - *step_secs);
+        if self.climbing().is_some() {
+            // Mid-sweep: the best measured so far, so exploration starts from there.
+            self.best = (0..=self.max_k).filter(|&k| self.rate[k].1 >= SAMPLES).fold(0, |b, k| {
+                if self.rate[k].0 > self.rate[b].0 {
+                    k
+                } else {
+                    b
+                }
+            });
+            return;
+        }
         let best = self.best;
-        let measured = |k: usize| self.rate[k].1 >= 8;
+        let measured = |k: usize| self.rate[k].1 >= SAMPLES;
         // Move to a measured neighbour that is clearly faster: step times are noisy (batch
         // composition, a trainer sharing the CPU), and a wrong move to a longer draft costs more
         // than staying a little longer at a shorter one.
@@ -101,7 +127,7 @@ impl KController {
     /// tokens/s at the best draft length over tokens/s without drafts (1.0 until both are measured).
     pub fn gain(&self) -> f64 {
         let (base, best) = (self.rate[0], self.rate[self.best]);
-        if self.best == 0 || base.1 < 8 || best.1 < 8 || base.0 <= 0.0 {
+        if self.best == 0 || base.1 < SAMPLES || best.1 < SAMPLES || base.0 <= 0.0 {
             return 1.0;
         }
         best.0 / base.0
@@ -142,6 +168,14 @@ mod tests {
             assert!((s.tokens_per_step - (speed(s.k) * 10.0).floor()).abs() < 1e-6, "{s:?}");
             assert!((s.tokens_per_sec - s.tokens_per_step / s.step_secs).abs() < 1e-6, "{s:?}");
         }
+        // The first sweep climbs to the peak within its samples (8 per length up to one past it).
+        let mut c = KController::new(6, 0.1);
+        for _ in 0..5 * SAMPLES {
+            let k = c.choose();
+            c.record(k, (speed(k) * 10.0) as usize, 1.0);
+        }
+        assert_eq!(c.best(), 3, "{:?}", c.table());
+        assert!(c.table().iter().all(|s| s.k <= 4), "the sweep went past the peak: {:?}", c.table());
         // A drafter that is useless: k = 0 wins.
         let mut c = KController::new(6, 0.1);
         for _ in 0..500 {
