@@ -55,6 +55,9 @@ pub struct DraftBenchArgs {
     /// day-0 drafter does).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     train_frozen_head: bool,
+    /// Draft ids scored per trainer step (the trainer's --train-sampled-vocab; 0: all).
+    #[arg(long, default_value_t = tandem_speculator::TrainConfig::default().sampled_vocab)]
+    train_sampled_vocab: usize,
     #[arg(long, default_value = "bench-results/draft.json")]
     out: String,
 }
@@ -175,6 +178,7 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
         "rows": rows,
         "train_batch": a.train_batch,
         "train_frozen_head": a.train_frozen_head,
+        "train_sampled_vocab": a.train_sampled_vocab,
         "train_rows": train_rows,
     });
     std::fs::write(&a.out, serde_json::to_string_pretty(&json)?)?;
@@ -191,7 +195,8 @@ fn trainer_rows(loaded: &tandem_models::LoadedModel, a: &DraftBenchArgs) -> Resu
     }
     let model = &loaded.model;
     let drafter = EagleDrafter::fresh(model, (a.draft_vocab > 0).then_some(a.draft_vocab), WarmStart::Full, 0)?;
-    let tc = TrainConfig { freeze_head: a.train_frozen_head, ..Default::default() };
+    let tc =
+        TrainConfig { freeze_head: a.train_frozen_head, sampled_vocab: a.train_sampled_vocab, ..Default::default() };
     let (rows, norm) = model.unembedding_rows(&drafter.weights().d2t)?;
     let mut trainer = Trainer::new(drafter.config.clone(), drafter.weights(), model.embedding_table()?, tc.clone())?
         .with_target_head(rows, norm)?;

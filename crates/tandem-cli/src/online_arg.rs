@@ -98,6 +98,11 @@ pub struct TrainArgs {
     /// Threads for the trainer's kernels.
     #[arg(long, default_value_t = OnlineTrainerConfig::default().threads)]
     pub train_threads: usize,
+    /// Draft ids scored per training step: the tokens the batch's labels make likely plus
+    /// uniformly drawn others that stand for the rest of the vocabulary (sampled softmax: the
+    /// head's products shrink with it); 0: the whole draft vocabulary.
+    #[arg(long, default_value_t = TrainConfig::default().sampled_vocab)]
+    pub train_sampled_vocab: usize,
 }
 
 impl TrainArgs {
@@ -125,6 +130,7 @@ impl TrainArgs {
             prompt_weight: self.train_prompt_weight,
             feature_noise: self.train_feature_noise,
             weight_decay: self.train_weight_decay,
+            sampled_vocab: self.train_sampled_vocab,
             freeze_head: match self.train_head {
                 TrainHead::Frozen => true,
                 TrainHead::Trained => false,

@@ -11,6 +11,7 @@ pub mod distill;
 pub mod loss;
 pub mod online;
 pub mod pool;
+pub mod sampled;
 pub mod traces_io;
 pub mod trainer;
 

@@ -126,6 +126,12 @@ impl<W: LayerWeight> EagleLayer<'_, W> {
 
     /// Draft-vocabulary logits of the layer's output rows: [t, h] -> [t, draft vocabulary].
     pub fn logits(&self, out: &Tensor) -> Result<Tensor> {
-        self.linear(&self.rms_norm(out, &self.w.norm)?, &self.w.lm_head)
+        self.logits_with(out, &self.w.lm_head)
+    }
+
+    /// Logits over some rows of the head only (`head`: those rows, [s, h]; the trainer's sampled
+    /// vocabulary): [t, h] -> [t, s].
+    pub fn logits_with(&self, out: &Tensor, head: &W) -> Result<Tensor> {
+        self.linear(&self.rms_norm(out, &self.w.norm)?, head)
     }
 }
