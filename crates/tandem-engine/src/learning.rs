@@ -62,9 +62,14 @@ impl OnlineState {
 
     /// A decode-only step at draft length k with a sibling budget emitted `emitted` tokens in
     /// `step_secs` (drafting included): the controllers' measurement, published for /metrics. The
-    /// budget is judged only by steps that drafted, at their draft length.
+    /// budget is judged only by steps that drafted, at their draft length; the length only by
+    /// steps at its best budget so far (a step trying another budget measures the budget: mixed
+    /// in, a length's first steps, its budget controller sweeping 0, 1, 2, read it slower than it
+    /// is, and the length was left).
     pub(crate) fn on_decode_step(&mut self, k: usize, alternatives: usize, emitted: usize, step_secs: f64) {
-        self.k.record(k, emitted, step_secs);
+        if self.alternatives_at(k).is_none_or(|c| c.best() == alternatives) {
+            self.k.record(k, emitted, step_secs);
+        }
         self.record_alternatives(k, alternatives, emitted, step_secs);
         let m = &self.hooks.exchange.metrics;
         m.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);

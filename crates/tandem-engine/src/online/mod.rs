@@ -105,6 +105,11 @@ impl OnlineState {
         Some(self.k.best()).filter(|&k| k > 0).map(|k| &self.alternatives[k])
     }
 
+    /// The sibling budget's controller of draft length `k` (none at 0).
+    pub fn alternatives_at(&self, k: usize) -> Option<&KController> {
+        self.alternatives.get(k).filter(|_| k > 0)
+    }
+
     /// A step that drafted `k` tokens with `budget` siblings emitted `emitted` in `secs`.
     pub fn record_alternatives(&mut self, k: usize, budget: usize, emitted: usize, secs: f64) {
         if let Some(c) = self.alternatives.get_mut(k).filter(|_| k > 0) {
@@ -193,5 +198,29 @@ mod tests {
         assert_eq!(state.k.best(), 2);
         assert_eq!(state.alternatives().map(|c| c.best()), Some(2));
         assert_eq!(state.alternatives[1].best(), 0);
+    }
+
+    #[test]
+    fn a_length_is_judged_at_its_best_sibling_budget() {
+        let hooks = OnlineHooks {
+            traces: Arc::new(TraceBuffer::new(1 << 20)),
+            exchange: Arc::new(DrafterExchange::default()),
+            config: OnlineConfig::default(),
+        };
+        let mut state = OnlineState::new(hooks, 3, 2, None);
+        // k = 2 is the fastest length, without siblings; with them it is slower than k = 1.
+        let tokens = |k: usize, siblings: usize| match k {
+            0 => 10,
+            1 => 18,
+            2 => 24 - 14 * siblings,
+            _ => 20 - 14 * siblings,
+        };
+        for _ in 0..80 {
+            let (k, siblings) = state.choose();
+            state.on_decode_step(k, siblings, tokens(k, siblings), 1.0);
+        }
+        assert_eq!(state.k.best(), 2, "{:?}", state.k.table());
+        let k2 = state.k.table().into_iter().find(|s| s.k == 2).unwrap();
+        assert!((k2.tokens_per_sec - 24.0).abs() < 0.5, "{k2:?}");
     }
 }
