@@ -253,7 +253,6 @@ impl Trainer {
         let c = &self.config;
         let dev = &self.device;
         let n = b.rows();
-        let vd = c.draft_vocab_size;
         let params = self.params();
         let layer = EagleLayer { w: &params, stacked: None, config: c, rope: &self.rope, path: self.path };
         let feats = self.features(b, training)?;
@@ -261,21 +260,7 @@ impl Trainer {
         let embeds = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
         let positions: Vec<usize> = b.positions.iter().map(|&p| p as usize).collect();
         let normed_emb = layer.normed_embeds(&embeds)?;
-        // The ids scored: all, or (training) a sampled vocabulary with its head rows and offsets.
-        let sampled = (training && self.train.sampled_vocab > 0 && self.train.sampled_vocab < vd).then(|| {
-            let mut rng = StdRng::seed_from_u64(self.train.seed ^ self.steps.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            SampledVocab::new(b, self.train.sampled_vocab, &mut rng)
-        });
-        let (labels, head) = match &sampled {
-            None => (Tensor::from_slice(&b.labels, (n, vd), dev)?, None),
-            Some(s) => {
-                let cols = Tensor::from_slice(&s.cols, s.len(), dev)?;
-                let bias = Tensor::from_slice(&s.bias, (1, s.len()), dev)?;
-                let labels = Tensor::from_vec(s.labels(b), (n, s.len()), dev)?;
-                (labels, Some((params.lm_head.index_select(&cols, 0)?, bias)))
-            }
-        };
-
+        let scored = self.scored(b, &params, training)?;
         let mut total = Tensor::zeros((), DType::F32, dev)?;
         let mut stats = StepStats { positions: b.labelled(), ..Default::default() };
         let mut chain = Chain::default();
@@ -289,45 +274,18 @@ impl Trainer {
                 Some(h) => shift_rows(h, 1)?,
             };
             let out = layer.forward(&x, &normed_emb, &positions, |q, k, v| chain.attend(c, b, i, q, k, v))?;
-            let logits = match &head {
-                None => layer.logits(&out)?,
-                Some((rows, bias)) => layer.logits_with(&out, rows)?.broadcast_add(bias)?,
-            };
+            let logits = scored.logits(&layer, &out)?;
             if i == 0 {
                 first_logits = Some(logits.detach());
             }
-            // Rows whose chain starts inside their window and that have a label.
-            let valid: Vec<f32> = b
-                .valid(i)
-                .iter()
-                .zip(&b.soft_label)
-                .map(|(&v, &soft)| if soft { v } else { v * self.train.prompt_weight as f32 })
-                .collect();
-            let count: f32 = valid.iter().sum();
-            let weight = self.train.step_decay.powi(i as i32);
-            let discard_on = self.train.discard_weight > 0.0;
-            let terms = LossTerms {
-                row_weights: valid.iter().map(|&v| if count > 0.0 { v / count } else { 0.0 }).collect(),
-                rejected: b
-                    .rejected
-                    .iter()
-                    .filter(|r| r.2 == i && discard_on)
-                    .filter_map(|r| match &sampled {
-                        None => Some((r.0, r.1)),
-                        Some(s) => s.position(r.1).map(|p| (r.0, p)),
-                    })
-                    .collect(),
-            };
+            let (terms, count) = self.loss_terms(b, i, scored.vocab.as_ref());
             let has_discard = !terms.rejected.is_empty();
-            let parts = step_loss(&logits, &labels, terms)?;
+            let parts = step_loss(&logits, &scored.labels, terms)?;
             let (ce, discard) = (parts.get(0)?, parts.get(1)?);
+            let weight = self.train.step_decay.powi(i as i32);
             if count > 0.0 {
                 if i <= 1 {
-                    let mut best = row_argmax(&logits)?;
-                    if let Some(s) = &sampled {
-                        best.iter_mut().for_each(|p| *p = s.cols[*p] as usize);
-                    }
-                    let top1 = b.top1_agreement(&best);
+                    let top1 = b.top1_agreement(&scored.best(&logits)?);
                     if i == 0 {
                         stats.ce0 = ce.to_scalar::<f32>()? as f64;
                         stats.top1 = top1;
@@ -347,6 +305,48 @@ impl Trainer {
         Ok((total, stats, first_logits.expect("at least one step")))
     }
 
+    /// The draft ids a forward scores: all of them, or (a training step with `sampled_vocab`) a
+    /// sampled vocabulary, with its labels and head rows.
+    fn scored(&self, b: &Batch, params: &EagleTensors<Tensor>, training: bool) -> Result<Scored> {
+        let (n, vd, dev) = (b.rows(), self.config.draft_vocab_size, &self.device);
+        let size = self.train.sampled_vocab;
+        if !training || size == 0 || size >= vd {
+            return Ok(Scored { labels: Tensor::from_slice(&b.labels, (n, vd), dev)?, head: None, vocab: None });
+        }
+        let mut rng = StdRng::seed_from_u64(self.train.seed ^ self.steps.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let vocab = SampledVocab::new(b, size, &mut rng);
+        let cols = Tensor::from_slice(&vocab.cols, vocab.len(), dev)?;
+        let bias = Tensor::from_slice(&vocab.bias, (1, vocab.len()), dev)?;
+        let labels = Tensor::from_vec(vocab.labels(b), (n, vocab.len()), dev)?;
+        let head = Some((params.lm_head.index_select(&cols, 0)?, bias));
+        Ok(Scored { labels, head, vocab: Some(vocab) })
+    }
+
+    /// Step `i`'s loss terms over `b` (ids at their places in `vocab` when sampled), and the
+    /// weighted count of its labelled rows.
+    fn loss_terms(&self, b: &Batch, i: usize, vocab: Option<&SampledVocab>) -> (LossTerms, f32) {
+        // Rows whose chain starts inside their window and that have a label.
+        let valid: Vec<f32> = b
+            .valid(i)
+            .iter()
+            .zip(&b.soft_label)
+            .map(|(&v, &soft)| if soft { v } else { v * self.train.prompt_weight as f32 })
+            .collect();
+        let count: f32 = valid.iter().sum();
+        let discard_on = self.train.discard_weight > 0.0;
+        let rejected = b
+            .rejected
+            .iter()
+            .filter(|r| r.2 == i && discard_on)
+            .filter_map(|r| match vocab {
+                None => Some((r.0, r.1)),
+                Some(s) => s.position(r.1).map(|p| (r.0, p)),
+            })
+            .collect();
+        let row_weights = valid.iter().map(|&v| if count > 0.0 { v / count } else { 0.0 }).collect();
+        (LossTerms { row_weights, rejected }, count)
+    }
+
     /// The target's concatenated hidden states of `b`'s rows [n, layers × h], with the configured
     /// noise when `training`.
     fn features(&self, b: &Batch, training: bool) -> Result<Tensor> {
@@ -361,6 +361,33 @@ impl Trainer {
         let rms = layers.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
         let noise = Tensor::randn(0f32, 1f32, layers.shape(), &self.device)?.broadcast_mul(&rms)?;
         Ok((layers + noise.affine(self.train.feature_noise, 0.0)?)?.reshape((n, c.feature_size()))?)
+    }
+}
+
+/// The draft ids a forward scores (see `Trainer::scored`).
+struct Scored {
+    /// Label rows over the scored ids.
+    labels: Tensor,
+    /// The head's rows of a sampled vocabulary and the offsets of its drawn ids.
+    head: Option<(Tensor, Tensor)>,
+    vocab: Option<SampledVocab>,
+}
+
+impl Scored {
+    fn logits(&self, layer: &EagleLayer<'_, Tensor>, out: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            None => layer.logits(out),
+            Some((rows, bias)) => Ok(layer.logits_with(out, rows)?.broadcast_add(bias)?),
+        }
+    }
+
+    /// Each row's top draft id among those scored.
+    fn best(&self, logits: &Tensor) -> Result<Vec<usize>> {
+        let mut best = row_argmax(logits)?;
+        if let Some(v) = &self.vocab {
+            best.iter_mut().for_each(|p| *p = v.cols[*p] as usize);
+        }
+        Ok(best)
     }
 }
 
