@@ -45,7 +45,7 @@ pub struct DraftBenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 24)]
     steps: usize,
-    /// Unroll depths of the timed trainer steps (empty: no trainer timing).
+    /// Unroll depths of the timed trainer steps (`0`: no trainer timing).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     train_depths: Vec<usize>,
     /// Positions per trainer step.
@@ -190,7 +190,8 @@ pub fn run(a: DraftBenchArgs) -> Result<()> {
 fn trainer_rows(loaded: &tandem_models::LoadedModel, a: &DraftBenchArgs) -> Result<Vec<TrainRow>> {
     use rand::SeedableRng;
     use tandem_speculator::{distill, TracePool, TrainConfig, Trainer};
-    if a.train_depths.is_empty() {
+    let depths: Vec<usize> = a.train_depths.iter().copied().filter(|&d| d > 0).collect();
+    if depths.is_empty() {
         return Ok(Vec::new());
     }
     let model = &loaded.model;
@@ -217,7 +218,7 @@ fn trainer_rows(loaded: &tandem_models::LoadedModel, a: &DraftBenchArgs) -> Resu
     let mut out = Vec::new();
     for threads in [1, cores] {
         let pool_t = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-        for &depth in &a.train_depths {
+        for &depth in &depths {
             let mut times = Vec::new();
             for i in 0..a.steps.clamp(3, 10) + 1 {
                 let batch = pool
