@@ -176,14 +176,19 @@ impl OnlineState {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_draft_length_finds_its_own_sibling_budget() {
+    /// Controllers up to draft length `max_k` and `max_alternatives` siblings, default settings.
+    fn state(max_k: usize, max_alternatives: usize) -> OnlineState {
         let hooks = OnlineHooks {
             traces: Arc::new(TraceBuffer::new(1 << 20)),
             exchange: Arc::new(DrafterExchange::default()),
             config: OnlineConfig::default(),
         };
-        let mut state = OnlineState::new(hooks, 2, 2, None);
+        OnlineState::new(hooks, max_k, max_alternatives, None)
+    }
+
+    #[test]
+    fn each_draft_length_finds_its_own_sibling_budget() {
+        let mut state = state(2, 2);
         // Steps of one second: at k = 1 siblings cost more than they win, at k = 2 two pay
         // (and k = 2 is the faster length). One controller over both lengths would see a mix.
         let tokens = |k: usize, siblings: usize| match k {
@@ -202,12 +207,7 @@ mod tests {
 
     #[test]
     fn a_length_is_judged_at_its_best_sibling_budget() {
-        let hooks = OnlineHooks {
-            traces: Arc::new(TraceBuffer::new(1 << 20)),
-            exchange: Arc::new(DrafterExchange::default()),
-            config: OnlineConfig::default(),
-        };
-        let mut state = OnlineState::new(hooks, 3, 2, None);
+        let mut state = state(3, 2);
         // k = 2 is the fastest length, without siblings; with them it is slower than k = 1.
         let tokens = |k: usize, siblings: usize| match k {
             0 => 10,
