@@ -1,6 +1,6 @@
 //! The engine loop and its handle.
 use crate::commit::commit;
-use crate::online::{OnlineHooks, OnlineState, Trace, Version};
+use crate::online::{OnlineHooks, OnlineState, Trace, TraceVersion, Version};
 use crate::runner::{ModelRunner, ServedDrafter};
 use crate::scheduler::{Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
@@ -75,14 +75,17 @@ pub struct GenerationRequest {
 /// shared between versions (each sequence computes its own under its version's weights).
 #[derive(Clone)]
 pub struct WeightVersion {
-    /// Unique per engine (the trainer numbers them).
+    /// Unique per engine, increasing: a later version of a family has a larger id.
     pub id: u64,
+    /// The training run the version belongs to (the Tinker model id): its versions are one
+    /// policy drifting, so they share a draft-length controller and their traces age together.
+    pub family: Arc<str>,
     pub model: Arc<Model>,
 }
 
 impl std::fmt::Debug for WeightVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WeightVersion({})", self.id)
+        write!(f, "WeightVersion({} of {})", self.id, self.family)
     }
 }
 
@@ -120,7 +123,8 @@ pub enum EngineError {
 }
 
 enum Command {
-    Submit { request: GenerationRequest, events: UnboundedSender<Event> },
+    // Boxed: a request is far larger than the other commands.
+    Submit { request: Box<GenerationRequest>, events: UnboundedSender<Event> },
     Shutdown,
 }
 
@@ -165,7 +169,9 @@ impl EngineHandle {
             return Err(EngineError::QueueFull(waiting));
         }
         let (tx, rx) = unbounded_channel();
-        self.commands.send(Command::Submit { request, events: tx }).map_err(|_| EngineError::ShuttingDown)?;
+        self.commands
+            .send(Command::Submit { request: Box::new(request), events: tx })
+            .map_err(|_| EngineError::ShuttingDown)?;
         self.shared.waiting.fetch_add(1, Ordering::SeqCst);
         Ok(rx)
     }
@@ -377,7 +383,7 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { request, events } => {
-                self.scheduler.add(request, events);
+                self.scheduler.add(*request, events);
             }
             Command::Shutdown => self.shutting_down = true,
         }
@@ -446,9 +452,11 @@ impl Engine {
         if self.runner.drafter.is_none() {
             return self.scheduler.plan(Vec::new());
         }
-        // Online: one draft length for all, chosen by measured throughput (0 = speculation off).
+        // Online: one draft length for all, chosen by measured throughput (0 = speculation off)
+        // by the controllers of the weight-version family most decoding sequences belong to.
         // The draft tree's sibling budget too, by the same measure.
-        let global = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.choose());
+        let family = self.scheduler.decode_family();
+        let global = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.choose(&family));
         let (asks, cut) = self.scheduler.draft_asks(global);
         // A draft cut short by the output limit or the slot is not a step at the chosen k.
         self.step_k = global.filter(|_| !cut);
@@ -472,16 +480,17 @@ impl Engine {
         online.on_decode_step(k, alternatives, emitted as usize, started.elapsed().as_secs_f64() - secs + steady);
     }
 
-    /// A new sequence's trace (online training), for the served model's sequences only: other
-    /// weights' sequences do not teach the drafter the served model.
+    /// A new sequence's trace (online training), tagged with its weight version: the drafter
+    /// serves every version, so it learns from all of them (the trainer favours a family's newest).
     fn trace_maker(&self) -> impl Fn(&GenerationRequest) -> Option<Trace> {
         let layers = self.runner.drafter().map_or(0, |d| d.target_layers().len());
         let feature_size = layers * self.runner.model.config.hidden_size;
         let online = self.online.is_some();
         move |request| {
-            (online && request.weights.is_none()).then(|| Trace {
+            online.then(|| Trace {
                 prompt_len: request.prompt.len(),
                 feature_size,
+                version: request.weights.as_ref().map(|w| TraceVersion { family: w.family.clone(), id: w.id }),
                 ..Default::default()
             })
         }

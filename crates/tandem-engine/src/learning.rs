@@ -61,22 +61,23 @@ impl OnlineState {
     }
 
     /// A decode-only step at draft length k with a sibling budget emitted `emitted` tokens in
-    /// `step_secs` (drafting included): the controllers' measurement, published for /metrics. The
+    /// `step_secs` (drafting included): the measurement of the controllers of the family `choose`
+    /// was given for this step, published for /metrics (the figures of that family). The
     /// budget is judged only by steps that drafted, at their draft length; the length only by
     /// steps at its best budget so far (a step trying another budget measures the budget: mixed
     /// in, a length's first steps, its budget controller sweeping 0, 1, 2, read it slower than it
     /// is, and the length was left).
     pub(crate) fn on_decode_step(&mut self, k: usize, alternatives: usize, emitted: usize, step_secs: f64) {
         if self.alternatives_at(k).is_none_or(|c| c.best() == alternatives) {
-            self.k.record(k, emitted, step_secs);
+            self.record_k(k, emitted, step_secs);
         }
         self.record_alternatives(k, alternatives, emitted, step_secs);
         let m = &self.hooks.exchange.metrics;
-        m.chosen_k.store(self.k.best() as u64, Ordering::Relaxed);
+        m.chosen_k.store(self.k().best() as u64, Ordering::Relaxed);
         m.chosen_alternatives.store(self.alternatives().map_or(0, |c| c.best()) as u64, Ordering::Relaxed);
-        m.gain.set(self.k.gain());
+        m.gain.set(self.k().gain());
         if let Ok(mut t) = m.k_table.try_lock() {
-            *t = self.k.table();
+            *t = self.k().table();
         }
         if let Ok(mut t) = m.alternatives_table.try_lock() {
             *t = self.alternatives().map(|c| c.table()).unwrap_or_default();
@@ -91,6 +92,9 @@ fn record_features(trace: &mut Trace, start: usize, offset: usize, n: usize, hid
         return;
     }
     let (features, last) = hidden.split_at(layers.min(hidden.len()));
+    // The trainer derives prompt labels through the served model's head; another version's head
+    // may differ (adapters on the unembedding), so its prompt positions keep the text's labels.
+    let last = if trace.version.is_some() { &[] } else { last };
     let floats = |t: candle_core::Result<Tensor>| {
         t.and_then(|t| t.to_dtype(candle_core::DType::F32))
             .and_then(|t| t.flatten_all())

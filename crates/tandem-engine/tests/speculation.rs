@@ -3,7 +3,8 @@
 //! thousands of partial rejections leave the KV cache consistent; a failing drafter fails nothing.
 mod common;
 use std::path::Path;
-use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
+use std::sync::Arc;
+use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest, WeightVersion};
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
 use tandem_runtime::speculative::{
     DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter,
@@ -142,6 +143,115 @@ fn greedy_speculation_changes_nothing_for_any_drafter() {
                 assert_eq!(stats.accepted_tokens, 0, "{stats:?}");
                 assert!(stats.drafted_tokens > 0);
             }
+        }
+    }
+}
+
+/// Sequences sampled from another weight version (a trainer's, e.g. an RL policy's) are drafted
+/// and verified like the served model's, batched with them: each output equals plain decoding
+/// under its own weights. The version is the target's near copy, so the draft model (the target
+/// itself) and an oracle of the version's outputs are right often enough to exercise acceptance.
+#[test]
+fn a_weight_versions_sequences_are_drafted_and_unchanged() {
+    let version = WeightVersion { id: 7, family: "policy".into(), model: Arc::new(model(DRAFT)) };
+    let versioned = |i: usize| !i.is_multiple_of(3);
+    let requests: Vec<GenerationRequest> = (0..12)
+        .map(|i| GenerationRequest { weights: versioned(i).then(|| version.clone()), ..greedy_request(i) })
+        .collect();
+    // Plain decoding: the served model's requests on it, the version's on an engine serving it.
+    let base_alone = plain(&requests.iter().filter(|r| r.weights.is_none()).cloned().collect::<Vec<_>>());
+    let version_requests: Vec<_> = requests
+        .iter()
+        .filter(|r| r.weights.is_some())
+        .map(|r| GenerationRequest { weights: None, ..r.clone() })
+        .collect();
+    let (mut e, h) =
+        Engine::new(model(DRAFT), EngineConfig { max_batch: 4, ..Default::default() }, Box::new(Fcfs::default()))
+            .unwrap();
+    let mut rxs: Vec<_> = version_requests.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+    e.run_until_idle();
+    let version_alone: Vec<_> = rxs.iter_mut().map(collect).collect();
+    let (mut b, mut v) = (base_alone.iter(), version_alone.iter());
+    let expected: Vec<_> =
+        (0..requests.len()).map(|i| if versioned(i) { v.next() } else { b.next() }.unwrap().clone()).collect();
+    assert_ne!(expected[1], plain(&[GenerationRequest { weights: None, ..requests[1].clone() }])[0]);
+
+    let vocab = model(TARGET).config.vocab_size;
+    let sequences = oracle_sequences(&requests, &expected);
+    type MakeDrafter = Box<dyn Fn() -> Box<dyn Drafter>>;
+    let drafters: Vec<(&str, MakeDrafter)> = vec![
+        ("ngram", Box::new(|| Box::new(NgramDrafter::default()))),
+        ("draft-model", Box::new(|| Box::new(DraftModelDrafter::new(model(TARGET))))),
+        (
+            "eagle+lookup",
+            Box::new(|| {
+                let lookup = NgramDrafter { max_ngram: 4, min_ngram: 2 };
+                Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap().with_lookup(Some(lookup)))
+            }),
+        ),
+        ("oracle", Box::new(move || Box::new(OracleDrafter::new(sequences.clone(), vocab)))),
+    ];
+    for (name, make) in &drafters {
+        for (max_batch, spec_k) in [(1, 4), (5, 2)] {
+            let config = EngineConfig { max_batch, spec_k, ..Default::default() };
+            let (got, h) = run_all(config, Some(make()), &requests);
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(g, e, "{name} (batch {max_batch}, k {spec_k}) changed request {i}");
+            }
+            let stats = h.spec_stats();
+            if *name == "oracle" {
+                // Two in three requests are the version's: their drafts were made and accepted.
+                assert!(stats.acceptance_rate() > 0.95 && stats.acceptance_length() > 1.8, "{stats:?}");
+            }
+        }
+    }
+}
+
+/// With online training, a version's sequences are traced too, tagged with the version, with
+/// that version's hidden states and distributions (not the served model's), and without the last
+/// residual stream (the trainer would read it through the served model's head).
+#[test]
+fn a_weight_versions_traces_carry_it_and_its_own_states() {
+    use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer, TraceVersion};
+    let version = WeightVersion { id: 7, family: "policy".into(), model: Arc::new(model(DRAFT)) };
+    let hooks = OnlineHooks {
+        traces: Arc::new(TraceBuffer::new(1 << 30)),
+        exchange: Arc::new(DrafterExchange::default()),
+        config: OnlineConfig::default(),
+    };
+    let drafter = EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap();
+    let layers = drafter.config.target_layers.clone();
+    let (e, h) =
+        Engine::new(model(TARGET), EngineConfig { max_batch: 4, ..Default::default() }, Box::new(Fcfs::default()))
+            .unwrap();
+    let mut e = e.with_trainable_drafter(Box::new(drafter)).unwrap().with_online(hooks.clone()).unwrap();
+    let requests = [greedy_request(1), GenerationRequest { weights: Some(version.clone()), ..greedy_request(1) }];
+    let mut rxs: Vec<_> = requests.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+    e.run_until_idle();
+    let outputs: Vec<_> = rxs.iter_mut().map(collect).collect();
+    assert_ne!(outputs[0].0, outputs[1].0, "the version decodes otherwise");
+    let traces = hooks.traces.drain();
+    assert_eq!(traces.len(), 2);
+    for trace in &traces {
+        let (weights, tag) = match trace.version.as_ref() {
+            Some(v) => (version.model.as_ref().clone(), Some(v)),
+            None => (model(TARGET), None),
+        };
+        assert!(tag.is_none_or(|v| *v == TraceVersion { family: "policy".into(), id: 7 }));
+        assert_eq!(trace.final_hidden.is_empty(), tag.is_some());
+        // The features are the hidden states of the weights that decoded it, its distributions
+        // those weights' (greedy: their top token is the one emitted).
+        let n = trace.positions();
+        let mut cache = KvCache::new(&weights.config, 1, 256, weights.device()).unwrap();
+        let input = SequenceInput { slot: 0, tokens: &trace.tokens[..n], logits: LogitsFor::None, siblings: &[] };
+        let out = weights.forward(&[input], &mut cache, &layers).unwrap();
+        let rows: Vec<_> = out.hidden.iter().map(|h| h.to_vec2::<f32>().unwrap()).collect();
+        let want: Vec<f32> =
+            (0..n).flat_map(|t| rows.iter().flat_map(move |r| r[t].iter().copied()).collect::<Vec<_>>()).collect();
+        let worst = want.iter().zip(&trace.features).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{tag:?}: features differ by {worst}");
+        for t in trace.prompt_len..n {
+            assert_eq!(trace.soft[t - 1][0].0, trace.tokens[t], "{tag:?}: position {t}");
         }
     }
 }
@@ -286,10 +396,19 @@ fn exact_joint(target: &Model, prompt: &[u32], params: &SamplingParams, depth: u
 /// joint distribution of three tokens (the second and third come out of rejection sampling)
 /// against the exact one, for a sampling drafter (its own q) and a deterministic one (and plain
 /// decoding, which checks the test itself). A drafter that shared the target's random numbers
-/// failed this test with chi-square 2052.
+/// failed this test with chi-square 2052. The same for the sequences of another weight version:
+/// they keep that version's distribution.
 #[test]
 fn sampled_speculation_keeps_the_target_distribution() {
-    let target = model(TARGET);
+    sampled_speculation_keeps(None);
+    sampled_speculation_keeps(Some(WeightVersion { id: 3, family: "policy".into(), model: Arc::new(model(DRAFT)) }));
+}
+
+/// The chi-square test above for the requests of `version` (None: the served model's).
+fn sampled_speculation_keeps(version: Option<WeightVersion>) {
+    let target = version.as_ref().map_or_else(|| model(TARGET), |v| v.model.as_ref().clone());
+    // The other of the two near copies drafts.
+    let near = if version.is_some() { TARGET } else { DRAFT };
     let prompt: Vec<u32> = vec![10, 20, 30, 10, 20];
     let params = SamplingParams { temperature: 1.0, top_k: 3, ..Default::default() };
     let joint = exact_joint(&target, &prompt, &params, 3);
@@ -302,14 +421,11 @@ fn sampled_speculation_keeps_the_target_distribution() {
             stop_token_ids: vec![],
             client: None,
             agent: None,
-            weights: None,
+            weights: version.clone(),
         })
         .collect();
-    let drafters: Vec<Option<Box<dyn Drafter>>> = vec![
-        None,
-        Some(Box::new(DraftModelDrafter::new(model(DRAFT)))),
-        Some(Box::new(Guesser(likely_tokens(&joint)))),
-    ];
+    let drafters: Vec<Option<Box<dyn Drafter>>> =
+        vec![None, Some(Box::new(DraftModelDrafter::new(model(near)))), Some(Box::new(Guesser(likely_tokens(&joint))))];
     for drafter in drafters {
         let name = drafter.as_ref().map_or("none".to_string(), |d| d.name());
         let config = EngineConfig { max_batch: 8, spec_k: 2, max_waiting: n, ..Default::default() };
@@ -330,6 +446,6 @@ fn sampled_speculation_keeps_the_target_distribution() {
         }
         assert_eq!(cells, 27);
         // 26 degrees of freedom: P(chi2 > 54.05) = 0.001.
-        assert!(chi2 < 54.05, "{name}: chi-square {chi2:.1} over {cells} cells");
+        assert!(chi2 < 54.05, "{name} ({version:?}): chi-square {chi2:.1} over {cells} cells");
     }
 }

@@ -58,6 +58,7 @@ pub fn text_traces(
                 soft: vec![Vec::new(); n],
                 final_hidden,
                 rejected: Vec::new(),
+                version: None,
             });
             row += n;
         }

@@ -1,9 +1,16 @@
 //! The trainer's pool of recent traces and the batches it samples from them.
 use rand::rngs::StdRng;
 use rand::Rng;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use tandem_engine::online::Trace;
+
+/// A weight version's traces are sampled this much less often for each newer version of its
+/// family the pool has seen: a policy under RL keeps drifting, and the drafter should follow the
+/// version it serves now while older rollouts still teach what did not change.
+pub const STALE_DECAY: f64 = 0.5;
+/// Newer versions counted per family (further behind weighs STALE_DECAY^this, about nothing).
+const VERSIONS_KEPT: usize = 32;
 
 /// Positions beyond this are not trained on (the trainer's rope table ends there).
 pub const MAX_POSITION: usize = 16384;
@@ -172,16 +179,25 @@ pub struct TracePool {
     max_positions: usize,
     /// Positions ever added.
     pub seen: u64,
+    /// The newest version ids seen per weight-version family.
+    versions: HashMap<Arc<str>, BTreeSet<u64>>,
 }
 
 impl TracePool {
     pub fn new(max_positions: usize) -> Self {
-        TracePool { traces: VecDeque::new(), positions: 0, max_positions, seen: 0 }
+        TracePool { traces: VecDeque::new(), positions: 0, max_positions, seen: 0, versions: HashMap::new() }
     }
 
     pub fn add(&mut self, trace: Trace) {
         if trace.positions() < 2 || trace.tokens.len() < 2 {
             return;
+        }
+        if let Some(v) = &trace.version {
+            let ids = self.versions.entry(v.family.clone()).or_default();
+            ids.insert(v.id);
+            while ids.len() > VERSIONS_KEPT {
+                ids.pop_first();
+            }
         }
         self.positions += trace.positions();
         self.seen += trace.positions() as u64;
@@ -204,8 +220,17 @@ impl TracePool {
         self.traces.is_empty()
     }
 
+    /// How likely `trace` is kept when drawn: 1 for the served model's traces and a family's
+    /// newest version, STALE_DECAY per newer version of its family.
+    pub fn freshness(&self, trace: &Trace) -> f64 {
+        let Some(v) = &trace.version else { return 1.0 };
+        let newer = self.versions.get(&v.family).map_or(0, |ids| ids.range(v.id + 1..).count());
+        STALE_DECAY.powi(newer as i32)
+    }
+
     /// About `rows` positions in windows of at most `window`, favouring recent traces (so a new
-    /// domain is learnt quickly) while older ones keep being revisited.
+    /// domain is learnt quickly) while older ones keep being revisited, and a weight-version
+    /// family's newer versions over its older ones (`freshness`).
     pub fn sample(
         &self,
         rng: &mut StdRng,
@@ -218,11 +243,14 @@ impl TracePool {
         let mut b = Batch { feature_size: first.feature_size, draft_vocab, ..Default::default() };
         let n = self.traces.len();
         let mut tries = 0;
-        while b.rows() < rows && tries < 64 {
+        while b.rows() < rows && tries < 256 {
             tries += 1;
             // u^2 skews towards the newest traces.
             let u: f64 = rng.random();
             let trace = &self.traces[n - 1 - ((u * u * n as f64) as usize).min(n - 1)];
+            if trace.version.is_some() && rng.random::<f64>() >= self.freshness(trace) {
+                continue;
+            }
             // Rows need the next token; positions past the rope table are skipped.
             let usable = trace.positions().min(trace.tokens.len() - 1).min(MAX_POSITION);
             if usable < 2 || trace.feature_size != b.feature_size {
@@ -236,5 +264,57 @@ impl TracePool {
             b.push_window(trace, start, len, t2d);
         }
         (b.rows() > 0).then_some(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use tandem_engine::online::TraceVersion;
+
+    /// A trace of 8 positions whose tokens all equal `tag`, of version `id` of family "policy"
+    /// (None: the served model's).
+    fn trace(tag: u32, id: Option<u64>) -> Trace {
+        Trace {
+            tokens: vec![tag; 9],
+            prompt_len: 1,
+            feature_size: 1,
+            features: vec![0.0; 8],
+            version: id.map(|id| TraceVersion { family: "policy".into(), id }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_familys_newer_versions_are_sampled_more() {
+        let mut pool = TracePool::new(usize::MAX);
+        // Interleaved in a rotating order, so the recency skew favours none of them.
+        let kinds = [(1, Some(4)), (2, Some(9)), (3, Some(5)), (4, None)];
+        for round in 0..400 {
+            for j in 0..4 {
+                let (tag, id) = kinds[(round + j) % 4];
+                pool.add(trace(tag, id));
+            }
+        }
+        assert_eq!(pool.freshness(&trace(0, Some(9))), 1.0);
+        assert_eq!(pool.freshness(&trace(0, Some(5))), STALE_DECAY);
+        assert_eq!(pool.freshness(&trace(0, Some(4))), STALE_DECAY * STALE_DECAY);
+        assert_eq!(pool.freshness(&trace(0, None)), 1.0);
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut windows = [0usize; 5];
+        for _ in 0..400 {
+            let b = pool.sample(&mut rng, 16, 4, 8, &|t| Some(t as usize)).unwrap();
+            for (i, &w) in b.windows.iter().enumerate() {
+                if i == 0 || b.windows[i - 1] != w {
+                    windows[b.next_tokens[i] as usize] += 1;
+                }
+            }
+        }
+        // Newest version and the served model alike; one version behind about half; two a quarter.
+        let share = |tag: usize| windows[tag] as f64 / windows[2] as f64;
+        assert!((share(4) - 1.0).abs() < 0.15, "{windows:?}");
+        assert!((share(3) - 0.5).abs() < 0.1, "{windows:?}");
+        assert!((share(1) - 0.25).abs() < 0.08, "{windows:?}");
     }
 }

@@ -5,11 +5,12 @@
 //! - `soft_offsets` u32 [positions + 1], `soft_ids` u32 [m], `soft_probs` f32 [m]: position t's
 //!   top entries are `soft_*[soft_offsets[t]..soft_offsets[t + 1]]` (none: the next token is the label);
 //! - `rejected` u32 [r, 3]: rows (pos, token, depth);
-//! - `final_hidden` f32 [positions, hidden], when recorded: the target's last residual stream.
+//! - `final_hidden` f32 [positions, hidden], when recorded: the target's last residual stream;
+//! - `version_id` i64 [1] and `version_family` u8 [len] (UTF-8), for a weight version's trace.
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tandem_engine::online::{Rejection, Trace};
+use tandem_engine::online::{Rejection, Trace, TraceVersion};
 use tandem_models::{ModelError, Result};
 
 pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
@@ -36,6 +37,10 @@ pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
     if trace.final_size() > 0 {
         let last = Tensor::from_slice(&trace.final_hidden, (n, trace.final_size()), cpu)?;
         t.insert("final_hidden".to_string(), last);
+    }
+    if let Some(v) = &trace.version {
+        t.insert("version_id".to_string(), Tensor::new(&[v.id as i64], cpu)?);
+        t.insert("version_family".to_string(), Tensor::new(v.family.as_bytes(), cpu)?);
     }
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&t, &tmp)?;
@@ -69,6 +74,14 @@ pub fn load_trace(path: &Path) -> Result<Trace> {
         Some(_) => return Err(ModelError::checkpoint(path, "final_hidden does not cover the positions")),
         None => Vec::new(),
     };
+    let version = match (t.get("version_id"), t.get("version_family")) {
+        (Some(id), Some(family)) => {
+            let family = String::from_utf8(family.to_vec1::<u8>()?)
+                .map_err(|_| ModelError::checkpoint(path, "version_family is not UTF-8"))?;
+            Some(TraceVersion { family: family.into(), id: id.to_vec1::<i64>()?[0] as u64 })
+        }
+        _ => None,
+    };
     Ok(Trace {
         tokens: get("tokens")?.to_vec1::<u32>()?,
         prompt_len: get("prompt_len")?.to_vec1::<u32>()?[0] as usize,
@@ -77,6 +90,7 @@ pub fn load_trace(path: &Path) -> Result<Trace> {
         soft,
         final_hidden,
         rejected,
+        version,
     })
 }
 
@@ -130,6 +144,7 @@ mod tests {
             soft: vec![vec![], vec![(7, 0.5), (1, 0.25)], vec![(8, 0.9)]],
             final_hidden: (0..6).map(|i| i as f32 - 2.5).collect(),
             rejected: vec![Rejection { pos: 2, token: 3, depth: 1 }],
+            version: Some(TraceVersion { family: "run-7".into(), id: 12 }),
         };
         let dir = std::env::temp_dir().join(format!("tandem-trace-{}", std::process::id()));
         let mut spill = TraceSpill::new(&dir).unwrap();
@@ -137,8 +152,8 @@ mod tests {
         let files = trace_files(&dir).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(load_trace(&files[0]).unwrap(), trace);
-        // Traces recorded without the last stream still load.
-        let old = Trace { final_hidden: Vec::new(), ..trace };
+        // Traces recorded without the last stream (or of the served model) still load.
+        let old = Trace { final_hidden: Vec::new(), version: None, ..trace };
         spill.write(&old).unwrap();
         assert_eq!(load_trace(&trace_files(&dir).unwrap()[1]).unwrap(), old);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -75,7 +75,7 @@ fn check(base: &Model, spec: LoraSpec, lr: f64) {
         t.forward_backward(std::slice::from_ref(&d), &LossFn::CrossEntropy, false).unwrap();
         t.optim_step(&AdamParams { learning_rate: lr, ..Default::default() }).unwrap();
     }
-    let version = WeightVersion { id: 1, model: Arc::new(t.snapshot().unwrap()) };
+    let version = WeightVersion { id: 1, family: "policy".into(), model: Arc::new(t.snapshot().unwrap()) };
     let n = 10;
     let mixed: Vec<_> = (0..n).map(|i| request(i, (i % 2 == 1).then(|| version.clone()))).collect();
     let outs = run(&base, mixed.clone());

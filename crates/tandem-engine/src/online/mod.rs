@@ -17,7 +17,7 @@ pub use exchange::{
 };
 use std::collections::VecDeque;
 use std::sync::Arc;
-pub use trace::{top_probs, Rejection, Trace, TraceBuffer};
+pub use trace::{top_probs, Rejection, Trace, TraceBuffer, TraceVersion};
 
 /// Settings of the serving side of online training.
 #[derive(Debug, Clone)]
@@ -61,7 +61,25 @@ impl Window {
     }
 }
 
-/// Engine-side state: versions, rollback judgement, and the draft length controller.
+/// A weight-version family (`WeightVersion::family`); None: the served model.
+pub type Family = Option<Arc<str>>;
+
+/// Families whose controllers are kept; past it the least recently used one is forgotten.
+const MAX_FAMILIES: usize = 16;
+
+/// One family's draft shape: the length controller and the draft tree's node budget (siblings per
+/// step), chosen the same way, one controller per draft length: a sibling is worth more beside a
+/// longer chain, and arms measured at a mix of lengths would compare the lengths, not the budgets.
+struct DraftShape {
+    family: Family,
+    k: KController,
+    alternatives: Vec<KController>,
+}
+
+/// Engine-side state: versions, rollback judgement, and the draft shape's controllers, one set
+/// per weight-version family: a policy under RL and the served model accept drafts differently,
+/// and one set measured over both would fit neither (nor would a new policy start from the
+/// served model's k).
 pub(crate) struct OnlineState {
     pub hooks: OnlineHooks,
     /// The version before the current one, to roll back to.
@@ -71,48 +89,91 @@ pub(crate) struct OnlineState {
     recent: VecDeque<bool>,
     before: Option<Window>,
     after: Window,
-    pub k: KController,
-    /// The draft tree's node budget (siblings per step), chosen the same way as k, one controller
-    /// per draft length: a sibling is worth more beside a longer chain, and arms measured at a mix
-    /// of lengths would compare the lengths rather than the budgets.
-    alternatives: Vec<KController>,
+    /// Most recently used last; the last one is the family of the step being run.
+    shapes: Vec<DraftShape>,
+    max_k: usize,
+    max_alternatives: usize,
 }
 
 impl OnlineState {
     pub fn new(hooks: OnlineHooks, max_k: usize, max_alternatives: usize, initial: Option<Version>) -> Self {
-        let k = KController::new(max_k, hooks.config.explore);
-        let alternatives = (0..=max_k).map(|_| KController::new(max_alternatives, hooks.config.explore)).collect();
-        OnlineState {
+        let mut state = OnlineState {
             hooks,
             previous: None,
             current: initial,
             recent: VecDeque::new(),
             before: None,
             after: Window::default(),
-            k,
-            alternatives,
+            shapes: Vec::new(),
+            max_k,
+            max_alternatives,
+        };
+        state.enter(&None);
+        state
+    }
+
+    /// Makes `family`'s controllers the current ones (new ones for a family not seen yet).
+    fn enter(&mut self, family: &Family) {
+        if self.shapes.last().is_some_and(|s| &s.family == family) {
+            return;
         }
+        let shape = match self.shapes.iter().position(|s| &s.family == family) {
+            Some(i) => self.shapes.remove(i),
+            None => {
+                if self.shapes.len() >= MAX_FAMILIES {
+                    self.shapes.remove(0);
+                }
+                let explore = self.hooks.config.explore;
+                DraftShape {
+                    family: family.clone(),
+                    k: KController::new(self.max_k, explore),
+                    alternatives: (0..=self.max_k).map(|_| KController::new(self.max_alternatives, explore)).collect(),
+                }
+            }
+        };
+        self.shapes.push(shape);
     }
 
-    /// The next step's draft length and sibling budget.
-    pub fn choose(&mut self) -> (usize, usize) {
-        let k = self.k.choose();
-        (k, if k == 0 { 0 } else { self.alternatives[k].choose() })
+    fn shape(&self) -> &DraftShape {
+        self.shapes.last().expect("a family is always entered")
     }
 
-    /// The sibling budget's controller at the best draft length (none while that is 0).
+    fn shape_mut(&mut self) -> &mut DraftShape {
+        self.shapes.last_mut().expect("a family is always entered")
+    }
+
+    /// The next step's draft length and sibling budget, for a step whose decoding sequences are
+    /// mostly `family`'s: its controllers measure the step.
+    pub fn choose(&mut self, family: &Family) -> (usize, usize) {
+        self.enter(family);
+        let shape = self.shape_mut();
+        let k = shape.k.choose();
+        (k, if k == 0 { 0 } else { shape.alternatives[k].choose() })
+    }
+
+    /// The draft length controller of the current family.
+    pub fn k(&self) -> &KController {
+        &self.shape().k
+    }
+
+    /// The current family's sibling budget controller at its best draft length (none at 0).
     pub fn alternatives(&self) -> Option<&KController> {
-        Some(self.k.best()).filter(|&k| k > 0).map(|k| &self.alternatives[k])
+        self.alternatives_at(self.k().best())
     }
 
-    /// The sibling budget's controller of draft length `k` (none at 0).
+    /// The current family's sibling budget controller of draft length `k` (none at 0).
     pub fn alternatives_at(&self, k: usize) -> Option<&KController> {
-        self.alternatives.get(k).filter(|_| k > 0)
+        self.shape().alternatives.get(k).filter(|_| k > 0)
+    }
+
+    /// A step at draft length `k` emitted `emitted` in `secs` (the current family's).
+    pub fn record_k(&mut self, k: usize, emitted: usize, secs: f64) {
+        self.shape_mut().k.record(k, emitted, secs);
     }
 
     /// A step that drafted `k` tokens with `budget` siblings emitted `emitted` in `secs`.
     pub fn record_alternatives(&mut self, k: usize, budget: usize, emitted: usize, secs: f64) {
-        if let Some(c) = self.alternatives.get_mut(k).filter(|_| k > 0) {
+        if let Some(c) = self.shape_mut().alternatives.get_mut(k).filter(|_| k > 0) {
             c.record(budget, emitted, secs);
         }
     }
@@ -197,12 +258,35 @@ mod tests {
             _ => 24 + 4 * siblings,
         };
         for _ in 0..4000 {
-            let (k, siblings) = state.choose();
+            let (k, siblings) = state.choose(&None);
             state.on_decode_step(k, siblings, tokens(k, siblings), 1.0);
         }
-        assert_eq!(state.k.best(), 2);
+        assert_eq!(state.k().best(), 2);
         assert_eq!(state.alternatives().map(|c| c.best()), Some(2));
-        assert_eq!(state.alternatives[1].best(), 0);
+        assert_eq!(state.alternatives_at(1).map(|c| c.best()), Some(0));
+    }
+
+    #[test]
+    fn each_family_of_weight_versions_has_its_own_controllers() {
+        let mut state = state(3, 0);
+        let policy: Family = Some("policy".into());
+        // The served model gains nothing from drafts; the policy's rollouts gain most at k = 2.
+        let tokens = |family: &Family, k: usize| match (family, k) {
+            (None, k) => 10 - k,
+            (Some(_), k) => [10, 15, 19, 17][k],
+        };
+        for step in 0..3000 {
+            let family = if step % 3 == 0 { None } else { policy.clone() };
+            let (k, siblings) = state.choose(&family);
+            state.on_decode_step(k, siblings, tokens(&family, k), 1.0);
+        }
+        state.choose(&None);
+        assert_eq!(state.k().best(), 0, "{:?}", state.k().table());
+        state.choose(&policy);
+        assert_eq!(state.k().best(), 2, "{:?}", state.k().table());
+        // A new family starts measuring from scratch, not from another's choice.
+        state.choose(&Some("another".into()));
+        assert!(state.k().table().is_empty());
     }
 
     #[test]
@@ -216,11 +300,11 @@ mod tests {
             _ => 20 - 14 * siblings,
         };
         for _ in 0..80 {
-            let (k, siblings) = state.choose();
+            let (k, siblings) = state.choose(&None);
             state.on_decode_step(k, siblings, tokens(k, siblings), 1.0);
         }
-        assert_eq!(state.k.best(), 2, "{:?}", state.k.table());
-        let k2 = state.k.table().into_iter().find(|s| s.k == 2).unwrap();
+        assert_eq!(state.k().best(), 2, "{:?}", state.k().table());
+        let k2 = state.k().table().into_iter().find(|s| s.k == 2).unwrap();
         assert!((k2.tokens_per_sec - 24.0).abs() < 0.5, "{k2:?}");
     }
 }

@@ -2,7 +2,7 @@
 //! buffer between the engine (producer) and the trainer (consumer).
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tandem_runtime::sampling::{log_sum_exp, top_n};
 
 /// The target's view of one finished sequence: everything the drafter's trainer needs.
@@ -25,6 +25,15 @@ pub struct Trace {
     pub final_hidden: Vec<f32>,
     /// Draft tokens the target rejected.
     pub rejected: Vec<Rejection>,
+    /// The weight version that produced it (None: the served model).
+    pub version: Option<TraceVersion>,
+}
+
+/// Which weights a trace came from: a version `id` of the training run `family`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceVersion {
+    pub family: Arc<str>,
+    pub id: u64,
 }
 
 /// A drafted token the target refused: at `pos + 1` the drafter proposed `token`, the target's

@@ -7,7 +7,7 @@
 //! with their drafts first, then prompt chunks in the policy's order under what is left).
 use super::{RequestInfo, SchedulingPolicy};
 use crate::engine::{EngineConfig, Event, GenerationRequest, WeightVersion};
-use crate::online::Trace;
+use crate::online::{Family, Trace};
 use crate::sequence::{Phase, Sequence, Waiting};
 use tandem_models::KvSnapshot;
 use tandem_runtime::speculative::Draft;
@@ -214,6 +214,21 @@ impl Scheduler {
         true
     }
 
+    /// The weight-version family most decoding sequences belong to (ties: the served model's,
+    /// then the family seen first): whose draft-shape controllers choose and measure the step.
+    pub fn decode_family(&self) -> Family {
+        let mut counts: Vec<(Family, usize)> = vec![(None, 0)];
+        for s in self.running.iter().filter(|s| s.phase() == Phase::Decode) {
+            let family = s.request.weights.as_ref().map(|w| w.family.clone());
+            match counts.iter_mut().find(|(f, _)| *f == family) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((family, 1)),
+            }
+        }
+        let most = counts.iter().map(|c| c.1).max().unwrap_or(0);
+        counts.into_iter().find(|c| c.1 == most).and_then(|c| c.0)
+    }
+
     /// Which decoding sequences may draft this step and how far. `global`: one draft length and
     /// sibling budget for all (the throughput controller's choice), else each sequence's own
     /// length and the configured budget. The second value is true when some draft had to be cut
@@ -224,8 +239,9 @@ impl Scheduler {
         let mut asks = Vec::new();
         let mut cut = false;
         for (index, s) in self.running.iter().enumerate() {
-            // The drafter predicts the served model; other weight versions decode plainly.
-            if s.phase() != Phase::Decode || s.request.weights.is_some() {
+            // Every weight version drafts: verification under the version's own weights decides
+            // every token, and the drafter reads that version's hidden states.
+            if s.phase() != Phase::Decode {
                 continue;
             }
             // Drafts never run past the output limit or the slot: at most k + 1 tokens are emitted.

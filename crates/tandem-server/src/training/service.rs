@@ -678,8 +678,10 @@ impl TrainingService {
         self.config.root.join(&p.run).join(&p.kind).join(&p.name)
     }
 
-    fn register_version(&self, model: Model) -> WeightVersion {
-        WeightVersion { id: self.next_version.fetch_add(1, Ordering::Relaxed), model: Arc::new(model) }
+    /// A new version of the training run `family`.
+    fn register_version(&self, model: Model, family: &str) -> WeightVersion {
+        let id = self.next_version.fetch_add(1, Ordering::Relaxed);
+        WeightVersion { id, family: family.into(), model: Arc::new(model) }
     }
 
     /// The weights behind a sampler path: in memory, or loaded from disk.
@@ -692,7 +694,7 @@ impl TrainingService {
         let mode = read_mode(&dir)?;
         let mut t = TrainingModel::new(&self.base, mode, 0)?;
         t.load(&dir, false)?;
-        let v = self.register_version(t.snapshot()?);
+        let v = self.register_version(t.snapshot()?, &p.run);
         self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(p.to_path(), v.clone());
         Ok(v)
     }
@@ -896,7 +898,7 @@ impl TrainingService {
                 Ok(Outcome::Json(json!({"path": p.to_path(), "type": "save_weights"})))
             }
             Work::SaveForSampler { name, session } => {
-                let version = self.register_version(t.snapshot()?);
+                let version = self.register_version(t.snapshot()?, model_id);
                 match (name, session) {
                     (Some(name), _) => {
                         check_name(&name)?;
