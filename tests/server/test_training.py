@@ -280,4 +280,11 @@ assert code == 400 and "unknown sampling_session_id" in body["detail"], body
 assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] > 0
 r = http.post("/v1/completions", json={"model": BASE, "prompt": "hello", "max_tokens": 4})
 assert r.status_code == 200, r.text
+# Training work is charged to the session's client in the scheduling policy, beside its sampling.
+import re
+metrics = http.get("/metrics").text
+trained = {m[0]: int(m[1]) for m in re.findall(r'tandem_client_service_tokens_total\{client="(tinker:[^"]+)",kind="train"\} (\d+)', metrics)}
+sampled = {m[0]: int(m[1]) for m in re.findall(r'tandem_client_service_tokens_total\{client="(tinker:[^"]+)",kind="output"\} (\d+)', metrics)}
+assert any(n > 0 for n in trained.values()), trained
+assert any(trained.get(c, 0) > 0 and sampled.get(c, 0) > 0 for c in trained), (trained, sampled)
 print("training API: all checks passed")

@@ -26,12 +26,17 @@ pub struct ScheduleArgs {
     pub fair_input_weight: f64,
     #[arg(long, default_value_t = FairConfig::default().output_weight)]
     pub fair_output_weight: f64,
+    /// Cost of a token of training (a Tinker client's forward_backward; a forward-only request
+    /// costs as its prompt tokens). Training runs while its client trails in service.
+    #[arg(long, default_value_t = FairConfig::default().train_weight)]
+    pub fair_train_weight: f64,
     /// Counter gap (weighted tokens) past which a waiting client preempts the most-served running
     /// one; 0 turns preemption off.
     #[arg(long, default_value_t = FairConfig::default().preempt_margin.unwrap_or(0.0))]
     pub preempt_margin: f64,
     /// A JSON file with the same settings: {"client_weights": {"alice": 2}, "input_weight": 1,
-    /// "output_weight": 2, "preempt_margin": 1024}; flags given on the command line add to it.
+    /// "output_weight": 2, "train_weight": 3, "preempt_margin": 1024}; flags given on the command
+    /// line add to it.
     #[arg(long)]
     pub fair_config: Option<std::path::PathBuf>,
 }
@@ -42,6 +47,7 @@ struct FileConfig {
     client_weights: Option<HashMap<String, f64>>,
     input_weight: Option<f64>,
     output_weight: Option<f64>,
+    train_weight: Option<f64>,
     preempt_margin: Option<f64>,
 }
 
@@ -66,10 +72,16 @@ pub fn build(args: &ScheduleArgs) -> Result<Box<dyn SchedulingPolicy>> {
         bail!("the weight of client `{name}` must be positive, got {w}");
     }
     let margin = file.preempt_margin.unwrap_or(args.preempt_margin);
-    Ok(Box::new(VirtualTokenCounter::new(FairConfig {
+    let config = FairConfig {
         input_weight: file.input_weight.unwrap_or(args.fair_input_weight),
         output_weight: file.output_weight.unwrap_or(args.fair_output_weight),
+        train_weight: file.train_weight.unwrap_or(args.fair_train_weight),
         client_weights: weights,
         preempt_margin: (margin > 0.0).then_some(margin),
-    })))
+    };
+    let costs = [("input", config.input_weight), ("output", config.output_weight), ("train", config.train_weight)];
+    if let Some((kind, w)) = costs.iter().find(|(_, w)| !(*w >= 0.0 && w.is_finite())) {
+        bail!("the fair policy's {kind} weight must be a number >= 0, got {w}");
+    }
+    Ok(Box::new(VirtualTokenCounter::new(config)))
 }

@@ -2,7 +2,7 @@
 use crate::commit::commit;
 use crate::online::{OnlineHooks, OnlineState, Trace, TraceVersion, Version};
 use crate::runner::{ModelRunner, ServedDrafter};
-use crate::scheduler::{Scheduler, SchedulingPolicy, Service, StepPlan};
+use crate::scheduler::{RequestInfo, Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -122,10 +122,28 @@ pub enum EngineError {
     ShuttingDown,
 }
 
-enum Command {
+pub(crate) enum Command {
     // Boxed: a request is far larger than the other commands.
-    Submit { request: Box<GenerationRequest>, events: UnboundedSender<Event> },
+    Submit {
+        request: Box<GenerationRequest>,
+        events: UnboundedSender<Event>,
+    },
+    /// Training work of a client enters the policy, is charged, or leaves (`training::TrainingTurn`).
+    Training {
+        info: RequestInfo,
+        event: TrainingEvent,
+    },
     Shutdown,
+}
+
+pub(crate) enum TrainingEvent {
+    /// Enters the policy; `grant` is answered when the policy lets it run.
+    Begin(std::sync::mpsc::Sender<()>),
+    Charge {
+        tokens: usize,
+        backward: bool,
+    },
+    End,
 }
 
 /// A cheap handle to the engine thread.
@@ -207,6 +225,11 @@ impl EngineHandle {
     /// it stopped (shutdown, or a crash) — `/health` then reports the server unhealthy.
     pub fn is_alive(&self) -> bool {
         !self.commands.is_closed()
+    }
+
+    /// Sends a command to the engine; false when it has stopped.
+    pub(crate) fn send(&self, command: Command) -> bool {
+        self.commands.send(command).is_ok()
     }
 
     /// Stops accepting requests; the engine finishes those it has, then its thread ends.
@@ -385,6 +408,7 @@ impl Engine {
             Command::Submit { request, events } => {
                 self.scheduler.add(*request, events);
             }
+            Command::Training { info, event } => self.scheduler.training(&info, event),
             Command::Shutdown => self.shutting_down = true,
         }
     }
@@ -401,6 +425,7 @@ impl Engine {
         let trace = self.trace_maker();
         self.scheduler.admit(&mut self.runner, &trace);
         let worked = self.run_step();
+        self.scheduler.grant_training();
         self.publish();
         for (events, finished) in self.finishing.drain(..) {
             let _ = events.send(finished);

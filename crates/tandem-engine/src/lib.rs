@@ -13,6 +13,9 @@
 //!   sends tokens, applies stop and length checks and charges the policy;
 //! - online learning (`learning`) observes the committed step: traces for the drafter's
 //!   trainer, rollback of a drafter version that lowered acceptance, the draft-length controller.
+//!
+//! Training requests of the Tinker API run on their own threads, inside the same scheduling
+//! policy (`training`: a turn per request, charged by the tokens it processed).
 mod commit;
 mod engine;
 mod learning;
@@ -21,6 +24,7 @@ mod runner;
 pub mod scheduler;
 mod sequence;
 mod spec_stats;
+mod training;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage, WeightVersion};
 pub use runner::{ServedDrafter, StepOutput};
@@ -29,3 +33,4 @@ pub use scheduler::{
 };
 pub use sequence::Phase;
 pub use spec_stats::{SpecStats, SpecUsage};
+pub use training::TrainingTurn;

@@ -121,3 +121,67 @@ fn the_trailing_client_is_served_first() {
     assert_eq!(heavy_s.input_tokens as usize, expected_prompt, "prompt tokens are charged once");
     assert_eq!(heavy_s.output_tokens as usize, expected_output);
 }
+
+/// Training work (a Tinker client's forward_backward, here 0.2 ms of stand-in work per turn)
+/// takes turns inside the fair policy beside a serving client's backlog: it runs only while its
+/// client trails in service, so it ends within a few turns' charge of the serving client (the last
+/// turns, after serving ended, run freely), and it is not starved either. Under FCFS (charged,
+/// never held back) the same trainer runs far ahead.
+#[test]
+fn training_turns_share_the_machine_with_serving() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let turn_tokens = 64;
+    let fair = FairConfig::default();
+    let one_turn = fair.train_weight * turn_tokens as f64;
+    let policies: Vec<Box<dyn SchedulingPolicy>> =
+        vec![Box::new(VirtualTokenCounter::new(fair.clone())), Box::new(Fcfs::default())];
+    for policy in policies {
+        let name = policy.name();
+        let model = load(&tiny(), &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
+        let config = EngineConfig { max_batch: 2, step_token_budget: 16, ..Default::default() };
+        let (e, h) = Engine::new(model, config, policy).unwrap();
+        let engine = e.spawn();
+        let mut rxs: Vec<_> = (0..100).map(|i| h.submit(request(i, "serve")).unwrap()).collect();
+        let serving = Arc::new(AtomicBool::new(true));
+        let trainer = {
+            let (h, serving) = (h.clone(), serving.clone());
+            std::thread::spawn(move || {
+                let mut waited = std::time::Duration::ZERO;
+                while serving.load(Ordering::SeqCst) {
+                    let turn = h.training_turn("train", None);
+                    waited += turn.waited;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    turn.charge(turn_tokens, true);
+                }
+                waited
+            })
+        };
+        for rx in &mut rxs {
+            while let Some(ev) = rx.blocking_recv() {
+                if !matches!(ev, Event::Token(_)) {
+                    break;
+                }
+            }
+        }
+        serving.store(false, Ordering::SeqCst);
+        let waited = trainer.join().unwrap();
+        h.shutdown();
+        engine.join().unwrap();
+        let service = h.service();
+        let of = |e: &str| service.iter().find(|s| s.entity == e).cloned().unwrap();
+        let (serve, train) = (of("serve"), of("train"));
+        let serve_counter =
+            fair.input_weight * serve.input_tokens as f64 + fair.output_weight * serve.output_tokens as f64;
+        let train_counter = fair.train_weight * train.train_tokens as f64;
+        println!("{name}: serving {serve_counter}, training {train_counter}, the trainer waited {waited:?}");
+        assert!(train.train_tokens > 0 && serve.output_tokens > 0, "{name}: {service:?}");
+        if name == "fair" {
+            assert!(train_counter <= serve_counter + 8.0 * one_turn, "{name}: training ran ahead: {service:?}");
+            assert!(train_counter >= serve_counter / 2.0, "{name}: training was starved: {service:?}");
+            assert!(waited > std::time::Duration::ZERO);
+        } else {
+            assert!(train_counter > 3.0 * serve_counter, "{name}: the trainer should run unchecked: {service:?}");
+        }
+    }
+}

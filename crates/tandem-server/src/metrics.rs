@@ -315,13 +315,13 @@ fn render_fairness(out: &mut String, g: &EngineGauges) {
     );
     let _ = writeln!(
         out,
-        "# HELP tandem_client_service_tokens_total Tokens served per client (or client/agent).\n# TYPE tandem_client_service_tokens_total counter"
+        "# HELP tandem_client_service_tokens_total Tokens served per client (or client/agent): prompt (input), output, and through a training forward_backward (train).\n# TYPE tandem_client_service_tokens_total counter"
     );
     for s in &g.service {
         let e = escape(&s.entity);
-        let _ = writeln!(out, "tandem_client_service_tokens_total{{client=\"{e}\",kind=\"input\"}} {}", s.input_tokens);
-        let _ =
-            writeln!(out, "tandem_client_service_tokens_total{{client=\"{e}\",kind=\"output\"}} {}", s.output_tokens);
+        for (kind, n) in [("input", s.input_tokens), ("output", s.output_tokens), ("train", s.train_tokens)] {
+            let _ = writeln!(out, "tandem_client_service_tokens_total{{client=\"{e}\",kind=\"{kind}\"}} {n}");
+        }
     }
     let _ = writeln!(
         out,

@@ -1,7 +1,7 @@
 //! Virtual token counters (VTC, Sheng et al., OSDI 2024), per client or per agent, with weights.
 //!
-//! Each entity's counter grows by (w_in * input tokens + w_out * output tokens) / weight as its work
-//! is done. The waiting request of the entity with the smallest counter is admitted next (FCFS within
+//! Each entity's counter grows by (w_in * input tokens + w_out * output tokens + w_train * training
+//! tokens) / weight as its work is done. The waiting request of the entity with the smallest counter is admitted next (FCFS within
 //! an entity). When an entity becomes active (from no waiting or running request), its counter is
 //! lifted to the smallest counter among active entities, so idle time earns no credit. When every
 //! slot is taken, a waiting entity whose counter trails the largest running entity's by more than
@@ -14,6 +14,9 @@ pub struct FairConfig {
     /// Cost of one prompt token and of one output token (VTC's defaults: 1 and 2).
     pub input_weight: f64,
     pub output_weight: f64,
+    /// Cost of one token of training (forward_backward): 3, as its forward and the backward's two
+    /// products (gradients of activations and of weights) each cost about one prompt token.
+    pub train_weight: f64,
     /// Client weights (default 1): a client of weight 2 gets twice the service of one of weight 1.
     pub client_weights: HashMap<String, f64>,
     /// Counter gap (weighted tokens) beyond which a waiting entity preempts a running one; None
@@ -26,6 +29,7 @@ impl Default for FairConfig {
         FairConfig {
             input_weight: 1.0,
             output_weight: 2.0,
+            train_weight: 3.0,
             client_weights: HashMap::new(),
             preempt_margin: Some(1024.0),
         }
@@ -39,6 +43,7 @@ struct Entity {
     active: usize,
     input_tokens: u64,
     output_tokens: u64,
+    train_tokens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +107,20 @@ impl SchedulingPolicy for VirtualTokenCounter {
         e.output_tokens += output_tokens as u64;
     }
 
+    fn charge_training(&mut self, request: &RequestInfo, tokens: usize) {
+        let cost = self.config.train_weight * tokens as f64 / self.weight(&request.client);
+        let e = self.entities.entry(request.entity()).or_default();
+        e.counter += cost;
+        e.train_tokens += tokens as u64;
+    }
+
+    /// Once no entity with serving work has a smaller counter: training gets the machine only
+    /// while its client trails in service, as a waiting request would be admitted.
+    fn may_train(&self, entity: &str, serving: &[String]) -> bool {
+        let mine = self.counter(entity);
+        serving.iter().all(|e| mine <= self.counter(e))
+    }
+
     fn victim(&mut self, running: &[RequestInfo], waiting: &[RequestInfo]) -> Option<usize> {
         let margin = self.config.preempt_margin?;
         let next = &waiting[self.pick(waiting)?];
@@ -139,6 +158,7 @@ impl SchedulingPolicy for VirtualTokenCounter {
                 entity: k.clone(),
                 input_tokens: e.input_tokens,
                 output_tokens: e.output_tokens,
+                train_tokens: e.train_tokens,
                 counter: e.counter,
             })
             .collect()

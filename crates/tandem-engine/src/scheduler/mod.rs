@@ -6,7 +6,9 @@
 //! emitted), `victim` when all slots are taken and someone waits (the engine preempts that running
 //! request, recomputes it later, and does not charge the recomputation), `on_finish` when it ends
 //! (finished, failed or cancelled). A policy must pick something whenever anyone waits: the engine
-//! never idles a free slot (work conservation).
+//! never idles a free slot (work conservation). Training work (a Tinker client's forward_backward)
+//! is charged with `charge_training`, between `on_arrival` and `on_finish` of a stand-in request
+//! for the duration of the training request (see `EngineHandle::training_turn`).
 mod fair;
 mod step;
 
@@ -42,6 +44,8 @@ pub struct Service {
     pub entity: String,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Tokens of training work (forward_backward) done for it.
+    pub train_tokens: u64,
     /// The policy's virtual counter (weighted service / weight); FCFS reports weighted tokens.
     pub counter: f64,
 }
@@ -53,6 +57,13 @@ pub trait SchedulingPolicy: Send {
     fn pick(&mut self, waiting: &[RequestInfo]) -> Option<usize>;
     /// Work done for `request`: prompt tokens prefilled, output tokens emitted.
     fn charge(&mut self, _request: &RequestInfo, _input_tokens: usize, _output_tokens: usize) {}
+    /// Training work done for `request`'s entity: tokens through forward_backward.
+    fn charge_training(&mut self, _request: &RequestInfo, _tokens: usize) {}
+    /// Whether training work of `entity` may run while `serving` (entities with serving requests
+    /// waiting or running) have work. Default: always (training is charged, not held back).
+    fn may_train(&self, _entity: &str, _serving: &[String]) -> bool {
+        true
+    }
     /// Index into `running` of a request to preempt so that a waiting one can run, or None.
     fn victim(&mut self, _running: &[RequestInfo], _waiting: &[RequestInfo]) -> Option<usize> {
         None
@@ -72,7 +83,8 @@ pub trait SchedulingPolicy: Send {
 /// First come, first served; never preempts. Keeps service totals for metrics.
 #[derive(Debug, Default)]
 pub struct Fcfs {
-    served: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Per entity: input, output and training tokens.
+    served: std::collections::BTreeMap<String, (u64, u64, u64)>,
 }
 
 impl SchedulingPolicy for Fcfs {
@@ -90,14 +102,21 @@ impl SchedulingPolicy for Fcfs {
         e.1 += output_tokens as u64;
     }
 
+    fn charge_training(&mut self, request: &RequestInfo, tokens: usize) {
+        self.served.entry(request.entity()).or_default().2 += tokens as u64;
+    }
+
+    /// Weighted with the fair policy's default weights.
     fn service(&self) -> Vec<Service> {
+        let w = FairConfig::default();
         self.served
             .iter()
-            .map(|(k, &(i, o))| Service {
+            .map(|(k, &(i, o, t))| Service {
                 entity: k.clone(),
                 input_tokens: i,
                 output_tokens: o,
-                counter: i as f64 + 2.0 * o as f64,
+                train_tokens: t,
+                counter: w.input_weight * i as f64 + w.output_weight * o as f64 + w.train_weight * t as f64,
             })
             .collect()
     }

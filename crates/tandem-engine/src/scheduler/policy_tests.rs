@@ -82,6 +82,12 @@ impl SchedulingPolicy for Recording {
     fn victim(&mut self, running: &[RequestInfo], waiting: &[RequestInfo]) -> Option<usize> {
         self.inner.victim(running, waiting)
     }
+    fn charge_training(&mut self, r: &RequestInfo, tokens: usize) {
+        self.inner.charge_training(r, tokens)
+    }
+    fn may_train(&self, entity: &str, serving: &[String]) -> bool {
+        self.inner.may_train(entity, serving)
+    }
     fn on_finish(&mut self, r: &RequestInfo) {
         self.inner.on_finish(r)
     }

@@ -6,7 +6,7 @@
 //! sequences may draft and how far, the runner proposes, and `plan` lays out the batch (decodes
 //! with their drafts first, then prompt chunks in the policy's order under what is left).
 use super::{RequestInfo, SchedulingPolicy};
-use crate::engine::{EngineConfig, Event, GenerationRequest, WeightVersion};
+use crate::engine::{EngineConfig, Event, GenerationRequest, TrainingEvent, WeightVersion};
 use crate::online::{Family, Trace};
 use crate::sequence::{Phase, Sequence, Waiting};
 use tandem_models::KvSnapshot;
@@ -80,6 +80,8 @@ pub struct Scheduler {
     free_slots: Vec<usize>,
     next_arrival: u64,
     preemptions: usize,
+    /// Training requests waiting for the policy's grant (see `crate::training`).
+    training_waiting: Vec<(RequestInfo, std::sync::mpsc::Sender<()>)>,
 }
 
 impl Scheduler {
@@ -92,6 +94,7 @@ impl Scheduler {
             running: Vec::new(),
             next_arrival: 0,
             preemptions: 0,
+            training_waiting: Vec::new(),
         }
     }
 
@@ -114,6 +117,47 @@ impl Scheduler {
     /// Running requests preempted so far.
     pub fn preemptions(&self) -> usize {
         self.preemptions
+    }
+
+    /// Entities (clients, or client/agent) with requests waiting or running.
+    pub fn serving_entities(&self) -> Vec<String> {
+        let waiting = self.waiting.iter().map(|w| w.info());
+        let all: std::collections::BTreeSet<String> =
+            waiting.chain(self.running.iter().map(|s| &s.info)).map(|i| i.entity()).collect();
+        all.into_iter().collect()
+    }
+
+    /// Training work of `info`'s entity enters the policy (and waits for its grant), is charged,
+    /// or leaves it. Commands arrive in order, so a turn's charge is counted before the next
+    /// turn of the same thread is judged.
+    pub(crate) fn training(&mut self, info: &RequestInfo, event: TrainingEvent) {
+        match event {
+            TrainingEvent::Begin(grant) => {
+                self.policy.on_arrival(info);
+                self.training_waiting.push((info.clone(), grant));
+                self.grant_training();
+            }
+            TrainingEvent::Charge { tokens, backward: true } => self.policy.charge_training(info, tokens),
+            TrainingEvent::Charge { tokens, backward: false } => self.policy.charge(info, tokens, 0),
+            TrainingEvent::End => self.policy.on_finish(info),
+        }
+    }
+
+    /// Lets waiting training work run where the policy allows it (checked after every step, as
+    /// serving's counters move).
+    pub(crate) fn grant_training(&mut self) {
+        if self.training_waiting.is_empty() {
+            return;
+        }
+        let serving = self.serving_entities();
+        let policy = &self.policy;
+        self.training_waiting.retain(|(info, grant)| {
+            let run = policy.may_train(&info.entity(), &serving);
+            if run {
+                let _ = grant.send(());
+            }
+            !run
+        });
     }
 
     /// Requests waiting, per client.

@@ -301,53 +301,66 @@ fn is_proto(headers: &HeaderMap, key: header::HeaderName) -> bool {
 }
 
 /// Queues a training request; bad input becomes a failed future (category user), so the caller
-/// sees the error where it waits for the result, and serving is never disturbed.
-fn submit(s: &TrainingService, model_id: &str, seq: i64, work: Result<Work, String>) -> Reply {
+/// sees the error where it waits for the result, and serving is never disturbed. `identity`: who
+/// asked, whom the scheduling policy charges for the work.
+fn submit(
+    s: &TrainingService,
+    identity: Option<Extension<Identity>>,
+    model_id: &str,
+    seq: i64,
+    work: Result<Work, String>,
+) -> Reply {
     let model = match s.model(model_id) {
         Ok(m) => m,
         Err(f) => return Ok(future_reply(s.immediate(f.into()), Some(model_id))),
     };
+    let client = super::service::tinker_client(identity.and_then(|i| i.0.key_client), model.session());
     let id = match work {
-        Ok(w) => s.submit(&model, seq, w)?,
+        Ok(w) => s.submit(&model, seq, w, client)?,
         // The failure still takes its turn, so later seq_ids are not held up.
-        Err(e) => s.submit(&model, seq, Work::Fail(e))?,
+        Err(e) => s.submit(&model, seq, Work::Fail(e), client)?,
     };
     Ok(future_reply(id, Some(model_id)))
 }
 
-async fn forward_backward(State(s): S, headers: HeaderMap, body: Bytes) -> Reply {
+async fn forward_backward(
+    State(s): S,
+    identity: Option<Extension<Identity>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply {
     if headers.get(header::CONTENT_ENCODING).is_some() {
         return Err(HttpError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "compressed bodies are not supported".into()));
     }
     let r = if is_proto(&headers, header::CONTENT_TYPE) { decode_proto(&body)? } else { decode_json(&body, false)? };
-    submit(&s, &r.model_id, r.seq_id, r.work)
+    submit(&s, identity, &r.model_id, r.seq_id, r.work)
 }
 
-async fn forward(State(s): S, body: Bytes) -> Reply {
+async fn forward(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Reply {
     let r = decode_json(&body, true)?;
-    submit(&s, &r.model_id, r.seq_id, r.work)
+    submit(&s, identity, &r.model_id, r.seq_id, r.work)
 }
 
-async fn optim_step(State(s): S, body: Bytes) -> Reply {
+async fn optim_step(State(s): S, identity: Option<Extension<Identity>>, body: Bytes) -> Reply {
     let q: req::Queued = typed(&body)?;
     // A field present with the wrong type is the caller's error, never replaced by a default.
     let r: req::OptimStep = typed(&body)?;
     let params = AdamParams::from(r.adam_params.unwrap_or_default());
-    submit(&s, &q.model_id, q.seq_id, Ok(Work::OptimStep(params)))
+    submit(&s, identity, &q.model_id, q.seq_id, Ok(Work::OptimStep(params)))
 }
 
 async fn save_weights(State(s): S, body: Bytes) -> Reply {
     let q: req::Queued = typed(&body)?;
     let r: req::SaveWeights = typed(&body)?;
     let name = r.path.unwrap_or_else(|| format!("step-{}", q.seq_id));
-    submit(&s, &q.model_id, q.seq_id, Ok(Work::SaveWeights { name }))
+    submit(&s, None, &q.model_id, q.seq_id, Ok(Work::SaveWeights { name }))
 }
 
 async fn save_weights_for_sampler(State(s): S, body: Bytes) -> Reply {
     let q: req::Queued = typed(&body)?;
     let r: req::SaveWeights = typed(&body)?;
     let session = q.model_id.split(':').next().map(String::from);
-    submit(&s, &q.model_id, q.seq_id, Ok(Work::SaveForSampler { name: r.path, session }))
+    submit(&s, None, &q.model_id, q.seq_id, Ok(Work::SaveForSampler { name: r.path, session }))
 }
 
 async fn load_weights(State(s): S, body: Bytes) -> Reply {
@@ -355,7 +368,7 @@ async fn load_weights(State(s): S, body: Bytes) -> Reply {
     let (path, optimizer) = (r.path, r.optimizer);
     if let Some(model_id) = r.model_id {
         let seq = r.seq_id.ok_or_else(|| bad("`seq_id` is required with `model_id`"))?;
-        return submit(&s, &model_id, seq, Ok(Work::LoadWeights { path, optimizer }));
+        return submit(&s, None, &model_id, seq, Ok(Work::LoadWeights { path, optimizer }));
     }
     // A new training model straight from a checkpoint.
     let (Some(session), Some(seq)) = (r.session_id, r.model_seq_id) else {
@@ -411,7 +424,9 @@ async fn asample(State(s): S, identity: Option<Extension<Identity>>, body: Bytes
     let (session, weights, dedup) = match &r.sampling_session_id {
         Some(id) => {
             let sampler = s.sampler(id)?;
-            (id.clone(), sampler.weights.clone(), r.seq_id.map(|q| (id.clone(), q)))
+            // Charged to the Tinker session that made the sampler, as its training is.
+            let session = sampler.session.clone().unwrap_or_else(|| id.clone());
+            (session, sampler.weights.clone(), r.seq_id.map(|q| (id.clone(), q)))
         }
         None => {
             s.check_base(r.base_model.as_deref().unwrap_or(""))?;

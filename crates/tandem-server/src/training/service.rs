@@ -210,6 +210,20 @@ pub enum Work {
 struct Job {
     work: Work,
     done: Completer,
+    /// Whom the scheduling policy charges for it (`tinker_client`).
+    client: Client,
+}
+
+/// A client (and agent within it) as the scheduling policy counts it.
+pub type Client = (String, Option<String>);
+
+/// The entity a Tinker session's work is charged to, sampling and training alike: the client its
+/// API key names (the session an agent within it), else the session itself.
+pub fn tinker_client(key_client: Option<String>, session: &str) -> Client {
+    match key_client {
+        Some(k) => (k, Some(format!("tinker:{session}"))),
+        None => (format!("tinker:{session}"), None),
+    }
 }
 
 /// Requests of one model wait here until every earlier seq_id has arrived.
@@ -226,6 +240,13 @@ pub struct TrainedModel {
     pub mode: Mode,
     queue: Mutex<SeqQueue>,
     jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl TrainedModel {
+    /// The session that created it (`{session}:train:{seq}`), or its own name (xorl's named models).
+    pub fn session(&self) -> &str {
+        self.id.split(":train:").next().unwrap_or(&self.id)
+    }
 }
 
 pub struct Sampler {
@@ -613,7 +634,7 @@ impl TrainingService {
 
     /// Queues `work` as request `seq` of `model`; runs it once every earlier seq_id has run.
     /// A resubmitted seq_id gets the first submission's request id.
-    pub fn submit(&self, model: &TrainedModel, seq: i64, work: Work) -> Result<String> {
+    pub fn submit(&self, model: &TrainedModel, seq: i64, work: Work, client: Client) -> Result<String> {
         let mut q = model.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(id) = q.seen.get(&seq) {
             return Ok(id.clone());
@@ -626,7 +647,7 @@ impl TrainingService {
         }
         let (id, done) = self.new_future()?;
         q.seen.insert(seq, id.clone());
-        q.waiting.insert(seq, Job { work, done });
+        q.waiting.insert(seq, Job { work, done, client });
         let jobs = model.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(job) = {
             let next = q.next;
@@ -847,9 +868,12 @@ fn rfc3339(secs: u64) -> String {
 
 /// A training model's thread: runs its requests one at a time, in seq_id order.
 fn worker(me: std::sync::Weak<TrainingService>, model_id: String, mut trainer: TrainingModel, rx: mpsc::Receiver<Job>) {
+    let mut rate = TrainRate::default();
     while let Ok(job) = rx.recv() {
         let Some(service) = me.upgrade() else { break };
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| service.run(&model_id, &mut trainer, job.work)));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            service.run_in_turn(&model_id, &mut trainer, job.work, &job.client, &mut rate)
+        }));
         let outcome = match result {
             Ok(Ok(o)) => o,
             Ok(Err(f)) => f.into(),
@@ -867,7 +891,48 @@ fn worker(me: std::sync::Weak<TrainingService>, model_id: String, mut trainer: T
     }
 }
 
+/// A training model's forward_backward speed, tokens per second, from its last request: what an
+/// optim_step is charged for its time (the tokens the model would have processed meanwhile).
+#[derive(Default)]
+struct TrainRate(Option<f64>);
+
 impl TrainingService {
+    /// Runs compute work (forward_backward, forward, optim_step) in a turn of the engine's
+    /// scheduling policy, charged to `client`: tokens processed (forward: as prompt tokens;
+    /// forward_backward: `FairConfig::train_weight` each; optim_step: its time at the model's
+    /// forward_backward rate). Other work (saves, loads) runs at once.
+    fn run_in_turn(
+        &self,
+        model_id: &str,
+        t: &mut TrainingModel,
+        work: Work,
+        client: &Client,
+        rate: &mut TrainRate,
+    ) -> Result<Outcome> {
+        let tokens = match &work {
+            Work::ForwardBackward { data, .. } => data.iter().map(|d| d.tokens.len()).sum(),
+            Work::OptimStep(_) => 0,
+            _ => return self.run(model_id, t, work),
+        };
+        let backward = matches!(&work, Work::ForwardBackward { forward_only: false, .. } | Work::OptimStep(_));
+        let turn = self.engine.training_turn(&client.0, client.1.as_deref());
+        let started = std::time::Instant::now();
+        let outcome = self.run(model_id, t, work);
+        let secs = started.elapsed().as_secs_f64();
+        let charged = match tokens {
+            0 => (secs * rate.0.unwrap_or(0.0)).round() as usize,
+            n => {
+                if backward {
+                    rate.0 = Some(n as f64 / secs.max(1e-6));
+                }
+                n
+            }
+        };
+        turn.charge(charged, backward);
+        tracing::debug!(model_id, waited_secs = turn.waited.as_secs_f64(), charged, "training turn");
+        outcome
+    }
+
     fn run(&self, model_id: &str, t: &mut TrainingModel, work: Work) -> Result<Outcome> {
         match work {
             Work::ForwardBackward { data, loss, forward_only } => {

@@ -23,6 +23,7 @@ impl TrainingService {
         }
         let limit = self.engine.config().max_seq_len;
         let max_tokens = req.max_tokens.unwrap_or(limit).min(limit.saturating_sub(req.prompt.len()));
+        let client = super::tinker_client(req.key_client.clone(), &req.session);
         let request = |i: usize| GenerationRequest {
             prompt: req.prompt.clone(),
             max_tokens,
@@ -34,8 +35,8 @@ impl TrainingService {
                 ..Default::default()
             },
             stop_token_ids: vec![],
-            client: Some(req.key_client.clone().unwrap_or_else(|| format!("tinker:{}", req.session))),
-            agent: req.key_client.as_ref().map(|_| format!("tinker:{}", req.session)),
+            client: Some(client.0.clone()),
+            agent: client.1.clone(),
             weights: req.weights.clone(),
         };
         // The engine's one check, before any sample is queued (all n or none).
@@ -81,6 +82,7 @@ impl TrainingService {
 }
 
 pub struct SampleRequest {
+    /// The Tinker session charged for it (the one that made the sampler; "base" for none).
     pub session: String,
     /// The API key's client when keys are on (the session is then the agent within it).
     pub key_client: Option<String>,
