@@ -270,7 +270,7 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 }
 
 /// The server, started as its own process (what an operator runs), stopped on drop.
-struct Server(std::process::Child);
+pub(crate) struct Server(std::process::Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -284,11 +284,17 @@ impl Drop for Server {
     }
 }
 
-fn start_server(model: &std::path::Path, port: u16, dir: &std::path::Path, clients: usize) -> Result<Server> {
+/// `tandem serve` on `model` at `port` with its training directory under `dir` and `flags`; returns
+/// once /health answers.
+pub(crate) fn start_server(
+    model: &std::path::Path,
+    port: u16,
+    dir: &std::path::Path,
+    flags: &[String],
+) -> Result<Server> {
     let child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve", "--port", &port.to_string(), "--max-batch", &clients.max(1).to_string()])
-        .args(["--spec", "eagle", "--spec-train", "online", "--drafter-save"])
-        .arg(dir.join("drafter"))
+        .args(["serve", "--port", &port.to_string()])
+        .args(flags)
         .arg("--training-dir")
         .arg(dir.join("training"))
         .arg("--model")
@@ -346,7 +352,12 @@ pub fn run(args: SoakBenchArgs) -> Result<()> {
     let path = tandem_cli::models::resolve(args.model.as_deref())?;
     let dir = std::env::temp_dir().join(format!("tandem-soak-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let server = start_server(&path, port, &dir, args.concurrency)?;
+    let flags = ["--max-batch", &args.concurrency.max(1).to_string(), "--spec", "eagle", "--spec-train", "online"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--drafter-save".to_string(), dir.join("drafter").display().to_string()])
+        .collect::<Vec<_>>();
+    let server = start_server(&path, port, &dir, &flags)?;
     let pid = server.0.id();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let log: Shared = Arc::default();

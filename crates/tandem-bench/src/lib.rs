@@ -5,6 +5,7 @@
 mod bench_draft;
 mod bench_fair;
 mod bench_online;
+mod bench_rl;
 mod bench_serve;
 mod bench_soak;
 mod bench_spec;
@@ -99,6 +100,10 @@ enum BenchTarget {
     /// n-gram, and EAGLE drafters trained online (from scratch, warm-started) or offline; acceptance
     /// length and tokens/s per window of requests, table, JSON and PNG.
     Online(Box<crate::bench_online::OnlineBenchArgs>),
+    /// RL through the Tinker SDK (`examples/rl_grpo.py`) against `tandem serve` per serving
+    /// configuration, same seed: rollout tokens/s, acceptance, draft length, drafter version,
+    /// training time and reward per RL step; table, JSON and PNG.
+    Rl(crate::bench_rl::RlBenchArgs),
     /// The training service: forward_backward tokens/s, LoRA and full weights, against the same
     /// model in PyTorch (when installed) on the same data.
     Train(crate::bench_train::TrainBenchArgs),
@@ -212,6 +217,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Online(a)) => return crate::bench_online::run(*a),
         Some(BenchTarget::Soak(a)) => return crate::bench_soak::run(a),
         Some(BenchTarget::Train(a)) => return crate::bench_train::run(a),
+        Some(BenchTarget::Rl(a)) => return crate::bench_rl::run(a),
         None => {}
     }
     let names =

@@ -1,0 +1,194 @@
+//! `tandem bench rl`: the GRPO example (`examples/rl_grpo.py`, the Tinker SDK) run against `tandem
+//! serve` once per serving configuration, with the same seed: rollouts without speculation, and
+//! with the EAGLE drafter trained online on those very rollouts from a warm start. Per RL step:
+//! rollout tokens/s, acceptance length, chosen draft length, drafter version, training time and
+//! reward; table, JSON and PNG. Sampling is lossless, so the reward curves differ only by the
+//! sampler's random draws (the seeds are the same, the batching is not).
+use crate::bench_soak::start_server;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Clone)]
+pub struct RlBenchArgs {
+    /// A .gguf file, an HF model folder, or `smollm2` / `qwen-coder` (default: smollm2).
+    #[arg(long)]
+    model: Option<String>,
+    /// Serving configurations, in order: `none` (no speculation), `ngram`, `online` (EAGLE +
+    /// prompt lookup, trained online from a warm start), `day0:DIR` (the same from a saved drafter).
+    #[arg(long, value_delimiter = ',', default_value = "none,online")]
+    configs: Vec<String>,
+    /// The example's task (`count`: 40-80-token rollouts; `addition`: 3 tokens).
+    #[arg(long, default_value = "count")]
+    task: String,
+    /// RL steps per run.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 4)]
+    problems: usize,
+    /// Samples per problem (the GRPO group).
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps before the speed-up is judged (the drafter's warm-up).
+    #[arg(long, default_value_t = 10)]
+    after: usize,
+    /// The example script (run from the repository root).
+    #[arg(long, default_value = "examples/rl_grpo.py")]
+    script: PathBuf,
+    #[arg(long, default_value = "bench-results/bench-rl.json")]
+    out: String,
+}
+
+/// `tandem serve` flags of a configuration.
+fn serve_flags(config: &str) -> Result<Vec<String>> {
+    let online = ["--spec", "eagle", "--spec-train", "online"];
+    let flags: Vec<&str> = match config.split_once(':') {
+        None if config == "none" => vec!["--spec", "none"],
+        None if config == "ngram" => vec!["--spec", "ngram"],
+        None if config == "online" => online.to_vec(),
+        Some(("day0", dir)) => {
+            return Ok([&online[..], &["--drafter", dir]].concat().iter().map(|s| s.to_string()).collect())
+        }
+        _ => anyhow::bail!("unknown configuration `{config}` (none, ngram, online, day0:DIR)"),
+    };
+    Ok(flags.iter().map(|s| s.to_string()).collect())
+}
+
+/// One run of the example against a fresh server in `config`; returns its JSON summary.
+fn run_config(args: &RlBenchArgs, model: &std::path::Path, config: &str, dir: &std::path::Path) -> Result<Value> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut flags = vec!["--model".to_string(), model.display().to_string()];
+    flags.extend(["--max-batch", "16", "--step-token-budget", "256"].map(String::from));
+    flags.extend(serve_flags(config)?);
+    let run_dir = dir.join(config.replace(['/', ':'], "_"));
+    std::fs::create_dir_all(&run_dir)?;
+    let _server = start_server(model, port, &run_dir, &flags)?;
+    let out = run_dir.join("rl");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    println!("== {config}: tandem serve {}", flags.join(" "));
+    let status = std::process::Command::new(&python)
+        .arg(&args.script)
+        .args(["--task", &args.task, "--steps", &args.steps.to_string(), "--minutes", "100000"])
+        .args(["--problems", &args.problems.to_string(), "--group", &args.group.to_string()])
+        .args(["--seed", &args.seed.to_string(), "--base-url", &format!("http://127.0.0.1:{port}")])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {} (pip install tinker==0.38.0)", args.script.display()))?;
+    anyhow::ensure!(status.success(), "{} failed under `{config}`", args.script.display());
+    let text = std::fs::read_to_string(out.with_extension("json"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn steps(run: &Value) -> Vec<Value> {
+    run["steps"].as_array().cloned().unwrap_or_default()
+}
+
+fn field(step: &Value, name: &str) -> f64 {
+    step[name].as_f64().unwrap_or(f64::NAN)
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = xs.filter(|x| x.is_finite()).collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+pub fn run(args: RlBenchArgs) -> Result<()> {
+    let model = tandem_cli::models::resolve(args.model.as_deref())?;
+    let dir = std::env::temp_dir().join(format!("tandem-bench-rl-{}", std::process::id()));
+    let mut runs = Vec::new();
+    for config in &args.configs {
+        runs.push((config.clone(), run_config(&args, &model, config, &dir)?));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = steps(&runs[0].1);
+    println!(
+        "\nRL steps, task {} ({} problems x {} samples), seed {}",
+        args.task, args.problems, args.group, args.seed
+    );
+    let mut header = format!("{:>4}", "step");
+    for (c, _) in &runs {
+        header += &format!(" | {c:>10} reward  tok/s  x{:<5} accept  k  ver train_s", runs[0].0);
+    }
+    println!("{header}");
+    for (i, b) in base.iter().enumerate() {
+        let mut line = format!("{i:>4}");
+        for (_, run) in &runs {
+            let Some(s) = steps(run).get(i).cloned() else { continue };
+            let ratio = field(&s, "rollout_tok_s") / field(b, "rollout_tok_s");
+            line += &format!(
+                " | {:>17.3} {:>6.1} {:>6.2} {:>7.2} {:>2.0} {:>4.0} {:>7.1}",
+                field(&s, "reward"),
+                field(&s, "rollout_tok_s"),
+                ratio,
+                field(&s, "acceptance"),
+                field(&s, "chosen_k"),
+                field(&s, "drafter_version"),
+                field(&s, "train_s")
+            );
+        }
+        println!("{line}");
+    }
+    let mut summary = Vec::new();
+    for (config, run) in &runs {
+        let s = steps(run);
+        let ratios: Vec<f64> =
+            s.iter().zip(&base).map(|(x, b)| field(x, "rollout_tok_s") / field(b, "rollout_tok_s")).collect();
+        let late = |v: &[f64]| mean(v.iter().skip(args.after).copied());
+        let toks: Vec<f64> = s.iter().map(|x| field(x, "rollout_tok_s")).collect();
+        let base_toks: Vec<f64> = base.iter().map(|x| field(x, "rollout_tok_s")).collect();
+        let row = json!({
+            "config": config,
+            "rollout_tok_s_after": late(&toks),
+            "ratio_after": late(&toks) / late(&base_toks),
+            "min_step_ratio": ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            "acceptance_after": mean(s.iter().skip(args.after).map(|x| field(x, "acceptance"))),
+            "reward_first_fifth": run["first_fifth_reward"],
+            "reward_last_fifth": run["last_fifth_reward"],
+            "train_s_mean": mean(s.iter().map(|x| field(x, "train_s"))),
+        });
+        println!(
+            "{config:>10}: rollout {:.1} tok/s from step {} on ({:.2}x {}), lowest step {:.2}x, acceptance {:.2}, reward {:.3} -> {:.3}",
+            row["rollout_tok_s_after"].as_f64().unwrap_or(0.0),
+            args.after,
+            row["ratio_after"].as_f64().unwrap_or(0.0),
+            runs[0].0,
+            row["min_step_ratio"].as_f64().unwrap_or(0.0),
+            row["acceptance_after"].as_f64().unwrap_or(f64::NAN),
+            row["reward_first_fifth"].as_f64().unwrap_or(0.0),
+            row["reward_last_fifth"].as_f64().unwrap_or(0.0),
+        );
+        summary.push(row);
+    }
+    if let Some(d) = std::path::Path::new(&args.out).parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let report = json!({
+        "machine": crate::machine_description(),
+        "model": model.display().to_string(),
+        "task": args.task, "steps": args.steps, "problems": args.problems, "group": args.group, "seed": args.seed,
+        "summary": summary,
+        "runs": runs.iter().map(|(c, r)| json!({"config": c, "run": r})).collect::<Vec<_>>(),
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    let png = args.out.replace(".json", ".png");
+    let series = |name: &str| -> crate::plot::Series {
+        let points = |r: &Value| {
+            steps(r).iter().map(|s| (field(s, "step"), field(s, name))).filter(|p| p.1.is_finite()).collect()
+        };
+        runs.iter().map(|(c, r)| (c.clone(), points(r))).collect()
+    };
+    let panels = vec![
+        ("rollout tokens/s".to_string(), "RL step".to_string(), "tok/s".to_string(), series("rollout_tok_s")),
+        ("reward".to_string(), "RL step".to_string(), "mean reward".to_string(), series("reward")),
+        ("acceptance length".to_string(), "RL step".to_string(), "tokens per step".to_string(), series("acceptance")),
+        ("training time".to_string(), "RL step".to_string(), "seconds".to_string(), series("train_s")),
+    ];
+    match crate::plot::line_grid(&png, &panels) {
+        Ok(()) => println!("wrote {} and {png}", args.out),
+        Err(e) => println!("wrote {} (no plot: {e})", args.out),
+    }
+    Ok(())
+}
