@@ -417,7 +417,7 @@ fn run_config(
             let _ = std::fs::remove_dir_all(trace_dir);
             o.trace_dir = Some(trace_dir.to_path_buf());
         }
-        o.drafter_save = std::env::temp_dir().join(format!("tandem-bench-drafter-{full_name}"));
+        o.drafter_save = Some(std::env::temp_dir().join(format!("tandem-bench-drafter-{full_name}")));
         let warm = match base {
             "scratch" => WarmStart::None,
             "warm-head" => WarmStart::Head,

@@ -15,7 +15,8 @@ pub struct RlBenchArgs {
     #[arg(long)]
     model: Option<String>,
     /// Serving configurations, in order: `none` (no speculation), `ngram`, `online` (EAGLE +
-    /// prompt lookup, trained online from a warm start), `day0:DIR` (the same from a saved drafter).
+    /// prompt lookup, trained online from a warm start), `day0:DIR` (the same from a saved
+    /// drafter); `+idle` after an online one trains only while serving is idle.
     #[arg(long, value_delimiter = ',', default_value = "none,online")]
     configs: Vec<String>,
     /// The example's task (`count`: 40-80-token rollouts; `addition`: 3 tokens).
@@ -41,8 +42,13 @@ pub struct RlBenchArgs {
     out: String,
 }
 
-/// `tandem serve` flags of a configuration.
+/// `tandem serve` flags of a configuration; `+idle` (e.g. `online+idle`): the drafter trains only
+/// while serving is idle (its share of a core while serving near zero).
 fn serve_flags(config: &str) -> Result<Vec<String>> {
+    if let Some(base) = config.strip_suffix("+idle") {
+        let idle = ["--train-cpu-share", "0.01", "--train-min-share", "0.01"].map(String::from);
+        return Ok([serve_flags(base)?, idle.to_vec()].concat());
+    }
     let online = ["--spec", "eagle", "--spec-train", "online"];
     let flags: Vec<&str> = match config.split_once(':') {
         None if config == "none" => vec!["--spec", "none"],
@@ -59,15 +65,14 @@ fn serve_flags(config: &str) -> Result<Vec<String>> {
 /// One run of the example against a fresh server in `config`; returns its JSON summary.
 fn run_config(args: &RlBenchArgs, model: &std::path::Path, config: &str, dir: &std::path::Path) -> Result<Value> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut flags = vec!["--model".to_string(), model.display().to_string()];
-    flags.extend(["--max-batch", "16", "--step-token-budget", "256"].map(String::from));
+    let mut flags: Vec<String> = ["--max-batch", "16", "--step-token-budget", "256"].map(String::from).to_vec();
     flags.extend(serve_flags(config)?);
     let run_dir = dir.join(config.replace(['/', ':'], "_"));
     std::fs::create_dir_all(&run_dir)?;
     let _server = start_server(model, port, &run_dir, &flags)?;
     let out = run_dir.join("rl");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    println!("== {config}: tandem serve {}", flags.join(" "));
+    println!("== {config}: tandem serve --model {} {}", model.display(), flags.join(" "));
     let status = std::process::Command::new(&python)
         .arg(&args.script)
         .args(["--task", &args.task, "--steps", &args.steps.to_string(), "--minutes", "100000"])
@@ -90,9 +95,10 @@ fn field(step: &Value, name: &str) -> f64 {
     step[name].as_f64().unwrap_or(f64::NAN)
 }
 
+/// The mean of the finite values (NaN when there are none).
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     let v: Vec<f64> = xs.filter(|x| x.is_finite()).collect();
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+    v.iter().sum::<f64>() / v.len() as f64
 }
 
 pub fn run(args: RlBenchArgs) -> Result<()> {

@@ -148,9 +148,10 @@ pub struct OnlineArgs {
     #[arg(long, value_enum, default_value_t = SpecTrain::Off)]
     pub spec_train: SpecTrain,
     /// Where the online drafter is checkpointed (periodically and at shutdown); also where
-    /// `--drafter` would continue from next time.
-    #[arg(long, default_value = "tandem-drafter")]
-    pub drafter_save: PathBuf,
+    /// `--drafter` would continue from next time. Default: $TANDEM_DATA/drafter, else
+    /// ~/.local/share/tandem/drafter (never the directory the server was started in).
+    #[arg(long)]
+    pub drafter_save: Option<PathBuf>,
     /// Also write every trace to this folder (replay with `tandem train-drafter --traces DIR`).
     #[arg(long)]
     pub trace_dir: Option<PathBuf>,
@@ -162,6 +163,13 @@ pub struct OnlineArgs {
     pub publish_every: u64,
     #[command(flatten)]
     pub train: TrainArgs,
+}
+
+impl OnlineArgs {
+    /// `--drafter-save`, or its default under tandem's data folder.
+    pub fn drafter_save_dir(&self) -> PathBuf {
+        self.drafter_save.clone().unwrap_or_else(|| crate::models::data_dir().join("drafter"))
+    }
 }
 
 impl OnlineArgs {
@@ -204,7 +212,7 @@ pub fn start_with(
             cpu_share: args.train.train_cpu_share,
             min_share: args.train.train_min_share,
             threads: args.train.train_threads,
-            checkpoint_dir: Some(args.drafter_save.clone()),
+            checkpoint_dir: Some(args.drafter_save_dir()),
             spill_dir: args.trace_dir.clone(),
             ..Default::default()
         },

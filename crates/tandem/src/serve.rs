@@ -211,7 +211,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let (hooks, trainer) = online_arg::start(&args.online, &loaded.model, &eagle, args.spec.warm_start)?;
         eprintln!(
             "online drafter training on: checkpoints in {}{}",
-            args.online.drafter_save.display(),
+            args.online.drafter_save_dir().display(),
             args.online.trace_dir.as_ref().map(|d| format!(", traces in {}", d.display())).unwrap_or_default()
         );
         (Some(tandem_engine::ServedDrafter::Trained(Box::new(eagle))), Some(hooks), Some(trainer))
