@@ -575,3 +575,30 @@ fn text_traces_carry_the_targets_distribution_at_every_position() {
         }
     }
 }
+
+/// In a batch where prompt lookup copies for some sequence at almost every step, the draft-length
+/// controller still gets its measurements: a step counts unless every sequence in it copied.
+/// (When any copy excluded the whole step, a batch of RL rollouts left it at k = 0 for good,
+/// its first sweep never finished.)
+#[test]
+fn the_k_controller_measures_batches_with_copies() {
+    // Sequences that repeat a short unit: lookup has matches nearly everywhere.
+    let requests: Vec<_> = (0..8)
+        .map(|i| {
+            let mut r = request(i, 60);
+            let unit: Vec<u32> = r.prompt.iter().take(3).copied().collect();
+            r.prompt = unit.iter().cycle().take(24).copied().collect();
+            r
+        })
+        .collect();
+    let target = model();
+    let lookup = NgramDrafter { max_ngram: 4, min_ngram: 2 };
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 3).unwrap().with_lookup(Some(lookup));
+    let h = hooks(1 << 30, OnlineConfig::default());
+    let config = EngineConfig { spec_k: 3, max_batch: 8, ..Default::default() };
+    let (mut engine, handle) = engine_with(drafter, &h, config);
+    let (_, _) = serve(&mut engine, &handle, &requests);
+    let table = h.exchange.metrics.k_table.lock().unwrap().clone();
+    let timed: u64 = table.iter().map(|s| s.steps).sum();
+    assert!(timed >= 16, "the controller measured {timed} steps: {table:?}");
+}

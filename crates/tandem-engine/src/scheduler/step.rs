@@ -66,9 +66,13 @@ pub struct StepPlan {
 }
 
 impl StepPlan {
-    /// Every sequence decodes without copied drafts: the step measures a draft length's speed.
+    /// Every sequence decodes and some did not copy its draft: the step measures a draft length's
+    /// speed. Copies are asked for at every length, so in a batch they weigh on every length
+    /// alike; a step where all copied says nothing about the learned drafter. (Excluding every
+    /// step with a copy starved the controller in batches, where some sequence nearly always
+    /// copies: it never finished its first sweep and stayed at k = 0.)
     pub fn decode_only(&self) -> bool {
-        self.seqs.iter().all(|s| s.decode && !s.draft.lookup)
+        self.seqs.iter().all(|s| s.decode) && self.seqs.iter().any(|s| !s.draft.lookup)
     }
 }
 
