@@ -122,17 +122,17 @@ pub fn run(args: RlBenchArgs) -> Result<()> {
     for (i, b) in base.iter().enumerate() {
         let mut line = format!("{i:>4}");
         for (_, run) in &runs {
-            let Some(s) = steps(run).get(i).cloned() else { continue };
-            let ratio = field(&s, "rollout_tok_s") / field(b, "rollout_tok_s");
+            let Some(s) = run["steps"].get(i) else { continue };
+            let ratio = field(s, "rollout_tok_s") / field(b, "rollout_tok_s");
             line += &format!(
                 " | {:>17.3} {:>6.1} {:>6.2} {:>7.2} {:>2.0} {:>4.0} {:>7.1}",
-                field(&s, "reward"),
-                field(&s, "rollout_tok_s"),
+                field(s, "reward"),
+                field(s, "rollout_tok_s"),
                 ratio,
-                field(&s, "acceptance"),
-                field(&s, "chosen_k"),
-                field(&s, "drafter_version"),
-                field(&s, "train_s")
+                field(s, "acceptance"),
+                field(s, "chosen_k"),
+                field(s, "drafter_version"),
+                field(s, "train_s")
             );
         }
         println!("{line}");

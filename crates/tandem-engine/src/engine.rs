@@ -480,8 +480,12 @@ impl Engine {
         // Online: one draft length for all, chosen by measured throughput (0 = speculation off)
         // by the controllers of the weight-version family most decoding sequences belong to.
         // The draft tree's sibling budget too, by the same measure.
-        let family = self.scheduler.decode_family();
-        let global = self.online.as_mut().filter(|o| o.hooks.config.k_by_throughput).map(|o| o.choose(&family));
+        let scheduler = &self.scheduler;
+        let global = self
+            .online
+            .as_mut()
+            .filter(|o| o.hooks.config.k_by_throughput)
+            .map(|o| o.choose(&scheduler.decode_family()));
         let (asks, cut) = self.scheduler.draft_asks(global);
         // A draft cut short by the output limit or the slot is not a step at the chosen k.
         self.step_k = global.filter(|_| !cut);
