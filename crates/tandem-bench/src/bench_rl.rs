@@ -4,10 +4,18 @@
 //! rollout tokens/s, acceptance length, chosen draft length, drafter version, training time and
 //! reward; table, JSON and PNG. Sampling is lossless, so the reward curves differ only by the
 //! sampler's random draws (the seeds are the same, the batching is not).
-use crate::bench_soak::start_server;
+//!
+//! With `--serving-client MS`, a chat client beside the RL loop (its own client in the fair
+//! policy) sends a short request, waits for the answer and pauses MS ms, over and over: its
+//! latency alone (before the loop starts) and beside the loop says what the loop's sampling and
+//! training cost everyone else. `+uncharged` runs the same with training charged nothing.
+use crate::bench_soak::{http, post, start_server};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone)]
 pub struct RlBenchArgs {
@@ -16,7 +24,9 @@ pub struct RlBenchArgs {
     model: Option<String>,
     /// Serving configurations, in order: `none` (no speculation), `ngram`, `online` (EAGLE +
     /// prompt lookup, trained online from a warm start), `day0:DIR` (the same from a saved
-    /// drafter); `+idle` after an online one trains only while serving is idle.
+    /// drafter); `+idle` after an online one trains only while serving is idle; `+uncharged`:
+    /// the fair policy charges training nothing (`--fair-train-weight 0`), the comparison for
+    /// `--serving-client`.
     #[arg(long, value_delimiter = ',', default_value = "none,online")]
     configs: Vec<String>,
     /// The example's task (`count`: 40-80-token rollouts; `addition`: 3 tokens).
@@ -38,6 +48,10 @@ pub struct RlBenchArgs {
     /// The example script (run from the repository root).
     #[arg(long, default_value = "examples/rl_grpo.py")]
     script: PathBuf,
+    /// A chat client beside the RL loop: one request (32 tokens) at a time, then this many ms of
+    /// pause; its latency alone and beside the loop is reported (0: none).
+    #[arg(long, default_value_t = 0)]
+    serving_client: u64,
     #[arg(long, default_value = "bench-results/bench-rl.json")]
     out: String,
 }
@@ -45,6 +59,9 @@ pub struct RlBenchArgs {
 /// `tandem serve` flags of a configuration; `+idle` (e.g. `online+idle`): the drafter trains only
 /// while serving is idle (its share of a core while serving near zero).
 fn serve_flags(config: &str) -> Result<Vec<String>> {
+    if let Some(base) = config.strip_suffix("+uncharged") {
+        return Ok([serve_flags(base)?, vec!["--fair-train-weight".into(), "0".into()]].concat());
+    }
     if let Some(base) = config.strip_suffix("+idle") {
         let idle = ["--train-cpu-share", "0.01", "--train-min-share", "0.01"].map(String::from);
         return Ok([serve_flags(base)?, idle.to_vec()].concat());
@@ -70,6 +87,12 @@ fn run_config(args: &RlBenchArgs, model: &std::path::Path, config: &str, dir: &s
     let run_dir = dir.join(config.replace(['/', ':'], "_"));
     std::fs::create_dir_all(&run_dir)?;
     let _server = start_server(model, port, &run_dir, &flags)?;
+    let pause = Duration::from_millis(args.serving_client);
+    let alone = match args.serving_client {
+        0 => None,
+        _ => Some(ServingClient::start(port, pause)?.stop_after(Duration::from_secs(20))),
+    };
+    let beside = alone.as_ref().map(|_| ServingClient::start(port, pause)).transpose()?;
     let out = run_dir.join("rl");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     println!("== {config}: tandem serve --model {} {}", model.display(), flags.join(" "));
@@ -84,7 +107,76 @@ fn run_config(args: &RlBenchArgs, model: &std::path::Path, config: &str, dir: &s
         .with_context(|| format!("running {} (pip install tinker==0.38.0)", args.script.display()))?;
     anyhow::ensure!(status.success(), "{} failed under `{config}`", args.script.display());
     let text = std::fs::read_to_string(out.with_extension("json"))?;
-    Ok(serde_json::from_str(&text)?)
+    let mut run: Value = serde_json::from_str(&text)?;
+    if let (Some(alone), Some(beside)) = (alone, beside) {
+        run["serving_client"] = json!({"alone": alone.summary(), "beside_rl": beside.finish().summary()});
+    }
+    Ok(run)
+}
+
+/// A chat client that sends one short request at a time, pausing between them, and times each.
+struct ServingClient {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<f64>>>,
+}
+
+impl ServingClient {
+    fn start(port: u16, pause: Duration) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let models: Value = serde_json::from_slice(&http(port, "GET", "/v1/models", None).await?.1)?;
+                let model = models["data"][0]["id"].as_str().context("no model")?.to_string();
+                let mut latencies = Vec::new();
+                for i in 0u64.. {
+                    if halt.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let body = json!({
+                        "model": model, "max_tokens": 32, "temperature": 0.0,
+                        "messages": [{"role": "user", "content": format!("Name a use of prime numbers ({i}).")}],
+                    });
+                    let started = Instant::now();
+                    post(port, "/v1/chat/completions", body).await?;
+                    latencies.push(started.elapsed().as_secs_f64());
+                    tokio::time::sleep(pause).await;
+                }
+                Ok(latencies)
+            })
+        });
+        Ok(ServingClient { stop, thread })
+    }
+
+    /// Runs for `d`, then stops; the request latencies (seconds).
+    fn stop_after(self, d: Duration) -> Latencies {
+        std::thread::sleep(d);
+        self.finish()
+    }
+
+    fn finish(self) -> Latencies {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.join() {
+            Ok(Ok(l)) => Latencies(l),
+            Ok(Err(e)) => {
+                eprintln!("the serving client failed: {e:#}");
+                Latencies(Vec::new())
+            }
+            Err(_) => Latencies(Vec::new()),
+        }
+    }
+}
+
+struct Latencies(Vec<f64>);
+
+impl Latencies {
+    fn summary(&self) -> Value {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+        json!({"requests": v.len(), "mean_s": mean(v.iter().copied()), "p50_s": at(0.5), "p95_s": at(0.95), "max_s": at(1.0)})
+    }
 }
 
 fn steps(run: &Value) -> Vec<Value> {
@@ -145,7 +237,7 @@ pub fn run(args: RlBenchArgs) -> Result<()> {
         let late = |v: &[f64]| mean(v.iter().skip(args.after).copied());
         let toks: Vec<f64> = s.iter().map(|x| field(x, "rollout_tok_s")).collect();
         let base_toks: Vec<f64> = base.iter().map(|x| field(x, "rollout_tok_s")).collect();
-        let row = json!({
+        let mut row = json!({
             "config": config,
             "rollout_tok_s_after": late(&toks),
             "ratio_after": late(&toks) / late(&base_toks),
@@ -166,6 +258,17 @@ pub fn run(args: RlBenchArgs) -> Result<()> {
             row["reward_first_fifth"].as_f64().unwrap_or(0.0),
             row["reward_last_fifth"].as_f64().unwrap_or(0.0),
         );
+        if let Some(c) = run.get("serving_client") {
+            let f = |w: &str, k: &str| c[w][k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{config:>10}: serving client alone {} requests, p50 {:.2} s, p95 {:.2} s; beside the RL loop {} requests, p50 {:.2} s, p95 {:.2} s",
+                c["alone"]["requests"], f("alone", "p50_s"), f("alone", "p95_s"),
+                c["beside_rl"]["requests"], f("beside_rl", "p50_s"), f("beside_rl", "p95_s"),
+            );
+        }
+        if let Some(c) = run.get("serving_client") {
+            row["serving_client"] = c.clone();
+        }
         summary.push(row);
     }
     if let Some(d) = std::path::Path::new(&args.out).parent() {

@@ -80,7 +80,7 @@ async fn send(port: u16, method: &str, path: &str, body: &str) -> Result<tokio::
 }
 
 /// A raw HTTP/1.1 exchange: status and body.
-async fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Vec<u8>)> {
+pub(crate) async fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Vec<u8>)> {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut s = send(port, method, path, &body).await?;
     let mut out = Vec::new();
@@ -92,7 +92,7 @@ async fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Resu
 }
 
 /// POST a JSON body; a non-200 answer is an error named by its status.
-async fn post(port: u16, path: &str, body: Value) -> Result<Value> {
+pub(crate) async fn post(port: u16, path: &str, body: Value) -> Result<Value> {
     let (status, data) = http(port, "POST", path, Some(&body)).await?;
     if status != 200 {
         bail!("http {status} on {path}: {}", String::from_utf8_lossy(&data[..data.len().min(200)]));

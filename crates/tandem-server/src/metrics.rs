@@ -271,7 +271,7 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
     metric(
         "tandem_drafter_train_cpu_share",
         "gauge",
-        "Share of one core the drafter trainer may use now (more while it is still learning).",
+        "Share of one core the drafter trainer may use beside serving now: 0 unless serving is saturated (it then trains in idle time only), more while it is still learning.",
         ex.metrics.train_share.get().to_string(),
     );
     metric(

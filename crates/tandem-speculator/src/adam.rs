@@ -54,6 +54,20 @@ impl AdamW {
         Ok(sq.sqrt())
     }
 
+    /// Adds `more`'s gradients of the optimized vars into `grads` (one step over several batches).
+    pub fn accumulate(&self, grads: &mut GradStore, more: &GradStore) -> Result<()> {
+        for v in self.vars() {
+            if let Some(g) = more.get(v.as_tensor()) {
+                let sum = match grads.remove(v.as_tensor()) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(v.as_tensor(), sum);
+            }
+        }
+        Ok(())
+    }
+
     /// One step with every gradient multiplied by `scale` (the clip; 1.0: none).
     pub fn step(&mut self, grads: &mut GradStore, scale: f64) -> Result<()> {
         match self {

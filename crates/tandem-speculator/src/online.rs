@@ -22,9 +22,13 @@ pub struct OnlineTrainerConfig {
     /// Most positions kept in the pool (the oldest traces go first). Each holds 3 x hidden f32
     /// features: 50,000 positions are ~350 MB for SmolLM2.
     pub pool_positions: usize,
-    /// Share of one core's time the trainer may compute while the drafter is learning (it sleeps
-    /// the rest, so serving keeps the CPU): at first, while its agreement with the target on
-    /// traffic it has not trained on is rising, and after that agreement drops (a domain shift).
+    /// Share of one core's time the trainer may compute beside a saturated server (one busy for
+    /// at least `SATURATED` of the last `LOAD_WINDOW`: no idle time to train in) while the
+    /// drafter is learning: at first, while its agreement with the target on traffic it has not
+    /// trained on is rising, and after that agreement drops (a domain shift). It sleeps the rest,
+    /// so serving keeps the CPU. Below saturation it computes only while serving is idle: on a
+    /// 2-vCPU machine anything beside the engine slows it by a quarter or more, even at the
+    /// lowest priority, and a server with pauses leaves the trainer all its cores in them.
     pub cpu_share: f64,
     /// The share once that agreement has stopped rising (a plateau: more training buys little).
     pub min_share: f64,
@@ -161,6 +165,7 @@ fn run(
     }
     let mut next_version = 1u64;
     let mut progress = Progress::default();
+    let mut load = Load::new(LOAD_WINDOW);
     // Compute time not yet paid for by sleeping (evaluations of fresh traces).
     let mut unpaid = 0.0;
     while !stop.load(Ordering::SeqCst) {
@@ -201,21 +206,31 @@ fn run(
         }
         let tc = trainer.train.clone();
         let vd = trainer.config.draft_vocab_size;
-        let Some(batch) = pool.sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id)) else {
+        // A step begun in idle time goes in parts, pausing between them while a request is served.
+        let idle = exchange.idle.is_idle();
+        let parts = if idle { IDLE_STEP_PARTS } else { 1 };
+        let batches: Vec<Batch> = (0..parts)
+            .filter_map(|_| {
+                pool.sample(&mut rng, tc.batch_positions / parts, tc.window, vd, &|id| trainer.draft_id(id))
+            })
+            .collect();
+        if batches.len() < parts {
             std::thread::sleep(Duration::from_millis(50));
             continue;
-        };
+        }
         let start = Instant::now();
         let depth = exchange.metrics.chosen_k.load(Ordering::Relaxed) as usize + 1;
         let threads = match &idle_pool {
-            Some(p) if exchange.idle.is_idle() => Some(p),
+            Some(p) if idle => Some(p),
             _ => pool_threads.as_ref(),
         };
+        let mut paused = Duration::ZERO;
+        let mut between = || paused += wait_for_idle(&mut load, &exchange, &stop);
         let result = match threads {
-            Some(p) => p.install(|| trainer.step_unrolled(&batch, depth)),
-            None => trainer.step_unrolled(&batch, depth),
+            Some(p) => p.install(|| trainer.step_in_parts(&batches, depth, &mut between)),
+            None => trainer.step_in_parts(&batches, depth, &mut between),
         };
-        let secs = start.elapsed().as_secs_f64();
+        let secs = (start.elapsed() - paused).as_secs_f64();
         let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
         st.compute_secs += secs;
         st.pooled_positions = pool.positions();
@@ -253,19 +268,77 @@ fn run(
             }
         }
         drop(st);
-        // Keep to the CPU share: sleep so that compute / wall time stays at the share allowed now;
-        // serving going idle (for longer than a gap between back-to-back requests) ends the sleep.
         let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
-        exchange.metrics.train_share.set(share);
-        let rest = (secs + std::mem::take(&mut unpaid)) * (1.0 - share) / share;
-        if rest > 0.0 {
-            let until = Instant::now() + Duration::from_secs_f64(rest);
-            while Instant::now() < until && !stop.load(Ordering::SeqCst) && !exchange.idle.is_idle() {
-                std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
-            }
-        }
+        rest(secs + std::mem::take(&mut unpaid), share, &mut load, &exchange, &stop);
     }
     checkpoint(&trainer, &config);
+}
+
+/// After a step of `secs` compute: sleeps until serving is idle (for longer than a gap between
+/// back-to-back requests), or, beside a saturated server, until compute / wall time is back at
+/// `share`.
+fn rest(secs: f64, share: f64, load: &mut Load, exchange: &DrafterExchange, stop: &AtomicBool) {
+    let started = Instant::now();
+    loop {
+        let saturated = load.update(exchange.idle.busy_secs()) >= SATURATED;
+        exchange.metrics.train_share.set(if saturated { share } else { 0.0 });
+        let done = saturated && started.elapsed().as_secs_f64() >= secs * (1.0 - share) / share;
+        if done || stop.load(Ordering::SeqCst) || exchange.idle.is_idle() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Between the parts of a step begun in idle time: waits while serving (not saturated) has
+/// work; returns how long.
+fn wait_for_idle(load: &mut Load, exchange: &DrafterExchange, stop: &AtomicBool) -> Duration {
+    let started = Instant::now();
+    while !exchange.idle.is_idle() && !stop.load(Ordering::SeqCst) && load.update(exchange.idle.busy_secs()) < SATURATED
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+/// Parts of a step begun in idle time: a request arriving mid-step shares the cores with the
+/// trainer for at most a part (~20-40 ms on two threads for SmolLM2's drafter).
+const IDLE_STEP_PARTS: usize = 4;
+
+/// Serving busier than this share of `LOAD_WINDOW` leaves no idle time to train in.
+pub const SATURATED: f64 = 0.9;
+/// How far back the trainer judges how busy serving is.
+const LOAD_WINDOW: Duration = Duration::from_secs(5);
+
+/// The share of recent wall time serving was busy, from the engine's busy-time clock.
+struct Load {
+    window: Duration,
+    /// (when, busy seconds then), oldest first, at least a tenth of the window apart.
+    samples: std::collections::VecDeque<(Instant, f64)>,
+}
+
+impl Load {
+    fn new(window: Duration) -> Self {
+        Load { window, samples: Default::default() }
+    }
+
+    /// Records the busy clock now; returns the busy share since the oldest sample within the
+    /// window (0 until a tenth of the window has passed).
+    fn update(&mut self, busy_secs: f64) -> f64 {
+        let now = Instant::now();
+        if self.samples.back().is_none_or(|(t, _)| now - *t >= self.window / 10) {
+            self.samples.push_back((now, busy_secs));
+        }
+        while self.samples.len() > 2 && now - self.samples[1].0 >= self.window {
+            self.samples.pop_front();
+        }
+        let (t0, b0) = self.samples[0];
+        let wall = (now - t0).as_secs_f64();
+        if wall < self.window.as_secs_f64() / 10.0 {
+            return 0.0;
+        }
+        ((busy_secs - b0) / wall).clamp(0.0, 1.0)
+    }
 }
 
 /// The drafter's first-token agreement with the target on each new trace before it is trained
@@ -341,6 +414,32 @@ fn lower_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serving_load_is_the_busy_share_of_recent_time() {
+        let mut load = Load::new(Duration::from_millis(200));
+        let tick = Duration::from_millis(20);
+        let mut busy = 0.0;
+        assert_eq!(load.update(busy), 0.0, "no time has passed");
+        let nap = |d: Duration| {
+            let t = Instant::now();
+            std::thread::sleep(d);
+            t.elapsed().as_secs_f64()
+        };
+        // Busy all the time, then busy a third of the time: the share follows within a window.
+        for _ in 0..12 {
+            busy += nap(tick / 4);
+            load.update(busy);
+        }
+        assert!(load.update(busy) > 0.95, "{}", load.update(busy));
+        for i in 0..3 * 24 {
+            let slept = nap(tick / 2);
+            busy += if i % 3 == 0 { slept } else { 0.0 };
+            load.update(busy);
+        }
+        let share = load.update(busy);
+        assert!((0.2..0.5).contains(&share), "{share}");
+    }
 
     #[test]
     fn the_trainer_backs_off_at_a_plateau_and_returns_after_a_shift() {

@@ -91,6 +91,18 @@ pub struct StepStats {
     pub positions: usize,
 }
 
+impl StepStats {
+    /// Adds a part's figures weighted by its `share` of the step's labelled rows.
+    fn add(&mut self, part: &StepStats, share: f64) {
+        self.loss += share * part.loss;
+        self.ce0 += share * part.ce0;
+        self.top1 += share * part.top1;
+        self.top1_second += share * part.top1_second;
+        self.discard += share * part.discard;
+        self.positions += part.positions;
+    }
+}
+
 pub struct Trainer {
     pub config: EagleConfig,
     pub train: TrainConfig,
@@ -214,8 +226,32 @@ impl Trainer {
     /// One optimizer step unrolled `ttt_steps` deep (at most the configured depth): the online
     /// trainer trains only as deep as serving drafts (plus one, so a longer draft can start to pay).
     pub fn step_unrolled(&mut self, batch: &Batch, ttt_steps: usize) -> Result<StepStats> {
-        let (loss, mut stats, _) = self.forward(batch, ttt_steps.clamp(1, self.train.ttt_steps.max(1)), true)?;
-        let mut grads = loss.backward()?;
+        self.step_in_parts(std::slice::from_ref(batch), ttt_steps, &mut || {})
+    }
+
+    /// One optimizer step over the union of `parts`: each part's loss weighted by its share of
+    /// the labelled rows, gradients summed. `between` runs after each part but the last: the
+    /// online trainer waits there while serving needs the cores, so a step begun in idle time
+    /// does not run on into a request.
+    pub fn step_in_parts(&mut self, parts: &[Batch], ttt_steps: usize, between: &mut dyn FnMut()) -> Result<StepStats> {
+        let depth = ttt_steps.clamp(1, self.train.ttt_steps.max(1));
+        let total = parts.iter().map(Batch::labelled).sum::<usize>().max(1) as f64;
+        let (mut grads, mut stats) = (None, StepStats::default());
+        for (i, part) in parts.iter().enumerate() {
+            let share = part.labelled() as f64 / total;
+            let (loss, s, _) = self.forward(part, depth, true)?;
+            let loss = if parts.len() == 1 { loss } else { loss.affine(share, 0.0)? };
+            let g = loss.backward()?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(acc) => self.opt.accumulate(acc, &g)?,
+            }
+            stats.add(&s, share);
+            if i + 1 < parts.len() {
+                between();
+            }
+        }
+        let mut grads = grads.ok_or_else(|| ModelError::Drafter("a step needs a batch".into()))?;
         let norm = self.opt.grad_norm(&grads)?;
         stats.grad_norm = norm;
         if !norm.is_finite() {

@@ -4,11 +4,11 @@
 #[path = "../../tandem-engine/tests/common/mod.rs"]
 mod common;
 use std::sync::Arc;
-use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer, Version};
+use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, Trace, TraceBuffer, Version};
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest};
 use tandem_models::{load, LoadOptions, Model};
 use tandem_runtime::speculative::eagle::DRAFT_CONTEXT;
-use tandem_runtime::speculative::{EagleDrafter, EagleWeights, NgramDrafter, ServeAs, WarmStart};
+use tandem_runtime::speculative::{EagleConfig, EagleDrafter, EagleWeights, NgramDrafter, ServeAs, WarmStart};
 use tandem_runtime::SamplingParams;
 use tandem_speculator::{distill, Batch, OnlineTrainer, OnlineTrainerConfig, TracePool, TrainConfig, Trainer};
 
@@ -259,8 +259,9 @@ fn trainer_and_drafter_agree() {
     }
 }
 
-#[test]
-fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
+/// The target, a fresh drafter (its configuration and weights) and the trace of one request
+/// served with it.
+fn one_trace() -> (Model, EagleConfig, EagleWeights, Trace) {
     let target = model();
     let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 5).unwrap();
     let weights = (**drafter.weights()).clone();
@@ -269,6 +270,12 @@ fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
     let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 3, ..Default::default() });
     serve(&mut engine, &handle, &[request(4, 30)]);
     let trace = h.traces.drain().pop().unwrap();
+    (target, config, weights, trace)
+}
+
+#[test]
+fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
+    let (target, config, weights, trace) = one_trace();
     let hs = config.hidden_size;
     assert_eq!(trace.final_size(), hs, "the last residual stream is recorded at every position");
     let (rows, norm) = target.unembedding_rows(&weights.d2t).unwrap();
@@ -601,4 +608,35 @@ fn the_k_controller_measures_batches_with_copies() {
     let table = h.exchange.metrics.k_table.lock().unwrap().clone();
     let timed: u64 = table.iter().map(|s| s.steps).sum();
     assert!(timed >= 16, "the controller measured {timed} steps: {table:?}");
+}
+
+/// A step taken in parts (the online trainer's idle steps, which pause between parts while
+/// serving runs) is the step on their union: two halves of weight one half each equal the whole.
+#[test]
+fn a_step_in_parts_is_the_step_on_their_union() {
+    let (target, config, weights, trace) = one_trace();
+    let new_trainer =
+        || Trainer::new(config.clone(), &weights, target.embedding_table().unwrap(), train_config()).unwrap();
+    let (mut whole, mut halves) = (new_trainer(), new_trainer());
+    let n = trace.positions().min(trace.tokens.len() - 1);
+    let batch = Batch::window(&trace, 0, n, config.draft_vocab_size, &|id| whole.draft_id(id));
+    let a = whole.step_unrolled(&batch, 3).unwrap();
+    let mut pauses = 0;
+    let b = halves.step_in_parts(&[batch.clone(), batch.clone()], 3, &mut || pauses += 1).unwrap();
+    assert_eq!(pauses, 1, "a pause between the two parts, none after the last");
+    assert!((a.loss - b.loss).abs() < 1e-5 * a.loss.abs().max(1.0), "{} against {}", a.loss, b.loss);
+    assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "{} against {}", a.grad_norm, b.grad_norm);
+    let (wa, wb) = (whole.weights().unwrap(), halves.weights().unwrap());
+    let mut largest = 0f32;
+    for (x, y) in tensors(&wa).into_iter().zip(tensors(&wb)) {
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        largest = largest.max(d);
+    }
+    assert!(largest < 1e-5, "the weights after the two steps differ by up to {largest}");
+}
+
+fn tensors(w: &EagleWeights) -> Vec<candle_core::Tensor> {
+    let mut out = Vec::new();
+    w.tensors.map(|_, t| out.push(t.clone()));
+    out
 }

@@ -80,24 +80,41 @@ impl WeightSlot {
     }
 }
 
-/// When the engine last ran out of work: the trainer takes every core only in real idle time.
+/// When the engine last ran out of work, and how long it has served in all: the trainer takes
+/// every core only in real idle time, and computes beside serving only when serving leaves no
+/// idle time to train in (a saturated server).
 #[derive(Default)]
 pub struct IdleSignal {
     /// Nanoseconds after `epoch()` when the engine ran out of work, 0 while it has work.
     since: AtomicU64,
+    /// Nanoseconds after `epoch()` when the engine last found work (valid while `since` is 0).
+    busy_from: AtomicU64,
+    /// Nanoseconds the engine had work, up to its last idle moment.
+    busy_total: AtomicU64,
 }
 
 impl IdleSignal {
     /// The engine's side: it ran out of work (`true`) or has work again.
     pub fn set(&self, idle: bool) {
-        let now = if idle { epoch().elapsed().as_nanos() as u64 + 1 } else { 0 };
-        self.since.store(now, Ordering::Relaxed);
+        let now = now_nanos();
+        let from = self.busy_from.load(Ordering::Relaxed);
+        let was_idle = self.since.load(Ordering::Relaxed) > 0;
+        if idle && !was_idle {
+            // from == 0: it never had work yet.
+            if from > 0 {
+                self.busy_total.fetch_add(now.saturating_sub(from), Ordering::Relaxed);
+            }
+            self.since.store(now, Ordering::Relaxed);
+        } else if !idle && (was_idle || from == 0) {
+            self.busy_from.store(now, Ordering::Relaxed);
+            self.since.store(0, Ordering::Relaxed);
+        }
     }
 
     /// How long the engine has had nothing to do (None while it serves).
     pub fn idle_for(&self) -> Option<f64> {
         let since = self.since.load(Ordering::Relaxed);
-        (since > 0).then(|| (epoch().elapsed().as_nanos() as u64 + 1).saturating_sub(since) as f64 * 1e-9)
+        (since > 0).then(|| now_nanos().saturating_sub(since) as f64 * 1e-9)
     }
 
     /// Whether the trainer may take every core: the engine has been idle for at least
@@ -107,6 +124,21 @@ impl IdleSignal {
     pub fn is_idle(&self) -> bool {
         self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
     }
+
+    /// Seconds the engine has had work since it started (a clock the trainer reads twice to
+    /// know how busy serving was in between).
+    pub fn busy_secs(&self) -> f64 {
+        let mut total = self.busy_total.load(Ordering::Relaxed);
+        let from = self.busy_from.load(Ordering::Relaxed);
+        if self.since.load(Ordering::Relaxed) == 0 && from > 0 {
+            total += now_nanos().saturating_sub(from);
+        }
+        total as f64 * 1e-9
+    }
+}
+
+fn now_nanos() -> u64 {
+    epoch().elapsed().as_nanos() as u64 + 1
 }
 
 /// The shortest idle time the trainer treats as room to take every core.
@@ -149,7 +181,7 @@ pub struct OnlineMetrics {
     pub train_loss: AtomicF64,
     pub train_steps: AtomicU64,
     pub train_positions: AtomicU64,
-    /// The CPU share the trainer currently allows itself.
+    /// The CPU share the trainer currently allows itself beside serving (0: idle time only).
     pub train_share: AtomicF64,
     /// The drafter's first-token agreement with the target on traces it had not yet trained on,
     /// smoothed.
@@ -188,5 +220,24 @@ mod tests {
         x.set(false);
         assert_eq!(x.idle_for(), None);
         assert!(!x.is_idle());
+    }
+
+    #[test]
+    fn busy_time_counts_only_time_with_work() {
+        let x = IdleSignal::default();
+        let nap = |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s));
+        x.set(true);
+        nap(0.03);
+        assert_eq!(x.busy_secs(), 0.0, "idle from the start");
+        x.set(false);
+        nap(0.05);
+        x.set(true);
+        let busy = x.busy_secs();
+        assert!((0.05..0.2).contains(&busy), "{busy}");
+        nap(0.05);
+        assert_eq!(x.busy_secs(), busy, "idle time is not busy time");
+        x.set(false);
+        nap(0.02);
+        assert!(x.busy_secs() >= busy + 0.02, "a busy period in progress counts");
     }
 }
