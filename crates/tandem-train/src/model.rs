@@ -275,6 +275,18 @@ impl TrainingModel {
         loss: &LossFn,
         forward_only: bool,
     ) -> Result<ForwardBackwardOutput> {
+        self.forward_backward_in_passes(data, loss, forward_only, &mut |_| {})
+    }
+
+    /// `forward_backward`, calling `between` with the tokens of each pass but the last when it is
+    /// done: the server gives the cores back to the scheduling policy there.
+    pub fn forward_backward_in_passes(
+        &mut self,
+        data: &[Datum],
+        loss: &LossFn,
+        forward_only: bool,
+        between: &mut dyn FnMut(usize),
+    ) -> Result<ForwardBackwardOutput> {
         if data.is_empty() {
             return user("no data");
         }
@@ -289,7 +301,12 @@ impl TrainingModel {
         let mut max_diff = 0f64;
         let mut logprobs = Vec::with_capacity(data.len());
         let mut new_grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        for group in groups {
+        let mut reported = 0;
+        for (pass, group) in groups.into_iter().enumerate() {
+            if pass > 0 {
+                between(tokens - reported);
+                reported = tokens;
+            }
             let t0 = std::time::Instant::now();
             let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
             let logits = model.forward_sequences(&seqs)?;

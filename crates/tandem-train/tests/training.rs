@@ -314,3 +314,29 @@ fn a_gguf_served_model_exports_to_a_hugging_face_folder_with_the_same_logits() {
     assert!(e < 1e-4, "GGUF model vs its merged HF export: relative error {e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A batch over several passes reports each pass but the last as it ends (the server gives the
+/// cores back there), and computes exactly what it computes without the reports.
+#[test]
+fn a_forward_backward_reports_its_passes_and_computes_the_same() {
+    let base = tiny(MODELS[0]);
+    let v = base.config.vocab_size;
+    // Three datums of 200 tokens: a pass each (a pass packs up to 256 tokens).
+    let data: Vec<Datum> = (0..3)
+        .map(|i| Datum { tokens: tokens(200, v, i), targets: tokens(200, v, i + 7), inputs: BTreeMap::new() })
+        .collect();
+    let mut plain = TrainingModel::new(&base, all_targets(4), 3).unwrap();
+    let mut passes = TrainingModel::new(&base, all_targets(4), 3).unwrap();
+    let a = plain.forward_backward(&data, &LossFn::CrossEntropy, false).unwrap();
+    let mut reported = Vec::new();
+    let b = passes.forward_backward_in_passes(&data, &LossFn::CrossEntropy, false, &mut |n| reported.push(n)).unwrap();
+    assert_eq!(reported, vec![200, 200], "every pass but the last, with its tokens");
+    assert_eq!(a.logprobs, b.logprobs);
+    assert_eq!(a.metrics, b.metrics);
+    let (ga, gb) = (plain.pending_gradients(), passes.pending_gradients());
+    assert_eq!(ga.keys().collect::<Vec<_>>(), gb.keys().collect::<Vec<_>>());
+    for (name, g) in &ga {
+        let same = (g - &gb[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(same, 0.0, "{name}");
+    }
+}

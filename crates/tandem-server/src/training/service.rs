@@ -897,10 +897,12 @@ fn worker(me: std::sync::Weak<TrainingService>, model_id: String, mut trainer: T
 struct TrainRate(Option<f64>);
 
 impl TrainingService {
-    /// Runs compute work (forward_backward, forward, optim_step) in a turn of the engine's
+    /// Runs compute work (forward_backward, forward, optim_step) in turns of the engine's
     /// scheduling policy, charged to `client`: tokens processed (forward: as prompt tokens;
     /// forward_backward: `FairConfig::train_weight` each; optim_step: its time at the model's
-    /// forward_backward rate). Other work (saves, loads) runs at once.
+    /// forward_backward rate). A forward_backward of several passes takes a turn per pass: a
+    /// batch that trains for a minute gives the cores back between passes, and waits there while
+    /// a client served less has work. Other work (saves, loads) runs at once.
     fn run_in_turn(
         &self,
         model_id: &str,
@@ -912,33 +914,53 @@ impl TrainingService {
         let tokens = match &work {
             Work::ForwardBackward { data, .. } => data.iter().map(|d| d.tokens.len()).sum(),
             Work::OptimStep(_) => 0,
-            _ => return self.run(model_id, t, work),
+            _ => return self.run(model_id, t, work, &mut |_| {}),
         };
         let backward = matches!(&work, Work::ForwardBackward { forward_only: false, .. } | Work::OptimStep(_));
-        let turn = self.engine.training_turn(&client.0, client.1.as_deref());
+        let take_turn = || self.engine.training_turn(&client.0, client.1.as_deref());
+        let mut turn = Some(take_turn());
         let started = std::time::Instant::now();
-        let outcome = self.run(model_id, t, work);
-        let secs = started.elapsed().as_secs_f64();
-        let charged = match tokens {
+        let (mut charged, mut waited) = (0, std::time::Duration::ZERO);
+        let outcome = self.run(model_id, t, work, &mut |pass_tokens| {
+            // The pass's turn ends (charged) before the next is asked for.
+            if let Some(done) = turn.take() {
+                done.charge(pass_tokens, backward);
+            }
+            charged += pass_tokens;
+            let next = take_turn();
+            waited += next.waited;
+            turn = Some(next);
+        });
+        let secs = (started.elapsed() - waited).as_secs_f64();
+        let rest = match tokens {
             0 => (secs * rate.0.unwrap_or(0.0)).round() as usize,
             n => {
                 if backward {
                     rate.0 = Some(n as f64 / secs.max(1e-6));
                 }
-                n
+                n - charged
             }
         };
-        turn.charge(charged, backward);
-        tracing::debug!(model_id, waited_secs = turn.waited.as_secs_f64(), charged, "training turn");
+        if let Some(turn) = turn {
+            turn.charge(rest, backward);
+        }
+        tracing::debug!(model_id, waited_secs = waited.as_secs_f64(), tokens, "training turns");
         outcome
     }
 
-    fn run(&self, model_id: &str, t: &mut TrainingModel, work: Work) -> Result<Outcome> {
+    /// Runs `work`; a forward_backward calls `between` after each pass but the last.
+    fn run(
+        &self,
+        model_id: &str,
+        t: &mut TrainingModel,
+        work: Work,
+        between: &mut dyn FnMut(usize),
+    ) -> Result<Outcome> {
         match work {
             Work::ForwardBackward { data, loss, forward_only } => {
                 let started = std::time::Instant::now();
                 let _memory = self.hold_memory(t.peak_bytes(&data, forward_only));
-                let out = t.forward_backward(&data, &loss, forward_only)?;
+                let out = t.forward_backward_in_passes(&data, &loss, forward_only, between)?;
                 tracing::info!(
                     model_id,
                     loss = loss.name(),
