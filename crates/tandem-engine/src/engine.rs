@@ -389,8 +389,9 @@ impl Engine {
                 if self.shutting_down {
                     break;
                 }
-                // While nothing is served, an online trainer may use the whole CPU.
-                self.set_idle(true);
+                // While nothing is served and no client's training runs, an online drafter
+                // trainer may use the whole CPU.
+                self.set_idle(!self.scheduler.training_running());
                 let cmd = self.commands.blocking_recv();
                 self.set_idle(false);
                 match cmd {

@@ -5,7 +5,8 @@
 //! idle is lifted to parity, as for serving), waits until the policy grants it the machine
 //! (`SchedulingPolicy::may_train`: under the fair policy, once no client with serving work has been
 //! served less), and charges the tokens it processed (`FairConfig::train_weight` each) when done.
-//! Serving never waits for training; training waits while a less-served client has work.
+//! Serving never waits for training; training waits while a less-served client has work. The
+//! server takes a turn per pass of a forward_backward, so a long batch waits between passes too.
 use crate::engine::{Command, EngineHandle, TrainingEvent};
 use crate::scheduler::RequestInfo;
 use std::time::{Duration, Instant};

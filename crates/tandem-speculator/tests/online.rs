@@ -640,3 +640,27 @@ fn tensors(w: &EagleWeights) -> Vec<candle_core::Tensor> {
     w.tensors.map(|_, t| out.push(t.clone()));
     out
 }
+
+/// A client's training work is work: while a training turn runs, the engine is not idle to the
+/// drafter trainer (which takes every core in idle time), and its time counts as busy.
+#[test]
+fn a_running_training_turn_is_not_idle_time() {
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 5).unwrap();
+    let h = hooks(1 << 20, fixed_k());
+    let (engine, handle) = engine_with(drafter, &h, EngineConfig::default());
+    let thread = engine.spawn();
+    let grace = std::time::Duration::from_secs_f64(tandem_engine::online::IDLE_GRACE * 3.0);
+    std::thread::sleep(grace);
+    assert!(h.exchange.idle.is_idle(), "nothing served, nothing trained");
+    let turn = handle.training_turn("trainer", None);
+    std::thread::sleep(grace);
+    assert!(!h.exchange.idle.is_idle(), "a training turn runs");
+    let busy = h.exchange.idle.busy_secs();
+    assert!(busy >= grace.as_secs_f64() * 0.9, "busy {busy} s");
+    drop(turn);
+    std::thread::sleep(grace);
+    assert!(h.exchange.idle.is_idle(), "the turn ended");
+    handle.shutdown();
+    thread.join().unwrap();
+}

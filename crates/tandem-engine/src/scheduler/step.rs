@@ -86,6 +86,8 @@ pub struct Scheduler {
     preemptions: usize,
     /// Training requests waiting for the policy's grant (see `crate::training`).
     training_waiting: Vec<(RequestInfo, std::sync::mpsc::Sender<()>)>,
+    /// Training requests granted and not yet ended: their work is on the cores.
+    training_running: usize,
 }
 
 impl Scheduler {
@@ -99,6 +101,7 @@ impl Scheduler {
             next_arrival: 0,
             preemptions: 0,
             training_waiting: Vec::new(),
+            training_running: 0,
         }
     }
 
@@ -108,6 +111,11 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Whether a client's training work (a granted turn) is running beside the engine.
+    pub fn training_running(&self) -> bool {
+        self.training_running > 0
     }
 
     pub fn waiting_len(&self) -> usize {
@@ -143,7 +151,10 @@ impl Scheduler {
             }
             TrainingEvent::Charge { tokens, backward: true } => self.policy.charge_training(info, tokens),
             TrainingEvent::Charge { tokens, backward: false } => self.policy.charge(info, tokens, 0),
-            TrainingEvent::End => self.policy.on_finish(info),
+            TrainingEvent::End => {
+                self.training_running = self.training_running.saturating_sub(1);
+                self.policy.on_finish(info)
+            }
         }
     }
 
@@ -155,13 +166,16 @@ impl Scheduler {
         }
         let serving = self.serving_entities();
         let policy = &self.policy;
+        let mut granted = 0;
         self.training_waiting.retain(|(info, grant)| {
             let run = policy.may_train(&info.entity(), &serving);
             if run {
                 let _ = grant.send(());
+                granted += 1;
             }
             !run
         });
+        self.training_running += granted;
     }
 
     /// Requests waiting, per client.
