@@ -224,8 +224,9 @@ fn run(
             Some(p) if idle => Some(p),
             _ => pool_threads.as_ref(),
         };
+        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
         let mut paused = Duration::ZERO;
-        let mut between = || paused += wait_for_idle(&mut load, &exchange, &stop);
+        let mut between = || paused += rest(0.0, share, &mut load, &exchange, &stop);
         let result = match threads {
             Some(p) => p.install(|| trainer.step_in_parts(&batches, depth, &mut between)),
             None => trainer.step_in_parts(&batches, depth, &mut between),
@@ -268,37 +269,26 @@ fn run(
             }
         }
         drop(st);
-        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
         rest(secs + std::mem::take(&mut unpaid), share, &mut load, &exchange, &stop);
     }
     checkpoint(&trainer, &config);
 }
 
-/// After a step of `secs` compute: sleeps until serving is idle (for longer than a gap between
+/// After `secs` of compute: sleeps until serving is idle (for longer than a gap between
 /// back-to-back requests), or, beside a saturated server, until compute / wall time is back at
-/// `share`.
-fn rest(secs: f64, share: f64, load: &mut Load, exchange: &DrafterExchange, stop: &AtomicBool) {
+/// `share` (with `secs` 0: until serving is idle or saturated, as between the parts of a step).
+/// Returns how long it slept.
+fn rest(secs: f64, share: f64, load: &mut Load, exchange: &DrafterExchange, stop: &AtomicBool) -> Duration {
     let started = Instant::now();
     loop {
         let saturated = load.update(exchange.idle.busy_secs()) >= SATURATED;
         exchange.metrics.train_share.set(if saturated { share } else { 0.0 });
         let done = saturated && started.elapsed().as_secs_f64() >= secs * (1.0 - share) / share;
         if done || stop.load(Ordering::SeqCst) || exchange.idle.is_idle() {
-            return;
+            return started.elapsed();
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Between the parts of a step begun in idle time: waits while serving (not saturated) has
-/// work; returns how long.
-fn wait_for_idle(load: &mut Load, exchange: &DrafterExchange, stop: &AtomicBool) -> Duration {
-    let started = Instant::now();
-    while !exchange.idle.is_idle() && !stop.load(Ordering::SeqCst) && load.update(exchange.idle.busy_secs()) < SATURATED
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    started.elapsed()
 }
 
 /// Parts of a step begun in idle time: a request arriving mid-step shares the cores with the
