@@ -512,13 +512,14 @@ impl Model {
         if let Some(&l) = hidden_layers.iter().find(|&&l| l >= c.num_layers) {
             return Err(ModelError::InvalidBatch(format!("layer {l} does not exist ({} layers)", c.num_layers)));
         }
+        cache.reserve_batch(batch.iter().map(|s| (s.slot, s.tokens.len())))?;
 
         let path = self.path;
         let x = self.embed.rows(&ids, &self.device)?;
         let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-            ops::cache_write(&cache.keys[l], k, &tokens, path)?;
-            ops::cache_write(&cache.values[l], v, &tokens, path)?;
-            Ok(ops::attention(q, &cache.keys[l], &cache.values[l], &tokens, path)?)
+            ops::cache_write(&cache.keys[l], k, &tokens, &cache.tables, path)?;
+            ops::cache_write(&cache.values[l], v, &tokens, &cache.tables, path)?;
+            Ok(ops::attention(q, &cache.keys[l], &cache.values[l], &tokens, &cache.tables, path)?)
         };
         let (x, hidden) = self.blocks_forward(x, &positions, hidden_layers, &mut attend)?;
         for seq in batch {

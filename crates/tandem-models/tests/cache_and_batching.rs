@@ -270,3 +270,88 @@ fn draft_tree_siblings_equal_decoding_them_in_place() {
         check_siblings(&m, &label, true);
     }
 }
+
+/// Logits of `tokens` fed to `slot` after what it holds (every row).
+fn feed(m: &LoadedModel, cache: &mut KvCache, slot: usize, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let out =
+        m.model.forward(&[SequenceInput { slot, tokens, logits: LogitsFor::All, siblings: &[] }], cache, &[]).unwrap();
+    out.logits.to_vec2().unwrap()
+}
+
+/// Sequences that start on blocks another sequence computed get what computing them alone
+/// gives (`exact`: the same bits), a sequence whose whole prompt is cached copies the block it
+/// writes into rather than changing it under its other holders, and other weights never share.
+fn check_prefix_sharing(m: &LoadedModel, label: &str, exact: bool) {
+    let same = |a: &[Vec<f32>], b: &[Vec<f32>], what: &str| match exact {
+        true => assert!(a == b, "{label}: {what} differs"),
+        false => assert!(relative_error(a, b) < TOL, "{label}: {what} differs"),
+    };
+    let mut cache = KvCache::with_blocks(&m.model.config, 3, 128, 16, m.model.device()).unwrap();
+    // Token ids within the tiny models' vocabulary (280).
+    let a: Vec<u32> = (0..40).map(|i| 3 + i * 37 % 250).collect();
+    feed(m, &mut cache, 0, &a);
+    cache.index_prefix(0, &a, 0).unwrap();
+    assert_eq!(cache.share_prefix(1, &a, 7, 39).unwrap(), 0, "{label}: other weights shared a block");
+    // B shares A's first two blocks (32 tokens) and goes its own way inside the third.
+    let b: Vec<u32> = a[..37].iter().copied().chain((0..10).map(|i| 260 + i)).collect();
+    assert_eq!(cache.share_prefix(1, &b, 0, b.len() - 1).unwrap(), 32);
+    same(&feed(m, &mut cache, 1, &b[32..]), &alone(m, &b[..32], &b[32..]), "a shared prefix's continuation");
+    // C is exactly A's two blocks: it holds 31 of their tokens and recomputes the last one into
+    // its own copy of the second block.
+    let c = &a[..32];
+    assert_eq!(cache.share_prefix(2, c, 0, 31).unwrap(), 31);
+    let held = cache.usage().held;
+    same(&feed(m, &mut cache, 2, &c[31..]), &alone(m, &c[..31], &c[31..]), "a whole cached prompt's last token");
+    assert_eq!(cache.usage().held, held + 1, "{label}: the written block was not copied");
+    same(&feed(m, &mut cache, 0, &[77]), &alone(m, &a, &[77]), "the first sequence after sharing");
+    cache.check().unwrap();
+    // Ended sequences leave their indexed blocks cached for the next prompt.
+    for slot in 0..3 {
+        cache.reset(slot).unwrap();
+    }
+    assert_eq!(cache.usage().held, 0);
+    assert_eq!(cache.usage().cached, 2);
+    assert_eq!(cache.share_prefix(0, &a, 0, 39).unwrap(), 32);
+    cache.check().unwrap();
+}
+
+#[test]
+fn shared_prefix_blocks_give_what_computing_alone_gives() {
+    for (label, m) in default_models() {
+        check_prefix_sharing(&m, &label, true);
+    }
+    for name in TINY {
+        let mut m = load_path(&tiny_dir().join(name));
+        for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+            m.model.set_ops_path(path);
+            check_prefix_sharing(&m, &format!("{name} {path:?}"), path == OpsPath::CpuKernels);
+        }
+    }
+}
+
+#[test]
+fn a_full_pool_is_an_error_that_changes_nothing() {
+    let m = load_path(&tiny_dir().join(TINY[0]));
+    // Four blocks of 16: one sequence of 64 tokens fits, a second one's step does not.
+    let mut cache = KvCache::with_blocks(&m.model.config, 2, 64, 4, m.model.device()).unwrap();
+    let long: Vec<u32> = (0..50).map(|i| 3 + i).collect();
+    feed(&m, &mut cache, 0, &long);
+    let err = m
+        .model
+        .forward(
+            &[
+                SequenceInput { slot: 0, tokens: &[5], logits: LogitsFor::All, siblings: &[] },
+                SequenceInput { slot: 1, tokens: &long[..20], logits: LogitsFor::All, siblings: &[] },
+            ],
+            &mut cache,
+            &[],
+        )
+        .expect_err("the step does not fit");
+    assert!(err.to_string().contains("out of KV blocks"), "{err}");
+    assert_eq!((cache.len(0), cache.len(1), cache.available_blocks()), (50, 0, 0));
+    cache.check().unwrap();
+    cache.truncate(0, 20).unwrap();
+    assert_eq!(cache.available_blocks(), 2, "truncation gives back whole blocks");
+    assert_eq!(feed(&m, &mut cache, 1, &long[..20]).len(), 20);
+    cache.check().unwrap();
+}

@@ -129,7 +129,8 @@ impl CustomOp3 for SelfAttention {
         if tokens.len() != t {
             candle_core::bail!("self attention: lengths sum to {}, not {t}", tokens.len());
         }
-        let geometry = kernels::CacheGeometry { kv_heads, capacity: cap, head_dim: d };
+        let geometry = kernels::CacheGeometry { kv_heads, block: cap, head_dim: d };
+        let tables = kernels::contiguous_tables(self.lens.len());
         // [t, kvh, d] rows -> the cache layout [sequences, kvh, cap, d].
         let to_cache = |s: &CpuStorage, l: &Layout| -> CResult<Vec<f32>> {
             let src = f32_slice(s, l)?;
@@ -144,7 +145,7 @@ impl CustomOp3 for SelfAttention {
         };
         let (k, v) = (to_cache(s2, l2)?, to_cache(s3, l3)?);
         let mut out = vec![0f32; t * heads * d];
-        kernels::attention(f32_slice(s1, l1)?, &k, &v, &tokens, heads, geometry, &mut out);
+        kernels::attention(f32_slice(s1, l1)?, &k, &v, &tokens, &tables, heads, geometry, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((t, heads * d))))
     }
     fn bwd(

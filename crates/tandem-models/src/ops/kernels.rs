@@ -208,27 +208,63 @@ impl TokenSlot {
     }
 }
 
-/// Geometry of one layer's cache tensor: [slots, kv_heads, capacity, head_dim].
+/// Geometry of one layer's cache tensor, a pool of blocks: [blocks, kv_heads, block, head_dim].
+/// A slot's positions live in the blocks its table names, `block` rows each (position p in
+/// row p % block of block table[p / block]). A cache with one block per slot, of the whole
+/// capacity, is the contiguous layout [slots, kv_heads, capacity, head_dim] (the drafter's).
 #[derive(Debug, Clone, Copy)]
 pub struct CacheGeometry {
     pub kv_heads: usize,
-    pub capacity: usize,
+    /// Rows per block: a multiple of eight (attention reads keys in groups of eight that must not
+    /// straddle two blocks), unless every slot has a single block.
+    pub block: usize,
     pub head_dim: usize,
 }
 
 impl CacheGeometry {
+    /// Where row `row` of `head` in pool block `block` starts.
     #[inline]
-    pub fn offset(&self, slot: usize, head: usize, pos: usize) -> usize {
-        ((slot * self.kv_heads + head) * self.capacity + pos) * self.head_dim
+    pub fn offset(&self, block: usize, head: usize, row: usize) -> usize {
+        ((block * self.kv_heads + head) * self.block + row) * self.head_dim
+    }
+
+    /// Where position `pos` of `head` starts for a slot with block table `table`.
+    #[inline]
+    pub fn at(&self, table: &[u32], head: usize, pos: usize) -> usize {
+        self.offset(table[pos / self.block] as usize, head, pos % self.block)
+    }
+}
+
+/// The block tables of a contiguous cache of `slots` slots: slot s is block s.
+pub fn contiguous_tables(slots: usize) -> Vec<Vec<u32>> {
+    (0..slots as u32).map(|s| vec![s]).collect()
+}
+
+/// One KV head's keys (or values) of one slot, read through the slot's block table.
+#[derive(Clone, Copy)]
+pub(crate) struct PagedRows<'a> {
+    cache: &'a [f32],
+    table: &'a [u32],
+    head: usize,
+    g: CacheGeometry,
+}
+
+impl<'a> PagedRows<'a> {
+    /// Rows pos..pos + n, which lie in one block (n <= 8 from a multiple of eight, or one row).
+    #[inline]
+    pub(crate) fn rows(&self, pos: usize, n: usize) -> &'a [f32] {
+        debug_assert!(pos % self.g.block + n <= self.g.block, "rows {pos}..+{n} straddle a block");
+        let at = self.g.at(self.table, self.head, pos);
+        &self.cache[at..at + n * self.g.head_dim]
     }
 }
 
 /// Writes new rows ([tokens, kv_heads, head_dim]) into the cache at each token's slot and position.
-pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: CacheGeometry) {
+pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], tables: &[Vec<u32>], g: CacheGeometry) {
     let d = g.head_dim;
     for (t, ts) in tokens.iter().enumerate() {
         for h in 0..g.kv_heads {
-            let dst = g.offset(ts.slot, h, ts.pos);
+            let dst = g.at(&tables[ts.slot], h, ts.pos);
             let src = (t * g.kv_heads + h) * d;
             cache[dst..dst + d].copy_from_slice(&rows[src..src + d]);
         }
@@ -244,15 +280,22 @@ pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], g: Cac
 /// each stream the whole cache from L2). A row's result is computed by the same instructions
 /// whatever else is in its item or the batch, so verifying k drafted tokens gives each of them
 /// bit for bit what decoding it alone would.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
     tokens: &[TokenSlot],
+    tables: &[Vec<u32>],
     heads: usize,
     g: CacheGeometry,
     out: &mut [f32],
 ) {
+    assert!(
+        g.block.is_multiple_of(8) || tokens.iter().all(|ts| tables[ts.slot].len() == 1),
+        "attention: blocks of {} rows straddle the groups of eight keys are read in",
+        g.block
+    );
     let d = g.head_dim;
     let t = tokens.len();
     assert_eq!(q.len(), t * heads * d);
@@ -276,7 +319,7 @@ pub fn attention(
     let dst = SharedMut(out.as_mut_ptr());
     let item = |i: usize| {
         let (first, kv, r0, r1) = items[i];
-        let base = g.offset(tokens[first].slot, kv, 0);
+        let table = &tables[tokens[first].slot];
         let row = |r: usize| {
             let (ti, h) = (first + r / group, kv * group + r % group);
             let ts = tokens[ti];
@@ -288,8 +331,8 @@ pub fn attention(
         let dst = dst;
         // SAFETY: every row belongs to exactly one item, and an item writes only its rows of out.
         let out = unsafe { std::slice::from_raw_parts_mut(dst.0, t * heads * d) };
-        let keys = &k_cache[base..base + g.capacity * d];
-        let values = &v_cache[base..base + g.capacity * d];
+        let keys = PagedRows { cache: k_cache, table, head: kv, g };
+        let values = PagedRows { cache: v_cache, table, head: kv, g };
         SCRATCH.with_borrow_mut(|(scores, rows)| {
             rows.clear();
             rows.extend((r0..r1).map(row));
@@ -319,11 +362,11 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// The rows of one item against one KV head's keys and values (`[capacity, d]` each).
+/// The rows of one item against one KV head's keys and values.
 fn attend_rows(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: PagedRows,
+    values: PagedRows,
     rows: &[QueryRow],
     d: usize,
     scores: &mut Vec<f32>,
@@ -333,37 +376,36 @@ fn attend_rows(
     #[cfg(target_arch = "x86_64")]
     {
         if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA; rows lie within q, out and the cache runs.
+            // SAFETY: the CPU has AVX2 and FMA; rows lie within q, out and the slot's blocks.
             return unsafe { avx2::attend_rows(q, keys, values, rows, d, scale, scores, out) };
         }
     }
     for r in rows {
-        let own = r.own.map_or(0..0, |p| p * d..(p + 1) * d);
-        let k = [&keys[..r.len * d], &keys[own.clone()]];
-        let v = [&values[..r.len * d], &values[own]];
-        attend_row(&q[r.at..r.at + d], k, v, scale, scores, &mut out[r.at..r.at + d]);
+        attend_row(&q[r.at..r.at + d], keys, values, r, scale, scores, &mut out[r.at..r.at + d]);
     }
 }
 
-/// The portable form of `avx2::attend_rows`, one row at a time.
-/// One query row against the keys and values of two runs of rows ([len, d] each, the second
-/// possibly empty), in order: softmax(q.K * scale).V into o. Each key's score and each value's
-/// term are computed alike wherever the row lies, so a tree sibling attending to [prefix, itself]
-/// gets bit for bit what the same keys in one contiguous run give.
-fn attend_row(q: &[f32], keys: [&[f32]; 2], values: [&[f32]; 2], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
-    let d = q.len();
-    let split = keys[0].len() / d;
-    let len = split + keys[1].len() / d;
+/// The portable form of `avx2::attend_rows`, one row at a time: softmax(q.K * scale).V over
+/// positions 0..len and then the row's own (a tree sibling's), in that order. Each key's score
+/// and each value's term are computed alike wherever the row lies, so a tree sibling attending
+/// to [prefix, itself] gets bit for bit what the same keys in one contiguous run give.
+fn attend_row(
+    q: &[f32],
+    keys: PagedRows,
+    values: PagedRows,
+    r: &QueryRow,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let positions = (0..r.len).chain(r.own);
     scores.clear();
-    scores.resize(len, 0.0);
-    for (s, k) in scores.iter_mut().zip(keys[0].chunks_exact(d).chain(keys[1].chunks_exact(d))) {
-        *s = dot(q, k) * scale;
-    }
+    scores.extend(positions.clone().map(|p| dot(q, keys.rows(p, 1)) * scale));
     let inv = softmax_in_place(scores);
     o.fill(0.0);
-    for (&s, vr) in scores.iter().zip(values[0].chunks_exact(d).chain(values[1].chunks_exact(d))) {
+    for (&s, p) in scores.iter().zip(positions) {
         let w = s * inv;
-        for (o, &v) in o.iter_mut().zip(vr) {
+        for (o, &v) in o.iter_mut().zip(values.rows(p, 1)) {
             *o += w * v;
         }
     }
@@ -568,7 +610,8 @@ mod tests {
     #[test]
     fn attention_matches_naive_and_each_row_equals_its_own_pass() {
         let (heads, kv_heads, d, capacity) = (6, 2, 72, 40);
-        let g = CacheGeometry { kv_heads, capacity, head_dim: d };
+        let g = CacheGeometry { kv_heads, block: capacity, head_dim: d };
+        let tables = contiguous_tables(2);
         let cache_len = 2 * kv_heads * capacity * d;
         let kc: Vec<f32> = (0..cache_len).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();
         let vc: Vec<f32> = (0..cache_len).map(|i| ((i * 11) % 19) as f32 / 19.0 - 0.5).collect();
@@ -578,7 +621,7 @@ mod tests {
         let t = tokens.len();
         let q: Vec<f32> = (0..t * heads * d).map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5).collect();
         let mut all = vec![0f32; t * heads * d];
-        attention(&q, &kc, &vc, &tokens, heads, g, &mut all);
+        attention(&q, &kc, &vc, &tokens, &tables, heads, g, &mut all);
         for (ti, ts) in tokens.iter().enumerate() {
             for h in 0..heads {
                 let qr = &q[(ti * heads + h) * d..(ti * heads + h + 1) * d];
@@ -598,8 +641,43 @@ mod tests {
                 }
             }
             let mut one = vec![0f32; heads * d];
-            attention(&q[ti * heads * d..(ti + 1) * heads * d], &kc, &vc, &[*ts], heads, g, &mut one);
+            attention(&q[ti * heads * d..(ti + 1) * heads * d], &kc, &vc, &[*ts], &tables, heads, g, &mut one);
             assert_eq!(&all[ti * heads * d..(ti + 1) * heads * d], &one[..], "token {ti}");
         }
+    }
+
+    #[test]
+    fn paged_attention_is_bit_for_bit_the_contiguous_one() {
+        // Two slots of 40 positions, contiguous, and the same rows in blocks of 8 scattered over
+        // a pool in another order: every output bit must agree (sharing blocks between sequences
+        // relies on a block's place in the pool never mattering).
+        let (heads, kv_heads, d, capacity, block) = (6, 2, 72, 40, 8);
+        let whole = CacheGeometry { kv_heads, block: capacity, head_dim: d };
+        let cache_len = 2 * kv_heads * capacity * d;
+        let kc: Vec<f32> = (0..cache_len).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();
+        let vc: Vec<f32> = (0..cache_len).map(|i| ((i * 11) % 19) as f32 / 19.0 - 0.5).collect();
+        let paged = CacheGeometry { kv_heads, block, head_dim: d };
+        let tables: Vec<Vec<u32>> = vec![vec![7, 2, 9, 0, 4], vec![1, 8, 3, 6, 5]];
+        let (mut kp, mut vp) = (vec![0f32; 10 * kv_heads * block * d], vec![0f32; 10 * kv_heads * block * d]);
+        for (slot, table) in tables.iter().enumerate() {
+            for h in 0..kv_heads {
+                for pos in 0..capacity {
+                    let (from, to) = (whole.offset(slot, h, pos), paged.at(table, h, pos));
+                    kp[to..to + d].copy_from_slice(&kc[from..from + d]);
+                    vp[to..to + d].copy_from_slice(&vc[from..from + d]);
+                }
+            }
+        }
+        let tokens: Vec<TokenSlot> = (0..12)
+            .map(|p| TokenSlot::causal(1, p * 3))
+            .chain((30..35).map(|p| TokenSlot::causal(0, p)))
+            .chain([TokenSlot { slot: 0, pos: 37, prefix: 31 }])
+            .collect();
+        let t = tokens.len();
+        let q: Vec<f32> = (0..t * heads * d).map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5).collect();
+        let (mut a, mut b) = (vec![0f32; t * heads * d], vec![0f32; t * heads * d]);
+        attention(&q, &kc, &vc, &tokens, &contiguous_tables(2), heads, whole, &mut a);
+        attention(&q, &kp, &vp, &tokens, &tables, heads, paged, &mut b);
+        assert_eq!(a, b);
     }
 }

@@ -336,6 +336,7 @@ pub fn silu_mul(gate_up: &Tensor, path: OpsPath) -> CResult<Tensor> {
 
 struct CacheWrite<'a> {
     tokens: &'a [TokenSlot],
+    tables: &'a [Vec<u32>],
     geometry: CacheGeometry,
 }
 
@@ -346,22 +347,29 @@ impl InplaceOp2 for CacheWrite<'_> {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<()> {
         let rows = f32_slice(s2, l2)?;
         let cache = f32_slice_mut(s1, l1)?;
-        kernels::cache_write(cache, rows, self.tokens, self.geometry);
+        kernels::cache_write(cache, rows, self.tokens, self.tables, self.geometry);
         Ok(())
     }
 }
 
-/// Writes rows [tokens, kv_heads, head_dim] into cache [slots, kv_heads, capacity, head_dim] in place.
-pub fn cache_write(cache: &Tensor, rows: &Tensor, tokens: &[TokenSlot], path: OpsPath) -> CResult<()> {
-    let (_s, kv_heads, capacity, head_dim) = cache.dims4()?;
-    let geometry = CacheGeometry { kv_heads, capacity, head_dim };
+/// Writes rows [tokens, kv_heads, head_dim] in place into a cache of blocks
+/// [blocks, kv_heads, block, head_dim], at each token's position in its slot's block table.
+pub fn cache_write(
+    cache: &Tensor,
+    rows: &Tensor,
+    tokens: &[TokenSlot],
+    tables: &[Vec<u32>],
+    path: OpsPath,
+) -> CResult<()> {
+    let (_blocks, kv_heads, block, head_dim) = cache.dims4()?;
+    let geometry = CacheGeometry { kv_heads, block, head_dim };
     match path {
-        OpsPath::CpuKernels => cache.inplace_op2(&rows.contiguous()?, &CacheWrite { tokens, geometry }),
+        OpsPath::CpuKernels => cache.inplace_op2(&rows.contiguous()?, &CacheWrite { tokens, tables, geometry }),
         OpsPath::Generic => {
             let mut idx = Vec::with_capacity(tokens.len() * kv_heads * head_dim);
             for ts in tokens {
                 for h in 0..kv_heads {
-                    let row = (geometry.offset(ts.slot, h, ts.pos) / head_dim) as u32;
+                    let row = (geometry.at(&tables[ts.slot], h, ts.pos) / head_dim) as u32;
                     idx.extend(std::iter::repeat_n(row, head_dim));
                 }
             }
@@ -373,8 +381,18 @@ pub fn cache_write(cache: &Tensor, rows: &Tensor, tokens: &[TokenSlot], path: Op
     }
 }
 
+/// The first `len` positions of a slot, gathered from its blocks: [kv_heads, len, head_dim].
+fn gather_blocks(cache: &Tensor, table: &[u32], len: usize) -> CResult<Tensor> {
+    let (_blocks, kv_heads, block, head_dim) = cache.dims4()?;
+    let used = len.div_ceil(block);
+    let ids = Tensor::from_slice(&table[..used], used, cache.device())?;
+    let rows = cache.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?; // [kvh, used, block, d]
+    rows.reshape((kv_heads, used * block, head_dim))?.narrow(1, 0, len)
+}
+
 struct Attention<'a> {
     tokens: &'a [TokenSlot],
+    tables: &'a [Vec<u32>],
     heads: usize,
 }
 
@@ -391,8 +409,8 @@ impl CustomOp3 for Attention<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (_s, kv_heads, capacity, head_dim) = l2.shape().dims4()?;
-        let geometry = CacheGeometry { kv_heads, capacity, head_dim };
+        let (_blocks, kv_heads, block, head_dim) = l2.shape().dims4()?;
+        let geometry = CacheGeometry { kv_heads, block, head_dim };
         let t = self.tokens.len();
         let mut out = vec![0f32; t * self.heads * head_dim];
         kernels::attention(
@@ -400,6 +418,7 @@ impl CustomOp3 for Attention<'_> {
             f32_slice(s2, l2)?,
             f32_slice(s3, l3)?,
             self.tokens,
+            self.tables,
             self.heads,
             geometry,
             &mut out,
@@ -408,18 +427,20 @@ impl CustomOp3 for Attention<'_> {
     }
 }
 
-/// Causal attention of q: [tokens, heads, head_dim] over each token's slot in the cache,
-/// keys 0..prefix and the token's own (see `TokenSlot`). Returns [tokens, heads * head_dim].
+/// Causal attention of q: [tokens, heads, head_dim] over each token's slot in the cache (read
+/// through the slot's block table), keys 0..prefix and the token's own (see `TokenSlot`).
+/// Returns [tokens, heads * head_dim].
 pub fn attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     tokens: &[TokenSlot],
+    tables: &[Vec<u32>],
     path: OpsPath,
 ) -> CResult<Tensor> {
     let (t, heads, head_dim) = q.dims3()?;
     match path {
-        OpsPath::CpuKernels => q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &Attention { tokens, heads }),
+        OpsPath::CpuKernels => q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &Attention { tokens, tables, heads }),
         OpsPath::Generic => {
             let kv_heads = k_cache.dim(1)?;
             let group = heads / kv_heads;
@@ -441,8 +462,8 @@ pub fn attention(
                 let run = end - start;
                 let (slot, p0) = (tokens[start].slot, tokens[start].pos);
                 let len = p0 + run;
-                let k = k_cache.get(slot)?.narrow(1, 0, len)?; // [kvh, len, d]
-                let v = v_cache.get(slot)?.narrow(1, 0, len)?;
+                let k = gather_blocks(k_cache, &tables[slot], len)?; // [kvh, len, d]
+                let v = gather_blocks(v_cache, &tables[slot], len)?;
                 let qr = q.narrow(0, start, run)?.transpose(0, 1)?.contiguous()?; // [h, run, d]
                 let qr = qr.reshape((kv_heads, group * run, head_dim))?;
                 let scores = (qr.matmul(&k.t()?.contiguous()?)? * scale)?; // [kvh, group*run, len]

@@ -148,8 +148,8 @@ unsafe fn sum8(a: [__m256; 8]) -> __m256 {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn attend_rows(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: super::PagedRows,
+    values: super::PagedRows,
     rows: &[super::QueryRow],
     d: usize,
     scale: f32,
@@ -165,14 +165,14 @@ pub unsafe fn attend_rows(
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
             let n = (row.len - p0).min(8);
             let s = &mut scores[r * stride + p0..r * stride + p0 + n];
-            super::avx2::scores(&q[row.at..row.at + d], &keys[p0 * d..(p0 + n) * d], scale, s);
+            super::avx2::scores(&q[row.at..row.at + d], keys.rows(p0, n), scale, s);
         }
     }
     for (r, row) in rows.iter().enumerate() {
         let n = row.len + row.own.is_some() as usize;
         if let Some(p) = row.own {
             let s = &mut scores[r * stride + row.len..r * stride + n];
-            super::avx2::scores(&q[row.at..row.at + d], &keys[p * d..(p + 1) * d], scale, s);
+            super::avx2::scores(&q[row.at..row.at + d], keys.rows(p, 1), scale, s);
         }
         // The row's 1 / Σ goes in its last slot (a slot no key uses).
         scores[r * stride + stride - 1] = softmax_in_place(&mut scores[r * stride..r * stride + n]);
@@ -182,14 +182,14 @@ pub unsafe fn attend_rows(
             let n = (row.len - p0).min(8);
             let w = &scores[r * stride + p0..r * stride + p0 + n];
             let inv = scores[r * stride + stride - 1];
-            add_values(w, inv, values.as_ptr().add(p0 * d), p0 == 0, &mut out[row.at..row.at + d]);
+            add_values(w, inv, values.rows(p0, n).as_ptr(), p0 == 0, &mut out[row.at..row.at + d]);
         }
     }
     for (r, row) in rows.iter().enumerate() {
         if let Some(p) = row.own {
             let w = &scores[r * stride + row.len..r * stride + row.len + 1];
             let inv = scores[r * stride + stride - 1];
-            add_values(w, inv, values.as_ptr().add(p * d), row.len == 0, &mut out[row.at..row.at + d]);
+            add_values(w, inv, values.rows(p, 1).as_ptr(), row.len == 0, &mut out[row.at..row.at + d]);
         }
     }
 }

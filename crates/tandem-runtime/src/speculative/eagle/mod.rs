@@ -102,10 +102,12 @@ impl SlotState {
     }
 }
 
-/// The drafter's KV cache, [slots, kv_heads, rows, head_dim], read by the engine's attention kernel.
+/// The drafter's KV cache, [slots, kv_heads, rows, head_dim], read by the engine's attention
+/// kernel as a cache of one block per slot.
 struct DraftCache {
     keys: Tensor,
     values: Tensor,
+    tables: Vec<Vec<u32>>,
 }
 
 /// One row of a drafter forward: which sequence, at which position, in which cache row.
@@ -248,6 +250,7 @@ impl EagleDrafter {
         self.cache = Some(DraftCache {
             keys: Tensor::zeros(shape, DType::F32, &self.device)?,
             values: Tensor::zeros(shape, DType::F32, &self.device)?,
+            tables: ops::kernels::contiguous_tables(shape.0),
         });
         Ok(())
     }
@@ -268,9 +271,9 @@ impl EagleDrafter {
         let slots: Vec<TokenSlot> = rows.iter().map(|r| TokenSlot::causal(r.slot, r.cache_row)).collect();
         let normed = layer.normed_embeds(embeds)?;
         layer.forward(x, &normed, &positions, |q, k, v| {
-            ops::cache_write(&cache.keys, &k, &slots, self.path)?;
-            ops::cache_write(&cache.values, &v, &slots, self.path)?;
-            Ok(ops::attention(&q, &cache.keys, &cache.values, &slots, self.path)?)
+            ops::cache_write(&cache.keys, &k, &slots, &cache.tables, self.path)?;
+            ops::cache_write(&cache.values, &v, &slots, &cache.tables, self.path)?;
+            Ok(ops::attention(&q, &cache.keys, &cache.values, &slots, &cache.tables, self.path)?)
         })
     }
 
@@ -286,7 +289,7 @@ impl EagleDrafter {
         for t in [&cache.keys, &cache.values] {
             // [kv_heads, kept, d] -> [kept, kv_heads, d], a copy, written back from row 0.
             let kept = t.get(slot)?.narrow(1, drop, DRAFT_CONTEXT)?.transpose(0, 1)?.contiguous()?;
-            ops::cache_write(t, &kept, &moved, self.path)?;
+            ops::cache_write(t, &kept, &moved, &cache.tables, self.path)?;
         }
         let state = &mut self.slots[slot];
         state.kv_start += drop;
