@@ -116,7 +116,7 @@ def test_openai_errors():
     except openai.NotFoundError as e:
         assert "no-such-model" in str(e)
     try:
-        client.completions.create(model=MODEL, prompt="word " * 5000, max_tokens=5)
+        client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=5)  # past 8,192
         raise AssertionError("oversized prompt accepted")
     except openai.BadRequestError as e:
         assert "context" in str(e)
@@ -242,13 +242,37 @@ def test_clients_are_attributed_and_metered():
     assert 'tandem_client_request_latency_seconds_count{client="user-7"} 1' in text, text
 
 
+def metric(name):
+    text = raw("GET", "/metrics")[1].decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache():
+    # A long system prompt sent twice (two agent turns): the second request starts on the first's
+    # cached KV blocks, and its answer is the same, logprobs included.
+    system = "You are a careful assistant who answers questions about geography in one short sentence. " * 3
+    ask = lambda q: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+        temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
+    first = ask("What is the capital of Italy?")
+    hits = metric("tandem_prefix_cache_hit_tokens_total")
+    again = ask("What is the capital of Italy?")
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.choices[0].logprobs == first.choices[0].logprobs
+    assert metric("tandem_prefix_cache_hit_tokens_total") - hits >= first.usage.prompt_tokens - 16
+    other = ask("What is the capital of Spain?")
+    assert metric("tandem_prefix_cache_hit_tokens_total") - hits >= 2 * 48, "the system prompt was not shared"
+    assert other.usage.prompt_tokens > 48
+
+
 def test_metrics():
     status, data, headers = raw("GET", "/metrics")
     text = data.decode()
     assert status == 200
     for name in ["tandem_requests_total", "tandem_prompt_tokens_total", "tandem_generation_tokens_total", "tandem_queue_depth",
-                 "tandem_running_batch_size", "tandem_kv_cache_used_bytes", "tandem_time_to_first_token_seconds_bucket",
-                 "tandem_inter_token_latency_seconds_count"]:
+                 "tandem_running_batch_size", "tandem_kv_cache_used_bytes", "tandem_kv_cache_cached_bytes",
+                 "tandem_kv_cache_total_bytes", "tandem_prefix_cache_hit_tokens_total",
+                 "tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_count"]:
         assert name in text, name
     assert 'status="400"' in text and 'status="200"' in text
 

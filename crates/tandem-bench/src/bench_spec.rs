@@ -99,6 +99,9 @@ fn run_once(
         spec_adaptive: adaptive,
         spec_alternatives: 0,
         swap_bytes: None,
+        kv_tokens: None,
+        // Each configuration prefills the same prompts: measured, not cached.
+        prefix_cache: false,
     };
     let (mut engine, handle) = Engine::new(model, config, Box::new(Fcfs::default()))?;
     if let Some((d, _)) = drafter {

@@ -5,6 +5,7 @@
 mod bench_draft;
 mod bench_fair;
 mod bench_online;
+mod bench_prefix;
 mod bench_rl;
 mod bench_serve;
 mod bench_soak;
@@ -100,6 +101,10 @@ enum BenchTarget {
     /// n-gram, and EAGLE drafters trained online (from scratch, warm-started) or offline; acceptance
     /// length and tokens/s per window of requests, table, JSON and PNG.
     Online(Box<crate::bench_online::OnlineBenchArgs>),
+    /// The paged KV cache: agents sharing a long document over several turns and RL groups of
+    /// samples, prefix cache off and on (prompt tokens computed, seconds, time to first token),
+    /// and how many requests one KV budget serves at once, paged against fixed slots.
+    Prefix(crate::bench_prefix::PrefixBenchArgs),
     /// RL through the Tinker SDK (`examples/rl_grpo.py`) against `tandem serve` per serving
     /// configuration, same seed: rollout tokens/s, acceptance, draft length, drafter version,
     /// training time and reward per RL step; table, JSON and PNG.
@@ -218,6 +223,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Soak(a)) => return crate::bench_soak::run(a),
         Some(BenchTarget::Train(a)) => return crate::bench_train::run(a),
         Some(BenchTarget::Rl(a)) => return crate::bench_rl::run(a),
+        Some(BenchTarget::Prefix(a)) => return crate::bench_prefix::run(a),
         None => {}
     }
     let names =

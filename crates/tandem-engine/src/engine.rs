@@ -7,17 +7,24 @@ use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_models::{KvCache, Model};
+use tandem_models::{KvCache, KvUsage, Model};
 use tandem_runtime::speculative::{Drafter, EagleWeights, TrainableDrafter};
 use tandem_runtime::{FinishReason, SampledToken, SamplingParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Sequences served at once (one KV slot each).
+    /// Sequences served at once.
     pub max_batch: usize,
-    /// Longest sequence, prompt plus output, that a slot holds.
+    /// Longest sequence, prompt plus output.
     pub max_seq_len: usize,
+    /// Tokens the KV cache holds over all sequences (in blocks of `BLOCK`); sequences take
+    /// blocks as they grow, and when the next steps do not fit, one is preempted. None: enough
+    /// for `max_batch` sequences of `max_seq_len`. At least one sequence of `max_seq_len`.
+    pub kv_tokens: Option<usize>,
+    /// Sequences start on cached KV blocks of earlier ones with the same tokens and weights
+    /// (prompt caching): those tokens are neither computed nor charged again.
+    pub prefix_cache: bool,
     /// Tokens fed per forward (decodes first, prompt chunks fill the rest). The CPU kernels'
     /// results do not depend on batch composition, so any budget keeps a request's output the
     /// same whether it is served alone or with others; a larger one prefills faster, a smaller one
@@ -45,6 +52,8 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch: 8,
             max_seq_len: 2048,
+            kv_tokens: None,
+            prefix_cache: true,
             step_token_budget: 64,
             max_waiting: 256,
             spec_k: 4,
@@ -161,6 +170,7 @@ pub struct EngineHandle {
 struct Scheduling {
     service: Vec<Service>,
     waiting_by_client: Vec<(String, usize)>,
+    kv: KvUsage,
 }
 
 /// Counters the engine publishes for metrics and admission control.
@@ -272,6 +282,11 @@ impl EngineHandle {
         self.shared.preemptions.load(Ordering::Relaxed)
     }
 
+    /// The KV pool's blocks (held, cached) and prompt tokens found cached, as of the last step.
+    pub fn kv_usage(&self) -> KvUsage {
+        self.shared.scheduling.lock().map(|s| s.kv).unwrap_or_default()
+    }
+
     /// Speculative decoding totals since start.
     pub fn spec_stats(&self) -> SpecStats {
         self.shared.spec.snapshot()
@@ -294,7 +309,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over `model` with `config.max_batch` KV slots of `config.max_seq_len` tokens.
+    /// An engine over `model` serving up to `config.max_batch` sequences of `config.max_seq_len`
+    /// tokens from a KV pool of `config.kv_tokens`.
     pub fn new(
         model: Model,
         config: EngineConfig,
@@ -304,7 +320,9 @@ impl Engine {
         config.max_seq_len = config.max_seq_len.min(model.max_positions());
         config.max_batch = config.max_batch.max(1);
         config.step_token_budget = config.step_token_budget.max(1);
-        let cache = KvCache::new(&model.config, config.max_batch, config.max_seq_len, model.device())?;
+        let tokens = config.kv_tokens.unwrap_or(config.max_batch * config.max_seq_len).max(config.max_seq_len);
+        let blocks = tokens.div_ceil(tandem_models::BLOCK);
+        let cache = KvCache::with_blocks(&model.config, config.max_batch, config.max_seq_len, blocks, model.device())?;
         let (tx, rx) = unbounded_channel();
         let shared = Arc::new(Shared::default());
         let handle = EngineHandle {
@@ -452,6 +470,7 @@ impl Engine {
             Err(message) => return self.fail(&plan, &message),
         };
         let report = commit(&mut self.scheduler, &mut self.runner, &self.config, &plan, &out);
+        self.scheduler.index_prefixes(&mut self.runner);
         let emitted = match self.runner.drafter.is_some() {
             true => {
                 let nanos = verify_start.elapsed().as_nanos() as u64;
@@ -567,6 +586,7 @@ impl Engine {
             *s = Scheduling {
                 service: self.scheduler.policy().service(),
                 waiting_by_client: self.scheduler.waiting_by_client(),
+                kv: self.runner.cache.usage(),
             };
         }
     }
@@ -587,7 +607,9 @@ impl Engine {
     /// running requests fail with an error and their slots are emptied, and serving goes on.
     fn check(&mut self) {
         let cache = &self.runner.cache;
-        let Err(broken) = self.scheduler.check(&|slot| cache.len(slot)) else { return };
+        let checked =
+            self.scheduler.check(&|slot| cache.len(slot)).and_then(|_| cache.check().map_err(|e| e.to_string()));
+        let Err(broken) = checked else { return };
         tracing::error!(error = %broken, "engine invariant broken; failing the running requests");
         let message = format!("internal error: {broken}");
         for s in &self.scheduler.running {

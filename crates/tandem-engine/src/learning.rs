@@ -40,7 +40,8 @@ impl OnlineState {
                 let judged = c.accepted - c.alternative.is_some() as usize;
                 if judged < p.draft.tokens.len() {
                     let token = p.draft.tokens[judged];
-                    trace.rejected.push(Rejection { pos: p.start + judged, token, depth: judged });
+                    let pos = (p.start + judged).saturating_sub(trace.skipped);
+                    trace.rejected.push(Rejection { pos, token, depth: judged });
                 }
                 rollback = self.record_draft(c.accepted > 0).or(rollback);
             }
@@ -55,7 +56,10 @@ impl OnlineState {
     pub(crate) fn on_finished(&self, ended: Vec<Sequence>) {
         for mut s in ended {
             if let Some(trace) = s.trace.take().filter(|t| t.positions() >= 2) {
-                self.hooks.traces.push(Trace { tokens: std::mem::take(&mut s.history), ..trace });
+                let skipped = trace.skipped.min(s.history.len());
+                let tokens = s.history.split_off(skipped);
+                let prompt_len = trace.prompt_len.saturating_sub(skipped);
+                self.hooks.traces.push(Trace { tokens, prompt_len, skipped: 0, ..trace });
             }
         }
     }

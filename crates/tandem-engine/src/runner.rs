@@ -200,6 +200,27 @@ impl KvSlots for ModelRunner {
     fn cache_bytes(&self) -> usize {
         self.cache.bytes()
     }
+
+    fn share_prefix(&mut self, slot: usize, tokens: &[u32], salt: u64, most: usize) -> usize {
+        self.cache.share_prefix(slot, tokens, salt, most).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "prefix lookup failed");
+            0
+        })
+    }
+
+    fn index_prefix(&mut self, slot: usize, tokens: &[u32], salt: u64) {
+        if let Err(e) = self.cache.index_prefix(slot, tokens, salt) {
+            tracing::warn!(error = %e, "prefix indexing failed");
+        }
+    }
+
+    fn available_blocks(&self) -> usize {
+        self.cache.available_blocks()
+    }
+
+    fn blocks_to_write(&self, slot: usize, from: usize, to: usize) -> usize {
+        self.cache.blocks_to_write(slot, from, to)
+    }
 }
 
 /// Whatever the drafter says, verify only what fits and exists: tokens within the vocabulary and

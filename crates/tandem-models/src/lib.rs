@@ -14,7 +14,7 @@ pub mod weights;
 pub use candle_core::Device;
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
-pub use kv_cache::{KvCache, KvSnapshot};
+pub use kv_cache::{KvCache, KvSnapshot, KvUsage, BLOCK};
 pub use loader::{load, LoadedModel};
 pub use lora::{Adapter, LoraSpec, LoraTargets};
 pub use model::{ForwardOutput, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};

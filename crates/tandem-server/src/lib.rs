@@ -36,7 +36,8 @@ pub struct AppState {
     pub model_name: String,
     pub stop_token_ids: Vec<u32>,
     pub metrics: Arc<Metrics>,
-    pub kv_bytes_per_slot: usize,
+    /// Bytes of one KV block (`BLOCK` tokens over every layer's keys and values).
+    pub kv_bytes_per_block: usize,
     pub next_id: AtomicU64,
     pub created: u64,
     /// Online drafter training, when on (for /metrics).
@@ -74,8 +75,7 @@ impl AppState {
             loaded.eos_token.as_deref(),
         )?;
         let c = &loaded.model.config;
-        let kv_bytes_per_slot =
-            c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4 * config.max_seq_len.min(loaded.model.max_positions());
+        let kv_bytes_per_block = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4 * tandem_models::BLOCK;
         // The training service holds the same weights as the engine (tensors are shared, not copied).
         let base = training.as_ref().map(|_| loaded.model.clone());
         let (mut engine, handle) = Engine::new(loaded.model, config, policy).map_err(|e| e.to_string())?;
@@ -115,7 +115,7 @@ impl AppState {
             model_name: loaded.name,
             stop_token_ids: loaded.stop_token_ids,
             metrics: Arc::new(Metrics::default()),
-            kv_bytes_per_slot,
+            kv_bytes_per_block,
             next_id: AtomicU64::new(1),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

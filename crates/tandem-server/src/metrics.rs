@@ -78,8 +78,8 @@ impl Default for Metrics {
 pub struct EngineGauges {
     pub waiting: usize,
     pub running: usize,
-    pub kv_bytes_used: usize,
-    pub kv_bytes_total: usize,
+    pub kv: tandem_models::KvUsage,
+    pub kv_bytes_per_block: usize,
     pub spec: tandem_engine::SpecStats,
     pub policy: &'static str,
     pub service: Vec<tandem_engine::Service>,
@@ -125,8 +125,21 @@ impl Metrics {
         );
         gauge(&mut out, "tandem_queue_depth", "Requests waiting for a KV slot.", gauges.waiting);
         gauge(&mut out, "tandem_running_batch_size", "Requests being generated.", gauges.running);
-        gauge(&mut out, "tandem_kv_cache_used_bytes", "KV cache bytes held by running requests.", gauges.kv_bytes_used);
-        gauge(&mut out, "tandem_kv_cache_total_bytes", "KV cache bytes allocated.", gauges.kv_bytes_total);
+        let (kv, block) = (&gauges.kv, gauges.kv_bytes_per_block);
+        gauge(&mut out, "tandem_kv_cache_used_bytes", "KV cache bytes held by running requests.", kv.held * block);
+        gauge(
+            &mut out,
+            "tandem_kv_cache_cached_bytes",
+            "KV cache bytes held by no request, kept for prompts that start the same way.",
+            kv.cached * block,
+        );
+        gauge(&mut out, "tandem_kv_cache_total_bytes", "KV cache bytes allocated.", kv.blocks * block);
+        counter(
+            &mut out,
+            "tandem_prefix_cache_hit_tokens_total",
+            "Prompt tokens found in the KV cache (not computed again).",
+            kv.prefix_hits,
+        );
         render_fairness(&mut out, gauges);
         {
             let map = self.client_latency.lock().unwrap_or_else(|e| e.into_inner());

@@ -634,12 +634,11 @@ pub async fn health(State(state): Shared) -> Response {
 }
 
 pub async fn metrics(State(state): Shared) -> Response {
-    let running = state.engine.running();
     let gauges = EngineGauges {
         waiting: state.engine.waiting(),
-        running,
-        kv_bytes_used: running * state.kv_bytes_per_slot,
-        kv_bytes_total: state.kv_bytes_per_slot * state.engine.config().max_batch,
+        running: state.engine.running(),
+        kv: state.engine.kv_usage(),
+        kv_bytes_per_block: state.kv_bytes_per_block,
         spec: state.engine.spec_stats(),
         policy: state.engine.policy_name(),
         service: state.engine.service(),

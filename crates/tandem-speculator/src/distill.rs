@@ -59,6 +59,7 @@ pub fn text_traces(
                 final_hidden,
                 rejected: Vec::new(),
                 version: None,
+                skipped: 0,
             });
             row += n;
         }

@@ -91,6 +91,7 @@ pub fn load_trace(path: &Path) -> Result<Trace> {
         final_hidden,
         rejected,
         version,
+        skipped: 0,
     })
 }
 
@@ -145,6 +146,7 @@ mod tests {
             final_hidden: (0..6).map(|i| i as f32 - 2.5).collect(),
             rejected: vec![Rejection { pos: 2, token: 3, depth: 1 }],
             version: Some(TraceVersion { family: "run-7".into(), id: 12 }),
+            skipped: 0,
         };
         let dir = std::env::temp_dir().join(format!("tandem-trace-{}", std::process::id()));
         let mut spill = TraceSpill::new(&dir).unwrap();

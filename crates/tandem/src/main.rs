@@ -168,6 +168,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         spec_adaptive: !args.spec.spec_fixed_k,
         spec_alternatives: args.spec.spec_alternatives,
         swap_bytes: None,
+        kv_tokens: None,
+        prefix_cache: true,
     };
     let (mut engine, handle) = Engine::new(loaded.model, config, Box::new(Fcfs::default()))?;
     if let Some(d) = drafter {

@@ -19,13 +19,23 @@ pub struct ServeArgs {
     host: String,
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Sequences generated at once (KV cache slots).
+    /// Sequences generated at once, at most (the KV budget may hold fewer).
     #[arg(long, default_value_t = EngineConfig::default().max_batch)]
     max_batch: usize,
-    /// KV cache memory, e.g. 512MiB or 2GiB; shared by the slots, it sets the longest sequence.
-    /// Default: enough for the model's full context in every slot, capped at 4096 tokens.
+    /// KV cache memory, e.g. 512MiB or 2GiB: a pool of 16-token blocks that sequences take as
+    /// they grow and give back when they end (a sequence is preempted when the running ones'
+    /// next steps do not fit). Default: --max-batch sequences of up to 4096 tokens.
     #[arg(long)]
     kv_budget: Option<String>,
+    /// Longest sequence, prompt plus output, in tokens. Default: the model's context, or what
+    /// the KV budget holds if that is less.
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Sequences start on the cached KV blocks of earlier ones with the same prompt prefix and
+    /// weights (a repeated system prompt, an agent's history, the samples of one RL prompt):
+    /// those tokens are not computed or charged again.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    prefix_cache: Switch,
     /// Tokens per engine step: decodes first, prompt chunks fill the rest. Larger prefills faster;
     /// smaller keeps other streams' inter-token latency low while long prompts are read.
     #[arg(long, default_value_t = EngineConfig::default().step_token_budget)]
@@ -182,15 +192,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let c = &loaded.model.config;
     let per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
     let max_batch = args.max_batch.max(1);
-    let max_seq_len = match &args.kv_budget {
-        Some(b) => parse_size(b)? / (per_token * max_batch),
-        None => loaded.model.max_positions().min(4096),
-    }
-    .min(loaded.model.max_positions());
-    if max_seq_len < 16 {
+    let context = loaded.model.max_positions();
+    let kv_tokens = match &args.kv_budget {
+        Some(b) => parse_size(b)? / per_token,
+        None => max_batch * context.min(4096),
+    };
+    // One sequence may use the whole pool, up to the model's context.
+    let max_seq_len = args.max_seq_len.unwrap_or(context).min(context).min(kv_tokens);
+    if max_seq_len < 64 {
         bail!(
-            "a KV budget of {} holds only {max_seq_len} tokens per slot for {max_batch} slots",
-            args.kv_budget.unwrap_or_default()
+            "sequences of at most {max_seq_len} tokens (the KV budget holds {kv_tokens} of {per_token} bytes); \
+             give --max-seq-len and --kv-budget room for at least 64"
         );
     }
     let config = EngineConfig {
@@ -202,6 +214,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         spec_adaptive: !args.spec.spec_fixed_k,
         spec_alternatives: args.spec.spec_alternatives,
         swap_bytes: None,
+        kv_tokens: Some(kv_tokens),
+        prefix_cache: args.prefix_cache == Switch::On,
     };
     let (drafter, online, trainer) = if args.online.enabled() {
         if !args.spec.spec.starts_with("eagle") {
@@ -257,11 +271,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         eprintln!(
-            "tandem serving {} on http://{} ({} slots x {} tokens{})",
+            "tandem serving {} on http://{} (up to {} sequences of up to {} tokens, KV pool of {} tokens{})",
             state.model_name,
             listener.local_addr()?,
             max_batch,
             max_seq_len,
+            kv_tokens,
             if server_options.auth.enabled() { ", API keys required" } else { "" }
         );
         let shutdown = async move {

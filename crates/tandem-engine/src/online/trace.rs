@@ -8,7 +8,8 @@ use tandem_runtime::sampling::{log_sum_exp, top_n};
 /// The target's view of one finished sequence: everything the drafter's trainer needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Trace {
-    /// Prompt and output (the last token may have no features: it was never fed).
+    /// Prompt and output (the last token may have no features: it was never fed), from position
+    /// `skipped` of the sequence on.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     /// Floats per position: the drafter's target layers, concatenated.
@@ -27,6 +28,11 @@ pub struct Trace {
     pub rejected: Vec<Rejection>,
     /// The weight version that produced it (None: the served model).
     pub version: Option<TraceVersion>,
+    /// Leading positions of the sequence the trace leaves out: a cached prefix, whose hidden
+    /// states were computed for another sequence. While recording, positions are the
+    /// sequence's; the finished trace starts at this one (rope makes the drafter's attention
+    /// depend on distances only, so a shifted window trains the same).
+    pub skipped: usize,
 }
 
 /// Which weights a trace came from: a version `id` of the training run `family`.
@@ -65,6 +71,15 @@ impl Trace {
     /// positions again).
     pub(crate) fn record_features(&mut self, start: usize, rows: &[f32], last: Option<&[f32]>) {
         let fs = self.feature_size.max(1);
+        // Rows of skipped positions (recomputed after a preemption) are not the trace's.
+        let n = rows.len() / fs;
+        let before = self.skipped.saturating_sub(start).min(n);
+        let rows = &rows[before * fs..];
+        let last = last.map(|l| &l[l.len() / n.max(1) * before..]);
+        let Some(start) = (start + before).checked_sub(self.skipped) else { return };
+        if rows.is_empty() {
+            return;
+        }
         if start > self.positions() {
             return; // a gap: keep what is consistent
         }
@@ -90,6 +105,7 @@ impl Trace {
     }
 
     pub(crate) fn record_soft(&mut self, pos: usize, logits: &[f32], top: usize) {
+        let Some(pos) = pos.checked_sub(self.skipped) else { return };
         if pos >= self.soft.len() {
             self.soft.resize(pos + 1, Vec::new());
         }

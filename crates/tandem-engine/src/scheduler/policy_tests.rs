@@ -13,6 +13,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 /// make token 1 the greedy choice.
 struct FakeRunner {
     lens: Vec<usize>,
+    /// The KV pool, in blocks of `BLOCK` tokens.
+    blocks: usize,
 }
 
 impl FakeRunner {
@@ -21,6 +23,10 @@ impl FakeRunner {
         for p in &plan.seqs {
             assert_eq!(self.lens[p.slot], p.start, "the plan starts where the cache ends");
             self.lens[p.slot] += p.tokens.len();
+            assert!(
+                self.lens.iter().map(|l| l.div_ceil(tandem_models::BLOCK)).sum::<usize>() <= self.blocks,
+                "KV pool overrun"
+            );
             let first = logits.len();
             let rows = match (p.wants_logits, p.draft.tokens.is_empty()) {
                 (false, _) => 0,
@@ -46,6 +52,18 @@ impl KvSlots for FakeRunner {
     }
     fn cache_bytes(&self) -> usize {
         0
+    }
+    fn share_prefix(&mut self, _slot: usize, _tokens: &[u32], _salt: u64, _most: usize) -> usize {
+        0
+    }
+    fn index_prefix(&mut self, _slot: usize, _tokens: &[u32], _salt: u64) {}
+    fn available_blocks(&self) -> usize {
+        let held: usize = self.lens.iter().map(|l| l.div_ceil(tandem_models::BLOCK)).sum();
+        self.blocks - held
+    }
+    fn blocks_to_write(&self, slot: usize, from: usize, to: usize) -> usize {
+        let _ = from;
+        to.div_ceil(tandem_models::BLOCK).saturating_sub(self.lens[slot].div_ceil(tandem_models::BLOCK))
     }
 }
 
@@ -119,26 +137,36 @@ struct Simulator {
     charges: Arc<Mutex<Vec<(u64, usize, usize)>>>,
     /// Each request's event channel, kept open (a closed one is a cancelled request).
     events: HashMap<u64, UnboundedReceiver<Event>>,
+    submitted: u32,
 }
 
 impl Simulator {
     fn new(policy: Box<dyn SchedulingPolicy>, slots: usize, step_token_budget: usize) -> Self {
+        Self::with_pool(policy, slots, step_token_budget, slots * 4096 / tandem_models::BLOCK)
+    }
+
+    /// A simulator whose KV pool holds `blocks` blocks.
+    fn with_pool(policy: Box<dyn SchedulingPolicy>, slots: usize, step_token_budget: usize, blocks: usize) -> Self {
         let config = EngineConfig { max_batch: slots, step_token_budget, max_seq_len: 4096, ..Default::default() };
         let charges = Arc::new(Mutex::new(Vec::new()));
         let policy = Box::new(Recording { inner: policy, charges: charges.clone() });
         Simulator {
             sched: Scheduler::new(config.clone(), policy),
-            kv: FakeRunner { lens: vec![0; slots] },
+            kv: FakeRunner { lens: vec![0; slots], blocks },
             config,
             charges,
             events: HashMap::new(),
+            submitted: 0,
         }
     }
 
     /// Queues a request; returns its id.
     fn submit(&mut self, client: &str, agent: Option<&str>, prompt_tokens: usize, output_tokens: usize) -> u64 {
+        // Distinct prompts: the same first block would make a request wait to share it.
+        self.submitted += 1;
+        let first = self.submitted * 1000;
         let request = GenerationRequest {
-            prompt: vec![0; prompt_tokens.max(1)],
+            prompt: (first..first + prompt_tokens.max(1) as u32).collect(),
             max_tokens: output_tokens.max(1),
             sampling: Default::default(),
             stop_token_ids: Vec::new(),
@@ -214,6 +242,39 @@ fn preempted_requests_are_recomputed_and_charged_once() {
     for (id, i) in input {
         assert_eq!(i, 20 + id as usize, "request {id}: prompt charged once");
         assert_eq!(output[&id], 10, "request {id}: output charged as emitted");
+    }
+}
+
+/// A KV pool smaller than the batch's sequences: sequences are admitted while the pool has room
+/// for their prompts, preempted when the running ones' next steps no longer fit, and every
+/// request still finishes with exactly its output; the pool is never overrun (the fake runner
+/// checks every step).
+#[test]
+fn a_small_kv_pool_bounds_what_runs_and_everything_finishes() {
+    for policy in [Box::new(Fcfs::default()) as Box<dyn SchedulingPolicy>, Box::new(VirtualTokenCounter::default())] {
+        // 40 blocks of 16 = 640 tokens for 8 slots of requests of 100 + 150 tokens.
+        let mut sim = Simulator::with_pool(policy, 8, 64, 40);
+        let mut output: HashMap<u64, usize> = HashMap::new();
+        let (mut preempted, mut most_running) = (0, 0);
+        for step in 0..3000 {
+            if step < 12 {
+                sim.submit(if step % 2 == 0 { "a" } else { "b" }, None, 100, 150);
+            }
+            let s = sim.step();
+            preempted += s.preempted.len();
+            most_running = most_running.max(sim.sched.running_len());
+            for (id, _, o) in s.charged {
+                *output.entry(id).or_default() += o;
+            }
+            if step > 12 && sim.sched.is_idle() {
+                break;
+            }
+        }
+        assert!(sim.sched.is_idle(), "everything finishes");
+        assert!(preempted > 0, "the pool must run out and preempt");
+        assert!(most_running < 8, "the pool, not the slots, bounded the batch");
+        assert_eq!(output.len(), 12);
+        assert!(output.values().all(|&o| o == 150), "{output:?}");
     }
 }
 

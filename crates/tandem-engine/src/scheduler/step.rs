@@ -9,7 +9,7 @@ use super::{RequestInfo, SchedulingPolicy};
 use crate::engine::{EngineConfig, Event, GenerationRequest, TrainingEvent, WeightVersion};
 use crate::online::{Family, Trace};
 use crate::sequence::{Phase, Sequence, Waiting};
-use tandem_models::KvSnapshot;
+use tandem_models::{KvSnapshot, BLOCK};
 use tandem_runtime::speculative::Draft;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -24,6 +24,21 @@ pub(crate) trait KvSlots {
     fn release(&mut self, slot: usize);
     /// Bytes of the whole KV cache (the default budget for swapped-out KV).
     fn cache_bytes(&self) -> usize;
+    /// Starts the empty `slot` on cached blocks that `tokens` begin with (computed with weights
+    /// `salt`), holding at most `most` positions; returns the positions it holds.
+    fn share_prefix(&mut self, slot: usize, tokens: &[u32], salt: u64, most: usize) -> usize;
+    /// Offers `slot`'s full blocks, whose positions hold `tokens`, to later prompts.
+    fn index_prefix(&mut self, slot: usize, tokens: &[u32], salt: u64);
+    /// KV blocks that can be taken now.
+    fn available_blocks(&self) -> usize;
+    /// Blocks writing positions from..to of `slot` takes.
+    fn blocks_to_write(&self, slot: usize, from: usize, to: usize) -> usize;
+}
+
+/// What a sequence's KV blocks are keyed by besides tokens: its weights (0: the served model).
+/// Blocks computed under other weights are never shared.
+pub(crate) fn kv_salt(request: &GenerationRequest) -> u64 {
+    request.weights.as_ref().map_or(0, |w| w.id + 1)
 }
 
 /// A decoding sequence the drafter may propose for this step, with its limits.
@@ -217,10 +232,13 @@ impl Scheduler {
         self.finish(gone, kv)
     }
 
-    /// Fills free slots in the policy's order; when none is free and someone waits, lets the
-    /// policy preempt one running request (at most one per step, so the batch does not churn).
-    /// `trace` makes a new sequence's trace (online training) or None.
+    /// Fills free slots in the policy's order while the KV pool has room for each newcomer's
+    /// prompt; when no slot is free and someone waits, lets the policy preempt one running
+    /// request (at most one per step, so the batch does not churn). First, if the running
+    /// sequences' next steps no longer fit the pool, preempts until they do. `trace` makes a new
+    /// sequence's trace (online training) or None.
     pub(crate) fn admit(&mut self, kv: &mut dyn KvSlots, trace: &dyn Fn(&GenerationRequest) -> Option<Trace>) {
+        self.make_room(kv);
         let mut preempted = false;
         while !self.waiting.is_empty() {
             if self.free_slots.is_empty() {
@@ -230,28 +248,132 @@ impl Scheduler {
                 preempted = true;
                 continue;
             }
-            let infos: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
-            let Some(i) = self.policy.pick(&infos) else { break };
+            // Requests whose prompt starts like one being prefilled wait for its blocks.
+            let ready: Vec<usize> =
+                (0..self.waiting.len()).filter(|&i| !self.shares_a_prefill(&self.waiting[i])).collect();
+            let infos: Vec<RequestInfo> = ready.iter().map(|&i| self.waiting[i].info().clone()).collect();
+            let Some(i) = self.policy.pick(&infos).map(|i| ready[i]) else { break };
             let slot = self.free_slots.pop().expect("a free slot");
-            let seq = match self.waiting.remove(i) {
-                Waiting::Preempted(mut s) => {
-                    s.slot = slot;
-                    if let Some(snap) = s.swapped.take() {
-                        if !kv.restore(slot, &snap) {
-                            tracing::warn!("KV restore failed; recomputing");
-                            kv.release(slot);
-                            s.computed = 0;
-                        }
+            let w = self.waiting.remove(i);
+            match self.start(w, slot, kv, trace) {
+                Ok(seq) => self.running.push(seq),
+                Err(w) => {
+                    // The pool cannot take it yet: it keeps its place until sequences end.
+                    kv.release(slot);
+                    self.free_slots.push(slot);
+                    self.waiting.insert(i, w);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Puts a waiting request in `slot`: a new one, or a preempted one whose KV is restored or
+    /// recomputed; either starts on whatever prefix of its tokens the cache holds. Gives the
+    /// request back when the pool cannot also hold the rest of its prompt and its first decode.
+    // The error is the request itself, handed back whole (as `Waiting` is, see there).
+    #[allow(clippy::result_large_err)]
+    fn start(
+        &self,
+        w: Waiting,
+        slot: usize,
+        kv: &mut dyn KvSlots,
+        trace: &dyn Fn(&GenerationRequest) -> Option<Trace>,
+    ) -> Result<Sequence, Waiting> {
+        let held = self.blocks_held_back(kv);
+        match w {
+            Waiting::Preempted(mut s) => {
+                s.slot = slot;
+                if let Some(snap) = s.swapped.take() {
+                    if kv.blocks_to_write(slot, 0, snap.len() + self.decode_rows()) + held > kv.available_blocks() {
+                        s.swapped = Some(snap);
+                        return Err(Waiting::Preempted(s));
                     }
-                    s
+                    if kv.restore(slot, &snap) {
+                        return Ok(s);
+                    }
+                    tracing::warn!("KV restore failed; recomputing");
+                    kv.release(slot);
                 }
-                Waiting::New { info, request, events } => {
-                    tracing::debug!(id = info.id, client = %info.client, "admitted");
-                    let t = trace(&request);
-                    Sequence::new(info, slot, request, events, self.config.spec_k, t)
+                s.computed = self.shared_prefix(slot, &s, kv);
+                match self.blocks_needed(&s, kv) + held > kv.available_blocks() {
+                    true => Err(Waiting::Preempted(s)),
+                    false => Ok(s),
                 }
-            };
-            self.running.push(seq);
+            }
+            Waiting::New { info, request, events } => {
+                let t = trace(&request);
+                let mut s = Sequence::new(info, slot, request, events, self.config.spec_k, t);
+                s.computed = self.shared_prefix(slot, &s, kv);
+                if self.blocks_needed(&s, kv) + held > kv.available_blocks() {
+                    return Err(Waiting::New { info: s.info, request: s.request, events: s.events });
+                }
+                // A cached prefix is neither computed nor charged again, and has no fresh hidden
+                // states for the drafter's trainer.
+                s.prompt_charged = s.computed;
+                if let Some(t) = s.trace.as_mut() {
+                    t.skipped = s.computed;
+                }
+                tracing::debug!(id = s.info.id, client = %s.info.client, cached = s.computed, "admitted");
+                Ok(s)
+            }
+        }
+    }
+
+    /// Starts `s`'s empty slot on the cached blocks its tokens begin with, leaving at least one
+    /// token to compute when it has no pending token (its logits give the first output).
+    fn shared_prefix(&self, slot: usize, s: &Sequence, kv: &mut dyn KvSlots) -> usize {
+        if !self.config.prefix_cache {
+            return 0;
+        }
+        let target = s.prefill_target();
+        let most = target - s.pending.is_none() as usize;
+        kv.share_prefix(slot, &s.history[..target], kv_salt(&s.request), most)
+    }
+
+    /// Whether `w` is a new request whose prompt's first block is that of a sequence still being
+    /// prefilled under the same weights: it waits until those blocks are cached and shares them
+    /// (the samples of one prompt, an agent's parallel calls) instead of computing them again.
+    fn shares_a_prefill(&self, w: &Waiting) -> bool {
+        let Waiting::New { request, .. } = w else { return false };
+        let Some(first) = request.prompt.get(..BLOCK).filter(|_| self.config.prefix_cache) else { return false };
+        self.running.iter().any(|s| {
+            s.phase() == Phase::Prefill
+                && s.computed < BLOCK
+                && s.history.starts_with(first)
+                && kv_salt(&s.request) == kv_salt(request)
+        })
+    }
+
+    /// Rows a decode step may write for one sequence: its pending token, the longest draft and
+    /// the most siblings.
+    fn decode_rows(&self) -> usize {
+        1 + self.config.spec_k + self.config.spec_alternatives
+    }
+
+    /// Blocks `s` may still take before its first decode step is done (the rest of its prefill
+    /// and that step), or decoding, in its next step.
+    fn blocks_needed(&self, s: &Sequence, kv: &dyn KvSlots) -> usize {
+        let to = (s.prefill_target() + self.decode_rows()).min(self.config.max_seq_len);
+        kv.blocks_to_write(s.slot, s.computed, to.max(s.computed))
+    }
+
+    /// Blocks the running sequences may take before their next decode steps are done.
+    fn blocks_held_back(&self, kv: &dyn KvSlots) -> usize {
+        self.running.iter().map(|s| self.blocks_needed(s, kv)).sum()
+    }
+
+    /// Preempts running sequences until the others' next steps fit the KV pool: the policy's
+    /// victim, else the latest arrival (the one that has waited least). One sequence always fits
+    /// (the pool holds one of full length).
+    fn make_room(&mut self, kv: &mut dyn KvSlots) {
+        while self.running.len() > 1 && self.blocks_held_back(kv) > kv.available_blocks() {
+            let running: Vec<RequestInfo> = self.running.iter().map(|r| r.info.clone()).collect();
+            let waiting: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
+            let latest = (0..running.len()).max_by_key(|&i| running[i].id).expect("running");
+            let v = self.policy.victim(&running, &waiting).unwrap_or(latest);
+            tracing::debug!(id = running[v].id, "KV pool full");
+            self.preempt_one(v, kv);
         }
     }
 
@@ -261,6 +383,13 @@ impl Scheduler {
         let running: Vec<RequestInfo> = self.running.iter().map(|r| r.info.clone()).collect();
         let waiting: Vec<RequestInfo> = self.waiting.iter().map(|w| w.info().clone()).collect();
         let Some(v) = self.policy.victim(&running, &waiting) else { return false };
+        self.preempt_one(v, kv);
+        true
+    }
+
+    /// Moves running sequence `v` back to waiting, its KV swapped out if the budget allows (else
+    /// it is recomputed when it returns, from whatever of its blocks are still cached).
+    fn preempt_one(&mut self, v: usize, kv: &mut dyn KvSlots) {
         let mut s = self.running.remove(v);
         let budget = self.config.swap_bytes.unwrap_or_else(|| kv.cache_bytes());
         let swapped_now: usize = self.waiting.iter().map(Waiting::swapped_bytes).sum();
@@ -273,7 +402,18 @@ impl Scheduler {
         tracing::debug!(id = s.info.id, client = %s.info.client, swapped = s.swapped.is_some(), "preempted");
         self.preemptions += 1;
         self.waiting.push(Waiting::Preempted(s));
-        true
+    }
+
+    /// Offers the running sequences' full blocks to later prompts (after each commit). A
+    /// sequence that just met a stop token may hold it (and draft tokens after it) in its cache
+    /// but not in its history: only positions its history names are offered.
+    pub(crate) fn index_prefixes(&self, kv: &mut dyn KvSlots) {
+        if self.config.prefix_cache {
+            for s in &self.running {
+                let known = s.computed.min(s.history.len());
+                kv.index_prefix(s.slot, &s.history[..known], kv_salt(&s.request));
+            }
+        }
     }
 
     /// The weight-version family most decoding sequences belong to (ties: the served model's,

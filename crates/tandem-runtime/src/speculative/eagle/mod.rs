@@ -87,8 +87,12 @@ pub const DRAFT_CONTEXT: usize = 64;
 /// Per-sequence state: the target features seen so far and which of them the drafter's KV cache holds.
 #[derive(Default)]
 struct SlotState {
-    /// Concatenated target hidden states, `feature_size` floats per committed target position.
+    /// Concatenated target hidden states, `feature_size` floats per committed target position
+    /// from `features_from` on.
     features: Vec<f32>,
+    /// The first position with features: 0, or where the target started computing this
+    /// sequence (after a cached prefix, or a preemption that kept its KV but not this state).
+    features_from: usize,
     /// Position of the first row in the slot's cache (older ones are dropped: see [`DRAFT_CONTEXT`]).
     kv_start: usize,
     /// Rows held: positions kv_start..kv_start + held, computed from target features (never drafts).
@@ -99,6 +103,11 @@ struct SlotState {
 impl SlotState {
     fn cached(&self) -> usize {
         self.kv_start + self.held
+    }
+
+    /// Positions with features: features_from..committed.
+    fn committed(&self, feature_size: usize) -> usize {
+        self.features_from + self.features.len() / feature_size
     }
 }
 
@@ -309,7 +318,8 @@ impl EagleDrafter {
             if d.committed - state.cached() > DRAFT_CONTEXT || state.held == 0 {
                 // Too far behind (a new prompt, or steps without drafts): start over from the last
                 // DRAFT_CONTEXT positions rather than catching up on all of them.
-                (state.kv_start, state.held) = (d.committed.saturating_sub(DRAFT_CONTEXT), 0);
+                let first = d.committed.saturating_sub(DRAFT_CONTEXT).max(state.features_from);
+                (state.kv_start, state.held) = (first, 0);
             } else if state.cached() == d.committed {
                 // Nothing new since the last draft: redo the last row, whose output starts the draft.
                 state.held -= 1;
@@ -318,7 +328,8 @@ impl EagleDrafter {
             for p in from..d.committed {
                 rows.push(Row { slot: r.slot, position: p, cache_row: p - state.kv_start });
             }
-            feats.extend_from_slice(&state.features[from * fs..d.committed * fs]);
+            let at = state.features_from;
+            feats.extend_from_slice(&state.features[(from - at) * fs..(d.committed - at) * fs]);
             ids.extend_from_slice(&r.tokens[from + 1..d.committed + 1]);
             state.held += d.committed - from;
             last.push((rows.len() - 1) as u32);
@@ -348,9 +359,10 @@ impl EagleDrafter {
                 drafts[i] = Draft { tokens: copied, probs: None, lookup: true, alternatives: Vec::new() };
                 continue;
             }
-            let committed = self.slots[r.slot].features.len() / fs;
+            let state = &self.slots[r.slot];
+            let committed = state.committed(fs);
             // The target must have committed every token but the pending last one.
-            if r.k > 0 && committed > 0 && committed + 1 == r.tokens.len() {
+            if r.k > 0 && !state.features.is_empty() && committed + 1 == r.tokens.len() {
                 drafting.push(Drafting { request: i, committed });
             }
         }
@@ -485,12 +497,10 @@ impl Drafter for EagleDrafter {
     fn observe(&mut self, slot: usize, start: usize, hidden: &[Tensor]) -> Result<()> {
         let fs = self.config.feature_size();
         let state = &mut self.slots[slot];
-        if start != state.features.len() / fs {
-            // A gap (should not happen): start over from what we are given.
-            *state = SlotState::default();
-            if start != 0 {
-                return Ok(());
-            }
+        if start != state.committed(fs) {
+            // The target starts (or starts again) at `start` without the positions before it
+            // here: a cached prefix, or a preempted sequence back. Draft from what comes.
+            *state = SlotState { features_from: start, ..SlotState::default() };
         }
         let joined = Tensor::cat(hidden, 1)?.to_dtype(DType::F32)?;
         state.features.extend(joined.flatten_all()?.to_vec1::<f32>()?);
