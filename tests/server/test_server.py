@@ -260,6 +260,8 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache():
     assert again.choices[0].message.content == first.choices[0].message.content
     assert again.choices[0].logprobs == first.choices[0].logprobs
     assert metric("tandem_prefix_cache_hit_tokens_total") - hits >= first.usage.prompt_tokens - 16
+    # Reported as OpenAI reports it.
+    assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16, again.usage
     other = ask("What is the capital of Spain?")
     assert metric("tandem_prefix_cache_hit_tokens_total") - hits >= 2 * 48, "the system prompt was not shared"
     assert other.usage.prompt_tokens > 48
@@ -272,6 +274,7 @@ def test_metrics():
     for name in ["tandem_requests_total", "tandem_prompt_tokens_total", "tandem_generation_tokens_total", "tandem_queue_depth",
                  "tandem_running_batch_size", "tandem_kv_cache_used_bytes", "tandem_kv_cache_cached_bytes",
                  "tandem_kv_cache_total_bytes", "tandem_prefix_cache_hit_tokens_total",
+                 "tandem_prefix_cache_query_tokens_total", 'tandem_kv_cache_blocks{state="free"}',
                  "tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_count"]:
         assert name in text, name
     assert 'status="400"' in text and 'status="200"' in text

@@ -287,4 +287,14 @@ trained = {m[0]: int(m[1]) for m in re.findall(r'tandem_client_service_tokens_to
 sampled = {m[0]: int(m[1]) for m in re.findall(r'tandem_client_service_tokens_total\{client="(tinker:[^"]+)",kind="output"\} (\d+)', metrics)}
 assert any(n > 0 for n in trained.values()), trained
 assert any(trained.get(c, 0) > 0 and sampled.get(c, 0) > 0 for c in trained), (trained, sampled)
+# A sample with num_samples = 8 prefills its prompt once: the other seven start on its KV blocks
+# (counted by the server's prefix-cache hits; the prompt's two full blocks, 32 tokens, each).
+def prefix_hits():
+    return int(re.search(r"^tandem_prefix_cache_hit_tokens_total (\d+)", http.get("/metrics").text, re.M).group(1))
+prompt = [(7 * i) % 200 + 3 for i in range(40)]
+before = prefix_hits()
+group = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=8,
+                       sampling_params=types.SamplingParams(max_tokens=4, temperature=1.0, seed=5)).result()
+assert len(group.sequences) == 8
+assert prefix_hits() - before >= 7 * 32, (before, prefix_hits())
 print("training API: all checks passed")

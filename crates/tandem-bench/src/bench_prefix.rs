@@ -1,5 +1,7 @@
 //! `tandem bench prefix`: the paged KV cache on the traffic it is for, each workload run with
 //! the prefix cache off and on in the same command (same model, same requests, greedy):
+//! - system: requests sharing a long system prompt with different short questions; the first
+//!   alone, then the rest at once;
 //! - agents: several agents work on one long document (the shared system prompt); each takes
 //!   several turns, resending its whole conversation plus a new question every turn;
 //! - rl: groups of samples of one prompt (temperature 1, seeded), submitted together as a GRPO
@@ -30,8 +32,13 @@ pub struct PrefixBenchArgs {
     #[arg(long, default_value_t = 4)]
     turns: usize,
     /// Tokens of the shared document (the system prompt).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1500)]
     system_tokens: usize,
+    /// System workload: requests, and tokens of each one's question.
+    #[arg(long, default_value_t = 32)]
+    questions: usize,
+    #[arg(long, default_value_t = 50)]
+    question_tokens: usize,
     /// RL: prompts per step.
     #[arg(long, default_value_t = 4)]
     groups: usize,
@@ -41,11 +48,17 @@ pub struct PrefixBenchArgs {
     /// Tokens generated per request (end of sequence is ignored).
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
-    /// Capacity: requests submitted at once, and the KV budget in tokens they share.
-    #[arg(long, default_value_t = 16)]
+    /// Capacity: requests submitted at once, tokens each one generates, and the KV budget in
+    /// tokens they share.
+    #[arg(long, default_value_t = 32)]
     capacity_requests: usize,
+    #[arg(long, default_value_t = 200)]
+    capacity_output: usize,
     #[arg(long, default_value_t = 8192)]
     capacity_tokens: usize,
+    /// Which workloads to run.
+    #[arg(long, value_delimiter = ',', default_value = "system,agents,rl,capacity")]
+    workloads: Vec<String>,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
     #[arg(long, default_value = "bench-results/prefix.json")]
@@ -221,6 +234,27 @@ pub fn run(args: PrefixBenchArgs) -> Result<()> {
             Ok(all)
         })
     };
+    let system = |h: &EngineHandle| -> Result<Vec<(usize, Served)>> {
+        let prompt = |i: usize| -> Vec<u32> {
+            let asked = questions[i % questions.len()].iter().chain(&questions[(i + 1) % questions.len()]);
+            document.iter().chain(asked.take(args.question_tokens)).copied().collect()
+        };
+        let first = prompt(0);
+        let mut all = vec![(first.len(), serve(h, request(first, args.max_tokens, greedy.clone()))?)];
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = (1..args.questions)
+                .map(|i| {
+                    let p = prompt(i);
+                    let r = request(p.clone(), args.max_tokens, greedy.clone());
+                    s.spawn(move || serve(h, r).map(|served| (p.len(), served)))
+                })
+                .collect();
+            for j in jobs {
+                all.push(j.join().expect("a request thread")?);
+            }
+            Ok(all)
+        })
+    };
     let rl = |h: &EngineHandle| -> Result<Vec<(usize, Served)>> {
         std::thread::scope(|s| {
             let mut jobs = Vec::new();
@@ -256,8 +290,8 @@ pub fn run(args: PrefixBenchArgs) -> Result<()> {
             r.most_running
         )
     };
-    let workloads: [(&'static str, &Workload); 2] = [("agents", &agents), ("rl", &rl)];
-    for (name, work) in workloads {
+    let workloads: [(&'static str, &Workload); 3] = [("system", &system), ("agents", &agents), ("rl", &rl)];
+    for (name, work) in workloads.into_iter().filter(|(n, _)| args.workloads.iter().any(|w| w == n)) {
         for prefix_cache in [false, true] {
             let config = EngineConfig { prefix_cache, ..base.clone() };
             let label = format!("prefix cache {}", if prefix_cache { "on" } else { "off" });
@@ -266,13 +300,13 @@ pub fn run(args: PrefixBenchArgs) -> Result<()> {
             rows.push(r);
         }
     }
-    // Capacity: requests of ~100 prompt tokens and max_tokens outputs under one budget.
+    // Capacity: requests of ~100 prompt tokens and `capacity_output` more under one budget.
     let capacity = |h: &EngineHandle| -> Result<Vec<(usize, Served)>> {
         std::thread::scope(|s| {
             let jobs: Vec<_> = (0..args.capacity_requests)
                 .map(|i| {
                     let prompt = rl_prompts[i % rl_prompts.len()].clone();
-                    let r = request(prompt.clone(), args.max_tokens * 4, greedy.clone());
+                    let r = request(prompt.clone(), args.capacity_output, greedy.clone());
                     s.spawn(move || serve(h, r).map(|served| (prompt.len(), served)))
                 })
                 .collect();
@@ -281,8 +315,11 @@ pub fn run(args: PrefixBenchArgs) -> Result<()> {
     };
     let max_seq_len = EngineConfig::default().max_seq_len;
     let slots = (args.capacity_tokens / max_seq_len).max(1);
+    let capacity_runs = if args.workloads.iter().any(|w| w == "capacity") { 2 } else { 0 };
     for (label, max_batch) in
         [(format!("{slots} slots x {max_seq_len}"), slots), ("paged".to_string(), args.capacity_requests)]
+            .into_iter()
+            .take(capacity_runs)
     {
         let kv_tokens = Some(args.capacity_tokens);
         let config = EngineConfig { max_batch, max_seq_len, kv_tokens, prefix_cache: false, ..base.clone() };

@@ -157,6 +157,7 @@ fn emit(
 ) -> bool {
     let usage = |s: &Sequence| Usage {
         prompt_tokens: s.request.prompt.len(),
+        cached_tokens: s.cached,
         completion_tokens: s.generated,
         speculation: spec_on.then_some(s.spec),
     };

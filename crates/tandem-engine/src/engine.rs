@@ -4,6 +4,7 @@ use crate::online::{OnlineHooks, OnlineState, Trace, TraceVersion, Version};
 use crate::runner::{ModelRunner, ServedDrafter};
 use crate::scheduler::{RequestInfo, Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -101,6 +102,8 @@ impl std::fmt::Debug for WeightVersion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens found in the KV cache when the request started (not computed).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// Set when a drafter served the request.
     pub speculation: Option<SpecUsage>,
@@ -417,9 +420,23 @@ impl Engine {
                     None => break,
                 }
             }
-            self.step();
+            self.guarded_step();
         }
         tracing::info!("engine stopped");
+    }
+
+    /// A step whose panic (a bug outside the forward, which has its own guard) fails the
+    /// running requests, not the server: they get an error, the KV cache starts afresh, waiting
+    /// requests are served next.
+    fn guarded_step(&mut self) {
+        let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| self.step())) else { return };
+        let message = format!("internal error: {}", crate::runner::panic_message(&panic));
+        tracing::error!(error = %message, "engine step panicked; failing the running requests");
+        for (events, finished) in self.finishing.drain(..) {
+            let _ = events.send(finished);
+        }
+        self.fail_running(&message);
+        self.publish();
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -611,10 +628,16 @@ impl Engine {
             self.scheduler.check(&|slot| cache.len(slot)).and_then(|_| cache.check().map_err(|e| e.to_string()));
         let Err(broken) = checked else { return };
         tracing::error!(error = %broken, "engine invariant broken; failing the running requests");
-        let message = format!("internal error: {broken}");
+        self.fail_running(&format!("internal error: {broken}"));
+    }
+
+    /// Fails every running request with `message` and empties the KV cache and the slots (the
+    /// cache first: its books may be what broke).
+    fn fail_running(&mut self, message: &str) {
         for s in &self.scheduler.running {
-            let _ = s.events.send(Event::Failed(message.clone()));
+            let _ = s.events.send(Event::Failed(message.to_string()));
         }
+        self.runner.cache.clear();
         let ended = self.scheduler.reset(&mut self.runner);
         self.on_finished(ended);
     }

@@ -54,6 +54,8 @@ pub(crate) struct Sequence {
     pub info: RequestInfo,
     /// Prompt tokens the policy has been charged for (recomputation after preemption is free).
     pub prompt_charged: usize,
+    /// Prompt tokens found in the KV cache when it was admitted.
+    pub cached: usize,
     pub slot: usize,
     /// Tokens in its KV cache (the scheduler's record; the runner's cache must agree).
     pub computed: usize,
@@ -89,6 +91,7 @@ impl Sequence {
         Sequence {
             info,
             prompt_charged: 0,
+            cached: 0,
             slot,
             computed: 0,
             sampler: Sampler::new(request.sampling.clone()),

@@ -150,3 +150,59 @@ fn a_handle_knows_when_its_engine_is_gone() {
     assert!(!h.is_alive(), "/health must report an engine that stopped");
     assert_eq!(h.submit(request(1)).unwrap_err(), EngineError::ShuttingDown);
 }
+
+/// A policy with a bug: its third `pick` panics.
+struct Flaky {
+    picks: usize,
+}
+
+impl tandem_engine::SchedulingPolicy for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn pick(&mut self, waiting: &[tandem_engine::RequestInfo]) -> Option<usize> {
+        self.picks += 1;
+        if self.picks == 3 {
+            panic!("a bug in the policy");
+        }
+        waiting.iter().enumerate().min_by_key(|(_, w)| w.id).map(|(i, _)| i)
+    }
+}
+
+/// A panic inside a step (a bug outside the forward) fails the requests that were running with
+/// an error naming it; the engine thread lives on and serves the next requests unchanged.
+#[test]
+fn a_panicking_step_fails_its_requests_not_the_engine() {
+    let loaded = load(&tiny_model_dir(), &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let config = EngineConfig { max_batch: 2, ..Default::default() };
+    let (flaky, h) = Engine::new(loaded.model, config, Box::new(Flaky { picks: 0 })).unwrap();
+    let thread = flaky.spawn();
+    let wait = |mut rx: UnboundedReceiver<Event>| loop {
+        match rx.blocking_recv().expect("an end event") {
+            Event::Token(_) => continue,
+            end => return end,
+        }
+    };
+    let (a, b) = (h.submit(request(1)).unwrap(), h.submit(request(2)).unwrap());
+    let c = h.submit(request(4)).unwrap(); // the third pick panics
+    let ends = [wait(a), wait(b), wait(c)];
+    assert!(ends.iter().any(|e| matches!(e, Event::Failed(m) if m.contains("a bug in the policy"))), "{ends:?}");
+    assert!(h.is_alive(), "the engine thread survived");
+    let (mut alone, ah) = engine(EngineConfig { max_batch: 1, ..Default::default() });
+    let mut rx = ah.submit(request(5)).unwrap();
+    alone.run_until_idle();
+    assert_eq!(wait_tokens(h.submit(request(5)).unwrap()), collect(&mut rx).0);
+    h.shutdown();
+    thread.join().unwrap();
+}
+
+fn wait_tokens(mut rx: UnboundedReceiver<Event>) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("events") {
+            Event::Token(t) => tokens.push(t.id),
+            Event::Finished { .. } => return tokens,
+            Event::Failed(m) => panic!("{m}"),
+        }
+    }
+}

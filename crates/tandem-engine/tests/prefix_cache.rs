@@ -77,7 +77,9 @@ fn serve_twice(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Vec<
 
 #[test]
 fn cached_prefixes_change_no_output() {
-    let plain = EngineConfig { max_batch: 4, prefix_cache: false, spec_k: 0, ..Default::default() };
+    // A step budget shorter than the prompts: the samples of one prompt wait for its blocks.
+    let plain =
+        EngineConfig { max_batch: 4, prefix_cache: false, spec_k: 0, step_token_budget: 16, ..Default::default() };
     let (expected, again, h) = serve_twice(plain.clone(), None);
     assert_eq!(expected, again);
     assert_eq!(h.kv_usage().prefix_hits, 0);
@@ -135,6 +137,10 @@ fn a_kv_pool_smaller_than_the_batch_changes_no_output() {
         assert_eq!(second, expected, "prefix cache {prefix_cache}: changed a second-round output");
         assert!(h.preemptions() > 0, "prefix cache {prefix_cache}: the pool must run out");
         assert_eq!(h.kv_usage().blocks, 10);
+        // A prompt the pool could never hold is refused at once, not left waiting.
+        let long = GenerationRequest { prompt: vec![5; 200], ..requests()[0].clone() };
+        let err = h.submit(long).expect_err("a 200-token prompt in a 160-token pool");
+        assert!(err.to_string().contains("160"), "{err}");
     }
 }
 

@@ -20,8 +20,18 @@ pub struct TokenInfo {
 
 #[derive(Debug)]
 pub enum ChoiceEvent {
-    Delta { text: String, tokens: Vec<TokenInfo> },
-    End { finish_reason: &'static str, completion_tokens: usize, speculation: Option<SpecUsage> },
+    Delta {
+        text: String,
+        tokens: Vec<TokenInfo>,
+    },
+    /// `cached_tokens`: prompt tokens found in the KV cache (0 when a stop string ended the
+    /// choice before the engine reported).
+    End {
+        finish_reason: &'static str,
+        completion_tokens: usize,
+        speculation: Option<SpecUsage>,
+        cached_tokens: usize,
+    },
     Error(String),
 }
 
@@ -96,6 +106,7 @@ pub fn start(
                                 finish_reason: "stop",
                                 completion_tokens: generated,
                                 speculation: None,
+                                cached_tokens: 0,
                             });
                             return;
                         }
@@ -115,6 +126,7 @@ pub fn start(
                         finish_reason,
                         completion_tokens: usage.completion_tokens,
                         speculation: usage.speculation,
+                        cached_tokens: usage.cached_tokens,
                     });
                     return;
                 }

@@ -134,10 +134,26 @@ impl Metrics {
             kv.cached * block,
         );
         gauge(&mut out, "tandem_kv_cache_total_bytes", "KV cache bytes allocated.", kv.blocks * block);
+        let name = "tandem_kv_cache_blocks";
+        let _ = writeln!(
+            out,
+            "# HELP {name} KV cache blocks of {} tokens by state.\n# TYPE {name} gauge",
+            tandem_models::BLOCK
+        );
+        let free = kv.blocks - kv.held - kv.cached;
+        for (state, n) in [("held", kv.held), ("cached", kv.cached), ("free", free)] {
+            let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
+        }
+        counter(
+            &mut out,
+            "tandem_prefix_cache_query_tokens_total",
+            "Prompt tokens looked up in the KV cache.",
+            kv.prefix_queries,
+        );
         counter(
             &mut out,
             "tandem_prefix_cache_hit_tokens_total",
-            "Prompt tokens found in the KV cache (not computed again).",
+            "Prompt tokens found in the KV cache (not computed again); the hit rate is this over the queries.",
             kv.prefix_hits,
         );
         render_fairness(&mut out, gauges);

@@ -125,6 +125,8 @@ struct Job {
     logprobs: bool,
     stream: bool,
     include_usage: bool,
+    /// Choices per prompt (`n`): choice index / n is its prompt.
+    n: usize,
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -> Result<T, ApiError> {
@@ -264,6 +266,7 @@ fn build_job(
         logprobs: logprobs.is_some(),
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        n,
     })
 }
 
@@ -421,11 +424,15 @@ fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
 struct Counted {
     completion: usize,
     speculation: Option<SpecUsage>,
+    /// Prompt tokens found in the KV cache, counted like prompt tokens: once per prompt (its
+    /// first choice's; the others share that choice's blocks).
+    cached: usize,
 }
 
 impl Counted {
-    fn add(&mut self, completion: usize, speculation: Option<SpecUsage>) {
+    fn add(&mut self, completion: usize, speculation: Option<SpecUsage>, cached: usize) {
         self.completion += completion;
+        self.cached += cached;
         if let Some(s) = speculation {
             let acc = self.speculation.get_or_insert_with(SpecUsage::default);
             acc.drafted_tokens += s.drafted_tokens;
@@ -435,11 +442,15 @@ impl Counted {
     }
 }
 
-/// OpenAI's usage object; with speculation, a `speculation` extension (drafted and accepted draft
-/// tokens, target forwards, and tokens per forward).
+/// OpenAI's usage object (with `prompt_tokens_details.cached_tokens`); with speculation, a
+/// `speculation` extension (drafted and accepted draft tokens, target forwards, and tokens per
+/// forward).
 fn usage(prompt: usize, counted: Counted) -> Value {
     let completion = counted.completion;
-    let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    let mut u = json!({
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": counted.cached},
+    });
     if let Some(s) = counted.speculation {
         u["speculation"] = json!({
             "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
@@ -479,9 +490,10 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
                     text.push_str(&t);
                     tokens.extend(ts);
                 }
-                ChoiceEvent::End { finish_reason, completion_tokens: n, speculation } => {
+                ChoiceEvent::End { finish_reason, completion_tokens: n, speculation, cached_tokens } => {
                     finish = finish_reason;
-                    counted.add(n, speculation);
+                    let first = index % job.n == 0;
+                    counted.add(n, speculation, if first { cached_tokens } else { 0 });
                 }
                 ChoiceEvent::Error(m) => return ApiError::internal(format!("generation failed: {m}")).into_response(),
             }
@@ -523,7 +535,7 @@ fn stream_response(
             json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]}).to_string(),
         )
     };
-    let logprobs = job.logprobs;
+    let (logprobs, n) = (job.logprobs, job.n);
     // One stream per choice: an opening chunk (role, or echoed prompt), deltas, a closing chunk.
     let per_choice = receivers.into_iter().map(move |(index, rx, echo)| {
         let chunk = chunk.clone();
@@ -557,14 +569,14 @@ fn stream_response(
                 };
                 (chunk(c), Counted::default())
             }
-            ChoiceEvent::End { finish_reason, completion_tokens, speculation } => {
+            ChoiceEvent::End { finish_reason, completion_tokens, speculation, cached_tokens } => {
                 let c = if chat {
                     json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
                 } else {
                     json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})
                 };
                 let mut counted = Counted::default();
-                counted.add(completion_tokens, speculation);
+                counted.add(completion_tokens, speculation, if index % n == 0 { cached_tokens } else { 0 });
                 (chunk(c), counted)
             }
             ChoiceEvent::Error(m) => (
@@ -580,7 +592,7 @@ fn stream_response(
     let model = state.model_name.clone();
     let events = merged
         .scan(Counted::default(), |total, (event, n): (SseEvent, Counted)| {
-            total.add(n.completion, n.speculation);
+            total.add(n.completion, n.speculation, n.cached);
             futures::future::ready(Some((event, *total)))
         })
         .map(Some)

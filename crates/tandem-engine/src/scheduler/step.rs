@@ -310,7 +310,7 @@ impl Scheduler {
                 }
                 // A cached prefix is neither computed nor charged again, and has no fresh hidden
                 // states for the drafter's trainer.
-                s.prompt_charged = s.computed;
+                (s.prompt_charged, s.cached) = (s.computed, s.computed);
                 if let Some(t) = s.trace.as_mut() {
                     t.skipped = s.computed;
                 }
@@ -334,6 +334,8 @@ impl Scheduler {
     /// Whether `w` is a new request whose prompt's first block is that of a sequence still being
     /// prefilled under the same weights: it waits until those blocks are cached and shares them
     /// (the samples of one prompt, an agent's parallel calls) instead of computing them again.
+    /// The wait is a step or so; for short prompts, whose chunks ride in steps that decode
+    /// others anyway, it saves compute rather than time (`tandem bench prefix`, RL groups).
     fn shares_a_prefill(&self, w: &Waiting) -> bool {
         let Waiting::New { request, .. } = w else { return false };
         let Some(first) = request.prompt.get(..BLOCK).filter(|_| self.config.prefix_cache) else { return false };

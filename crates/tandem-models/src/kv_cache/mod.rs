@@ -44,7 +44,8 @@ pub struct KvUsage {
     pub held: usize,
     /// Held by no one, kept for a prefix that may come again.
     pub cached: usize,
-    /// Prompt tokens found in the cache since the start.
+    /// Prompt tokens looked up in the cache since the start, and those found there.
+    pub prefix_queries: u64,
     pub prefix_hits: u64,
 }
 
@@ -58,6 +59,7 @@ pub struct KvCache {
     indexed: Vec<usize>,
     capacity: usize,
     pool: BlockPool,
+    prefix_queries: u64,
     prefix_hits: u64,
 }
 
@@ -97,6 +99,7 @@ impl KvCache {
             indexed: vec![0; slots],
             capacity,
             pool: BlockPool::new(blocks),
+            prefix_queries: 0,
             prefix_hits: 0,
         })
     }
@@ -125,6 +128,7 @@ impl KvCache {
             blocks,
             held: blocks - self.pool.available(),
             cached: self.pool.idle(),
+            prefix_queries: self.prefix_queries,
             prefix_hits: self.prefix_hits,
         }
     }
@@ -236,7 +240,9 @@ impl KvCache {
         let (block, row) = (self.tables[slot][from / BLOCK] as usize, from % BLOCK);
         for cache in self.keys.iter().chain(&self.values) {
             // [1, kv_heads, 1, head_dim] -> [1, kv_heads, head_dim], the layout cache_write takes.
-            let row = cache.narrow(0, block, 1)?.narrow(2, row, 1)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            // A copy, never a view: with one KV head the transpose is already contiguous, and
+            // writing a view of the cache into the cache aliases.
+            let row = cache.narrow(0, block, 1)?.narrow(2, row, 1)?.squeeze(0)?.transpose(0, 1)?.copy()?;
             ops::cache_write(cache, &row, &tokens, &self.tables, path)?;
         }
         self.truncate(slot, to + 1)
@@ -313,6 +319,7 @@ impl KvCache {
         self.indexed[slot] = self.tables[slot].len();
         let kept = found.min(most);
         self.truncate(slot, kept)?;
+        self.prefix_queries += most.min(tokens.len()) as u64;
         self.prefix_hits += kept as u64;
         Ok(kept)
     }
@@ -342,6 +349,14 @@ impl KvCache {
         Ok(())
     }
 
+    /// Forgets every sequence and every cached block (after a bug broke the books): all blocks
+    /// free, nothing indexed. The counters are kept.
+    pub fn clear(&mut self) {
+        let slots = self.lens.len();
+        (self.tables, self.lens, self.indexed) = (vec![Vec::new(); slots], vec![0; slots], vec![0; slots]);
+        self.pool = BlockPool::new(self.pool.blocks());
+    }
+
     /// The pool's bookkeeping against the slots' tables and lengths.
     pub fn check(&self) -> Result<()> {
         for (slot, (table, &len)) in self.tables.iter().zip(&self.lens).enumerate() {
@@ -360,7 +375,7 @@ impl KvCache {
         let path = self.ops_path();
         for cache in self.keys.iter().chain(&self.values) {
             // [1, kv_heads, BLOCK, head_dim] -> [BLOCK, kv_heads, head_dim], the layout cache_write takes.
-            let rows = cache.narrow(0, from, 1)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let rows = cache.narrow(0, from, 1)?.squeeze(0)?.transpose(0, 1)?.copy()?; // a copy: see move_position
             ops::cache_write(cache, &rows, &tokens, &tables, path)?;
         }
         Ok(())
@@ -380,5 +395,203 @@ impl KvCache {
         } else {
             OpsPath::Generic
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Architecture;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_layers: 2,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 8,
+            vocab_size: 64,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            rope_interleaved: false,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            qk_norm: false,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
+
+    /// What a model would store at a position: a function of every token up to it and the
+    /// weights, like real keys and values.
+    fn row_value(tokens: &[u32], salt: u64) -> f32 {
+        let h =
+            tokens.iter().fold(salt.wrapping_mul(0x9E37_79B9) ^ 7, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64));
+        (h % 100_003) as f32
+    }
+
+    /// A sequence as the test knows it: its tokens, weights and the value of each held row.
+    #[derive(Default, Clone)]
+    struct Shadow {
+        tokens: Vec<u32>,
+        rows: Vec<f32>,
+        salt: u64,
+    }
+
+    /// Writes rows of value `values` at positions len.. of `slot` (reserve, write, set length).
+    fn write(cache: &mut KvCache, slot: usize, values: &[f32]) -> Result<()> {
+        let len = cache.len(slot);
+        cache.reserve(slot, len, len + values.len())?;
+        let d = cache.keys[0].dim(3)?;
+        let rows: Vec<f32> = values.iter().flat_map(|&v| std::iter::repeat_n(v, d)).collect();
+        let rows = Tensor::from_vec(rows, (values.len(), 1, d), &Device::Cpu)?;
+        let tokens: Vec<TokenSlot> = (len..len + values.len()).map(|p| TokenSlot::causal(slot, p)).collect();
+        for cache_t in cache.keys.iter().chain(&cache.values) {
+            ops::cache_write(cache_t, &rows, &tokens, &cache.tables, OpsPath::CpuKernels)?;
+        }
+        cache.set_len(slot, len + values.len());
+        Ok(())
+    }
+
+    /// Every slot holds exactly its shadow's rows.
+    fn verify(cache: &KvCache, shadows: &[Shadow], step: usize) {
+        for (slot, s) in shadows.iter().enumerate() {
+            assert_eq!(cache.len(slot), s.rows.len(), "step {step}: slot {slot}'s length");
+            let snap = cache.snapshot(slot).unwrap();
+            for t in snap.keys.iter().chain(&snap.values) {
+                let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f32> = s.rows.iter().flat_map(|&v| std::iter::repeat_n(v, 8)).collect();
+                assert_eq!(got, want, "step {step}: slot {slot}'s rows");
+            }
+        }
+    }
+
+    /// Thousands of random steps of what the engine does (start on a cached prefix, prefill in
+    /// chunks, decode, index, roll back, move a sibling into place, end), in a pool small enough
+    /// to run out: the bookkeeping holds after every step (no leak, no double free, holders
+    /// equal to table entries), a failed reservation changes nothing, and every slot's rows stay
+    /// exactly what it wrote or shared, whatever other slots do to shared blocks.
+    #[test]
+    fn random_steps_keep_the_books_and_every_row() {
+        let mut cache = KvCache::with_blocks(&config(), 5, 96, 10, &Device::Cpu).unwrap();
+        let mut shadows = vec![Shadow::default(); 5];
+        let mut seed = 12345u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let bases: Vec<Vec<u32>> = (0..3).map(|b| (0..70).map(|i| ((i * 7 + b * 13) % 60) as u32).collect()).collect();
+        let (mut hits, mut failures) = (0, 0);
+        for step in 0..6000 {
+            let slot = next(5) as usize;
+            let s = &mut shadows[slot];
+            let before = (cache.len(slot), cache.available_blocks());
+            let outcome: Result<()> = if s.rows.is_empty() {
+                // A new sequence: a shared-looking prompt, started on whatever is cached.
+                let base = &bases[next(3) as usize];
+                let mut prompt = base[..20 + next(40) as usize].to_vec();
+                prompt.extend((0..next(6)).map(|_| next(60) as u32));
+                let salt = next(4) / 3; // mostly the served model's weights
+                let found = cache.share_prefix(slot, &prompt, salt, prompt.len() - 1).unwrap();
+                hits += found;
+                s.tokens = prompt[..found].to_vec();
+                s.rows = (1..=found).map(|p| row_value(&prompt[..p], salt)).collect();
+                s.salt = salt;
+                let chunk = (prompt.len() - found).min(1 + next(16) as usize);
+                let values: Vec<f32> = (found..found + chunk).map(|p| row_value(&prompt[..=p], salt)).collect();
+                match write(&mut cache, slot, &values) {
+                    Ok(()) => {
+                        s.tokens.extend_from_slice(&prompt[found..found + chunk]);
+                        s.rows.extend(values);
+                        Ok(())
+                    }
+                    // The pool cannot take it: it gives back what it shared (the engine's
+                    // admission does the same) and waits.
+                    Err(e) => {
+                        cache.reset(slot).unwrap();
+                        *s = Shadow::default();
+                        Err(e)
+                    }
+                }
+            } else {
+                match next(10) {
+                    0 => {
+                        cache.reset(slot).unwrap();
+                        *s = Shadow::default();
+                        Ok(())
+                    }
+                    1 | 2 => {
+                        // A rejected draft: back to an earlier length.
+                        let keep = s.rows.len() - next(s.rows.len().min(6) as u64 + 1) as usize;
+                        cache.truncate(slot, keep).unwrap();
+                        s.rows.truncate(keep);
+                        s.tokens.truncate(keep);
+                        Ok(())
+                    }
+                    3 if s.rows.len() >= 3 && s.rows.len() < cache.capacity() => {
+                        // A winning tree sibling of the token at `to`, computed after the chain.
+                        let to = s.rows.len() - 1 - next(2) as usize;
+                        let token = next(60) as u32;
+                        let mut seen = s.tokens[..to].to_vec();
+                        seen.push(token);
+                        let value = row_value(&seen, s.salt);
+                        write(&mut cache, slot, &[value]).and_then(|_| {
+                            let from = cache.len(slot) - 1;
+                            match cache.move_position(slot, from, to) {
+                                Ok(()) => {
+                                    s.tokens = seen;
+                                    s.rows.truncate(to);
+                                    s.rows.push(value);
+                                    Ok(())
+                                }
+                                // No block for the copy: the sibling is dropped (the engine
+                                // never gets here: its step already copied that block).
+                                Err(e) => cache.truncate(slot, from).and(Err(e)),
+                            }
+                        })
+                    }
+                    _ => {
+                        // Decode (or a prompt chunk): a few more tokens.
+                        let new: Vec<u32> = (0..1 + next(4)).map(|_| next(60) as u32).collect();
+                        let mut all = s.tokens.clone();
+                        let values: Vec<f32> = new
+                            .iter()
+                            .map(|&t| {
+                                all.push(t);
+                                row_value(&all, s.salt)
+                            })
+                            .collect();
+                        match s.rows.len() + values.len() <= cache.capacity() {
+                            true => write(&mut cache, slot, &values).map(|_| {
+                                s.tokens = all;
+                                s.rows.extend(values);
+                            }),
+                            false => Ok(()),
+                        }
+                    }
+                }
+            };
+            if let Err(e) = outcome {
+                assert!(e.to_string().contains("out of KV blocks"), "step {step}: {e}");
+                assert_eq!(
+                    (cache.len(slot), cache.available_blocks()),
+                    before,
+                    "step {step}: a failure changed things"
+                );
+                failures += 1;
+            }
+            let s = &shadows[slot];
+            cache.index_prefix(slot, &s.tokens, s.salt).unwrap();
+            cache.check().unwrap_or_else(|e| panic!("step {step}: {e}"));
+            if step % 25 == 0 {
+                verify(&cache, &shadows, step);
+            }
+        }
+        verify(&cache, &shadows, 6000);
+        assert!(hits > 1000, "prefixes were shared ({hits} tokens)");
+        assert!(failures > 10, "the pool ran out ({failures} times)");
     }
 }
