@@ -278,6 +278,36 @@ fn a_small_kv_pool_bounds_what_runs_and_everything_finishes() {
     }
 }
 
+/// When the pool, not the slots, is full, the fair policy still lets a client with nothing
+/// running in soon (the policy picks it first when preemptions free blocks, and may preempt for
+/// it as for a slot), where FCFS makes it wait behind the heavy client's requests.
+#[test]
+fn a_light_client_gets_into_a_full_pool_under_the_fair_policy() {
+    let finish_step = |policy: Box<dyn SchedulingPolicy>| {
+        // 30 blocks of 16 = 480 tokens: five of the heavy client's 50 + 200-token requests
+        // outgrow it; eight slots stay free of the pool's limit.
+        let mut sim = Simulator::with_pool(policy, 8, 64, 30);
+        for _ in 0..5 {
+            sim.submit("heavy", None, 50, 200);
+        }
+        let mut light = None;
+        for step in 0..4000 {
+            if step == 60 {
+                light = Some(sim.submit("light", None, 20, 10));
+            }
+            let s = sim.step();
+            if light.is_some_and(|id| s.finished.contains(&id)) {
+                return step;
+            }
+        }
+        panic!("the light request never finished");
+    };
+    let fair = finish_step(Box::<VirtualTokenCounter>::default());
+    let fcfs = finish_step(Box::<Fcfs>::default());
+    assert!(fair < 60 + 40, "fair: the light request finished at step {fair}");
+    assert!(fcfs > fair, "FCFS {fcfs} vs fair {fair}");
+}
+
 const SLOTS: usize = 8;
 const BUDGET: usize = 64;
 

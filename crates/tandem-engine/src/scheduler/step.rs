@@ -233,8 +233,8 @@ impl Scheduler {
     }
 
     /// Fills free slots in the policy's order while the KV pool has room for each newcomer's
-    /// prompt; when no slot is free and someone waits, lets the policy preempt one running
-    /// request (at most one per step, so the batch does not churn). First, if the running
+    /// prompt; when no slot is free, or the pool has no room, and someone waits, lets the policy
+    /// preempt one running request (at most one per step, so the batch does not churn). First, if the running
     /// sequences' next steps no longer fit the pool, preempts until they do. `trace` makes a new
     /// sequence's trace (online training) or None.
     pub(crate) fn admit(&mut self, kv: &mut dyn KvSlots, trace: &dyn Fn(&GenerationRequest) -> Option<Trace>) {
@@ -258,11 +258,16 @@ impl Scheduler {
             match self.start(w, slot, kv, trace) {
                 Ok(seq) => self.running.push(seq),
                 Err(w) => {
-                    // The pool cannot take it yet: it keeps its place until sequences end.
+                    // The pool cannot take it yet: it keeps its place, and the policy may
+                    // preempt for it as for a slot (once per step); else it waits for sequences
+                    // to end.
                     kv.release(slot);
                     self.free_slots.push(slot);
                     self.waiting.insert(i, w);
-                    break;
+                    if preempted || !self.preempt(kv) {
+                        break;
+                    }
+                    preempted = true;
                 }
             }
         }
