@@ -285,12 +285,14 @@ impl Scheduler {
         kv: &mut dyn KvSlots,
         trace: &dyn Fn(&GenerationRequest) -> Option<Trace>,
     ) -> Result<Sequence, Waiting> {
+        // The pool must hold `need` more blocks beside what the running sequences may take.
         let held = self.blocks_held_back(kv);
+        let fits = |need: usize, kv: &dyn KvSlots| need + held <= kv.available_blocks();
         match w {
             Waiting::Preempted(mut s) => {
                 s.slot = slot;
                 if let Some(snap) = s.swapped.take() {
-                    if kv.blocks_to_write(slot, 0, snap.len() + self.decode_rows()) + held > kv.available_blocks() {
+                    if !fits(kv.blocks_to_write(slot, 0, snap.len() + self.decode_rows()), kv) {
                         s.swapped = Some(snap);
                         return Err(Waiting::Preempted(s));
                     }
@@ -301,16 +303,16 @@ impl Scheduler {
                     kv.release(slot);
                 }
                 s.computed = self.shared_prefix(slot, &s, kv);
-                match self.blocks_needed(&s, kv) + held > kv.available_blocks() {
-                    true => Err(Waiting::Preempted(s)),
-                    false => Ok(s),
+                match fits(self.blocks_needed(&s, kv), kv) {
+                    true => Ok(s),
+                    false => Err(Waiting::Preempted(s)),
                 }
             }
             Waiting::New { info, request, events } => {
                 let t = trace(&request);
                 let mut s = Sequence::new(info, slot, request, events, self.config.spec_k, t);
                 s.computed = self.shared_prefix(slot, &s, kv);
-                if self.blocks_needed(&s, kv) + held > kv.available_blocks() {
+                if !fits(self.blocks_needed(&s, kv), kv) {
                     return Err(Waiting::New { info: s.info, request: s.request, events: s.events });
                 }
                 // A cached prefix is neither computed nor charged again, and has no fresh hidden
