@@ -51,6 +51,9 @@ def load_hf(folder):
         head_dim=cfg.get("head_dim", cfg["hidden_size"] // heads), eps=cfg["rms_norm_eps"],
         theta=cfg.get("rope_theta", 10000.0), interleaved=False, qk_norm=arch == "qwen3",
     )
+    # A latent (CARE-converted) checkpoint: k = (h·k_aᵀ)·k_bᵀ + bias, likewise v. The reference
+    # multiplies the factors back into one projection (float64), not tandem's way.
+    latent = "latent_kv" in cfg and cfg["latent_kv"] is not None
     get = lambda n: tensors.get(n)
     W = {
         "embed": get("model.embed_tokens.weight"), "norm": get("model.norm.weight"),
@@ -66,6 +69,10 @@ def load_hf(folder):
                             ("k_norm", "self_attn.k_norm.weight"), ("gate", "mlp.gate_proj.weight"),
                             ("up", "mlp.up_proj.weight"), ("down", "mlp.down_proj.weight")]:
             W[f"{i}.{short}"] = get(pre + name)
+        if latent:
+            for x in "kv":
+                W[f"{i}.{x}"] = get(pre + f"self_attn.{x}_b_proj.weight") @ get(pre + f"self_attn.{x}_a_proj.weight")
+                W[f"{i}.{x}b"] = get(pre + f"self_attn.{x}_b_proj.bias")
     return p, W
 
 

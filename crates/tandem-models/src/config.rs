@@ -43,6 +43,17 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Keys and values through low-rank factors (a CARE conversion, `tandem convert care`).
+    pub latent_kv: Option<LatentKv>,
+}
+
+/// Per-layer ranks of factored key and value projections: layer l computes a latent of
+/// `k_ranks[l]` (`v_ranks[l]`) numbers per token from the normed hidden state, caches it, and
+/// expands it to keys (values) at attention time. config.json key `latent_kv`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct LatentKv {
+    pub k_ranks: Vec<usize>,
+    pub v_ranks: Vec<usize>,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +81,7 @@ struct HfConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<EosIds>,
+    latent_kv: Option<LatentKv>,
 }
 
 #[derive(Deserialize)]
@@ -122,7 +134,7 @@ impl ModelConfig {
             Some(EosIds::Many(ids)) => ids,
             None => vec![],
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
@@ -140,7 +152,24 @@ impl ModelConfig {
             qk_norm: architecture == Architecture::Qwen3,
             bos_token_id: hf.bos_token_id,
             eos_token_ids,
-        })
+            latent_kv: hf.latent_kv,
+        };
+        config.check_latent().map_err(|e| ModelError::checkpoint(path, e))?;
+        Ok(config)
+    }
+
+    /// Latent ranks, if any, fit the model: one per layer, each 1..=kv_size.
+    pub fn check_latent(&self) -> std::result::Result<(), String> {
+        let Some(l) = &self.latent_kv else { return Ok(()) };
+        for (what, ranks) in [("k_ranks", &l.k_ranks), ("v_ranks", &l.v_ranks)] {
+            if ranks.len() != self.num_layers {
+                return Err(format!("latent_kv.{what} has {} ranks for {} layers", ranks.len(), self.num_layers));
+            }
+            if let Some(r) = ranks.iter().find(|&&r| r == 0 || r > self.kv_size()) {
+                return Err(format!("latent_kv.{what}: rank {r} is outside 1..={}", self.kv_size()));
+            }
+        }
+        Ok(())
     }
 
     /// The Hugging Face `config.json` of this configuration (what `from_hf_json` reads back).
@@ -169,6 +198,7 @@ impl ModelConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids,
             "torch_dtype": "float32",
+            "latent_kv": self.latent_kv,
         })
     }
 
@@ -178,5 +208,28 @@ impl ModelConfig {
 
     pub fn kv_size(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// Output widths of layer `l`'s key and value projections: kv_size each, or the latent ranks.
+    pub fn kv_widths(&self, l: usize) -> (usize, usize) {
+        match &self.latent_kv {
+            Some(lat) => (lat.k_ranks[l], lat.v_ranks[l]),
+            None => (self.kv_size(), self.kv_size()),
+        }
+    }
+
+    /// The rows one token adds to layer `l`'s key and value caches, as (heads, width) each:
+    /// (kv_heads, head_dim), or one latent row of the layer's rank.
+    pub fn cache_rows(&self, l: usize) -> [(usize, usize); 2] {
+        match &self.latent_kv {
+            Some(lat) => [(1, lat.k_ranks[l]), (1, lat.v_ranks[l])],
+            None => [(self.num_kv_heads, self.head_dim); 2],
+        }
+    }
+
+    /// Bytes of KV cache one token takes over all layers (f32 rows): the one rule every budget,
+    /// metric and report uses.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        (0..self.num_layers).map(|l| self.cache_rows(l).iter().map(|(h, w)| h * w).sum::<usize>()).sum::<usize>() * 4
     }
 }

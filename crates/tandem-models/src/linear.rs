@@ -163,6 +163,37 @@ impl Linear {
         }
     }
 
+    /// The whole projection as a dense f32 weight [out, in] with adapters merged in
+    /// (W + scale·b·a) and quantized blocks dequantized, and its bias.
+    pub fn dense_f32(&self) -> CResult<(Tensor, Option<Tensor>)> {
+        let f32 = candle_core::DType::F32;
+        match self {
+            Linear::Dense { weight, bias } => Ok((weight.to_dtype(f32)?, bias.clone())),
+            Linear::Lora { base, parts, scale } => {
+                let (w, bias) = base.dense_f32()?;
+                let deltas = parts.iter().map(|p| p.b.matmul(&p.a)).collect::<CResult<Vec<_>>>()?;
+                let delta = Tensor::cat(&deltas, 0)?;
+                Ok(((w + (delta * *scale)?)?, bias))
+            }
+            Linear::Quantized { weight, bias } => {
+                let w = Tensor::from_vec(weight.dequantize(), (weight.rows, weight.cols), &candle_core::Device::Cpu)?;
+                Ok((w, bias.clone()))
+            }
+            Linear::Stacked(parts) => {
+                let merged = parts.iter().map(Linear::dense_f32).collect::<CResult<Vec<_>>>()?;
+                let weight = Tensor::cat(&merged.iter().map(|(w, _)| w).collect::<Vec<_>>(), 0)?;
+                if merged.iter().all(|(_, b)| b.is_none()) {
+                    return Ok((weight, None));
+                }
+                let biases = merged
+                    .iter()
+                    .map(|(w, b)| b.clone().map_or_else(|| Tensor::zeros(w.dim(0)?, f32, w.device()), Ok))
+                    .collect::<CResult<Vec<_>>>()?;
+                Ok((weight, Some(Tensor::cat(&biases, 0)?)))
+            }
+        }
+    }
+
     /// The same projection with adapters added.
     pub fn with_lora(&self, parts: Vec<LoraPart>, scale: f64) -> Linear {
         Linear::Lora { base: Box::new(self.clone()), parts, scale }

@@ -106,6 +106,7 @@ fn gguf_config(path: &Path, ct: &Content) -> Result<ModelConfig> {
         qk_norm: architecture == Architecture::Qwen3,
         bos_token_id: metadata_u32(ct, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: metadata_u32(ct, "tokenizer.ggml.eos_token_id").into_iter().collect(),
+        latent_kv: None,
     })
 }
 
@@ -198,4 +199,51 @@ fn load_hf(folder: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, us
         path: folder.into(),
         name: name_of(folder),
     })
+}
+
+/// Writes a tokenizer where Hugging Face tooling loads it offline: `tokenizer.json` and a
+/// `tokenizer_config.json` with the chat template and special tokens (GGUF files carry no folder).
+pub fn save_tokenizer(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    chat_template: Option<&str>,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> std::result::Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    tokenizer.save(dir.join("tokenizer.json"), false).map_err(|e| format!("saving the tokenizer: {e}"))?;
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": chat_template,
+        "bos_token": bos,
+        "eos_token": eos,
+        "model_max_length": 1_000_000,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&config).expect("json"))
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Writes `model` as a Hugging Face folder `tandem serve --model` loads: `model.safetensors`
+/// (f32, Hugging Face names and rope layout), `config.json` (the model's configuration with
+/// `extra` merged in) and the tokenizer files.
+pub fn save_hf(loaded: &LoadedModel, model: &Model, extra: serde_json::Value, out: &Path) -> Result<()> {
+    let io = |e: std::io::Error| ModelError::checkpoint(out, e);
+    std::fs::create_dir_all(out).map_err(io)?;
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = model.export_hf()?.into_iter().collect();
+    let untied = tensors.contains_key("lm_head.weight");
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+    let mut config = model.config.to_hf_json();
+    config["tie_word_embeddings"] = serde_json::Value::Bool(!untied);
+    if let (Some(c), serde_json::Value::Object(e)) = (config.as_object_mut(), extra) {
+        c.extend(e);
+    }
+    std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).map_err(io)?;
+    save_tokenizer(
+        out,
+        &loaded.tokenizer,
+        loaded.chat_template.as_deref(),
+        loaded.bos_token.as_deref(),
+        loaded.eos_token.as_deref(),
+    )
+    .map_err(|e| ModelError::checkpoint(out, e))
 }

@@ -40,11 +40,13 @@ impl Model {
     /// Names and [out, in] shapes of the projections `spec` adapts.
     pub fn adapter_targets(&self, spec: &LoraSpec) -> Vec<(String, usize, usize)> {
         let c = &self.config;
-        let (h, q, kv, i) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+        let (h, q, i) = (c.hidden_size, c.q_size(), c.intermediate_size);
         let mut out = Vec::new();
         for l in 0..c.num_layers {
             if spec.targets.attn {
-                for (n, o, inp) in [("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q)] {
+                // A latent layer's k and v adapters adapt its latent projections.
+                let (k, v) = c.kv_widths(l);
+                for (n, o, inp) in [("q", q, h), ("k", k, h), ("v", v, h), ("o", h, q)] {
                     out.push((format!("layers.{l}.{n}"), o, inp));
                 }
             }
@@ -94,7 +96,8 @@ impl Model {
     }
 
     /// The dense weights full fine-tuning trains, by name: `embed`, `norm`, `lm_head` (untied
-    /// models only), `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,q_norm,k_norm}`.
+    /// models only), `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,q_norm,k_norm}`, and a
+    /// latent layer's expansions `layers.{i}.{k_up,v_up}`.
     pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let dense = |name: &str, l: &Linear| -> Result<Tensor> {
             l.dense_weight().cloned().ok_or_else(|| {
@@ -119,6 +122,10 @@ impl Model {
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
                 out.push((p("q_norm"), qn.clone()));
                 out.push((p("k_norm"), kn.clone()));
+            }
+            if let Some(lat) = &b.latent {
+                out.push((p("k_up"), lat.k_up.clone()));
+                out.push((p("v_up"), lat.v_up.clone()));
             }
         }
         Ok(out)
@@ -172,6 +179,14 @@ impl Model {
             if let Some(t) = p("k_norm") {
                 b.k_norm = Some(t.clone());
             }
+            if let Some(lat) = b.latent.as_mut() {
+                if let Some(t) = p("k_up") {
+                    lat.k_up = t.clone();
+                }
+                if let Some(t) = p("v_up") {
+                    lat.v_up = t.clone();
+                }
+            }
         }
         Ok(m)
     }
@@ -187,7 +202,7 @@ impl Model {
             for (name, t) in out.iter_mut() {
                 let heads = if name.contains("self_attn.q_proj.") {
                     c.num_heads
-                } else if name.contains("self_attn.k_proj.") {
+                } else if name.contains("self_attn.k_proj.") || name.contains("self_attn.k_b_proj.") {
                     c.num_kv_heads
                 } else {
                     continue;
@@ -201,7 +216,7 @@ impl Model {
     /// `export_hf` in the layout the weights are held in.
     fn export_stored(&self) -> Result<Vec<(String, Tensor)>> {
         let c = &self.config;
-        let (q, kv, i) = (c.q_size(), c.kv_size(), c.intermediate_size);
+        let (q, i) = (c.q_size(), c.intermediate_size);
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.table()?.to_dtype(DType::F32)?)];
         let push_split = |out: &mut Vec<(String, Tensor)>, l: &Linear, names: &[(&str, usize)]| -> Result<()> {
             let (w, bias) = merged(l)?;
@@ -218,9 +233,34 @@ impl Model {
         for (l, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
-            let (qn, kn, vn) =
-                (format!("{p}.self_attn.q_proj"), format!("{p}.self_attn.k_proj"), format!("{p}.self_attn.v_proj"));
-            push_split(&mut out, &b.qkv, &[(&qn, q), (&kn, kv), (&vn, kv)])?;
+            let (k, v) = c.kv_widths(l);
+            match &b.latent {
+                None => {
+                    let (qn, kn, vn) = (
+                        format!("{p}.self_attn.q_proj"),
+                        format!("{p}.self_attn.k_proj"),
+                        format!("{p}.self_attn.v_proj"),
+                    );
+                    push_split(&mut out, &b.qkv, &[(&qn, q), (&kn, k), (&vn, v)])?;
+                }
+                Some(lat) => {
+                    // q keeps its bias; the latent projections have none (their rows of the fused
+                    // bias are zeros); the expansions carry the k and v biases.
+                    let (w, bias) = merged(&b.qkv)?;
+                    out.push((format!("{p}.self_attn.q_proj.weight"), w.narrow(0, 0, q)?.contiguous()?));
+                    if let Some(bias) = &bias {
+                        out.push((format!("{p}.self_attn.q_proj.bias"), bias.narrow(0, 0, q)?.contiguous()?));
+                    }
+                    out.push((format!("{p}.self_attn.k_a_proj.weight"), w.narrow(0, q, k)?.contiguous()?));
+                    out.push((format!("{p}.self_attn.v_a_proj.weight"), w.narrow(0, q + k, v)?.contiguous()?));
+                    for (name, up, b) in [("k_b_proj", &lat.k_up, &lat.k_bias), ("v_b_proj", &lat.v_up, &lat.v_bias)] {
+                        out.push((format!("{p}.self_attn.{name}.weight"), up.to_dtype(DType::F32)?));
+                        if let Some(b) = b {
+                            out.push((format!("{p}.self_attn.{name}.bias"), b.clone()));
+                        }
+                    }
+                }
+            }
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
                 out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
                 out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
@@ -241,22 +281,12 @@ impl Model {
     }
 }
 
-/// A dense projection's weight with its adapters merged in, and its bias.
+/// A dense projection's weight with its adapters merged in, and its bias (stacked parts are
+/// not exported merged: their formats differ).
 fn merged(l: &Linear) -> Result<(Tensor, Option<Tensor>)> {
     match l {
-        Linear::Dense { weight, bias } => Ok((weight.to_dtype(DType::F32)?, bias.clone())),
-        Linear::Lora { base, parts, scale } => {
-            let (w, bias) = merged(base)?;
-            let deltas = parts.iter().map(|p| p.b.matmul(&p.a)).collect::<candle_core::Result<Vec<_>>>()?;
-            let delta = Tensor::cat(&deltas, 0)?;
-            Ok(((w + (delta * *scale)?)?, bias))
-        }
-        // A quantized base exports dequantized (f32): the adapters merge into exact values.
-        Linear::Quantized { weight, bias } => {
-            let w = Tensor::from_vec(weight.dequantize(), (weight.rows, weight.cols), &candle_core::Device::Cpu)?;
-            Ok((w, bias.clone()))
-        }
         Linear::Stacked(_) => Err(ModelError::Adapter("stacked projections cannot be exported merged".into())),
+        l => Ok(l.dense_f32()?),
     }
 }
 

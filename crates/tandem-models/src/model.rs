@@ -28,6 +28,37 @@ pub(crate) struct Block {
     /// gate and up projections as one [2 intermediate, hidden] product.
     pub(crate) gate_up: Linear,
     pub(crate) down: Linear,
+    /// Set when keys and values are factored (CARE): `qkv` then computes q and the two latents.
+    pub(crate) latent: Option<LatentExpansion>,
+}
+
+/// A latent layer's expansions: cached latents become keys and values through these.
+#[derive(Clone)]
+pub(crate) struct LatentExpansion {
+    /// [kv_size, r_K] and [kv_size, r_V], f32.
+    pub(crate) k_up: Tensor,
+    pub(crate) k_bias: Option<Tensor>,
+    pub(crate) v_up: Tensor,
+    pub(crate) v_bias: Option<Tensor>,
+}
+
+/// One layer's factored key and value projections, in the math convention x·W with the
+/// `tandem convert care` names: latent = x·a (a: [hidden, r]), projection = latent·b + bias
+/// (b: [r, kv_size]).
+#[derive(Debug, Clone)]
+pub struct LatentFactors {
+    pub k_a: Tensor,
+    pub k_b: Tensor,
+    pub v_a: Tensor,
+    pub v_b: Tensor,
+}
+
+/// One layer's dense key and value projections and biases, f32 [kv_size, hidden] / [kv_size].
+pub struct KvProjections {
+    pub k: Tensor,
+    pub k_bias: Option<Tensor>,
+    pub v: Tensor,
+    pub v_bias: Option<Tensor>,
 }
 
 /// The token embedding table: dense, or GGUF blocks whose rows are dequantized as they are
@@ -83,6 +114,9 @@ pub struct Model {
     pub(crate) device: Device,
     pub(crate) path: OpsPath,
 }
+
+/// Sees each layer's attention input (`Model::observe_attention_inputs`).
+type Observer<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
 
 /// Which positions of a sequence's new tokens get logits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +267,9 @@ impl Model {
         let c = &config;
         let (hidden, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q_size, kv_size) = (c.q_size(), c.kv_size());
-        let total = 3 + c.num_layers * (9 + if c.attention_bias { 3 } else { 0 } + if c.qk_norm { 2 } else { 0 });
+        let latent_parts = if c.latent_kv.is_some() { 2 } else { 0 };
+        let total = 3 + c.num_layers
+            * (9 + latent_parts + if c.attention_bias { 3 } else { 0 } + if c.qk_norm { 2 } else { 0 });
         let mut b = Builder { source, opts, loaded: 0, total, progress };
 
         let embed_name = "model.embed_tokens.weight";
@@ -263,8 +299,26 @@ impl Model {
             let p = format!("model.layers.{i}");
             let attn_norm = b.dense(&format!("{p}.input_layernorm.weight"), &[hidden])?;
             let q = b.linear(&format!("{p}.self_attn.q_proj"), q_size, hidden, c.attention_bias)?;
-            let k = b.linear(&format!("{p}.self_attn.k_proj"), kv_size, hidden, c.attention_bias)?;
-            let v = b.linear(&format!("{p}.self_attn.v_proj"), kv_size, hidden, c.attention_bias)?;
+            let (k, v, latent) = if c.latent_kv.is_some() {
+                let (r_k, r_v) = c.kv_widths(i);
+                let k = b.linear(&format!("{p}.self_attn.k_a_proj"), r_k, hidden, false)?;
+                let v = b.linear(&format!("{p}.self_attn.v_a_proj"), r_v, hidden, false)?;
+                let up = |b: &mut Builder, name: &str, r: usize| -> Result<(Tensor, Option<Tensor>)> {
+                    let w = b.dense(&format!("{p}.self_attn.{name}.weight"), &[kv_size, r])?;
+                    let bias = match c.attention_bias {
+                        true => Some(b.dense(&format!("{p}.self_attn.{name}.bias"), &[kv_size])?),
+                        false => None,
+                    };
+                    Ok((w.to_dtype(candle_core::DType::F32)?, bias))
+                };
+                let (k_up, k_bias) = up(&mut b, "k_b_proj", r_k)?;
+                let (v_up, v_bias) = up(&mut b, "v_b_proj", r_v)?;
+                (k, v, Some(LatentExpansion { k_up, k_bias, v_up, v_bias }))
+            } else {
+                let k = b.linear(&format!("{p}.self_attn.k_proj"), kv_size, hidden, c.attention_bias)?;
+                let v = b.linear(&format!("{p}.self_attn.v_proj"), kv_size, hidden, c.attention_bias)?;
+                (k, v, None)
+            };
             let (q_norm, k_norm) = if c.qk_norm {
                 (
                     Some(b.dense(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?),
@@ -287,6 +341,7 @@ impl Model {
                 mlp_norm,
                 gate_up: Linear::fuse(vec![gate, up])?,
                 down,
+                latent,
             });
         }
         let norm = b.dense("model.norm.weight", &[hidden])?;
@@ -352,6 +407,7 @@ impl Model {
                     + b.down.weight_bytes()
                     + dense(&b.attn_norm)
                     + dense(&b.mlp_norm)
+                    + b.latent.as_ref().map_or(0, |l| dense(&l.k_up) + dense(&l.v_up))
             })
             .sum::<usize>()
             + self.lm_head.weight_bytes()
@@ -397,13 +453,14 @@ impl Model {
             _ => None,
         };
         let c = &self.config;
-        let (q, kv, i) = (c.q_size(), c.kv_size(), c.intermediate_size);
+        let (q, i) = (c.q_size(), c.intermediate_size);
         let qkv = dense(&b.qkv)?;
         let gate_up = dense(&b.gate_up)?;
         let mut m = std::collections::HashMap::new();
         m.insert("self_attn.q_proj.weight".into(), qkv.narrow(0, 0, q).ok()?);
-        m.insert("self_attn.k_proj.weight".into(), qkv.narrow(0, q, kv).ok()?);
-        m.insert("self_attn.v_proj.weight".into(), qkv.narrow(0, q + kv, kv).ok()?);
+        let kv = self.kv_projections(layer).ok()?;
+        m.insert("self_attn.k_proj.weight".into(), kv.k);
+        m.insert("self_attn.v_proj.weight".into(), kv.v);
         m.insert("self_attn.o_proj.weight".into(), dense(&b.o_proj)?);
         m.insert("mlp.gate_proj.weight".into(), gate_up.narrow(0, 0, i).ok()?);
         m.insert("mlp.up_proj.weight".into(), gate_up.narrow(0, i, i).ok()?);
@@ -411,6 +468,65 @@ impl Model {
         m.insert("input_layernorm.weight".into(), b.attn_norm.to_dtype(candle_core::DType::F32).ok()?);
         m.insert("post_attention_layernorm.weight".into(), b.mlp_norm.to_dtype(candle_core::DType::F32).ok()?);
         Some(m)
+    }
+
+    /// Layer `layer`'s key and value projections as dense f32 [kv_size, hidden] (a latent layer's
+    /// as the product of its factors), with their biases; quantized blocks are dequantized.
+    pub fn kv_projections(&self, layer: usize) -> Result<KvProjections> {
+        let c = &self.config;
+        let b = self.blocks.get(layer).ok_or_else(|| ModelError::InvalidBatch(format!("no layer {layer}")))?;
+        let (q, (k_w, v_w)) = (c.q_size(), c.kv_widths(layer));
+        let (w, bias) = b.qkv.dense_f32()?;
+        let part = |t: &Tensor, at: usize, n: usize| t.narrow(0, at, n).and_then(|t| t.contiguous());
+        let bias_part = |at: usize, n: usize| bias.as_ref().map(|b| part(b, at, n)).transpose();
+        let (k, v) = (part(&w, q, k_w)?, part(&w, q + k_w, v_w)?);
+        Ok(match &b.latent {
+            None => KvProjections { k, k_bias: bias_part(q, k_w)?, v, v_bias: bias_part(q + k_w, v_w)? },
+            Some(lat) => KvProjections {
+                k: lat.k_up.matmul(&k)?,
+                k_bias: lat.k_bias.clone(),
+                v: lat.v_up.matmul(&v)?,
+                v_bias: lat.v_bias.clone(),
+            },
+        })
+    }
+
+    /// This model with every layer's key and value projections replaced by `factors` (one per
+    /// layer): the cache then holds each layer's latents. Biases move onto the expansions.
+    pub fn with_latent_kv(&self, factors: &[LatentFactors]) -> Result<Model> {
+        let c = &self.config;
+        if factors.len() != c.num_layers {
+            return Err(ModelError::Adapter(format!("{} factor pairs for {} layers", factors.len(), c.num_layers)));
+        }
+        let mut m = self.clone();
+        let f32 = candle_core::DType::F32;
+        let (mut k_ranks, mut v_ranks) = (Vec::new(), Vec::new());
+        for (l, (b, f)) in m.blocks.iter_mut().zip(factors).enumerate() {
+            let kv = self.kv_projections(l)?;
+            let (w, bias) = b.qkv.dense_f32()?;
+            let q = w.narrow(0, 0, c.q_size())?;
+            let qkv = Tensor::cat(&[&q, &f.k_a.t()?.to_dtype(f32)?, &f.v_a.t()?.to_dtype(f32)?], 0)?;
+            let (r_k, r_v) = (f.k_a.dim(1)?, f.v_a.dim(1)?);
+            let bias = match bias {
+                Some(bq) => Some(Tensor::cat(
+                    &[&bq.narrow(0, 0, c.q_size())?, &Tensor::zeros(r_k + r_v, f32, &self.device)?],
+                    0,
+                )?),
+                None => None,
+            };
+            b.qkv = Linear::dense(qkv.contiguous()?, bias);
+            b.latent = Some(LatentExpansion {
+                k_up: f.k_b.t()?.to_dtype(f32)?.contiguous()?,
+                k_bias: kv.k_bias,
+                v_up: f.v_b.t()?.to_dtype(f32)?.contiguous()?,
+                v_bias: kv.v_bias,
+            });
+            k_ranks.push(r_k);
+            v_ranks.push(r_v);
+        }
+        m.config.latent_kv = Some(crate::config::LatentKv { k_ranks, v_ranks });
+        m.config.check_latent().map_err(ModelError::Adapter)?;
+        Ok(m)
     }
 
     /// Token embeddings as f32 rows [ids.len(), hidden] (drafters share the target's table).
@@ -519,9 +635,13 @@ impl Model {
         let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
             ops::cache_write(&cache.keys[l], k, &tokens, &cache.tables, path)?;
             ops::cache_write(&cache.values[l], v, &tokens, &cache.tables, path)?;
-            Ok(ops::attention(q, &cache.keys[l], &cache.values[l], &tokens, &cache.tables, path)?)
+            let (kc, vc, tables) = (&cache.keys[l], &cache.values[l], &cache.tables);
+            Ok(match self.latent_weights(l) {
+                Some(w) => ops::latent::latent_attention(q, kc, vc, &tokens, &positions, tables, &w, path)?,
+                None => ops::attention(q, kc, vc, &tokens, tables, path)?,
+            })
         };
-        let (x, hidden) = self.blocks_forward(x, &positions, hidden_layers, &mut attend)?;
+        let (x, hidden) = self.blocks_forward(x, &positions, hidden_layers, &mut attend, None)?;
         for seq in batch {
             let len = cache.len(seq.slot) + seq.tokens.len();
             cache.set_len(seq.slot, len);
@@ -538,32 +658,47 @@ impl Model {
     }
 
     /// The blocks over embedded tokens x: [t, hidden] at `positions`; `attend(layer, q, k, v)`
-    /// does the attention. Returns the final residual stream and the requested layers' streams
-    /// in the order asked.
+    /// does the attention (a latent layer passes its latents as k [t, 1, r_K] and v [t, 1, r_V],
+    /// unroped); `observe(layer, h)`, if given, sees each layer's attention input. Returns the final
+    /// residual stream and the requested layers' streams in the order asked.
     fn blocks_forward(
         &self,
         mut x: Tensor,
         positions: &[usize],
         hidden_layers: &[usize],
         attend: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        mut observe: Option<Observer>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let t = positions.len();
         let path = self.path;
         let mut hidden = Vec::with_capacity(hidden_layers.len());
-        let (q_size, kv_size) = (c.q_size(), c.kv_size());
+        let q_size = c.q_size();
         for (l, b) in self.blocks.iter().enumerate() {
             let h = ops::rms_norm(&x, &b.attn_norm, c.rms_norm_eps, path)?;
+            if let Some(f) = observe.as_mut() {
+                f(l, &h)?;
+            }
             let qkv = b.qkv.forward(&h, path)?;
+            let (k_w, v_w) = c.kv_widths(l);
             let mut q = qkv.narrow(1, 0, q_size)?.reshape((t, c.num_heads, c.head_dim))?;
-            let mut k = qkv.narrow(1, q_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let v = qkv.narrow(1, q_size + kv_size, kv_size)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+            let (k, v) = if b.latent.is_some() {
+                (
+                    qkv.narrow(1, q_size, k_w)?.reshape((t, 1, k_w))?,
+                    qkv.narrow(1, q_size + k_w, v_w)?.reshape((t, 1, v_w))?,
+                )
+            } else {
+                let mut k = qkv.narrow(1, q_size, k_w)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+                if let Some(kn) = &b.k_norm {
+                    k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
+                }
+                let v = qkv.narrow(1, q_size + k_w, v_w)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+                (ops::rope(&k, positions, &self.rope, path)?, v)
+            };
+            if let Some(qn) = &b.q_norm {
                 q = ops::rms_norm(&q, qn, c.rms_norm_eps, path)?;
-                k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
             }
             let q = ops::rope(&q, positions, &self.rope, path)?;
-            let k = ops::rope(&k, positions, &self.rope, path)?;
             let a = attend(l, &q, &k, &v)?;
             x = (x + b.o_proj.forward(&a, path)?)?;
             let h = ops::rms_norm(&x, &b.mlp_norm, c.rms_norm_eps, path)?;
@@ -578,6 +713,22 @@ impl Model {
             .map(|l| hidden.iter().find(|(hl, _)| hl == l).map(|(_, t)| t.clone()).expect("layer recorded"))
             .collect();
         Ok((x, hidden))
+    }
+
+    /// Layer `l`'s latent expansions as the attention ops take them (None: a plain layer).
+    fn latent_weights(&self, l: usize) -> Option<ops::latent::LatentWeights<'_>> {
+        let b = &self.blocks[l];
+        let lat = b.latent.as_ref()?;
+        Some(ops::latent::LatentWeights {
+            k_up: &lat.k_up,
+            k_bias: lat.k_bias.as_ref(),
+            v_up: &lat.v_up,
+            v_bias: lat.v_bias.as_ref(),
+            k_norm: b.k_norm.as_ref().map(|n| (n, self.config.rms_norm_eps)),
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            rope: &self.rope,
+        })
     }
 
     /// Logits [t, vocab] at every position of one whole sequence, without a KV cache. Gradients
@@ -618,13 +769,53 @@ impl Model {
         if ids.is_empty() {
             return Err(ModelError::InvalidBatch("no sequences".into()));
         }
+        let (x, _) = self.sequences_forward(&ids, &positions, &lens, None)?;
+        let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps, self.path)?;
+        Ok(self.lm_head.forward(&x, self.path)?)
+    }
+
+    /// The blocks over packed whole sequences (no cache): a latent layer's keys and values are
+    /// expanded in full (gradients reach the latents and the expansions).
+    fn sequences_forward(
+        &self,
+        ids: &[u32],
+        positions: &[usize],
+        lens: &[usize],
+        observe: Option<Observer>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let path = self.path;
-        let x = self.embed.rows(&ids, &self.device)?;
-        let mut attend = |_l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-            Ok(ops::self_attention(q, k, v, &lens, path)?)
+        let x = self.embed.rows(ids, &self.device)?;
+        let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let (k, v) = match self.latent_weights(l) {
+                Some(w) => (
+                    ops::latent::expand_keys_on(&k.squeeze(1)?, positions, &w, path)?,
+                    ops::latent::expand_values(&v.squeeze(1)?, &w, path)?,
+                ),
+                None => (k.clone(), v.clone()),
+            };
+            Ok(ops::self_attention(q, &k, &v, lens, path)?)
         };
-        let (x, _) = self.blocks_forward(x, &positions, &[], &mut attend)?;
-        let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps, path)?;
-        Ok(self.lm_head.forward(&x, path)?)
+        self.blocks_forward(x, positions, &[], &mut attend, observe)
+    }
+
+    /// Runs whole sequences through the model and shows `observe(layer, h)` each layer's
+    /// attention input h [tokens, hidden] (the normed stream k, v and q are projected from): the
+    /// calibration pass of a KV conversion. Only one layer's inputs exist at a time.
+    pub fn observe_attention_inputs(
+        &self,
+        seqs: &[&[u32]],
+        observe: &mut (dyn FnMut(usize, &Tensor) -> Result<()> + Send),
+    ) -> Result<()> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for s in seqs {
+            ids.extend_from_slice(s);
+            positions.extend(0..s.len());
+        }
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        ops::on_compute_threads(|| {
+            let observe: &mut dyn FnMut(usize, &Tensor) -> Result<()> = observe;
+            self.sequences_forward(&ids, &positions, &lens, Some(observe)).map(|_| ())
+        })
     }
 }

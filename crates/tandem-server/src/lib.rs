@@ -75,7 +75,7 @@ impl AppState {
             loaded.eos_token.as_deref(),
         )?;
         let c = &loaded.model.config;
-        let kv_bytes_per_block = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4 * tandem_models::BLOCK;
+        let kv_bytes_per_block = c.kv_bytes_per_token() * tandem_models::BLOCK;
         // The training service holds the same weights as the engine (tensors are shared, not copied).
         let base = training.as_ref().map(|_| loaded.model.clone());
         let (mut engine, handle) = Engine::new(loaded.model, config, policy).map_err(|e| e.to_string())?;
@@ -91,7 +91,7 @@ impl AppState {
             (Some(mut tc), Some(base)) => {
                 if tc.model_dir.is_none() && tc.tokenizer_dir.is_none() {
                     let dir = tc.root.join("tokenizer").join(&loaded.name);
-                    match training::export_tokenizer(
+                    match tandem_models::loader::save_tokenizer(
                         &dir,
                         &tokenizer,
                         loaded.chat_template.as_deref(),

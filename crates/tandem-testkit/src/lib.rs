@@ -10,9 +10,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Every tiny checkpoint, by folder name.
-pub const TINY: [&str; 7] = {
+pub const TINY: [&str; 10] = {
     let c = tiny::CHECKPOINTS;
-    [c[0].name, c[1].name, c[2].name, c[3].name, c[4].name, c[5].name, c[6].name]
+    [c[0].name, c[1].name, c[2].name, c[3].name, c[4].name, c[5].name, c[6].name, c[7].name, c[8].name, c[9].name]
 };
 
 /// The repository's root folder.

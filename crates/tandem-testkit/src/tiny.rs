@@ -26,14 +26,21 @@ pub struct Tiny {
     /// Add noise drawn with this seed to every weight (a near copy of the checkpoint with the same
     /// `seed`: a draft model whose distribution overlaps the target's without equalling it).
     pub noise: Option<u64>,
+    /// Factored keys and values (a CARE-converted model's layout): random factors with per-layer
+    /// ranks `LATENT_K_RANKS` / `LATENT_V_RANKS`, k/v biases on the expansions.
+    pub latent: bool,
 }
 
+/// Ranks of the latent checkpoints' layers (uneven on purpose: per-layer cache widths differ).
+pub const LATENT_K_RANKS: [usize; LAYERS] = [5, 11];
+pub const LATENT_V_RANKS: [usize; LAYERS] = [9, 3];
+
 const fn tiny(name: &'static str, arch: &'static str, dtype: &'static str, tied: bool, seed: u64) -> Tiny {
-    Tiny { name, arch, dtype, tied, shards: 1, head_dim: None, seed, noise: None }
+    Tiny { name, arch, dtype, tied, shards: 1, head_dim: None, seed, noise: None, latent: false }
 }
 
 /// The checkpoints every test may use.
-pub const CHECKPOINTS: [Tiny; 7] = [
+pub const CHECKPOINTS: [Tiny; 10] = [
     Tiny { shards: 3, ..tiny("llama-gqa-untied-sharded", "llama", "F32", false, 1) },
     tiny("llama-bf16-tied", "llama", "BF16", true, 2),
     tiny("qwen2-tied-bias", "qwen2", "F32", true, 3),
@@ -42,6 +49,10 @@ pub const CHECKPOINTS: [Tiny; 7] = [
     tiny("qwen3-qknorm-tied", "qwen3", "F32", true, 6),
     // qwen3-qknorm-untied with noise: the draft model of the speculation tests.
     Tiny { head_dim: Some(32), noise: Some(105), ..tiny("qwen3-qknorm-untied-near", "qwen3", "F32", false, 5) },
+    // Latent K/V (the layout `tandem convert care` writes): every test over TINY covers it.
+    Tiny { latent: true, ..tiny("llama-latent-untied", "llama", "F32", false, 7) },
+    Tiny { latent: true, ..tiny("qwen2-latent-bias", "qwen2", "F32", true, 8) },
+    Tiny { latent: true, head_dim: Some(32), ..tiny("qwen3-latent-qknorm", "qwen3", "F32", false, 9) },
 ];
 
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + \
@@ -132,13 +143,24 @@ fn tensors(t: Tiny) -> Tensors {
         put("input_layernorm.weight", rng.norm(HIDDEN));
         put("post_attention_layernorm.weight", rng.norm(HIDDEN));
         put("self_attn.q_proj.weight", rng.weights(&[HEADS * hd, HIDDEN], 0.08));
-        put("self_attn.k_proj.weight", rng.weights(&[KV_HEADS * hd, HIDDEN], 0.08));
-        put("self_attn.v_proj.weight", rng.weights(&[KV_HEADS * hd, HIDDEN], 0.08));
+        let kv = KV_HEADS * hd;
+        let (k, v) = if t.latent { ("k_b_proj", "v_b_proj") } else { ("k_proj", "v_proj") };
+        if t.latent {
+            // Latents of unit-ish scale, expanded to keys and values of the plain ones' scale.
+            let (rk, rv) = (LATENT_K_RANKS[i], LATENT_V_RANKS[i]);
+            put("self_attn.k_a_proj.weight", rng.weights(&[rk, HIDDEN], 0.15));
+            put("self_attn.k_b_proj.weight", rng.weights(&[kv, rk], 0.5 / (rk as f32).sqrt()));
+            put("self_attn.v_a_proj.weight", rng.weights(&[rv, HIDDEN], 0.15));
+            put("self_attn.v_b_proj.weight", rng.weights(&[kv, rv], 0.5 / (rv as f32).sqrt()));
+        } else {
+            put("self_attn.k_proj.weight", rng.weights(&[kv, HIDDEN], 0.08));
+            put("self_attn.v_proj.weight", rng.weights(&[kv, HIDDEN], 0.08));
+        }
         put("self_attn.o_proj.weight", rng.weights(&[HIDDEN, HEADS * hd], 0.08));
         if bias {
             put("self_attn.q_proj.bias", rng.weights(&[HEADS * hd], 0.32));
-            put("self_attn.k_proj.bias", rng.weights(&[KV_HEADS * hd], 0.32));
-            put("self_attn.v_proj.bias", rng.weights(&[KV_HEADS * hd], 0.32));
+            put(&format!("self_attn.{k}.bias"), rng.weights(&[kv], 0.32));
+            put(&format!("self_attn.{v}.bias"), rng.weights(&[kv], 0.32));
         }
         if t.arch == "qwen3" {
             put("self_attn.q_norm.weight", rng.norm(hd));
@@ -208,6 +230,9 @@ fn config(t: Tiny) -> serde_json::Value {
     }
     if t.arch == "llama" {
         c["attention_bias"] = false.into();
+    }
+    if t.latent {
+        c["latent_kv"] = serde_json::json!({"k_ranks": LATENT_K_RANKS, "v_ranks": LATENT_V_RANKS});
     }
     c
 }

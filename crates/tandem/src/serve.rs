@@ -190,7 +190,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let opts = args.dtype.load_options(device(args.cuda)?);
     let loaded = load_model(&path, &opts)?;
     let c = &loaded.model.config;
-    let per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+    let per_token = c.kv_bytes_per_token();
     let max_batch = args.max_batch.max(1);
     let context = loaded.model.max_positions();
     let kv_tokens = match &args.kv_budget {

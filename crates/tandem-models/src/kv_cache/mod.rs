@@ -1,7 +1,8 @@
 //! The engine-owned KV cache, paged: per layer a pool of blocks [blocks, kv_heads, BLOCK,
-//! head_dim], and per sequence (slot) a table of the blocks holding its positions. Memory is
-//! taken a block at a time as tokens are written and given back when they are dropped, so the
-//! pool bounds tokens actually held, not slots × longest context. Full blocks are indexed by
+//! head_dim] (a latent layer: [blocks, 1, BLOCK, rank]), and per sequence (slot) a table of the
+//! blocks holding its positions. Memory is taken a block at a time as tokens are written and
+//! given back when they are dropped, so the pool bounds tokens actually held, not slots × longest
+//! context. Full blocks are indexed by
 //! their tokens (see `blocks`): a new sequence starts on every cached block its tokens begin
 //! with, and a block several sequences hold is copied before one of them writes into it.
 //! Truncating (rejected draft tokens) gives back whole blocks past the new end.
@@ -84,12 +85,13 @@ impl KvCache {
                  positive and the blocks must hold one sequence of full length"
             )));
         }
-        let shape = (blocks, config.num_kv_heads, BLOCK, config.head_dim);
         let mut keys = Vec::with_capacity(config.num_layers);
         let mut values = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            keys.push(Tensor::zeros(shape, DType::F32, device)?);
-            values.push(Tensor::zeros(shape, DType::F32, device)?);
+        for l in 0..config.num_layers {
+            // A latent layer (CARE) caches one row of its rank per token for keys and for values.
+            let [(kh, kw), (vh, vw)] = config.cache_rows(l);
+            keys.push(Tensor::zeros((blocks, kh, BLOCK, kw), DType::F32, device)?);
+            values.push(Tensor::zeros((blocks, vh, BLOCK, vw), DType::F32, device)?);
         }
         Ok(KvCache {
             keys,
@@ -422,6 +424,7 @@ mod tests {
             qk_norm: false,
             bos_token_id: None,
             eos_token_ids: Vec::new(),
+            latent_kv: None,
         }
     }
 

@@ -7,7 +7,7 @@ use super::team;
 
 /// Raw pointer that may be shared by workers writing disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
@@ -466,7 +466,7 @@ pub fn add_scaled_exp(z: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
 }
 
 /// Replaces scores by exp(score - max) and returns 1 / their sum.
-fn softmax_in_place(scores: &mut [f32]) -> f32 {
+pub(crate) fn softmax_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut sum = 0.0;
     for s in scores.iter_mut() {

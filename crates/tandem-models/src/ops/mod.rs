@@ -5,6 +5,7 @@
 //! This is the one place where the hardware decides the code path.
 mod grad;
 pub mod kernels;
+pub mod latent;
 pub mod quant;
 pub mod team;
 

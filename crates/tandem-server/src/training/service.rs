@@ -77,28 +77,6 @@ impl Default for TrainingLimits {
     }
 }
 
-/// Writes the served tokenizer where Hugging Face tooling loads it offline: `tokenizer.json` and a
-/// `tokenizer_config.json` with the chat template and special tokens (GGUF files carry no folder).
-pub fn export_tokenizer(
-    dir: &std::path::Path,
-    tokenizer: &Tokenizer,
-    chat_template: Option<&str>,
-    bos: Option<&str>,
-    eos: Option<&str>,
-) -> std::result::Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    tokenizer.save(dir.join("tokenizer.json"), false).map_err(|e| format!("saving the tokenizer: {e}"))?;
-    let config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": chat_template,
-        "bos_token": bos,
-        "eos_token": eos,
-        "model_max_length": 1_000_000,
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&config).expect("json"))
-        .map_err(|e| format!("{}: {e}", dir.display()))
-}
-
 /// Training memory held by one running pass; released (and waiters woken) on drop.
 struct MemoryHold<'a> {
     service: &'a TrainingService,

@@ -1,0 +1,364 @@
+//! Attention over a latent KV cache (a CARE-converted model): per token and layer the cache holds
+//! a key latent c_k (rank r_K) and a value latent c_v (rank r_V) instead of every KV head's key and
+//! value. Keys are k = rope(norm(K_up·c_k + b_k)); values are v = V_up·c_v + b_v.
+//!
+//! Values never exist: softmax weights sum to one, so a query head's output Σ_p w_p·v_p equals
+//! V_up·(Σ_p w_p·c_v,p) + b_v, and the weighted sum runs over the r_V-wide latents (one
+//! expansion per query row, not one per cached position). Keys cannot be absorbed the same way:
+//! rope rotates each expanded key by its own position, so q·rope_p(K_up·c) has no form that
+//! leaves c alone. Each attention item (one sequence's run of query rows, one KV head) expands
+//! the keys it reads once — r_K·head_dim multiply-adds per cached position and KV head — into a
+//! scratch buffer that is reused and never kept: the cache stays small, and a step pays that
+//! expansion on top of the plain kernel's work (measured in docs/care.md).
+//!
+//! Each row's result depends only on its own query and the cache (the expansion of position p is
+//! the same instructions whichever item does it), so verifying drafted tokens gives each bit for
+//! bit what decoding it alone would, as on the plain path.
+use super::kernels::{self, TokenSlot};
+use super::{team, OpsPath, RopeTables};
+use candle_core::{CpuStorage, DType, Storage, Tensor, D};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// One latent layer's expansions and what keys go through after them.
+pub struct LatentWeights<'a> {
+    /// [kv_heads * head_dim, r_K]
+    pub k_up: &'a Tensor,
+    pub k_bias: Option<&'a Tensor>,
+    /// [kv_heads * head_dim, r_V]
+    pub v_up: &'a Tensor,
+    pub v_bias: Option<&'a Tensor>,
+    /// Per-head RMSNorm of keys before rope (Qwen3), with its epsilon.
+    pub k_norm: Option<(&'a Tensor, f64)>,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope: &'a RopeTables,
+}
+
+/// Attention of q: [tokens, heads, head_dim] (roped) over each token's slot in latent caches
+/// [blocks, 1, block, r_K] and [blocks, 1, block, r_V]; `positions[i]` is token i's rope position
+/// (its cache row's, except a draft-tree sibling's). Positions before a slot's first new token
+/// hold their own position. Returns [tokens, heads * head_dim].
+#[allow(clippy::too_many_arguments)]
+pub fn latent_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    tokens: &[TokenSlot],
+    positions: &[usize],
+    tables: &[Vec<u32>],
+    w: &LatentWeights,
+    path: OpsPath,
+) -> CResult<Tensor> {
+    match path {
+        OpsPath::CpuKernels => cpu(q, k_cache, v_cache, tokens, positions, tables, w),
+        OpsPath::Generic => generic(q, k_cache, v_cache, tokens, positions, tables, w),
+    }
+}
+
+/// The rope position of cache row `p` of the slot whose first new token (token index `first`)
+/// sits at row `start`.
+fn rope_position(p: usize, first: usize, start: usize, positions: &[usize]) -> usize {
+    if p < start {
+        p
+    } else {
+        positions[first + p - start]
+    }
+}
+
+/// Runs of `tokens` that belong to one slot: (first index, end index).
+fn slot_runs(tokens: &[TokenSlot]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < tokens.len() {
+        let end = start + tokens[start..].iter().take_while(|ts| ts.slot == tokens[start].slot).count();
+        runs.push((start, end));
+        start = end;
+    }
+    runs
+}
+
+// ---------------------------------------------------------------- generic (candle primitives)
+
+#[allow(clippy::too_many_arguments)]
+fn generic(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    tokens: &[TokenSlot],
+    positions: &[usize],
+    tables: &[Vec<u32>],
+    w: &LatentWeights,
+) -> CResult<Tensor> {
+    let (_t, heads, d) = q.dims3()?;
+    let kvh = w.kv_heads;
+    let group = heads / kvh;
+    let scale = 1.0 / (d as f64).sqrt();
+    let r_v = v_cache.dim(3)?;
+    // [kvh, r_V, d]: the expansion of each KV head's value latent, transposed for a batched product.
+    let v_up = w.v_up.to_dtype(DType::F32)?.reshape((kvh, d, r_v))?.transpose(1, 2)?.contiguous()?;
+    let mut outs = Vec::new();
+    for (first, end) in slot_runs(tokens) {
+        let (slot, start) = (tokens[first].slot, tokens[first].pos);
+        for (i, &ts) in tokens.iter().enumerate().take(end).skip(first) {
+            let len = ts.pos + 1;
+            let k_lat = super::gather_blocks(k_cache, &tables[slot], len)?.squeeze(0)?; // [len, r_K]
+            let v_lat = super::gather_blocks(v_cache, &tables[slot], len)?; // [1, len, r_V]
+            let rows: Vec<usize> = (0..len).map(|p| rope_position(p, first, start, positions)).collect();
+            let keys = expand_keys(&k_lat, &rows, w)?.transpose(0, 1)?.contiguous()?; // [kvh, len, d]
+            let qr = q.narrow(0, i, 1)?.squeeze(0)?.reshape((kvh, group, d))?;
+            let scores = (qr.matmul(&keys.t()?)? * scale)?; // [kvh, group, len]
+                                                            // Positions between the prefix and the token's own row are draft branches it must not see.
+            let mut mask = vec![0f32; len];
+            mask[ts.prefix.min(ts.pos)..ts.pos].fill(f32::NEG_INFINITY);
+            let scores = scores.broadcast_add(&Tensor::from_vec(mask, len, q.device())?)?;
+            let max = scores.max_keepdim(D::Minus1)?;
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let o_lat = p.broadcast_matmul(&v_lat)?; // [kvh, group, r_V]
+            let mut o = o_lat.matmul(&v_up)?; // [kvh, group, d]
+            if let Some(b) = w.v_bias {
+                o = o.broadcast_add(&b.reshape((kvh, 1, d))?)?;
+            }
+            outs.push(o.reshape((1, heads * d))?);
+        }
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// Keys [rows, kv_heads, head_dim] from key latents [rows, r_K] at rope positions `positions`
+/// (also the training forward's expansion: gradients flow to the latents and the weights).
+pub fn expand_keys(k_lat: &Tensor, positions: &[usize], w: &LatentWeights) -> CResult<Tensor> {
+    let path = if k_lat.device().is_cpu() { OpsPath::CpuKernels } else { OpsPath::Generic };
+    expand_keys_on(k_lat, positions, w, path)
+}
+
+/// `expand_keys` on a chosen op path.
+pub fn expand_keys_on(k_lat: &Tensor, positions: &[usize], w: &LatentWeights, path: OpsPath) -> CResult<Tensor> {
+    let n = k_lat.dim(0)?;
+    let mut k = super::matmul_xwt(k_lat, w.k_up, path)?;
+    if let Some(b) = w.k_bias {
+        k = k.broadcast_add(b)?;
+    }
+    let mut k = k.reshape((n, w.kv_heads, w.head_dim))?;
+    if let Some((norm, eps)) = w.k_norm {
+        k = super::rms_norm(&k, norm, eps, path)?;
+    }
+    super::rope(&k, positions, w.rope, path)
+}
+
+/// Values [rows, kv_heads, head_dim] from value latents [rows, r_V] (the training forward's).
+pub fn expand_values(v_lat: &Tensor, w: &LatentWeights, path: OpsPath) -> CResult<Tensor> {
+    let n = v_lat.dim(0)?;
+    let mut v = super::matmul_xwt(v_lat, w.v_up, path)?;
+    if let Some(b) = w.v_bias {
+        v = v.broadcast_add(b)?;
+    }
+    v.reshape((n, w.kv_heads, w.head_dim))
+}
+
+// ---------------------------------------------------------------- CPU kernel
+
+/// A CPU tensor's f32 values (contiguous), read in place while `guard` lives.
+fn host<'a>(guard: &'a (candle_core::StorageRef<'a>, &'a candle_core::Layout)) -> CResult<&'a [f32]> {
+    let (storage, layout) = guard;
+    let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+        candle_core::bail!("latent attention needs f32 CPU tensors")
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("latent attention needs contiguous tensors"),
+    }
+}
+
+/// Host views of a latent layer's weights.
+struct Host<'a> {
+    k_up: &'a [f32],
+    k_bias: Option<&'a [f32]>,
+    v_up: &'a [f32],
+    v_bias: Option<&'a [f32]>,
+    k_norm: Option<(&'a [f32], f32)>,
+    kv_heads: usize,
+    d: usize,
+    r_k: usize,
+    r_v: usize,
+    block: usize,
+}
+
+fn cpu(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    tokens: &[TokenSlot],
+    positions: &[usize],
+    tables: &[Vec<u32>],
+    w: &LatentWeights,
+) -> CResult<Tensor> {
+    let (t, heads, d) = q.dims3()?;
+    let (_, _, block, r_k) = k_cache.dims4()?;
+    let r_v = v_cache.dim(3)?;
+    let q = q.contiguous()?;
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (k_up, v_up) = (f32_of(w.k_up)?, f32_of(w.v_up)?);
+    let none = Tensor::zeros(0, DType::F32, q.device())?;
+    let (k_bias, v_bias) = (w.k_bias.unwrap_or(&none).contiguous()?, w.v_bias.unwrap_or(&none).contiguous()?);
+    let k_norm = w.k_norm.map(|(n, _)| n).unwrap_or(&none).contiguous()?;
+    let g = [&q, k_cache, v_cache, &k_up, &v_up, &k_bias, &v_bias, &k_norm].map(|t| t.storage_and_layout());
+    let [qs, kc, vc, ku, vu, kb, vb, kn] = [&g[0], &g[1], &g[2], &g[3], &g[4], &g[5], &g[6], &g[7]];
+    fn opt(s: &[f32]) -> Option<&[f32]> {
+        (!s.is_empty()).then_some(s)
+    }
+    let h = Host {
+        k_up: host(ku)?,
+        k_bias: opt(host(kb)?),
+        v_up: host(vu)?,
+        v_bias: opt(host(vb)?),
+        k_norm: opt(host(kn)?).map(|n| (n, w.k_norm.map(|(_, e)| e as f32).unwrap_or(0.0))),
+        kv_heads: w.kv_heads,
+        d,
+        r_k,
+        r_v,
+        block,
+    };
+    let rope = (&w.rope.cos_host[..], &w.rope.sin_host[..], w.rope.interleaved);
+    let mut out = vec![0f32; t * heads * d];
+    attention(host(qs)?, host(kc)?, host(vc)?, tokens, positions, tables, heads, &h, rope, &mut out);
+    Tensor::from_vec(out, (t, heads * d), q.device())
+}
+
+/// Query tokens per work item: an item expands the keys it reads once for all its rows, so
+/// longer chunks waste less on expanding the same keys twice; shorter ones balance the threads
+/// in a long prefill.
+const TOKENS_PER_ITEM: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    tokens: &[TokenSlot],
+    positions: &[usize],
+    tables: &[Vec<u32>],
+    heads: usize,
+    h: &Host,
+    rope: (&[f32], &[f32], bool),
+    out: &mut [f32],
+) {
+    let t = tokens.len();
+    assert_eq!(out.len(), t * heads * h.d);
+    let mut items = Vec::new();
+    for (first, end) in slot_runs(tokens) {
+        for kv in 0..h.kv_heads {
+            for a in (first..end).step_by(TOKENS_PER_ITEM) {
+                items.push((first, a, (a + TOKENS_PER_ITEM).min(end), kv));
+            }
+        }
+    }
+    let dst = kernels::SharedMut(out.as_mut_ptr());
+    let item = |i: usize| {
+        let (first, a, b, kv) = items[i];
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        // SAFETY: an item writes only the rows of its tokens for the query heads of its KV head;
+        // no two items share a (token, KV head).
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.0, t * heads * h.d) };
+        SCRATCH.with_borrow_mut(|(keys, scores, o_lat)| {
+            let table = &tables[tokens[first].slot];
+            let end = tokens[a..b].iter().map(|ts| ts.pos + 1).max().unwrap_or(0);
+            let rope_at = |p: usize| rope_position(p, first, tokens[first].pos, positions);
+            expand_item_keys(k_cache, table, kv, end, &rope_at, h, rope, keys);
+            for (ti, ts) in tokens.iter().enumerate().take(b).skip(a) {
+                for head in kv * (heads / h.kv_heads)..(kv + 1) * (heads / h.kv_heads) {
+                    let at = (ti * heads + head) * h.d;
+                    let o = &mut out[at..at + h.d];
+                    attend_row(&q[at..at + h.d], keys, v_cache, table, kv, ts, h, (scores, o_lat), o);
+                }
+            }
+        });
+    };
+    let work: usize = tokens.iter().map(|ts| ts.pos + 1).sum::<usize>() * h.kv_heads * h.d * h.r_k;
+    if work < 1 << 16 {
+        (0..items.len()).for_each(item);
+    } else {
+        team::for_each(items.len(), &item);
+    }
+}
+
+thread_local! {
+    /// Each thread's expanded keys, scores and value-latent sum for the item it runs.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Where row `p` of a slot's latent cache of `width` numbers per row starts.
+#[inline]
+fn latent_at(table: &[u32], p: usize, block: usize, width: usize) -> usize {
+    (table[p / block] as usize * block + p % block) * width
+}
+
+/// Keys 0..end of KV head `kv`, expanded from the latents, normed and roped: [end, d].
+#[allow(clippy::too_many_arguments)]
+fn expand_item_keys(
+    k_cache: &[f32],
+    table: &[u32],
+    kv: usize,
+    end: usize,
+    rope_at: &dyn Fn(usize) -> usize,
+    h: &Host,
+    (cos, sin, interleaved): (&[f32], &[f32], bool),
+    keys: &mut Vec<f32>,
+) {
+    let d = h.d;
+    keys.clear();
+    keys.resize(end * d, 0.0);
+    let up = &h.k_up[kv * d * h.r_k..(kv + 1) * d * h.r_k];
+    for p in 0..end {
+        let at = latent_at(table, p, h.block, h.r_k);
+        let lat = &k_cache[at..at + h.r_k];
+        let key = &mut keys[p * d..(p + 1) * d];
+        for (i, k) in key.iter_mut().enumerate() {
+            *k = kernels::dot(&up[i * h.r_k..(i + 1) * h.r_k], lat) + h.k_bias.map_or(0.0, |b| b[kv * d + i]);
+        }
+        if let Some((norm, eps)) = h.k_norm {
+            let copy = key.to_vec();
+            kernels::rms_norm(&copy, norm, eps, key);
+        }
+        kernels::rope(key, 1, d, &[rope_at(p)], cos, sin, interleaved);
+    }
+}
+
+/// One query row: softmax over its visible keys, the weighted sum of value latents, expanded once.
+#[allow(clippy::too_many_arguments)]
+fn attend_row(
+    q: &[f32],
+    keys: &[f32],
+    v_cache: &[f32],
+    table: &[u32],
+    kv: usize,
+    ts: &TokenSlot,
+    h: &Host,
+    (scores, o_lat): (&mut Vec<f32>, &mut Vec<f32>),
+    out: &mut [f32],
+) {
+    let d = h.d;
+    let scale = 1.0 / (d as f32).sqrt();
+    // Keys 0..len, then the token's own when it is a draft-tree sibling.
+    let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, None) } else { (ts.prefix, Some(ts.pos)) };
+    let visible = (0..len).chain(own);
+    scores.clear();
+    scores.extend(visible.clone().map(|p| kernels::dot(q, &keys[p * d..(p + 1) * d]) * scale));
+    let inv = kernels::softmax_in_place(scores);
+    o_lat.clear();
+    o_lat.resize(h.r_v, 0.0);
+    for (&s, p) in scores.iter().zip(visible) {
+        let at = latent_at(table, p, h.block, h.r_v);
+        let wgt = s * inv;
+        for (o, &v) in o_lat.iter_mut().zip(&v_cache[at..at + h.r_v]) {
+            *o += wgt * v;
+        }
+    }
+    let up = &h.v_up[kv * d * h.r_v..(kv + 1) * d * h.r_v];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = kernels::dot(&up[i * h.r_v..(i + 1) * h.r_v], o_lat) + h.v_bias.map_or(0.0, |b| b[kv * d + i]);
+    }
+}
