@@ -2,6 +2,7 @@
 //! tokens (logits for all k, the draft-verification pattern) relative to k = 1, for each model and
 //! weight mode. Prints a table and writes JSON. The other benchmarks are its subcommands (one module
 //! each); `workload` builds the online benchmark's prompt stream, `plot` draws the PNGs.
+mod bench_care;
 mod bench_draft;
 mod bench_fair;
 mod bench_online;
@@ -105,6 +106,10 @@ enum BenchTarget {
     /// samples, prefix cache off and on (prompt tokens computed, seconds, time to first token),
     /// and how many requests one KV budget serves at once, paged against fixed slots.
     Prefix(crate::bench_prefix::PrefixBenchArgs),
+    /// CARE conversions: held-out perplexity of svd / asvd / care-uniform / care-energy at
+    /// several ranks beside the original, KV bytes per token, 2k-token sequences per KV budget,
+    /// and decode tok/s at 1k / 4k context, original against converted.
+    Care(crate::bench_care::CareBenchArgs),
     /// RL through the Tinker SDK (`examples/rl_grpo.py`) against `tandem serve` per serving
     /// configuration, same seed: rollout tokens/s, acceptance, draft length, drafter version,
     /// training time and reward per RL step; table, JSON and PNG.
@@ -224,6 +229,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Train(a)) => return crate::bench_train::run(a),
         Some(BenchTarget::Rl(a)) => return crate::bench_rl::run(a),
         Some(BenchTarget::Prefix(a)) => return crate::bench_prefix::run(a),
+        Some(BenchTarget::Care(a)) => return crate::bench_care::run(a),
         None => {}
     }
     let names =

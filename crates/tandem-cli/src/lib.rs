@@ -2,13 +2,14 @@
 //! models' cache and fetch; `hub`, the Hugging Face hub), loading with a progress bar, and the
 //! argument groups of serving, speculation, online training and scheduling (one definition each,
 //! used by `tandem serve`, `tandem generate`, `tandem train-drafter` and the benchmarks).
+pub mod care_arg;
 pub mod hub;
 pub mod models;
 pub mod online_arg;
 pub mod schedule_arg;
 pub mod spec_arg;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use tandem_models::{Device, LoadOptions, LoadedModel, WeightDtype};
@@ -124,4 +125,20 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let loaded = loaded?;
     tracing::info!(model = %loaded.name, arch = loaded.model.config.architecture.name(), layers = loaded.model.config.num_layers, "model loaded");
     Ok(loaded)
+}
+
+/// Parses sizes like `512MiB`, `2GiB`, `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().with_context(|| format!("`{s}` is not a size like 512MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("unknown size unit `{other}` (use KiB, MiB or GiB)"),
+    };
+    Ok((num * mult) as usize)
 }

@@ -2,6 +2,7 @@
 //! forward pass over a caller-owned KV cache.
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;

@@ -1,5 +1,7 @@
 //! The tandem command line: generate text, fetch models, benchmark.
 
+mod convert;
+mod eval;
 mod memory;
 mod serve;
 mod train_drafter;
@@ -33,6 +35,7 @@ Start with:
   tandem generate --model qwen-coder --chat --prompt \"Write a Python function that reverses a list\"
   tandem serve --port 8000                          OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)
   tandem bench                                      prefill / decode / verification cost table (JSON in bench-results/)
+  tandem convert care --kv-ratio 2 --out DIR        a model whose KV cache is 2x smaller (CARE), served with --model DIR
 
 Models are cached in $TANDEM_CACHE (default ~/.cache/tandem/models). Logs: RUST_LOG=debug."
 )]
@@ -57,6 +60,16 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train an EAGLE drafter offline from traces recorded by `serve --spec-train online --trace-dir DIR`.
     TrainDrafter(train_drafter::TrainDrafterArgs),
+    /// Convert a checkpoint: `tandem convert care` makes its KV cache several times smaller.
+    Convert {
+        #[command(subcommand)]
+        kind: convert::ConvertCommand,
+    },
+    /// Evaluate a model: `tandem eval perplexity` on held-out text.
+    Eval {
+        #[command(subcommand)]
+        what: eval::EvalCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -279,5 +292,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::TrainDrafter(args) => train_drafter::run(args),
         Command::Serve(args) => serve::run(*args),
+        Command::Convert { kind } => convert::run(kind),
+        Command::Eval { what } => eval::run(what),
     }
 }

@@ -168,22 +168,6 @@ pub enum Switch {
     Off,
 }
 
-/// Parses sizes like `512MiB`, `2GiB`, `1000000` (bytes).
-fn parse_size(s: &str) -> Result<usize> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().with_context(|| format!("`{s}` is not a size like 512MiB"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => bail!("unknown size unit `{other}` (use KiB, MiB or GiB)"),
-    };
-    Ok((num * mult) as usize)
-}
-
 pub fn run(args: ServeArgs) -> Result<()> {
     let server_options = args.server_options()?;
     let path = models::resolve(args.model.as_deref())?;
@@ -194,7 +178,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let max_batch = args.max_batch.max(1);
     let context = loaded.model.max_positions();
     let kv_tokens = match &args.kv_budget {
-        Some(b) => parse_size(b)? / per_token,
+        Some(b) => tandem_cli::parse_size(b)? / per_token,
         None => max_batch * context.min(4096),
     };
     // One sequence may use the whole pool, up to the model's context.
@@ -236,11 +220,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let training = if args.training_api == Switch::On {
         let root = args.training_dir.clone().unwrap_or_else(|| tandem_cli::models::data_dir().join("training"));
         let memory_budget = match &args.training_memory {
-            Some(s) => parse_size(s).context("--training-memory")? as u64,
+            Some(s) => tandem_cli::parse_size(s).context("--training-memory")? as u64,
             None => default_training_memory(),
         };
         let disk_bytes = match &args.training_disk {
-            Some(s) => parse_size(s).context("--training-disk")? as u64,
+            Some(s) => tandem_cli::parse_size(s).context("--training-disk")? as u64,
             None => default_training_disk(&root),
         };
         Some(tandem_server::training::TrainingConfig {
@@ -318,9 +302,9 @@ async fn wait_for_signal() {
 mod tests {
     #[test]
     fn sizes_parse() {
-        assert_eq!(super::parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(super::parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(super::parse_size("1000").unwrap(), 1000);
-        assert!(super::parse_size("12 parsecs").is_err());
+        assert_eq!(tandem_cli::parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(tandem_cli::parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(tandem_cli::parse_size("1000").unwrap(), 1000);
+        assert!(tandem_cli::parse_size("12 parsecs").is_err());
     }
 }

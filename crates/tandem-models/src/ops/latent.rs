@@ -199,7 +199,8 @@ fn cpu(
     let r_v = v_cache.dim(3)?;
     let q = q.contiguous()?;
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    let (k_up, v_up) = (f32_of(w.k_up)?, f32_of(w.v_up)?);
+    // Keys expand as Σ_m c_m·K_upᵀ[m] (rows of the transpose: d contiguous numbers each).
+    let (k_up, v_up) = (f32_of(&w.k_up.t()?)?, f32_of(w.v_up)?);
     let none = Tensor::zeros(0, DType::F32, q.device())?;
     let (k_bias, v_bias) = (w.k_bias.unwrap_or(&none).contiguous()?, w.v_bias.unwrap_or(&none).contiguous()?);
     let k_norm = w.k_norm.map(|(n, _)| n).unwrap_or(&none).contiguous()?;
@@ -262,18 +263,11 @@ fn attention(
         // SAFETY: an item writes only the rows of its tokens for the query heads of its KV head;
         // no two items share a (token, KV head).
         let out = unsafe { std::slice::from_raw_parts_mut(dst.0, t * heads * h.d) };
-        SCRATCH.with_borrow_mut(|(keys, scores, o_lat)| {
+        SCRATCH.with_borrow_mut(|scratch| {
             let table = &tables[tokens[first].slot];
-            let end = tokens[a..b].iter().map(|ts| ts.pos + 1).max().unwrap_or(0);
             let rope_at = |p: usize| rope_position(p, first, tokens[first].pos, positions);
-            expand_item_keys(k_cache, table, kv, end, &rope_at, h, rope, keys);
-            for (ti, ts) in tokens.iter().enumerate().take(b).skip(a) {
-                for head in kv * (heads / h.kv_heads)..(kv + 1) * (heads / h.kv_heads) {
-                    let at = (ti * heads + head) * h.d;
-                    let o = &mut out[at..at + h.d];
-                    attend_row(&q[at..at + h.d], keys, v_cache, table, kv, ts, h, (scores, o_lat), o);
-                }
-            }
+            let job = Item { q, k_cache, v_cache, tokens, table, first: a, end: b, kv, heads, h, rope };
+            run_item(&job, &rope_at, scratch, out);
         });
     };
     let work: usize = tokens.iter().map(|ts| ts.pos + 1).sum::<usize>() * h.kv_heads * h.d * h.r_k;
@@ -290,6 +284,58 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
+/// One work item: query tokens first..end of one slot, the query heads of KV head `kv`.
+struct Item<'a> {
+    q: &'a [f32],
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    tokens: &'a [TokenSlot],
+    table: &'a [u32],
+    first: usize,
+    end: usize,
+    kv: usize,
+    heads: usize,
+    h: &'a Host<'a>,
+    rope: (&'a [f32], &'a [f32], bool),
+}
+
+type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Runs an item with AVX2 code where the CPU has it (the same Rust compiled for wider vectors:
+/// the expansions, scores and latent sums are plain loops the compiler vectorises).
+fn run_item(it: &Item, rope_at: &dyn Fn(usize) -> usize, scratch: &mut Scratch, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { run_item_avx2(it, rope_at, scratch, out) };
+        }
+    }
+    run_item_portable(it, rope_at, scratch, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_item_avx2(it: &Item, rope_at: &dyn Fn(usize) -> usize, scratch: &mut Scratch, out: &mut [f32]) {
+    run_item_portable(it, rope_at, scratch, out)
+}
+
+#[inline(always)]
+fn run_item_portable(it: &Item, rope_at: &dyn Fn(usize) -> usize, scratch: &mut Scratch, out: &mut [f32]) {
+    let (keys, scores, o_lat) = scratch;
+    let (h, d) = (it.h, it.h.d);
+    let end = it.tokens[it.first..it.end].iter().map(|ts| ts.pos + 1).max().unwrap_or(0);
+    expand_item_keys(it.k_cache, it.table, it.kv, end, rope_at, h, it.rope, keys);
+    let group = it.heads / h.kv_heads;
+    for (ti, ts) in it.tokens.iter().enumerate().take(it.end).skip(it.first) {
+        for head in it.kv * group..(it.kv + 1) * group {
+            let at = (ti * it.heads + head) * d;
+            let o = &mut out[at..at + d];
+            attend_row(&it.q[at..at + d], keys, it.v_cache, it.table, it.kv, ts, h, (scores, o_lat), o);
+        }
+    }
+}
+
 /// Where row `p` of a slot's latent cache of `width` numbers per row starts.
 #[inline]
 fn latent_at(table: &[u32], p: usize, block: usize, width: usize) -> usize {
@@ -298,6 +344,7 @@ fn latent_at(table: &[u32], p: usize, block: usize, width: usize) -> usize {
 
 /// Keys 0..end of KV head `kv`, expanded from the latents, normed and roped: [end, d].
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn expand_item_keys(
     k_cache: &[f32],
     table: &[u32],
@@ -311,14 +358,12 @@ fn expand_item_keys(
     let d = h.d;
     keys.clear();
     keys.resize(end * d, 0.0);
-    let up = &h.k_up[kv * d * h.r_k..(kv + 1) * d * h.r_k];
+    let bias = h.k_bias.map(|b| &b[kv * d..(kv + 1) * d]);
     for p in 0..end {
         let at = latent_at(table, p, h.block, h.r_k);
         let lat = &k_cache[at..at + h.r_k];
         let key = &mut keys[p * d..(p + 1) * d];
-        for (i, k) in key.iter_mut().enumerate() {
-            *k = kernels::dot(&up[i * h.r_k..(i + 1) * h.r_k], lat) + h.k_bias.map_or(0.0, |b| b[kv * d + i]);
-        }
+        expand_key(h.k_up, kv, lat, bias, key);
         if let Some((norm, eps)) = h.k_norm {
             let copy = key.to_vec();
             kernels::rms_norm(&copy, norm, eps, key);
@@ -327,8 +372,79 @@ fn expand_item_keys(
     }
 }
 
+/// key = K_up[kv head]·lat + bias, with `k_up_t` the transpose [r_K, kv_heads·d]: r_K steps of
+/// `key += lat[m]·row m`. With AVX2 and FMA and a head of 32, 64 or 128 the key stays in
+/// registers for all r_K steps (the expansion is most of a latent layer's attention work).
+#[inline(always)]
+fn expand_key(k_up_t: &[f32], kv: usize, lat: &[f32], bias: Option<&[f32]>, key: &mut [f32]) {
+    let d = key.len();
+    let width = k_up_t.len() / lat.len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA; every row has d numbers at kv·d, key has d.
+            match d {
+                32 => return unsafe { fma::expand_key::<4>(k_up_t, width, kv * d, lat, bias, key) },
+                64 => return unsafe { fma::expand_key::<8>(k_up_t, width, kv * d, lat, bias, key) },
+                128 => return unsafe { fma::expand_key::<16>(k_up_t, width, kv * d, lat, bias, key) },
+                _ => {}
+            }
+        }
+    }
+    match bias {
+        Some(b) => key.copy_from_slice(b),
+        None => key.fill(0.0),
+    }
+    for (m, &c) in lat.iter().enumerate() {
+        let row = &k_up_t[m * width + kv * d..m * width + (kv + 1) * d];
+        for (k, &u) in key.iter_mut().zip(row) {
+            *k += c * u;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod fma {
+    use std::arch::x86_64::*;
+
+    /// `expand_key` for d = 8·N: N accumulators of eight, one fused multiply-add per row part.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; rows of `k_up_t` (`width` apart) hold d numbers at `at`;
+    /// `key` and `bias` have d.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn expand_key<const N: usize>(
+        k_up_t: &[f32],
+        width: usize,
+        at: usize,
+        lat: &[f32],
+        bias: Option<&[f32]>,
+        key: &mut [f32],
+    ) {
+        debug_assert_eq!(key.len(), 8 * N);
+        debug_assert!((lat.len() - 1) * width + at + 8 * N <= k_up_t.len());
+        let mut acc = [_mm256_setzero_ps(); N];
+        if let Some(b) = bias {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(b.as_ptr().add(8 * i));
+            }
+        }
+        for (m, &c) in lat.iter().enumerate() {
+            let cv = _mm256_set1_ps(c);
+            let row = k_up_t.as_ptr().add(m * width + at);
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(cv, _mm256_loadu_ps(row.add(8 * i)), *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(key.as_mut_ptr().add(8 * i), *a);
+        }
+    }
+}
+
 /// One query row: softmax over its visible keys, the weighted sum of value latents, expanded once.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attend_row(
     q: &[f32],
     keys: &[f32],
