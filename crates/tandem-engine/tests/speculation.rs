@@ -24,8 +24,17 @@ const TARGET: &str = "qwen3-qknorm-untied";
 /// A near copy of the target (its weights plus noise): drafts the target sometimes accepts.
 const DRAFT: &str = "qwen3-qknorm-untied-near";
 
+thread_local! {
+    /// The served model of the test on this thread (TARGET unless a test says otherwise).
+    static SERVED: std::cell::Cell<&'static str> = const { std::cell::Cell::new(TARGET) };
+}
+
+fn target() -> &'static str {
+    SERVED.get()
+}
+
 fn engine(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Engine, EngineHandle) {
-    let (mut e, h) = Engine::new(model(TARGET), config, Box::new(Fcfs::default())).unwrap();
+    let (mut e, h) = Engine::new(model(target()), config, Box::new(Fcfs::default())).unwrap();
     if let Some(d) = drafter {
         e = e.with_drafter(d).unwrap();
     }
@@ -93,10 +102,22 @@ fn oracle_sequences(requests: &[GenerationRequest], outputs: &[(Vec<SampledToken
 /// Every drafter, with one slot and with five, with k = 1 and k = 5: outputs equal plain decoding.
 #[test]
 fn greedy_speculation_changes_nothing_for_any_drafter() {
+    greedy_speculation_changes_nothing();
+}
+
+/// The same on a model with latent K/V (a CARE conversion's layout): rejected drafts truncate
+/// latent blocks, tree siblings are expanded at their own rope positions.
+#[test]
+fn greedy_speculation_on_a_latent_model_changes_nothing() {
+    SERVED.set("qwen3-latent-qknorm");
+    greedy_speculation_changes_nothing();
+}
+
+fn greedy_speculation_changes_nothing() {
     let requests: Vec<GenerationRequest> = (0..14).map(greedy_request).collect();
     let expected = plain(&requests);
     let sequences = oracle_sequences(&requests, &expected);
-    let vocab = model(TARGET).config.vocab_size;
+    let vocab = model(target()).config.vocab_size;
     type MakeDrafter = Box<dyn Fn() -> Box<dyn Drafter>>;
     let seqs = sequences.clone();
     let seqs2 = sequences.clone();
@@ -104,12 +125,12 @@ fn greedy_speculation_changes_nothing_for_any_drafter() {
     let drafters: Vec<(&str, MakeDrafter)> = vec![
         ("ngram", Box::new(|| Box::new(NgramDrafter::default()))),
         ("draft-model", Box::new(|| Box::new(DraftModelDrafter::new(model(DRAFT))))),
-        ("eagle", Box::new(|| Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap()))),
+        ("eagle", Box::new(|| Box::new(EagleDrafter::random(&model(target()), Some(200), 1).unwrap()))),
         (
             "eagle+lookup",
             Box::new(|| {
                 let lookup = NgramDrafter { max_ngram: 4, min_ngram: 2 };
-                Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap().with_lookup(Some(lookup)))
+                Box::new(EagleDrafter::random(&model(target()), Some(200), 1).unwrap().with_lookup(Some(lookup)))
             }),
         ),
         ("oracle", Box::new(move || Box::new(OracleDrafter::new(seqs.clone(), vocab)))),
@@ -186,7 +207,7 @@ fn a_weight_versions_sequences_are_drafted_and_unchanged() {
             "eagle+lookup",
             Box::new(|| {
                 let lookup = NgramDrafter { max_ngram: 4, min_ngram: 2 };
-                Box::new(EagleDrafter::random(&model(TARGET), Some(200), 1).unwrap().with_lookup(Some(lookup)))
+                Box::new(EagleDrafter::random(&model(target()), Some(200), 1).unwrap().with_lookup(Some(lookup)))
             }),
         ),
         ("oracle", Box::new(move || Box::new(OracleDrafter::new(sequences.clone(), vocab)))),

@@ -1,0 +1,136 @@
+//! CARE conversions of real and tiny checkpoints: exact at full rank, the activation error the
+//! decomposition predicts, and a converted SmolLM2 written as a Hugging Face folder that loads
+//! back to the same logits and matches the independent numpy reference (which multiplies the
+//! factors back together in float64).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tandem_care::{Allocation, Method};
+use tandem_models::{load, KvCache, LoadOptions, LoadedModel, LogitsFor, Model, OpsPath, SequenceInput};
+use tandem_testkit::{python, repo_root, tiny};
+
+fn load_path(path: &Path) -> LoadedModel {
+    load(path, &LoadOptions::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+fn logits(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(&model.config, 1, tokens.len(), model.device()).unwrap();
+    let input = SequenceInput { slot: 0, tokens, logits: LogitsFor::All, siblings: &[] };
+    model.forward(&[input], &mut cache, &[]).unwrap().logits.to_vec2().unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn relative_error(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let diff = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max);
+    diff / b.iter().flatten().map(|y| y.abs() as f64).fold(0.0, f64::max)
+}
+
+fn tiny_windows(seed: u32) -> Vec<Vec<u32>> {
+    (0..24).map(|w| (0..32).map(|i| (w * 31 + i * 17 + seed) % 250 + 1).collect()).collect()
+}
+
+#[test]
+fn full_rank_conversions_give_the_original_logits() {
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 250 + 1).collect();
+    for name in ["llama-gqa-untied-sharded", "qwen2-tied-bias", "qwen3-qknorm-untied"] {
+        let m = load_path(&tiny(name));
+        let cal = tandem_care::calibrate(&m.model, &tiny_windows(3), &mut |_, _| {}).unwrap();
+        for method in [Method::Care, Method::Asvd, Method::Svd] {
+            let spectra = tandem_care::spectra(&m.model, &cal, method, &mut |_, _| {}).unwrap();
+            let full = m.model.config.kv_size();
+            let mut conv = tandem_care::convert(&m.model, &spectra, full, Allocation::Uniform).unwrap().model;
+            assert!(conv.config.latent_kv.is_some());
+            for path in [OpsPath::CpuKernels, OpsPath::Generic] {
+                let mut orig = m.model.clone();
+                orig.set_ops_path(path);
+                conv.set_ops_path(path);
+                let err = relative_error(&logits(&conv, &tokens), &logits(&orig, &tokens));
+                assert!(err < 1e-4, "{name} {} {path:?}: full rank differs by {err:.2e}", method.name());
+            }
+        }
+    }
+}
+
+/// Through the factors the converted model holds: ‖S(W − W_aW_b)‖² (S² the damped covariance of
+/// the calibration activations) equals the tail energy Σ_{i>r} σ_i² the spectrum predicts, per
+/// layer, for K and for V.
+#[test]
+fn the_activation_error_is_the_predicted_tail_energy() {
+    let m = load_path(&tiny("qwen2-tied-bias"));
+    let cal = tandem_care::calibrate(&m.model, &tiny_windows(9), &mut |_, _| {}).unwrap();
+    let spectra = tandem_care::spectra(&m.model, &cal, Method::Care, &mut |_, _| {}).unwrap();
+    let conv = tandem_care::convert(&m.model, &spectra, 7, Allocation::Energy).unwrap();
+    let matrix = |t: &candle_core::Tensor| {
+        let (r, c) = t.dims2().unwrap();
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        nalgebra::DMatrix::from_row_iterator(r, c, v.into_iter().map(f64::from))
+    };
+    for (l, s) in spectra.iter().enumerate() {
+        let c = tandem_care::factor::damped(&cal.covariances[l]);
+        let (orig, approx) = (m.model.kv_projections(l).unwrap(), conv.model.kv_projections(l).unwrap());
+        for (w, wh, spec, r) in
+            [(&orig.k, &approx.k, &s.k, conv.k_ranks[l]), (&orig.v, &approx.v, &s.v, conv.v_ranks[l])]
+        {
+            let e = (matrix(w) - matrix(wh)).transpose(); // [hidden, kv]
+            let measured = (e.transpose() * &c * &e).trace();
+            let predicted = spec.tail_energy(r);
+            let tol = 1e-4 * spec.energy();
+            assert!((measured - predicted).abs() < tol, "layer {l} rank {r}: {measured} vs {predicted}");
+        }
+    }
+}
+
+fn models_dir() -> PathBuf {
+    match std::env::var_os("TANDEM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
+    }
+}
+
+fn numpy_reference(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    tandem_testkit::require_python(&["numpy"]);
+    let out = std::env::temp_dir().join(format!("tandem-care-ref-{}.npy", std::process::id()));
+    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let o = Command::new(python())
+        .arg(repo_root().join("tests/reference/reference.py"))
+        .arg(checkpoint)
+        .arg(toks.join(","))
+        .arg(&out)
+        .output()
+        .expect("python3 runs");
+    assert!(o.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&o.stderr));
+    let t = candle_core::Tensor::read_npy(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    t.to_vec2::<f32>().unwrap()
+}
+
+/// SmolLM2 (a GGUF llama: rope rows permuted, which the folder undoes) converted at half rank
+/// with energy allocation: the folder loads back to the same logits, numpy agrees with tandem's
+/// latent kernels, the KV cache is 2x smaller by its tensors, and perplexity stays finite.
+#[test]
+fn a_converted_smollm2_folder_loads_back_and_matches_numpy() {
+    let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(file.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", file.display());
+    let m = load_path(&file);
+    let text = tandem_care::text::python_reference().expect("python3 with pydoc_data");
+    let tokens = m.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    let windows = tandem_care::windows(&tokens, 32, 32).unwrap();
+    let cal = tandem_care::calibrate(&m.model, &windows, &mut |_, _| {}).unwrap();
+    let spectra = tandem_care::spectra(&m.model, &cal, Method::Care, &mut |_, _| {}).unwrap();
+    let conv = tandem_care::convert(&m.model, &spectra, 96, Allocation::Energy).unwrap();
+    let dir = std::env::temp_dir().join(format!("tandem-care-smollm2-{}", std::process::id()));
+    tandem_models::loader::save_hf(&m, &conv.model, serde_json::json!({"tandem_conversion": {}}), &dir).unwrap();
+    let back = load_path(&dir);
+    assert_eq!(back.model.config.latent_kv, conv.model.config.latent_kv);
+    let probe: Vec<u32> = tokens[1000..1024].to_vec();
+    let ours = logits(&conv.model, &probe);
+    let err = relative_error(&logits(&back.model, &probe), &ours);
+    assert!(err < 1e-5, "the folder's logits differ by {err:.2e}");
+    let err = relative_error(&ours, &numpy_reference(&dir, &probe));
+    assert!(err < 1e-4, "numpy differs from the latent kernels by {err:.2e}");
+    let bytes = |model: &Model| KvCache::with_blocks(&model.config, 1, 16, 1, model.device()).unwrap().bytes();
+    assert_eq!(bytes(&m.model), 2 * bytes(&back.model), "the cache tensors are not half the size");
+    let (nll, n) =
+        tandem_models::eval::negative_log_likelihood(&back.model, &tokens[..600], 300, &mut |_, _| {}).unwrap();
+    assert!(tandem_models::eval::perplexity(nll, n).is_finite());
+    let _ = std::fs::remove_dir_all(&dir);
+}
