@@ -25,8 +25,9 @@ pub struct CareBenchArgs {
     /// Average ranks as fractions of the K/V width.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
     ranks: Vec<f64>,
-    /// Conversions to score: svd, asvd, care-uniform, care-energy.
-    #[arg(long, value_delimiter = ',', default_value = "svd,asvd,care-uniform,care-energy")]
+    /// Conversions to score: svd, asvd, care-uniform, care-energy, care-energy-weighted (the
+    /// reference code's weighting of the energy rule).
+    #[arg(long, value_delimiter = ',', default_value = "svd,asvd,care-uniform,care-energy,care-energy-weighted")]
     methods: Vec<String>,
     #[command(flatten)]
     calibration: CalibrationArgs,
@@ -79,7 +80,12 @@ fn parse_conversion(name: &str) -> Result<(Method, Allocation)> {
         "asvd" => (Method::Asvd, Allocation::Uniform),
         "care-uniform" => (Method::Care, Allocation::Uniform),
         "care-energy" => (Method::Care, Allocation::Energy),
-        other => return Err(anyhow!("unknown conversion `{other}` (svd, asvd, care-uniform, care-energy)")),
+        "care-energy-weighted" => (Method::Care, Allocation::EnergyWeighted),
+        other => {
+            return Err(anyhow!(
+                "unknown conversion `{other}` (svd, asvd, care-uniform, care-energy, care-energy-weighted)"
+            ))
+        }
     })
 }
 
@@ -212,7 +218,7 @@ pub fn run(args: CareBenchArgs) -> Result<()> {
                 rows.push(row);
                 let decode_rank = args.decode_ranks.iter().any(|f| ((width as f64 * f).round() as usize) == rank);
                 if name == "care-uniform" && decode_rank {
-                    decode_models.push((format!("{name}"), rank, conv.model));
+                    decode_models.push((name.to_string(), rank, conv.model));
                 }
             }
         }

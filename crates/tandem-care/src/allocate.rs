@@ -10,6 +10,10 @@ pub enum Allocation {
     /// [r̄/2, 2r̄] (and the layer's full rank), until r̄·L are handed out. The paper's rule; its
     /// reference code also weighs early layers more, which the paper does not describe.
     Energy,
+    /// `Energy` with the reference code's two weights: each score divided by √(r/r_min) (a
+    /// layer's share grows as its tail shrinks, so without it a layer that got ranks tends to
+    /// take every rank up to its cap) and multiplied by √((L−l)/((L+1)/2)) (earlier layers first).
+    EnergyWeighted,
 }
 
 impl Allocation {
@@ -17,6 +21,7 @@ impl Allocation {
         match self {
             Allocation::Uniform => "uniform",
             Allocation::Energy => "energy",
+            Allocation::EnergyWeighted => "energy-weighted",
         }
     }
 }
@@ -25,27 +30,30 @@ impl Allocation {
 pub fn ranks(spectra: &[&Spectrum], rank: usize, allocation: Allocation) -> Vec<usize> {
     match allocation {
         Allocation::Uniform => spectra.iter().map(|s| rank.min(s.full_rank())).collect(),
-        Allocation::Energy => energy(spectra, rank),
+        Allocation::Energy => energy(spectra, rank, false),
+        Allocation::EnergyWeighted => energy(spectra, rank, true),
     }
 }
 
-fn energy(spectra: &[&Spectrum], rank: usize) -> Vec<usize> {
+fn energy(spectra: &[&Spectrum], rank: usize, weighted: bool) -> Vec<usize> {
     let floor = (rank / 2).max(1);
     let mut r: Vec<usize> = spectra.iter().map(|s| floor.min(s.full_rank())).collect();
     let cap = |s: &Spectrum| (2 * rank).min(s.full_rank());
     let budget = rank * spectra.len();
-    let share = |s: &Spectrum, r: usize| {
+    let layers = spectra.len() as f64;
+    let score = |l: usize, r: usize| {
+        let s = spectra[l];
         let rest = s.tail_energy(r);
-        if rest <= 0.0 {
-            0.0
-        } else {
-            s.sigma[r] * s.sigma[r] / rest
+        let share = if rest <= 0.0 { 0.0 } else { s.sigma[r] * s.sigma[r] / rest };
+        match weighted {
+            false => share,
+            true => share / (r as f64 / floor as f64).sqrt() * ((layers - l as f64) / ((layers + 1.0) / 2.0)).sqrt(),
         }
     };
     while r.iter().sum::<usize>() < budget {
         let best = (0..spectra.len())
             .filter(|&l| r[l] < cap(spectra[l]))
-            .max_by(|&i, &j| share(spectra[i], r[i]).total_cmp(&share(spectra[j], r[j])).then(j.cmp(&i)));
+            .max_by(|&i, &j| score(i, r[i]).total_cmp(&score(j, r[j])).then(j.cmp(&i)));
         match best {
             Some(l) => r[l] += 1,
             None => break, // every layer at its cap

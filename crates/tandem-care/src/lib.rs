@@ -8,6 +8,7 @@
 //! builds the latent model, which tandem serves with a cache of the latents' width.
 pub mod allocate;
 pub mod factor;
+pub mod heal;
 pub mod text;
 
 pub use allocate::Allocation;
@@ -20,6 +21,23 @@ use tandem_models::model::LatentFactors;
 use tandem_models::{Model, ModelError};
 
 type Result<T> = std::result::Result<T, ModelError>;
+
+/// A Python file that loads a converted folder into Hugging Face transformers (written into
+/// every folder `tandem convert care` makes; `tests/convert.rs` runs it).
+pub const TRANSFORMERS_LOADER: &str = include_str!("modeling_tandem_latent.py");
+pub const TRANSFORMERS_LOADER_FILE: &str = "modeling_tandem_latent.py";
+
+/// Writes a converted model as a Hugging Face folder: `loader::save_hf` (safetensors,
+/// config.json with `latent_kv` and `provenance` merged in, tokenizer) and the transformers loader.
+pub fn save(
+    loaded: &tandem_models::LoadedModel,
+    converted: &Model,
+    provenance: serde_json::Value,
+    out: &std::path::Path,
+) -> Result<()> {
+    tandem_models::loader::save_hf(loaded, converted, provenance, out)?;
+    std::fs::write(out.join(TRANSFORMERS_LOADER_FILE), TRANSFORMERS_LOADER).map_err(|e| ModelError::checkpoint(out, e))
+}
 
 /// The paper's default calibration: 256 windows of 32 tokens.
 pub const DEFAULT_WINDOW: usize = 32;

@@ -88,16 +88,26 @@ fn models_dir() -> PathBuf {
 
 fn numpy_reference(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     tandem_testkit::require_python(&["numpy"]);
+    run_logits_script(&repo_root().join("tests/reference/reference.py"), checkpoint, tokens)
+}
+
+/// Logits from the folder's own transformers loader (the file `tandem convert care` writes).
+fn transformers_logits(folder: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    tandem_testkit::require_python(&["numpy", "torch", "transformers", "safetensors"]);
+    run_logits_script(&folder.join(tandem_care::TRANSFORMERS_LOADER_FILE), folder, tokens)
+}
+
+fn run_logits_script(script: &Path, checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let out = std::env::temp_dir().join(format!("tandem-care-ref-{}.npy", std::process::id()));
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let o = Command::new(python())
-        .arg(repo_root().join("tests/reference/reference.py"))
+        .arg(script)
         .arg(checkpoint)
         .arg(toks.join(","))
         .arg(&out)
         .output()
         .expect("python3 runs");
-    assert!(o.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr));
     let t = candle_core::Tensor::read_npy(&out).unwrap();
     let _ = std::fs::remove_file(&out);
     t.to_vec2::<f32>().unwrap()
@@ -118,7 +128,7 @@ fn a_converted_smollm2_folder_loads_back_and_matches_numpy() {
     let spectra = tandem_care::spectra(&m.model, &cal, Method::Care, &mut |_, _| {}).unwrap();
     let conv = tandem_care::convert(&m.model, &spectra, 96, Allocation::Energy).unwrap();
     let dir = std::env::temp_dir().join(format!("tandem-care-smollm2-{}", std::process::id()));
-    tandem_models::loader::save_hf(&m, &conv.model, serde_json::json!({"tandem_conversion": {}}), &dir).unwrap();
+    tandem_care::save(&m, &conv.model, serde_json::json!({"tandem_conversion": {}}), &dir).unwrap();
     let back = load_path(&dir);
     assert_eq!(back.model.config.latent_kv, conv.model.config.latent_kv);
     let probe: Vec<u32> = tokens[1000..1024].to_vec();
@@ -127,10 +137,75 @@ fn a_converted_smollm2_folder_loads_back_and_matches_numpy() {
     assert!(err < 1e-5, "the folder's logits differ by {err:.2e}");
     let err = relative_error(&ours, &numpy_reference(&dir, &probe));
     assert!(err < 1e-4, "numpy differs from the latent kernels by {err:.2e}");
+    // Another stack: stock transformers with the factored projections put in place.
+    let err = relative_error(&ours, &transformers_logits(&dir, &probe));
+    assert!(err < 1e-4, "transformers differs from the latent kernels by {err:.2e}");
     let bytes = |model: &Model| KvCache::with_blocks(&model.config, 1, 16, 1, model.device()).unwrap().bytes();
     assert_eq!(bytes(&m.model), 2 * bytes(&back.model), "the cache tensors are not half the size");
     let (nll, n) =
         tandem_models::eval::negative_log_likelihood(&back.model, &tokens[..600], 300, &mut |_, _| {}).unwrap();
     assert!(tandem_models::eval::perplexity(nll, n).is_finite());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Mean KL(p || q) over rows of logits.
+fn kl(p_logits: &[Vec<f32>], q_logits: &[Vec<f32>]) -> f64 {
+    let log_softmax = |row: &[f32]| {
+        let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        row.iter().map(|&v| v as f64 - lse).collect::<Vec<_>>()
+    };
+    let total: f64 = p_logits
+        .iter()
+        .zip(q_logits)
+        .map(|(p, q)| {
+            let (lp, lq) = (log_softmax(p), log_softmax(q));
+            lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()
+        })
+        .sum();
+    total / p_logits.len() as f64
+}
+
+/// Text the original writes: greedy continuations of short prompts.
+fn written_by(model: &Model, prompts: usize, len: usize) -> Vec<u32> {
+    let mut text = Vec::new();
+    for p in 0..prompts as u32 {
+        let mut seq: Vec<u32> = (0..4).map(|i| (p * 97 + i * 13) % 250 + 1).collect();
+        while seq.len() < len {
+            let rows = logits(model, &seq);
+            let last = rows.last().unwrap();
+            let next = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
+            seq.push(next as u32);
+        }
+        text.extend(seq);
+    }
+    text
+}
+
+/// Healing through the training API's trainer brings a low-rank conversion's distribution back
+/// toward the original's on text the original writes (full weights and LoRA), and its loss falls.
+#[test]
+fn healing_moves_a_conversion_back_toward_the_original() {
+    let m = load_path(&tiny("llama-gqa-untied-sharded"));
+    let cal = tandem_care::calibrate(&m.model, &tiny_windows(5), &mut |_, _| {}).unwrap();
+    let spectra = tandem_care::spectra(&m.model, &cal, Method::Care, &mut |_, _| {}).unwrap();
+    let conv = tandem_care::convert(&m.model, &spectra, 3, Allocation::Uniform).unwrap().model;
+    let text = written_by(&m.model, 24, 48);
+    let probe = written_by(&m.model, 2, 40)[44..].to_vec();
+    let original = logits(&m.model, &probe);
+    let before = kl(&original, &logits(&conv, &probe));
+    let lora = tandem_models::LoraSpec {
+        rank: 4,
+        alpha: 4.0,
+        targets: tandem_models::LoraTargets { attn: true, mlp: false, unembed: false },
+    };
+    for (mode, lr) in [(tandem_train::Mode::Full, 3e-4), (tandem_train::Mode::Lora(lora), 3e-3)] {
+        let opts =
+            tandem_care::heal::HealOptions { steps: 40, learning_rate: lr, windows: 4, window: 24, top_k: 3, mode };
+        let (healed, losses) = tandem_care::heal::heal(&m.model, &conv, &text, &opts, &mut |_, _, _| {}).unwrap();
+        let after = kl(&original, &logits(&healed, &probe));
+        let (first, last) = (losses[..5].iter().sum::<f64>(), losses[35..].iter().sum::<f64>());
+        assert!(last < first, "{mode:?}: loss {first} -> {last}");
+        assert!(after < 0.9 * before, "{mode:?}: KL to the original {before:.3e} -> {after:.3e}");
+    }
 }

@@ -34,6 +34,27 @@ pub struct CareArgs {
     method: MethodArg,
     #[command(flatten)]
     calibration: CalibrationArgs,
+    /// Heal the converted model for this many steps before writing it: cross-entropy on the
+    /// calibration text plus distillation from the original (its top --heal-top-k tokens),
+    /// through the training API's trainer. 0: no healing.
+    #[arg(long, default_value_t = 0)]
+    heal_steps: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    heal_lr: f64,
+    /// Windows per healing step, and tokens per window.
+    #[arg(long, default_value_t = 4)]
+    heal_windows: usize,
+    #[arg(long, default_value_t = 64)]
+    heal_window: usize,
+    #[arg(long, default_value_t = 4)]
+    heal_top_k: usize,
+    /// Heal LoRA adapters of this rank (merged into the folder) instead of every weight.
+    #[arg(long)]
+    heal_lora: Option<usize>,
+    /// Print held-out perplexity (CPython's LICENSE.txt, 2,048 tokens) of the original, the
+    /// converted and (with healing) the healed model.
+    #[arg(long)]
+    eval: bool,
     /// The folder to write.
     #[arg(long)]
     out: PathBuf,
@@ -43,6 +64,8 @@ pub struct CareArgs {
 pub enum AllocateArg {
     Uniform,
     Energy,
+    /// The energy rule with the reference code's weights (later ranks and later layers count less).
+    EnergyWeighted,
 }
 
 impl AllocateArg {
@@ -50,6 +73,7 @@ impl AllocateArg {
         match self {
             AllocateArg::Uniform => Allocation::Uniform,
             AllocateArg::Energy => Allocation::Energy,
+            AllocateArg::EnergyWeighted => Allocation::EnergyWeighted,
         }
     }
 }
@@ -90,7 +114,63 @@ fn care(args: CareArgs) -> Result<()> {
     let cal = care_arg::calibrate(model, &tokens, &args.calibration)?;
     let (method, allocation) = (args.method.method(), args.allocate.allocation());
     let spectra = care_arg::spectra(model, &cal, method)?;
-    let conv = tandem_care::convert(model, &spectra, rank, allocation)?;
+    let mut conv = tandem_care::convert(model, &spectra, rank, allocation)?;
+    let held_out = match args.eval {
+        true => {
+            let text = tandem_care::text::python_license().map_err(anyhow::Error::msg)?;
+            let mut t = care_arg::encode(&loaded, &text)?;
+            t.truncate(2048);
+            Some(t)
+        }
+        false => None,
+    };
+    let ppl = |m: &tandem_models::Model, what: &str| -> Result<()> {
+        if let Some(t) = &held_out {
+            let (nll, n) = tandem_models::eval::negative_log_likelihood(m, t, 512, &mut |_, _| {})?;
+            println!("held-out perplexity, {what}: {:.3}", tandem_models::eval::perplexity(nll, n));
+        }
+        Ok(())
+    };
+    ppl(model, "original")?;
+    ppl(&conv.model, "converted")?;
+    let mut healed = None;
+    if args.heal_steps > 0 {
+        let mode = match args.heal_lora {
+            Some(rank) => tandem_train::Mode::Lora(tandem_models::LoraSpec {
+                rank,
+                alpha: rank as f64,
+                targets: tandem_models::LoraTargets { attn: true, mlp: true, unembed: false },
+            }),
+            None => tandem_train::Mode::Full,
+        };
+        let opts = tandem_care::heal::HealOptions {
+            steps: args.heal_steps,
+            learning_rate: args.heal_lr,
+            windows: args.heal_windows,
+            window: args.heal_window,
+            top_k: args.heal_top_k,
+            mode,
+        };
+        let bar = care_arg::bar("healing", "steps");
+        let (m, losses) = tandem_care::heal::heal(model, &conv.model, &tokens, &opts, &mut |s, n, loss| {
+            bar.set_length(n as u64);
+            bar.set_position(s as u64);
+            bar.set_message(format!("healing (loss {loss:.3})"));
+        })?;
+        bar.finish_and_clear();
+        let k = losses.len().min(10);
+        let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len().max(1) as f64;
+        println!(
+            "healing loss: first {k} steps {:.3}, last {k} steps {:.3}",
+            mean(&losses[..k]),
+            mean(&losses[losses.len() - k..])
+        );
+        ppl(&m, "healed")?;
+        conv.model = m;
+        healed = Some(serde_json::json!({"steps": args.heal_steps, "learning_rate": args.heal_lr,
+            "windows": args.heal_windows, "window": args.heal_window, "top_k": args.heal_top_k,
+            "lora_rank": args.heal_lora, "loss_first": mean(&losses[..k]), "loss_last": mean(&losses[losses.len() - k..])}));
+    }
     let (before, after) = (model.config.kv_bytes_per_token(), conv.model.config.kv_bytes_per_token());
     let calibration = match args.calibration.calibration.is_empty() {
         true => "the Python Language Reference (CPython pydoc_data/topics.py)".to_string(),
@@ -105,8 +185,9 @@ fn care(args: CareArgs) -> Result<()> {
         "calibration_tokens": cal.tokens,
         "kv_bytes_per_token": { "original": before, "converted": after },
         "dropped_energy_share": conv.dropped.iter().map(|(k, v)| [k, v]).collect::<Vec<_>>(),
+        "healing": healed,
     }});
-    tandem_models::loader::save_hf(&loaded, &conv.model, provenance, &args.out)
+    tandem_care::save(&loaded, &conv.model, provenance, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("layer  r_K  r_V  dropped K  dropped V   (share of whitened energy)");
     for (l, ((rk, rv), (dk, dv))) in conv.k_ranks.iter().zip(&conv.v_ranks).zip(&conv.dropped).enumerate() {

@@ -303,3 +303,39 @@ fn reliability_suite_bad_input_disconnects_training_while_serving_and_memory() {
         .unwrap();
     assert!(status.success(), "tests/server/test_reliability.py failed (output above)");
 }
+
+/// `tandem convert care` through the command line, then the converted SmolLM2 served twice,
+/// plain and with n-gram speculation: the same answers (tests/server/test_spec.py), with a KV
+/// cache the size the conversion promises.
+#[test]
+fn a_care_converted_model_serves_speculation_unchanged() {
+    let out = std::env::temp_dir().join(format!("tandem-care-serve-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["convert", "care", "--kv-ratio", "4", "--allocate", "uniform", "--calibration-tokens", "1024"])
+        .arg("--model")
+        .arg(smollm2())
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "tandem convert care failed");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["latent_kv"]["k_ranks"].as_array().unwrap().len(), 30);
+    assert_eq!(config["tandem_conversion"]["kv_bytes_per_token"]["converted"], 30 * 2 * 48 * 4);
+    let (plain_port, spec_port) = (free_port(), free_port());
+    let _plain = start(&out, plain_port);
+    let _spec = start_with(&out, spec_port, &["--spec", "ngram", "--spec-k", "4"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let name = out.file_name().unwrap().to_string_lossy().to_string();
+    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root.join("tests/server/test_spec.py"))
+        .arg(format!("http://127.0.0.1:{plain_port}"))
+        .arg(format!("http://127.0.0.1:{spec_port}"))
+        .arg(&name)
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_spec.py failed on the converted model (output above)");
+    let metrics = get(plain_port, "/metrics").unwrap();
+    assert!(metrics.contains("tandem_kv_cache"), "no KV metrics");
+    let _ = std::fs::remove_dir_all(&out);
+}
