@@ -28,9 +28,14 @@ fn train_err(e: tandem_train::TrainError) -> ModelError {
     ModelError::Adapter(format!("healing: {e}"))
 }
 
-/// The original's `k` most likely next tokens at every position of `tokens`, with their
-/// probabilities: (ids, probs), each [k][n].
-fn teacher_top_k(original: &Model, tokens: &[u32], k: usize) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
+/// For each rank j < k, the original's j-th most likely next token at every position, and its
+/// probability: ids[j][i], probs[j][i].
+struct TopK {
+    ids: Vec<Vec<u32>>,
+    probs: Vec<Vec<f32>>,
+}
+
+fn teacher_top_k(original: &Model, tokens: &[u32], k: usize) -> Result<TopK> {
     let logits = original.forward_sequence(tokens)?;
     let probs = softmax(&logits)?;
     let rows: Vec<Vec<f32>> = probs.to_vec2()?;
@@ -43,7 +48,7 @@ fn teacher_top_k(original: &Model, tokens: &[u32], k: usize) -> Result<(Vec<Vec<
             ps[j].push(row[order[j]]);
         }
     }
-    Ok((ids, ps))
+    Ok(TopK { ids, probs: ps })
 }
 
 /// softmax over the last dimension.
@@ -79,8 +84,8 @@ pub fn heal(
             let weights = |w: Vec<f32>| [("weights".to_string(), w)].into_iter().collect();
             data.push(Datum { tokens: input.to_vec(), targets: next.to_vec(), inputs: weights(vec![per_token; n]) });
             if opts.top_k > 0 {
-                let (ids, ps) = teacher_top_k(original, input, opts.top_k)?;
-                for (targets, p) in ids.into_iter().zip(ps) {
+                let top = teacher_top_k(original, input, opts.top_k)?;
+                for (targets, p) in top.ids.into_iter().zip(top.probs) {
                     let w = p.iter().map(|p| p * per_token).collect();
                     data.push(Datum { tokens: input.to_vec(), targets, inputs: weights(w) });
                 }

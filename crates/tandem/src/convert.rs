@@ -25,9 +25,10 @@ pub struct CareArgs {
     /// How many times smaller the KV cache gets (instead of --rank): rank = K/V width / ratio.
     #[arg(long)]
     kv_ratio: Option<f64>,
-    /// Per-layer ranks: the same everywhere, or energy-guided (CARE-E: more rank where it
-    /// removes more of a layer's remaining error; best at low rank).
-    #[arg(long, value_enum, default_value_t = AllocateArg::Energy)]
+    /// Per-layer ranks: the same everywhere (measured best on both default models at every
+    /// rank), or energy-guided (CARE-E, the paper's: more rank where it removes more of a
+    /// layer's remaining error).
+    #[arg(long, value_enum, default_value_t = AllocateArg::Uniform)]
     allocate: AllocateArg,
     /// care (covariance-whitened), or the baselines asvd (activation-scaled) and svd (plain).
     #[arg(long, value_enum, default_value_t = MethodArg::Care)]

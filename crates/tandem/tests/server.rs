@@ -304,14 +304,15 @@ fn reliability_suite_bad_input_disconnects_training_while_serving_and_memory() {
     assert!(status.success(), "tests/server/test_reliability.py failed (output above)");
 }
 
-/// `tandem convert care` through the command line, then the converted SmolLM2 served twice,
+/// `tandem convert care` through the command line (2x smaller: at 4x, unhealed, some prompts'
+/// first greedy token is the end), then the converted SmolLM2 served twice,
 /// plain and with n-gram speculation: the same answers (tests/server/test_spec.py), with a KV
 /// cache the size the conversion promises.
 #[test]
 fn a_care_converted_model_serves_speculation_unchanged() {
     let out = std::env::temp_dir().join(format!("tandem-care-serve-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["convert", "care", "--kv-ratio", "4", "--allocate", "uniform", "--calibration-tokens", "1024"])
+        .args(["convert", "care", "--kv-ratio", "2"])
         .arg("--model")
         .arg(smollm2())
         .arg("--out")
@@ -321,7 +322,8 @@ fn a_care_converted_model_serves_speculation_unchanged() {
     assert!(status.success(), "tandem convert care failed");
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["latent_kv"]["k_ranks"].as_array().unwrap().len(), 30);
-    assert_eq!(config["tandem_conversion"]["kv_bytes_per_token"]["converted"], 30 * 2 * 48 * 4);
+    assert_eq!(config["tandem_conversion"]["kv_bytes_per_token"]["converted"], 30 * 2 * 96 * 4);
+    assert_eq!(config["tandem_conversion"]["allocation"], "uniform", "the default allocation");
     let (plain_port, spec_port) = (free_port(), free_port());
     let _plain = start(&out, plain_port);
     let _spec = start_with(&out, spec_port, &["--spec", "ngram", "--spec-k", "4"]);
