@@ -40,13 +40,15 @@ pub struct CareArgs {
     /// through the training API's trainer. 0: no healing.
     #[arg(long, default_value_t = 0)]
     heal_steps: usize,
-    #[arg(long, default_value_t = 5e-5)]
+    /// AdamW's learning rate for healing (1e-4 is what docs/care.md measured with full weights).
+    #[arg(long, default_value_t = 1e-4)]
     heal_lr: f64,
     /// Windows per healing step, and tokens per window.
     #[arg(long, default_value_t = 4)]
     heal_windows: usize,
     #[arg(long, default_value_t = 64)]
     heal_window: usize,
+    /// The original's most likely next tokens the distillation term covers (0: text only).
     #[arg(long, default_value_t = 4)]
     heal_top_k: usize,
     /// Heal LoRA adapters of this rank (merged into the folder) instead of every weight.
