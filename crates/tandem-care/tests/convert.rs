@@ -79,6 +79,30 @@ fn the_activation_error_is_the_predicted_tail_energy() {
     }
 }
 
+/// Logits of `tokens` fed in chunks of 150, each in one forward with another sequence.
+fn chunked_beside_another(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(&model.config, 2, tokens.len() + 64, model.device()).unwrap();
+    let other: Vec<u32> = (0..40).map(|i| 500 + i * 7).collect();
+    let mut rows = Vec::new();
+    for (i, chunk) in tokens.chunks(150).enumerate() {
+        let noise = &other[..10 + i * 7];
+        let out = model
+            .forward(
+                &[
+                    SequenceInput { slot: 1, tokens: noise, logits: LogitsFor::All, siblings: &[] },
+                    SequenceInput { slot: 0, tokens: chunk, logits: LogitsFor::All, siblings: &[] },
+                ],
+                &mut cache,
+                &[],
+            )
+            .unwrap();
+        let all: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+        rows.extend_from_slice(&all[out.logit_rows[1].clone()]);
+        cache.reset(1).unwrap();
+    }
+    rows
+}
+
 fn models_dir() -> PathBuf {
     match std::env::var_os("TANDEM_CACHE") {
         Some(d) => PathBuf::from(d),
@@ -131,8 +155,10 @@ fn a_converted_smollm2_folder_loads_back_and_matches_numpy() {
     tandem_care::save(&m, &conv.model, serde_json::json!({"tandem_conversion": {}}), &dir).unwrap();
     let back = load_path(&dir);
     assert_eq!(back.model.config.latent_kv, conv.model.config.latent_kv);
-    let probe: Vec<u32> = tokens[1000..1024].to_vec();
+    // Past 256 positions: a row's attention is the merge of several position ranges' partials.
+    let probe: Vec<u32> = tokens[1000..1600].to_vec();
     let ours = logits(&conv.model, &probe);
+    assert_eq!(chunked_beside_another(&conv.model, &probe), ours, "chunked and batched logits are not the same bits");
     let err = relative_error(&logits(&back.model, &probe), &ours);
     assert!(err < 1e-5, "the folder's logits differ by {err:.2e}");
     let err = relative_error(&ours, &numpy_reference(&dir, &probe));
