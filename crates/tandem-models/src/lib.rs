@@ -4,6 +4,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod kv_cache;
+pub mod latent;
 pub mod linear;
 pub mod loader;
 pub mod lora;
