@@ -237,6 +237,7 @@ fn replay(
             client: None,
             agent: None,
             weights: None,
+            score: None,
         };
         let mut rx = handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut output = Vec::new();
@@ -248,6 +249,7 @@ fn replay(
                     break (usage.completion_tokens, steps);
                 }
                 Event::Failed(m) => bail!("request {i} failed: {m}"),
+                Event::Scored(_) => {}
             }
         };
         let mut d = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -125,6 +125,7 @@ fn serve(handle: &EngineHandle, request: GenerationRequest) -> Result<Served> {
             }
             Event::Finished { .. } => break,
             Event::Failed(m) => bail!("a request failed: {m}"),
+            Event::Scored(_) => {}
         }
     }
     Ok(Served { ttft: ttft.context("no token")?, output })
@@ -139,6 +140,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Gen
         client: None,
         agent: None,
         weights: None,
+        score: None,
     }
 }
 

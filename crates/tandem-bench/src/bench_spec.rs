@@ -115,6 +115,7 @@ fn run_once(
         client: None,
         agent: None,
         weights: None,
+        score: None,
     };
     let mut rx = handle.submit(request)?;
     let mut tokens = Vec::new();
@@ -134,6 +135,7 @@ fn run_once(
                     finished = true;
                 }
                 Event::Failed(m) => anyhow::bail!("generation failed: {m}"),
+                Event::Scored(_) => {}
             }
         }
         if finished {

@@ -1,12 +1,12 @@
 //! The commit stage of a step: turns the runner's logits into tokens (sampling, or verifying a
 //! draft), rolls rejected drafts out of the KV cache, sends tokens, applies stop and length
 //! checks, charges the policy, and reports what happened to each planned sequence.
-use crate::engine::{EngineConfig, Event, Usage};
+use crate::engine::{EngineConfig, Event, TokenScore, Usage};
 use crate::runner::StepOutput;
 use crate::scheduler::{Scheduled, Scheduler, StepPlan};
 use crate::sequence::Sequence;
 use tandem_runtime::speculative::verify;
-use tandem_runtime::{FinishReason, SampledToken};
+use tandem_runtime::{sampling, FinishReason, SampledToken};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What the commit did with one planned sequence.
@@ -82,7 +82,14 @@ pub(crate) fn commit(
             sched.charge_prompt(p.index, p.start + p.tokens.len());
         }
         let c = match p.wants_logits {
-            false => Committed { offset, kept: p.tokens.len(), accepted: 0, alternative: None, emitted: 0 },
+            false => {
+                if p.scores
+                    && score_chunk(&mut sched.running[p.index], p, &out.logits[rows.clone()], &mut report.finishing)
+                {
+                    report.finished.push(p.index);
+                }
+                Committed { offset, kept: p.tokens.len(), accepted: 0, alternative: None, emitted: 0 }
+            }
             true => {
                 let (c, emitted) = sample_or_verify(&mut sched.running[p.index], p, &out.logits[rows.clone()], offset);
                 let sibling = c.alternative.map(|_| c.row_of(p, c.kept - 1) - offset);
@@ -127,6 +134,40 @@ fn sample_or_verify(
     let kept = if p.decode { 1 + accepted } else { p.tokens.len() };
     let c = Committed { offset, kept, accepted, alternative, emitted: emitted.len() };
     (c, emitted)
+}
+
+/// A scoring request's chunk: its logits rows become the scores of the prompt tokens they predict
+/// (each position once, even when a preempted request computes it again), and after the last
+/// chunk the request finishes. True when it has finished (or its client has gone).
+fn score_chunk(
+    s: &mut Sequence,
+    p: &Scheduled,
+    rows: &[Vec<f32>],
+    finishing: &mut Vec<(UnboundedSender<Event>, Event)>,
+) -> bool {
+    let Some(spec) = s.request.score else { return false };
+    let prompt = &s.request.prompt;
+    let mut scores = Vec::new();
+    for (j, row) in rows.iter().enumerate() {
+        // Row j holds the logits at position start + j, which predict the token after it.
+        let next = p.start + j + 1;
+        if next < spec.from.max(s.scored) || next >= prompt.len() {
+            continue;
+        }
+        let lse = sampling::log_sum_exp(row);
+        let top = sampling::top_n(row, spec.top_k).into_iter().map(|(id, l)| (id, l - lse)).collect();
+        scores.push(TokenScore { token: prompt[next], logprob: row[prompt[next] as usize] - lse, top });
+        s.scored = next + 1;
+    }
+    if !scores.is_empty() && s.events.send(Event::Scored(scores)).is_err() {
+        return true;
+    }
+    if p.start + p.tokens.len() < prompt.len() {
+        return false;
+    }
+    let usage = Usage { prompt_tokens: prompt.len(), cached_tokens: s.cached, completion_tokens: 0, speculation: None };
+    finishing.push((s.events.clone(), Event::Finished { reason: FinishReason::Length, usage }));
+    true
 }
 
 /// Per-sequence speculation figures, and its draft lengths adapted to its acceptance: +2 after

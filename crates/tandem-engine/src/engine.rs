@@ -79,6 +79,38 @@ pub struct GenerationRequest {
     /// Weights other than the engine's own (a version a trainer saved for sampling); None: the
     /// served model. Such sequences are batched with all others, one forward per version.
     pub weights: Option<WeightVersion>,
+    /// Score the prompt's tail instead of generating (None: generate).
+    pub score: Option<ScoreSpec>,
+}
+
+/// Scoring instead of generating (a continuation's confidence, a prompt's logprobs): for every
+/// prompt token from `from` on, its logprob given the tokens before it and the `top_k` most
+/// likely tokens in its place, all read from the one prefill (`Event::Scored`). Nothing is
+/// generated; the prompt is charged like any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreSpec {
+    pub from: usize,
+    pub top_k: usize,
+}
+
+/// Most alternatives a score reports per position.
+pub const MAX_SCORE_TOP_K: usize = 100;
+
+/// One scored prompt token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScore {
+    pub token: u32,
+    /// log p(token | the tokens before it).
+    pub logprob: f32,
+    /// The most likely tokens in its place with their logprobs, largest first (`top_k` of them).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenScore {
+    /// Mean logprob of the top entries: Squeeze Evolve's per-token confidence is its negation.
+    pub fn top_mean(&self) -> f32 {
+        self.top.iter().map(|t| t.1).sum::<f32>() / self.top.len().max(1) as f32
+    }
 }
 
 /// A numbered set of weights to sample from. Versions of one base share its tensors; KV is never
@@ -113,7 +145,12 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Token(SampledToken),
-    Finished { reason: FinishReason, usage: Usage },
+    /// Scores of the next scored prompt positions, in order (scoring requests only).
+    Scored(Vec<TokenScore>),
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Failed(String),
 }
 
@@ -228,6 +265,24 @@ impl EngineHandle {
                 param: "logit_bias",
                 message: format!("`logit_bias` names token {id}; the vocabulary has {}", self.vocab_size),
             });
+        }
+        if let Some(score) = request.score {
+            if score.from == 0 || score.from >= request.prompt.len() {
+                return Err(EngineError::Invalid(format!(
+                    "scoring starts at token {} of a {}-token prompt: it must be 1 or more (the first token has nothing before it) and leave a token to score",
+                    score.from,
+                    request.prompt.len()
+                )));
+            }
+            if score.top_k > MAX_SCORE_TOP_K {
+                return Err(EngineError::InvalidParam {
+                    param: "top_k",
+                    message: format!(
+                        "scores report at most {MAX_SCORE_TOP_K} alternatives, {} were asked",
+                        score.top_k
+                    ),
+                });
+            }
         }
         let invalid =
             |e: tandem_runtime::InvalidParam| EngineError::InvalidParam { param: e.param, message: e.message };
@@ -553,7 +608,8 @@ impl Engine {
         let feature_size = layers * self.runner.model.config.hidden_size;
         let online = self.online.is_some();
         move |request| {
-            online.then(|| Trace {
+            // A scored prompt has no output for the drafter to learn.
+            (online && request.score.is_none()).then(|| Trace {
                 prompt_len: request.prompt.len(),
                 feature_size,
                 version: request.weights.as_ref().map(|w| TraceVersion { family: w.family.clone(), id: w.id }),

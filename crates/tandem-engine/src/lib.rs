@@ -26,7 +26,10 @@ mod sequence;
 mod spec_stats;
 mod training;
 
-pub use engine::{Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, Usage, WeightVersion};
+pub use engine::{
+    Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, ScoreSpec, TokenScore, Usage,
+    WeightVersion, MAX_SCORE_TOP_K,
+};
 pub use runner::{ServedDrafter, StepOutput};
 pub use scheduler::{
     FairConfig, Fcfs, RequestInfo, Scheduled, Scheduler, SchedulingPolicy, Service, StepPlan, VirtualTokenCounter,

@@ -82,6 +82,7 @@ impl ModelRunner {
                 slot: p.slot,
                 tokens: &p.tokens,
                 logits: match (p.wants_logits, p.draft.tokens.is_empty()) {
+                    _ if p.scores => LogitsFor::All,
                     (false, _) => LogitsFor::None,
                     (true, true) => LogitsFor::Last,
                     (true, false) => LogitsFor::All,

@@ -77,6 +77,8 @@ pub(crate) struct Sequence {
     pub swapped: Option<tandem_models::KvSnapshot>,
     /// What the target did on this sequence, for the drafter's trainer (online training only).
     pub trace: Option<Trace>,
+    /// A scoring request: the next prompt position to score (positions before it were reported).
+    pub scored: usize,
 }
 
 impl Sequence {
@@ -105,6 +107,7 @@ impl Sequence {
             copy_k: spec_k,
             swapped: None,
             trace,
+            scored: 0,
         }
     }
 

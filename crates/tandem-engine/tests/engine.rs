@@ -32,6 +32,7 @@ fn request(i: usize) -> GenerationRequest {
         client: None,
         agent: None,
         weights: None,
+        score: None,
     }
 }
 
@@ -134,6 +135,7 @@ fn the_engine_thread_serves_and_shuts_down() {
                     break;
                 }
                 Event::Failed(m) => panic!("{m}"),
+                Event::Scored(_) => {}
             }
         }
     }
@@ -203,6 +205,7 @@ fn wait_tokens(mut rx: UnboundedReceiver<Event>) -> Vec<u32> {
             Event::Token(t) => tokens.push(t.id),
             Event::Finished { .. } => return tokens,
             Event::Failed(m) => panic!("{m}"),
+            Event::Scored(_) => {}
         }
     }
 }

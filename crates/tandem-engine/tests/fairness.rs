@@ -29,6 +29,7 @@ fn request(i: usize, client: &str) -> GenerationRequest {
         client: Some(client.into()),
         agent: None,
         weights: None,
+        score: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn collect(rx: &mut UnboundedReceiver<Event>) -> Vec<u32> {
                 return out;
             }
             Event::Failed(m) => panic!("{m}"),
+            Event::Scored(_) => {}
         }
     }
 }

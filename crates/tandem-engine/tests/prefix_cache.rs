@@ -31,6 +31,7 @@ fn requests() -> Vec<GenerationRequest> {
                 client: Some(format!("agent-{}", i % 3)),
                 agent: None,
                 weights: None,
+                score: None,
             }
         })
         .collect();
@@ -43,6 +44,7 @@ fn requests() -> Vec<GenerationRequest> {
         client: Some("rl".into()),
         agent: None,
         weights: None,
+        score: None,
     }));
     all
 }
@@ -56,6 +58,7 @@ fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> Output {
             Event::Token(t) => tokens.push(t),
             Event::Finished { reason, .. } => return (tokens, format!("{reason:?}")),
             Event::Failed(m) => panic!("request failed: {m}"),
+            Event::Scored(_) => {}
         }
     }
 }

@@ -59,6 +59,7 @@ fn greedy_request(i: usize) -> GenerationRequest {
         client: None,
         agent: None,
         weights: None,
+        score: None,
     }
 }
 
@@ -72,6 +73,7 @@ fn collect(rx: &mut UnboundedReceiver<Event>) -> (Vec<SampledToken>, String) {
                 return (tokens, format!("{reason:?}"));
             }
             Event::Failed(m) => panic!("request failed: {m}"),
+            Event::Scored(_) => {}
         }
     }
 }
@@ -443,6 +445,7 @@ fn sampled_speculation_keeps(version: Option<WeightVersion>) {
             client: None,
             agent: None,
             weights: version.clone(),
+            score: None,
         })
         .collect();
     let drafters: Vec<Option<Box<dyn Drafter>>> =

@@ -130,6 +130,8 @@ pub fn start(
                     });
                     return;
                 }
+                // Only scoring requests are scored.
+                Event::Scored(_) => {}
                 Event::Failed(message) => {
                     done.record();
                     let _ = tx.send(ChoiceEvent::Error(message));

@@ -223,6 +223,7 @@ fn build_job(
             client: c.client.clone(),
             agent: c.agent.clone(),
             weights: None,
+            score: None,
         };
         // The engine's one check of prompt and sampling, before any choice starts (the chat API
         // calls its prompt `messages`).

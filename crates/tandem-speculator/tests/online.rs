@@ -28,6 +28,7 @@ fn request(i: usize, max_tokens: usize) -> GenerationRequest {
         client: None,
         agent: None,
         weights: None,
+        score: None,
     }
 }
 
@@ -64,6 +65,7 @@ fn serve(engine: &mut Engine, handle: &EngineHandle, requests: &[GenerationReque
                         return out;
                     }
                     Event::Failed(m) => panic!("{m}"),
+                    Event::Scored(_) => {}
                 }
             }
         })
@@ -379,6 +381,7 @@ fn swaps_under_concurrent_load_change_no_output() {
                                     Event::Token(t) => out.push(t.id),
                                     Event::Finished { .. } => break,
                                     Event::Failed(m) => panic!("{m}"),
+                                    Event::Scored(_) => {}
                                 }
                             }
                             got.push((i, out));
@@ -529,6 +532,7 @@ fn the_k_controller_times_decode_steps_only() {
                     break;
                 }
                 Event::Failed(m) => panic!("{m}"),
+                Event::Scored(_) => {}
             }
         }
     }

@@ -20,6 +20,7 @@ fn request(i: usize, weights: Option<WeightVersion>) -> GenerationRequest {
         client: None,
         agent: None,
         weights,
+        score: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn run(base: &Model, reqs: Vec<GenerationRequest>) -> Vec<Vec<(u32, f32)>> {
                     Event::Token(t) => out.push((t.id, t.logprob)),
                     Event::Finished { .. } => return out,
                     Event::Failed(m) => panic!("failed: {m}"),
+                    Event::Scored(_) => {}
                 }
             }
             panic!("unfinished")

@@ -197,6 +197,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         client: None,
         agent: None,
         weights: None,
+        score: None,
     };
     let start = Instant::now();
     let mut events = handle.submit(request)?;
@@ -216,6 +217,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             }
             Some(Event::Finished { reason, usage }) => break Ok((reason, usage)),
             Some(Event::Failed(m)) => break Err(anyhow::anyhow!("generation failed: {m}")),
+            Some(Event::Scored(_)) => {}
             None => break Err(anyhow::anyhow!("the engine stopped")),
         }
     };

@@ -273,6 +273,7 @@ fn answered_traces(
                 client: None,
                 agent: None,
                 weights: None,
+                score: None,
             };
             handle.submit(request).map_err(|e| anyhow::anyhow!("{e}"))
         })
@@ -286,6 +287,7 @@ fn answered_traces(
                 Event::Token(t) => seq.push(t.id),
                 Event::Finished { .. } => break,
                 Event::Failed(m) => bail!("a self-distillation prompt failed: {m}"),
+                Event::Scored(_) => {}
             }
         }
         chunks.push(seq);

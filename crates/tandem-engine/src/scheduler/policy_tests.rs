@@ -173,6 +173,7 @@ impl Simulator {
             client: Some(client.into()),
             agent: agent.map(Into::into),
             weights: None,
+            score: None,
         };
         let (tx, rx) = unbounded_channel();
         let id = self.sched.add(request, tx);

@@ -70,6 +70,9 @@ pub struct Scheduled {
     pub draft: Draft,
     /// Feeds a pending token (a decode), not a prompt chunk.
     pub decode: bool,
+    /// A chunk of a scoring request holding scored positions: logits for every fed token,
+    /// turned into `TokenScore`s at commit (`wants_logits` is false: nothing is sampled).
+    pub scores: bool,
     /// The weights it samples from (None: the served model).
     pub weights: Option<WeightVersion>,
 }
@@ -334,7 +337,11 @@ impl Scheduler {
             return 0;
         }
         let target = s.prefill_target();
-        let most = target - s.pending.is_none() as usize;
+        let mut most = target - s.pending.is_none() as usize;
+        if let Some(score) = s.request.score {
+            // The position before the first scored token gives that token's logits.
+            most = most.min(score.from - 1);
+        }
         kv.share_prefix(slot, &s.history[..target], kv_salt(&s.request), most)
     }
 
@@ -507,8 +514,12 @@ impl Scheduler {
             let rest = &s.history[s.computed..s.prefill_target()];
             let n = rest.len().min(budget);
             budget -= n;
-            let wants_logits = n == rest.len() && s.pending.is_none();
-            seqs.push(self.scheduled(index, rest[..n].to_vec(), wants_logits, Draft::default(), false));
+            let score = s.request.score;
+            let wants_logits = n == rest.len() && s.pending.is_none() && score.is_none();
+            let mut chunk = self.scheduled(index, rest[..n].to_vec(), wants_logits, Draft::default(), false);
+            // Its last row is at position computed + n - 1; the first scored row at from - 1.
+            chunk.scores = score.is_some_and(|sc| s.computed + n >= sc.from);
+            seqs.push(chunk);
         }
         // Sequences of one weight version are contiguous: one forward each.
         seqs.sort_by_key(|p| p.weights.as_ref().map_or(0, |w| w.id + 1));
@@ -525,6 +536,7 @@ impl Scheduler {
             wants_logits,
             draft,
             decode,
+            scores: false,
             weights: s.request.weights.clone(),
         }
     }

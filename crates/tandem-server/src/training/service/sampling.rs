@@ -38,6 +38,7 @@ impl TrainingService {
             client: Some(client.0.clone()),
             agent: client.1.clone(),
             weights: req.weights.clone(),
+            score: None,
         };
         // The engine's one check, before any sample is queued (all n or none).
         self.engine.validate(&request(0))?;
@@ -135,6 +136,7 @@ async fn collect(
                 return Ok(s);
             }
             Event::Failed(e) => return Err(e),
+            Event::Scored(_) => {}
         }
     }
     Err("the engine stopped before the sample finished".into())
