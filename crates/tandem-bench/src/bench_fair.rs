@@ -299,9 +299,14 @@ fn start_server(
     let port = listener.local_addr()?.port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(async move {
-        let _ = tandem_server::serve(listener, state, tandem_server::ServerOptions::default(), async move {
-            let _ = stop_rx.await;
-        })
+        let _ = tandem_server::serve(
+            listener,
+            tandem_server::Server::one(state),
+            tandem_server::ServerOptions::default(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
         .await;
     });
     Ok((port, stop_tx, engine_thread))

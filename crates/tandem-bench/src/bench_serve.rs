@@ -132,10 +132,14 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let port = listener.local_addr()?.port();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let server =
-                tokio::spawn(tandem_server::serve(listener, state, tandem_server::ServerOptions::default(), async {
+            let server = tokio::spawn(tandem_server::serve(
+                listener,
+                tandem_server::Server::one(state),
+                tandem_server::ServerOptions::default(),
+                async {
                     let _ = stop_rx.await;
-                }));
+                },
+            ));
             one_request(port, &model_name, 0, 4).await.context("warm-up request")?;
             for &c in &args.concurrency {
                 let start = Instant::now();

@@ -3,8 +3,10 @@ mod api;
 pub mod auth;
 mod choice;
 mod error;
+pub mod evolve;
 mod metrics;
 mod routes;
+mod score;
 mod stop;
 pub mod training;
 
@@ -128,15 +130,115 @@ impl AppState {
     }
 }
 
+/// What one server serves: its models, each with its own engine (the first is the default and
+/// holds the training API), and virtual models that evolve answers over them.
+pub struct Server {
+    pub models: Vec<Arc<AppState>>,
+    /// Every name a request may give for a model (its own name and the names it was asked by),
+    /// with its index in `models`.
+    names: Vec<(String, usize)>,
+    pub evolving: Vec<Arc<evolve::Evolving>>,
+}
+
+/// What a request's `model` names.
+pub(crate) enum Target {
+    Model(Arc<AppState>),
+    Evolving(Arc<evolve::Evolving>),
+}
+
+impl Server {
+    /// One model, nothing else.
+    pub fn one(state: Arc<AppState>) -> Arc<Server> {
+        Arc::new(Server { names: vec![(state.model_name.clone(), 0)], models: vec![state], evolving: Vec::new() })
+    }
+
+    /// Several models (each with the extra names it may be asked by: the alias or path it was
+    /// given as) and evolving models over them. Names must be unique; each evolving model's
+    /// configuration must name served models it fits.
+    pub fn new(
+        models: Vec<(Arc<AppState>, Vec<String>)>,
+        evolving: Vec<(String, tandem_evolve::EvolveConfig)>,
+    ) -> Result<Arc<Server>, String> {
+        if models.is_empty() {
+            return Err("a server needs at least one model".into());
+        }
+        let mut names: Vec<(String, usize)> = Vec::new();
+        fn add(name: &str, i: usize, names: &mut Vec<(String, usize)>) -> Result<(), String> {
+            match names.iter().find(|n| n.0 == name) {
+                Some((_, j)) if *j == i => Ok(()),
+                Some(_) => Err(format!("two models are called `{name}`")),
+                None => {
+                    names.push((name.to_string(), i));
+                    Ok(())
+                }
+            }
+        }
+        for (i, (state, aliases)) in models.iter().enumerate() {
+            add(&state.model_name, i, &mut names)?;
+            for a in aliases {
+                add(a, i, &mut names)?;
+            }
+        }
+        let models: Vec<Arc<AppState>> = models.into_iter().map(|m| m.0).collect();
+        let mut virtuals = Vec::new();
+        for (name, config) in evolving {
+            if names.iter().any(|n| n.0 == name) || virtuals.iter().any(|v: &Arc<evolve::Evolving>| v.name == name) {
+                return Err(format!("--evolve {name}: that name is already a model's"));
+            }
+            let find = |m: &str| names.iter().find(|n| n.0 == m).map(|n| models[n.1].clone());
+            config
+                .check_models(|m| find(m).map(|s| s.engine.config().max_seq_len))
+                .map_err(|e| format!("--evolve {name}: {e}"))?;
+            let tiers = config.models().iter().map(|m| (m.to_string(), find(m).expect("checked"))).collect();
+            virtuals.push(Arc::new(evolve::Evolving::new(name, config, tiers)));
+        }
+        Ok(Arc::new(Server { models, names, evolving: virtuals }))
+    }
+
+    /// The default model (the first).
+    pub fn first(&self) -> &Arc<AppState> {
+        &self.models[0]
+    }
+
+    /// The model or evolving model a request names (None: the default model).
+    pub(crate) fn target(&self, name: Option<&str>) -> Result<Target, ApiError> {
+        let Some(name) = name else { return Ok(Target::Model(self.first().clone())) };
+        if let Some((_, i)) = self.names.iter().find(|n| n.0 == name) {
+            return Ok(Target::Model(self.models[*i].clone()));
+        }
+        if let Some(v) = self.evolving.iter().find(|v| v.name == name) {
+            return Ok(Target::Evolving(v.clone()));
+        }
+        let served: Vec<&str> = self
+            .models
+            .iter()
+            .map(|m| m.model_name.as_str())
+            .chain(self.evolving.iter().map(|v| v.name.as_str()))
+            .collect();
+        Err(ApiError::not_found(format!("the model `{name}` does not exist; this server serves {}", served.join(", "))))
+    }
+
+    /// A model (not an evolving one) a request names.
+    pub(crate) fn model(&self, name: Option<&str>) -> Result<Arc<AppState>, ApiError> {
+        match self.target(name)? {
+            Target::Model(m) => Ok(m),
+            Target::Evolving(v) => Err(ApiError::bad_request(
+                format!("`{}` evolves answers over other models: ask it through /v1/chat/completions", v.name),
+                Some("model"),
+            )),
+        }
+    }
+}
+
 /// Counts every response by endpoint and status, and turns a panic in a handler into a 500 for
 /// that request alone.
-async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn observe(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
     let endpoint = req.uri().path().to_string();
     let resp = match AssertUnwindSafe(next.run(req)).catch_unwind().await {
         Ok(r) => r,
         Err(_) => ApiError::internal("internal error while handling the request").into_response(),
     };
-    state.metrics.count_request(&endpoint, resp.status().as_u16());
+    server.first().metrics.count_request(&endpoint, resp.status().as_u16());
     resp
 }
 
@@ -180,15 +282,16 @@ async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> 
     }
 }
 
-pub fn router(state: Arc<AppState>, options: &ServerOptions) -> Router {
+pub fn router(server: Arc<Server>, options: &ServerOptions) -> Router {
     let mut app = Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/tandem/v1/score", post(score::score))
         .route("/v1/models", get(routes::models))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
-        .with_state(state.clone());
-    if let Some(t) = &state.training {
+        .with_state(server.clone());
+    if let Some(t) = &server.first().training {
         app = app.merge(training::router(t.clone()).layer(DefaultBodyLimit::max(MAX_TRAINING_BODY_BYTES)));
     }
     // Layers run outside in: count, authorize, then time the handler.
@@ -196,20 +299,20 @@ pub fn router(state: Arc<AppState>, options: &ServerOptions) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(options.request_timeout, time_limit))
         .layer(middleware::from_fn_with_state(Arc::new(options.auth.clone()), auth::authorize))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn_with_state(server.clone(), observe))
 }
 
 /// Serves on `listener` until `shutdown` resolves; then stops accepting connections, lets
 /// running generations finish, and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
+    server: Arc<Server>,
     options: ServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let engine = state.engine.clone();
-    let app = router(state, &options);
+    let engines: Vec<EngineHandle> = server.models.iter().map(|m| m.engine.clone()).collect();
+    let app = router(server, &options);
     // HTTP/1.1 only (what OpenAI clients speak): hyper then times the first request's headers from
     // the moment a connection opens, and every later request's from when the connection went idle,
     // which closes silent, idle and header-trickling connections alike.
@@ -241,7 +344,9 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: refusing new requests, finishing running ones");
-    engine.shutdown();
+    for engine in &engines {
+        engine.shutdown();
+    }
     graceful.shutdown().await;
     Ok(())
 }

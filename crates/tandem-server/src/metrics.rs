@@ -364,3 +364,74 @@ fn render_fairness(out: &mut String, g: &EngineGauges) {
         let _ = writeln!(out, "tandem_client_waiting_requests{{client=\"{}\"}} {n}", escape(c));
     }
 }
+
+/// Families that belong to the server, not to a model: they keep no `model` label.
+const SERVER_WIDE: &[&str] = &["tandem_requests_total"];
+
+/// Several models' expositions as one: each family's HELP and TYPE once, then every model's
+/// samples with `model="NAME"` first among their labels (the exposition format wants a family's
+/// samples together). Server-wide families come from the first model alone.
+pub fn merge_models(parts: &[(String, String)]) -> String {
+    // (family name, header lines, sample lines), in order of first appearance.
+    let mut families: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for (index, (model, text)) in parts.iter().enumerate() {
+        let mut current: Option<usize> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+                let name = rest.split_whitespace().next().unwrap_or_default().to_string();
+                let at = match families.iter().position(|f| f.0 == name) {
+                    Some(i) => i,
+                    None => {
+                        families.push((name, Vec::new(), Vec::new()));
+                        families.len() - 1
+                    }
+                };
+                if !families[at].1.iter().any(|h| h == line) {
+                    families[at].1.push(line.to_string());
+                }
+                current = Some(at);
+                continue;
+            }
+            let Some(at) = current else { continue };
+            if SERVER_WIDE.contains(&families[at].0.as_str()) {
+                if index == 0 {
+                    families[at].2.push(line.to_string());
+                }
+                continue;
+            }
+            families[at].2.push(with_model_label(line, model));
+        }
+    }
+    let mut out = String::new();
+    for (_, headers, samples) in families {
+        for l in headers.iter().chain(&samples) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `name{a="b"} 1` -> `name{model="M",a="b"} 1`; `name 1` -> `name{model="M"} 1`.
+fn with_model_label(sample: &str, model: &str) -> String {
+    let label = format!("model=\"{}\"", escape(model));
+    match (sample.find('{'), sample.find(' ')) {
+        (Some(b), Some(sp)) if b < sp => format!("{}{{{label},{}", &sample[..b], &sample[b + 1..]),
+        (_, Some(sp)) => format!("{}{{{label}}}{}", &sample[..sp], &sample[sp..]),
+        _ => sample.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_merge_into_one_exposition_with_a_model_label() {
+        let a = "# HELP tandem_requests_total R.\n# TYPE tandem_requests_total counter\ntandem_requests_total{endpoint=\"/x\",status=\"200\"} 3\n# HELP q Q.\n# TYPE q gauge\nq 1\n# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"0.1\"} 2\nh_sum 0.5\n";
+        let b = "# HELP tandem_requests_total R.\n# TYPE tandem_requests_total counter\n# HELP q Q.\n# TYPE q gauge\nq 7\n# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"0.1\"} 0\nh_sum 0\n";
+        let merged = merge_models(&[("small".into(), a.into()), ("big \"x\"".into(), b.into())]);
+        let want = "# HELP tandem_requests_total R.\n# TYPE tandem_requests_total counter\ntandem_requests_total{endpoint=\"/x\",status=\"200\"} 3\n# HELP q Q.\n# TYPE q gauge\nq{model=\"small\"} 1\nq{model=\"big \\\"x\\\"\"} 7\n# HELP h H.\n# TYPE h histogram\nh_bucket{model=\"small\",le=\"0.1\"} 2\nh_sum{model=\"small\"} 0.5\nh_bucket{model=\"big \\\"x\\\"\",le=\"0.1\"} 0\nh_sum{model=\"big \\\"x\\\"\"} 0\n";
+        assert_eq!(merged, want);
+    }
+}

@@ -3,12 +3,12 @@
 //!
 //! Over 600 lines because both OpenAI endpoints share one job builder and one streaming path;
 //! the request types are in `api.rs`, choices in `choice.rs`, errors in `error.rs`.
-use crate::api::{ChatRequest, Common, CompletionRequest, Content, Prompt, Stop};
+use crate::api::{ChatMessage, ChatRequest, Common, CompletionRequest, Content, Prompt, Stop};
 use crate::auth::Identity;
 use crate::choice::{self, ChoiceEvent, TokenInfo};
 use crate::error::ApiError;
 use crate::metrics::EngineGauges;
-use crate::AppState;
+use crate::{AppState, Server, Target};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -26,7 +26,7 @@ use std::time::Instant;
 use tandem_engine::{GenerationRequest, SpecUsage};
 use tandem_runtime::{Message, SamplingParams};
 
-type Shared = State<Arc<AppState>>;
+type Shared = State<Arc<Server>>;
 
 /// A prompt's token ids and the text echoed before its completion.
 type PromptIds = (Vec<u32>, Option<String>);
@@ -40,7 +40,7 @@ const MAX_CHOICES: usize = 64;
 /// header). Without keys: the `X-Tandem-Client` header, else the bearer token (as a short hash,
 /// so tokens never appear in metrics), else the OpenAI `user` field; None shares "default".
 /// `X-Tandem-Agent` names an agent within the client.
-fn identify(headers: &HeaderMap, identity: Option<&Identity>, common: &mut Common) {
+pub(crate) fn identify(headers: &HeaderMap, identity: Option<&Identity>, common: &mut Common) {
     let header = |name: &str| {
         headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(String::from)
     };
@@ -90,7 +90,7 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     }
 }
 
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Common), ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Common), ApiError> {
     let bytes = body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}"), None))?;
@@ -129,7 +129,7 @@ struct Job {
     n: usize,
 }
 
-fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -> Result<T, ApiError> {
+pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -> Result<T, ApiError> {
     if v < lo || v > hi {
         return Err(ApiError::bad_request(format!("`{name}` must be between {lo} and {hi}, got {v}"), Some(name)));
     }
@@ -169,16 +169,6 @@ fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError>
     })
 }
 
-fn check_model(state: &AppState, c: &Common) -> Result<(), ApiError> {
-    match &c.model {
-        Some(m) if m != &state.model_name => Err(ApiError::not_found(format!(
-            "the model `{m}` does not exist; this server serves `{}`",
-            state.model_name
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// Builds the choices of a job from its prompts, applying n, max_tokens, seeds and stops.
 fn build_job(
     state: &AppState,
@@ -189,7 +179,6 @@ fn build_job(
     default_max_tokens: Option<usize>,
     logprobs: Option<usize>,
 ) -> Result<Job, ApiError> {
-    check_model(state, c)?;
     let n = in_range(c.n.unwrap_or(1), 1, 16, "n")? as usize;
     if prompts.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
@@ -271,7 +260,7 @@ fn build_job(
     })
 }
 
-fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+pub(crate) fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     state
         .tokenizer
         .encode(text, false)
@@ -280,7 +269,7 @@ fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
 }
 
 pub async fn completions(
-    State(state): Shared,
+    State(server): Shared,
     headers: HeaderMap,
     identity: Option<Extension<Identity>>,
     body: Result<Bytes, BytesRejection>,
@@ -291,6 +280,10 @@ pub async fn completions(
         Err(e) => return e.into_response(),
     };
     identify(&headers, identity.as_deref(), &mut common);
+    let state = match server.model(common.model.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
     let echo = req.echo.unwrap_or(false);
     let texts: Result<Vec<PromptIds>, ApiError> = match &req.prompt {
         Prompt::Text(t) => tokenize(&state, t).map(|ids| vec![(ids, echo.then(|| t.clone()))]),
@@ -320,7 +313,7 @@ pub async fn completions(
 }
 
 pub async fn chat_completions(
-    State(state): Shared,
+    State(server): Shared,
     headers: HeaderMap,
     identity: Option<Extension<Identity>>,
     body: Result<Bytes, BytesRejection>,
@@ -331,51 +324,14 @@ pub async fn chat_completions(
         Err(e) => return e.into_response(),
     };
     identify(&headers, identity.as_deref(), &mut common);
+    let state = match server.target(common.model.as_deref()) {
+        Ok(Target::Model(state)) => state,
+        Ok(Target::Evolving(v)) => return crate::evolve::chat(v, req, common, started).await,
+        Err(e) => return e.into_response(),
+    };
     let result = (|| {
-        if req.messages.is_empty() {
-            return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));
-        }
-        let mut messages = Vec::with_capacity(req.messages.len());
-        for (i, m) in req.messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
-                return Err(ApiError::bad_request(
-                    format!("messages[{i}].role `{}` is not one of system, user, assistant, tool, developer", m.role),
-                    Some("messages"),
-                ));
-            }
-            let content = match &m.content {
-                // Only an assistant turn may come without content (OpenAI: one that called tools).
-                None if m.role == "assistant" => String::new(),
-                None => {
-                    return Err(ApiError::bad_request(
-                        format!("messages[{i}] ({}) needs `content`", m.role),
-                        Some("messages"),
-                    ))
-                }
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(ApiError::bad_request(
-                                    format!(
-                                        "messages[{i}]: content parts of type `{kind}` are not supported (text only)"
-                                    ),
-                                    Some("messages"),
-                                ))
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-            messages.push(Message::new(role, &content));
-        }
-        let prompt = state.template.render(&messages, true).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
-        let ids = tokenize(&state, &prompt)?;
+        let messages = chat_messages(&req.messages)?;
+        let ids = chat_prompt(&state, &messages)?;
         let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
             (false, Some(_)) => {
                 return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")))
@@ -390,6 +346,58 @@ pub async fn chat_completions(
         Ok(job) => run(state, job, started).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// A chat's messages, checked: known roles (`developer` read as `system`), text content (only an
+/// assistant turn may omit it).
+pub(crate) fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}].role `{}` is not one of system, user, assistant, tool, developer", m.role),
+                Some("messages"),
+            ));
+        }
+        let content = match &m.content {
+            // Only an assistant turn may come without content (OpenAI: one that called tools).
+            None if m.role == "assistant" => String::new(),
+            None => {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}] ({}) needs `content`", m.role),
+                    Some("messages"),
+                ))
+            }
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::bad_request(
+                                format!("messages[{i}]: content parts of type `{kind}` are not supported (text only)"),
+                                Some("messages"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+        out.push(Message::new(role, &content));
+    }
+    Ok(out)
+}
+
+/// The token ids of a chat rendered by the model's template, ready for the assistant's turn.
+pub(crate) fn chat_prompt(state: &AppState, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
+    let prompt = state.template.render(messages, true).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
+    tokenize(state, &prompt)
 }
 
 fn now_secs() -> u64 {
@@ -626,28 +634,54 @@ fn stream_response(
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
-pub async fn models(State(state): Shared) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "tandem",
-        "max_model_len": state.engine.config().max_seq_len,
-    }]}))
+pub async fn models(State(server): Shared) -> Json<Value> {
+    let mut data: Vec<Value> = server
+        .models
+        .iter()
+        .map(|m| {
+            json!({"id": m.model_name, "object": "model", "created": m.created, "owned_by": "tandem",
+                   "max_model_len": m.engine.config().max_seq_len})
+        })
+        .collect();
+    for v in &server.evolving {
+        data.push(json!({"id": v.name, "object": "model", "created": server.first().created, "owned_by": "tandem",
+                         "tandem_evolve": v.describe()}));
+    }
+    Json(json!({"object": "list", "data": data}))
 }
 
-/// 200 while the engine serves; 503 once its thread has stopped (a load balancer then stops
+/// 200 while every engine serves; 503 once one's thread has stopped (a load balancer then stops
 /// sending traffic here instead of collecting errors).
-pub async fn health(State(state): Shared) -> Response {
-    match state.engine.is_alive() {
-        true => Json(json!({"status": "ok"})).into_response(),
-        false => (
+pub async fn health(State(server): Shared) -> Response {
+    match server.models.iter().find(|m| !m.engine.is_alive()) {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(m) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unhealthy", "error": "the engine thread has stopped"})),
+            Json(
+                json!({"status": "unhealthy", "error": format!("the engine thread of `{}` has stopped", m.model_name)}),
+            ),
         )
             .into_response(),
     }
 }
 
-pub async fn metrics(State(state): Shared) -> Response {
-    let gauges = EngineGauges {
+/// Each model's series; with several models each sample carries a `model` label (request counts,
+/// which are the server's, excepted).
+pub async fn metrics(State(server): Shared) -> Response {
+    let parts: Vec<(String, String)> =
+        server.models.iter().map(|state| (state.model_name.clone(), state.metrics.render(&gauges(state)))).collect();
+    let mut text = match parts.len() {
+        1 => parts.into_iter().next().map(|p| p.1).unwrap_or_default(),
+        _ => crate::metrics::merge_models(&parts),
+    };
+    for v in &server.evolving {
+        v.render_metrics(&mut text);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn gauges(state: &AppState) -> EngineGauges {
+    EngineGauges {
         waiting: state.engine.waiting(),
         running: state.engine.running(),
         kv: state.engine.kv_usage(),
@@ -658,6 +692,5 @@ pub async fn metrics(State(state): Shared) -> Response {
         waiting_by_client: state.engine.waiting_by_client(),
         preemptions: state.engine.preemptions(),
         online: state.online.clone(),
-    };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
+    }
 }

@@ -12,9 +12,16 @@ use tandem_server::ServerOptions;
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// A .gguf file, an HF model folder, `smollm2` / `qwen-coder` (default: smollm2), or a Hugging
-    /// Face repository `org/name` (`org/name:file.gguf` for one GGUF file).
+    /// Face repository `org/name` (`org/name:file.gguf` for one GGUF file). Repeat it to serve
+    /// several models, each with its own engine and KV budget (requests pick one by `model`,
+    /// its name or the name given here; the first is the default and carries the training API,
+    /// online drafter training and any drafter but n-gram, which every model gets).
     #[arg(long)]
-    model: Option<String>,
+    model: Vec<String>,
+    /// A virtual model that evolves its answers over the served models (RSA or Squeeze Evolve):
+    /// NAME=CONFIG.json (see docs/evolve.md). Repeatable.
+    #[arg(long, value_name = "NAME=CONFIG")]
+    evolve: Vec<String>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -22,9 +29,9 @@ pub struct ServeArgs {
     /// Sequences generated at once, at most (the KV budget may hold fewer).
     #[arg(long, default_value_t = EngineConfig::default().max_batch)]
     max_batch: usize,
-    /// KV cache memory, e.g. 512MiB or 2GiB: a pool of 16-token blocks that sequences take as
-    /// they grow and give back when they end (a sequence is preempted when the running ones'
-    /// next steps do not fit). Default: --max-batch sequences of up to 4096 tokens.
+    /// KV cache memory per model, e.g. 512MiB or 2GiB: a pool of 16-token blocks that sequences
+    /// take as they grow and give back when they end (a sequence is preempted when the running
+    /// ones' next steps do not fit). Default: --max-batch sequences of up to 4096 tokens.
     #[arg(long)]
     kv_budget: Option<String>,
     /// Longest sequence, prompt plus output, in tokens. Default: the model's context, or what
@@ -168,13 +175,9 @@ pub enum Switch {
     Off,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    let server_options = args.server_options()?;
-    let path = models::resolve(args.model.as_deref())?;
-    let opts = args.dtype.load_options(device(args.cuda)?);
-    let loaded = load_model(&path, &opts)?;
-    let c = &loaded.model.config;
-    let per_token = c.kv_bytes_per_token();
+/// The engine settings for one model, and its KV pool in tokens.
+fn engine_config(args: &ServeArgs, loaded: &tandem_models::LoadedModel) -> Result<EngineConfig> {
+    let per_token = loaded.model.config.kv_bytes_per_token();
     let max_batch = args.max_batch.max(1);
     let context = loaded.model.max_positions();
     let kv_tokens = match &args.kv_budget {
@@ -185,11 +188,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let max_seq_len = args.max_seq_len.unwrap_or(context).min(context).min(kv_tokens);
     if max_seq_len < 64 {
         bail!(
-            "sequences of at most {max_seq_len} tokens (the KV budget holds {kv_tokens} of {per_token} bytes); \
-             give --max-seq-len and --kv-budget room for at least 64"
+            "{}: sequences of at most {max_seq_len} tokens (the KV budget holds {kv_tokens} of {per_token} bytes); \
+             give --max-seq-len and --kv-budget room for at least 64",
+            loaded.name
         );
     }
-    let config = EngineConfig {
+    Ok(EngineConfig {
         max_batch,
         max_seq_len,
         max_waiting: args.max_waiting,
@@ -200,7 +204,54 @@ pub fn run(args: ServeArgs) -> Result<()> {
         swap_bytes: None,
         kv_tokens: Some(kv_tokens),
         prefix_cache: args.prefix_cache == Switch::On,
-    };
+    })
+}
+
+/// `--evolve NAME=CONFIG.json` as (name, configuration), with errors that say which flag.
+fn evolve_configs(args: &ServeArgs) -> Result<Vec<(String, tandem_evolve::EvolveConfig)>> {
+    args.evolve
+        .iter()
+        .map(|spec| {
+            let (name, path) =
+                spec.split_once('=').with_context(|| format!("--evolve {spec}: expected NAME=CONFIG.json"))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("--evolve {name}: reading {path}"))?;
+            let config = tandem_evolve::EvolveConfig::from_json(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--evolve {name} ({path})"))?;
+            Ok((name.to_string(), config))
+        })
+        .collect()
+}
+
+/// A started model: its state, the names it was asked by, and its engine thread.
+type Started = (std::sync::Arc<tandem_server::AppState>, Vec<String>, std::thread::JoinHandle<()>);
+
+/// Every model after the first: its own engine and policy, n-gram speculation if asked for.
+fn start_more(args: &ServeArgs, opts: &tandem_models::LoadOptions) -> Result<Vec<Started>> {
+    let mut out = Vec::new();
+    for name in args.model.iter().skip(1) {
+        let loaded = load_model(&models::resolve(Some(name))?, opts)?;
+        let config = engine_config(args, &loaded)?;
+        let drafter = match args.spec.spec.as_str() {
+            "ngram" => spec_arg::build(&args.spec, &loaded, opts)?.map(tandem_engine::ServedDrafter::Fixed),
+            _ => None,
+        };
+        let policy = schedule_arg::build(&args.schedule)?;
+        let (state, thread) =
+            tandem_server::AppState::start(loaded, config, policy, drafter, None).map_err(anyhow::Error::msg)?;
+        out.push((state, vec![name.clone()], thread));
+    }
+    Ok(out)
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let server_options = args.server_options()?;
+    let evolving = evolve_configs(&args)?;
+    let path = models::resolve(args.model.first().map(String::as_str))?;
+    let opts = args.dtype.load_options(device(args.cuda)?);
+    let loaded = load_model(&path, &opts)?;
+    let config = engine_config(&args, &loaded)?;
+    let (max_batch, max_seq_len, kv_tokens) = (config.max_batch, config.max_seq_len, config.kv_tokens.unwrap_or(0));
     let (drafter, online, trainer) = if args.online.enabled() {
         if !args.spec.spec.starts_with("eagle") {
             bail!("--spec-train online trains an EAGLE drafter: add --spec eagle");
@@ -249,14 +300,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let (state, engine_thread) =
         tandem_server::AppState::start_with_training(loaded, config, policy, drafter, online, training)
             .map_err(anyhow::Error::msg)?;
+    let more = start_more(&args, &opts)?;
+    let mut served = vec![(state, args.model.first().cloned().into_iter().collect::<Vec<_>>())];
+    let mut threads = vec![engine_thread];
+    for (state, names, thread) in more {
+        served.push((state, names));
+        threads.push(thread);
+    }
+    let server = tandem_server::Server::new(served, evolving).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
     runtime.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        let names: Vec<&str> = server
+            .models
+            .iter()
+            .map(|m| m.model_name.as_str())
+            .chain(server.evolving.iter().map(|v| v.name.as_str()))
+            .collect();
         eprintln!(
             "tandem serving {} on http://{} (up to {} sequences of up to {} tokens, KV pool of {} tokens{})",
-            state.model_name,
+            names.join(", "),
             listener.local_addr()?,
             max_batch,
             max_seq_len,
@@ -272,10 +337,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 std::process::exit(0);
             });
         };
-        tandem_server::serve(listener, state, server_options, shutdown).await?;
+        tandem_server::serve(listener, server, server_options, shutdown).await?;
         anyhow::Ok(())
     })?;
-    let _ = engine_thread.join();
+    for t in threads {
+        let _ = t.join();
+    }
     if let Some(t) = trainer {
         // Writes the final drafter checkpoint.
         t.shutdown();

@@ -341,3 +341,58 @@ fn a_care_converted_model_serves_speculation_unchanged() {
     assert!(metrics.contains("tandem_kv_cache"), "no KV metrics");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Two models in one server (SmolLM2 under two names: two engines, two KV pools), the scoring
+/// call, and evolving models over them (tests/server/test_evolve.py); then configurations that
+/// must stop the server at startup with a clear message.
+#[test]
+fn two_models_scoring_and_evolving_models_in_one_server() {
+    let dir = std::env::temp_dir().join(format!("tandem-evolve-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let b = dir.join("smol-b.gguf");
+    let _ = std::fs::remove_file(&b);
+    std::os::unix::fs::symlink(smollm2(), &b).unwrap();
+    let a_name = "SmolLM2-135M-Instruct.Q4_1";
+    let config = |name: &str, json: String| {
+        let p = dir.join(format!("{name}.json"));
+        std::fs::write(&p, json).unwrap();
+        format!("{name}={}", p.display())
+    };
+    let evolver = config(
+        "evolver",
+        format!(r#"{{"n": 4, "k": 2, "t": 2, "tiers": ["{a_name}", "smol-b"], "percentile": 50, "max_tokens": 48}}"#),
+    );
+    let slow =
+        config("slow-evolver", format!(r#"{{"n": 32, "k": 2, "t": 3, "tiers": ["{a_name}"], "max_tokens": 200}}"#));
+    let port = free_port();
+    let b_arg = b.to_string_lossy().to_string();
+    let _server = start_with(&smollm2(), port, &["--model", &b_arg, "--evolve", &evolver, "--evolve", &slow]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(root.join("tests/server/test_evolve.py"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args([a_name, "smol-b"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/server/test_evolve.py failed (output above)");
+
+    let refused = |json: &str, extra: &[&str]| {
+        let bad = config("bad", json.to_string());
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["serve", "--port", &free_port().to_string(), "--model"])
+            .arg(smollm2())
+            .args(extra)
+            .args(["--evolve", &bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a bad configuration must stop the server");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = refused(r#"{"n": 4}"#, &[]);
+    assert!(e.contains("--evolve bad") && e.contains("missing field `tiers`"), "{e}");
+    let e = refused(r#"{"tiers": ["nope"]}"#, &[]);
+    assert!(e.contains("model `nope` is not served"), "{e}");
+    let e = refused(&format!(r#"{{"tiers": ["{a_name}"], "k": 8, "max_tokens": 4000}}"#), &["--max-seq-len", "8192"]);
+    assert!(e.contains("lower k or max_tokens"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
