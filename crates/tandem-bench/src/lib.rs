@@ -4,6 +4,7 @@
 //! each); `workload` builds the online benchmark's prompt stream, `plot` draws the PNGs.
 mod bench_care;
 mod bench_draft;
+mod bench_evolve;
 mod bench_fair;
 mod bench_online;
 mod bench_prefix;
@@ -110,6 +111,10 @@ enum BenchTarget {
     /// several ranks beside the original, KV bytes per token, 2k-token sequences per KV budget,
     /// and decode tok/s at 1k / 4k context, original against converted.
     Care(crate::bench_care::CareBenchArgs),
+    /// Test-time evolution on held-out arithmetic problems: single sample, majority vote, RSA and
+    /// Squeeze Evolve at several percentiles over an expensive and a cheap model; accuracy
+    /// against compute, per round, and confidence AUC; table, JSON and PNG.
+    Evolve(crate::bench_evolve::EvolveBenchArgs),
     /// RL through the Tinker SDK (`examples/rl_grpo.py`) against `tandem serve` per serving
     /// configuration, same seed: rollout tokens/s, acceptance, draft length, drafter version,
     /// training time and reward per RL step; table, JSON and PNG.
@@ -230,6 +235,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Rl(a)) => return crate::bench_rl::run(a),
         Some(BenchTarget::Prefix(a)) => return crate::bench_prefix::run(a),
         Some(BenchTarget::Care(a)) => return crate::bench_care::run(a),
+        Some(BenchTarget::Evolve(a)) => return crate::bench_evolve::run(a),
         None => {}
     }
     let names =

@@ -59,6 +59,8 @@ pub fn line_grid(path: &str, panels: &[(String, String, String, Series)]) -> Res
         chart.configure_mesh().x_desc(x_desc.as_str()).y_desc(y_desc.as_str()).draw().map_err(|e| anyhow!("{e}"))?;
         for (i, (name, points)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
+            // Markers too: a series of one point (a method at one cost) has no line to show.
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow!("{e}"))?;
             chart
                 .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
                 .map_err(|e| anyhow!("{e}"))?
