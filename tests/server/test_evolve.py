@@ -126,6 +126,28 @@ def test_scoring_equals_the_slow_way_and_is_one_batched_prefill():
         assert status == 400 and what in json.loads(data)["error"]["message"], (bad, status, data)
 
 
+def test_echo_with_logprobs_reports_the_prompt_and_max_tokens_0_scores_it_alone():
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = ids_of(B, prompt)
+    r = client.completions.create(model=B, prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0, r
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None, lp
+    assert "".join(lp.tokens) == prompt and lp.text_offset[0] == 0
+    status, data = raw("POST", "/tandem/v1/score", {"model": B, "prompt": ids[:1], "continuations": [ids[1:]],
+                                                     "per_token": True, "top_k": 3})
+    for got, want in zip(lp.token_logprobs[1:], json.loads(data)["data"][0]["per_token"]):
+        assert abs(got - want["logprob"]) < 1e-4, (got, want)
+    assert all(len(t) == 3 for t in lp.top_logprobs[1:]), lp.top_logprobs
+    # With tokens to generate: the prompt's logprobs, then the completion's, which is unchanged.
+    plain = client.completions.create(model=B, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+    both = client.completions.create(model=B, prompt=prompt, max_tokens=6, temperature=0, logprobs=1, echo=True)
+    assert both.choices[0].text == prompt + plain.choices[0].text
+    assert both.choices[0].logprobs.token_logprobs[len(ids):] == plain.choices[0].logprobs.token_logprobs
+    status, data = raw("POST", "/v1/completions", {"model": B, "prompt": prompt, "max_tokens": 0})
+    assert status == 400 and "max_tokens" in json.loads(data)["error"]["message"], data
+
+
 def test_an_evolving_model_answers_with_the_cost_of_every_call_accounted():
     before = metrics()
     r = client.chat.completions.create(model="evolver", messages=[{"role": "user", "content": QUESTION}], seed=3)
@@ -180,6 +202,35 @@ def test_refusals_of_an_evolving_model():
         assert status == 400 and what in json.loads(data)["error"]["message"], (extra, status, data)
     status, data = raw("POST", "/v1/completions", {"model": "evolver", "prompt": "x"})
     assert status == 400 and "chat/completions" in json.loads(data)["error"]["message"], data
+
+
+def test_an_evolution_does_not_starve_another_client():
+    """A client's evolution (32 samples of up to 200 tokens, then aggregations: minutes of work
+    that fill every batch slot) and another client's short request: the fair scheduler charges
+    the evolution's children to their caller, so the other client is served within seconds."""
+    import threading
+    conn = http.client.HTTPConnection(HOST.hostname, HOST.port, timeout=60)
+    body = {"model": "slow-evolver", "messages": [{"role": "user", "content": QUESTION}], "stream": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Content-Type": "application/json", "X-Tandem-Client": "hog"})
+    r = conn.getresponse()
+    r.fp.readline()
+    deadline = time.time() + 30
+    while metric(metrics(), "tandem_client_waiting_requests", client="hog") == 0:
+        assert time.time() < deadline, "the evolution never filled the batch"
+        time.sleep(0.05)
+    polite = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=120,
+                           default_headers={"X-Tandem-Client": "polite"})
+    start = time.time()
+    out = polite.chat.completions.create(model=A, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8,
+                                         temperature=0)
+    waited = time.time() - start
+    still = metric(metrics(), "tandem_client_waiting_requests", client="hog")
+    conn.sock.close()
+    conn.close()
+    assert out.usage.completion_tokens > 0
+    assert still > 0, "the evolution was still queued when the other client was served"
+    assert waited < 15, f"the other client waited {waited:.1f} s behind the evolution"
 
 
 def test_a_client_that_disconnects_cancels_its_evolution():

@@ -130,6 +130,8 @@ pub fn run(args: EvolveBenchArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rows = Vec::new();
     let mut details = Vec::new();
+    // The majority run's first candidates, for the scoring measurement.
+    let mut details_texts: Vec<String> = Vec::new();
     println!(
         "evolve: {} held-out problems ({} steps), N={} K={} T={}, expensive {big}, cheap {small}",
         problems.len(),
@@ -145,6 +147,9 @@ pub fn run(args: EvolveBenchArgs) -> Result<()> {
         let started = Instant::now();
         let outcomes = runtime.block_on(evolve_all(&evolving, &problems, args.concurrency, args.seed))?;
         let seconds = started.elapsed().as_secs_f64();
+        if details_texts.is_empty() {
+            details_texts = outcomes.first().map(|o| o.rounds[0].texts.clone()).unwrap_or_default();
+        }
         let row = summarize(&name, &problems, &outcomes, &config, seconds, &compute_of);
         print_row(&row);
         if name == "rsa" {
@@ -164,11 +169,23 @@ pub fn run(args: EvolveBenchArgs) -> Result<()> {
     let single = single_row(&rows[0], args.n * args.t);
     rows.insert(0, single);
     print_table(&rows);
+    // Last: serving HTTP, then stopping, ends the cheap model's engine.
+    let candidates = candidates_of(&details_texts, &problems);
+    let scoring = runtime.block_on(scoring_cost(states[1].0.clone(), candidates))?;
+    println!(
+        "scoring {} candidates on {small}: /tandem/v1/score {:.3} s ({} bytes) vs echo + logprobs=20 {:.3} s ({} bytes): {:.1}x faster",
+        scoring.candidates,
+        scoring.score_secs,
+        scoring.score_bytes,
+        scoring.echo_secs,
+        scoring.echo_bytes,
+        scoring.echo_secs / scoring.score_secs.max(1e-9)
+    );
     let json = serde_json::json!({
         "machine": crate::machine_description(),
         "expensive": big, "cheap": small, "problems": problems.len(), "steps": args.steps,
         "n": args.n, "k": args.k, "t": args.t, "max_tokens": args.max_tokens, "seed": args.seed,
-        "rows": rows, "details": details,
+        "rows": rows, "scoring": scoring, "details": details,
     });
     std::fs::create_dir_all(std::path::Path::new(&args.out).parent().unwrap_or(std::path::Path::new(".")))?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&json)?).with_context(|| args.out.clone())?;
@@ -178,6 +195,76 @@ pub fn run(args: EvolveBenchArgs) -> Result<()> {
         Err(e) => println!("wrote {} (no plot: {e})", args.out),
     }
     Ok(())
+}
+
+/// The first problem's question with up to 16 real candidates (the majority run's samples).
+fn candidates_of(texts: &[String], problems: &[Problem]) -> (String, Vec<String>) {
+    let q = problems.first().map(|p| p.question.clone()).unwrap_or_default();
+    (q, texts.iter().filter(|t| !t.trim().is_empty()).take(16).cloned().collect())
+}
+
+/// The scoring call against what an OpenAI-API user does instead (`echo` with `logprobs: 20`
+/// and `max_tokens: 0` per candidate, all at once), through HTTP on one model: median seconds
+/// of three calls each, and response bytes.
+#[derive(Serialize, Default)]
+struct ScoringCost {
+    candidates: usize,
+    score_secs: f64,
+    echo_secs: f64,
+    score_bytes: usize,
+    echo_bytes: usize,
+}
+
+async fn scoring_cost(state: Arc<AppState>, (question, candidates): (String, Vec<String>)) -> Result<ScoringCost> {
+    use serde_json::json;
+    let rendered = state
+        .template
+        .render(&[tandem_runtime::Message::new("user", &question)], true)
+        .map_err(anyhow::Error::msg)?;
+    let model = state.model_name.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tandem_server::serve(
+        listener,
+        tandem_server::Server::one(state),
+        tandem_server::ServerOptions::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let score_body = json!({"model": model, "messages": [{"role": "user", "content": question}],
+                            "continuations": candidates, "top_k": 20});
+    let mut out = ScoringCost { candidates: candidates.len(), ..Default::default() };
+    let (mut score_times, mut echo_times) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (status, data) = crate::bench_soak::http(port, "POST", "/tandem/v1/score", Some(&score_body)).await?;
+        anyhow::ensure!(status == 200, "score: http {status}");
+        score_times.push(t.elapsed().as_secs_f64());
+        out.score_bytes = data.len();
+        let t = Instant::now();
+        let calls = candidates.iter().map(|c| {
+            let body = json!({"model": model, "prompt": format!("{rendered}{c}"), "max_tokens": 0, "echo": true, "logprobs": 20});
+            async move { crate::bench_soak::http(port, "POST", "/v1/completions", Some(&body)).await }
+        });
+        let answers = futures::future::join_all(calls).await;
+        echo_times.push(t.elapsed().as_secs_f64());
+        out.echo_bytes = 0;
+        for a in answers {
+            let (status, data) = a?;
+            anyhow::ensure!(status == 200, "echo: http {status}");
+            out.echo_bytes += data.len();
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (out.score_secs, out.echo_secs) = (median(score_times), median(echo_times));
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    Ok(out)
 }
 
 fn state_of(states: &[(Arc<AppState>, f64)], name: &str) -> Arc<AppState> {

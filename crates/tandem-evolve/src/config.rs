@@ -146,7 +146,7 @@ impl EvolveConfig {
             let need = self.k * self.max_tokens + QUESTION_ROOM + self.max_tokens;
             if self.t > 1 && need > ctx {
                 return Err(format!(
-                    "an aggregation prompt of k = {} candidates of up to max_tokens = {} tokens, with the question ({QUESTION_ROOM} tokens allowed) and room to answer, needs {need} tokens; `{name}` holds {ctx}: lower k or max_tokens",
+                    "an aggregation prompt of k = {} candidates of up to max_tokens = {} tokens, with the question and instructions ({QUESTION_ROOM} tokens allowed) and room to answer, needs {need} tokens; `{name}` holds {ctx}: lower k or max_tokens",
                     self.k, self.max_tokens
                 ));
             }
@@ -155,5 +155,9 @@ impl EvolveConfig {
     }
 }
 
-/// Tokens an aggregation prompt keeps for the question and the instructions.
-pub const QUESTION_ROOM: usize = 512;
+/// Tokens an aggregation prompt keeps for the question, the instructions and the chat template.
+pub const QUESTION_ROOM: usize = 1024;
+
+/// The longest question an evolving model takes, in tokens (the rest of `QUESTION_ROOM` is the
+/// aggregation instructions' and the template's).
+pub const MAX_QUESTION: usize = QUESTION_ROOM - 256;

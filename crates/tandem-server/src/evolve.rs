@@ -230,11 +230,11 @@ pub async fn chat(v: Arc<Evolving>, req: ChatRequest, common: Common, started: I
         // The question must leave the aggregation prompts their room (`EvolveConfig::check_models`).
         let first = v.models.first().map(|m| m.1.clone()).ok_or_else(|| ApiError::internal("no model"))?;
         let len = chat_prompt(&first, &user(&q))?.len();
-        match len > tandem_evolve::config::QUESTION_ROOM {
+        match len > tandem_evolve::config::MAX_QUESTION {
             true => Err(ApiError::bad_request(
                 format!(
                     "the question has {len} tokens; an evolving model takes at most {}",
-                    tandem_evolve::config::QUESTION_ROOM
+                    tandem_evolve::config::MAX_QUESTION
                 ),
                 Some("messages"),
             )),

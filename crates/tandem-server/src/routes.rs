@@ -127,6 +127,9 @@ struct Job {
     include_usage: bool,
     /// Choices per prompt (`n`): choice index / n is its prompt.
     n: usize,
+    /// Per prompt, its own tokens' logprobs (completions with `echo` and `logprobs`), reported
+    /// before the completion's; empty otherwise.
+    prompt_logprobs: Vec<Vec<TokenInfo>>,
 }
 
 pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -> Result<T, ApiError> {
@@ -257,6 +260,7 @@ fn build_job(
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         n,
+        prompt_logprobs: Vec::new(),
     })
 }
 
@@ -303,13 +307,50 @@ pub async fn completions(
             Err(e) => return e.into_response(),
         },
     };
+    // `echo` with `logprobs` reports the prompt's tokens too (what lm-eval-harness and vLLM
+    // users score with), and then `max_tokens: 0` asks for the prompt's logprobs alone.
+    let prompt_only = echo && logprobs.is_some() && common.max_tokens == Some(0);
+    let max_tokens = if prompt_only { Some(1) } else { common.max_tokens };
+    let prompts = texts.clone();
     let job = texts.and_then(|prompts| {
-        build_job(&state, Endpoint::Completions, &common, prompts, common.max_tokens, Some(16), logprobs)
+        build_job(&state, Endpoint::Completions, &common, prompts, max_tokens, Some(16), logprobs)
     });
-    match job {
-        Ok(job) => run(state, job, started).await,
-        Err(e) => e.into_response(),
+    let mut job = match job {
+        Ok(job) => job,
+        Err(e) => return e.into_response(),
+    };
+    if let (true, Some(top), Ok(prompts)) = (echo, logprobs, prompts) {
+        for (ids, _) in &prompts {
+            match prompt_logprobs(&state, ids, top, &common).await {
+                Ok(infos) => job.prompt_logprobs.push(infos),
+                Err(e) => return e.into_response(),
+            }
+        }
+        if prompt_only {
+            job.choices.iter_mut().for_each(|c| c.1.max_tokens = 0);
+        }
     }
+    run(state, job, started).await
+}
+
+/// A prompt's own tokens with their logprobs and `top` alternatives, read from one prefill (a
+/// scoring request); the first token has nothing before it (null, as vLLM reports it).
+async fn prompt_logprobs(state: &AppState, ids: &[u32], top: usize, c: &Common) -> Result<Vec<TokenInfo>, ApiError> {
+    let name = |id: u32| state.tokenizer.decode(&[id], false).unwrap_or_default();
+    let mut infos = vec![TokenInfo { token: name(ids[0]), logprob: f32::NAN, top: Vec::new() }];
+    if ids.len() > 1 {
+        let scored =
+            crate::score::score_ids(state, &ids[..1], vec![ids[1..].to_vec()], top, c.client.clone(), c.agent.clone())
+                .await?;
+        for t in scored.into_iter().flat_map(|s| s.tokens) {
+            infos.push(TokenInfo {
+                token: name(t.token),
+                logprob: t.logprob,
+                top: t.top.iter().map(|&(id, l)| (name(id), l)).collect(),
+            });
+        }
+    }
+    Ok(infos)
 }
 
 pub async fn chat_completions(
@@ -473,6 +514,14 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
     state.metrics.prompt_tokens.fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
     let mut receivers = Vec::with_capacity(job.choices.len());
     for (index, request, echo) in &job.choices {
+        if request.max_tokens == 0 {
+            // The prompt's logprobs alone (`echo`, `max_tokens: 0`): nothing to generate.
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let end = ChoiceEvent::End { finish_reason: "length", completion_tokens: 0, speculation: None, cached_tokens: 0 };
+            let _ = tx.send(end);
+            receivers.push((*index, rx, echo.clone()));
+            continue;
+        }
         match choice::start(&state, request.clone(), job.stops.clone(), job.logprobs, started) {
             Ok(rx) => receivers.push((*index, rx, echo.clone())),
             Err(e) => return e.into_response(), // started choices are cancelled as their receivers drop
@@ -490,8 +539,9 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
     let mut counted = Counted::default();
     for (index, mut rx, echo) in receivers {
         let mut text = echo.unwrap_or_default();
-        let mut tokens = Vec::new();
-        let offset0 = text.len();
+        // With the prompt's logprobs, offsets count from the echoed prompt's start.
+        let mut tokens = job.prompt_logprobs.get(index / job.n).cloned().unwrap_or_default();
+        let offset0 = if tokens.is_empty() { text.len() } else { 0 };
         let mut finish = "stop";
         while let Some(ev) = rx.recv().await {
             match ev {
@@ -545,6 +595,7 @@ fn stream_response(
         )
     };
     let (logprobs, n) = (job.logprobs, job.n);
+    let prompt_logprobs = job.prompt_logprobs.clone();
     // One stream per choice: an opening chunk (role, or echoed prompt), deltas, a closing chunk.
     let per_choice = receivers.into_iter().map(move |(index, rx, echo)| {
         let chunk = chunk.clone();
@@ -553,7 +604,8 @@ fn stream_response(
         let opening = if chat {
             Some(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
         } else {
-            echo.map(|e| json!({"index": index, "text": e, "logprobs": null, "finish_reason": null}))
+            let lp = prompt_logprobs.get(index / n).map_or(Value::Null, |p| completion_logprobs(p, 0));
+            echo.map(|e| json!({"index": index, "text": e, "logprobs": lp, "finish_reason": null}))
         };
         let opening = stream::iter(opening.map(|c| (chunk(c.clone()), Counted::default())));
         let body = stream::unfold(rx, |mut rx| async move {
