@@ -63,6 +63,9 @@ pub struct EvolveBenchArgs {
     dtype: DtypeArg,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Only the scoring call against echo + logprobs (on one problem's samples), not the methods.
+    #[arg(long)]
+    scoring_only: bool,
     #[arg(long, default_value = "bench-results/evolve.json")]
     out: String,
 }
@@ -106,7 +109,7 @@ pub fn run(args: EvolveBenchArgs) -> Result<()> {
             })
             .sum()
     };
-    let problems = arithmetic(HELD_OUT_SEED, args.problems, args.steps);
+    let problems = arithmetic(HELD_OUT_SEED, if args.scoring_only { 1 } else { args.problems }, args.steps);
     let base = |tiers: Vec<&str>| EvolveConfig {
         n: args.n,
         k: args.k,
@@ -123,8 +126,10 @@ pub fn run(args: EvolveBenchArgs) -> Result<()> {
     };
     let mut runs: Vec<(String, EvolveConfig)> = Vec::new();
     runs.push(("majority".into(), EvolveConfig { n: args.n * args.t, t: 1, ..base(vec![&big]) }));
-    runs.push(("rsa".into(), EvolveConfig { scorer: Some(small.clone()), ..base(vec![&big]) }));
-    for &p in &args.percentiles {
+    if !args.scoring_only {
+        runs.push(("rsa".into(), EvolveConfig { scorer: Some(small.clone()), ..base(vec![&big]) }));
+    }
+    for &p in args.percentiles.iter().filter(|_| !args.scoring_only) {
         runs.push((format!("squeeze p={p}"), EvolveConfig { percentile: p, ..base(vec![&big, &small]) }));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -217,10 +222,8 @@ struct ScoringCost {
 
 async fn scoring_cost(state: Arc<AppState>, (question, candidates): (String, Vec<String>)) -> Result<ScoringCost> {
     use serde_json::json;
-    let rendered = state
-        .template
-        .render(&[tandem_runtime::Message::new("user", &question)], true)
-        .map_err(anyhow::Error::msg)?;
+    let rendered =
+        state.template.render(&[tandem_runtime::Message::new("user", &question)], true).map_err(anyhow::Error::msg)?;
     let model = state.model_name.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();

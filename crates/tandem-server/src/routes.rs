@@ -312,9 +312,8 @@ pub async fn completions(
     let prompt_only = echo && logprobs.is_some() && common.max_tokens == Some(0);
     let max_tokens = if prompt_only { Some(1) } else { common.max_tokens };
     let prompts = texts.clone();
-    let job = texts.and_then(|prompts| {
-        build_job(&state, Endpoint::Completions, &common, prompts, max_tokens, Some(16), logprobs)
-    });
+    let job = texts
+        .and_then(|prompts| build_job(&state, Endpoint::Completions, &common, prompts, max_tokens, Some(16), logprobs));
     let mut job = match job {
         Ok(job) => job,
         Err(e) => return e.into_response(),
@@ -517,7 +516,8 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
         if request.max_tokens == 0 {
             // The prompt's logprobs alone (`echo`, `max_tokens: 0`): nothing to generate.
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let end = ChoiceEvent::End { finish_reason: "length", completion_tokens: 0, speculation: None, cached_tokens: 0 };
+            let end =
+                ChoiceEvent::End { finish_reason: "length", completion_tokens: 0, speculation: None, cached_tokens: 0 };
             let _ = tx.send(end);
             receivers.push((*index, rx, echo.clone()));
             continue;
