@@ -243,8 +243,10 @@ impl KvCache {
         for cache in self.keys.iter().chain(&self.values) {
             // [1, kv_heads, 1, head_dim] -> [1, kv_heads, head_dim], the layout cache_write takes.
             // A copy, never a view: with one KV head the transpose is already contiguous, and
-            // writing a view of the cache into the cache aliases.
-            let row = cache.narrow(0, block, 1)?.narrow(2, row, 1)?.squeeze(0)?.transpose(0, 1)?.copy()?;
+            // writing a view of the cache into the cache aliases. `force_contiguous` copies the
+            // row alone; candle's `copy` clones the whole storage (every block of the layer),
+            // which made each copy on write and each accepted sibling cost the cache's size.
+            let row = cache.narrow(0, block, 1)?.narrow(2, row, 1)?.squeeze(0)?.transpose(0, 1)?.force_contiguous()?;
             ops::cache_write(cache, &row, &tokens, &self.tables, path)?;
         }
         self.truncate(slot, to + 1)
@@ -377,7 +379,8 @@ impl KvCache {
         let path = self.ops_path();
         for cache in self.keys.iter().chain(&self.values) {
             // [1, kv_heads, BLOCK, head_dim] -> [BLOCK, kv_heads, head_dim], the layout cache_write takes.
-            let rows = cache.narrow(0, from, 1)?.squeeze(0)?.transpose(0, 1)?.copy()?; // a copy: see move_position
+            // A fresh copy of the block alone (see move_position).
+            let rows = cache.narrow(0, from, 1)?.squeeze(0)?.transpose(0, 1)?.force_contiguous()?;
             ops::cache_write(cache, &rows, &tokens, &tables, path)?;
         }
         Ok(())
