@@ -225,17 +225,8 @@ async fn scoring_cost(state: Arc<AppState>, (question, candidates): (String, Vec
     let rendered =
         state.template.render(&[tandem_runtime::Message::new("user", &question)], true).map_err(anyhow::Error::msg)?;
     let model = state.model_name.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tandem_server::serve(
-        listener,
-        tandem_server::Server::one(state),
-        tandem_server::ServerOptions::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = crate::bench_serve::InProcess::start(state).await?;
+    let port = server.port;
     let score_body = json!({"model": model, "messages": [{"role": "user", "content": question}],
                             "continuations": candidates, "top_k": 20});
     let mut out = ScoringCost { candidates: candidates.len(), ..Default::default() };
@@ -265,8 +256,7 @@ async fn scoring_cost(state: Arc<AppState>, (question, candidates): (String, Vec
         v[v.len() / 2]
     };
     (out.score_secs, out.echo_secs) = (median(score_times), median(echo_times));
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await?;
     Ok(out)
 }
 
@@ -336,12 +326,7 @@ fn summarize(
             problems.iter().zip(outcomes).map(|(p, o)| right(p, &maj(o))).sum::<f64>() / count
         })
         .collect();
-    let mut tokens: BTreeMap<String, Cost> = BTreeMap::new();
-    for o in outcomes {
-        for (m, c) in &o.cost {
-            *tokens.entry(m.clone()).or_default() += *c;
-        }
-    }
+    let tokens = total_cost(outcomes, |_| true);
     let compute = compute_of(&tokens) / count;
     let per_problem = tokens.into_iter().map(|(m, c)| (m, scale(c, count))).collect();
     let groups: Vec<&tandem_evolve::Group> =
@@ -359,6 +344,17 @@ fn summarize(
         expensive_share,
         auc: auc(problems, outcomes),
     }
+}
+
+/// Every evolution's tokens per model (of the models `keep` accepts), summed.
+fn total_cost(outcomes: &[Outcome], keep: impl Fn(&str) -> bool) -> BTreeMap<String, Cost> {
+    let mut tokens: BTreeMap<String, Cost> = BTreeMap::new();
+    for o in outcomes {
+        for (m, c) in o.cost.iter().filter(|(m, _)| keep(m)) {
+            *tokens.entry(m.clone()).or_default() += *c;
+        }
+    }
+    tokens
 }
 
 fn scale(c: Cost, by: f64) -> Cost {
@@ -379,12 +375,7 @@ fn strip_scoring(
     count: usize,
 ) -> Row {
     row.tokens.retain(|m, _| !m.ends_with("(score)"));
-    let mut tokens: BTreeMap<String, Cost> = BTreeMap::new();
-    for o in outcomes {
-        for (m, c) in o.cost.iter().filter(|(m, _)| !m.ends_with("(score)")) {
-            *tokens.entry(m.clone()).or_default() += *c;
-        }
-    }
+    let tokens = total_cost(outcomes, |m| !m.ends_with("(score)"));
     row.compute = compute_of(&tokens) / count.max(1) as f64;
     row
 }

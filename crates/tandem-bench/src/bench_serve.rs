@@ -129,17 +129,8 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let mut single = None;
         runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let port = listener.local_addr()?.port();
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(tandem_server::serve(
-                listener,
-                tandem_server::Server::one(state),
-                tandem_server::ServerOptions::default(),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ));
+            let server = InProcess::start(state).await?;
+            let port = server.port;
             one_request(port, &model_name, 0, 4).await.context("warm-up request")?;
             for &c in &args.concurrency {
                 let start = Instant::now();
@@ -197,8 +188,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
                 );
                 rows.push(row);
             }
-            let _ = stop_tx.send(());
-            server.await??;
+            server.stop().await?;
             anyhow::Ok(())
         })?;
         let _ = engine_thread.join();
@@ -209,4 +199,35 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))?)?;
     println!("wrote {}", args.out);
     Ok(())
+}
+
+/// `tandem_server::serve` over one model on a free local port, in the current tokio runtime.
+pub(crate) struct InProcess {
+    pub port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcess {
+    pub async fn start(state: std::sync::Arc<tandem_server::AppState>) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tandem_server::serve(
+            listener,
+            tandem_server::Server::one(state),
+            tandem_server::ServerOptions::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Ok(InProcess { port, stop, task })
+    }
+
+    /// Stops accepting, lets running requests finish, and shuts the model's engine down.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
 }

@@ -209,13 +209,15 @@ impl Server {
         if let Some(v) = self.evolving.iter().find(|v| v.name == name) {
             return Ok(Target::Evolving(v.clone()));
         }
-        let served: Vec<&str> = self
-            .models
-            .iter()
-            .map(|m| m.model_name.as_str())
-            .chain(self.evolving.iter().map(|v| v.name.as_str()))
-            .collect();
-        Err(ApiError::not_found(format!("the model `{name}` does not exist; this server serves {}", served.join(", "))))
+        Err(ApiError::not_found(format!(
+            "the model `{name}` does not exist; this server serves {}",
+            self.served_names().join(", ")
+        )))
+    }
+
+    /// The models' names, then the evolving models', as /v1/models lists them.
+    pub fn served_names(&self) -> Vec<&str> {
+        self.models.iter().map(|m| m.model_name.as_str()).chain(self.evolving.iter().map(|v| v.name.as_str())).collect()
     }
 
     /// A model (not an evolving one) a request names.

@@ -311,15 +311,16 @@ pub async fn completions(
     // users score with), and then `max_tokens: 0` asks for the prompt's logprobs alone.
     let prompt_only = echo && logprobs.is_some() && common.max_tokens == Some(0);
     let max_tokens = if prompt_only { Some(1) } else { common.max_tokens };
-    let prompts = texts.clone();
     let job = texts
         .and_then(|prompts| build_job(&state, Endpoint::Completions, &common, prompts, max_tokens, Some(16), logprobs));
     let mut job = match job {
         Ok(job) => job,
         Err(e) => return e.into_response(),
     };
-    if let (true, Some(top), Ok(prompts)) = (echo, logprobs, prompts) {
-        for (ids, _) in &prompts {
+    if let (true, Some(top)) = (echo, logprobs) {
+        // Each prompt's first choice carries its ids.
+        let prompts: Vec<Vec<u32>> = job.choices.iter().step_by(job.n).map(|c| c.1.prompt.clone()).collect();
+        for ids in &prompts {
             match prompt_logprobs(&state, ids, top, &common).await {
                 Ok(infos) => job.prompt_logprobs.push(infos),
                 Err(e) => return e.into_response(),

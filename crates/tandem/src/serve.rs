@@ -313,15 +313,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-        let names: Vec<&str> = server
-            .models
-            .iter()
-            .map(|m| m.model_name.as_str())
-            .chain(server.evolving.iter().map(|v| v.name.as_str()))
-            .collect();
         eprintln!(
             "tandem serving {} on http://{} (up to {} sequences of up to {} tokens, KV pool of {} tokens{})",
-            names.join(", "),
+            server.served_names().join(", "),
             listener.local_addr()?,
             max_batch,
             max_seq_len,

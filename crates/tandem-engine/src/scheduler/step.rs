@@ -339,10 +339,8 @@ impl Scheduler {
         let target = s.prefill_target();
         let mut most = target - s.pending.is_none() as usize;
         if let Some(score) = s.request.score {
-            // The position before the first scored token gives that token's logits. Whole blocks
-            // only: a chunk that starts inside a shared block first copies it and measured slower
-            // than computing the block's few tokens again.
-            most = most.min((score.from - 1) / BLOCK * BLOCK);
+            // The position before the first scored token gives that token's logits.
+            most = most.min(score.from - 1);
         }
         kv.share_prefix(slot, &s.history[..target], kv_salt(&s.request), most)
     }
