@@ -182,7 +182,25 @@ pub(crate) enum Command {
         info: RequestInfo,
         event: TrainingEvent,
     },
+    /// An operator's control of the engine (`Control`), answered when done.
+    Control {
+        op: Control,
+        done: std::sync::mpsc::Sender<usize>,
+    },
     Shutdown,
+}
+
+/// What an operator (or a router in front of a fleet) asks of a running engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop running steps: running sequences keep their KV and place, new requests queue (an RL
+    /// loop pauses generation around a weight update). Answers 1.
+    Pause,
+    /// Run steps again. Answers 1.
+    Resume,
+    /// Forget every cached prefix (blocks no sequence holds are freed; held ones are no longer
+    /// offered to new prompts). Answers the cached blocks freed.
+    FlushCache,
 }
 
 pub(crate) enum TrainingEvent {
@@ -219,6 +237,7 @@ struct Shared {
     waiting: AtomicUsize,
     running: AtomicUsize,
     shutting_down: AtomicBool,
+    paused: AtomicBool,
     spec: SpecCounters,
     /// Scheduling figures as of the last step.
     scheduling: std::sync::Mutex<Scheduling>,
@@ -298,6 +317,19 @@ impl EngineHandle {
     /// Sends a command to the engine; false when it has stopped.
     pub(crate) fn send(&self, command: Command) -> bool {
         self.commands.send(command).is_ok()
+    }
+
+    /// Runs `op` on the engine thread (between steps) and returns its answer; None when the
+    /// engine has stopped.
+    pub fn control(&self, op: Control) -> Option<usize> {
+        let (done, answer) = std::sync::mpsc::channel();
+        self.commands.send(Command::Control { op, done }).ok()?;
+        answer.recv().ok()
+    }
+
+    /// Whether generation is paused (`Control::Pause`).
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused.load(Ordering::SeqCst)
     }
 
     /// Stops accepting requests; the engine finishes those it has, then its thread ends.
@@ -438,6 +470,9 @@ impl Engine {
                 "online training needs a trainable drafter (EAGLE), set with with_trainable_drafter".into(),
             ));
         }
+        if let Some(v) = &initial {
+            hooks.exchange.set_reference(v.weights.clone());
+        }
         if !self.runner.hidden_layers.is_empty() {
             // The last residual stream too, for the trainer's labels (see `Trace::final_hidden`).
             self.runner.hidden_layers.push(self.runner.model.config.num_layers - 1);
@@ -461,8 +496,9 @@ impl Engine {
 
     fn run(mut self) {
         loop {
-            if self.scheduler.is_idle() {
-                if self.shutting_down {
+            let paused = self.is_paused();
+            if self.scheduler.is_idle() || paused {
+                if self.shutting_down && !paused {
                     break;
                 }
                 // While nothing is served and no client's training runs, an online drafter
@@ -473,6 +509,9 @@ impl Engine {
                 match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
+                }
+                if self.is_paused() {
+                    continue;
                 }
             }
             self.guarded_step();
@@ -500,8 +539,36 @@ impl Engine {
                 self.scheduler.add(*request, events);
             }
             Command::Training { info, event } => self.scheduler.training(&info, event),
+            Command::Control { op, done } => {
+                let _ = done.send(self.control(op));
+            }
             Command::Shutdown => self.shutting_down = true,
         }
+    }
+
+    fn control(&mut self, op: Control) -> usize {
+        match op {
+            Control::Pause | Control::Resume => {
+                self.shared.paused.store(op == Control::Pause, Ordering::SeqCst);
+                tracing::info!(
+                    paused = op == Control::Pause,
+                    "generation {}",
+                    if op == Control::Pause { "paused" } else { "resumed" }
+                );
+                1
+            }
+            Control::FlushCache => {
+                let freed = self.runner.cache.flush_prefixes();
+                self.publish();
+                tracing::info!(freed, "prefix cache flushed");
+                freed
+            }
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        // A paused engine still finishes shutting down.
+        self.shared.paused.load(Ordering::SeqCst) && !self.shutting_down
     }
 
     /// One step: take commands, drop cancelled requests, take new drafter weights, admit, then

@@ -27,7 +27,7 @@ mod spec_stats;
 mod training;
 
 pub use engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, ScoreSpec, TokenScore, Usage,
+    Control, Engine, EngineConfig, EngineError, EngineHandle, Event, GenerationRequest, ScoreSpec, TokenScore, Usage,
     WeightVersion, MAX_SCORE_TOP_K,
 };
 pub use runner::{ServedDrafter, StepOutput};

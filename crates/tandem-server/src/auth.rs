@@ -40,7 +40,7 @@ impl Scope {
     pub fn of(path: &str) -> Scope {
         if path == "/health" {
             Scope::Public
-        } else if path.starts_with("/tandem/v1/export") {
+        } else if path.starts_with("/tandem/v1/export") || crate::worker::is_control(path) {
             Scope::Admin
         } else if path.starts_with("/api/v1/") || path == "/generate" {
             Scope::Train

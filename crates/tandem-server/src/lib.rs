@@ -9,6 +9,7 @@ mod routes;
 mod score;
 mod stop;
 pub mod training;
+pub mod worker;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -138,6 +139,8 @@ pub struct Server {
     /// with its index in `models`.
     names: Vec<(String, usize)>,
     pub evolving: Vec<Arc<evolve::Evolving>>,
+    /// What the fleet's controls (`/update_weights_from_disk`, ...) may do and have done.
+    pub controls: worker::WorkerControls,
 }
 
 /// What a request's `model` names.
@@ -149,7 +152,12 @@ pub(crate) enum Target {
 impl Server {
     /// One model, nothing else.
     pub fn one(state: Arc<AppState>) -> Arc<Server> {
-        Arc::new(Server { names: vec![(state.model_name.clone(), 0)], models: vec![state], evolving: Vec::new() })
+        Arc::new(Server {
+            names: vec![(state.model_name.clone(), 0)],
+            models: vec![state],
+            evolving: Vec::new(),
+            controls: Default::default(),
+        })
     }
 
     /// Several models (each with the extra names it may be asked by: the alias or path it was
@@ -158,6 +166,7 @@ impl Server {
     pub fn new(
         models: Vec<(Arc<AppState>, Vec<String>)>,
         evolving: Vec<(String, tandem_evolve::EvolveConfig)>,
+        controls: worker::WorkerControls,
     ) -> Result<Arc<Server>, String> {
         if models.is_empty() {
             return Err("a server needs at least one model".into());
@@ -192,7 +201,7 @@ impl Server {
             let tiers = config.models().iter().map(|m| (m.to_string(), find(m).expect("checked"))).collect();
             virtuals.push(Arc::new(evolve::Evolving::new(name, config, tiers)));
         }
-        Ok(Arc::new(Server { models, names, evolving: virtuals }))
+        Ok(Arc::new(Server { models, names, evolving: virtuals, controls }))
     }
 
     /// The default model (the first).
@@ -292,6 +301,16 @@ pub fn router(server: Arc<Server>, options: &ServerOptions) -> Router {
         .route("/v1/models", get(routes::models))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
+        .route("/server_info", get(worker::server_info))
+        .route("/get_server_info", get(worker::server_info))
+        .route("/model_info", get(worker::model_info))
+        .route("/get_model_info", get(worker::model_info))
+        .route("/get_load", get(worker::get_load))
+        .route("/v1/loads", get(worker::loads))
+        .route("/flush_cache", post(worker::flush_cache))
+        .route("/pause_generation", post(worker::pause_generation))
+        .route("/continue_generation", post(worker::continue_generation))
+        .route("/update_weights_from_disk", post(worker::update_weights_from_disk))
         .with_state(server.clone());
     if let Some(t) = &server.first().training {
         app = app.merge(training::router(t.clone()).layer(DefaultBodyLimit::max(MAX_TRAINING_BODY_BYTES)));

@@ -730,6 +730,9 @@ pub async fn metrics(State(server): Shared) -> Response {
     for v in &server.evolving {
         v.render_metrics(&mut text);
     }
+    for extra in &server.controls.metrics {
+        text.push_str(&extra());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use tandem_engine::online::{Rejection, Trace, TraceVersion};
 use tandem_models::{ModelError, Result};
 
-pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
+/// A trace's tensors, named as the module comment says.
+fn trace_tensors(trace: &Trace) -> Result<HashMap<String, Tensor>> {
     let cpu = &Device::Cpu;
     let n = trace.positions();
     let mut t = HashMap::new();
@@ -42,13 +43,35 @@ pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
         t.insert("version_id".to_string(), Tensor::new(&[v.id as i64], cpu)?);
         t.insert("version_family".to_string(), Tensor::new(v.family.as_bytes(), cpu)?);
     }
+    Ok(t)
+}
+
+pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(&t, &tmp)?;
+    candle_core::safetensors::save(&trace_tensors(trace)?, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::checkpoint(path, e))
+}
+
+/// A trace as the bytes of a safetensors file (what `save_trace` writes), for a broker.
+pub fn encode_trace(trace: &Trace) -> Result<Vec<u8>> {
+    let tensors = trace_tensors(trace)?;
+    safetensors08::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| ModelError::Drafter(format!("encoding a trace: {e}")))
 }
 
 pub fn load_trace(path: &Path) -> Result<Trace> {
     let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::checkpoint(path, e))?;
+    trace_from(t, path)
+}
+
+/// A trace from `encode_trace`'s bytes; `origin` names them in errors.
+pub fn decode_trace(bytes: &[u8], origin: &str) -> Result<Trace> {
+    let path = Path::new(origin);
+    let t = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| ModelError::checkpoint(path, e))?;
+    trace_from(t, path)
+}
+
+fn trace_from(t: HashMap<String, Tensor>, path: &Path) -> Result<Trace> {
     let get = |name: &str| t.get(name).ok_or_else(|| ModelError::checkpoint(path, format!("trace lacks `{name}`")));
     let features = get("features")?;
     let (n, feature_size) = features.dims2()?;
@@ -154,6 +177,8 @@ mod tests {
         let files = trace_files(&dir).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(load_trace(&files[0]).unwrap(), trace);
+        assert_eq!(decode_trace(&encode_trace(&trace).unwrap(), "bytes").unwrap(), trace);
+        assert!(decode_trace(b"not a trace", "bytes").is_err());
         // Traces recorded without the last stream (or of the served model) still load.
         let old = Trace { final_hidden: Vec::new(), version: None, ..trace };
         spill.write(&old).unwrap();

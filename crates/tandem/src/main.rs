@@ -2,6 +2,7 @@
 
 mod convert;
 mod eval;
+mod fleet;
 mod memory;
 mod serve;
 mod train_drafter;

@@ -62,6 +62,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub online: OnlineArgs,
     #[command(flatten)]
+    pub fleet: crate::fleet::FleetArgs,
+    #[command(flatten)]
     schedule: ScheduleArgs,
     /// The RL training API (Tinker-compatible, under /api/v1): trains LoRA or full weights of
     /// the served model in this process and samples from them through the same engine.
@@ -252,6 +254,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let loaded = load_model(&path, &opts)?;
     let config = engine_config(&args, &loaded)?;
     let (max_batch, max_seq_len, kv_tokens) = (config.max_batch, config.max_seq_len, config.kv_tokens.unwrap_or(0));
+    args.fleet.check(&args.spec.spec, args.online.enabled())?;
     let (drafter, online, trainer) = if args.online.enabled() {
         if !args.spec.spec.starts_with("eagle") {
             bail!("--spec-train online trains an EAGLE drafter: add --spec eagle");
@@ -264,6 +267,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.online.trace_dir.as_ref().map(|d| format!(", traces in {}", d.display())).unwrap_or_default()
         );
         (Some(tandem_engine::ServedDrafter::Trained(Box::new(eagle))), Some(hooks), Some(trainer))
+    } else if args.fleet.needs_hooks() && args.spec.spec.starts_with("eagle") {
+        // Learned elsewhere: a fleet trainer, or versions an operator puts on disk.
+        let eagle = spec_arg::build_eagle(&args.spec, &loaded)?;
+        let buffer = if args.fleet.trace_sink.is_some() { args.online.trace_buffer_mib } else { 0 };
+        (Some(tandem_engine::ServedDrafter::Trained(Box::new(eagle))), Some(crate::fleet::external_hooks(buffer)), None)
     } else {
         (spec_arg::build(&args.spec, &loaded, &opts)?.map(tandem_engine::ServedDrafter::Fixed), None, None)
     };
@@ -297,9 +305,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     } else {
         None
     };
+    let online_hooks = online.clone();
     let (state, engine_thread) =
         tandem_server::AppState::start_with_training(loaded, config, policy, drafter, online, training)
             .map_err(anyhow::Error::msg)?;
+    let state_name = state.model_name.clone();
     let more = start_more(&args, &opts)?;
     let mut served = vec![(state, args.model.first().cloned().into_iter().collect::<Vec<_>>())];
     let mut threads = vec![engine_thread];
@@ -307,7 +317,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         served.push((state, names));
         threads.push(thread);
     }
-    let server = tandem_server::Server::new(served, evolving).map_err(anyhow::Error::msg)?;
+    let mut fleet = crate::fleet::Fleet::start_broker(&args.fleet, &state_name, online_hooks.as_ref());
+    let controls = tandem_server::worker::WorkerControls::new(args.fleet.weights_dir.clone(), fleet.metrics());
+    let server = tandem_server::Server::new(served, evolving, controls).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(args.shutdown_grace);
     runtime.block_on(async move {
@@ -322,8 +334,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
             kv_tokens,
             if server_options.auth.enabled() { ", API keys required" } else { "" }
         );
+        fleet.join(&args.fleet, &args.host, listener.local_addr()?.port());
+        let fleet = std::sync::Arc::new(fleet);
+        let leaving = fleet.clone();
         let shutdown = async move {
             wait_for_signal().await;
+            // Out of the gateway first, so it sends nothing more while running requests finish.
+            let _ = tokio::task::spawn_blocking(move || leaving.leave()).await;
             // Requests still running after the grace period are cut off.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;

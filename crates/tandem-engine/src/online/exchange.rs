@@ -201,6 +201,38 @@ pub struct DrafterExchange {
     pub weights: WeightSlot,
     pub idle: IdleSignal,
     pub metrics: OnlineMetrics,
+    /// The weights the engine started serving: every later version must have their shapes.
+    reference: std::sync::OnceLock<Arc<EagleWeights>>,
+}
+
+impl DrafterExchange {
+    /// Records the weights serving started with (the engine does, once).
+    pub(crate) fn set_reference(&self, weights: Arc<EagleWeights>) {
+        let _ = self.reference.set(weights);
+    }
+
+    /// The one check of weights from outside the process (a file, a broker) before they are
+    /// offered: every tensor and the draft vocabulary shaped as the served drafter's.
+    pub fn check_fits(&self, w: &EagleWeights) -> Result<(), String> {
+        let Some(reference) = self.reference.get() else { return Ok(()) };
+        for ((name, t), (_, r)) in w.tensors.named().zip(reference.tensors.named()) {
+            if t.dims() != r.dims() {
+                return Err(format!(
+                    "drafter tensor {name} has shape {:?}; the served drafter's is {:?}",
+                    t.dims(),
+                    r.dims()
+                ));
+            }
+        }
+        if w.d2t.len() != reference.d2t.len() {
+            return Err(format!(
+                "the drafter drafts {} tokens; the served drafter {}",
+                w.d2t.len(),
+                reference.d2t.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,19 @@ impl BlockPool {
         self.refs[block as usize] == 1 && self.key[block as usize].is_none()
     }
 
+    /// Empties the prefix index: cached blocks nobody holds become free, held ones stay with
+    /// their holders but are no longer offered to new prompts. Returns the blocks freed.
+    pub fn flush(&mut self) -> usize {
+        let freed = std::mem::take(&mut self.idle);
+        for &b in freed.values() {
+            self.free.push(b);
+        }
+        for b in 0..self.key.len() as u32 {
+            self.forget(b);
+        }
+        freed.len()
+    }
+
     /// Drops `block`'s index entry: it is taken for other content.
     fn forget(&mut self, block: u32) {
         let b = block as usize;
@@ -202,6 +215,23 @@ mod tests {
         pool.retain(a);
         assert_eq!((pool.refs(a), pool.idle()), (1, 0));
         pool.check([vec![a], vec![b], vec![c]].iter()).unwrap();
+    }
+
+    #[test]
+    fn a_flush_frees_idle_cached_blocks_and_unindexes_held_ones() {
+        let mut pool = BlockPool::new(3);
+        let (a, b) = (pool.allocate().unwrap(), pool.allocate().unwrap());
+        pool.register(a, key(None, 1));
+        pool.register(b, key(None, 2));
+        pool.release(a); // cached, idle
+        assert_eq!(pool.flush(), 1);
+        assert_eq!((pool.available(), pool.idle()), (2, 0));
+        assert_eq!(pool.lookup(&key(None, 1)), None);
+        assert_eq!(pool.lookup(&key(None, 2)), None, "a held block is no longer offered");
+        assert!(pool.writable(b), "its holder may write it again");
+        pool.check([vec![b]].iter()).unwrap();
+        pool.release(b);
+        assert_eq!(pool.available(), 3);
     }
 
     #[test]

@@ -353,6 +353,12 @@ impl KvCache {
         Ok(())
     }
 
+    /// Forgets every cached prefix (`BlockPool::flush`); sequences keep their blocks. Returns
+    /// the blocks freed.
+    pub fn flush_prefixes(&mut self) -> usize {
+        self.pool.flush()
+    }
+
     /// Forgets every sequence and every cached block (after a bug broke the books): all blocks
     /// free, nothing indexed. The counters are kept.
     pub fn clear(&mut self) {

@@ -267,8 +267,19 @@ impl EagleWeights {
     /// Reads `dir/model.safetensors` (a drafter configured as `config`) onto `device`.
     pub fn load(dir: &Path, config: &EagleConfig, device: &Device) -> Result<Self> {
         let weights_path = dir.join("model.safetensors");
-        let mut named = candle_core::safetensors::load(&weights_path, device)
+        let named = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| ModelError::checkpoint(&weights_path, e))?;
+        Self::from_named(named, config)
+    }
+
+    /// Weights from `to_bytes`'s bytes (a drafter configured as `config`), checked against it.
+    pub fn from_bytes(bytes: &[u8], config: &EagleConfig, device: &Device) -> Result<Self> {
+        let named = candle_core::safetensors::load_buffer(bytes, device)
+            .map_err(|e| ModelError::Drafter(format!("reading drafter weights: {e}")))?;
+        Self::from_named(named, config)
+    }
+
+    fn from_named(mut named: HashMap<String, Tensor>, config: &EagleConfig) -> Result<Self> {
         let d2t = match named.remove("d2t") {
             // Stored as EAGLE-3 does: offsets, target id = draft id + d2t[draft id].
             Some(t) => t
@@ -288,12 +299,8 @@ impl EagleWeights {
         Ok(weights)
     }
 
-    /// Writes `dir/config.json` and `dir/model.safetensors` (d2t stored as EAGLE-3 offsets).
-    pub fn save(&self, config: &EagleConfig, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::checkpoint(dir, e))?;
-        let cfg_path = dir.join("config.json");
-        let json = serde_json::to_string_pretty(config).expect("config serialises");
-        std::fs::write(&cfg_path, json).map_err(|e| ModelError::checkpoint(&cfg_path, e))?;
+    /// The tensors as saved (on the CPU; d2t as EAGLE-3 offsets).
+    fn named(&self) -> Result<HashMap<String, Tensor>> {
         let mut named: HashMap<String, Tensor> = self
             .tensors
             .named()
@@ -301,9 +308,25 @@ impl EagleWeights {
             .collect::<Result<_>>()?;
         let offsets: Vec<i64> = self.d2t.iter().enumerate().map(|(i, &t)| t as i64 - i as i64).collect();
         named.insert("d2t".into(), Tensor::new(offsets, &Device::Cpu)?);
+        Ok(named)
+    }
+
+    /// `model.safetensors`'s bytes, for a weight store.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let named = self.named()?;
+        safetensors08::serialize(named.iter().map(|(k, v)| (k.as_str(), v)), None)
+            .map_err(|e| ModelError::Drafter(format!("encoding drafter weights: {e}")))
+    }
+
+    /// Writes `dir/config.json` and `dir/model.safetensors` (d2t stored as EAGLE-3 offsets).
+    pub fn save(&self, config: &EagleConfig, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::checkpoint(dir, e))?;
+        let cfg_path = dir.join("config.json");
+        let json = serde_json::to_string_pretty(config).expect("config serialises");
+        std::fs::write(&cfg_path, json).map_err(|e| ModelError::checkpoint(&cfg_path, e))?;
         // Write then rename, so a reader (or a crash) never sees half a checkpoint.
         let tmp = dir.join("model.safetensors.tmp");
-        candle_core::safetensors::save(&named, &tmp)?;
+        candle_core::safetensors::save(&self.named()?, &tmp)?;
         std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| ModelError::checkpoint(dir, e))?;
         Ok(())
     }
