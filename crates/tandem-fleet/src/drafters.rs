@@ -134,6 +134,28 @@ impl DrafterStore {
     }
 }
 
+impl DrafterStore {
+    /// Every announcement the bucket still holds for this model, newest first (a restarted
+    /// trainer continues from the newest one it can verify and load).
+    pub async fn announcements(&self) -> Result<Vec<Announcement>, String> {
+        use futures::StreamExt;
+        let mut history = match self.kv.history(broker::token(&self.model)).await {
+            Ok(h) => h,
+            Err(e) if e.to_string().contains("not found") => return Ok(Vec::new()),
+            Err(e) => return Err(format!("reading the drafter history: {e}")),
+        };
+        let mut out = Vec::new();
+        while let Some(entry) = history.next().await {
+            let entry = entry.map_err(|e| format!("reading the drafter history: {e}"))?;
+            if let Ok(a) = serde_json::from_slice::<Announcement>(&entry.value) {
+                out.push(a);
+            }
+        }
+        out.sort_by_key(|a| std::cmp::Reverse(a.version));
+        Ok(out)
+    }
+}
+
 /// Why a version could not be fetched.
 #[derive(Debug)]
 pub enum Fetch {

