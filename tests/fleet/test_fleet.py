@@ -11,7 +11,9 @@ SGLang Model Gateway (`smg`), two `tandem serve` workers and one fleet trainer
 - a corrupted and a mis-shaped version: every worker refuses both and keeps serving;
 - a worker killed: the gateway routes around it; restarted, it re-registers and catches up to
   the current drafter version;
-- greedy outputs never change (speculation is lossless whatever drafter version serves).
+- greedy outputs never change (speculation is lossless whatever drafter version serves);
+- LoRA weights a Tinker client trains and saves on one worker sample the same tokens on the
+  other, which fetches them from the broker.
 
 Usage: test_fleet.py TANDEM_BINARY MODEL_PATH
 """
@@ -19,6 +21,7 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,7 +109,8 @@ def start_worker(i):
     port = W_PORTS[i]
     start(f"worker{i}", [TANDEM, "serve", "--model", MODEL, "--port", str(port), "--max-batch", "4",
                          "--spec", "eagle", "--trace-sink", NATS, "--drafter-source", NATS,
-                         "--router", GW, "--weights-dir", os.path.join(WORK, "weights"), "--shutdown-grace", "5"],
+                         "--router", GW, "--weights-dir", os.path.join(WORK, "weights"), "--shutdown-grace", "5",
+                         "--weight-store", NATS, "--training-dir", os.path.join(WORK, f"training{i}")],
           env={"RUST_LOG": "info"})
     wait_for(f"worker {i}", lambda: http(f"http://127.0.0.1:{port}/health")["status"] == "ok")
 
@@ -231,6 +235,8 @@ def main():
     assert f"continuing from drafter version {good}" in log, log[-2000:]
     print(f"trainer restart: continued from version {good}, past the two bad ones; versions went on")
 
+    tinker_weights_sample_on_either_worker(urls)
+
     # The RL control plane through the gateway: pause, flush, a drafter version from disk.
     from smg.rl import RL, FanoutError, paused
 
@@ -270,6 +276,32 @@ def main():
     print("fleet: all checks passed")
 
 
+def tinker_weights_sample_on_either_worker(urls):
+    """LoRA weights trained and saved through worker 0's Tinker API sample on worker 1, which
+    fetches them from the broker: the same greedy tokens on both."""
+    os.environ.setdefault("TINKER_API_KEY", "tml-fleet-test")
+    import tinker
+    from tinker import types
+
+    a, b = tinker.ServiceClient(base_url=urls[0]), tinker.ServiceClient(base_url=urls[1])
+    tc = a.create_lora_training_client(base_model=MODEL_NAME, rank=8, seed=5).result()
+    datum = types.Datum(model_input=types.ModelInput.from_ints([1, 17, 23, 5, 99, 4]),
+                        loss_fn_inputs={"target_tokens": [17, 23, 5, 99, 4, 7], "weights": [1.0] * 6})
+    for _ in range(3):
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    path = tc.save_weights_for_sampler("fleet-shared").result().path
+    prompt = types.ModelInput.from_ints([1, 17, 23, 5])
+    params = types.SamplingParams(max_tokens=12, temperature=0.0)
+    here = a.create_sampling_client(model_path=path).result().sample(prompt, num_samples=1, sampling_params=params).result()
+    there = b.create_sampling_client(model_path=path).result().sample(prompt, num_samples=1, sampling_params=params).result()
+    base = b.create_sampling_client(base_model=MODEL_NAME).result().sample(prompt, num_samples=1, sampling_params=params).result()
+    assert here.sequences[0].tokens == there.sequences[0].tokens, (here, there)
+    assert here.sequences[0].tokens != base.sequences[0].tokens, "training changed the weights' greedy output"
+    assert "fetched from the fleet's store" in log_of("worker1"), "worker 1 fetched the weights"
+    print(f"Tinker weights saved on worker 0 ({path}) sample the same tokens on worker 1")
+
+
 async def save_current(folder):
     """The current drafter version, written as a drafter folder (what an operator would hand over)."""
     import nats
@@ -297,3 +329,4 @@ if __name__ == "__main__":
                 stop(name)
             except Exception:
                 pass
+        shutil.rmtree(WORK, ignore_errors=True)

@@ -98,7 +98,10 @@ impl Component {
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || runtime().block_on(work(s)))
+            .spawn(move || {
+                nice_thread();
+                runtime().block_on(work(s))
+            })
             .expect("spawning a fleet thread");
         Component { stop, thread: Some(thread) }
     }
@@ -109,6 +112,20 @@ impl Drop for Component {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Gives the calling thread the lowest normal priority (nice 19): when serving needs every core,
+/// a fleet component gets a small share instead of an equal one, yet is never starved (traces
+/// still flow from a saturated server, unlike under SCHED_IDLE).
+fn nice_thread() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain syscalls on the calling thread (its kernel thread id).
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        if r != 0 {
+            tracing::debug!("could not lower a fleet thread's priority");
         }
     }
 }

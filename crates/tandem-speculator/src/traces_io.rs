@@ -52,9 +52,16 @@ pub fn save_trace(trace: &Trace, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| ModelError::checkpoint(path, e))
 }
 
-/// A trace as the bytes of a safetensors file (what `save_trace` writes), for a broker.
+/// A trace as the bytes of a safetensors file, for a broker: what `save_trace` writes, with the
+/// hidden states (`features`, `final_hidden`: nearly all of its bytes) in bf16, as EAGLE-3
+/// trainers ship them; labels and tokens stay exact. Half the bytes to encode, send and store.
 pub fn encode_trace(trace: &Trace) -> Result<Vec<u8>> {
-    let tensors = trace_tensors(trace)?;
+    let mut tensors = trace_tensors(trace)?;
+    for name in ["features", "final_hidden"] {
+        if let Some(t) = tensors.get_mut(name) {
+            *t = t.to_dtype(candle_core::DType::BF16)?;
+        }
+    }
     safetensors08::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| ModelError::Drafter(format!("encoding a trace: {e}")))
 }
@@ -73,7 +80,8 @@ pub fn decode_trace(bytes: &[u8], origin: &str) -> Result<Trace> {
 
 fn trace_from(t: HashMap<String, Tensor>, path: &Path) -> Result<Trace> {
     let get = |name: &str| t.get(name).ok_or_else(|| ModelError::checkpoint(path, format!("trace lacks `{name}`")));
-    let features = get("features")?;
+    // Hidden states may come in bf16 (`encode_trace`): read as f32.
+    let features = get("features")?.to_dtype(candle_core::DType::F32)?;
     let (n, feature_size) = features.dims2()?;
     let offsets = get("soft_offsets")?.to_vec1::<u32>()?;
     let ids = get("soft_ids")?.to_vec1::<u32>()?;
@@ -93,7 +101,7 @@ fn trace_from(t: HashMap<String, Tensor>, path: &Path) -> Result<Trace> {
         .map(|r| Rejection { pos: r[0] as usize, token: r[1], depth: r[2] as usize })
         .collect();
     let final_hidden = match t.get("final_hidden") {
-        Some(f) if f.dims2()?.0 == n => f.flatten_all()?.to_vec1::<f32>()?,
+        Some(f) if f.dims2()?.0 == n => f.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
         Some(_) => return Err(ModelError::checkpoint(path, "final_hidden does not cover the positions")),
         None => Vec::new(),
     };
@@ -177,7 +185,13 @@ mod tests {
         let files = trace_files(&dir).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(load_trace(&files[0]).unwrap(), trace);
+        // The broker's form: hidden states rounded to bf16 (these values are exact in bf16).
         assert_eq!(decode_trace(&encode_trace(&trace).unwrap(), "bytes").unwrap(), trace);
+        let fine = Trace { features: vec![0.1, 0.2, 0.3, 1e-3, 2e-3, 3e-3, 5.0, 6.0, 7.0], ..trace.clone() };
+        let back = decode_trace(&encode_trace(&fine).unwrap(), "bytes").unwrap();
+        for (a, b) in back.features.iter().zip(&fine.features) {
+            assert!((a - b).abs() <= b.abs() / 128.0, "bf16 keeps 8 bits of mantissa: {a} vs {b}");
+        }
         assert!(decode_trace(b"not a trace", "bytes").is_err());
         // Traces recorded without the last stream (or of the served model) still load.
         let old = Trace { final_hidden: Vec::new(), version: None, ..trace };

@@ -21,6 +21,18 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// `$PYTHON`, else `python3`.
+/// The default model's GGUF file in tandem's model cache (`$TANDEM_CACHE`, else
+/// ~/.cache/tandem/models); fails the test with what to run when it is missing.
+pub fn smollm2() -> PathBuf {
+    let dir = match std::env::var_os("TANDEM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/tandem/models"),
+    };
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
+    p
+}
+
 pub fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }

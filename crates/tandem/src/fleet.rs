@@ -35,6 +35,10 @@ pub struct FleetArgs {
     /// go first beyond it).
     #[arg(long, default_value_t = 2048)]
     pub trace_stream_mib: i64,
+    /// Share the training API's sampler weights (`save_weights_for_sampler`) through this NATS
+    /// broker: saved here, they sample on every server of the fleet started with the same flag.
+    #[arg(long, value_name = "NATS_URL")]
+    pub weight_store: Option<String>,
     /// Serve the drafter versions a fleet trainer publishes to this NATS broker: each is
     /// fetched, its digest and shapes checked, and swapped in between steps (rolled back if it
     /// lowers acceptance, as online training's). Needs `--spec eagle`.
@@ -169,6 +173,18 @@ fn render(rows: &[(&str, &str, &str, u64)]) -> String {
         let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
     t
+}
+
+/// The fleet's store for the training API's sampler weights, when asked for.
+pub fn weight_store(args: &FleetArgs) -> Result<Option<Arc<dyn tandem_server::training::WeightStore>>> {
+    match &args.weight_store {
+        None => Ok(None),
+        Some(url) => {
+            let store = tandem_fleet::weights::BrokerWeightStore::connect(url).map_err(anyhow::Error::msg)?;
+            eprintln!("sampler weights are shared through {url}");
+            Ok(Some(Arc::new(store)))
+        }
+    }
 }
 
 /// Hooks for a drafter that learns from outside this process (no in-process trainer): traces

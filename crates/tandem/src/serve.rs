@@ -287,6 +287,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             None => default_training_disk(&root),
         };
         Some(tandem_server::training::TrainingConfig {
+            weight_store: crate::fleet::weight_store(&args.fleet)?,
             export_dir: args.export_dir.clone().unwrap_or_else(|| root.join("exports")),
             root,
             model_dir: path.is_dir().then(|| path.clone()),

@@ -4,13 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn smollm2() -> PathBuf {
-    let dir = match std::env::var_os("TANDEM_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
-    };
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
-    p
+    tandem_testkit::smollm2()
 }
 
 #[test]

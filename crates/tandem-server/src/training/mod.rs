@@ -8,4 +8,4 @@ mod routes;
 mod service;
 
 pub use routes::router;
-pub use service::{TrainingConfig, TrainingLimits, TrainingService};
+pub use service::{TrainingConfig, TrainingLimits, TrainingService, WeightStore};

@@ -41,6 +41,20 @@ pub struct TrainingConfig {
     /// Bytes that training passes may hold at once (estimated by `tandem_train::memory`).
     pub memory_budget: u64,
     pub limits: TrainingLimits,
+    /// Where sampler weights are shared with the other servers of a fleet (None: this server
+    /// alone has them).
+    pub weight_store: Option<Arc<dyn WeightStore>>,
+}
+
+/// A fleet's shared checkpoint store: a server that saves sampler weights offers them, and a
+/// server asked for weights it does not have fetches them, so a Tinker client's trained weights
+/// sample on any server.
+pub trait WeightStore: Send + Sync + std::fmt::Debug {
+    /// Offers the checkpoint folder `dir` saved as `path` (a `tinker://` path) to the fleet;
+    /// returns once the store holds it.
+    fn publish(&self, path: &str, dir: &std::path::Path) -> std::result::Result<(), String>;
+    /// Writes the checkpoint saved as `path` into `dir`; false when the fleet has none.
+    fn fetch(&self, path: &str, dir: &std::path::Path) -> std::result::Result<bool, String>;
 }
 
 /// What the training API may hold at once; each refusal names its flag.
@@ -695,12 +709,39 @@ impl TrainingService {
             return Ok(v.clone());
         }
         let dir = self.checkpoint_dir(&p);
+        if !dir.join("state.json").exists() {
+            self.fetch_shared(path, &dir)?;
+        }
         let mode = read_mode(&dir)?;
         let mut t = TrainingModel::new(&self.base, mode, 0)?;
         t.load(&dir, false)?;
         let v = self.register_version(t.snapshot()?, &p.run);
         self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(p.to_path(), v.clone());
         Ok(v)
+    }
+
+    /// Sampler weights another server of the fleet saved, fetched into `dir` (nothing to do
+    /// without a fleet store, or when it has none: the caller's error then says what is missing).
+    fn fetch_shared(&self, path: &str, dir: &std::path::Path) -> Result<()> {
+        let Some(store) = &self.config.weight_store else { return Ok(()) };
+        match store.fetch(path, dir) {
+            Ok(true) => {
+                tracing::info!(path, "sampler weights fetched from the fleet's store");
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(Failure::server(format!("fetching `{path}` from the fleet's weight store: {e}"))),
+        }
+    }
+
+    /// Offers saved sampler weights to the fleet (when there is one).
+    pub(crate) fn share(&self, path: &str, dir: &std::path::Path) -> Result<()> {
+        match &self.config.weight_store {
+            Some(store) => store
+                .publish(path, dir)
+                .map_err(|e| Failure::server(format!("sharing `{path}` with the fleet's weight store: {e}"))),
+            None => Ok(()),
+        }
     }
 
     pub fn create_sampler(
