@@ -55,7 +55,7 @@ def free_port():
 
 def start(args_, name):
     log = open(os.path.join(WORK, f"{name}.log"), "ab")
-    p = subprocess.Popen(args_, stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(args_, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     procs.append(p)
     return p
 
@@ -63,7 +63,10 @@ def start(args_, name):
 def stop_all():
     while procs:
         p = procs.pop()
-        p.send_signal(signal.SIGKILL)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         p.wait()
 
 
@@ -154,8 +157,9 @@ def overhead(reps=2):
                    "tokens_traced": m.get("tandem_prompt_tokens_total", 0) + m.get("tandem_generation_tokens_total", 0)}
             if label not in best or row["tok_s"] > best[label]["tok_s"]:
                 best[label] = row
-            procs[-1].send_signal(signal.SIGKILL)
-            procs.pop().wait()
+            p = procs.pop()
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     stop_all()
     return [best[label] for label, _ in setups]
 

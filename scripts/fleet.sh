@@ -23,14 +23,16 @@ for tool in nats-server smg "$TANDEM"; do
 done
 mkdir -p "$STATE/jetstream" "$STATE/weights" "$STATE/logs"
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+# Everything this script started, grandchildren included (smg runs its router as a child): the
+# whole process group.
+cleanup() { trap - EXIT INT TERM; kill 0 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
 nats="nats://127.0.0.1:$NATS_PORT"
 gateway="http://127.0.0.1:$GATEWAY_PORT"
 nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$STATE/jetstream" >"$STATE/logs/nats.log" 2>&1 & pids+=($!)
 smg launch --host 127.0.0.1 --port "$GATEWAY_PORT" --prometheus-port $((GATEWAY_PORT + 1)) \
-  --policy cache_aware --enable-rl --routing-key-headers X-Tandem-Agent \
+  --policy cache_aware --enable-rl --sticky-sessions --routing-key-headers X-Tandem-Agent X-Tandem-Client \
   >"$STATE/logs/gateway.log" 2>&1 & pids+=($!)
 for i in $(seq 0 $((WORKERS - 1))); do
   port=$((FIRST_WORKER_PORT + i))

@@ -52,13 +52,23 @@ GW = f"http://127.0.0.1:{GW_PORT}"
 
 def start(name, args, env=None):
     log = open(os.path.join(WORK, f"{name}.log"), "ab")
-    procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    # Its own process group: `smg launch` runs the router as a child, which must go with it.
+    procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   start_new_session=True)
 
 
 def stop(name, sig=signal.SIGKILL):
     p = procs.pop(name)
-    p.send_signal(sig)
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
     p.wait(timeout=60)
+    if sig != signal.SIGKILL:  # what it started goes too
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def log_of(name):
@@ -129,10 +139,23 @@ PROMPTS = ["Write a Python function that checks whether a number is prime.", "Ex
            "How do I open a file in Python?"]
 
 
-def chat(i, url=GW, max_tokens=40):
+def chat(i, url=GW, max_tokens=40, agent=None):
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             "max_tokens": max_tokens, "temperature": 0}
-    return http(f"{url}/v1/chat/completions", body, timeout=300)["choices"][0]["message"]["content"]
+    data = json.dumps(body).encode()
+    headers = {"content-type": "application/json", **({"X-Tandem-Agent": agent} if agent else {})}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/chat/completions", data=data, headers=headers), timeout=300) as r:
+        return json.loads(r.read())["choices"][0]["message"]["content"]
+
+
+def sticky_agents():
+    """Each agent's requests (different prompts) all land on one worker."""
+    for agent in ["agent-a", "agent-b", "agent-c"]:
+        before = [metric(p, "tandem_generation_tokens_total") for p in W_PORTS]
+        for i in range(4):
+            chat(i, agent=agent, max_tokens=8)
+        grew = [metric(p, "tandem_generation_tokens_total") > b for p, b in zip(W_PORTS, before)]
+        assert grew.count(True) == 1, f"{agent}'s requests were spread over workers: {grew}"
 
 
 def load(n, url=GW):
@@ -177,14 +200,16 @@ def main():
     os.makedirs(os.path.join(WORK, "weights"))
     start_nats()
     start("gateway", ["smg", "launch", "--host", "127.0.0.1", "--port", str(GW_PORT), "--prometheus-port",
-                      str(GW_METRICS), "--policy", "cache_aware", "--enable-rl", "--routing-key-headers",
-                      "X-Tandem-Agent", "--log-level", "warn"])
+                      str(GW_METRICS), "--policy", "cache_aware", "--enable-rl", "--sticky-sessions",
+                      "--routing-key-headers", "X-Tandem-Agent", "--log-level", "warn"])
     wait_for("gateway", lambda: http(f"{GW}/health") is not None)
     start_worker(0)
     start_worker(1)
     urls = sorted(f"http://127.0.0.1:{p}" for p in W_PORTS)
     wait_for("both workers registered", lambda: registered() == urls)
     print("gateway: both workers registered")
+    sticky_agents()
+    print("gateway: each agent's requests stay on one worker (X-Tandem-Agent as the routing key)")
 
     # Reference outputs from one worker alone, before any trained drafter serves.
     REFERENCE = [chat(i, urls[0]) for i in range(len(PROMPTS))]

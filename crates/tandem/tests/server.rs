@@ -19,8 +19,18 @@ fn smollm2() -> PathBuf {
     tandem_testkit::smollm2()
 }
 
+/// A port free now and never handed out before in this process: the tests here run in parallel,
+/// and two once got the same port from the OS between its release and a server's bind.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn get(port: u16, path: &str) -> Option<String> {
@@ -42,12 +52,15 @@ fn start_with(model: &Path, port: u16, extra: &[&str]) -> Server {
         .args(extra)
         .spawn()
         .unwrap();
-    let server = Server(child);
+    let mut server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(120);
     while get(port, "/health").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
         assert!(Instant::now() < deadline, "the server did not come up");
+        // Not another process's answer on this port: ours must still be running.
+        assert!(server.0.try_wait().unwrap().is_none(), "the server exited while starting (output above)");
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(server.0.try_wait().unwrap().is_none(), "the server exited while starting (output above)");
     server
 }
 
