@@ -284,6 +284,8 @@ def main():
             assert [f.status for f in e.result.failed] == [403, 403], e.result
     assert queued.result(timeout=120) == REFERENCE[0]
     assert all(http(f"{u}/server_info")["weight_version"] == "rl-7" for u in urls)
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert http(f"{GW}/v1/chat/completions", body)["system_fingerprint"] == "rl-7", "responses carry the weight version"
     print("RL controls through the gateway: pause held a request, flush, drafter from disk, weight_version label")
 
     # A worker killed: the gateway routes around it; restarted, it re-registers and catches up.

@@ -130,6 +130,9 @@ struct Job {
     /// Per prompt, its own tokens' logprobs (completions with `echo` and `logprobs`), reported
     /// before the completion's; empty otherwise.
     prompt_logprobs: Vec<Vec<TokenInfo>>,
+    /// `system_fingerprint`: the weight version the worker serves (the label its last weight
+    /// update gave; what the SGLang gateway reports as a worker's `weight_version`).
+    fingerprint: String,
 }
 
 pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(v: T, lo: T, hi: T, name: &str) -> Result<T, ApiError> {
@@ -261,6 +264,7 @@ fn build_job(
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         n,
         prompt_logprobs: Vec::new(),
+        fingerprint: String::new(),
     })
 }
 
@@ -330,6 +334,7 @@ pub async fn completions(
             job.choices.iter_mut().for_each(|c| c.1.max_tokens = 0);
         }
     }
+    job.fingerprint = server.controls.weight_version();
     run(state, job, started).await
 }
 
@@ -384,7 +389,10 @@ pub async fn chat_completions(
         build_job(&state, Endpoint::Chat, &common, vec![(ids, None)], max_tokens, None, logprobs)
     })();
     match result {
-        Ok(job) => run(state, job, started).await,
+        Ok(mut job) => {
+            job.fingerprint = server.controls.weight_version();
+            run(state, job, started).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -572,7 +580,7 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
     let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
     Json(json!({
         "id": id, "object": object, "created": now_secs(), "model": state.model_name,
-        "choices": choices, "usage": usage(job.prompt_tokens, counted),
+        "system_fingerprint": job.fingerprint, "choices": choices, "usage": usage(job.prompt_tokens, counted),
     }))
     .into_response()
 }
@@ -590,9 +598,12 @@ fn stream_response(
     let created = now_secs();
     let model = state.model_name.clone();
     let usage_id = id.clone();
+    let fingerprint = job.fingerprint.clone();
     let chunk = move |choice: Value| {
         SseEvent::default().data(
-            json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]}).to_string(),
+            json!({"id": id, "object": object, "created": created, "model": model,
+                   "system_fingerprint": fingerprint, "choices": [choice]})
+            .to_string(),
         )
     };
     let (logprobs, n) = (job.logprobs, job.n);
