@@ -734,13 +734,14 @@ impl TrainingService {
         }
     }
 
-    /// Offers saved sampler weights to the fleet (when there is one).
-    pub(crate) fn share(&self, path: &str, dir: &std::path::Path) -> Result<()> {
-        match &self.config.weight_store {
-            Some(store) => store
-                .publish(path, dir)
-                .map_err(|e| Failure::server(format!("sharing `{path}` with the fleet's weight store: {e}"))),
-            None => Ok(()),
+    /// Offers saved sampler weights to the fleet (when there is one). The save itself stands
+    /// when the store is away (this server samples them; others answer that they have none), so
+    /// a broker's restart never fails a client's RL loop; the log says what was not shared.
+    pub(crate) fn share(&self, path: &str, dir: &std::path::Path) {
+        if let Some(store) = &self.config.weight_store {
+            if let Err(e) = store.publish(path, dir) {
+                tracing::warn!(path, error = %e, "sampler weights saved here but not shared with the fleet");
+            }
         }
     }
 

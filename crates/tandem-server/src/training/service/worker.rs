@@ -133,7 +133,7 @@ impl TrainingService {
                         self.check_disk(t.num_parameters() as u64 * 4)?;
                         let p = TinkerPath { run: model_id.into(), kind: "sampler_weights".into(), name };
                         t.save(&self.checkpoint_dir(&p), false)?;
-                        self.share(&p.to_path(), &self.checkpoint_dir(&p))?;
+                        self.share(&p.to_path(), &self.checkpoint_dir(&p));
                         self.versions
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
