@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_cli::online_arg::{self, OnlineArgs};
 use tandem_cli::{load_model, models, DtypeArg};
-use tandem_engine::online::{DrafterExchange, KStat, OnlineConfig, OnlineHooks, TraceBuffer};
+use tandem_engine::online::{DrafterExchange, KStat, OnlineHooks};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadOptions, LoadedModel};
 use tandem_runtime::speculative::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
@@ -323,11 +323,7 @@ fn engine_config(args: &OnlineBenchArgs, spec: bool, chain_only: bool) -> Engine
 }
 
 fn hooks(args: &OnlineArgs) -> OnlineHooks {
-    OnlineHooks {
-        traces: Arc::new(TraceBuffer::new(args.trace_buffer_mib << 20)),
-        exchange: Arc::new(DrafterExchange::default()),
-        config: OnlineConfig::default(),
-    }
+    OnlineHooks::new(args.trace_buffer_mib << 20)
 }
 
 /// Trains a drafter offline from the traces in `dir` with the online trainer's code.

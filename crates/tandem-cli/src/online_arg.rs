@@ -2,8 +2,7 @@
 //! `train-drafter`.
 use anyhow::Result;
 use std::path::PathBuf;
-use std::sync::Arc;
-use tandem_engine::online::{DrafterExchange, OnlineConfig, OnlineHooks, TraceBuffer};
+use tandem_engine::online::OnlineHooks;
 use tandem_models::Model;
 use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::{OnlineTrainer, OnlineTrainerConfig, TrainConfig, Trainer, TrainerHandle};
@@ -185,11 +184,7 @@ pub fn start(
     drafter: &EagleDrafter,
     warm: WarmStart,
 ) -> Result<(OnlineHooks, TrainerHandle)> {
-    let hooks = OnlineHooks {
-        traces: Arc::new(TraceBuffer::new(args.trace_buffer_mib << 20)),
-        exchange: Arc::new(DrafterExchange::default()),
-        config: OnlineConfig::default(),
-    };
+    let hooks = OnlineHooks::new(args.trace_buffer_mib << 20);
     let handle = start_with(args, target, drafter, warm, hooks.clone())?;
     Ok((hooks, handle))
 }

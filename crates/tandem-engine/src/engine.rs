@@ -496,9 +496,8 @@ impl Engine {
 
     fn run(mut self) {
         loop {
-            let paused = self.is_paused();
-            if self.scheduler.is_idle() || paused {
-                if self.shutting_down && !paused {
+            if self.scheduler.is_idle() || self.is_paused() {
+                if self.shutting_down {
                     break;
                 }
                 // While nothing is served and no client's training runs, an online drafter

@@ -389,7 +389,7 @@ fn rayon_pool(threads: usize, low_priority: bool) -> Option<rayon::ThreadPool> {
 /// Moves the calling thread to SCHED_IDLE: the kernel runs it only when no normal thread wants
 /// the core, so training fills the gaps serving leaves (between requests, the engine thread's
 /// single-threaded work) instead of competing with it.
-pub fn lower_priority() {
+fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         let param = libc::sched_param { sched_priority: 0 };

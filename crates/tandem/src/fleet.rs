@@ -186,13 +186,3 @@ pub fn weight_store(args: &FleetArgs) -> Result<Option<Arc<dyn tandem_server::tr
         }
     }
 }
-
-/// Hooks for a drafter that learns from outside this process (no in-process trainer): traces
-/// recorded for the broker, versions taken from it or from disk.
-pub fn external_hooks(trace_buffer_mib: usize) -> OnlineHooks {
-    OnlineHooks {
-        traces: Arc::new(tandem_engine::online::TraceBuffer::new(trace_buffer_mib << 20)),
-        exchange: Arc::new(tandem_engine::online::DrafterExchange::default()),
-        config: tandem_engine::online::OnlineConfig::default(),
-    }
-}

@@ -85,8 +85,8 @@ async fn follow(mut f: Follow<'_>) -> Result<()> {
     let client = broker::connect(f.url, "tandem-trainer").await.map_err(anyhow::Error::msg)?;
     let js = jetstream::new(client.clone());
     let store = patiently("drafter store", || DrafterStore::open(&js, f.model)).await;
-    let current = patiently("current version", || store.current()).await;
-    let mut version = current.map_or(0, |a| a.version);
+    // Numbered after the newest announcement, read before each publish.
+    let mut version = 0;
     resume(&store, &f.config, &mut f.trainer).await;
     let ack_wait = Duration::from_secs(f.args.ack_wait.max(2));
     let feed = patiently("trace consumer", || TraceFeed::open(&js, f.model, ack_wait)).await;

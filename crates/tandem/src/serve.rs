@@ -271,7 +271,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // Learned elsewhere: a fleet trainer, or versions an operator puts on disk.
         let eagle = spec_arg::build_eagle(&args.spec, &loaded)?;
         let buffer = if args.fleet.trace_sink.is_some() { args.online.trace_buffer_mib } else { 0 };
-        (Some(tandem_engine::ServedDrafter::Trained(Box::new(eagle))), Some(crate::fleet::external_hooks(buffer)), None)
+        let hooks = tandem_engine::online::OnlineHooks::new(buffer << 20);
+        (Some(tandem_engine::ServedDrafter::Trained(Box::new(eagle))), Some(hooks), None)
     } else {
         (spec_arg::build(&args.spec, &loaded, &opts)?.map(tandem_engine::ServedDrafter::Fixed), None, None)
     };

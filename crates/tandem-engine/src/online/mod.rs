@@ -48,6 +48,18 @@ pub struct OnlineHooks {
     pub config: OnlineConfig,
 }
 
+impl OnlineHooks {
+    /// A trace buffer of `trace_buffer_bytes` (full: the oldest traces are dropped), a fresh
+    /// weight slot, the default settings.
+    pub fn new(trace_buffer_bytes: usize) -> Self {
+        OnlineHooks {
+            traces: Arc::new(TraceBuffer::new(trace_buffer_bytes)),
+            exchange: Arc::new(DrafterExchange::default()),
+            config: OnlineConfig::default(),
+        }
+    }
+}
+
 /// First-token acceptance counts.
 #[derive(Debug, Clone, Copy, Default)]
 struct Window {
