@@ -105,18 +105,34 @@ def forward(ids):
 
 V = cfg["vocab_size"]
 ids = torch.tensor([[(i * 7919 + j * 104729 + 13) % V for j in range(a.seq_len + 1)] for i in range(a.batch)])
-times, loss0 = [], None
+def status_mib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+times, loss0, peak = [], None, None
 for r in range(a.reps + 1):
+    if r == 0:
+        # The peak one forward_backward adds (Linux resets the peak with clear_refs 5).
+        try:
+            open("/proc/self/clear_refs", "w").write("5")
+            before = status_mib("VmRSS:")
+        except OSError:
+            before = None
     t0 = time.time()
     logits = forward(ids[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum")
     loss.backward()
     if r == 0:
         loss0 = loss.item()
+        if before is not None:
+            peak = max(0.0, status_mib("VmHWM:") - before)
     else:
         times.append(time.time() - t0)
     for prm in list(params.values()) + [x for ab in lora.values() for x in ab]:
         prm.grad = None
 secs = statistics.median(times)
-json.dump({"mode": a.mode, "tokens_per_s": a.batch * a.seq_len / secs, "secs": secs, "loss_sum": loss0,
+json.dump({"mode": a.mode, "tokens_per_s": a.batch * a.seq_len / secs, "secs": secs, "loss_sum": loss0, "peak_mib": peak,
            "torch": torch.__version__, "threads": torch.get_num_threads()}, sys.stdout)

@@ -117,10 +117,10 @@ impl Linear {
                 let y = base.forward(x, path)?;
                 let deltas = parts
                     .iter()
-                    .map(|p| ops::matmul_xwt(&ops::matmul_xwt(x, &p.a, path)?, &p.b, path))
+                    .map(|p| ops::lora::lora_delta(x, &p.a, &p.b, *scale, path))
                     .collect::<CResult<Vec<_>>>()?;
                 let delta = if deltas.len() == 1 { deltas[0].clone() } else { Tensor::cat(&deltas, 1)? };
-                return y + (delta * *scale)?;
+                return y + delta;
             }
         };
         match bias {
@@ -191,6 +191,21 @@ impl Linear {
                     .collect::<CResult<Vec<_>>>()?;
                 Ok((weight, Some(Tensor::cat(&biases, 0)?)))
             }
+        }
+    }
+
+    /// The same projection with every tensor detached from autograd (values shared, not copied).
+    pub fn detached(&self) -> Linear {
+        let bias = |b: &Option<Tensor>| b.as_ref().map(Tensor::detach);
+        match self {
+            Linear::Dense { weight, bias: b } => Linear::Dense { weight: weight.detach(), bias: bias(b) },
+            Linear::Quantized { weight, bias: b } => Linear::Quantized { weight: weight.clone(), bias: bias(b) },
+            Linear::Stacked(parts) => Linear::Stacked(parts.iter().map(Linear::detached).collect()),
+            Linear::Lora { base, parts, scale } => Linear::Lora {
+                base: Box::new(base.detached()),
+                parts: parts.iter().map(|p| LoraPart { a: p.a.detach(), b: p.b.detach() }).collect(),
+                scale: *scale,
+            },
         }
     }
 

@@ -656,6 +656,24 @@ impl Model {
     /// `forward_sequence` of several sequences in one pass (each attends only to itself): their
     /// logits rows one after another. Bigger products, fewer ops; the same values.
     pub fn forward_sequences(&self, seqs: &[&[u32]]) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.final_hidden(seqs)?, self.path)?)
+    }
+
+    /// The logprob of `targets[s][i]` after position i of sequence s, for whole sequences packed
+    /// as in `forward_sequences` -> [total tokens]. Differentiable (the training losses' input),
+    /// computed without vocabulary-sized logits (`ops::head`); the values are the sampler's
+    /// logprobs bit for bit.
+    pub fn target_logprobs(&self, seqs: &[&[u32]], targets: &[&[u32]]) -> Result<Tensor> {
+        if seqs.len() != targets.len() || seqs.iter().zip(targets).any(|(s, t)| s.len() != t.len()) {
+            return Err(ModelError::InvalidBatch("every sequence needs one target per token".into()));
+        }
+        let h = self.final_hidden(seqs)?;
+        let all: Vec<u32> = targets.concat();
+        Ok(ops::head::target_logprobs(&h, &self.lm_head, &all, self.path)?)
+    }
+
+    /// The final norm's output for whole sequences packed one after another: [total tokens, hidden].
+    fn final_hidden(&self, seqs: &[&[u32]]) -> Result<Tensor> {
         let c = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -685,8 +703,7 @@ impl Model {
             return Err(ModelError::InvalidBatch("no sequences".into()));
         }
         let (x, _) = self.sequences_forward(&ids, &positions, &lens, None)?;
-        let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps, self.path)?;
-        Ok(self.lm_head.forward(&x, self.path)?)
+        Ok(ops::rms_norm(&x, &self.norm, c.rms_norm_eps, self.path)?)
     }
 
     /// The blocks over packed whole sequences (no cache): a latent layer's keys and values are

@@ -3,7 +3,7 @@
 //!
 //! Notation: lp = the learner's logprob of each target token (differentiated), q = the sampler's
 //! logprob of it (input `logprobs`), A = input `advantages`, r = exp(lp − q).
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,13 +112,4 @@ impl LossFn {
         };
         Ok(total)
     }
-}
-
-/// log p(targets[i] | row i) for logits [n, vocab]: differentiable.
-pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let idx = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), logits.device())?;
-    shifted.gather(&idx, D::Minus1)?.sub(&lse)?.squeeze(D::Minus1)
 }

@@ -5,29 +5,28 @@
 //! Peak memory of one forward_backward pass, measured as the growth of the process's peak RSS
 //! (`crates/tandem-train/tests/memory.rs` checks the estimate against the measurement):
 //! - per token, the activations autograd keeps for the backward: a few rows of the hidden,
-//!   attention and MLP widths per layer, and a few vocabulary-wide rows (logits, their
-//!   log-softmax and its gradient);
+//!   attention and MLP widths per layer, and what the fused head's backward holds per token
+//!   (a couple of vocabulary-wide rows' worth: its hidden-state gradients and vocabulary slices);
 //! - per sequence, the attention backward's blocks of query rows against every key before them
 //!   (linear in its length: `BWD_QUERY_BLOCK` rows at a time);
 //! - the gradients of every trained value (twice: this request's and the accumulated sum).
 //!
 //! Attention itself is linear in the sequence: its forward is the serving kernel (no [t, t]
-//! matrix) and its backward works in blocks of query rows. What grows fastest is the LoRA path's
-//! per-layer copies and the vocabulary-wide rows (fusing those is the training-speed issue's).
+//! matrix) and its backward works in blocks of query rows; the head's logits are never whole
+//! (`tandem_models::ops::head`) and an adapter's delta is one op (`tandem_models::ops::lora`).
 use tandem_models::ops::ATTENTION_BWD_QUERY_BLOCK as ATTN_BLOCK;
 use tandem_models::ModelConfig;
 
 /// f32 values kept per token, fitted to measured peaks on SmolLM2-135M and Qwen2.5-0.5B
-/// (this machine, 2026-12-02; `docs/training-memory.md`), each rounded up:
-/// - vocabulary-wide rows (logits, their log-softmax and gradients): 6.5 measured;
-const VOCAB_ROWS: f64 = 7.0;
-/// - rows of the layer widths (hidden + MLP + q/k/v) per layer: LoRA keeps each adapter's
-///   delta, its scaled copy and the sum besides the base product (13.1 measured), full training
-///   only the products (5.2 measured);
-const LORA_LAYER_ROWS: f64 = 14.0;
-const FULL_LAYER_ROWS: f64 = 6.0;
-/// - a forward-only pass keeps nothing for a backward: its logits and their log-softmax.
-const FORWARD_VOCAB_ROWS: f64 = 3.0;
+/// (this machine, 2026-12-03; `docs/training-memory.md`), each rounded up:
+/// - vocabulary-wide rows: 2.0 measured;
+const VOCAB_ROWS: f64 = 2.5;
+/// - rows of the layer widths (hidden + MLP + q/k/v) per layer: LoRA 7.6 measured, full
+///   training 2.5;
+const LORA_LAYER_ROWS: f64 = 8.0;
+const FULL_LAYER_ROWS: f64 = 3.0;
+/// - a forward-only pass keeps nothing for a backward (0.3 vocabulary rows' worth measured).
+const FORWARD_VOCAB_ROWS: f64 = 0.35;
 /// The f32 [heads, block, t] temporaries an attention backward block holds.
 const ATTN_TEMPS: f64 = 8.0;
 

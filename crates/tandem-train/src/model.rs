@@ -1,7 +1,7 @@
 //! A model being trained: the engine's base weights (shared, never copied) plus either LoRA adapters
 //! or a full set of trainable weights, with gradients accumulated across forward_backward calls
 //! until an optimizer step applies them.
-use crate::loss::{target_logprobs, LossFn};
+use crate::loss::LossFn;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -309,27 +309,23 @@ impl TrainingModel {
             }
             let t0 = std::time::Instant::now();
             let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
-            let logits = model.forward_sequences(&seqs)?;
+            let targets: Vec<&[u32]> = group.iter().map(|d| d.targets.as_slice()).collect();
+            let lp_all = model.target_logprobs(&seqs, &targets)?;
+            // Reported logprobs are the sampler's, bit for bit (the fused head computes them so).
+            let lp_all_host: Vec<f32> = lp_all.to_vec1()?;
             let t_fwd = t0.elapsed();
             let mut group_loss: Option<Tensor> = None;
             let mut off = 0;
             for d in group {
                 let n = d.tokens.len();
-                let rows = logits.narrow(0, off, n)?;
+                let lp = lp_all.narrow(0, off, n)?;
+                let lp_host = lp_all_host[off..off + n].to_vec();
                 off += n;
-                // Reported logprobs come from the logits exactly as the sampler computes them.
-                let lp_host: Vec<f32> = rows
-                    .to_vec2::<f32>()?
-                    .iter()
-                    .zip(&d.targets)
-                    .map(|(row, &t)| tandem_runtime::sampling::logprob(row, t))
-                    .collect();
                 if let Some(q) = d.inputs.get("logprobs") {
                     for (a, b) in lp_host.iter().zip(q) {
                         max_diff = max_diff.max((a - b).abs() as f64);
                     }
                 }
-                let lp = target_logprobs(&rows, &d.targets)?;
                 let mut inputs = BTreeMap::new();
                 for name in loss.inputs() {
                     let v = d.inputs.get(*name).cloned().unwrap_or_else(|| vec![1.0; n]);

@@ -4,76 +4,133 @@
 //! logprobs a training step sees for a sampled token are then bit-for-bit the ones the sampler
 //! reported (trainer/sampler mismatch destabilises RL). Each backward here is written with candle
 //! primitives; it only runs when an input is being differentiated.
-use super::{f32_slice, kernels, CResult, RopeTables};
+use super::{f32_slice, gemm, host, kernels, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
-/// x·wᵀ's gradients: dx = g·w, dw = gᵀ·x (each only when its input is differentiated).
+/// x·wᵀ's gradients: dx = g·w, dw = gᵀ·x (each only when its input is differentiated), as
+/// blocked products over the tensors' own memory (transposes are strides).
 pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    // Gradients are values, not part of the graph: detached inputs keep them from holding it alive.
     let (want_x, want_w) = (x.track_op(), w.track_op());
-    let (x, w, g) = (x.detach(), w.detach(), g.detach());
-    let gx = if want_x { Some(g.matmul(&w.to_dtype(DType::F32)?)?) } else { None };
-    let gw = if want_w { Some(g.t()?.matmul(&x.contiguous()?)?.to_dtype(w.dtype())?) } else { None };
-    Ok((gx, gw))
-}
-
-/// RMSNorm's gradients over the last dimension: y = x·r·w with r = 1/sqrt(mean(x²) + eps).
-pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    let (want_x, want_w) = (x.track_op(), w.track_op());
-    let (x, w, g) = (&x.detach(), &w.detach(), &g.detach());
-    let n = w.elem_count();
-    let x2 = x.reshape(((), n))?;
-    let g2 = g.reshape(((), n))?;
-    let r = (x2.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [rows, 1]
+    let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+    // Detached: gradients are values, not part of the graph.
+    let x = x.detach().contiguous()?;
+    let g = g.detach().contiguous()?;
+    let wf = w.detach().to_dtype(DType::F32)?.contiguous()?;
+    let guards = [&x, &g, &wf].map(|t| t.storage_and_layout());
+    let (xs, gs, ws) = (host(&guards[0])?, host(&guards[1])?, host(&guards[2])?);
     let gx = if want_x {
-        let gw = g2.broadcast_mul(w)?;
-        let dot = (&gw * &x2)?.mean_keepdim(D::Minus1)?; // mean(g·w·x)
-        let r3 = r.powf(3.0)?;
-        let gx = (gw.broadcast_mul(&r)? - x2.broadcast_mul(&(dot * r3)?)?)?;
-        Some(gx.reshape(x.shape())?)
+        let mut gx = vec![0f32; m * k];
+        gemm(m, k, n, &mut gx, false, 1.0, (gs, n, 1), (ws, k, 1));
+        Some(Tensor::from_vec(gx, (m, k), x.device())?)
     } else {
         None
     };
-    let gw = if want_w { Some((&g2 * x2.broadcast_mul(&r)?)?.sum(0)?) } else { None };
+    let gw = if want_w {
+        let mut gw = vec![0f32; n * k];
+        gemm(n, k, m, &mut gw, false, 1.0, (gs, 1, n), (xs, k, 1));
+        Some(Tensor::from_vec(gw, (n, k), x.device())?.to_dtype(w.dtype())?)
+    } else {
+        None
+    };
     Ok((gx, gw))
 }
 
-/// silu(gate)·up's gradient for rows laid out as [gate | up].
-pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
-    let (gate_up, g) = (&gate_up.detach(), &g.detach());
-    let inter = gate_up.dim(1)? / 2;
-    let gate = gate_up.narrow(1, 0, inter)?;
-    let up = gate_up.narrow(1, inter, inter)?;
-    let sig = candle_core::Tensor::ones_like(&gate)?.broadcast_div(&(gate.neg()?.exp()? + 1.0)?)?;
-    let silu = (&gate * &sig)?;
-    // silu'(x) = σ(x)·(1 + x·(1 - σ(x)))
-    let dsilu = (&sig * ((&gate * (1.0 - &sig)?)? + 1.0)?)?;
-    let d_gate = ((g * up)? * dsilu)?;
-    let d_up = (g * silu)?;
-    Ok(Some(Tensor::cat(&[d_gate, d_up], 1)?))
+/// x·wᵀ's input gradient g·w for a frozen block-quantized w, dequantized for the product.
+pub(super) fn quantized_matmul_bwd(w: &super::quant::QWeight, g: &Tensor) -> CResult<Tensor> {
+    let (m, n) = g.dims2()?;
+    let g = g.detach().contiguous()?;
+    let guard = g.storage_and_layout();
+    let ws = w.dequantize();
+    let mut gx = vec![0f32; m * w.cols];
+    gemm(m, w.cols, n, &mut gx, false, 1.0, (host(&guard)?, n, 1), (&ws, w.cols, 1));
+    Tensor::from_vec(gx, (m, w.cols), g.device())
 }
 
-/// Rope rotates pairs by position-dependent angles; its gradient rotates back (sin negated).
-pub(super) fn rope_bwd(g: &Tensor, positions: &[usize], tables: &RopeTables) -> CResult<Tensor> {
-    let g = &g.detach();
-    let (t, h, d) = g.dims3()?;
-    let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-    let idx = Tensor::from_vec(idx, t, g.device())?;
-    let cos = tables.cos.index_select(&idx, 0)?.unsqueeze(1)?;
-    let sin = tables.sin.index_select(&idx, 0)?.unsqueeze(1)?.neg()?;
-    let rotate = |a: &Tensor, b: &Tensor| -> CResult<(Tensor, Tensor)> {
-        Ok(((a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?, (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?))
-    };
-    if tables.interleaved {
-        let pairs = g.reshape((t, h, d / 2, 2))?;
-        let a = pairs.narrow(3, 0, 1)?.squeeze(3)?;
-        let b = pairs.narrow(3, 1, 1)?.squeeze(3)?;
-        let (ra, rb) = rotate(&a, &b)?;
-        Tensor::stack(&[ra, rb], 3)?.reshape((t, h, d))
+/// A tensor's values as one contiguous f32 host vector (detached: gradients are values).
+fn values(t: &Tensor) -> CResult<Vec<f32>> {
+    t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// Rows per work item of the elementwise backward passes.
+const ROWS_PER_ITEM: usize = 16;
+
+/// RMSNorm's gradients over the last dimension: y = x·r·w with r = 1/sqrt(mean(x²) + eps), so
+/// dx = r·(g·w) − x·r³·mean(g·w·x) and dw = Σ_rows g·x·r. One pass over each row, in parallel.
+pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let (want_x, want_w) = (x.track_op(), w.track_op());
+    let (xs, ws, gs) = (values(x)?, values(w)?, values(g)?);
+    let n = ws.len();
+    let mut gx = vec![0f32; if want_x { xs.len() } else { 0 }];
+    let items = xs.len().div_ceil(n * ROWS_PER_ITEM);
+    let mut gx_items: Vec<&mut [f32]> =
+        if want_x { gx.chunks_mut(n * ROWS_PER_ITEM).collect() } else { (0..items).map(|_| &mut [][..]).collect() };
+    let gw_parts: Vec<Vec<f32>> = gx_items
+        .par_iter_mut()
+        .zip(xs.par_chunks(n * ROWS_PER_ITEM).zip(gs.par_chunks(n * ROWS_PER_ITEM)))
+        .map(|(gxi, (xi, gi))| {
+            let mut gw = vec![0f32; if want_w { n } else { 0 }];
+            for (row, (xr, gr)) in xi.chunks_exact(n).zip(gi.chunks_exact(n)).enumerate() {
+                let r = 1.0 / (kernels::dot(xr, xr) / n as f32 + eps as f32).sqrt();
+                if want_x {
+                    let dot: f32 = xr.iter().zip(gr).zip(&ws).map(|((x, g), w)| g * w * x).sum::<f32>() / n as f32;
+                    let r3 = r * r * r * dot;
+                    for (((o, &x), &g), &w) in gxi[row * n..(row + 1) * n].iter_mut().zip(xr).zip(gr).zip(&ws) {
+                        *o = r * g * w - x * r3;
+                    }
+                }
+                for ((o, &x), &g) in gw.iter_mut().zip(xr).zip(gr) {
+                    *o += g * x * r;
+                }
+            }
+            gw
+        })
+        .collect();
+    let device = x.device();
+    let gx = if want_x { Some(Tensor::from_vec(gx, x.shape(), device)?) } else { None };
+    let gw = if want_w {
+        let mut sum = vec![0f32; n];
+        for part in &gw_parts {
+            sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+        }
+        Some(Tensor::from_vec(sum, n, device)?.to_dtype(w.dtype())?.reshape(w.shape())?)
     } else {
-        let (ra, rb) = rotate(&g.narrow(2, 0, d / 2)?, &g.narrow(2, d / 2, d / 2)?)?;
-        Tensor::cat(&[ra, rb], 2)
-    }
+        None
+    };
+    Ok((gx, gw))
+}
+
+/// silu(gate)·up's gradient for rows laid out as [gate | up], with
+/// silu'(x) = σ(x)·(1 + x·(1 − σ(x))).
+pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+    let two_i = gate_up.dim(1)?;
+    let inter = two_i / 2;
+    let (xs, gs) = (values(gate_up)?, values(g)?);
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(two_i).zip(xs.par_chunks(two_i).zip(gs.par_chunks(inter))).for_each(|(o, (x, g))| {
+        let (d_gate, d_up) = o.split_at_mut(inter);
+        let (gate, up) = x.split_at(inter);
+        for i in 0..inter {
+            let sig = 1.0 / (1.0 + (-gate[i]).exp());
+            d_gate[i] = g[i] * up[i] * sig * (1.0 + gate[i] * (1.0 - sig));
+            d_up[i] = g[i] * gate[i] * sig;
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, gate_up.shape(), gate_up.device())?))
+}
+
+/// Rope rotates pairs by position-dependent angles; its gradient rotates them back: the same
+/// kernel with sin negated.
+pub(super) fn rope_bwd(g: &Tensor, positions: &[usize], tables: &RopeTables) -> CResult<Tensor> {
+    let (t, h, d) = g.dims3()?;
+    let mut gs = values(g)?;
+    let half = tables.cos_host.len() / tables.cos.dim(0)?;
+    let used = (positions.iter().copied().max().unwrap_or(0) + 1) * half;
+    let neg_sin: Vec<f32> = tables.sin_host[..used].iter().map(|s| -s).collect();
+    gs.par_chunks_mut(h * d * ROWS_PER_ITEM).zip(positions.par_chunks(ROWS_PER_ITEM)).for_each(|(rows, pos)| {
+        kernels::rope(rows, h, d, pos, &tables.cos_host, &neg_sin, tables.interleaved);
+    });
+    Tensor::from_vec(gs, (t, h, d), g.device())
 }
 
 /// Rope as an op that owns its inputs (candle keeps differentiable ops past the forward).

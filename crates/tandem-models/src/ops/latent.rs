@@ -15,8 +15,8 @@
 //! the same instructions whichever item does it), so verifying drafted tokens gives each bit for
 //! bit what decoding it alone would, as on the plain path.
 use super::kernels::{self, TokenSlot};
-use super::{team, OpsPath, RopeTables};
-use candle_core::{CpuStorage, DType, Storage, Tensor, D};
+use super::{host, team, OpsPath, RopeTables};
+use candle_core::{DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -160,17 +160,6 @@ pub fn expand_values(v_lat: &Tensor, w: &LatentWeights, path: OpsPath) -> CResul
 // ---------------------------------------------------------------- CPU kernel
 
 /// A CPU tensor's f32 values (contiguous), read in place while `guard` lives.
-fn host<'a>(guard: &'a (candle_core::StorageRef<'a>, &'a candle_core::Layout)) -> CResult<&'a [f32]> {
-    let (storage, layout) = guard;
-    let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
-        candle_core::bail!("latent attention needs f32 CPU tensors")
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("latent attention needs contiguous tensors"),
-    }
-}
-
 /// Host views of a latent layer's weights.
 struct Host<'a> {
     k_up: &'a [f32],

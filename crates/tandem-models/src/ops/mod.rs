@@ -4,12 +4,16 @@
 //!
 //! This is the one place where the hardware decides the code path.
 mod grad;
+pub mod head;
 pub mod kernels;
 pub mod latent;
+pub mod lora;
 pub mod quant;
 pub mod team;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Storage, Tensor, D,
+};
 /// Query rows per block of the training attention backward (its memory is linear in t).
 pub use grad::BWD_QUERY_BLOCK as ATTENTION_BWD_QUERY_BLOCK;
 pub use kernels::{CacheGeometry, TokenSlot};
@@ -55,6 +59,69 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             None => f(),
         }
     })
+}
+
+/// The f32 values of a CPU tensor borrowed through its storage guard (no copy).
+pub(crate) fn host<'a>(guard: &'a (candle_core::StorageRef<'a>, &'a candle_core::Layout)) -> CResult<&'a [f32]> {
+    let (storage, layout) = guard;
+    let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+        candle_core::bail!("tandem kernels need f32 CPU tensors")
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("tandem kernels need contiguous tensors"),
+    }
+}
+
+/// c[m, n] = [c +] alpha·a·b with a: [m, k] and b: [k, n] given as (values, row stride, column
+/// stride): transposes are strides, never copies. The products of the backward are plain
+/// matrices; the `gemm` crate's blocked kernels run them near the machine's peak.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
+    assert!(c.len() >= m * n, "gemm: output too small");
+    let end = |(v, rs, cs): (&[f32], usize, usize), rows: usize, cols: usize| {
+        assert!(rows == 0 || cols == 0 || v.len() > (rows - 1) * rs + (cols - 1) * cs, "gemm: input too small");
+    };
+    end(a, m, k);
+    end(b, k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Small products are not worth waking threads for.
+    let parallelism = if m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
@@ -145,8 +212,8 @@ impl CustomOp1 for QuantizedMatmul {
         let y = quant::matmul_xwt_new(f32_slice(s, l)?, &self.0, m);
         Ok((CpuStorage::F32(y), Shape::from((m, self.0.rows))))
     }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(g.detach().matmul(&dequantized(&self.0, x.device())?)?))
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(grad::quantized_matmul_bwd(&self.0, g)?))
     }
 }
 
