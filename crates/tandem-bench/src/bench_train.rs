@@ -227,12 +227,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
 /// The PyTorch peer's tok/s, first summed loss and peak MiB for one mode.
 type PeerRow = (Option<f64>, Option<f64>, Option<f64>);
 
-fn run_peer(
-    python: &str,
-    dir: &std::path::Path,
-    mode: &str,
-    a: &TrainBenchArgs,
-) -> Result<PeerRow> {
+fn run_peer(python: &str, dir: &std::path::Path, mode: &str, a: &TrainBenchArgs) -> Result<PeerRow> {
     let out = std::process::Command::new(python)
         .arg(dir.join("peer.py"))
         .arg(dir)

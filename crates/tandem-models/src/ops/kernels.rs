@@ -93,6 +93,9 @@ unsafe fn matmul_block<W: WeightElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::is_x86_feature_detected!("avx512vl") && std::is_x86_feature_detected!("fma") {
+            return avx2::matmul_block_wide(x, w, m, k, n, j0, j1, y);
+        }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return avx2::matmul_block(x, w, m, k, n, j0, j1, y);
         }
