@@ -63,9 +63,11 @@ unsafe fn tile<W: WeightElem, const R: usize, const C: usize>(
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+/// Columns j0..j1 of y for every input row: tiles of 4 weight rows against C input rows, then
+/// narrower tiles for the rest. Every tile computes a value by the same operations.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_block<W: WeightElem>(
+unsafe fn block<W: WeightElem, const C: usize>(
     x: &[f32],
     w: &[W],
     m: usize,
@@ -78,6 +80,10 @@ pub unsafe fn matmul_block<W: WeightElem>(
     let mut j = j0;
     while j + 4 <= j1 {
         let mut i = 0;
+        while C > 2 && i + C <= m {
+            tile::<W, 4, C>(x, w, k, n, j, i, y);
+            i += C;
+        }
         while i + 2 <= m {
             tile::<W, 4, 2>(x, w, k, n, j, i, y);
             i += 2;
@@ -95,10 +101,24 @@ pub unsafe fn matmul_block<W: WeightElem>(
     }
 }
 
-/// `matmul_block` where AVX-512VL gives 32 vector registers: tiles of 4 weight rows against 6
-/// input rows (24 accumulators) read 10 vectors per 24 multiply-adds instead of 6 per 8. Each
-/// value is computed by the very operations of the narrower tiles (eight lanes, the same sums in
-/// the same order), so results do not change with the CPU's register count or the batch.
+/// AVX2's 16 vector registers: 4 x 2 tiles (8 accumulators).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_block<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    y: *mut f32,
+) {
+    block::<W, 2>(x, w, m, k, n, j0, j1, y)
+}
+
+/// Where AVX-512VL gives 32 vector registers: 4 x 6 tiles (24 accumulators) read 10 vectors per
+/// 24 multiply-adds instead of 6 per 8, with results unchanged bit for bit.
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_block_wide<W: WeightElem>(
@@ -111,28 +131,7 @@ pub unsafe fn matmul_block_wide<W: WeightElem>(
     j1: usize,
     y: *mut f32,
 ) {
-    let mut j = j0;
-    while j + 4 <= j1 {
-        let mut i = 0;
-        while i + 6 <= m {
-            tile::<W, 4, 6>(x, w, k, n, j, i, y);
-            i += 6;
-        }
-        while i + 2 <= m {
-            tile::<W, 4, 2>(x, w, k, n, j, i, y);
-            i += 2;
-        }
-        if i < m {
-            tile::<W, 4, 1>(x, w, k, n, j, i, y);
-        }
-        j += 4;
-    }
-    while j < j1 {
-        for i in 0..m {
-            tile::<W, 1, 1>(x, w, k, n, j, i, y);
-        }
-        j += 1;
-    }
+    block::<W, 6>(x, w, m, k, n, j0, j1, y)
 }
 
 /// scores[p] = (q . keys[p]) * scale for every key row, eight keys at a time: eight
