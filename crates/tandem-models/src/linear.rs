@@ -113,6 +113,9 @@ impl Linear {
                 let outs = parts.iter().map(|p| p.forward(x, path)).collect::<CResult<Vec<_>>>()?;
                 return Tensor::cat(&outs, 1);
             }
+            Linear::Lora { base, parts, scale } if Self::adapted_as_one_op(x, base, parts, path) => {
+                return ops::lora::adapted(x, base, parts, *scale);
+            }
             Linear::Lora { base, parts, scale } => {
                 let y = base.forward(x, path)?;
                 let deltas = parts
@@ -126,6 +129,27 @@ impl Linear {
         match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    /// Whether a forward being differentiated on the CPU kernels runs as one op
+    /// (`ops::lora::adapted`): the base frozen, every adapter of one rank.
+    fn adapted_as_one_op(x: &Tensor, base: &Linear, parts: &[LoraPart], path: OpsPath) -> bool {
+        let rank = parts.first().map(|p| p.a.dims()[0]);
+        path == OpsPath::CpuKernels
+            && !base.tracks()
+            && parts.iter().all(|p| Some(p.a.dims()[0]) == rank)
+            && (x.track_op() || parts.iter().any(|p| p.a.track_op() || p.b.track_op()))
+    }
+
+    /// Whether any of the projection's own tensors is being differentiated.
+    fn tracks(&self) -> bool {
+        let bias = |b: &Option<Tensor>| b.as_ref().is_some_and(Tensor::track_op);
+        match self {
+            Linear::Dense { weight, bias: b } => weight.track_op() || bias(b),
+            Linear::Quantized { bias: b, .. } => bias(b),
+            Linear::Stacked(parts) => parts.iter().any(Linear::tracks),
+            Linear::Lora { base, parts, .. } => base.tracks() || parts.iter().any(|p| p.a.track_op() || p.b.track_op()),
         }
     }
 

@@ -7,6 +7,7 @@
 //! order p = 0..r over bᵀ's rows, vectorised across outputs: the same operations for a value
 //! whatever the number of rows, so a served token and a trained one get the same bits.
 use super::{f32_slice, gemm, kernels, team, CResult, OpsPath};
+use crate::linear::{Linear, LoraPart};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 /// Output values per work item (a row's values in blocks of this many stay in L1 while the r
@@ -47,6 +48,31 @@ fn down(x: &[f32], a: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
         }
     });
     u
+}
+
+/// scale·(x·aᵀ)·bᵀ on host values: x [m, k], a [r, k], b [n, r] -> [m, n].
+#[allow(clippy::too_many_arguments)]
+fn delta(x: &[f32], a: &[f32], b: &[f32], m: usize, k: usize, r: usize, n: usize, scale: f32) -> Vec<f32> {
+    let u = down(x, a, m, k, r);
+    let mut bt = vec![0f32; r * n];
+    for (j, row) in b.chunks_exact(r).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            bt[p * n + j] = v;
+        }
+    }
+    let mut y = vec![0f32; m * n];
+    let blocks = n.div_ceil(BLOCK);
+    let out = kernels::SharedMut(y.as_mut_ptr());
+    team::for_each(m * blocks, &|item| {
+        #[allow(clippy::redundant_locals)]
+        let out = out;
+        let (i, blk) = (item / blocks, item % blocks);
+        let (j0, j1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(n));
+        // SAFETY: each item writes only its own row's columns j0..j1.
+        let yr = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * n + j0), j1 - j0) };
+        up_block(&u[i * r..(i + 1) * r], &bt, n, j0, j1, scale, yr);
+    });
+    y
 }
 
 /// y[i, j0..j1] = scale · Σ_p u[i, p]·bt[p, j], the sum taken in order p = 0..r by fused
@@ -104,26 +130,7 @@ impl CustomOp3 for LoraDelta {
             candle_core::bail!("lora delta: x [{m}, {k}], a [{r}, {ka}], b [{n}, {rb}] do not chain");
         }
         let (x, a, b) = (f32_slice(sx, lx)?, f32_slice(sa, la)?, f32_slice(sb, lb)?);
-        let u = down(x, a, m, k, r);
-        let mut bt = vec![0f32; r * n];
-        for (j, row) in b.chunks_exact(r).enumerate() {
-            for (p, &v) in row.iter().enumerate() {
-                bt[p * n + j] = v;
-            }
-        }
-        let mut y = vec![0f32; m * n];
-        let blocks = n.div_ceil(BLOCK);
-        let out = kernels::SharedMut(y.as_mut_ptr());
-        let scale = self.scale as f32;
-        team::for_each(m * blocks, &|item| {
-            #[allow(clippy::redundant_locals)]
-            let out = out;
-            let (i, blk) = (item / blocks, item % blocks);
-            let (j0, j1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(n));
-            // SAFETY: each item writes only its own row's columns j0..j1.
-            let yr = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * n + j0), j1 - j0) };
-            up_block(&u[i * r..(i + 1) * r], &bt, n, j0, j1, scale, yr);
-        });
+        let y = delta(x, a, b, m, k, r, n, self.scale as f32);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -159,6 +166,101 @@ impl CustomOp3 for LoraDelta {
         Ok((
             Some(Tensor::from_vec(dx, (m, k), device)?),
             Some(Tensor::from_vec(da, (r, k), device)?),
+            Some(Tensor::from_vec(db, (n, r), device)?),
+        ))
+    }
+}
+
+/// A projection with a frozen base and adapters on its parts (q, k and v share one product) as
+/// one differentiable op: y = base(x) + [deltaᵢ(x)]ᵢ. Autograd over the base product, each delta,
+/// their concatenation and the sum kept and summed a [tokens, width] gradient per node; here one
+/// node holds x alone. The values are those of `Linear::forward`'s served path bit for bit: the
+/// same base kernel, the same deltas, the same f32 sum.
+pub fn adapted(x: &Tensor, base: &Linear, parts: &[LoraPart], scale: f64) -> CResult<Tensor> {
+    let rank = parts[0].a.dim(0)?;
+    let a = Tensor::cat(&parts.iter().map(|p| &p.a).collect::<Vec<_>>(), 0)?.contiguous()?;
+    let b = Tensor::cat(&parts.iter().map(|p| &p.b).collect::<Vec<_>>(), 0)?.contiguous()?;
+    let outs = parts.iter().map(|p| p.b.dim(0)).collect::<CResult<Vec<_>>>()?;
+    x.contiguous()?.apply_op3(&a, &b, Adapted { base: base.detached(), scale, rank, outs })
+}
+
+struct Adapted {
+    base: Linear,
+    scale: f64,
+    rank: usize,
+    /// Each part's output width, in order.
+    outs: Vec<usize>,
+}
+
+impl CustomOp3 for Adapted {
+    fn name(&self) -> &'static str {
+        "tandem-adapted-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (x, a, b) = (f32_slice(sx, lx)?, f32_slice(sa, la)?, f32_slice(sb, lb)?);
+        let xt = Tensor::from_slice(x, (m, k), &candle_core::Device::Cpu)?;
+        let mut y: Vec<f32> = self.base.forward(&xt, OpsPath::CpuKernels)?.flatten_all()?.to_vec1()?;
+        let (r, n) = (self.rank, self.outs.iter().sum::<usize>());
+        let mut off = 0;
+        for (i, &out) in self.outs.iter().enumerate() {
+            let d =
+                delta(x, &a[i * r * k..(i + 1) * r * k], &b[off * r..(off + out) * r], m, k, r, out, self.scale as f32);
+            for (row, dr) in d.chunks_exact(out).enumerate() {
+                for (o, v) in y[row * n + off..row * n + off + out].iter_mut().zip(dr) {
+                    *o += v;
+                }
+            }
+            off += out;
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    /// dx = g·W + Σᵢ duᵢ·aᵢ with duᵢ = s·gᵢ·bᵢ (gᵢ: part i's columns of g), daᵢ = duᵢᵀ·x,
+    /// dbᵢ = s·gᵢᵀ·uᵢ with uᵢ = x·aᵢᵀ recomputed (r values per row).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((m, k), r, n) = (x.dims2()?, self.rank, self.outs.iter().sum::<usize>());
+        let s = self.scale as f32;
+        let (x, g) = (x.detach().contiguous()?, g.detach().contiguous()?);
+        let w = self.base.dense_f32()?.0.contiguous()?;
+        let (a, b) = (a.detach().contiguous()?, b.detach().contiguous()?);
+        let guards = [&x, &g, &w, &a, &b].map(|t| t.storage_and_layout());
+        let [xs, gs, ws, as_, bs] = [&guards[0], &guards[1], &guards[2], &guards[3], &guards[4]].map(super::host);
+        let (xs, gs, ws, as_, bs) = (xs?, gs?, ws?, as_?, bs?);
+        let mut dx = vec![0f32; m * k];
+        gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (ws, k, 1));
+        let (mut da, mut db) = (vec![0f32; self.outs.len() * r * k], vec![0f32; n * r]);
+        let (mut du, mut u) = (vec![0f32; m * r], vec![0f32; m * r]);
+        let mut off = 0;
+        for (i, &out) in self.outs.iter().enumerate() {
+            let (ai, gi) = (&as_[i * r * k..(i + 1) * r * k], &gs[off..]);
+            gemm(m, r, out, &mut du, false, s, (gi, n, 1), (&bs[off * r..], r, 1));
+            gemm(m, k, r, &mut dx, true, 1.0, (&du, r, 1), (ai, k, 1));
+            gemm(r, k, m, &mut da[i * r * k..(i + 1) * r * k], false, 1.0, (&du, 1, r), (xs, k, 1));
+            gemm(m, r, k, &mut u, false, 1.0, (xs, k, 1), (ai, 1, k));
+            gemm(out, r, m, &mut db[off * r..(off + out) * r], false, s, (gi, 1, n), (&u, r, 1));
+            off += out;
+        }
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), device)?),
+            Some(Tensor::from_vec(da, (self.outs.len() * r, k), device)?),
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))
     }
