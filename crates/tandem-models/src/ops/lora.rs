@@ -134,8 +134,7 @@ impl CustomOp3 for LoraDelta {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    /// With s the scale and g the output's gradient: du = s·g·b, dx = du·a, da = duᵀ·x,
-    /// db = s·gᵀ·u (u recomputed: r values per row).
+    /// The adapter's gradients (`part_grads`) from the output's gradient g.
     fn bwd(
         &self,
         x: &Tensor,
@@ -152,16 +151,8 @@ impl CustomOp3 for LoraDelta {
         let guards = [&x, &a, &b, &g].map(|t| t.storage_and_layout());
         let [xs, as_, bs, gs] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(super::host);
         let (xs, as_, bs, gs) = (xs?, as_?, bs?, gs?);
-        let mut du = vec![0f32; m * r];
-        gemm(m, r, n, &mut du, false, s, (gs, n, 1), (bs, r, 1));
-        let mut dx = vec![0f32; m * k];
-        gemm(m, k, r, &mut dx, false, 1.0, (&du, r, 1), (as_, k, 1));
-        let mut da = vec![0f32; r * k];
-        gemm(r, k, m, &mut da, false, 1.0, (&du, 1, r), (xs, k, 1));
-        let mut u = vec![0f32; m * r];
-        gemm(m, r, k, &mut u, false, 1.0, (xs, k, 1), (as_, 1, k));
-        let mut db = vec![0f32; n * r];
-        gemm(n, r, m, &mut db, false, s, (gs, 1, n), (&u, r, 1));
+        let (mut dx, mut da, mut db) = (vec![0f32; m * k], vec![0f32; r * k], vec![0f32; n * r]);
+        part_grads(xs, (m, k, r), (gs, n, n), s, (as_, bs), &mut dx, &mut da, &mut db);
         let device = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (m, k), device)?),
@@ -169,6 +160,27 @@ impl CustomOp3 for LoraDelta {
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))
     }
+}
+
+/// One adapter's gradients, given its output columns of g as (values, width, row stride):
+/// du = s·g·b, dx += du·a, da = duᵀ·x, db = s·gᵀ·u with u = x·aᵀ recomputed (r values per row).
+#[allow(clippy::too_many_arguments)]
+fn part_grads(
+    x: &[f32],
+    (m, k, r): (usize, usize, usize),
+    (g, out, stride): (&[f32], usize, usize),
+    s: f32,
+    (a, b): (&[f32], &[f32]),
+    dx: &mut [f32],
+    da: &mut [f32],
+    db: &mut [f32],
+) {
+    let (mut du, mut u) = (vec![0f32; m * r], vec![0f32; m * r]);
+    gemm(m, r, out, &mut du, false, s, (g, stride, 1), (b, r, 1));
+    gemm(m, k, r, dx, true, 1.0, (&du, r, 1), (a, k, 1));
+    gemm(r, k, m, da, false, 1.0, (&du, 1, r), (x, k, 1));
+    gemm(m, r, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
+    gemm(out, r, m, db, false, s, (g, 1, stride), (&u, r, 1));
 }
 
 /// A projection with a frozen base and adapters on its parts (q, k and v share one product) as
@@ -225,8 +237,7 @@ impl CustomOp3 for Adapted {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    /// dx = g·W + Σᵢ duᵢ·aᵢ with duᵢ = s·gᵢ·bᵢ (gᵢ: part i's columns of g), daᵢ = duᵢᵀ·x,
-    /// dbᵢ = s·gᵢᵀ·uᵢ with uᵢ = x·aᵢᵀ recomputed (r values per row).
+    /// dx = g·W plus each part's adapter gradients (`part_grads`) from its columns of g.
     fn bwd(
         &self,
         x: &Tensor,
@@ -246,15 +257,11 @@ impl CustomOp3 for Adapted {
         let mut dx = vec![0f32; m * k];
         gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (ws, k, 1));
         let (mut da, mut db) = (vec![0f32; self.outs.len() * r * k], vec![0f32; n * r]);
-        let (mut du, mut u) = (vec![0f32; m * r], vec![0f32; m * r]);
         let mut off = 0;
         for (i, &out) in self.outs.iter().enumerate() {
-            let (ai, gi) = (&as_[i * r * k..(i + 1) * r * k], &gs[off..]);
-            gemm(m, r, out, &mut du, false, s, (gi, n, 1), (&bs[off * r..], r, 1));
-            gemm(m, k, r, &mut dx, true, 1.0, (&du, r, 1), (ai, k, 1));
-            gemm(r, k, m, &mut da[i * r * k..(i + 1) * r * k], false, 1.0, (&du, 1, r), (xs, k, 1));
-            gemm(m, r, k, &mut u, false, 1.0, (xs, k, 1), (ai, 1, k));
-            gemm(out, r, m, &mut db[off * r..(off + out) * r], false, s, (gi, 1, n), (&u, r, 1));
+            let (a_i, b_i) = (&as_[i * r * k..(i + 1) * r * k], &bs[off * r..(off + out) * r]);
+            let (da_i, db_i) = (&mut da[i * r * k..(i + 1) * r * k], &mut db[off * r..(off + out) * r]);
+            part_grads(xs, (m, k, r), (&gs[off..], out, n), s, (a_i, b_i), &mut dx, da_i, db_i);
             off += out;
         }
         let device = x.device();
