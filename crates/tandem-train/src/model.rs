@@ -29,10 +29,13 @@ impl TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-/// Most tokens packed into one forward/backward pass. Measured with LoRA on SmolLM2-135M (32
-/// sequences of 34 tokens, this 2-core machine): 256 -> 78 tok/s, 512 -> 76, 1024 -> 44; the
-/// vocabulary-sized logits of a big pass (and their gradients) cost more than its bigger products
-/// gain. A sequence longer than this is one pass of its own.
+/// Most tokens packed into one forward/backward pass (fewer where the memory budget holds fewer; a
+/// longer sequence is one pass of its own). A pass is also the unit of the server's training turns,
+/// so bigger passes make serving wait longer between them. Since the head stopped making
+/// vocabulary-sized logits (`ops::head`) bigger passes no longer cost extra: measured in `tandem
+/// bench train` on SmolLM2-135M, 8 x 128 tokens (2026-12-03, AMD EPYC Zen 4, 2 threads), 256 and
+/// 1,024 were the same within this machine's noise (LoRA 105-130 tok/s, full 76-114, both), so the
+/// shorter turn wins.
 const PACK_TOKENS: usize = 256;
 
 /// The largest learning rate an optimizer step takes (AdamW steps are about lr per value: beyond
@@ -70,16 +73,16 @@ pub struct ForwardBackwardOutput {
     pub metrics: BTreeMap<String, f64>,
 }
 
-/// Data packed into passes of up to PACK_TOKENS tokens: one forward and one backward each, with
-/// bigger products than one datum alone; every datum attends only to itself. A longer datum is a
-/// pass of its own.
-fn passes(data: &[Datum]) -> Vec<&[Datum]> {
+/// Data packed into passes of up to PACK_TOKENS tokens that `fits` accepts: one forward and one
+/// backward each, with bigger products than one datum alone; every datum attends only to itself.
+/// A datum is always a pass of its own at least.
+fn passes<'a>(data: &'a [Datum], fits: &dyn Fn(&[Datum]) -> bool) -> Vec<&'a [Datum]> {
     let mut groups = Vec::new();
     let mut start = 0;
     while start < data.len() {
         let mut end = start + 1;
         let mut tokens_in = data[start].tokens.len();
-        while end < data.len() && tokens_in + data[end].tokens.len() <= PACK_TOKENS {
+        while end < data.len() && tokens_in + data[end].tokens.len() <= PACK_TOKENS && fits(&data[start..=end]) {
             tokens_in += data[end].tokens.len();
             end += 1;
         }
@@ -293,7 +296,7 @@ impl TrainingModel {
         for (i, d) in data.iter().enumerate() {
             self.check(d, loss, i)?;
         }
-        let groups = passes(data);
+        let groups = self.passes(data, forward_only);
         self.check_memory(&groups, forward_only)?;
         let model = if forward_only { self.snapshot_shared()? } else { self.live()? };
         let mut total = 0f64;
@@ -380,7 +383,13 @@ impl TrainingModel {
 
     /// The estimated peak memory of `forward_backward(data, .., forward_only)`: its largest pass.
     pub fn peak_bytes(&self, data: &[Datum], forward_only: bool) -> u64 {
-        passes(data).iter().map(|g| self.pass_bytes(g, forward_only)).max().unwrap_or(0)
+        self.passes(data, forward_only).iter().map(|g| self.pass_bytes(g, forward_only)).max().unwrap_or(0)
+    }
+
+    /// `data` packed into passes, each within the memory budget where a datum alone is.
+    fn passes<'a>(&self, data: &'a [Datum], forward_only: bool) -> Vec<&'a [Datum]> {
+        let budget = self.limits.map_or(u64::MAX, |l| l.memory_bytes);
+        passes(data, &|g| self.pass_bytes(g, forward_only) <= budget)
     }
 
     fn pass_bytes(&self, group: &[Datum], forward_only: bool) -> u64 {

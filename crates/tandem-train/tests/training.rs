@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{tiny, tiny_dir};
 use std::collections::BTreeMap;
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, LoraSpec, LoraTargets, Model, OpsPath, SequenceInput};
-use tandem_train::{AdamParams, ConfigValue, Datum, LossFn, Mode, TrainingModel};
+use tandem_train::{AdamParams, ConfigValue, Datum, Limits, LossFn, Mode, TrainingModel};
 
 const MODELS: [&str; 3] = ["llama-gqa-untied-sharded", "qwen2-tied-bias", "qwen3-qknorm-untied"];
 
@@ -339,4 +339,23 @@ fn a_forward_backward_reports_its_passes_and_computes_the_same() {
         let same = (g - &gb[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(same, 0.0, "{name}");
     }
+}
+
+/// Data that would pack into one pass are split where the memory budget holds one datum alone:
+/// the request runs (in more passes) instead of being refused.
+#[test]
+fn passes_pack_within_the_memory_budget() {
+    let base = tiny(MODELS[0]);
+    let v = base.config.vocab_size;
+    let data: Vec<Datum> = (0..3)
+        .map(|i| Datum { tokens: tokens(100, v, i), targets: tokens(100, v, i + 7), inputs: BTreeMap::new() })
+        .collect();
+    let mut t = TrainingModel::new(&base, all_targets(4), 3).unwrap();
+    let one = t.peak_bytes(&data[..1], false);
+    assert!(t.peak_bytes(&data, false) > one, "three datums pack into one bigger pass");
+    t.set_limits(Limits { max_tokens: 1024, memory_bytes: one });
+    assert_eq!(t.peak_bytes(&data, false), one);
+    let mut reported = Vec::new();
+    t.forward_backward_in_passes(&data, &LossFn::CrossEntropy, false, &mut |n| reported.push(n)).unwrap();
+    assert_eq!(reported, vec![100, 100], "a pass per datum");
 }
