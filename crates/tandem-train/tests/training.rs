@@ -335,9 +335,17 @@ fn a_forward_backward_reports_its_passes_and_computes_the_same() {
     assert_eq!(a.metrics, b.metrics);
     let (ga, gb) = (plain.pending_gradients(), passes.pending_gradients());
     assert_eq!(ga.keys().collect::<Vec<_>>(), gb.keys().collect::<Vec<_>>());
+    // Summed over passes of one request or over requests of one datum each: the same sums.
+    let mut each = TrainingModel::new(&base, all_targets(4), 3).unwrap();
+    for d in &data {
+        each.forward_backward(std::slice::from_ref(d), &LossFn::CrossEntropy, false).unwrap();
+    }
+    let gc = each.pending_gradients();
     for (name, g) in &ga {
         let same = (g - &gb[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(same, 0.0, "{name}");
+        let same = (g - &gc[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(same, 0.0, "{name}: passes of one request against one request per datum");
     }
 }
 
