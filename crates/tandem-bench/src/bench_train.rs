@@ -154,9 +154,8 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
             let mut times = Vec::new();
             // The warm-up pass measures the peak (it hands free memory back first); the timed
             // passes run as a server's do, on memory the allocator already holds.
-            let (out, grown) = peak_growth(|| t.forward_backward(&batch, &LossFn::CrossEntropy, false));
+            let (out, peak) = peak_growth(|| t.forward_backward(&batch, &LossFn::CrossEntropy, false));
             let first = out?.metrics["loss:sum"];
-            let peak = grown;
             for _ in 0..a.reps {
                 let start = Instant::now();
                 t.forward_backward(&batch, &LossFn::CrossEntropy, false)?;
