@@ -4,7 +4,7 @@
 //! logprobs a training step sees for a sampled token are then bit-for-bit the ones the sampler
 //! reported (trainer/sampler mismatch destabilises RL). Each backward here is written with candle
 //! primitives; it only runs when an input is being differentiated.
-use super::{f32_slice, gemm, host, kernels, CResult, RopeTables};
+use super::{f32_slice, gemm, gemm_on, host, kernels, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -213,25 +213,8 @@ impl CustomOp3 for SelfAttention {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, g) = (&q.detach(), &k.detach(), &v.detach(), &g.detach());
-        let heads = q.dim(1)?;
-        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        let mut start = 0;
-        for &n in &self.lens {
-            let g_seg = g.narrow(0, start, n)?;
-            let (a, b, c) = attention_bwd_one(
-                &q.narrow(0, start, n)?,
-                &k.narrow(0, start, n)?,
-                &v.narrow(0, start, n)?,
-                &g_seg,
-                heads,
-            )?;
-            dq.push(a);
-            dk.push(b);
-            dv.push(c);
-            start += n;
-        }
-        Ok((Some(Tensor::cat(&dq, 0)?), Some(Tensor::cat(&dk, 0)?), Some(Tensor::cat(&dv, 0)?)))
+        let (dq, dk, dv) = attention_bwd(q, k, v, g, &self.lens)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
@@ -240,46 +223,108 @@ impl CustomOp3 for SelfAttention {
 /// tensor, and the backward holds several).
 pub const BWD_QUERY_BLOCK: usize = 128;
 
-/// The attention backward of one sequence (candle primitives), a block of query rows at a time:
-/// each block needs only the keys up to its last row, and adds its share of dK and dV.
-fn attention_bwd_one(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
-    heads: usize,
-) -> CResult<(Tensor, Tensor, Tensor)> {
-    let (t, _, d) = q.dims3()?;
+/// The attention backward of sequences packed one after another, q: [t, heads, d], k and v:
+/// [t, kv heads, d], g: [t, heads·d]. One work item per (sequence, head), in parallel; each takes
+/// its queries a block at a time and recomputes the block's probabilities from q and k (so only
+/// [block, keys seen] temporaries exist), with every product through gemm over the tensors' own
+/// strides. Heads that share a kv head add their dK and dV after.
+fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize]) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (t, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
     let group = heads / kv_heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    // Heads grouped by the kv head they share: [kvh, group·n, d].
-    let by_kv = |x: &Tensor, n: usize| -> CResult<Tensor> {
-        x.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * n, d))
-    };
-    let kt = k.transpose(0, 1)?.contiguous()?; // [kvh, t, d]
-    let vt = v.transpose(0, 1)?.contiguous()?;
-    let g = g.reshape((t, heads, d))?;
-    let mut dk = Tensor::zeros((kv_heads, t, d), DType::F32, q.device())?;
-    let mut dv = dk.clone();
-    let mut dq = Vec::new();
-    for r0 in (0..t).step_by(BWD_QUERY_BLOCK) {
-        let n = BWD_QUERY_BLOCK.min(t - r0);
-        let seen = r0 + n; // keys 0..seen are visible to this block
-        let qg = by_kv(&q.narrow(0, r0, n)?, n)?; // [kvh, gn, d]
-        let go = by_kv(&g.narrow(0, r0, n)?, n)?;
-        let (kp, vp) = (kt.narrow(1, 0, seen)?, vt.narrow(1, 0, seen)?);
-        let p = causal_probs_from(&qg, &kp, group, r0)?; // [kvh, gn, seen]
-        let dp = go.matmul(&vp.t()?)?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let pad = |x: Tensor| x.pad_with_zeros(1, 0, t - seen);
-        dv = (dv + pad(p.t()?.matmul(&go)?)?)?;
-        dk = (dk + pad((ds.t()?.matmul(&qg)? * scale)?)?)?;
-        let dq_block = (ds.matmul(&kp)? * scale)?; // [kvh, gn, d]
-        dq.push(dq_block.reshape((heads, n, d))?.transpose(0, 1)?);
+    let [q, k, v, g] = [q, k, v, g].map(|x| x.detach().contiguous());
+    let (q, k, v, g) = (q?, k?, v?, g?);
+    let guards = [&q, &k, &v, &g].map(|x| x.storage_and_layout());
+    let [qs, ks, vs, gs] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(host);
+    let (qs, ks, vs, gs) = (qs?, ks?, vs?, gs?);
+    let starts: Vec<usize> = lens.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+    let items: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
+    let parts: Vec<[Vec<f32>; 3]> = items
+        .par_iter()
+        .map(|&(s, h)| {
+            let (q_rows, g_rows) = (&qs[(starts[s] * heads + h) * d..], &gs[(starts[s] * heads + h) * d..]);
+            let kv = (starts[s] * kv_heads + h / group) * d;
+            let seq = HeadRows {
+                q: q_rows,
+                k: &ks[kv..],
+                v: &vs[kv..],
+                g: g_rows,
+                q_stride: heads * d,
+                kv_stride: kv_heads * d,
+            };
+            head_bwd(&seq, lens[s], d)
+        })
+        .collect();
+    let (mut dq, mut dk, mut dv) =
+        (vec![0f32; t * heads * d], vec![0f32; t * kv_heads * d], vec![0f32; t * kv_heads * d]);
+    for (&(s, h), [pq, pk, pv]) in items.iter().zip(&parts) {
+        for i in 0..lens[s] {
+            let row = starts[s] + i;
+            let (o, okv) = ((row * heads + h) * d, (row * kv_heads + h / group) * d);
+            dq[o..o + d].copy_from_slice(&pq[i * d..(i + 1) * d]);
+            dk[okv..okv + d].iter_mut().zip(&pk[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
+            dv[okv..okv + d].iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
+        }
     }
-    let dq = Tensor::cat(&dq, 0)?.contiguous()?;
-    Ok((dq, dk.transpose(0, 1)?.contiguous()?, dv.transpose(0, 1)?.contiguous()?))
+    let device = q.device();
+    Ok((
+        Tensor::from_vec(dq, (t, heads, d), device)?,
+        Tensor::from_vec(dk, (t, kv_heads, d), device)?,
+        Tensor::from_vec(dv, (t, kv_heads, d), device)?,
+    ))
+}
+
+/// One head of one sequence: its query and output-gradient rows (`q_stride` values apart), its kv
+/// head's key and value rows (`kv_stride` apart), each slice starting at the sequence's first row.
+struct HeadRows<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: &'a [f32],
+    q_stride: usize,
+    kv_stride: usize,
+}
+
+/// dQ, dK and dV ([n, d] each) of one head over one causal sequence of n rows:
+/// P = softmax(scale·Q·Kᵀ) with row i seeing keys 0..=i, dP = G·Vᵀ, dS = P∘(dP − rowsum(P∘dP)),
+/// dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·G.
+fn head_bwd(x: &HeadRows, n: usize, d: usize) -> [Vec<f32>; 3] {
+    let scale = 1.0 / (d as f32).sqrt();
+    let (qs, kvs) = (x.q_stride, x.kv_stride);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
+    for r0 in (0..n).step_by(BWD_QUERY_BLOCK) {
+        let b = BWD_QUERY_BLOCK.min(n - r0);
+        let seen = r0 + b;
+        let (q, g) = (&x.q[r0 * qs..], &x.g[r0 * qs..]);
+        let mut p = vec![0f32; b * seen];
+        gemm_on(false, (b, seen, d), &mut p, false, scale, (q, qs, 1), (x.k, 1, kvs));
+        for (r, row) in p.chunks_exact_mut(seen).enumerate() {
+            causal_softmax(row, r0 + r + 1);
+        }
+        let mut ds = vec![0f32; b * seen];
+        gemm_on(false, (b, seen, d), &mut ds, false, 1.0, (g, qs, 1), (x.v, 1, kvs));
+        for (dr, pr) in ds.chunks_exact_mut(seen).zip(p.chunks_exact(seen)) {
+            let c: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+            dr.iter_mut().zip(pr).for_each(|(a, &pv)| *a = pv * (*a - c));
+        }
+        gemm_on(false, (b, d, seen), &mut dq[r0 * d..], false, scale, (&ds, seen, 1), (x.k, kvs, 1));
+        gemm_on(false, (seen, d, b), &mut dk, true, scale, (&ds, 1, seen), (q, qs, 1));
+        gemm_on(false, (seen, d, b), &mut dv, true, 1.0, (&p, 1, seen), (g, qs, 1));
+    }
+    [dq, dk, dv]
+}
+
+/// Softmax over a row's first `visible` scores in place; the rest (future keys) become 0.
+fn causal_softmax(row: &mut [f32], visible: usize) {
+    let (seen, future) = row.split_at_mut(visible);
+    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in seen.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    seen.iter_mut().for_each(|s| *s /= sum);
+    future.fill(0.0);
 }
 
 /// Attention probabilities of grouped queries qg: [kvh, group·t, d] over keys kt: [kvh, t, d],

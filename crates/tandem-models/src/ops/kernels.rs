@@ -75,6 +75,23 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
     });
 }
 
+/// `matmul_xwt` for few weight rows (an adapter's rank): parallel over groups of input rows
+/// instead of blocks of weight rows, which would leave one block; every value as `matmul_xwt`
+/// computes it.
+pub fn matmul_xwt_by_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(y.len(), m * n);
+    let out = SharedMut(y.as_mut_ptr());
+    team::for_each(m.div_ceil(INPUT_GROUP), &|g| {
+        #[allow(clippy::redundant_locals)]
+        let out = out;
+        let (i0, i1) = (g * INPUT_GROUP, ((g + 1) * INPUT_GROUP).min(m));
+        // SAFETY: every group writes only its own rows of y.
+        unsafe { matmul_block(&x[i0 * k..i1 * k], w, i1 - i0, k, n, 0, n, out.0.add(i0 * n)) };
+    });
+}
+
 const ROWS: usize = 4;
 const INPUT_GROUP: usize = 32;
 /// Cache lines of the next tile's weights prefetched per step of 8 columns.

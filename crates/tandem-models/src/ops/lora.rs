@@ -32,21 +32,10 @@ struct LoraDelta {
     scale: f64,
 }
 
-/// u = x·aᵀ: [m, r], one dot product per value (the same for a row in any batch).
+/// u = x·aᵀ: [m, r], by the streaming kernel's tiles (each value the same for a row in any batch).
 fn down(x: &[f32], a: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
-    const ROWS: usize = 16;
     let mut u = vec![0f32; m * r];
-    let out = kernels::SharedMut(u.as_mut_ptr());
-    team::for_each(m.div_ceil(ROWS), &|c| {
-        #[allow(clippy::redundant_locals)]
-        let out = out;
-        for i in c * ROWS..((c + 1) * ROWS).min(m) {
-            for p in 0..r {
-                // SAFETY: each item writes only its own rows of u.
-                unsafe { *out.0.add(i * r + p) = kernels::dot(&x[i * k..(i + 1) * k], &a[p * k..(p + 1) * k]) };
-            }
-        }
-    });
+    kernels::matmul_xwt_by_rows(x, a, m, k, r, &mut u);
     u
 }
 
@@ -102,11 +91,30 @@ fn up_block_portable(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, scal
     }
 }
 
-/// The same operations compiled with FMA enabled (`mul_add` is one instruction there).
+/// The same operations with the sums of 64 outputs held in eight registers across all r steps
+/// (`up_block_portable` loads and stores each output once per step); the columns past the last
+/// multiple of 64 as `up_block_portable`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn up_block_fma(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32, y: &mut [f32]) {
-    up_block_portable(u, bt, n, j0, j1, scale, y)
+    use std::arch::x86_64::*;
+    const WIDE: usize = 64;
+    let wide = (j1 - j0) / WIDE * WIDE;
+    let sv = _mm256_set1_ps(scale);
+    for c0 in (0..wide).step_by(WIDE) {
+        let mut acc = [_mm256_setzero_ps(); WIDE / 8];
+        for (p, &up) in u.iter().enumerate() {
+            let uv = _mm256_set1_ps(up);
+            let row = bt.as_ptr().add(p * n + j0 + c0);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(uv, _mm256_loadu_ps(row.add(8 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.as_mut_ptr().add(c0 + 8 * c), _mm256_mul_ps(*a, sv));
+        }
+    }
+    up_block_portable(u, bt, n, j0 + wide, j1, scale, &mut y[wide..])
 }
 
 impl CustomOp3 for LoraDelta {

@@ -87,6 +87,22 @@ pub(crate) fn gemm(
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
 ) {
+    // Small products are not worth waking threads for.
+    let parallel = m * n * k >= 1 << 18;
+    gemm_on(parallel, (m, n, k), c, accumulate, alpha, a, b)
+}
+
+/// `gemm`, on the rayon pool or (`parallel` false: inside work items that already are parallel)
+/// on the calling thread alone.
+pub(crate) fn gemm_on(
+    parallel: bool,
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
     assert!(c.len() >= m * n, "gemm: output too small");
     let end = |(v, rs, cs): (&[f32], usize, usize), rows: usize, cols: usize| {
         assert!(rows == 0 || cols == 0 || v.len() > (rows - 1) * rs + (cols - 1) * cs, "gemm: input too small");
@@ -96,8 +112,7 @@ pub(crate) fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    // Small products are not worth waking threads for.
-    let parallelism = if m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every index the strides reach inside the slices.
     unsafe {
         gemm::gemm(
