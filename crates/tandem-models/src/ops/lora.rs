@@ -154,16 +154,19 @@ impl CustomOp3 for LoraDelta {
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
         let s = self.scale as f32;
+        let want_dx = x.track_op();
         let [x, a, b, g] = [x, a, b, g].map(|t| t.detach().contiguous());
         let (x, a, b, g) = (x?, a?, b?, g?);
         let guards = [&x, &a, &b, &g].map(|t| t.storage_and_layout());
         let [xs, as_, bs, gs] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(super::host);
         let (xs, as_, bs, gs) = (xs?, as_?, bs?, gs?);
-        let (mut dx, mut da, mut db) = (vec![0f32; m * k], vec![0f32; r * k], vec![0f32; n * r]);
-        part_grads(xs, (m, k, r), (gs, n, n), s, (as_, bs), &mut dx, &mut da, &mut db);
+        let (mut dx, mut da, mut db) =
+            (vec![0f32; if want_dx { m * k } else { 0 }], vec![0f32; r * k], vec![0f32; n * r]);
+        let dx_wanted = want_dx.then_some(&mut dx[..]);
+        part_grads(xs, (m, k, r), (gs, n, n), s, (as_, bs), dx_wanted, &mut da, &mut db);
         let device = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), device)?),
+            want_dx.then(|| Tensor::from_vec(dx, (m, k), device)).transpose()?,
             Some(Tensor::from_vec(da, (r, k), device)?),
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))
@@ -171,7 +174,8 @@ impl CustomOp3 for LoraDelta {
 }
 
 /// One adapter's gradients, given its output columns of g as (values, width, row stride):
-/// du = s·g·b, dx += du·a, da = duᵀ·x, db = s·gᵀ·u with u = x·aᵀ recomputed (r values per row).
+/// du = s·g·b, dx += du·a (when x's gradient is wanted), da = duᵀ·x, db = s·gᵀ·u with u = x·aᵀ
+/// recomputed (r values per row).
 #[allow(clippy::too_many_arguments)]
 fn part_grads(
     x: &[f32],
@@ -179,13 +183,15 @@ fn part_grads(
     (g, out, stride): (&[f32], usize, usize),
     s: f32,
     (a, b): (&[f32], &[f32]),
-    dx: &mut [f32],
+    dx: Option<&mut [f32]>,
     da: &mut [f32],
     db: &mut [f32],
 ) {
     let (mut du, mut u) = (vec![0f32; m * r], vec![0f32; m * r]);
     gemm(m, r, out, &mut du, false, s, (g, stride, 1), (b, r, 1));
-    gemm(m, k, r, dx, true, 1.0, (&du, r, 1), (a, k, 1));
+    if let Some(dx) = dx {
+        gemm(m, k, r, dx, true, 1.0, (&du, r, 1), (a, k, 1));
+    }
     gemm(r, k, m, da, false, 1.0, (&du, 1, r), (x, k, 1));
     gemm(m, r, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
     gemm(out, r, m, db, false, s, (g, 1, stride), (&u, r, 1));
@@ -256,25 +262,32 @@ impl CustomOp3 for Adapted {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let ((m, k), r, n) = (x.dims2()?, self.rank, self.outs.iter().sum::<usize>());
         let s = self.scale as f32;
+        // The first layer's input is the frozen embedding's: no gradient to compute there.
+        let want_dx = x.track_op();
         let (x, g) = (x.detach().contiguous()?, g.detach().contiguous()?);
-        let w = self.base.dense_f32()?.0.contiguous()?;
         let (a, b) = (a.detach().contiguous()?, b.detach().contiguous()?);
-        let guards = [&x, &g, &w, &a, &b].map(|t| t.storage_and_layout());
-        let [xs, gs, ws, as_, bs] = [&guards[0], &guards[1], &guards[2], &guards[3], &guards[4]].map(super::host);
-        let (xs, gs, ws, as_, bs) = (xs?, gs?, ws?, as_?, bs?);
-        let mut dx = vec![0f32; m * k];
-        gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (ws, k, 1));
+        let guards = [&x, &g, &a, &b].map(|t| t.storage_and_layout());
+        let [xs, gs, as_, bs] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(super::host);
+        let (xs, gs, as_, bs) = (xs?, gs?, as_?, bs?);
+        let mut dx = Vec::new();
+        if want_dx {
+            let w = self.base.dense_f32()?.0.contiguous()?;
+            let guard = w.storage_and_layout();
+            dx = vec![0f32; m * k];
+            gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (super::host(&guard)?, k, 1));
+        }
         let (mut da, mut db) = (vec![0f32; self.outs.len() * r * k], vec![0f32; n * r]);
         let mut off = 0;
         for (i, &out) in self.outs.iter().enumerate() {
             let (a_i, b_i) = (&as_[i * r * k..(i + 1) * r * k], &bs[off * r..(off + out) * r]);
             let (da_i, db_i) = (&mut da[i * r * k..(i + 1) * r * k], &mut db[off * r..(off + out) * r]);
-            part_grads(xs, (m, k, r), (&gs[off..], out, n), s, (a_i, b_i), &mut dx, da_i, db_i);
+            let dx_wanted = want_dx.then_some(&mut dx[..]);
+            part_grads(xs, (m, k, r), (&gs[off..], out, n), s, (a_i, b_i), dx_wanted, da_i, db_i);
             off += out;
         }
         let device = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), device)?),
+            want_dx.then(|| Tensor::from_vec(dx, (m, k), device)).transpose()?,
             Some(Tensor::from_vec(da, (self.outs.len() * r, k), device)?),
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))
