@@ -2,8 +2,9 @@
 //!
 //! A model being trained computes its forward with the same fused kernels as the sampler: the
 //! logprobs a training step sees for a sampled token are then bit-for-bit the ones the sampler
-//! reported (trainer/sampler mismatch destabilises RL). Each backward here is written with candle
-//! primitives; it only runs when an input is being differentiated.
+//! reported (trainer/sampler mismatch destabilises RL). Each backward here works on host slices
+//! (products through gemm, elementwise passes in parallel rows); it only runs when an input is
+//! being differentiated.
 use super::{f32_slice, gemm, gemm_on, host, kernels, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -218,9 +219,9 @@ impl CustomOp3 for SelfAttention {
     }
 }
 
-/// Query rows per block of the attention backward: its temporaries are [heads, block, t], so
-/// memory grows linearly with the sequence (a whole [heads, t, t] at 5,000 tokens is ~0.9 GB per
-/// tensor, and the backward holds several).
+/// Query rows per block of the attention backward: a work item's temporaries are [block, keys
+/// seen] (two per item running), so memory grows linearly with the sequence (a whole
+/// [heads, t, t] at 5,000 tokens is ~0.9 GB per tensor).
 pub const BWD_QUERY_BLOCK: usize = 128;
 
 /// The attention backward of sequences packed one after another, q: [t, heads, d], k and v:

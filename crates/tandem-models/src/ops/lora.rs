@@ -3,9 +3,9 @@
 //! The rank is small (8-64), so the second product has an inner dimension of r: through the
 //! streaming kernel every output value paid a horizontal sum for two or four multiply-adds, and
 //! adapters on every projection and the head took over a third of a LoRA training step. Here
-//! u = x·aᵀ is a row of r dot products per token, and each output value is r multiply-adds in
-//! order p = 0..r over bᵀ's rows, vectorised across outputs: the same operations for a value
-//! whatever the number of rows, so a served token and a trained one get the same bits.
+//! u = x·aᵀ goes through the streaming kernel's tiles (r weight rows), and each output value is r
+//! multiply-adds in order p = 0..r over bᵀ's rows, vectorised across outputs: the same operations
+//! for a value whatever the number of rows, so a served token and a trained one get the same bits.
 use super::{f32_slice, gemm, kernels, team, CResult, OpsPath};
 use crate::linear::{Linear, LoraPart};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
