@@ -315,6 +315,13 @@ fn a_gguf_served_model_exports_to_a_hugging_face_folder_with_the_same_logits() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `count` next-token data of `len` tokens each, datum i from seeds i and i + 7.
+fn datums(count: u32, len: usize, v: usize) -> Vec<Datum> {
+    (0..count)
+        .map(|i| Datum { tokens: tokens(len, v, i), targets: tokens(len, v, i + 7), inputs: BTreeMap::new() })
+        .collect()
+}
+
 /// A batch over several passes reports each pass but the last as it ends (the server gives the
 /// cores back there), and computes exactly what it computes without the reports.
 #[test]
@@ -322,9 +329,7 @@ fn a_forward_backward_reports_its_passes_and_computes_the_same() {
     let base = tiny(MODELS[0]);
     let v = base.config.vocab_size;
     // Three datums of 200 tokens: a pass each (a pass packs up to 256 tokens).
-    let data: Vec<Datum> = (0..3)
-        .map(|i| Datum { tokens: tokens(200, v, i), targets: tokens(200, v, i + 7), inputs: BTreeMap::new() })
-        .collect();
+    let data = datums(3, 200, v);
     let mut plain = TrainingModel::new(&base, all_targets(4), 3).unwrap();
     let mut passes = TrainingModel::new(&base, all_targets(4), 3).unwrap();
     let a = plain.forward_backward(&data, &LossFn::CrossEntropy, false).unwrap();
@@ -355,9 +360,7 @@ fn a_forward_backward_reports_its_passes_and_computes_the_same() {
 fn passes_pack_within_the_memory_budget() {
     let base = tiny(MODELS[0]);
     let v = base.config.vocab_size;
-    let data: Vec<Datum> = (0..3)
-        .map(|i| Datum { tokens: tokens(100, v, i), targets: tokens(100, v, i + 7), inputs: BTreeMap::new() })
-        .collect();
+    let data = datums(3, 100, v);
     let mut t = TrainingModel::new(&base, all_targets(4), 3).unwrap();
     let one = t.peak_bytes(&data[..1], false);
     assert!(t.peak_bytes(&data, false) > one, "three datums pack into one bigger pass");

@@ -60,6 +60,17 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
     // Two blocks per worker: balance enough, and few forks (a decode step runs ~120 of these).
     let block = (n / (threads * 2)).clamp(16, 4096).div_ceil(ROWS) * ROWS;
     let out = SharedMut(y.as_mut_ptr());
+    if n.div_ceil(block) < threads && m > INPUT_GROUP {
+        // Too few weight rows to share out (an adapter's rank): share the input groups instead.
+        // A value is computed the same either way.
+        return team::for_each(m.div_ceil(INPUT_GROUP), &|g| {
+            #[allow(clippy::redundant_locals)]
+            let out = out;
+            let (i0, i1) = (g * INPUT_GROUP, ((g + 1) * INPUT_GROUP).min(m));
+            // SAFETY: every group writes only its own rows of y.
+            unsafe { matmul_block(&x[i0 * k..i1 * k], w, i1 - i0, k, n, 0, n, out.0.add(i0 * n)) };
+        });
+    }
     team::for_each(n.div_ceil(block), &|b| {
         let j0 = b * block;
         let j1 = (j0 + block).min(n);
@@ -72,23 +83,6 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
             // SAFETY: every block writes only columns j0..j1 of y, and blocks do not overlap.
             unsafe { matmul_block(&x[i0 * k..i1 * k], w, i1 - i0, k, n, j0, j1, out.0.add(i0 * n)) };
         }
-    });
-}
-
-/// `matmul_xwt` for few weight rows (an adapter's rank): parallel over groups of input rows
-/// instead of blocks of weight rows, which would leave one block; every value as `matmul_xwt`
-/// computes it.
-pub fn matmul_xwt_by_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * k);
-    assert_eq!(y.len(), m * n);
-    let out = SharedMut(y.as_mut_ptr());
-    team::for_each(m.div_ceil(INPUT_GROUP), &|g| {
-        #[allow(clippy::redundant_locals)]
-        let out = out;
-        let (i0, i1) = (g * INPUT_GROUP, ((g + 1) * INPUT_GROUP).min(m));
-        // SAFETY: every group writes only its own rows of y.
-        unsafe { matmul_block(&x[i0 * k..i1 * k], w, i1 - i0, k, n, 0, n, out.0.add(i0 * n)) };
     });
 }
 

@@ -35,7 +35,7 @@ struct LoraDelta {
 /// u = x·aᵀ: [m, r], by the streaming kernel's tiles (each value the same for a row in any batch).
 fn down(x: &[f32], a: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
     let mut u = vec![0f32; m * r];
-    kernels::matmul_xwt_by_rows(x, a, m, k, r, &mut u);
+    kernels::matmul_xwt(x, a, m, k, r, &mut u);
     u
 }
 
