@@ -204,8 +204,9 @@ pub enum Control {
 }
 
 pub(crate) enum TrainingEvent {
-    /// Enters the policy; `grant` is answered when the policy lets it run.
-    Begin(std::sync::mpsc::Sender<()>),
+    /// Enters the policy; `grant` is answered when the policy lets it run, with whether serving
+    /// had work then.
+    Begin(std::sync::mpsc::Sender<bool>),
     Charge {
         tokens: usize,
         backward: bool,

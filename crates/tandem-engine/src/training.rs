@@ -17,6 +17,9 @@ pub struct TrainingTurn {
     info: RequestInfo,
     /// How long the policy made it wait.
     pub waited: Duration,
+    /// Serving had work when the turn was granted: the turn shares the machine, so the trainer
+    /// keeps it short.
+    pub shared: bool,
 }
 
 impl EngineHandle {
@@ -31,10 +34,11 @@ impl EngineHandle {
         };
         let started = Instant::now();
         let (grant, granted) = std::sync::mpsc::channel();
+        let mut shared = false;
         if self.send(Command::Training { info: info.clone(), event: TrainingEvent::Begin(grant) }) {
-            let _ = granted.recv();
+            shared = granted.recv().unwrap_or(false);
         }
-        TrainingTurn { handle: self.clone(), info, waited: started.elapsed() }
+        TrainingTurn { handle: self.clone(), info, waited: started.elapsed(), shared }
     }
 }
 

@@ -128,7 +128,8 @@ fn the_trailing_client_is_served_first() {
 /// takes turns inside the fair policy beside a serving client's backlog: it runs only while its
 /// client trails in service, so it ends within a few turns' charge of the serving client (the last
 /// turns, after serving ended, run freely), and it is not starved either. Under FCFS (charged,
-/// never held back) the same trainer runs far ahead.
+/// never held back) the same trainer runs far ahead. A turn granted while serving has work says
+/// so (the trainer keeps such passes short); once serving ended, turns do not.
 #[test]
 fn training_turns_share_the_machine_with_serving() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -149,14 +150,15 @@ fn training_turns_share_the_machine_with_serving() {
         let trainer = {
             let (h, serving) = (h.clone(), serving.clone());
             std::thread::spawn(move || {
-                let mut waited = std::time::Duration::ZERO;
+                let (mut waited, mut shared) = (std::time::Duration::ZERO, 0);
                 while serving.load(Ordering::SeqCst) {
                     let turn = h.training_turn("train", None);
                     waited += turn.waited;
+                    shared += turn.shared as usize;
                     std::thread::sleep(std::time::Duration::from_micros(200));
                     turn.charge(turn_tokens, true);
                 }
-                waited
+                (waited, shared)
             })
         };
         for rx in &mut rxs {
@@ -167,7 +169,15 @@ fn training_turns_share_the_machine_with_serving() {
             }
         }
         serving.store(false, Ordering::SeqCst);
-        let waited = trainer.join().unwrap();
+        let (waited, shared) = trainer.join().unwrap();
+        assert!(shared > 0, "{name}: no turn was granted beside serving");
+        // The last sequence leaves the batch as its last event goes out.
+        let alone = (0..200).any(|_| {
+            let shared = h.training_turn("probe", None).shared;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            !shared
+        });
+        assert!(alone, "{name}: turns still say serving has work after it ended");
         h.shutdown();
         engine.join().unwrap();
         let service = h.service();

@@ -5,4 +5,4 @@ pub mod memory;
 pub mod model;
 
 pub use loss::{ConfigValue, LossFn};
-pub use model::{AdamParams, Datum, ForwardBackwardOutput, Limits, Mode, TrainError, TrainingModel};
+pub use model::{AdamParams, Datum, ForwardBackwardOutput, Limits, Mode, PassSize, TrainError, TrainingModel};

@@ -29,14 +29,35 @@ impl TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-/// Most tokens packed into one forward/backward pass (fewer where the memory budget holds fewer; a
-/// longer sequence is one pass of its own). A pass is also the unit of the server's training turns,
-/// so bigger passes make serving wait longer between them. Since the head stopped making
-/// vocabulary-sized logits (`ops::head`) bigger passes no longer cost extra: measured in `tandem
-/// bench train` on SmolLM2-135M, 8 x 128 tokens (2026-12-03, AMD EPYC Zen 4, 2 threads), 256 and
-/// 1,024 were the same within this machine's noise (LoRA 105-130 tok/s, full 76-114, both), so the
-/// shorter turn wins.
-const PACK_TOKENS: usize = 256;
+/// How many tokens a forward/backward pass packs, chosen before each pass. A pass is the unit of
+/// the server's training turns: while serving has work, serving shares the cores with it and the
+/// fair policy judges between turns, so turns stay short. Alone, bigger passes pay less: a pass
+/// runs each of the model's ops once whatever its rows, and some costs are per op or per weight
+/// (threads woken and spinning between ops, a quantized base dequantized for the backward), so
+/// short RL rollouts paid them for every 8 or so datums: in a profile of LoRA over SmolLM2's Q4_1
+/// base (8 x 128), dequantization fell from 8.8% to 2.8% of the samples and idle spinning from
+/// 15% to 7% between 256- and 1,024-token passes. Measured (`tandem bench train --modes lora
+/// --dtype auto`, 2026-12-04, AMD EPYC Zen 4, 2 threads): 64 x 30 tokens 157-167 -> 186 tok/s
+/// (peak 0.4 -> 1.4 GB); 2,048 tokens a pass was slower again in a first try (outside the binary's
+/// allocator policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassSize {
+    /// Serving has work beside the trainer: ~256 tokens a pass.
+    Shared,
+    /// The machine is the trainer's: ~1,024 tokens a pass.
+    Alone,
+}
+
+impl PassSize {
+    /// Tokens a pass aims at (fewer where the memory budget holds fewer; a longer datum is a pass
+    /// of its own).
+    pub fn tokens(self) -> usize {
+        match self {
+            PassSize::Shared => 256,
+            PassSize::Alone => 1024,
+        }
+    }
+}
 
 /// The largest learning rate an optimizer step takes (AdamW steps are about lr per value: beyond
 /// this a step only destroys the weights).
@@ -73,23 +94,22 @@ pub struct ForwardBackwardOutput {
     pub metrics: BTreeMap<String, f64>,
 }
 
-/// Data packed into passes of up to PACK_TOKENS tokens that `fits` accepts: one forward and one
-/// backward each, with bigger products than one datum alone; every datum attends only to itself.
-/// A datum is always a pass of its own at least.
-fn passes<'a>(data: &'a [Datum], fits: &dyn Fn(&[Datum]) -> bool) -> Vec<&'a [Datum]> {
-    let mut groups = Vec::new();
-    let mut start = 0;
-    while start < data.len() {
-        let mut end = start + 1;
-        let mut tokens_in = data[start].tokens.len();
-        while end < data.len() && tokens_in + data[end].tokens.len() <= PACK_TOKENS && fits(&data[start..=end]) {
-            tokens_in += data[end].tokens.len();
-            end += 1;
-        }
-        groups.push(&data[start..end]);
-        start = end;
+/// The end of the pass that starts at `data[start]`: data packed into one forward and one
+/// backward (bigger products than one datum alone; every datum attends only to itself) while
+/// `fits` accepts them. The rest is shared out evenly between as few passes of about `aim` tokens
+/// as it needs (a pass may pass its share by less than one datum): no short pass is left over at
+/// the end, which would pay a pass's fixed costs for a few tokens. A datum is always a pass of its
+/// own at least.
+fn pass_end(data: &[Datum], start: usize, aim: usize, fits: &dyn Fn(&[Datum]) -> bool) -> usize {
+    let rest: usize = data[start..].iter().map(|d| d.tokens.len()).sum();
+    let share = rest.div_ceil(rest.div_ceil(aim.max(1)));
+    let mut end = start + 1;
+    let mut tokens_in = data[start].tokens.len();
+    while end < data.len() && tokens_in < share && fits(&data[start..=end]) {
+        tokens_in += data[end].tokens.len();
+        end += 1;
     }
-    groups
+    end
 }
 
 /// AdamW's settings for one step (the training API sends them with each step).
@@ -271,24 +291,26 @@ impl TrainingModel {
     }
 
     /// Logprobs of every datum's targets and the loss; unless `forward_only`, the gradients are
-    /// added to those waiting for the next optimizer step. Data are checked before any work.
+    /// added to those waiting for the next optimizer step. Data are checked before any work; the
+    /// passes are as big as the machine is the trainer's alone.
     pub fn forward_backward(
         &mut self,
         data: &[Datum],
         loss: &LossFn,
         forward_only: bool,
     ) -> Result<ForwardBackwardOutput> {
-        self.forward_backward_in_passes(data, loss, forward_only, &mut |_| {})
+        self.forward_backward_in_passes(data, loss, forward_only, &mut |_| PassSize::Alone)
     }
 
-    /// `forward_backward`, calling `between` with the tokens of each pass but the last when it is
-    /// done: the server gives the cores back to the scheduling policy there.
+    /// `forward_backward`, calling `next_pass` before each pass with the tokens of the pass before
+    /// it (0 before the first) for the size of the next: the server gives the cores back to the
+    /// scheduling policy there, and takes its next turn.
     pub fn forward_backward_in_passes(
         &mut self,
         data: &[Datum],
         loss: &LossFn,
         forward_only: bool,
-        between: &mut dyn FnMut(usize),
+        next_pass: &mut dyn FnMut(usize) -> PassSize,
     ) -> Result<ForwardBackwardOutput> {
         if data.is_empty() {
             return user("no data");
@@ -296,20 +318,19 @@ impl TrainingModel {
         for (i, d) in data.iter().enumerate() {
             self.check(d, loss, i)?;
         }
-        let groups = self.passes(data, forward_only);
-        self.check_memory(&groups, forward_only)?;
+        self.check_memory(data, forward_only)?;
         let model = if forward_only { self.snapshot_shared()? } else { self.live()? };
         let mut total = 0f64;
         let mut tokens = 0usize;
         let mut max_diff = 0f64;
         let mut logprobs = Vec::with_capacity(data.len());
         let mut new_grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut reported = 0;
-        for (pass, group) in groups.into_iter().enumerate() {
-            if pass > 0 {
-                between(tokens - reported);
-                reported = tokens;
-            }
+        let (mut start, mut last_pass) = (0, 0);
+        while start < data.len() {
+            let size = next_pass(last_pass);
+            let group = &data[start..self.pass_end(data, start, size, forward_only)];
+            start += group.len();
+            last_pass = group.iter().map(|d| d.tokens.len()).sum();
             let t0 = std::time::Instant::now();
             let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
             let targets: Vec<&[u32]> = group.iter().map(|d| d.targets.as_slice()).collect();
@@ -382,14 +403,34 @@ impl TrainingModel {
     }
 
     /// The estimated peak memory of `forward_backward(data, .., forward_only)`: its largest pass.
+    /// Passes of either size are counted; a request whose passes change size midway packs them
+    /// differently, but no pass of more than one datum exceeds the memory budget.
     pub fn peak_bytes(&self, data: &[Datum], forward_only: bool) -> u64 {
-        self.passes(data, forward_only).iter().map(|g| self.pass_bytes(g, forward_only)).max().unwrap_or(0)
+        [PassSize::Shared, PassSize::Alone]
+            .into_iter()
+            .flat_map(|size| self.passes(data, size, forward_only))
+            .map(|g| self.pass_bytes(g, forward_only))
+            .max()
+            .unwrap_or(0)
     }
 
-    /// `data` packed into passes, each within the memory budget where a datum alone is.
-    fn passes<'a>(&self, data: &'a [Datum], forward_only: bool) -> Vec<&'a [Datum]> {
+    /// `data` packed into passes of `size`.
+    fn passes<'a>(&self, data: &'a [Datum], size: PassSize, forward_only: bool) -> Vec<&'a [Datum]> {
+        let mut groups = Vec::new();
+        let mut start = 0;
+        while start < data.len() {
+            let end = self.pass_end(data, start, size, forward_only);
+            groups.push(&data[start..end]);
+            start = end;
+        }
+        groups
+    }
+
+    /// The end of the pass of `size` that starts at `data[start]`, within the memory budget where
+    /// a datum alone is.
+    fn pass_end(&self, data: &[Datum], start: usize, size: PassSize, forward_only: bool) -> usize {
         let budget = self.limits.map_or(u64::MAX, |l| l.memory_bytes);
-        passes(data, &|g| self.pass_bytes(g, forward_only) <= budget)
+        pass_end(data, start, size.tokens(), &|g| self.pass_bytes(g, forward_only) <= budget)
     }
 
     fn pass_bytes(&self, group: &[Datum], forward_only: bool) -> u64 {
@@ -403,10 +444,11 @@ impl TrainingModel {
         crate::memory::pass_bytes(&self.base.config, &lens, kind)
     }
 
-    /// Refuses a request whose largest pass would need more than the memory budget.
-    fn check_memory(&self, groups: &[&[Datum]], forward_only: bool) -> Result<()> {
+    /// Refuses a request with a datum that needs more than the memory budget in a pass alone
+    /// (passes of several data are packed within it).
+    fn check_memory(&self, data: &[Datum], forward_only: bool) -> Result<()> {
         let Some(limits) = self.limits else { return Ok(()) };
-        for g in groups {
+        for g in data.chunks(1) {
             let lens: Vec<usize> = g.iter().map(|d| d.tokens.len()).collect();
             let need = self.pass_bytes(g, forward_only);
             if need > limits.memory_bytes {

@@ -103,7 +103,7 @@ pub struct Scheduler {
     next_arrival: u64,
     preemptions: usize,
     /// Training requests waiting for the policy's grant (see `crate::training`).
-    training_waiting: Vec<(RequestInfo, std::sync::mpsc::Sender<()>)>,
+    training_waiting: Vec<(RequestInfo, std::sync::mpsc::Sender<bool>)>,
     /// Training requests granted and not yet ended: their work is on the cores.
     training_running: usize,
 }
@@ -188,7 +188,7 @@ impl Scheduler {
         self.training_waiting.retain(|(info, grant)| {
             let run = policy.may_train(&info.entity(), &serving);
             if run {
-                let _ = grant.send(());
+                let _ = grant.send(!serving.is_empty());
                 granted += 1;
             }
             !run

@@ -17,7 +17,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use tandem_engine::{EngineHandle, WeightVersion};
 use tandem_models::{Model, Tokenizer};
-use tandem_train::{AdamParams, Datum, Limits, LossFn, Mode, TrainError, TrainingModel};
+use tandem_train::{AdamParams, Datum, Limits, LossFn, Mode, PassSize, TrainError, TrainingModel};
 
 mod checkpoints;
 mod recent;

@@ -43,7 +43,8 @@ impl TrainingService {
     /// forward_backward: `FairConfig::train_weight` each; optim_step: its time at the model's
     /// forward_backward rate). A forward_backward of several passes takes a turn per pass: a
     /// batch that trains for a minute gives the cores back between passes, and waits there while
-    /// a client served less has work. Other work (saves, loads) runs at once.
+    /// a client served less has work; its passes are short while serving has work and bigger
+    /// when the machine is the trainer's (`PassSize`). Other work (saves, loads) runs at once.
     fn run_in_turn(
         &self,
         model_id: &str,
@@ -55,7 +56,7 @@ impl TrainingService {
         let tokens = match &work {
             Work::ForwardBackward { data, .. } => data.iter().map(|d| d.tokens.len()).sum(),
             Work::OptimStep(_) => 0,
-            _ => return self.run(model_id, t, work, &mut |_| {}),
+            _ => return self.run(model_id, t, work, &mut |_| PassSize::Alone),
         };
         let backward = matches!(&work, Work::ForwardBackward { forward_only: false, .. } | Work::OptimStep(_));
         let take_turn = || self.engine.training_turn(&client.0, client.1.as_deref());
@@ -63,14 +64,21 @@ impl TrainingService {
         let started = std::time::Instant::now();
         let (mut charged, mut waited) = (0, std::time::Duration::ZERO);
         let outcome = self.run(model_id, t, work, &mut |pass_tokens| {
-            // The pass's turn ends (charged) before the next is asked for.
-            if let Some(done) = turn.take() {
-                done.charge(pass_tokens, backward);
+            // A pass's turn ends (charged) before the next is asked for; the first pass runs in
+            // the turn taken above.
+            if pass_tokens > 0 {
+                if let Some(done) = turn.take() {
+                    done.charge(pass_tokens, backward);
+                }
+                charged += pass_tokens;
+                let next = take_turn();
+                waited += next.waited;
+                turn = Some(next);
             }
-            charged += pass_tokens;
-            let next = take_turn();
-            waited += next.waited;
-            turn = Some(next);
+            match turn.as_ref().is_some_and(|t| t.shared) {
+                true => PassSize::Shared,
+                false => PassSize::Alone,
+            }
         });
         let secs = (started.elapsed() - waited).as_secs_f64();
         let rest = match tokens {
@@ -89,19 +97,20 @@ impl TrainingService {
         outcome
     }
 
-    /// Runs `work`; a forward_backward calls `between` after each pass but the last.
+    /// Runs `work`; a forward_backward calls `next_pass` before each pass (with the tokens of the
+    /// pass before it, 0 before the first) for its size.
     fn run(
         &self,
         model_id: &str,
         t: &mut TrainingModel,
         work: Work,
-        between: &mut dyn FnMut(usize),
+        next_pass: &mut dyn FnMut(usize) -> PassSize,
     ) -> Result<Outcome> {
         match work {
             Work::ForwardBackward { data, loss, forward_only } => {
                 let started = std::time::Instant::now();
                 let _memory = self.hold_memory(t.peak_bytes(&data, forward_only));
-                let out = t.forward_backward_in_passes(&data, &loss, forward_only, between)?;
+                let out = t.forward_backward_in_passes(&data, &loss, forward_only, next_pass)?;
                 tracing::info!(
                     model_id,
                     loss = loss.name(),
