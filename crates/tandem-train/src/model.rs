@@ -448,14 +448,13 @@ impl TrainingModel {
     /// (passes of several data are packed within it).
     fn check_memory(&self, data: &[Datum], forward_only: bool) -> Result<()> {
         let Some(limits) = self.limits else { return Ok(()) };
-        for g in data.chunks(1) {
-            let lens: Vec<usize> = g.iter().map(|d| d.tokens.len()).collect();
-            let need = self.pass_bytes(g, forward_only);
+        for (i, d) in data.iter().enumerate() {
+            let need = self.pass_bytes(std::slice::from_ref(d), forward_only);
             if need > limits.memory_bytes {
                 return user(format!(
-                    "a pass of {} tokens would need about {} of memory; the training budget is {} \
-                     (--training-memory): send fewer or shorter data per request",
-                    lens.iter().sum::<usize>(),
+                    "datum {i}: a pass of its {} tokens would need about {} of memory; the training \
+                     budget is {} (--training-memory): send shorter data",
+                    d.tokens.len(),
                     crate::memory::human(need),
                     crate::memory::human(limits.memory_bytes)
                 ));
