@@ -204,8 +204,8 @@ pub enum Control {
 }
 
 pub(crate) enum TrainingEvent {
-    /// Enters the policy; `grant` is answered when the policy lets it run, with whether serving
-    /// had work then.
+    /// Enters the policy; `grant` is answered when the policy lets it run, with whether it shares
+    /// the machine with other clients' serving (`TrainingTurn::shared`).
     Begin(std::sync::mpsc::Sender<bool>),
     Charge {
         tokens: usize,

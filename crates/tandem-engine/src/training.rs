@@ -17,8 +17,9 @@ pub struct TrainingTurn {
     info: RequestInfo,
     /// How long the policy made it wait.
     pub waited: Duration,
-    /// Serving had work when the turn was granted: the turn shares the machine, so the trainer
-    /// keeps it short.
+    /// Another client had serving work when the turn was granted, or had within
+    /// `RECENT_SERVING`: the turn shares the machine, so the trainer keeps it short. The
+    /// client's own requests (an RL loop's rollouts) do not count.
     pub shared: bool,
 }
 

@@ -42,9 +42,9 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 /// allocator policy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PassSize {
-    /// Serving has work beside the trainer: ~256 tokens a pass.
+    /// Other clients are served beside the trainer (or were a moment ago): ~256 tokens a pass.
     Shared,
-    /// The machine is the trainer's: ~1,024 tokens a pass.
+    /// The machine is the trainer's (its own client's rollouts aside): ~1,024 tokens a pass.
     Alone,
 }
 

@@ -14,7 +14,7 @@ mod step;
 
 pub use fair::{FairConfig, VirtualTokenCounter};
 pub(crate) use step::KvSlots;
-pub use step::{DraftAsk, Scheduled, Scheduler, StepPlan};
+pub use step::{DraftAsk, Scheduled, Scheduler, StepPlan, RECENT_SERVING};
 
 /// What a policy may look at for a request.
 #[derive(Debug, Clone, PartialEq)]

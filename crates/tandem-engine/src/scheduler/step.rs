@@ -106,7 +106,14 @@ pub struct Scheduler {
     training_waiting: Vec<(RequestInfo, std::sync::mpsc::Sender<bool>)>,
     /// Training requests granted and not yet ended: their work is on the cores.
     training_running: usize,
+    /// When each entity's last request ended (kept for `RECENT_SERVING`).
+    last_served: std::collections::BTreeMap<String, std::time::Instant>,
 }
+
+/// How long after its last request ended a client still counts as being served when a training
+/// turn is granted: a chat client pausing between requests is still there, and a training pass
+/// begun in its pause shares the cores with its next request.
+pub const RECENT_SERVING: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Scheduler {
     pub fn new(config: EngineConfig, policy: Box<dyn SchedulingPolicy>) -> Self {
@@ -120,6 +127,7 @@ impl Scheduler {
             preemptions: 0,
             training_waiting: Vec::new(),
             training_running: 0,
+            last_served: std::collections::BTreeMap::new(),
         }
     }
 
@@ -183,12 +191,16 @@ impl Scheduler {
             return;
         }
         let serving = self.serving_entities();
-        let policy = &self.policy;
+        let (policy, last_served) = (&self.policy, &self.last_served);
         let mut granted = 0;
         self.training_waiting.retain(|(info, grant)| {
-            let run = policy.may_train(&info.entity(), &serving);
+            let me = info.entity();
+            let run = policy.may_train(&me, &serving);
             if run {
-                let _ = grant.send(!serving.is_empty());
+                // Shared: another client is being served, or was a moment ago.
+                let recent = |e: &String, t: &std::time::Instant| *e != me && t.elapsed() < RECENT_SERVING;
+                let shared = serving.iter().any(|e| *e != me) || last_served.iter().any(|(e, t)| recent(e, t));
+                let _ = grant.send(shared);
                 granted += 1;
             }
             !run
@@ -561,10 +573,12 @@ impl Scheduler {
     pub(crate) fn finish(&mut self, mut indices: Vec<usize>, kv: &mut dyn KvSlots) -> Vec<Sequence> {
         indices.sort_unstable();
         indices.dedup();
+        self.last_served.retain(|_, t| t.elapsed() < RECENT_SERVING);
         let mut ended = Vec::with_capacity(indices.len());
         for i in indices.into_iter().rev() {
             let s = self.running.remove(i);
             self.policy.on_finish(&s.info);
+            self.last_served.insert(s.info.entity(), std::time::Instant::now());
             kv.release(s.slot);
             self.free_slots.push(s.slot);
             ended.push(s);
