@@ -115,6 +115,15 @@ pub struct Scheduler {
 /// begun in its pause shares the cores with its next request.
 pub const RECENT_SERVING: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Whether entities other than `me` are being served (`serving`) or were within RECENT_SERVING.
+fn served_beside(
+    me: &str,
+    serving: &[String],
+    last_served: &std::collections::BTreeMap<String, std::time::Instant>,
+) -> bool {
+    serving.iter().any(|e| e != me) || last_served.iter().any(|(e, t)| e != me && t.elapsed() < RECENT_SERVING)
+}
+
 impl Scheduler {
     pub fn new(config: EngineConfig, policy: Box<dyn SchedulingPolicy>) -> Self {
         Scheduler {
@@ -197,10 +206,7 @@ impl Scheduler {
             let me = info.entity();
             let run = policy.may_train(&me, &serving);
             if run {
-                // Shared: another client is being served, or was a moment ago.
-                let recent = |e: &String, t: &std::time::Instant| *e != me && t.elapsed() < RECENT_SERVING;
-                let shared = serving.iter().any(|e| *e != me) || last_served.iter().any(|(e, t)| recent(e, t));
-                let _ = grant.send(shared);
+                let _ = grant.send(served_beside(&me, &serving, last_served));
                 granted += 1;
             }
             !run

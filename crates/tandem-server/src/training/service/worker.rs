@@ -43,8 +43,8 @@ impl TrainingService {
     /// forward_backward: `FairConfig::train_weight` each; optim_step: its time at the model's
     /// forward_backward rate). A forward_backward of several passes takes a turn per pass: a
     /// batch that trains for a minute gives the cores back between passes, and waits there while
-    /// a client served less has work; its passes are short while serving has work and bigger
-    /// when the machine is the trainer's (`PassSize`). Other work (saves, loads) runs at once.
+    /// a client served less has work; its passes are short while other clients are served and
+    /// bigger when the machine is the trainer's (`PassSize`). Other work (saves, loads) runs at once.
     fn run_in_turn(
         &self,
         model_id: &str,
