@@ -248,7 +248,7 @@ impl TrainingModel {
         self.model_from(tensors)
     }
 
-    fn check(&self, d: &Datum, loss: &LossFn, i: usize) -> Result<()> {
+    fn check(&self, d: &Datum, loss: &LossFn, forward_only: bool, i: usize) -> Result<()> {
         let vocab = self.base.config.vocab_size;
         let n = d.tokens.len();
         if n == 0 {
@@ -262,6 +262,17 @@ impl TrainingModel {
         }
         if let Some(l) = self.limits.filter(|l| n > l.max_tokens) {
             return user(format!("datum {i}: {n} tokens, more than the served context ({} tokens)", l.max_tokens));
+        }
+        // Data that fit are packed into passes within the memory budget; one that needs more in a
+        // pass of its own cannot run.
+        let need = self.pass_bytes(std::slice::from_ref(d), forward_only);
+        if let Some(l) = self.limits.filter(|l| need > l.memory_bytes) {
+            return user(format!(
+                "datum {i}: a pass of its {n} tokens would need about {} of memory; the training budget \
+                 is {} (--training-memory): send shorter data",
+                crate::memory::human(need),
+                crate::memory::human(l.memory_bytes)
+            ));
         }
         if d.targets.len() != n {
             return user(format!("datum {i}: target_tokens has {} entries, model_input has {n}", d.targets.len()));
@@ -316,9 +327,8 @@ impl TrainingModel {
             return user("no data");
         }
         for (i, d) in data.iter().enumerate() {
-            self.check(d, loss, i)?;
+            self.check(d, loss, forward_only, i)?;
         }
-        self.check_memory(data, forward_only)?;
         let model = if forward_only { self.snapshot_shared()? } else { self.live()? };
         let mut total = 0f64;
         let mut tokens = 0usize;
@@ -442,25 +452,6 @@ impl TrainingModel {
         };
         let lens: Vec<usize> = group.iter().map(|d| d.tokens.len()).collect();
         crate::memory::pass_bytes(&self.base.config, &lens, kind)
-    }
-
-    /// Refuses a request with a datum that needs more than the memory budget in a pass alone
-    /// (passes of several data are packed within it).
-    fn check_memory(&self, data: &[Datum], forward_only: bool) -> Result<()> {
-        let Some(limits) = self.limits else { return Ok(()) };
-        for (i, d) in data.iter().enumerate() {
-            let need = self.pass_bytes(std::slice::from_ref(d), forward_only);
-            if need > limits.memory_bytes {
-                return user(format!(
-                    "datum {i}: a pass of its {} tokens would need about {} of memory; the training \
-                     budget is {} (--training-memory): send shorter data",
-                    d.tokens.len(),
-                    crate::memory::human(need),
-                    crate::memory::human(limits.memory_bytes)
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Current weights without copying (forward-only passes need no frozen copy).

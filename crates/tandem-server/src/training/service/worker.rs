@@ -75,9 +75,10 @@ impl TrainingService {
                 waited += next.waited;
                 turn = Some(next);
             }
-            match turn.as_ref().is_some_and(|t| t.shared) {
-                true => PassSize::Shared,
-                false => PassSize::Alone,
+            if turn.as_ref().is_some_and(|t| t.shared) {
+                PassSize::Shared
+            } else {
+                PassSize::Alone
             }
         });
         let secs = (started.elapsed() - waited).as_secs_f64();
