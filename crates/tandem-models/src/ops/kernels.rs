@@ -20,6 +20,12 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// `p` must point to eight readable elements, and the CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen consecutive elements widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to sixteen readable elements, and the CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl WeightElem for f32 {
@@ -31,6 +37,11 @@ impl WeightElem for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -46,6 +57,13 @@ impl WeightElem for half::bf16 {
         // bf16 is the top half of an f32: widen to 32 bits and shift into place.
         let raw = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let raw = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
     }
 }
 
@@ -104,8 +122,8 @@ unsafe fn matmul_block<W: WeightElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512vl") && std::is_x86_feature_detected!("fma") {
-            return avx2::matmul_block_wide(x, w, m, k, n, j0, j1, y);
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            return avx512::matmul_block(x, w, m, k, n, j0, j1, y);
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return avx2::matmul_block(x, w, m, k, n, j0, j1, y);
@@ -122,6 +140,10 @@ unsafe fn matmul_block<W: WeightElem>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 
 /// Dot product with eight independent partial sums, which the compiler keeps in vector lanes.
 #[inline]

@@ -1,6 +1,7 @@
 //! The AVX2 + FMA forms of the CPU kernels (streaming matmul tiles, attention, softmax, SiLU).
 #![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
-use super::{WeightElem, PREFETCH_LINES};
+use super::tiles::{self, Lanes};
+use super::WeightElem;
 use std::arch::x86_64::*;
 
 #[inline(always)]
@@ -13,95 +14,36 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// R weight rows against C input rows: R*C accumulators stay in registers.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<W: WeightElem, const R: usize, const C: usize>(
-    x: &[f32],
-    w: &[W],
-    k: usize,
-    n: usize,
-    j: usize,
-    i: usize,
-    y: *mut f32,
-) {
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let k8 = k / 8 * 8;
-    let wp = w.as_ptr().add(j * k);
-    let xp = x.as_ptr().add(i * k);
-    let mut p = 0;
-    while p < k8 {
-        let mut wv = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            wv[r] = W::load8(wp.add(r * k + p));
-        }
-        if R == 4 {
-            // The next tile's weight rows, a slice per step, so their loads from memory overlap
-            // this tile's arithmetic: with several input rows the hardware prefetcher alone
-            // falls behind. (wrapping_add: past the last row this only names an address.)
-            let ahead = wp.wrapping_add(R * k + p * R) as *const i8;
-            for line in 0..PREFETCH_LINES {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
-        }
-        for c in 0..C {
-            let xv = _mm256_loadu_ps(xp.add(c * k + p));
-            for r in 0..R {
-                acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
-            }
-        }
-        p += 8;
+/// AVX2's eight f32 lanes.
+pub struct F32x8;
+
+impl Lanes for F32x8 {
+    type V = __m256;
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
     }
-    for r in 0..R {
-        for c in 0..C {
-            let mut s = hsum(acc[r][c]);
-            for q in k8..k {
-                s += (*wp.add(r * k + q)).to_f32() * *xp.add(c * k + q);
-            }
-            *y.add((i + c) * n + j + r) = s;
-        }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load_weights<W: WeightElem>(p: *const W) -> __m256 {
+        W::load8(p)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        hsum(v)
     }
 }
 
-/// Columns j0..j1 of y for every input row: tiles of 4 weight rows against C input rows, then
-/// narrower tiles for the rest. Every tile computes a value by the same operations.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block<W: WeightElem, const C: usize>(
-    x: &[f32],
-    w: &[W],
-    m: usize,
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    y: *mut f32,
-) {
-    let mut j = j0;
-    while j + 4 <= j1 {
-        let mut i = 0;
-        while C > 2 && i + C <= m {
-            tile::<W, 4, C>(x, w, k, n, j, i, y);
-            i += C;
-        }
-        while i + 2 <= m {
-            tile::<W, 4, 2>(x, w, k, n, j, i, y);
-            i += 2;
-        }
-        if i < m {
-            tile::<W, 4, 1>(x, w, k, n, j, i, y);
-        }
-        j += 4;
-    }
-    while j < j1 {
-        for i in 0..m {
-            tile::<W, 1, 1>(x, w, k, n, j, i, y);
-        }
-        j += 1;
-    }
-}
-
-/// AVX2's 16 vector registers: 4 x 2 tiles (8 accumulators).
+/// Columns j0..j1 of y: AVX2's 16 vector registers hold tiles of 4 weight rows x 2 input rows
+/// (8 accumulators).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_block<W: WeightElem>(
@@ -114,24 +56,7 @@ pub unsafe fn matmul_block<W: WeightElem>(
     j1: usize,
     y: *mut f32,
 ) {
-    block::<W, 2>(x, w, m, k, n, j0, j1, y)
-}
-
-/// Where AVX-512VL gives 32 vector registers: 4 x 6 tiles (24 accumulators) read 10 vectors per
-/// 24 multiply-adds instead of 6 per 8, with results unchanged bit for bit.
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_block_wide<W: WeightElem>(
-    x: &[f32],
-    w: &[W],
-    m: usize,
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    y: *mut f32,
-) {
-    block::<W, 6>(x, w, m, k, n, j0, j1, y)
+    tiles::block::<W, F32x8, 2>(x, w, m, k, n, j0, j1, y)
 }
 
 /// scores[p] = (q . keys[p]) * scale for every key row, eight keys at a time: eight
