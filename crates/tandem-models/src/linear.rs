@@ -113,7 +113,7 @@ impl Linear {
                 let outs = parts.iter().map(|p| p.forward(x, path)).collect::<CResult<Vec<_>>>()?;
                 return Tensor::cat(&outs, 1);
             }
-            Linear::Lora { base, parts, scale } if Self::adapted_as_one_op(x, base, parts, path) => {
+            Linear::Lora { base, parts, scale } if Self::adapted_as_one_op(base, parts, path) => {
                 return ops::lora::adapted(x, base, parts, *scale);
             }
             Linear::Lora { base, parts, scale } => {
@@ -132,14 +132,11 @@ impl Linear {
         }
     }
 
-    /// Whether a forward being differentiated on the CPU kernels runs as one op
-    /// (`ops::lora::adapted`): the base frozen, every adapter of one rank.
-    fn adapted_as_one_op(x: &Tensor, base: &Linear, parts: &[LoraPart], path: OpsPath) -> bool {
+    /// Whether a forward on the CPU kernels runs as one op (`ops::lora::adapted`): the base
+    /// frozen, every adapter of one rank (served and trained alike, so their values agree).
+    fn adapted_as_one_op(base: &Linear, parts: &[LoraPart], path: OpsPath) -> bool {
         let rank = parts.first().map(|p| p.a.dims()[0]);
-        path == OpsPath::CpuKernels
-            && !base.tracks()
-            && parts.iter().all(|p| Some(p.a.dims()[0]) == rank)
-            && (x.track_op() || parts.iter().any(|p| p.a.track_op() || p.b.track_op()))
+        path == OpsPath::CpuKernels && !base.tracks() && parts.iter().all(|p| Some(p.a.dims()[0]) == rank)
     }
 
     /// Whether any of the projection's own tensors is being differentiated.

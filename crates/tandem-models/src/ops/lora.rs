@@ -42,6 +42,26 @@ fn down(x: &[f32], a: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
 /// scale·(x·aᵀ)·bᵀ on host values: x [m, k], a [r, k], b [n, r] -> [m, n].
 #[allow(clippy::too_many_arguments)]
 fn delta(x: &[f32], a: &[f32], b: &[f32], m: usize, k: usize, r: usize, n: usize, scale: f32) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    add_delta(x, (a, b), (m, k, r), scale, Columns { y: &mut y, stride: n, first: 0, width: n });
+    y
+}
+
+/// The columns of a row-major output an adapter adds to: columns first..first+width of rows
+/// `stride` wide.
+struct Columns<'a> {
+    y: &'a mut [f32],
+    stride: usize,
+    first: usize,
+    width: usize,
+}
+
+/// Adds scale·(x·aᵀ)·bᵀ to the columns of y, in place (x [m, k], a [r, k], b [width, r]): no
+/// [m, width] delta is allocated, zeroed and summed in a second pass. Each value is y + scale·Σ,
+/// the same two roundings as adding a separately computed delta.
+fn add_delta(x: &[f32], (a, b): (&[f32], &[f32]), (m, k, r): (usize, usize, usize), scale: f32, out: Columns) {
+    let n = out.width;
+    debug_assert!(out.y.len() >= m * out.stride && out.first + n <= out.stride);
     let u = down(x, a, m, k, r);
     let mut bt = vec![0f32; r * n];
     for (j, row) in b.chunks_exact(r).enumerate() {
@@ -49,22 +69,21 @@ fn delta(x: &[f32], a: &[f32], b: &[f32], m: usize, k: usize, r: usize, n: usize
             bt[p * n + j] = v;
         }
     }
-    let mut y = vec![0f32; m * n];
     let blocks = n.div_ceil(BLOCK);
-    let out = kernels::SharedMut(y.as_mut_ptr());
+    let (stride, first) = (out.stride, out.first);
+    let y = kernels::SharedMut(out.y.as_mut_ptr());
     team::for_each(m * blocks, &|item| {
         #[allow(clippy::redundant_locals)]
-        let out = out;
+        let y = y;
         let (i, blk) = (item / blocks, item % blocks);
         let (j0, j1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(n));
-        // SAFETY: each item writes only its own row's columns j0..j1.
-        let yr = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * n + j0), j1 - j0) };
+        // SAFETY: each item writes only its own row's columns j0..j1 (within the output's columns).
+        let yr = unsafe { std::slice::from_raw_parts_mut(y.0.add(i * stride + first + j0), j1 - j0) };
         up_block(&u[i * r..(i + 1) * r], &bt, n, j0, j1, scale, yr);
     });
-    y
 }
 
-/// y[i, j0..j1] = scale · Σ_p u[i, p]·bt[p, j], the sum taken in order p = 0..r by fused
+/// y[i, j0..j1] += scale · Σ_p u[i, p]·bt[p, j], the sum taken in order p = 0..r by fused
 /// multiply-adds.
 fn up_block(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -79,20 +98,21 @@ fn up_block(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32, y
 
 #[inline(always)]
 fn up_block_portable(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32, y: &mut [f32]) {
-    y.fill(0.0);
+    let mut sums = [0f32; BLOCK];
+    let sums = &mut sums[..j1 - j0];
     for (p, &up) in u.iter().enumerate() {
         let row = &bt[p * n + j0..p * n + j1];
-        for (o, &b) in y.iter_mut().zip(row) {
+        for (o, &b) in sums.iter_mut().zip(row) {
             *o = up.mul_add(b, *o);
         }
     }
-    for o in y.iter_mut() {
-        *o *= scale;
+    for (o, s) in y.iter_mut().zip(sums.iter()) {
+        *o += s * scale;
     }
 }
 
 /// The same operations with the sums of 64 outputs held in eight registers across all r steps
-/// (`up_block_portable` loads and stores each output once per step); the columns past the last
+/// (`up_block_portable` loads and stores each sum once per step); the columns past the last
 /// multiple of 64 as `up_block_portable`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -111,7 +131,8 @@ unsafe fn up_block_fma(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, sc
             }
         }
         for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(y.as_mut_ptr().add(c0 + 8 * c), _mm256_mul_ps(*a, sv));
+            let o = y.as_mut_ptr().add(c0 + 8 * c);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(*a, sv)));
         }
     }
     up_block_portable(u, bt, n, j0 + wide, j1, scale, &mut y[wide..])
@@ -198,16 +219,23 @@ fn part_grads(
 }
 
 /// A projection with a frozen base and adapters on its parts (q, k and v share one product) as
-/// one differentiable op: y = base(x) + [deltaᵢ(x)]ᵢ. Autograd over the base product, each delta,
-/// their concatenation and the sum kept and summed a [tokens, width] gradient per node; here one
-/// node holds x alone. The values are those of `Linear::forward`'s served path bit for bit: the
-/// same base kernel, the same deltas, the same f32 sum.
+/// one op: y = base(x) + [deltaᵢ(x)]ᵢ, each delta added into the base's output in place. Autograd
+/// over the base product, each delta, their concatenation and the sum kept and summed a [tokens,
+/// width] gradient per node; here one node holds x alone, and serving makes no [tokens, width]
+/// copies. Each value is base + delta with the same roundings however many rows run together.
 pub fn adapted(x: &Tensor, base: &Linear, parts: &[LoraPart], scale: f64) -> CResult<Tensor> {
     let rank = parts[0].a.dim(0)?;
     let a = Tensor::cat(&parts.iter().map(|p| &p.a).collect::<Vec<_>>(), 0)?.contiguous()?;
     let b = Tensor::cat(&parts.iter().map(|p| &p.b).collect::<Vec<_>>(), 0)?.contiguous()?;
     let outs = parts.iter().map(|p| p.b.dim(0)).collect::<CResult<Vec<_>>>()?;
-    x.contiguous()?.apply_op3(&a, &b, Adapted { base: base.detached(), scale, rank, outs })
+    let op = Adapted { base: base.detached(), scale, rank, outs };
+    let tracked = [x, &a, &b].iter().any(|t| t.track_op());
+    let x = x.contiguous()?;
+    if tracked {
+        x.apply_op3(&a, &b, op)
+    } else {
+        x.apply_op3_no_bwd(&a, &b, &op)
+    }
 }
 
 struct Adapted {
@@ -234,19 +262,13 @@ impl CustomOp3 for Adapted {
     ) -> CResult<(CpuStorage, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (x, a, b) = (f32_slice(sx, lx)?, f32_slice(sa, la)?, f32_slice(sb, lb)?);
-        let xt = Tensor::from_slice(x, (m, k), &candle_core::Device::Cpu)?;
-        let mut y: Vec<f32> = self.base.forward(&xt, OpsPath::CpuKernels)?.flatten_all()?.to_vec1()?;
+        let mut y = super::linear_rows(&self.base, x, m, k)?;
         let (r, n) = (self.rank, self.outs.iter().sum::<usize>());
-        let mut off = 0;
-        for (i, &out) in self.outs.iter().enumerate() {
-            let d =
-                delta(x, &a[i * r * k..(i + 1) * r * k], &b[off * r..(off + out) * r], m, k, r, out, self.scale as f32);
-            for (row, dr) in d.chunks_exact(out).enumerate() {
-                for (o, v) in y[row * n + off..row * n + off + out].iter_mut().zip(dr) {
-                    *o += v;
-                }
-            }
-            off += out;
+        let mut first = 0;
+        for (i, &width) in self.outs.iter().enumerate() {
+            let (a_i, b_i) = (&a[i * r * k..(i + 1) * r * k], &b[first * r..(first + width) * r]);
+            add_delta(x, (a_i, b_i), (m, k, r), self.scale as f32, Columns { y: &mut y, stride: n, first, width });
+            first += width;
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }

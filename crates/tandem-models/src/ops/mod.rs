@@ -187,6 +187,37 @@ impl CustomOp2 for StreamingMatmul {
     }
 }
 
+/// A frozen projection of host rows x [m, k] into a new [m, out] vector: the streaming or
+/// quantized kernel's own output, its bias added in place (the same values as `Linear::forward`
+/// on the CPU kernels, without a tensor to copy out of). Other layouts go through `forward`.
+pub(crate) fn linear_rows(l: &crate::linear::Linear, x: &[f32], m: usize, k: usize) -> CResult<Vec<f32>> {
+    use crate::linear::Linear;
+    let (mut y, bias) = match l {
+        Linear::Dense { weight, bias } if matches!(weight.dtype(), DType::F32 | DType::BF16) => {
+            let n = weight.dim(0)?;
+            let mut y = vec![0f32; m * n];
+            let guard = weight.storage_and_layout();
+            let Some((a, b)) = guard.1.contiguous_offsets() else { candle_core::bail!("weights must be contiguous") };
+            match &*guard.0 {
+                Storage::Cpu(CpuStorage::F32(w)) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
+                Storage::Cpu(CpuStorage::BF16(w)) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
+                _ => candle_core::bail!("linear rows: weights must be f32 or bf16 on the CPU"),
+            }
+            (y, bias)
+        }
+        Linear::Quantized { weight, bias } => (quant::matmul_xwt_new(x, weight, m), bias),
+        other => {
+            let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+            return other.forward(&xt, OpsPath::CpuKernels)?.flatten_all()?.to_vec1();
+        }
+    };
+    if let Some(b) = bias {
+        let b: Vec<f32> = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        y.chunks_exact_mut(b.len()).for_each(|row| row.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
+    }
+    Ok(y)
+}
+
 /// True when a product of these tensors must be recorded for a backward pass.
 fn differentiated(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
