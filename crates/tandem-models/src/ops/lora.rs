@@ -246,6 +246,44 @@ struct Adapted {
     outs: Vec<usize>,
 }
 
+impl Adapted {
+    /// The adapters' gradients from g [m, n] (each part's columns in turn), with every part's
+    /// rank-r product stacked into one: u = x·aᵀ and du = [s·g_i·b_i]ᵢ are [m, parts·r], so
+    /// dx += du·a and da = duᵀ·x are one product each with an inner or outer size of parts·r
+    /// (products r wide run at a third of gemm's rate); db_i = s·g_iᵀ·u_i per part. Returns
+    /// (da [parts·r, k], db [n, r]).
+    fn adapter_grads(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        (a, b): (&[f32], &[f32]),
+        (m, k): (usize, usize),
+        dx: Option<&mut [f32]>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (r, n, s) = (self.rank, self.outs.iter().sum::<usize>(), self.scale as f32);
+        let pr = self.outs.len() * r;
+        let (mut u, mut du, mut part) = (vec![0f32; m * pr], vec![0f32; m * pr], vec![0f32; m * r]);
+        gemm(m, pr, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
+        let mut db = vec![0f32; n * r];
+        let mut first = 0;
+        for (i, &width) in self.outs.iter().enumerate() {
+            let (b_i, db_i) = (&b[first * r..(first + width) * r], &mut db[first * r..(first + width) * r]);
+            gemm(m, r, width, &mut part, false, s, (&g[first..], n, 1), (b_i, r, 1));
+            du.chunks_exact_mut(pr)
+                .zip(part.chunks_exact(r))
+                .for_each(|(d, p)| d[i * r..(i + 1) * r].copy_from_slice(p));
+            gemm(width, r, m, db_i, false, s, (&g[first..], 1, n), (&u[i * r..], pr, 1));
+            first += width;
+        }
+        if let Some(dx) = dx {
+            gemm(m, k, pr, dx, true, 1.0, (&du, pr, 1), (a, k, 1));
+        }
+        let mut da = vec![0f32; pr * k];
+        gemm(pr, k, m, &mut da, false, 1.0, (&du, 1, pr), (x, k, 1));
+        (da, db)
+    }
+}
+
 impl CustomOp3 for Adapted {
     fn name(&self) -> &'static str {
         "tandem-adapted-linear"
@@ -273,7 +311,7 @@ impl CustomOp3 for Adapted {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    /// dx = g·W plus each part's adapter gradients (`part_grads`) from its columns of g.
+    /// dx = g·W plus the adapters' gradients (`Adapted::adapter_grads`).
     fn bwd(
         &self,
         x: &Tensor,
@@ -283,7 +321,6 @@ impl CustomOp3 for Adapted {
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let ((m, k), r, n) = (x.dims2()?, self.rank, self.outs.iter().sum::<usize>());
-        let s = self.scale as f32;
         // The first layer's input is the frozen embedding's: no gradient to compute there.
         let want_dx = x.track_op();
         let (x, g) = (x.detach().contiguous()?, g.detach().contiguous()?);
@@ -298,15 +335,7 @@ impl CustomOp3 for Adapted {
             dx = vec![0f32; m * k];
             gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (super::host(&guard)?, k, 1));
         }
-        let (mut da, mut db) = (vec![0f32; self.outs.len() * r * k], vec![0f32; n * r]);
-        let mut off = 0;
-        for (i, &out) in self.outs.iter().enumerate() {
-            let (a_i, b_i) = (&as_[i * r * k..(i + 1) * r * k], &bs[off * r..(off + out) * r]);
-            let (da_i, db_i) = (&mut da[i * r * k..(i + 1) * r * k], &mut db[off * r..(off + out) * r]);
-            let dx_wanted = want_dx.then_some(&mut dx[..]);
-            part_grads(xs, (m, k, r), (&gs[off..], out, n), s, (a_i, b_i), dx_wanted, da_i, db_i);
-            off += out;
-        }
+        let (da, db) = self.adapter_grads(xs, gs, (as_, bs), (m, k), want_dx.then_some(&mut dx[..]));
         let device = x.device();
         Ok((
             want_dx.then(|| Tensor::from_vec(dx, (m, k), device)).transpose()?,
