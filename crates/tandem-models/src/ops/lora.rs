@@ -163,7 +163,7 @@ impl CustomOp3 for LoraDelta {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    /// The adapter's gradients (`part_grads`) from the output's gradient g.
+    /// The adapter's gradients (`adapter_grads`) from the output's gradient g.
     fn bwd(
         &self,
         x: &Tensor,
@@ -174,17 +174,15 @@ impl CustomOp3 for LoraDelta {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
-        let s = self.scale as f32;
         let want_dx = x.track_op();
         let [x, a, b, g] = [x, a, b, g].map(|t| t.detach().contiguous());
         let (x, a, b, g) = (x?, a?, b?, g?);
         let guards = [&x, &a, &b, &g].map(|t| t.storage_and_layout());
         let [xs, as_, bs, gs] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(super::host);
         let (xs, as_, bs, gs) = (xs?, as_?, bs?, gs?);
-        let (mut dx, mut da, mut db) =
-            (vec![0f32; if want_dx { m * k } else { 0 }], vec![0f32; r * k], vec![0f32; n * r]);
+        let mut dx = vec![0f32; if want_dx { m * k } else { 0 }];
         let dx_wanted = want_dx.then_some(&mut dx[..]);
-        part_grads(xs, (m, k, r), (gs, n, n), s, (as_, bs), dx_wanted, &mut da, &mut db);
+        let (da, db) = adapter_grads(xs, gs, (as_, bs), (m, k, r), &[n], self.scale as f32, dx_wanted);
         let device = x.device();
         Ok((
             want_dx.then(|| Tensor::from_vec(dx, (m, k), device)).transpose()?,
@@ -194,30 +192,6 @@ impl CustomOp3 for LoraDelta {
     }
 }
 
-/// One adapter's gradients, given its output columns of g as (values, width, row stride):
-/// du = s·g·b, dx += du·a (when x's gradient is wanted), da = duᵀ·x, db = s·gᵀ·u with u = x·aᵀ
-/// recomputed (r values per row).
-#[allow(clippy::too_many_arguments)]
-fn part_grads(
-    x: &[f32],
-    (m, k, r): (usize, usize, usize),
-    (g, out, stride): (&[f32], usize, usize),
-    s: f32,
-    (a, b): (&[f32], &[f32]),
-    dx: Option<&mut [f32]>,
-    da: &mut [f32],
-    db: &mut [f32],
-) {
-    let (mut du, mut u) = (vec![0f32; m * r], vec![0f32; m * r]);
-    gemm(m, r, out, &mut du, false, s, (g, stride, 1), (b, r, 1));
-    if let Some(dx) = dx {
-        gemm(m, k, r, dx, true, 1.0, (&du, r, 1), (a, k, 1));
-    }
-    gemm(r, k, m, da, false, 1.0, (&du, 1, r), (x, k, 1));
-    gemm(m, r, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
-    gemm(out, r, m, db, false, s, (g, 1, stride), (&u, r, 1));
-}
-
 /// A projection with a frozen base and adapters on its parts (q, k and v share one product) as
 /// one op: y = base(x) + [deltaᵢ(x)]ᵢ, each delta added into the base's output in place. Autograd
 /// over the base product, each delta, their concatenation and the sum kept and summed a [tokens,
@@ -225,17 +199,28 @@ fn part_grads(
 /// copies. Each value is base + delta with the same roundings however many rows run together.
 pub fn adapted(x: &Tensor, base: &Linear, parts: &[LoraPart], scale: f64) -> CResult<Tensor> {
     let rank = parts[0].a.dim(0)?;
+    let tracked = x.track_op() || parts.iter().any(|p| p.a.track_op() || p.b.track_op());
+    if !tracked {
+        return served(x, base, parts, rank, scale);
+    }
     let a = Tensor::cat(&parts.iter().map(|p| &p.a).collect::<Vec<_>>(), 0)?.contiguous()?;
     let b = Tensor::cat(&parts.iter().map(|p| &p.b).collect::<Vec<_>>(), 0)?.contiguous()?;
     let outs = parts.iter().map(|p| p.b.dim(0)).collect::<CResult<Vec<_>>>()?;
-    let op = Adapted { base: base.detached(), scale, rank, outs };
-    let tracked = [x, &a, &b].iter().any(|t| t.track_op());
+    x.contiguous()?.apply_op3(&a, &b, Adapted { base: base.detached(), scale, rank, outs })
+}
+
+/// `adapted` where nothing is differentiated (serving): each adapter's tensors read where they
+/// lie, no stacked copies of a and b (a decode step would copy every adapter's weights).
+fn served(x: &Tensor, base: &Linear, parts: &[LoraPart], rank: usize, scale: f64) -> CResult<Tensor> {
+    let (m, k) = x.dims2()?;
     let x = x.contiguous()?;
-    if tracked {
-        x.apply_op3(&a, &b, op)
-    } else {
-        x.apply_op3_no_bwd(&a, &b, &op)
-    }
+    let tensors = parts.iter().flat_map(|p| [&p.a, &p.b]).map(|t| t.contiguous()).collect::<CResult<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let values = guards.iter().map(super::host).collect::<CResult<Vec<_>>>()?;
+    let adapters: Vec<(&[f32], &[f32])> = values.chunks_exact(2).map(|ab| (ab[0], ab[1])).collect();
+    let xg = x.storage_and_layout();
+    let y = adapted_rows(base, super::host(&xg)?, (m, k, rank), &adapters, scale as f32)?;
+    Tensor::from_vec(y, (m, base.out_features()), x.device())
 }
 
 struct Adapted {
@@ -246,42 +231,58 @@ struct Adapted {
     outs: Vec<usize>,
 }
 
-impl Adapted {
-    /// The adapters' gradients from g [m, n] (each part's columns in turn), with every part's
-    /// rank-r product stacked into one: u = x·aᵀ and du = [s·g_i·b_i]ᵢ are [m, parts·r], so
-    /// dx += du·a and da = duᵀ·x are one product each with an inner or outer size of parts·r
-    /// (products r wide run at a third of gemm's rate); db_i = s·g_iᵀ·u_i per part. Returns
-    /// (da [parts·r, k], db [n, r]).
-    fn adapter_grads(
-        &self,
-        x: &[f32],
-        g: &[f32],
-        (a, b): (&[f32], &[f32]),
-        (m, k): (usize, usize),
-        dx: Option<&mut [f32]>,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let (r, n, s) = (self.rank, self.outs.iter().sum::<usize>(), self.scale as f32);
-        let pr = self.outs.len() * r;
-        let (mut u, mut du, mut part) = (vec![0f32; m * pr], vec![0f32; m * pr], vec![0f32; m * r]);
-        gemm(m, pr, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
-        let mut db = vec![0f32; n * r];
-        let mut first = 0;
-        for (i, &width) in self.outs.iter().enumerate() {
-            let (b_i, db_i) = (&b[first * r..(first + width) * r], &mut db[first * r..(first + width) * r]);
-            gemm(m, r, width, &mut part, false, s, (&g[first..], n, 1), (b_i, r, 1));
-            du.chunks_exact_mut(pr)
-                .zip(part.chunks_exact(r))
-                .for_each(|(d, p)| d[i * r..(i + 1) * r].copy_from_slice(p));
-            gemm(width, r, m, db_i, false, s, (&g[first..], 1, n), (&u[i * r..], pr, 1));
-            first += width;
-        }
-        if let Some(dx) = dx {
-            gemm(m, k, pr, dx, true, 1.0, (&du, pr, 1), (a, k, 1));
-        }
-        let mut da = vec![0f32; pr * k];
-        gemm(pr, k, m, &mut da, false, 1.0, (&du, 1, pr), (x, k, 1));
-        (da, db)
+/// Adapters' gradients from g [m, n], each adapter's columns in turn (widths `outs`), with every
+/// adapter's rank-r product stacked into one: u = x·aᵀ and du = [s·g_i·b_i]ᵢ are [m, parts·r],
+/// so dx += du·a (when x's gradient is wanted) and da = duᵀ·x are one product each with an inner
+/// or outer size of parts·r (products r wide run at a third of gemm's rate); db_i = s·g_iᵀ·u_i
+/// per adapter. a is the adapters' [parts·r, k] stacked, b their [n, r]. Returns (da, db).
+fn adapter_grads(
+    x: &[f32],
+    g: &[f32],
+    (a, b): (&[f32], &[f32]),
+    (m, k, r): (usize, usize, usize),
+    outs: &[usize],
+    s: f32,
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, pr) = (outs.iter().sum::<usize>(), outs.len() * r);
+    let (mut u, mut du, mut part) = (vec![0f32; m * pr], vec![0f32; m * pr], vec![0f32; m * r]);
+    gemm(m, pr, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
+    let mut db = vec![0f32; n * r];
+    let mut first = 0;
+    for (i, &width) in outs.iter().enumerate() {
+        let (b_i, db_i) = (&b[first * r..(first + width) * r], &mut db[first * r..(first + width) * r]);
+        gemm(m, r, width, &mut part, false, s, (&g[first..], n, 1), (b_i, r, 1));
+        du.chunks_exact_mut(pr).zip(part.chunks_exact(r)).for_each(|(d, p)| d[i * r..(i + 1) * r].copy_from_slice(p));
+        gemm(width, r, m, db_i, false, s, (&g[first..], 1, n), (&u[i * r..], pr, 1));
+        first += width;
     }
+    if let Some(dx) = dx {
+        gemm(m, k, pr, dx, true, 1.0, (&du, pr, 1), (a, k, 1));
+    }
+    let mut da = vec![0f32; pr * k];
+    gemm(pr, k, m, &mut da, false, 1.0, (&du, 1, pr), (x, k, 1));
+    (da, db)
+}
+
+/// base(x) + [deltaᵢ(x)]ᵢ on host values: the base kernel's output, each adapter's (a [r, k],
+/// b [width, r]) delta added into its columns in place.
+fn adapted_rows(
+    base: &Linear,
+    x: &[f32],
+    (m, k, r): (usize, usize, usize),
+    adapters: &[(&[f32], &[f32])],
+    scale: f32,
+) -> CResult<Vec<f32>> {
+    let mut y = super::linear_rows(base, x, m, k)?;
+    let n = adapters.iter().map(|(_, b)| b.len() / r).sum::<usize>();
+    let mut first = 0;
+    for &(a, b) in adapters {
+        let width = b.len() / r;
+        add_delta(x, (a, b), (m, k, r), scale, Columns { y: &mut y, stride: n, first, width });
+        first += width;
+    }
+    Ok(y)
 }
 
 impl CustomOp3 for Adapted {
@@ -300,18 +301,18 @@ impl CustomOp3 for Adapted {
     ) -> CResult<(CpuStorage, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (x, a, b) = (f32_slice(sx, lx)?, f32_slice(sa, la)?, f32_slice(sb, lb)?);
-        let mut y = super::linear_rows(&self.base, x, m, k)?;
         let (r, n) = (self.rank, self.outs.iter().sum::<usize>());
+        let mut adapters = Vec::with_capacity(self.outs.len());
         let mut first = 0;
         for (i, &width) in self.outs.iter().enumerate() {
-            let (a_i, b_i) = (&a[i * r * k..(i + 1) * r * k], &b[first * r..(first + width) * r]);
-            add_delta(x, (a_i, b_i), (m, k, r), self.scale as f32, Columns { y: &mut y, stride: n, first, width });
+            adapters.push((&a[i * r * k..(i + 1) * r * k], &b[first * r..(first + width) * r]));
             first += width;
         }
+        let y = adapted_rows(&self.base, x, (m, k, r), &adapters, self.scale as f32)?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    /// dx = g·W plus the adapters' gradients (`Adapted::adapter_grads`).
+    /// dx = g·W plus the adapters' gradients (`adapter_grads`).
     fn bwd(
         &self,
         x: &Tensor,
@@ -335,7 +336,8 @@ impl CustomOp3 for Adapted {
             dx = vec![0f32; m * k];
             gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (super::host(&guard)?, k, 1));
         }
-        let (da, db) = self.adapter_grads(xs, gs, (as_, bs), (m, k), want_dx.then_some(&mut dx[..]));
+        let dx_wanted = want_dx.then_some(&mut dx[..]);
+        let (da, db) = adapter_grads(xs, gs, (as_, bs), (m, k, r), &self.outs, self.scale as f32, dx_wanted);
         let device = x.device();
         Ok((
             want_dx.then(|| Tensor::from_vec(dx, (m, k), device)).transpose()?,

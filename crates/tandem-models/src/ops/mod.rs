@@ -167,19 +167,8 @@ impl CustomOp2 for StreamingMatmul {
         "tandem-streaming-matmul"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("matmul inner dims differ: {k} vs {k2}");
-        }
-        let mut y = vec![0f32; m * n];
-        let x = f32_slice(s1, l1)?;
-        let Some((a, b)) = l2.contiguous_offsets() else { candle_core::bail!("matmul weights must be contiguous") };
-        match s2 {
-            CpuStorage::F32(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
-            CpuStorage::BF16(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
-            _ => candle_core::bail!("matmul weights must be f32 or bf16"),
-        }
+        let ((m, k), n) = (l1.shape().dims2()?, l2.shape().dims2()?.0);
+        let y = dense_rows(f32_slice(s1, l1)?, m, k, s2, l2)?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -194,16 +183,9 @@ pub(crate) fn linear_rows(l: &crate::linear::Linear, x: &[f32], m: usize, k: usi
     use crate::linear::Linear;
     let (mut y, bias) = match l {
         Linear::Dense { weight, bias } if matches!(weight.dtype(), DType::F32 | DType::BF16) => {
-            let n = weight.dim(0)?;
-            let mut y = vec![0f32; m * n];
             let guard = weight.storage_and_layout();
-            let Some((a, b)) = guard.1.contiguous_offsets() else { candle_core::bail!("weights must be contiguous") };
-            match &*guard.0 {
-                Storage::Cpu(CpuStorage::F32(w)) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
-                Storage::Cpu(CpuStorage::BF16(w)) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
-                _ => candle_core::bail!("linear rows: weights must be f32 or bf16 on the CPU"),
-            }
-            (y, bias)
+            let Storage::Cpu(w) = &*guard.0 else { candle_core::bail!("linear rows: weights must be on the CPU") };
+            (dense_rows(x, m, k, w, guard.1)?, bias)
         }
         Linear::Quantized { weight, bias } => (quant::matmul_xwt_new(x, weight, m), bias),
         other => {
@@ -214,6 +196,23 @@ pub(crate) fn linear_rows(l: &crate::linear::Linear, x: &[f32], m: usize, k: usi
     if let Some(b) = bias {
         let b: Vec<f32> = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         y.chunks_exact_mut(b.len()).for_each(|row| row.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
+    }
+    Ok(y)
+}
+
+/// x [m, k] times a dense f32 or bf16 weight [n, k] (as stored) transposed, by the streaming
+/// kernel, into a new [m, n] vector.
+fn dense_rows(x: &[f32], m: usize, k: usize, w: &CpuStorage, l: &Layout) -> CResult<Vec<f32>> {
+    let (n, kw) = l.shape().dims2()?;
+    if k != kw {
+        candle_core::bail!("matmul inner dims differ: {k} vs {kw}");
+    }
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("matmul weights must be contiguous") };
+    let mut y = vec![0f32; m * n];
+    match w {
+        CpuStorage::F32(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
+        CpuStorage::BF16(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
+        _ => candle_core::bail!("matmul weights must be f32 or bf16"),
     }
     Ok(y)
 }

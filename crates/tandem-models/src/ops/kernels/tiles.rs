@@ -45,7 +45,6 @@ unsafe fn tile<W: WeightElem, L: Lanes, const R: usize, const C: usize>(
             // falls behind. (wrapping_add: past the last row this only names an address.)
             let ahead = wp.wrapping_add(R * k + p * R) as *const i8;
             for line in 0..PREFETCH_LINES * L::N / 8 {
-                #[cfg(target_arch = "x86_64")]
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.wrapping_add(64 * line));
             }
         }
