@@ -33,6 +33,31 @@ def dequantized(path, dtype):
     return out
 
 
+def load_llama(path, **kw):
+    """A llama.cpp model, loaded so that it runs on this CPU.
+
+    On CPUs with AMX (Intel Xeon 4th gen and later) llama.cpp 0.3.36's AMX matmul, one of ggml's
+    "extra buffer types", segfaults on the first eval (seen on this project's Xeon CI machines).
+    There the model is loaded without extra buffer types: ggml's ordinary CPU kernels (AVX-512),
+    without weight repacking. Elsewhere nothing changes.
+    """
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return Llama(model_path=path, **kw)
+    print("llama.cpp: AMX CPU, loading without extra buffer types (its AMX matmul crashes)", file=sys.stderr)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(model_path=path, **kw)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 def tokens(n, salt):
     return [((i * 7919 + salt * 104729 + 17) % 30000) for i in range(n)]
 
@@ -47,7 +72,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=128)
     a = ap.parse_args()
     path = dequantized(a.model, a.dtype) if a.dtype else a.model
-    llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512, logits_all=True, verbose=False)
+    llm = load_llama(path, n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512, logits_all=True, verbose=False)
     llm.eval(tokens(8, 0))
 
     prefill = []

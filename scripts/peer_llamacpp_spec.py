@@ -10,11 +10,10 @@ import json
 import sys
 import time
 
-from llama_cpp import Llama
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from peer_llamacpp import dequantized  # noqa: E402
+from peer_llamacpp import dequantized, load_llama  # noqa: E402
 
 
 def run(llm, prompt, max_tokens):
@@ -44,8 +43,8 @@ def main():
     modes = [("plain", None)] + [("ngram", k) for k in ks]
     for mode, k in modes:
         draft = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=k) if k else None
-        llm = Llama(model_path=path, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512,
-                    draft_model=draft, logits_all=draft is not None, verbose=False)
+        llm = load_llama(path, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512,
+                         draft_model=draft, logits_all=draft is not None, verbose=False)
         for kind, prompt in prompts.items():
             r = run(llm, prompt, a.max_tokens)
             r.update({"prompt": kind, "mode": mode, "k": k or 0})

@@ -7,17 +7,19 @@ They are scored in chunks of CHUNK tokens, each from an empty context: every pos
 chunk's first predicts the next token. Prints JSON {"nll": total, "count": scored tokens}.
 """
 import json
+import os
 import sys
 
-import llama_cpp
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from peer_llamacpp import load_llama  # noqa: E402
 
 
 def main():
     path, tokens_path, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tokens = json.load(open(tokens_path))
-    llm = llama_cpp.Llama(model_path=path, n_ctx=chunk, n_batch=chunk, logits_all=True, n_threads=2,
-                          verbose=False)
+    llm = load_llama(path, n_ctx=chunk, n_batch=chunk, logits_all=True, n_threads=2, verbose=False)
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - chunk + 1, chunk):
         ids = tokens[start:start + chunk]
