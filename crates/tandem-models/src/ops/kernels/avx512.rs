@@ -32,9 +32,32 @@ impl Lanes for F32x16 {
     unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
         _mm512_fmadd_ps(a, b, c)
     }
+    /// Halves added down to one lane: lanes e and e + 8, then e and e + 4 (as AVX2's sum
+    /// continues), then e and e + 2, then the two left. `sum4` forms the same sums.
     #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
-        _mm512_reduce_add_ps(v)
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let s = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+    /// The four reductions side by side: each step's shuffles move two or four vectors' halves
+    /// at once (lanes of 128 bits are q0..q3).
+    #[inline(always)]
+    unsafe fn sum4([a, b, c, d]: [__m512; 4]) -> [f32; 4] {
+        // [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3], and for c, d.
+        let ab = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+        let cd = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(c, d), _mm512_shuffle_f32x4::<0xEE>(c, d));
+        // One 128-bit lane per vector: [a's four partial sums, b's, c's, d's].
+        let s = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(ab, cd), _mm512_shuffle_f32x4::<0xDD>(ab, cd));
+        // Within each lane: elements e and e + 2, then the two left.
+        let s = _mm512_add_ps(s, _mm512_permute_ps::<0x4E>(s));
+        let s = _mm512_add_ps(s, _mm512_permute_ps::<0xB1>(s));
+        let first = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(first));
+        out
     }
 }
 
@@ -53,4 +76,24 @@ pub unsafe fn matmul_block<W: WeightElem>(
     y: *mut f32,
 ) {
     tiles::block::<W, F32x16, 6>(x, w, m, k, n, j0, j1, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tile's four-at-once reduction and the single one must agree to the bit, or a value
+    /// would depend on which tile computed it.
+    #[test]
+    fn four_sums_at_once_are_each_sum() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let lanes: Vec<f32> = (0..64).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 10f32.powi(i % 9 - 4)).collect();
+        let load = |v: usize| unsafe { _mm512_loadu_ps(lanes[16 * v..].as_ptr()) };
+        let four = unsafe { F32x16::sum4([load(0), load(1), load(2), load(3)]) };
+        for (v, &s) in four.iter().enumerate() {
+            assert_eq!(s.to_bits(), unsafe { F32x16::sum(load(v)) }.to_bits(), "vector {v}");
+        }
+    }
 }
