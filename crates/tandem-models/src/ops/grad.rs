@@ -5,7 +5,7 @@
 //! reported (trainer/sampler mismatch destabilises RL). Each backward here works on host slices
 //! (products through gemm, elementwise passes in parallel rows); it only runs when an input is
 //! being differentiated.
-use super::{f32_slice, gemm, gemm_on, host, kernels, CResult, RopeTables};
+use super::{f32_slice, gemm_new, gemm_on, host, kernels, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -21,15 +21,13 @@ pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Opt
     let guards = [&x, &g, &wf].map(|t| t.storage_and_layout());
     let (xs, gs, ws) = (host(&guards[0])?, host(&guards[1])?, host(&guards[2])?);
     let gx = if want_x {
-        let mut gx = vec![0f32; m * k];
-        gemm(m, k, n, &mut gx, false, 1.0, (gs, n, 1), (ws, k, 1));
+        let gx = gemm_new(m, k, n, 1.0, (gs, n, 1), (ws, k, 1));
         Some(Tensor::from_vec(gx, (m, k), x.device())?)
     } else {
         None
     };
     let gw = if want_w {
-        let mut gw = vec![0f32; n * k];
-        gemm(n, k, m, &mut gw, false, 1.0, (gs, 1, n), (xs, k, 1));
+        let gw = gemm_new(n, k, m, 1.0, (gs, 1, n), (xs, k, 1));
         Some(Tensor::from_vec(gw, (n, k), x.device())?.to_dtype(w.dtype())?)
     } else {
         None
@@ -43,8 +41,7 @@ pub(super) fn quantized_matmul_bwd(w: &super::quant::QWeight, g: &Tensor) -> CRe
     let g = g.detach().contiguous()?;
     let guard = g.storage_and_layout();
     let ws = w.dequantize();
-    let mut gx = vec![0f32; m * w.cols];
-    gemm(m, w.cols, n, &mut gx, false, 1.0, (host(&guard)?, n, 1), (&ws, w.cols, 1));
+    let gx = gemm_new(m, w.cols, n, 1.0, (host(&guard)?, n, 1), (&ws, w.cols, 1));
     Tensor::from_vec(gx, (m, w.cols), g.device())
 }
 

@@ -71,14 +71,32 @@ impl WeightElem for half::bf16 {
 /// Every output is accumulated in the same order whatever m is, so results do not depend on how
 /// many rows are batched together.
 pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    assert_eq!(y.len(), m * n);
+    // SAFETY: y holds m × n values.
+    unsafe { product(x, w, m, k, n, SharedMut(y.as_mut_ptr())) }
+}
+
+/// `matmul_xwt` into a new [m, n] vector, written without zeroing it first (in a training pass
+/// the zeroing was a share of the memset time, on memory the allocator hands back).
+pub fn matmul_xwt_new<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(m * n);
+    // SAFETY: the product writes every element of the spare capacity (each tile its values; the
+    // tiles cover every row and column) before the length is set.
+    unsafe {
+        product(x, w, m, k, n, SharedMut(y.spare_capacity_mut().as_mut_ptr().cast::<f32>()));
+        y.set_len(m * n);
+    }
+    y
+}
+
+/// x times w transposed into `out`, which must have room for m × n values; writes them all.
+unsafe fn product<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, out: SharedMut) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
-    assert_eq!(y.len(), m * n);
     let threads = team::threads();
     // Two blocks per worker: balance enough, and few forks (a decode step runs ~120 of these).
     let block = (n / (threads * 2)).clamp(16, 4096).div_ceil(ROWS) * ROWS;
     let group = input_group(k);
-    let out = SharedMut(y.as_mut_ptr());
     if n.div_ceil(block) < threads && m > group {
         // Too few weight rows to share out (an adapter's rank): share the input groups instead.
         // A value is computed the same either way.

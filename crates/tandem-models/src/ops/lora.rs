@@ -34,9 +34,7 @@ struct LoraDelta {
 
 /// u = x·aᵀ: [m, r], by the streaming kernel's tiles (each value the same for a row in any batch).
 fn down(x: &[f32], a: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
-    let mut u = vec![0f32; m * r];
-    kernels::matmul_xwt(x, a, m, k, r, &mut u);
-    u
+    kernels::matmul_xwt_new(x, a, m, k, r)
 }
 
 /// scale·(x·aᵀ)·bᵀ on host values: x [m, k], a [r, k], b [n, r] -> [m, n].
@@ -333,8 +331,7 @@ impl CustomOp3 for Adapted {
         if want_dx {
             let w = self.base.dense_f32()?.0.contiguous()?;
             let guard = w.storage_and_layout();
-            dx = vec![0f32; m * k];
-            gemm(m, k, n, &mut dx, false, 1.0, (gs, n, 1), (super::host(&guard)?, k, 1));
+            dx = super::gemm_new(m, k, n, 1.0, (gs, n, 1), (super::host(&guard)?, k, 1));
         }
         let dx_wanted = want_dx.then_some(&mut dx[..]);
         let (da, db) = adapter_grads(xs, gs, (as_, bs), (m, k, r), &self.outs, self.scale as f32, dx_wanted);

@@ -87,9 +87,12 @@ pub(crate) fn gemm(
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
 ) {
-    // Small products are not worth waking threads for.
-    let parallel = m * n * k >= 1 << 18;
-    gemm_on(parallel, (m, n, k), c, accumulate, alpha, a, b)
+    gemm_on(worth_threads(m, n, k), (m, n, k), c, accumulate, alpha, a, b)
+}
+
+/// Small products are not worth waking threads for.
+fn worth_threads(m: usize, n: usize, k: usize) -> bool {
+    m * n * k >= 1 << 18
 }
 
 /// `gemm`, on the rayon pool or (`parallel` false: inside work items that already are parallel)
@@ -104,6 +107,45 @@ pub(crate) fn gemm_on(
     b: (&[f32], usize, usize),
 ) {
     assert!(c.len() >= m * n, "gemm: output too small");
+    // SAFETY: c holds m × n values.
+    unsafe { gemm_into(parallel, (m, n, k), c.as_mut_ptr(), accumulate, alpha, a, b) }
+}
+
+/// A new [m, n] product alpha·a·b (as `gemm`), written without zeroing it first: a training
+/// pass's gradients are products the allocator hands back recycled memory for, which zeroing
+/// would write once more for nothing.
+pub(crate) fn gemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) -> Vec<f32> {
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: with k > 0 and accumulate false, gemm writes every one of the m × n outputs (it
+    // never reads them) before the length is set.
+    unsafe {
+        gemm_into(worth_threads(m, n, k), (m, n, k), c.spare_capacity_mut().as_mut_ptr().cast(), false, alpha, a, b);
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// `gemm_on` into raw memory with room for m × n values (read only when accumulating).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    parallel: bool,
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    accumulate: bool,
+    alpha: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
     let end = |(v, rs, cs): (&[f32], usize, usize), rows: usize, cols: usize| {
         assert!(rows == 0 || cols == 0 || v.len() > (rows - 1) * rs + (cols - 1) * cs, "gemm: input too small");
     };
@@ -113,13 +155,14 @@ pub(crate) fn gemm_on(
         return;
     }
     let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    // SAFETY: the asserts above keep every index the strides reach inside the slices; the
+    // caller gives room for the m × n outputs.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             n as isize,
             accumulate,
@@ -208,13 +251,11 @@ fn dense_rows(x: &[f32], m: usize, k: usize, w: &CpuStorage, l: &Layout) -> CRes
         candle_core::bail!("matmul inner dims differ: {k} vs {kw}");
     }
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("matmul weights must be contiguous") };
-    let mut y = vec![0f32; m * n];
     match w {
-        CpuStorage::F32(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
-        CpuStorage::BF16(w) => kernels::matmul_xwt(x, &w[a..b], m, k, n, &mut y),
+        CpuStorage::F32(w) => Ok(kernels::matmul_xwt_new(x, &w[a..b], m, k, n)),
+        CpuStorage::BF16(w) => Ok(kernels::matmul_xwt_new(x, &w[a..b], m, k, n)),
         _ => candle_core::bail!("matmul weights must be f32 or bf16"),
     }
-    Ok(y)
 }
 
 /// True when a product of these tensors must be recorded for a backward pass.
