@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
+use tandem_models::ops::adamw;
 use tandem_models::{Adapter, LoraSpec, Model};
 
 #[derive(Debug, thiserror::Error)]
@@ -478,26 +479,27 @@ impl TrainingModel {
         }
         let mut sq = 0f64;
         for g in self.grads.values() {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += adamw::sum_of_squares(g)?;
         }
         let norm = sq.sqrt();
         let clip = if p.grad_clip_norm > 0.0 && norm > p.grad_clip_norm { p.grad_clip_norm / norm } else { 1.0 };
         self.steps += 1;
-        let t = self.steps as i32;
-        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
+        let step = adamw::AdamStep {
+            lr: p.learning_rate,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+            t: self.steps as i32,
+            scale: clip,
+        };
         for (name, var) in &self.vars {
             let Some(g) = self.grads.get(name) else { continue };
-            let g = (g * clip)?;
-            let (m, v) = match self.moments.remove(name) {
+            let (mut m, mut v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),
             };
-            let m = ((m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
-            let w = var.as_tensor();
-            let decayed = (w * (1.0 - p.learning_rate * p.weight_decay))?;
-            var.set(&(decayed - (update * p.learning_rate)?)?)?;
+            adamw::step(var, g, &mut m, &mut v, &step)?;
             self.moments.insert(name.clone(), (m, v));
         }
         self.grads.clear();

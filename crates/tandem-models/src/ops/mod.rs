@@ -3,6 +3,7 @@
 //! primitives (used on CUDA, and on CPU by the tests that prove both paths agree).
 //!
 //! This is the one place where the hardware decides the code path.
+pub mod adamw;
 mod grad;
 pub mod head;
 pub mod kernels;
