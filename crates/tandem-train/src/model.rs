@@ -210,8 +210,9 @@ impl TrainingModel {
     }
 
     /// The gradients waiting for the next optimizer step, by parameter name.
-    pub fn pending_gradients(&self) -> BTreeMap<String, Tensor> {
-        self.grads.clone()
+    pub fn pending_gradients(&self) -> Result<BTreeMap<String, Tensor>> {
+        // Copies: the pending sums are added to in place by later passes.
+        self.grads.iter().map(|(k, g)| Ok((k.clone(), g.copy()?))).collect()
     }
 
     /// A trainable tensor by name (tests perturb it). Panics on an unknown name.
@@ -384,22 +385,26 @@ impl TrainingModel {
                         // Detached: a gradient computed from tracked tensors would otherwise keep
                         // this pass's whole graph alive.
                         let gv = gv.detach();
-                        let sum = match new_grads.remove(name) {
-                            Some(prev) => (prev + gv)?.detach(),
-                            None => gv,
-                        };
-                        new_grads.insert(name.clone(), sum);
+                        match new_grads.get_mut(name) {
+                            // This request's own sum: no other tensor holds it.
+                            Some(sum) => adamw::accumulate(sum, &gv)?,
+                            None => {
+                                new_grads.insert(name.clone(), gv);
+                            }
+                        }
                     }
                 }
             }
         }
         // Gradients join the accumulated ones only once the whole request succeeded.
         for (name, g) in new_grads {
-            let sum = match self.grads.remove(&name) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            self.grads.insert(name, sum);
+            match self.grads.get_mut(&name) {
+                // In place: `pending_gradients` hands out copies, so nothing else holds the sum.
+                Some(sum) => adamw::accumulate(sum, &g)?,
+                None => {
+                    self.grads.insert(name, g);
+                }
+            }
         }
         if !forward_only {
             self.pending += data.len();

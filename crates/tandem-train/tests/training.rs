@@ -78,7 +78,7 @@ fn grads(base: &Model, mode: Mode, path: OpsPath, toks: &[u32], targets: &[u32])
     let mut t = trained(&base, mode);
     let d = Datum { tokens: toks.to_vec(), targets: targets.to_vec(), inputs: BTreeMap::new() };
     t.forward_backward(&[d], &LossFn::CrossEntropy, false).unwrap();
-    t.pending_gradients()
+    t.pending_gradients().unwrap()
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -130,7 +130,7 @@ fn gradients_match_finite_differences() {
     let d = Datum { tokens: tokens(10, v, 3), targets: tokens(10, v, 4), inputs: BTreeMap::new() };
     let out = t.forward_backward(std::slice::from_ref(&d), &LossFn::CrossEntropy, false).unwrap();
     let _ = out;
-    let g = t.pending_gradients();
+    let g = t.pending_gradients().unwrap();
     for name in ["layers.0.q.b", "layers.1.down.a", "lm_head.b"] {
         let grad = &g[name];
         // A fixed pseudo-random direction (the check must not depend on the run).
@@ -290,7 +290,7 @@ fn bad_data_is_refused_before_any_work() {
         let e = t.forward_backward(&[good.clone(), d], &loss, false).unwrap_err();
         assert!(e.is_user() && e.to_string().contains(msg), "{e}");
     }
-    assert!(t.pending_gradients().is_empty(), "a refused request left gradients behind");
+    assert!(t.pending_gradients().unwrap().is_empty(), "a refused request left gradients behind");
 }
 
 #[test]
@@ -360,14 +360,14 @@ fn a_forward_backward_reports_its_passes_and_computes_the_same() {
     assert_eq!(passes, vec![200, 200, 200], "and a pass each while serving has work");
     assert_eq!(a.logprobs, b.logprobs);
     assert_eq!(a.metrics, b.metrics);
-    let (ga, gb) = (alone.pending_gradients(), shared.pending_gradients());
+    let (ga, gb) = (alone.pending_gradients().unwrap(), shared.pending_gradients().unwrap());
     assert_eq!(ga.keys().collect::<Vec<_>>(), gb.keys().collect::<Vec<_>>());
     // Summed over passes of one request or over requests of one datum each: the same sums.
     let mut each = TrainingModel::new(&base, all_targets(4), 3).unwrap();
     for d in &data {
         each.forward_backward(std::slice::from_ref(d), &LossFn::CrossEntropy, false).unwrap();
     }
-    let gc = each.pending_gradients();
+    let gc = each.pending_gradients().unwrap();
     for (name, g) in &gb {
         let same = (g - &gc[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(same, 0.0, "{name}: passes of one request against one request per datum");

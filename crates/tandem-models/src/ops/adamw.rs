@@ -1,4 +1,4 @@
-//! AdamW's update (decoupled weight decay, bias-corrected moments, the gradient-norm clip folded
+//! Gradient accumulation and AdamW's update (decoupled weight decay, bias-corrected moments, the gradient-norm clip folded
 //! in as a scale), one rule for every trainer in tandem: the policy's (`tandem-train`) and the
 //! drafter's (`tandem-speculator`).
 //!
@@ -135,6 +135,37 @@ impl InplaceOp3 for Param {
             for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
                 *t = *t * self.decay - (m / self.bc1) / ((v / self.bc2).sqrt() + self.eps) * self.lr;
             }
+        });
+        Ok(())
+    }
+}
+
+/// sum += g, in place on the CPU (one pass, no allocation): gradients accumulated over several
+/// forward_backward calls before a step. The caller must hold `sum`'s storage alone (no clone of
+/// it may be in use), since every tensor sharing it sees the change.
+pub fn accumulate(sum: &mut Tensor, g: &Tensor) -> CResult<()> {
+    let g = g.contiguous()?;
+    let in_place =
+        [&*sum, &g].iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous())
+            && sum.shape() == g.shape();
+    if in_place {
+        sum.inplace_op2(&g, &Add)
+    } else {
+        *sum = (&*sum + &g)?;
+        Ok(())
+    }
+}
+
+struct Add;
+
+impl InplaceOp2 for Add {
+    fn name(&self) -> &'static str {
+        "tandem-accumulate"
+    }
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, gs: &CpuStorage, gl: &Layout) -> CResult<()> {
+        let (sum, g) = (super::f32_slice_mut(dst, dl)?, super::f32_slice(gs, gl)?);
+        sum.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(s, g)| {
+            s.iter_mut().zip(g).for_each(|(s, g)| *s += g);
         });
         Ok(())
     }
