@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch peer for `tandem bench train`: the same decoder (Llama/Qwen2 family) written plainly in
 PyTorch, LoRA adapters (PEFT-style: a ~ uniform, b = 0, scale alpha/rank) on the same projections,
-timed on the same data: forward_backward (cross-entropy, summed) tokens/s for LoRA and full weights.
+timed on the same data: forward_backward (cross-entropy, summed) tokens/s for LoRA and full weights,
+and the optimizer step after it (torch.optim.AdamW).
 
 Usage: peer_torch_train.py DIR --mode lora|full --rank R --alpha A --batch B --seq-len L --reps N
 DIR holds model.safetensors (Hugging Face names) and tandem_config.json. Prints JSON on stdout.
@@ -134,5 +135,19 @@ for r in range(a.reps + 1):
     for prm in list(params.values()) + [x for ab in lora.values() for x in ab]:
         prm.grad = None
 secs = statistics.median(times)
+
+# The optimizer step a training loop takes after each forward_backward: torch.optim.AdamW as a user
+# builds it (defaults), timed on its second step (the first creates its state).
+trainable = list({id(p): p for p in list(params.values()) + [x for ab in lora.values() for x in ab]
+                  if p.requires_grad}.values())
+opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+for r in range(2):
+    logits = forward(ids[:, :-1])
+    torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum").backward()
+    t0 = time.time()
+    opt.step()
+    step_secs = time.time() - t0
+    opt.zero_grad(set_to_none=True)
 json.dump({"mode": a.mode, "tokens_per_s": a.batch * a.seq_len / secs, "secs": secs, "loss_sum": loss0, "peak_mib": peak,
+           "optim_step_secs": step_secs,
            "torch": torch.__version__, "threads": torch.get_num_threads()}, sys.stdout)

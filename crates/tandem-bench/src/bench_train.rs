@@ -61,6 +61,9 @@ struct Row {
     /// Growth of the peak resident set over one forward_backward, MiB.
     peak_mib: Option<f64>,
     torch_peak_mib: Option<f64>,
+    /// One AdamW step after a forward_backward, seconds (PyTorch: torch.optim.AdamW's).
+    optim_step_secs: f64,
+    torch_optim_step_secs: Option<f64>,
 }
 
 /// Runs `f`, returning what it added to the process's peak resident set (MiB), where Linux lets
@@ -157,6 +160,8 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
             let (out, peak) = peak_growth(|| t.forward_backward(&batch, &LossFn::CrossEntropy, false));
             let first = out?.metrics["loss:sum"];
             for _ in 0..a.reps {
+                // As the peer's passes (grad = None): no gradients pending to add into.
+                t.discard_gradients();
                 let start = Instant::now();
                 t.forward_backward(&batch, &LossFn::CrossEntropy, false)?;
                 times.push(start.elapsed().as_secs_f64());
@@ -167,12 +172,13 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                 t.forward_backward(&batch, &LossFn::CrossEntropy, true)?;
                 fwd.push(start.elapsed().as_secs_f64());
             }
+            let optim_step_secs = time_optim_step(&mut t, &batch)?;
             drop(t);
             let secs = median(times);
             if has_torch && !peer_rows.contains_key(mode_name) {
                 peer_rows.insert(mode_name.clone(), run_peer(&python, &dir, mode_name, &a)?);
             }
-            let (torch_tps, torch_loss, torch_peak) = peer_rows.get(mode_name).copied().unwrap_or_default();
+            let (torch_tps, torch_loss, torch_peak, torch_step) = peer_rows.get(mode_name).copied().unwrap_or_default();
             rows.push(Row {
                 dtype: dtype.name().into(),
                 mode: mode_name.clone(),
@@ -185,6 +191,8 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                 ratio_vs_torch: torch_tps.map(|p| tokens / secs / p),
                 peak_mib: peak,
                 torch_peak_mib: torch_peak,
+                optim_step_secs,
+                torch_optim_step_secs: torch_step,
             });
         }
     }
@@ -197,12 +205,12 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         a.seq_len,
         rayon::current_num_threads()
     );
-    println!("| base | mode | tandem tok/s | tandem fwd-only tok/s | PyTorch tok/s | tandem / PyTorch | first loss tandem | first loss PyTorch | peak MiB tandem | peak MiB PyTorch |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| base | mode | tandem tok/s | tandem fwd-only tok/s | PyTorch tok/s | tandem / PyTorch | first loss tandem | first loss PyTorch | peak MiB tandem | peak MiB PyTorch | optim step s tandem | optim step s PyTorch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
     for r in &rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.3} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.3} | {} | {} | {} | {:.3} | {} |",
             r.dtype,
             r.mode,
             r.tokens_per_s,
@@ -212,7 +220,9 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
             r.first_loss_sum,
             opt(r.torch_first_loss_sum, 3),
             opt(r.peak_mib, 0),
-            opt(r.torch_peak_mib, 0)
+            opt(r.torch_peak_mib, 0),
+            r.optim_step_secs,
+            opt(r.torch_optim_step_secs, 3)
         );
     }
     if let Some(parent) = std::path::Path::new(&a.out).parent() {
@@ -227,8 +237,19 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The PyTorch peer's tok/s, first summed loss and peak MiB for one mode.
-type PeerRow = (Option<f64>, Option<f64>, Option<f64>);
+/// The optimizer step a training loop takes after each forward_backward (AdamW, the Tinker
+/// default's parameters), timed on its second step: the first creates the moments.
+fn time_optim_step(t: &mut TrainingModel, batch: &[Datum]) -> Result<f64> {
+    let params = tandem_train::AdamParams::default();
+    t.optim_step(&params)?;
+    t.forward_backward(batch, &LossFn::CrossEntropy, false)?;
+    let start = Instant::now();
+    t.optim_step(&params)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The PyTorch peer's tok/s, first summed loss, peak MiB and optimizer step seconds for one mode.
+type PeerRow = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);
 
 fn run_peer(python: &str, dir: &std::path::Path, mode: &str, a: &TrainBenchArgs) -> Result<PeerRow> {
     let out = std::process::Command::new(python)
@@ -240,8 +261,8 @@ fn run_peer(python: &str, dir: &std::path::Path, mode: &str, a: &TrainBenchArgs)
         .context("running the PyTorch peer")?;
     if !out.status.success() {
         eprintln!("the PyTorch peer failed: {}", String::from_utf8_lossy(&out.stderr));
-        return Ok((None, None, None));
+        return Ok((None, None, None, None));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok((v["tokens_per_s"].as_f64(), v["loss_sum"].as_f64(), v["peak_mib"].as_f64()))
+    Ok((v["tokens_per_s"].as_f64(), v["loss_sum"].as_f64(), v["peak_mib"].as_f64(), v["optim_step_secs"].as_f64()))
 }

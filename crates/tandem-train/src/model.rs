@@ -215,6 +215,12 @@ impl TrainingModel {
         self.grads.iter().map(|(k, g)| Ok((k.clone(), g.copy()?))).collect()
     }
 
+    /// Drops the gradients waiting for an optimizer step (and the count of their data).
+    pub fn discard_gradients(&mut self) {
+        self.grads.clear();
+        self.pending = 0;
+    }
+
     /// A trainable tensor by name (tests perturb it). Panics on an unknown name.
     pub fn variable(&self, name: &str) -> &Var {
         &self.vars[name]
