@@ -50,6 +50,12 @@ fn values(t: &Tensor) -> CResult<Vec<f32>> {
     t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
+/// A tensor as detached, contiguous f32 (no copy when it already is): read in place through
+/// `host`, where `values` would copy an activation per backward op.
+fn f32_view(t: &Tensor) -> CResult<Tensor> {
+    t.detach().to_dtype(DType::F32)?.contiguous()
+}
+
 /// Rows per work item of the elementwise backward passes.
 const ROWS_PER_ITEM: usize = 16;
 
@@ -57,7 +63,10 @@ const ROWS_PER_ITEM: usize = 16;
 /// dx = r·(g·w) − x·r³·mean(g·w·x) and dw = Σ_rows g·x·r. One pass over each row, in parallel.
 pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(Option<Tensor>, Option<Tensor>)> {
     let (want_x, want_w) = (x.track_op(), w.track_op());
-    let (xs, ws, gs) = (values(x)?, values(w)?, values(g)?);
+    let ws = values(w)?;
+    let (x_view, g_view) = (f32_view(x)?, f32_view(g)?);
+    let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());
+    let (xs, gs) = (host(&xg)?, host(&gg)?);
     let n = ws.len();
     let mut gx = vec![0f32; if want_x { xs.len() } else { 0 }];
     let items = xs.len().div_ceil(n * ROWS_PER_ITEM);
@@ -103,7 +112,9 @@ pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CRes
 pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
     let two_i = gate_up.dim(1)?;
     let inter = two_i / 2;
-    let (xs, gs) = (values(gate_up)?, values(g)?);
+    let (x_view, g_view) = (f32_view(gate_up)?, f32_view(g)?);
+    let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());
+    let (xs, gs) = (host(&xg)?, host(&gg)?);
     let mut out = vec![0f32; xs.len()];
     out.par_chunks_mut(two_i).zip(xs.par_chunks(two_i).zip(gs.par_chunks(inter))).for_each(|(o, (x, g))| {
         let (d_gate, d_up) = o.split_at_mut(inter);
