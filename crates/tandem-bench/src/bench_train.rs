@@ -66,6 +66,17 @@ struct Row {
     torch_optim_step_secs: Option<f64>,
 }
 
+/// Returns the heap's free memory to the system (tandem keeps freed memory for reuse): before a
+/// peak is measured, and before the PyTorch peer runs beside this process (with Qwen's full
+/// weights, their moments and gradients held until then, the two together outgrew 24 GB).
+fn hand_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs `f`, returning what it added to the process's peak resident set (MiB), where Linux lets
 /// the peak be reset (`/proc/self/clear_refs`).
 fn peak_growth<R>(f: impl FnOnce() -> R) -> (R, Option<f64>) {
@@ -76,11 +87,7 @@ fn peak_growth<R>(f: impl FnOnce() -> R) -> (R, Option<f64>) {
     };
     // Freed memory the allocator keeps resident (an earlier model's, an earlier pass's) would
     // hide the growth: hand it back first.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap memory to the system.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    hand_back_free_memory();
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let before = field("VmRSS:");
     let out = f();
@@ -174,6 +181,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
             }
             let optim_step_secs = time_optim_step(&mut t, &batch)?;
             drop(t);
+            hand_back_free_memory();
             let secs = median(times);
             if has_torch && !peer_rows.contains_key(mode_name) {
                 peer_rows.insert(mode_name.clone(), run_peer(&python, &dir, mode_name, &a)?);
