@@ -67,18 +67,11 @@ impl WeightElem for half::bf16 {
     }
 }
 
-/// y[i, j] = sum_k x[i, k] * w[j, k] for x: [m, k], w: [n, k] row-major, y: [m, n].
+/// y[i, j] = sum_k x[i, k] * w[j, k] for x: [m, k], w: [n, k] row-major, into a new y: [m, n].
 /// Every output is accumulated in the same order whatever m is, so results do not depend on how
-/// many rows are batched together.
-pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, y: &mut [f32]) {
-    assert_eq!(y.len(), m * n);
-    // SAFETY: y holds m × n values.
-    unsafe { product(x, w, m, k, n, SharedMut(y.as_mut_ptr())) }
-}
-
-/// `matmul_xwt` into a new [m, n] vector, written without zeroing it first (in a training pass
-/// the zeroing was a share of the memset time, on memory the allocator hands back).
-pub fn matmul_xwt_new<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// many rows are batched together. y is written without zeroing it first (in a training pass the
+/// zeroing was a share of the memset time, on memory the allocator hands back).
+pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(m * n);
     // SAFETY: the product writes every element of the spare capacity (each tile its values; the
     // tiles cover every row and column) before the length is set.
@@ -625,8 +618,7 @@ mod tests {
         for &(m, k, n) in &[(1, 5, 3), (3, 19, 37), (2, 64, 130), (7, 96, 33), (16, 40, 17)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 17) as f32 / 17.0 - 0.5).collect();
-            let mut y = vec![0f32; m * n];
-            matmul_xwt(&x, &w, m, k, n, &mut y);
+            let y = matmul_xwt(&x, &w, m, k, n);
             let r = naive(&x, &w, m, k, n);
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
@@ -634,7 +626,7 @@ mod tests {
             // bf16 weights: the same product over the bf16-rounded values.
             let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            matmul_xwt(&x, &wb, m, k, n, &mut y);
+            let y = matmul_xwt(&x, &wb, m, k, n);
             let r = naive(&x, &wr, m, k, n);
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-4, "bf16 {m}x{k}x{n}: {a} vs {b}");
@@ -672,11 +664,9 @@ mod tests {
         let (k, n) = (72, 40);
         let x: Vec<f32> = (0..40 * k).map(|i| ((i * 31) % 11) as f32 / 11.0 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5).collect();
-        let mut all = vec![0f32; 40 * n];
-        matmul_xwt(&x, &w, 40, k, n, &mut all);
+        let all = matmul_xwt(&x, &w, 40, k, n);
         for i in 0..40 {
-            let mut one = vec![0f32; n];
-            matmul_xwt(&x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
+            let one = matmul_xwt(&x[i * k..(i + 1) * k], &w, 1, k, n);
             assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
         }
     }

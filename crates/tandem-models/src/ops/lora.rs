@@ -34,7 +34,7 @@ struct LoraDelta {
 
 /// u = x·aᵀ: [m, r], by the streaming kernel's tiles (each value the same for a row in any batch).
 fn down(x: &[f32], a: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
-    kernels::matmul_xwt_new(x, a, m, k, r)
+    kernels::matmul_xwt(x, a, m, k, r)
 }
 
 /// scale·(x·aᵀ)·bᵀ on host values: x [m, k], a [r, k], b [n, r] -> [m, n].
@@ -244,8 +244,8 @@ fn adapter_grads(
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, pr) = (outs.iter().sum::<usize>(), outs.len() * r);
-    let (mut u, mut du, mut part) = (vec![0f32; m * pr], vec![0f32; m * pr], vec![0f32; m * r]);
-    gemm(m, pr, k, &mut u, false, 1.0, (x, k, 1), (a, 1, k));
+    let u = super::gemm_new(m, pr, k, 1.0, (x, k, 1), (a, 1, k));
+    let (mut du, mut part) = (vec![0f32; m * pr], vec![0f32; m * r]);
     let mut db = vec![0f32; n * r];
     let mut first = 0;
     for (i, &width) in outs.iter().enumerate() {
@@ -258,8 +258,7 @@ fn adapter_grads(
     if let Some(dx) = dx {
         gemm(m, k, pr, dx, true, 1.0, (&du, pr, 1), (a, k, 1));
     }
-    let mut da = vec![0f32; pr * k];
-    gemm(pr, k, m, &mut da, false, 1.0, (&du, 1, pr), (x, k, 1));
+    let da = super::gemm_new(pr, k, m, 1.0, (&du, 1, pr), (x, k, 1));
     (da, db)
 }
 

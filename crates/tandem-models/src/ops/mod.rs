@@ -253,8 +253,8 @@ fn dense_rows(x: &[f32], m: usize, k: usize, w: &CpuStorage, l: &Layout) -> CRes
     }
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("matmul weights must be contiguous") };
     match w {
-        CpuStorage::F32(w) => Ok(kernels::matmul_xwt_new(x, &w[a..b], m, k, n)),
-        CpuStorage::BF16(w) => Ok(kernels::matmul_xwt_new(x, &w[a..b], m, k, n)),
+        CpuStorage::F32(w) => Ok(kernels::matmul_xwt(x, &w[a..b], m, k, n)),
+        CpuStorage::BF16(w) => Ok(kernels::matmul_xwt(x, &w[a..b], m, k, n)),
         _ => candle_core::bail!("matmul weights must be f32 or bf16"),
     }
 }

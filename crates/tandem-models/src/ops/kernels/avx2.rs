@@ -4,8 +4,10 @@ use super::tiles::{self, Lanes};
 use super::WeightElem;
 use std::arch::x86_64::*;
 
+/// The eight lanes' sum: halves added (lanes e and e + 4), then e and e + 2, then the two left
+/// (the AVX-512 sum ends with these same steps).
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);

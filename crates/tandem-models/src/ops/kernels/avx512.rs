@@ -32,15 +32,12 @@ impl Lanes for F32x16 {
     unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
         _mm512_fmadd_ps(a, b, c)
     }
-    /// Halves added down to one lane: lanes e and e + 8, then e and e + 4 (as AVX2's sum
-    /// continues), then e and e + 2, then the two left. `sum4` forms the same sums.
+    /// Halves added down to one lane: lanes e and e + 8, then AVX2's sum of the eight left
+    /// (e and e + 4, e and e + 2, the two left). `sum4` forms the same sums.
     #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        let s = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        super::avx2::hsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
     }
     /// The four reductions side by side: each step's shuffles move two or four vectors' halves
     /// at once (lanes of 128 bits are q0..q3).
