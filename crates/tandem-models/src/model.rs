@@ -45,9 +45,9 @@ pub(crate) enum Embedding {
 
 impl Embedding {
     /// Rows `ids` [ids.len(), hidden], in the table's dtype (quantized: f32).
-    fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+    fn rows(&self, ids: &[u32], path: OpsPath, device: &Device) -> Result<Tensor> {
         match self {
-            Embedding::Dense(t) => Ok(t.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), device)?, 0)?),
+            Embedding::Dense(t) => Ok(crate::ops::gather_rows(t, ids, path)?),
             Embedding::Quantized(w) => {
                 let mut rows = vec![0f32; ids.len() * w.cols];
                 for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(w.cols)) {
@@ -407,7 +407,7 @@ impl Model {
                 }
                 Tensor::from_vec(rows, (ids.len(), weight.cols), &self.device)?
             }
-            _ => self.embed.rows(ids, &self.device)?,
+            _ => self.embed.rows(ids, self.path, &self.device)?,
         };
         let f32 = candle_core::DType::F32;
         Ok((rows.to_dtype(f32)?, self.norm.to_dtype(f32)?))
@@ -446,7 +446,7 @@ impl Model {
 
     /// Token embeddings as f32 rows [ids.len(), hidden] (drafters share the target's table).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        Ok(self.embed.rows(ids, &self.device)?.to_dtype(candle_core::DType::F32)?)
+        Ok(self.embed.rows(ids, self.path, &self.device)?.to_dtype(candle_core::DType::F32)?)
     }
 
     /// Appends each sequence's tokens to its cache slot and returns the requested logits and
@@ -546,7 +546,7 @@ impl Model {
         cache.reserve_batch(batch.iter().map(|s| (s.slot, s.tokens.len())))?;
 
         let path = self.path;
-        let x = self.embed.rows(&ids, &self.device)?;
+        let x = self.embed.rows(&ids, self.path, &self.device)?;
         let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
             ops::cache_write(&cache.keys[l], k, &tokens, &cache.tables, path)?;
             ops::cache_write(&cache.values[l], v, &tokens, &cache.tables, path)?;
@@ -556,7 +556,7 @@ impl Model {
                 None => ops::attention(q, kc, vc, &tokens, tables, path)?,
             })
         };
-        let (x, hidden) = self.blocks_forward(x, &positions, hidden_layers, &mut attend, None)?;
+        let (x, hidden) = self.blocks_forward(x, &positions, hidden_layers, &mut attend, None, None)?;
         for seq in batch {
             let len = cache.len(seq.slot) + seq.tokens.len();
             cache.set_len(seq.slot, len);
@@ -574,7 +574,8 @@ impl Model {
 
     /// The blocks over embedded tokens x: [t, hidden] at `positions`; `attend(layer, q, k, v)`
     /// does the attention (a latent layer passes its latents as k [t, 1, r_K] and v [t, 1, r_V],
-    /// unroped); `observe(layer, h)`, if given, sees each layer's attention input. Returns the final
+    /// unroped), except in plain layers when `packed` gives the lengths of whole sequences packed
+    /// one after another (their self-attention is then one op on qkv); `observe(layer, h)`, if given, sees each layer's attention input. Returns the final
     /// residual stream and the requested layers' streams in the order asked.
     fn blocks_forward(
         &self,
@@ -582,39 +583,29 @@ impl Model {
         positions: &[usize],
         hidden_layers: &[usize],
         attend: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        packed: Option<&[usize]>,
         mut observe: Option<Observer>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
-        let t = positions.len();
         let path = self.path;
         let mut hidden = Vec::with_capacity(hidden_layers.len());
-        let q_size = c.q_size();
         for (l, b) in self.blocks.iter().enumerate() {
             let h = ops::rms_norm(&x, &b.attn_norm, c.rms_norm_eps, path)?;
             if let Some(f) = observe.as_mut() {
                 f(l, &h)?;
             }
             let qkv = b.qkv.forward(&h, path)?;
-            let (k_w, v_w) = c.kv_widths(l);
-            let mut q = qkv.narrow(1, 0, q_size)?.reshape((t, c.num_heads, c.head_dim))?;
-            let (k, v) = if b.latent.is_some() {
-                (
-                    qkv.narrow(1, q_size, k_w)?.reshape((t, 1, k_w))?,
-                    qkv.narrow(1, q_size + k_w, v_w)?.reshape((t, 1, v_w))?,
-                )
-            } else {
-                let mut k = qkv.narrow(1, q_size, k_w)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-                if let Some(kn) = &b.k_norm {
-                    k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
+            let plain = b.latent.is_none() && b.q_norm.is_none() && b.k_norm.is_none();
+            let a = match packed.filter(|_| plain) {
+                Some(lens) => {
+                    let heads = (c.num_heads, c.num_kv_heads, c.head_dim);
+                    ops::packed_self_attention(&qkv, heads, positions, &self.rope, lens, path)?
                 }
-                let v = qkv.narrow(1, q_size + k_w, v_w)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-                (ops::rope(&k, positions, &self.rope, path)?, v)
+                None => {
+                    let (q, k, v) = self.split_qkv(l, &qkv, positions)?;
+                    attend(l, &q, &k, &v)?
+                }
             };
-            if let Some(qn) = &b.q_norm {
-                q = ops::rms_norm(&q, qn, c.rms_norm_eps, path)?;
-            }
-            let q = ops::rope(&q, positions, &self.rope, path)?;
-            let a = attend(l, &q, &k, &v)?;
             x = (x + b.o_proj.forward(&a, path)?)?;
             let h = ops::rms_norm(&x, &b.mlp_norm, c.rms_norm_eps, path)?;
             let m = ops::silu_mul(&b.gate_up.forward(&h, path)?, path)?;
@@ -628,6 +619,29 @@ impl Model {
             .map(|l| hidden.iter().find(|(hl, _)| hl == l).map(|(_, t)| t.clone()).expect("layer recorded"))
             .collect();
         Ok((x, hidden))
+    }
+
+    /// Layer `l`'s q [t, heads, d] (normed, roped), k (normed, roped; a latent layer's unroped
+    /// latents [t, 1, r_K]) and v from its projection qkv [t, q + k + v].
+    fn split_qkv(&self, l: usize, qkv: &Tensor, positions: &[usize]) -> Result<(Tensor, Tensor, Tensor)> {
+        let (c, b, path, t) = (&self.config, &self.blocks[l], self.path, positions.len());
+        let q_size = c.q_size();
+        let (k_w, v_w) = c.kv_widths(l);
+        let mut q = qkv.narrow(1, 0, q_size)?.reshape((t, c.num_heads, c.head_dim))?;
+        let (k, v) = if b.latent.is_some() {
+            (qkv.narrow(1, q_size, k_w)?.reshape((t, 1, k_w))?, qkv.narrow(1, q_size + k_w, v_w)?.reshape((t, 1, v_w))?)
+        } else {
+            let mut k = qkv.narrow(1, q_size, k_w)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            if let Some(kn) = &b.k_norm {
+                k = ops::rms_norm(&k, kn, c.rms_norm_eps, path)?;
+            }
+            let v = qkv.narrow(1, q_size + k_w, v_w)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            (ops::rope(&k, positions, &self.rope, path)?, v)
+        };
+        if let Some(qn) = &b.q_norm {
+            q = ops::rms_norm(&q, qn, c.rms_norm_eps, path)?;
+        }
+        Ok((ops::rope(&q, positions, &self.rope, path)?, k, v))
     }
 
     /// Layer `l`'s latent expansions as the attention ops take them (None: a plain layer).
@@ -716,7 +730,7 @@ impl Model {
         observe: Option<Observer>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let path = self.path;
-        let x = self.embed.rows(ids, &self.device)?;
+        let x = self.embed.rows(ids, self.path, &self.device)?;
         let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
             let (k, v) = match self.latent_weights(l) {
                 Some(w) => (
@@ -727,7 +741,7 @@ impl Model {
             };
             Ok(ops::self_attention(q, &k, &v, lens, path)?)
         };
-        self.blocks_forward(x, positions, &[], &mut attend, observe)
+        self.blocks_forward(x, positions, &[], &mut attend, Some(lens), observe)
     }
 
     /// Runs whole sequences through the model and shows `observe(layer, h)` each layer's

@@ -5,7 +5,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor, Var};
 use tandem_models::linear::{Linear, LoraPart};
-use tandem_models::ops::{head, kernels, lora, OpsPath};
+use tandem_models::ops::{self, head, kernels, lora, sink, OpsPath};
 
 /// Deterministic values in [-scale, scale).
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
@@ -91,6 +91,49 @@ fn the_fused_head_equals_autograd_over_the_logits_for_every_kind_of_head() {
     );
     let adapted = q.with_lora(vec![LoraPart { a: a.as_tensor().clone(), b: b.as_tensor().clone() }], 2.0);
     check_head("LoRA over Q8_0", &adapted, &h, &[&h, &a, &b], 1e-2);
+}
+
+#[test]
+fn weight_gradients_collected_in_place_equal_autograds_sums() {
+    // A tied table, gathered as embeddings (with repeated ids) and trained as the head, and a
+    // trained projection between them; two backward passes summed.
+    let table = Var::from_tensor(&tensor((VOCAB, HIDDEN), 2, 0.5)).unwrap();
+    let proj = Var::from_tensor(&tensor((HIDDEN, HIDDEN), 3, 0.2)).unwrap();
+    let head = Linear::dense(table.as_tensor().clone(), None);
+    let ids: Vec<u32> = (0..ROWS as u32).map(|i| (i * 31) % 97).collect();
+    let targets: Vec<u32> = (0..ROWS as u32).map(|i| (i * 7919 + 5) % VOCAB as u32).collect();
+    let loss = |pass: u32, path| {
+        let x = ops::gather_rows(table.as_tensor(), &ids, path).unwrap();
+        let h = ops::matmul_xwt(&x, proj.as_tensor(), path).unwrap();
+        let lp = head::target_logprobs(&h, &head, &targets, path).unwrap();
+        let c = Tensor::from_vec(values(ROWS, 10 + pass, 1.0), ROWS, &Device::Cpu).unwrap();
+        (&lp * &c).unwrap().sum_all().unwrap()
+    };
+    let weights = [table.as_tensor(), proj.as_tensor()];
+    // The reference: candle's autograd over primitives, its gradients added up.
+    let mut expected: Vec<Option<Tensor>> = vec![None, None];
+    for pass in 0..2 {
+        let g = loss(pass, OpsPath::Generic).backward().unwrap();
+        for (e, w) in expected.iter_mut().zip(weights) {
+            let gw = g.get(w).expect("a gradient").clone();
+            *e = Some(match e.take() {
+                Some(sum) => (sum + gw).unwrap(),
+                None => gw,
+            });
+        }
+    }
+    let mut sums = sink::Sums::new(weights);
+    for pass in 0..2 {
+        let g = sink::collect(&mut sums, || loss(pass, OpsPath::CpuKernels).backward()).unwrap();
+        for w in weights {
+            assert!(g.get(w).is_none(), "a collected weight's gradient must not also go through candle");
+        }
+    }
+    for (k, (w, e)) in weights.iter().zip(&expected).enumerate() {
+        let got = sums.take(w).unwrap().expect("a collected gradient");
+        let err = max_rel(&got, e.as_ref().unwrap());
+        assert!(err < 1e-4, "weight {k}: collected gradient differs from autograd's sum by {err}");
+    }
 }
 
 #[test]

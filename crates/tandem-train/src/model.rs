@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tandem_models::ops::adamw;
+use tandem_models::ops::{adamw, sink};
 use tandem_models::{Adapter, LoraSpec, Model};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,18 @@ const MAX_LEARNING_RATE: f64 = 1.0;
 /// The largest magnitude of a per-token loss input (weights, advantages, logprobs): beyond it the
 /// loss's f32 sums overflow (±1e38 weights gave a null loss).
 const MAX_LOSS_INPUT: f32 = 1e6;
+
+/// Adds `g` to the sum kept for `name` (in place: sums are the trainer's own, as
+/// `pending_gradients` hands out copies), or makes it the sum.
+fn add_gradient(sums: &mut BTreeMap<String, Tensor>, name: &str, g: Tensor) -> Result<()> {
+    match sums.get_mut(name) {
+        Some(sum) => adamw::accumulate(sum, &g)?,
+        None => {
+            sums.insert(name.to_string(), g);
+        }
+    }
+    Ok(())
+}
 
 fn user<T>(msg: impl Into<String>) -> Result<T> {
     Err(TrainError::User(msg.into()))
@@ -343,6 +355,8 @@ impl TrainingModel {
         let mut max_diff = 0f64;
         let mut logprobs = Vec::with_capacity(data.len());
         let mut new_grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        // This request's weight gradients, summed in place by the backward's ops (`sink`).
+        let mut sums = sink::Sums::new(self.vars.values().map(|v| v.as_tensor()));
         let (mut start, mut last_pass) = (0, 0);
         while start < data.len() {
             let size = next_pass(last_pass);
@@ -384,33 +398,25 @@ impl TrainingModel {
             }
             let t_loss = t0.elapsed();
             if let (false, Some(l)) = (forward_only, group_loss) {
-                let g = l.backward()?;
+                let g = sink::collect(&mut sums, || l.backward())?;
                 tracing::trace!(forward = ?t_fwd, loss = ?(t_loss - t_fwd), backward = ?(t0.elapsed() - t_loss), datums = group.len(), "pass");
                 for (name, var) in &self.vars {
                     if let Some(gv) = g.get(var.as_tensor()) {
                         // Detached: a gradient computed from tracked tensors would otherwise keep
                         // this pass's whole graph alive.
-                        let gv = gv.detach();
-                        match new_grads.get_mut(name) {
-                            // This request's own sum: no other tensor holds it.
-                            Some(sum) => adamw::accumulate(sum, &gv)?,
-                            None => {
-                                new_grads.insert(name.clone(), gv);
-                            }
-                        }
+                        add_gradient(&mut new_grads, name, gv.detach())?;
                     }
                 }
             }
         }
+        for (name, var) in &self.vars {
+            if let Some(gv) = sums.take(var.as_tensor())? {
+                add_gradient(&mut new_grads, name, gv)?;
+            }
+        }
         // Gradients join the accumulated ones only once the whole request succeeded.
         for (name, g) in new_grads {
-            match self.grads.get_mut(&name) {
-                // In place: `pending_gradients` hands out copies, so nothing else holds the sum.
-                Some(sum) => adamw::accumulate(sum, &g)?,
-                None => {
-                    self.grads.insert(name, g);
-                }
-            }
+            add_gradient(&mut self.grads, &name, g)?;
         }
         if !forward_only {
             self.pending += data.len();

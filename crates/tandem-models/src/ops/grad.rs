@@ -5,12 +5,13 @@
 //! reported (trainer/sampler mismatch destabilises RL). Each backward here works on host slices
 //! (products through gemm, elementwise passes in parallel rows); it only runs when an input is
 //! being differentiated.
-use super::{f32_slice, gemm_new, gemm_on, host, kernels, CResult, RopeTables};
+use super::{f32_slice, gemm, gemm_new, gemm_on, host, kernels, sink, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// x·wᵀ's gradients: dx = g·w, dw = gᵀ·x (each only when its input is differentiated), as
-/// blocked products over the tensors' own memory (transposes are strides).
+/// blocked products over the tensors' own memory (transposes are strides); dw goes straight into
+/// the trainer's sum when one is collected for w.
 pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
     let (want_x, want_w) = (x.track_op(), w.track_op());
     let ((m, k), n) = (x.dims2()?, w.dim(0)?);
@@ -26,13 +27,39 @@ pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Opt
     } else {
         None
     };
-    let gw = if want_w {
+    let gw = if !want_w {
+        None
+    } else if let Some(mut sum) = sink::lease(w) {
+        let accumulate = !sum.fresh;
+        gemm(n, k, m, sum.values(), accumulate, 1.0, (gs, 1, n), (xs, k, 1));
+        None
+    } else {
         let gw = gemm_new(n, k, m, 1.0, (gs, 1, n), (xs, k, 1));
         Some(Tensor::from_vec(gw, (n, k), x.device())?.to_dtype(w.dtype())?)
-    } else {
-        None
     };
     Ok((gx, gw))
+}
+
+/// An embedding gather's gradient: row i of g added into row ids[i] of the table's gradient, in
+/// order (as candle's index_add). Into the trainer's sum when it collects one for the table;
+/// otherwise a new dense gradient.
+pub(super) fn gather_rows_bwd(table: &Tensor, ids: &[u32], g: &Tensor) -> CResult<Option<Tensor>> {
+    let cols = table.dim(1)?;
+    let g_view = f32_view(g)?;
+    let guard = g_view.storage_and_layout();
+    let gs = host(&guard)?;
+    let scatter = |dst: &mut [f32]| {
+        for (&id, row) in ids.iter().zip(gs.chunks_exact(cols)) {
+            dst[id as usize * cols..(id as usize + 1) * cols].iter_mut().zip(row).for_each(|(d, g)| *d += g);
+        }
+    };
+    if let Some(mut sum) = sink::lease(table) {
+        scatter(sum.values());
+        return Ok(None);
+    }
+    let mut d = vec![0f32; table.elem_count()];
+    scatter(&mut d);
+    Ok(Some(Tensor::from_vec(d, table.shape(), table.device())?))
 }
 
 /// x·wᵀ's input gradient g·w for a frozen block-quantized w, dequantized for the product.
@@ -133,13 +160,19 @@ pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tenso
 pub(super) fn rope_bwd(g: &Tensor, positions: &[usize], tables: &RopeTables) -> CResult<Tensor> {
     let (t, h, d) = g.dims3()?;
     let mut gs = values(g)?;
+    rotate_back(&mut gs, h, d, positions, tables)?;
+    Tensor::from_vec(gs, (t, h, d), g.device())
+}
+
+/// Rows [t, h, d] (token t at positions[t]) rotated back by rope's angles, in place.
+fn rotate_back(gs: &mut [f32], h: usize, d: usize, positions: &[usize], tables: &RopeTables) -> CResult<()> {
     let half = tables.cos_host.len() / tables.cos.dim(0)?;
     let used = (positions.iter().copied().max().unwrap_or(0) + 1) * half;
     let neg_sin: Vec<f32> = tables.sin_host[..used].iter().map(|s| -s).collect();
     gs.par_chunks_mut(h * d * ROWS_PER_ITEM).zip(positions.par_chunks(ROWS_PER_ITEM)).for_each(|(rows, pos)| {
         kernels::rope(rows, h, d, pos, &tables.cos_host, &neg_sin, tables.interleaved);
     });
-    Tensor::from_vec(gs, (t, h, d), g.device())
+    Ok(())
 }
 
 /// Rope as an op that owns its inputs (candle keeps differentiable ops past the forward).
@@ -186,32 +219,9 @@ impl CustomOp3 for SelfAttention {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (t, heads, d) = l1.shape().dims3()?;
-        let (_, kv_heads, _) = l2.shape().dims3()?;
-        let cap = self.lens.iter().copied().max().unwrap_or(0);
-        let mut tokens = Vec::with_capacity(t);
-        for (slot, &n) in self.lens.iter().enumerate() {
-            tokens.extend((0..n).map(|pos| kernels::TokenSlot::causal(slot, pos)));
-        }
-        if tokens.len() != t {
-            candle_core::bail!("self attention: lengths sum to {}, not {t}", tokens.len());
-        }
-        let geometry = kernels::CacheGeometry { kv_heads, block: cap, head_dim: d };
-        let tables = kernels::contiguous_tables(self.lens.len());
-        // [t, kvh, d] rows -> the cache layout [sequences, kvh, cap, d].
-        let to_cache = |s: &CpuStorage, l: &Layout| -> CResult<Vec<f32>> {
-            let src = f32_slice(s, l)?;
-            let mut out = vec![0f32; self.lens.len() * kv_heads * cap * d];
-            for (row, ts) in tokens.iter().enumerate() {
-                for h in 0..kv_heads {
-                    let o = geometry.offset(ts.slot, h, ts.pos);
-                    out[o..o + d].copy_from_slice(&src[(row * kv_heads + h) * d..(row * kv_heads + h + 1) * d]);
-                }
-            }
-            Ok(out)
-        };
-        let (k, v) = (to_cache(s2, l2)?, to_cache(s3, l3)?);
-        let mut out = vec![0f32; t * heads * d];
-        kernels::attention(f32_slice(s1, l1)?, &k, &v, &tokens, &tables, heads, geometry, &mut out);
+        let kv_heads = l2.shape().dims3()?.1;
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let out = attention_fwd(q, k, v, (heads, kv_heads, d), &self.lens)?;
         Ok((CpuStorage::F32(out), Shape::from((t, heads * d))))
     }
     fn bwd(
@@ -222,8 +232,122 @@ impl CustomOp3 for SelfAttention {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = attention_bwd(q, k, v, g, &self.lens)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let [dq, dk, dv] = attention_bwd(q, k, v, g, &self.lens)?;
+        let device = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), device)?),
+            Some(Tensor::from_vec(dk, k.shape(), device)?),
+            Some(Tensor::from_vec(dv, v.shape(), device)?),
+        ))
+    }
+}
+
+/// Causal self-attention of packed sequences (`lens`) by serving's kernel over a cache with one
+/// slot per sequence: q [t, heads, d], k and v [t, kv_heads, d] rows -> [t, heads·d].
+fn attention_fwd(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (heads, kv_heads, d): (usize, usize, usize),
+    lens: &[usize],
+) -> CResult<Vec<f32>> {
+    let t = q.len() / (heads * d);
+    let cap = lens.iter().copied().max().unwrap_or(0);
+    let mut tokens = Vec::with_capacity(t);
+    for (slot, &n) in lens.iter().enumerate() {
+        tokens.extend((0..n).map(|pos| kernels::TokenSlot::causal(slot, pos)));
+    }
+    if tokens.len() != t {
+        candle_core::bail!("self attention: lengths sum to {}, not {t}", tokens.len());
+    }
+    let geometry = kernels::CacheGeometry { kv_heads, block: cap, head_dim: d };
+    let tables = kernels::contiguous_tables(lens.len());
+    // [t, kvh, d] rows -> the cache layout [sequences, kvh, cap, d].
+    let to_cache = |src: &[f32]| {
+        let mut out = vec![0f32; lens.len() * kv_heads * cap * d];
+        for (row, ts) in tokens.iter().enumerate() {
+            for h in 0..kv_heads {
+                let o = geometry.offset(ts.slot, h, ts.pos);
+                out[o..o + d].copy_from_slice(&src[(row * kv_heads + h) * d..(row * kv_heads + h + 1) * d]);
+            }
+        }
+        out
+    };
+    let (k, v) = (to_cache(k), to_cache(v));
+    let mut out = vec![0f32; t * heads * d];
+    kernels::attention(q, &k, &v, &tokens, &tables, heads, geometry, &mut out);
+    Ok(out)
+}
+
+/// `SelfAttention` straight from the packed projection qkv [t, (heads + 2·kv_heads)·d]: q and k
+/// split out and roped, v split out. One op where the split was eight (three narrows, three
+/// reshapes, two ropes), each with its own zeroed and summed gradient in candle's backward, the
+/// narrows' padded to qkv's whole width. The values are the eight ops' to the bit.
+pub(super) struct PackedSelfAttention {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub positions: Vec<usize>,
+    pub tables: RopeTables,
+    pub lens: Vec<usize>,
+}
+
+impl PackedSelfAttention {
+    /// [q roped, k roped, v] as rows [t, heads or kv heads, d], from qkv's values.
+    fn split(&self, qkv: &[f32]) -> [Vec<f32>; 3] {
+        let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let t = qkv.len() / (qw + 2 * kw);
+        let (mut q, mut k, mut v) =
+            (Vec::with_capacity(t * qw), Vec::with_capacity(t * kw), Vec::with_capacity(t * kw));
+        for row in qkv.chunks_exact(qw + 2 * kw) {
+            q.extend_from_slice(&row[..qw]);
+            k.extend_from_slice(&row[qw..qw + kw]);
+            v.extend_from_slice(&row[qw + kw..]);
+        }
+        let tb = &self.tables;
+        kernels::rope(&mut q, self.heads, self.head_dim, &self.positions, &tb.cos_host, &tb.sin_host, tb.interleaved);
+        kernels::rope(
+            &mut k,
+            self.kv_heads,
+            self.head_dim,
+            &self.positions,
+            &tb.cos_host,
+            &tb.sin_host,
+            tb.interleaved,
+        );
+        [q, k, v]
+    }
+}
+
+impl CustomOp1 for PackedSelfAttention {
+    fn name(&self) -> &'static str {
+        "tandem-packed-self-attention"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let t = l.shape().dims2()?.0;
+        let [q, k, v] = self.split(f32_slice(s, l)?);
+        let out = attention_fwd(&q, &k, &v, (self.heads, self.kv_heads, self.head_dim), &self.lens)?;
+        Ok((CpuStorage::F32(out), Shape::from((t, self.heads * self.head_dim))))
+    }
+    /// The split's gradient is the rows of dq and dk (rotated back) and dv side by side.
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        let (t, width) = qkv.dims2()?;
+        let (h, kvh, d, device) = (self.heads, self.kv_heads, self.head_dim, qkv.device());
+        let view = f32_view(qkv)?;
+        let guard = view.storage_and_layout();
+        let [q, k, v] = self.split(host(&guard)?);
+        let q = Tensor::from_vec(q, (t, h, d), device)?;
+        let (k, v) = (Tensor::from_vec(k, (t, kvh, d), device)?, Tensor::from_vec(v, (t, kvh, d), device)?);
+        let [mut dq, mut dk, dv] = attention_bwd(&q, &k, &v, g, &self.lens)?;
+        rotate_back(&mut dq, h, d, &self.positions, &self.tables)?;
+        rotate_back(&mut dk, kvh, d, &self.positions, &self.tables)?;
+        let mut out = Vec::with_capacity(t * width);
+        for r in 0..t {
+            out.extend_from_slice(&dq[r * h * d..(r + 1) * h * d]);
+            out.extend_from_slice(&dk[r * kvh * d..(r + 1) * kvh * d]);
+            out.extend_from_slice(&dv[r * kvh * d..(r + 1) * kvh * d]);
+        }
+        Tensor::from_vec(out, (t, width), device).map(Some)
     }
 }
 
@@ -237,7 +361,7 @@ pub const BWD_QUERY_BLOCK: usize = 128;
 /// its queries a block at a time and recomputes the block's probabilities from q and k (so only
 /// [block, keys seen] temporaries exist), with every product through gemm over the tensors' own
 /// strides. Heads that share a kv head add their dK and dV after.
-fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize]) -> CResult<(Tensor, Tensor, Tensor)> {
+fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize]) -> CResult<[Vec<f32>; 3]> {
     let (t, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
     let group = heads / kv_heads;
@@ -275,12 +399,7 @@ fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize])
             dv[okv..okv + d].iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
         }
     }
-    let device = q.device();
-    Ok((
-        Tensor::from_vec(dq, (t, heads, d), device)?,
-        Tensor::from_vec(dk, (t, kv_heads, d), device)?,
-        Tensor::from_vec(dv, (t, kv_heads, d), device)?,
-    ))
+    Ok([dq, dk, dv])
 }
 
 /// One head of one sequence: its query and output-gradient rows (`q_stride` values apart), its kv

@@ -9,7 +9,7 @@
 //! The backward recomputes the logits one slice of the vocabulary at a time and folds each slice
 //! straight into the gradients of the hidden states and of what the head trains (its dense weight
 //! in full training, its adapter with LoRA): memory stays linear in tokens.
-use super::{gemm, host, kernels, CResult, OpsPath};
+use super::{gemm, host, kernels, sink, CResult, OpsPath};
 use crate::linear::{Linear, LoraPart};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -117,7 +117,7 @@ impl FusedHead {
 
     /// Gradients of h, and of the head's trained weight or adapter (a, b), from the gradient of
     /// the output's logprob column.
-    fn backward(&self, h: &Tensor, res: &Tensor, g: &Tensor) -> CResult<HeadGrads> {
+    fn backward(&self, h: &Tensor, w: Option<&Tensor>, res: &Tensor, g: &Tensor) -> CResult<HeadGrads> {
         let (t, hidden) = h.dims2()?;
         let h = h.detach().contiguous()?;
         let gl: Vec<f32> = g.detach().narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
@@ -136,7 +136,17 @@ impl FusedHead {
             _ => None,
         };
         let mut dh = vec![0f32; t * hidden];
-        let mut dw = (self.trained == Trained::Weight).then(|| vec![0f32; vocab * hidden]);
+        // A trained weight's gradient goes into the trainer's sum when it collects one.
+        let mut sum = w.filter(|_| self.trained == Trained::Weight).and_then(sink::lease);
+        let mut own = (self.trained == Trained::Weight && sum.is_none()).then(|| vec![0f32; vocab * hidden]);
+        let mut dw: Option<(&mut [f32], bool)> = match (&mut sum, &mut own) {
+            (Some(s), _) => {
+                let accumulate = !s.fresh;
+                Some((s.values(), accumulate))
+            }
+            (None, Some(v)) => Some((v, false)),
+            (None, None) => None,
+        };
         let mut lora = match adapter {
             Some((p, s)) if self.trained == Trained::Adapter => Some(LoraHost::new(p, s, hs, t, hidden)?),
             _ => None,
@@ -165,13 +175,13 @@ impl FusedHead {
                 }
             });
             gemm(t, hidden, vc, &mut dh, true, 1.0, (&dlog, vc, 1), (&wc, hidden, 1));
-            if let Some(dw) = dw.as_mut() {
+            if let Some((dw, accumulate)) = dw.as_mut() {
                 gemm(
                     vc,
                     hidden,
                     t,
                     &mut dw[v0 * hidden..(v0 + vc) * hidden],
-                    false,
+                    *accumulate,
                     1.0,
                     (&dlog, 1, vc),
                     (hs, hidden, 1),
@@ -186,7 +196,7 @@ impl FusedHead {
             Some(l) => Some(l.finish(hs, &mut dh, t, hidden, device)?),
             None => None,
         };
-        let dw = dw.map(|w| Tensor::from_vec(w, (vocab, hidden), device)).transpose()?;
+        let dw = own.map(|w| Tensor::from_vec(w, (vocab, hidden), device)).transpose()?;
         Ok((Tensor::from_vec(dh, (t, hidden), device)?, dw, adapter_grads))
     }
 }
@@ -262,7 +272,7 @@ impl CustomOp1 for FusedHead {
         self.forward(s, l)
     }
     fn bwd(&self, h: &Tensor, res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(self.backward(h, res, g)?.0))
+        Ok(Some(self.backward(h, None, res, g)?.0))
     }
 }
 
@@ -273,8 +283,8 @@ impl CustomOp2 for FusedHead {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
         self.forward(s, l)
     }
-    fn bwd(&self, h: &Tensor, _w: &Tensor, res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (dh, dw, _) = self.backward(h, res, g)?;
+    fn bwd(&self, h: &Tensor, w: &Tensor, res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dh, dw, _) = self.backward(h, Some(w), res, g)?;
         Ok((Some(dh), dw))
     }
 }
@@ -302,7 +312,7 @@ impl CustomOp3 for FusedHead {
         res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dh, _, ab) = self.backward(h, res, g)?;
+        let (dh, _, ab) = self.backward(h, None, res, g)?;
         let (da, db) = ab.unzip();
         Ok((Some(dh), da, db))
     }

@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod latent;
 pub mod lora;
 pub mod quant;
+pub mod sink;
 pub mod team;
 
 use candle_core::{
@@ -199,6 +200,42 @@ fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> CResult<&'a mut [f32]
     match s {
         CpuStorage::F32(v) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("tandem kernels need f32 tensors"),
+    }
+}
+
+// ---------------------------------------------------------------- embedding
+
+/// Rows `ids` of a table [rows, cols] (an embedding lookup). On the CPU kernels a trained f32
+/// table gathers through an op whose backward adds each row's gradient into the trainer's sum (one
+/// row per token), where candle's index_select backward builds a dense table-sized gradient per
+/// pass.
+pub fn gather_rows(table: &Tensor, ids: &[u32], path: OpsPath) -> CResult<Tensor> {
+    if path == OpsPath::CpuKernels && table.track_op() && table.dtype() == DType::F32 {
+        return table.apply_op1(GatherRows(ids.to_vec()));
+    }
+    table.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), table.device())?, 0)
+}
+
+struct GatherRows(Vec<u32>);
+
+impl CustomOp1 for GatherRows {
+    fn name(&self) -> &'static str {
+        "tandem-gather-rows"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (rows, cols) = l.shape().dims2()?;
+        let table = f32_slice(s, l)?;
+        let mut out = Vec::with_capacity(self.0.len() * cols);
+        for &id in &self.0 {
+            if id as usize >= rows {
+                candle_core::bail!("row {id} is outside the table ({rows} rows)");
+            }
+            out.extend_from_slice(&table[id as usize * cols..(id as usize + 1) * cols]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((self.0.len(), cols))))
+    }
+    fn bwd(&self, table: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        grad::gather_rows_bwd(table, &self.0, g)
     }
 }
 
@@ -672,6 +709,36 @@ pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize], path: 
             Tensor::cat(&outs, 0)
         }
     }
+}
+
+/// `self_attention` straight from a layer's projection qkv [t, (heads + 2·kv_heads)·head_dim]
+/// of whole sequences (`lens`) at `positions`: q and k roped, v as is -> [t, heads·head_dim]. On
+/// CPU one op (its backward writes qkv's gradient directly) with the same values as the split.
+pub fn packed_self_attention(
+    qkv: &Tensor,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    positions: &[usize],
+    tables: &RopeTables,
+    lens: &[usize],
+    path: OpsPath,
+) -> CResult<Tensor> {
+    if path == OpsPath::CpuKernels {
+        let op = grad::PackedSelfAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            positions: positions.to_vec(),
+            tables: tables.clone(),
+            lens: lens.to_vec(),
+        };
+        let qkv = qkv.contiguous()?;
+        return if qkv.track_op() { qkv.apply_op1(op) } else { qkv.apply_op1_no_bwd(&op) };
+    }
+    let (t, qw, kw) = (qkv.dim(0)?, heads * head_dim, kv_heads * head_dim);
+    let q = qkv.narrow(1, 0, qw)?.reshape((t, heads, head_dim))?;
+    let k = qkv.narrow(1, qw, kw)?.reshape((t, kv_heads, head_dim))?;
+    let v = qkv.narrow(1, qw + kw, kw)?.reshape((t, kv_heads, head_dim))?;
+    self_attention(&rope(&q, positions, tables, path)?, &rope(&k, positions, tables, path)?, &v, lens, path)
 }
 
 fn generic_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<Tensor> {
