@@ -169,10 +169,15 @@ fn rotate_back(gs: &mut [f32], h: usize, d: usize, positions: &[usize], tables: 
     let half = tables.cos_host.len() / tables.cos.dim(0)?;
     let used = (positions.iter().copied().max().unwrap_or(0) + 1) * half;
     let neg_sin: Vec<f32> = tables.sin_host[..used].iter().map(|s| -s).collect();
-    gs.par_chunks_mut(h * d * ROWS_PER_ITEM).zip(positions.par_chunks(ROWS_PER_ITEM)).for_each(|(rows, pos)| {
-        kernels::rope(rows, h, d, pos, &tables.cos_host, &neg_sin, tables.interleaved);
-    });
+    rotate(gs, h, d, positions, tables, &neg_sin);
     Ok(())
+}
+
+/// Rope's kernel over rows [t, h, d] with the given sines (rope's own or negated), rows in parallel.
+fn rotate(xs: &mut [f32], h: usize, d: usize, positions: &[usize], tables: &RopeTables, sin: &[f32]) {
+    xs.par_chunks_mut(h * d * ROWS_PER_ITEM).zip(positions.par_chunks(ROWS_PER_ITEM)).for_each(|(rows, pos)| {
+        kernels::rope(rows, h, d, pos, &tables.cos_host, sin, tables.interleaved);
+    });
 }
 
 /// Rope as an op that owns its inputs (candle keeps differentiable ops past the forward).
@@ -305,16 +310,8 @@ impl PackedSelfAttention {
             v.extend_from_slice(&row[qw + kw..]);
         }
         let tb = &self.tables;
-        kernels::rope(&mut q, self.heads, self.head_dim, &self.positions, &tb.cos_host, &tb.sin_host, tb.interleaved);
-        kernels::rope(
-            &mut k,
-            self.kv_heads,
-            self.head_dim,
-            &self.positions,
-            &tb.cos_host,
-            &tb.sin_host,
-            tb.interleaved,
-        );
+        rotate(&mut q, self.heads, self.head_dim, &self.positions, tb, &tb.sin_host);
+        rotate(&mut k, self.kv_heads, self.head_dim, &self.positions, tb, &tb.sin_host);
         [q, k, v]
     }
 }
