@@ -47,17 +47,23 @@ impl Sums {
     }
 }
 
-/// Runs `f` (a backward pass) with the ops adding weight gradients into `sums`.
+/// Runs `f` (a backward pass) with the ops adding weight gradients into `sums`. Nests: a
+/// collection started inside `f` on the same thread (a pool thread that picks up another
+/// trainer's pass while it waits) sets this one aside and gives it back when it ends.
 pub fn collect<R>(sums: &mut Sums, f: impl FnOnce() -> R) -> R {
-    struct Restore<'a>(&'a mut Sums);
+    struct Restore<'a> {
+        sums: &'a mut Sums,
+        outer: Option<HashMap<TensorId, Sum>>,
+    }
     impl Drop for Restore<'_> {
         // Also on unwinding: the sums go back to their owner whatever `f` did.
         fn drop(&mut self) {
-            self.0 .0 = ACTIVE.with(|a| a.borrow_mut().take()).unwrap_or_default();
+            let mine = ACTIVE.with(|a| std::mem::replace(&mut *a.borrow_mut(), self.outer.take()));
+            self.sums.0 = mine.unwrap_or_default();
         }
     }
-    ACTIVE.with(|a| *a.borrow_mut() = Some(std::mem::take(&mut sums.0)));
-    let _restore = Restore(sums);
+    let outer = ACTIVE.with(|a| a.borrow_mut().replace(std::mem::take(&mut sums.0)));
+    let _restore = Restore { sums, outer };
     f()
 }
 
@@ -98,4 +104,34 @@ pub(crate) fn lease(w: &Tensor) -> Option<Lease> {
         sum.values = Some(vec![0f32; sum.len]);
     }
     Some(Lease { id: w.id(), sum: Some(sum), fresh })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_collection_inside_another_leaves_the_outer_sums_alone() {
+        let a = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let (mut outer, mut inner) = (Sums::new([&a]), Sums::new([&b]));
+        collect(&mut outer, || {
+            let mut first = lease(&a).expect("a is collected");
+            assert!(first.fresh);
+            first.values()[0] = 1.0;
+            drop(first);
+            collect(&mut inner, || {
+                assert!(lease(&a).is_none(), "the outer collection's weight is not the inner's");
+                lease(&b).expect("b is collected").values()[1] = 2.0;
+            });
+            let mut again = lease(&a).expect("the outer collection is back");
+            assert!(!again.fresh);
+            again.values()[0] += 1.0;
+        });
+        assert!(lease(&a).is_none(), "nothing is collected outside `collect`");
+        assert_eq!(outer.take(&a).unwrap().unwrap().to_vec1::<f32>().unwrap(), [2.0, 0.0, 0.0, 0.0]);
+        assert_eq!(inner.take(&b).unwrap().unwrap().to_vec1::<f32>().unwrap(), [0.0, 2.0, 0.0, 0.0]);
+        assert!(outer.take(&a).unwrap().is_none(), "taken once");
+    }
 }
