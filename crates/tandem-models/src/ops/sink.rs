@@ -3,7 +3,7 @@
 //! candle's backward sums each weight's gradient by allocating a zeroed tensor for it and then
 //! adding every op's gradient into yet another new tensor: three weight-sized buffers per weight
 //! and pass, plus (for an embedding gather) a dense weight-sized scatter. On Qwen2.5-0.5B's full
-//! weights that is ~8 GB of fresh memory per pass, and clearing its pages was an eighth of the
+//! weights that is 6-7 GB of fresh memory per pass, and clearing its pages was a tenth of the
 //! pass. A trainer that `collect`s instead hands the backward one sum per weight; the ops that
 //! produce weight gradients (`lease`) write or add theirs into it in place and give candle none
 //! for that weight. Weights without a sum (and ops that do not lease) go through candle as before,
