@@ -575,8 +575,9 @@ impl Model {
     /// The blocks over embedded tokens x: [t, hidden] at `positions`; `attend(layer, q, k, v)`
     /// does the attention (a latent layer passes its latents as k [t, 1, r_K] and v [t, 1, r_V],
     /// unroped), except in plain layers when `packed` gives the lengths of whole sequences packed
-    /// one after another (their self-attention is then one op on qkv); `observe(layer, h)`, if given, sees each layer's attention input. Returns the final
-    /// residual stream and the requested layers' streams in the order asked.
+    /// one after another (their self-attention is then one op on qkv); `observe(layer, h)`, if
+    /// given, sees each layer's attention input. Returns the final residual stream and the
+    /// requested layers' streams in the order asked.
     fn blocks_forward(
         &self,
         mut x: Tensor,

@@ -193,8 +193,7 @@ impl CustomOp1 for RopeGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (_t, heads, d) = l.shape().dims3()?;
         let mut x = f32_slice(s, l)?.to_vec();
-        let t = &self.tables;
-        kernels::rope(&mut x, heads, d, &self.positions, &t.cos_host, &t.sin_host, t.interleaved);
+        rotate(&mut x, heads, d, &self.positions, &self.tables, &self.tables.sin_host);
         Ok((CpuStorage::F32(x), l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
