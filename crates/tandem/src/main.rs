@@ -20,7 +20,7 @@ use tandem_runtime::generate::PREFILL_CHUNK;
 use tandem_runtime::{ChatTemplate, Message, SamplingParams, TextStream};
 
 #[global_allocator]
-static ALLOCATOR: memory::HugePages = memory::HugePages;
+static ALLOCATOR: memory::Allocator = memory::Allocator;
 
 #[derive(Parser)]
 #[command(
