@@ -134,7 +134,7 @@ impl Linear {
 
     /// Whether a forward on the CPU kernels runs as one op (`ops::lora::adapted`): the base
     /// frozen, every adapter of one rank (served and trained alike, so their values agree).
-    fn adapted_as_one_op(base: &Linear, parts: &[LoraPart], path: OpsPath) -> bool {
+    pub(crate) fn adapted_as_one_op(base: &Linear, parts: &[LoraPart], path: OpsPath) -> bool {
         let rank = parts.first().map(|p| p.a.dims()[0]);
         path == OpsPath::CpuKernels && !base.tracks() && parts.iter().all(|p| Some(p.a.dims()[0]) == rank)
     }

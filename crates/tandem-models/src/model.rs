@@ -591,12 +591,19 @@ impl Model {
         let path = self.path;
         let mut hidden = Vec::with_capacity(hidden_layers.len());
         for (l, b) in self.blocks.iter().enumerate() {
+            let plain = b.latent.is_none() && b.q_norm.is_none() && b.k_norm.is_none();
+            if let Some(out) = self.trained_layer(l, &x, positions, packed.filter(|_| plain && observe.is_none()))? {
+                x = out;
+                if hidden_layers.contains(&l) {
+                    hidden.push((l, x.clone()));
+                }
+                continue;
+            }
             let h = ops::rms_norm(&x, &b.attn_norm, c.rms_norm_eps, path)?;
             if let Some(f) = observe.as_mut() {
                 f(l, &h)?;
             }
             let qkv = b.qkv.forward(&h, path)?;
-            let plain = b.latent.is_none() && b.q_norm.is_none() && b.k_norm.is_none();
             let a = match packed.filter(|_| plain) {
                 Some(lens) => {
                     let heads = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -620,6 +627,31 @@ impl Model {
             .map(|l| hidden.iter().find(|(hl, _)| hl == l).map(|(_, t)| t.clone()).expect("layer recorded"))
             .collect();
         Ok((x, hidden))
+    }
+
+    /// Layer `l` as one node of the training graph (`ops::layer`), for whole sequences of
+    /// `packed` lengths on the CPU kernels; None where it cannot be (the caller builds the layer
+    /// from separate ops).
+    fn trained_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        positions: &[usize],
+        packed: Option<&[usize]>,
+    ) -> Result<Option<Tensor>> {
+        let (Some(lens), OpsPath::CpuKernels) = (packed, self.path) else { return Ok(None) };
+        let (c, b) = (&self.config, &self.blocks[l]);
+        let weights = ops::layer::LayerWeights {
+            attn_norm: &b.attn_norm,
+            qkv: &b.qkv,
+            o_proj: &b.o_proj,
+            mlp_norm: &b.mlp_norm,
+            gate_up: &b.gate_up,
+            down: &b.down,
+            eps: c.rms_norm_eps,
+            heads: (c.num_heads, c.num_kv_heads, c.head_dim),
+        };
+        Ok(ops::layer::trained_layer(x, &weights, positions, &self.rope, lens)?)
     }
 
     /// Layer `l`'s q [t, heads, d] (normed, roped), k (normed, roped; a latent layer's unroped

@@ -366,7 +366,8 @@ impl TrainingModel {
             let t0 = std::time::Instant::now();
             let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
             let targets: Vec<&[u32]> = group.iter().map(|d| d.targets.as_slice()).collect();
-            let lp_all = model.target_logprobs(&seqs, &targets)?;
+            // Planned: layers whose trained tensors all have sums run as one node each.
+            let lp_all = sums.plan(|| model.target_logprobs(&seqs, &targets))?;
             // Reported logprobs are the sampler's, bit for bit (the fused head computes them so).
             let lp_all_host: Vec<f32> = lp_all.to_vec1()?;
             let t_fwd = t0.elapsed();

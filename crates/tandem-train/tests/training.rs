@@ -106,6 +106,88 @@ fn kernel_gradients_equal_candle_autograd() {
     }
 }
 
+/// A model whose trained tensors are vars (as the trainer builds it): LoRA adapters with
+/// non-zero b, or every weight.
+fn live(base: &Model, lora: bool) -> (Model, Vec<(String, Var)>) {
+    let mut vars = Vec::new();
+    let model = if lora {
+        let spec = LoraSpec { rank: 3, alpha: 16.0, targets: LoraTargets { attn: true, mlp: true, unembed: true } };
+        let mut tensors = BTreeMap::new();
+        for (i, (name, out, inp)) in base.adapter_targets(&spec).into_iter().enumerate() {
+            for (suffix, shape) in [("a", (spec.rank, inp)), ("b", (out, spec.rank))] {
+                let n = shape.0 * shape.1;
+                let v: Vec<f32> = (0..n).map(|j| ((j * 37 + i * 11) % 23) as f32 / 23.0 - 0.5).collect();
+                let var = Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap();
+                tensors.insert(format!("{name}.{suffix}"), var.as_tensor().clone());
+                vars.push((format!("{name}.{suffix}"), var));
+            }
+        }
+        base.with_adapter(&tandem_models::Adapter { spec, tensors }).unwrap()
+    } else {
+        let mut tensors = BTreeMap::new();
+        for (name, t) in base.parameters().unwrap() {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32).unwrap().copy().unwrap()).unwrap();
+            tensors.insert(name.clone(), var.as_tensor().clone());
+            vars.push((name, var));
+        }
+        base.with_parameters(&tensors).unwrap()
+    };
+    (model, vars)
+}
+
+#[test]
+fn a_layer_as_one_node_gives_the_separate_nodes_gradients_bit_for_bit() {
+    use tandem_models::ops::sink::{self, Sums};
+    for name in MODELS {
+        let base = tiny(name);
+        let v = base.config.vocab_size;
+        let seqs = [tokens(9, v, 3), tokens(14, v, 4)];
+        let targets = [tokens(9, v, 5), tokens(14, v, 6)];
+        let weights: Vec<f32> = (0..23).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+        for lora in [true, false] {
+            let (model, vars) = live(&base, lora);
+            // (collected sum, candle's gradient) per var; `plan`: the layers may be one node each.
+            let run = |plan: bool| {
+                let mut sums = Sums::new(vars.iter().map(|(_, v)| v.as_tensor()));
+                let s: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+                let t: Vec<&[u32]> = targets.iter().map(Vec::as_slice).collect();
+                let lp = if plan { sums.plan(|| model.target_logprobs(&s, &t)) } else { model.target_logprobs(&s, &t) };
+                let c = Tensor::from_vec(weights.clone(), 23, &Device::Cpu).unwrap();
+                let loss = (lp.unwrap() * c).unwrap().sum_all().unwrap();
+                let g = sink::collect(&mut sums, || loss.backward()).unwrap();
+                let bits = |t: Option<Tensor>| {
+                    t.map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect())
+                };
+                vars.iter()
+                    .map(|(n, var)| {
+                        let w = var.as_tensor();
+                        (n.clone(), bits(sums.take(w).unwrap()), bits(g.get(w).cloned()))
+                    })
+                    .collect::<Vec<(String, Option<Vec<u32>>, Option<Vec<u32>>)>>()
+            };
+            let (one, separate) = (run(true), run(false));
+            let (mut through_candle, mut through_candle_ref) = (0, 0);
+            for ((n, sum, candle), (_, sum_ref, candle_ref)) in one.iter().zip(&separate) {
+                // Each gradient arrives whole in one of the two places; compare the whole.
+                let whole = |s: &Option<Vec<u32>>, c: &Option<Vec<u32>>| s.clone().or(c.clone());
+                assert!(sum.is_none() || candle.is_none(), "{name} {n}: a gradient in both places");
+                assert!(whole(sum, candle).is_some(), "{name} {n}: no gradient");
+                assert_eq!(whole(sum, candle), whole(sum_ref, candle_ref), "{name} lora={lora} {n}: gradients differ");
+                through_candle += usize::from(candle.is_some() && n.starts_with("layers."));
+                through_candle_ref += usize::from(candle_ref.is_some() && n.starts_with("layers."));
+            }
+            if lora {
+                // (Separate nodes hand adapters' gradients to candle: the count below means something.)
+                assert!(through_candle_ref > 0, "{name}: no adapter gradient went through candle");
+            }
+            if name != "qwen3-qknorm-untied" {
+                // Plain layers ran as one node: none of their tensors' gradients went through candle.
+                assert_eq!(through_candle, 0, "{name} lora={lora}: layers were not one node each");
+            }
+        }
+    }
+}
+
 #[test]
 fn long_sequence_gradients_equal_candle_autograd() {
     // 250 positions: the kernel's attention backward runs in several query blocks (each with its

@@ -13,7 +13,16 @@ use rayon::prelude::*;
 /// blocked products over the tensors' own memory (transposes are strides); dw goes straight into
 /// the trainer's sum when one is collected for w.
 pub(super) fn matmul_xwt_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    let (want_x, want_w) = (x.track_op(), w.track_op());
+    matmul_xwt_grads(x, w, g, (x.track_op(), w.track_op()))
+}
+
+/// `matmul_xwt_bwd` with the gradients wanted given (x may be a detached copy).
+pub(super) fn matmul_xwt_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    (want_x, want_w): (bool, bool),
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
     let ((m, k), n) = (x.dims2()?, w.dim(0)?);
     // Detached: gradients are values, not part of the graph.
     let x = x.detach().contiguous()?;
@@ -89,7 +98,17 @@ const ROWS_PER_ITEM: usize = 16;
 /// RMSNorm's gradients over the last dimension: y = x·r·w with r = 1/sqrt(mean(x²) + eps), so
 /// dx = r·(g·w) − x·r³·mean(g·w·x) and dw = Σ_rows g·x·r. One pass over each row, in parallel.
 pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    let (want_x, want_w) = (x.track_op(), w.track_op());
+    rms_norm_grads(x, w, g, eps, (x.track_op(), w.track_op()))
+}
+
+/// `rms_norm_bwd` with the gradients wanted given (x may be a detached copy).
+pub(super) fn rms_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    (want_x, want_w): (bool, bool),
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
     let ws = values(w)?;
     let (x_view, g_view) = (f32_view(x)?, f32_view(g)?);
     let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());

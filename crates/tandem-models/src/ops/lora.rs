@@ -318,9 +318,16 @@ impl CustomOp3 for Adapted {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ((m, k), r, n) = (x.dims2()?, self.rank, self.outs.iter().sum::<usize>());
         // The first layer's input is the frozen embedding's: no gradient to compute there.
-        let want_dx = x.track_op();
+        let (dx, da, db) = self.grads(x, a, b, g, x.track_op())?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+impl Adapted {
+    /// The gradients of x (when wanted), of the stacked a [parts·r, k] and of b [n, r].
+    fn grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, g: &Tensor, want_dx: bool) -> CResult<Grads> {
+        let ((m, k), r, n) = (x.dims2()?, self.rank, self.outs.iter().sum::<usize>());
         let (x, g) = (x.detach().contiguous()?, g.detach().contiguous()?);
         let (a, b) = (a.detach().contiguous()?, b.detach().contiguous()?);
         let guards = [&x, &g, &a, &b].map(|t| t.storage_and_layout());
@@ -337,8 +344,39 @@ impl CustomOp3 for Adapted {
         let device = x.device();
         Ok((
             want_dx.then(|| Tensor::from_vec(dx, (m, k), device)).transpose()?,
-            Some(Tensor::from_vec(da, (self.outs.len() * r, k), device)?),
-            Some(Tensor::from_vec(db, (n, r), device)?),
+            Tensor::from_vec(da, (self.outs.len() * r, k), device)?,
+            Tensor::from_vec(db, (n, r), device)?,
         ))
     }
+}
+
+/// An adapted projection's gradients: x's (when wanted), the stacked a's and b's.
+type Grads = (Option<Tensor>, Tensor, Tensor);
+
+/// One adapter's (da, db).
+type PartGrads = (Tensor, Tensor);
+
+/// The gradients of `adapted(x, base, parts, scale)` for its output's gradient g: x's when
+/// `want_dx`, and each part's (da, db) in order. The same values as the op's backward.
+pub(crate) fn adapted_grads(
+    x: &Tensor,
+    base: &Linear,
+    parts: &[LoraPart],
+    scale: f64,
+    g: &Tensor,
+    want_dx: bool,
+) -> CResult<(Option<Tensor>, Vec<PartGrads>)> {
+    let rank = parts[0].a.dim(0)?;
+    let a = Tensor::cat(&parts.iter().map(|p| p.a.detach()).collect::<Vec<_>>(), 0)?;
+    let b = Tensor::cat(&parts.iter().map(|p| p.b.detach()).collect::<Vec<_>>(), 0)?;
+    let outs = parts.iter().map(|p| p.b.dim(0)).collect::<CResult<Vec<_>>>()?;
+    let op = Adapted { base: base.detached(), scale, rank, outs: outs.clone() };
+    let (dx, da, db) = op.grads(x, &a, &b, g, want_dx)?;
+    let mut first = 0;
+    let mut each = Vec::with_capacity(parts.len());
+    for (i, &width) in outs.iter().enumerate() {
+        each.push((da.narrow(0, i * rank, rank)?, db.narrow(0, first, width)?));
+        first += width;
+    }
+    Ok((dx, each))
 }

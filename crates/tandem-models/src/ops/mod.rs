@@ -8,6 +8,7 @@ mod grad;
 pub mod head;
 pub mod kernels;
 pub mod latent;
+pub mod layer;
 pub mod lora;
 pub mod quant;
 pub mod sink;

@@ -10,12 +10,15 @@
 //! so the trainer adds candle's gradient (if any) to the collected one.
 use candle_core::{DType, Tensor, TensorId};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 thread_local! {
     /// The sums of the `collect` running on this thread (candle runs each op's backward on the
     /// thread that called `backward`).
     static ACTIVE: RefCell<Option<HashMap<TensorId, Sum>>> = const { RefCell::new(None) };
+    /// The weights whose gradients the forward running on this thread (`Sums::plan`) will have
+    /// collected: an op may then hand them over in place only (`add`), not through candle.
+    static PLANNED: RefCell<Option<HashSet<TensorId>>> = const { RefCell::new(None) };
 }
 
 /// One weight's gradient sum: no values until an op writes the first gradient.
@@ -36,6 +39,20 @@ impl Sums {
             .map(|w| (w.id(), Sum { len: w.elem_count(), values: None }))
             .collect();
         Sums(sums)
+    }
+
+    /// Runs `f` (the forward of a pass whose backward will `collect` into these sums) with the
+    /// ops told which weights are collected (`planned`).
+    pub fn plan<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<HashSet<TensorId>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                PLANNED.with(|p| *p.borrow_mut() = self.0.take());
+            }
+        }
+        let ids = self.0.keys().copied().collect();
+        let _restore = Restore(PLANNED.with(|p| p.borrow_mut().replace(ids)));
+        f()
     }
 
     /// The gradient collected for `w` (None when no op wrote one), as a tensor of w's shape.
@@ -93,6 +110,27 @@ impl Drop for Lease {
             });
         }
     }
+}
+
+/// Whether the forward running on this thread belongs to a pass whose backward collects `w`'s
+/// gradient (`Sums::plan`).
+pub(crate) fn planned(w: &Tensor) -> bool {
+    PLANNED.with(|p| p.borrow().as_ref().is_some_and(|ids| ids.contains(&w.id())))
+}
+
+/// Adds the gradient `g` (w's shape, f32) into w's collected sum: exactly as candle's store sums
+/// it (a zeroed sum plus each gradient in turn). Errs when no sum is collected for w: an op that
+/// relies on this was built only for planned weights.
+pub(crate) fn add(w: &Tensor, g: &Tensor) -> candle_core::Result<()> {
+    let Some(mut sum) = lease(w) else {
+        candle_core::bail!("no gradient sum is collected for a weight the forward planned one for")
+    };
+    let g = g.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if g.len() != sum.values().len() {
+        candle_core::bail!("a gradient of {} values for a weight of {}", g.len(), sum.values().len());
+    }
+    sum.values().iter_mut().zip(&g).for_each(|(s, g)| *s += g);
+    Ok(())
 }
 
 /// The sum `w`'s gradient goes into, when a trainer is collecting one for it.
