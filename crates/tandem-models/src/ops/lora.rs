@@ -233,7 +233,7 @@ struct Adapted {
 /// adapter's rank-r product stacked into one: u = x·aᵀ and du = [s·g_i·b_i]ᵢ are [m, parts·r],
 /// so dx += du·a (when x's gradient is wanted) and da = duᵀ·x are one product each with an inner
 /// or outer size of parts·r (products r wide run at a third of gemm's rate); db_i = s·g_iᵀ·u_i
-/// per adapter. a is the adapters' [parts·r, k] stacked, b their [n, r]. Returns (da, db).
+/// per adapter (computed transposed). a is the adapters' [parts·r, k] stacked, b their [n, r]. Returns (da, db).
 fn adapter_grads(
     x: &[f32],
     g: &[f32],
@@ -252,7 +252,13 @@ fn adapter_grads(
         let (b_i, db_i) = (&b[first * r..(first + width) * r], &mut db[first * r..(first + width) * r]);
         gemm(m, r, width, &mut part, false, s, (&g[first..], n, 1), (b_i, r, 1));
         du.chunks_exact_mut(pr).zip(part.chunks_exact(r)).for_each(|(d, p)| d[i * r..(i + 1) * r].copy_from_slice(p));
-        gemm(width, r, m, db_i, false, s, (&g[first..], 1, n), (&u[i * r..], pr, 1));
+        // db_iᵀ = s·u_iᵀ·g_i, [r, width], then transposed: gemm packs g_i's rows as they lie
+        // (as g_iᵀ's columns it packed them element by element on the calling thread) and runs
+        // its tiles along the width. 0.13 -> 0.09-0.10 s of a SmolLM2 LoRA pass.
+        let db_t = super::gemm_new(r, width, m, s, (&u[i * r..], 1, pr), (&g[first..], n, 1));
+        for (j, row) in db_i.chunks_exact_mut(r).enumerate() {
+            row.iter_mut().enumerate().for_each(|(p, v)| *v = db_t[p * width + j]);
+        }
         first += width;
     }
     if let Some(dx) = dx {
