@@ -642,16 +642,16 @@ impl Model {
         let (Some(lens), OpsPath::CpuKernels) = (packed, self.path) else { return Ok(None) };
         let (c, b) = (&self.config, &self.blocks[l]);
         let weights = ops::layer::LayerWeights {
-            attn_norm: &b.attn_norm,
-            qkv: &b.qkv,
-            o_proj: &b.o_proj,
-            mlp_norm: &b.mlp_norm,
-            gate_up: &b.gate_up,
-            down: &b.down,
+            attn_norm: b.attn_norm.clone(),
+            qkv: b.qkv.clone(),
+            o_proj: b.o_proj.clone(),
+            mlp_norm: b.mlp_norm.clone(),
+            gate_up: b.gate_up.clone(),
+            down: b.down.clone(),
             eps: c.rms_norm_eps,
             heads: (c.num_heads, c.num_kv_heads, c.head_dim),
         };
-        Ok(ops::layer::trained_layer(x, &weights, positions, &self.rope, lens)?)
+        Ok(ops::layer::trained_layer(x, weights, positions, &self.rope, lens)?)
     }
 
     /// Layer `l`'s q [t, heads, d] (normed, roped), k (normed, roped; a latent layer's unroped

@@ -52,6 +52,7 @@ const SYSTEM_ALIGN: usize = 16;
 /// Blocks this large are advised (the part of them that covers whole 2 MiB pages).
 const LARGE: usize = 4 << 20;
 const HUGE_PAGE: usize = 2 << 20;
+
 /// The end of the part of the main heap already advised (0: not started).
 static HEAP_ADVISED_TO: AtomicUsize = AtomicUsize::new(0);
 

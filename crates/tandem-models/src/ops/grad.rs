@@ -307,15 +307,26 @@ fn attention_fwd(
 /// reshapes, two ropes), each with its own zeroed and summed gradient in candle's backward, the
 /// narrows' padded to qkv's whole width. The values are the eight ops' to the bit.
 pub(super) struct PackedSelfAttention {
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub positions: Vec<usize>,
-    pub tables: RopeTables,
-    pub lens: Vec<usize>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    positions: Vec<usize>,
+    tables: RopeTables,
+    lens: Vec<usize>,
 }
 
 impl PackedSelfAttention {
+    /// The op for sequences of `lens` at `positions`, heads (heads, kv heads, head dim).
+    pub(super) fn new(
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        positions: &[usize],
+        tables: &RopeTables,
+        lens: &[usize],
+    ) -> Self {
+        let (positions, tables, lens) = (positions.to_vec(), tables.clone(), lens.to_vec());
+        PackedSelfAttention { heads, kv_heads, head_dim, positions, tables, lens }
+    }
+
     /// [q roped, k roped, v] as rows [t, heads or kv heads, d], from qkv's values.
     fn split(&self, qkv: &[f32]) -> [Vec<f32>; 3] {
         let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);

@@ -14,14 +14,15 @@ use crate::linear::Linear;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use std::sync::Mutex;
 
-/// One layer's weights, as the model holds them (tracked where trained).
-pub struct LayerWeights<'a> {
-    pub attn_norm: &'a Tensor,
-    pub qkv: &'a Linear,
-    pub o_proj: &'a Linear,
-    pub mlp_norm: &'a Tensor,
-    pub gate_up: &'a Linear,
-    pub down: &'a Linear,
+/// One layer's weights, as the model holds them (tracked where trained: the trained ones name
+/// the sums their gradients go into). Clones share the model's tensors.
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub qkv: Linear,
+    pub o_proj: Linear,
+    pub mlp_norm: Tensor,
+    pub gate_up: Linear,
+    pub down: Linear,
     pub eps: f64,
     /// (heads, kv heads, head dim)
     pub heads: (usize, usize, usize),
@@ -33,46 +34,28 @@ pub struct LayerWeights<'a> {
 /// builds the layer from separate ops.
 pub fn trained_layer(
     x: &Tensor,
-    w: &LayerWeights,
+    w: LayerWeights,
     positions: &[usize],
     tables: &RopeTables,
     lens: &[usize],
 ) -> CResult<Option<Tensor>> {
-    let linears = [w.qkv, w.o_proj, w.gate_up, w.down];
+    let linears = [&w.qkv, &w.o_proj, &w.gate_up, &w.down];
     if !linears.iter().all(|l| covered(l)) {
         return Ok(None);
     }
-    let mut trained: Vec<&Tensor> = [w.attn_norm, w.mlp_norm].into_iter().filter(|t| t.track_op()).collect();
+    let mut trained: Vec<&Tensor> = [&w.attn_norm, &w.mlp_norm].into_iter().filter(|t| t.track_op()).collect();
     linears.iter().for_each(|l| trained_tensors(l, &mut trained));
     let Some(&anchor) = trained.first() else { return Ok(None) };
     if !trained.iter().all(|t| sink::planned(t)) {
         return Ok(None);
     }
-    let (saved, out) = forward(&x.detach(), w, positions, tables, lens)?;
-    let op = LayerNode {
-        out: Mutex::new(Some(out)),
-        saved,
-        attention: grad::PackedSelfAttention {
-            heads: w.heads.0,
-            kv_heads: w.heads.1,
-            head_dim: w.heads.2,
-            positions: positions.to_vec(),
-            tables: tables.clone(),
-            lens: lens.to_vec(),
-        },
-        weights: Weights {
-            attn_norm: w.attn_norm.clone(),
-            qkv: w.qkv.clone(),
-            o_proj: w.o_proj.clone(),
-            mlp_norm: w.mlp_norm.clone(),
-            gate_up: w.gate_up.clone(),
-            down: w.down.clone(),
-            eps: w.eps,
-        },
-    };
     // The anchor, a trained tensor of the layer, makes candle record the node even when x is
     // not differentiated (the first layer over a frozen embedding).
-    Ok(Some(x.contiguous()?.apply_op2(anchor, op)?))
+    let anchor = anchor.clone();
+    let (saved, out) = forward(&x.detach(), &w, positions, tables, lens)?;
+    let attention = grad::PackedSelfAttention::new(w.heads, positions, tables, lens);
+    let op = LayerNode { out: Mutex::new(Some(out)), saved, attention, weights: w };
+    Ok(Some(x.contiguous()?.apply_op2(&anchor, op)?))
 }
 
 /// Projection forms the node differentiates: a dense weight (trained or not), frozen blocks, or
@@ -97,7 +80,7 @@ fn trained_tensors<'a>(l: &'a Linear, out: &mut Vec<&'a Tensor>) {
     }
 }
 
-/// What the backward reads: every op's input (detached), and the output.
+/// What the backward reads: every op's input (detached).
 struct Saved {
     x: Tensor,
     h1: Tensor,
@@ -130,23 +113,12 @@ fn forward(
     Ok((Saved { x: x.clone(), h1, qkv, a, x2, h2, gate_up, m }, out))
 }
 
-/// The layer's weights as the model holds them (the trained ones name the sums).
-struct Weights {
-    attn_norm: Tensor,
-    qkv: Linear,
-    o_proj: Linear,
-    mlp_norm: Tensor,
-    gate_up: Linear,
-    down: Linear,
-    eps: f64,
-}
-
 struct LayerNode {
     /// The output's values, taken once by candle's forward call.
     out: Mutex<Option<Tensor>>,
     saved: Saved,
     attention: grad::PackedSelfAttention,
-    weights: Weights,
+    weights: LayerWeights,
 }
 
 impl CustomOp2 for LayerNode {
@@ -177,24 +149,24 @@ impl CustomOp2 for LayerNode {
         let dm = linear_bwd(&w.down, &s.m, &g, true)?.ok_or_else(missing)?;
         let dgu = grad::silu_mul_bwd(&s.gate_up, &dm)?.ok_or_else(missing)?;
         let dh2 = linear_bwd(&w.gate_up, &s.h2, &dgu, true)?.ok_or_else(missing)?;
-        let dx2 = (norm_bwd(&s.x2, &w.mlp_norm, &dh2, w.eps)? + &g)?;
+        let dx2 = (norm_bwd(&s.x2, &w.mlp_norm, &dh2, w.eps, true)?.ok_or_else(missing)? + &g)?;
         let da = linear_bwd(&w.o_proj, &s.a, &dx2, true)?.ok_or_else(missing)?;
         let dqkv = candle_core::CustomOp1::bwd(&self.attention, &s.qkv, &s.a, &da)?.ok_or_else(missing)?;
         // Over a frozen embedding with a frozen first norm nothing below qkv is wanted.
         let below = x.track_op() || w.attn_norm.track_op();
         let Some(dh1) = linear_bwd(&w.qkv, &s.h1, &dqkv, below)? else { return Ok((None, None)) };
-        let dx1 = norm_bwd(&s.x, &w.attn_norm, &dh1, w.eps)?;
-        Ok((x.track_op().then(|| dx1 + dx2).transpose()?, None))
+        let dx1 = norm_bwd(&s.x, &w.attn_norm, &dh1, w.eps, x.track_op())?;
+        Ok((dx1.map(|dx1| dx1 + dx2).transpose()?, None))
     }
 }
 
-/// RMSNorm's input gradient; its weight's (when trained) into the trainer's sum.
-fn norm_bwd(x: &Tensor, weight: &Tensor, g: &Tensor, eps: f64) -> CResult<Tensor> {
-    let (dx, dw) = grad::rms_norm_grads(x, weight, g, eps, (true, weight.track_op()))?;
+/// RMSNorm's input gradient (when `want_dx`); its weight's (when trained) into the trainer's sum.
+fn norm_bwd(x: &Tensor, weight: &Tensor, g: &Tensor, eps: f64, want_dx: bool) -> CResult<Option<Tensor>> {
+    let (dx, dw) = grad::rms_norm_grads(x, weight, g, eps, (want_dx, weight.track_op()))?;
     if let Some(dw) = dw {
         sink::add(weight, &dw)?;
     }
-    dx.ok_or_else(|| candle_core::Error::Msg("rms norm gave no input gradient".into()))
+    Ok(dx)
 }
 
 /// A covered projection's input gradient (when `want_dx`) for its output's gradient g; its

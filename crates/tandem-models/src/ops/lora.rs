@@ -376,11 +376,11 @@ pub(crate) fn adapted_grads(
     let a = Tensor::cat(&parts.iter().map(|p| p.a.detach()).collect::<Vec<_>>(), 0)?;
     let b = Tensor::cat(&parts.iter().map(|p| p.b.detach()).collect::<Vec<_>>(), 0)?;
     let outs = parts.iter().map(|p| p.b.dim(0)).collect::<CResult<Vec<_>>>()?;
-    let op = Adapted { base: base.detached(), scale, rank, outs: outs.clone() };
+    let op = Adapted { base: base.detached(), scale, rank, outs };
     let (dx, da, db) = op.grads(x, &a, &b, g, want_dx)?;
     let mut first = 0;
     let mut each = Vec::with_capacity(parts.len());
-    for (i, &width) in outs.iter().enumerate() {
+    for (i, &width) in op.outs.iter().enumerate() {
         each.push((da.narrow(0, i * rank, rank)?, db.narrow(0, first, width)?));
         first += width;
     }

@@ -724,14 +724,7 @@ pub fn packed_self_attention(
     path: OpsPath,
 ) -> CResult<Tensor> {
     if path == OpsPath::CpuKernels {
-        let op = grad::PackedSelfAttention {
-            heads,
-            kv_heads,
-            head_dim,
-            positions: positions.to_vec(),
-            tables: tables.clone(),
-            lens: lens.to_vec(),
-        };
+        let op = grad::PackedSelfAttention::new((heads, kv_heads, head_dim), positions, tables, lens);
         let qkv = qkv.contiguous()?;
         return if qkv.track_op() { qkv.apply_op1(op) } else { qkv.apply_op1_no_bwd(&op) };
     }

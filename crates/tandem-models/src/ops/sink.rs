@@ -138,7 +138,7 @@ pub(crate) fn lease(w: &Tensor) -> Option<Lease> {
     let mut sum = ACTIVE.with(|a| a.borrow_mut().as_mut().and_then(|active| active.remove(&w.id())))?;
     let fresh = sum.values.is_none();
     if fresh {
-        // Zeroed by the allocator: large sums are fresh pages, which cost nothing to zero.
+        // Zeros: gathers and `add` sum into a fresh sum (ops that overwrite one need not).
         sum.values = Some(vec![0f32; sum.len]);
     }
     Some(Lease { id: w.id(), sum: Some(sum), fresh })
