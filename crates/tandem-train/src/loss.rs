@@ -3,7 +3,7 @@
 //!
 //! Notation: lp = the learner's logprob of each target token (differentiated), q = the sampler's
 //! logprob of it (input `logprobs`), A = input `advantages`, r = exp(lp − q).
-use candle_core::Tensor;
+use candle_core::{Device, Tensor, Var};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,5 +111,22 @@ impl LossFn {
             }
         };
         Ok(total)
+    }
+
+    /// d loss / d lp for each of these tokens (lp and every input given over the same tokens):
+    /// candle's autograd through `loss` itself, on the CPU. Each loss is a sum of per-token terms,
+    /// so a token's gradient is the same over any span holding it, and the same ops give it the
+    /// bits a whole pass's backward gives it.
+    pub fn token_gradients(&self, lp: &[f32], inputs: &BTreeMap<&str, &[f32]>) -> candle_core::Result<Vec<f32>> {
+        let lp = Var::from_slice(lp, lp.len(), &Device::Cpu)?;
+        let tensors = inputs
+            .iter()
+            .map(|(k, v)| Ok((*k, Tensor::from_slice(v, v.len(), &Device::Cpu)?)))
+            .collect::<candle_core::Result<BTreeMap<_, _>>>()?;
+        let grads = self.loss(lp.as_tensor(), &tensors)?.backward()?;
+        match grads.get(lp.as_tensor()) {
+            Some(g) => g.to_vec1(),
+            None => Ok(vec![0.0; lp.elem_count()]),
+        }
     }
 }

@@ -6,7 +6,8 @@ use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tandem_models::ops::{adamw, sink};
+use std::rc::Rc;
+use tandem_models::ops::{adamw, head, sink};
 use tandem_models::{Adapter, LoraSpec, Model};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,35 @@ const MAX_LEARNING_RATE: f64 = 1.0;
 /// The largest magnitude of a per-token loss input (weights, advantages, logprobs): beyond it the
 /// loss's f32 sums overflow (±1e38 weights gave a null loss).
 const MAX_LOSS_INPUT: f32 = 1e6;
+
+/// The inputs `loss` reads from a datum, by name (a missing one is all ones: `check` let only
+/// optional ones be missing).
+fn loss_inputs(d: &Datum, loss: &LossFn) -> Vec<(&'static str, Vec<f32>)> {
+    let n = d.tokens.len();
+    loss.inputs().iter().map(|&name| (name, d.inputs.get(name).cloned().unwrap_or_else(|| vec![1.0; n]))).collect()
+}
+
+/// The loss's gradient per token of a pass packing `group`, for the fused head
+/// (`head::with_loss_gradient`): rows first.. may span several data.
+fn loss_gradient(loss: &LossFn, group: &[Datum]) -> Rc<head::LossGradient> {
+    let loss = loss.clone();
+    let data: Vec<Vec<(&'static str, Vec<f32>)>> = group.iter().map(|d| loss_inputs(d, &loss)).collect();
+    let lens: Vec<usize> = group.iter().map(|d| d.tokens.len()).collect();
+    Rc::new(move |first, lp| {
+        let mut out = Vec::with_capacity(lp.len());
+        let mut start = 0;
+        for (inputs, &n) in data.iter().zip(&lens) {
+            let (lo, hi) = (first.max(start), (first + lp.len()).min(start + n));
+            if lo < hi {
+                let span: BTreeMap<&str, &[f32]> =
+                    inputs.iter().map(|(k, v)| (*k, &v[lo - start..hi - start])).collect();
+                out.extend(loss.token_gradients(&lp[lo - first..hi - first], &span)?);
+            }
+            start += n;
+        }
+        Ok(out)
+    })
+}
 
 /// Adds `g` to the sum kept for `name` (in place: sums are the trainer's own, as
 /// `pending_gradients` hands out copies), or makes it the sum.
@@ -366,8 +396,13 @@ impl TrainingModel {
             let t0 = std::time::Instant::now();
             let seqs: Vec<&[u32]> = group.iter().map(|d| d.tokens.as_slice()).collect();
             let targets: Vec<&[u32]> = group.iter().map(|d| d.targets.as_slice()).collect();
-            // Planned: layers whose trained tensors all have sums run as one node each.
-            let lp_all = sums.plan(|| model.target_logprobs(&seqs, &targets))?;
+            // Planned: layers whose trained tensors all have sums run as one node each; the head
+            // folds its backward into the forward when told the loss's gradient.
+            let forward = || sums.plan(|| model.target_logprobs(&seqs, &targets));
+            let lp_all = match forward_only {
+                true => forward()?,
+                false => head::with_loss_gradient(loss_gradient(loss, group), forward)?,
+            };
             // Reported logprobs are the sampler's, bit for bit (the fused head computes them so).
             let lp_all_host: Vec<f32> = lp_all.to_vec1()?;
             let t_fwd = t0.elapsed();
@@ -384,9 +419,8 @@ impl TrainingModel {
                     }
                 }
                 let mut inputs = BTreeMap::new();
-                for name in loss.inputs() {
-                    let v = d.inputs.get(*name).cloned().unwrap_or_else(|| vec![1.0; n]);
-                    inputs.insert(*name, Tensor::from_vec(v, n, model.device())?);
+                for (name, v) in loss_inputs(d, loss) {
+                    inputs.insert(name, Tensor::from_vec(v, n, model.device())?);
                 }
                 let l = loss.loss(&lp, &inputs)?;
                 total += l.to_scalar::<f32>()? as f64;

@@ -189,6 +189,64 @@ fn a_layer_as_one_node_gives_the_separate_nodes_gradients_bit_for_bit() {
 }
 
 #[test]
+fn the_head_folds_its_backward_into_the_forward_for_every_loss() {
+    use tandem_models::ops::head::folded_backwards;
+    let num = |k: &str, x: f64| (k.to_string(), ConfigValue::Number(x));
+    let clip = || [num("clip_low_threshold", 0.8), num("clip_high_threshold", 1.2)].into();
+    let losses = [
+        LossFn::CrossEntropy,
+        LossFn::parse("importance_sampling", &BTreeMap::new()).unwrap(),
+        LossFn::parse("ppo", &clip()).unwrap(),
+        LossFn::parse("cispo", &clip()).unwrap(),
+        LossFn::parse("dro", &[num("beta", 0.3)].into()).unwrap(),
+    ];
+    let without_head =
+        Mode::Lora(LoraSpec { rank: 3, alpha: 16.0, targets: LoraTargets { attn: true, mlp: true, unembed: false } });
+    for name in ["llama-gqa-untied-sharded", "qwen2-tied-bias"] {
+        let base = tiny(name);
+        let v = base.config.vocab_size;
+        // 330 rows: the forward's blocks of rows span data.
+        let mut data: Vec<Datum> = [100usize, 170, 60]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Datum {
+                tokens: tokens(n, v, 10 + i as u32),
+                targets: tokens(n, v, 20 + i as u32),
+                inputs: BTreeMap::new(),
+            })
+            .collect();
+        for mode in [all_targets(3), without_head] {
+            let sampled = trained(&base, mode).forward_backward(&data, &LossFn::CrossEntropy, true).unwrap().logprobs;
+            for (i, (d, lp)) in data.iter_mut().zip(sampled).enumerate() {
+                let n = lp.len();
+                d.inputs.insert(
+                    "logprobs".into(),
+                    lp.iter().enumerate().map(|(j, q)| q + ((i + j) % 7) as f32 * 0.05 - 0.15).collect(),
+                );
+                d.inputs.insert("advantages".into(), (0..n).map(|j| ((i + 3 * j) % 5) as f32 * 0.5 - 1.0).collect());
+                d.inputs.insert("weights".into(), (0..n).map(|j| ((i + j) % 4) as f32 * 0.5).collect());
+            }
+            for loss in &losses {
+                let run = |path| {
+                    let mut base = base.clone();
+                    base.set_ops_path(path);
+                    let mut t = trained(&base, mode);
+                    let before = folded_backwards();
+                    t.forward_backward(&data, loss, false).unwrap();
+                    (t.pending_gradients().unwrap(), folded_backwards() - before)
+                };
+                let ((fast, folded), (reference, _)) = (run(OpsPath::CpuKernels), run(OpsPath::Generic));
+                assert_eq!(folded, 1, "{name} {mode:?} {}: the backward was not folded into the forward", loss.name());
+                for (k, g) in &fast {
+                    let e = max_rel(g, &reference[k]);
+                    assert!(e < 2e-3, "{name} {mode:?} {} {k}: relative gradient error {e}", loss.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn long_sequence_gradients_equal_candle_autograd() {
     // 250 positions: the kernel's attention backward runs in several query blocks (each with its
     // own key prefix and causal mask offset) and must still equal autograd over the whole matrix.

@@ -175,6 +175,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
+mod xw;
+pub(crate) use xw::{add_xw, Out};
 
 /// Dot product with eight independent partial sums, which the compiler keeps in vector lanes.
 #[inline]
@@ -532,6 +534,21 @@ pub fn add_scaled_exp(z: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
     }
 }
 
+/// z[j] = scale · exp(z[j] - shift): `add_scaled_exp` into the row itself (its values are then
+/// the ones `add_scaled_exp` adds to zeros).
+pub fn scale_exp_in_place(z: &mut [f32], shift: f32, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::scale_exp_in_place(z, shift, scale) };
+        }
+    }
+    for v in z.iter_mut() {
+        *v = scale * (*v - shift).exp();
+    }
+}
+
 /// Replaces scores by exp(score - max) and returns 1 / their sum.
 pub(crate) fn softmax_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -610,6 +627,12 @@ mod tests {
                 let exact = start[j] as f64 - 0.75 * (z[j] as f64 - shift as f64).exp();
                 assert!((out[j] as f64 - exact).abs() < 1e-6, "n={n} j={j}: {} vs {exact}", out[j]);
             }
+            // In place: the values added to zeros.
+            let mut added = vec![0f32; n];
+            add_scaled_exp(&z, shift, -0.75, &mut added);
+            let mut in_place = z.clone();
+            scale_exp_in_place(&mut in_place, shift, -0.75);
+            assert_eq!(in_place, added, "n={n}");
         }
     }
 

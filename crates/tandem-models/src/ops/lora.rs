@@ -6,13 +6,9 @@
 //! u = x·aᵀ goes through the streaming kernel's tiles (r weight rows), and each output value is r
 //! multiply-adds in order p = 0..r over bᵀ's rows, vectorised across outputs: the same operations
 //! for a value whatever the number of rows, so a served token and a trained one get the same bits.
-use super::{f32_slice, gemm, kernels, team, CResult, OpsPath};
+use super::{f32_slice, gemm, kernels, CResult, OpsPath};
 use crate::linear::{Linear, LoraPart};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-
-/// Output values per work item (a row's values in blocks of this many stay in L1 while the r
-/// rows of bᵀ stream past).
-const BLOCK: usize = 512;
 
 /// scale·(x·aᵀ)·bᵀ for x: [m, k], a: [r, k], b: [n, r] -> [m, n] (f32).
 pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, path: OpsPath) -> CResult<Tensor> {
@@ -59,23 +55,12 @@ struct Columns<'a> {
 /// the same two roundings as adding a separately computed delta.
 fn add_delta(x: &[f32], (a, b): (&[f32], &[f32]), (m, k, r): (usize, usize, usize), scale: f32, out: Columns) {
     let n = out.width;
-    debug_assert!(out.y.len() >= m * out.stride && out.first + n <= out.stride);
+    assert!(out.y.len() >= m * out.stride && out.first + n <= out.stride, "adapter columns outside the output");
     let u = down(x, a, m, k, r);
     let bt = transposed(b, n, r);
-    let (blocks, groups) = (n.div_ceil(BLOCK), m.div_ceil(ROWS));
-    let (stride, first) = (out.stride, out.first);
-    let y = kernels::SharedMut(out.y.as_mut_ptr());
-    team::for_each(groups * blocks, &|item| {
-        #[allow(clippy::redundant_locals)]
-        let y = y;
-        let (g, blk) = (item / blocks, item % blocks);
-        let (i0, i1) = (g * ROWS, ((g + 1) * ROWS).min(m));
-        let (j0, j1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(n));
-        let rows =
-            Rows { u: &u[i0 * r..i1 * r], r, y: kernels::SharedMut(unsafe { y.0.add(i0 * stride + first) }), stride };
-        // SAFETY: each item writes only its rows' columns j0..j1 (within the output's columns).
-        unsafe { up_block(&rows, &bt, n, j0, j1, scale) };
-    });
+    let out = kernels::Out { y: kernels::SharedMut(out.y.as_mut_ptr()), stride: out.stride, first: out.first };
+    // SAFETY: y holds m rows of `stride` values with the adapter's columns in each (asserted above).
+    unsafe { kernels::add_xw((&u, r), &bt, (m, r, n), scale, out) };
 }
 
 /// bᵀ [r, n] of b [n, r], 64 of b's rows at a time (read once, written as r short runs).
@@ -89,146 +74,6 @@ fn transposed(b: &[f32], n: usize, r: usize) -> Vec<f32> {
         }
     }
     bt
-}
-
-/// Rows of the output a work item adds to, with their rows of u = x·aᵀ (r each). `y` points at
-/// the first row's first column of the adapter; rows are `stride` apart.
-struct Rows<'a> {
-    u: &'a [f32],
-    r: usize,
-    y: kernels::SharedMut,
-    stride: usize,
-}
-
-impl Rows<'_> {
-    fn count(&self) -> usize {
-        self.u.len() / self.r
-    }
-
-    /// Row i's columns j0..j1.
-    ///
-    /// # Safety
-    /// The columns must lie within the row and be written by this work item only.
-    unsafe fn out(&self, i: usize, j0: usize, j1: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.y.0.add(i * self.stride + j0), j1 - j0)
-    }
-}
-
-/// y[i, j0..j1] += scale · Σ_p u[i, p]·bt[p, j] for each of the rows, the sum taken in order
-/// p = 0..r by fused multiply-adds from zero: the same operations for a value whatever the
-/// kernel, the vector width or the number of rows beside it. The vector kernels take as many
-/// whole column tiles as fit; the rest go the portable way.
-///
-/// # Safety
-/// As `Rows::out` for every row and column j0..j1.
-unsafe fn up_block(rows: &Rows, bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32) {
-    let mut done = j0;
-    #[cfg(target_arch = "x86_64")]
-    {
-        macro_rules! by_rows {
-            ($kernel:ident) => {
-                match rows.count() {
-                    1 => $kernel::<1>(rows, bt, n, j0, j1, scale),
-                    2 => $kernel::<2>(rows, bt, n, j0, j1, scale),
-                    3 => $kernel::<3>(rows, bt, n, j0, j1, scale),
-                    4 => $kernel::<4>(rows, bt, n, j0, j1, scale),
-                    5 => $kernel::<5>(rows, bt, n, j0, j1, scale),
-                    _ => $kernel::<ROWS>(rows, bt, n, j0, j1, scale),
-                }
-            };
-        }
-        if std::is_x86_feature_detected!("avx512f") {
-            done = by_rows!(up_avx512);
-        } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            done = by_rows!(up_avx2);
-        }
-    }
-    if done < j1 {
-        for i in 0..rows.count() {
-            up_portable(&rows.u[i * rows.r..(i + 1) * rows.r], bt, n, done, j1, scale, rows.out(i, done, j1));
-        }
-    }
-}
-
-/// Work items' rows: each tile of bᵀ is loaded once for this many rows (one row at a time, the
-/// head's 49k-wide bᵀ streamed from beyond L2 once per row: 0.15 s of a SmolLM2 LoRA pass).
-const ROWS: usize = 6;
-
-fn up_portable(u: &[f32], bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32, y: &mut [f32]) {
-    let mut sums = [0f32; BLOCK];
-    let sums = &mut sums[..j1 - j0];
-    for (p, &up) in u.iter().enumerate() {
-        let row = &bt[p * n + j0..p * n + j1];
-        for (o, &b) in sums.iter_mut().zip(row) {
-            *o = up.mul_add(b, *o);
-        }
-    }
-    for (o, s) in y.iter_mut().zip(sums.iter()) {
-        *o += s * scale;
-    }
-}
-
-/// Tiles of R rows x 64 columns (4R accumulators of the 32 registers, 4 loads per 4R
-/// multiply-adds); returns the first column not done.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn up_avx512<const R: usize>(rows: &Rows, bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32) -> usize {
-    use std::arch::x86_64::*;
-    const V: usize = 4;
-    let (r, end) = (rows.r, j0 + (j1 - j0) / (16 * V) * (16 * V));
-    let sv = _mm512_set1_ps(scale);
-    for c0 in (j0..end).step_by(16 * V) {
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for p in 0..r {
-            let row = bt.as_ptr().add(p * n + c0);
-            let b: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let uv = _mm512_set1_ps(*rows.u.get_unchecked(i * r + p));
-                for (a, b) in acc.iter_mut().zip(b) {
-                    *a = _mm512_fmadd_ps(uv, b, *a);
-                }
-            }
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            let o = rows.out(i, c0, c0 + 16 * V).as_mut_ptr();
-            for (c, a) in acc.iter().enumerate() {
-                let o = o.add(16 * c);
-                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(*a, sv)));
-            }
-        }
-    }
-    end
-}
-
-/// `up_avx512` in 8 lanes: tiles of R rows x 16 columns (2R accumulators of the 16 registers).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn up_avx2<const R: usize>(rows: &Rows, bt: &[f32], n: usize, j0: usize, j1: usize, scale: f32) -> usize {
-    use std::arch::x86_64::*;
-    const V: usize = 2;
-    let (r, end) = (rows.r, j0 + (j1 - j0) / (8 * V) * (8 * V));
-    let sv = _mm256_set1_ps(scale);
-    for c0 in (j0..end).step_by(8 * V) {
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
-        for p in 0..r {
-            let row = bt.as_ptr().add(p * n + c0);
-            let b: [__m256; V] = std::array::from_fn(|c| _mm256_loadu_ps(row.add(8 * c)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let uv = _mm256_set1_ps(*rows.u.get_unchecked(i * r + p));
-                for (a, b) in acc.iter_mut().zip(b) {
-                    *a = _mm256_fmadd_ps(uv, b, *a);
-                }
-            }
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            let o = rows.out(i, c0, c0 + 8 * V).as_mut_ptr();
-            for (c, a) in acc.iter().enumerate() {
-                let o = o.add(8 * c);
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(*a, sv)));
-            }
-        }
-    }
-    end
 }
 
 impl CustomOp3 for LoraDelta {
@@ -294,7 +139,7 @@ pub fn adapted(x: &Tensor, base: &Linear, parts: &[LoraPart], scale: f64) -> CRe
     let rank = parts[0].a.dim(0)?;
     let tracked = x.track_op() || parts.iter().any(|p| p.a.track_op() || p.b.track_op());
     if !tracked {
-        return served(x, base, parts, rank, scale);
+        return served(x, base, parts, scale);
     }
     let a = Tensor::cat(&parts.iter().map(|p| &p.a).collect::<Vec<_>>(), 0)?.contiguous()?;
     let b = Tensor::cat(&parts.iter().map(|p| &p.b).collect::<Vec<_>>(), 0)?.contiguous()?;
@@ -304,16 +149,29 @@ pub fn adapted(x: &Tensor, base: &Linear, parts: &[LoraPart], scale: f64) -> CRe
 
 /// `adapted` where nothing is differentiated (serving): each adapter's tensors read where they
 /// lie, no stacked copies of a and b (a decode step would copy every adapter's weights).
-fn served(x: &Tensor, base: &Linear, parts: &[LoraPart], rank: usize, scale: f64) -> CResult<Tensor> {
+fn served(x: &Tensor, base: &Linear, parts: &[LoraPart], scale: f64) -> CResult<Tensor> {
     let (m, k) = x.dims2()?;
     let x = x.contiguous()?;
+    let xg = x.storage_and_layout();
+    let y = served_rows(super::host(&xg)?, (m, k), base, parts, scale)?;
+    Tensor::from_vec(y, (m, base.out_features()), x.device())
+}
+
+/// `served` on host rows x [m, k], into a new [m, n] vector (the fused head's logits, which it
+/// then turns into their gradients in place).
+pub(crate) fn served_rows(
+    x: &[f32],
+    (m, k): (usize, usize),
+    base: &Linear,
+    parts: &[LoraPart],
+    scale: f64,
+) -> CResult<Vec<f32>> {
+    let rank = parts[0].a.dim(0)?;
     let tensors = parts.iter().flat_map(|p| [&p.a, &p.b]).map(|t| t.contiguous()).collect::<CResult<Vec<_>>>()?;
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let values = guards.iter().map(super::host).collect::<CResult<Vec<_>>>()?;
     let adapters: Vec<(&[f32], &[f32])> = values.chunks_exact(2).map(|ab| (ab[0], ab[1])).collect();
-    let xg = x.storage_and_layout();
-    let y = adapted_rows(base, super::host(&xg)?, (m, k, rank), &adapters, scale as f32)?;
-    Tensor::from_vec(y, (m, base.out_features()), x.device())
+    adapted_rows(base, x, (m, k, rank), &adapters, scale as f32)
 }
 
 struct Adapted {

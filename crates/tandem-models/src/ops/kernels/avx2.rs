@@ -321,6 +321,26 @@ pub unsafe fn add_scaled_exp(z: &[f32], shift: f32, scale: f32, out: &mut [f32])
     }
 }
 
+/// `add_scaled_exp` into z itself, from zeros (fma(scale, e, 0) is the one rounding of scale·e).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scale_exp_in_place(z: &mut [f32], shift: f32, scale: f32) {
+    let n8 = z.len() / 8 * 8;
+    let (sv, kv) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
+    let zp = z.as_mut_ptr();
+    for c in (0..n8).step_by(8) {
+        let e = exp(_mm256_sub_ps(_mm256_loadu_ps(zp.add(c)), sv));
+        _mm256_storeu_ps(zp.add(c), _mm256_mul_ps(kv, e));
+    }
+    if n8 < z.len() {
+        let mut tail = [shift; 8];
+        tail[..z.len() - n8].copy_from_slice(&z[n8..]);
+        let mut e = [0f32; 8];
+        _mm256_storeu_ps(e.as_mut_ptr(), _mm256_mul_ps(kv, exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), sv))));
+        let len = z.len() - n8;
+        z[n8..].copy_from_slice(&e[..len]);
+    }
+}
+
 /// out = silu(gate) * up, eight values at a time (a libm call per value was 4% of a k = 8
 /// verification step): sigmoid from e^-|g|, which the polynomial below covers, so large
 /// gates of either sign neither overflow nor lose precision. A row's tail runs the same
