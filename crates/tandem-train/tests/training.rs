@@ -215,7 +215,7 @@ fn the_head_folds_its_backward_into_the_forward_for_every_loss() {
                 inputs: BTreeMap::new(),
             })
             .collect();
-        for mode in [all_targets(3), without_head] {
+        for mode in [all_targets(3), without_head, Mode::Full] {
             let sampled = trained(&base, mode).forward_backward(&data, &LossFn::CrossEntropy, true).unwrap().logprobs;
             for (i, (d, lp)) in data.iter_mut().zip(sampled).enumerate() {
                 let n = lp.len();

@@ -94,9 +94,24 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// The sum's values, laid out as the weight (row-major, contiguous).
+    /// The sum's values, laid out as the weight (row-major, contiguous): zeros when fresh.
     pub fn values(&mut self) -> &mut [f32] {
-        self.sum.as_mut().and_then(|s| s.values.as_deref_mut()).expect("a lease holds values")
+        let sum = self.sum.as_mut().expect("a lease holds its sum until dropped");
+        let len = sum.len;
+        sum.values.get_or_insert_with(|| vec![0f32; len])
+    }
+
+    /// Adds a whole gradient (the weight's layout) into the sum; a fresh sum takes it as it is.
+    pub fn put(&mut self, g: Vec<f32>) -> candle_core::Result<()> {
+        let sum = self.sum.as_mut().expect("a lease holds its sum until dropped");
+        if g.len() != sum.len {
+            candle_core::bail!("a gradient of {} values for a weight of {}", g.len(), sum.len);
+        }
+        match &mut sum.values {
+            Some(values) => values.iter_mut().zip(&g).for_each(|(s, g)| *s += g),
+            None => sum.values = Some(g),
+        }
+        Ok(())
     }
 }
 
@@ -135,12 +150,8 @@ pub(crate) fn add(w: &Tensor, g: &Tensor) -> candle_core::Result<()> {
 
 /// The sum `w`'s gradient goes into, when a trainer is collecting one for it.
 pub(crate) fn lease(w: &Tensor) -> Option<Lease> {
-    let mut sum = ACTIVE.with(|a| a.borrow_mut().as_mut().and_then(|active| active.remove(&w.id())))?;
+    let sum = ACTIVE.with(|a| a.borrow_mut().as_mut().and_then(|active| active.remove(&w.id())))?;
     let fresh = sum.values.is_none();
-    if fresh {
-        // Zeros: gathers and `add` sum into a fresh sum (ops that overwrite one need not).
-        sum.values = Some(vec![0f32; sum.len]);
-    }
     Some(Lease { id: w.id(), sum: Some(sum), fresh })
 }
 
