@@ -161,14 +161,16 @@ pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tenso
     let (x_view, g_view) = (f32_view(gate_up)?, f32_view(g)?);
     let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());
     let (xs, gs) = (host(&xg)?, host(&gg)?);
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(two_i).zip(xs.par_chunks(two_i).zip(gs.par_chunks(inter))).for_each(|(o, (x, g))| {
-        let (d_gate, d_up) = o.split_at_mut(inter);
-        let (gate, up) = x.split_at(inter);
-        for i in 0..inter {
-            let sig = 1.0 / (1.0 + (-gate[i]).exp());
-            d_gate[i] = g[i] * up[i] * sig * (1.0 + gate[i] * (1.0 - sig));
-            d_up[i] = g[i] * gate[i] * sig;
+    let out = super::rows_new(xs.len() / two_i, two_i, &|r0, block| {
+        for (r, o) in block.chunks_exact_mut(two_i).enumerate() {
+            let (x, g) = (&xs[(r0 + r) * two_i..][..two_i], &gs[(r0 + r) * inter..][..inter]);
+            let (d_gate, d_up) = o.split_at_mut(inter);
+            let (gate, up) = x.split_at(inter);
+            for i in 0..inter {
+                let sig = 1.0 / (1.0 + (-gate[i]).exp());
+                d_gate[i] = g[i] * up[i] * sig * (1.0 + gate[i] * (1.0 - sig));
+                d_up[i] = g[i] * gate[i] * sig;
+            }
         }
     });
     Ok(Some(Tensor::from_vec(out, gate_up.shape(), gate_up.device())?))
@@ -330,14 +332,16 @@ impl PackedSelfAttention {
     /// [q roped, k roped, v] as rows [t, heads or kv heads, d], from qkv's values.
     fn split(&self, qkv: &[f32]) -> [Vec<f32>; 3] {
         let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let t = qkv.len() / (qw + 2 * kw);
-        let (mut q, mut k, mut v) =
-            (Vec::with_capacity(t * qw), Vec::with_capacity(t * kw), Vec::with_capacity(t * kw));
-        for row in qkv.chunks_exact(qw + 2 * kw) {
-            q.extend_from_slice(&row[..qw]);
-            k.extend_from_slice(&row[qw..qw + kw]);
-            v.extend_from_slice(&row[qw + kw..]);
-        }
+        let width = qw + 2 * kw;
+        let t = qkv.len() / width;
+        let columns = |first: usize, w: usize| {
+            super::rows_new(t, w, &|r0, block| {
+                for (r, o) in block.chunks_exact_mut(w).enumerate() {
+                    o.copy_from_slice(&qkv[(r0 + r) * width + first..][..w]);
+                }
+            })
+        };
+        let (mut q, mut k, v) = (columns(0, qw), columns(qw, kw), columns(qw + kw, kw));
         let tb = &self.tables;
         rotate(&mut q, self.heads, self.head_dim, &self.positions, tb, &tb.sin_host);
         rotate(&mut k, self.kv_heads, self.head_dim, &self.positions, tb, &tb.sin_host);
@@ -414,18 +418,23 @@ fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize])
             head_bwd(&seq, lens[s], d)
         })
         .collect();
-    let (mut dq, mut dk, mut dv) =
-        (vec![0f32; t * heads * d], vec![0f32; t * kv_heads * d], vec![0f32; t * kv_heads * d]);
-    for (&(s, h), [pq, pk, pv]) in items.iter().zip(&parts) {
-        for i in 0..lens[s] {
-            let row = starts[s] + i;
-            let (o, okv) = ((row * heads + h) * d, (row * kv_heads + h / group) * d);
-            dq[o..o + d].copy_from_slice(&pq[i * d..(i + 1) * d]);
-            dk[okv..okv + d].iter_mut().zip(&pk[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
-            dv[okv..okv + d].iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
-        }
-    }
-    Ok([dq, dk, dv])
+    // Each row's heads from their items (items run sequence by sequence, heads in order); a kv
+    // head sums its group's heads in order, from zero.
+    let sequence: Vec<usize> = lens.iter().enumerate().flat_map(|(s, &n)| std::iter::repeat_n(s, n)).collect();
+    let gather = |which: usize, out_heads: usize| {
+        super::rows_new(t, out_heads * d, &|r0, block| {
+            for (r, o) in block.chunks_exact_mut(out_heads * d).enumerate() {
+                let (s, row) = (sequence[r0 + r], r0 + r);
+                let i = row - starts[s];
+                for h in 0..heads {
+                    let part = &parts[s * heads + h][which][i * d..(i + 1) * d];
+                    let j = if out_heads == heads { h } else { h / group };
+                    o[j * d..(j + 1) * d].iter_mut().zip(part).for_each(|(a, b)| *a += b);
+                }
+            }
+        })
+    };
+    Ok([gather(0, heads), gather(1, kv_heads), gather(2, kv_heads)])
 }
 
 /// One head of one sequence: its query and output-gradient rows (`q_stride` values apart), its kv

@@ -364,6 +364,33 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// Rows per work item of `rows_new`.
+const ROW_BLOCK: usize = 16;
+
+/// A new vector of `rows` rows `width` values wide, each block of rows written by
+/// `fill(first_row, block)` on the team, in parallel (the block arrives zeroed). Serial
+/// `vec![0; n]` zeroing and serial row loops over activations were most of a training pass's
+/// main-thread time, while both pool threads waited.
+pub(crate) fn rows_new(rows: usize, width: usize, fill: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(rows * width);
+    let base = kernels::SharedMut(out.as_mut_ptr());
+    team::for_each(rows.div_ceil(ROW_BLOCK), &|b| {
+        #[allow(clippy::redundant_locals)]
+        let base = &base;
+        let (r0, r1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(rows));
+        // SAFETY: blocks are disjoint and within the capacity; each is zeroed before it is read.
+        let block = unsafe {
+            let p = base.0.add(r0 * width);
+            std::ptr::write_bytes(p, 0, (r1 - r0) * width);
+            std::slice::from_raw_parts_mut(p, (r1 - r0) * width)
+        };
+        fill(r0, block);
+    });
+    // SAFETY: every block was initialised above.
+    unsafe { out.set_len(rows * width) };
+    out
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "tandem-rms-norm"
@@ -374,8 +401,10 @@ impl CustomOp2 for RmsNorm {
         if x.len() % w.len() != 0 {
             candle_core::bail!("rms norm: {} values do not split into rows of {}", x.len(), w.len());
         }
-        let mut out = vec![0f32; x.len()];
-        kernels::rms_norm(x, w, self.eps, &mut out);
+        let width = w.len();
+        let out = rows_new(x.len() / width, width, &|r0, o| {
+            kernels::rms_norm(&x[r0 * width..r0 * width + o.len()], w, self.eps, o);
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -502,8 +531,9 @@ impl CustomOp1 for SiluMul {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (t, two_i) = l.shape().dims2()?;
-        let mut out = vec![0f32; t * two_i / 2];
-        kernels::silu_mul(f32_slice(s, l)?, two_i / 2, &mut out);
+        let x = f32_slice(s, l)?;
+        let out =
+            rows_new(t, two_i / 2, &|r0, o| kernels::silu_mul(&x[r0 * two_i..r0 * two_i + 2 * o.len()], two_i / 2, o));
         Ok((CpuStorage::F32(out), Shape::from((t, two_i / 2))))
     }
     fn bwd(&self, gate_up: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
