@@ -39,8 +39,12 @@ pub(super) fn matmul_xwt_grads(
     let gw = if !want_w {
         None
     } else if let Some(mut sum) = sink::lease(w) {
-        let accumulate = !sum.fresh;
-        gemm(n, k, m, sum.values(), accumulate, 1.0, (gs, 1, n), (xs, k, 1));
+        if sum.fresh {
+            // A fresh sum takes the product as it is: no zeroed sum for the product to overwrite.
+            sum.put(gemm_new(n, k, m, 1.0, (gs, 1, n), (xs, k, 1)))?;
+        } else {
+            gemm(n, k, m, sum.values(), true, 1.0, (gs, 1, n), (xs, k, 1));
+        }
         None
     } else {
         let gw = gemm_new(n, k, m, 1.0, (gs, 1, n), (xs, k, 1));
@@ -114,7 +118,8 @@ pub(super) fn rms_norm_grads(
     let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());
     let (xs, gs) = (host(&xg)?, host(&gg)?);
     let n = ws.len();
-    let mut gx = vec![0f32; if want_x { xs.len() } else { 0 }];
+    // Zeroed in parallel (a serial zeroing here was main-thread time in every layer's backward).
+    let mut gx = if want_x { super::rows_new(xs.len() / n, n, &|_, _| {}) } else { Vec::new() };
     let items = xs.len().div_ceil(n * ROWS_PER_ITEM);
     let mut gx_items: Vec<&mut [f32]> =
         if want_x { gx.chunks_mut(n * ROWS_PER_ITEM).collect() } else { (0..items).map(|_| &mut [][..]).collect() };
@@ -371,12 +376,14 @@ impl CustomOp1 for PackedSelfAttention {
         let [mut dq, mut dk, dv] = attention_bwd(&q, &k, &v, g, &self.lens)?;
         rotate_back(&mut dq, h, d, &self.positions, &self.tables)?;
         rotate_back(&mut dk, kvh, d, &self.positions, &self.tables)?;
-        let mut out = Vec::with_capacity(t * width);
-        for r in 0..t {
-            out.extend_from_slice(&dq[r * h * d..(r + 1) * h * d]);
-            out.extend_from_slice(&dk[r * kvh * d..(r + 1) * kvh * d]);
-            out.extend_from_slice(&dv[r * kvh * d..(r + 1) * kvh * d]);
-        }
+        let (qw, kw) = (h * d, kvh * d);
+        let out = super::rows_new(t, width, &|r0, block| {
+            for (r, o) in (r0..).zip(block.chunks_exact_mut(width)) {
+                o[..qw].copy_from_slice(&dq[r * qw..(r + 1) * qw]);
+                o[qw..qw + kw].copy_from_slice(&dk[r * kw..(r + 1) * kw]);
+                o[qw + kw..].copy_from_slice(&dv[r * kw..(r + 1) * kw]);
+            }
+        });
         Tensor::from_vec(out, (t, width), device).map(Some)
     }
 }
