@@ -347,9 +347,7 @@ impl Fold {
         let adapter = match self.lora.take() {
             Some(mut l) => {
                 let (r, vocab) = (l.rank, self.dbt.len() / l.rank);
-                for (p, row) in self.dbt.chunks_exact(vocab).enumerate() {
-                    row.iter().enumerate().for_each(|(v, &x)| l.db[v * r + p] = x);
-                }
+                super::transpose_into(&self.dbt, (r, vocab), &mut l.db);
                 Some(l.finish(h, &mut self.dh, t, hidden, &candle_core::Device::Cpu)?)
             }
             None => None,

@@ -57,23 +57,11 @@ fn add_delta(x: &[f32], (a, b): (&[f32], &[f32]), (m, k, r): (usize, usize, usiz
     let n = out.width;
     assert!(out.y.len() >= m * out.stride && out.first + n <= out.stride, "adapter columns outside the output");
     let u = down(x, a, m, k, r);
-    let bt = transposed(b, n, r);
+    let mut bt = vec![0f32; r * n];
+    super::transpose_into(b, (n, r), &mut bt);
     let out = kernels::Out { y: kernels::SharedMut(out.y.as_mut_ptr()), stride: out.stride, first: out.first };
     // SAFETY: y holds m rows of `stride` values with the adapter's columns in each (asserted above).
     unsafe { kernels::add_xw((&u, r), &bt, (m, r, n), scale, out) };
-}
-
-/// bᵀ [r, n] of b [n, r], 64 of b's rows at a time (read once, written as r short runs).
-fn transposed(b: &[f32], n: usize, r: usize) -> Vec<f32> {
-    let mut bt = vec![0f32; r * n];
-    for j0 in (0..n).step_by(64) {
-        for p in 0..r {
-            for j in j0..(j0 + 64).min(n) {
-                bt[p * n + j] = b[j * r + p];
-            }
-        }
-    }
-    bt
 }
 
 impl CustomOp3 for LoraDelta {
@@ -209,9 +197,7 @@ fn adapter_grads(
         // (as g_iᵀ's columns it packed them element by element on the calling thread) and runs
         // its tiles along the width. 0.13 -> 0.09-0.10 s of a SmolLM2 LoRA pass.
         let db_t = super::gemm_new(r, width, m, s, (&u[i * r..], 1, pr), (&g[first..], n, 1));
-        for (j, row) in db_i.chunks_exact_mut(r).enumerate() {
-            row.iter_mut().enumerate().for_each(|(p, v)| *v = db_t[p * width + j]);
-        }
+        super::transpose_into(&db_t, (r, width), db_i);
         first += width;
     }
     if let Some(dx) = dx {

@@ -364,6 +364,19 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// dst [cols, rows] = src [rows, cols] transposed, 64 of src's rows at a time (read once, written
+/// as `cols` short runs).
+pub(crate) fn transpose_into(src: &[f32], (rows, cols): (usize, usize), dst: &mut [f32]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose: buffers too small");
+    for i0 in (0..rows).step_by(64) {
+        for j in 0..cols {
+            for i in i0..(i0 + 64).min(rows) {
+                dst[j * rows + i] = src[i * cols + j];
+            }
+        }
+    }
+}
+
 /// Rows per work item of `rows_new`.
 const ROW_BLOCK: usize = 16;
 

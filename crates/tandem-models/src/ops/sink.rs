@@ -140,12 +140,9 @@ pub(crate) fn add(w: &Tensor, g: &Tensor) -> candle_core::Result<()> {
     let Some(mut sum) = lease(w) else {
         candle_core::bail!("no gradient sum is collected for a weight the forward planned one for")
     };
-    let g = g.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    if g.len() != sum.values().len() {
-        candle_core::bail!("a gradient of {} values for a weight of {}", g.len(), sum.values().len());
-    }
-    sum.values().iter_mut().zip(&g).for_each(|(s, g)| *s += g);
-    Ok(())
+    // A fresh sum is zeroed first (`put` alone would take g as it is).
+    sum.values();
+    sum.put(g.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// The sum `w`'s gradient goes into, when a trainer is collecting one for it.

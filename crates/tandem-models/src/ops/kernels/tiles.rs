@@ -13,6 +13,11 @@ pub trait Lanes {
     unsafe fn load_weights<W: WeightElem>(p: *const W) -> Self::V;
     /// a·b + c, rounded once.
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Every lane x.
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// The lanes' sum (always reduced in the same order).
     unsafe fn sum(v: Self::V) -> f32;
     /// Four vectors' sums, each reduced by exactly the additions of `sum`. A form that reduces

@@ -8,6 +8,8 @@
 //! fused multiply-adds from zero, then scaled and added to y. The operations for a value do not
 //! depend on the vector width, the number of rows beside it or the thread that runs it, so a
 //! served token equals a trained one and results never depend on batch size.
+#[cfg(target_arch = "x86_64")]
+use super::tiles::Lanes;
 use super::{team, SharedMut};
 
 /// Columns of a work item: a row's sums for them stay in registers while w's rows stream past.
@@ -140,77 +142,60 @@ unsafe fn portable(t: &Tile, i: usize, j0: usize, j1: usize, scale: f32) {
     }
 }
 
-/// Tiles of R rows x 64 columns (4R accumulators of the 32 registers, 4 loads of w per 4R
-/// multiply-adds); returns the first column not done.
+/// Tiles of R rows x V vectors of columns (R·V accumulators in registers; V loads of w per R·V
+/// multiply-adds), written once over the vector width; returns the first column not done.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn tiles_avx512<const R: usize>(t: &Tile, j0: usize, j1: usize, scale: f32) -> usize {
-    use std::arch::x86_64::*;
-    const V: usize = 4;
-    let end = j0 + (j1 - j0) / (16 * V) * (16 * V);
-    let sv = _mm512_set1_ps(scale);
-    for c0 in (j0..end).step_by(16 * V) {
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
+#[inline(always)]
+unsafe fn tiles<L: Lanes, const R: usize, const V: usize>(t: &Tile, j0: usize, j1: usize, scale: f32) -> usize {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let width = L::N * V;
+    let end = j0 + (j1 - j0) / width * width;
+    let sv = L::splat(scale);
+    for c0 in (j0..end).step_by(width) {
+        let mut acc = [[L::zero(); V]; R];
         for p in t.p.0..t.p.1 {
             let row = t.w.as_ptr().add(p * t.n + c0);
             if p + AHEAD < t.p.1 {
                 // w's rows are n apart: too far for the hardware to see a stream.
                 let next = row.add(AHEAD * t.n).cast::<i8>();
-                for c in 0..V {
-                    _mm_prefetch::<_MM_HINT_T0>(next.add(64 * c));
+                for line in 0..width.div_ceil(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add(64 * line));
                 }
             }
-            let w: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+            let mut w = [L::zero(); V];
+            for (c, w) in w.iter_mut().enumerate() {
+                *w = L::load(row.add(L::N * c));
+            }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(t.x_at(i, p));
-                for (a, w) in acc.iter_mut().zip(w) {
-                    *a = _mm512_fmadd_ps(xv, w, *a);
+                let xv = L::splat(t.x_at(i, p));
+                for (a, &w) in acc.iter_mut().zip(&w) {
+                    *a = L::fmadd(xv, w, *a);
                 }
             }
         }
         for (i, acc) in acc.iter().enumerate() {
             let o = t.at(i, c0);
             for (c, a) in acc.iter().enumerate() {
-                let o = o.add(16 * c);
-                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(*a, sv)));
+                let o = o.add(L::N * c);
+                L::store(o, L::add(L::load(o), L::mul(*a, sv)));
             }
         }
     }
     end
 }
 
-/// `tiles_avx512` in 8 lanes: tiles of R rows x 16 columns (2R accumulators of the 16 registers).
+/// AVX-512: tiles of R rows x 64 columns (4R of the 32 registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn tiles_avx512<const R: usize>(t: &Tile, j0: usize, j1: usize, scale: f32) -> usize {
+    tiles::<super::avx512::F32x16, R, 4>(t, j0, j1, scale)
+}
+
+/// AVX2: tiles of R rows x 16 columns (2R of the 16 registers).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tiles_avx2<const R: usize>(t: &Tile, j0: usize, j1: usize, scale: f32) -> usize {
-    use std::arch::x86_64::*;
-    const V: usize = 2;
-    let end = j0 + (j1 - j0) / (8 * V) * (8 * V);
-    let sv = _mm256_set1_ps(scale);
-    for c0 in (j0..end).step_by(8 * V) {
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
-        for p in t.p.0..t.p.1 {
-            let row = t.w.as_ptr().add(p * t.n + c0);
-            if p + AHEAD < t.p.1 {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(AHEAD * t.n).cast::<i8>());
-            }
-            let w: [__m256; V] = std::array::from_fn(|c| _mm256_loadu_ps(row.add(8 * c)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xv = _mm256_set1_ps(t.x_at(i, p));
-                for (a, w) in acc.iter_mut().zip(w) {
-                    *a = _mm256_fmadd_ps(xv, w, *a);
-                }
-            }
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            let o = t.at(i, c0);
-            for (c, a) in acc.iter().enumerate() {
-                let o = o.add(8 * c);
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(*a, sv)));
-            }
-        }
-    }
-    end
+    tiles::<super::avx2::F32x8, R, 2>(t, j0, j1, scale)
 }
 
 #[cfg(test)]
@@ -246,6 +231,31 @@ mod tests {
             let out = Out { y: SharedMut(alone.as_mut_ptr()), stride, first: 2 };
             unsafe { add_xw((&x[i * k..(i + 1) * k], k), &w, (1, k, n), 0.5, out) };
             assert_eq!(alone, y[i * stride..(i + 1) * stride], "row {i}");
+        }
+    }
+
+    /// Every vector form gives the portable form's bits (values do not depend on the machine's
+    /// vector width).
+    #[test]
+    fn vector_tiles_give_the_portable_bits() {
+        let (rows, k, n) = (ROWS, 300, 128);
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 104_729 % 997) as f32 - 498.0) * 1e-3).collect();
+        let run = |form: &dyn Fn(&Tile)| {
+            let mut y = vec![0.25f32; rows * n];
+            let tile = Tile { x: &x, x_stride: k, rows, p: (0, k), w: &w, n, y: SharedMut(y.as_mut_ptr()), stride: n };
+            form(&tile);
+            y
+        };
+        let portable = run(&|t| (0..rows).for_each(|i| unsafe { portable(t, i, 0, n, 0.5) }));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                assert_eq!(run(&|t| assert_eq!(unsafe { tiles_avx2::<ROWS>(t, 0, n, 0.5) }, n)), portable, "avx2");
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                assert_eq!(run(&|t| assert_eq!(unsafe { tiles_avx512::<ROWS>(t, 0, n, 0.5) }, n)), portable, "avx512");
+            }
         }
     }
 }
