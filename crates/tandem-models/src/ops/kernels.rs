@@ -441,33 +441,17 @@ fn attend_rows(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let item = AttendItem { q, keys, values, rows, d, scale: 1.0 / (d as f32).sqrt() };
+    let scale = 1.0 / (d as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
     {
-        if d.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX-512F and FMA (and so AVX2); rows lie within q, out and the
-            // slot's blocks.
-            return unsafe { avx512::attend_rows(item, scores, out) };
-        }
         if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA; rows lie within q, out and the slot's blocks.
-            return unsafe { avx2::attend_rows(item, scores, out) };
+            return unsafe { avx2::attend_rows(q, keys, values, rows, d, scale, scores, out) };
         }
     }
     for r in rows {
-        attend_row(&q[r.at..r.at + d], keys, values, r, item.scale, scores, &mut out[r.at..r.at + d]);
+        attend_row(&q[r.at..r.at + d], keys, values, r, scale, scores, &mut out[r.at..r.at + d]);
     }
-}
-
-/// One attention item's query rows (in q, heads `d` wide) against one KV head's keys and values.
-#[derive(Clone, Copy)]
-struct AttendItem<'a> {
-    q: &'a [f32],
-    keys: PagedRows<'a>,
-    values: PagedRows<'a>,
-    rows: &'a [QueryRow],
-    d: usize,
-    scale: f32,
 }
 
 /// The portable form of `avx2::attend_rows`, one row at a time: softmax(q.K * scale).V over
@@ -710,17 +694,9 @@ mod tests {
         }
     }
 
-    /// Head dimensions through every vector form: 72 (AVX2's eight lanes only), 64 (AVX-512's
-    /// sixteen, four registers of values), 80 (sixteen, with a tail of values in eight).
     #[test]
     fn attention_matches_naive_and_each_row_equals_its_own_pass() {
-        for d in [72, 64, 80] {
-            attention_matches_naive_and_each_row_equals_its_own_pass_at(d);
-        }
-    }
-
-    fn attention_matches_naive_and_each_row_equals_its_own_pass_at(d: usize) {
-        let (heads, kv_heads, capacity) = (6, 2, 40);
+        let (heads, kv_heads, d, capacity) = (6, 2, 72, 40);
         let g = CacheGeometry { kv_heads, block: capacity, head_dim: d };
         let tables = contiguous_tables(2);
         let cache_len = 2 * kv_heads * capacity * d;
@@ -759,16 +735,10 @@ mod tests {
 
     #[test]
     fn paged_attention_is_bit_for_bit_the_contiguous_one() {
-        for d in [72, 64] {
-            paged_attention_is_bit_for_bit_the_contiguous_one_at(d);
-        }
-    }
-
-    fn paged_attention_is_bit_for_bit_the_contiguous_one_at(d: usize) {
         // Two slots of 40 positions, contiguous, and the same rows in blocks of 8 scattered over
         // a pool in another order: every output bit must agree (sharing blocks between sequences
         // relies on a block's place in the pool never mattering).
-        let (heads, kv_heads, capacity, block) = (6, 2, 40, 8);
+        let (heads, kv_heads, d, capacity, block) = (6, 2, 72, 40, 8);
         let whole = CacheGeometry { kv_heads, block: capacity, head_dim: d };
         let cache_len = 2 * kv_heads * capacity * d;
         let kc: Vec<f32> = (0..cache_len).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();

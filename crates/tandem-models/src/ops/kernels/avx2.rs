@@ -78,13 +78,12 @@ pub unsafe fn matmul_block<W: WeightElem>(
 }
 
 /// scores[p] = (q . keys[p]) * scale for every key row, eight keys at a time: eight
-/// independent multiply-add chains of `A::L`'s lanes (one per key), each folded to eight lanes
-/// (`A::fold`), then one transposing reduction gives the eight sums in one vector. Every key's sum
-/// is formed by the same operations wherever it lies (a short last group repeats its last key in
-/// the unused chains, whose sums are dropped), so a key's score does not depend on how many keys
-/// the run has.
-#[inline(always)]
-pub(super) unsafe fn key_scores<A: AttendLanes>(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+/// independent multiply-add chains (one per key), then one transposing reduction gives the
+/// eight sums in one vector. Every key's sum is formed by the same operations wherever it
+/// lies (a short last group repeats its last key in the unused chains, whose sums are
+/// dropped), so a key's score does not depend on how many keys the run has.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
     let d = q.len();
     let (qp, kp) = (q.as_ptr(), keys.as_ptr());
     let sv = _mm256_set1_ps(scale);
@@ -92,15 +91,14 @@ pub(super) unsafe fn key_scores<A: AttendLanes>(q: &[f32], keys: &[f32], scale: 
     while p0 < scores.len() {
         let n = (scores.len() - p0).min(8);
         let rows: [*const f32; 8] = std::array::from_fn(|j| kp.add((p0 + j.min(n - 1)) * d));
-        let mut acc = [<A::L as Lanes>::zero(); 8];
-        for c in (0..d).step_by(<A::L as Lanes>::N) {
-            let qv = <A::L as Lanes>::load(qp.add(c));
-            for (a, row) in acc.iter_mut().zip(&rows) {
-                *a = <A::L as Lanes>::fmadd(qv, <A::L as Lanes>::load(row.add(c)), *a);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..d).step_by(8) {
+            let qv = _mm256_loadu_ps(qp.add(c));
+            for j in 0..8 {
+                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
             }
         }
-        let folded: [__m256; 8] = std::array::from_fn(|j| A::fold(acc[j]));
-        let out = _mm256_mul_ps(sum8(folded), sv);
+        let out = _mm256_mul_ps(sum8(acc), sv);
         if n == 8 {
             _mm256_storeu_ps(scores.as_mut_ptr().add(p0), out);
         } else {
@@ -115,7 +113,7 @@ pub(super) unsafe fn key_scores<A: AttendLanes>(q: &[f32], keys: &[f32], scale: 
 /// The lane sums of eight vectors, as one vector: lane j is
 /// ((a_j[0] + a_j[1]) + (a_j[2] + a_j[3])) + ((a_j[4] + a_j[5]) + (a_j[6] + a_j[7])).
 #[inline(always)]
-pub(super) unsafe fn sum8(a: [__m256; 8]) -> __m256 {
+unsafe fn sum8(a: [__m256; 8]) -> __m256 {
     let h0 = _mm256_hadd_ps(a[0], a[1]);
     let h1 = _mm256_hadd_ps(a[2], a[3]);
     let h2 = _mm256_hadd_ps(a[4], a[5]);
@@ -125,37 +123,21 @@ pub(super) unsafe fn sum8(a: [__m256; 8]) -> __m256 {
     _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(g0, g1), _mm256_permute2f128_ps::<0x31>(g0, g1))
 }
 
-/// Attention's products at one vector width: key scores in chains of `L`'s lanes, each folded to
-/// eight lanes for AVX2's transposing reduction; values added 64 lanes at a time.
-pub(super) trait AttendLanes {
-    type L: Lanes;
-    /// A chain's lanes added down to eight.
-    unsafe fn fold(v: <Self::L as Lanes>::V) -> __m256;
-}
-
-/// AVX2's forms of attention's products.
-pub(super) struct Attend8;
-
-impl AttendLanes for Attend8 {
-    type L = F32x8;
-    #[inline(always)]
-    unsafe fn fold(v: __m256) -> __m256 {
-        v
-    }
-}
-
 /// `attend_rows` for AVX2: key blocks of eight, each used by every row of the item while it
 /// is in L1; per row the same operations as `attend_row` (scores in groups of eight from the
 /// run's start, softmax, values added in order into the same accumulators).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn attend_rows(item: super::AttendItem, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_rows_with::<Attend8>(item, scores, out)
-}
-
-/// `attend_rows` over the products of `A` (the softmax is AVX2's at every width).
-#[inline(always)]
-pub(super) unsafe fn attend_rows_with<A: AttendLanes>(item: super::AttendItem, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let super::AttendItem { q, keys, values, rows, d, scale } = item;
+pub unsafe fn attend_rows(
+    q: &[f32],
+    keys: super::PagedRows,
+    values: super::PagedRows,
+    rows: &[super::QueryRow],
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     // Per row: its keys' scores, its own key's, and its 1 / Σ (the last slot).
     let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
     let stride = longest + 2;
@@ -165,14 +147,14 @@ pub(super) unsafe fn attend_rows_with<A: AttendLanes>(item: super::AttendItem, s
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
             let n = (row.len - p0).min(8);
             let s = &mut scores[r * stride + p0..r * stride + p0 + n];
-            key_scores::<A>(&q[row.at..row.at + d], keys.rows(p0, n), scale, s);
+            super::avx2::scores(&q[row.at..row.at + d], keys.rows(p0, n), scale, s);
         }
     }
     for (r, row) in rows.iter().enumerate() {
         let n = row.len + row.own.is_some() as usize;
         if let Some(p) = row.own {
             let s = &mut scores[r * stride + row.len..r * stride + n];
-            key_scores::<A>(&q[row.at..row.at + d], keys.rows(p, 1), scale, s);
+            super::avx2::scores(&q[row.at..row.at + d], keys.rows(p, 1), scale, s);
         }
         // The row's 1 / Σ goes in its last slot (a slot no key uses).
         scores[r * stride + stride - 1] = softmax_in_place(&mut scores[r * stride..r * stride + n]);
@@ -182,42 +164,36 @@ pub(super) unsafe fn attend_rows_with<A: AttendLanes>(item: super::AttendItem, s
             let n = (row.len - p0).min(8);
             let w = &scores[r * stride + p0..r * stride + p0 + n];
             let inv = scores[r * stride + stride - 1];
-            add_values::<A>(w, inv, values.rows(p0, n).as_ptr(), p0 == 0, &mut out[row.at..row.at + d]);
+            add_values(w, inv, values.rows(p0, n).as_ptr(), p0 == 0, &mut out[row.at..row.at + d]);
         }
     }
     for (r, row) in rows.iter().enumerate() {
         if let Some(p) = row.own {
             let w = &scores[r * stride + row.len..r * stride + row.len + 1];
             let inv = scores[r * stride + stride - 1];
-            add_values::<A>(w, inv, values.rows(p, 1).as_ptr(), row.len == 0, &mut out[row.at..row.at + d]);
+            add_values(w, inv, values.rows(p, 1).as_ptr(), row.len == 0, &mut out[row.at..row.at + d]);
         }
     }
 }
 
 /// o += Σ_p w[p]·inv·values[p] for consecutive value rows (o starts at zero when `first`):
-/// each lane adds the rows in order into one accumulator (so every vector width gives the same
-/// bits), 64 lanes held in registers at a time.
+/// each lane adds the rows in order into one accumulator, 64 lanes held in registers.
 #[inline(always)]
-pub(super) unsafe fn add_values<A: AttendLanes>(w: &[f32], inv: f32, values: *const f32, first: bool, o: &mut [f32]) {
+unsafe fn add_values(w: &[f32], inv: f32, values: *const f32, first: bool, o: &mut [f32]) {
     let d = o.len();
-    let n = <A::L as Lanes>::N;
     let mut c0 = 0;
     while c0 + 64 <= d {
-        // Eight registers of AVX2's, four of AVX-512's.
-        match n {
-            16 => add_lanes::<A::L, 4>(w, inv, values, d, c0, first, o),
-            _ => add_lanes::<A::L, 8>(w, inv, values, d, c0, first, o),
-        }
+        add_lanes::<8>(w, inv, values, d, c0, first, o);
         c0 += 64;
     }
     while c0 < d {
-        add_lanes::<A::L, 1>(w, inv, values, d, c0, first, o);
-        c0 += n;
+        add_lanes::<1>(w, inv, values, d, c0, first, o);
+        c0 += 8;
     }
 }
 
 #[inline(always)]
-unsafe fn add_lanes<L: Lanes, const V: usize>(
+unsafe fn add_lanes<const N: usize>(
     w: &[f32],
     inv: f32,
     values: *const f32,
@@ -227,16 +203,17 @@ unsafe fn add_lanes<L: Lanes, const V: usize>(
     o: &mut [f32],
 ) {
     let op = o.as_mut_ptr().add(c0);
-    let mut acc: [L::V; V] = std::array::from_fn(|n| if first { L::zero() } else { L::load(op.add(n * L::N)) });
+    let mut acc: [__m256; N] =
+        std::array::from_fn(|n| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(op.add(n * 8)) });
     for (p, &wp) in w.iter().enumerate() {
-        let wv = L::splat(wp * inv);
+        let wv = _mm256_set1_ps(wp * inv);
         let row = values.add(p * d + c0);
-        for (n, a) in acc.iter_mut().enumerate() {
-            *a = L::fmadd(wv, L::load(row.add(n * L::N)), *a);
+        for n in 0..N {
+            acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
         }
     }
-    for (n, &a) in acc.iter().enumerate() {
-        L::store(op.add(n * L::N), a);
+    for n in 0..N {
+        _mm256_storeu_ps(op.add(n * 8), acc[n]);
     }
 }
 

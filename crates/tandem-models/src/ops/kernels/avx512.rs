@@ -91,59 +91,9 @@ pub unsafe fn matmul_block<W: WeightElem>(
     tiles::block::<W, F32x16, 6>(x, w, m, k, n, j0, j1, y)
 }
 
-/// AVX-512's forms of attention's products (head dimensions a multiple of 16): a key's score is
-/// one 16-lane chain over the head dimension (half the instructions of 8 lanes), folded to eight
-/// lanes (e and e + 8); the values' sums are AVX2's bits (each lane adds the rows in order).
-struct Attend16;
-
-impl super::avx2::AttendLanes for Attend16 {
-    type L = F32x16;
-    #[inline(always)]
-    unsafe fn fold(v: __m512) -> __m256 {
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        _mm256_add_ps(_mm512_castps512_ps256(v), hi)
-    }
-}
-
-/// `avx2::attend_rows` with AVX-512's products: a decode step's attention does half the
-/// multiply-add instructions (it grows with the context, the matmuls do not).
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub(super) unsafe fn attend_rows(item: super::AttendItem, scores: &mut Vec<f32>, out: &mut [f32]) {
-    super::avx2::attend_rows_with::<Attend16>(item, scores, out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The values' sums are AVX2's to the bit (each lane adds the rows in the same order); the
-    /// scores differ from AVX2's only by the order of their last additions.
-    #[test]
-    fn attention_products_agree_with_avx2() {
-        use crate::ops::kernels::avx2;
-        if !std::is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        for d in [64, 80, 128] {
-            let q: Vec<f32> = (0..d).map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5).collect();
-            let keys: Vec<f32> = (0..13 * d).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();
-            let (mut wide, mut narrow) = (vec![0f32; 13], vec![0f32; 13]);
-            unsafe {
-                avx2::key_scores::<Attend16>(&q, &keys, 0.125, &mut wide);
-                avx2::key_scores::<avx2::Attend8>(&q, &keys, 0.125, &mut narrow);
-            }
-            for (a, b) in wide.iter().zip(&narrow) {
-                assert!((a - b).abs() < 1e-6, "d {d}: {a} vs {b}");
-            }
-            let w: Vec<f32> = (0..13).map(|p| p as f32 / 13.0).collect();
-            let (mut wide, mut narrow) = (vec![0.5f32; d], vec![0.5f32; d]);
-            unsafe {
-                avx2::add_values::<Attend16>(&w, 0.3, keys.as_ptr(), false, &mut wide);
-                avx2::add_values::<avx2::Attend8>(&w, 0.3, keys.as_ptr(), false, &mut narrow);
-            }
-            assert_eq!(wide, narrow, "d {d}");
-        }
-    }
 
     /// A tile's four-at-once reduction and the single one must agree to the bit, or a value
     /// would depend on which tile computed it.
