@@ -322,10 +322,6 @@ fn engine_config(args: &OnlineBenchArgs, spec: bool, chain_only: bool) -> Engine
     }
 }
 
-fn hooks(args: &OnlineArgs) -> OnlineHooks {
-    OnlineHooks::new(args.trace_buffer_mib << 20)
-}
-
 /// Trains a drafter offline from the traces in `dir` with the online trainer's code.
 fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Result<EagleDrafter> {
     let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Full, 0)?;
@@ -405,10 +401,11 @@ fn run_config(
         other => bail!("unknown configuration `{other}`"),
     };
     let spec = drafter.is_some() || trained.is_some();
-    let hooks = hooks(online);
+    // `cold`, `offline` and `+frozen` serve a frozen drafter: no trainer, so no traces.
+    let trains = trained.is_some() && !(frozen || matches!(base, "offline" | "cold"));
+    let hooks = OnlineHooks::new(if trains { online.trace_buffer_mib << 20 } else { 0 });
     let mut trainer = None;
-    // `cold`, `offline` and `+frozen` serve a frozen drafter: no trainer.
-    if let (Some(e), false) = (&trained, frozen || matches!(base, "offline" | "cold")) {
+    if let (Some(e), true) = (&trained, trains) {
         let mut o = online.clone();
         if base == "warm" {
             // The offline configuration trains on exactly what this run saw.

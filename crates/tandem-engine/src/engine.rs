@@ -673,7 +673,9 @@ impl Engine {
     fn trace_maker(&self) -> impl Fn(&GenerationRequest) -> Option<Trace> {
         let layers = self.runner.drafter().map_or(0, |d| d.target_layers().len());
         let feature_size = layers * self.runner.model.config.hidden_size;
-        let online = self.online.is_some();
+        // Traces cost the engine thread ~0.1 ms a step (the target's top probabilities at every
+        // kept position): only made where a buffer keeps them for a trainer.
+        let online = self.online.as_ref().is_some_and(|o| o.hooks.traces.keeps_traces());
         move |request| {
             // A scored prompt has no output for the drafter to learn.
             (online && request.score.is_none()).then(|| Trace {

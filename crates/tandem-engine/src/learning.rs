@@ -24,6 +24,11 @@ impl OnlineState {
     ) -> Option<Version> {
         let mut rollback = None;
         for ((p, c), rows) in plan.seqs.iter().zip(&report.seqs).zip(&out.logit_rows) {
+            // Copied (prompt-lookup) drafts say nothing about the learned drafter.
+            let learned = p.decode && !p.draft.lookup && !p.draft.tokens.is_empty();
+            if learned {
+                rollback = self.record_draft(c.accepted > 0).or(rollback);
+            }
             let Some(trace) = running[p.index].trace.as_mut() else { continue };
             if p.wants_logits {
                 // The target's distribution at every kept position that has logits. Logit rows
@@ -34,16 +39,12 @@ impl OnlineState {
                     trace.record_soft(first + j, &out.logits[row], self.hooks.config.trace_top);
                 }
             }
-            // Copied (prompt-lookup) drafts say nothing about the learned drafter. Where a
-            // sibling won, the draft token beside it was the one rejected.
-            if p.decode && !p.draft.lookup && !p.draft.tokens.is_empty() {
-                let judged = c.accepted - c.alternative.is_some() as usize;
-                if judged < p.draft.tokens.len() {
-                    let token = p.draft.tokens[judged];
-                    let pos = (p.start + judged).saturating_sub(trace.skipped);
-                    trace.rejected.push(Rejection { pos, token, depth: judged });
-                }
-                rollback = self.record_draft(c.accepted > 0).or(rollback);
+            // Where a sibling won, the draft token beside it was the one rejected.
+            let judged = c.accepted - c.alternative.is_some() as usize;
+            if learned && judged < p.draft.tokens.len() {
+                let token = p.draft.tokens[judged];
+                let pos = (p.start + judged).saturating_sub(trace.skipped);
+                trace.rejected.push(Rejection { pos, token, depth: judged });
             }
             for (start, row, n) in c.kept_runs(p) {
                 record_features(trace, start, row, n, &out.hidden, layers);

@@ -414,11 +414,33 @@ fn swaps_under_concurrent_load_change_no_output() {
 
 #[test]
 fn a_broken_drafter_is_rolled_back() {
+    broken_drafter_rolled_back(1 << 30);
+}
+
+/// A worker whose drafter versions come from elsewhere (a fleet trainer) keeps no traces: it makes
+/// none (they cost the engine thread every step), and still judges each version it serves.
+#[test]
+fn without_a_trace_buffer_no_traces_are_made_and_versions_are_still_judged() {
+    let h = broken_drafter_rolled_back(0);
+    assert_eq!(h.traces.pushed(), 0);
+    // With a buffer, every finished request leaves one.
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 7).unwrap();
+    let h = hooks(1 << 30, fixed_k());
+    let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, ..Default::default() });
+    let requests: Vec<_> = (0..5).map(|i| request(i, 20)).collect();
+    serve(&mut engine, &handle, &requests);
+    assert_eq!(h.traces.pushed(), 5);
+}
+
+/// A good drafter serves, a broken version is published, the engine rolls it back; returns the
+/// hooks (traces kept in a buffer of `capacity` bytes).
+fn broken_drafter_rolled_back(capacity: usize) -> OnlineHooks {
     let (good, _, _) = trained(60, 0);
     let target = model();
     let config = EagleDrafter::fresh(&target, None, WarmStart::Head, 7).unwrap().config;
     let drafter = EagleDrafter::new(config, good.clone(), target.device()).unwrap();
-    let h = hooks(1 << 30, fixed_k());
+    let h = hooks(capacity, fixed_k());
     let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, ..Default::default() });
     let warmup: Vec<_> = (200..230).map(|i| request(i, 40)).collect();
     let (_, good_len) = serve(&mut engine, &handle, &warmup);
@@ -439,6 +461,7 @@ fn a_broken_drafter_is_rolled_back() {
     // After the rollback the good drafter serves again.
     let (_, back_len) = serve(&mut engine, &handle, &warmup);
     assert!((back_len - good_len).abs() < 0.3, "{good_len} vs {back_len}");
+    h
 }
 
 #[test]

@@ -141,6 +141,12 @@ impl TraceBuffer {
         }
     }
 
+    /// Whether anything is kept (a buffer of no bytes serves engines whose drafter learns
+    /// elsewhere, or not at all: they make no traces).
+    pub fn keeps_traces(&self) -> bool {
+        self.capacity_bytes > 0
+    }
+
     /// Never blocks: if the consumer holds the lock right now, this trace is dropped; if the buffer
     /// is over capacity, the oldest traces are.
     pub fn push(&self, trace: Trace) {
