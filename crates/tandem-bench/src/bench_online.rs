@@ -405,7 +405,7 @@ fn run_config(
     let trains = trained.is_some() && !(frozen || matches!(base, "offline" | "cold"));
     let hooks = OnlineHooks::new(if trains { online.trace_buffer_mib << 20 } else { 0 });
     let mut trainer = None;
-    if let (Some(e), true) = (&trained, trains) {
+    if let Some(e) = trained.as_ref().filter(|_| trains) {
         let mut o = online.clone();
         if base == "warm" {
             // The offline configuration trains on exactly what this run saw.

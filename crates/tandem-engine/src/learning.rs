@@ -40,8 +40,8 @@ impl OnlineState {
                 }
             }
             // Where a sibling won, the draft token beside it was the one rejected.
-            let judged = c.accepted - c.alternative.is_some() as usize;
-            if learned && judged < p.draft.tokens.len() {
+            let judged = learned.then(|| c.accepted - c.alternative.is_some() as usize);
+            if let Some(judged) = judged.filter(|&j| j < p.draft.tokens.len()) {
                 let token = p.draft.tokens[judged];
                 let pos = (p.start + judged).saturating_sub(trace.skipped);
                 trace.rejected.push(Rejection { pos, token, depth: judged });
