@@ -653,12 +653,16 @@ macro_rules! seq_unrolled {
     }};
 }
 
-/// How far ahead of the slice being computed a kernel asks for the weights' bytes.
+/// How far ahead of the slice being computed a kernel asks for the weights' bytes. One core's
+/// bandwidth is bounded by the lines it has in flight (latency × bandwidth: ~16 GB/s a core on
+/// the Xeon of docs/performance.md, 2026-12-05), so the distance must cover a memory latency at
+/// full speed: 8 KB decoded SmolLM2 Q4_1 ~10-13% faster there than 2 KB (4 KB between them,
+/// 16 KB and prefetching into L2 no better); it still fits well inside any L1 data cache.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_AHEAD: usize = 2048;
+const PREFETCH_AHEAD: usize = 8192;
 
 /// Asks for one slice's worth of bytes `PREFETCH_AHEAD` past `at` (near a tile's end, the start of
-/// the next one, which the same thread computes next). A layer's products stream a few hundred
+/// the next ones, which the same thread computes next). A layer's products stream a few hundred
 /// KB each, too little for the hardware prefetcher to get going: on the development machine the
 /// 17 MB head product went from 58 to 77 GB/s with this (docs/performance.md).
 #[cfg(target_arch = "x86_64")]

@@ -130,9 +130,9 @@ unsafe fn sum8(a: [__m256; 8]) -> __m256 {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn attend_rows(
     q: &[f32],
-    keys: super::PagedRows,
-    values: super::PagedRows,
-    rows: &[super::QueryRow],
+    keys: super::attention::PagedRows,
+    values: super::attention::PagedRows,
+    rows: &[super::attention::QueryRow],
     d: usize,
     scale: f32,
     scores: &mut Vec<f32>,
@@ -143,7 +143,17 @@ pub unsafe fn attend_rows(
     let stride = longest + 2;
     scores.clear();
     scores.resize(rows.len() * stride, 0.0);
+    // Keys and values asked for ahead of use: the first `ahead` positions of both now (the
+    // values' then arrive during the scores and softmax), the rest as the loops go.
+    let ahead = super::attention::ATTENTION_PREFETCH_AHEAD;
+    for p0 in (0..longest.min(ahead)).step_by(8) {
+        keys.prefetch(p0, 8);
+        values.prefetch(p0, 8);
+    }
     for p0 in (0..longest).step_by(8) {
+        if p0 + ahead < longest {
+            keys.prefetch(p0 + ahead, 8);
+        }
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
             let n = (row.len - p0).min(8);
             let s = &mut scores[r * stride + p0..r * stride + p0 + n];
@@ -160,6 +170,9 @@ pub unsafe fn attend_rows(
         scores[r * stride + stride - 1] = softmax_in_place(&mut scores[r * stride..r * stride + n]);
     }
     for p0 in (0..longest).step_by(8) {
+        if p0 + ahead < longest {
+            values.prefetch(p0 + ahead, 8);
+        }
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
             let n = (row.len - p0).min(8);
             let w = &scores[r * stride + p0..r * stride + p0 + n];

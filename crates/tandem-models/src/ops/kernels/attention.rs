@@ -1,0 +1,255 @@
+//! Causal attention over a paged KV cache (blocks of positions through per-slot tables), and the
+//! cache writes that fill it: the decode and verification form, one item per group of query rows
+//! that read the same keys and values.
+use super::{dot, softmax_in_place, team, SharedMut};
+
+/// Where one token of a batch lives in the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSlot {
+    pub slot: usize,
+    /// Where the token's key and value are in the cache.
+    pub pos: usize,
+    /// The token attends to cache positions 0..prefix and to itself: prefix == pos is plain causal
+    /// attention; prefix < pos is a draft-tree sibling whose cache row sits after the rows of
+    /// branches it must not see.
+    pub prefix: usize,
+}
+
+impl TokenSlot {
+    /// A token at `pos` that sees every position before it.
+    pub fn causal(slot: usize, pos: usize) -> Self {
+        TokenSlot { slot, pos, prefix: pos }
+    }
+}
+
+/// Geometry of one layer's cache tensor, a pool of blocks: [blocks, kv_heads, block, head_dim].
+/// A slot's positions live in the blocks its table names, `block` rows each (position p in
+/// row p % block of block table[p / block]). A cache with one block per slot, of the whole
+/// capacity, is the contiguous layout [slots, kv_heads, capacity, head_dim] (the drafter's).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheGeometry {
+    pub kv_heads: usize,
+    /// Rows per block: a multiple of eight (attention reads keys in groups of eight that must not
+    /// straddle two blocks), unless every slot has a single block.
+    pub block: usize,
+    pub head_dim: usize,
+}
+
+impl CacheGeometry {
+    /// Where row `row` of `head` in pool block `block` starts.
+    #[inline]
+    pub fn offset(&self, block: usize, head: usize, row: usize) -> usize {
+        ((block * self.kv_heads + head) * self.block + row) * self.head_dim
+    }
+
+    /// Where position `pos` of `head` starts for a slot with block table `table`.
+    #[inline]
+    pub fn at(&self, table: &[u32], head: usize, pos: usize) -> usize {
+        self.offset(table[pos / self.block] as usize, head, pos % self.block)
+    }
+}
+
+/// The block tables of a contiguous cache of `slots` slots: slot s is block s.
+pub fn contiguous_tables(slots: usize) -> Vec<Vec<u32>> {
+    (0..slots as u32).map(|s| vec![s]).collect()
+}
+
+/// One KV head's keys (or values) of one slot, read through the slot's block table.
+#[derive(Clone, Copy)]
+pub(crate) struct PagedRows<'a> {
+    cache: &'a [f32],
+    table: &'a [u32],
+    head: usize,
+    g: CacheGeometry,
+}
+
+impl<'a> PagedRows<'a> {
+    /// Rows pos..pos + n, which lie in one block (n <= 8 from a multiple of eight, or one row).
+    #[inline]
+    pub(crate) fn rows(&self, pos: usize, n: usize) -> &'a [f32] {
+        debug_assert!(pos % self.g.block + n <= self.g.block, "rows {pos}..+{n} straddle a block");
+        let at = self.g.at(self.table, self.head, pos);
+        &self.cache[at..at + n * self.g.head_dim]
+    }
+
+    /// Asks for rows pos..pos + n (within one block) ahead of their use; nothing past the table.
+    #[inline]
+    pub(crate) fn prefetch(&self, pos: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if pos / self.g.block < self.table.len() {
+            let p = self.cache.as_ptr().wrapping_add(self.g.at(self.table, self.head, pos)) as *const i8;
+            for line in (0..n * self.g.head_dim * 4).step_by(64) {
+                // SAFETY: a prefetch never faults.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(line)) }
+            }
+        }
+    }
+}
+
+/// How many positions ahead of the block of eight being used attention asks for keys and values
+/// (8 KB at head dimension 64). A paged cache's blocks of 16 positions are 4 KB apart at best, and
+/// the hardware prefetcher starts over on each: SmolLM2 Q4_1 decode from depth 16 to 316 ran 6%
+/// faster with this, a 2-row verification at depth 256 7% (the Xeon of docs/performance.md,
+/// 2026-12-05).
+pub(crate) const ATTENTION_PREFETCH_AHEAD: usize = 32;
+
+/// Writes new rows ([tokens, kv_heads, head_dim]) into the cache at each token's slot and position.
+pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], tables: &[Vec<u32>], g: CacheGeometry) {
+    let d = g.head_dim;
+    for (t, ts) in tokens.iter().enumerate() {
+        for h in 0..g.kv_heads {
+            let dst = g.at(&tables[ts.slot], h, ts.pos);
+            let src = (t * g.kv_heads + h) * d;
+            cache[dst..dst + d].copy_from_slice(&rows[src..src + d]);
+        }
+    }
+}
+
+/// Causal attention of each token over its own slot's cache: positions 0..prefix, then itself.
+/// q: [tokens, heads, head_dim] -> out: [tokens, heads * head_dim].
+///
+/// A work item is a few query rows that read the same keys and values: consecutive tokens of one
+/// slot, the query heads of one KV head. They go over the keys in blocks of eight, each block
+/// staying in L1 while every row of the item uses it (a verification's k rows would otherwise
+/// each stream the whole cache from L2). A row's result is computed by the same instructions
+/// whatever else is in its item or the batch, so verifying k drafted tokens gives each of them
+/// bit for bit what decoding it alone would.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    tokens: &[TokenSlot],
+    tables: &[Vec<u32>],
+    heads: usize,
+    g: CacheGeometry,
+    out: &mut [f32],
+) {
+    assert!(
+        g.block.is_multiple_of(8) || tokens.iter().all(|ts| tables[ts.slot].len() == 1),
+        "attention: blocks of {} rows straddle the groups of eight keys are read in",
+        g.block
+    );
+    let d = g.head_dim;
+    let t = tokens.len();
+    assert_eq!(q.len(), t * heads * d);
+    assert_eq!(out.len(), t * heads * d);
+    let group = heads / g.kv_heads;
+    // Rows per item: at least the query heads of one KV head (they then read its keys and values
+    // once, not once each: a SmolLM2 Q4_1 decode step 5-8% faster at depth 150-400, though three
+    // items share two threads unevenly), more where there are enough rows to balance the threads,
+    // at most a few tokens' worth.
+    let threads = team::threads();
+    let mut per_item = (t * heads / (threads * 4)).clamp(group, 3 * group);
+    // A one-token step has one item per KV head; fewer of them than twice the threads, not a
+    // multiple of them (SmolLM2: three on two threads), leave a thread idle a third of the
+    // attention: each head's rows then go in two items, reading its keys twice but from L2 (a
+    // row's operations are the same in any item). SmolLM2 Q4_1 decode at depth 256-512 4-8%
+    // faster on the Xeon of docs/performance.md (2026-12-05).
+    if t == 1 && g.kv_heads < 2 * threads && !g.kv_heads.is_multiple_of(threads) {
+        per_item = group.div_ceil(2);
+    }
+    let mut items = Vec::new();
+    let mut start = 0;
+    while start < t {
+        let end = start + tokens[start..].iter().take_while(|ts| ts.slot == tokens[start].slot).count();
+        for kv in 0..g.kv_heads {
+            let rows = (end - start) * group;
+            items.extend((0..rows).step_by(per_item).map(|r| (start, kv, r, (r + per_item).min(rows))));
+        }
+        start = end;
+    }
+    let dst = SharedMut(out.as_mut_ptr());
+    let item = |i: usize| {
+        let (first, kv, r0, r1) = items[i];
+        let table = &tables[tokens[first].slot];
+        let row = |r: usize| {
+            let (ti, h) = (first + r / group, kv * group + r % group);
+            let ts = tokens[ti];
+            // Keys 0..len of the run, then the token's own when it is not the next one.
+            let (len, own) = if ts.prefix >= ts.pos { (ts.pos + 1, None) } else { (ts.prefix, Some(ts.pos)) };
+            QueryRow { at: (ti * heads + h) * d, len, own }
+        };
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        // SAFETY: every row belongs to exactly one item, and an item writes only its rows of out.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.0, t * heads * d) };
+        let keys = PagedRows { cache: k_cache, table, head: kv, g };
+        let values = PagedRows { cache: v_cache, table, head: kv, g };
+        SCRATCH.with_borrow_mut(|(scores, rows)| {
+            rows.clear();
+            rows.extend((r0..r1).map(row));
+            attend_rows(q, keys, values, rows, d, scores, out)
+        });
+    };
+    // Forking workers costs more than a decode step's few heads over a short cache.
+    let work: usize = tokens.iter().map(|ts| ts.prefix.min(ts.pos) + 1).sum::<usize>() * heads * d;
+    if work < 1 << 16 {
+        (0..items.len()).for_each(item);
+    } else {
+        team::for_each(items.len(), &item);
+    }
+}
+
+/// One query row of an attention item: where its query and output are, how many of the run's
+/// keys it sees, and the position of its own key when that is not the next one (a sibling).
+pub(crate) struct QueryRow {
+    pub(crate) at: usize,
+    pub(crate) len: usize,
+    pub(crate) own: Option<usize>,
+}
+
+thread_local! {
+    /// Each thread's attention scores and query rows (one item's at a time): no allocation per item.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<QueryRow>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The rows of one item against one KV head's keys and values.
+fn attend_rows(
+    q: &[f32],
+    keys: PagedRows,
+    values: PagedRows,
+    rows: &[QueryRow],
+    d: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let scale = 1.0 / (d as f32).sqrt();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA; rows lie within q, out and the slot's blocks.
+            return unsafe { super::avx2::attend_rows(q, keys, values, rows, d, scale, scores, out) };
+        }
+    }
+    for r in rows {
+        attend_row(&q[r.at..r.at + d], keys, values, r, scale, scores, &mut out[r.at..r.at + d]);
+    }
+}
+
+/// The portable form of `avx2::attend_rows`, one row at a time: softmax(q.K * scale).V over
+/// positions 0..len and then the row's own (a tree sibling's), in that order. Each key's score
+/// and each value's term are computed alike wherever the row lies, so a tree sibling attending
+/// to [prefix, itself] gets bit for bit what the same keys in one contiguous run give.
+fn attend_row(
+    q: &[f32],
+    keys: PagedRows,
+    values: PagedRows,
+    r: &QueryRow,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let positions = (0..r.len).chain(r.own);
+    scores.clear();
+    scores.extend(positions.clone().map(|p| dot(q, keys.rows(p, 1)) * scale));
+    let inv = softmax_in_place(scores);
+    o.fill(0.0);
+    for (&s, p) in scores.iter().zip(positions) {
+        let w = s * inv;
+        for (o, &v) in o.iter_mut().zip(values.rows(p, 1)) {
+            *o += w * v;
+        }
+    }
+}
