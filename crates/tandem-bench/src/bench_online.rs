@@ -28,24 +28,23 @@
 //! Over 600 lines because one benchmark drives the stream, every configuration, the llama.cpp
 //! peer, windowed figures, the table, JSON and plot.
 use crate::plot;
+
+mod trainers;
 use crate::turns::Turns;
 use crate::workload::{self, Prompt};
 use anyhow::{bail, ensure, Context, Result};
-use rand::SeedableRng;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tandem_cli::online_arg::{self, OnlineArgs};
 use tandem_cli::{load_model, models, DtypeArg};
 use tandem_engine::online::{DrafterExchange, KStat, OnlineHooks};
 use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
-use tandem_models::{Device, LoadOptions, LoadedModel};
+use tandem_models::{Device, LoadOptions};
 use tandem_runtime::speculative::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::SamplingParams;
-use tandem_speculator::traces_io::load_dir;
-use tandem_speculator::TracePool;
 
 #[derive(clap::Args)]
 pub struct OnlineBenchArgs {
@@ -104,7 +103,7 @@ pub struct OnlineBenchArgs {
     #[arg(long, default_value_t = 8192)]
     draft_vocab: usize,
     /// Shortest match prompt lookup uses in `+lookup` configurations.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = tandem_cli::spec_arg::LOOKUP_MIN)]
     lookup_min: usize,
     /// The drafter's matrices while serving (the trainer keeps f32).
     #[arg(long, value_enum, default_value_t = tandem_cli::spec_arg::DraftDtype::default())]
@@ -322,29 +321,6 @@ fn engine_config(args: &OnlineBenchArgs, spec: bool, chain_only: bool) -> Engine
     }
 }
 
-/// Trains a drafter offline from the traces in `dir` with the online trainer's code.
-fn train_offline(loaded: &LoadedModel, dir: &Path, args: &OnlineBenchArgs) -> Result<EagleDrafter> {
-    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Full, 0)?;
-    let mut pool = TracePool::new(usize::MAX);
-    load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
-    ensure!(!pool.is_empty(), "no traces in {}", dir.display());
-    let tc = args.online.train.train_config(WarmStart::Full);
-    let mut trainer = args.online.train.trainer(&drafter, &loaded.model, WarmStart::Full)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let vd = trainer.config.draft_vocab_size;
-    let bar = indicatif::ProgressBar::new(args.offline_steps);
-    for _ in 0..args.offline_steps {
-        let b = pool
-            .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
-            .context("no positions")?;
-        trainer.step(&b)?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let dtype = args.draft_dtype.serve_as();
-    Ok(EagleDrafter::new(drafter.config.clone(), trainer.weights()?, loaded.model.device())?.with_serving(dtype)?)
-}
-
 fn run_config(
     name: &str,
     path: &Path,
@@ -393,7 +369,7 @@ fn run_config(
         "scratch" => (None, Some(eagle(WarmStart::None)?), true),
         "warm" | "cold" => (None, Some(eagle(WarmStart::Full)?), true),
         "warm-head" => (None, Some(eagle(WarmStart::Head)?), true),
-        "offline" => (None, Some(train_offline(&loaded, trace_dir, args)?), true),
+        "offline" => (None, Some(trainers::train_offline(&loaded, trace_dir, args)?), true),
         "day0" => {
             let dir = args.day0_drafter.as_ref().context("the day0 configuration needs --day0-drafter DIR")?;
             (None, Some(EagleDrafter::load(dir, &loaded.model)?.with_serving(dtype)?), true)
@@ -420,7 +396,8 @@ fn run_config(
         };
         trainer = Some(online_arg::start_with(&o, &loaded.model, e, warm, hooks.clone())?);
     }
-    let background = if base == "none+train" { Some(background_trainer(&loaded, trace_dir, args)?) } else { None };
+    let background =
+        if base == "none+train" { Some(trainers::background_trainer(&loaded, trace_dir, args)?) } else { None };
     let (mut engine, handle) =
         Engine::new(loaded.model, engine_config(args, spec, chain_only), Box::new(Fcfs::default()))?;
     if let Some(d) = drafter {
@@ -463,40 +440,6 @@ fn run_config(
     summary.tok_s = tokens as f64 / busy_secs(&done, 0.0);
     summary.acceptance_length = tokens as f64 / steps.max(1) as f64;
     Ok(RunOutput { done, wall, samples, summary })
-}
-
-/// Trains on recorded traces in a background thread at the configured CPU share until stopped;
-/// returns the steps it made.
-fn background_trainer(
-    loaded: &LoadedModel,
-    dir: &Path,
-    args: &OnlineBenchArgs,
-) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<Result<u64>>)> {
-    let drafter = EagleDrafter::fresh(&loaded.model, Some(args.draft_vocab), WarmStart::Full, 0)?;
-    let mut pool = TracePool::new(usize::MAX);
-    load_dir(dir)?.into_iter().for_each(|t| pool.add(t));
-    ensure!(!pool.is_empty(), "none+train needs the traces of a `warm` run first");
-    let tc = args.online.train.train_config(WarmStart::Full);
-    let mut trainer = args.online.train.trainer(&drafter, &loaded.model, WarmStart::Full)?;
-    let share = args.online.train.train_cpu_share.clamp(0.01, 1.0);
-    let threads = args.online.train.train_threads;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::spawn(move || -> Result<u64> {
-        let pool_threads = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build()?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-        let vd = trainer.config.draft_vocab_size;
-        while !s.load(Ordering::SeqCst) {
-            let b = pool
-                .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
-                .context("no positions")?;
-            let t0 = Instant::now();
-            pool_threads.install(|| trainer.step(&b))?;
-            std::thread::sleep(Duration::from_secs_f64(t0.elapsed().as_secs_f64() * (1.0 - share) / share));
-        }
-        Ok(trainer.steps)
-    });
-    Ok((stop, thread))
 }
 
 /// Time some request of `done` (sorted by finish) was in flight, counted from `from` on.

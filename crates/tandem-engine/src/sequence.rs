@@ -6,6 +6,11 @@ use crate::spec_stats::SpecUsage;
 use tandem_runtime::Sampler;
 use tokio::sync::mpsc::UnboundedSender;
 
+/// The longest copy prompt lookup makes for a new sequence: a copy's tokens are right a third of
+/// the time on the busy-server stream (each a row of the verification forward), so it starts
+/// short and grows by two after each copy accepted whole, as draft lengths do.
+pub const COPY_K_START: usize = 2;
+
 /// What a running sequence does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -70,8 +75,8 @@ pub(crate) struct Sequence {
     pub spec: SpecUsage,
     /// This sequence's current draft length (see `EngineConfig::spec_adaptive`).
     pub draft_k: usize,
-    /// The longest draft prompt lookup may copy for it (`DraftRequest::copy_k`): grows after a
-    /// copy accepted whole, shrinks after a rejection, like `draft_k`.
+    /// The longest draft prompt lookup may copy for it (`DraftRequest::copy_k`): starts at
+    /// `COPY_K_START`, grows after a copy accepted whole, shrinks after a rejection, like `draft_k`.
     pub copy_k: usize,
     /// The KV of a preempted request, copied out while it waits.
     pub swapped: Option<tandem_models::KvSnapshot>,
@@ -104,7 +109,7 @@ impl Sequence {
             pending: None,
             spec: SpecUsage::default(),
             draft_k: spec_k,
-            copy_k: spec_k,
+            copy_k: COPY_K_START.min(spec_k),
             swapped: None,
             trace,
             scored: 0,
