@@ -28,8 +28,6 @@
 //! Over 600 lines because one benchmark drives the stream, every configuration, the llama.cpp
 //! peer, windowed figures, the table, JSON and plot.
 use crate::plot;
-
-mod trainers;
 use crate::turns::Turns;
 use crate::workload::{self, Prompt};
 use anyhow::{bail, ensure, Context, Result};
@@ -45,6 +43,8 @@ use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
 use tandem_models::{Device, LoadOptions};
 use tandem_runtime::speculative::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::SamplingParams;
+
+mod trainers;
 
 #[derive(clap::Args)]
 pub struct OnlineBenchArgs {

@@ -179,23 +179,15 @@ impl<const C: usize> Inputs<C> {
 mod tests {
     use super::*;
 
-    /// Every field of `QInput` from `f` over x, as bits.
+    /// Every field `f` writes for x (as `QInput` holds them), floats as bits.
     fn quantized(x: &[f32], f: unsafe fn(&[f32], Blocks<'_>)) -> (Vec<i8>, Vec<u32>, Vec<u32>, Vec<i32>) {
         let blocks = x.len() / QK;
-        let mut out = QInput {
-            k: x.len(),
-            q: vec![0; x.len()],
-            d: vec![0.0; blocks],
-            dsum: vec![0.0; blocks],
-            qsum: vec![0; 2 * blocks],
-        };
-        let parts = out.split(blocks);
-        for part in parts {
-            // SAFETY: called only where the CPU has what `f` needs.
-            unsafe { f(x, part) };
-        }
+        let (mut q, mut d, mut dsum, mut qsum) =
+            (vec![0; x.len()], vec![0.0; blocks], vec![0.0; blocks], vec![0; 2 * blocks]);
+        // SAFETY: called only where the CPU has what `f` needs.
+        unsafe { f(x, Blocks { q: &mut q, d: &mut d, dsum: &mut dsum, qsum: &mut qsum }) };
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        (out.q.clone(), bits(&out.d), bits(&out.dsum), out.qsum.clone())
+        (q, bits(&d), bits(&dsum), qsum)
     }
 
     #[test]
