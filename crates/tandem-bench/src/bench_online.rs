@@ -10,7 +10,8 @@
 //! - `offline`: a drafter trained offline (the same trainer) on the traces the `warm` run recorded
 //!   of this same stream, then frozen;
 //! - `day0`: a drafter made before any traffic (`--day0-drafter DIR`, e.g. by self-distillation),
-//!   then trained online as `warm` is;
+//!   then trained online as `warm` is; `day0#N` the N-th of several (`--day0-drafter A,B`), so
+//!   two day-0 drafters can take turns in one run;
 //! - `cold`: the warm-started drafter frozen, never trained (what a useless drafter costs once the
 //!   draft length controller has its say);
 //! - `CONFIG+lookup` (e.g. `warm+lookup`): that EAGLE configuration with prompt lookup tried first
@@ -95,8 +96,9 @@ pub struct OnlineBenchArgs {
     window: usize,
     /// The drafter the `day0` configuration starts from (made before any traffic, e.g. by
     /// `tandem train-drafter --self-distill N --out DIR`); it is then trained online as `warm` is.
-    #[arg(long)]
-    day0_drafter: Option<std::path::PathBuf>,
+    /// Several, comma-separated: `day0` is the first, `day0#2` (e.g. `day0#2+lookup`) the second.
+    #[arg(long, value_delimiter = ',')]
+    day0_drafter: Vec<std::path::PathBuf>,
     /// Optimizer steps for the `offline` drafter.
     #[arg(long, default_value_t = 600)]
     offline_steps: u64,
@@ -363,6 +365,18 @@ fn run_config(
         Some(base) if base != "none" => (base, true),
         _ => (name_base, false),
     };
+    // `day0#N`: the N-th --day0-drafter.
+    let (base, day0_index) = match base.split_once('#') {
+        Some(("day0", n)) => (
+            "day0",
+            n.parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .with_context(|| format!("configuration {full_name}: day0#N counts from 1"))?
+                - 1,
+        ),
+        _ => (base, 0),
+    };
     let (drafter, trained, hooks_used): (Option<Box<dyn Drafter>>, Option<EagleDrafter>, bool) = match base {
         "none" | "none+train" => (None, None, false),
         "ngram" => (Some(Box::new(NgramDrafter::default())), None, false),
@@ -371,7 +385,9 @@ fn run_config(
         "warm-head" => (None, Some(eagle(WarmStart::Head)?), true),
         "offline" => (None, Some(trainers::train_offline(&loaded, trace_dir, args)?), true),
         "day0" => {
-            let dir = args.day0_drafter.as_ref().context("the day0 configuration needs --day0-drafter DIR")?;
+            let dir = args.day0_drafter.get(day0_index).with_context(|| {
+                format!("configuration {full_name} needs --day0-drafter with {} directories", day0_index + 1)
+            })?;
             (None, Some(EagleDrafter::load(dir, &loaded.model)?.with_serving(dtype)?), true)
         }
         other => bail!("unknown configuration `{other}`"),
