@@ -5,6 +5,7 @@ the speculation figures in `usage`, and exports them in /metrics. Run by crates/
 usage: python3 test_spec.py PLAIN_URL SPEC_URL MODEL_NAME
 """
 import concurrent.futures
+import re
 import sys
 import urllib.request
 
@@ -59,6 +60,17 @@ def main():
     for name in ['tandem_spec_drafter_info{drafter="ngram"} 1', "tandem_spec_draft_tokens_total",
                  "tandem_spec_accepted_tokens_total", "tandem_spec_acceptance_length", 'phase="verify"']:
         assert name in metrics, name
+    # Every engine step is tallied under one kind; together they emitted each request's first
+    # token (as its prompt finished) and every token the decode steps emitted (counted apart).
+    def series(name):
+        return {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith(name + "{")}
+    emitted = series("tandem_engine_step_emitted_tokens_total")
+    assert set(emitted) == {"prefill", "plain", "copied", "drafted"}, emitted
+    decoded = float(re.search(r"^tandem_spec_emitted_tokens_total (\S+)$", metrics, re.M).group(1))
+    assert sum(emitted.values()) == decoded + len(jobs), (emitted, decoded)
+    assert series("tandem_engine_steps_total")["drafted"] > 0, metrics
+    assert 'tandem_engine_step_seconds_total{kind="prefill"}' in metrics
     print(f"ok     speculative server equals plain server ({len(jobs)} requests, {accepted} draft tokens accepted)")
 
 

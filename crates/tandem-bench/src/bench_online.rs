@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use tandem_cli::online_arg::{self, OnlineArgs};
 use tandem_cli::{load_model, models, DtypeArg};
 use tandem_engine::online::{DrafterExchange, KStat, OnlineHooks};
-use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
+use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest, StepKinds};
 use tandem_models::{Device, LoadOptions};
 use tandem_runtime::speculative::{Drafter, EagleDrafter, NgramDrafter, WarmStart};
 use tandem_runtime::SamplingParams;
@@ -185,6 +185,8 @@ struct Summary {
     /// The same per sibling budget of the draft tree (`KStat::k` is the budget), from steps that
     /// drafted.
     alternatives_table: Vec<KStat>,
+    /// Every engine step's wall time by kind (prefill, plain decode, copied drafts, the drafter's drafts).
+    steps: StepKinds,
 }
 
 struct RunOutput {
@@ -450,6 +452,7 @@ fn run_config(
     summary.lookup_accepted_tokens = spec_stats.lookup_accepted_tokens;
     summary.alternatives_drafted = spec_stats.alternatives_drafted;
     summary.alternatives_accepted = spec_stats.alternatives_accepted;
+    summary.steps = spec_stats.steps;
     summary.wall_secs = wall;
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
     let steps: usize = done.iter().map(|d| d.decode_steps).sum();
@@ -668,6 +671,7 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
             reach.join(", ")
         );
     }
+    print_step_kinds(&summaries);
     // Per draft length: a decode step's tokens and time against k = 0's say whether acceptance or
     // the cost of drafting and verifying limits what speculation earns.
     for s in summaries.iter().filter(|s| !s.k_table.is_empty()) {
@@ -746,6 +750,30 @@ fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f
         (t + n, s + n / r.decode_tok_s.max(1e-9))
     });
     Ok(tokens / secs.max(1e-9))
+}
+
+/// Where each configuration's engine time went, by kind of step: prompts cost every
+/// configuration alike, so they bound the whole's gain; ms per token of each decode kind against
+/// `plain`'s is what drafts earn where they run.
+fn print_step_kinds(summaries: &[Summary]) {
+    println!("\n| config | step kind | steps | share of step time | ms/step | rows/step | tokens/step | ms/token |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for s in summaries {
+        let total: f64 = s.steps.named().iter().map(|(_, t)| t.secs).sum();
+        for (kind, t) in s.steps.named().into_iter().filter(|(_, t)| t.steps > 0) {
+            let per = |x: f64, n: u64| x / n.max(1) as f64;
+            println!(
+                "| {} | {kind} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
+                s.config,
+                t.steps,
+                100.0 * t.secs / total.max(1e-9),
+                per(t.secs * 1e3, t.steps),
+                per(t.rows as f64, t.steps),
+                per(t.emitted as f64, t.steps),
+                per(t.secs * 1e3, t.emitted),
+            );
+        }
+    }
 }
 
 /// One controller's figures per arm (draft length, or sibling budget), step time against arm 0's.

@@ -624,6 +624,7 @@ impl Engine {
             }
         }
         self.measure_k(&plan, emitted, started);
+        self.shared.spec.add_time(&plan, &report, started.elapsed().as_secs_f64());
         let ended = self.scheduler.finish(report.finished, &mut self.runner);
         self.on_finished(ended);
         self.finishing.extend(report.finishing);

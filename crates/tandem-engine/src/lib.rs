@@ -35,5 +35,5 @@ pub use scheduler::{
     FairConfig, Fcfs, RequestInfo, Scheduled, Scheduler, SchedulingPolicy, Service, StepPlan, VirtualTokenCounter,
 };
 pub use sequence::Phase;
-pub use spec_stats::{SpecStats, SpecUsage};
+pub use spec_stats::{SpecStats, SpecUsage, StepKinds, StepTally};
 pub use training::TrainingTurn;

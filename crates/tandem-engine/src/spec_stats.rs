@@ -41,6 +41,48 @@ pub struct SpecStats {
     /// Siblings of draft tokens verified (`Draft::alternatives`), and steps where one won.
     pub alternatives_drafted: u64,
     pub alternatives_accepted: u64,
+    /// Every step's wall time by kind (counted with or without a drafter): where speculation's
+    /// gain goes, since prompts cost what they cost and each verified row costs more on a busy CPU.
+    pub steps: StepKinds,
+}
+
+/// Steps of one kind: how many, their seconds (schedule, drafting, forward, commit), rows fed
+/// and tokens emitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTally {
+    pub steps: u64,
+    pub secs: f64,
+    pub rows: u64,
+    pub emitted: u64,
+}
+
+/// Steps by kind: with prompt rows (prefill, alone or beside decodes); decodes with no draft;
+/// decodes whose drafts were all copied by prompt lookup (`Draft::lookup`); decodes with a draft of the
+/// drafter's own (learned, n-gram or draft model).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepKinds {
+    pub prefill: StepTally,
+    pub plain: StepTally,
+    pub copied: StepTally,
+    pub drafted: StepTally,
+}
+
+impl StepKinds {
+    pub fn named(&self) -> [(&'static str, StepTally); 4] {
+        [("prefill", self.prefill), ("plain", self.plain), ("copied", self.copied), ("drafted", self.drafted)]
+    }
+
+    fn kind(&mut self, plan: &StepPlan) -> &mut StepTally {
+        if !plan.seqs.iter().all(|s| s.decode) {
+            &mut self.prefill
+        } else if plan.seqs.iter().all(|s| s.draft.tokens.is_empty()) {
+            &mut self.plain
+        } else if plan.seqs.iter().all(|s| s.draft.lookup || s.draft.tokens.is_empty()) {
+            &mut self.copied
+        } else {
+            &mut self.drafted
+        }
+    }
 }
 
 impl SpecStats {
@@ -66,6 +108,7 @@ pub(crate) struct SpecCounters {
     pub lookup_accepted: AtomicU64,
     pub alternatives_drafted: AtomicU64,
     pub alternatives_accepted: AtomicU64,
+    pub steps: Mutex<StepKinds>,
 }
 
 impl SpecCounters {
@@ -83,7 +126,18 @@ impl SpecCounters {
             lookup_accepted_tokens: get(&self.lookup_accepted),
             alternatives_drafted: get(&self.alternatives_drafted),
             alternatives_accepted: get(&self.alternatives_accepted),
+            steps: *self.steps.lock().unwrap_or_else(|e| e.into_inner()),
         }
+    }
+
+    /// Adds a committed step's wall time to its kind's tally.
+    pub(crate) fn add_time(&self, plan: &StepPlan, report: &StepReport, secs: f64) {
+        let mut kinds = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let t = kinds.kind(plan);
+        t.steps += 1;
+        t.secs += secs;
+        t.rows += plan.seqs.iter().map(|s| s.tokens.len() as u64).sum::<u64>();
+        t.emitted += report.seqs.iter().map(|c| c.emitted as u64).sum::<u64>();
     }
 
     /// Adds a committed step's decodes; returns the tokens they emitted.

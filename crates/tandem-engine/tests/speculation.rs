@@ -151,6 +151,15 @@ fn greedy_speculation_changes_nothing() {
             }
             let stats = h.spec_stats();
             assert_eq!(stats.drafter.as_deref(), Some(*name));
+            // Every step is tallied under one kind: together they emitted every output token.
+            let kinds = stats.steps.named();
+            let emitted: u64 = kinds.iter().map(|(_, t)| t.emitted).sum();
+            assert_eq!(emitted as usize, got.iter().map(|(t, _)| t.len()).sum::<usize>(), "{kinds:?}");
+            assert!(kinds.iter().all(|(_, t)| t.secs >= 0.0 && t.rows >= t.steps), "{kinds:?}");
+            assert!(stats.steps.prefill.steps > 0 && stats.steps.prefill.rows > stats.steps.prefill.steps);
+            if name.starts_with("eagle") {
+                assert!(stats.steps.drafted.steps > 0, "{kinds:?}");
+            }
             if *name == "oracle" {
                 // Only the last draft of a request can fall short: nearly every token is accepted.
                 assert!(stats.acceptance_rate() > 0.95, "{stats:?}");

@@ -165,6 +165,7 @@ impl Metrics {
                 h.render_series(name, &format!("client=\"{}\"", escape(client)), &mut out);
             }
         }
+        render_step_kinds(&mut out, &gauges.spec.steps);
         if let Some(name) = &gauges.spec.drafter {
             let s = &gauges.spec;
             let _ = writeln!(
@@ -229,6 +230,24 @@ impl Metrics {
             &mut out,
         );
         out
+    }
+}
+
+/// Engine steps and their seconds by kind (prefill, plain decode, copied or learned drafts): what
+/// share of the engine's time prompts take, and what a decode step of each kind costs.
+fn render_step_kinds(out: &mut String, kinds: &tandem_engine::StepKinds) {
+    let series = [
+        ("tandem_engine_steps_total", "Engine steps by kind.", 0),
+        ("tandem_engine_step_seconds_total", "Engine step wall time by kind.", 1),
+        ("tandem_engine_step_rows_total", "Tokens fed to the model by kind of step.", 2),
+        ("tandem_engine_step_emitted_tokens_total", "Tokens emitted by kind of step.", 3),
+    ];
+    for (name, help, field) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (kind, t) in kinds.named() {
+            let v = [t.steps as f64, t.secs, t.rows as f64, t.emitted as f64][field];
+            let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {v}");
+        }
     }
 }
 
