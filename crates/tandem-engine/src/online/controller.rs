@@ -59,7 +59,8 @@ impl KController {
             return k;
         }
         if self.next_random() < self.explore {
-            let up = self.next_random() < 0.5;
+            // From k = 0 (or the longest) there is one neighbour: every trial goes to it.
+            let up = self.best == 0 || (self.best < self.max_k && self.next_random() < 0.5);
             return if up { (self.best + 1).min(self.max_k) } else { self.best.saturating_sub(1) };
         }
         self.best

@@ -155,12 +155,21 @@ impl OnlineState {
     }
 
     /// The next step's draft length and sibling budget, for a step whose decoding sequences are
-    /// mostly `family`'s: its controllers measure the step.
+    /// mostly `family`'s: its controllers measure the step. The budget is explored only at the
+    /// best length; a step trying another length uses that length's best budget, so that every
+    /// such step measures the length (a length is judged by steps at its best budget: when a
+    /// length's rare trials went to its budget controller's sweep instead, its rate stayed as
+    /// its first eight steps left it, and a server held k = 0 for hundreds of steps).
     pub fn choose(&mut self, family: &Family) -> (usize, usize) {
         self.enter(family);
         let shape = self.shape_mut();
         let k = shape.k.choose();
-        (k, if k == 0 { 0 } else { shape.alternatives[k].choose() })
+        let budget = match k {
+            0 => 0,
+            k if k == shape.k.best() => shape.alternatives[k].choose(),
+            k => shape.alternatives[k].best(),
+        };
+        (k, budget)
     }
 
     /// The draft length controller of the current family.
@@ -299,6 +308,34 @@ mod tests {
         // A new family starts measuring from scratch, not from another's choice.
         state.choose(&Some("another".into()));
         assert!(state.k().table().is_empty());
+    }
+
+    #[test]
+    fn a_length_measured_slow_at_first_is_tried_again() {
+        let mut state = state(2, 2);
+        // The first steps at k = 1 come in a bad stretch (a drafter's first code request) and
+        // read slower than k = 0; afterwards k = 1 is 1.6x. Siblings never pay. Trials of k = 1
+        // must measure k = 1, not its sibling budgets, so that it is taken within 120 steps (when
+        // they measured the budgets, k = 0 was still held after 250).
+        const STEPS: usize = 120;
+        let mut tried = 0;
+        let mut tokens = |k: usize, siblings: usize| match k {
+            0 => 10,
+            _ => {
+                tried += 1;
+                if tried <= 8 {
+                    8
+                } else {
+                    16 - 3 * siblings
+                }
+            }
+        };
+        for _ in 0..STEPS {
+            let (k, siblings) = state.choose(&None);
+            let t = tokens(k.min(1), siblings);
+            state.on_decode_step(k, siblings, t, 1.0);
+        }
+        assert!(state.k().best() >= 1, "{:?}", state.k().table());
     }
 
     #[test]
