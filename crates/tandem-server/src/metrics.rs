@@ -233,20 +233,20 @@ impl Metrics {
     }
 }
 
-/// Engine steps and their seconds by kind (prefill, plain decode, copied or learned drafts): what
-/// share of the engine's time prompts take, and what a decode step of each kind costs.
+/// Engine steps and their seconds by kind (prefill, plain decode, copied drafts, the drafter's
+/// drafts): what share of the engine's time prompts take, and what a decode step of each kind costs.
 fn render_step_kinds(out: &mut String, kinds: &tandem_engine::StepKinds) {
-    let series = [
-        ("tandem_engine_steps_total", "Engine steps by kind.", 0),
-        ("tandem_engine_step_seconds_total", "Engine step wall time by kind.", 1),
-        ("tandem_engine_step_rows_total", "Tokens fed to the model by kind of step.", 2),
-        ("tandem_engine_step_emitted_tokens_total", "Tokens emitted by kind of step.", 3),
+    type Field = fn(&tandem_engine::StepTally) -> f64;
+    let series: [(&str, &str, Field); 4] = [
+        ("tandem_engine_steps_total", "Engine steps by kind.", |t| t.steps as f64),
+        ("tandem_engine_step_seconds_total", "Engine step wall time by kind.", |t| t.secs),
+        ("tandem_engine_step_rows_total", "Tokens fed to the model by kind of step.", |t| t.rows as f64),
+        ("tandem_engine_step_emitted_tokens_total", "Tokens emitted by kind of step.", |t| t.emitted as f64),
     ];
     for (name, help, field) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (kind, t) in kinds.named() {
-            let v = [t.steps as f64, t.secs, t.rows as f64, t.emitted as f64][field];
-            let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {v}");
+            let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {}", field(&t));
         }
     }
 }
