@@ -51,7 +51,8 @@ def main():
                 break
     for name in ["tandem_drafter_published_version", "tandem_drafter_rollbacks_total", "tandem_drafter_train_loss",
                  "tandem_spec_chosen_k", "tandem_traces_dropped_total", "tandem_spec_gain",
-                 "tandem_drafter_train_cpu_share", "tandem_spec_alternatives_total",
+                 "tandem_drafter_train_cpu_share", "tandem_drafter_train_turns_total",
+                 "tandem_drafter_train_turn_seconds_total", "tandem_spec_alternatives_total",
                  "tandem_spec_alternatives_accepted_total"]:
         metric(m, name)
     # The draft-length controller's figures per k (k = 0 is always measured).

@@ -168,6 +168,10 @@ struct Summary {
     rollbacks: u64,
     traces_dropped: u64,
     trainer_cpu_secs: f64,
+    /// Seconds serving paused for the trainer's turns (a saturated server lends them), and their
+    /// share of the time requests were in flight.
+    trainer_turn_secs: f64,
+    trainer_turn_share: f64,
     /// Draft tokens verified and accepted; of them, those copied by prompt lookup (`+lookup`).
     drafted_tokens: u64,
     accepted_tokens: u64,
@@ -398,6 +402,11 @@ fn run_config(
     // `cold`, `offline` and `+frozen` serve a frozen drafter: no trainer, so no traces.
     let trains = trained.is_some() && !(frozen || matches!(base, "offline" | "cold"));
     let hooks = OnlineHooks::new(if trains { online.trace_buffer_mib << 20 } else { 0 });
+    if turns.is_some() {
+        // Side by side, this engine's idle time is the others' serving: its trainer trains as
+        // beside a saturated server, in the turns its own engine lends it.
+        hooks.exchange.idle.assume_saturated();
+    }
     let mut trainer = None;
     if let Some(e) = trained.as_ref().filter(|_| trains) {
         let mut o = online.clone();
@@ -441,6 +450,7 @@ fn run_config(
         summary.trainer_steps = thread.join().expect("background trainer")?;
     }
     let ex = &hooks.exchange;
+    summary.trainer_turn_secs = ex.turns.lent_secs.get();
     summary.drafter_versions = ex.weights.published.load(Ordering::Relaxed);
     summary.k_table = ex.metrics.k_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
     summary.alternatives_table = ex.metrics.alternatives_table.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -457,6 +467,7 @@ fn run_config(
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
     let steps: usize = done.iter().map(|d| d.decode_steps).sum();
     summary.tok_s = tokens as f64 / busy_secs(&done, 0.0);
+    summary.trainer_turn_share = summary.trainer_turn_secs / busy_secs(&done, 0.0);
     summary.acceptance_length = tokens as f64 / steps.max(1) as f64;
     Ok(RunOutput { done, wall, samples, summary })
 }
@@ -653,13 +664,17 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
             r.train_steps.filter(|&s| s > 0).map_or("".into(), |s| s.to_string())
         );
     }
-    println!("\n| config | tok/s | acceptance | identical | trainer steps | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n| config | tok/s | acceptance | identical | trainer steps | serving paused for them | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in &summaries {
         let reach: Vec<String> =
             s.reached_target_after.iter().map(|(_, n)| n.map_or("no".into(), |n| n.to_string())).collect();
+        let paused = match s.trainer_turn_secs {
+            0.0 => String::new(),
+            t => format!("{t:.1} s ({:.1}%)", 100.0 * s.trainer_turn_share),
+        };
         println!(
-            "| {} | {:.1} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.1} | {:.2} | {} | {} | {paused} | {} | {} | {} | {} |",
             s.config,
             s.tok_s,
             s.acceptance_length,

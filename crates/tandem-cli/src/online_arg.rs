@@ -64,9 +64,11 @@ pub struct TrainArgs {
     /// Gradient-norm clip.
     #[arg(long, default_value_t = TrainConfig::default().grad_clip)]
     pub train_clip: f64,
-    /// Share of one core's time the trainer may compute while the drafter is still learning (its
-    /// agreement with the target on fresh traffic rising, or fallen after a change of traffic); it
-    /// sleeps the rest so serving keeps the CPU, and takes the whole core while nothing is served.
+    /// Share of wall time a saturated server lends the trainer while the drafter is still
+    /// learning (its agreement with the target on fresh traffic rising, or fallen after a change
+    /// of traffic): serving pauses between steps for turns of every core, and is that much
+    /// slower. Below saturation the trainer takes every core while nothing is served, never
+    /// beside serving.
     #[arg(long, default_value_t = OnlineTrainerConfig::default().cpu_share)]
     pub train_cpu_share: f64,
     /// The trainer's share once that agreement has levelled off.
@@ -94,7 +96,8 @@ pub struct TrainArgs {
     /// token of the prompt). Output positions always carry the target's distribution.
     #[arg(long, value_enum, default_value_t = PromptLabels::Target)]
     pub train_prompt_labels: PromptLabels,
-    /// Threads for the trainer's kernels.
+    /// Threads for the trainer's kernels (it computes while serving is idle or in the turns a
+    /// saturated server lends it, so every core is free).
     #[arg(long, default_value_t = OnlineTrainerConfig::default().threads)]
     pub train_threads: usize,
     /// Draft ids scored per training step: the tokens the batch's labels make likely plus

@@ -514,6 +514,7 @@ impl Engine {
                     continue;
                 }
             }
+            self.lend_trainer_a_turn();
             self.guarded_step();
         }
         tracing::info!("engine stopped");
@@ -707,6 +708,14 @@ impl Engine {
     fn on_finished(&mut self, ended: Vec<crate::sequence::Sequence>) {
         if let Some(online) = self.online.as_ref() {
             online.on_finished(ended);
+        }
+    }
+
+    /// On a saturated server the drafter trainer computes only in turns the engine lends it
+    /// between steps, at its share of wall time (see `TrainerTurns`).
+    fn lend_trainer_a_turn(&self) {
+        if let Some(o) = &self.online {
+            o.hooks.exchange.turns.lend();
         }
     }
 

@@ -319,8 +319,20 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
     metric(
         "tandem_drafter_train_cpu_share",
         "gauge",
-        "Share of one core the drafter trainer may use beside serving now: 0 unless serving is saturated (it then trains in idle time only), more while it is still learning.",
+        "Share of wall time a saturated server lends the drafter trainer now, in turns between steps: 0 unless serving is saturated (the trainer then uses idle time only), more while it is still learning.",
         ex.metrics.train_share.get().to_string(),
+    );
+    metric(
+        "tandem_drafter_train_turns_total",
+        "counter",
+        "Turns of every core a saturated server lent the drafter trainer (serving paused between steps).",
+        ex.turns.lent.load(Relaxed).to_string(),
+    );
+    metric(
+        "tandem_drafter_train_turn_seconds_total",
+        "counter",
+        "Seconds serving paused for the drafter trainer's turns.",
+        ex.turns.lent_secs.get().to_string(),
     );
     metric(
         "tandem_drafter_fresh_agreement",

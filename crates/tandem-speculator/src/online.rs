@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_engine::online::{DrafterExchange, TraceBuffer, Version};
+use tandem_engine::online::{DrafterExchange, Trace, TraceBuffer, Turn, Version};
 use tandem_runtime::speculative::EagleWeights;
 
 #[derive(Debug, Clone)]
@@ -22,23 +22,22 @@ pub struct OnlineTrainerConfig {
     /// Most positions kept in the pool (the oldest traces go first). Each holds 3 x hidden f32
     /// features: 50,000 positions are ~350 MB for SmolLM2.
     pub pool_positions: usize,
-    /// Share of one core's time the trainer may compute beside a saturated server (one busy for
-    /// at least `SATURATED` of the last `LOAD_WINDOW`: no idle time to train in) while the
-    /// drafter is learning: at first, while its agreement with the target on traffic it has not
-    /// trained on is rising, and after that agreement drops (a domain shift). It sleeps the rest,
-    /// so serving keeps the CPU. Below saturation it computes only while serving is idle: on a
-    /// 2-vCPU machine anything beside the engine slows it by a quarter or more, even at the
-    /// lowest priority, and a server with pauses leaves the trainer all its cores in them.
+    /// Share of wall time the engine lends the trainer on a saturated server (busy for at least
+    /// `SATURATED` of the last `LOAD_WINDOW`: no idle time to train in) while the drafter is
+    /// learning: at first, while its agreement with the target on traffic it has not trained on
+    /// is rising, and after that agreement drops (a domain shift). Serving pauses for those turns
+    /// and loses that share of its speed (`TrainerTurns`). Below saturation the trainer computes
+    /// only while serving is idle: on a 2-vCPU machine anything beside the engine slows it by a
+    /// quarter or more, and a server with pauses leaves the trainer all its cores in them.
     pub cpu_share: f64,
     /// The share once that agreement has stopped rising (a plateau: more training buys little).
     pub min_share: f64,
-    /// Run the trainer's threads at the lowest OS priority (Linux SCHED_IDLE): they then take
-    /// only CPU time serving leaves unused, whatever the share allows.
+    /// Run the trainer's threads at the lowest OS priority (Linux SCHED_IDLE), so that a part
+    /// of a step that runs on into a request takes only what serving leaves unused.
     pub background_priority: bool,
-    /// Threads for the trainer's kernels.
+    /// Threads for the trainer's kernels (it computes in idle time or in turns, when every core
+    /// is free).
     pub threads: usize,
-    /// Threads for a step that starts while serving is idle (every core is free then).
-    pub idle_threads: usize,
     /// Drafter checkpoints: every `checkpoint_every` steps and at shutdown.
     pub checkpoint_dir: Option<PathBuf>,
     pub checkpoint_every: u64,
@@ -52,11 +51,10 @@ impl Default for OnlineTrainerConfig {
             publish_every: 10,
             min_positions: 256,
             pool_positions: 50_000,
-            cpu_share: 0.3,
-            min_share: 0.1,
+            cpu_share: 0.1,
+            min_share: 0.02,
             background_priority: true,
-            threads: 1,
-            idle_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             checkpoint_dir: None,
             checkpoint_every: 200,
             spill_dir: None,
@@ -147,8 +145,7 @@ fn run(
     if low {
         lower_priority();
     }
-    let pool_threads = rayon_pool(config.threads, low);
-    let idle_pool = if config.idle_threads > config.threads { rayon_pool(config.idle_threads, low) } else { None };
+    let threads = rayon_pool(config.threads, low);
     let mut pool = TracePool::new(config.pool_positions);
     let mut rng = StdRng::seed_from_u64(trainer.train.seed ^ 0x7EA1);
     let mut spill = config.spill_dir.as_ref().and_then(|d| match TraceSpill::new(d) {
@@ -166,30 +163,20 @@ fn run(
     let mut next_version = 1u64;
     let mut progress = Progress::default();
     let mut load = Load::new(LOAD_WINDOW);
-    // Compute time not yet paid for by sleeping (evaluations of fresh traces).
-    let mut unpaid = 0.0;
     while !stop.load(Ordering::SeqCst) {
-        for t in traces.drain() {
-            // Before training on it: how well does the drafter predict this fresh traffic?
-            let vd = trainer.config.draft_vocab_size;
-            if let Some(b) = Batch::outputs(&t, 64, vd, &|id| trainer.draft_id(id)) {
-                let start = Instant::now();
-                let agreement = match &pool_threads {
-                    Some(p) => p.install(|| trainer.first_token_agreement(&b)),
-                    None => trainer.first_token_agreement(&b),
-                };
-                unpaid += start.elapsed().as_secs_f64();
-                if let Ok(a) = agreement {
-                    progress.record(a);
-                    exchange.metrics.fresh_agreement.set(progress.fast);
+        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
+        let fresh = traces.drain();
+        if !fresh.is_empty() {
+            let Some(_room) = room(share, &mut load, &exchange, &stop) else { break };
+            for t in fresh {
+                on(&threads, || note_agreement(&trainer, &t, &mut progress, &exchange));
+                if let Some(s) = spill.as_mut() {
+                    if let Err(e) = s.write(&t) {
+                        tracing::warn!(error = %e, "trace spill failed");
+                    }
                 }
+                pool.add(t);
             }
-            if let Some(s) = spill.as_mut() {
-                if let Err(e) = s.write(&t) {
-                    tracing::warn!(error = %e, "trace spill failed");
-                }
-            }
-            pool.add(t);
         }
         if !exchange.weights.take_rejected().is_empty() {
             let back = exchange.weights.serving_version.load(Ordering::Relaxed);
@@ -206,32 +193,29 @@ fn run(
         }
         let tc = trainer.train.clone();
         let vd = trainer.config.draft_vocab_size;
-        // A step begun in idle time goes in parts, pausing between them while a request is served.
-        let idle = exchange.idle.is_idle();
-        let parts = if idle { IDLE_STEP_PARTS } else { 1 };
-        let batches: Vec<Batch> = (0..parts)
+        let batches: Vec<Batch> = (0..STEP_PARTS)
             .filter_map(|_| {
-                pool.sample(&mut rng, tc.batch_positions / parts, tc.window, vd, &|id| trainer.draft_id(id))
+                pool.sample(&mut rng, tc.batch_positions / STEP_PARTS, tc.window, vd, &|id| trainer.draft_id(id))
             })
             .collect();
-        if batches.len() < parts {
+        if batches.len() < STEP_PARTS {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
+        // Each part of the step in its own room: idle time, or a turn the engine lends.
+        let Some(first) = room(share, &mut load, &exchange, &stop) else { break };
+        let mut current = Some(first);
         let start = Instant::now();
         let depth = exchange.metrics.chosen_k.load(Ordering::Relaxed) as usize + 1;
-        let threads = match &idle_pool {
-            Some(p) if idle => Some(p),
-            _ => pool_threads.as_ref(),
+        let mut waited = Duration::ZERO;
+        let mut between = || {
+            current = None;
+            let t = Instant::now();
+            current = room(share, &mut load, &exchange, &stop);
+            waited += t.elapsed();
         };
-        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
-        let mut paused = Duration::ZERO;
-        let mut between = || paused += rest(0.0, share, &mut load, &exchange, &stop);
-        let result = match threads {
-            Some(p) => p.install(|| trainer.step_in_parts(&batches, depth, &mut between)),
-            None => trainer.step_in_parts(&batches, depth, &mut between),
-        };
-        let secs = (start.elapsed() - paused).as_secs_f64();
+        let result = on(&threads, || trainer.step_in_parts(&batches, depth, &mut between));
+        let secs = (start.elapsed() - waited).as_secs_f64();
         let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
         st.compute_secs += secs;
         st.pooled_positions = pool.positions();
@@ -268,32 +252,50 @@ fn run(
                 st.error = Some(e.to_string());
             }
         }
-        drop(st);
-        rest(secs + std::mem::take(&mut unpaid), share, &mut load, &exchange, &stop);
     }
     checkpoint(&trainer, &config);
 }
 
-/// After `secs` of compute: sleeps until serving is idle (for longer than a gap between
-/// back-to-back requests), or, beside a saturated server, until compute / wall time is back at
-/// `share` (with `secs` 0: until serving is idle or saturated, as between the parts of a step).
-/// Returns how long it slept.
-fn rest(secs: f64, share: f64, load: &mut Load, exchange: &DrafterExchange, stop: &AtomicBool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let saturated = load.update(exchange.idle.busy_secs()) >= SATURATED;
-        exchange.metrics.train_share.set(if saturated { share } else { 0.0 });
-        let done = saturated && started.elapsed().as_secs_f64() >= secs * (1.0 - share) / share;
-        if done || stop.load(Ordering::SeqCst) || exchange.idle.is_idle() {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// Before training on a fresh trace: how well does the drafter predict this traffic?
+fn note_agreement(trainer: &Trainer, t: &Trace, progress: &mut Progress, exchange: &DrafterExchange) {
+    let vd = trainer.config.draft_vocab_size;
+    let Some(b) = Batch::outputs(t, 64, vd, &|id| trainer.draft_id(id)) else { return };
+    if let Ok(a) = trainer.first_token_agreement(&b) {
+        progress.record(a);
+        exchange.metrics.fresh_agreement.set(progress.fast);
     }
 }
 
-/// Parts of a step begun in idle time: a request arriving mid-step shares the cores with the
-/// trainer for at most a part (~20-40 ms on two threads for SmolLM2's drafter).
-const IDLE_STEP_PARTS: usize = 4;
+/// Where the trainer may compute now; a lent turn ends when this is dropped.
+struct Room<'a> {
+    _turn: Option<Turn<'a>>,
+}
+
+/// Waits until the trainer may compute: serving idle (for longer than a gap between
+/// back-to-back requests: every core is free), or, on a saturated server, a turn the engine
+/// lends at `share` of wall time. Below saturation it waits for idle time. None when stopping.
+fn room<'a>(share: f64, load: &mut Load, exchange: &'a DrafterExchange, stop: &AtomicBool) -> Option<Room<'a>> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        if exchange.idle.is_idle() {
+            return Some(Room { _turn: None });
+        }
+        let saturated = exchange.idle.assumes_saturated() || load.update(exchange.idle.busy_secs()) >= SATURATED;
+        exchange.metrics.train_share.set(if saturated { share } else { 0.0 });
+        if !saturated {
+            std::thread::sleep(Duration::from_millis(10));
+        } else if let Some(turn) = exchange.turns.take(share, Duration::from_millis(10)) {
+            return Some(Room { _turn: Some(turn) });
+        }
+    }
+}
+
+/// Parts of a step, each in its own idle time or turn: a request arriving mid-step shares the
+/// cores with the trainer for at most a part, and a turn pauses serving for one part (~20-40 ms
+/// on two threads for SmolLM2's drafter).
+const STEP_PARTS: usize = 4;
 
 /// Serving busier than this share of `LOAD_WINDOW` leaves no idle time to train in.
 pub const SATURATED: f64 = 0.9;
@@ -367,6 +369,14 @@ fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {
     match trainer.weights().and_then(|w| w.save(&trainer.config, dir)) {
         Ok(()) => tracing::info!(dir = %dir.display(), steps = trainer.steps, "drafter checkpoint written"),
         Err(e) => tracing::warn!(error = %e, "drafter checkpoint failed"),
+    }
+}
+
+/// Runs `f` on `pool`'s threads (the calling thread when there is none).
+fn on<R: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
     }
 }
 

@@ -88,6 +88,51 @@ fn plain_outputs(requests: &[GenerationRequest]) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// A fresh drafter served online on its own thread (`saturated`: as a server with no idle time),
+/// and a trainer for it, not started.
+fn online_engine(saturated: bool) -> (OnlineHooks, EngineHandle, std::thread::JoinHandle<()>, Trainer) {
+    let target = model();
+    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 3).unwrap();
+    let trainer =
+        Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table().unwrap(), train_config())
+            .unwrap();
+    let h = hooks(1 << 30, OnlineConfig::default());
+    if saturated {
+        h.exchange.idle.assume_saturated();
+    }
+    let (engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, max_batch: 6, ..Default::default() });
+    (h, handle, engine.spawn(), trainer)
+}
+
+/// `clients` clients submit `requests` at once, each waiting for its answer before its next
+/// request; returns (request index, output) for each.
+fn serve_in_parallel(handle: &EngineHandle, requests: &[GenerationRequest], clients: usize) -> Vec<(usize, Vec<u32>)> {
+    std::thread::scope(|s| {
+        let joins: Vec<_> = (0..clients)
+            .map(|c| {
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    for i in (c..requests.len()).step_by(clients) {
+                        let mut rx = handle.submit(requests[i].clone()).unwrap();
+                        let mut out = Vec::new();
+                        loop {
+                            match rx.blocking_recv().expect("the engine answers") {
+                                Event::Token(t) => out.push(t.id),
+                                Event::Finished { .. } => break,
+                                Event::Failed(m) => panic!("{m}"),
+                                Event::Scored(_) => {}
+                            }
+                        }
+                        got.push((i, out));
+                    }
+                    got
+                })
+            })
+            .collect();
+        joins.into_iter().flat_map(|j| j.join().unwrap()).collect()
+    })
+}
+
 fn fixed_k() -> OnlineConfig {
     OnlineConfig { k_by_throughput: false, rollback_window: 60, ..Default::default() }
 }
@@ -337,14 +382,7 @@ fn a_trainer_scoring_a_sampled_vocabulary_learns_the_whole_one() {
 fn swaps_under_concurrent_load_change_no_output() {
     let requests: Vec<_> = (0..40).map(|i| request(i, 30 + i % 20)).collect();
     let expected = plain_outputs(&requests);
-    let target = model();
-    let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 3).unwrap();
-    let trainer =
-        Trainer::new(drafter.config.clone(), drafter.weights(), target.embedding_table().unwrap(), train_config())
-            .unwrap();
-    let h = hooks(1 << 30, OnlineConfig::default());
-    let (engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 4, max_batch: 6, ..Default::default() });
-    let thread = engine.spawn();
+    let (h, handle, thread, trainer) = online_engine(false);
     let trainer = OnlineTrainer::spawn(
         trainer,
         h.traces.clone(),
@@ -366,32 +404,7 @@ fn swaps_under_concurrent_load_change_no_output() {
     let mut swapped_at = None;
     let started = std::time::Instant::now();
     loop {
-        let outs: Vec<(usize, Vec<u32>)> = std::thread::scope(|s| {
-            let joins: Vec<_> = (0..4)
-                .map(|c| {
-                    let handle = handle.clone();
-                    let requests = &requests;
-                    s.spawn(move || {
-                        let mut got = Vec::new();
-                        for i in (c..requests.len()).step_by(4) {
-                            let mut rx = handle.submit(requests[i].clone()).unwrap();
-                            let mut out = Vec::new();
-                            loop {
-                                match rx.blocking_recv().expect("the engine answers") {
-                                    Event::Token(t) => out.push(t.id),
-                                    Event::Finished { .. } => break,
-                                    Event::Failed(m) => panic!("{m}"),
-                                    Event::Scored(_) => {}
-                                }
-                            }
-                            got.push((i, out));
-                        }
-                        got
-                    })
-                })
-                .collect();
-            joins.into_iter().flat_map(|j| j.join().unwrap()).collect()
-        });
+        let outs = serve_in_parallel(&handle, &requests, 4);
         assert_eq!(outs.len(), requests.len(), "no request lost");
         for (i, out) in outs {
             assert_eq!(out, expected[i], "request {i} changed under hot swaps (wave {waves})");
@@ -690,4 +703,38 @@ fn a_running_training_turn_is_not_idle_time() {
     assert!(h.exchange.idle.is_idle(), "the turn ended");
     handle.shutdown();
     thread.join().unwrap();
+}
+
+/// On a saturated server (no idle time) the trainer learns only in turns the engine lends it
+/// between steps: it makes steps, publishes versions, the engine takes them, and every output
+/// stays the plain engine's.
+#[test]
+fn a_saturated_server_lends_the_trainer_turns() {
+    let requests: Vec<_> = (0..24).map(|i| request(i, 30 + i % 10)).collect();
+    let expected = plain_outputs(&requests);
+    let (h, handle, thread, trainer) = online_engine(true);
+    let config = OnlineTrainerConfig {
+        publish_every: 1,
+        min_positions: 32,
+        cpu_share: 0.5,
+        min_share: 0.5,
+        ..Default::default()
+    };
+    let trainer = OnlineTrainer::spawn(trainer, h.traces.clone(), h.exchange.clone(), config);
+    let version = || h.exchange.weights.serving_version.load(std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let mut waves = 0;
+    while version() < 1 && started.elapsed().as_secs() < 120 {
+        for (i, out) in serve_in_parallel(&handle, &requests, 3) {
+            assert_eq!(out, expected[i], "request {i} changed while the trainer took turns (wave {waves})");
+        }
+        waves += 1;
+    }
+    let status = trainer.status();
+    trainer.shutdown();
+    handle.shutdown();
+    thread.join().unwrap();
+    let lent = h.exchange.turns.lent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(status.steps >= 1 && lent >= 1, "steps {} in {lent} turns over {waves} waves", status.steps);
+    assert!(version() >= 1, "no version served after {waves} waves ({} steps)", status.steps);
 }

@@ -1,9 +1,11 @@
-//! Between the trainer and the engine, three small things with one job each: the slot through
+//! Between the trainer and the engine, four small things with one job each: the slot through
 //! which the trainer publishes drafter weights and the engine takes (or rolls back) them, the
-//! engine's idle signal, and the figures both publish for /metrics.
+//! engine's idle signal, the turns the engine lends the trainer on a saturated server, and the
+//! figures both publish for /metrics.
 use super::controller::KStat;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use tandem_runtime::speculative::EagleWeights;
 
 /// A numbered set of drafter weights.
@@ -91,6 +93,9 @@ pub struct IdleSignal {
     busy_from: AtomicU64,
     /// Nanoseconds the engine had work, up to its last idle moment.
     busy_total: AtomicU64,
+    /// The engine stands for a saturated server whatever its own idle time says (a benchmark
+    /// whose engines take turns: one engine's idle time is another's serving).
+    assume_saturated: AtomicBool,
 }
 
 impl IdleSignal {
@@ -122,7 +127,16 @@ impl IdleSignal {
     /// started in it runs on into the next request and slows its steps; a client's think time or
     /// a quiet server lasts longer.
     pub fn is_idle(&self) -> bool {
-        self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
+        !self.assumes_saturated() && self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
+    }
+
+    /// From now on the engine counts as saturated: its idle time is never the trainer's.
+    pub fn assume_saturated(&self) {
+        self.assume_saturated.store(true, Ordering::Relaxed);
+    }
+
+    pub fn assumes_saturated(&self) -> bool {
+        self.assume_saturated.load(Ordering::Relaxed)
     }
 
     /// Seconds the engine has had work since it started (a clock the trainer reads twice to
@@ -148,6 +162,89 @@ pub const IDLE_GRACE: f64 = 0.02;
 fn epoch() -> std::time::Instant {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// Turns the engine lends the trainer on a saturated server. Beside the engine on a 2-vCPU
+/// machine a trainer slows every step by a quarter or more (the engine's threads wait for each
+/// other at every product), and at the lowest OS priority it gets almost nothing (2 steps in 500
+/// busy requests). So the engine pauses between steps and the trainer takes every core for one
+/// part of a step, as often as its share of wall time allows: serving loses that share and no
+/// more, and the trainer learns at a rate it can count on.
+#[derive(Default)]
+pub struct TrainerTurns {
+    state: Mutex<TurnState>,
+    changed: Condvar,
+    /// Turns lent and seconds they lasted, for /metrics.
+    pub lent: AtomicU64,
+    pub lent_secs: AtomicF64,
+}
+
+#[derive(Default)]
+struct TurnState {
+    /// The trainer waits for a turn; the share of wall time it may take.
+    wanted: Option<f64>,
+    /// A turn is on: the engine waits for it to end.
+    on: bool,
+    /// No turn before this (the last turn paid for by serving time at the trainer's share).
+    next: Option<Instant>,
+}
+
+/// The longest the engine waits for a turn to end: a trainer that hangs must not stop serving
+/// (a turn is one part of a step, ~20-60 ms).
+pub const TURN_LIMIT: Duration = Duration::from_secs(2);
+
+impl TrainerTurns {
+    fn state(&self) -> std::sync::MutexGuard<'_, TurnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The engine's side, between steps: if the trainer waits for a turn and its share allows
+    /// one, lends it every core and waits until it ends. Returns how long it waited.
+    pub fn lend(&self) -> Option<Duration> {
+        let mut s = self.state();
+        let share = s.wanted?;
+        let start = Instant::now();
+        if s.next.is_some_and(|n| start < n) {
+            return None;
+        }
+        (s.wanted, s.on) = (None, true);
+        self.changed.notify_all();
+        let (mut s, wait) = self.changed.wait_timeout_while(s, TURN_LIMIT, |s| s.on).unwrap_or_else(|e| e.into_inner());
+        if wait.timed_out() {
+            s.on = false;
+            tracing::warn!("the drafter trainer's turn ran past {TURN_LIMIT:?}; serving goes on beside it");
+        }
+        let took = start.elapsed();
+        let share = share.clamp(0.001, 0.9);
+        s.next = Some(Instant::now() + took.mul_f64((1.0 - share) / share));
+        self.lent.fetch_add(1, Ordering::Relaxed);
+        self.lent_secs.set(self.lent_secs.get() + took.as_secs_f64());
+        Some(took)
+    }
+
+    /// The trainer's side: asks for a turn at `share` of wall time and waits for it up to `wait`.
+    /// The turn lasts until the returned guard is dropped; None if none came (the request is
+    /// withdrawn, so the engine never waits for a trainer that is not there).
+    pub fn take(&self, share: f64, wait: Duration) -> Option<Turn<'_>> {
+        let mut s = self.state();
+        s.wanted = Some(share);
+        let (mut s, _) = self.changed.wait_timeout_while(s, wait, |s| !s.on).unwrap_or_else(|e| e.into_inner());
+        if s.on {
+            return Some(Turn(self));
+        }
+        s.wanted = None;
+        None
+    }
+}
+
+/// A turn lent to the trainer; dropping it gives the cores back to the engine.
+pub struct Turn<'a>(&'a TrainerTurns);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.state().on = false;
+        self.0.changed.notify_all();
+    }
 }
 
 /// An f64 read and written atomically (a figure one thread publishes and others read).
@@ -200,6 +297,7 @@ impl OnlineMetrics {
 pub struct DrafterExchange {
     pub weights: WeightSlot,
     pub idle: IdleSignal,
+    pub turns: TrainerTurns,
     pub metrics: OnlineMetrics,
     /// The weights the engine started serving: every later version must have their shapes.
     reference: std::sync::OnceLock<Arc<EagleWeights>>,
@@ -252,6 +350,41 @@ mod tests {
         x.set(false);
         assert_eq!(x.idle_for(), None);
         assert!(!x.is_idle());
+    }
+
+    #[test]
+    fn the_engine_lends_turns_at_the_trainers_share() {
+        let turns = TrainerTurns::default();
+        assert!(turns.lend().is_none(), "no trainer waits: the engine goes straight on");
+        assert!(turns.take(0.5, Duration::from_millis(5)).is_none(), "no engine lends one");
+        assert!(turns.lend().is_none(), "a request that timed out is withdrawn");
+        let hold = Duration::from_millis(30);
+        std::thread::scope(|s| {
+            let trainer = s.spawn(|| {
+                let turn = turns.take(0.5, Duration::from_secs(5)).expect("a turn");
+                std::thread::sleep(hold);
+                drop(turn);
+            });
+            let took = loop {
+                if let Some(took) = turns.lend() {
+                    break took;
+                }
+                std::thread::yield_now();
+            };
+            assert!(took >= hold, "the engine waited for the turn to end: {took:?}");
+            trainer.join().unwrap();
+        });
+        // At half the wall time, the next turn comes after as much serving as the last turn took.
+        std::thread::scope(|s| {
+            let trainer = s.spawn(|| turns.take(0.5, Duration::from_secs(5)).is_some());
+            let asked = Instant::now();
+            while turns.lend().is_none() {
+                std::thread::yield_now();
+            }
+            assert!(asked.elapsed() >= Duration::from_millis(20), "lent too soon: {:?}", asked.elapsed());
+            assert!(trainer.join().unwrap());
+        });
+        assert_eq!(turns.lent.load(Ordering::Relaxed), 2);
     }
 
     #[test]

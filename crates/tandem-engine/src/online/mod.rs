@@ -13,7 +13,8 @@ mod trace;
 pub(crate) use controller::KController;
 pub use controller::KStat;
 pub use exchange::{
-    AtomicF64, DrafterExchange, IdleSignal, OnlineMetrics, SwapRecord, Version, WeightSlot, IDLE_GRACE,
+    AtomicF64, DrafterExchange, IdleSignal, OnlineMetrics, SwapRecord, TrainerTurns, Turn, Version, WeightSlot,
+    IDLE_GRACE, TURN_LIMIT,
 };
 use std::collections::VecDeque;
 use std::sync::Arc;
