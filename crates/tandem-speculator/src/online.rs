@@ -344,23 +344,28 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Traces before a plateau can be declared.
+    /// Traces before a drop can be read as a change of traffic rather than noise.
     const WARMUP: u64 = 30;
+    /// Below this agreement a drafter is still cold: training it pays most, rising or not.
+    const COLD: f64 = 0.35;
 
     pub fn record(&mut self, agreement: f64) {
-        if self.traces == 0 {
-            (self.fast, self.slow) = (agreement, agreement);
-        }
         // One trace's agreement varies by ~0.1 (64 positions, varied requests): averages over ~10
         // and ~50 traces, and margins above their noise (~0.025 apart), so a plateau reads as one.
-        self.fast += 0.1 * (agreement - self.fast);
-        self.slow += 0.02 * (agreement - self.slow);
+        // Until there are that many traces each is the mean of all so far (a first trace's noise
+        // would otherwise hold the slow average off for a hundred traces).
         self.traces += 1;
+        let n = self.traces as f64;
+        self.fast += (0.1f64).max(1.0 / n) * (agreement - self.fast);
+        self.slow += (0.02f64).max(1.0 / n) * (agreement - self.slow);
     }
 
-    /// Still learning (or relearning after a shift), so worth the larger CPU share.
+    /// Still learning (cold, or rising, or relearning after a shift), so worth the larger share.
+    /// A day-0 drafter that starts good is not assumed to be: on a saturated server every turn
+    /// the trainer takes is serving's time.
     pub fn learning(&self) -> bool {
-        self.traces < Self::WARMUP || self.fast > self.slow + 0.02 || self.fast < self.slow - 0.05
+        let shifted = self.traces >= Self::WARMUP && self.fast < self.slow - 0.05;
+        self.traces == 0 || self.fast < Self::COLD || self.fast > self.slow + 0.02 || shifted
     }
 }
 
@@ -459,5 +464,17 @@ mod tests {
             p.record(0.1);
         }
         assert!(p.learning(), "{p:?}");
+    }
+
+    #[test]
+    fn a_drafter_that_starts_good_is_not_assumed_to_be_learning() {
+        let mut p = Progress::default();
+        let mut learning = 0;
+        // A day-0 drafter: 0.65 from the first trace, each trace's figure off by up to 0.1.
+        for i in 0..100 {
+            p.record(0.65 + 0.1 * ((i * 7 % 11) as f64 / 5.0 - 1.0));
+            learning += p.learning() as usize;
+        }
+        assert!(learning < 30, "{learning} of 100 traces read as learning: {p:?}");
     }
 }
