@@ -313,7 +313,10 @@ fn answered_traces(
     bar.finish_and_clear();
     handle.shutdown();
     let _ = thread.join();
-    let mut traces = distill::text_traces(&loaded.model, target_layers, &chunks, 4, |_| {})?;
+    // Reading the answers back costs about as long as answering them.
+    let bar = Progress::new(chunks.len() as u64, "answers read back by the target");
+    let mut traces = distill::text_traces(&loaded.model, target_layers, &chunks, 4, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
     for (t, len) in traces.iter_mut().zip(prompt_lens) {
         t.prompt_len = len;
     }
