@@ -391,6 +391,9 @@ pub struct Engine {
     online: Option<OnlineState>,
     /// The draft length and sibling budget the throughput controller chose for this step.
     step_k: Option<(usize, usize)>,
+    /// The drafter trainer just had a turn: the next step runs on caches it left cold and is not
+    /// timed for the draft-length controller.
+    after_turn: bool,
     commands: UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     shutting_down: bool,
@@ -429,6 +432,7 @@ impl Engine {
             config,
             online: None,
             step_k: None,
+            after_turn: false,
             commands: rx,
             shared,
             finishing: Vec::new(),
@@ -659,7 +663,9 @@ impl Engine {
     /// finishes a prompt costs what the prompt costs).
     fn measure_k(&mut self, plan: &StepPlan, emitted: u64, started: Instant) {
         let catch_up = self.runner.drafter_mut().map_or((0.0, 0), |d| d.take_catch_up());
-        let (Some(online), Some((k, alternatives)), true) = (self.online.as_mut(), self.step_k, plan.decode_only())
+        let after_turn = std::mem::take(&mut self.after_turn);
+        let (Some(online), Some((k, alternatives)), true) =
+            (self.online.as_mut(), self.step_k, plan.decode_only() && !after_turn)
         else {
             return;
         };
@@ -713,9 +719,9 @@ impl Engine {
 
     /// On a saturated server the drafter trainer computes only in turns the engine lends it
     /// between steps, at its share of wall time (see `TrainerTurns`).
-    fn lend_trainer_a_turn(&self) {
+    fn lend_trainer_a_turn(&mut self) {
         if let Some(o) = &self.online {
-            o.hooks.exchange.turns.lend();
+            self.after_turn |= o.hooks.exchange.lend_turn().is_some();
         }
     }
 

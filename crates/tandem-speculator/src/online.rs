@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_engine::online::{DrafterExchange, Trace, TraceBuffer, Turn, Version};
+use tandem_engine::online::{DrafterExchange, TraceBuffer, Turn, Version};
 use tandem_runtime::speculative::EagleWeights;
 
 #[derive(Debug, Clone)]
@@ -51,8 +51,8 @@ impl Default for OnlineTrainerConfig {
             publish_every: 10,
             min_positions: 256,
             pool_positions: 50_000,
-            cpu_share: 0.1,
-            min_share: 0.02,
+            cpu_share: 0.05,
+            min_share: 0.01,
             background_priority: true,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             checkpoint_dir: None,
@@ -162,21 +162,18 @@ fn run(
     }
     let mut next_version = 1u64;
     let mut progress = Progress::default();
+    let mut live = LiveAgreement::default();
     let mut load = Load::new(LOAD_WINDOW);
     while !stop.load(Ordering::SeqCst) {
         let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
-        let fresh = traces.drain();
-        if !fresh.is_empty() {
-            let Some(_room) = room(share, &mut load, &exchange, &stop) else { break };
-            for t in fresh {
-                on(&threads, || note_agreement(&trainer, &t, &mut progress, &exchange));
-                if let Some(s) = spill.as_mut() {
-                    if let Err(e) = s.write(&t) {
-                        tracing::warn!(error = %e, "trace spill failed");
-                    }
+        live.read(&exchange, &mut progress);
+        for t in traces.drain() {
+            if let Some(s) = spill.as_mut() {
+                if let Err(e) = s.write(&t) {
+                    tracing::warn!(error = %e, "trace spill failed");
                 }
-                pool.add(t);
             }
+            pool.add(t);
         }
         if !exchange.weights.take_rejected().is_empty() {
             let back = exchange.weights.serving_version.load(Ordering::Relaxed);
@@ -256,13 +253,28 @@ fn run(
     checkpoint(&trainer, &config);
 }
 
-/// Before training on a fresh trace: how well does the drafter predict this traffic?
-fn note_agreement(trainer: &Trainer, t: &Trace, progress: &mut Progress, exchange: &DrafterExchange) {
-    let vd = trainer.config.draft_vocab_size;
-    let Some(b) = Batch::outputs(t, 64, vd, &|id| trainer.draft_id(id)) else { return };
-    if let Ok(a) = trainer.first_token_agreement(&b) {
-        progress.record(a);
-        exchange.metrics.fresh_agreement.set(progress.fast);
+/// The drafter's first-token agreement on the drafts it serves, read off the engine's counters
+/// once at least `LIVE_GROUP` more were served: traffic it has never trained on, measured at no
+/// cost (an evaluation forward per trace would take a saturated server's turns).
+#[derive(Default)]
+struct LiveAgreement {
+    drafts: u64,
+    accepted: u64,
+}
+
+/// Drafts per agreement figure: about a trace's worth of positions, so one figure varies by ~0.1.
+const LIVE_GROUP: u64 = 64;
+
+impl LiveAgreement {
+    fn read(&mut self, exchange: &DrafterExchange, progress: &mut Progress) {
+        let m = &exchange.metrics;
+        let (drafts, accepted) =
+            (m.served_drafts.load(Ordering::Relaxed), m.served_first_accepted.load(Ordering::Relaxed));
+        if drafts >= self.drafts + LIVE_GROUP {
+            progress.record((accepted - self.accepted) as f64 / (drafts - self.drafts) as f64);
+            m.fresh_agreement.set(progress.fast);
+            (self.drafts, self.accepted) = (drafts, accepted);
+        }
     }
 }
 
@@ -333,8 +345,8 @@ impl Load {
     }
 }
 
-/// The drafter's first-token agreement with the target on each new trace before it is trained
-/// on (prequential: always unseen traffic), smoothed fast and slow. Training pays while the fast
+/// The drafter's first-token agreement with the target on the drafts it serves (prequential:
+/// always traffic it has not trained on), smoothed fast and slow. Training pays while the fast
 /// average is above the slow one (still learning) or well below it (the traffic changed).
 #[derive(Debug, Clone, Default)]
 pub struct Progress {

@@ -185,8 +185,10 @@ struct TurnState {
     wanted: Option<f64>,
     /// A turn is on: the engine waits for it to end.
     on: bool,
-    /// No turn before this (the last turn paid for by serving time at the trainer's share).
-    next: Option<Instant>,
+    /// No turn before serving has been busy this long in all (the last turn paid for by
+    /// serving time at the trainer's share; serving time, not wall time, so an engine that waits
+    /// for work does not bank turns).
+    next: Option<f64>,
 }
 
 /// The longest the engine waits for a turn to end: a trainer that hangs must not stop serving
@@ -198,15 +200,16 @@ impl TrainerTurns {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The engine's side, between steps: if the trainer waits for a turn and its share allows
-    /// one, lends it every core and waits until it ends. Returns how long it waited.
-    pub fn lend(&self) -> Option<Duration> {
+    /// The engine's side, between steps, with the seconds it has been busy so far (its clock of
+    /// serving time, turns included): if the trainer waits for a turn and its share allows one,
+    /// lends it every core and waits until it ends. Returns how long it waited.
+    pub fn lend(&self, busy_secs: f64) -> Option<Duration> {
         let mut s = self.state();
         let share = s.wanted?;
-        let start = Instant::now();
-        if s.next.is_some_and(|n| start < n) {
+        if s.next.is_some_and(|n| busy_secs < n) {
             return None;
         }
+        let start = Instant::now();
         (s.wanted, s.on) = (None, true);
         self.changed.notify_all();
         let (mut s, wait) = self.changed.wait_timeout_while(s, TURN_LIMIT, |s| s.on).unwrap_or_else(|e| e.into_inner());
@@ -216,7 +219,7 @@ impl TrainerTurns {
         }
         let took = start.elapsed();
         let share = share.clamp(0.001, 0.9);
-        s.next = Some(Instant::now() + took.mul_f64((1.0 - share) / share));
+        s.next = Some(busy_secs + took.as_secs_f64() / share);
         self.lent.fetch_add(1, Ordering::Relaxed);
         self.lent_secs.set(self.lent_secs.get() + took.as_secs_f64());
         Some(took)
@@ -280,9 +283,13 @@ pub struct OnlineMetrics {
     pub train_positions: AtomicU64,
     /// The CPU share the trainer currently allows itself beside serving (0: idle time only).
     pub train_share: AtomicF64,
-    /// The drafter's first-token agreement with the target on traces it had not yet trained on,
+    /// The drafter's first-token agreement with the target on traffic it had not yet trained on,
     /// smoothed.
     pub fresh_agreement: AtomicF64,
+    /// Drafts the learned drafter served, and those whose first token the target accepted: its
+    /// agreement on live traffic, measured for free (the trainer reads it to judge its progress).
+    pub served_drafts: AtomicU64,
+    pub served_first_accepted: AtomicU64,
 }
 
 impl OnlineMetrics {
@@ -304,6 +311,11 @@ pub struct DrafterExchange {
 }
 
 impl DrafterExchange {
+    /// The engine's side of `TrainerTurns::lend`, on its own busy clock.
+    pub(crate) fn lend_turn(&self) -> Option<Duration> {
+        self.turns.lend(self.idle.busy_secs())
+    }
+
     /// Records the weights serving started with (the engine does, once).
     pub(crate) fn set_reference(&self, weights: Arc<EagleWeights>) {
         let _ = self.reference.set(weights);
@@ -353,11 +365,14 @@ mod tests {
     }
 
     #[test]
-    fn the_engine_lends_turns_at_the_trainers_share() {
+    fn the_engine_lends_turns_at_the_trainers_share_of_serving_time() {
         let turns = TrainerTurns::default();
-        assert!(turns.lend().is_none(), "no trainer waits: the engine goes straight on");
+        let start = Instant::now();
+        // The engine's busy clock: serving all the time here.
+        let busy = || start.elapsed().as_secs_f64();
+        assert!(turns.lend(busy()).is_none(), "no trainer waits: the engine goes straight on");
         assert!(turns.take(0.5, Duration::from_millis(5)).is_none(), "no engine lends one");
-        assert!(turns.lend().is_none(), "a request that timed out is withdrawn");
+        assert!(turns.lend(busy()).is_none(), "a request that timed out is withdrawn");
         let hold = Duration::from_millis(30);
         std::thread::scope(|s| {
             let trainer = s.spawn(|| {
@@ -366,7 +381,7 @@ mod tests {
                 drop(turn);
             });
             let took = loop {
-                if let Some(took) = turns.lend() {
+                if let Some(took) = turns.lend(busy()) {
                     break took;
                 }
                 std::thread::yield_now();
@@ -378,7 +393,11 @@ mod tests {
         std::thread::scope(|s| {
             let trainer = s.spawn(|| turns.take(0.5, Duration::from_secs(5)).is_some());
             let asked = Instant::now();
-            while turns.lend().is_none() {
+            // An engine that waits for work does not bank turns: its busy clock stands still.
+            let idle_clock = busy();
+            std::thread::sleep(Duration::from_millis(40));
+            assert!(turns.lend(idle_clock).is_none(), "lent for time not served");
+            while turns.lend(busy()).is_none() {
                 std::thread::yield_now();
             }
             assert!(asked.elapsed() >= Duration::from_millis(20), "lent too soon: {:?}", asked.elapsed());

@@ -231,6 +231,9 @@ impl OnlineState {
         }
         self.after.drafts += 1;
         self.after.first_accepted += first_accepted as usize;
+        let m = &self.hooks.exchange.metrics;
+        m.served_drafts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.served_first_accepted.fetch_add(first_accepted as u64, std::sync::atomic::Ordering::Relaxed);
         let window = self.hooks.config.rollback_window;
         if self.after.drafts != window {
             return None;
