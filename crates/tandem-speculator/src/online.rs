@@ -165,8 +165,8 @@ fn run(
     let mut live = LiveAgreement::default();
     let mut load = Load::new(LOAD_WINDOW);
     while !stop.load(Ordering::SeqCst) {
-        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
         live.read(&exchange, &mut progress);
+        let share = if progress.learning() { config.cpu_share } else { config.min_share }.clamp(0.01, 1.0);
         for t in traces.drain() {
             if let Some(s) = spill.as_mut() {
                 if let Err(e) = s.write(&t) {
