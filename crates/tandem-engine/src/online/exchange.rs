@@ -204,7 +204,13 @@ impl TrainerTurns {
     /// serving time, turns included): if the trainer waits for a turn and its share allows one,
     /// lends it every core and waits until it ends. Returns how long it waited.
     pub fn lend(&self, busy_secs: f64) -> Option<Duration> {
-        let mut s = self.state();
+        // Never wait for the lock: the trainer's threads run at the lowest priority, and one
+        // preempted while holding it would hold up serving (it asks again within 10 ms).
+        let mut s = match self.state.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         let share = s.wanted?;
         if s.next.is_some_and(|n| busy_secs < n) {
             return None;
