@@ -64,7 +64,7 @@ pub struct TrainArgs {
     /// Gradient-norm clip.
     #[arg(long, default_value_t = TrainConfig::default().grad_clip)]
     pub train_clip: f64,
-    /// Share of wall time a saturated server lends the trainer while the drafter is still
+    /// Share of serving time a saturated server lends the trainer while the drafter is still
     /// learning (its agreement with the target on fresh traffic rising, or fallen after a change
     /// of traffic): serving pauses between steps for turns of every core, and is that much
     /// slower. Below saturation the trainer takes every core while nothing is served, never

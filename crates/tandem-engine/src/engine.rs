@@ -718,7 +718,7 @@ impl Engine {
     }
 
     /// On a saturated server the drafter trainer computes only in turns the engine lends it
-    /// between steps, at its share of wall time (see `TrainerTurns`).
+    /// between steps, at its share of serving time (see `TrainerTurns`).
     fn lend_trainer_a_turn(&mut self) {
         if let Some(o) = &self.online {
             self.after_turn |= o.hooks.exchange.lend_turn().is_some();

@@ -319,7 +319,7 @@ fn render_online(out: &mut String, o: &tandem_engine::online::OnlineHooks) {
     metric(
         "tandem_drafter_train_cpu_share",
         "gauge",
-        "Share of wall time a saturated server lends the drafter trainer now, in turns between steps: 0 unless serving is saturated (the trainer then uses idle time only), more while it is still learning.",
+        "Share of serving time a saturated server lends the drafter trainer now, in turns between steps: 0 unless serving is saturated (the trainer then uses idle time only), more while it is still learning.",
         ex.metrics.train_share.get().to_string(),
     );
     metric(

@@ -22,7 +22,7 @@ pub struct OnlineTrainerConfig {
     /// Most positions kept in the pool (the oldest traces go first). Each holds 3 x hidden f32
     /// features: 50,000 positions are ~350 MB for SmolLM2.
     pub pool_positions: usize,
-    /// Share of wall time the engine lends the trainer on a saturated server (busy for at least
+    /// Share of serving time the engine lends the trainer on a saturated server (busy for at least
     /// `SATURATED` of the last `LOAD_WINDOW`: no idle time to train in) while the drafter is
     /// learning: at first, while its agreement with the target on traffic it has not trained on
     /// is rising, and after that agreement drops (a domain shift). Serving pauses for those turns
@@ -285,7 +285,7 @@ struct Room<'a> {
 
 /// Waits until the trainer may compute: serving idle (for longer than a gap between
 /// back-to-back requests: every core is free), or, on a saturated server, a turn the engine
-/// lends at `share` of wall time. Below saturation it waits for idle time. None when stopping.
+/// lends at `share` of serving time. Below saturation it waits for idle time. None when stopping.
 fn room<'a>(share: f64, load: &mut Load, exchange: &'a DrafterExchange, stop: &AtomicBool) -> Option<Room<'a>> {
     loop {
         if stop.load(Ordering::SeqCst) {

@@ -168,7 +168,7 @@ fn epoch() -> std::time::Instant {
 /// machine a trainer slows every step by a quarter or more (the engine's threads wait for each
 /// other at every product), and at the lowest OS priority it gets almost nothing (2 steps in 500
 /// busy requests). So the engine pauses between steps and the trainer takes every core for one
-/// part of a step, as often as its share of wall time allows: serving loses that share and no
+/// part of a step, as often as its share of serving time allows: serving loses that share and no
 /// more, and the trainer learns at a rate it can count on.
 #[derive(Default)]
 pub struct TrainerTurns {
@@ -181,7 +181,7 @@ pub struct TrainerTurns {
 
 #[derive(Default)]
 struct TurnState {
-    /// The trainer waits for a turn; the share of wall time it may take.
+    /// The trainer waits for a turn; the share of serving time it may take.
     wanted: Option<f64>,
     /// A turn is on: the engine waits for it to end.
     on: bool,
@@ -193,7 +193,7 @@ struct TurnState {
 
 /// The longest the engine waits for a turn to end: a trainer that hangs must not stop serving
 /// (a turn is one part of a step, ~20-60 ms).
-pub const TURN_LIMIT: Duration = Duration::from_secs(2);
+const TURN_LIMIT: Duration = Duration::from_secs(2);
 
 impl TrainerTurns {
     fn state(&self) -> std::sync::MutexGuard<'_, TurnState> {
@@ -231,7 +231,7 @@ impl TrainerTurns {
         Some(took)
     }
 
-    /// The trainer's side: asks for a turn at `share` of wall time and waits for it up to `wait`.
+    /// The trainer's side: asks for a turn at `share` of serving time and waits for it up to `wait`.
     /// The turn lasts until the returned guard is dropped; None if none came (the request is
     /// withdrawn, so the engine never waits for a trainer that is not there).
     pub fn take(&self, share: f64, wait: Duration) -> Option<Turn<'_>> {
@@ -287,7 +287,7 @@ pub struct OnlineMetrics {
     pub train_loss: AtomicF64,
     pub train_steps: AtomicU64,
     pub train_positions: AtomicU64,
-    /// The CPU share the trainer currently allows itself beside serving (0: idle time only).
+    /// The share of serving time the trainer currently takes in turns (0: idle time only).
     pub train_share: AtomicF64,
     /// The drafter's first-token agreement with the target on traffic it had not yet trained on,
     /// smoothed.
@@ -395,7 +395,7 @@ mod tests {
             assert!(took >= hold, "the engine waited for the turn to end: {took:?}");
             trainer.join().unwrap();
         });
-        // At half the wall time, the next turn comes after as much serving as the last turn took.
+        // At half the serving time, the next turn comes after as much serving as the last turn took.
         std::thread::scope(|s| {
             let trainer = s.spawn(|| turns.take(0.5, Duration::from_secs(5)).is_some());
             let asked = Instant::now();

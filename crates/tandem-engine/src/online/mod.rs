@@ -14,9 +14,10 @@ pub(crate) use controller::KController;
 pub use controller::KStat;
 pub use exchange::{
     AtomicF64, DrafterExchange, IdleSignal, OnlineMetrics, SwapRecord, TrainerTurns, Turn, Version, WeightSlot,
-    IDLE_GRACE, TURN_LIMIT,
+    IDLE_GRACE,
 };
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 pub use trace::{top_probs, Rejection, Trace, TraceBuffer, TraceVersion};
 
@@ -232,8 +233,8 @@ impl OnlineState {
         self.after.drafts += 1;
         self.after.first_accepted += first_accepted as usize;
         let m = &self.hooks.exchange.metrics;
-        m.served_drafts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        m.served_first_accepted.fetch_add(first_accepted as u64, std::sync::atomic::Ordering::Relaxed);
+        m.served_drafts.fetch_add(1, Ordering::Relaxed);
+        m.served_first_accepted.fetch_add(first_accepted as u64, Ordering::Relaxed);
         let window = self.hooks.config.rollback_window;
         if self.after.drafts != window {
             return None;

@@ -1,0 +1,101 @@
+//! The benchmark's tables: per window of requests, per configuration, where each one's engine
+//! time went by kind of step, and each draft controller's figures.
+use super::{Summary, WindowRow};
+use tandem_engine::online::KStat;
+
+/// Every table, in order, to stdout.
+pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
+    println!("\n| config | served | domain | acceptance length | tok/s | x none | k | version | gain | fresh agreement | trainer share | trainer steps |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in all_rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            r.config,
+            r.served,
+            r.domain,
+            r.acceptance_length,
+            r.tok_s,
+            r.speedup.map_or("".into(), |s| format!("{s:.2}x")),
+            r.chosen_k.map_or("".into(), |k| k.to_string()),
+            r.drafter_version.map_or("".into(), |v| v.to_string()),
+            r.gain.map_or("".into(), |g| format!("{g:.2}")),
+            r.fresh_agreement.filter(|_| r.train_steps.unwrap_or(0) > 0).map_or("".into(), |a| format!("{a:.2}")),
+            r.train_share.filter(|&s| s > 0.0).map_or("".into(), |s| format!("{s:.2}")),
+            r.train_steps.filter(|&s| s > 0).map_or("".into(), |s| s.to_string())
+        );
+    }
+    println!("\n| config | tok/s | acceptance | identical | trainer steps | serving paused for them | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for s in summaries {
+        let reach: Vec<String> =
+            s.reached_target_after.iter().map(|(_, n)| n.map_or("no".into(), |n| n.to_string())).collect();
+        let paused = match s.trainer_turn_secs {
+            0.0 => String::new(),
+            t => format!("{t:.1} s ({:.1}%)", 100.0 * s.trainer_turn_share),
+        };
+        println!(
+            "| {} | {:.1} | {:.2} | {} | {} | {paused} | {} | {} | {} | {} |",
+            s.config,
+            s.tok_s,
+            s.acceptance_length,
+            s.identical_to_none.map_or("".into(), |b| b.to_string()),
+            s.trainer_steps,
+            s.drafter_versions,
+            s.rollbacks,
+            s.traces_dropped,
+            reach.join(", ")
+        );
+    }
+    print_step_kinds(summaries);
+    // Per draft length: a decode step's tokens and time against k = 0's say whether acceptance or
+    // the cost of drafting and verifying limits what speculation earns.
+    for s in summaries.iter().filter(|s| !s.k_table.is_empty()) {
+        println!("\n{}: per draft length (end of run, recent steps weighted)", s.config);
+        print_controller_table("k", &s.k_table);
+        println!("\n{}: per sibling budget of the draft tree (steps that drafted)", s.config);
+        print_controller_table("siblings", &s.alternatives_table);
+    }
+}
+
+/// Where each configuration's engine time went, by kind of step: prompts cost every
+/// configuration alike, so they bound the whole's gain; ms per token of each decode kind against
+/// `plain`'s is what drafts earn where they run.
+fn print_step_kinds(summaries: &[Summary]) {
+    println!("\n| config | step kind | steps | share of step time | ms/step | rows/step | tokens/step | ms/token |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for s in summaries {
+        let total: f64 = s.steps.named().iter().map(|(_, t)| t.secs).sum();
+        for (kind, t) in s.steps.named().into_iter().filter(|(_, t)| t.steps > 0) {
+            let per = |x: f64, n: u64| x / n.max(1) as f64;
+            println!(
+                "| {} | {kind} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
+                s.config,
+                t.steps,
+                100.0 * t.secs / total.max(1e-9),
+                per(t.secs * 1e3, t.steps),
+                per(t.rows as f64, t.steps),
+                per(t.emitted as f64, t.steps),
+                per(t.secs * 1e3, t.emitted),
+            );
+        }
+    }
+}
+
+/// One controller's figures per arm (draft length, or sibling budget), step time against arm 0's.
+fn print_controller_table(arm: &str, table: &[KStat]) {
+    let base = table.iter().find(|r| r.k == 0).map(|r| r.step_secs);
+    println!("| {arm} | steps | tokens/step | ms/step | x {arm}=0 step time | tok/s |");
+    println!("|---|---|---|---|---|---|");
+    for r in table {
+        let ratio = base.filter(|&b| b > 0.0).map_or("".into(), |b| format!("{:.2}", r.step_secs / b));
+        println!(
+            "| {} | {} | {:.2} | {:.1} | {} | {:.1} |",
+            r.k,
+            r.steps,
+            r.tokens_per_step,
+            r.step_secs * 1e3,
+            ratio,
+            r.tokens_per_sec
+        );
+    }
+}
