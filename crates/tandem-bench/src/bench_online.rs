@@ -184,11 +184,10 @@ struct Summary {
     /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
     /// `none`'s tok/s; None: never in this run.
     reached_target_after: Vec<(String, Option<usize>)>,
-    /// The engine's own figures per draft length at the end (learned drafts only; copied drafts'
-    /// steps are not counted), weighted toward the last steps.
+    /// The draft shape controller's model at the end, per draft length (steps with only copied
+    /// drafts are not counted).
     k_table: Vec<KStat>,
-    /// The same per sibling budget of the draft tree (`KStat::k` is the budget), from steps that
-    /// drafted.
+    /// The same per sibling budget of the draft tree (`KStat::k` is the budget) at the held length.
     alternatives_table: Vec<KStat>,
     /// Every engine step's wall time by kind (prefill, plain decode, copied drafts, the drafter's drafts).
     steps: StepKinds,

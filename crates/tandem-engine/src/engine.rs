@@ -1,8 +1,8 @@
 //! The engine loop and its handle.
-use crate::commit::commit;
-use crate::online::{OnlineHooks, OnlineState, Trace, TraceVersion, Version};
+use crate::commit::{commit, Committed, StepReport};
+use crate::online::{OnlineHooks, OnlineState, SeqOutcome, Trace, TraceVersion, Version};
 use crate::runner::{ModelRunner, ServedDrafter};
-use crate::scheduler::{RequestInfo, Scheduler, SchedulingPolicy, Service, StepPlan};
+use crate::scheduler::{RequestInfo, Scheduled, Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -120,7 +120,7 @@ pub struct WeightVersion {
     /// Unique per engine, increasing: a later version of a family has a larger id.
     pub id: u64,
     /// The training run the version belongs to (the Tinker model id): its versions are one
-    /// policy drifting, so they share a draft-length controller and their traces age together.
+    /// policy drifting, so they share a draft shape controller and their traces age together.
     pub family: Arc<str>,
     pub model: Arc<Model>,
 }
@@ -392,7 +392,7 @@ pub struct Engine {
     /// The draft length and sibling budget the throughput controller chose for this step.
     step_k: Option<(usize, usize)>,
     /// The drafter trainer just had a turn: the next step runs on caches it left cold and is not
-    /// timed for the draft-length controller.
+    /// timed for the draft shape controller.
     after_turn: bool,
     commands: UnboundedReceiver<Command>,
     shared: Arc<Shared>,
@@ -615,20 +615,17 @@ impl Engine {
         };
         let report = commit(&mut self.scheduler, &mut self.runner, &self.config, &plan, &out);
         self.scheduler.index_prefixes(&mut self.runner);
-        let emitted = match self.runner.drafter.is_some() {
-            true => {
-                let nanos = verify_start.elapsed().as_nanos() as u64;
-                self.shared.spec.add_step(&plan, &report, draft_nanos, nanos)
-            }
-            false => 0,
-        };
+        if self.runner.drafter.is_some() {
+            let nanos = verify_start.elapsed().as_nanos() as u64;
+            self.shared.spec.add_step(&plan, &report, draft_nanos, nanos);
+        }
         if let Some(online) = self.online.as_mut() {
             let layers = self.runner.drafter().map_or(0, |d| d.target_layers().len());
             if let Some(back) = online.on_step(&mut self.scheduler.running, &plan, &report, &out, layers) {
                 self.serve_drafter(back, "rollback");
             }
         }
-        self.measure_k(&plan, emitted, started);
+        self.measure_k(&plan, &report, started);
         self.shared.spec.add_time(&plan, &report, started.elapsed().as_secs_f64());
         let ended = self.scheduler.finish(report.finished, &mut self.runner);
         self.on_finished(ended);
@@ -658,22 +655,23 @@ impl Engine {
         self.scheduler.plan(drafts)
     }
 
-    /// Decode-only steps measure the end-to-end speed of the draft length used (steps with
+    /// Decode-only steps measure the end-to-end speed of the draft shape used (steps with only
     /// copied drafts say nothing about the learned drafter's length, and a step that also
     /// finishes a prompt costs what the prompt costs).
-    fn measure_k(&mut self, plan: &StepPlan, emitted: u64, started: Instant) {
+    fn measure_k(&mut self, plan: &StepPlan, report: &StepReport, started: Instant) {
         let catch_up = self.runner.drafter_mut().map_or((0.0, 0), |d| d.take_catch_up());
         let after_turn = std::mem::take(&mut self.after_turn);
-        let (Some(online), Some((k, alternatives)), true) =
-            (self.online.as_mut(), self.step_k, plan.decode_only() && !after_turn)
+        let (Some(online), Some(shape), true) = (self.online.as_mut(), self.step_k, plan.decode_only() && !after_turn)
         else {
             return;
         };
+        let seqs: Vec<SeqOutcome> = plan.seqs.iter().zip(&report.seqs).map(|(p, c)| outcome(p, c)).collect();
         // Steady drafting catches up about one position per emitted token; a backlog left by
-        // steps without drafts is not this k's cost.
+        // steps without drafts is not this shape's cost.
+        let emitted: usize = report.seqs.iter().map(|c| c.emitted).sum();
         let (secs, positions) = catch_up;
         let steady = secs / positions.max(1) as f64 * (emitted as f64).min(positions as f64);
-        online.on_decode_step(k, alternatives, emitted as usize, started.elapsed().as_secs_f64() - secs + steady);
+        online.on_decode_step(shape, &seqs, started.elapsed().as_secs_f64() - secs + steady);
     }
 
     /// A new sequence's trace (online training), tagged with its weight version: the drafter
@@ -781,5 +779,20 @@ impl Engine {
         self.runner.cache.clear();
         let ended = self.scheduler.reset(&mut self.runner);
         self.on_finished(ended);
+    }
+}
+
+/// What a decoding sequence's part of a step tells the draft shape controller: a copied draft is
+/// counted as rows only (its length is not the learned drafter's).
+fn outcome(p: &Scheduled, c: &Committed) -> SeqOutcome {
+    let learned = !p.draft.lookup;
+    let sibling_won = c.alternative.is_some();
+    SeqOutcome {
+        rows: p.tokens.len(),
+        depth: p.start,
+        drafted: if learned { p.draft.tokens.len() } else { 0 },
+        chain_accepted: c.accepted - sibling_won as usize,
+        siblings: if learned { p.draft.alternatives.len() } else { 0 },
+        sibling_won,
     }
 }

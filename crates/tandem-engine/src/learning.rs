@@ -1,9 +1,9 @@
 //! Online learning as an observer of committed steps: after the commit stage, `on_step` records
 //! what the target did into each sequence's trace (its distributions, hidden states and rejected
 //! draft tokens) and judges the served drafter version; `on_finished` hands finished traces to
-//! the trainer; `on_decode_step` feeds the draft-length controller. Nothing here decides a token.
+//! the trainer; `on_decode_step` feeds the draft shape controller. Nothing here decides a token.
 use crate::commit::StepReport;
-use crate::online::{OnlineState, Rejection, Trace, Version};
+use crate::online::{OnlineState, Rejection, SeqOutcome, Trace, Version};
 use crate::runner::StepOutput;
 use crate::scheduler::StepPlan;
 use crate::sequence::Sequence;
@@ -65,27 +65,20 @@ impl OnlineState {
         }
     }
 
-    /// A decode-only step at draft length k with a sibling budget emitted `emitted` tokens in
-    /// `step_secs` (drafting included): the measurement of the controllers of the family `choose`
-    /// was given for this step, published for /metrics (the figures of that family). The
-    /// budget is judged only by steps that drafted, at their draft length; the length only by
-    /// steps at its best budget so far (a step trying another budget measures the budget: mixed
-    /// in, a length's first steps, its budget controller sweeping 0, 1, 2, read it slower than it
-    /// is, and the length was left).
-    pub(crate) fn on_decode_step(&mut self, k: usize, alternatives: usize, emitted: usize, step_secs: f64) {
-        if self.alternatives_at(k).is_none_or(|c| c.best() == alternatives) {
-            self.record_k(k, emitted, step_secs);
-        }
-        self.record_alternatives(k, alternatives, emitted, step_secs);
+    /// A decode-only step at draft shape `(k, budget)` took `step_secs` (drafting included);
+    /// `seqs`: each decoding sequence's part. The measurement of the controller of the family
+    /// `choose` was given for this step, published for /metrics (that family's figures).
+    pub(crate) fn on_decode_step(&mut self, shape: (usize, usize), seqs: &[SeqOutcome], step_secs: f64) {
+        self.record_shape(shape, seqs, step_secs);
         let m = &self.hooks.exchange.metrics;
         m.chosen_k.store(self.k().best() as u64, Ordering::Relaxed);
-        m.chosen_alternatives.store(self.alternatives().map_or(0, |c| c.best()) as u64, Ordering::Relaxed);
+        m.chosen_alternatives.store(self.k().best_siblings() as u64, Ordering::Relaxed);
         m.gain.set(self.k().gain());
         if let Ok(mut t) = m.k_table.try_lock() {
             *t = self.k().table();
         }
         if let Ok(mut t) = m.alternatives_table.try_lock() {
-            *t = self.alternatives().map(|c| c.table()).unwrap_or_default();
+            *t = self.k().sibling_table();
         }
     }
 }

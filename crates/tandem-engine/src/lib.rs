@@ -12,7 +12,7 @@
 //! - the commit stage (`commit`) samples or verifies, rolls rejected drafts out of the cache,
 //!   sends tokens, applies stop and length checks and charges the policy;
 //! - online learning (`learning`) observes the committed step: traces for the drafter's
-//!   trainer, rollback of a drafter version that lowered acceptance, the draft-length controller.
+//!   trainer, rollback of a drafter version that lowered acceptance, the draft shape controller.
 //!
 //! Training requests of the Tinker API run on their own threads, inside the same scheduling
 //! policy (`training`: a turn per request, charged by the tokens it processed).

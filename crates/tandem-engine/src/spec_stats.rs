@@ -140,10 +140,9 @@ impl SpecCounters {
         t.emitted += report.seqs.iter().map(|c| c.emitted as u64).sum::<u64>();
     }
 
-    /// Adds a committed step's decodes; returns the tokens they emitted.
-    pub(crate) fn add_step(&self, plan: &StepPlan, report: &StepReport, draft_nanos: u64, verify_nanos: u64) -> u64 {
+    /// Adds a committed step's decodes.
+    pub(crate) fn add_step(&self, plan: &StepPlan, report: &StepReport, draft_nanos: u64, verify_nanos: u64) {
         let add = |a: &AtomicU64, n: usize| a.fetch_add(n as u64, Ordering::Relaxed);
-        let mut emitted = 0;
         for (p, c) in plan.seqs.iter().zip(&report.seqs).filter(|(p, _)| p.decode) {
             add(&self.drafted, p.draft.tokens.len());
             add(&self.accepted, c.accepted);
@@ -155,10 +154,8 @@ impl SpecCounters {
                 add(&self.lookup_drafted, p.draft.tokens.len());
                 add(&self.lookup_accepted, c.accepted);
             }
-            emitted += c.emitted as u64;
         }
         self.draft_nanos.fetch_add(draft_nanos, Ordering::Relaxed);
         self.verify_nanos.fetch_add(verify_nanos, Ordering::Relaxed);
-        emitted
     }
 }

@@ -50,9 +50,9 @@ pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
     // Per draft length: a decode step's tokens and time against k = 0's say whether acceptance or
     // the cost of drafting and verifying limits what speculation earns.
     for s in summaries.iter().filter(|s| !s.k_table.is_empty()) {
-        println!("\n{}: per draft length (end of run, recent steps weighted)", s.config);
+        println!("\n{}: per draft length, the controller's model at the end of the run", s.config);
         print_controller_table("k", &s.k_table);
-        println!("\n{}: per sibling budget of the draft tree (steps that drafted)", s.config);
+        println!("\n{}: per sibling budget of the draft tree at the held length, the same model", s.config);
         print_controller_table("siblings", &s.alternatives_table);
     }
 }
@@ -81,16 +81,18 @@ fn print_step_kinds(summaries: &[Summary]) {
     }
 }
 
-/// One controller's figures per arm (draft length, or sibling budget), step time against arm 0's.
+/// The controller's figures per draft length, or per sibling budget, step time against 0's
+/// (a figure partly from priors, of a shape tried too rarely yet, is marked *).
 fn print_controller_table(arm: &str, table: &[KStat]) {
     let base = table.iter().find(|r| r.k == 0).map(|r| r.step_secs);
-    println!("| {arm} | steps | tokens/step | ms/step | x {arm}=0 step time | tok/s |");
+    println!("| {arm} | steps run | tokens/step | ms/step | x {arm}=0 step time | tok/s |");
     println!("|---|---|---|---|---|---|");
     for r in table {
         let ratio = base.filter(|&b| b > 0.0).map_or("".into(), |b| format!("{:.2}", r.step_secs / b));
         println!(
-            "| {} | {} | {:.2} | {:.1} | {} | {:.1} |",
+            "| {}{} | {} | {:.2} | {:.1} | {} | {:.1} |",
             r.k,
+            if r.measured { "" } else { "*" },
             r.steps,
             r.tokens_per_step,
             r.step_secs * 1e3,
