@@ -401,7 +401,7 @@ fn run_config(
     let spec = drafter.is_some() || trained.is_some();
     // `cold`, `offline` and `+frozen` serve a frozen drafter: no trainer, so no traces.
     let trains = trained.is_some() && !(frozen || matches!(base, "offline" | "cold"));
-    let hooks = OnlineHooks::new(if trains { online.trace_buffer_mib << 20 } else { 0 });
+    let hooks = if trains { online.hooks(online.trace_buffer_mib << 20) } else { OnlineHooks::new(0) };
     if turns.is_some() {
         // Side by side, this engine's idle time is the others' serving: its trainer trains as
         // beside a saturated server, in the turns its own engine lends it.

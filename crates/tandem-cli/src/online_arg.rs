@@ -168,6 +168,17 @@ pub struct OnlineArgs {
 }
 
 impl OnlineArgs {
+    /// The engine's side of training in this process, with a trace buffer of `trace_buffer_bytes`.
+    /// With the target's labels (`--train-prompt-labels target`) the trainer derives every
+    /// position's distribution from the recorded last hidden state, so the engine need not keep
+    /// top entries; traces written to `--trace-dir` keep them (whoever replays them may not).
+    pub fn hooks(&self, trace_buffer_bytes: usize) -> OnlineHooks {
+        let mut hooks = OnlineHooks::new(trace_buffer_bytes);
+        hooks.config.labels_from_hidden =
+            self.train.train_prompt_labels == PromptLabels::Target && self.trace_dir.is_none();
+        hooks
+    }
+
     /// `--drafter-save`, or its default under tandem's data folder.
     pub fn drafter_save_dir(&self) -> PathBuf {
         self.drafter_save.clone().unwrap_or_else(|| crate::models::data_dir().join("drafter"))
@@ -187,7 +198,7 @@ pub fn start(
     drafter: &EagleDrafter,
     warm: WarmStart,
 ) -> Result<(OnlineHooks, TrainerHandle)> {
-    let hooks = OnlineHooks::new(args.trace_buffer_mib << 20);
+    let hooks = args.hooks(args.trace_buffer_mib << 20);
     let handle = start_with(args, target, drafter, warm, hooks.clone())?;
     Ok((hooks, handle))
 }

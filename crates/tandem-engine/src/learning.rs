@@ -30,7 +30,8 @@ impl OnlineState {
                 rollback = self.record_draft(c.accepted > 0).or(rollback);
             }
             let Some(trace) = running[p.index].trace.as_mut() else { continue };
-            if p.wants_logits {
+            let derived = self.hooks.config.labels_from_hidden && trace.version.is_none();
+            if p.wants_logits && !derived {
                 // The target's distribution at every kept position that has logits. Logit rows
                 // are the last rows.len() of the fed tokens.
                 let first = p.start + p.tokens.len() - rows.len();

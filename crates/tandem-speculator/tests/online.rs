@@ -309,10 +309,14 @@ fn trainer_and_drafter_agree() {
 /// The target, a fresh drafter (its configuration and weights) and the trace of one request
 /// served with it.
 fn one_trace() -> (Model, EagleConfig, EagleWeights, Trace) {
+    one_trace_with(fixed_k())
+}
+
+fn one_trace_with(online: OnlineConfig) -> (Model, EagleConfig, EagleWeights, Trace) {
     let target = model();
     let drafter = EagleDrafter::fresh(&target, None, WarmStart::Head, 5).unwrap();
     let weights = (**drafter.weights()).clone();
-    let h = hooks(1 << 30, fixed_k());
+    let h = hooks(1 << 30, online);
     let config = drafter.config.clone();
     let (mut engine, handle) = engine_with(drafter, &h, EngineConfig { spec_k: 3, ..Default::default() });
     serve(&mut engine, &handle, &[request(4, 30)]);
@@ -322,9 +326,26 @@ fn one_trace() -> (Model, EagleConfig, EagleWeights, Trace) {
 
 #[test]
 fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
-    let (target, config, weights, trace) = one_trace();
+    labels_derive_from_the_last_hidden_state(false);
+}
+
+/// With `labels_from_hidden` the engine keeps no distributions at all: every position's label is
+/// derived by the trainer from the recorded last residual stream, and equals the target's own.
+#[test]
+fn every_position_can_be_labelled_from_the_recorded_hidden_state() {
+    labels_derive_from_the_last_hidden_state(true);
+}
+
+fn labels_derive_from_the_last_hidden_state(from_hidden: bool) {
+    let (target, config, weights, trace) =
+        one_trace_with(OnlineConfig { labels_from_hidden: from_hidden, ..fixed_k() });
     let hs = config.hidden_size;
     assert_eq!(trace.final_size(), hs, "the last residual stream is recorded at every position");
+    assert_eq!(
+        trace.soft.iter().all(|s| s.is_empty()),
+        from_hidden,
+        "top entries kept only without labels_from_hidden"
+    );
     let (rows, norm) = target.unembedding_rows(&weights.d2t).unwrap();
     let trainer = Trainer::new(config.clone(), &weights, target.embedding_table().unwrap(), train_config())
         .unwrap()
@@ -332,9 +353,10 @@ fn prompt_positions_are_labelled_with_the_targets_own_distribution() {
         .unwrap();
     let n = trace.positions().min(trace.tokens.len() - 1);
     let batch = Batch::window(&trace, 0, n, config.draft_vocab_size, &|id| trainer.draft_id(id));
-    // Every position without a recorded distribution (the prompt's) gets one derived.
+    // Every position without a recorded distribution (the prompt's, or all) gets one derived.
     let unrecorded: Vec<usize> = (0..n).filter(|&t| !batch.soft_label[t] && t + 1 < trace.positions()).collect();
-    assert!(unrecorded.len() >= trace.prompt_len - 2, "{unrecorded:?}");
+    let expected = if from_hidden { n.min(trace.positions() - 1) } else { trace.prompt_len - 2 };
+    assert!(unrecorded.len() >= expected, "{} of {n}: {unrecorded:?}", unrecorded.len());
     assert_eq!(batch.derived, unrecorded);
     let labelled = trainer.target_labels(&batch).unwrap();
     // Reference: the target's own forward over the whole sequence, without a cache.
