@@ -401,7 +401,15 @@ fn run_config(
     let spec = drafter.is_some() || trained.is_some();
     // `cold`, `offline` and `+frozen` serve a frozen drafter: no trainer, so no traces.
     let trains = trained.is_some() && !(frozen || matches!(base, "offline" | "cold"));
-    let hooks = if trains { online.hooks(online.trace_buffer_mib << 20) } else { OnlineHooks::new(0) };
+    // The trainer's settings first: they decide what the engine keeps in traces.
+    let mut o = online.clone();
+    if trains && base == "warm" {
+        // The offline configuration trains on exactly what this run saw.
+        let _ = std::fs::remove_dir_all(trace_dir);
+        o.trace_dir = Some(trace_dir.to_path_buf());
+    }
+    o.drafter_save = Some(std::env::temp_dir().join(format!("tandem-bench-drafter-{full_name}")));
+    let hooks = if trains { o.hooks(o.trace_buffer_mib << 20) } else { OnlineHooks::new(0) };
     if turns.is_some() {
         // Side by side, this engine's idle time is the others' serving: its trainer trains as
         // beside a saturated server, in the turns its own engine lends it.
@@ -409,13 +417,6 @@ fn run_config(
     }
     let mut trainer = None;
     if let Some(e) = trained.as_ref().filter(|_| trains) {
-        let mut o = online.clone();
-        if base == "warm" {
-            // The offline configuration trains on exactly what this run saw.
-            let _ = std::fs::remove_dir_all(trace_dir);
-            o.trace_dir = Some(trace_dir.to_path_buf());
-        }
-        o.drafter_save = Some(std::env::temp_dir().join(format!("tandem-bench-drafter-{full_name}")));
         let warm = match base {
             "scratch" => WarmStart::None,
             "warm-head" => WarmStart::Head,

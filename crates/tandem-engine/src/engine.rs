@@ -390,7 +390,7 @@ pub struct Engine {
     runner: ModelRunner,
     online: Option<OnlineState>,
     /// The draft length and sibling budget the throughput controller chose for this step.
-    step_k: Option<(usize, usize)>,
+    step_shape: Option<(usize, usize)>,
     /// The drafter trainer just had a turn: the next step runs on caches it left cold and is not
     /// timed for the draft shape controller.
     after_turn: bool,
@@ -431,7 +431,7 @@ impl Engine {
             runner: ModelRunner { model, cache, drafter: None, hidden_layers: Vec::new() },
             config,
             online: None,
-            step_k: None,
+            step_shape: None,
             after_turn: false,
             commands: rx,
             shared,
@@ -625,7 +625,7 @@ impl Engine {
                 self.serve_drafter(back, "rollback");
             }
         }
-        self.measure_k(&plan, &report, started);
+        self.measure_shape(&plan, &report, started);
         self.shared.spec.add_time(&plan, &report, started.elapsed().as_secs_f64());
         let ended = self.scheduler.finish(report.finished, &mut self.runner);
         self.on_finished(ended);
@@ -635,7 +635,7 @@ impl Engine {
 
     /// Asks the drafter for the decoding sequences' drafts, then lays out the step.
     fn schedule(&mut self) -> StepPlan {
-        self.step_k = None;
+        self.step_shape = None;
         if self.runner.drafter.is_none() {
             return self.scheduler.plan(Vec::new());
         }
@@ -650,7 +650,7 @@ impl Engine {
             .map(|o| o.choose(&scheduler.decode_family()));
         let (asks, cut) = self.scheduler.draft_asks(global);
         // A draft cut short by the output limit or the slot is not a step at the chosen k.
-        self.step_k = global.filter(|_| !cut);
+        self.step_shape = global.filter(|_| !cut);
         let drafts = self.runner.propose(&self.scheduler.running, &asks);
         self.scheduler.plan(drafts)
     }
@@ -658,10 +658,11 @@ impl Engine {
     /// Decode-only steps measure the end-to-end speed of the draft shape used (steps with only
     /// copied drafts say nothing about the learned drafter's length, and a step that also
     /// finishes a prompt costs what the prompt costs).
-    fn measure_k(&mut self, plan: &StepPlan, report: &StepReport, started: Instant) {
+    fn measure_shape(&mut self, plan: &StepPlan, report: &StepReport, started: Instant) {
         let catch_up = self.runner.drafter_mut().map_or((0.0, 0), |d| d.take_catch_up());
         let after_turn = std::mem::take(&mut self.after_turn);
-        let (Some(online), Some(shape), true) = (self.online.as_mut(), self.step_k, plan.decode_only() && !after_turn)
+        let (Some(online), Some(shape), true) =
+            (self.online.as_mut(), self.step_shape, plan.decode_only() && !after_turn)
         else {
             return;
         };

@@ -72,14 +72,14 @@ impl OnlineState {
     pub(crate) fn on_decode_step(&mut self, shape: (usize, usize), seqs: &[SeqOutcome], step_secs: f64) {
         self.record_shape(shape, seqs, step_secs);
         let m = &self.hooks.exchange.metrics;
-        m.chosen_k.store(self.k().best() as u64, Ordering::Relaxed);
-        m.chosen_alternatives.store(self.k().best_siblings() as u64, Ordering::Relaxed);
-        m.gain.set(self.k().gain());
+        m.chosen_k.store(self.controller().best() as u64, Ordering::Relaxed);
+        m.chosen_alternatives.store(self.controller().best_siblings() as u64, Ordering::Relaxed);
+        m.gain.set(self.controller().gain());
         if let Ok(mut t) = m.k_table.try_lock() {
-            *t = self.k().table();
+            *t = self.controller().table();
         }
         if let Ok(mut t) = m.alternatives_table.try_lock() {
-            *t = self.k().sibling_table();
+            *t = self.controller().sibling_table();
         }
     }
 }

@@ -168,7 +168,7 @@ fn solve_in_place(a: &mut [[f64; FEATURES]; FEATURES], b: &mut [f64; FEATURES]) 
 /// the chain, sibling wins per budget, and a cost model of the step; mostly the fastest shape
 /// whose figures are measured, sometimes a neighbour (so a drafter that improves is noticed), and
 /// a neighbour whose unmeasured figures might make it faster is tried (the first sweep).
-pub(crate) struct KController {
+pub(crate) struct ShapeController {
     max_k: usize,
     max_siblings: usize,
     explore: f64,
@@ -188,9 +188,9 @@ pub(crate) struct KController {
     rng: u64,
 }
 
-impl KController {
+impl ShapeController {
     pub fn new(max_k: usize, max_siblings: usize, explore: f64) -> Self {
-        KController {
+        ShapeController {
             max_k,
             max_siblings,
             explore,
@@ -230,6 +230,20 @@ impl KController {
         self.worth_trying().unwrap_or(self.best)
     }
 
+    /// The sibling budgets a draft length can have (none without a draft).
+    fn budgets(&self, k: usize) -> std::ops::RangeInclusive<usize> {
+        0..=if k == 0 { 0 } else { self.max_siblings }
+    }
+
+    /// The shape of `shapes` that models fastest.
+    fn fastest(&self, shapes: impl Iterator<Item = (usize, usize)>) -> Option<(usize, usize)> {
+        shapes.max_by(|&a, &b| self.rate(a).total_cmp(&self.rate(b)))
+    }
+
+    fn run_index(&self, (k, b): (usize, usize)) -> usize {
+        k * (self.max_siblings + 1) + b
+    }
+
     /// Shapes one move from `(k, b)`: a length longer or shorter, a budget larger or smaller.
     fn neighbours(&self, (k, b): (usize, usize)) -> Vec<(usize, usize)> {
         let mut n = Vec::new();
@@ -252,10 +266,7 @@ impl KController {
     /// priors, would be faster: the sweep (a good drafter reaches its length within tens of steps).
     fn worth_trying(&self) -> Option<(usize, usize)> {
         let held = self.rate(self.best);
-        self.neighbours(self.best)
-            .into_iter()
-            .filter(|&s| !self.measured(s) && self.rate(s) > held)
-            .max_by(|&a, &b| self.rate(a).total_cmp(&self.rate(b)))
+        self.fastest(self.neighbours(self.best).into_iter().filter(|&s| !self.measured(s) && self.rate(s) > held))
     }
 
     /// Whether a shape's figures rest on measurements (every depth drafted `SAMPLES` times, its
@@ -323,7 +334,8 @@ impl KController {
         let depth = seqs.iter().map(|s| s.depth as f64).sum::<f64>() / n;
         self.mean_depth +=
             if self.cost.steps == 1 { depth - self.mean_depth } else { alpha * (depth - self.mean_depth) };
-        self.runs[k * (self.max_siblings + 1) + b] += 1;
+        let i = self.run_index((k, b));
+        self.runs[i] += 1;
         self.rechoose();
     }
 
@@ -349,12 +361,8 @@ impl KController {
             return;
         }
         let held = if self.measured(self.best) { self.rate(self.best) } else { 0.0 };
-        let shapes =
-            (0..=self.max_k).flat_map(|k| (0..=if k == 0 { 0 } else { self.max_siblings }).map(move |b| (k, b)));
-        let fastest = shapes
-            .filter(|&s| self.measured(s))
-            .max_by(|&a, &b| self.rate(a).total_cmp(&self.rate(b)))
-            .unwrap_or((0, 0));
+        let shapes = (0..=self.max_k).flat_map(|k| self.budgets(k).map(move |b| (k, b)));
+        let fastest = self.fastest(shapes.filter(|&s| self.measured(s))).unwrap_or((0, 0));
         if fastest != self.best && self.rate(fastest) > held * SWITCH {
             self.best = fastest;
         }
@@ -385,8 +393,8 @@ impl KController {
         KStat { k: label, tokens_per_sec: tokens / secs, tokens_per_step: tokens, step_secs: secs, steps, measured }
     }
 
-    fn runs_at(&self, (k, b): (usize, usize)) -> u64 {
-        self.runs[k * (self.max_siblings + 1) + b]
+    fn runs_at(&self, shape: (usize, usize)) -> u64 {
+        self.runs[self.run_index(shape)]
     }
 
     /// Per draft length run or measured, at its fastest measured sibling budget (else none).
@@ -396,12 +404,9 @@ impl KController {
         }
         (0..=self.max_k)
             .filter_map(|k| {
-                let budgets = 0..=if k == 0 { 0 } else { self.max_siblings };
-                let steps = budgets.clone().map(|b| self.runs_at((k, b))).sum();
-                let b = budgets
-                    .filter(|&b| self.measured((k, b)))
-                    .max_by(|&x, &y| self.rate((k, x)).total_cmp(&self.rate((k, y))))
-                    .unwrap_or(0);
+                let steps = self.budgets(k).map(|b| self.runs_at((k, b))).sum();
+                let measured = self.budgets(k).map(|b| (k, b)).filter(|&s| self.measured(s));
+                let b = self.fastest(measured).map_or(0, |s| s.1);
                 (steps > 0 || self.measured((k, b))).then(|| self.stat((k, b), k, steps))
             })
             .collect()
@@ -462,7 +467,7 @@ mod tests {
             tokens / ((2.0 + 0.4 * (1 + k + b) as f64 + 0.3 * k as f64) / 1e3)
         }
 
-        fn run(&mut self, c: &mut KController, steps: usize) {
+        fn run(&mut self, c: &mut ShapeController, steps: usize) {
             for _ in 0..steps {
                 let shape = c.choose();
                 let (s, secs) = self.step(shape);
@@ -478,7 +483,7 @@ mod tests {
     #[test]
     fn the_controller_finds_the_fastest_shape() {
         let mut sim = Sim { accept: vec![0.9, 0.8, 0.7, 0.5, 0.3, 0.2], sibling: vec![0.4, 0.5], rng: 7 };
-        let mut c = KController::new(6, 2, 0.08);
+        let mut c = ShapeController::new(6, 2, 0.08);
         sim.run(&mut c, 300);
         let best = (c.best(), c.best_siblings());
         assert!(sim.rate(best) >= 0.97 * optimum(&sim, 6, 2), "{best:?}: {:?}", c.table());
@@ -494,7 +499,7 @@ mod tests {
     #[test]
     fn a_useless_drafter_is_left_off() {
         let mut sim = Sim { accept: vec![0.05; 6], sibling: vec![0.05, 0.05], rng: 3 };
-        let mut c = KController::new(6, 2, 0.08);
+        let mut c = ShapeController::new(6, 2, 0.08);
         sim.run(&mut c, 500);
         assert_eq!(c.best(), 0, "{:?}", c.table());
         // Exploration stays near the held shape: no long drafts after the first sweep.
@@ -507,7 +512,7 @@ mod tests {
         // A cold drafter first (k = 1 at most pays), then a good one: the held length follows
         // within a few hundred steps.
         let mut sim = Sim { accept: vec![0.45, 0.2, 0.1, 0.1, 0.1, 0.1], sibling: vec![0.2, 0.2], rng: 11 };
-        let mut c = KController::new(6, 2, 0.08);
+        let mut c = ShapeController::new(6, 2, 0.08);
         sim.run(&mut c, 400);
         assert!(c.best() <= 1, "{:?}", c.table());
         sim.accept = vec![0.9, 0.85, 0.8, 0.7, 0.6, 0.5];

@@ -10,7 +10,7 @@ mod controller;
 mod exchange;
 mod trace;
 
-pub(crate) use controller::KController;
+pub(crate) use controller::ShapeController;
 pub use controller::{KStat, SeqOutcome};
 pub use exchange::{
     AtomicF64, DrafterExchange, IdleSignal, OnlineMetrics, SwapRecord, TrainerTurns, Turn, Version, WeightSlot,
@@ -97,7 +97,7 @@ const MAX_FAMILIES: usize = 16;
 /// One family's draft shape controller (length and the draft tree's sibling budget).
 struct DraftShape {
     family: Family,
-    controller: KController,
+    controller: ShapeController,
 }
 
 /// Engine-side state: versions, rollback judgement, and the draft shape controllers, one
@@ -147,7 +147,7 @@ impl OnlineState {
                 if self.shapes.len() >= MAX_FAMILIES {
                     self.shapes.remove(0);
                 }
-                let controller = KController::new(self.max_k, self.max_alternatives, self.hooks.config.explore);
+                let controller = ShapeController::new(self.max_k, self.max_alternatives, self.hooks.config.explore);
                 DraftShape { family: family.clone(), controller }
             }
         };
@@ -170,7 +170,7 @@ impl OnlineState {
     }
 
     /// The draft shape controller of the current family.
-    pub fn k(&self) -> &KController {
+    pub fn controller(&self) -> &ShapeController {
         &self.shape().controller
     }
 
@@ -277,11 +277,11 @@ mod tests {
             step(&mut state, shape, if family.is_some() { 2 } else { 0 });
         }
         state.choose(&None);
-        assert_eq!(state.k().best(), 0, "{:?}", state.k().table());
+        assert_eq!(state.controller().best(), 0, "{:?}", state.controller().table());
         state.choose(&policy);
-        assert_eq!(state.k().best(), 2, "{:?}", state.k().table());
+        assert_eq!(state.controller().best(), 2, "{:?}", state.controller().table());
         // A new family starts measuring from scratch, not from another's choice.
         state.choose(&Some("another".into()));
-        assert!(state.k().table().is_empty());
+        assert!(state.controller().table().is_empty());
     }
 }
