@@ -150,8 +150,10 @@ struct WindowRow {
     /// Measured speed-up of the chosen k over k = 0 (the engine's own estimate) and the trainer's
     /// CPU share of one core it allowed, at the window's end.
     gain: Option<f64>,
-    /// The drafter's first-token agreement on traffic it had not trained on (the trainer's figure).
-    fresh_agreement: Option<f64>,
+    /// Share of the window's learned drafts (not prompt-lookup copies) whose first token the
+    /// target accepted: the drafter's agreement on traffic it had not trained on, unlike the
+    /// acceptance length independent of the draft length the controller chose.
+    first_agreement: Option<f64>,
     train_share: Option<f64>,
     train_steps: Option<u64>,
 }
@@ -201,9 +203,9 @@ struct RunOutput {
 }
 
 /// Requests served, chosen k and drafter version, sampled as requests finish.
-/// (served, chosen k, serving version, gain, trainer share, trainer steps, fresh agreement) after
-/// each request.
-type Samples = Vec<(usize, u64, u64, f64, f64, u64, f64)>;
+/// (served, chosen k, serving version, gain, trainer share, trainer steps, (learned drafts served,
+/// of them with the first token accepted)) after each request.
+type Samples = Vec<(usize, u64, u64, f64, f64, u64, (u64, u64))>;
 
 /// Serves the stream with `concurrency` requests in flight; samples (served, k, version) as it goes.
 #[allow(clippy::too_many_arguments)]
@@ -277,7 +279,10 @@ fn replay(
                 ex.metrics.speedup(),
                 ex.metrics.train_share.get(),
                 ex.metrics.train_steps.load(Ordering::Relaxed),
-                ex.metrics.fresh_agreement.get(),
+                (
+                    ex.metrics.served_drafts.load(Ordering::Relaxed),
+                    ex.metrics.served_first_accepted.load(Ordering::Relaxed),
+                ),
             ));
         }
         Ok(())
@@ -528,6 +533,7 @@ fn interleaved(
 fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
     let mut rows = Vec::new();
     let mut prev_t = 0.0;
+    let mut prev_drafts = (0, 0);
     for (w, chunk) in run.done.chunks(window).enumerate() {
         let served = w * window + chunk.len();
         let end = chunk.last().map_or(prev_t, |d| d.finished_secs);
@@ -546,7 +552,11 @@ fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
             chosen_k: sample.map(|s| s.1),
             drafter_version: sample.map(|s| s.2),
             gain: sample.map(|s| s.3),
-            fresh_agreement: sample.map(|s| s.6),
+            first_agreement: sample.map(|s| {
+                let (drafts, accepted) = (s.6 .0 - prev_drafts.0, s.6 .1 - prev_drafts.1);
+                prev_drafts = s.6;
+                accepted as f64 / drafts.max(1) as f64
+            }),
             train_share: sample.map(|s| s.4),
             train_steps: sample.map(|s| s.5),
         });

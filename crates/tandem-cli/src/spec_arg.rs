@@ -1,7 +1,7 @@
 //! `--spec` and `--spec-k`: which drafter speculative decoding uses.
 use crate::load_model;
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tandem_engine::EngineConfig;
 use tandem_models::{LoadOptions, LoadedModel};
 use tandem_runtime::speculative::{DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter, ServeAs, WarmStart};
@@ -58,14 +58,18 @@ impl SpecArgs {
     }
 }
 
-/// The EAGLE drafter the arguments name: loaded from `--drafter` / `eagle:DIR`, else fresh.
-pub fn build_eagle(args: &SpecArgs, target: &LoadedModel) -> Result<EagleDrafter> {
-    let saved = match args.spec.strip_prefix("eagle:") {
-        Some(dir) => Some(std::path::PathBuf::from(dir)),
+/// The saved drafter's folder the arguments name (`eagle:DIR`, or `--drafter` once it holds one).
+fn saved_drafter(args: &SpecArgs) -> Option<PathBuf> {
+    match args.spec.strip_prefix("eagle:") {
+        Some(dir) => Some(PathBuf::from(dir)),
         // --drafter names a checkpoint folder that may not exist yet (a first online run).
         None => args.drafter.clone().filter(|d| d.join("model.safetensors").exists()),
-    };
-    let drafter = match saved {
+    }
+}
+
+/// The EAGLE drafter the arguments name: loaded from `saved_drafter`, else fresh.
+pub fn build_eagle(args: &SpecArgs, target: &LoadedModel) -> Result<EagleDrafter> {
+    let drafter = match saved_drafter(args) {
         Some(dir) => {
             EagleDrafter::load(&dir, &target.model).with_context(|| format!("loading the drafter {}", dir.display()))?
         }

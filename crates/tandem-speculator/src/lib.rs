@@ -11,10 +11,12 @@ pub mod distill;
 pub mod loss;
 pub mod online;
 pub mod pool;
+pub mod replay;
 pub mod sampled;
 pub mod traces_io;
 pub mod trainer;
 
 pub use online::{OnlineTrainer, OnlineTrainerConfig, TrainerHandle};
 pub use pool::{Batch, TracePool};
+pub use replay::Replay;
 pub use trainer::{StepStats, TrainConfig, Trainer};

@@ -1,6 +1,7 @@
 //! The trainer thread beside serving: drains traces, trains, publishes numbered drafter versions,
 //! follows the engine's rollbacks, writes checkpoints, and keeps to its share of the CPU.
 use crate::pool::{Batch, TracePool};
+use crate::replay::{self, Replay};
 use crate::traces_io::TraceSpill;
 use crate::trainer::{StepStats, Trainer};
 use rand::rngs::StdRng;
@@ -43,6 +44,8 @@ pub struct OnlineTrainerConfig {
     pub checkpoint_every: u64,
     /// Also write every trace here (replayable with `tandem train-drafter --traces`).
     pub spill_dir: Option<PathBuf>,
+    /// What the drafter was trained on before it served, mixed into every step (`replay`).
+    pub replay: Option<Arc<Replay>>,
 }
 
 impl Default for OnlineTrainerConfig {
@@ -58,6 +61,7 @@ impl Default for OnlineTrainerConfig {
             checkpoint_dir: None,
             checkpoint_every: 200,
             spill_dir: None,
+            replay: None,
         }
     }
 }
@@ -192,7 +196,10 @@ fn run(
         let vd = trainer.config.draft_vocab_size;
         let batches: Vec<Batch> = (0..STEP_PARTS)
             .filter_map(|_| {
-                pool.sample(&mut rng, tc.batch_positions / STEP_PARTS, tc.window, vd, &|id| trainer.draft_id(id))
+                let rows = tc.batch_positions / STEP_PARTS;
+                replay::sample(&pool, config.replay.as_deref(), &mut rng, rows, tc.window, vd, &|id| {
+                    trainer.draft_id(id)
+                })
             })
             .collect();
         if batches.len() < STEP_PARTS {
@@ -383,7 +390,9 @@ impl Progress {
 
 fn checkpoint(trainer: &Trainer, config: &OnlineTrainerConfig) {
     let Some(dir) = &config.checkpoint_dir else { return };
-    match trainer.weights().and_then(|w| w.save(&trainer.config, dir)) {
+    let saved = trainer.weights().and_then(|w| w.save(&trainer.config, dir));
+    let saved = saved.and_then(|()| config.replay.as_ref().map_or(Ok(()), |r| r.keep_beside(dir)));
+    match saved {
         Ok(()) => tracing::info!(dir = %dir.display(), steps = trainer.steps, "drafter checkpoint written"),
         Err(e) => tracing::warn!(error = %e, "drafter checkpoint failed"),
     }

@@ -241,13 +241,37 @@ impl TracePool {
     ) -> Option<Batch> {
         let first = self.traces.front()?;
         let mut b = Batch { feature_size: first.feature_size, draft_vocab, ..Default::default() };
+        self.fill(&mut b, rng, rows, window, Draw::Recent, t2d);
+        (b.rows() > 0).then_some(b)
+    }
+
+    /// The traces held, oldest first.
+    pub fn traces(&self) -> impl Iterator<Item = &Arc<Trace>> {
+        self.traces.iter()
+    }
+
+    /// Appends windows of at most `window` positions to `b` until it holds about `rows`, drawing
+    /// traces as `draw` says. Traces of another feature size than `b`'s are skipped.
+    pub fn fill(
+        &self,
+        b: &mut Batch,
+        rng: &mut StdRng,
+        rows: usize,
+        window: usize,
+        draw: Draw,
+        t2d: &dyn Fn(u32) -> Option<usize>,
+    ) {
         let n = self.traces.len();
         let mut tries = 0;
-        while b.rows() < rows && tries < 256 {
+        while n > 0 && b.rows() < rows && tries < 256 {
             tries += 1;
-            // u^2 skews towards the newest traces.
             let u: f64 = rng.random();
-            let trace = &self.traces[n - 1 - ((u * u * n as f64) as usize).min(n - 1)];
+            let back = match draw {
+                // u^2 skews towards the newest traces.
+                Draw::Recent => ((u * u * n as f64) as usize).min(n - 1),
+                Draw::Uniform => ((u * n as f64) as usize).min(n - 1),
+            };
+            let trace = &self.traces[n - 1 - back];
             if trace.version.is_some() && rng.random::<f64>() >= self.freshness(trace) {
                 continue;
             }
@@ -263,8 +287,16 @@ impl TracePool {
             let start = rng.random_range(0..=usable - len);
             b.push_window(trace, start, len, t2d);
         }
-        (b.rows() > 0).then_some(b)
     }
+}
+
+/// How `TracePool::fill` picks traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// Favouring the newest (live traffic: a new domain is learnt quickly).
+    Recent,
+    /// All alike (a replay set has no order).
+    Uniform,
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use tandem_fleet::broker;
 use tandem_fleet::drafters::DrafterStore;
 use tandem_fleet::traces::TraceFeed;
 use tandem_runtime::speculative::EagleConfig;
-use tandem_speculator::{Batch, TracePool, Trainer};
+use tandem_speculator::{replay, Batch, Replay, TracePool, Trainer};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FollowArgs {
@@ -52,6 +52,8 @@ pub struct Follow<'a> {
     pub publish_every: u64,
     pub seed: u64,
     pub args: &'a FollowArgs,
+    /// What the drafter trained on before, mixed into every step.
+    pub replay: Option<std::sync::Arc<Replay>>,
 }
 
 pub fn run(f: Follow) -> Result<()> {
@@ -139,8 +141,9 @@ async fn follow(mut f: Follow<'_>) -> Result<()> {
         if pool.positions() >= f.args.min_positions && budget >= f.trainer.train.batch_positions as f64 {
             let tc = f.trainer.train.clone();
             budget -= tc.batch_positions as f64;
-            if let Some(batch) = pool.sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| f.trainer.draft_id(id))
-            {
+            let replayed = f.replay.as_deref();
+            let t2d = |id| f.trainer.draft_id(id);
+            if let Some(batch) = replay::sample(&pool, replayed, &mut rng, tc.batch_positions, tc.window, vd, &t2d) {
                 let s = f.trainer.step(&batch)?;
                 window.loss += s.loss;
                 (steps, since) = (steps + 1, since + 1);

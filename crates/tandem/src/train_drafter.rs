@@ -11,7 +11,7 @@ use tandem_cli::spec_arg::{self, SpecArgs};
 use tandem_cli::{load_model, models, DtypeArg, Progress};
 use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::traces_io::{load_trace, trace_files};
-use tandem_speculator::{distill, Batch, TracePool, Trainer};
+use tandem_speculator::{distill, replay, Batch, TracePool, Trainer};
 
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
@@ -63,6 +63,11 @@ pub struct TrainDrafterArgs {
     /// Steps between reports.
     #[arg(long, default_value_t = 50)]
     report_every: u64,
+    /// Positions of the training traces (drawn at random, whole traces) kept beside the drafter
+    /// as its replay set (`DIR/replay`, hidden states in bf16): online training mixes them into
+    /// every step so that the drafter does not forget them (`--train-replay-share`). 0: none.
+    #[arg(long, default_value_t = tandem_speculator::replay::REPLAY_POSITIONS)]
+    replay_positions: usize,
     /// With --follow: optimizer steps between published versions.
     #[arg(long, default_value_t = 10)]
     publish_every: u64,
@@ -71,6 +76,8 @@ pub struct TrainDrafterArgs {
     #[command(flatten)]
     train: TrainArgs,
     #[command(flatten)]
+    replay: tandem_cli::online_arg::ReplayArgs,
+    #[command(flatten)]
     follow: crate::follow::FollowArgs,
 }
 
@@ -78,8 +85,11 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
     let loaded = load_model(&path, &args.dtype.load_options(tandem_models::Device::Cpu))?;
     let drafter = spec_arg::build_eagle(&args.spec, &loaded)?;
+    // What the drafter started from was trained on, mixed into every step (offline too: training
+    // a day-0 drafter further on one kind of traces would otherwise forget the rest).
+    let replay = args.replay.load(&drafter)?;
     if let Some(url) = &args.follow.follow {
-        let trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
+        let trainer = args.train.for_online(&drafter).trainer(&drafter, &loaded.model, args.spec.warm_start)?;
         return crate::follow::run(crate::follow::Follow {
             url,
             model: &loaded.name,
@@ -88,6 +98,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             publish_every: args.publish_every,
             seed: args.train.train_config(args.spec.warm_start).seed,
             args: &args.follow,
+            replay,
         });
     }
     let mut pool = TracePool::new(usize::MAX);
@@ -129,7 +140,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             );
         }
         if i + args.holdout >= files.len() {
-            held.push(t);
+            held.push(("held-out traces", t));
         } else {
             pool.add(t);
         }
@@ -139,31 +150,48 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         let [code, math, chat] = REDUCED_DOMAINS;
         let all = stream(code, math, chat, STREAM_SEED)?;
         let served: Vec<_> = all.iter().step_by(all.len() / args.eval_served.clamp(1, all.len())).cloned().collect();
-        held.extend(answered_traces(&loaded, &drafter.config.target_layers, &served, args.answer_tokens)?);
+        let answered = answered_traces(&loaded, &drafter.config.target_layers, &served, args.answer_tokens)?;
+        held.extend(served.iter().map(|p| p.domain).zip(answered));
     }
     eprintln!("{} traces, {} positions ({} held out)", pool.len(), pool.positions(), held.len());
     let mut trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
     let vd = trainer.config.draft_vocab_size;
     let bar = Progress::new(args.steps, "steps");
-    // Held-out batches: each held trace's output positions (from the last prompt position on).
-    let held: Vec<Batch> =
-        held.iter().filter_map(|t| Batch::outputs(t, usize::MAX, vd, &|id| trainer.draft_id(id))).collect();
+    // Held-out batches: each held trace's output positions (from the last prompt position on),
+    // with the group it is reported in (its domain, or held-out trace files).
+    let held: Vec<(&str, Batch)> = held
+        .iter()
+        .filter_map(|(g, t)| Some((*g, Batch::outputs(t, usize::MAX, vd, &|id| trainer.draft_id(id))?)))
+        .collect();
     // Held-out figures: first-token agreement, second-token agreement (reading its own output,
-    // as drafting does), first-token cross-entropy.
+    // as drafting does), first-token cross-entropy; and first-token agreement per group, where
+    // there are several (what training on one kind of traffic does to the others).
     let evaluate = |trainer: &Trainer| -> Result<String> {
+        let mut groups: Vec<(&str, f64, f64)> = Vec::new();
         let (mut top1, mut second, mut ce, mut n) = (0.0, 0.0, 0.0, 0.0);
-        for b in &held {
+        for (g, b) in &held {
             let s = trainer.evaluate(b)?;
             let w = s.positions as f64;
             top1 += s.top1 * w;
             second += s.top1_second * w;
             ce += s.ce0 * w;
             n += w;
+            match groups.iter_mut().find(|x| x.0 == *g) {
+                Some(x) => (x.1, x.2) = (x.1 + s.top1 * w, x.2 + w),
+                None => groups.push((g, s.top1 * w, w)),
+            }
         }
         let n = f64::max(n, 1.0);
+        let by_group = match groups.len() {
+            0 | 1 => String::new(),
+            _ => {
+                let each: Vec<String> = groups.iter().map(|(g, a, w)| format!("{g} {:.3}", a / w.max(1.0))).collect();
+                format!(" [{}]", each.join(", "))
+            }
+        };
         Ok(format!(
-            "held-out top-1 agreement {:.3} (second token {:.3}), cross-entropy {:.3}",
+            "held-out top-1 agreement {:.3}{by_group} (second token {:.3}), cross-entropy {:.3}",
             top1 / n,
             second / n,
             ce / n
@@ -178,8 +206,8 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     let every = args.report_every.max(1);
     let mut avg = (0.0, 0.0);
     for step in 1..=args.steps {
-        let batch = pool
-            .sample(&mut rng, tc.batch_positions, tc.window, vd, &|id| trainer.draft_id(id))
+        let t2d = |id| trainer.draft_id(id);
+        let batch = replay::sample(&pool, replay.as_deref(), &mut rng, tc.batch_positions, tc.window, vd, &t2d)
             .context("the traces hold no trainable positions")?;
         let s = trainer.step(&batch)?;
         bar.set_message(format!("loss {:.3} top-1 {:.2}", s.loss, s.top1));
@@ -203,6 +231,13 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     bar.finish();
     trainer.weights()?.save(&trainer.config, &args.out)?;
     eprintln!("drafter written to {} (serve it with --spec eagle:{})", args.out.display(), args.out.display());
+    if args.replay_positions > 0 {
+        // What this drafter was trained on: the traces, and the set it replayed.
+        let replayed = replay.as_ref().map(|r| r.pool().traces());
+        let traces: Vec<_> = pool.traces().chain(replayed.into_iter().flatten()).cloned().collect();
+        let (n, positions) = tandem_speculator::replay::write(&traces, args.replay_positions, &args.out, &mut rng)?;
+        eprintln!("replay set: {n} of its traces ({positions} positions) in {}", args.out.join("replay").display());
+    }
     Ok(())
 }
 

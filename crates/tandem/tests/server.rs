@@ -64,6 +64,22 @@ fn start_with(model: &Path, port: u16, extra: &[&str]) -> Server {
     server
 }
 
+/// Stops `server` with SIGTERM, as an operator would, and checks that it exits cleanly (a
+/// graceful shutdown: what runs finishes, the online trainer writes its checkpoint).
+fn terminate(server: &mut Server) {
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(code) = server.0.try_wait().unwrap() {
+            assert!(code.success(), "exit status after SIGTERM: {code}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn openai_client_and_raw_http_against_tandem_serve() {
     let port = free_port();
@@ -78,17 +94,7 @@ fn openai_client_and_raw_http_against_tandem_serve() {
     assert!(status.success(), "tests/server/test_server.py failed (output above)");
 
     // SIGTERM: the server stops accepting, finishes what runs, and exits cleanly.
-    let pid = server.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(code) = server.0.try_wait().unwrap() {
-            assert!(code.success(), "exit status after SIGTERM: {code}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    terminate(&mut server);
 }
 
 #[test]
@@ -147,13 +153,7 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
         .unwrap();
     assert!(status.success(), "tests/server/test_online.py failed (output above)");
     // Shutdown writes the drafter checkpoint, which a new server can start from.
-    let pid = online.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while online.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the online server did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    terminate(&mut online);
     assert!(save.join("config.json").exists() && save.join("model.safetensors").exists(), "no checkpoint at shutdown");
     let port = free_port();
     let _again = start_with(&smollm2(), port, &["--spec", &format!("eagle:{}", save.display())]);
@@ -176,9 +176,20 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
         assert!(out.status.success(), "train-drafter {args:?} failed:\n{log}");
         log
     };
-    let log = train_drafter(&["--steps", "4"]);
+    let log = train_drafter(&["--steps", "4", "--replay-positions", "100"]);
     assert!(log.contains("step 4: loss") && log.contains("held-out top-1 agreement"), "{log}");
     assert!(offline.join("model.safetensors").exists());
+    // Beside it, a sample of what it trained on: online training from it replays that, and the
+    // online checkpoint keeps a copy (a server continuing from the checkpoint replays it too).
+    assert!(log.contains("replay set: ") && log.contains("positions) in"), "{log}");
+    let replayed = std::fs::read_dir(offline.join("replay")).unwrap().count();
+    assert!(replayed >= 1, "{log}");
+    let resave = std::env::temp_dir().join(format!("tandem-online-resave-{}", std::process::id()));
+    let port = free_port();
+    let spec = format!("eagle:{}", offline.display());
+    let args = ["--spec", &spec, "--spec-train", "online", "--drafter-save", resave.to_str().unwrap()];
+    terminate(&mut start_with(&smollm2(), port, &args));
+    assert_eq!(std::fs::read_dir(resave.join("replay")).unwrap().count(), replayed);
     // Text the target reads trains it too (here besides the traces): at most four chunks a file.
     let corpus = std::env::temp_dir().join(format!("tandem-corpus-{}", std::process::id()));
     std::fs::create_dir_all(corpus.join("pkg")).unwrap();
@@ -188,7 +199,7 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
     let log =
         train_drafter(&["--steps", "2", "--corpus-tokens", "100000", "--corpus-chunk", "128", "--corpus", corpus_arg]);
     assert!(log.contains("corpus: 4 chunks, 512 positions") && log.contains("step 2: loss"), "{log}");
-    for d in [&save, &traces, &offline, &corpus] {
+    for d in [&save, &traces, &offline, &corpus, &resave] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

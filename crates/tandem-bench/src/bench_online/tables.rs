@@ -5,7 +5,7 @@ use tandem_engine::online::KStat;
 
 /// Every table, in order, to stdout.
 pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
-    println!("\n| config | served | domain | acceptance length | tok/s | x none | k | version | gain | fresh agreement | trainer share | trainer steps |");
+    println!("\n| config | served | domain | acceptance length | tok/s | x none | k | version | gain | first-token agreement | trainer share | trainer steps |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in all_rows {
         println!(
@@ -19,7 +19,7 @@ pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
             r.chosen_k.map_or("".into(), |k| k.to_string()),
             r.drafter_version.map_or("".into(), |v| v.to_string()),
             r.gain.map_or("".into(), |g| format!("{g:.2}")),
-            r.fresh_agreement.filter(|_| r.train_steps.unwrap_or(0) > 0).map_or("".into(), |a| format!("{a:.2}")),
+            r.first_agreement.map_or("".into(), |a| format!("{a:.2}")),
             r.train_share.filter(|&s| s > 0.0).map_or("".into(), |s| format!("{s:.2}")),
             r.train_steps.filter(|&s| s > 0).map_or("".into(), |s| s.to_string())
         );

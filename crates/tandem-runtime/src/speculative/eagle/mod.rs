@@ -152,6 +152,8 @@ pub struct EagleDrafter {
     serve_as: ServeAs,
     /// Prompt lookup tried before the learned drafter (see `with_lookup`).
     lookup: Option<NgramDrafter>,
+    /// The folder it was loaded from (None: made fresh).
+    source: Option<std::path::PathBuf>,
 }
 
 impl EagleDrafter {
@@ -173,6 +175,7 @@ impl EagleDrafter {
             caught_up: (0.0, 0),
             serve_as: ServeAs::F32,
             lookup: None,
+            source: None,
         })
     }
 
@@ -210,7 +213,12 @@ impl EagleDrafter {
         let config = EagleConfig::load(dir)?;
         config.check(&target.config)?;
         let weights = EagleWeights::load(dir, &config, target.device())?;
-        Self::new(config, weights, target.device())
+        Ok(EagleDrafter { source: Some(dir.to_path_buf()), ..Self::new(config, weights, target.device())? })
+    }
+
+    /// The folder the drafter was loaded from (None: made fresh): a drafter trained before.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
     }
 
     /// Writes `dir/config.json` and `dir/model.safetensors`.
