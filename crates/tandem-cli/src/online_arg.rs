@@ -276,6 +276,7 @@ pub fn start_with(
             checkpoint_dir: Some(args.drafter_save_dir()),
             spill_dir: args.trace_dir.clone(),
             replay,
+            serve_as: Some(drafter.serve_as()),
             ..Default::default()
         },
     );

@@ -704,8 +704,12 @@ impl Engine {
 
     fn serve_drafter(&mut self, v: Version, why: &str) {
         if let Some(drafter) = self.runner.trained_mut() {
-            if let Err(e) = drafter.update(v.weights.clone()) {
-                tracing::warn!(error = %e, version = v.number, why, "drafter weights refused");
+            let start = std::time::Instant::now();
+            match drafter.update(v.weights.clone()) {
+                Ok(()) => {
+                    tracing::debug!(version = v.number, why, ms = start.elapsed().as_secs_f64() * 1e3, "drafter served")
+                }
+                Err(e) => tracing::warn!(error = %e, version = v.number, why, "drafter weights refused"),
             }
         }
     }

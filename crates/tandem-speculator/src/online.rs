@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_engine::online::{DrafterExchange, TraceBuffer, Turn, Version};
+use tandem_models::Result;
+use tandem_runtime::speculative::eagle::ServeAs;
 use tandem_runtime::speculative::EagleWeights;
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,10 @@ pub struct OnlineTrainerConfig {
     pub spill_dir: Option<PathBuf>,
     /// What the drafter was trained on before it served, mixed into every step (`replay`).
     pub replay: Option<Arc<Replay>>,
+    /// How the engine serves the drafter's matrices: each version is converted so here, on the
+    /// trainer's low-priority thread, and the engine's swap is a pointer exchange (None: the
+    /// engine converts).
+    pub serve_as: Option<ServeAs>,
 }
 
 impl Default for OnlineTrainerConfig {
@@ -62,6 +68,7 @@ impl Default for OnlineTrainerConfig {
             checkpoint_every: 200,
             spill_dir: None,
             replay: None,
+            serve_as: None,
         }
     }
 }
@@ -232,7 +239,7 @@ fn run(
                 exchange.metrics.train_steps.store(trainer.steps, Ordering::Relaxed);
                 exchange.metrics.train_positions.fetch_add(s.positions as u64, Ordering::Relaxed);
                 if trainer.steps.is_multiple_of(config.publish_every.max(1)) {
-                    match trainer.weights() {
+                    match trainer.weights().and_then(|w| prepared(w, config.serve_as, versions.values().next_back())) {
                         Ok(w) => {
                             let w = Arc::new(w);
                             exchange.weights.publish(Version { number: next_version, weights: w.clone() });
@@ -258,6 +265,15 @@ fn run(
         }
     }
     checkpoint(&trainer, &config);
+}
+
+/// `w` with the form the engine serves made (see `OnlineTrainerConfig::serve_as`), sharing the
+/// forms of tensors unchanged since `previous` (a frozen head).
+fn prepared(w: EagleWeights, serve_as: Option<ServeAs>, previous: Option<&Arc<EagleWeights>>) -> Result<EagleWeights> {
+    if let Some(serve_as) = serve_as {
+        w.prepare(serve_as, previous.map(|p| &**p))?;
+    }
+    Ok(w)
 }
 
 /// The drafter's first-token agreement on the drafts it serves, read off the engine's counters

@@ -120,6 +120,9 @@ pub struct Trainer {
     device: Device,
     path: OpsPath,
     rope: RopeTables,
+    /// With `freeze_head`: one copy of the head's tensors, the same in every published version,
+    /// so the server keeps their served form instead of converting them again per version.
+    frozen_head: Vec<(&'static str, Tensor)>,
     pub steps: u64,
 }
 
@@ -137,7 +140,13 @@ impl Trainer {
             t2d[t as usize] = d as i32;
         }
         let params = ParamsAdamW { lr: train.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: train.weight_decay };
-        let trained = vars.named().filter(|(n, _)| !(train.freeze_head && HEAD_NAMES.contains(n)));
+        let frozen = |n: &str| train.freeze_head && HEAD_NAMES.contains(&n);
+        let frozen_head = vars
+            .named()
+            .filter(|(n, _)| frozen(n))
+            .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let trained = vars.named().filter(|(n, _)| !frozen(n));
         let opt = AdamW::new(trained.map(|(_, v)| v.clone()).collect(), params)?;
         let rope = rope_tables(&config, crate::pool::MAX_POSITION, &device)?;
         Ok(Trainer {
@@ -152,6 +161,7 @@ impl Trainer {
             path: OpsPath::for_device(&device),
             device,
             rope,
+            frozen_head,
             steps: 0,
         })
     }
@@ -196,8 +206,13 @@ impl Trainer {
 
     /// A copy of the current weights (the trainer keeps updating its own in place).
     pub fn weights(&self) -> Result<EagleWeights> {
-        let tensors = self.vars.try_map(|_, v| -> Result<Tensor> { Ok(v.as_tensor().copy()?) })?;
-        Ok(EagleWeights { tensors, d2t: self.d2t.clone() })
+        let tensors = self.vars.try_map(|name, v| -> Result<Tensor> {
+            match self.frozen_head.iter().find(|(n, _)| *n == name) {
+                Some((_, t)) => Ok(t.clone()),
+                None => Ok(v.as_tensor().copy()?),
+            }
+        })?;
+        Ok(EagleWeights { tensors, d2t: self.d2t.clone(), served: Default::default() })
     }
 
     /// Continues from `weights` (after a rollback), keeping the optimizer's moments.

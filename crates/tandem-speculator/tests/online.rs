@@ -760,3 +760,55 @@ fn a_saturated_server_lends_the_trainer_turns() {
     assert!(status.steps >= 1 && lent >= 1, "steps {} in {lent} turns over {waves} waves", status.steps);
     assert!(version() >= 1, "no version served after {waves} waves ({} steps)", status.steps);
 }
+
+/// A version the trainer prepares in the engine's served form (on its own thread) drafts exactly
+/// as the same weights converted by the engine, and a frozen head is the same tensor in every
+/// version, so its served form is made once.
+#[test]
+fn a_version_prepared_by_the_trainer_drafts_as_one_the_engine_converts() {
+    let (target, config, weights, trace) = one_trace();
+    let tc = TrainConfig { freeze_head: true, ..train_config() };
+    let mut trainer = Trainer::new(config.clone(), &weights, target.embedding_table().unwrap(), tc).unwrap();
+    let mut pool = TracePool::new(1 << 20);
+    pool.add(trace.clone());
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let vd = config.draft_vocab_size;
+    let v1 = trainer.weights().unwrap();
+    let b = pool.sample(&mut rng, 64, 32, vd, &|id| trainer.draft_id(id)).unwrap();
+    trainer.step(&b).unwrap();
+    let v2 = trainer.weights().unwrap();
+    assert_eq!(v1.tensors.lm_head.id(), v2.tensors.lm_head.id(), "the frozen head is shared");
+    assert_ne!(v1.tensors.fc.id(), v2.tensors.fc.id(), "trained tensors are copied");
+    v1.prepare(ServeAs::Q8_0, None).unwrap();
+    v2.prepare(ServeAs::Q8_0, Some(&v1)).unwrap();
+    let unprepared = EagleWeights { served: Default::default(), ..v2.clone() };
+    use tandem_runtime::speculative::{DraftRequest, Drafter, TrainableDrafter};
+    let fs = trace.feature_size;
+    let drafts = |w: EagleWeights| -> Vec<Vec<u32>> {
+        let d = EagleDrafter::new(config.clone(), weights.clone(), target.device()).unwrap();
+        let mut d = d.with_serving(ServeAs::Q8_0).unwrap();
+        d.update(Arc::new(w)).unwrap();
+        d.prepare(1, 256).unwrap();
+        let n = trace.positions().min(trace.tokens.len() - 2).min(40);
+        (0..n)
+            .map(|t| {
+                let f =
+                    candle_core::Tensor::from_slice(&trace.features[t * fs..(t + 1) * fs], (1, fs), target.device());
+                let f = f.unwrap();
+                let rows: Vec<_> = (0..3).map(|l| f.narrow(1, l * fs / 3, fs / 3).unwrap()).collect();
+                d.observe(0, t, &rows).unwrap();
+                let sampling = SamplingParams::default();
+                let ask = DraftRequest {
+                    slot: 0,
+                    tokens: &trace.tokens[..t + 2],
+                    k: 3,
+                    copy_k: 0,
+                    alternatives: 0,
+                    sampling: &sampling,
+                };
+                d.propose(&target, &[ask]).unwrap()[0].tokens.clone()
+            })
+            .collect()
+    };
+    assert_eq!(drafts(v2), drafts(unprepared));
+}

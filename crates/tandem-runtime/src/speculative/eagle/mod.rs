@@ -22,7 +22,7 @@ pub use weights::{EagleConfig, EagleTensors, EagleWeights, WarmStart, HEAD_NAMES
 use super::{draft_token, drafter_sampler, Alternative, Draft, DraftRequest, Drafter, NgramDrafter, TrainableDrafter};
 use crate::sampling::Sampler;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use std::path::Path;
 use std::sync::Arc;
 use tandem_models::linear::Linear;
@@ -67,6 +67,43 @@ impl ServeAs {
             }
             _ => Linear::dense(t.to_dtype(DType::BF16)?, None),
         })
+    }
+}
+
+/// The drafter's weights as drafting reads them (see [`ServeAs`]). Made where cores are to spare
+/// (a trainer's thread: [`EagleWeights::prepare`]) serving a new version on the engine's thread is
+/// a pointer swap; made there, converting a version took ~30-90 ms of the engine's steps.
+#[derive(Clone)]
+pub struct Served {
+    serve_as: ServeAs,
+    /// The tensors the forms were made from: one unchanged in the next version (a frozen head,
+    /// most of the drafter's bytes) keeps its form.
+    ids: [TensorId; 13],
+    tensors: EagleTensors<Linear>,
+    /// q/k/v and gate/up of `tensors` stacked (see [`layer::Stacked`]); None where their types
+    /// differ and cannot stack.
+    stacked: Option<(Linear, Linear)>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Served({:?})", self.serve_as)
+    }
+}
+
+impl Served {
+    /// `weights` served as `serve_as`; a tensor that `previous` (same `serve_as`) was made from
+    /// keeps its form.
+    pub fn new(weights: &EagleWeights, serve_as: ServeAs, previous: Option<&Served>) -> Result<Served> {
+        let previous = previous.filter(|p| p.serve_as == serve_as);
+        let mut i = 0;
+        let tensors = weights.tensors.try_map(|_, t| {
+            let kept = previous.filter(|p| p.ids[i] == t.id()).map(|p| p.tensors.as_array()[i].clone());
+            i += 1;
+            kept.map_or_else(|| serve_as.serve(t), Ok)
+        })?;
+        let ids = weights.tensors.as_array().map(|t| t.id());
+        Ok(Served { serve_as, ids, stacked: stack(&tensors), tensors })
     }
 }
 
@@ -137,11 +174,8 @@ pub struct EagleDrafter {
     pub config: EagleConfig,
     /// The weights as given (f32): what the trainer publishes and a rollback returns to.
     weights: Arc<EagleWeights>,
-    /// The same, as drafting reads them (see [`ServeAs`]).
-    served: EagleTensors<Linear>,
-    /// q/k/v and gate/up of `served` stacked (see [`layer::Stacked`]); None where their types
-    /// differ and cannot stack.
-    stacked: Option<(Linear, Linear)>,
+    /// The same, as drafting reads them.
+    served: Arc<Served>,
     device: Device,
     path: OpsPath,
     slots: Vec<SlotState>,
@@ -161,12 +195,11 @@ impl EagleDrafter {
         weights.check_shapes(&config)?;
         let tensors =
             weights.tensors.try_map(|_, t| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(device)?) })?;
-        let served = tensors.try_map(|_, t| ServeAs::F32.serve(t))?;
+        let weights = EagleWeights { tensors, d2t: weights.d2t, served: Default::default() };
         Ok(EagleDrafter {
             config,
-            weights: Arc::new(EagleWeights { tensors, d2t: weights.d2t }),
-            stacked: stack(&served),
-            served,
+            served: Arc::new(Served::new(&weights, ServeAs::F32, None)?),
+            weights: Arc::new(weights),
             device: device.clone(),
             path: OpsPath::for_device(device),
             slots: Vec::new(),
@@ -192,7 +225,7 @@ impl EagleDrafter {
     pub fn with_serving(mut self, serve_as: ServeAs) -> Result<Self> {
         self.serve_as = serve_as;
         let w = self.weights.clone();
-        self.set_weights(w)?;
+        self.serve(w, false)?;
         Ok(self)
     }
 
@@ -216,6 +249,11 @@ impl EagleDrafter {
         Ok(EagleDrafter { source: Some(dir.to_path_buf()), ..Self::new(config, weights, target.device())? })
     }
 
+    /// How the matrices are served (a trainer prepares its versions so: [`EagleWeights::prepare`]).
+    pub fn serve_as(&self) -> ServeAs {
+        self.serve_as
+    }
+
     /// The folder the drafter was loaded from (None: made fresh): a drafter trained before.
     pub fn source(&self) -> Option<&Path> {
         self.source.as_deref()
@@ -233,9 +271,17 @@ impl EagleDrafter {
     /// Serves `weights` from the next draft on. The per-slot caches were computed with the old
     /// weights, so they are rebuilt from the kept target features.
     pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
+        self.serve(weights, true)
+    }
+
+    /// `set_weights`: the served form `weights` carries if it was prepared for this drafter's
+    /// `ServeAs`, else made here (with `keep`, reusing the forms of tensors served now).
+    fn serve(&mut self, weights: Arc<EagleWeights>, keep: bool) -> Result<()> {
         weights.check_shapes(&self.config)?;
-        self.served = weights.tensors.try_map(|_, t| self.serve_as.serve(t))?;
-        self.stacked = stack(&self.served);
+        self.served = match weights.served.get().filter(|s| s.serve_as == self.serve_as) {
+            Some(s) => s.clone(),
+            None => Arc::new(Served::new(&weights, self.serve_as, keep.then_some(&*self.served))?),
+        };
         self.weights = weights;
         for s in &mut self.slots {
             (s.kv_start, s.held) = (0, 0);
@@ -275,8 +321,8 @@ impl EagleDrafter {
     /// The served layer (rope tables built by `ensure_rope` before drafting).
     fn layer(&self) -> EagleLayer<'_, Linear> {
         let rope = self.rope.as_ref().expect("built before drafting");
-        let stacked = self.stacked.as_ref().map(|(qkv, gate_up)| layer::Stacked { qkv, gate_up });
-        EagleLayer { w: &self.served, stacked, config: &self.config, rope, path: self.path }
+        let stacked = self.served.stacked.as_ref().map(|(qkv, gate_up)| layer::Stacked { qkv, gate_up });
+        EagleLayer { w: &self.served.tensors, stacked, config: &self.config, rope, path: self.path }
     }
 
     /// The layer over `rows`: their keys and values go into the cache, and each attends to its

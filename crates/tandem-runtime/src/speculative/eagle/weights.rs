@@ -1,12 +1,14 @@
 //! The EAGLE drafter's configuration and typed weights: one table names the tensors as published
 //! EAGLE-3 checkpoints do, and everything else (shapes, loading, saving, warm starts, the trainer's
 //! parameters) goes through the typed fields.
+use super::{ServeAs, Served};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use tandem_models::{Model, ModelConfig, ModelError, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,9 +214,19 @@ impl EagleTensors<Vec<usize>> {
 pub struct EagleWeights {
     pub tensors: EagleTensors<Tensor>,
     pub d2t: Vec<u32>,
+    /// The form drafting reads, if prepared ahead (`prepare`).
+    pub served: OnceLock<Arc<Served>>,
 }
 
 impl EagleWeights {
+    /// Makes the form a drafter serving `serve_as` reads, so that serving these weights costs
+    /// the engine a pointer swap (see [`Served`]); tensors `previous` shares keep its forms.
+    pub fn prepare(&self, serve_as: ServeAs, previous: Option<&EagleWeights>) -> Result<()> {
+        let previous = previous.and_then(|p| p.served.get()).map(|s| &**s);
+        let _ = self.served.set(Arc::new(Served::new(self, serve_as, previous)?));
+        Ok(())
+    }
+
     /// Random initialisation: projections N(0, 0.02), norms 1, draft vocabulary = the first
     /// `draft_vocab_size` target ids.
     pub fn random(c: &EagleConfig, seed: u64, device: &Device) -> Result<Self> {
@@ -227,7 +239,7 @@ impl EagleWeights {
             let values: Vec<f32> = (0..shape.iter().product()).map(|_| 0.02 * normal(&mut rng)).collect();
             Ok(Tensor::from_vec(values, shape.as_slice(), device)?)
         })?;
-        Ok(EagleWeights { tensors, d2t: (0..c.draft_vocab_size as u32).collect() })
+        Ok(EagleWeights { tensors, d2t: (0..c.draft_vocab_size as u32).collect(), served: Default::default() })
     }
 
     /// A fresh drafter for `target`, random except for what `warm` copies from the target.
@@ -294,7 +306,7 @@ impl EagleWeights {
         let tensors = EagleTensors::shapes(config).try_map(|name, _| {
             named.remove(name).ok_or_else(|| ModelError::Drafter(format!("missing tensor {name}")))
         })?;
-        let weights = EagleWeights { tensors, d2t };
+        let weights = EagleWeights { tensors, d2t, served: Default::default() };
         weights.check_shapes(config)?;
         Ok(weights)
     }
