@@ -260,12 +260,8 @@ fn trainer_and_drafter_agree() {
             *trainer.predict(&batch).unwrap().last().unwrap()
         })
         .collect();
-    use tandem_runtime::speculative::{DraftRequest, Drafter};
-    let fs = trace.feature_size;
-    let rows = |a: usize, b: usize| {
-        let t = candle_core::Tensor::from_slice(&trace.features[a * fs..b * fs], (b - a, fs), target.device()).unwrap();
-        (0..3).map(|l| t.narrow(1, l * fs / 3, fs / 3).unwrap()).collect::<Vec<_>>()
-    };
+    use tandem_runtime::speculative::Drafter;
+    let rows = |a: usize, b: usize| feature_rows(&trace, a, b, &target);
     // Served in f32 the drafter proposes the trainer's tokens but where the two are nearly tied
     // (the layer is one implementation, but drafting attends through the serving kernel over its
     // cache and training through candle's products: float sums in different orders, at most 1% of
@@ -290,17 +286,7 @@ fn trainer_and_drafter_agree() {
             } else {
                 drafter.observe(0, t, &rows(t, t + 1)).unwrap();
             }
-            let sampling = SamplingParams::default();
-            let ask = DraftRequest {
-                slot: 0,
-                tokens: &trace.tokens[..t + 2],
-                k: 1,
-                copy_k: 0,
-                alternatives: 0,
-                sampling: &sampling,
-            };
-            let d = drafter.propose(&target, &[ask]).unwrap();
-            mismatches += (d[0].tokens[0] != want) as usize;
+            mismatches += (draft_after(&mut drafter, &target, &trace.tokens[..t + 2], 1)[0] != want) as usize;
         }
         assert!(mismatches <= allowed, "{dtype:?} (fresh {fresh}): {mismatches} of {n} positions differ");
     }
@@ -782,8 +768,7 @@ fn a_version_prepared_by_the_trainer_drafts_as_one_the_engine_converts() {
     v1.prepare(ServeAs::Q8_0, None).unwrap();
     v2.prepare(ServeAs::Q8_0, Some(&v1)).unwrap();
     let unprepared = EagleWeights { served: Default::default(), ..v2.clone() };
-    use tandem_runtime::speculative::{DraftRequest, Drafter, TrainableDrafter};
-    let fs = trace.feature_size;
+    use tandem_runtime::speculative::{Drafter, TrainableDrafter};
     let drafts = |w: EagleWeights| -> Vec<Vec<u32>> {
         let d = EagleDrafter::new(config.clone(), weights.clone(), target.device()).unwrap();
         let mut d = d.with_serving(ServeAs::Q8_0).unwrap();
@@ -792,23 +777,26 @@ fn a_version_prepared_by_the_trainer_drafts_as_one_the_engine_converts() {
         let n = trace.positions().min(trace.tokens.len() - 2).min(40);
         (0..n)
             .map(|t| {
-                let f =
-                    candle_core::Tensor::from_slice(&trace.features[t * fs..(t + 1) * fs], (1, fs), target.device());
-                let f = f.unwrap();
-                let rows: Vec<_> = (0..3).map(|l| f.narrow(1, l * fs / 3, fs / 3).unwrap()).collect();
-                d.observe(0, t, &rows).unwrap();
-                let sampling = SamplingParams::default();
-                let ask = DraftRequest {
-                    slot: 0,
-                    tokens: &trace.tokens[..t + 2],
-                    k: 3,
-                    copy_k: 0,
-                    alternatives: 0,
-                    sampling: &sampling,
-                };
-                d.propose(&target, &[ask]).unwrap()[0].tokens.clone()
+                d.observe(0, t, &feature_rows(&trace, t, t + 1, &target)).unwrap();
+                draft_after(&mut d, &target, &trace.tokens[..t + 2], 3)
             })
             .collect()
     };
     assert_eq!(drafts(v2), drafts(unprepared));
+}
+
+/// The target features `trace` recorded at positions `a..b`, one tensor per target layer, as a
+/// drafter observes them.
+fn feature_rows(trace: &Trace, a: usize, b: usize, target: &Model) -> Vec<candle_core::Tensor> {
+    let fs = trace.feature_size;
+    let t = candle_core::Tensor::from_slice(&trace.features[a * fs..b * fs], (b - a, fs), target.device()).unwrap();
+    (0..3).map(|l| t.narrow(1, l * fs / 3, fs / 3).unwrap()).collect()
+}
+
+/// The `k` tokens `drafter` proposes (slot 0, greedy) after `tokens`.
+fn draft_after(drafter: &mut EagleDrafter, target: &Model, tokens: &[u32], k: usize) -> Vec<u32> {
+    use tandem_runtime::speculative::{DraftRequest, Drafter};
+    let sampling = SamplingParams::default();
+    let ask = DraftRequest { slot: 0, tokens, k, copy_k: 0, alternatives: 0, sampling: &sampling };
+    drafter.propose(target, &[ask]).unwrap().swap_remove(0).tokens
 }

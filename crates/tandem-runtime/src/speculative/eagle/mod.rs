@@ -225,7 +225,7 @@ impl EagleDrafter {
     pub fn with_serving(mut self, serve_as: ServeAs) -> Result<Self> {
         self.serve_as = serve_as;
         let w = self.weights.clone();
-        self.serve(w, false)?;
+        self.set_weights(w)?;
         Ok(self)
     }
 
@@ -268,19 +268,15 @@ impl EagleDrafter {
         &self.weights
     }
 
-    /// Serves `weights` from the next draft on. The per-slot caches were computed with the old
+    /// Serves `weights` from the next draft on, in the form they carry if it was prepared for
+    /// this drafter's `ServeAs`, else made here (reusing the forms of tensors served now, where
+    /// they were made for the same `ServeAs`). The per-slot caches were computed with the old
     /// weights, so they are rebuilt from the kept target features.
     pub fn set_weights(&mut self, weights: Arc<EagleWeights>) -> Result<()> {
-        self.serve(weights, true)
-    }
-
-    /// `set_weights`: the served form `weights` carries if it was prepared for this drafter's
-    /// `ServeAs`, else made here (with `keep`, reusing the forms of tensors served now).
-    fn serve(&mut self, weights: Arc<EagleWeights>, keep: bool) -> Result<()> {
         weights.check_shapes(&self.config)?;
         self.served = match weights.served.get().filter(|s| s.serve_as == self.serve_as) {
             Some(s) => s.clone(),
-            None => Arc::new(Served::new(&weights, self.serve_as, keep.then_some(&*self.served))?),
+            None => Arc::new(Served::new(&weights, self.serve_as, Some(&self.served))?),
         };
         self.weights = weights;
         for s in &mut self.slots {
