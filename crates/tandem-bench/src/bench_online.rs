@@ -81,8 +81,9 @@ pub struct OnlineBenchArgs {
     /// Run the configurations side by side, taking turns request by request (request 1 under
     /// each, then request 2, ...), each on its own engine: a machine that slows down for a while
     /// slows every configuration alike, so their ratios hold where one-after-another runs swing
-    /// by 10-30%. One request in flight, no think time; not with `offline` or `none+train` (they
-    /// read the traces of a `warm` run before them).
+    /// by 10-30%. One request in flight; with --think-ms each configuration's pause comes right
+    /// before its own request, and only then may its trainer use the idle cores. Not with
+    /// `offline` or `none+train` (they read the traces of a `warm` run before them).
     #[arg(long)]
     interleave: bool,
     /// Most draft tokens per step.
@@ -95,6 +96,10 @@ pub struct OnlineBenchArgs {
     /// Requests per reported window.
     #[arg(long, default_value_t = 50)]
     window: usize,
+    /// Also report each configuration's tok/s over the requests from this one on (a target such
+    /// as "1.8x from request 250 on", once a drafter has seen that much traffic).
+    #[arg(long)]
+    from_request: Option<usize>,
     /// The drafter the `day0` configuration starts from (made before any traffic, e.g. by
     /// `tandem train-drafter --self-distill N --out DIR`); it is then trained online as `warm` is.
     /// Several, comma-separated: `day0` is the first, `day0#2` (e.g. `day0#2+lookup`) the second.
@@ -186,6 +191,9 @@ struct Summary {
     /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
     /// `none`'s tok/s; None: never in this run.
     reached_target_after: Vec<(String, Option<usize>)>,
+    /// tok/s over requests `--from-request` on, and that over `none`'s.
+    tok_s_from_request: Option<f64>,
+    speedup_from_request: Option<f64>,
     /// The draft shape controller's model at the end, per draft length (steps with only copied
     /// drafts are not counted).
     k_table: Vec<KStat>,
@@ -296,16 +304,28 @@ fn replay(
                     if i >= prompts.len() {
                         return Ok(());
                     }
-                    if let Some((t, config)) = turns {
-                        t.wait(i, config)?;
+                    let Some((t, config)) = turns else {
+                        serve_one(i)?;
+                        bar.inc(1);
+                        std::thread::sleep(think);
+                        continue;
+                    };
+                    t.wait(i, config)?;
+                    // Side by side with think time, this client's pause comes in its own turn,
+                    // right before its request: only then is the engine's idle time its trainer's,
+                    // and a trainer's part that runs on into a request slows its own.
+                    if !think.is_zero() {
+                        if let Some(ex) = exchange {
+                            ex.idle.hold(false);
+                        }
+                        std::thread::sleep(think);
                     }
                     let served = serve_one(i);
-                    if let Some((t, _)) = turns {
-                        t.end(served.is_ok());
+                    if let Some(ex) = exchange {
+                        ex.idle.hold(true);
                     }
+                    t.end(served.is_ok());
                     served?;
-                    bar.inc(1);
-                    std::thread::sleep(think);
                 }
             }));
         }
@@ -415,10 +435,13 @@ fn run_config(
     }
     o.drafter_save = Some(std::env::temp_dir().join(format!("tandem-bench-drafter-{full_name}")));
     let hooks = if trains { o.hooks(o.trace_buffer_mib << 20) } else { OnlineHooks::new(0) };
-    if turns.is_some() {
-        // Side by side, this engine's idle time is the others' serving: its trainer trains as
-        // beside a saturated server, in the turns its own engine lends it.
-        hooks.exchange.idle.assume_saturated();
+    match turns {
+        // Side by side, this engine's idle time is the others' serving: without think time its
+        // trainer trains as beside a saturated server, in the turns its own engine lends it; with
+        // think time, in its own client's pauses (see `replay`).
+        Some(_) if args.think_ms == 0 => hooks.exchange.idle.assume_saturated(),
+        Some(_) => hooks.exchange.idle.hold(true),
+        None => {}
     }
     let mut trainer = None;
     if let Some(e) = trained.as_ref().filter(|_| trains) {
@@ -501,10 +524,7 @@ fn interleaved(
     prompts: &[Prompt],
     trace_dir: &Path,
 ) -> Result<Vec<(String, RunOutput)>> {
-    ensure!(
-        args.concurrency == 1 && args.think_ms == 0,
-        "--interleave takes turns one request at a time, without think time"
-    );
+    ensure!(args.concurrency == 1, "--interleave takes turns one request at a time");
     if let Some(c) = args.configs.iter().find(|c| matches!(c.as_str(), "offline" | "none+train")) {
         bail!("--interleave cannot run `{c}`: it needs the traces of a `warm` run finished before it");
     }
@@ -635,6 +655,13 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         v
     });
     let none_windows = none.map(|i| windows("none", &runs[i].1, args.window));
+    let from = |run: &RunOutput| {
+        args.from_request.map(|n| {
+            let later: Vec<Done> = run.done.iter().filter(|d| d.index >= n).cloned().collect();
+            later.iter().map(|d| d.tokens).sum::<usize>() as f64 / busy_secs(&later, 0.0)
+        })
+    };
+    let none_from = none.and_then(|i| from(&runs[i].1));
     let shifts = [0, args.domains[0], args.domains[0] + args.domains[1]];
     let mut all_rows = Vec::new();
     let mut summaries = Vec::new();
@@ -654,10 +681,19 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
             });
             run.summary.reached_target_after.push((d.to_string(), hit.map(|r| r.served - start)));
         }
+        run.summary.tok_s_from_request = from(run);
+        run.summary.speedup_from_request = run.summary.tok_s_from_request.zip(none_from).map(|(t, n)| t / n.max(1e-9));
         all_rows.extend(rows);
         summaries.push(run.summary.clone());
     }
     tables::print(&all_rows, &summaries);
+    if let Some(n) = args.from_request {
+        println!();
+        for s in &summaries {
+            let ratio = s.speedup_from_request.map_or(String::new(), |r| format!(", {r:.2}x none"));
+            println!("{}: {:.1} tok/s from request {n} on{ratio}", s.config, s.tok_s_from_request.unwrap_or(0.0));
+        }
+    }
     let peer = if args.peer { Some(run_peer(&path, &prompts, &args)?) } else { None };
     if let Some(p) = &peer {
         println!("\nllama.cpp plain decode (same file, batch 1, first prompts of each domain): {p:.1} tok/s");

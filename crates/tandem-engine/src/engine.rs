@@ -619,13 +619,17 @@ impl Engine {
             let nanos = verify_start.elapsed().as_nanos() as u64;
             self.shared.spec.add_step(&plan, &report, draft_nanos, nanos);
         }
+        // The draft shape's cost ends here: recording traces below costs per token emitted
+        // whatever the shape, and the controller's step-time model has no term for tokens emitted
+        // (it would charge that cost to the rows, and so to longer drafts).
+        let shape_secs = started.elapsed().as_secs_f64();
         if let Some(online) = self.online.as_mut() {
             let layers = self.runner.drafter().map_or(0, |d| d.target_layers().len());
             if let Some(back) = online.on_step(&mut self.scheduler.running, &plan, &report, &out, layers) {
                 self.serve_drafter(back, "rollback");
             }
         }
-        self.measure_shape(&plan, &report, started);
+        self.measure_shape(&plan, &report, shape_secs);
         self.shared.spec.add_time(&plan, &report, started.elapsed().as_secs_f64());
         let ended = self.scheduler.finish(report.finished, &mut self.runner);
         self.on_finished(ended);
@@ -658,7 +662,7 @@ impl Engine {
     /// Decode-only steps measure the end-to-end speed of the draft shape used (steps with only
     /// copied drafts say nothing about the learned drafter's length, and a step that also
     /// finishes a prompt costs what the prompt costs).
-    fn measure_shape(&mut self, plan: &StepPlan, report: &StepReport, started: Instant) {
+    fn measure_shape(&mut self, plan: &StepPlan, report: &StepReport, step_secs: f64) {
         let catch_up = self.runner.drafter_mut().map_or((0.0, 0), |d| d.take_catch_up());
         let after_turn = std::mem::take(&mut self.after_turn);
         let (Some(online), Some(shape), true) =
@@ -672,7 +676,7 @@ impl Engine {
         let emitted: usize = report.seqs.iter().map(|c| c.emitted).sum();
         let (secs, positions) = catch_up;
         let steady = secs / positions.max(1) as f64 * (emitted as f64).min(positions as f64);
-        online.on_decode_step(shape, &seqs, started.elapsed().as_secs_f64() - secs + steady);
+        online.on_decode_step(shape, &seqs, step_secs - secs + steady);
     }
 
     /// A new sequence's trace (online training), tagged with its weight version: the drafter

@@ -96,6 +96,9 @@ pub struct IdleSignal {
     /// The engine stands for a saturated server whatever its own idle time says (a benchmark
     /// whose engines take turns: one engine's idle time is another's serving).
     assume_saturated: AtomicBool,
+    /// The engine's idle time is not its trainer's for now (a benchmark whose engines take turns
+    /// with think time: between its own client's pauses, its idle time is the others' serving).
+    held: AtomicBool,
 }
 
 impl IdleSignal {
@@ -127,7 +130,14 @@ impl IdleSignal {
     /// started in it runs on into the next request and slows its steps; a client's think time or
     /// a quiet server lasts longer.
     pub fn is_idle(&self) -> bool {
-        !self.assumes_saturated() && self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
+        !self.assumes_saturated()
+            && !self.held.load(Ordering::Relaxed)
+            && self.idle_for().is_some_and(|s| s >= IDLE_GRACE)
+    }
+
+    /// While `held`, the engine's idle time is not its trainer's (see the field).
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
     }
 
     /// From now on the engine counts as saturated: its idle time is never the trainer's.
@@ -364,6 +374,10 @@ mod tests {
         assert!(!x.is_idle(), "a gap between back-to-back requests is not idle time");
         std::thread::sleep(std::time::Duration::from_secs_f64(IDLE_GRACE + 0.005));
         assert!(x.idle_for().is_some_and(|s| s >= IDLE_GRACE));
+        assert!(x.is_idle());
+        x.hold(true);
+        assert!(!x.is_idle(), "idle time held for other engines is not the trainer's");
+        x.hold(false);
         assert!(x.is_idle());
         x.set(false);
         assert_eq!(x.idle_for(), None);
