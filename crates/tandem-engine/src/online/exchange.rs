@@ -234,6 +234,7 @@ impl TrainerTurns {
             tracing::warn!("the drafter trainer's turn ran past {TURN_LIMIT:?}; serving goes on beside it");
         }
         let took = start.elapsed();
+        tracing::debug!(ms = took.as_secs_f64() * 1e3, "trainer turn");
         let share = share.clamp(0.001, 0.9);
         s.next = Some(busy_secs + took.as_secs_f64() / share);
         self.lent.fetch_add(1, Ordering::Relaxed);
