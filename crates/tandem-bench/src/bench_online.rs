@@ -503,8 +503,8 @@ fn run_config(
 }
 
 /// Time some request of `done` (sorted by finish) was in flight, counted from `from` on.
-fn busy_secs(done: &[Done], from: f64) -> f64 {
-    let mut spans: Vec<(f64, f64)> = done.iter().map(|d| (d.submitted_secs.max(from), d.finished_secs)).collect();
+fn busy_secs<'a>(done: impl IntoIterator<Item = &'a Done>, from: f64) -> f64 {
+    let mut spans: Vec<(f64, f64)> = done.into_iter().map(|d| (d.submitted_secs.max(from), d.finished_secs)).collect();
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut busy, mut reach) = (0.0, f64::NEG_INFINITY);
     for (s, e) in spans {
@@ -657,8 +657,8 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     let none_windows = none.map(|i| windows("none", &runs[i].1, args.window));
     let from = |run: &RunOutput| {
         args.from_request.map(|n| {
-            let later: Vec<Done> = run.done.iter().filter(|d| d.index >= n).cloned().collect();
-            later.iter().map(|d| d.tokens).sum::<usize>() as f64 / busy_secs(&later, 0.0)
+            let later = || run.done.iter().filter(move |d| d.index >= n);
+            later().map(|d| d.tokens).sum::<usize>() as f64 / busy_secs(later(), 0.0)
         })
     };
     let none_from = none.and_then(|i| from(&runs[i].1));

@@ -1,8 +1,8 @@
 //! The engine loop and its handle.
-use crate::commit::{commit, Committed, StepReport};
-use crate::online::{OnlineHooks, OnlineState, SeqOutcome, Trace, TraceVersion, Version};
+use crate::commit::{commit, StepReport};
+use crate::online::{OnlineHooks, OnlineState, Trace, TraceVersion, Version};
 use crate::runner::{ModelRunner, ServedDrafter};
-use crate::scheduler::{RequestInfo, Scheduled, Scheduler, SchedulingPolicy, Service, StepPlan};
+use crate::scheduler::{RequestInfo, Scheduler, SchedulingPolicy, Service, StepPlan};
 use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -670,13 +670,7 @@ impl Engine {
         else {
             return;
         };
-        let seqs: Vec<SeqOutcome> = plan.seqs.iter().zip(&report.seqs).map(|(p, c)| outcome(p, c)).collect();
-        // Steady drafting catches up about one position per emitted token; a backlog left by
-        // steps without drafts is not this shape's cost.
-        let emitted: usize = report.seqs.iter().map(|c| c.emitted).sum();
-        let (secs, positions) = catch_up;
-        let steady = secs / positions.max(1) as f64 * (emitted as f64).min(positions as f64);
-        online.on_decode_step(shape, &seqs, step_secs - secs + steady);
+        online.on_decode_step(shape, plan, report, step_secs, catch_up);
     }
 
     /// A new sequence's trace (online training), tagged with its weight version: the drafter
@@ -788,20 +782,5 @@ impl Engine {
         self.runner.cache.clear();
         let ended = self.scheduler.reset(&mut self.runner);
         self.on_finished(ended);
-    }
-}
-
-/// What a decoding sequence's part of a step tells the draft shape controller: a copied draft is
-/// counted as rows only (its length is not the learned drafter's).
-fn outcome(p: &Scheduled, c: &Committed) -> SeqOutcome {
-    let learned = !p.draft.lookup;
-    let sibling_won = c.alternative.is_some();
-    SeqOutcome {
-        rows: p.tokens.len(),
-        depth: p.start,
-        drafted: if learned { p.draft.tokens.len() } else { 0 },
-        chain_accepted: c.accepted - sibling_won as usize,
-        siblings: if learned { p.draft.alternatives.len() } else { 0 },
-        sibling_won,
     }
 }

@@ -2,10 +2,10 @@
 //! what the target did into each sequence's trace (its distributions, hidden states and rejected
 //! draft tokens) and judges the served drafter version; `on_finished` hands finished traces to
 //! the trainer; `on_decode_step` feeds the draft shape controller. Nothing here decides a token.
-use crate::commit::StepReport;
+use crate::commit::{Committed, StepReport};
 use crate::online::{OnlineState, Rejection, SeqOutcome, Trace, Version};
 use crate::runner::StepOutput;
-use crate::scheduler::StepPlan;
+use crate::scheduler::{Scheduled, StepPlan};
 use crate::sequence::Sequence;
 use candle_core::Tensor;
 use std::sync::atomic::Ordering;
@@ -66,11 +66,24 @@ impl OnlineState {
         }
     }
 
-    /// A decode-only step at draft shape `(k, budget)` took `step_secs` (drafting included);
-    /// `seqs`: each decoding sequence's part. The measurement of the controller of the family
-    /// `choose` was given for this step, published for /metrics (that family's figures).
-    pub(crate) fn on_decode_step(&mut self, shape: (usize, usize), seqs: &[SeqOutcome], step_secs: f64) {
-        self.record_shape(shape, seqs, step_secs);
+    /// A decode-only step at draft shape `(k, budget)` took `step_secs` (drafting included, of
+    /// which `catch_up` = (seconds, positions) the drafter spent catching up). The measurement of
+    /// the controller of the family `choose` was given for this step, published for /metrics
+    /// (that family's figures).
+    pub(crate) fn on_decode_step(
+        &mut self,
+        shape: (usize, usize),
+        plan: &StepPlan,
+        report: &StepReport,
+        step_secs: f64,
+        (catch_up_secs, positions): (f64, usize),
+    ) {
+        let seqs: Vec<SeqOutcome> = plan.seqs.iter().zip(&report.seqs).map(|(p, c)| outcome(p, c)).collect();
+        // Steady drafting catches up about one position per emitted token; a backlog left by
+        // steps without drafts is not this shape's cost.
+        let emitted: usize = report.seqs.iter().map(|c| c.emitted).sum();
+        let steady = catch_up_secs / positions.max(1) as f64 * (emitted as f64).min(positions as f64);
+        self.record_shape(shape, &seqs, step_secs - catch_up_secs + steady);
         let m = &self.hooks.exchange.metrics;
         m.chosen_k.store(self.controller().best() as u64, Ordering::Relaxed);
         m.chosen_alternatives.store(self.controller().best_siblings() as u64, Ordering::Relaxed);
@@ -105,5 +118,20 @@ fn record_features(trace: &mut Trace, start: usize, offset: usize, n: usize, hid
     match (joined, last) {
         (Ok(v), Ok(l)) => trace.record_features(start, &v, l.as_deref()),
         (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "trace capture failed"),
+    }
+}
+
+/// What a decoding sequence's part of a step tells the draft shape controller: a copied draft is
+/// counted as rows only (its length is not the learned drafter's).
+fn outcome(p: &Scheduled, c: &Committed) -> SeqOutcome {
+    let learned = !p.draft.lookup;
+    let sibling_won = c.alternative.is_some();
+    SeqOutcome {
+        rows: p.tokens.len(),
+        depth: p.start,
+        drafted: if learned { p.draft.tokens.len() } else { 0 },
+        chain_accepted: c.accepted - sibling_won as usize,
+        siblings: if learned { p.draft.alternatives.len() } else { 0 },
+        sibling_won,
     }
 }
