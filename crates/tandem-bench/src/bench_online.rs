@@ -86,6 +86,12 @@ pub struct OnlineBenchArgs {
     /// `offline` or `none+train` (they read the traces of a `warm` run before them).
     #[arg(long)]
     interleave: bool,
+    /// Under --interleave, configurations that do not learn (no speculation, n-gram, `+frozen`)
+    /// serve only every N-th request of the stream (the first, the (N+1)-th, ...), and every ratio
+    /// to `none` is taken over the requests both served: an hour of a drafter that keeps learning,
+    /// compared in the same run, costs its baselines 1/N of their hour each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    baseline_every: u64,
     /// Most draft tokens per step.
     #[arg(long, default_value_t = 6)]
     spec_k: usize,
@@ -171,6 +177,10 @@ struct Summary {
     tok_s: f64,
     acceptance_length: f64,
     identical_to_none: Option<bool>,
+    /// Requests whose outputs were compared with `none`'s (those both served).
+    compared_to_none: usize,
+    /// tok/s over `none`'s on the requests both served.
+    speedup: Option<f64>,
     trainer_steps: u64,
     drafter_versions: u64,
     rollbacks: u64,
@@ -227,7 +237,7 @@ fn replay(
     exchange: Option<&DrafterExchange>,
     label: &str,
     think: Duration,
-    turns: Option<(&Turns, usize)>,
+    turns: Option<(&Turns, usize, usize)>,
 ) -> Result<(Vec<Done>, f64, Samples, tandem_engine::SpecStats)> {
     let thread = engine.spawn();
     let next = AtomicUsize::new(0);
@@ -304,13 +314,18 @@ fn replay(
                     if i >= prompts.len() {
                         return Ok(());
                     }
-                    let Some((t, config)) = turns else {
+                    let Some((t, config, every)) = turns else {
                         serve_one(i)?;
                         bar.inc(1);
                         std::thread::sleep(think);
                         continue;
                     };
                     t.wait(i, config)?;
+                    if !i.is_multiple_of(every) {
+                        // `--baseline-every`: not this configuration's request; its turn passes.
+                        t.end(true);
+                        continue;
+                    }
                     // Side by side with think time, this client's pause comes in its own turn,
                     // right before its request: only then is the engine's idle time its trainer's,
                     // and a trainer's part that runs on into a request slows its own.
@@ -466,6 +481,9 @@ fn run_config(
     // Every configuration pauses alike: a request after a pause runs slower (measured here: a
     // frozen drafter with pauses 0.95x of no speculation without), whoever uses the pause.
     let think = Duration::from_millis(args.think_ms);
+    // A configuration that learns serves every request; the others every --baseline-every-th.
+    let every = if trains { 1 } else { args.baseline_every as usize };
+    let turns = turns.map(|(t, c)| (t, c, every));
     let (done, wall, samples, spec_stats) =
         replay(engine, handle, prompts, &ids, &stop, args, hooks_used.then_some(&*hooks.exchange), name, think, turns)?;
     if let Some(t) = trainer {
@@ -496,6 +514,7 @@ fn run_config(
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
     let steps: usize = done.iter().map(|d| d.decode_steps).sum();
     let in_flight = busy_secs(&done, 0.0);
+    summary.requests = done.len();
     summary.tok_s = tokens as f64 / in_flight;
     summary.trainer_turn_share = summary.trainer_turn_secs / in_flight;
     summary.acceptance_length = tokens as f64 / steps.max(1) as f64;
@@ -549,17 +568,39 @@ fn interleaved(
     })
 }
 
-/// Per-window figures of one run.
-fn windows(name: &str, run: &RunOutput, window: usize) -> Vec<WindowRow> {
+/// tok/s of `run` and of `base` over the requests both served that `keep` selects (None: none).
+fn paired(run: &RunOutput, base: &RunOutput, keep: impl Fn(&Done) -> bool) -> Option<(f64, f64)> {
+    let served = |r: &RunOutput| r.done.iter().map(|d| d.index).collect::<std::collections::HashSet<_>>();
+    let both: std::collections::HashSet<usize> = served(run).intersection(&served(base)).copied().collect();
+    let tok_s = |r: &RunOutput| {
+        let picked = || r.done.iter().filter(|d| both.contains(&d.index) && keep(d));
+        (picked().next().is_some()).then(|| picked().map(|d| d.tokens).sum::<usize>() as f64 / busy_secs(picked(), 0.0))
+    };
+    tok_s(run).zip(tok_s(base))
+}
+
+/// Per-window figures of one run: windows of `window` requests as the run served them, or with
+/// `by_index` (`--baseline-every`) of `window` requests of the stream, of which the run may have
+/// served only some.
+fn windows(name: &str, run: &RunOutput, window: usize, by_index: bool, stream_len: usize) -> Vec<WindowRow> {
     let mut rows = Vec::new();
     let mut prev_t = 0.0;
     let mut prev_drafts = (0, 0);
-    for (w, chunk) in run.done.chunks(window).enumerate() {
-        let served = w * window + chunk.len();
+    let mut served_here = 0;
+    let chunks: Vec<&[Done]> = match by_index {
+        true => run.done.chunk_by(|a, b| a.index / window == b.index / window).collect(),
+        false => run.done.chunks(window).collect(),
+    };
+    for (w, chunk) in chunks.into_iter().enumerate() {
+        served_here += chunk.len();
+        let served = match by_index {
+            true => ((chunk[0].index / window + 1) * window).min(stream_len),
+            false => w * window + chunk.len(),
+        };
         let end = chunk.last().map_or(prev_t, |d| d.finished_secs);
         let tokens: usize = chunk.iter().map(|d| d.tokens).sum();
         let steps: usize = chunk.iter().map(|d| d.decode_steps).sum();
-        let sample = run.samples.iter().rev().find(|s| s.0 <= served);
+        let sample = run.samples.iter().rev().find(|s| s.0 <= served_here);
         let domain = chunk.iter().map(|d| d.domain).max_by_key(|dm| chunk.iter().filter(|d| d.domain == *dm).count());
         rows.push(WindowRow {
             config: name.to_string(),
@@ -594,6 +635,7 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         args.window = args.window.min(10);
     }
     ensure!(args.domains.len() == 3, "--domains takes three counts: code,math,chat");
+    ensure!(args.baseline_every == 1 || args.interleave, "--baseline-every needs --interleave");
     let path = models::resolve(args.model.as_deref())?;
     let prompts = workload::stream(args.domains[0], args.domains[1], args.domains[2], workload::STREAM_SEED)?;
     let keep_traces = args.online.trace_dir.is_some();
@@ -647,44 +689,65 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
     }
     // Identical outputs, and per-window ratios against `none`.
     let none = runs.iter().position(|(n, _)| n == "none");
-    let reference: Option<Vec<Vec<u32>>> = none.map(|i| {
-        let mut v = vec![Vec::new(); prompts.len()];
+    let reference: Option<Vec<Option<Vec<u32>>>> = none.map(|i| {
+        let mut v = vec![None; prompts.len()];
         for d in &runs[i].1.done {
-            v[d.index] = d.output.clone();
+            v[d.index] = Some(d.output.clone());
         }
         v
     });
-    let none_windows = none.map(|i| windows("none", &runs[i].1, args.window));
+    let by_index = args.baseline_every > 1;
+    let window_rows = |name: &str, run: &RunOutput| windows(name, run, args.window, by_index, prompts.len());
+    let none_run = none.map(|i| &runs[i].1);
+    let none_windows = none_run.map(|r| window_rows("none", r));
     let from = |run: &RunOutput| {
         args.from_request.map(|n| {
             let later = || run.done.iter().filter(move |d| d.index >= n);
             later().map(|d| d.tokens).sum::<usize>() as f64 / busy_secs(later(), 0.0)
         })
     };
-    let none_from = none.and_then(|i| from(&runs[i].1));
     let shifts = [0, args.domains[0], args.domains[0] + args.domains[1]];
     let mut all_rows = Vec::new();
     let mut summaries = Vec::new();
-    for (name, run) in &mut runs {
+    for (name, run) in &runs {
+        let mut summary = run.summary.clone();
         if let Some(r) = &reference {
-            run.summary.identical_to_none = Some(run.done.iter().all(|d| d.output == r[d.index]));
+            let compared: Vec<bool> =
+                run.done.iter().filter_map(|d| r[d.index].as_ref().map(|o| *o == d.output)).collect();
+            summary.identical_to_none = Some(compared.iter().all(|&same| same));
+            summary.compared_to_none = compared.len();
         }
-        let mut rows = windows(name, run, args.window);
-        if let Some(nw) = &none_windows {
-            for (row, base) in rows.iter_mut().zip(nw) {
-                row.speedup = Some(row.tok_s / base.tok_s.max(1e-9));
+        let mut rows = window_rows(name, run);
+        match (&none_windows, none_run) {
+            // Over the window's requests `none` served too.
+            (Some(_), Some(base)) if by_index => {
+                for row in &mut rows {
+                    let w = (row.served - 1) / args.window;
+                    row.speedup = paired(run, base, |d| d.index / args.window == w).map(|(t, b)| t / b.max(1e-9));
+                }
             }
+            (Some(nw), _) => {
+                for (row, base_row) in rows.iter_mut().zip(nw) {
+                    row.speedup = Some(row.tok_s / base_row.tok_s.max(1e-9));
+                }
+            }
+            _ => {}
         }
         for (d, &start) in ["code", "math", "chat"].iter().zip(&shifts) {
             let hit = rows.iter().find(|r| {
                 r.served > start && r.domain == *d && r.acceptance_length >= 2.0 && r.speedup.unwrap_or(0.0) >= 1.3
             });
-            run.summary.reached_target_after.push((d.to_string(), hit.map(|r| r.served - start)));
+            summary.reached_target_after.push((d.to_string(), hit.map(|r| r.served - start)));
         }
-        run.summary.tok_s_from_request = from(run);
-        run.summary.speedup_from_request = run.summary.tok_s_from_request.zip(none_from).map(|(t, n)| t / n.max(1e-9));
+        summary.speedup = none_run.and_then(|b| paired(run, b, |_| true)).map(|(t, b)| t / b.max(1e-9));
+        summary.tok_s_from_request = from(run);
+        summary.speedup_from_request = args
+            .from_request
+            .zip(none_run)
+            .and_then(|(n, b)| paired(run, b, |d| d.index >= n))
+            .map(|(t, b)| t / b.max(1e-9));
         all_rows.extend(rows);
-        summaries.push(run.summary.clone());
+        summaries.push(summary);
     }
     tables::print(&all_rows, &summaries);
     if let Some(n) = args.from_request {
@@ -764,4 +827,45 @@ fn run_peer(path: &Path, prompts: &[Prompt], args: &OnlineBenchArgs) -> Result<f
         (t + n, s + n / r.decode_tok_s.max(1e-9))
     });
     Ok(tokens / secs.max(1e-9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of one request at a time: request `index` (in `indices`) took 1 s and made
+    /// `tokens(index)` tokens.
+    fn run_of(indices: &[usize], tokens: impl Fn(usize) -> usize) -> RunOutput {
+        let done = indices
+            .iter()
+            .enumerate()
+            .map(|(n, &index)| Done {
+                index,
+                domain: "code",
+                submitted_secs: n as f64,
+                finished_secs: n as f64 + 1.0,
+                tokens: tokens(index),
+                decode_steps: 1,
+                output: Vec::new(),
+            })
+            .collect();
+        RunOutput { done, wall: indices.len() as f64, samples: Vec::new(), summary: Summary::default() }
+    }
+
+    #[test]
+    fn baselines_serving_every_nth_request_are_compared_on_those_requests() {
+        // The learning run serves all 12 requests, faster on the later ones; `none` every 4th.
+        let learned = run_of(&(0..12).collect::<Vec<_>>(), |i| 10 + i);
+        let none = run_of(&[0, 4, 8], |_| 10);
+        let (t, b) = paired(&learned, &none, |_| true).unwrap();
+        assert!((t - (10.0 + 14.0 + 18.0) / 3.0).abs() < 1e-9 && (b - 10.0).abs() < 1e-9, "{t} {b}");
+        let (t, _) = paired(&learned, &none, |d| d.index >= 6).unwrap();
+        assert!((t - 18.0).abs() < 1e-9, "{t}");
+        assert!(paired(&learned, &none, |d| d.index == 5).is_none());
+        // Windows of the stream, whoever served how much of each.
+        let served = |r: &RunOutput| windows("x", r, 5, true, 12).iter().map(|w| w.served).collect::<Vec<_>>();
+        assert_eq!(served(&learned), vec![5, 10, 12]);
+        assert_eq!(served(&none), vec![5, 10]);
+        assert_eq!(windows("x", &none, 5, true, 12)[1].tok_s, 10.0);
+    }
 }

@@ -24,8 +24,8 @@ pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
             r.train_steps.filter(|&s| s > 0).map_or("".into(), |s| s.to_string())
         );
     }
-    println!("\n| config | tok/s | acceptance | identical | trainer steps | serving paused for them | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| config | requests | tok/s | x none | acceptance | identical (compared) | trainer steps | serving paused for them | versions | rollbacks | dropped traces | target reached after (code, math, chat) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in summaries {
         let reach: Vec<String> =
             s.reached_target_after.iter().map(|(_, n)| n.map_or("no".into(), |n| n.to_string())).collect();
@@ -34,11 +34,13 @@ pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
             t => format!("{t:.1} s ({:.1}%)", 100.0 * s.trainer_turn_share),
         };
         println!(
-            "| {} | {:.1} | {:.2} | {} | {} | {paused} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {:.2} | {} | {} | {paused} | {} | {} | {} | {} |",
             s.config,
+            s.requests,
             s.tok_s,
+            s.speedup.map_or("".into(), |r| format!("{r:.2}x")),
             s.acceptance_length,
-            s.identical_to_none.map_or("".into(), |b| b.to_string()),
+            s.identical_to_none.map_or("".into(), |b| format!("{b} ({})", s.compared_to_none)),
             s.trainer_steps,
             s.drafter_versions,
             s.rollbacks,
