@@ -87,9 +87,10 @@ pub struct OnlineBenchArgs {
     #[arg(long)]
     interleave: bool,
     /// Under --interleave, configurations that do not learn (no speculation, n-gram, `+frozen`)
-    /// serve only every N-th request of the stream (the first, the (N+1)-th, ...), and every ratio
-    /// to `none` is taken over the requests both served: an hour of a drafter that keeps learning,
-    /// compared in the same run, costs its baselines 1/N of their hour each.
+    /// serve one request in N of the stream (drawn by a hash of its number, so the sample follows
+    /// no pattern of the stream: every N-th would take only even-numbered code prompts, all of one
+    /// kind), and every ratio to `none` is taken over the requests both served: an hour of a
+    /// drafter that keeps learning, compared in the same run, costs its baselines 1/N of theirs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     baseline_every: u64,
     /// Most draft tokens per step.
@@ -321,7 +322,7 @@ fn replay(
                         continue;
                     };
                     t.wait(i, config)?;
-                    if !i.is_multiple_of(every) {
+                    if !sampled(i, every) {
                         // `--baseline-every`: not this configuration's request; its turn passes.
                         t.end(true);
                         continue;
@@ -481,7 +482,7 @@ fn run_config(
     // Every configuration pauses alike: a request after a pause runs slower (measured here: a
     // frozen drafter with pauses 0.95x of no speculation without), whoever uses the pause.
     let think = Duration::from_millis(args.think_ms);
-    // A configuration that learns serves every request; the others every --baseline-every-th.
+    // A configuration that learns serves every request; the others one in --baseline-every.
     let every = if trains { 1 } else { args.baseline_every as usize };
     let turns = turns.map(|(t, c)| (t, c, every));
     let (done, wall, samples, spec_stats) =
@@ -566,6 +567,15 @@ fn interleaved(
             .collect();
         runs.into_iter().map(|j| j.join().expect("configuration thread")).collect()
     })
+}
+
+/// Whether request `i` is in the sample of one request in `every` (`--baseline-every`): the
+/// first, then those whose number hashes to a multiple of `every` (SplitMix64's finalizer).
+fn sampled(i: usize, every: usize) -> bool {
+    let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    i == 0 || (z ^ (z >> 31)).is_multiple_of(every as u64)
 }
 
 /// tok/s of `run` and of `base` over the requests both served that `keep` selects (None: none).
@@ -867,5 +877,15 @@ mod tests {
         assert_eq!(served(&learned), vec![5, 10, 12]);
         assert_eq!(served(&none), vec![5, 10]);
         assert_eq!(windows("x", &none, 5, true, 12)[1].tok_s, 10.0);
+    }
+
+    #[test]
+    fn the_baselines_sample_follows_no_pattern_of_the_stream() {
+        let picked: Vec<usize> = (0..24_000).filter(|&i| sampled(i, 12)).collect();
+        assert!((1_850..2_150).contains(&picked.len()), "{}", picked.len());
+        // Code prompts alternate two kinds by parity: both must be in the sample.
+        let even = picked.iter().filter(|&&i| i % 2 == 0).count();
+        assert!((800..1_200).contains(&even), "{even} of {}", picked.len());
+        assert!(sampled(0, 12) && (0..100).all(|i| sampled(i, 1)));
     }
 }
