@@ -11,6 +11,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
+mod chat;
+use chat::{chat_prompts, distill_chat_prompts};
+
 #[derive(Debug, Clone)]
 pub struct Prompt {
     pub domain: &'static str,
@@ -153,158 +156,10 @@ fn math_prompts(rng: &mut StdRng, n: usize) -> Vec<Prompt> {
         .collect()
 }
 
-/// Everyday activities, as "tips for ..." and "mistakes people make when ..." both read.
-const CHAT_TOPICS: [&str; 48] = [
-    "learning a new language",
-    "growing tomatoes",
-    "saving money",
-    "running a first marathon",
-    "sleeping better",
-    "cooking rice",
-    "public speaking",
-    "keeping a houseplant alive",
-    "planning a trip to Japan",
-    "writing a cover letter",
-    "training a puppy",
-    "reducing stress at work",
-    "starting to paint",
-    "choosing a laptop",
-    "making friends in a new city",
-    "baking bread",
-    "learning to swim",
-    "preparing for a job interview",
-    "moving to a new apartment",
-    "studying for exams",
-    "starting a vegetable garden",
-    "learning the guitar",
-    "negotiating a salary",
-    "hosting a dinner party",
-    "cycling to work",
-    "buying a used car",
-    "writing a short story",
-    "taking better photos",
-    "organizing a small kitchen",
-    "learning to code",
-    "caring for an older cat",
-    "camping for the first time",
-    "cutting down on sugar",
-    "managing a team for the first time",
-    "decluttering a closet",
-    "teaching a child to read",
-    "planning a wedding on a budget",
-    "working from home",
-    "brewing coffee at home",
-    "learning chess",
-    "keeping a journal",
-    "recovering from a cold",
-    "hiking in hot weather",
-    "paying off a credit card",
-    "making a podcast",
-    "volunteering locally",
-    "staying focused while reading",
-    "packing for a long flight",
-];
-
-/// Two things people choose between.
-const CHAT_PAIRS: [(&str, &str); 24] = [
-    ("cats", "dogs"),
-    ("tea", "coffee"),
-    ("trains", "planes"),
-    ("e-books", "paper books"),
-    ("renting", "buying a home"),
-    ("running", "swimming"),
-    ("the sea", "the mountains"),
-    ("summer", "winter"),
-    ("city life", "country life"),
-    ("a laptop", "a desktop computer"),
-    ("yoga", "weight training"),
-    ("electric cars", "petrol cars"),
-    ("working alone", "working in a team"),
-    ("podcasts", "audiobooks"),
-    ("gas stoves", "induction hobs"),
-    ("a gap year", "starting university right away"),
-    ("public schools", "home schooling"),
-    ("saving", "investing"),
-    ("hotels", "holiday rentals"),
-    ("walking", "cycling"),
-    ("cash", "card payments"),
-    ("novels", "short stories"),
-    ("early mornings", "late nights"),
-    ("a big wedding", "a small wedding"),
-];
-
-/// Ideas to explain.
-const CHAT_CONCEPTS: [&str; 32] = [
-    "photosynthesis",
-    "inflation",
-    "the water cycle",
-    "compound interest",
-    "how vaccines work",
-    "why the sky is blue",
-    "how a bill becomes law",
-    "what a black hole is",
-    "how the internet works",
-    "why we have seasons",
-    "how a refrigerator keeps food cold",
-    "what DNA does",
-    "how airplanes stay in the air",
-    "supply and demand",
-    "how the heart pumps blood",
-    "why the moon has phases",
-    "how a rainbow forms",
-    "what an election is for",
-    "how bees make honey",
-    "what gravity is",
-    "how a bank works",
-    "why leaves change colour in autumn",
-    "how earthquakes happen",
-    "what a calorie is",
-    "how a battery stores energy",
-    "why bread rises",
-    "how the stock market works",
-    "what a volcano is",
-    "how sound travels",
-    "why we need sleep",
-    "what climate change is",
-    "how a compass works",
-];
-
-/// Who an explanation is for.
-const CHAT_AUDIENCES: [&str; 4] = [
-    "a curious twelve-year-old",
-    "a busy adult in two paragraphs",
-    "someone who has never studied science",
-    "a grandparent",
-];
-
-/// General questions: seven forms over the lists above (352 distinct prompts; the first lists had
-/// 31, which a long stream repeated hundreds of times and a day-0 drafter had all seen).
-fn chat_prompts(rng: &mut StdRng, n: usize) -> Vec<Prompt> {
-    let pick = |rng: &mut StdRng, len: usize| rng.random_range(0..len);
-    (0..n)
-        .map(|_| {
-            let topic = CHAT_TOPICS[pick(rng, CHAT_TOPICS.len())];
-            let (a, b) = CHAT_PAIRS[pick(rng, CHAT_PAIRS.len())];
-            let concept = CHAT_CONCEPTS[pick(rng, CHAT_CONCEPTS.len())];
-            let who = CHAT_AUDIENCES[pick(rng, CHAT_AUDIENCES.len())];
-            let text = match rng.random_range(0..7) {
-                0 => format!("Give me five practical tips for {topic}."),
-                1 => format!("What are the most common mistakes people make when {topic}?"),
-                2 => format!("I have one week. Make me a simple day-by-day plan for {topic}."),
-                3 => format!("What are the main differences between {a} and {b}? Which would you recommend and why?"),
-                4 => format!("Write a short, friendly paragraph arguing for {a} over {b}."),
-                5 => format!("Explain {concept} to {who}."),
-                _ => format!("What is a common misconception about {concept}, and what is actually true?"),
-            };
-            Prompt { domain: "chat", text }
-        })
-        .collect()
-}
-
 /// Prompts for a drafter to learn its target from before serving (`tandem train-drafter
 /// --self-distill`): the three domains in the benchmark's proportions, shuffled, code from the
-/// standard library's packages (disjoint from the benchmark's code prompts), math and chat drawn
-/// with their own seed.
+/// standard library's packages (disjoint from the benchmark's code prompts), chat from lists and
+/// forms of its own (disjoint from the benchmark's chat), math drawn with their own seed.
 pub fn distill_prompts(n: usize, seed: u64) -> Result<Vec<Prompt>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let funcs = functions_in(&stdlib_package_files()?);
@@ -314,7 +169,7 @@ pub fn distill_prompts(n: usize, seed: u64) -> Result<Vec<Prompt>> {
     let (code, math) = (n / 2, n / 4);
     let mut out = code_prompts_from(funcs, &mut rng, code);
     out.extend(math_prompts(&mut rng, math));
-    out.extend(chat_prompts(&mut rng, n - code - math));
+    out.extend(distill_chat_prompts(&mut rng, n - code - math));
     out.shuffle(&mut rng);
     Ok(out)
 }

@@ -11,7 +11,7 @@ use tandem_cli::spec_arg::{self, SpecArgs};
 use tandem_cli::{load_model, models, DtypeArg, Progress};
 use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::traces_io::{load_trace, trace_files};
-use tandem_speculator::{distill, replay, Batch, TracePool, Trainer};
+use tandem_speculator::{distill, replay, Batch, TracePool, TrainConfig, Trainer};
 
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
@@ -23,6 +23,10 @@ pub struct TrainDrafterArgs {
     /// target's own distribution: self-distillation.
     #[arg(long, default_value_t = 0)]
     self_distill: usize,
+    /// Seed of the self-distillation prompts' draw and of the training batches: a later round
+    /// (`--drafter` an earlier one) with another seed answers prompts the earlier rounds did not.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Most tokens of each answer.
     #[arg(long, default_value_t = 128)]
     answer_tokens: usize,
@@ -96,13 +100,13 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             config: drafter.config.clone(),
             trainer,
             publish_every: args.publish_every,
-            seed: args.train.train_config(args.spec.warm_start).seed,
+            seed: args.seed,
             args: &args.follow,
             replay,
         });
     }
     let mut pool = TracePool::new(usize::MAX);
-    let tc = args.train.train_config(args.spec.warm_start);
+    let tc = TrainConfig { seed: args.seed, ..args.train.train_config(args.spec.warm_start) };
     if !args.corpus.is_empty() {
         let chunks = corpus_chunks(&args.corpus, &loaded.tokenizer, args.corpus_tokens, args.corpus_chunk, tc.seed)?;
         let bar = Progress::new(chunks.len() as u64, "corpus chunks read by the target");
