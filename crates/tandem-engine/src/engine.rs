@@ -681,14 +681,24 @@ impl Engine {
         // Traces cost the engine thread ~0.1 ms a step (the target's top probabilities at every
         // kept position): only made where a buffer keeps them for a trainer.
         let online = self.online.as_ref().is_some_and(|o| o.hooks.traces.keeps_traces());
+        let max_seq_len = self.config.max_seq_len;
         move |request| {
             // A scored prompt has no output for the drafter to learn.
-            (online && request.score.is_none()).then(|| Trace {
+            if !online || request.score.is_some() {
+                return None;
+            }
+            let mut trace = Trace {
                 prompt_len: request.prompt.len(),
                 feature_size,
                 version: request.weights.as_ref().map(|w| TraceVersion { family: w.family.clone(), id: w.id }),
                 ..Default::default()
-            })
+            };
+            // Room for every position the request may reach, taken once: grown by doubling, the
+            // features cost fresh pages and a copy at each growth (~1% of a learning engine's
+            // time, docs/speculative-decoding.md).
+            let positions = (request.prompt.len() + request.max_tokens).min(max_seq_len);
+            trace.features.reserve_exact(positions * feature_size);
+            Some(trace)
         }
     }
 

@@ -271,6 +271,10 @@ fn a_weight_versions_traces_carry_it_and_its_own_states() {
         };
         assert!(tag.is_none_or(|v| *v == TraceVersion { family: "policy".into(), id: 7 }));
         assert_eq!(trace.final_hidden.is_empty(), tag.is_some());
+        // Room for the features was taken once, for every position the request could reach: a
+        // buffer grown by doubling costs fresh pages and a copy at each growth.
+        let reach = requests[0].prompt.len() + requests[0].max_tokens;
+        assert_eq!(trace.features.capacity(), reach * trace.feature_size, "{tag:?}");
         // The features are the hidden states of the weights that decoded it, its distributions
         // those weights' (greedy: their top token is the one emitted).
         let n = trace.positions();
