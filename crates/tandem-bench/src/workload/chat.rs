@@ -12,12 +12,9 @@ struct ChatLists {
     pairs: &'static [(&'static str, &'static str)],
     concepts: &'static [&'static str],
     audiences: &'static [&'static str],
-    /// The form numbered `i` (of `FORMS`) filled with a topic, a pair, a concept and an audience.
-    form: fn(usize, &str, (&str, &str), &str, &str) -> String,
+    /// Forms with `{topic}`, `{a}` and `{b}` (a pair), `{concept}` and `{who}` (an audience).
+    forms: &'static [&'static str],
 }
-
-/// Forms per list set.
-const FORMS: usize = 7;
 
 /// `n` prompts from `lists`.
 fn prompts(lists: &ChatLists, rng: &mut StdRng, n: usize) -> Vec<Prompt> {
@@ -28,8 +25,13 @@ fn prompts(lists: &ChatLists, rng: &mut StdRng, n: usize) -> Vec<Prompt> {
             let concept = lists.concepts[rng.random_range(0..lists.concepts.len())];
             let who = lists.audiences[rng.random_range(0..lists.audiences.len())];
             // An i32 draw, as the stream measured since 2026-12-05 made it (its test pins it).
-            let form = rng.random_range(0..FORMS as i32) as usize;
-            let text = (lists.form)(form, topic, pair, concept, who);
+            let form = lists.forms[rng.random_range(0..lists.forms.len() as i32) as usize];
+            let text = form
+                .replace("{topic}", topic)
+                .replace("{a}", pair.0)
+                .replace("{b}", pair.1)
+                .replace("{concept}", concept)
+                .replace("{who}", who);
             Prompt { domain: "chat", text }
         })
         .collect()
@@ -52,20 +54,16 @@ const BENCHMARK: ChatLists = ChatLists {
     pairs: &CHAT_PAIRS,
     concepts: &CHAT_CONCEPTS,
     audiences: &CHAT_AUDIENCES,
-    form: benchmark_form,
+    forms: &[
+        "Give me five practical tips for {topic}.",
+        "What are the most common mistakes people make when {topic}?",
+        "I have one week. Make me a simple day-by-day plan for {topic}.",
+        "What are the main differences between {a} and {b}? Which would you recommend and why?",
+        "Write a short, friendly paragraph arguing for {a} over {b}.",
+        "Explain {concept} to {who}.",
+        "What is a common misconception about {concept}, and what is actually true?",
+    ],
 };
-
-fn benchmark_form(i: usize, topic: &str, (a, b): (&str, &str), concept: &str, who: &str) -> String {
-    match i {
-        0 => format!("Give me five practical tips for {topic}."),
-        1 => format!("What are the most common mistakes people make when {topic}?"),
-        2 => format!("I have one week. Make me a simple day-by-day plan for {topic}."),
-        3 => format!("What are the main differences between {a} and {b}? Which would you recommend and why?"),
-        4 => format!("Write a short, friendly paragraph arguing for {a} over {b}."),
-        5 => format!("Explain {concept} to {who}."),
-        _ => format!("What is a common misconception about {concept}, and what is actually true?"),
-    }
-}
 
 /// Everyday activities, as "tips for ..." and "mistakes people make when ..." both read.
 const CHAT_TOPICS: [&str; 48] = [
@@ -196,20 +194,16 @@ const DISTILL: ChatLists = ChatLists {
     pairs: &DISTILL_PAIRS,
     concepts: &DISTILL_CONCEPTS,
     audiences: &DISTILL_AUDIENCES,
-    form: distill_form,
+    forms: &[
+        "How do I get started with {topic}? Keep it short.",
+        "What should a complete beginner know before {topic}?",
+        "Write a checklist for {topic}.",
+        "List the pros and cons of {a} and of {b}.",
+        "My friend prefers {a} and I prefer {b}. Help us settle the argument fairly.",
+        "Describe {concept} in simple words for {who}, with an everyday example.",
+        "Why does {concept} matter? Answer in a few sentences.",
+    ],
 };
-
-fn distill_form(i: usize, topic: &str, (a, b): (&str, &str), concept: &str, who: &str) -> String {
-    match i {
-        0 => format!("How do I get started with {topic}? Keep it short."),
-        1 => format!("What should a complete beginner know before {topic}?"),
-        2 => format!("Write a checklist for {topic}."),
-        3 => format!("List the pros and cons of {a} and of {b}."),
-        4 => format!("My friend prefers {a} and I prefer {b}. Help us settle the argument fairly."),
-        5 => format!("Describe {concept} in simple words for {who}, with an everyday example."),
-        _ => format!("Why does {concept} matter? Answer in a few sentences."),
-    }
-}
 
 /// Activities, as "started with ...", "before ..." and "a checklist for ..." all read.
 const DISTILL_TOPICS: [&str; 48] = [
