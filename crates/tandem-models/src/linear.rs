@@ -127,7 +127,7 @@ impl Linear {
             }
         };
         match bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => ops::add(&y, b, path),
             None => Ok(y),
         }
     }

@@ -614,10 +614,10 @@ impl Model {
                     attend(l, &q, &k, &v)?
                 }
             };
-            x = (x + b.o_proj.forward(&a, path)?)?;
+            x = ops::add(&x, &b.o_proj.forward(&a, path)?, path)?;
             let h = ops::rms_norm(&x, &b.mlp_norm, c.rms_norm_eps, path)?;
             let m = ops::silu_mul(&b.gate_up.forward(&h, path)?, path)?;
-            x = (x + b.down.forward(&m, path)?)?;
+            x = ops::add(&x, &b.down.forward(&m, path)?, path)?;
             if hidden_layers.contains(&l) {
                 hidden.push((l, x.clone()));
             }
