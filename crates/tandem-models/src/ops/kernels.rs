@@ -170,6 +170,8 @@ unsafe fn matmul_block<W: WeightElem>(
 }
 
 #[cfg(target_arch = "x86_64")]
+mod attend_pairs;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -510,6 +512,55 @@ mod tests {
             let mut one = vec![0f32; heads * d];
             attention(&q[ti * heads * d..(ti + 1) * heads * d], &kc, &vc, &[*ts], &tables, heads, g, &mut one);
             assert_eq!(&all[ti * heads * d..(ti + 1) * heads * d], &one[..], "token {ti}");
+        }
+    }
+
+    /// Rows two to an AVX-512 register must give AVX2's bits exactly: a summation order that
+    /// moved would move the quantized target's greedy text (docs/performance.md, 2026-12-04).
+    #[test]
+    fn rows_paired_in_avx512_registers_give_the_unpaired_bits() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        for (heads, kv_heads, d) in [(9, 3, 64), (6, 2, 72), (14, 2, 80), (4, 4, 64)] {
+            let (block, blocks) = (16, 24);
+            let g = CacheGeometry { kv_heads, block, head_dim: d };
+            let len = blocks * kv_heads * block * d;
+            // Magnitudes over several decades, so that any change of order shows in the bits.
+            let val = |i: usize, m: usize| {
+                ((i * m) % 97) as f32 / 97.0 - 0.5 + ((i % 13) as f32 - 6.0) * 1e-3 * (i % 7) as f32
+            };
+            let kc: Vec<f32> = (0..len).map(|i| val(i, 37) * 3.0).collect();
+            let vc: Vec<f32> = (0..len).map(|i| val(i, 11) * (1 + i % 5) as f32).collect();
+            // Slot 0: a prefill chunk (rows of every length 1..45); slot 1: a verification of
+            // four tokens and two tree siblings; slot 2: one decode token at a block's edge.
+            let tables: Vec<Vec<u32>> = vec![vec![3, 9, 1], vec![0, 7, 12, 5, 20], vec![2, 4, 6]];
+            let tokens: Vec<TokenSlot> = (0..45)
+                .map(|p| TokenSlot::causal(0, p))
+                .chain((60..64).map(|p| TokenSlot::causal(1, p)))
+                .chain([TokenSlot { slot: 1, pos: 64, prefix: 61 }, TokenSlot { slot: 1, pos: 65, prefix: 62 }])
+                .chain([TokenSlot::causal(2, 31)])
+                .collect();
+            let t = tokens.len();
+            let q: Vec<f32> = (0..t * heads * d).map(|i| val(i, 13) * 2.0).collect();
+            let run = |pairs: bool| {
+                let was = attention::set_pairs(pairs);
+                let mut out = vec![0f32; t * heads * d];
+                attention(&q, &kc, &vc, &tokens, &tables, heads, g, &mut out);
+                // Each token alone too (decode-sized items pair differently).
+                for (i, ts) in tokens.iter().enumerate() {
+                    let mut one = vec![0f32; heads * d];
+                    attention(&q[i * heads * d..(i + 1) * heads * d], &kc, &vc, &[*ts], &tables, heads, g, &mut one);
+                    out.extend(one);
+                }
+                attention::set_pairs(was);
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let (paired, unpaired) = (run(true), run(false));
+            assert_eq!(paired.len(), unpaired.len());
+            let differ = paired.iter().zip(&unpaired).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "heads {heads}/{kv_heads}, head dim {d}: {differ} values differ");
         }
     }
 

@@ -148,6 +148,9 @@ pub fn attention(
     // faster on the Xeon of docs/performance.md (2026-12-05).
     if t == 1 && g.kv_heads < 2 * threads && !g.kv_heads.is_multiple_of(threads) {
         per_item = group.div_ceil(2);
+    } else if pairs() {
+        // Rows go two to a register: an even count leaves no row alone (SmolLM2's groups of 3).
+        per_item = per_item.next_multiple_of(2);
     }
     let mut items = Vec::new();
     let mut start = 0;
@@ -205,6 +208,24 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Whether AVX-512 machines put two rows in a register (a test turns it off to compare).
+static PAIRS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether `attend_rows` pairs rows here.
+fn pairs() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return PAIRS.load(std::sync::atomic::Ordering::Relaxed) && std::is_x86_feature_detected!("avx512f");
+    #[allow(unreachable_code)]
+    false
+}
+
+/// Turns pairing on or off for the whole process (results are the same bits either way, so
+/// other tests running meanwhile are unaffected); returns what it was.
+#[cfg(test)]
+pub(crate) fn set_pairs(on: bool) -> bool {
+    PAIRS.swap(on, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The rows of one item against one KV head's keys and values.
 fn attend_rows(
     q: &[f32],
@@ -219,8 +240,10 @@ fn attend_rows(
     #[cfg(target_arch = "x86_64")]
     {
         if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA; rows lie within q, out and the slot's blocks.
-            return unsafe { super::avx2::attend_rows(q, keys, values, rows, d, scale, scores, out) };
+            let pairs = pairs();
+            // SAFETY: the CPU has AVX2 and FMA (and AVX-512F for pairs); rows lie within q, out
+            // and the slot's blocks.
+            return unsafe { super::avx2::attend_rows(q, keys, values, rows, d, scale, scores, out, pairs) };
         }
     }
     for r in rows {

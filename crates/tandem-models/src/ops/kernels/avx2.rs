@@ -125,7 +125,8 @@ unsafe fn sum8(a: [__m256; 8]) -> __m256 {
 
 /// `attend_rows` for AVX2: key blocks of eight, each used by every row of the item while it
 /// is in L1; per row the same operations as `attend_row` (scores in groups of eight from the
-/// run's start, softmax, values added in order into the same accumulators).
+/// run's start, softmax, values added in order into the same accumulators). With `pairs` (the CPU
+/// has AVX-512F) consecutive rows go two to a register (`attend_pairs`), with the same bits.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn attend_rows(
@@ -137,6 +138,7 @@ pub unsafe fn attend_rows(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    pairs: bool,
 ) {
     // Per row: its keys' scores, its own key's, and its 1 / Σ (the last slot).
     let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
@@ -150,14 +152,35 @@ pub unsafe fn attend_rows(
         keys.prefetch(p0, 8);
         values.prefetch(p0, 8);
     }
+    // Keys p0.. of row r, or none left (0).
+    let left = |r: usize, p0: usize| rows[r].len.saturating_sub(p0).min(8);
     for p0 in (0..longest).step_by(8) {
         if p0 + ahead < longest {
             keys.prefetch(p0 + ahead, 8);
         }
-        for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
-            let n = (row.len - p0).min(8);
-            let s = &mut scores[r * stride + p0..r * stride + p0 + n];
-            super::avx2::scores(&q[row.at..row.at + d], keys.rows(p0, n), scale, s);
+        let mut r = 0;
+        while r < rows.len() {
+            let (n, row) = (left(r, p0), &rows[r]);
+            let s = scores[r * stride + p0..].as_mut_ptr();
+            if pairs && n > 0 && r + 1 < rows.len() && left(r + 1, p0) > 0 {
+                let (m, next) = (left(r + 1, p0), &rows[r + 1]);
+                let t = scores[(r + 1) * stride + p0..].as_mut_ptr();
+                super::attend_pairs::scores(
+                    &q[row.at..row.at + d],
+                    &q[next.at..next.at + d],
+                    keys.rows(p0, n.max(m)),
+                    scale,
+                    std::slice::from_raw_parts_mut(s, n),
+                    std::slice::from_raw_parts_mut(t, m),
+                );
+                r += 2;
+                continue;
+            }
+            if n > 0 {
+                let s = std::slice::from_raw_parts_mut(s, n);
+                super::avx2::scores(&q[row.at..row.at + d], keys.rows(p0, n), scale, s);
+            }
+            r += 1;
         }
     }
     for (r, row) in rows.iter().enumerate() {
@@ -169,15 +192,39 @@ pub unsafe fn attend_rows(
         // The row's 1 / Σ goes in its last slot (a slot no key uses).
         scores[r * stride + stride - 1] = softmax_in_place(&mut scores[r * stride..r * stride + n]);
     }
+    let weights = |r: usize, p0: usize, n: usize| {
+        (&scores[r * stride + p0..r * stride + p0 + n], scores[r * stride + stride - 1])
+    };
     for p0 in (0..longest).step_by(8) {
         if p0 + ahead < longest {
             values.prefetch(p0 + ahead, 8);
         }
-        for (r, row) in rows.iter().enumerate().filter(|(_, row)| row.len > p0) {
-            let n = (row.len - p0).min(8);
-            let w = &scores[r * stride + p0..r * stride + p0 + n];
-            let inv = scores[r * stride + stride - 1];
-            add_values(w, inv, values.rows(p0, n).as_ptr(), p0 == 0, &mut out[row.at..row.at + d]);
+        let mut r = 0;
+        while r < rows.len() {
+            let (n, at) = (left(r, p0), rows[r].at);
+            let o = out[at..at + d].as_mut_ptr();
+            if pairs && n > 0 && r + 1 < rows.len() && left(r + 1, p0) > 0 {
+                // Positions both rows see, in one register; then the longer row's rest alone.
+                let (m, next) = (left(r + 1, p0), rows[r + 1].at);
+                let o2 = out[next..next + d].as_mut_ptr();
+                let both = n.min(m);
+                let ((wa, ia), (wb, ib)) = (weights(r, p0, both), weights(r + 1, p0, both));
+                let (oa, ob) = (std::slice::from_raw_parts_mut(o, d), std::slice::from_raw_parts_mut(o2, d));
+                super::attend_pairs::add_values(wa, ia, wb, ib, values.rows(p0, both).as_ptr(), p0 == 0, oa, ob);
+                for (row, k, o) in [(r, n, oa), (r + 1, m, ob)] {
+                    if k > both {
+                        let (w, inv) = weights(row, p0, k);
+                        add_values(&w[both..], inv, values.rows(p0 + both, k - both).as_ptr(), false, o);
+                    }
+                }
+                r += 2;
+                continue;
+            }
+            if n > 0 {
+                let (w, inv) = weights(r, p0, n);
+                add_values(w, inv, values.rows(p0, n).as_ptr(), p0 == 0, std::slice::from_raw_parts_mut(o, d));
+            }
+            r += 1;
         }
     }
     for (r, row) in rows.iter().enumerate() {
