@@ -140,6 +140,8 @@ pub fn attention(
     // items share two threads unevenly), more where there are enough rows to balance the threads,
     // at most a few tokens' worth.
     let threads = team::threads();
+    // Decided once per call (an atomic and a feature test), not per item.
+    let pairs = pairs();
     let mut per_item = (t * heads / (threads * 4)).clamp(group, 3 * group);
     // A one-token step has one item per KV head; fewer of them than twice the threads, not a
     // multiple of them (SmolLM2: three on two threads), leave a thread idle a third of the
@@ -148,7 +150,7 @@ pub fn attention(
     // faster on the Xeon of docs/performance.md (2026-12-05).
     if t == 1 && g.kv_heads < 2 * threads && !g.kv_heads.is_multiple_of(threads) {
         per_item = group.div_ceil(2);
-    } else if pairs() {
+    } else if pairs {
         // Rows go two to a register: an even count leaves no row alone (SmolLM2's groups of 3).
         per_item = per_item.next_multiple_of(2);
     }
@@ -182,7 +184,7 @@ pub fn attention(
         SCRATCH.with_borrow_mut(|(scores, rows)| {
             rows.clear();
             rows.extend((r0..r1).map(row));
-            attend_rows(q, keys, values, rows, d, scores, out)
+            attend_rows(q, keys, values, rows, d, scores, out, pairs)
         });
     };
     // Forking workers costs more than a decode step's few heads over a short cache.
@@ -226,7 +228,9 @@ pub(crate) fn set_pairs(on: bool) -> bool {
     PAIRS.swap(on, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The rows of one item against one KV head's keys and values.
+/// The rows of one item against one KV head's keys and values; `pairs`: two rows to an AVX-512
+/// register (`pairs()`), where the AVX2 kernel runs.
+#[allow(clippy::too_many_arguments)]
 fn attend_rows(
     q: &[f32],
     keys: PagedRows,
@@ -235,12 +239,12 @@ fn attend_rows(
     d: usize,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    pairs: bool,
 ) {
     let scale = 1.0 / (d as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
     {
         if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            let pairs = pairs();
             // SAFETY: the CPU has AVX2 and FMA (and AVX-512F for pairs); rows lie within q, out
             // and the slot's blocks.
             return unsafe { super::avx2::attend_rows(q, keys, values, rows, d, scale, scores, out, pairs) };
