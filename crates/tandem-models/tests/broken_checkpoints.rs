@@ -7,9 +7,7 @@ use tandem_models::{load, LoadOptions, ModelError};
 
 fn copy_tiny(name: &str, tag: &str) -> PathBuf {
     let src = tiny_dir().join(name);
-    let dst = std::env::temp_dir().join(format!("tandem-broken-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
+    let dst = tandem_testkit::scratch_dir(&format!("broken-{tag}"));
     for f in std::fs::read_dir(&src).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();

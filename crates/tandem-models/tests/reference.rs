@@ -53,8 +53,7 @@ fn a_wrong_rope_or_norm_detail_is_caught() {
     let dir = tiny_dir().join("qwen2-tied-bias");
     let tokens: Vec<u32> = (1..20).collect();
     let reference = reference_logits(&dir, &tokens);
-    let broken = std::env::temp_dir().join(format!("tandem-broken-rope-{}", std::process::id()));
-    std::fs::create_dir_all(&broken).unwrap();
+    let broken = tandem_testkit::scratch_dir("broken-rope");
     for f in std::fs::read_dir(&dir).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();

@@ -51,11 +51,32 @@ pub fn require_python(modules: &[&str]) {
     );
 }
 
+/// A fresh folder `tandem-{tag}-{pid}` in the temp dir for this process. Test processes cannot
+/// clean up after themselves (a static is never dropped, a failing test unwinds past its cleanup),
+/// so each call first removes the `tandem-{tag}-*` folders of processes that are gone: a test suite
+/// run again and again leaves one set of folders, not one per run.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let prefix = format!("tandem-{tag}-");
+    let temp = std::env::temp_dir();
+    let gone = |pid: &str| Path::new("/proc").is_dir() && !Path::new("/proc").join(pid).exists();
+    for entry in std::fs::read_dir(&temp).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        if pid.parse::<u32>().is_ok() && gone(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = temp.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch folder in the temp dir");
+    dir
+}
+
 /// The folder holding every tiny checkpoint (one subfolder each), written once per process.
 pub fn tiny_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tandem-tiny-{}", std::process::id()));
+        let dir = scratch_dir("tiny");
         tiny::write_all(&dir).expect("writing the tiny checkpoints");
         dir
     })

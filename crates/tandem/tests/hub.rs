@@ -87,7 +87,7 @@ fn generate(model: &str, hf_home: &Path, env: &[(&str, &str)]) -> std::process::
 
 #[test]
 fn models_come_from_the_hub_cache_and_load_offline() {
-    let tiny = std::env::temp_dir().join(format!("tandem-hub-{}", std::process::id()));
+    let tiny = tandem_testkit::scratch_dir("hub");
     let repos = tiny.join("repos");
     // A folder checkpoint as org/name on the stand-in hub.
     let repo = repos.join("tiny-org").join("tiny-qwen2");
