@@ -6,13 +6,7 @@ use std::path::{Path, PathBuf};
 use tandem_models::{load, LoadOptions, ModelError};
 
 fn copy_tiny(name: &str, tag: &str) -> PathBuf {
-    let src = tiny_dir().join(name);
-    let dst = tandem_testkit::scratch_dir(&format!("broken-{tag}"));
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
-    }
-    dst
+    tandem_testkit::tiny_copy(name, &format!("broken-{tag}"))
 }
 
 fn load_err(path: &Path) -> ModelError {

@@ -53,11 +53,7 @@ fn a_wrong_rope_or_norm_detail_is_caught() {
     let dir = tiny_dir().join("qwen2-tied-bias");
     let tokens: Vec<u32> = (1..20).collect();
     let reference = reference_logits(&dir, &tokens);
-    let broken = tandem_testkit::scratch_dir("broken-rope");
-    for f in std::fs::read_dir(&dir).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
-    }
+    let broken = tandem_testkit::tiny_copy("qwen2-tied-bias", "broken-rope");
     let cfg = std::fs::read_to_string(broken.join("config.json")).unwrap().replace("1000000.0", "10000.0");
     std::fs::write(broken.join("config.json"), cfg).unwrap();
     let loaded = load_path(&broken);

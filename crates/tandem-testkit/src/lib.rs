@@ -87,3 +87,14 @@ pub fn tiny(name: &str) -> PathBuf {
     assert!(TINY.contains(&name), "no tiny checkpoint is called {name}");
     tiny_dir().join(name)
 }
+
+/// A copy of tiny checkpoint `name` in a fresh scratch folder `tandem-{tag}-{pid}`, for a test
+/// that breaks or edits a checkpoint without touching the shared one.
+pub fn tiny_copy(name: &str, tag: &str) -> PathBuf {
+    let dst = scratch_dir(tag);
+    for f in std::fs::read_dir(tiny(name)).expect("reading a tiny checkpoint") {
+        let f = f.expect("reading a tiny checkpoint").path();
+        std::fs::copy(&f, dst.join(f.file_name().expect("a file name"))).expect("copying a tiny checkpoint");
+    }
+    dst
+}
