@@ -268,7 +268,11 @@ fn run_peer(python: &str, dir: &std::path::Path, mode: &str, a: &TrainBenchArgs)
         .output()
         .context("running the PyTorch peer")?;
     if !out.status.success() {
-        eprintln!("the PyTorch peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        // A peer the kernel killed for memory (Qwen2.5-Coder at 4 x 1024 on 24 GiB) writes no
+        // error of its own: say how it ended.
+        let hint = if out.status.code().is_none() { ", likely killed for memory" } else { "" };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("the PyTorch peer ({mode}) failed ({}{hint}) {}", out.status, stderr.trim_end());
         return Ok((None, None, None, None));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
