@@ -145,6 +145,9 @@ struct Done {
     finished_secs: f64,
     tokens: usize,
     decode_steps: usize,
+    /// Seconds of trainer turns lent while it was in flight (with one request in flight, the
+    /// serving time it lost to training).
+    turn_secs: f64,
     #[serde(skip)]
     output: Vec<u32>,
 }
@@ -201,6 +204,9 @@ struct Summary {
     /// Runners-up of first draft tokens verified, and steps where one was the target's token.
     alternatives_drafted: u64,
     alternatives_accepted: u64,
+    /// Seconds the engine spent choosing drafts (prompt lookup, the learned drafter's catch-up and
+    /// tokens) before the verifying forwards: what drafting cost, beside what verifying it did.
+    draft_secs: f64,
     /// Requests (from the start of each domain) until a window had acceptance >= 2.0 and >= 1.3x
     /// `none`'s tok/s; None: never in this run.
     reached_target_after: Vec<(String, Option<usize>)>,
@@ -259,6 +265,8 @@ fn replay(
     // One request, start to finish, recorded in `done` (and a sample of the drafter's state).
     let serve_one = |i: usize| -> Result<()> {
         let submitted_secs = start.elapsed().as_secs_f64();
+        let lent = || exchange.map_or(0.0, |ex| ex.turns.lent_secs.get());
+        let lent_before = lent();
         let request = GenerationRequest {
             prompt: ids[i].clone(),
             max_tokens: args.max_tokens,
@@ -290,6 +298,7 @@ fn replay(
             finished_secs: start.elapsed().as_secs_f64(),
             tokens,
             decode_steps: steps,
+            turn_secs: lent() - lent_before,
             output,
         });
         if let Some(ex) = exchange {
@@ -512,6 +521,7 @@ fn run_config(
     summary.lookup_accepted_tokens = spec_stats.lookup_accepted_tokens;
     summary.alternatives_drafted = spec_stats.alternatives_drafted;
     summary.alternatives_accepted = spec_stats.alternatives_accepted;
+    summary.draft_secs = spec_stats.draft_secs;
     summary.steps = spec_stats.steps;
     summary.wall_secs = wall;
     let tokens: usize = done.iter().map(|d| d.tokens).sum();
@@ -607,13 +617,16 @@ pub fn run(mut args: OnlineBenchArgs) -> Result<()> {
         if s.drafted_tokens > 0 {
             let learned = s.drafted_tokens - s.lookup_drafted_tokens;
             eprintln!(
-                "{:>10}  drafts accepted: learned {}/{learned}, copied by lookup {}/{}, runners-up {}/{}",
+                "{:>10}  drafts accepted: learned {}/{learned}, copied by lookup {}/{}, runners-up {}/{}; \
+                 drafting {:.1} s, {:.3} ms per learned draft token",
                 "",
                 s.accepted_tokens - s.lookup_accepted_tokens,
                 s.lookup_accepted_tokens,
                 s.lookup_drafted_tokens,
                 s.alternatives_accepted,
-                s.alternatives_drafted
+                s.alternatives_drafted,
+                s.draft_secs,
+                1e3 * s.draft_secs / learned.max(1) as f64
             );
         }
     }

@@ -102,6 +102,7 @@ mod tests {
                 finished_secs: n as f64 + 1.0,
                 tokens: tokens(index),
                 decode_steps: 1,
+                turn_secs: 0.0,
                 output: Vec::new(),
             })
             .collect();
