@@ -83,9 +83,15 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
 }
 
 /// x times w transposed into `out`, which must have room for m × n values; writes them all.
+/// With AVX-512 as outer products over packed panels (`panels`: one multiply-add chain per value),
+/// else as 8-lane dot products (`tiles`).
 unsafe fn product<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, out: SharedMut) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return panel_product(x, w, m, k, n, out);
+    }
     let threads = team::threads();
     // Two blocks per worker: balance enough, and few forks (a decode step runs ~120 of these).
     let block = (n / (threads * 2)).clamp(16, 4096).div_ceil(ROWS) * ROWS;
@@ -121,6 +127,38 @@ unsafe fn product<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usiz
     });
 }
 
+/// The AVX-512 product (`panels`): blocks of whole 16-column vectors shared among the team, each
+/// packed a panel at a time and passed by every input row.
+#[cfg(target_arch = "x86_64")]
+unsafe fn panel_product<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, out: SharedMut) {
+    let threads = team::threads();
+    // Two blocks per worker, as the dot-product form shares them.
+    let block = n.div_ceil(threads * 2).clamp(16, 4096).next_multiple_of(16);
+    if n.div_ceil(block) < threads && m >= 2 * PANEL_ROWS {
+        // Too few columns to share out (an adapter's rank): share the rows instead, each thread
+        // packing the same few weight rows. A value is computed the same either way.
+        let rows = m.div_ceil(threads).next_multiple_of(PANEL_ROWS);
+        return team::for_each(m.div_ceil(rows), &|g| {
+            #[allow(clippy::redundant_locals)]
+            let out = out;
+            let (i0, i1) = (g * rows, ((g + 1) * rows).min(m));
+            // SAFETY: every part writes only its own rows of y.
+            unsafe { panels::columns(&x[i0 * k..i1 * k], w, i1 - i0, k, n, 0, n, out.0.add(i0 * n)) };
+        });
+    }
+    team::for_each(n.div_ceil(block), &|b| {
+        #[allow(clippy::redundant_locals)]
+        let out = out;
+        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+        // SAFETY: every block writes only its own columns of y.
+        unsafe { panels::columns(x, w, m, k, n, j0, j1, out.0) };
+    });
+}
+
+/// Rows a part gets when the panel product shares rows: a multiple of every tile's height.
+#[cfg(target_arch = "x86_64")]
+const PANEL_ROWS: usize = 24;
+
 /// Input rows multiplied together: as many as stay in L1 cache beside a tile's weight rows, in
 /// whole tiles of 6 rows (the widest tile; AVX2's 2 divides it). Measured on a Xeon: 12 rows of
 /// 576 (27 KB) against 32 (73 KB) took SmolLM2's products from 220-280 to 250-300 GFLOP/s.
@@ -153,9 +191,6 @@ unsafe fn matmul_block<W: WeightElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-            return avx512::matmul_block(x, w, m, k, n, j0, j1, y);
-        }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return avx2::matmul_block(x, w, m, k, n, j0, j1, y);
         }
@@ -175,6 +210,8 @@ mod attend_pairs;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod panels;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
 mod xw;

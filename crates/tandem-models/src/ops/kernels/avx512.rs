@@ -1,12 +1,13 @@
-//! The AVX-512 form of the streaming matmul: 16-lane tiles in the 32 vector registers.
+//! AVX-512's sixteen f32 lanes for the register tiles written over a vector width (`tiles`): the
+//! products of an adapter's delta (`xw`) run here; the streaming matmul's own AVX-512 form is
+//! `panels` (outer products, no lane sums to reduce).
 //!
 //! Where a core has two 512-bit multiply-add units (Intel's server cores), 16 lanes double the
-//! arithmetic per instruction over the AVX2 form (SmolLM2's f32 forward over 1,024 tokens
-//! 570 -> 615-650 tok/s on a Xeon with AVX-512); where 512-bit work is split in two (Zen 4) they
+//! arithmetic per instruction over the AVX2 form; where 512-bit work is split in two (Zen 4) they
 //! halve the instructions for the same work. The sums run in a different order from the 8-lane
 //! form, so values differ from an AVX2-only machine's in the last bits; on one machine every value
 //! is computed by the same operations whatever the tile, so results never depend on batch size.
-use super::tiles::{self, Lanes};
+use super::tiles::Lanes;
 use super::WeightElem;
 use std::arch::x86_64::*;
 
@@ -72,23 +73,6 @@ impl Lanes for F32x16 {
         _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(first));
         out
     }
-}
-
-/// Columns j0..j1 of y: tiles of 4 weight rows x 6 input rows (24 accumulators of the 32
-/// registers, 10 loads per 24 multiply-adds).
-#[target_feature(enable = "avx512f,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_block<W: WeightElem>(
-    x: &[f32],
-    w: &[W],
-    m: usize,
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    y: *mut f32,
-) {
-    tiles::block::<W, F32x16, 6>(x, w, m, k, n, j0, j1, y)
 }
 
 #[cfg(test)]
