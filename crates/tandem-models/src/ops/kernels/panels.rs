@@ -1,18 +1,23 @@
 //! The AVX-512 streaming matmul as outer products: sixteen lanes across output columns, each value
 //! one multiply-add chain over k in order.
 //!
-//! The 16-lane dot product (`tiles`) sums each value in lanes across k and reduces them at the
-//! end: two vector loads per four multiply-adds and a shuffle tree per value. Here a value's chain
-//! runs in one lane of an accumulator and an input element is broadcast to four vectors of 16
-//! weight columns, so a tile of 6 rows x 64 columns does 24 multiply-adds per 4 weight loads and
-//! 6 broadcasts, with no reduction: on a Xeon the products of SmolLM2's training forward went from
-//! 200-238 to 265-300 GFLOP/s over two cores (the kernel alone, packing aside).
+//! The 16-lane dot product (`tiles`, still AVX2's form) sums each value in lanes across k and
+//! reduces them at the end: ten vector loads per 24 multiply-adds and a shuffle tree per value.
+//! Here a value's chain runs in one lane of an accumulator and an input element is broadcast to
+//! four vectors of 16 weight columns, so a tile of 6 rows x 64 columns does 24 multiply-adds per 4
+//! weight loads and 6 broadcasts, with no reduction: on a 2-core Xeon SmolLM2's training-forward
+//! products went from 203-238 to 266-293 GFLOP/s, its forward 26-29% faster (docs/performance.md,
+//! 2026-12-06).
 //!
-//! The lanes need 16 columns of one k side by side, so each panel of up to 64 weight rows is first
-//! transposed into a scratch block (`pack`, 16 x 16 at a time in registers): a read of the weights
-//! that a batch of rows shares. Every tile, whatever its rows and columns, computes a value by the
-//! same chain (`acc = x[k] * w[k] + acc`, k = 0, 1, ..., rounded once per step), so a value never
-//! depends on how many rows run together nor on where a panel starts.
+//! The lanes need 16 columns of one k side by side, so with more than `DIRECT_ROWS` input rows
+//! each panel of up to 64 weight rows is first transposed into a scratch block (`pack`, 16 x 16 at
+//! a time in registers), a read of the weights that every row shares; with fewer (decoding) each
+//! 16 x 16 block is transposed and used at once. Decoding a dense model pays for the transposes:
+//! f32 ~5% and bf16 ~12% slower than the dot products were (a step is bound by memory, and the
+//! shuffles no longer hide under it). Every tile, packed or direct, whatever its rows and columns,
+//! computes a value by the same chain (`acc = x[k] * w[k] + acc`, k = 0, 1, ..., rounded once per
+//! step), so a value never depends on how many rows run together: what lets a training pass's
+//! logprobs equal the sampler's to the bit.
 #![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
 use super::WeightElem;
 use std::arch::x86_64::*;
