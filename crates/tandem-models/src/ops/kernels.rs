@@ -160,8 +160,9 @@ unsafe fn panel_product<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n
 const PANEL_ROWS: usize = 24;
 
 /// Input rows multiplied together: as many as stay in L1 cache beside a tile's weight rows, in
-/// whole tiles of 6 rows (the widest tile; AVX2's 2 divides it). Measured on a Xeon: 12 rows of
-/// 576 (27 KB) against 32 (73 KB) took SmolLM2's products from 220-280 to 250-300 GFLOP/s.
+/// whole tiles of 6 rows (AVX2's tile of 2 divides it). Measured on a Xeon when AVX-512 ran these
+/// tiles 6 rows wide: 12 rows of 576 (27 KB) against 32 (73 KB) took SmolLM2's products from
+/// 220-280 to 250-300 GFLOP/s.
 fn input_group(k: usize) -> usize {
     (L1_INPUT_BYTES / (k * 4)).clamp(6, 36) / 6 * 6
 }

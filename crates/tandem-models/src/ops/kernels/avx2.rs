@@ -1,11 +1,10 @@
 //! The AVX2 + FMA forms of the CPU kernels (streaming matmul tiles, attention, softmax, SiLU).
 #![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
-use super::tiles::{self, Lanes};
+use super::tiles::{self, DotLanes, Lanes};
 use super::WeightElem;
 use std::arch::x86_64::*;
 
-/// The eight lanes' sum: halves added (lanes e and e + 4), then e and e + 2, then the two left
-/// (the AVX-512 sum ends with these same steps).
+/// The eight lanes' sum: halves added (lanes e and e + 4), then e and e + 2, then the two left.
 #[inline(always)]
 pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
@@ -31,10 +30,6 @@ impl Lanes for F32x8 {
         _mm256_loadu_ps(p)
     }
     #[inline(always)]
-    unsafe fn load_weights<W: WeightElem>(p: *const W) -> __m256 {
-        W::load8(p)
-    }
-    #[inline(always)]
     unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
         _mm256_fmadd_ps(a, b, c)
     }
@@ -53,6 +48,13 @@ impl Lanes for F32x8 {
     #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {
         _mm256_mul_ps(a, b)
+    }
+}
+
+impl DotLanes for F32x8 {
+    #[inline(always)]
+    unsafe fn load_weights<W: WeightElem>(p: *const W) -> __m256 {
+        W::load8(p)
     }
     #[inline(always)]
     unsafe fn sum(v: __m256) -> f32 {

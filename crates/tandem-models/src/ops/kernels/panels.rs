@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 /// Weight rows (output columns) per packed panel: four vectors of 16.
-pub const PANEL: usize = 64;
+const PANEL: usize = 64;
 /// Accumulators of a tile (of the 32 vector registers; the rest hold a step's weight vectors).
 const ACCUMULATORS: usize = 24;
 
@@ -49,6 +49,9 @@ pub unsafe fn columns<W: WeightElem>(
     j1: usize,
     y: *mut f32,
 ) {
+    if m == 0 {
+        return;
+    }
     if m <= DIRECT_ROWS {
         return direct(x, w, m, k, n, j0, j1, y);
     }
@@ -139,7 +142,7 @@ unsafe fn direct_rows<W: WeightElem, const R: usize>(
 }
 
 /// Every row of x against one packed panel of `V` vectors: tiles of as many rows as fill the
-/// accumulators, then single rows.
+/// accumulators, then smaller ones.
 #[inline(always)]
 unsafe fn rows<const V: usize>(x: &[f32], m: usize, k: usize, panel: &[f32], cols: usize, y: *mut f32, n: usize) {
     let xp = x.as_ptr();
@@ -158,25 +161,14 @@ unsafe fn rows<const V: usize>(x: &[f32], m: usize, k: usize, panel: &[f32], col
         8 => tiles_of!(8),
         _ => tiles_of!(6),
     }
-    let (left, xi, yi) = (m - i, xp.add(i * k), y.add(i * n));
-    let p = panel.as_ptr();
-    match left {
-        0 => {}
-        1 => tile::<V, 1>(xi, k, p, cols, yi, n),
-        2 => tile::<V, 2>(xi, k, p, cols, yi, n),
+    // The rest (under a full tile) in tiles of 4 rows, then 3, 2 or 1.
+    tiles_of!(4);
+    let (xi, yi, p) = (xp.add(i * k), y.add(i * n), panel.as_ptr());
+    match m - i {
         3 => tile::<V, 3>(xi, k, p, cols, yi, n),
-        4 => tile::<V, 4>(xi, k, p, cols, yi, n),
-        _ => {
-            // (Only V = 1 leaves 5 or more: at most 23, in tiles of 5 and one of the rest.)
-            let mut i = 0;
-            while i + 5 <= left {
-                tile::<V, 5>(xi.add(i * k), k, p, cols, yi.add(i * n), n);
-                i += 5;
-            }
-            for r in i..left {
-                tile::<V, 1>(xi.add(r * k), k, p, cols, yi.add(r * n), n);
-            }
-        }
+        2 => tile::<V, 2>(xi, k, p, cols, yi, n),
+        1 => tile::<V, 1>(xi, k, p, cols, yi, n),
+        _ => {}
     }
 }
 
@@ -331,6 +323,7 @@ mod tests {
             return;
         }
         let shapes = [
+            (0, 16, 16),
             (1, 16, 16),
             (30, 35, 70),
             (7, 48, 64),
@@ -339,6 +332,7 @@ mod tests {
             (3, 35, 70),
             (8, 50, 33),
             (37, 83, 200),
+            (20, 40, 96),
         ];
         for &(m, k, n) in &shapes {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1013) as f32 / 101.3 - 5.0).collect();

@@ -1,5 +1,6 @@
-//! The streaming matmul's register tiles, written once over a vector width (`Lanes`): AVX2's
-//! 8 lanes and AVX-512's 16 run the same code.
+//! The streaming matmul's dot-product register tiles, written once over a vector width (`Lanes`,
+//! which the adapter's products in `xw` share with AVX-512's 16 lanes): AVX2's form, as AVX-512
+//! runs outer products instead (`panels`).
 #![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
 use super::{WeightElem, PREFETCH_LINES};
 
@@ -10,7 +11,6 @@ pub trait Lanes {
     const N: usize;
     unsafe fn zero() -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
-    unsafe fn load_weights<W: WeightElem>(p: *const W) -> Self::V;
     /// a·b + c, rounded once.
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// Every lane x.
@@ -18,21 +18,20 @@ pub trait Lanes {
     unsafe fn store(p: *mut f32, v: Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+}
+
+/// What the dot-product tiles need beyond `Lanes`: weights widened as they load, and the sum of a
+/// vector's lanes.
+pub trait DotLanes: Lanes {
+    unsafe fn load_weights<W: WeightElem>(p: *const W) -> Self::V;
     /// The lanes' sum (always reduced in the same order).
     unsafe fn sum(v: Self::V) -> f32;
-    /// Four vectors' sums, each reduced by exactly the additions of `sum`. A form that reduces
-    /// the four together shares its shuffles between them: the reductions were a fifth of a
-    /// tile's instructions at SmolLM2's width (576 = 36 vectors of 16 per sum).
-    #[inline(always)]
-    unsafe fn sum4(v: [Self::V; 4]) -> [f32; 4] {
-        [Self::sum(v[0]), Self::sum(v[1]), Self::sum(v[2]), Self::sum(v[3])]
-    }
 }
 
 /// R weight rows against C input rows: R*C accumulators stay in registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<W: WeightElem, L: Lanes, const R: usize, const C: usize>(
+unsafe fn tile<W: WeightElem, L: DotLanes, const R: usize, const C: usize>(
     x: &[f32],
     w: &[W],
     k: usize,
@@ -69,18 +68,8 @@ unsafe fn tile<W: WeightElem, L: Lanes, const R: usize, const C: usize>(
         p += L::N;
     }
     for c in 0..C {
-        let mut sums = [0f32; R];
-        // (One input row, as in decoding, runs faster with four separate sums: the reductions
-        // then overlap the next tile's multiply-adds.)
-        if R == 4 && C > 1 {
-            sums[..4].copy_from_slice(&L::sum4(std::array::from_fn(|r| acc[r][c])));
-        } else {
-            for r in 0..R {
-                sums[r] = L::sum(acc[r][c]);
-            }
-        }
         for r in 0..R {
-            let mut s = sums[r];
+            let mut s = L::sum(acc[r][c]);
             for q in kv..k {
                 s += (*wp.add(r * k + q)).to_f32() * *xp.add(c * k + q);
             }
@@ -94,7 +83,7 @@ unsafe fn tile<W: WeightElem, L: Lanes, const R: usize, const C: usize>(
 /// does not depend on how many rows run together.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn block<W: WeightElem, L: Lanes, const C: usize>(
+pub unsafe fn block<W: WeightElem, L: DotLanes, const C: usize>(
     x: &[f32],
     w: &[W],
     m: usize,
