@@ -46,14 +46,20 @@ WORK = tempfile.mkdtemp(prefix="tandem-fleet-")
 procs = {}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """n distinct free ports: every socket stays bound until all are chosen (one closed at once
+    may be handed out again, and a worker then shares a port with the gateway's metrics)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
-NATS_PORT, GW_PORT, GW_METRICS = free_port(), free_port(), free_port()
-W_PORTS = [free_port(), free_port()]
+NATS_PORT, GW_PORT, GW_METRICS, *W_PORTS = free_ports(5)
 NATS = f"nats://127.0.0.1:{NATS_PORT}"
 GW = f"http://127.0.0.1:{GW_PORT}"
 
@@ -130,7 +136,18 @@ def start_worker(i):
                          "--router", GW, "--weights-dir", os.path.join(WORK, "weights"), "--shutdown-grace", "5",
                          "--weight-store", NATS, "--training-dir", os.path.join(WORK, f"training{i}")],
           env={"RUST_LOG": "info"})
-    wait_for(f"worker {i}", lambda: http(f"http://127.0.0.1:{port}/health")["status"] == "ok")
+    wait_for(f"worker {i}", lambda: healthy(port, f"worker{i}"))
+
+
+def healthy(port, name):
+    """True once `name` answers its health check; an answer that is not tandem's (another server
+    on the port) or the process gone fails at once with its log."""
+    if procs[name].poll() is not None:
+        raise AssertionError(f"{name} exited with {procs[name].returncode}:\n{log_of(name)[-3000:]}")
+    h = http(f"http://127.0.0.1:{port}/health")
+    if not isinstance(h, dict):
+        raise AssertionError(f"port {port} of {name} answers something else: {str(h)[:200]}")
+    return h.get("status") == "ok"
 
 
 def start_trainer():
