@@ -265,8 +265,12 @@ unsafe fn add_lanes<const N: usize>(
     o: &mut [f32],
 ) {
     let op = o.as_mut_ptr().add(c0);
-    let mut acc: [__m256; N] =
-        std::array::from_fn(|n| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(op.add(n * 8)) });
+    let mut acc = [_mm256_setzero_ps(); N];
+    if !first {
+        for (n, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(op.add(n * 8));
+        }
+    }
     for (p, &wp) in w.iter().enumerate() {
         let wv = _mm256_set1_ps(wp * inv);
         let row = values.add(p * d + c0);

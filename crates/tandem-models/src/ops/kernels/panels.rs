@@ -12,12 +12,16 @@
 //! The lanes need 16 columns of one k side by side, so with more than `DIRECT_ROWS` input rows
 //! each panel of up to 64 weight rows is first transposed into a scratch block (`pack`, 16 x 16 at
 //! a time in registers), a read of the weights that every row shares; with fewer (decoding) each
-//! 16 x 16 block is transposed and used at once. Decoding a dense model pays for the transposes:
-//! f32 ~5% and bf16 ~12% slower than the dot products were (a step is bound by memory, and the
-//! shuffles no longer hide under it). Every tile, packed or direct, whatever its rows and columns,
-//! computes a value by the same chain (`acc = x[k] * w[k] + acc`, k = 0, 1, ..., rounded once per
-//! step), so a value never depends on how many rows run together: what lets a training pass's
-//! logprobs equal the sampler's to the bit.
+//! 16 x 16 block is transposed and used at once (bf16 in pairs of elements before widening,
+//! `columns_bf16`: half the shuffles). Decoding a dense model pays for the transposes: f32 ~3%
+//! slower than the dot products were; bf16 as fast. Every tile, packed or direct, whatever its
+//! rows and columns, computes a value by the same chain (`acc = x[k] * w[k] + acc`, k = 0, 1, ...,
+//! rounded once per step), so a value never depends on how many rows run together: what lets a
+//! training pass's logprobs equal the sampler's to the bit.
+//!
+//! Register arrays here are filled by loops, never by `std::array::from_fn`: its closure is not
+//! compiled with AVX-512, so every shuffle in it became a function call (dense decode fell from 37
+//! to 7 tok/s on a Xeon, docs/performance.md, 2026-12-06 18:00 UTC).
 #![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
 use super::WeightElem;
 use std::arch::x86_64::*;
@@ -186,7 +190,10 @@ unsafe fn tile<const V: usize, const R: usize>(
     let stride = 16 * V;
     for q in 0..k {
         let wp = panel.add(q * stride);
-        let wv: [__m512; V] = std::array::from_fn(|v| _mm512_load_ps(wp.add(16 * v)));
+        let mut wv = [_mm512_setzero_ps(); V];
+        for v in 0..V {
+            wv[v] = _mm512_load_ps(wp.add(16 * v));
+        }
         for r in 0..R {
             let b = _mm512_set1_ps(*x.add(r * k + q));
             for v in 0..V {
@@ -238,10 +245,9 @@ unsafe fn pack<W: WeightElem>(w: &[W], k: usize, j: usize, cols: usize, vectors:
 unsafe fn blocks<W: WeightElem>(w: *const W, k: usize, rows: usize, f: &mut impl FnMut(usize, &[__m512; 16])) -> usize {
     let mut q = 0;
     while q + 16 <= k {
-        let block: [__m512; 16] =
-            std::array::from_fn(|r| if r < rows { W::load16(w.add(r * k + q)) } else { _mm512_setzero_ps() });
+        let columns = W::columns16(w, k, q, rows);
         ahead(w, k, q);
-        f(q, &transpose(block));
+        f(q, &columns);
         q += 16;
     }
     q
@@ -261,22 +267,20 @@ unsafe fn ahead<W>(w: *const W, k: usize, q: usize) {
 
 /// A 16 x 16 block transposed: out[c] lane r = rows[r] lane c.
 #[inline(always)]
-unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
+pub(super) unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
     // Pairs of rows interleaved by 32 bits, then quads by 64 bits: in each 128-bit lane q of
     // u[4g + s], rows 4g..4g + 4 of column 4q + s.
-    let t: [__m512; 16] = std::array::from_fn(|i| {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..16 {
         let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
-    let u: [__m512; 16] = std::array::from_fn(|i| {
+        t[i] = if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) };
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..16 {
         let (g, s) = (i / 4, i % 4);
         let (a, b) = (_mm512_castps_pd(t[4 * g + s / 2]), _mm512_castps_pd(t[4 * g + s / 2 + 2]));
-        _mm512_castpd_ps(if s % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
-    });
+        u[i] = _mm512_castpd_ps(if s % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
+    }
     // Then the 4 x 4 grid of 128-bit lanes: column 4q + s gathers lane q of u[s], u[4 + s],
     // u[8 + s], u[12 + s].
     let mut out = [_mm512_setzero_ps(); 16];
@@ -289,6 +293,50 @@ unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
         out[4 + s] = _mm512_shuffle_f32x4::<0xDD>(a01, b01);
         out[8 + s] = _mm512_shuffle_f32x4::<0x88>(a23, b23);
         out[12 + s] = _mm512_shuffle_f32x4::<0xDD>(a23, b23);
+    }
+    out
+}
+
+/// `columns16` for bf16 weights: the block transposed in pairs of elements (32-bit lanes) and
+/// then widened, half the shuffles of widening first and transposing 32-bit values (bf16 decode
+/// ran ~12% slower with those than with the dot products before them). Lane r of pair p holds
+/// row r's elements q + 2p (low 16 bits) and q + 2p + 1 (high): shifted left by 16 and masked to
+/// the high half they are those elements' f32 values.
+#[inline(always)]
+pub(super) unsafe fn columns_bf16(w: *const u16, k: usize, q: usize, rows: usize) -> [__m512; 16] {
+    // z[i]: row i's 8 pairs in the low 256 bits, row i + 8's in the high.
+    let mut z = [_mm512_setzero_si512(); 8];
+    for i in 0..8 {
+        for (half, r) in [(0, i), (1, i + 8)] {
+            if r < rows {
+                let row = _mm256_loadu_si256(w.add(r * k + q) as *const __m256i);
+                z[i] = if half == 0 { _mm512_zextsi256_si512(row) } else { _mm512_inserti64x4::<1>(z[i], row) };
+            }
+        }
+    }
+    // An 8 x 8 transpose of 32-bit pairs in each 256-bit half at once.
+    let mut t = [_mm512_setzero_si512(); 8];
+    for i in 0..8 {
+        let (a, b) = (z[i / 2 * 2], z[i / 2 * 2 + 1]);
+        t[i] = if i % 2 == 0 { _mm512_unpacklo_epi32(a, b) } else { _mm512_unpackhi_epi32(a, b) };
+    }
+    let mut u = [_mm512_setzero_si512(); 8];
+    for i in 0..8 {
+        let (g, s) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + s / 2], t[4 * g + s / 2 + 2]);
+        u[i] = if s % 2 == 0 { _mm512_unpacklo_epi64(a, b) } else { _mm512_unpackhi_epi64(a, b) };
+    }
+    // Pair p gathers 128-bit lane p / 4 of each half of u[p % 4] (rows 0..4 of the half) and of
+    // u[4 + p % 4] (rows 4..8).
+    let low = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+    let high = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    let high_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let mut out = [_mm512_setzero_ps(); 16];
+    for p in 0..8 {
+        let (a, b) = (u[p % 4], u[4 + p % 4]);
+        let pair = if p < 4 { _mm512_permutex2var_epi64(a, low, b) } else { _mm512_permutex2var_epi64(a, high, b) };
+        out[2 * p] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        out[2 * p + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
     }
     out
 }
