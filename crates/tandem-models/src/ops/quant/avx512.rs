@@ -8,7 +8,13 @@ use std::arch::x86_64::*;
 unsafe fn values(f: QFormat, q: *const u8) -> [__m512i; 8] {
     let load = |at: usize| _mm512_loadu_si512(q.add(at) as *const _);
     if f.bits() == 8 {
-        return std::array::from_fn(|g| load(64 * g));
+        // A loop, not std::array::from_fn: its closure is compiled without the kernel's target
+        // features, and where it is not inlined each load becomes a call (see kernels/panels.rs).
+        let mut u = [_mm512_setzero_si512(); 8];
+        for g in 0..8 {
+            u[g] = load(64 * g);
+        }
+        return u;
     }
     let low4 = _mm512_set1_epi8(0xF);
     let mut u = [_mm512_setzero_si512(); 8];
