@@ -167,16 +167,9 @@ pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tenso
     let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());
     let (xs, gs) = (host(&xg)?, host(&gg)?);
     let out = super::rows_new(xs.len() / two_i, two_i, &|r0, block| {
-        for (r, o) in block.chunks_exact_mut(two_i).enumerate() {
-            let (x, g) = (&xs[(r0 + r) * two_i..][..two_i], &gs[(r0 + r) * inter..][..inter]);
-            let (d_gate, d_up) = o.split_at_mut(inter);
-            let (gate, up) = x.split_at(inter);
-            for i in 0..inter {
-                let sig = 1.0 / (1.0 + (-gate[i]).exp());
-                d_gate[i] = g[i] * up[i] * sig * (1.0 + gate[i] * (1.0 - sig));
-                d_up[i] = g[i] * gate[i] * sig;
-            }
-        }
+        let rows = block.len() / two_i;
+        let (x, g) = (&xs[r0 * two_i..][..rows * two_i], &gs[r0 * inter..][..rows * inter]);
+        super::kernels::silu_mul_bwd(x, g, inter, block);
     });
     Ok(Some(Tensor::from_vec(out, gate_up.shape(), gate_up.device())?))
 }

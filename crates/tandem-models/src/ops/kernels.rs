@@ -322,6 +322,27 @@ pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     }
 }
 
+/// The gradient of `silu_mul`: rows of out are [d_gate | d_up] for rows [gate | up] of gate_up
+/// and rows of dy, the product's gradient (the forward's sigmoid on AVX2).
+pub fn silu_mul_bwd(gate_up: &[f32], dy: &[f32], inter: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::silu_mul_bwd(gate_up, dy, inter, out) };
+        }
+    }
+    let rows = gate_up.chunks_exact(2 * inter).zip(dy.chunks_exact(inter)).zip(out.chunks_exact_mut(2 * inter));
+    for ((gu, dy), o) in rows {
+        let ((gate, up), (d_gate, d_up)) = (gu.split_at(inter), o.split_at_mut(inter));
+        for i in 0..inter {
+            let sig = 1.0 / (1.0 + (-gate[i]).exp());
+            d_gate[i] = dy[i] * up[i] * sig * (1.0 + gate[i] * (1.0 - sig));
+            d_up[i] = dy[i] * gate[i] * sig;
+        }
+    }
+}
+
 /// The index of the largest value, the lowest where several are equal (greedy decoding is
 /// then deterministic); NaN never wins. Every greedy token and every verified row takes one
 /// over the vocabulary.
@@ -520,6 +541,44 @@ mod tests {
                 let want = g / (1.0 + (-g).exp()) * u;
                 let tol = 4.0 * f32::EPSILON as f64 * want.abs() + 1e-30;
                 assert!((o[i] as f64 - want).abs() <= tol, "row {r} col {i}: {} vs {want}", o[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_bwd_matches_f64() {
+        // Rows of odd width (a padded tail), gates from -100 to 100 and around 0.
+        let inter = 37;
+        let mut gate_up = Vec::new();
+        for r in 0..3 {
+            gate_up.extend((0..inter).map(|i| (((r * inter + i) as f32 * 0.7311).sin() * 1.3).powi(3) * 40.0));
+            gate_up.extend((0..inter).map(|i| (i + r) as f32 / 7.0 - 2.0));
+        }
+        gate_up[5] = -100.0;
+        gate_up[6] = 100.0;
+        gate_up[7] = 1e-7;
+        let dy: Vec<f32> = (0..3 * inter).map(|i| (i as f32 * 0.37).cos() * 3.0).collect();
+        let mut out = vec![0f32; 6 * inter];
+        silu_mul_bwd(&gate_up, &dy, inter, &mut out);
+        for r in 0..3 {
+            for i in 0..inter {
+                let (g, u, y) = (
+                    gate_up[r * 2 * inter + i] as f64,
+                    gate_up[r * 2 * inter + inter + i] as f64,
+                    dy[r * inter + i] as f64,
+                );
+                let s = 1.0 / (1.0 + (-g).exp());
+                let (d_gate, d_up) = (y * u * s * (1.0 + g * (1.0 - s)), y * g * s);
+                let scale = (y * u * s).abs() * (1.0 + (g * (1.0 - s)).abs());
+                let (got_gate, got_up) = (out[r * 2 * inter + i] as f64, out[r * 2 * inter + inter + i] as f64);
+                assert!(
+                    (got_gate - d_gate).abs() <= 8.0 * f32::EPSILON as f64 * scale + 1e-30,
+                    "row {r} col {i}: d_gate {got_gate} vs {d_gate}"
+                );
+                assert!(
+                    (got_up - d_up).abs() <= 8.0 * f32::EPSILON as f64 * d_up.abs() + 1e-30,
+                    "row {r} col {i}: d_up {got_up} vs {d_up}"
+                );
             }
         }
     }

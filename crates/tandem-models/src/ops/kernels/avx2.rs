@@ -448,15 +448,66 @@ pub unsafe fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     }
 }
 
-/// g · sigmoid(g) · u with sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = e^-|g|.
+/// g · sigmoid(g) · u.
 #[inline(always)]
 unsafe fn silu_mul8(g: __m256, u: __m256) -> __m256 {
+    _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), u)
+}
+
+/// sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = e^-|g|.
+#[inline(always)]
+unsafe fn sigmoid8(g: __m256) -> __m256 {
     let neg_abs = _mm256_or_ps(g, _mm256_set1_ps(-0.0));
     let e = exp(neg_abs);
     let inv = _mm256_div_ps(_mm256_set1_ps(1.0), _mm256_add_ps(_mm256_set1_ps(1.0), e));
     let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(g, _mm256_setzero_ps());
-    let sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), negative);
-    _mm256_mul_ps(_mm256_mul_ps(g, sig), u)
+    _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), negative)
+}
+
+/// The gradient of silu(gate) * up, eight values at a time (libm's expf per value was ~2% of a
+/// full training pass): rows of out are [d_gate | d_up] for rows of gate_up and of dy (the
+/// output's gradient), d_gate = dy · up · s · (1 + gate · (1 − s)), d_up = dy · gate · s with
+/// s = sigmoid(gate), the forward's sigmoid. Tails as in `silu_mul`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn silu_mul_bwd(gate_up: &[f32], dy: &[f32], inter: usize, out: &mut [f32]) {
+    let rows = gate_up.chunks_exact(2 * inter).zip(dy.chunks_exact(inter)).zip(out.chunks_exact_mut(2 * inter));
+    for ((gu, dy), o) in rows {
+        let (g, u) = gu.split_at(inter);
+        let (d_gate, d_up) = o.split_at_mut(inter);
+        let mut c = 0;
+        while c + 8 <= inter {
+            let at = |v: &[f32]| _mm256_loadu_ps(v.as_ptr().add(c));
+            let (dg, du) = silu_mul_bwd8(at(g), at(u), at(dy));
+            _mm256_storeu_ps(d_gate.as_mut_ptr().add(c), dg);
+            _mm256_storeu_ps(d_up.as_mut_ptr().add(c), du);
+            c += 8;
+        }
+        if c < inter {
+            let padded = |v: &[f32]| {
+                let mut t = [0f32; 8];
+                t[..inter - c].copy_from_slice(&v[c..]);
+                t
+            };
+            let (gt, ut, yt) = (padded(g), padded(u), padded(dy));
+            let (dg, du) =
+                silu_mul_bwd8(_mm256_loadu_ps(gt.as_ptr()), _mm256_loadu_ps(ut.as_ptr()), _mm256_loadu_ps(yt.as_ptr()));
+            let (mut dgt, mut dut) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(dgt.as_mut_ptr(), dg);
+            _mm256_storeu_ps(dut.as_mut_ptr(), du);
+            d_gate[c..].copy_from_slice(&dgt[..inter - c]);
+            d_up[c..].copy_from_slice(&dut[..inter - c]);
+        }
+    }
+}
+
+/// (d_gate, d_up) of eight values.
+#[inline(always)]
+unsafe fn silu_mul_bwd8(g: __m256, u: __m256, dy: __m256) -> (__m256, __m256) {
+    let one = _mm256_set1_ps(1.0);
+    let s = sigmoid8(g);
+    let dys = _mm256_mul_ps(dy, s);
+    let d_gate = _mm256_mul_ps(_mm256_mul_ps(dys, u), _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
+    (d_gate, _mm256_mul_ps(dys, g))
 }
 
 /// e^x for x <= 0 to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
