@@ -20,12 +20,6 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// `p` must point to eight readable elements, and the CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-    /// Sixteen consecutive elements widened to f32.
-    ///
-    /// # Safety
-    /// `p` must point to sixteen readable elements, and the CPU must support AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
     /// Elements q..q + 16 of `rows` rows (row stride k; at most 16) as 16 columns: out[c] lane r
     /// holds row r's element q + c, lanes past `rows` zero.
     ///
@@ -47,18 +41,8 @@ impl WeightElem for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
     unsafe fn columns16(w: *const Self, k: usize, q: usize, rows: usize) -> [std::arch::x86_64::__m512; 16] {
-        use std::arch::x86_64::*;
-        let mut block = [_mm512_setzero_ps(); 16];
-        for (r, row) in block.iter_mut().enumerate().take(rows) {
-            *row = _mm512_loadu_ps(w.add(r * k + q));
-        }
-        panels::transpose(block)
+        panels::columns_f32(w, k, q, rows)
     }
 }
 
@@ -74,13 +58,6 @@ impl WeightElem for half::bf16 {
         // bf16 is the top half of an f32: widen to 32 bits and shift into place.
         let raw = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let raw = _mm256_loadu_si256(p as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]

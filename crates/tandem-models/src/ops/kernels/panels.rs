@@ -265,22 +265,39 @@ unsafe fn ahead<W>(w: *const W, k: usize, q: usize) {
     }
 }
 
-/// A 16 x 16 block transposed: out[c] lane r = rows[r] lane c.
+/// `columns16` for f32 weights: the 16 x 16 block loaded and transposed.
 #[inline(always)]
-pub(super) unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
-    // Pairs of rows interleaved by 32 bits, then quads by 64 bits: in each 128-bit lane q of
-    // u[4g + s], rows 4g..4g + 4 of column 4q + s.
-    let mut t = [_mm512_setzero_ps(); 16];
-    for i in 0..16 {
+pub(super) unsafe fn columns_f32(w: *const f32, k: usize, q: usize, rows: usize) -> [__m512; 16] {
+    let mut block = [_mm512_setzero_ps(); 16];
+    for (r, row) in block.iter_mut().enumerate().take(rows) {
+        *row = _mm512_loadu_ps(w.add(r * k + q));
+    }
+    transpose(block)
+}
+
+/// A transpose's first two steps over groups of four rows (of 32-bit elements): pairs of rows
+/// interleaved by 32 bits, then by 64 bits, so that in each 128-bit lane q of out[4g + s] lie
+/// rows 4g..4g + 4 of element 4q + s.
+#[inline(always)]
+unsafe fn interleave<const N: usize>(r: [__m512; N]) -> [__m512; N] {
+    let mut t = [_mm512_setzero_ps(); N];
+    for i in 0..N {
         let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
         t[i] = if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) };
     }
-    let mut u = [_mm512_setzero_ps(); 16];
-    for i in 0..16 {
+    let mut u = [_mm512_setzero_ps(); N];
+    for i in 0..N {
         let (g, s) = (i / 4, i % 4);
         let (a, b) = (_mm512_castps_pd(t[4 * g + s / 2]), _mm512_castps_pd(t[4 * g + s / 2 + 2]));
         u[i] = _mm512_castpd_ps(if s % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
     }
+    u
+}
+
+/// A 16 x 16 block transposed: out[c] lane r = rows[r] lane c.
+#[inline(always)]
+unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
+    let u = interleave(r);
     // Then the 4 x 4 grid of 128-bit lanes: column 4q + s gathers lane q of u[s], u[4 + s],
     // u[8 + s], u[12 + s].
     let mut out = [_mm512_setzero_ps(); 16];
@@ -304,27 +321,24 @@ pub(super) unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
 /// the high half they are those elements' f32 values.
 #[inline(always)]
 pub(super) unsafe fn columns_bf16(w: *const u16, k: usize, q: usize, rows: usize) -> [__m512; 16] {
-    // z[i]: row i's 8 pairs in the low 256 bits, row i + 8's in the high.
-    let mut z = [_mm512_setzero_si512(); 8];
+    // z[i]: row i's 8 pairs in the low 256 bits, row i + 8's in the high (as f32 bits: the
+    // interleaving only moves 32-bit lanes).
+    let mut z = [_mm512_setzero_ps(); 8];
     for i in 0..8 {
         for (half, r) in [(0, i), (1, i + 8)] {
             if r < rows {
                 let row = _mm256_loadu_si256(w.add(r * k + q) as *const __m256i);
-                z[i] = if half == 0 { _mm512_zextsi256_si512(row) } else { _mm512_inserti64x4::<1>(z[i], row) };
+                let wide = _mm512_castps_si512(z[i]);
+                let wide = if half == 0 { _mm512_zextsi256_si512(row) } else { _mm512_inserti64x4::<1>(wide, row) };
+                z[i] = _mm512_castsi512_ps(wide);
             }
         }
     }
     // An 8 x 8 transpose of 32-bit pairs in each 256-bit half at once.
-    let mut t = [_mm512_setzero_si512(); 8];
-    for i in 0..8 {
-        let (a, b) = (z[i / 2 * 2], z[i / 2 * 2 + 1]);
-        t[i] = if i % 2 == 0 { _mm512_unpacklo_epi32(a, b) } else { _mm512_unpackhi_epi32(a, b) };
-    }
+    let zu = interleave(z);
     let mut u = [_mm512_setzero_si512(); 8];
     for i in 0..8 {
-        let (g, s) = (i / 4, i % 4);
-        let (a, b) = (t[4 * g + s / 2], t[4 * g + s / 2 + 2]);
-        u[i] = if s % 2 == 0 { _mm512_unpacklo_epi64(a, b) } else { _mm512_unpackhi_epi64(a, b) };
+        u[i] = _mm512_castps_si512(zu[i]);
     }
     // Pair p gathers 128-bit lane p / 4 of each half of u[p % 4] (rows 0..4 of the half) and of
     // u[4 + p % 4] (rows 4..8).
