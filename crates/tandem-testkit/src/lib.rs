@@ -20,7 +20,6 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the repository root")
 }
 
-/// `$PYTHON`, else `python3`.
 /// The default model's GGUF file in tandem's model cache (`$TANDEM_CACHE`, else
 /// ~/.cache/tandem/models); fails the test with what to run when it is missing.
 pub fn smollm2() -> PathBuf {
@@ -33,8 +32,21 @@ pub fn smollm2() -> PathBuf {
     p
 }
 
+/// `$PYTHON`, else `python3`.
 pub fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A Python process that runs `script` (a path from the repository's root).
+///
+/// The OpenAI SDK builds its pydantic response models on first use unless
+/// `DEFER_PYDANTIC_BUILD=false`, and that build is not thread-safe: a script whose first requests
+/// ran in threads failed at random in CI ("BaseModel cannot be instantiated directly", pydantic
+/// 2.13). Here they are built at import, before any thread starts.
+pub fn python_script(script: &str) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join(script)).env("DEFER_PYDANTIC_BUILD", "false");
+    cmd
 }
 
 /// Fails the calling test with what to install when Python or one of `modules` is missing

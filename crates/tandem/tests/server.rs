@@ -84,9 +84,7 @@ fn terminate(server: &mut Server) {
 fn openai_client_and_raw_http_against_tandem_serve() {
     let port = free_port();
     let mut server = start(&smollm2(), port);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_server.py"))
+    let status = tandem_testkit::python_script("tests/server/test_server.py")
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("SmolLM2-135M-Instruct.Q4_1")
         .status()
@@ -102,9 +100,7 @@ fn speculative_server_answers_exactly_what_a_plain_server_answers() {
     let (plain_port, spec_port) = (free_port(), free_port());
     let _plain = start(&smollm2(), plain_port);
     let _spec = start_with(&smollm2(), spec_port, &["--spec", "ngram", "--spec-k", "4"]);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_spec.py"))
+    let status = tandem_testkit::python_script("tests/server/test_spec.py")
         .arg(format!("http://127.0.0.1:{plain_port}"))
         .arg(format!("http://127.0.0.1:{spec_port}"))
         .arg("SmolLM2-135M-Instruct.Q4_1")
@@ -143,9 +139,7 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
             traces.to_str().unwrap(),
         ],
     );
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_online.py"))
+    let status = tandem_testkit::python_script("tests/server/test_online.py")
         .arg(format!("http://127.0.0.1:{plain_port}"))
         .arg(format!("http://127.0.0.1:{online_port}"))
         .arg("SmolLM2-135M-Instruct.Q4_1")
@@ -206,11 +200,9 @@ fn online_training_server_answers_exactly_what_a_plain_server_answers() {
 
 #[test]
 fn tinker_sdk_trains_and_samples_against_tandem_serve() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = std::env::temp_dir().join(format!("tandem-training-api-{}", std::process::id()));
     let tiny = tandem_testkit::tiny_dir();
     tandem_testkit::require_python(&["tinker"]);
-    let python = tandem_testkit::python();
     let port = free_port();
     let ckpt = dir.join("training");
     let exports = dir.join("exports");
@@ -221,8 +213,7 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
     );
     let vocab: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tiny.join("qwen2-tied-bias/config.json")).unwrap()).unwrap();
-    let status = Command::new(&python)
-        .arg(root.join("tests/server/test_training.py"))
+    let status = tandem_testkit::python_script("tests/server/test_training.py")
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("qwen2-tied-bias")
         .arg(vocab["vocab_size"].to_string())
@@ -251,15 +242,13 @@ fn tinker_sdk_trains_and_samples_against_tandem_serve() {
             "3",
         ],
     );
-    let status = Command::new(&python)
-        .arg(root.join("tests/server/test_limits.py"))
+    let status = tandem_testkit::python_script("tests/server/test_limits.py")
         .arg(format!("http://127.0.0.1:{limited_port}"))
         .arg("qwen2-tied-bias")
         .status()
         .unwrap();
     assert!(status.success(), "tests/server/test_limits.py failed (output above)");
-    let status = Command::new(&python)
-        .arg(root.join("tests/server/test_xorl.py"))
+    let status = tandem_testkit::python_script("tests/server/test_xorl.py")
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("qwen2-tied-bias")
         .status()
@@ -292,9 +281,7 @@ fn api_keys_guard_every_route_and_slow_or_idle_clients_are_cut_off() {
         "2",
     ];
     let _server = start_with(&smollm2(), port, &args);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_auth.py"))
+    let status = tandem_testkit::python_script("tests/server/test_auth.py")
         .arg(format!("http://127.0.0.1:{port}"))
         .args(["SmolLM2-135M-Instruct.Q4_1", serve, train, admin, "2", "2"])
         .status()
@@ -310,9 +297,7 @@ fn reliability_suite_bad_input_disconnects_training_while_serving_and_memory() {
     // (8 sequences x 512 tokens x 45 KiB of KV per token) is the size that used to set it.
     let args = ["--kv-budget", "180MiB", "--max-seq-len", "512", "--training-memory", "4GiB"];
     let server = start_with(&smollm2(), port, &args);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_reliability.py"))
+    let status = tandem_testkit::python_script("tests/server/test_reliability.py")
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("SmolLM2-135M-Instruct.Q4_1")
         .arg(server.0.id().to_string())
@@ -345,10 +330,8 @@ fn a_care_converted_model_serves_speculation_unchanged() {
     let (plain_port, spec_port) = (free_port(), free_port());
     let _plain = start(&out, plain_port);
     let _spec = start_with(&out, spec_port, &["--spec", "ngram", "--spec-k", "4"]);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let name = out.file_name().unwrap().to_string_lossy().to_string();
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_spec.py"))
+    let status = tandem_testkit::python_script("tests/server/test_spec.py")
         .arg(format!("http://127.0.0.1:{plain_port}"))
         .arg(format!("http://127.0.0.1:{spec_port}"))
         .arg(&name)
@@ -385,9 +368,7 @@ fn two_models_scoring_and_evolving_models_in_one_server() {
     let port = free_port();
     let b_arg = b.to_string_lossy().to_string();
     let _server = start_with(&smollm2(), port, &["--model", &b_arg, "--evolve", &evolver, "--evolve", &slow]);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(root.join("tests/server/test_evolve.py"))
+    let status = tandem_testkit::python_script("tests/server/test_evolve.py")
         .arg(format!("http://127.0.0.1:{port}"))
         .args([a_name, "smol-b"])
         .status()
