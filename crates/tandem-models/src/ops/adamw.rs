@@ -75,7 +75,7 @@ pub fn sum_of_squares(g: &Tensor) -> CResult<f64> {
 }
 
 /// Σ x² of a chunk in f64, in 16 independent sums: one running sum waits on each add (SmolLM2's
-/// gradients took 0.20 s, as long as the update's three passes; now ~memory speed).
+/// gradients took 0.20 s that way, as long as the update itself then; now ~memory speed).
 fn squares(chunk: &[f32]) -> f64 {
     let mut lanes = [0f64; 16];
     let mut blocks = chunk.chunks_exact(16);
@@ -137,12 +137,12 @@ fn update(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], r: &Rule) 
 fn lend<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> CResult<R>) -> CResult<R> {
     let op = Lend { f: Mutex::new(Some(f)), out: Mutex::new(None) };
     t.inplace_op1(&op)?;
-    op.out.into_inner().expect("not poisoned").expect("the op ran")
+    Ok(op.out.into_inner().expect("not poisoned").expect("the op ran"))
 }
 
 struct Lend<F, R> {
     f: Mutex<Option<F>>,
-    out: Mutex<Option<CResult<R>>>,
+    out: Mutex<Option<R>>,
 }
 
 impl<F: FnOnce(&mut [f32]) -> CResult<R>, R> InplaceOp1 for Lend<F, R> {
@@ -151,7 +151,7 @@ impl<F: FnOnce(&mut [f32]) -> CResult<R>, R> InplaceOp1 for Lend<F, R> {
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> CResult<()> {
         let f = self.f.lock().expect("not poisoned").take().expect("lent once");
-        let out = f(super::f32_slice_mut(s, l)?);
+        let out = f(super::f32_slice_mut(s, l)?)?;
         *self.out.lock().expect("not poisoned") = Some(out);
         Ok(())
     }
