@@ -166,11 +166,14 @@ pub(super) fn silu_mul_bwd(gate_up: &Tensor, g: &Tensor) -> CResult<Option<Tenso
     let (x_view, g_view) = (f32_view(gate_up)?, f32_view(g)?);
     let (xg, gg) = (x_view.storage_and_layout(), g_view.storage_and_layout());
     let (xs, gs) = (host(&xg)?, host(&gg)?);
-    let out = super::rows_new(xs.len() / two_i, two_i, &|r0, block| {
-        let rows = block.len() / two_i;
-        let (x, g) = (&xs[r0 * two_i..][..rows * two_i], &gs[r0 * inter..][..rows * inter]);
-        super::kernels::silu_mul_bwd(x, g, inter, block);
-    });
+    // SAFETY: silu_mul_bwd writes both halves of each row of its block.
+    let out = unsafe {
+        super::rows_written(xs.len() / two_i, two_i, &|r0, block| {
+            let rows = block.len() / two_i;
+            let (x, g) = (&xs[r0 * two_i..][..rows * two_i], &gs[r0 * inter..][..rows * inter]);
+            super::kernels::silu_mul_bwd(x, g, inter, block);
+        })
+    };
     Ok(Some(Tensor::from_vec(out, gate_up.shape(), gate_up.device())?))
 }
 
@@ -332,8 +335,9 @@ impl PackedSelfAttention {
         let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let width = qw + 2 * kw;
         let t = qkv.len() / width;
-        let columns = |first: usize, w: usize| {
-            super::rows_new(t, w, &|r0, block| {
+        // SAFETY: each row of a block is copied whole.
+        let columns = |first: usize, w: usize| unsafe {
+            super::rows_written(t, w, &|r0, block| {
                 for (r, o) in block.chunks_exact_mut(w).enumerate() {
                     o.copy_from_slice(&qkv[(r0 + r) * width + first..][..w]);
                 }
@@ -370,13 +374,16 @@ impl CustomOp1 for PackedSelfAttention {
         rotate_back(&mut dq, h, d, &self.positions, &self.tables)?;
         rotate_back(&mut dk, kvh, d, &self.positions, &self.tables)?;
         let (qw, kw) = (h * d, kvh * d);
-        let out = super::rows_new(t, width, &|r0, block| {
-            for (r, o) in (r0..).zip(block.chunks_exact_mut(width)) {
-                o[..qw].copy_from_slice(&dq[r * qw..(r + 1) * qw]);
-                o[qw..qw + kw].copy_from_slice(&dk[r * kw..(r + 1) * kw]);
-                o[qw + kw..].copy_from_slice(&dv[r * kw..(r + 1) * kw]);
-            }
-        });
+        // SAFETY: each row is written whole: q, k and v columns side by side (width = qw + 2 kw).
+        let out = unsafe {
+            super::rows_written(t, width, &|r0, block| {
+                for (r, o) in (r0..).zip(block.chunks_exact_mut(width)) {
+                    o[..qw].copy_from_slice(&dq[r * qw..(r + 1) * qw]);
+                    o[qw..qw + kw].copy_from_slice(&dk[r * kw..(r + 1) * kw]);
+                    o[qw + kw..].copy_from_slice(&dv[r * kw..(r + 1) * kw]);
+                }
+            })
+        };
         Tensor::from_vec(out, (t, width), device).map(Some)
     }
 }

@@ -280,21 +280,40 @@ const ROW_BLOCK: usize = 16;
 /// `vec![0; n]` zeroing and serial row loops over activations were most of a training pass's
 /// main-thread time, while both pool threads waited.
 pub(crate) fn rows_new(rows: usize, width: usize, fill: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    // SAFETY: every block is zeroed before `fill` sees it.
+    unsafe { rows_in_blocks(rows, width, true, fill) }
+}
+
+/// `rows_new` for a `fill` that writes every value of its block: the blocks are not zeroed
+/// first (that zeroing was 2-3.5% of a training pass, docs/performance.md).
+///
+/// # Safety
+/// `fill(first_row, block)` writes every value of `block` before it reads any.
+pub(crate) unsafe fn rows_written(rows: usize, width: usize, fill: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    rows_in_blocks(rows, width, false, fill)
+}
+
+/// # Safety
+/// With `zero` false, `fill` must write every value of its block before reading any.
+unsafe fn rows_in_blocks(rows: usize, width: usize, zero: bool, fill: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(rows * width);
     let base = kernels::SharedMut(out.as_mut_ptr());
     team::for_each(rows.div_ceil(ROW_BLOCK), &|b| {
         #[allow(clippy::redundant_locals)]
         let base = &base;
         let (r0, r1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(rows));
-        // SAFETY: blocks are disjoint and within the capacity; each is zeroed before it is read.
+        // SAFETY: blocks are disjoint and within the capacity; each is zeroed before it is read,
+        // or (the caller's promise) written before it is read.
         let block = unsafe {
             let p = base.0.add(r0 * width);
-            std::ptr::write_bytes(p, 0, (r1 - r0) * width);
+            if zero {
+                std::ptr::write_bytes(p, 0, (r1 - r0) * width);
+            }
             std::slice::from_raw_parts_mut(p, (r1 - r0) * width)
         };
         fill(r0, block);
     });
-    // SAFETY: every block was initialised above.
+    // SAFETY: every block was written above.
     unsafe { out.set_len(rows * width) };
     out
 }
@@ -310,9 +329,12 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms norm: {} values do not split into rows of {}", x.len(), w.len());
         }
         let width = w.len();
-        let out = rows_new(x.len() / width, width, &|r0, o| {
-            kernels::rms_norm(&x[r0 * width..r0 * width + o.len()], w, self.eps, o);
-        });
+        // SAFETY: rms_norm writes each row of its block.
+        let out = unsafe {
+            rows_written(x.len() / width, width, &|r0, o| {
+                kernels::rms_norm(&x[r0 * width..r0 * width + o.len()], w, self.eps, o);
+            })
+        };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -440,8 +462,12 @@ impl CustomOp1 for SiluMul {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (t, two_i) = l.shape().dims2()?;
         let x = f32_slice(s, l)?;
-        let out =
-            rows_new(t, two_i / 2, &|r0, o| kernels::silu_mul(&x[r0 * two_i..r0 * two_i + 2 * o.len()], two_i / 2, o));
+        // SAFETY: silu_mul writes each row of its block.
+        let out = unsafe {
+            rows_written(t, two_i / 2, &|r0, o| {
+                kernels::silu_mul(&x[r0 * two_i..r0 * two_i + 2 * o.len()], two_i / 2, o)
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((t, two_i / 2))))
     }
     fn bwd(&self, gate_up: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
