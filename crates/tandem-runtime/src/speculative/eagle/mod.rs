@@ -512,9 +512,10 @@ const ALTERNATIVE_MIN_PROB: f32 = 0.1;
 /// drafter's probability of `best`, and up to `n` other tokens (highest first) with their chance
 /// `reach` · p of being the target's token there, those of at least `ALTERNATIVE_MIN_PROB`.
 fn runners_up(logits: &[f32], best: u32, n: usize, reach: f32) -> (f32, Vec<(f32, u32)>) {
-    let max = logits[best as usize];
-    let z: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let p = |i: u32| (logits[i as usize] - max).exp() / z;
+    // The vectorised normaliser: a scalar exp per draft-vocabulary entry cost ~35 µs a drafted
+    // position, called at every position a chain reaches with chance ALTERNATIVE_MIN_PROB or more.
+    let lse = crate::sampling::log_sum_exp(logits);
+    let p = |i: u32| (logits[i as usize] - lse).exp();
     let others = crate::sampling::top_n(logits, n + 1)
         .into_iter()
         .map(|(i, _)| i)
