@@ -9,10 +9,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// full training of Qwen2.5-Coder-0.5B (gradients of 35-544 MB per pass) still spent a quarter of
 /// its time zeroing fresh pages until mapping was turned off (M_MMAP_MAX = 0): 27 -> 32 tok/s
 /// (`tandem bench train --model qwen-coder --modes full`, 2026-12-04).
+///
+/// One arena: glibc gives threads other than the main one arenas of their own, 64 MiB mappings
+/// that the heap's huge page advice (`Allocator`) does not cover. A model loaded or a cache made
+/// on another thread (each engine of `bench online --interleave`, the engine's own buffers, the
+/// trainer) then streamed from 4 KiB pages, and which of its blocks landed on huge pages was
+/// chance: two identical engines side by side ran their prefills 0.6-4% and plain steps 7-8%
+/// apart, and the no-speculation baseline 7.2-8.6 ms a step from run to run. With every thread
+/// in the main heap, 720 of 725 MB were on huge pages and the two engines ran within 0.1% of each
+/// other (docs/speculative-decoding.md, 2026-12-07). Allocations here are large and few per
+/// step, so the shared arena's lock is not contended.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called once at start-up before any threads.
     unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
