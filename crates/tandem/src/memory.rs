@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// on another thread (each engine of `bench online --interleave`, the engine's own buffers, the
 /// trainer) then streamed from 4 KiB pages, and which of its blocks landed on huge pages was
 /// chance: two identical engines side by side ran their prefills 0.6-4% and plain steps 7-8%
-/// apart, and the no-speculation baseline 7.2-8.6 ms a step from run to run. With every thread
-/// in the main heap, 720 of 725 MB were on huge pages and the two engines ran within 0.1% of each
-/// other (docs/speculative-decoding.md, 2026-12-07). Allocations here are large and few per
+/// apart. With every thread in the main heap, 720 of 725 MB were on huge pages and the two
+/// engines' tokens/s came within 0.1-0.6% of each other (docs/speculative-decoding.md,
+/// 2026-12-07). Allocations here are large and few per
 /// step, so the shared arena's lock is not contended.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
