@@ -8,7 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// glibc maps blocks over 32 MiB (its largest threshold) on their own whatever the threshold, so
 /// full training of Qwen2.5-Coder-0.5B (gradients of 35-544 MB per pass) still spent a quarter of
 /// its time zeroing fresh pages until mapping was turned off (M_MMAP_MAX = 0): 27 -> 32 tok/s
-/// (`tandem bench train --model qwen-coder --modes full`, 2026-12-04).
+/// (`tandem bench train --model qwen-coder --modes full`, 2026-12-04). Trimming is off entirely
+/// (M_TRIM_THRESHOLD = -1): at its largest settable threshold (2 GiB) a pass that freed more than
+/// that at the heap's top still gave it back, and the next pass faulted it in again. Full training
+/// of Qwen after a LoRA run in the same process (the benchmark's order, a Tinker server's too) did
+/// so every pass: 687,000 page faults instead of 94,000, 57 instead of 75 tok/s (2026-12-07). The
+/// heap stays at the process's peak, which a server holds anyway.
 ///
 /// One arena: glibc gives threads other than the main one arenas of their own, 64 MiB mappings
 /// that the heap's huge page advice (`Allocator`) does not cover. A model loaded or a cache made
@@ -26,7 +31,7 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 512 << 20);
     }
 }
