@@ -170,29 +170,33 @@ unsafe fn gemm_one(
 #[cfg(test)]
 mod tests {
     /// The backward's products as the pool splits them (by rows, by columns when c is wider
-    /// than tall, uneven last parts), plain and transposed a, overwriting and accumulating:
-    /// within f32 rounding of an f64 reference.
+    /// than tall, uneven last parts), deep (k = 1,100: several of the gemm crate's k blocks) and wide,
+    /// plain and transposed operands, overwriting and accumulating: within f32 rounding of an f64
+    /// reference (k·ε times the sum of the terms' sizes, the standard bound for a sum of k).
     #[test]
     fn split_products_match_an_f64_reference() {
         let values = |len: usize, seed: usize| -> Vec<f32> {
             (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1013) as f32 / 1013.0 - 0.5).collect()
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for &(m, n, k) in &[(301, 65, 40), (37, 530, 29), (64, 64, 64)] {
-            for transposed in [false, true] {
+        for &(m, n, k) in &[(301, 65, 40), (37, 530, 29), (64, 64, 64), (29, 70, 1100), (40, 600, 70)] {
+            for transposed in 0..4 {
                 for (accumulate, alpha) in [(false, 1.0f32), (true, -0.5)] {
                     let (av, bv) = (values(m * k, 1), values(k * n, 2));
-                    let a = if transposed { (&av[..], 1, m) } else { (&av[..], k, 1) };
+                    let a = if transposed & 1 == 1 { (&av[..], 1, m) } else { (&av[..], k, 1) };
+                    let b = if transposed & 2 == 2 { (&bv[..], 1, k) } else { (&bv[..], n, 1) };
                     let mut c = values(m * n, 3);
                     let start = c.clone();
-                    pool.install(|| super::gemm(m, n, k, &mut c, accumulate, alpha, a, (&bv[..], n, 1)));
+                    pool.install(|| super::gemm(m, n, k, &mut c, accumulate, alpha, a, b));
                     for i in 0..m {
                         for j in 0..n {
-                            let dot: f64 = (0..k).map(|p| a.0[i * a.1 + p * a.2] as f64 * bv[p * n + j] as f64).sum();
+                            let term = |p: usize| a.0[i * a.1 + p * a.2] as f64 * b.0[p * b.1 + j * b.2] as f64;
+                            let dot: f64 = (0..k).map(term).sum();
+                            let size: f64 = (0..k).map(|p| term(p).abs()).sum();
                             let want = if accumulate { start[i * n + j] as f64 } else { 0.0 } + alpha as f64 * dot;
                             let got = c[i * n + j] as f64;
                             assert!(
-                                (got - want).abs() < 1e-4,
+                                (got - want).abs() < k as f64 * f64::from(f32::EPSILON) * (1.0 + size),
                                 "{m}x{n}x{k} transposed {transposed}: c[{i},{j}] {got} vs {want}"
                             );
                         }
