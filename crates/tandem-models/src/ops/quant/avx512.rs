@@ -85,7 +85,10 @@ unsafe fn kernel<const F: usize, const C: usize>(tile: *const u8, x: &QInput, fi
         // Integer sums, started with the zero point's −z·Σq (exact in any order), the inputs
         // interleaved so that consecutive dot products do not wait on each other. Q6_K's halves
         // are summed one after the other; other formats use one chain per input when enough
-        // inputs hide its latency, two (added) otherwise.
+        // inputs hide its latency, two (added) otherwise. Four inputs do not: a chain is 8
+        // dependent dpbusd (~5 cycles each), 40 cycles a slice for 32 instructions, and a 4-row
+        // forward of SmolLM2 Q4_1 took longer than a 5-row one; with two chains at 4 rows, 8.55
+        // -> 7.96 ms (mean of 8 alternated runs on a Xeon, docs/performance.md, 2026-12-07).
         let bcast =
             |c: usize, g: usize| _mm512_set1_epi32((inputs.q[c].add(s * QK) as *const i32).add(g).read_unaligned());
         let qs = |c: usize, h: usize| *inputs.qsum[c].add(2 * s + h);
@@ -106,7 +109,7 @@ unsafe fn kernel<const F: usize, const C: usize>(tile: *const u8, x: &QInput, fi
         }
         let z = f.zero().unwrap_or(0);
         unrolled!(c in C => { lo[c] = _mm512_set1_epi32(-z * (qs(c, 0) + qs(c, 1))); });
-        if C < 4 {
+        if C < 5 {
             let mut hi = [_mm512_setzero_si512(); C];
             for g in 0..4 {
                 unrolled!(c in C => {
