@@ -170,9 +170,9 @@ unsafe fn gemm_one(
 #[cfg(test)]
 mod tests {
     /// The backward's products as the pool splits them (by rows, by columns when c is wider
-    /// than tall, uneven last parts), deep (k = 1,100: several of the gemm crate's k blocks) and wide,
-    /// plain and transposed operands, overwriting and accumulating: within f32 rounding of an f64
-    /// reference (k·ε times the sum of the terms' sizes, the standard bound for a sum of k).
+    /// than tall, uneven last parts), deep (k = 1,100: several of the gemm crate's k blocks) and
+    /// wide, plain and transposed operands, overwriting and accumulating: within f32 rounding of
+    /// an f64 reference (k·ε times the sum of the terms' sizes, the standard bound for a sum of k).
     #[test]
     fn split_products_match_an_f64_reference() {
         let values = |len: usize, seed: usize| -> Vec<f32> {
