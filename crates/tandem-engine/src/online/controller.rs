@@ -629,9 +629,9 @@ mod tests {
     #[test]
     fn controllers_that_start_apart_settle_on_the_same_fastest_shape() {
         // The verification forward is not linear in rows (on one Xeon a 4-row forward took ~7%
-        // longer than a 5-row one): a line fitted mostly to the held shapes misprices the others. Two controllers, one that first saw a better
-        // drafter (and so holds longer drafts), must end on shapes as fast as each other and as
-        // the best one.
+        // longer than a 5-row one): a line fitted mostly to the held shapes misprices the others.
+        // Two controllers, one that first saw a better drafter (and so holds longer drafts), must
+        // end on shapes as fast as each other and as the best one.
         let by_rows = vec![0.0, 0.0, -0.2, 0.1, 0.9, 0.0, 0.3, 0.0, 0.2, 0.0];
         let (accept, sibling) = (vec![0.8, 0.7, 0.6, 0.5, 0.4, 0.3], vec![0.25, 0.25]);
         for seed in [3, 19, 47, 71] {
