@@ -168,3 +168,31 @@ fn the_adapter_delta_equals_autograd_and_is_the_same_for_any_batch() {
         assert_eq!(alone.to_vec2::<f32>().unwrap()[0], rows[i], "row {i}");
     }
 }
+
+/// The attention backward against autograd over the plain formula (`OpsPath::Generic`: the
+/// probabilities as a whole matrix), for packed sequences short and long: a long one's queries
+/// run in several blocks and in two work items whose key and value gradients are added after.
+#[test]
+fn the_attention_backward_equals_autograd_for_short_and_long_sequences() {
+    let (heads, kv_heads, d) = (6, 2, 16);
+    let lens = [5, 760, 64];
+    let t: usize = lens.iter().sum();
+    let var = |h: usize, seed: u32| {
+        let v = values(t * h * d, seed, 1.0);
+        Var::from_tensor(&Tensor::from_vec(v, (t, h, d), &Device::Cpu).unwrap()).unwrap()
+    };
+    let (q, k, v) = (var(heads, 1), var(kv_heads, 2), var(kv_heads, 3));
+    let weights = tensor((t, heads * d), 4, 1.0);
+    let grads = |path| {
+        let out = ops::self_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &lens, path).unwrap();
+        let loss = (out * &weights).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        [&q, &k, &v].map(|x| g.get(x.as_tensor()).expect("a gradient").clone())
+    };
+    let (fast, reference) = (grads(OpsPath::CpuKernels), grads(OpsPath::Generic));
+    for (name, f, r) in [("q", &fast[0], &reference[0]), ("k", &fast[1], &reference[1]), ("v", &fast[2], &reference[2])]
+    {
+        let e = max_rel(f, r);
+        assert!(e < 1e-4, "d{name}: relative error {e}");
+    }
+}

@@ -5,7 +5,7 @@
 //! reported (trainer/sampler mismatch destabilises RL). Each backward here works on host slices
 //! (products through gemm, elementwise passes in parallel rows); it only runs when an input is
 //! being differentiated.
-use super::{f32_slice, gemm, gemm_new, gemm_on, host, kernels, sink, CResult, RopeTables};
+use super::{f32_slice, gemm, gemm_new, gemm_on, host, kernels, sink, team, CResult, RopeTables};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -388,16 +388,42 @@ impl CustomOp1 for PackedSelfAttention {
     }
 }
 
-/// Query rows per block of the attention backward: a work item's temporaries are [block, keys
-/// seen] (two per item running), so memory grows linearly with the sequence (a whole
-/// [heads, t, t] at 5,000 tokens is ~0.9 GB per tensor).
-pub const BWD_QUERY_BLOCK: usize = 128;
+/// Query positions per block of the attention backward: a work item's temporaries are
+/// [block·group, keys seen] (two per item running), so memory grows linearly with the sequence (a
+/// whole [heads, t, t] at 5,000 tokens is ~0.9 GB per tensor).
+pub const BWD_QUERY_BLOCK: usize = 64;
+
+/// Query position pairs (query, key seen) a work item of the attention backward takes at most
+/// beyond its first block: a long sequence's queries go in several items, so that one sequence
+/// of 1,024 tokens over SmolLM2's three kv heads still shares out evenly among the threads (three
+/// items on two threads left one idle a third of the time). Fixed, not per machine, so the
+/// gradients' rounding does not depend on the thread count.
+const BWD_PART_PAIRS: usize = 1 << 18;
+
+/// A sequence of n positions in parts of whole query blocks of about `BWD_PART_PAIRS` work each.
+fn bwd_parts(n: usize) -> Vec<(usize, usize)> {
+    let (mut parts, mut start, mut work) = (Vec::new(), 0, 0);
+    for r0 in (0..n).step_by(BWD_QUERY_BLOCK) {
+        let end = (r0 + BWD_QUERY_BLOCK).min(n);
+        work += (end - r0) * end;
+        if work >= BWD_PART_PAIRS {
+            parts.push((start, end));
+            (start, work) = (end, 0);
+        }
+    }
+    if start < n {
+        parts.push((start, n));
+    }
+    parts
+}
 
 /// The attention backward of sequences packed one after another, q: [t, heads, d], k and v:
-/// [t, kv heads, d], g: [t, heads·d]. One work item per (sequence, head), in parallel; each takes
-/// its queries a block at a time and recomputes the block's probabilities from q and k (so only
-/// [block, keys seen] temporaries exist), with every product through gemm over the tensors' own
-/// strides. Heads that share a kv head add their dK and dV after.
+/// [t, kv heads, d], g: [t, heads·d]. One work item per (sequence, kv head, part of the
+/// sequence's queries), in parallel: the query heads that share the kv head go through every
+/// product together, their rows stacked position by position, so each product is `group` times
+/// taller and dK and dV sum the group inside the product (an item per query head, summed after,
+/// took 7% of a SmolLM2 full training pass; grouped, passes of 4 x 1,024 tokens ran ~5% faster,
+/// docs/performance.md, 2026-12-07). Parts of one sequence add their dK and dV after, in order.
 fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize]) -> CResult<[Vec<f32>; 3]> {
     let (t, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
@@ -408,92 +434,116 @@ fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize])
     let [qs, ks, vs, gs] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(host);
     let (qs, ks, vs, gs) = (qs?, ks?, vs?, gs?);
     let starts: Vec<usize> = lens.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
-    let items: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
-    let parts: Vec<[Vec<f32>; 3]> = items
-        .par_iter()
-        .map(|&(s, h)| {
-            let (q_rows, g_rows) = (&qs[(starts[s] * heads + h) * d..], &gs[(starts[s] * heads + h) * d..]);
-            let kv = (starts[s] * kv_heads + h / group) * d;
-            let seq = HeadRows {
-                q: q_rows,
-                k: &ks[kv..],
-                v: &vs[kv..],
-                g: g_rows,
-                q_stride: heads * d,
-                kv_stride: kv_heads * d,
-            };
-            head_bwd(&seq, lens[s], d)
-        })
+    // (sequence, kv head, query positions)
+    let items: Vec<(usize, usize, (usize, usize))> = (0..lens.len())
+        .flat_map(|s| (0..kv_heads).flat_map(move |h| bwd_parts(lens[s]).into_iter().map(move |p| (s, h, p))))
         .collect();
-    // Each row's heads from their items (items run sequence by sequence, heads in order); a kv
-    // head sums its group's heads in order, from zero.
-    let sequence: Vec<usize> = lens.iter().enumerate().flat_map(|(s, &n)| std::iter::repeat_n(s, n)).collect();
-    let gather = |which: usize, out_heads: usize| {
-        super::rows_new(t, out_heads * d, &|r0, block| {
-            for (r, o) in block.chunks_exact_mut(out_heads * d).enumerate() {
-                let (s, row) = (sequence[r0 + r], r0 + r);
-                let i = row - starts[s];
-                for h in 0..heads {
-                    let part = &parts[s * heads + h][which][i * d..(i + 1) * d];
-                    let j = if out_heads == heads { h } else { h / group };
-                    o[j * d..(j + 1) * d].iter_mut().zip(part).for_each(|(a, b)| *a += b);
-                }
+    let (q_stride, kv_stride) = (heads * d, kv_heads * d);
+    let mut dq = vec![0f32; t * heads * d];
+    let dq_out = kernels::SharedMut(dq.as_mut_ptr());
+    let key_grads: Vec<std::sync::Mutex<[Vec<f32>; 2]>> = items.iter().map(|_| Default::default()).collect();
+    team::for_each(items.len(), &|i| {
+        let (s, h, part) = items[i];
+        let (qo, kvo) = ((starts[s] * heads + h * group) * d, (starts[s] * kv_heads + h) * d);
+        let rows = GroupRows { q: &qs[qo..], k: &ks[kvo..], v: &vs[kvo..], g: &gs[qo..], q_stride, kv_stride, group };
+        let [gq, gk, gv] = group_bwd(&rows, part, d);
+        #[allow(clippy::redundant_locals)]
+        let dq_out = &dq_out;
+        // SAFETY: item (s, h, part) writes only the rows of its sequence's positions in part, of
+        // query heads h·group.., which no other item writes; dq holds t rows of every head.
+        unsafe {
+            for (r, row) in gq.chunks_exact(group * d).enumerate() {
+                let at = qo + (part.0 + r) * q_stride;
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dq_out.0.add(at), group * d);
             }
-        })
-    };
-    Ok([gather(0, heads), gather(1, kv_heads), gather(2, kv_heads)])
+        }
+        *key_grads[i].lock().unwrap_or_else(|p| p.into_inner()) = [gk, gv];
+    });
+    let (mut dk, mut dv) = (vec![0f32; t * kv_stride], vec![0f32; t * kv_stride]);
+    for ((s, h, _), grads) in items.iter().zip(key_grads) {
+        let [gk, gv] = grads.into_inner().unwrap_or_else(|p| p.into_inner());
+        let kvo = (starts[*s] * kv_heads + h) * d;
+        for (out, part) in [(&mut dk, gk), (&mut dv, gv)] {
+            for (r, row) in part.chunks_exact(d).enumerate() {
+                let o = &mut out[kvo + r * kv_stride..][..d];
+                o.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+    Ok([dq, dk, dv])
 }
 
-/// One head of one sequence: its query and output-gradient rows (`q_stride` values apart), its kv
-/// head's key and value rows (`kv_stride` apart), each slice starting at the sequence's first row.
-struct HeadRows<'a> {
+/// The query heads of one kv head over one sequence: their query and output-gradient rows (a
+/// position's `group` heads side by side, positions `q_stride` values apart), the kv head's key
+/// and value rows (`kv_stride` apart), each slice starting at the sequence's first row.
+struct GroupRows<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
     g: &'a [f32],
     q_stride: usize,
     kv_stride: usize,
+    group: usize,
 }
 
-/// dQ, dK and dV ([n, d] each) of one head over one causal sequence of n rows:
-/// P = softmax(scale·Q·Kᵀ) with row i seeing keys 0..=i, dP = G·Vᵀ, dS = P∘(dP − rowsum(P∘dP)),
-/// dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·G.
-fn head_bwd(x: &HeadRows, n: usize, d: usize) -> [Vec<f32>; 3] {
+/// For a kv head's query heads at the positions from..to of one causal sequence, their dQ
+/// ([to - from, group, d]) and what they add to dK and dV ([to, d]: the keys they see), the
+/// heads' rows stacked position by position (row i·group + j: position i, head j):
+/// P = softmax(scale·Q·Kᵀ) with position i seeing keys 0..=i, dP = G·Vᵀ,
+/// dS = P∘(dP − rowsum(P∘dP)), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·G.
+fn group_bwd(x: &GroupRows, (from, to): (usize, usize), d: usize) -> [Vec<f32>; 3] {
     let scale = 1.0 / (d as f32).sqrt();
-    let (qs, kvs) = (x.q_stride, x.kv_stride);
-    let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
-    for r0 in (0..n).step_by(BWD_QUERY_BLOCK) {
-        let b = BWD_QUERY_BLOCK.min(n - r0);
-        let seen = r0 + b;
-        let (q, g) = (&x.q[r0 * qs..], &x.g[r0 * qs..]);
-        let mut p = vec![0f32; b * seen];
-        gemm_on(false, (b, seen, d), &mut p, false, scale, (q, qs, 1), (x.k, 1, kvs));
+    let (group, kvs) = (x.group, x.kv_stride);
+    let width = group * d;
+    let (mut dq, mut dk, mut dv) = (vec![0f32; (to - from) * width], vec![0f32; to * d], vec![0f32; to * d]);
+    let (mut qb, mut gb, mut p, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r0 in (from..to).step_by(BWD_QUERY_BLOCK) {
+        let b = BWD_QUERY_BLOCK.min(to - r0);
+        let (seen, rows) = (r0 + b, b * group);
+        // The block's query and gradient rows, stacked ([rows, d]).
+        let stack = |src: &[f32], out: &mut Vec<f32>| {
+            out.clear();
+            (r0..seen).for_each(|i| out.extend_from_slice(&src[i * x.q_stride..][..width]));
+        };
+        stack(x.q, &mut qb);
+        stack(x.g, &mut gb);
+        p.resize(rows * seen, 0.0);
+        gemm_on(false, (rows, seen, d), &mut p, false, scale, (&qb, d, 1), (x.k, 1, kvs));
         for (r, row) in p.chunks_exact_mut(seen).enumerate() {
-            causal_softmax(row, r0 + r + 1);
+            causal_softmax(row, r0 + r / group + 1);
         }
-        let mut ds = vec![0f32; b * seen];
-        gemm_on(false, (b, seen, d), &mut ds, false, 1.0, (g, qs, 1), (x.v, 1, kvs));
-        for (dr, pr) in ds.chunks_exact_mut(seen).zip(p.chunks_exact(seen)) {
-            let c: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+        ds.resize(rows * seen, 0.0);
+        gemm_on(false, (rows, seen, d), &mut ds, false, 1.0, (&gb, d, 1), (x.v, 1, kvs));
+        for (r, (dr, pr)) in ds.chunks_exact_mut(seen).zip(p.chunks_exact(seen)).enumerate() {
+            // Keys past the row's position have p = 0, so their dS is 0.
+            let visible = r0 + r / group + 1;
+            let ((dr, future), pr) = (dr.split_at_mut(visible), &pr[..visible]);
+            let c = kernels::dot(dr, pr);
             dr.iter_mut().zip(pr).for_each(|(a, &pv)| *a = pv * (*a - c));
+            future.fill(0.0);
         }
-        gemm_on(false, (b, d, seen), &mut dq[r0 * d..], false, scale, (&ds, seen, 1), (x.k, kvs, 1));
-        gemm_on(false, (seen, d, b), &mut dk, true, scale, (&ds, 1, seen), (q, qs, 1));
-        gemm_on(false, (seen, d, b), &mut dv, true, 1.0, (&p, 1, seen), (g, qs, 1));
+        gemm_on(false, (rows, d, seen), &mut dq[(r0 - from) * width..], false, scale, (&ds, seen, 1), (x.k, kvs, 1));
+        gemm_on(false, (seen, d, rows), &mut dk, true, scale, (&ds, 1, seen), (&qb, d, 1));
+        gemm_on(false, (seen, d, rows), &mut dv, true, 1.0, (&p, 1, seen), (&gb, d, 1));
     }
     [dq, dk, dv]
 }
 
-/// Softmax over a row's first `visible` scores in place; the rest (future keys) become 0.
+/// Softmax over a row's first `visible` scores in place; the rest (future keys) become 0. The
+/// exponentials go through the vector kernel: a libm call per score made the attention backward
+/// ~5% slower.
 fn causal_softmax(row: &mut [f32], visible: usize) {
     let (seen, future) = row.split_at_mut(visible);
     let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in seen.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    kernels::scale_exp_in_place(seen, max, 1.0);
+    let mut sums = [0f32; 8];
+    let whole = seen.len() / 8 * 8;
+    for c in seen[..whole].chunks_exact(8) {
+        sums.iter_mut().zip(c).for_each(|(s, v)| *s += v);
     }
-    seen.iter_mut().for_each(|s| *s /= sum);
+    let sum = sums.iter().sum::<f32>() + seen[whole..].iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    seen.iter_mut().for_each(|s| *s *= inv);
     future.fill(0.0);
 }
 
