@@ -393,11 +393,11 @@ impl CustomOp1 for PackedSelfAttention {
 /// whole [heads, t, t] at 5,000 tokens is ~0.9 GB per tensor).
 pub const BWD_QUERY_BLOCK: usize = 64;
 
-/// Query position pairs (query, key seen) a work item of the attention backward takes at most
-/// beyond its first block: a long sequence's queries go in several items, so that one sequence
-/// of 1,024 tokens over SmolLM2's three kv heads still shares out evenly among the threads (three
-/// items on two threads left one idle a third of the time). Fixed, not per machine, so the
-/// gradients' rounding does not depend on the thread count.
+/// (Query, key seen) position pairs a work item of the attention backward takes: its query blocks
+/// end with the first that reaches this many. A long sequence's queries go in several items, so
+/// that one sequence of 1,024 tokens over SmolLM2's three kv heads still shares out evenly among
+/// the threads (three items on two threads left one idle a third of the time). Fixed, not per
+/// machine, so the gradients' rounding does not depend on the thread count.
 const BWD_PART_PAIRS: usize = 1 << 18;
 
 /// A sequence of n positions in parts of whole query blocks of about `BWD_PART_PAIRS` work each.
@@ -422,7 +422,7 @@ fn bwd_parts(n: usize) -> Vec<(usize, usize)> {
 /// sequence's queries), in parallel: the query heads that share the kv head go through every
 /// product together, their rows stacked position by position, so each product is `group` times
 /// taller and dK and dV sum the group inside the product (an item per query head, summed after,
-/// took 7% of a SmolLM2 full training pass; grouped, passes of 4 x 1,024 tokens ran ~5% faster,
+/// took 7% of a SmolLM2 full training pass; grouped, passes of 4 x 1,024 tokens ran 6-7% faster,
 /// docs/performance.md, 2026-12-07). Parts of one sequence add their dK and dV after, in order.
 fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lens: &[usize]) -> CResult<[Vec<f32>; 3]> {
     let (t, heads, d) = q.dims3()?;
