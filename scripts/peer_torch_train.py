@@ -4,14 +4,15 @@ PyTorch, LoRA adapters (PEFT-style: a ~ uniform, b = 0, scale alpha/rank) on the
 timed on the same data: forward_backward (cross-entropy, summed) tokens/s for LoRA and full weights,
 and the optimizer step after it (torch.optim.AdamW).
 
-Usage: peer_torch_train.py DIR --mode lora|full --rank R --alpha A --batch B --seq-len L --reps N
-DIR holds model.safetensors (Hugging Face names) and tandem_config.json. Prints JSON on stdout.
-Also prints the summed loss of the first repetition so tandem can check it computes the same.
+Usage: peer_torch_train.py DIR --mode lora|full --rank R --alpha A --batch B --seq-len L
+DIR holds model.safetensors (Hugging Face names) and tandem_config.json. After a warm-up pass it
+prints one JSON line (the pass's summed loss, so tandem can check it computes the same, and the
+peak memory the pass added), then answers each line on stdin with one JSON line: `pass` times one
+forward_backward, `step` one AdamW step. It exits when stdin closes.
 """
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
@@ -25,10 +26,15 @@ ap.add_argument("--rank", type=int, default=16)
 ap.add_argument("--alpha", type=float, default=32.0)
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--seq-len", type=int, default=128)
-ap.add_argument("--reps", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
+# This process runs beside tandem's: if the two outgrow memory (Qwen2.5-Coder at 4 x 1024 on
+# 24 GiB), the kernel should end the peer, not the benchmark.
+try:
+    open("/proc/self/oom_score_adj", "w").write("1000")
+except OSError:
+    pass
 cfg = json.load(open(f"{a.dir}/tandem_config.json"))
 W = load_file(f"{a.dir}/model.safetensors")
 H, NH, KVH, D = cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"]
@@ -113,41 +119,64 @@ def status_mib(key):
     return None
 
 
-times, loss0, peak = [], None, None
-for r in range(a.reps + 1):
-    if r == 0:
-        # The peak one forward_backward adds (Linux resets the peak with clear_refs 5).
-        try:
-            open("/proc/self/clear_refs", "w").write("5")
-            before = status_mib("VmRSS:")
-        except OSError:
-            before = None
-    t0 = time.time()
+def train_pass():
+    """One forward_backward, as tandem's: cross-entropy summed, no gradients pending before it."""
     logits = forward(ids[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum")
     loss.backward()
-    if r == 0:
-        loss0 = loss.item()
-        if before is not None:
-            peak = max(0.0, status_mib("VmHWM:") - before)
-    else:
-        times.append(time.time() - t0)
+    return loss.item()
+
+
+def drop_grads():
     for prm in list(params.values()) + [x for ab in lora.values() for x in ab]:
         prm.grad = None
-secs = statistics.median(times)
 
-# The optimizer step a training loop takes after each forward_backward: torch.optim.AdamW as a user
-# builds it (defaults), timed on its second step (the first creates its state).
-trainable = list({id(p): p for p in list(params.values()) + [x for ab in lora.values() for x in ab]
-                  if p.requires_grad}.values())
-opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-for r in range(2):
-    logits = forward(ids[:, :-1])
-    torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum").backward()
-    t0 = time.time()
-    opt.step()
-    step_secs = time.time() - t0
-    opt.zero_grad(set_to_none=True)
-json.dump({"mode": a.mode, "tokens_per_s": a.batch * a.seq_len / secs, "secs": secs, "loss_sum": loss0, "peak_mib": peak,
-           "optim_step_secs": step_secs,
-           "torch": torch.__version__, "threads": torch.get_num_threads()}, sys.stdout)
+
+# The warm-up pass measures the peak one forward_backward adds (Linux resets the peak with
+# clear_refs 5) and the first loss.
+try:
+    open("/proc/self/clear_refs", "w").write("5")
+    before = status_mib("VmRSS:")
+except OSError:
+    before = None
+loss0 = train_pass()
+peak = max(0.0, status_mib("VmHWM:") - before) if before is not None else None
+drop_grads()
+
+
+def optim_step_secs():
+    """The optimizer step a training loop takes after each forward_backward: torch.optim.AdamW as
+    a user builds it (defaults), timed on its second step (the first creates its state)."""
+    trainable = list({id(p): p for p in list(params.values()) + [x for ab in lora.values() for x in ab]
+                      if p.requires_grad}.values())
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    for _ in range(2):
+        train_pass()
+        t0 = time.time()
+        opt.step()
+        secs = time.time() - t0
+        opt.zero_grad(set_to_none=True)
+    return secs
+
+
+def reply(obj):
+    json.dump(obj, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+reply({"mode": a.mode, "loss_sum": loss0, "peak_mib": peak, "torch": torch.__version__,
+       "threads": torch.get_num_threads()})
+# Timed passes on request, one per line, so tandem can alternate its passes with these and a
+# change in the host's speed reaches both sides alike.
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "pass":
+        t0 = time.time()
+        train_pass()
+        reply({"secs": time.time() - t0})
+        drop_grads()
+    elif cmd == "step":
+        reply({"optim_step_secs": optim_step_secs()})
+    else:
+        reply({"error": f"unknown command {cmd!r} (pass, step)"})

@@ -1,7 +1,9 @@
 //! `tandem bench train`: forward_backward throughput of the training service's model code (LoRA
 //! and full weights) on a real checkpoint, against the same model written plainly in PyTorch on the
 //! same machine in the same run (scripts/peer_torch_train.py; skipped with a message when PyTorch
-//! is not installed). Both start from the same weights, so their first losses must agree.
+//! is not installed). Both start from the same weights, so their first losses must agree. The
+//! peer runs beside tandem and their timed passes alternate, so the ratio compares passes made
+//! under the same host conditions.
 //! Each row also reports the peak memory one forward_backward adds (the process's peak resident
 //! set, reset before the pass), for tandem and for the peer.
 use anyhow::{Context, Result};
@@ -23,7 +25,8 @@ pub struct TrainBenchArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Timed repetitions after one warm-up (the median is reported).
+    /// Timed repetitions after one warm-up, each a tandem pass and a PyTorch pass back to back (the
+    /// medians are reported; the ratio is the median of the pairs' ratios).
     #[arg(long, default_value_t = 3)]
     reps: usize,
     #[arg(long, default_value_t = 16)]
@@ -127,7 +130,6 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     // The peer reads the same weights (dequantized when the file is quantized), written once as
     // safetensors with a small config; its rows depend only on the mode.
     let dir = std::env::temp_dir().join(format!("tandem-bench-train-{}", std::process::id()));
-    let mut peer_rows: BTreeMap<String, PeerRow> = BTreeMap::new();
     let mut name = String::new();
     for &dtype in &a.dtype {
         let loaded = load_model(&path, &dtype.load_options(Device::Cpu))?;
@@ -161,17 +163,26 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                 other => anyhow::bail!("unknown mode `{other}` (lora, full)"),
             };
             let mut t = TrainingModel::new(&base, mode, 0)?;
-            let mut times = Vec::new();
             // The warm-up pass measures the peak (it hands free memory back first); the timed
             // passes run as a server's do, on memory the allocator already holds.
             let (out, peak) = peak_growth(|| t.forward_backward(&batch, &LossFn::CrossEntropy, false));
             let first = out?.metrics["loss:sum"];
-            for _ in 0..a.reps {
+            let mut peer = if has_torch { Peer::start(&python, &dir, mode_name, &a) } else { None };
+            let (mut times, mut peer_times) = (Vec::new(), Vec::new());
+            for rep in 0..a.reps {
+                // Each tandem pass is paired with a peer pass, who goes first alternating, so a
+                // change in the host's speed (10-25% between runs on some machines) reaches both.
+                if rep % 2 == 1 {
+                    peer_pass(&mut peer, &mut peer_times);
+                }
                 // As the peer's passes (grad = None): no gradients pending to add into.
                 t.discard_gradients();
                 let start = Instant::now();
                 t.forward_backward(&batch, &LossFn::CrossEntropy, false)?;
                 times.push(start.elapsed().as_secs_f64());
+                if rep % 2 == 0 {
+                    peer_pass(&mut peer, &mut peer_times);
+                }
             }
             let mut fwd = Vec::new();
             for _ in 0..a.reps.max(1) {
@@ -179,14 +190,19 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                 t.forward_backward(&batch, &LossFn::CrossEntropy, true)?;
                 fwd.push(start.elapsed().as_secs_f64());
             }
+            // The peer's optimizer step, then the peer gone, before tandem's moments exist (Qwen's
+            // full weights, their moments and gradients in both processes at once outgrow 24 GB).
+            hand_back_free_memory();
+            let torch_optim_step_secs = peer.as_mut().and_then(|p| p.optim_step().ok());
+            let torch_first_loss_sum = peer.as_ref().map(|p| p.first_loss_sum);
+            let torch_peak_mib = peer.as_ref().and_then(|p| p.peak_mib);
+            let paired = peer.take().is_some() && peer_times.len() == times.len();
             let optim_step_secs = time_optim_step(&mut t, &batch)?;
             drop(t);
             hand_back_free_memory();
-            let secs = median(times);
-            if has_torch && !peer_rows.contains_key(mode_name) {
-                peer_rows.insert(mode_name.clone(), run_peer(&python, &dir, mode_name, &a)?);
-            }
-            let (torch_tps, torch_loss, torch_peak, torch_step) = peer_rows.get(mode_name).copied().unwrap_or_default();
+            let secs = median(times.clone());
+            let ratio_vs_torch = paired.then(|| median(peer_times.iter().zip(&times).map(|(p, t)| p / t).collect()));
+            let torch_tokens_per_s = paired.then(|| tokens / median(peer_times));
             rows.push(Row {
                 dtype: dtype.name().into(),
                 mode: mode_name.clone(),
@@ -194,13 +210,13 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                 forward_only_tokens_per_s: tokens / median(fwd),
                 secs,
                 first_loss_sum: first,
-                torch_tokens_per_s: torch_tps,
-                torch_first_loss_sum: torch_loss,
-                ratio_vs_torch: torch_tps.map(|p| tokens / secs / p),
+                torch_tokens_per_s,
+                torch_first_loss_sum,
+                ratio_vs_torch,
                 peak_mib: peak,
-                torch_peak_mib: torch_peak,
+                torch_peak_mib,
                 optim_step_secs,
-                torch_optim_step_secs: torch_step,
+                torch_optim_step_secs,
             });
         }
     }
@@ -212,6 +228,10 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         a.batch,
         a.seq_len,
         rayon::current_num_threads()
+    );
+    println!(
+        "tandem / PyTorch: the median over {} passes of each, paired back to back, of PyTorch's time over tandem's",
+        a.reps
     );
     println!("| base | mode | tandem tok/s | tandem fwd-only tok/s | PyTorch tok/s | tandem / PyTorch | first loss tandem | first loss PyTorch | peak MiB tandem | peak MiB PyTorch | optim step s tandem | optim step s PyTorch |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -256,25 +276,110 @@ fn time_optim_step(t: &mut TrainingModel, batch: &[Datum]) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// The PyTorch peer's tok/s, first summed loss, peak MiB and optimizer step seconds for one mode.
-type PeerRow = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);
+/// The PyTorch peer of one row: a process that has loaded the model and run its warm-up pass, and
+/// times one more pass or an optimizer step when asked (scripts/peer_torch_train.py).
+struct Peer {
+    child: std::process::Child,
+    /// None once closed (which ends the peer).
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    first_loss_sum: f64,
+    peak_mib: Option<f64>,
+}
 
-fn run_peer(python: &str, dir: &std::path::Path, mode: &str, a: &TrainBenchArgs) -> Result<PeerRow> {
-    let out = std::process::Command::new(python)
-        .arg(dir.join("peer.py"))
-        .arg(dir)
-        .args(["--mode", mode, "--rank", &a.rank.to_string(), "--alpha", &a.alpha.to_string()])
-        .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string(), "--reps", &a.reps.to_string()])
-        .output()
-        .context("running the PyTorch peer")?;
-    if !out.status.success() {
-        // A peer the kernel killed for memory (Qwen2.5-Coder at 4 x 1024 on 24 GiB) writes no
-        // error of its own: say how it ended.
-        let hint = if out.status.code().is_none() { ", likely killed for memory" } else { "" };
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        eprintln!("the PyTorch peer ({mode}) failed ({}{hint}) {}", out.status, stderr.trim_end());
-        return Ok((None, None, None, None));
+impl Peer {
+    /// Starts the peer for `mode`; on failure says why and returns None (the row goes on alone).
+    fn start(python: &str, dir: &std::path::Path, mode: &str, a: &TrainBenchArgs) -> Option<Peer> {
+        let started = std::process::Command::new(python)
+            .arg(dir.join("peer.py"))
+            .arg(dir)
+            .args(["--mode", mode, "--rank", &a.rank.to_string(), "--alpha", &a.alpha.to_string()])
+            .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match started {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("the PyTorch peer ({mode}) did not start: {e}");
+                return None;
+            }
+        };
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else { return None };
+        let mut peer = Peer {
+            child,
+            stdin: Some(stdin),
+            stdout: std::io::BufReader::new(stdout),
+            first_loss_sum: 0.0,
+            peak_mib: None,
+        };
+        match peer.reply() {
+            Ok(v) => {
+                peer.first_loss_sum = v["loss_sum"].as_f64().unwrap_or(f64::NAN);
+                peer.peak_mib = v["peak_mib"].as_f64();
+                Some(peer)
+            }
+            Err(e) => {
+                eprintln!("the PyTorch peer ({mode}) failed: {e:#}");
+                None
+            }
+        }
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok((v["tokens_per_s"].as_f64(), v["loss_sum"].as_f64(), v["peak_mib"].as_f64(), v["optim_step_secs"].as_f64()))
+
+    /// Reads the peer's next JSON line; a peer that ended says how (a peer the kernel killed for
+    /// memory, Qwen2.5-Coder at 4 x 1024 on 24 GiB, writes no error of its own).
+    fn reply(&mut self) -> Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            let hint = if status.code().is_none() { ", likely killed for memory" } else { "" };
+            anyhow::bail!("it ended ({status}{hint})");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).context("reading the PyTorch peer's reply")?;
+        if let Some(e) = v.get("error") {
+            anyhow::bail!("{e}");
+        }
+        Ok(v)
+    }
+
+    fn ask(&mut self, cmd: &str, field: &str) -> Result<f64> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().context("the PyTorch peer was closed")?;
+        writeln!(stdin, "{cmd}")?;
+        stdin.flush()?;
+        self.reply()?[field].as_f64().with_context(|| format!("the PyTorch peer's reply has no {field}"))
+    }
+
+    /// Seconds of one timed forward_backward.
+    fn pass(&mut self) -> Result<f64> {
+        self.ask("pass", "secs")
+    }
+
+    /// Seconds of one AdamW step (its second).
+    fn optim_step(&mut self) -> Result<f64> {
+        self.ask("step", "optim_step_secs")
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // Closing stdin ends the peer's loop; wait so no process outlives the benchmark.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// One timed peer pass into `times`; a peer that fails is dropped with a message and its row
+/// reports no peer figures.
+fn peer_pass(peer: &mut Option<Peer>, times: &mut Vec<f64>) {
+    if let Some(p) = peer {
+        match p.pass() {
+            Ok(secs) => times.push(secs),
+            Err(e) => {
+                eprintln!("the PyTorch peer failed: {e:#}");
+                *peer = None;
+            }
+        }
+    }
 }
