@@ -116,6 +116,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: TrainBenchArgs) -> Result<()> {
+    anyhow::ensure!(a.reps >= 1, "--reps must be at least 1 (the timed passes whose median is reported)");
     let path = models::resolve(Some(&a.model))?;
     let mut rows = Vec::new();
     let python = a.torch_python.clone().unwrap_or_else(|| std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
