@@ -138,7 +138,6 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         let base = loaded.model;
         let c = base.config.clone();
         let batch = data(a.batch, a.seq_len, c.vocab_size);
-        let tokens = (a.batch * a.seq_len) as f64;
         if has_torch && !dir.exists() {
             std::fs::create_dir_all(&dir)?;
             let tensors: std::collections::HashMap<String, candle_core::Tensor> =
@@ -163,62 +162,9 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                 "full" => Mode::Full,
                 other => anyhow::bail!("unknown mode `{other}` (lora, full)"),
             };
-            let mut t = TrainingModel::new(&base, mode, 0)?;
-            // The warm-up pass measures the peak (it hands free memory back first); the timed
-            // passes run as a server's do, on memory the allocator already holds.
-            let (out, peak) = peak_growth(|| t.forward_backward(&batch, &LossFn::CrossEntropy, false));
-            let first = out?.metrics["loss:sum"];
-            let mut peer = if has_torch { Peer::start(&python, &dir, mode_name, &a) } else { None };
-            let (mut times, mut peer_times) = (Vec::new(), Vec::new());
-            for rep in 0..a.reps {
-                // Each tandem pass is paired with a peer pass, who goes first alternating, so a
-                // change in the host's speed (10-25% between runs on some machines) reaches both.
-                if rep % 2 == 1 {
-                    peer_pass(&mut peer, &mut peer_times);
-                }
-                // As the peer's passes (grad = None): no gradients pending to add into.
-                t.discard_gradients();
-                let start = Instant::now();
-                t.forward_backward(&batch, &LossFn::CrossEntropy, false)?;
-                times.push(start.elapsed().as_secs_f64());
-                if rep % 2 == 0 {
-                    peer_pass(&mut peer, &mut peer_times);
-                }
-            }
-            let mut fwd = Vec::new();
-            for _ in 0..a.reps.max(1) {
-                let start = Instant::now();
-                t.forward_backward(&batch, &LossFn::CrossEntropy, true)?;
-                fwd.push(start.elapsed().as_secs_f64());
-            }
-            // The peer's optimizer step, then the peer gone, before tandem's moments exist (Qwen's
-            // full weights, their moments and gradients in both processes at once outgrow 24 GB).
-            hand_back_free_memory();
-            let torch_optim_step_secs = peer.as_mut().and_then(|p| p.optim_step().ok());
-            let torch_first_loss_sum = peer.as_ref().map(|p| p.first_loss_sum);
-            let torch_peak_mib = peer.as_ref().and_then(|p| p.peak_mib);
-            let paired = peer.take().is_some() && peer_times.len() == times.len();
-            let optim_step_secs = time_optim_step(&mut t, &batch)?;
-            drop(t);
-            hand_back_free_memory();
-            let secs = median(times.clone());
-            let ratio_vs_torch = paired.then(|| median(peer_times.iter().zip(&times).map(|(p, t)| p / t).collect()));
-            let torch_tokens_per_s = paired.then(|| tokens / median(peer_times));
-            rows.push(Row {
-                dtype: dtype.name().into(),
-                mode: mode_name.clone(),
-                tokens_per_s: tokens / secs,
-                forward_only_tokens_per_s: tokens / median(fwd),
-                secs,
-                first_loss_sum: first,
-                torch_tokens_per_s,
-                torch_first_loss_sum,
-                ratio_vs_torch,
-                peak_mib: peak,
-                torch_peak_mib,
-                optim_step_secs,
-                torch_optim_step_secs,
-            });
+            let peer = if has_torch { Peer::start(&python, &dir, mode_name, &a) } else { None };
+            let t = TrainingModel::new(&base, mode, 0)?;
+            rows.push(measure_row(t, &batch, peer, &a, (dtype, mode_name))?);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -264,6 +210,72 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     std::fs::write(&a.out, serde_json::to_vec_pretty(&json)?)?;
     println!("wrote {}", a.out);
     Ok(())
+}
+
+/// One row: tandem's warm-up (first loss, peak), its timed passes paired with the peer's, its
+/// forward-only passes and its AdamW step, and the peer's figures.
+fn measure_row(
+    mut t: TrainingModel,
+    batch: &[Datum],
+    mut peer: Option<Peer>,
+    a: &TrainBenchArgs,
+    (dtype, mode): (DtypeArg, &str),
+) -> Result<Row> {
+    let (reps, tokens) = (a.reps, (a.batch * a.seq_len) as f64);
+    // The warm-up pass measures the peak (it hands free memory back first); the timed
+    // passes run as a server's do, on memory the allocator already holds.
+    let (out, peak) = peak_growth(|| t.forward_backward(batch, &LossFn::CrossEntropy, false));
+    let first = out?.metrics["loss:sum"];
+    let (mut times, mut peer_times) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        // Each tandem pass is paired with a peer pass, who goes first alternating, so a
+        // change in the host's speed (10-25% between runs on some machines) reaches both.
+        if rep % 2 == 1 {
+            peer_pass(&mut peer, &mut peer_times);
+        }
+        // As the peer's passes (grad = None): no gradients pending to add into.
+        t.discard_gradients();
+        let start = Instant::now();
+        t.forward_backward(batch, &LossFn::CrossEntropy, false)?;
+        times.push(start.elapsed().as_secs_f64());
+        if rep % 2 == 0 {
+            peer_pass(&mut peer, &mut peer_times);
+        }
+    }
+    let mut fwd = Vec::new();
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        t.forward_backward(batch, &LossFn::CrossEntropy, true)?;
+        fwd.push(start.elapsed().as_secs_f64());
+    }
+    // The peer's optimizer step, then the peer gone, before tandem's moments exist (Qwen's
+    // full weights, their moments and gradients in both processes at once outgrow 24 GB).
+    hand_back_free_memory();
+    let torch_optim_step_secs = peer.as_mut().and_then(|p| p.optim_step().ok());
+    let torch_first_loss_sum = peer.as_ref().map(|p| p.first_loss_sum);
+    let torch_peak_mib = peer.as_ref().and_then(|p| p.peak_mib);
+    let paired = peer.take().is_some() && peer_times.len() == times.len();
+    let optim_step_secs = time_optim_step(&mut t, batch)?;
+    drop(t);
+    hand_back_free_memory();
+    let secs = median(times.clone());
+    let ratio_vs_torch = paired.then(|| median(peer_times.iter().zip(&times).map(|(p, t)| p / t).collect()));
+    let torch_tokens_per_s = paired.then(|| tokens / median(peer_times));
+    Ok(Row {
+        dtype: dtype.name().into(),
+        mode: mode.into(),
+        tokens_per_s: tokens / secs,
+        forward_only_tokens_per_s: tokens / median(fwd),
+        secs,
+        first_loss_sum: first,
+        torch_tokens_per_s,
+        torch_first_loss_sum,
+        ratio_vs_torch,
+        peak_mib: peak,
+        torch_peak_mib,
+        optim_step_secs,
+        torch_optim_step_secs,
+    })
 }
 
 /// The optimizer step a training loop takes after each forward_backward (AdamW, the Tinker
