@@ -129,7 +129,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         eprintln!("PyTorch is not installed for {python}: the peer is skipped (pip install torch, or --torch-python)");
     }
     // The peer reads the same weights (dequantized when the file is quantized), written once as
-    // safetensors with a small config; its rows depend only on the mode.
+    // safetensors with a small config; each row starts its own peer on them.
     let dir = std::env::temp_dir().join(format!("tandem-bench-train-{}", std::process::id()));
     let mut name = String::new();
     for &dtype in &a.dtype {
@@ -243,7 +243,7 @@ fn measure_row(
         }
     }
     let mut fwd = Vec::new();
-    for _ in 0..reps.max(1) {
+    for _ in 0..reps {
         let start = Instant::now();
         t.forward_backward(batch, &LossFn::CrossEntropy, true)?;
         fwd.push(start.elapsed().as_secs_f64());
@@ -258,9 +258,9 @@ fn measure_row(
     let optim_step_secs = time_optim_step(&mut t, batch)?;
     drop(t);
     hand_back_free_memory();
-    let secs = median(times.clone());
     let ratio_vs_torch = paired.then(|| median(peer_times.iter().zip(&times).map(|(p, t)| p / t).collect()));
     let torch_tokens_per_s = paired.then(|| tokens / median(peer_times));
+    let secs = median(times);
     Ok(Row {
         dtype: dtype.name().into(),
         mode: mode.into(),
