@@ -158,9 +158,11 @@ def test_bad_input_never_takes_the_server_down():
         "logit_bias past the vocabulary": (json.dumps({"prompt": "hi", "logit_bias": {"99999999": 1}}).encode(), 400,
                                            "logit_bias"),
         "logit_bias not a number": (json.dumps({"prompt": "hi", "logit_bias": {"50": "x"}}).encode(), 400, "logit_bias"),
+        "presence_penalty above 2": (json.dumps({"prompt": "hi", "presence_penalty": 2.5}).encode(), 400,
+                                     "presence_penalty"),
+        "frequency_penalty below -2": (json.dumps({"prompt": "hi", "frequency_penalty": -3}).encode(), 400,
+                                       "frequency_penalty"),
         # Fields tandem does not implement are refused, not silently ignored.
-        "presence_penalty": (json.dumps({"prompt": "hi", "presence_penalty": 0.5}).encode(), 400, "presence_penalty"),
-        "frequency_penalty": (json.dumps({"prompt": "hi", "frequency_penalty": 1}).encode(), 400, "frequency_penalty"),
         "best_of": (json.dumps({"prompt": "hi", "best_of": 3}).encode(), 400, "best_of"),
         "suffix": (json.dumps({"prompt": "hi", "suffix": "end"}).encode(), 400, "suffix"),
         "json mode": (json.dumps({"prompt": "hi", "response_format": {"type": "json_object"}}).encode(), 400,
@@ -224,6 +226,35 @@ def test_logit_bias():
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
                                   logit_bias={"42": 100})
     assert r.choices[0].text == "".join(a), (r.choices[0].text, a)
+
+
+def test_presence_and_frequency_penalties():
+    prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3,"
+
+    def run(**extra):
+        body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 20, **extra}
+        status, data, _ = raw("POST", "/v1/completions", json.dumps(body).encode())
+        assert status == 200, data
+        return json.loads(data)["choices"][0]["logprobs"]
+    # Logprobs stay the model's own; each greedy choice must be the best of them once the
+    # penalties of what the output (not the prompt) already holds are taken off (OpenAI's formula,
+    # as vLLM applies it), among the 20 most likely tokens and itself.
+    for presence, frequency in [(0.0, 1.5), (1.0, 0.0), (0.5, -0.5)]:
+        lp = run(presence_penalty=presence, frequency_penalty=frequency)
+        counts = {}
+
+        def score(token, logprob):
+            n = counts.get(token, 0)
+            return logprob - frequency * n - (presence if n else 0.0)
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            best = max(score(t, v) for t, v in top.items())
+            assert score(token, logprob) >= best - 1e-4, (presence, frequency, token, counts, top)
+            counts[token] = counts.get(token, 0) + 1
+    plain, penalised = run()["tokens"], run(frequency_penalty=1.5)["tokens"]
+    assert penalised != plain, plain
+    # The OpenAI client sends the same fields.
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, frequency_penalty=1.5)
+    assert r.choices[0].text == "".join(penalised), (r.choices[0].text, penalised)
 
 
 def test_clients_are_attributed_and_metered():

@@ -24,9 +24,9 @@ PROMPTS = [
 ]
 
 
-def chat(client, prompt, stream=False):
+def chat(client, prompt, stream=False, penalties=None):
     args = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=80,
-                logprobs=True, top_logprobs=2)
+                logprobs=True, top_logprobs=2, **(penalties or {}))
     if not stream:
         r = client.chat.completions.create(**args)
         c = r.choices[0]
@@ -44,11 +44,14 @@ def chat(client, prompt, stream=False):
 
 def main():
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        jobs = [(p, s) for p in PROMPTS for s in (False, True)]
+        # Presence and frequency penalties on some: a draft is judged by the penalised target,
+        # counting the tokens accepted before it in the same step.
+        penalised = {"presence_penalty": 0.3, "frequency_penalty": 0.8}
+        jobs = [(p, s, None) for p in PROMPTS for s in (False, True)] + [(p, False, penalised) for p in PROMPTS[::2]]
         want = list(pool.map(lambda j: chat(plain, *j), jobs))
         got = list(pool.map(lambda j: chat(spec, *j), jobs))
     accepted = 0
-    for (p, s), w, g in zip(jobs, want, got):
+    for (p, s, _), w, g in zip(jobs, want, got):
         assert g[0] == w[0], f"text differs (stream={s}) for {p[:30]!r}:\n{w[0]!r}\n{g[0]!r}"
         assert g[1] == w[1], f"logprobs differ (stream={s}) for {p[:30]!r}"
         sp = g[2].model_extra.get("speculation")

@@ -101,7 +101,7 @@ impl Sequence {
             cached: 0,
             slot,
             computed: 0,
-            sampler: Sampler::new(request.sampling.clone()),
+            sampler: Sampler::new(request.sampling.clone()).after_prompt(request.prompt.len()),
             history: request.prompt.clone(),
             request,
             events,

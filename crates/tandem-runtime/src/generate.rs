@@ -62,7 +62,7 @@ pub fn generate(
     on_token: &mut dyn FnMut(&SampledToken) -> bool,
 ) -> Result<Generation> {
     cache.reset(slot)?;
-    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut sampler = Sampler::new(opts.sampling.clone()).after_prompt(prompt.len());
     let mut history = prompt.to_vec();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let mut tokens = Vec::new();

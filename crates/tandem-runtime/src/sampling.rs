@@ -1,5 +1,5 @@
-//! Turning logits into the next token: repetition penalty, temperature, top-k, top-p, min-p,
-//! seeded randomness, and the log-probabilities users ask for.
+//! Turning logits into the next token: repetition, presence and frequency penalties, temperature,
+//! top-k, top-p, min-p, seeded randomness, and the log-probabilities users ask for.
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -15,6 +15,12 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Divides positive (multiplies negative) logits of tokens already seen; 1 disables.
     pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token the output already holds (OpenAI's
+    /// `presence_penalty`, -2..=2); 0 disables.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time the output holds it (OpenAI's
+    /// `frequency_penalty`, -2..=2); 0 disables.
+    pub frequency_penalty: f32,
     /// Makes sampling reproducible.
     pub seed: Option<u64>,
     /// Also return this many most likely alternatives with each token's logprob.
@@ -32,6 +38,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             top_logprobs: 0,
             logit_bias: Vec::new(),
@@ -42,6 +50,9 @@ impl Default for SamplingParams {
 /// The highest temperature any API accepts (OpenAI's documented range is [0, 2]; the training
 /// API follows the same rule so that the two never disagree).
 pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// The largest presence or frequency penalty either way (OpenAI's documented range, as vLLM's).
+pub const MAX_PENALTY: f32 = 2.0;
 
 /// A sampling parameter out of its range: which one, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +89,11 @@ impl SamplingParams {
                 format!("`repetition_penalty` must be > 0, got {}", self.repetition_penalty),
             );
         }
+        for (param, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-MAX_PENALTY..=MAX_PENALTY).contains(&v) {
+                return bad(param, format!("`{param}` must be between -{MAX_PENALTY} and {MAX_PENALTY}, got {v}"));
+            }
+        }
         if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
             return bad(
                 "logit_bias",
@@ -100,6 +116,9 @@ pub struct SampledToken {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Leading tokens of every history that are the prompt: presence and frequency penalties
+    /// count the output only (as vLLM's do); the repetition penalty counts both.
+    prompt_len: usize,
 }
 
 /// log-softmax of the logits.
@@ -179,7 +198,12 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng }
+        Sampler { params, rng, prompt_len: 0 }
+    }
+
+    /// The same sampler for a sequence whose histories start with a `prompt_len`-token prompt.
+    pub fn after_prompt(self, prompt_len: usize) -> Self {
+        Sampler { prompt_len, ..self }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -187,7 +211,7 @@ impl Sampler {
     }
 
     /// Chooses the next token. `history` is every token of the sequence so far (prompt and output),
-    /// for the repetition penalty.
+    /// for the penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> SampledToken {
         let id = match self.target(logits, history) {
             Target::Greedy(id) => id,
@@ -225,6 +249,19 @@ impl Sampler {
             }
             processed = penalised;
             scores = &processed;
+        }
+        let counted: Vec<f32>;
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut c = scores.to_vec();
+            let mut output = history.get(self.prompt_len..).unwrap_or_default().to_vec();
+            output.sort_unstable();
+            for run in output.chunk_by(|a, b| a == b) {
+                if let Some(l) = c.get_mut(run[0] as usize) {
+                    *l -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
+                }
+            }
+            counted = c;
+            scores = &counted;
         }
         let biased: Vec<f32>;
         if !p.logit_bias.is_empty() {
@@ -424,6 +461,41 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
         assert_eq!(s.sample(&[2.0, 1.5], &[0]).id, 1);
         assert_eq!(s.sample(&[2.0, 1.5], &[]).id, 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_the_output_only() {
+        // A prompt of [2, 2], then the output [0, 0, 1]: 0 twice, 1 once, 2 only in the prompt.
+        let logits = [3.0f32, 2.5, 2.9, 0.0];
+        let history = [2, 2, 0, 0, 1];
+        let params =
+            SamplingParams { temperature: 1.0, presence_penalty: 0.25, frequency_penalty: 0.5, ..Default::default() };
+        let expect: [f32; 4] = [3.0 - 2.0 * 0.5 - 0.25, 2.5 - 0.5 - 0.25, 2.9, 0.0];
+        let Target::Probs(probs) = Sampler::new(params.clone()).after_prompt(2).target(&logits, &history) else {
+            panic!("sampling at temperature 1 gives probabilities")
+        };
+        let z: f64 = expect.iter().map(|&x| (x as f64).exp()).sum();
+        assert_eq!(probs.len(), 4);
+        for (t, p) in probs {
+            let want = (expect[t as usize] as f64).exp() / z;
+            assert!((p as f64 - want).abs() < 1e-6, "token {t}: {p} against {want}");
+        }
+        // Greedy: token 2 wins once the output's tokens are penalised; 0 without penalties.
+        let greedy = SamplingParams { temperature: 0.0, ..params };
+        let pick = |s: Sampler| match s.target(&logits, &history) {
+            Target::Greedy(id) => id,
+            Target::Probs(_) => panic!("greedy"),
+        };
+        assert_eq!(pick(Sampler::new(greedy.clone()).after_prompt(2)), 2);
+        assert_eq!(pick(Sampler::new(SamplingParams::default()).after_prompt(2)), 0);
+        // Counted over the prompt too, 2 would lose its lead (2.9 - 2 * 0.5 - 0.25 = 1.65).
+        assert_eq!(pick(Sampler::new(greedy.clone())), 0);
+        for bad in [2.5, -2.01, f32::NAN] {
+            let e = SamplingParams { frequency_penalty: bad, ..greedy.clone() }.validate().unwrap_err();
+            assert_eq!(e.param, "frequency_penalty");
+            let e = SamplingParams { presence_penalty: bad, ..greedy.clone() }.validate().unwrap_err();
+            assert_eq!(e.param, "presence_penalty");
+        }
     }
 
     #[test]

@@ -76,7 +76,7 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         Value::Object(o) => !o.is_empty(),
     };
     let field = |name: &str| body.get(name).filter(|v| asks(v));
-    let refused = ["presence_penalty", "frequency_penalty", "tools", "functions", "suffix"]
+    let refused = ["tools", "functions", "suffix"]
         .into_iter()
         .find(|f| field(f).is_some())
         .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"))
@@ -169,6 +169,8 @@ fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError>
         top_p: c.top_p.unwrap_or(1.0),
         min_p: c.min_p.unwrap_or(0.0),
         repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
         seed: c.seed,
         top_logprobs,
         logit_bias: logit_bias(c)?,

@@ -119,6 +119,12 @@ struct GenerateArgs {
     /// Penalise tokens already present (1: off).
     #[arg(long, default_value_t = SamplingParams::default().repetition_penalty)]
     repetition_penalty: f32,
+    /// Subtract this from the logit of every token the output already holds (0: off; -2..2).
+    #[arg(long, default_value_t = SamplingParams::default().presence_penalty, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// Subtract this from a token's logit per time the output holds it (0: off; -2..2).
+    #[arg(long, default_value_t = SamplingParams::default().frequency_penalty, allow_hyphen_values = true)]
+    frequency_penalty: f32,
     /// Random seed; the same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
@@ -158,6 +164,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         min_p: args.min_p,
         repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
         seed: args.seed,
         top_logprobs: 0,
         logit_bias: Vec::new(),
