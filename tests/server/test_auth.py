@@ -25,6 +25,7 @@ ROUTES = [
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2}),
     ("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
     ("GET", "/metrics", None),
+    ("POST", "/tokenize", {"prompt": "Hi"}),
     ("GET", "/nope", None),
     ("GET", "/api/v1/healthz", None),
     ("GET", "/api/v1/get_server_capabilities", None),

@@ -257,6 +257,39 @@ def test_presence_and_frequency_penalties():
     assert r.choices[0].text == "".join(penalised), (r.choices[0].text, penalised)
 
 
+def test_tokenize_and_detokenize():
+    def post(path, body):
+        status, data, _ = raw("POST", path, json.dumps(body).encode())
+        return status, json.loads(data)
+    prompt = "The capital of France is"
+    status, t = post("/tokenize", {"prompt": prompt})
+    assert status == 200 and t["count"] == len(t["tokens"]) and t["max_model_len"] > t["count"], t
+    # The ids a completion is charged for; and back to the same text.
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == t["count"], (r.usage, t)
+    status, d = post("/detokenize", {"tokens": t["tokens"]})
+    assert status == 200 and d["prompt"] == prompt, d
+    # A chat, rendered by the model's template as the chat route renders it.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name the capital of France."}]
+    status, c = post("/tokenize", {"model": MODEL, "messages": messages})
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+    assert status == 200 and chat.usage.prompt_tokens == c["count"], (chat.usage, c)
+    # Without the assistant turn's opening: a shorter prefix of the same ids.
+    status, bare = post("/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert status == 200 and bare["count"] < c["count"] and c["tokens"][:bare["count"]] == bare["tokens"], (bare, c)
+    for path, body, status, param in [
+        ("/tokenize", {}, 400, None),
+        ("/tokenize", {"prompt": "a", "messages": messages}, 400, None),
+        ("/tokenize", {"messages": []}, 400, "messages"),
+        ("/tokenize", {"prompt": "a", "model": "gpt-17"}, 404, None),
+        ("/detokenize", {"tokens": [99999999]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "x"}, 400, "tokens"),
+    ]:
+        got, err = error_of(raw("POST", path, json.dumps(body).encode()))
+        assert got == status and err.get("param") == param, (path, body, got, err)
+    still_serving()
+
+
 def test_clients_are_attributed_and_metered():
     body = json.dumps({"prompt": "Count: one two three", "max_tokens": 5, "temperature": 0})
     for who in ({"X-Tandem-Client": "team-a", "X-Tandem-Agent": "planner"}, {"Authorization": "Bearer sk-secret-key"}):

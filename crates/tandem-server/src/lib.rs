@@ -8,6 +8,7 @@ mod metrics;
 mod routes;
 mod score;
 mod stop;
+mod tokens;
 pub mod training;
 pub mod worker;
 
@@ -299,6 +300,8 @@ pub fn router(server: Arc<Server>, options: &ServerOptions) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/tandem/v1/score", post(score::score))
         .route("/v1/models", get(routes::models))
+        .route("/tokenize", post(tokens::tokenize_route))
+        .route("/detokenize", post(tokens::detokenize_route))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/server_info", get(worker::server_info))
