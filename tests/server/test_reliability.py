@@ -127,6 +127,8 @@ CASES = [
     ("logit_bias past the vocabulary", "POST", C, lambda: completion(logit_bias={"99999999": 1}), 400, "logit_bias"),
     ("presence_penalty above 2", "POST", C, lambda: completion(presence_penalty=2.5), 400, "presence_penalty"),
     ("frequency_penalty a string", "POST", C, lambda: completion(frequency_penalty="x"), 400, "frequency_penalty"),
+    ("min_tokens negative", "POST", C, lambda: completion(min_tokens=-1), 400, "min_tokens"),
+    ("min_tokens above max_tokens", "POST", C, lambda: completion(min_tokens=10, max_tokens=5), 400, "min_tokens"),
     ("best_of", "POST", C, lambda: completion(best_of=3), 400, "best_of"),
     ("suffix", "POST", C, lambda: completion(suffix="end"), 400, "suffix"),
     ("json mode", "POST", C, lambda: completion(response_format={"type": "json_object"}), 400, "response_format"),

@@ -257,6 +257,24 @@ def test_presence_and_frequency_penalties():
     assert r.choices[0].text == "".join(penalised), (r.choices[0].text, penalised)
 
 
+def test_min_tokens():
+    messages = [{"role": "user", "content": "Name the capital of France."}]
+
+    def chat(**extra):
+        r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=60, **extra)
+        return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+    # EOS held back: the same answer up to where it ended, then more, at least min_tokens long.
+    short, n, reason = chat()
+    assert reason == "stop" and n < 30, (short, n, reason)
+    text, m, _ = chat(extra_body={"min_tokens": n + 10})
+    assert m >= n + 10 and text.startswith(short) and len(text) > len(short), (short, text, m)
+    # A stop string is not matched inside the first min_tokens tokens either.
+    cut, k, reason = chat(stop=["."])
+    assert reason == "stop" and "." not in cut and k <= n, (cut, k, reason)
+    text, m, _ = chat(stop=["."], extra_body={"min_tokens": k + 5})
+    assert text.startswith(cut + ".") and m >= k + 5, (cut, text, m)
+
+
 def test_tokenize_and_detokenize():
     def post(path, body):
         status, data, _ = raw("POST", path, json.dumps(body).encode())

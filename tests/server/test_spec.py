@@ -24,9 +24,9 @@ PROMPTS = [
 ]
 
 
-def chat(client, prompt, stream=False, penalties=None):
+def chat(client, prompt, stream=False, extra=None):
     args = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=80,
-                logprobs=True, top_logprobs=2, **(penalties or {}))
+                logprobs=True, top_logprobs=2, **(extra or {}))
     if not stream:
         r = client.chat.completions.create(**args)
         c = r.choices[0]
@@ -48,6 +48,8 @@ def main():
         # counting the tokens accepted before it in the same step.
         penalised = {"presence_penalty": 0.3, "frequency_penalty": 0.8}
         jobs = [(p, s, None) for p in PROMPTS for s in (False, True)] + [(p, False, penalised) for p in PROMPTS[::2]]
+        # And an answer held past its end (and past EOS) by vLLM's `min_tokens`.
+        jobs.append((PROMPTS[3], False, {"extra_body": {"min_tokens": 60}}))
         want = list(pool.map(lambda j: chat(plain, *j), jobs))
         got = list(pool.map(lambda j: chat(spec, *j), jobs))
     accepted = 0

@@ -67,7 +67,7 @@ pub(crate) struct Sequence {
     pub request: GenerationRequest,
     pub events: UnboundedSender<Event>,
     pub sampler: Sampler,
-    /// Prompt and output so far (for the repetition penalty, drafters and recomputation).
+    /// Prompt and output so far (for the penalties, drafters and recomputation).
     pub history: Vec<u32>,
     pub generated: usize,
     /// The last sampled token, to be fed next step.
@@ -101,7 +101,9 @@ impl Sequence {
             cached: 0,
             slot,
             computed: 0,
-            sampler: Sampler::new(request.sampling.clone()).after_prompt(request.prompt.len()),
+            sampler: Sampler::new(request.sampling.clone())
+                .after_prompt(request.prompt.len())
+                .ending_with(request.stop_token_ids.clone()),
             history: request.prompt.clone(),
             request,
             events,

@@ -43,7 +43,8 @@ fn engine(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Engine, E
 
 /// Greedy requests whose prompts repeat themselves (so n-gram lookup finds matches), with
 /// different lengths, limits, stop tokens, and a repetition penalty or presence and frequency
-/// penalties (either sign: negative ones favour repeats, which drafts then propose) on some.
+/// penalties (either sign: negative ones favour repeats, which drafts then propose), and stop
+/// tokens held back by `min_tokens`, on some.
 fn greedy_request(i: usize) -> GenerationRequest {
     let unit: Vec<u32> = (0..3 + i % 5).map(|j| ((i * 37 + j * 11) % 250) as u32 + 1).collect();
     let prompt: Vec<u32> = unit.iter().cycle().take(4 + (i * 7) % 40).copied().collect();
@@ -56,6 +57,7 @@ fn greedy_request(i: usize) -> GenerationRequest {
         repetition_penalty: if i % 4 == 3 { 1.3 } else { 1.0 },
         presence_penalty,
         frequency_penalty,
+        min_tokens: if i % 10 == 2 { 8 } else { 0 },
         top_logprobs: 2,
         ..Default::default()
     };

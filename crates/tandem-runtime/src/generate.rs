@@ -62,7 +62,8 @@ pub fn generate(
     on_token: &mut dyn FnMut(&SampledToken) -> bool,
 ) -> Result<Generation> {
     cache.reset(slot)?;
-    let mut sampler = Sampler::new(opts.sampling.clone()).after_prompt(prompt.len());
+    let mut sampler =
+        Sampler::new(opts.sampling.clone()).after_prompt(prompt.len()).ending_with(opts.stop_token_ids.clone());
     let mut history = prompt.to_vec();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let mut tokens = Vec::new();

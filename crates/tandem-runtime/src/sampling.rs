@@ -21,6 +21,9 @@ pub struct SamplingParams {
     /// Subtracted from a token's logit once per time the output holds it (OpenAI's
     /// `frequency_penalty`, -2..=2); 0 disables.
     pub frequency_penalty: f32,
+    /// The sequence's stop tokens (EOS and the request's) are banned until the output holds this
+    /// many tokens (vLLM's `min_tokens`); 0 disables.
+    pub min_tokens: usize,
     /// Makes sampling reproducible.
     pub seed: Option<u64>,
     /// Also return this many most likely alternatives with each token's logprob.
@@ -40,6 +43,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            min_tokens: 0,
             seed: None,
             top_logprobs: 0,
             logit_bias: Vec::new(),
@@ -119,6 +123,8 @@ pub struct Sampler {
     /// Leading tokens of every history that are the prompt: presence and frequency penalties
     /// count the output only (as vLLM's do); the repetition penalty counts both.
     prompt_len: usize,
+    /// The tokens that end the sequence, banned while the output is under `min_tokens`.
+    stop_tokens: Vec<u32>,
 }
 
 /// log-softmax of the logits.
@@ -198,12 +204,17 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng, prompt_len: 0 }
+        Sampler { params, rng, prompt_len: 0, stop_tokens: Vec::new() }
     }
 
     /// The same sampler for a sequence whose histories start with a `prompt_len`-token prompt.
     pub fn after_prompt(self, prompt_len: usize) -> Self {
         Sampler { prompt_len, ..self }
+    }
+
+    /// The same sampler for a sequence that `stop_tokens` end (for `min_tokens`).
+    pub fn ending_with(self, stop_tokens: Vec<u32>) -> Self {
+        Sampler { stop_tokens, ..self }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -274,6 +285,18 @@ impl Sampler {
             biased = b;
             scores = &biased;
         }
+        let held: Vec<f32>;
+        if history.len().saturating_sub(self.prompt_len) < p.min_tokens && !self.stop_tokens.is_empty() {
+            // After the bias, so that no bias lets a stop token through early.
+            let mut h = scores.to_vec();
+            for &t in &self.stop_tokens {
+                if let Some(l) = h.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            held = h;
+            scores = &held;
+        }
         if p.temperature == 0.0 {
             Target::Greedy(argmax(scores))
         } else {
@@ -287,7 +310,8 @@ impl Sampler {
         let mut r = self.rng.random::<f32>() * mass;
         for &(c, p) in probs {
             r -= p;
-            if r <= 0.0 {
+            // A candidate of probability 0 (a banned stop token) is never drawn, even at r = 0.
+            if r <= 0.0 && p > 0.0 {
                 return c;
             }
         }
@@ -496,6 +520,25 @@ mod tests {
             let e = SamplingParams { presence_penalty: bad, ..greedy.clone() }.validate().unwrap_err();
             assert_eq!(e.param, "presence_penalty");
         }
+    }
+
+    #[test]
+    fn min_tokens_holds_the_stop_tokens_back_until_the_output_is_long_enough() {
+        let logits = [1.0f32, 5.0, 4.0, 0.5];
+        let params = SamplingParams { min_tokens: 2, logit_bias: vec![(1, 50.0)], ..Default::default() };
+        let s = Sampler::new(params.clone()).after_prompt(3).ending_with(vec![1, 3]);
+        let pick = |history: &[u32]| match s.target(&logits, history) {
+            Target::Greedy(id) => id,
+            Target::Probs(_) => panic!("greedy"),
+        };
+        // Outputs of 0 and 1 tokens: 1 (a stop token, even biased) is held back; at 2 it wins.
+        assert_eq!(pick(&[7, 7, 7]), 2);
+        assert_eq!(pick(&[7, 7, 7, 2]), 2);
+        assert_eq!(pick(&[7, 7, 7, 2, 2]), 1);
+        // Sampling: the stop tokens get no probability at all.
+        let hot = Sampler::new(SamplingParams { temperature: 1.0, ..params }).after_prompt(3).ending_with(vec![1, 3]);
+        let Target::Probs(probs) = hot.target(&logits, &[7, 7, 7]) else { panic!("sampled") };
+        assert!(probs.iter().all(|&(t, p)| (t != 1 && t != 3) || p == 0.0), "{probs:?}");
     }
 
     #[test]

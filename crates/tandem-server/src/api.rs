@@ -41,6 +41,8 @@ pub struct Common {
     pub repetition_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// vLLM's: no stop token, stop id or stop string ends the output before this many tokens.
+    pub min_tokens: Option<i64>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,

@@ -44,6 +44,7 @@ pub fn start(
     started: Instant,
 ) -> Result<UnboundedReceiver<ChoiceEvent>, ApiError> {
     let client = request.client.clone().unwrap_or_else(|| "default".into());
+    let min_tokens = request.sampling.min_tokens;
     let mut events = state.engine.submit(request)?;
     let (tx, rx) = unbounded_channel();
     let state = state.clone();
@@ -93,7 +94,12 @@ pub fn start(
                         vec![]
                     };
                     let piece = text.push(t.id).unwrap_or_default();
-                    match stop.push(&piece) {
+                    let outcome = if generated < min_tokens {
+                        StopOutcome::Continue(stop.pass(&piece))
+                    } else {
+                        stop.push(&piece)
+                    };
+                    match outcome {
                         StopOutcome::Continue(out) => {
                             if tx.send(ChoiceEvent::Delta { text: out, tokens }).is_err() {
                                 return; // client gone: dropping `events` cancels the request

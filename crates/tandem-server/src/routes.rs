@@ -163,6 +163,13 @@ fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError>
             return Err(ApiError::bad_request(format!("`top_k` must be -1 (off) or positive, got {k}"), Some("top_k")))
         }
     };
+    let min_tokens = match c.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 => m as usize,
+        Some(m) => {
+            return Err(ApiError::bad_request(format!("`min_tokens` must be at least 0, got {m}"), Some("min_tokens")))
+        }
+    };
     Ok(SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
         top_k,
@@ -171,6 +178,7 @@ fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError>
         repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
         presence_penalty: c.presence_penalty.unwrap_or(0.0),
         frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        min_tokens,
         seed: c.seed,
         top_logprobs,
         logit_bias: logit_bias(c)?,
@@ -249,6 +257,15 @@ fn build_job(
             Some(m) => m as usize,
             None => default_max_tokens.unwrap_or(limit - len).min(limit - len),
         };
+        if request.sampling.min_tokens > request.max_tokens {
+            return Err(ApiError::bad_request(
+                format!(
+                    "`min_tokens` ({}) must not exceed `max_tokens` ({})",
+                    request.sampling.min_tokens, request.max_tokens
+                ),
+                Some("min_tokens"),
+            ));
+        }
         prompt_tokens += len;
         for j in 0..n {
             let mut choice = request.clone();

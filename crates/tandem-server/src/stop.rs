@@ -46,6 +46,13 @@ impl StopMatcher {
         StopOutcome::Continue(out)
     }
 
+    /// Emits `piece` and what was held back, matching nothing: the output is still under its
+    /// `min_tokens` (vLLM checks no stop string there either); matching resumes after it.
+    pub fn pass(&mut self, piece: &str) -> String {
+        self.text.push_str(piece);
+        self.flush()
+    }
+
     /// Text still held back, released when generation ends without a stop string.
     pub fn flush(&mut self) -> String {
         let out = self.text[self.emitted..].to_string();
@@ -73,6 +80,15 @@ mod tests {
         assert_eq!(m.push("x"), StopOutcome::Continue("Ex".into()));
         assert_eq!(m.push("EN"), StopOutcome::Continue(String::new()));
         assert_eq!(m.flush(), "EN");
+    }
+
+    #[test]
+    fn passed_text_is_not_searched() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.pass("END and EN"), "END and EN");
+        // "EN" went out under `pass`: the stop it would complete is not found.
+        assert_eq!(m.push("D"), StopOutcome::Continue("D".into()));
+        assert_eq!(m.push(" END"), StopOutcome::Stop(" ".into()));
     }
 
     #[test]

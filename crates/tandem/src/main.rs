@@ -125,6 +125,9 @@ struct GenerateArgs {
     /// Subtract this from a token's logit per time the output holds it (0: off; -2..2).
     #[arg(long, default_value_t = SamplingParams::default().frequency_penalty, allow_hyphen_values = true)]
     frequency_penalty: f32,
+    /// Do not end before this many tokens (the end-of-sequence token is held back until then).
+    #[arg(long, default_value_t = SamplingParams::default().min_tokens)]
+    min_tokens: usize,
     /// Random seed; the same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
@@ -166,6 +169,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         repetition_penalty: args.repetition_penalty,
         presence_penalty: args.presence_penalty,
         frequency_penalty: args.frequency_penalty,
+        min_tokens: args.min_tokens,
         seed: args.seed,
         top_logprobs: 0,
         logit_bias: Vec::new(),
