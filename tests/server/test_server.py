@@ -165,6 +165,10 @@ def test_bad_input_never_takes_the_server_down():
         # Fields tandem does not implement are refused, not silently ignored.
         "best_of": (json.dumps({"prompt": "hi", "best_of": 3}).encode(), 400, "best_of"),
         "suffix": (json.dumps({"prompt": "hi", "suffix": "end"}).encode(), 400, "suffix"),
+        "vLLM's guided_json": (json.dumps({"prompt": "hi", "guided_json": {"type": "object"}}).encode(), 400,
+                               "guided_json"),
+        "vLLM's guided_choice": (json.dumps({"prompt": "hi", "guided_choice": ["a", "b"]}).encode(), 400,
+                                 "guided_choice"),
         "json mode": (json.dumps({"prompt": "hi", "response_format": {"type": "json_object"}}).encode(), 400,
                       "response_format"),
     }
@@ -183,7 +187,8 @@ def test_bad_input_never_takes_the_server_down():
         assert got == 400 and "messages" in err["message"], (name, err)
     # Their neutral values are what clients send by default: accepted.
     neutral = {"prompt": "hi", "max_tokens": 2, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
-               "best_of": 1, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
+               "best_of": 1, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+               "use_beam_search": False, "include_stop_str_in_output": False, "guided_json": None}
     assert raw("POST", "/v1/completions", json.dumps(neutral).encode())[0] == 200
     # Unknown fields are ignored, as OpenAI does.
     status, data, _ = raw("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "frobnicate": True}).encode())

@@ -62,10 +62,11 @@ pub(crate) fn identify(headers: &HeaderMap, identity: Option<&Identity>, common:
     }
 }
 
-/// OpenAI request fields tandem does not implement: a request that asks for one of them gets a 400
-/// naming it instead of an answer that silently ignores it. Their neutral values (absent, null,
-/// 0, empty, `best_of: 1`, `response_format: {"type": "text"}`, a `tool_choice` without tools)
-/// are accepted, since clients send them by default.
+/// OpenAI request fields, and vLLM's extensions, that tandem does not implement: a request that
+/// asks for one of them gets a 400 naming it instead of an answer that silently ignores it (a
+/// vLLM client's `guided_json` would otherwise get unconstrained text). Their neutral values
+/// (absent, null, false, 0, empty, `best_of: 1`, `response_format: {"type": "text"}`, a
+/// `tool_choice` without tools) are accepted, since clients send them by default.
 fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     let asks = |v: &Value| match v {
         Value::Null => false,
@@ -76,11 +77,29 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         Value::Object(o) => !o.is_empty(),
     };
     let field = |name: &str| body.get(name).filter(|v| asks(v));
-    let refused = ["tools", "functions", "suffix"]
-        .into_iter()
-        .find(|f| field(f).is_some())
-        .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"))
-        .or_else(|| field("response_format").filter(|v| v["type"] != "text").map(|_| "response_format"));
+    let refused = [
+        "tools",
+        "functions",
+        "suffix",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
+        "use_beam_search",
+        "include_stop_str_in_output",
+        "truncate_prompt_tokens",
+        "prompt_logprobs",
+        "bad_words",
+        "allowed_token_ids",
+        "chat_template",
+        "continue_final_message",
+        "logits_processors",
+    ]
+    .into_iter()
+    .find(|f| field(f).is_some())
+    .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"))
+    .or_else(|| field("response_format").filter(|v| v["type"] != "text").map(|_| "response_format"));
     match refused {
         Some(name) => Err(ApiError::bad_request(
             format!("`{name}` is not supported by this server; remove it (or send its neutral value)"),
