@@ -280,6 +280,19 @@ def test_min_tokens():
     assert text.startswith(cut + ".") and m >= k + 5, (cut, text, m)
 
 
+def test_include_stop_str_in_output():
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Name the capital of France."}], temperature=0,
+                max_tokens=60, stop=[" France", "."])
+    r = client.chat.completions.create(**args)
+    cut = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and "France" not in cut, r
+    # vLLM's extension keeps the stop string that ended the output, streamed or not.
+    kept = client.chat.completions.create(**args, extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == cut + " France", (cut, kept)
+    chunks = client.chat.completions.create(**args, stream=True, extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut + " France"
+
+
 def test_tokenize_and_detokenize():
     def post(path, body):
         status, data, _ = raw("POST", path, json.dumps(body).encode())

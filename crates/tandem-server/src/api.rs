@@ -43,6 +43,8 @@ pub struct Common {
     pub frequency_penalty: Option<f32>,
     /// vLLM's: no stop token, stop id or stop string ends the output before this many tokens.
     pub min_tokens: Option<i64>,
+    /// vLLM's: the stop string that ends an output is kept in it.
+    pub include_stop_str_in_output: Option<bool>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,

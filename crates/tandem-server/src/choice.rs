@@ -2,7 +2,7 @@
 //! may be a stop string), measures latency, and reports deltas on a channel. Dropping that channel's
 //! receiver (the client went away) cancels the engine request.
 use crate::error::ApiError;
-use crate::stop::{StopMatcher, StopOutcome};
+use crate::stop::{StopMatcher, StopOutcome, Stops};
 use crate::AppState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,7 +39,7 @@ pub enum ChoiceEvent {
 pub fn start(
     state: &Arc<AppState>,
     request: GenerationRequest,
-    stops: Vec<String>,
+    stops: Stops,
     want_logprobs: bool,
     started: Instant,
 ) -> Result<UnboundedReceiver<ChoiceEvent>, ApiError> {

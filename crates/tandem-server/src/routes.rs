@@ -8,6 +8,7 @@ use crate::auth::Identity;
 use crate::choice::{self, ChoiceEvent, TokenInfo};
 use crate::error::ApiError;
 use crate::metrics::EngineGauges;
+use crate::stop::Stops;
 use crate::{AppState, Server, Target};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -87,7 +88,6 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         "guided_grammar",
         "structured_outputs",
         "use_beam_search",
-        "include_stop_str_in_output",
         "truncate_prompt_tokens",
         "prompt_logprobs",
         "bad_words",
@@ -140,7 +140,7 @@ struct Job {
     /// (choice index, request, text echoed before the completion)
     choices: Vec<(usize, GenerationRequest, Option<String>)>,
     prompt_tokens: usize,
-    stops: Vec<String>,
+    stops: Stops,
     logprobs: bool,
     stream: bool,
     include_usage: bool,
@@ -228,14 +228,15 @@ fn build_job(
     let base = sampling(c, logprobs.unwrap_or(0))?;
     let mut stop_ids = if c.ignore_eos.unwrap_or(false) { vec![] } else { state.stop_token_ids.clone() };
     stop_ids.extend(c.stop_token_ids.iter().flatten());
-    let stops = match &c.stop {
+    let strings = match &c.stop {
         None => vec![],
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if stops.len() > 16 {
+    if strings.len() > 16 {
         return Err(ApiError::bad_request("at most 16 stop strings", Some("stop")));
     }
+    let stops = Stops { strings, included: c.include_stop_str_in_output.unwrap_or(false) };
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     for (pi, (ids, echo)) in prompts.into_iter().enumerate() {

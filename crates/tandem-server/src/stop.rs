@@ -2,9 +2,17 @@
 //! text that might be the start of a stop string is held back until it is known not to be.
 #[derive(Debug, Default)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    stops: Stops,
     text: String,
     emitted: usize,
+}
+
+/// A request's stop strings, and whether the one that ends an output is part of it (vLLM's
+/// `include_stop_str_in_output`; OpenAI leaves it out).
+#[derive(Debug, Clone, Default)]
+pub struct Stops {
+    pub strings: Vec<String>,
+    pub included: bool,
 }
 
 /// What to do after a piece of text arrives.
@@ -17,23 +25,26 @@ pub enum StopOutcome {
 }
 
 impl StopMatcher {
-    pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
+    pub fn new(stops: Stops) -> Self {
+        let strings = stops.strings.into_iter().filter(|s| !s.is_empty()).collect();
+        StopMatcher { stops: Stops { strings, ..stops }, ..Default::default() }
     }
 
     pub fn push(&mut self, piece: &str) -> StopOutcome {
         let search_from = self.emitted;
         self.text.push_str(piece);
-        let found =
-            self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p)).min();
-        if let Some(at) = found {
-            let out = self.text[self.emitted..at].to_string();
+        let found = (self.stops.strings.iter())
+            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| (search_from + p, s.len())))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, len)) = found {
+            let end = if self.stops.included { at + len } else { at };
+            let out = self.text[self.emitted..end].to_string();
             self.emitted = at;
             return StopOutcome::Stop(out);
         }
         // Hold back the longest tail that could still grow into a stop string.
         let mut keep = self.text.len();
-        for s in &self.stops {
+        for s in &self.stops.strings {
             for len in (1..s.len()).rev() {
                 if len <= self.text.len() - self.emitted && self.text.ends_with(&s[..len]) && s.is_char_boundary(len) {
                     keep = keep.min(self.text.len() - len);
@@ -65,9 +76,21 @@ impl StopMatcher {
 mod tests {
     use super::*;
 
+    fn stops(strings: &[&str]) -> Stops {
+        Stops { strings: strings.iter().map(|s| s.to_string()).collect(), included: false }
+    }
+
+    #[test]
+    fn an_included_stop_string_ends_the_output() {
+        let mut m = StopMatcher::new(Stops { included: true, ..stops(&["\n\n", "b"]) });
+        assert_eq!(m.push("a E"), StopOutcome::Continue("a E".into()));
+        assert_eq!(m.push("a\n"), StopOutcome::Continue("a".into()));
+        assert_eq!(m.push("\nzb"), StopOutcome::Stop("\n\n".into()));
+    }
+
     #[test]
     fn finds_stop_strings_across_pieces() {
-        let mut m = StopMatcher::new(vec!["END".into()]);
+        let mut m = StopMatcher::new(stops(&["END"]));
         assert_eq!(m.push("hello E"), StopOutcome::Continue("hello ".into()));
         assert_eq!(m.push("N"), StopOutcome::Continue(String::new()));
         assert_eq!(m.push("D and more"), StopOutcome::Stop(String::new()));
@@ -75,7 +98,7 @@ mod tests {
 
     #[test]
     fn releases_held_text_that_was_not_a_stop() {
-        let mut m = StopMatcher::new(vec!["END".into()]);
+        let mut m = StopMatcher::new(stops(&["END"]));
         assert_eq!(m.push("a E"), StopOutcome::Continue("a ".into()));
         assert_eq!(m.push("x"), StopOutcome::Continue("Ex".into()));
         assert_eq!(m.push("EN"), StopOutcome::Continue(String::new()));
@@ -84,7 +107,7 @@ mod tests {
 
     #[test]
     fn passed_text_is_not_searched() {
-        let mut m = StopMatcher::new(vec!["END".into()]);
+        let mut m = StopMatcher::new(stops(&["END"]));
         assert_eq!(m.pass("END and EN"), "END and EN");
         // "EN" went out under `pass`: the stop it would complete is not found.
         assert_eq!(m.push("D"), StopOutcome::Continue("D".into()));
@@ -93,7 +116,7 @@ mod tests {
 
     #[test]
     fn stops_at_the_earliest_of_several() {
-        let mut m = StopMatcher::new(vec!["\n\n".into(), "b".into()]);
+        let mut m = StopMatcher::new(stops(&["\n\n", "b"]));
         assert_eq!(m.push("aab\n\nc"), StopOutcome::Stop("aa".into()));
     }
 }
