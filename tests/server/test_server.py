@@ -47,6 +47,14 @@ def still_serving():
 def test_models_and_health():
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    # One model by name, as the OpenAI client retrieves it; an unknown one is the client's 404.
+    m = client.models.retrieve(MODEL)
+    assert m.id == MODEL and m.owned_by == "tandem" and m.model_extra["max_model_len"] > 0, m
+    try:
+        client.models.retrieve("gpt-17")
+        raise AssertionError("an unknown model was found")
+    except openai.NotFoundError as e:
+        assert "gpt-17" in str(e), e
     assert raw("GET", "/health")[0] == 200
 
 

@@ -300,6 +300,7 @@ pub fn router(server: Arc<Server>, options: &ServerOptions) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/tandem/v1/score", post(score::score))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{*id}", get(routes::model))
         .route("/tokenize", post(tokens::tokenize_route))
         .route("/detokenize", post(tokens::detokenize_route))
         .route("/health", get(routes::health))

@@ -738,6 +738,19 @@ fn stream_response(
 }
 
 pub async fn models(State(server): Shared) -> Json<Value> {
+    Json(json!({"object": "list", "data": model_objects(&server)}))
+}
+
+/// One model by name (OpenAI's `GET /v1/models/{model}`; a hub name's `/` included).
+pub async fn model(State(server): Shared, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    match model_objects(&server).into_iter().find(|m| m["id"] == id.as_str()) {
+        Some(m) => Json(m).into_response(),
+        None => ApiError::not_found(format!("the model `{id}` does not exist")).into_response(),
+    }
+}
+
+/// What /v1/models lists: every served model, then every evolving one.
+fn model_objects(server: &Server) -> Vec<Value> {
     let mut data: Vec<Value> = server
         .models
         .iter()
@@ -750,7 +763,7 @@ pub async fn models(State(server): Shared) -> Json<Value> {
         data.push(json!({"id": v.name, "object": "model", "created": server.first().created, "owned_by": "tandem",
                          "tandem_evolve": v.describe()}));
     }
-    Json(json!({"object": "list", "data": data}))
+    data
 }
 
 /// 200 while every engine serves; 503 once one's thread has stopped (a load balancer then stops
