@@ -301,6 +301,31 @@ def test_include_stop_str_in_output():
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut + " France"
 
 
+def test_continue_final_message():
+    user = [{"role": "user", "content": "Name the capital of France."}]
+    begun = user + [{"role": "assistant", "content": "The capital of France is"}]
+
+    def tok(body):
+        status, data, _ = raw("POST", "/tokenize", json.dumps(body).encode())
+        assert status == 200, data
+        return json.loads(data)["tokens"]
+    # vLLM's form: the chat ready for the assistant's turn, then the begun text, no end of turn.
+    want = tok({"messages": user}) + tok({"prompt": "The capital of France is"})
+    assert tok({"messages": begun, "continue_final_message": True, "add_generation_prompt": False}) == want
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    r = client.chat.completions.create(model=MODEL, messages=begun, temperature=0, max_tokens=10, extra_body=extra)
+    assert r.usage.prompt_tokens == len(want) and "Paris" in r.choices[0].message.content, r
+    # It goes on as a completion of the same ids does.
+    c = client.completions.create(model=MODEL, prompt=want, max_tokens=10, temperature=0)
+    assert c.choices[0].text == r.choices[0].message.content, (c.choices[0].text, r.choices[0].message.content)
+    for body, param in [
+        ({"messages": begun, "continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+        ({"messages": user + [{"role": "assistant", "content": ""}], "continue_final_message": True}, "messages"),
+    ]:
+        status, err = error_of(raw("POST", "/v1/chat/completions", json.dumps(body).encode()))
+        assert status == 400 and err["param"] == param, err
+
+
 def test_tokenize_and_detokenize():
     def post(path, body):
         status, data, _ = raw("POST", path, json.dumps(body).encode())

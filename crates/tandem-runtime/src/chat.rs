@@ -51,6 +51,21 @@ impl ChatTemplate {
         })
         .map_err(|e| format!("chat template failed: {e}"))
     }
+
+    /// The chat rendered for the model to continue its final message (a turn the caller began,
+    /// vLLM's `continue_final_message`): the template's text up to the end of that message's
+    /// content, its end-of-turn left off.
+    pub fn render_continuing(&self, messages: &[Message]) -> Result<String, String> {
+        let last = match messages.last() {
+            Some(m) if !m.content.is_empty() => m,
+            _ => return Err("there is no final message with content to continue".into()),
+        };
+        let text = self.render(messages, false)?;
+        match text.rfind(&last.content) {
+            Some(at) => Ok(text[..at + last.content.len()].to_string()),
+            None => Err("the chat template rewrites the final message, so it cannot be continued".into()),
+        }
+    }
 }
 
 /// (year, month 1-12, day 1-31) of a Unix time in seconds, UTC (Howard Hinnant's civil-date
@@ -102,6 +117,20 @@ mod tests {
         let t = ChatTemplate::new(None, None, None).unwrap();
         let out = t.render(&[Message::new("user", "Hi")], true).unwrap();
         assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn a_continued_message_ends_the_text_without_its_end_of_turn() {
+        let t = ChatTemplate::new(None, None, None).unwrap();
+        let begun = [Message::new("user", "Hi"), Message::new("assistant", "Hello, I")];
+        assert_eq!(
+            t.render_continuing(&begun).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, I"
+        );
+        assert!(t.render_continuing(&[Message::new("assistant", "")]).is_err());
+        // A template that rewrites the message cannot be continued.
+        let strip = ChatTemplate::new(Some("{{ messages[0]['content'].strip() }}"), None, None).unwrap();
+        assert!(strip.render_continuing(&[Message::new("assistant", "x ")]).is_err());
     }
 
     #[test]

@@ -93,4 +93,8 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// vLLM's: end the prompt with the assistant turn's opening (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM's: the model continues the final message instead of answering it.
+    pub continue_final_message: Option<bool>,
 }

@@ -93,7 +93,6 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         "bad_words",
         "allowed_token_ids",
         "chat_template",
-        "continue_final_message",
         "logits_processors",
     ]
     .into_iter()
@@ -416,7 +415,8 @@ pub async fn chat_completions(
     };
     let result = (|| {
         let messages = chat_messages(&req.messages)?;
-        let ids = chat_prompt(&state, &messages)?;
+        let text = chat_text(&state, &messages, req.add_generation_prompt, req.continue_final_message)?;
+        let ids = tokenize(&state, &text)?;
         let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
             (false, Some(_)) => {
                 return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")))
@@ -480,6 +480,26 @@ pub(crate) fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, Ap
         out.push(Message::new(role, &content));
     }
     Ok(out)
+}
+
+/// A chat rendered by the model's template: ready for the assistant's turn (by default), without
+/// it (`add_generation_prompt: false`), or ending inside the final message for the model to
+/// continue (`continue_final_message`, which an explicit `add_generation_prompt: true` contradicts).
+pub(crate) fn chat_text(
+    state: &AppState,
+    messages: &[Message],
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+) -> Result<String, ApiError> {
+    let bad = |e: String| ApiError::bad_request(e, Some("messages"));
+    match (add_generation_prompt, continue_final_message.unwrap_or(false)) {
+        (Some(true), true) => Err(ApiError::bad_request(
+            "`continue_final_message` continues the final message: it cannot also add the assistant turn's opening (`add_generation_prompt`)",
+            Some("continue_final_message"),
+        )),
+        (_, true) => state.template.render_continuing(messages).map_err(bad),
+        (generation, false) => state.template.render(messages, generation.unwrap_or(true)).map_err(bad),
+    }
 }
 
 /// The token ids of a chat rendered by the model's template, ready for the assistant's turn.

@@ -3,7 +3,7 @@
 //! context, an RL loop budgeting its rollouts), and ids back to text.
 use crate::api::ChatMessage;
 use crate::error::ApiError;
-use crate::routes::{chat_messages, parse, tokenize};
+use crate::routes::{chat_messages, chat_text, parse, tokenize};
 use crate::Server;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,8 +22,10 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     /// Or a chat, rendered by the model's template as /v1/chat/completions does.
     pub messages: Option<Vec<ChatMessage>>,
-    /// With `messages`: end with the assistant turn's opening, as a chat request does (default).
+    /// With `messages`: end with the assistant turn's opening, as a chat request does (default),
+    /// or continue the final message; as in a chat request.
     pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,11 +40,8 @@ pub async fn tokenize_route(State(server): Shared, body: Result<Bytes, BytesReje
         let ids = match (&req.prompt, &req.messages) {
             (Some(p), None) => tokenize(&state, p)?,
             (None, Some(m)) => {
-                let generation = req.add_generation_prompt.unwrap_or(true);
-                let text = state
-                    .template
-                    .render(&chat_messages(m)?, generation)
-                    .map_err(|e| ApiError::bad_request(e, Some("messages")))?;
+                let text =
+                    chat_text(&state, &chat_messages(m)?, req.add_generation_prompt, req.continue_final_message)?;
                 tokenize(&state, &text)?
             }
             _ => return Err(ApiError::bad_request("send either `prompt` or `messages`", None)),
