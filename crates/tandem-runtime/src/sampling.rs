@@ -198,6 +198,15 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     heap.into_sorted_vec().into_iter().map(|Reverse(Entry(v, i))| (i, v)).collect()
 }
 
+/// `f` applied to the scores of `tokens` (ids past the vocabulary are no token's).
+fn adjust(scores: &mut [f32], tokens: &[u32], f: impl Fn(f32) -> f32) {
+    for &t in tokens {
+        if let Some(l) = scores.get_mut(t as usize) {
+            *l = f(*l);
+        }
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
@@ -246,57 +255,40 @@ impl Sampler {
     /// that survive the penalty, temperature and top-k / top-p / min-p filters, normalised.
     pub fn target(&self, logits: &[f32], history: &[u32]) -> Target {
         let p = &self.params;
-        let processed: Vec<f32>;
-        let mut scores: &[f32] = logits;
-        if p.repetition_penalty != 1.0 && !history.is_empty() {
-            let mut penalised = logits.to_vec();
-            let mut seen = history.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
-                if let Some(l) = penalised.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+        let output = history.get(self.prompt_len..).unwrap_or_default();
+        let repetition = p.repetition_penalty != 1.0 && !history.is_empty();
+        let counted = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let held = output.len() < p.min_tokens && !self.stop_tokens.is_empty();
+        let adjusted: Vec<f32>;
+        let scores = if repetition || counted || !p.logit_bias.is_empty() || held {
+            // One copy of the logits for every adjustment, in this order.
+            let mut s = logits.to_vec();
+            if repetition {
+                let mut seen = history.to_vec();
+                seen.sort_unstable();
+                seen.dedup();
+                adjust(&mut s, &seen, |l| if l > 0.0 { l / p.repetition_penalty } else { l * p.repetition_penalty });
+            }
+            if counted {
+                let mut out = output.to_vec();
+                out.sort_unstable();
+                for run in out.chunk_by(|a, b| a == b) {
+                    let penalty = p.frequency_penalty * run.len() as f32 + p.presence_penalty;
+                    adjust(&mut s, &run[..1], |l| l - penalty);
                 }
             }
-            processed = penalised;
-            scores = &processed;
-        }
-        let counted: Vec<f32>;
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            let mut c = scores.to_vec();
-            let mut output = history.get(self.prompt_len..).unwrap_or_default().to_vec();
-            output.sort_unstable();
-            for run in output.chunk_by(|a, b| a == b) {
-                if let Some(l) = c.get_mut(run[0] as usize) {
-                    *l -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
-                }
-            }
-            counted = c;
-            scores = &counted;
-        }
-        let biased: Vec<f32>;
-        if !p.logit_bias.is_empty() {
-            let mut b = scores.to_vec();
             for &(t, bias) in &p.logit_bias {
-                if let Some(l) = b.get_mut(t as usize) {
-                    *l += bias;
-                }
+                adjust(&mut s, &[t], |l| l + bias);
             }
-            biased = b;
-            scores = &biased;
-        }
-        let held: Vec<f32>;
-        if history.len().saturating_sub(self.prompt_len) < p.min_tokens && !self.stop_tokens.is_empty() {
-            // After the bias, so that no bias lets a stop token through early.
-            let mut h = scores.to_vec();
-            for &t in &self.stop_tokens {
-                if let Some(l) = h.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
+            if held {
+                // After the bias, so that no bias lets a stop token through early.
+                adjust(&mut s, &self.stop_tokens, |_| f32::NEG_INFINITY);
             }
-            held = h;
-            scores = &held;
-        }
+            adjusted = s;
+            &adjusted
+        } else {
+            logits
+        };
         if p.temperature == 0.0 {
             Target::Greedy(argmax(scores))
         } else {

@@ -6,7 +6,7 @@
 //! cancels everything in flight.
 use crate::api::{ChatRequest, Common};
 use crate::error::ApiError;
-use crate::routes::{chat_messages, chat_prompt, tokenize};
+use crate::prompt::{chat_messages, chat_prompt, tokenize};
 use crate::score::score_ids;
 use crate::AppState;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};

@@ -5,6 +5,7 @@ mod choice;
 mod error;
 pub mod evolve;
 mod metrics;
+mod prompt;
 mod routes;
 mod score;
 mod stop;
@@ -32,6 +33,9 @@ use tandem_runtime::ChatTemplate;
 
 /// Largest request body accepted (a long prompt fits; a runaway upload is refused with 413).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What every route handler is handed: the server.
+pub(crate) type Shared = axum::extract::State<Arc<Server>>;
 
 pub struct AppState {
     pub engine: EngineHandle,

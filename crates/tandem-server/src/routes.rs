@@ -2,14 +2,16 @@
 //! and metrics.
 //!
 //! Over 600 lines because both OpenAI endpoints share one job builder and one streaming path;
-//! the request types are in `api.rs`, choices in `choice.rs`, errors in `error.rs`.
-use crate::api::{ChatMessage, ChatRequest, Common, CompletionRequest, Content, Prompt, Stop};
+//! the request types are in `api.rs`, prompts as token ids in `prompt.rs`, choices in `choice.rs`,
+//! errors in `error.rs`.
+use crate::api::{ChatRequest, Common, CompletionRequest, Prompt, Stop};
 use crate::auth::Identity;
 use crate::choice::{self, ChoiceEvent, TokenInfo};
 use crate::error::ApiError;
 use crate::metrics::EngineGauges;
+use crate::prompt::{chat_messages, chat_prompt_as, tokenize};
 use crate::stop::Stops;
-use crate::{AppState, Server, Target};
+use crate::{AppState, Server, Shared, Target};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -25,9 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_engine::{GenerationRequest, SpecUsage};
-use tandem_runtime::{Message, SamplingParams};
-
-type Shared = State<Arc<Server>>;
+use tandem_runtime::SamplingParams;
 
 /// A prompt's token ids and the text echoed before its completion.
 type PromptIds = (Vec<u32>, Option<String>);
@@ -306,14 +306,6 @@ fn build_job(
     })
 }
 
-pub(crate) fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    state
-        .tokenizer
-        .encode(text, false)
-        .map(|e| e.get_ids().to_vec())
-        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), Some("prompt")))
-}
-
 pub async fn completions(
     State(server): Shared,
     headers: HeaderMap,
@@ -415,8 +407,7 @@ pub async fn chat_completions(
     };
     let result = (|| {
         let messages = chat_messages(&req.messages)?;
-        let text = chat_text(&state, &messages, req.add_generation_prompt, req.continue_final_message)?;
-        let ids = tokenize(&state, &text)?;
+        let ids = chat_prompt_as(&state, &messages, req.add_generation_prompt, req.continue_final_message)?;
         let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
             (false, Some(_)) => {
                 return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")))
@@ -434,78 +425,6 @@ pub async fn chat_completions(
         }
         Err(e) => e.into_response(),
     }
-}
-
-/// A chat's messages, checked: known roles (`developer` read as `system`), text content (only an
-/// assistant turn may omit it).
-pub(crate) fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::bad_request("`messages` must hold at least one message", Some("messages")));
-    }
-    let mut out = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
-            return Err(ApiError::bad_request(
-                format!("messages[{i}].role `{}` is not one of system, user, assistant, tool, developer", m.role),
-                Some("messages"),
-            ));
-        }
-        let content = match &m.content {
-            // Only an assistant turn may come without content (OpenAI: one that called tools).
-            None if m.role == "assistant" => String::new(),
-            None => {
-                return Err(ApiError::bad_request(
-                    format!("messages[{i}] ({}) needs `content`", m.role),
-                    Some("messages"),
-                ))
-            }
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => text.push_str(t),
-                        (kind, _) => {
-                            return Err(ApiError::bad_request(
-                                format!("messages[{i}]: content parts of type `{kind}` are not supported (text only)"),
-                                Some("messages"),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-        };
-        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-        out.push(Message::new(role, &content));
-    }
-    Ok(out)
-}
-
-/// A chat rendered by the model's template: ready for the assistant's turn (by default), without
-/// it (`add_generation_prompt: false`), or ending inside the final message for the model to
-/// continue (`continue_final_message`, which an explicit `add_generation_prompt: true` contradicts).
-pub(crate) fn chat_text(
-    state: &AppState,
-    messages: &[Message],
-    add_generation_prompt: Option<bool>,
-    continue_final_message: Option<bool>,
-) -> Result<String, ApiError> {
-    let bad = |e: String| ApiError::bad_request(e, Some("messages"));
-    match (add_generation_prompt, continue_final_message.unwrap_or(false)) {
-        (Some(true), true) => Err(ApiError::bad_request(
-            "`continue_final_message` continues the final message: it cannot also add the assistant turn's opening (`add_generation_prompt`)",
-            Some("continue_final_message"),
-        )),
-        (_, true) => state.template.render_continuing(messages).map_err(bad),
-        (generation, false) => state.template.render(messages, generation.unwrap_or(true)).map_err(bad),
-    }
-}
-
-/// The token ids of a chat rendered by the model's template, ready for the assistant's turn.
-pub(crate) fn chat_prompt(state: &AppState, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
-    let prompt = state.template.render(messages, true).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
-    tokenize(state, &prompt)
 }
 
 fn now_secs() -> u64 {

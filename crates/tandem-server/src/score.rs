@@ -5,7 +5,8 @@
 use crate::api::{ChatMessage, Common};
 use crate::auth::Identity;
 use crate::error::ApiError;
-use crate::routes::{chat_messages, chat_prompt, identify, in_range, parse, tokenize};
+use crate::prompt::{chat_messages, chat_prompt, tokenize};
+use crate::routes::{identify, in_range, parse};
 use crate::{AppState, Server};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

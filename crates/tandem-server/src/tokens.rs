@@ -3,8 +3,9 @@
 //! context, an RL loop budgeting its rollouts), and ids back to text.
 use crate::api::ChatMessage;
 use crate::error::ApiError;
-use crate::routes::{chat_messages, chat_text, parse, tokenize};
-use crate::Server;
+use crate::prompt::{chat_messages, chat_prompt_as, tokenize};
+use crate::routes::parse;
+use crate::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -12,9 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::Arc;
-
-type Shared = State<Arc<Server>>;
 
 #[derive(Debug, Deserialize)]
 pub struct TokenizeRequest {
@@ -40,9 +38,7 @@ pub async fn tokenize_route(State(server): Shared, body: Result<Bytes, BytesReje
         let ids = match (&req.prompt, &req.messages) {
             (Some(p), None) => tokenize(&state, p)?,
             (None, Some(m)) => {
-                let text =
-                    chat_text(&state, &chat_messages(m)?, req.add_generation_prompt, req.continue_final_message)?;
-                tokenize(&state, &text)?
+                chat_prompt_as(&state, &chat_messages(m)?, req.add_generation_prompt, req.continue_final_message)?
             }
             _ => return Err(ApiError::bad_request("send either `prompt` or `messages`", None)),
         };

@@ -7,7 +7,7 @@
 //! A server with several models is one worker: loads add up, controls apply to every model,
 //! and the first model describes the worker.
 use crate::error::ApiError;
-use crate::{AppState, Server};
+use crate::{AppState, Server, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -20,8 +20,6 @@ use std::sync::{Arc, Mutex};
 use tandem_engine::online::Version;
 use tandem_engine::Control;
 use tandem_runtime::speculative::{EagleConfig, EagleWeights};
-
-type Shared = State<Arc<Server>>;
 
 /// The routes that change what a worker does: with keys on, only admin keys reach them.
 pub fn is_control(path: &str) -> bool {
