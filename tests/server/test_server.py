@@ -173,12 +173,21 @@ def test_bad_input_never_takes_the_server_down():
         # Fields tandem does not implement are refused, not silently ignored.
         "best_of": (json.dumps({"prompt": "hi", "best_of": 3}).encode(), 400, "best_of"),
         "suffix": (json.dumps({"prompt": "hi", "suffix": "end"}).encode(), 400, "suffix"),
-        "vLLM's guided_json": (json.dumps({"prompt": "hi", "guided_json": {"type": "object"}}).encode(), 400,
-                               "guided_json"),
-        "vLLM's guided_choice": (json.dumps({"prompt": "hi", "guided_choice": ["a", "b"]}).encode(), 400,
-                                 "guided_choice"),
-        "json mode": (json.dumps({"prompt": "hi", "response_format": {"type": "json_object"}}).encode(), 400,
-                      "response_format"),
+        "vLLM's bad_words": (json.dumps({"prompt": "hi", "bad_words": ["x"]}).encode(), 400, "bad_words"),
+        # Structured outputs that cannot be honoured.
+        "a schema that is not JSON": (json.dumps({"prompt": "hi", "guided_json": "{nope"}).encode(), 400,
+                                      "guided_json"),
+        "a regex that does not compile": (json.dumps({"prompt": "hi", "guided_regex": "(a"}).encode(), 400,
+                                          "guided_regex"),
+        "two grammars at once": (json.dumps({"prompt": "hi", "guided_regex": "a+", "guided_choice": ["a"]}).encode(),
+                                 400, "guided_choice"),
+        "unknown response_format": (json.dumps({"prompt": "hi", "response_format": {"type": "yaml"}}).encode(), 400,
+                                    "response_format"),
+        "json_schema without a schema": (json.dumps({"prompt": "hi", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x"}}}).encode(), 400, "response_format"),
+        "an empty choice": (json.dumps({"prompt": "hi", "guided_choice": []}).encode(), 400, "guided_choice"),
+        "a Lark grammar with no start": (json.dumps({"prompt": "hi", "guided_grammar": "x: \"a\""}).encode(), 400,
+                                         "guided_grammar"),
     }
     for name, (body, status, param) in cases.items():
         got, err = error_of(raw("POST", "/v1/completions", body))
@@ -299,6 +308,69 @@ def test_include_stop_str_in_output():
     assert kept.choices[0].message.content == cut + " France", (cut, kept)
     chunks = client.chat.completions.create(**args, stream=True, extra_body={"include_stop_str_in_output": True})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut + " France"
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+    },
+    "required": ["name", "age", "city", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs():
+    import re
+
+    import jsonschema  # an independent validator of what the grammar held the output to
+
+    ask = [{"role": "user", "content": "Write a short poem about a person who lives by the sea."}]
+    # Unconstrained, the model writes prose: the checks below can tell a held output from a free one.
+    free = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=60)
+    try:
+        json.loads(free.choices[0].message.content)
+        raise AssertionError("the unconstrained answer is JSON already")
+    except json.JSONDecodeError:
+        pass
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    # Greedy and sampled (several choices, each with its own place in the grammar), chat and streamed.
+    greedy = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=120,
+                                            response_format=fmt)
+    sampled = client.chat.completions.create(model=MODEL, messages=ask, temperature=1.0, seed=7, n=3,
+                                             max_tokens=120, response_format=fmt)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=ask, temperature=0, max_tokens=120, response_format=fmt, stream=True) if c.choices)
+    answers = [greedy.choices[0]] + list(sampled.choices)
+    for c in answers:
+        assert c.finish_reason == "stop", c
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+    assert streamed == greedy.choices[0].message.content, (streamed, greedy.choices[0].message.content)
+    assert len({c.message.content for c in sampled.choices}) > 1, "three sampled choices were identical"
+    # Any JSON object; the completions route takes vLLM's fields.
+    obj = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=80,
+                                         messages=[{"role": "user", "content": "Give the capital of France as a JSON object."}],
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
+    phone = client.completions.create(model=MODEL, prompt="Call me at", temperature=0.7, seed=3, max_tokens=20,
+                                      extra_body={"guided_regex": r" \(\d{3}\) \d{3}-\d{4}"})
+    assert re.fullmatch(r" \(\d{3}\) \d{3}-\d{4}", phone.choices[0].text), phone.choices[0].text
+    for extra in ({"guided_choice": ["yes", "no", "maybe so"]}, {"structured_outputs": {"choice": ["yes", "no", "maybe so"]}}):
+        r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=10, extra_body=extra,
+                                           messages=[{"role": "user", "content": "Is the sea salty?"}])
+        assert r.choices[0].message.content in ("yes", "no", "maybe so"), r
+    lark = 'start: greeting " " name\ngreeting: "hello" | "hi"\nname: /[a-z]{2,10}/'
+    r = client.completions.create(model=MODEL, prompt="Say hello to Bob.", temperature=0, max_tokens=12,
+                                  extra_body={"guided_grammar": lark})
+    assert re.fullmatch(r"(hello|hi) [a-z]{2,10}", r.choices[0].text), r.choices[0].text
+    # A schema given as a string (vLLM accepts both), on the completions route.
+    r = client.completions.create(model=MODEL, prompt="A person as JSON:", temperature=0, max_tokens=120,
+                                  extra_body={"guided_json": json.dumps(PERSON)})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+    still_serving()
 
 
 def test_continue_final_message():

@@ -50,6 +50,13 @@ def main():
         jobs = [(p, s, None) for p in PROMPTS for s in (False, True)] + [(p, False, penalised) for p in PROMPTS[::2]]
         # And an answer held past its end (and past EOS) by vLLM's `min_tokens`.
         jobs.append((PROMPTS[3], False, {"extra_body": {"min_tokens": 60}}))
+        # And structured outputs: each draft token is judged by the target under the grammar's
+        # mask at its own position (the grammar advanced by the tokens accepted before it).
+        jobs.append((PROMPTS[2], False, {"extra_body": {"guided_regex": r"(\d+, ){19}\d+"}}))
+        code_schema = {"type": "object", "properties": {"language": {"type": "string"}, "code": {"type": "string"}},
+                       "required": ["language", "code"], "additionalProperties": False}
+        jobs.append((PROMPTS[0], True, {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "code", "schema": code_schema}}}))
         want = list(pool.map(lambda j: chat(plain, *j), jobs))
         got = list(pool.map(lambda j: chat(spec, *j), jobs))
     accepted = 0

@@ -9,7 +9,7 @@ use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, Se
 use tandem_runtime::speculative::{
     DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter,
 };
-use tandem_runtime::{SampledToken, Sampler, SamplingParams, Target};
+use tandem_runtime::{Grammar, GrammarSpec, Grammars, SampledToken, Sampler, SamplingParams, Target};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn tiny_dir() -> &'static Path {
@@ -43,8 +43,8 @@ fn engine(config: EngineConfig, drafter: Option<Box<dyn Drafter>>) -> (Engine, E
 
 /// Greedy requests whose prompts repeat themselves (so n-gram lookup finds matches), with
 /// different lengths, limits, stop tokens, and a repetition penalty or presence and frequency
-/// penalties (either sign: negative ones favour repeats, which drafts then propose), and stop
-/// tokens held back by `min_tokens`, on some.
+/// penalties (either sign: negative ones favour repeats, which drafts then propose), stop
+/// tokens held back by `min_tokens`, and a grammar (structured output), on some.
 fn greedy_request(i: usize) -> GenerationRequest {
     let unit: Vec<u32> = (0..3 + i % 5).map(|j| ((i * 37 + j * 11) % 250) as u32 + 1).collect();
     let prompt: Vec<u32> = unit.iter().cycle().take(4 + (i * 7) % 40).copied().collect();
@@ -59,11 +59,13 @@ fn greedy_request(i: usize) -> GenerationRequest {
         frequency_penalty,
         min_tokens: if i % 10 == 2 { 8 } else { 0 },
         top_logprobs: 2,
+        grammar: tiny_grammar(i),
         ..Default::default()
     };
     GenerationRequest {
         prompt,
-        max_tokens: 10 + (i * 13) % 50,
+        // Room for a grammar's whole sentence (and its end, repeated after it when no stop token ends it).
+        max_tokens: if sampling.grammar.is_some() { 60 } else { 10 + (i * 13) % 50 },
         sampling,
         stop_token_ids: if i % 5 == 2 { vec![(i * 7 % 250) as u32] } else { vec![] },
         client: None,
@@ -71,6 +73,37 @@ fn greedy_request(i: usize) -> GenerationRequest {
         weights: None,
         score: None,
     }
+}
+
+/// A grammar over the tiny models' byte-level tokenizer on some requests: each draft token is then
+/// judged under the grammar's mask at its own position (advanced by the tokens accepted before it).
+fn tiny_grammar(i: usize) -> Option<Grammar> {
+    let spec = match i % 7 {
+        4 => GrammarSpec::JsonSchema(serde_json::json!({
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer", "minimum": 0, "maximum": 999},
+                "tag": {"type": "string", "maxLength": 6},
+            },
+            "required": ["id", "tag"],
+            "additionalProperties": false,
+        })),
+        6 => GrammarSpec::Regex("[a-z]{1,6}( [a-z]{1,6}){2,5}\\.".into()),
+        _ => return None,
+    };
+    Some(tiny_tokenizer().1.compile(&spec).unwrap())
+}
+
+/// The tiny models' tokenizer, and its grammar compiler.
+fn tiny_tokenizer() -> &'static (Arc<tandem_models::Tokenizer>, Grammars) {
+    static TINY: std::sync::OnceLock<(Arc<tandem_models::Tokenizer>, Grammars)> = std::sync::OnceLock::new();
+    TINY.get_or_init(|| {
+        let m = load(&tiny_dir().join(TARGET), &LoadOptions::default(), &mut |_, _| {}).unwrap();
+        let eos = m.tokenizer.token_to_id("<|endoftext|>").unwrap();
+        let tokenizer = Arc::new(m.tokenizer);
+        let grammars = Grammars::new(tokenizer.clone(), m.model.config.vocab_size, eos).unwrap();
+        (tokenizer, grammars)
+    })
 }
 
 fn collect(rx: &mut UnboundedReceiver<Event>) -> (Vec<SampledToken>, String) {
@@ -128,6 +161,18 @@ fn greedy_speculation_on_a_latent_model_changes_nothing() {
 fn greedy_speculation_changes_nothing() {
     let requests: Vec<GenerationRequest> = (0..14).map(greedy_request).collect();
     let expected = plain(&requests);
+    // The grammars held (and the model, random, would not write these on its own).
+    for i in [6, 13] {
+        let ids: Vec<u32> = expected[i].0.iter().map(|t| t.id).collect();
+        let text = tiny_tokenizer().0.decode(&ids, true).unwrap();
+        assert!(
+            text.ends_with('.') && text.chars().all(|c| c == ' ' || c == '.' || c.is_ascii_lowercase()),
+            "{text:?}"
+        );
+    }
+    let json = tiny_tokenizer().0.decode(&expected[4].0.iter().map(|t| t.id).collect::<Vec<_>>(), true).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json:?}"));
+    assert!(v["id"].is_i64() && v["tag"].as_str().is_some_and(|t| t.chars().count() <= 6), "{v}");
     let sequences = oracle_sequences(&requests, &expected);
     let vocab = model(target()).config.vocab_size;
     type MakeDrafter = Box<dyn Fn() -> Box<dyn Drafter>>;
@@ -409,7 +454,7 @@ fn likely_tokens(joint: &[(Vec<u32>, f64)]) -> Vec<u32> {
 
 /// The exact distribution of the first three sampled tokens, from the target's logits.
 fn exact_joint(target: &Model, prompt: &[u32], params: &SamplingParams, depth: usize) -> Vec<(Vec<u32>, f64)> {
-    let sampler = Sampler::new(params.clone());
+    let mut sampler = Sampler::new(params.clone());
     let mut cache = KvCache::new(&target.config, 1, 256, target.device()).unwrap();
     let mut out = Vec::new();
     let mut stack = vec![(Vec::<u32>::new(), 1.0f64)];

@@ -1,5 +1,6 @@
 //! Turning logits into the next token: repetition, presence and frequency penalties, temperature,
 //! top-k, top-p, min-p, seeded randomness, and the log-probabilities users ask for.
+use crate::grammar::{Following, Grammar};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -31,6 +32,8 @@ pub struct SamplingParams {
     /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 effectively bans
     /// a token, 100 forces it); reported logprobs stay the model's own.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Structured output: only tokens that keep the output within this grammar are drawn.
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +50,7 @@ impl Default for SamplingParams {
             seed: None,
             top_logprobs: 0,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -125,6 +129,8 @@ pub struct Sampler {
     prompt_len: usize,
     /// The tokens that end the sequence, banned while the output is under `min_tokens`.
     stop_tokens: Vec<u32>,
+    /// Where the output is in its grammar, if it has one.
+    grammar: Option<Following>,
 }
 
 /// log-softmax of the logits.
@@ -207,13 +213,45 @@ fn adjust(scores: &mut [f32], tokens: &[u32], f: impl Fn(f32) -> f32) {
     }
 }
 
+/// Bans every score the grammar does not allow (`allowed`; None: only the end). Where it allows
+/// the end-of-sequence token, every stop token (`ends`) keeps its score (the grammar's tokenizer
+/// knows one end; the sequence may have several). If nothing is left (a grammar that can only end,
+/// under `min_tokens`), the end wins: the ends get their raw scores back.
+fn constrain(scores: &mut [f32], allowed: Option<&llguidance::toktrie::SimpleVob>, ends: &[u32], raw: &[f32]) {
+    let end_allowed = allowed.is_none_or(|m| ends.iter().any(|&t| (t as usize) < m.len() && m.is_allowed(t)));
+    let kept: Vec<(usize, f32)> = match end_allowed {
+        true => ends.iter().filter_map(|&t| scores.get(t as usize).map(|&v| (t as usize, v))).collect(),
+        false => Vec::new(),
+    };
+    match allowed {
+        Some(m) => {
+            m.iter_unset_entries(|t| {
+                if let Some(v) = scores.get_mut(t) {
+                    *v = f32::NEG_INFINITY;
+                }
+            });
+            scores.iter_mut().skip(m.len()).for_each(|v| *v = f32::NEG_INFINITY);
+        }
+        None => scores.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+    }
+    for (t, v) in kept {
+        scores[t] = v;
+    }
+    if scores.iter().all(|&v| v == f32::NEG_INFINITY) {
+        for (t, &r) in ends.iter().filter_map(|&t| raw.get(t as usize).map(|r| (t as usize, r))) {
+            scores[t] = r;
+        }
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng, prompt_len: 0, stop_tokens: Vec::new() }
+        let grammar = params.grammar.as_ref().map(Grammar::follow);
+        Sampler { params, rng, prompt_len: 0, stop_tokens: Vec::new(), grammar }
     }
 
     /// The same sampler for a sequence whose histories start with a `prompt_len`-token prompt.
@@ -253,14 +291,17 @@ impl Sampler {
 
     /// The distribution the next token is drawn from: the argmax when greedy, else the candidates
     /// that survive the penalty, temperature and top-k / top-p / min-p filters, normalised.
-    pub fn target(&self, logits: &[f32], history: &[u32]) -> Target {
-        let p = &self.params;
+    pub fn target(&mut self, logits: &[f32], history: &[u32]) -> Target {
         let output = history.get(self.prompt_len..).unwrap_or_default();
+        // The grammar's allowed tokens (None: it allows only the end).
+        let allowed = self.grammar.as_mut().map(|g| g.allowed(output));
+        let p = &self.params;
         let repetition = p.repetition_penalty != 1.0 && !history.is_empty();
         let counted = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        let held = output.len() < p.min_tokens && !self.stop_tokens.is_empty();
+        // A grammar that requires the end overrides min_tokens.
+        let held = output.len() < p.min_tokens && !self.stop_tokens.is_empty() && !matches!(allowed, Some(None));
         let adjusted: Vec<f32>;
-        let scores = if repetition || counted || !p.logit_bias.is_empty() || held {
+        let scores = if repetition || counted || !p.logit_bias.is_empty() || held || allowed.is_some() {
             // One copy of the logits for every adjustment, in this order.
             let mut s = logits.to_vec();
             if repetition {
@@ -283,6 +324,11 @@ impl Sampler {
             if held {
                 // After the bias, so that no bias lets a stop token through early.
                 adjust(&mut s, &self.stop_tokens, |_| f32::NEG_INFINITY);
+            }
+            if let (Some(allowed), Some(g)) = (allowed, &self.grammar) {
+                // Last, so that no bias or penalty lets a token outside the grammar through.
+                let ends: Vec<u32> = self.stop_tokens.iter().copied().chain([g.eos()]).collect();
+                constrain(&mut s, allowed.as_ref(), &ends, logits);
             }
             adjusted = s;
             &adjusted
@@ -498,7 +544,7 @@ mod tests {
         }
         // Greedy: token 2 wins once the output's tokens are penalised; 0 without penalties.
         let greedy = SamplingParams { temperature: 0.0, ..params };
-        let pick = |s: Sampler| match s.target(&logits, &history) {
+        let pick = |mut s: Sampler| match s.target(&logits, &history) {
             Target::Greedy(id) => id,
             Target::Probs(_) => panic!("greedy"),
         };
@@ -518,8 +564,8 @@ mod tests {
     fn min_tokens_holds_the_stop_tokens_back_until_the_output_is_long_enough() {
         let logits = [1.0f32, 5.0, 4.0, 0.5];
         let params = SamplingParams { min_tokens: 2, logit_bias: vec![(1, 50.0)], ..Default::default() };
-        let s = Sampler::new(params.clone()).after_prompt(3).ending_with(vec![1, 3]);
-        let pick = |history: &[u32]| match s.target(&logits, history) {
+        let mut s = Sampler::new(params.clone()).after_prompt(3).ending_with(vec![1, 3]);
+        let mut pick = |history: &[u32]| match s.target(&logits, history) {
             Target::Greedy(id) => id,
             Target::Probs(_) => panic!("greedy"),
         };
@@ -528,7 +574,8 @@ mod tests {
         assert_eq!(pick(&[7, 7, 7, 2]), 2);
         assert_eq!(pick(&[7, 7, 7, 2, 2]), 1);
         // Sampling: the stop tokens get no probability at all.
-        let hot = Sampler::new(SamplingParams { temperature: 1.0, ..params }).after_prompt(3).ending_with(vec![1, 3]);
+        let mut hot =
+            Sampler::new(SamplingParams { temperature: 1.0, ..params }).after_prompt(3).ending_with(vec![1, 3]);
         let Target::Probs(probs) = hot.target(&logits, &[7, 7, 7]) else { panic!("sampled") };
         assert!(probs.iter().all(|&(t, p)| (t != 1 && t != 3) || p == 0.0), "{probs:?}");
     }

@@ -55,6 +55,43 @@ pub struct Common {
     pub ignore_eos: Option<bool>,
     /// Token id (as a string, OpenAI's form) -> bias added to its logit, -100..=100.
     pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// OpenAI's structured output (`text`, `json_object`, `json_schema`).
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured outputs: a JSON schema (an object, or a string holding one), a regular
+    /// expression, one of several strings, a Lark grammar; or all of those in one object.
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub structured_outputs: Option<StructuredOutputs>,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `response_format.json_schema`: the schema under a name (`strict` is accepted; tandem always
+/// holds the output to the schema).
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs` (its newer spelling of the `guided_*` fields).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct StructuredOutputs {
+    pub json: Option<serde_json::Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
 }
 
 /// The completions-only fields; `Common` is read from the same body separately (not flattened, so

@@ -221,6 +221,9 @@ fn refuse(req: &ChatRequest, c: &Common) -> Result<(), ApiError> {
     if req.logprobs.unwrap_or(false) {
         return Err(ApiError::bad_request("an evolved answer has no logprobs", Some("logprobs")));
     }
+    if let Some((_, param)) = crate::structured::requested(c)? {
+        return Err(ApiError::bad_request("an evolving model's answers are not held to a grammar", Some(param)));
+    }
     if req.continue_final_message.unwrap_or(false) || req.add_generation_prompt == Some(false) {
         return Err(ApiError::bad_request(
             "an evolving model answers a question: it does not continue a message",

@@ -9,6 +9,7 @@ mod prompt;
 mod routes;
 mod score;
 mod stop;
+mod structured;
 mod tokens;
 pub mod training;
 pub mod worker;
@@ -52,6 +53,10 @@ pub struct AppState {
     pub online: Option<OnlineHooks>,
     /// The RL training service (Tinker API), when on.
     pub training: Option<Arc<training::TrainingService>>,
+    /// Entries of the model's logits (the grammar engine's vocabulary).
+    pub vocab_size: usize,
+    /// The grammar compiler for structured outputs, made on the first request that asks for one.
+    grammars: std::sync::OnceLock<Result<Arc<tandem_runtime::Grammars>, String>>,
 }
 
 impl AppState {
@@ -83,6 +88,7 @@ impl AppState {
             loaded.eos_token.as_deref(),
         )?;
         let c = &loaded.model.config;
+        let vocab_size = c.vocab_size;
         let kv_bytes_per_block = c.kv_bytes_per_token() * tandem_models::BLOCK;
         // The training service holds the same weights as the engine (tensors are shared, not copied).
         let base = training.as_ref().map(|_| loaded.model.clone());
@@ -131,8 +137,20 @@ impl AppState {
                 .unwrap_or(0),
             online,
             training,
+            vocab_size,
+            grammars: std::sync::OnceLock::new(),
         };
         Ok((Arc::new(state), thread))
+    }
+
+    /// The model's grammar compiler (built once, from its tokenizer's tokens, ~0.1-1 s).
+    pub fn grammars(&self) -> Result<Arc<tandem_runtime::Grammars>, String> {
+        self.grammars
+            .get_or_init(|| {
+                let eos = self.stop_token_ids.first().copied().unwrap_or(0);
+                tandem_runtime::Grammars::new(self.tokenizer.clone(), self.vocab_size, eos).map(Arc::new)
+            })
+            .clone()
     }
 }
 

@@ -65,9 +65,9 @@ pub(crate) fn identify(headers: &HeaderMap, identity: Option<&Identity>, common:
 
 /// OpenAI request fields, and vLLM's extensions, that tandem does not implement: a request that
 /// asks for one of them gets a 400 naming it instead of an answer that silently ignores it (a
-/// vLLM client's `guided_json` would otherwise get unconstrained text). Their neutral values
-/// (absent, null, false, 0, empty, `best_of: 1`, `response_format: {"type": "text"}`, a
-/// `tool_choice` without tools) are accepted, since clients send them by default.
+/// vLLM client's `bad_words` would otherwise be ignored). Their neutral values (absent, null,
+/// false, 0, empty, `best_of: 1`, a `tool_choice` without tools) are accepted, since clients send
+/// them by default.
 fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     let asks = |v: &Value| match v {
         Value::Null => false,
@@ -82,11 +82,6 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         "tools",
         "functions",
         "suffix",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "structured_outputs",
         "use_beam_search",
         "truncate_prompt_tokens",
         "prompt_logprobs",
@@ -97,8 +92,7 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     ]
     .into_iter()
     .find(|f| field(f).is_some())
-    .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"))
-    .or_else(|| field("response_format").filter(|v| v["type"] != "text").map(|_| "response_format"));
+    .or_else(|| field("best_of").filter(|v| v.as_f64() != Some(1.0)).map(|_| "best_of"));
     match refused {
         Some(name) => Err(ApiError::bad_request(
             format!("`{name}` is not supported by this server; remove it (or send its neutral value)"),
@@ -200,6 +194,7 @@ fn sampling(c: &Common, top_logprobs: usize) -> Result<SamplingParams, ApiError>
         seed: c.seed,
         top_logprobs,
         logit_bias: logit_bias(c)?,
+        grammar: None,
     })
 }
 
@@ -224,7 +219,8 @@ fn build_job(
         ));
     }
     let limit = state.engine.config().max_seq_len;
-    let base = sampling(c, logprobs.unwrap_or(0))?;
+    let mut base = sampling(c, logprobs.unwrap_or(0))?;
+    base.grammar = crate::structured::grammar(state, c)?;
     let mut stop_ids = if c.ignore_eos.unwrap_or(false) { vec![] } else { state.stop_token_ids.clone() };
     stop_ids.extend(c.stop_token_ids.iter().flatten());
     let strings = match &c.stop {

@@ -11,7 +11,7 @@ mod train_drafter;
 use tandem_bench as bench;
 use tandem_cli::{device, load_model, models, online_arg, spec_arg, DtypeArg};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::time::Instant;
@@ -131,6 +131,16 @@ struct GenerateArgs {
     /// Random seed; the same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
+    /// Hold the output to a JSON schema: a file, or the schema itself (`'{"type": "object"}'`
+    /// for any JSON object).
+    #[arg(long, group = "structured")]
+    json_schema: Option<String>,
+    /// Hold the output to a regular expression (matched whole; Rust regex syntax).
+    #[arg(long, group = "structured")]
+    regex: Option<String>,
+    /// The output is one of these strings (comma-separated).
+    #[arg(long, group = "structured", value_delimiter = ',')]
+    choice: Option<Vec<String>>,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
     /// Run on this CUDA device (needs a build with --features cuda).
@@ -138,6 +148,33 @@ struct GenerateArgs {
     cuda: Option<usize>,
     #[command(flatten)]
     spec: spec_arg::SpecArgs,
+}
+
+/// The grammar `--json-schema`, `--regex` or `--choice` asks for, compiled for the model.
+fn grammar(args: &GenerateArgs, loaded: &tandem_models::LoadedModel) -> Result<Option<tandem_runtime::Grammar>> {
+    use tandem_runtime::GrammarSpec;
+    let spec = if let Some(s) = &args.json_schema {
+        let text = match std::path::Path::new(s).is_file() {
+            true => std::fs::read_to_string(s).with_context(|| format!("reading the JSON schema {s}"))?,
+            false => s.clone(),
+        };
+        let schema = serde_json::from_str(&text).with_context(|| format!("--json-schema is not JSON: {s}"))?;
+        GrammarSpec::JsonSchema(schema)
+    } else if let Some(rx) = &args.regex {
+        GrammarSpec::Regex(rx.clone())
+    } else if let Some(options) = &args.choice {
+        GrammarSpec::Choice(options.clone())
+    } else {
+        return Ok(None);
+    };
+    let eos = loaded.stop_token_ids.first().copied().unwrap_or(0);
+    let grammars = tandem_runtime::Grammars::new(
+        std::sync::Arc::new(loaded.tokenizer.clone()),
+        loaded.model.config.vocab_size,
+        eos,
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(Some(grammars.compile(&spec).map_err(anyhow::Error::msg)?))
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
@@ -173,6 +210,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         top_logprobs: 0,
         logit_bias: Vec::new(),
+        grammar: grammar(&args, &loaded)?,
     };
     sampling.validate().map_err(anyhow::Error::msg)?;
     let capacity = (prompt.len() + args.max_tokens).min(loaded.model.max_positions());
