@@ -55,10 +55,10 @@ struct Row {
     identical: bool,
 }
 
-struct Run {
-    tokens: Vec<u32>,
-    decode_tok_s: f64,
-    acceptance_length: f64,
+pub(crate) struct Run {
+    pub tokens: Vec<u32>,
+    pub decode_tok_s: f64,
+    pub acceptance_length: f64,
 }
 
 fn prompts(loaded: &LoadedModel) -> Result<Vec<(&'static str, Vec<u32>)>> {
@@ -80,14 +80,16 @@ fn prompts(loaded: &LoadedModel) -> Result<Vec<(&'static str, Vec<u32>)>> {
     Ok(out)
 }
 
-/// Generates greedily from `prompt` on a one-slot engine; returns the model for the next run.
-fn run_once(
+/// Generates from `prompt` on a one-slot engine (greedily, unless `sampling` says otherwise);
+/// returns the model for the next run.
+pub(crate) fn run_once(
     model: Model,
     prompt: &[u32],
     max_tokens: usize,
     stop: &[u32],
     drafter: Option<(Box<dyn Drafter>, usize)>,
     adaptive: bool,
+    sampling: SamplingParams,
 ) -> Result<(Run, Model)> {
     let spec_k = drafter.as_ref().map_or(0, |d| d.1);
     let config = EngineConfig {
@@ -110,7 +112,7 @@ fn run_once(
     let request = GenerationRequest {
         prompt: prompt.to_vec(),
         max_tokens,
-        sampling: SamplingParams::default(),
+        sampling,
         stop_token_ids: stop.to_vec(),
         client: None,
         agent: None,
@@ -212,9 +214,9 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         let vocab = loaded.model.config.vocab_size;
         let mut model = loaded.model;
         // Warm-up: thread pools and page cache.
-        (_, model) = run_once(model, &prompts[0].1[..32], 4, &stop, None, false)?;
+        (_, model) = run_once(model, &prompts[0].1[..32], 4, &stop, None, false, SamplingParams::default())?;
         for (kind, prompt) in &prompts {
-            let (plain, m) = run_once(model, prompt, args.max_tokens, &stop, None, false)?;
+            let (plain, m) = run_once(model, prompt, args.max_tokens, &stop, None, false, SamplingParams::default())?;
             model = m;
             let mut print = |drafter: &str, k: usize, r: &Run| {
                 let row = Row {
@@ -248,13 +250,16 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
                 // n-gram drafts adapt their length (the default when serving); the oracle keeps k
                 // fixed, since it is the upper bound for each k.
                 let ngram: Box<dyn Drafter> = Box::new(NgramDrafter::default());
-                let (r, m) = run_once(model, prompt, args.max_tokens, &stop, Some((ngram, k)), true)?;
+                let (r, m) =
+                    run_once(model, prompt, args.max_tokens, &stop, Some((ngram, k)), true, SamplingParams::default())?;
                 model = m;
                 print("ngram", k, &r);
             }
             for &k in &args.oracle_k {
                 let oracle = OracleDrafter::new(vec![sequence.clone()], vocab);
-                let (r, m) = run_once(model, prompt, args.max_tokens, &stop, Some((Box::new(oracle), k)), false)?;
+                let greedy = SamplingParams::default();
+                let (r, m) =
+                    run_once(model, prompt, args.max_tokens, &stop, Some((Box::new(oracle), k)), false, greedy)?;
                 model = m;
                 print("oracle", k, &r);
             }

@@ -6,6 +6,7 @@ mod bench_care;
 mod bench_draft;
 mod bench_evolve;
 mod bench_fair;
+mod bench_grammar;
 mod bench_online;
 mod bench_prefix;
 mod bench_rl;
@@ -93,6 +94,10 @@ enum BenchTarget {
     /// Speculative decoding: tok/s without drafts, with the n-gram drafter and with the oracle
     /// drafter (the upper bound) on "edit" and "write" code prompts.
     Spec(crate::bench_spec::SpecBenchArgs),
+    /// Structured outputs: the token trie's build, each grammar's compile time, and decode tok/s
+    /// with a JSON schema, any JSON object and a regex against the same prompt without one (plain
+    /// and with n-gram drafts, which must not change the output).
+    Grammar(crate::bench_grammar::GrammarBenchArgs),
     /// The EAGLE drafter's cost: one draft token for a batch of sequences relative to the
     /// target's decode step over the same batch, at several batch sizes.
     Draft(crate::bench_draft::DraftBenchArgs),
@@ -228,6 +233,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(BenchTarget::Serve(a)) => return crate::bench_serve::run(a),
         Some(BenchTarget::Spec(a)) => return crate::bench_spec::run(a),
         Some(BenchTarget::Draft(a)) => return crate::bench_draft::run(a),
+        Some(BenchTarget::Grammar(a)) => return crate::bench_grammar::run(a),
         Some(BenchTarget::Fair(a)) => return crate::bench_fair::run(a),
         Some(BenchTarget::Online(a)) => return crate::bench_online::run(*a),
         Some(BenchTarget::Soak(a)) => return crate::bench_soak::run(a),
