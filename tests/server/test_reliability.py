@@ -146,7 +146,11 @@ CASES = [
     ("unknown role", "POST", CH, lambda: chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages"),
     ("messages not a list", "POST", CH, lambda: chat(messages="hi"), 400, "messages"),
     ("message without content", "POST", CH, lambda: chat(messages=[{"role": "user"}]), 400, "content"),
-    ("tools", "POST", CH, lambda: chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("a tool without a name", "POST", CH, lambda: chat(tools=[{"type": "function", "function": {}}]), 400, "tools"),
+    ("tool_choice naming no tool", "POST", CH,
+     lambda: chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function", "function": {"name": "g"}}),
+     400, "tool_choice"),
+    ("functions (the legacy form)", "POST", CH, lambda: chat(functions=[{"name": "f"}]), 400, "functions"),
     ("chat prompt longer than the context", "POST", CH,
      lambda: chat(messages=[{"role": "user", "content": LONG}]), 400, "context"),
     # Routes and methods

@@ -373,6 +373,78 @@ def test_structured_outputs():
     still_serving()
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                      "parameters": {"type": "object", "required": ["city", "unit"],
+                                                     "properties": {"city": {"type": "string", "maxLength": 30},
+                                                                    "unit": {"enum": ["C", "F"]}}}}},
+    {"type": "function", "function": {"name": "add", "description": "Adds two integers",
+                                      "parameters": {"type": "object", "required": ["a", "b"],
+                                                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}},
+]
+
+
+def test_tool_calls():
+    import jsonschema
+
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+    def check(calls, name=None):
+        assert calls, "no tool call"
+        for c in calls:
+            assert c.type == "function" and c.id and (name is None or c.function.name == name), c
+            jsonschema.validate(json.loads(c.function.arguments), params[c.function.name])
+
+    # `required` and a named function hold the answer to a call of the tools' own schemas.
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, tool_choice="required",
+                                       temperature=0, max_tokens=80)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None, r
+    check(r.choices[0].message.tool_calls)
+    named = {"type": "function", "function": {"name": "add"}}
+    sampled = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, tool_choice=named,
+                                             temperature=1.0, seed=5, n=3, max_tokens=80)
+    for c in sampled.choices:
+        check(c.message.tool_calls, "add")
+    # Streamed: the same call, whole in the last chunk; no tag leaks into the content.
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, tool_choice="required",
+                                                temperature=0, max_tokens=80, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for tc in c.delta.tool_calls or []:
+                calls[tc.index] = (tc.function.name, tc.function.arguments)
+            finish = c.finish_reason or finish
+    first = r.choices[0].message.tool_calls[0]
+    assert (content, finish, calls) == ("", "tool_calls", {0: (first.function.name, first.function.arguments)})
+    # The tools reach the prompt (this model's template has no place for them: tandem's instructions).
+    with_tools = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, tool_choice="none",
+                                                temperature=0, max_tokens=1)
+    without = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=1)
+    assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens + 50, (with_tools.usage, without.usage)
+    status, data, _ = raw("POST", "/tokenize", json.dumps({"messages": ask, "tools": TOOLS}).encode())
+    assert status == 200 and json.loads(data)["count"] == with_tools.usage.prompt_tokens, data
+    # A history with the call and its result is read back; `none` parses nothing.
+    call = r.choices[0].message.tool_calls[0]
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    after = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=30)
+    assert after.choices[0].message.content, after
+    assert with_tools.choices[0].message.tool_calls is None
+    for body, param in [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools"),
+        ({"tools": TOOLS + TOOLS[:1]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"messages": ask + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{not json"}}]}]}, "messages"),
+    ]:
+        status, err = error_of(raw("POST", "/v1/chat/completions", json.dumps({"messages": ask, **body}).encode()))
+        assert status == 400 and err["param"] == param, (body, err)
+    still_serving()
+
+
 def test_continue_final_message():
     user = [{"role": "user", "content": "Name the capital of France."}]
     begun = user + [{"role": "assistant", "content": "The capital of France is"}]

@@ -30,16 +30,18 @@ def chat(client, prompt, stream=False, extra=None):
     if not stream:
         r = client.chat.completions.create(**args)
         c = r.choices[0]
-        return c.message.content, [(t.token, t.logprob) for t in c.logprobs.content], r.usage
-    text, lps, usage = "", [], None
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+        return (c.message.content, calls), [(t.token, t.logprob) for t in c.logprobs.content], r.usage
+    text, lps, usage, calls = "", [], None, []
     for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args):
         if chunk.usage:
             usage = chunk.usage
         for c in chunk.choices:
             text += c.delta.content or ""
+            calls += [(t.function.name, t.function.arguments) for t in c.delta.tool_calls or []]
             if c.logprobs and c.logprobs.content:
                 lps += [(t.token, t.logprob) for t in c.logprobs.content]
-    return text, lps, usage
+    return (text or None, calls), lps, usage
 
 
 def main():
@@ -57,6 +59,11 @@ def main():
                        "required": ["language", "code"], "additionalProperties": False}
         jobs.append((PROMPTS[0], True, {"response_format": {"type": "json_schema", "json_schema": {
             "name": "code", "schema": code_schema}}}))
+        # And a tool call the answer is held to (its arguments' schema, the call's tags).
+        tools = [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
+            "code": {"type": "string"}}, "required": ["code"]}}}]
+        jobs.append((PROMPTS[0], False, {"tools": tools, "tool_choice": "required"}))
+        jobs.append((PROMPTS[0], True, {"tools": tools, "tool_choice": "required"}))
         want = list(pool.map(lambda j: chat(plain, *j), jobs))
         got = list(pool.map(lambda j: chat(spec, *j), jobs))
     accepted = 0

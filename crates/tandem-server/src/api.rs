@@ -122,6 +122,23 @@ pub struct ContentPart {
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant turn's calls of tools.
+    pub tool_calls: Option<Vec<ApiToolCall>>,
+    /// A tool message: the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool call as OpenAI sends it back in the history (its arguments a JSON string).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiToolCall {
+    pub id: Option<String>,
+    pub function: ApiFunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiFunctionCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,4 +151,10 @@ pub struct ChatRequest {
     pub add_generation_prompt: Option<bool>,
     /// vLLM's: the model continues the final message instead of answering it.
     pub continue_final_message: Option<bool>,
+    /// OpenAI's tools (`{"type": "function", "function": {"name", "description", "parameters"}}`),
+    /// checked in `tools.rs`.
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
+    /// Accepted; several calls in one answer are always returned.
+    pub parallel_tool_calls: Option<bool>,
 }

@@ -221,6 +221,9 @@ fn refuse(req: &ChatRequest, c: &Common) -> Result<(), ApiError> {
     if req.logprobs.unwrap_or(false) {
         return Err(ApiError::bad_request("an evolved answer has no logprobs", Some("logprobs")));
     }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request("an evolving model's answers call no tools", Some("tools")));
+    }
     if let Some((_, param)) = crate::structured::requested(c)? {
         return Err(ApiError::bad_request("an evolving model's answers are not held to a grammar", Some(param)));
     }

@@ -11,6 +11,7 @@ mod score;
 mod stop;
 mod structured;
 mod tokens;
+mod tools;
 pub mod training;
 pub mod worker;
 

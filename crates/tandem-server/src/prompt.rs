@@ -55,7 +55,22 @@ pub(crate) fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, Ap
             }
         };
         let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-        out.push(Message::new(role, &content));
+        let mut message = Message::new(role, &content);
+        for (j, c) in m.tool_calls.iter().flatten().enumerate() {
+            let arguments = serde_json::from_str(&c.function.arguments).map_err(|e| {
+                ApiError::bad_request(
+                    format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"),
+                    Some("messages"),
+                )
+            })?;
+            message.tool_calls.push(tandem_runtime::ToolCall {
+                id: c.id.clone().unwrap_or_default(),
+                kind: "function".into(),
+                function: tandem_runtime::FunctionCall { name: c.function.name.clone(), arguments },
+            });
+        }
+        message.tool_call_id = m.tool_call_id.clone();
+        out.push(message);
     }
     Ok(out)
 }
@@ -69,6 +84,7 @@ pub(crate) fn chat_prompt_as(
     messages: &[Message],
     add_generation_prompt: Option<bool>,
     continue_final_message: Option<bool>,
+    tools: Option<&serde_json::Value>,
 ) -> Result<Vec<u32>, ApiError> {
     let bad = |e: String| ApiError::bad_request(e, Some("messages"));
     let text = match (add_generation_prompt, continue_final_message.unwrap_or(false)) {
@@ -77,12 +93,12 @@ pub(crate) fn chat_prompt_as(
             Some("continue_final_message"),
         )),
         (_, true) => state.template.render_continuing(messages).map_err(bad),
-        (generation, false) => state.template.render(messages, generation.unwrap_or(true)).map_err(bad),
+        (generation, false) => state.template.render_with_tools(messages, tools, generation.unwrap_or(true)).map_err(bad),
     }?;
     tokenize(state, &text)
 }
 
 /// The token ids of a chat rendered by the model's template, ready for the assistant's turn.
 pub(crate) fn chat_prompt(state: &AppState, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
-    chat_prompt_as(state, messages, None, None)
+    chat_prompt_as(state, messages, None, None, None)
 }

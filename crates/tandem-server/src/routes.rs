@@ -79,7 +79,6 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     };
     let field = |name: &str| body.get(name).filter(|v| asks(v));
     let refused = [
-        "tools",
         "functions",
         "suffix",
         "use_beam_search",
@@ -142,6 +141,8 @@ struct Job {
     /// Per prompt, its own tokens' logprobs (completions with `echo` and `logprobs`), reported
     /// before the completion's; empty otherwise.
     prompt_logprobs: Vec<Vec<TokenInfo>>,
+    /// A chat that offered these tools: calls in each answer are returned as `tool_calls`.
+    tool_calls: Option<Value>,
     /// `system_fingerprint`: the weight version the worker serves (the label its last weight
     /// update gave; what the SGLang gateway reports as a worker's `weight_version`).
     fingerprint: String,
@@ -298,6 +299,7 @@ fn build_job(
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         n,
         prompt_logprobs: Vec::new(),
+        tool_calls: None,
         fingerprint: String::new(),
     })
 }
@@ -403,7 +405,9 @@ pub async fn chat_completions(
     };
     let result = (|| {
         let messages = chat_messages(&req.messages)?;
-        let ids = chat_prompt_as(&state, &messages, req.add_generation_prompt, req.continue_final_message)?;
+        let tool_use = crate::tools::requested(&req)?;
+        let tools = tool_use.as_ref().map(|t| &t.tools);
+        let ids = chat_prompt_as(&state, &messages, req.add_generation_prompt, req.continue_final_message, tools)?;
         let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
             (false, Some(_)) => {
                 return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")))
@@ -412,7 +416,12 @@ pub async fn chat_completions(
             (true, t) => Some(in_range(t.unwrap_or(0), 0, 20, "top_logprobs")? as usize),
         };
         let max_tokens = req.max_completion_tokens.or(common.max_tokens);
-        build_job(&state, Endpoint::Chat, &common, vec![(ids, None)], max_tokens, None, logprobs)
+        let mut job = build_job(&state, Endpoint::Chat, &common, vec![(ids, None)], max_tokens, None, logprobs)?;
+        if let Some(t) = &tool_use {
+            hold_to_a_call(&state, &common, t, &mut job)?;
+            job.tool_calls = t.parses().then(|| t.tools.clone());
+        }
+        Ok(job)
     })();
     match result {
         Ok(mut job) => {
@@ -421,6 +430,24 @@ pub async fn chat_completions(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// With `tool_choice` `required` or a named function, every choice is held to the grammar of
+/// one call (which a structured output asked beside it would contradict).
+fn hold_to_a_call(state: &AppState, c: &Common, t: &crate::tools::ToolUse, job: &mut Job) -> Result<(), ApiError> {
+    let Some(spec) = t.grammar() else { return Ok(()) };
+    if let Some((_, param)) = crate::structured::requested(c)? {
+        return Err(ApiError::bad_request(
+            format!("`tool_choice` already holds the answer to a function call: remove `{param}`"),
+            Some("tool_choice"),
+        ));
+    }
+    let grammars = state.grammars().map_err(|e| ApiError::bad_request(e, Some("tool_choice")))?;
+    let grammar = grammars.compile(&spec).map_err(|e| ApiError::bad_request(format!("`tools`: {e}"), Some("tools")))?;
+    for (_, request, _) in &mut job.choices {
+        request.sampling.grammar = Some(grammar.clone());
+    }
+    Ok(())
 }
 
 fn now_secs() -> u64 {
@@ -545,10 +572,21 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
                 "index": index, "text": text, "finish_reason": finish,
                 "logprobs": if job.logprobs { completion_logprobs(&tokens, offset0) } else { Value::Null },
             }),
-            Endpoint::Chat => json!({
-                "index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                "logprobs": if job.logprobs { chat_logprobs(&tokens) } else { Value::Null },
-            }),
+            Endpoint::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if let Some(tools) = &job.tool_calls {
+                    let (content, calls) = crate::tools::message(&text, tools, &format!("{id}_{index}"));
+                    message["content"] = json!(content);
+                    if !calls.is_empty() {
+                        message["tool_calls"] = Value::Array(calls);
+                        finish = if finish == "stop" { "tool_calls" } else { finish };
+                    }
+                }
+                json!({
+                    "index": index, "message": message, "finish_reason": finish,
+                    "logprobs": if job.logprobs { chat_logprobs(&tokens) } else { Value::Null },
+                })
+            }
         });
     }
     let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
@@ -580,11 +618,15 @@ fn stream_response(
             .to_string(),
         )
     };
-    let (logprobs, n) = (job.logprobs, job.n);
+    let (logprobs, n, tool_calls) = (job.logprobs, job.n, job.tool_calls.clone());
     let prompt_logprobs = job.prompt_logprobs.clone();
+    let call_id = usage_id.clone();
     // One stream per choice: an opening chunk (role, or echoed prompt), deltas, a closing chunk.
     let per_choice = receivers.into_iter().map(move |(index, rx, echo)| {
         let chunk = chunk.clone();
+        // A chat that offered tools: calls are held back from the content and sent whole at the end.
+        let mut tools = tool_calls.clone().map(crate::tools::ToolStream::new);
+        let call_id = format!("{call_id}_{index}");
         // Where the next token's text starts in the choice's whole text (completions logprobs).
         let mut text_offset = echo.as_ref().map_or(0, String::len);
         let opening = if chat {
@@ -609,6 +651,10 @@ fn stream_response(
                     text_offset += tokens.iter().map(|t| t.token.len()).sum::<usize>();
                     lp
                 };
+                let text = match &mut tools {
+                    Some(t) => t.push(&text),
+                    None => text,
+                };
                 let c = if chat {
                     json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
                 } else {
@@ -617,7 +663,23 @@ fn stream_response(
                 (chunk(c), Counted::default())
             }
             ChoiceEvent::End { finish_reason, completion_tokens, speculation, cached_tokens } => {
-                let c = if chat {
+                let c = if let Some(t) = &tools {
+                    let (rest, calls) = t.finish(&call_id);
+                    let mut delta = json!({});
+                    if !rest.is_empty() {
+                        delta["content"] = json!(rest);
+                    }
+                    let mut finish_reason = finish_reason;
+                    if !calls.is_empty() {
+                        let indexed = calls.into_iter().enumerate().map(|(i, mut c)| {
+                            c["index"] = json!(i);
+                            c
+                        });
+                        delta["tool_calls"] = Value::Array(indexed.collect());
+                        finish_reason = if finish_reason == "stop" { "tool_calls" } else { finish_reason };
+                    }
+                    json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
+                } else if chat {
                     json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
                 } else {
                     json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})

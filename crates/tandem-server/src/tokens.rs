@@ -24,6 +24,8 @@ pub struct TokenizeRequest {
     /// or continue the final message; as in a chat request.
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
+    /// The chat's tools, rendered into the prompt as the chat route renders them.
+    pub tools: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,9 +39,13 @@ pub async fn tokenize_route(State(server): Shared, body: Result<Bytes, BytesReje
         let state = server.model(common.model.as_deref())?;
         let ids = match (&req.prompt, &req.messages) {
             (Some(p), None) => tokenize(&state, p)?,
-            (None, Some(m)) => {
-                chat_prompt_as(&state, &chat_messages(m)?, req.add_generation_prompt, req.continue_final_message)?
-            }
+            (None, Some(m)) => chat_prompt_as(
+                &state,
+                &chat_messages(m)?,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.tools.clone().map(serde_json::Value::Array).as_ref(),
+            )?,
             _ => return Err(ApiError::bad_request("send either `prompt` or `messages`", None)),
         };
         Ok(json!({"count": ids.len(), "max_model_len": state.engine.config().max_seq_len, "tokens": ids}))
