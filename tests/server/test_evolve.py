@@ -194,7 +194,9 @@ def test_streaming_reports_each_round_then_the_answer():
 def test_refusals_of_an_evolving_model():
     cases = [({"n": 2}, "`n` must be 1"), ({"logprobs": True}, "no logprobs"),
              ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                            {"role": "user", "content": "c"}]}, "one question")]
+                            {"role": "user", "content": "c"}]}, "one question"),
+             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "call no tools"),
+             ({"guided_regex": "[0-9]+"}, "not held to a grammar")]
     for extra, what in cases:
         body = {"model": "evolver", "messages": [{"role": "user", "content": QUESTION}]}
         body.update(extra)
