@@ -6,7 +6,6 @@ use crate::bench_spec::{run_once, Run};
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Instant;
 use tandem_cli::{load_model, models, DtypeArg};
 use tandem_models::Device;
@@ -87,9 +86,7 @@ pub fn run(args: GrammarBenchArgs) -> Result<()> {
         let prompt = loaded.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
         let stop = loaded.stop_token_ids.clone();
         let started = Instant::now();
-        let eos = stop.first().copied().unwrap_or(0);
-        let compiler = Grammars::new(Arc::new(loaded.tokenizer.clone()), loaded.model.config.vocab_size, eos)
-            .map_err(anyhow::Error::msg)?;
+        let compiler = Grammars::for_model(&loaded).map_err(anyhow::Error::msg)?;
         let trie_secs = started.elapsed().as_secs_f64();
         println!("{model_name}: token trie built in {trie_secs:.2} s (once per model)");
         tries.push(json!({"model": model_name, "trie_secs": trie_secs}));

@@ -101,7 +101,7 @@ fn tiny_tokenizer() -> &'static (Arc<tandem_models::Tokenizer>, Grammars) {
         let m = load(&tiny_dir().join(TARGET), &LoadOptions::default(), &mut |_, _| {}).unwrap();
         let eos = m.tokenizer.token_to_id("<|endoftext|>").unwrap();
         let tokenizer = Arc::new(m.tokenizer);
-        let grammars = Grammars::new(tokenizer.clone(), m.model.config.vocab_size, eos).unwrap();
+        let grammars = Grammars::new(tokenizer.clone(), m.model.config.vocab_size, &[eos]).unwrap();
         (tokenizer, grammars)
     })
 }

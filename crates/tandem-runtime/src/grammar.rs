@@ -34,8 +34,7 @@ impl GrammarSpec {
     /// whitespace: models write JSON that way, and a grammar that allows any whitespace lets a small
     /// model pad its output with newlines until `max_tokens` (a schema's own `x-guidance` options
     /// win).
-    fn json(schema: Value) -> TopLevelGrammar {
-        let mut schema = schema;
+    fn json(mut schema: Value) -> TopLevelGrammar {
         if let Some(o) = schema.as_object_mut() {
             o.entry("x-guidance").or_insert_with(
                 || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
@@ -104,8 +103,15 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, St
 }
 
 impl Grammars {
-    /// For a model whose logits have `vocab_size` entries and whose end-of-sequence token is `eos`.
-    pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos: u32) -> Result<Self, String> {
+    /// For a loaded model (its tokenizer, logits and stop tokens).
+    pub fn for_model(m: &tandem_models::LoadedModel) -> Result<Self, String> {
+        Self::new(Arc::new(m.tokenizer.clone()), m.model.config.vocab_size, &m.stop_token_ids)
+    }
+
+    /// For a model whose logits have `vocab_size` entries and whose sequences end at `stop_tokens`
+    /// (the first is the end a complete grammar allows; the sampler allows the others beside it).
+    pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, stop_tokens: &[u32]) -> Result<Self, String> {
+        let eos = stop_tokens.first().copied().unwrap_or(0);
         let json: Value =
             serde_json::from_str(&tokenizer.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         let mut words =

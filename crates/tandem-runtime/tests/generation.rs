@@ -1,18 +1,9 @@
 //! End-to-end generation with the real default models.
-use std::path::PathBuf;
+mod common;
+use common::model_file;
 use std::process::Command;
 use tandem_models::{load, KvCache, LoadOptions, LoadedModel, WeightDtype};
 use tandem_runtime::{generate, ChatTemplate, GenerateOptions, Generation, Message, SamplingParams};
-
-fn model_file(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("TANDEM_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
-    };
-    let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
-    p
-}
 
 fn load_model(name: &str, keep_quantized: bool) -> LoadedModel {
     load_with(name, LoadOptions { keep_quantized, ..Default::default() })

@@ -2,25 +2,19 @@
 //! logits (an adversary that prefers no token in particular) every output stays in its grammar and
 //! ends, greedy or sampled; and a sampler asked about an output that went back (a rejected draft)
 //! masks exactly as a fresh one.
+mod common;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
-use std::sync::Arc;
 use tandem_models::{load, LoadOptions, LoadedModel};
 use tandem_runtime::{GrammarSpec, Grammars, Sampler, SamplingParams, Target};
 
 fn loaded(name: &str) -> LoadedModel {
-    let dir = match std::env::var_os("TANDEM_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tandem/models"),
-    };
-    let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (CI does)", p.display());
-    load(&p, &LoadOptions { keep_quantized: true, ..Default::default() }, &mut |_, _| {}).unwrap()
+    let opts = LoadOptions { keep_quantized: true, ..Default::default() };
+    load(&common::model_file(name), &opts, &mut |_, _| {}).unwrap()
 }
 
 fn grammars(m: &LoadedModel) -> Grammars {
-    Grammars::new(Arc::new(m.tokenizer.clone()), m.model.config.vocab_size, m.stop_token_ids[0]).unwrap()
+    Grammars::for_model(m).unwrap()
 }
 
 fn random_logits(rng: &mut StdRng, n: usize) -> Vec<f32> {

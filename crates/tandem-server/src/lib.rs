@@ -148,8 +148,7 @@ impl AppState {
     /// a multi-threaded runtime moves this worker's other tasks elsewhere).
     pub fn grammars(&self) -> Result<Arc<tandem_runtime::Grammars>, String> {
         let build = || {
-            let eos = self.stop_token_ids.first().copied().unwrap_or(0);
-            tandem_runtime::Grammars::new(self.tokenizer.clone(), self.vocab_size, eos).map(Arc::new)
+            tandem_runtime::Grammars::new(self.tokenizer.clone(), self.vocab_size, &self.stop_token_ids).map(Arc::new)
         };
         let init = || self.grammars.get_or_init(build).clone();
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {

@@ -418,7 +418,9 @@ pub async fn chat_completions(
         let max_tokens = req.max_completion_tokens.or(common.max_tokens);
         let mut job = build_job(&state, Endpoint::Chat, &common, vec![(ids, None)], max_tokens, None, logprobs)?;
         if let Some(t) = &tool_use {
-            hold_to_a_call(&state, &common, t, &mut job)?;
+            if let Some(grammar) = t.held_to(&state, &common)? {
+                job.choices.iter_mut().for_each(|(_, r, _)| r.sampling.grammar = Some(grammar.clone()));
+            }
             job.tool_calls = t.parses().then(|| t.tools.clone());
         }
         Ok(job)
@@ -430,24 +432,6 @@ pub async fn chat_completions(
         }
         Err(e) => e.into_response(),
     }
-}
-
-/// With `tool_choice` `required` or a named function, every choice is held to the grammar of
-/// one call (which a structured output asked beside it would contradict).
-fn hold_to_a_call(state: &AppState, c: &Common, t: &crate::tools::ToolUse, job: &mut Job) -> Result<(), ApiError> {
-    let Some(spec) = t.grammar() else { return Ok(()) };
-    if let Some((_, param)) = crate::structured::requested(c)? {
-        return Err(ApiError::bad_request(
-            format!("`tool_choice` already holds the answer to a function call: remove `{param}`"),
-            Some("tool_choice"),
-        ));
-    }
-    let grammars = state.grammars().map_err(|e| ApiError::bad_request(e, Some("tool_choice")))?;
-    let grammar = grammars.compile(&spec).map_err(|e| ApiError::bad_request(format!("`tools`: {e}"), Some("tools")))?;
-    for (_, request, _) in &mut job.choices {
-        request.sampling.grammar = Some(grammar.clone());
-    }
-    Ok(())
 }
 
 fn now_secs() -> u64 {
@@ -573,15 +557,10 @@ async fn run(state: Arc<AppState>, job: Job, started: Instant) -> Response {
                 "logprobs": if job.logprobs { completion_logprobs(&tokens, offset0) } else { Value::Null },
             }),
             Endpoint::Chat => {
-                let mut message = json!({"role": "assistant", "content": text});
-                if let Some(tools) = &job.tool_calls {
-                    let (content, calls) = crate::tools::message(&text, tools, &format!("{id}_{index}"));
-                    message["content"] = json!(content);
-                    if !calls.is_empty() {
-                        message["tool_calls"] = Value::Array(calls);
-                        finish = if finish == "stop" { "tool_calls" } else { finish };
-                    }
-                }
+                let (message, finish) = match &job.tool_calls {
+                    Some(tools) => crate::tools::answer(&text, tools, &format!("{id}_{index}"), finish),
+                    None => (json!({"role": "assistant", "content": text}), finish),
+                };
                 json!({
                     "index": index, "message": message, "finish_reason": finish,
                     "logprobs": if job.logprobs { chat_logprobs(&tokens) } else { Value::Null },
@@ -664,20 +643,7 @@ fn stream_response(
             }
             ChoiceEvent::End { finish_reason, completion_tokens, speculation, cached_tokens } => {
                 let c = if let Some(t) = &tools {
-                    let (rest, calls) = t.finish(&call_id);
-                    let mut delta = json!({});
-                    if !rest.is_empty() {
-                        delta["content"] = json!(rest);
-                    }
-                    let mut finish_reason = finish_reason;
-                    if !calls.is_empty() {
-                        let indexed = calls.into_iter().enumerate().map(|(i, mut c)| {
-                            c["index"] = json!(i);
-                            c
-                        });
-                        delta["tool_calls"] = Value::Array(indexed.collect());
-                        finish_reason = if finish_reason == "stop" { "tool_calls" } else { finish_reason };
-                    }
+                    let (delta, finish_reason) = t.end(&call_id, finish_reason);
                     json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
                 } else if chat {
                     json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})

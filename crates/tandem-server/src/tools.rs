@@ -4,11 +4,12 @@
 //! and calls found in its output are returned as `tool_calls`. `tool_choice: "required"` or a named
 //! function holds the output to a grammar of one such call, with the function's parameters as its
 //! arguments' JSON schema; `"none"` offers the tools but parses nothing.
-use crate::api::ChatRequest;
+use crate::api::{ChatRequest, Common};
 use crate::error::ApiError;
+use crate::AppState;
 use serde_json::{json, Value};
 use tandem_runtime::chat::{TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
-use tandem_runtime::{parse_tool_calls, GrammarSpec};
+use tandem_runtime::{parse_tool_calls, Grammar, GrammarSpec};
 
 /// What a request's `tool_choice` asks.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,8 +89,22 @@ impl ToolUse {
         self.choice != Choice::None
     }
 
+    /// With `tool_choice` `required` or a named function, the compiled grammar every choice is
+    /// held to (which a structured output asked beside it would contradict).
+    pub fn held_to(&self, state: &AppState, c: &Common) -> Result<Option<Grammar>, ApiError> {
+        let Some(spec) = self.grammar() else { return Ok(None) };
+        if let Some((_, param)) = crate::structured::requested(c)? {
+            return Err(ApiError::bad_request(
+                format!("`tool_choice` already holds the answer to a function call: remove `{param}`"),
+                Some("tool_choice"),
+            ));
+        }
+        let grammars = state.grammars().map_err(|e| ApiError::bad_request(e, Some("tool_choice")))?;
+        grammars.compile(&spec).map(Some).map_err(|e| ApiError::bad_request(format!("`tools`: {e}"), Some("tools")))
+    }
+
     /// The grammar of one call of the chosen function (or any of them, for `required`).
-    pub fn grammar(&self) -> Option<GrammarSpec> {
+    fn grammar(&self) -> Option<GrammarSpec> {
         let callable = |t: &&Value| match &self.choice {
             Choice::Required => true,
             Choice::Named(n) => t["function"]["name"] == n.as_str(),
@@ -149,6 +164,26 @@ pub(crate) fn message(text: &str, tools: &Value, id: &str) -> (Option<String>, V
     let (content, calls) = calls_in(text, tools);
     let content = Some(content.trim().to_string()).filter(|c| !c.is_empty() || calls.is_empty());
     (content, calls_json(id, calls))
+}
+
+/// A whole answer's `message` and finish reason, its calls as `tool_calls`.
+pub(crate) fn answer(text: &str, tools: &Value, id: &str, finish: &'static str) -> (Value, &'static str) {
+    let (content, calls) = message(text, tools, id);
+    let finish = finish_with(finish, &calls);
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    (message, finish)
+}
+
+/// OpenAI's finish reason for an answer that ended by itself with calls: `tool_calls`.
+fn finish_with(finish: &'static str, calls: &[Value]) -> &'static str {
+    if finish == "stop" && !calls.is_empty() {
+        "tool_calls"
+    } else {
+        finish
+    }
 }
 
 fn call(id: &str, i: usize, name: &str, args: &Value) -> Value {
@@ -211,6 +246,25 @@ impl ToolStream {
         let sent = self.text[..self.sent].trim();
         let rest = content.strip_prefix(sent).unwrap_or("").to_string();
         (rest, calls_json(id, calls))
+    }
+
+    /// The last chunk's `delta` (the content held back, the calls with their `index`) and finish
+    /// reason.
+    pub fn end(&self, id: &str, finish: &'static str) -> (Value, &'static str) {
+        let (rest, calls) = self.finish(id);
+        let finish = finish_with(finish, &calls);
+        let mut delta = json!({});
+        if !rest.is_empty() {
+            delta["content"] = json!(rest);
+        }
+        if !calls.is_empty() {
+            let indexed = calls.into_iter().enumerate().map(|(i, mut c)| {
+                c["index"] = json!(i);
+                c
+            });
+            delta["tool_calls"] = Value::Array(indexed.collect());
+        }
+        (delta, finish)
     }
 }
 

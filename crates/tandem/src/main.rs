@@ -167,13 +167,7 @@ fn grammar(args: &GenerateArgs, loaded: &tandem_models::LoadedModel) -> Result<O
     } else {
         return Ok(None);
     };
-    let eos = loaded.stop_token_ids.first().copied().unwrap_or(0);
-    let grammars = tandem_runtime::Grammars::new(
-        std::sync::Arc::new(loaded.tokenizer.clone()),
-        loaded.model.config.vocab_size,
-        eos,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let grammars = tandem_runtime::Grammars::for_model(loaded).map_err(anyhow::Error::msg)?;
     Ok(Some(grammars.compile(&spec).map_err(anyhow::Error::msg)?))
 }
 
