@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes README's day-0 drafter for the default model in its four self-distillation rounds (day0 ->
 # day0d -> day0e -> day0f), one `tandem train-drafter` after another. A round whose drafter is
-# already written is skipped, so a run that was cut off goes on where it stopped. Both cores for
+# already written is skipped, and a round cut off part way goes on from its last saved state (see
+# `tandem train-drafter --checkpoint-every`), so running it again finishes the chain. Both cores for
 # ~72 min on a 2-vCPU Zen 5, ~2.8 h on a 2-vCPU Xeon (docs/speculative-decoding.md).
 #
 # usage: scripts/day0-drafters.sh [OUT_DIR]

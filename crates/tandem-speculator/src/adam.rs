@@ -2,7 +2,7 @@
 //! gradient-norm clip folded in. The update itself is tandem's one AdamW rule
 //! (`tandem_models::ops::adamw`: in place on the CPU, a test holds it equal to candle's AdamW).
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::ParamsAdamW;
 use tandem_models::ops::adamw;
 use tandem_models::Result;
@@ -22,6 +22,33 @@ impl AdamW {
             .map(|v| Ok((v.as_tensor().zeros_like()?, v.as_tensor().zeros_like()?)))
             .collect::<Result<_>>()?;
         Ok(AdamW { params, vars, moments, step_t: 0 })
+    }
+
+    /// The moments and the step count as named tensors (a checkpoint's part).
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("adam.t".to_string(), Tensor::new(&[self.step_t as i64], &candle_core::Device::Cpu)?)];
+        for (i, (m, v)) in self.moments.iter().enumerate() {
+            out.push((format!("adam.m.{i}"), m.copy()?));
+            out.push((format!("adam.v.{i}"), v.copy()?));
+        }
+        Ok(out)
+    }
+
+    /// Takes the moments and step count `state` wrote (same vars, same order).
+    pub fn restore(&mut self, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let get = |name: String| {
+            tensors.get(&name).ok_or_else(|| tandem_models::ModelError::Drafter(format!("checkpoint lacks {name}")))
+        };
+        for (i, (var, moments)) in self.vars.iter().zip(self.moments.iter_mut()).enumerate() {
+            let (m, v) = (get(format!("adam.m.{i}"))?, get(format!("adam.v.{i}"))?);
+            if m.dims() != var.dims() || v.dims() != var.dims() {
+                return Err(tandem_models::ModelError::Drafter(format!("checkpoint moments {i} have another shape")));
+            }
+            // Copies: the update writes the moments in place.
+            *moments = (m.to_dtype(DType::F32)?.copy()?, v.to_dtype(DType::F32)?.copy()?);
+        }
+        self.step_t = get("adam.t".to_string())?.to_vec1::<i64>()?[0] as i32;
+        Ok(())
     }
 
     /// The global norm of the optimized vars' gradients.

@@ -223,6 +223,38 @@ impl Trainer {
         Ok(())
     }
 
+    /// Writes everything a later run needs to go on exactly where this one is: every parameter,
+    /// the optimizer's moments and the step counts (one safetensors file, replaced atomically).
+    pub fn save_state(&self, path: &std::path::Path) -> Result<()> {
+        let mut tensors: std::collections::HashMap<String, Tensor> = self.opt.state()?.into_iter().collect();
+        for (name, var) in self.vars.named() {
+            tensors.insert(format!("param.{name}"), var.as_tensor().copy()?);
+        }
+        tensors.insert("steps".into(), Tensor::new(&[self.steps as i64], &Device::Cpu)?);
+        let tmp = path.with_extension("tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| ModelError::checkpoint(path, e))
+    }
+
+    /// Takes up the state `save_state` wrote (a trainer of the same drafter and configuration).
+    pub fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
+        let tensors =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::checkpoint(path, e))?;
+        for (name, var) in self.vars.named() {
+            let t = tensors
+                .get(&format!("param.{name}"))
+                .ok_or_else(|| ModelError::checkpoint(path, format!("no {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::checkpoint(path, format!("{name} has another shape")));
+            }
+            var.set(&t.to_device(&self.device)?)?;
+        }
+        self.opt.restore(&tensors)?;
+        let steps = tensors.get("steps").ok_or_else(|| ModelError::checkpoint(path, "no step count"))?;
+        self.steps = steps.to_vec1::<i64>()?[0] as u64;
+        Ok(())
+    }
+
     pub fn draft_id(&self, target: u32) -> Option<usize> {
         self.t2d.get(target as usize).and_then(|&d| (d >= 0).then_some(d as usize))
     }

@@ -5,6 +5,7 @@ mod eval;
 mod fleet;
 mod follow;
 mod memory;
+mod resume;
 mod serve;
 mod train_drafter;
 

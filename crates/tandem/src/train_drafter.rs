@@ -13,6 +13,8 @@ use tandem_runtime::speculative::{EagleDrafter, WarmStart};
 use tandem_speculator::traces_io::{load_trace, trace_files};
 use tandem_speculator::{distill, replay, Batch, TracePool, TrainConfig, Trainer};
 
+use crate::resume::Resume;
+
 #[derive(clap::Args)]
 pub struct TrainDrafterArgs {
     /// Folder of recorded traces (`trace-*.safetensors`).
@@ -72,6 +74,15 @@ pub struct TrainDrafterArgs {
     /// every step so that the drafter does not forget them (`--train-replay-share`). 0: none.
     #[arg(long, default_value_t = tandem_speculator::replay::REPLAY_POSITIONS)]
     replay_positions: usize,
+    /// Steps between saved states in OUT/progress (with the answers, as each part of them is
+    /// read back): the same command run again after a stop goes on from the last one and writes
+    /// the drafter an uninterrupted run would have.
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: u64,
+    /// Stop after this step, its state saved: the same command later goes on from it (a long
+    /// training run in parts).
+    #[arg(long)]
+    stop_after: Option<u64>,
     /// With --follow: optimizer steps between published versions.
     #[arg(long, default_value_t = 10)]
     publish_every: u64,
@@ -105,6 +116,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             replay,
         });
     }
+    let resume = Resume::open(&args.out, &Resume::command_key())?;
     let mut pool = TracePool::new(usize::MAX);
     let tc = TrainConfig { seed: args.seed, ..args.train.train_config(args.spec.warm_start) };
     if !args.corpus.is_empty() {
@@ -120,7 +132,7 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
     }
     if args.self_distill > 0 {
         let prompts = tandem_bench::workload::distill_prompts(args.self_distill, tc.seed)?;
-        for t in answered_traces(&loaded, &drafter.config.target_layers, &prompts, args.answer_tokens)? {
+        for t in self_distilled(&loaded, &drafter.config.target_layers, &prompts, args.answer_tokens, &resume)? {
             pool.add(t);
         }
         eprintln!("self-distillation: {} answers, {} positions in the pool", args.self_distill, pool.positions());
@@ -154,14 +166,19 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         let [code, math, chat] = REDUCED_DOMAINS;
         let all = stream(code, math, chat, STREAM_SEED)?;
         let served: Vec<_> = all.iter().step_by(all.len() / args.eval_served.clamp(1, all.len())).cloned().collect();
-        let answered = answered_traces(&loaded, &drafter.config.target_layers, &served, args.answer_tokens)?;
+        let answered =
+            answered_traces(&loaded, &drafter.config.target_layers, &served, args.answer_tokens, "held out")?;
         held.extend(served.iter().map(|p| p.domain).zip(answered));
     }
     eprintln!("{} traces, {} positions ({} held out)", pool.len(), pool.positions(), held.len());
     let mut trainer = args.train.trainer(&drafter, &loaded.model, args.spec.warm_start)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
+    let start = resume.restore(&mut trainer)? + 1;
+    if start > 1 {
+        eprintln!("continuing from step {} ({})", start - 1, args.out.join("progress").display());
+    }
     let vd = trainer.config.draft_vocab_size;
     let bar = Progress::new(args.steps, "steps");
+    bar.inc(start - 1);
     // Held-out batches: each held trace's output positions (from the last prompt position on),
     // with the group it is reported in (its domain, or held-out trace files).
     let held: Vec<(&str, Batch)> = held
@@ -201,22 +218,25 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             ce / n
         ))
     };
-    if !held.is_empty() {
+    if !held.is_empty() && start == 1 {
         let random = EagleDrafter::random(&loaded.model, Some(trainer.config.draft_vocab_size), tc.seed)?;
         let random = args.train.trainer(&random, &loaded.model, WarmStart::None)?;
         eprintln!("a random drafter: {}", evaluate(&random)?);
         eprintln!("step 0: {}", evaluate(&trainer)?);
     }
     let every = args.report_every.max(1);
-    let mut avg = (0.0, 0.0);
-    for step in 1..=args.steps {
+    // Loss and agreement summed since the last report, and over how many steps.
+    let mut avg = (0.0, 0.0, 0u64);
+    for step in start..=args.steps {
+        // Each step's draw from the seed and its number alone, so a run in parts draws as one.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let t2d = |id| trainer.draft_id(id);
         let batch = replay::sample(&pool, replay.as_deref(), &mut rng, tc.batch_positions, tc.window, vd, &t2d)
             .context("the traces hold no trainable positions")?;
         let s = trainer.step(&batch)?;
         bar.set_message(format!("loss {:.3} top-1 {:.2}", s.loss, s.top1));
         bar.inc(1);
-        avg = (avg.0 + s.loss, avg.1 + s.top1);
+        avg = (avg.0 + s.loss, avg.1 + s.top1, avg.2 + 1);
         if step % every == 0 {
             let held_out = match held.is_empty() {
                 true => String::new(),
@@ -224,12 +244,21 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
             };
             bar.suspend(|| {
                 eprintln!(
-                    "step {step}: loss {:.3}, top-1 agreement {:.3} (mean of the last {every} batches){held_out}",
-                    avg.0 / every as f64,
-                    avg.1 / every as f64
+                    "step {step}: loss {:.3}, top-1 agreement {:.3} (mean of the last {} batches){held_out}",
+                    avg.0 / avg.2 as f64,
+                    avg.1 / avg.2 as f64,
+                    avg.2
                 )
             });
-            avg = (0.0, 0.0);
+            avg = (0.0, 0.0, 0);
+        }
+        if step % args.checkpoint_every.max(1) == 0 || args.stop_after == Some(step) {
+            resume.save(&trainer)?;
+        }
+        if args.stop_after == Some(step) && step < args.steps {
+            bar.finish();
+            eprintln!("stopped after step {step}; the same command goes on from it");
+            return Ok(());
         }
     }
     bar.finish();
@@ -239,10 +268,11 @@ pub fn run(args: TrainDrafterArgs) -> Result<()> {
         // What this drafter was trained on: the traces, and the set it replayed.
         let replayed = replay.as_ref().map(|r| r.pool().traces());
         let traces: Vec<_> = pool.traces().chain(replayed.into_iter().flatten()).cloned().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(tc.seed);
         let (n, positions) = tandem_speculator::replay::write(&traces, args.replay_positions, &args.out, &mut rng)?;
         eprintln!("replay set: {n} of its traces ({positions} positions) in {}", args.out.join("replay").display());
     }
-    Ok(())
+    resume.finish()
 }
 
 /// Chunks of `chunk` tokens from the corpus files, drawn across them at random (at most four per
@@ -303,6 +333,38 @@ fn corpus_chunks(
     Ok(out)
 }
 
+/// Prompts answered per part kept in the run's progress (16 batches of the engine's 16).
+const ANSWER_PART: usize = 256;
+
+/// `answered_traces` of `prompts`, a part at a time, each part kept in `resume` as it is read
+/// back, or taken from there where an earlier run of this command made it.
+fn self_distilled(
+    loaded: &tandem_models::LoadedModel,
+    target_layers: &[usize],
+    prompts: &[tandem_bench::workload::Prompt],
+    max_tokens: usize,
+    resume: &Resume,
+) -> Result<Vec<tandem_engine::online::Trace>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    let parts = prompts.len().div_ceil(ANSWER_PART);
+    for (i, part) in prompts.chunks(ANSWER_PART).enumerate() {
+        let traces = match resume.answers(i)? {
+            Some(kept) if kept.len() == part.len() => {
+                eprintln!("answers, part {} of {parts}: kept from an earlier run of this command", i + 1);
+                kept
+            }
+            _ => {
+                let label = format!("part {} of {parts}", i + 1);
+                let made = answered_traces(loaded, target_layers, part, max_tokens, &label)?;
+                resume.keep_answers(i, &made)?;
+                made
+            }
+        };
+        out.extend(traces);
+    }
+    Ok(out)
+}
+
 /// Traces of the target answering `prompts` greedily (at most `max_tokens` each), served by the
 /// engine 16 at a time: prompt and answer read back by the target, the answer's positions marked
 /// as output (`prompt_len`), every position labelled with the target's own distribution.
@@ -311,6 +373,7 @@ fn answered_traces(
     target_layers: &[usize],
     prompts: &[tandem_bench::workload::Prompt],
     max_tokens: usize,
+    label: &str,
 ) -> Result<Vec<tandem_engine::online::Trace>> {
     use tandem_engine::{Engine, EngineConfig, Event, Fcfs, GenerationRequest};
     let ids = tandem_bench::workload::chat_ids(loaded, prompts)?;
@@ -318,6 +381,7 @@ fn answered_traces(
     let (engine, handle) = Engine::new(loaded.model.clone(), config, Box::new(Fcfs::default()))?;
     let thread = engine.spawn();
     let bar = Progress::new(ids.len() as u64, "prompts answered by the target");
+    bar.set_message(label.to_string());
     let receivers = ids
         .iter()
         .map(|prompt| {
@@ -354,6 +418,7 @@ fn answered_traces(
     let _ = thread.join();
     // Reading the answers back costs about as long as answering them.
     let bar = Progress::new(chunks.len() as u64, "answers read back by the target");
+    bar.set_message(label.to_string());
     let mut traces = distill::text_traces(&loaded.model, target_layers, &chunks, 4, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     for (t, len) in traces.iter_mut().zip(prompt_lens) {

@@ -123,3 +123,45 @@ fn bench_grammar_prints_its_table_and_json() {
     assert_eq!(v["rows"].as_array().unwrap().len(), 3, "{v}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A self-distillation run stopped part way (`--stop-after`) and run again goes on from its saved
+/// state and answers, and writes the same drafter, bit for bit, as a run that never stopped;
+/// another command does not mix into its progress.
+#[test]
+fn train_drafter_goes_on_after_a_stop() {
+    let dir = std::env::temp_dir().join(format!("tandem-train-resume-{}", std::process::id()));
+    let model = tandem_testkit::smollm2();
+    let run = |out: &str, more: &[&str]| {
+        let args = ["train-drafter", "--self-distill", "12", "--answer-tokens", "8", "--steps", "6"];
+        let out = tandem()
+            .args(args)
+            .args(["--checkpoint-every", "2", "--report-every", "2", "--train-batch", "32", "--replay-positions", "50"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.join(out))
+            .args(more)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, log) = run("whole", &[]);
+    assert!(ok, "{log}");
+    let (ok, log) = run("parts", &["--stop-after", "3"]);
+    assert!(ok && log.contains("stopped after step 3"), "{log}");
+    assert!(!dir.join("parts/model.safetensors").exists(), "{log}");
+    let (ok, log) = run("parts", &["--seed", "3"]);
+    assert!(!ok && log.contains("holds the progress of another run"), "{log}");
+    let (ok, log) = run("parts", &[]);
+    assert!(ok && log.contains("continuing from step 3"), "{log}");
+    // The answers were kept, not made again.
+    assert!(log.contains("part 1 of 1: kept from an earlier run"), "{log}");
+    for f in ["model.safetensors", "config.json"] {
+        let (a, b) =
+            (std::fs::read(dir.join("whole").join(f)).unwrap(), std::fs::read(dir.join("parts").join(f)).unwrap());
+        assert!(a == b, "{f} differs between the run in parts and the whole run");
+    }
+    assert!(!dir.join("parts/progress").exists(), "the progress outlived the run");
+    std::fs::remove_dir_all(dir).ok();
+}
