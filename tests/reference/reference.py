@@ -4,7 +4,10 @@ It reads the same checkpoint tandem reads (an HF folder of safetensors, or a GGU
 with the `gguf` package's own numpy code) and writes the logits of every position of a token
 sequence to an .npy file. Nothing here is shared with the Rust implementation.
 
-usage: python3 reference.py CHECKPOINT TOKENS(comma separated) OUT.npy
+usage: python3 reference.py CHECKPOINT TOKENS(comma separated) OUT.npy [KV_DTYPE]
+
+KV_DTYPE f16: keys (after rope) and values rounded to IEEE half precision, as a KV cache of f16
+holds them (numpy's own rounding); everything else stays float64.
 """
 import glob
 import json
@@ -129,7 +132,7 @@ def rope(x, positions, theta, interleaved):
     return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
 
-def forward(p, W, tokens):
+def forward(p, W, tokens, kv_dtype="f32"):
     T = len(tokens)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     x = W["embed"][tokens]
@@ -145,6 +148,8 @@ def forward(p, W, tokens):
         if p["qk_norm"]:
             q, k = rms_norm(q, g("q_norm"), p["eps"]), rms_norm(k, g("k_norm"), p["eps"])
         q, k = rope(q, pos, p["theta"], p["interleaved"]), rope(k, pos, p["theta"], p["interleaved"])
+        if kv_dtype == "f16":
+            k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
@@ -159,8 +164,9 @@ def forward(p, W, tokens):
 
 def main():
     path, tokens, out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
+    kv_dtype = sys.argv[4] if len(sys.argv) > 4 else "f32"
     p, W = load_hf(path) if os.path.isdir(path) else load_gguf(path)
-    np.save(out, forward(p, W, tokens).astype(np.float32))
+    np.save(out, forward(p, W, tokens, kv_dtype).astype(np.float32))
 
 
 if __name__ == "__main__":

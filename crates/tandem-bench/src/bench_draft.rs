@@ -15,7 +15,7 @@ use serde::Serialize;
 use std::time::Instant;
 use tandem_cli::spec_arg::DraftDtype;
 use tandem_cli::{load_model, models};
-use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, SequenceInput, WeightDtype};
+use tandem_models::{KvCache, LoadOptions, LogitsFor, SequenceInput, WeightDtype};
 use tandem_runtime::sampling::SamplingParams;
 use tandem_runtime::speculative::{DraftRequest, Drafter, EagleDrafter, WarmStart};
 
@@ -91,7 +91,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: DraftBenchArgs) -> Result<()> {
     let path = models::resolve(Some(&a.model))?;
     let weight_dtype = if a.mode == "bf16" { WeightDtype::Bf16 } else { WeightDtype::F32 };
-    let opts = LoadOptions { device: Device::Cpu, keep_quantized: a.mode == "quantized", weight_dtype };
+    let opts = LoadOptions { keep_quantized: a.mode == "quantized", weight_dtype, ..Default::default() };
     let loaded = load_model(&path, &opts)?;
     let model = &loaded.model;
     let vocab = (model.config.vocab_size as u32).min(30_000);

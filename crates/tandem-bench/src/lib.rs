@@ -22,7 +22,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
 use tandem_cli::{load_model, models};
-use tandem_models::{Device, KvCache, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
+use tandem_models::{KvCache, LoadOptions, LogitsFor, Model, SequenceInput, WeightDtype};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -44,6 +44,9 @@ pub struct BenchArgs {
     /// KV depth at which the k-token forwards are timed.
     #[arg(long, default_value_t = 256)]
     depth: usize,
+    /// What the KV cache holds (tandem's rows; llama.cpp's cache is f16 either way).
+    #[arg(long, value_enum, default_value_t = tandem_cli::KvDtypeArg::default())]
+    kv_dtype: tandem_cli::KvDtypeArg,
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -248,6 +251,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
     let mut rows = Vec::new();
     let mut peers = Vec::new();
+    let kv = tandem_models::KvDtype::from(args.kv_dtype);
+    println!("KV cache {}; k-token forwards at depth {}", kv.name(), args.depth);
     println!(
         "{:<34} {:<9} {:>8} {:>10} {:>9}  {}",
         "model",
@@ -265,7 +270,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "bf16" => WeightDtype::Bf16,
                 other => anyhow::bail!("unknown mode `{other}` (f32, bf16, quantized)"),
             };
-            let opts = LoadOptions { device: Device::Cpu, keep_quantized: mode == "quantized", weight_dtype };
+            let kv_dtype = args.kv_dtype.into();
+            let opts =
+                LoadOptions { keep_quantized: mode == "quantized", weight_dtype, kv_dtype, ..Default::default() };
             let loaded = load_model(&path, &opts)?;
             let row = bench_model(&loaded.model, &loaded.name, mode, &args)?;
             print_row(
@@ -312,6 +319,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let json = serde_json::json!({
         "machine": machine_description(),
         "threads": rayon_threads(),
+        "kv_dtype": tandem_models::KvDtype::from(args.kv_dtype).name(),
+        "depth": args.depth,
         "rows": rows,
         "llama_cpp": peers,
     });

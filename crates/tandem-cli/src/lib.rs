@@ -34,7 +34,7 @@ impl DtypeArg {
             DtypeArg::F32 => (false, WeightDtype::F32),
             DtypeArg::Bf16 => (false, WeightDtype::Bf16),
         };
-        LoadOptions { device, keep_quantized, weight_dtype }
+        LoadOptions { device, keep_quantized, weight_dtype, kv_dtype: Default::default() }
     }
 
     /// How benchmark tables name the mode.
@@ -43,6 +43,26 @@ impl DtypeArg {
             DtypeArg::Auto => "auto",
             DtypeArg::F32 => "f32",
             DtypeArg::Bf16 => "bf16",
+        }
+    }
+}
+
+/// What the KV cache holds (`--kv-dtype`; `tandem_models::KvDtype`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, clap::ValueEnum)]
+pub enum KvDtypeArg {
+    /// Keys and values exactly as computed.
+    #[default]
+    F32,
+    /// Half the memory of f32, so a KV budget holds twice the tokens, and a faster decode step
+    /// over long contexts; keys and values rounded once, as llama.cpp's default cache does.
+    F16,
+}
+
+impl From<KvDtypeArg> for tandem_models::KvDtype {
+    fn from(a: KvDtypeArg) -> Self {
+        match a {
+            KvDtypeArg::F16 => tandem_models::KvDtype::F16,
+            KvDtypeArg::F32 => tandem_models::KvDtype::F32,
         }
     }
 }

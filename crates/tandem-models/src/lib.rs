@@ -14,7 +14,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use candle_core::Device;
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, KvDtype, ModelConfig};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvSnapshot, KvUsage, BLOCK};
 pub use loader::{load, LoadedModel};

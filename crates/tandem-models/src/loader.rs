@@ -107,6 +107,7 @@ fn gguf_config(path: &Path, ct: &Content) -> Result<ModelConfig> {
         bos_token_id: metadata_u32(ct, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: metadata_u32(ct, "tokenizer.ggml.eos_token_id").into_iter().collect(),
         latent_kv: None,
+        kv_dtype: crate::config::KvDtype::default(),
     })
 }
 

@@ -143,11 +143,18 @@ pub struct LoadOptions {
     /// Keep GGUF block-quantized weights as they are (smaller, compute-bound) instead of dense.
     pub keep_quantized: bool,
     pub weight_dtype: WeightDtype,
+    /// What the KV cache holds (`ModelConfig::kv_dtype`).
+    pub kv_dtype: crate::config::KvDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, keep_quantized: false, weight_dtype: WeightDtype::F32 }
+        LoadOptions {
+            device: Device::Cpu,
+            keep_quantized: false,
+            weight_dtype: WeightDtype::F32,
+            kv_dtype: Default::default(),
+        }
     }
 }
 
@@ -233,11 +240,12 @@ impl Model {
     /// Builds the model from a weight source; `progress(done, total)` is called per tensor.
     /// The rope tables cover `config.max_position_embeddings`, the longest usable sequence.
     pub fn load(
-        config: ModelConfig,
+        mut config: ModelConfig,
         source: &mut dyn WeightSource,
         opts: &LoadOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        config.kv_dtype = opts.kv_dtype;
         let c = &config;
         let (hidden, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q_size, kv_size) = (c.q_size(), c.kv_size());
@@ -607,7 +615,7 @@ impl Model {
             let a = match packed.filter(|_| plain) {
                 Some(lens) => {
                     let heads = (c.num_heads, c.num_kv_heads, c.head_dim);
-                    ops::packed_self_attention(&qkv, heads, positions, &self.rope, lens, path)?
+                    ops::packed_self_attention(&qkv, heads, positions, &self.rope, lens, c.cache_dtype(), path)?
                 }
                 None => {
                     let (q, k, v) = self.split_qkv(l, &qkv, positions)?;
@@ -650,6 +658,7 @@ impl Model {
             down: b.down.clone(),
             eps: c.rms_norm_eps,
             heads: (c.num_heads, c.num_kv_heads, c.head_dim),
+            kv: c.cache_dtype(),
         };
         Ok(ops::layer::trained_layer(x, weights, positions, &self.rope, lens)?)
     }
@@ -772,7 +781,7 @@ impl Model {
                 ),
                 None => (k.clone(), v.clone()),
             };
-            Ok(ops::self_attention(q, &k, &v, lens, path)?)
+            Ok(ops::self_attention(q, &k, &v, lens, self.config.cache_dtype(), path)?)
         };
         self.blocks_forward(x, positions, &[], &mut attend, Some(lens), observe)
     }

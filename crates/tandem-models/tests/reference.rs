@@ -115,3 +115,36 @@ fn bf16_weights_match_the_reference_when_the_checkpoint_is_bf16() {
         assert!(err < TOL, "bf16 ({path:?}): relative error {err:.2e} exceeds {TOL:.0e}");
     }
 }
+
+/// Bound for an f16 KV cache against the reference that rounds its keys and values alike: a value
+/// within a rounding of a half-precision boundary may round the other way from tandem's f32 than
+/// from the reference's f64, one f16 step (~5e-4 relative) in an element. Measured 2026-12-07:
+/// tiny checkpoints 5e-7-8e-5, SmolLM2 2.9-3.6e-4, Qwen2.5-Coder 1.1-4.0e-4 (against the unrounded
+/// reference Qwen is off by 1.8e-2: a cache that did not round would fail here).
+const TOL_F16: f64 = 1e-3;
+
+/// An f16 KV cache against the reference with keys (after rope) and values rounded to half
+/// precision (numpy's rounding, float64 otherwise), on both op paths, for the tiny checkpoints
+/// (a latent one's cache stays f32: the f32 reference), SmolLM2 and Qwen2.5-Coder.
+#[test]
+fn an_f16_kv_cache_matches_the_reference_with_rounded_keys_and_values() {
+    let tokens: Vec<u32> = vec![260, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 262, 5, 270];
+    let smol: Vec<u32> = vec![1, 4093, 198, 1780, 314, 216, 34, 33, 34, 47, 2, 198, 1, 520, 9531];
+    let qwen: Vec<u32> = vec![151644, 872, 198, 7985, 264, 729, 13, 151645, 198, 151644, 77091, 198];
+    let mut cases: Vec<(String, std::path::PathBuf, Vec<u32>)> =
+        TINY.iter().map(|n| (n.to_string(), tiny_dir().join(n), tokens.clone())).collect();
+    cases.push(("SmolLM2".into(), model_file(SMOLLM2), smol));
+    cases.push(("Qwen2.5-Coder".into(), model_file(QWEN_CODER), qwen));
+    let opts = tandem_models::LoadOptions { kv_dtype: tandem_models::KvDtype::F16, ..Default::default() };
+    for (name, path, tokens) in cases {
+        let mut loaded = tandem_models::load(&path, &opts, &mut |_, _| {}).unwrap();
+        // A latent (CARE) model's cache stays f32.
+        let kv = if loaded.model.config.latent_kv.is_some() { "f32" } else { "f16" };
+        let reference = reference_logits_kv(&path, &tokens, kv);
+        for ops in [OpsPath::CpuKernels, OpsPath::Generic] {
+            loaded.model.set_ops_path(ops);
+            let err = relative_error(&tandem_logits(&loaded, &tokens), &reference);
+            assert!(err < TOL_F16, "{name} ({ops:?}), f16 cache: relative error {err:.2e} exceeds {TOL_F16:.0e}");
+        }
+    }
+}

@@ -59,15 +59,22 @@ fn served_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn training_forward_equals_serving_bit_for_bit() {
     for name in MODELS {
-        let base = tiny(name);
-        let t = trained(&base, all_targets(4));
-        let m = t.snapshot().unwrap();
-        let toks = tokens(20, base.config.vocab_size, 5);
-        let served = served_logits(&m, &toks);
-        let trained = m.forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(served, trained, "{name}: training forward differs from serving");
-        // And the adapters are not a no-op.
-        assert_ne!(served, served_logits(&base, &toks), "{name}: adapter changed nothing");
+        let mut by_cache = Vec::new();
+        // With an f16 KV cache too: training reads keys and values rounded as serving's cache holds them.
+        for kv in [tandem_models::KvDtype::F32, tandem_models::KvDtype::F16] {
+            let opts = LoadOptions { kv_dtype: kv, ..Default::default() };
+            let base = load(&tiny_dir().join(name), &opts, &mut |_, _| {}).unwrap().model;
+            let t = trained(&base, all_targets(4));
+            let m = t.snapshot().unwrap();
+            let toks = tokens(20, base.config.vocab_size, 5);
+            let served = served_logits(&m, &toks);
+            let trained = m.forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(served, trained, "{name} ({kv:?} cache): training forward differs from serving");
+            // And the adapters are not a no-op.
+            assert_ne!(served, served_logits(&base, &toks), "{name}: adapter changed nothing");
+            by_cache.push(served_logits(&base, &toks));
+        }
+        assert_ne!(by_cache[0], by_cache[1], "{name}: the f16 cache rounded nothing");
     }
 }
 

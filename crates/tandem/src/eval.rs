@@ -2,7 +2,8 @@
 use anyhow::{anyhow, Result};
 use std::path::PathBuf;
 use tandem_cli::care_arg::{bar, encode};
-use tandem_cli::{load_model, models, DtypeArg};
+use tandem_cli::{load_model, models, DtypeArg, KvDtypeArg};
+use tandem_models::LoadOptions;
 
 #[derive(clap::Subcommand)]
 pub enum EvalCommand {
@@ -29,6 +30,10 @@ pub struct PerplexityArgs {
     max_tokens: usize,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
+    /// What the KV cache holds per key and value number: f16 (half the memory; llama.cpp's
+    /// default) or f32.
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::default())]
+    kv_dtype: KvDtypeArg,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -37,7 +42,8 @@ pub struct PerplexityArgs {
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let EvalCommand::Perplexity(args) = cmd;
     let path = models::resolve(args.model.as_deref())?;
-    let loaded = load_model(&path, &args.dtype.load_options(tandem_cli::device(None)?))?;
+    let opts = LoadOptions { kv_dtype: args.kv_dtype.into(), ..args.dtype.load_options(tandem_cli::device(None)?) };
+    let loaded = load_model(&path, &opts)?;
     let text = match args.text.is_empty() {
         true => tandem_care::text::python_license(),
         false => tandem_care::text::read_paths(&args.text),

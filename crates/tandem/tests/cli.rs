@@ -53,6 +53,30 @@ fn generate_streams_text_and_reports_speed() {
     assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
 }
 
+/// `--kv-dtype f16` on the quantized default model: speculation leaves the greedy text as plain
+/// decoding over the same f16 cache writes it, and the option is refused with a clear error when
+/// misspelt.
+#[test]
+fn an_f16_kv_cache_decodes_the_same_text_with_and_without_drafts() {
+    let run = |more: &[&str]| {
+        let out = tandem()
+            .args(["generate", "--model"])
+            .arg(tandem_testkit::smollm2())
+            .args(["--prompt", "def add(a, b):\n    return a + b\n\ndef add(a, b):", "--max-tokens", "40"])
+            .args(["--temperature", "0", "--kv-dtype", "f16"])
+            .args(more)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let plain = run(&[]);
+    assert!(!plain.trim().is_empty());
+    assert_eq!(run(&["--spec", "ngram"]), plain);
+    let bad = tandem().args(["generate", "--prompt", "x", "--kv-dtype", "f8"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("f16"));
+}
+
 #[test]
 fn bad_input_is_a_clear_error_not_a_panic() {
     let out = tandem().args(["generate", "--model", "/no/such/model.gguf", "--prompt", "x"]).output().unwrap();

@@ -14,7 +14,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::ops::{self, kernels::TokenSlot, OpsPath};
 use blocks::{BlockKey, BlockPool};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// One sequence's keys and values, copied out of a cache ([len, kv_heads, head_dim] per layer).
 pub struct KvSnapshot {
@@ -33,7 +33,7 @@ impl KvSnapshot {
     }
 
     pub fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|t| t.elem_count() * 4).sum()
+        self.keys.iter().chain(&self.values).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 }
 
@@ -90,8 +90,9 @@ impl KvCache {
         for l in 0..config.num_layers {
             // A latent layer (CARE) caches one row of its rank per token for keys and for values.
             let [(kh, kw), (vh, vw)] = config.cache_rows(l);
-            keys.push(Tensor::zeros((blocks, kh, BLOCK, kw), DType::F32, device)?);
-            values.push(Tensor::zeros((blocks, vh, BLOCK, vw), DType::F32, device)?);
+            let dtype = config.cache_dtype().dtype();
+            keys.push(Tensor::zeros((blocks, kh, BLOCK, kw), dtype, device)?);
+            values.push(Tensor::zeros((blocks, vh, BLOCK, vw), dtype, device)?);
         }
         Ok(KvCache {
             keys,
@@ -259,7 +260,7 @@ impl KvCache {
 
     /// Bytes held by the cache tensors.
     pub fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|t| t.elem_count() * 4).sum()
+        self.keys.iter().chain(&self.values).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 
     /// Copies out `slot`'s keys and values (swap-out preemption: the copy can be restored into any
@@ -434,6 +435,7 @@ mod tests {
             bos_token_id: None,
             eos_token_ids: Vec::new(),
             latent_kv: None,
+            kv_dtype: crate::config::KvDtype::F32,
         }
     }
 

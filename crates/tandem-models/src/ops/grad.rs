@@ -6,6 +6,7 @@
 //! (products through gemm, elementwise passes in parallel rows); it only runs when an input is
 //! being differentiated.
 use super::{f32_slice, gemm, gemm_new, gemm_on, host, kernels, sink, team, CResult, RopeTables};
+use crate::config::KvDtype;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -226,9 +227,35 @@ impl CustomOp1 for RopeGrad {
 /// Causal self-attention within each of several whole sequences packed one after another,
 /// q: [t, heads, d], k and v: [t, kv_heads, d] -> [t, heads·d]; `lens` are the sequences' lengths.
 /// The forward is the serving kernel over a cache with one slot per sequence, so its values equal
-/// serving's row for row.
+/// serving's row for row: keys and values are first rounded as the serving cache holds them (`kv`),
+/// and the backward differentiates at the rounded values (the rounding passes gradients through).
 pub(super) struct SelfAttention {
     pub lens: Vec<usize>,
+    pub kv: KvDtype,
+}
+
+/// Keys or values as a cache of `kv` holds them: rounded to f16 and back (exact) for an f16 cache.
+/// Attention over the rounded f32 values gives the bits an f16 cache's kernel gives (it converts
+/// each value to f32 as it loads it).
+fn as_cached(kv: KvDtype, x: &mut [f32]) {
+    if kv == KvDtype::F16 {
+        use half::slice::HalfFloatSliceExt;
+        let mut h = vec![half::f16::ZERO; x.len()];
+        h.convert_from_f32_slice(x);
+        h.convert_to_f32_slice(x);
+    }
+}
+
+/// `as_cached` of a tensor.
+fn tensor_as_cached(kv: KvDtype, x: &Tensor) -> CResult<Tensor> {
+    match kv {
+        KvDtype::F32 => Ok(x.clone()),
+        KvDtype::F16 => {
+            let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+            as_cached(kv, &mut v);
+            Tensor::from_vec(v, x.shape(), x.device())
+        }
+    }
 }
 
 impl CustomOp3 for SelfAttention {
@@ -246,8 +273,10 @@ impl CustomOp3 for SelfAttention {
     ) -> CResult<(CpuStorage, Shape)> {
         let (t, heads, d) = l1.shape().dims3()?;
         let kv_heads = l2.shape().dims3()?.1;
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let out = attention_fwd(q, k, v, (heads, kv_heads, d), &self.lens)?;
+        let (q, mut k, mut v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?.to_vec(), f32_slice(s3, l3)?.to_vec());
+        as_cached(self.kv, &mut k);
+        as_cached(self.kv, &mut v);
+        let out = attention_fwd(q, &k, &v, (heads, kv_heads, d), &self.lens)?;
         Ok((CpuStorage::F32(out), Shape::from((t, heads * d))))
     }
     fn bwd(
@@ -258,7 +287,8 @@ impl CustomOp3 for SelfAttention {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dq, dk, dv] = attention_bwd(q, k, v, g, &self.lens)?;
+        let (kc, vc) = (tensor_as_cached(self.kv, k)?, tensor_as_cached(self.kv, v)?);
+        let [dq, dk, dv] = attention_bwd(q, &kc, &vc, g, &self.lens)?;
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), device)?),
@@ -316,21 +346,25 @@ pub(super) struct PackedSelfAttention {
     positions: Vec<usize>,
     tables: RopeTables,
     lens: Vec<usize>,
+    kv: KvDtype,
 }
 
 impl PackedSelfAttention {
-    /// The op for sequences of `lens` at `positions`, heads (heads, kv heads, head dim).
+    /// The op for sequences of `lens` at `positions`, heads (heads, kv heads, head dim), keys and
+    /// values rounded as a cache of `kv` holds them.
     pub(super) fn new(
         (heads, kv_heads, head_dim): (usize, usize, usize),
         positions: &[usize],
         tables: &RopeTables,
         lens: &[usize],
+        kv: KvDtype,
     ) -> Self {
         let (positions, tables, lens) = (positions.to_vec(), tables.clone(), lens.to_vec());
-        PackedSelfAttention { heads, kv_heads, head_dim, positions, tables, lens }
+        PackedSelfAttention { heads, kv_heads, head_dim, positions, tables, lens, kv }
     }
 
-    /// [q roped, k roped, v] as rows [t, heads or kv heads, d], from qkv's values.
+    /// [q roped, k roped, v] as rows [t, heads or kv heads, d], from qkv's values; k and v
+    /// rounded as the cache holds them (the split's gradient passes through the rounding).
     fn split(&self, qkv: &[f32]) -> [Vec<f32>; 3] {
         let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let width = qw + 2 * kw;
@@ -343,10 +377,12 @@ impl PackedSelfAttention {
                 }
             })
         };
-        let (mut q, mut k, v) = (columns(0, qw), columns(qw, kw), columns(qw + kw, kw));
+        let (mut q, mut k, mut v) = (columns(0, qw), columns(qw, kw), columns(qw + kw, kw));
         let tb = &self.tables;
         rotate(&mut q, self.heads, self.head_dim, &self.positions, tb, &tb.sin_host);
         rotate(&mut k, self.kv_heads, self.head_dim, &self.positions, tb, &tb.sin_host);
+        as_cached(self.kv, &mut k);
+        as_cached(self.kv, &mut v);
         [q, k, v]
     }
 }

@@ -217,7 +217,7 @@ mod tiles;
 mod xw;
 pub(crate) use xw::{add_xw, Out};
 mod attention;
-pub use attention::{attention, cache_write, contiguous_tables, CacheGeometry, TokenSlot};
+pub use attention::{attention, cache_write, contiguous_tables, CacheGeometry, KvElem, TokenSlot};
 
 /// Dot product with eight independent partial sums, which the compiler keeps in vector lanes.
 #[inline]
@@ -657,6 +657,57 @@ mod tests {
             assert_eq!(paired.len(), unpaired.len());
             let differ = paired.iter().zip(&unpaired).filter(|(a, b)| a != b).count();
             assert_eq!(differ, 0, "heads {heads}/{kv_heads}, head dim {d}: {differ} values differ");
+        }
+    }
+
+    /// An f16 cache converts each key and value to f32 as attention loads it: its outputs must be,
+    /// bit for bit, those of an f32 cache holding the same rounded values (what training's forward
+    /// computes to match serving), on every kernel path and item shape.
+    #[test]
+    fn an_f16_cache_attends_as_an_f32_cache_of_its_rounded_values() {
+        use half::f16;
+        let (heads, kv_heads, d, block) = (9, 3, 64, 16);
+        let g = CacheGeometry { kv_heads, block, head_dim: d };
+        let len = 24 * kv_heads * block * d;
+        let val = |i: usize, m: usize| ((i * m) % 97) as f32 / 97.0 - 0.5 + ((i % 13) as f32 - 6.0) * 1e-3;
+        let k16: Vec<f16> = (0..len).map(|i| f16::from_f32(val(i, 37) * 7.0)).collect();
+        let v16: Vec<f16> = (0..len).map(|i| f16::from_f32(val(i, 11) * (1 + i % 5) as f32)).collect();
+        let (k32, v32): (Vec<f32>, Vec<f32>) =
+            (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
+        let tables: Vec<Vec<u32>> = vec![vec![3, 9, 1], vec![0, 7, 12, 5, 20], vec![2, 4, 6]];
+        let tokens: Vec<TokenSlot> = (0..45)
+            .map(|p| TokenSlot::causal(0, p))
+            .chain((60..64).map(|p| TokenSlot::causal(1, p)))
+            .chain([TokenSlot { slot: 1, pos: 64, prefix: 61 }])
+            .chain([TokenSlot::causal(2, 31)])
+            .collect();
+        let t = tokens.len();
+        let q: Vec<f32> = (0..t * heads * d).map(|i| val(i, 13) * 2.0).collect();
+        for pairs in [true, false] {
+            let was = attention::set_pairs(pairs);
+            let (mut a, mut b) = (vec![0f32; t * heads * d], vec![0f32; t * heads * d]);
+            attention(&q, &k16, &v16, &tokens, &tables, heads, g, &mut a);
+            attention(&q, &k32, &v32, &tokens, &tables, heads, g, &mut b);
+            let one = |ts: &TokenSlot, i: usize| {
+                let mut o = vec![0f32; heads * d];
+                attention(&q[i * heads * d..(i + 1) * heads * d], &k16, &v16, &[*ts], &tables, heads, g, &mut o);
+                o
+            };
+            let singles: Vec<f32> = tokens.iter().enumerate().flat_map(|(i, ts)| one(ts, i)).collect();
+            attention::set_pairs(was);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "pairs {pairs}: f16 cache against f32 of the same values");
+            assert_eq!(bits(&a), bits(&singles), "pairs {pairs}: a token alone against in its batch");
+        }
+        // Writing rounds to nearest (as the conversion training uses).
+        let rows: Vec<f32> = (0..kv_heads * d).map(|i| val(i, 5) * 3.3).collect();
+        let mut cache = vec![f16::ZERO; len];
+        cache_write(&mut cache, &rows, &[TokenSlot::causal(0, 5)], &tables, g, <f16 as KvElem>::put);
+        for h in 0..kv_heads {
+            let at = g.at(&tables[0], h, 5);
+            for c in 0..d {
+                assert_eq!(cache[at + c], f16::from_f32(rows[h * d + c]));
+            }
         }
     }
 

@@ -26,6 +26,8 @@ pub struct LayerWeights {
     pub eps: f64,
     /// (heads, kv heads, head dim)
     pub heads: (usize, usize, usize),
+    /// What serving's KV cache holds (attention reads keys and values rounded as it does).
+    pub kv: crate::config::KvDtype,
 }
 
 /// The layer's output for x [tokens, hidden] (sequences of `lens` packed one after another) as
@@ -53,7 +55,7 @@ pub fn trained_layer(
     // not differentiated (the first layer over a frozen embedding).
     let anchor = anchor.clone();
     let (saved, out) = forward(&x.detach(), &w, positions, tables, lens)?;
-    let attention = grad::PackedSelfAttention::new(w.heads, positions, tables, lens);
+    let attention = grad::PackedSelfAttention::new(w.heads, positions, tables, lens, w.kv);
     let op = LayerNode { out: Mutex::new(Some(out)), saved, attention, weights: w };
     Ok(Some(x.contiguous()?.apply_op2(&anchor, op)?))
 }
@@ -104,7 +106,7 @@ fn forward(
     let path = OpsPath::CpuKernels;
     let h1 = super::rms_norm(x, &w.attn_norm.detach(), w.eps, path)?;
     let qkv = w.qkv.detached().forward(&h1, path)?;
-    let a = super::packed_self_attention(&qkv, w.heads, positions, tables, lens, path)?;
+    let a = super::packed_self_attention(&qkv, w.heads, positions, tables, lens, w.kv, path)?;
     let x2 = (x + w.o_proj.detached().forward(&a, path)?)?;
     let h2 = super::rms_norm(&x2, &w.mlp_norm.detach(), w.eps, path)?;
     let gate_up = w.gate_up.detached().forward(&h2, path)?;

@@ -21,6 +21,7 @@ use candle_core::{
 };
 /// Query rows per block of the training attention backward (its memory is linear in t).
 pub use grad::BWD_QUERY_BLOCK as ATTENTION_BWD_QUERY_BLOCK;
+use kernels::KvElem;
 pub use kernels::{CacheGeometry, TokenSlot};
 use products::{gemm, gemm_new, gemm_on};
 use std::sync::Arc;
@@ -502,9 +503,28 @@ impl InplaceOp2 for CacheWrite<'_> {
         "tandem-cache-write"
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<()> {
-        let rows = f32_slice(s2, l2)?;
-        let cache = f32_slice_mut(s1, l1)?;
-        kernels::cache_write(cache, rows, self.tokens, self.tables, self.geometry);
+        let Some((a, b)) = l1.contiguous_offsets() else { candle_core::bail!("the KV cache must be contiguous") };
+        let (tokens, tables, g) = (self.tokens, self.tables, self.geometry);
+        // New rows are f32; rows copied within the cache (a moved sibling, a shared block, a
+        // snapshot) are of the cache's own type.
+        match (s1, s2) {
+            (CpuStorage::F32(cache), CpuStorage::F32(_)) => {
+                kernels::cache_write(&mut cache[a..b], f32_slice(s2, l2)?, tokens, tables, g, <f32 as KvElem>::put)
+            }
+            (CpuStorage::F16(cache), CpuStorage::F32(_)) => kernels::cache_write(
+                &mut cache[a..b],
+                f32_slice(s2, l2)?,
+                tokens,
+                tables,
+                g,
+                <half::f16 as KvElem>::put,
+            ),
+            (CpuStorage::F16(cache), CpuStorage::F16(rows)) => {
+                let Some((c, e)) = l2.contiguous_offsets() else { candle_core::bail!("cache rows must be contiguous") };
+                kernels::cache_write(&mut cache[a..b], &rows[c..e], tokens, tables, g, |d, s| d.copy_from_slice(s))
+            }
+            _ => candle_core::bail!("a KV cache holds f32 or f16, and takes f32 rows or its own"),
+        }
         Ok(())
     }
 }
@@ -523,6 +543,7 @@ pub fn cache_write(
     match path {
         OpsPath::CpuKernels => cache.inplace_op2(&rows.contiguous()?, &CacheWrite { tokens, tables, geometry }),
         OpsPath::Generic => {
+            let rows = rows.to_dtype(cache.dtype())?;
             let mut idx = Vec::with_capacity(tokens.len() * kv_heads * head_dim);
             for ts in tokens {
                 for h in 0..kv_heads {
@@ -570,16 +591,20 @@ impl CustomOp3 for Attention<'_> {
         let geometry = CacheGeometry { kv_heads, block, head_dim };
         let t = self.tokens.len();
         let mut out = vec![0f32; t * self.heads * head_dim];
-        kernels::attention(
-            f32_slice(s1, l1)?,
-            f32_slice(s2, l2)?,
-            f32_slice(s3, l3)?,
-            self.tokens,
-            self.tables,
-            self.heads,
-            geometry,
-            &mut out,
-        );
+        let (q, tokens, tables, heads) = (f32_slice(s1, l1)?, self.tokens, self.tables, self.heads);
+        match (s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (k, v) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+                kernels::attention(q, k, v, tokens, tables, heads, geometry, &mut out)
+            }
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                let (Some((a, b)), Some((c, e))) = (l2.contiguous_offsets(), l3.contiguous_offsets()) else {
+                    candle_core::bail!("the KV cache must be contiguous")
+                };
+                kernels::attention(q, &k[a..b], &v[c..e], tokens, tables, heads, geometry, &mut out)
+            }
+            _ => candle_core::bail!("a KV cache holds f32 or f16 keys and values"),
+        }
         Ok((CpuStorage::F32(out), Shape::from((t, self.heads * head_dim))))
     }
 }
@@ -619,8 +644,8 @@ pub fn attention(
                 let run = end - start;
                 let (slot, p0) = (tokens[start].slot, tokens[start].pos);
                 let len = p0 + run;
-                let k = gather_blocks(k_cache, &tables[slot], len)?; // [kvh, len, d]
-                let v = gather_blocks(v_cache, &tables[slot], len)?;
+                let k = gather_blocks(k_cache, &tables[slot], len)?.to_dtype(q.dtype())?; // [kvh, len, d]
+                let v = gather_blocks(v_cache, &tables[slot], len)?.to_dtype(q.dtype())?;
                 let qr = q.narrow(0, start, run)?.transpose(0, 1)?.contiguous()?; // [h, run, d]
                 let qr = qr.reshape((kv_heads, group * run, head_dim))?;
                 let scores = (qr.matmul(&k.t()?.contiguous()?)? * scale)?; // [kvh, group*run, len]
@@ -655,12 +680,28 @@ pub fn attention(
 /// (training: gradients flow to q, k and v), q: [t, heads, d], k and v: [t, kv_heads, d] ->
 /// [t, heads * d]; `lens` sum to t. On CPU the forward is serving's attention kernel, so a trained
 /// sequence's values equal the ones serving computes for it, whatever it is packed with.
-pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize], path: OpsPath) -> CResult<Tensor> {
+/// `kv`: what serving's cache holds; keys and values are rounded as it holds them.
+pub fn self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+    kv: crate::config::KvDtype,
+    path: OpsPath,
+) -> CResult<Tensor> {
     match path {
         OpsPath::CpuKernels => {
-            q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, grad::SelfAttention { lens: lens.to_vec() })
+            let op = grad::SelfAttention { lens: lens.to_vec(), kv };
+            q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
         }
         OpsPath::Generic => {
+            // Rounded through the cache's type and back; the gradient passes the rounding unchanged
+            // (x + (r - x) is r exactly: r - x is exact for r this close to x).
+            let cached = |x: &Tensor| -> CResult<Tensor> {
+                let r = x.to_dtype(kv.dtype())?.to_dtype(x.dtype())?;
+                x + (r - x)?.detach()
+            };
+            let (k, v) = (&cached(k)?, &cached(v)?);
             let mut outs = Vec::with_capacity(lens.len());
             let mut start = 0;
             for &n in lens {
@@ -685,10 +726,11 @@ pub fn packed_self_attention(
     positions: &[usize],
     tables: &RopeTables,
     lens: &[usize],
+    kv: crate::config::KvDtype,
     path: OpsPath,
 ) -> CResult<Tensor> {
     if path == OpsPath::CpuKernels {
-        let op = grad::PackedSelfAttention::new((heads, kv_heads, head_dim), positions, tables, lens);
+        let op = grad::PackedSelfAttention::new((heads, kv_heads, head_dim), positions, tables, lens, kv);
         let qkv = qkv.contiguous()?;
         return if qkv.track_op() { qkv.apply_op1(op) } else { qkv.apply_op1_no_bwd(&op) };
     }
@@ -696,7 +738,7 @@ pub fn packed_self_attention(
     let q = qkv.narrow(1, 0, qw)?.reshape((t, heads, head_dim))?;
     let k = qkv.narrow(1, qw, kw)?.reshape((t, kv_heads, head_dim))?;
     let v = qkv.narrow(1, qw + kw, kw)?.reshape((t, kv_heads, head_dim))?;
-    self_attention(&rope(&q, positions, tables, path)?, &rope(&k, positions, tables, path)?, &v, lens, path)
+    self_attention(&rope(&q, positions, tables, path)?, &rope(&k, positions, tables, path)?, &v, lens, kv, path)
 }
 
 fn generic_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<Tensor> {

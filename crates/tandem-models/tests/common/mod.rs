@@ -42,11 +42,22 @@ pub fn default_models() -> Vec<(String, LoadedModel)> {
         ("SmolLM2 f32".into(), load_path(&model_file(SMOLLM2))),
         ("SmolLM2 quantized".into(), load_quantized(&model_file(SMOLLM2))),
         ("Qwen2.5-Coder quantized".into(), load_quantized(&model_file(QWEN_CODER))),
+        ("SmolLM2 quantized, f16 KV cache".into(), {
+            let opts =
+                LoadOptions { keep_quantized: true, kv_dtype: tandem_models::KvDtype::F16, ..Default::default() };
+            load(&model_file(SMOLLM2), &opts, &mut |_, _| {}).unwrap()
+        }),
     ]
 }
 
 /// Logits of every position of `tokens` from the numpy reference.
 pub fn reference_logits(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    reference_logits_kv(checkpoint, tokens, "f32")
+}
+
+/// `reference_logits` with keys and values rounded as a KV cache of `kv_dtype` ("f32", "f16")
+/// holds them.
+pub fn reference_logits_kv(checkpoint: &Path, tokens: &[u32], kv_dtype: &str) -> Vec<Vec<f32>> {
     let out = std::env::temp_dir().join(format!("tandem-ref-{}-{}.npy", std::process::id(), rand_suffix()));
     let gguf = checkpoint.extension().is_some_and(|e| e == "gguf");
     tandem_testkit::require_python(if gguf { &["numpy", "gguf"] } else { &["numpy"] });
@@ -56,6 +67,7 @@ pub fn reference_logits(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         .arg(checkpoint)
         .arg(toks.join(","))
         .arg(&out)
+        .arg(kv_dtype)
         .output()
         .expect("python3 runs");
     assert!(o.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&o.stderr));

@@ -7,6 +7,7 @@
 //!
 //! Only AVX-512F instructions (64-bit-lane inserts and broadcasts stand in for DQ's 32-bit ones).
 #![allow(clippy::needless_range_loop)] // fixed-size register arrays read best indexed
+use super::attention::KvElem;
 use std::arch::x86_64::*;
 
 /// [lo | hi] from two eight-lane halves.
@@ -15,10 +16,10 @@ unsafe fn join(lo: __m256, hi: __m256) -> __m512 {
     _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi)))
 }
 
-/// Eight floats at p in both halves.
+/// Eight values at p, as f32, in both halves.
 #[inline(always)]
-unsafe fn both(p: *const f32) -> __m512 {
-    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
+unsafe fn both<E: KvElem>(p: *const E) -> __m512 {
+    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(E::load8(p))))
 }
 
 /// The high half.
@@ -40,13 +41,13 @@ unsafe fn hadd(x: __m512, y: __m512) -> __m512 {
 ///
 /// # Safety
 /// AVX-512F and FMA; qa, qb of one length d (a multiple of 8); keys holds max(len) rows of d.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn scores(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, sa: &mut [f32], sb: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn scores<E: KvElem>(qa: &[f32], qb: &[f32], keys: &[E], scale: f32, sa: &mut [f32], sb: &mut [f32]) {
     let d = qa.len();
     let n = sa.len().max(sb.len());
     debug_assert!(qb.len() == d && d.is_multiple_of(8) && (1..=8).contains(&n) && keys.len() >= n * d);
     let kp = keys.as_ptr();
-    let rows: [*const f32; 8] = std::array::from_fn(|j| kp.add(j.min(n - 1) * d));
+    let rows: [*const E; 8] = std::array::from_fn(|j| kp.add(j.min(n - 1) * d));
     let mut acc = [_mm512_setzero_ps(); 8];
     for c in (0..d).step_by(8) {
         let qv = join(_mm256_loadu_ps(qa.as_ptr().add(c)), _mm256_loadu_ps(qb.as_ptr().add(c)));
@@ -74,13 +75,13 @@ pub unsafe fn scores(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, sa: &mut 
 /// # Safety
 /// AVX-512F and FMA; oa, ob of one length d (a multiple of 8); values holds wa.len() rows of d.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn add_values(
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn add_values<E: KvElem>(
     wa: &[f32],
     inva: f32,
     wb: &[f32],
     invb: f32,
-    values: *const f32,
+    values: *const E,
     first: bool,
     oa: &mut [f32],
     ob: &mut [f32],
@@ -89,23 +90,23 @@ pub unsafe fn add_values(
     debug_assert!(ob.len() == d && wa.len() == wb.len() && d.is_multiple_of(8));
     let mut c0 = 0;
     while c0 + 64 <= d {
-        add_lanes::<8>(wa, inva, wb, invb, values, d, c0, first, oa, ob);
+        add_lanes::<E, 8>(wa, inva, wb, invb, values, d, c0, first, oa, ob);
         c0 += 64;
     }
     while c0 < d {
-        add_lanes::<1>(wa, inva, wb, invb, values, d, c0, first, oa, ob);
+        add_lanes::<E, 1>(wa, inva, wb, invb, values, d, c0, first, oa, ob);
         c0 += 8;
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn add_lanes<const N: usize>(
+unsafe fn add_lanes<E: KvElem, const N: usize>(
     wa: &[f32],
     inva: f32,
     wb: &[f32],
     invb: f32,
-    values: *const f32,
+    values: *const E,
     d: usize,
     c0: usize,
     first: bool,

@@ -54,22 +54,106 @@ pub fn contiguous_tables(slots: usize) -> Vec<Vec<u32>> {
     (0..slots as u32).map(|s| vec![s]).collect()
 }
 
+/// What a KV cache holds per value: f32, or f16 (half the bytes each decode step reads from
+/// memory, where attention over a long context is bound; llama.cpp's default). Every value is
+/// converted to f32 exactly as it is loaded, so attention's arithmetic is f32's either way and an
+/// f16 cache gives the bits an f32 cache holding the same (rounded) values gives.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// dst = src, each value rounded to this type (to nearest, ties to even).
+    fn put(dst: &mut [Self], src: &[f32]);
+    /// The values as f32 without a conversion, where they are f32.
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// Eight values at p as f32.
+    ///
+    /// # Safety
+    /// AVX (and F16C for f16); eight values readable at p.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn put(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn put(dst: &mut [half::f16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src)
+    }
+    fn as_f32(_: &[half::f16]) -> Option<&[f32]> {
+        None
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 /// One KV head's keys (or values) of one slot, read through the slot's block table.
-#[derive(Clone, Copy)]
-pub(crate) struct PagedRows<'a> {
-    cache: &'a [f32],
+pub(crate) struct PagedRows<'a, E> {
+    cache: &'a [E],
     table: &'a [u32],
     head: usize,
     g: CacheGeometry,
 }
 
-impl<'a> PagedRows<'a> {
+impl<E> Clone for PagedRows<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for PagedRows<'_, E> {}
+
+impl<'a, E: KvElem> PagedRows<'a, E> {
     /// Rows pos..pos + n, which lie in one block (n <= 8 from a multiple of eight, or one row).
     #[inline]
-    pub(crate) fn rows(&self, pos: usize, n: usize) -> &'a [f32] {
+    pub(crate) fn rows(&self, pos: usize, n: usize) -> &'a [E] {
         debug_assert!(pos % self.g.block + n <= self.g.block, "rows {pos}..+{n} straddle a block");
         let at = self.g.at(self.table, self.head, pos);
         &self.cache[at..at + n * self.g.head_dim]
+    }
+
+    /// Rows pos..pos + n (within one block) as f32: the cache's own values, or (f16) converted
+    /// into `buf` once, so that every row of an item reads the block without converting it again.
+    ///
+    /// # Safety
+    /// AVX and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn rows_f32<'b>(&self, pos: usize, n: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let src = self.rows(pos, n);
+        if let Some(f) = E::as_f32(src) {
+            return f;
+        }
+        let out = &mut buf[..src.len()];
+        for (o, c) in out.chunks_exact_mut(8).zip((0..src.len()).step_by(8)) {
+            std::arch::x86_64::_mm256_storeu_ps(o.as_mut_ptr(), E::load8(src.as_ptr().add(c)));
+        }
+        out
     }
 
     /// Asks for rows pos..pos + n (within one block) ahead of their use; nothing past the table.
@@ -78,7 +162,7 @@ impl<'a> PagedRows<'a> {
         #[cfg(target_arch = "x86_64")]
         if pos / self.g.block < self.table.len() {
             let p = self.cache.as_ptr().wrapping_add(self.g.at(self.table, self.head, pos)) as *const i8;
-            for line in (0..n * self.g.head_dim * 4).step_by(64) {
+            for line in (0..n * self.g.head_dim * std::mem::size_of::<E>()).step_by(64) {
                 // SAFETY: a prefetch never faults.
                 unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(line)) }
             }
@@ -93,14 +177,26 @@ impl<'a> PagedRows<'a> {
 /// 2026-12-05).
 pub(crate) const ATTENTION_PREFETCH_AHEAD: usize = 32;
 
-/// Writes new rows ([tokens, kv_heads, head_dim]) into the cache at each token's slot and position.
-pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], tables: &[Vec<u32>], g: CacheGeometry) {
+/// Largest keys and values of one KV head (bytes) that a one-token step still splits between two
+/// items (see `attention`).
+const SPLIT_HEAD_BYTES: usize = 256 << 10;
+
+/// Writes new rows ([tokens, kv_heads, head_dim]) into the cache at each token's slot and
+/// position, by `put` (a copy, or a conversion to the cache's element type).
+pub fn cache_write<E, R>(
+    cache: &mut [E],
+    rows: &[R],
+    tokens: &[TokenSlot],
+    tables: &[Vec<u32>],
+    g: CacheGeometry,
+    put: impl Fn(&mut [E], &[R]),
+) {
     let d = g.head_dim;
     for (t, ts) in tokens.iter().enumerate() {
         for h in 0..g.kv_heads {
             let dst = g.at(&tables[ts.slot], h, ts.pos);
             let src = (t * g.kv_heads + h) * d;
-            cache[dst..dst + d].copy_from_slice(&rows[src..src + d]);
+            put(&mut cache[dst..dst + d], &rows[src..src + d]);
         }
     }
 }
@@ -115,10 +211,10 @@ pub fn cache_write(cache: &mut [f32], rows: &[f32], tokens: &[TokenSlot], tables
 /// whatever else is in its item or the batch, so verifying k drafted tokens gives each of them
 /// bit for bit what decoding it alone would.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<E: KvElem>(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     tokens: &[TokenSlot],
     tables: &[Vec<u32>],
     heads: usize,
@@ -148,7 +244,11 @@ pub fn attention(
     // attention: each head's rows then go in two items, reading its keys twice but from L2 (a
     // row's operations are the same in any item). SmolLM2 Q4_1 decode at depth 256-512 4-8%
     // faster on the Xeon of docs/performance.md (2026-12-05).
-    if t == 1 && g.kv_heads < 2 * threads && !g.kv_heads.is_multiple_of(threads) {
+    // Only while a head's keys and values stay in L2 for the second read: past that, each item
+    // reads them from memory again, and one item per head, unevenly shared, is the faster
+    // (SmolLM2 Q4_1, f32 cache at depth 4,096: 18.5 against 20.0 ms a step, docs/performance.md).
+    let head_bytes = 2 * tokens.first().map_or(0, |ts| ts.pos + 1) * d * std::mem::size_of::<E>();
+    if t == 1 && g.kv_heads < 2 * threads && !g.kv_heads.is_multiple_of(threads) && head_bytes <= SPLIT_HEAD_BYTES {
         per_item = group.div_ceil(2);
     } else if pairs {
         // Rows go two to a register: an even count leaves no row alone (SmolLM2's groups of 3).
@@ -231,10 +331,10 @@ pub(crate) fn set_pairs(on: bool) -> bool {
 /// The rows of one item against one KV head's keys and values; `pairs`: two rows to an AVX-512
 /// register (`pairs()`), where the AVX2 kernel runs.
 #[allow(clippy::too_many_arguments)]
-fn attend_rows(
+fn attend_rows<E: KvElem>(
     q: &[f32],
-    keys: PagedRows,
-    values: PagedRows,
+    keys: PagedRows<E>,
+    values: PagedRows<E>,
     rows: &[QueryRow],
     d: usize,
     scores: &mut Vec<f32>,
@@ -244,9 +344,13 @@ fn attend_rows(
     let scale = 1.0 / (d as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
     {
-        if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (and AVX-512F for pairs); rows lie within q, out
-            // and the slot's blocks.
+        if d.is_multiple_of(8)
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has AVX2, FMA and F16C (and AVX-512F for pairs); rows lie within
+            // q, out and the slot's blocks.
             return unsafe { super::avx2::attend_rows(q, keys, values, rows, d, scale, scores, out, pairs) };
         }
     }
@@ -259,24 +363,25 @@ fn attend_rows(
 /// positions 0..len and then the row's own (a tree sibling's), in that order. Each key's score
 /// and each value's term are computed alike wherever the row lies, so a tree sibling attending
 /// to [prefix, itself] gets bit for bit what the same keys in one contiguous run give.
-fn attend_row(
+fn attend_row<E: KvElem>(
     q: &[f32],
-    keys: PagedRows,
-    values: PagedRows,
+    keys: PagedRows<E>,
+    values: PagedRows<E>,
     r: &QueryRow,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
     let positions = (0..r.len).chain(r.own);
+    let key = |p: usize| keys.rows(p, 1).iter().map(|k| k.to_f32()).collect::<Vec<f32>>();
     scores.clear();
-    scores.extend(positions.clone().map(|p| dot(q, keys.rows(p, 1)) * scale));
+    scores.extend(positions.clone().map(|p| dot(q, &key(p)) * scale));
     let inv = softmax_in_place(scores);
     o.fill(0.0);
     for (&s, p) in scores.iter().zip(positions) {
         let w = s * inv;
-        for (o, &v) in o.iter_mut().zip(values.rows(p, 1)) {
-            *o += w * v;
+        for (o, v) in o.iter_mut().zip(values.rows(p, 1)) {
+            *o += w * v.to_f32();
         }
     }
 }

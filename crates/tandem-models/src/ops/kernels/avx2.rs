@@ -1,5 +1,6 @@
 //! The AVX2 + FMA forms of the CPU kernels (streaming matmul tiles, attention, softmax, SiLU).
 #![allow(clippy::needless_range_loop)] // fixed-size register tiles read best indexed
+use super::attention::KvElem;
 use super::tiles::{self, DotLanes, Lanes};
 use super::WeightElem;
 use std::arch::x86_64::*;
@@ -84,20 +85,20 @@ pub unsafe fn matmul_block<W: WeightElem>(
 /// eight sums in one vector. Every key's sum is formed by the same operations wherever it
 /// lies (a short last group repeats its last key in the unused chains, whose sums are
 /// dropped), so a key's score does not depend on how many keys the run has.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scores<E: KvElem>(q: &[f32], keys: &[E], scale: f32, scores: &mut [f32]) {
     let d = q.len();
     let (qp, kp) = (q.as_ptr(), keys.as_ptr());
     let sv = _mm256_set1_ps(scale);
     let mut p0 = 0;
     while p0 < scores.len() {
         let n = (scores.len() - p0).min(8);
-        let rows: [*const f32; 8] = std::array::from_fn(|j| kp.add((p0 + j.min(n - 1)) * d));
+        let rows: [*const E; 8] = std::array::from_fn(|j| kp.add((p0 + j.min(n - 1)) * d));
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..d).step_by(8) {
             let qv = _mm256_loadu_ps(qp.add(c));
             for j in 0..8 {
-                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
+                acc[j] = _mm256_fmadd_ps(qv, E::load8(rows[j].add(c)), acc[j]);
             }
         }
         let out = _mm256_mul_ps(sum8(acc), sv);
@@ -130,11 +131,11 @@ unsafe fn sum8(a: [__m256; 8]) -> __m256 {
 /// run's start, softmax, values added in order into the same accumulators). With `pairs` (the CPU
 /// has AVX-512F) consecutive rows go two to a register (`attend_pairs`), with the same bits.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn attend_rows(
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_rows<E: KvElem>(
     q: &[f32],
-    keys: super::attention::PagedRows,
-    values: super::attention::PagedRows,
+    keys: super::attention::PagedRows<E>,
+    values: super::attention::PagedRows<E>,
     rows: &[super::attention::QueryRow],
     d: usize,
     scale: f32,
@@ -145,8 +146,12 @@ pub unsafe fn attend_rows(
     // Per row: its keys' scores, its own key's, and its 1 / Σ (the last slot).
     let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
     let stride = longest + 2;
+    // After the scores, room for a block of eight key or value rows converted to f32 once (an
+    // f16 cache), which every row of the item then reads.
+    let converted = if E::as_f32(&[]).is_some() { 0 } else { 8 * d };
     scores.clear();
-    scores.resize(rows.len() * stride, 0.0);
+    scores.resize(rows.len() * stride + converted, 0.0);
+    let (scores, buf) = scores.split_at_mut(rows.len() * stride);
     // Keys and values asked for ahead of use: the first `ahead` positions of both now (the
     // values' then arrive during the scores and softmax), the rest as the loops go.
     let ahead = super::attention::ATTENTION_PREFETCH_AHEAD;
@@ -160,6 +165,7 @@ pub unsafe fn attend_rows(
         if p0 + ahead < longest {
             keys.prefetch(p0 + ahead, 8);
         }
+        let block = keys.rows_f32(p0, (longest - p0).min(8), buf);
         let mut r = 0;
         while r < rows.len() {
             let (n, row) = (left(r, p0), &rows[r]);
@@ -170,7 +176,7 @@ pub unsafe fn attend_rows(
                 super::attend_pairs::scores(
                     &q[row.at..row.at + d],
                     &q[next.at..next.at + d],
-                    keys.rows(p0, n.max(m)),
+                    &block[..n.max(m) * d],
                     scale,
                     std::slice::from_raw_parts_mut(s, n),
                     std::slice::from_raw_parts_mut(t, m),
@@ -180,7 +186,7 @@ pub unsafe fn attend_rows(
             }
             if n > 0 {
                 let s = std::slice::from_raw_parts_mut(s, n);
-                super::avx2::scores(&q[row.at..row.at + d], keys.rows(p0, n), scale, s);
+                super::avx2::scores(&q[row.at..row.at + d], &block[..n * d], scale, s);
             }
             r += 1;
         }
@@ -201,6 +207,7 @@ pub unsafe fn attend_rows(
         if p0 + ahead < longest {
             values.prefetch(p0 + ahead, 8);
         }
+        let block = values.rows_f32(p0, (longest - p0).min(8), buf);
         let mut r = 0;
         while r < rows.len() {
             let (n, at) = (left(r, p0), rows[r].at);
@@ -212,11 +219,11 @@ pub unsafe fn attend_rows(
                 let both = n.min(m);
                 let ((wa, ia), (wb, ib)) = (weights(r, p0, both), weights(r + 1, p0, both));
                 let (oa, ob) = (std::slice::from_raw_parts_mut(o, d), std::slice::from_raw_parts_mut(o2, d));
-                super::attend_pairs::add_values(wa, ia, wb, ib, values.rows(p0, both).as_ptr(), p0 == 0, oa, ob);
+                super::attend_pairs::add_values(wa, ia, wb, ib, block.as_ptr(), p0 == 0, oa, ob);
                 for (row, k, o) in [(r, n, oa), (r + 1, m, ob)] {
                     if k > both {
                         let (w, inv) = weights(row, p0, k);
-                        add_values(&w[both..], inv, values.rows(p0 + both, k - both).as_ptr(), false, o);
+                        add_values(&w[both..], inv, block[both * d..].as_ptr(), false, o);
                     }
                 }
                 r += 2;
@@ -224,7 +231,7 @@ pub unsafe fn attend_rows(
             }
             if n > 0 {
                 let (w, inv) = weights(r, p0, n);
-                add_values(w, inv, values.rows(p0, n).as_ptr(), p0 == 0, std::slice::from_raw_parts_mut(o, d));
+                add_values(w, inv, block.as_ptr(), p0 == 0, std::slice::from_raw_parts_mut(o, d));
             }
             r += 1;
         }
@@ -241,24 +248,24 @@ pub unsafe fn attend_rows(
 /// o += Σ_p w[p]·inv·values[p] for consecutive value rows (o starts at zero when `first`):
 /// each lane adds the rows in order into one accumulator, 64 lanes held in registers.
 #[inline(always)]
-unsafe fn add_values(w: &[f32], inv: f32, values: *const f32, first: bool, o: &mut [f32]) {
+unsafe fn add_values<E: KvElem>(w: &[f32], inv: f32, values: *const E, first: bool, o: &mut [f32]) {
     let d = o.len();
     let mut c0 = 0;
     while c0 + 64 <= d {
-        add_lanes::<8>(w, inv, values, d, c0, first, o);
+        add_lanes::<E, 8>(w, inv, values, d, c0, first, o);
         c0 += 64;
     }
     while c0 < d {
-        add_lanes::<1>(w, inv, values, d, c0, first, o);
+        add_lanes::<E, 1>(w, inv, values, d, c0, first, o);
         c0 += 8;
     }
 }
 
 #[inline(always)]
-unsafe fn add_lanes<const N: usize>(
+unsafe fn add_lanes<E: KvElem, const N: usize>(
     w: &[f32],
     inv: f32,
-    values: *const f32,
+    values: *const E,
     d: usize,
     c0: usize,
     first: bool,
@@ -275,7 +282,7 @@ unsafe fn add_lanes<const N: usize>(
         let wv = _mm256_set1_ps(wp * inv);
         let row = values.add(p * d + c0);
         for n in 0..N {
-            acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(n * 8)), acc[n]);
+            acc[n] = _mm256_fmadd_ps(wv, E::load8(row.add(n * 8)), acc[n]);
         }
     }
     for n in 0..N {
