@@ -6,9 +6,9 @@ use std::path::Path;
 /// What the KV cache stores per key and value number. f16 (llama.cpp's default) halves the
 /// cache's memory, so a budget holds twice the tokens, and the bytes a decode step reads over a
 /// long context (SmolLM2 Q4_1 at depth 4,096: a step ~21% shorter, docs/kv-cache.md); keys
-/// and values are rounded once, when written, and attention's arithmetic stays f32. f32 stays
-/// the default until f16's effect on each model's outputs is measured (Qwen2.5's large keys move
-/// its logits by up to 1.8% against the f32 reference). A CARE latent layer's cache stays f32.
+/// and values are rounded once, when written, and attention's arithmetic stays f32. A CARE latent
+/// model's cache stays f32, which is why f32 is the default: an f16 default would make every
+/// conversion's cache larger than its original's (docs/kv-cache.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     #[default]
