@@ -44,9 +44,9 @@ pub struct BenchArgs {
     /// KV depth at which the k-token forwards are timed.
     #[arg(long, default_value_t = 256)]
     depth: usize,
-    /// What the KV cache holds (tandem's rows; llama.cpp's cache is f16 either way).
-    #[arg(long, value_enum, default_value_t = tandem_cli::KvDtypeArg::default())]
-    kv_dtype: tandem_cli::KvDtypeArg,
+    // tandem's cache (llama.cpp's is f16 either way).
+    #[command(flatten)]
+    cache: tandem_cli::CacheArgs,
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -251,7 +251,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.model.is_empty() { vec!["smollm2".to_string(), "qwen-coder".to_string()] } else { args.model.clone() };
     let mut rows = Vec::new();
     let mut peers = Vec::new();
-    let kv = tandem_models::KvDtype::from(args.kv_dtype);
+    let kv = args.cache.kv();
     println!("KV cache {}; k-token forwards at depth {}", kv.name(), args.depth);
     println!(
         "{:<34} {:<9} {:>8} {:>10} {:>9}  {}",
@@ -270,9 +270,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "bf16" => WeightDtype::Bf16,
                 other => anyhow::bail!("unknown mode `{other}` (f32, bf16, quantized)"),
             };
-            let kv_dtype = args.kv_dtype.into();
-            let opts =
-                LoadOptions { keep_quantized: mode == "quantized", weight_dtype, kv_dtype, ..Default::default() };
+            let opts = args.cache.apply(LoadOptions {
+                keep_quantized: mode == "quantized",
+                weight_dtype,
+                ..Default::default()
+            });
             let loaded = load_model(&path, &opts)?;
             let row = bench_model(&loaded.model, &loaded.name, mode, &args)?;
             print_row(
@@ -319,7 +321,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let json = serde_json::json!({
         "machine": machine_description(),
         "threads": rayon_threads(),
-        "kv_dtype": tandem_models::KvDtype::from(args.kv_dtype).name(),
+        "kv_dtype": kv.name(),
         "depth": args.depth,
         "rows": rows,
         "llama_cpp": peers,

@@ -47,11 +47,10 @@ impl DtypeArg {
     }
 }
 
-/// What the KV cache holds (`--kv-dtype`; `tandem_models::KvDtype`).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, clap::ValueEnum)]
+/// What the KV cache holds (`--kv-dtype`; `tandem_models::KvDtype`, whose default it takes).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum KvDtypeArg {
     /// Keys and values exactly as computed.
-    #[default]
     F32,
     /// Half the memory of f32, so a KV budget holds twice the tokens, and a faster decode step
     /// over long contexts; keys and values rounded once, as llama.cpp's default cache does.
@@ -64,6 +63,35 @@ impl From<KvDtypeArg> for tandem_models::KvDtype {
             KvDtypeArg::F16 => tandem_models::KvDtype::F16,
             KvDtypeArg::F32 => tandem_models::KvDtype::F32,
         }
+    }
+}
+
+impl Default for KvDtypeArg {
+    fn default() -> Self {
+        match tandem_models::KvDtype::default() {
+            tandem_models::KvDtype::F16 => KvDtypeArg::F16,
+            tandem_models::KvDtype::F32 => KvDtypeArg::F32,
+        }
+    }
+}
+
+/// `--kv-dtype`, one definition for every command that loads a model to serve or score with it.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct CacheArgs {
+    /// What the KV cache holds per key and value number: f32, or f16 (half the memory; llama.cpp's
+    /// default cache).
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::default())]
+    pub kv_dtype: KvDtypeArg,
+}
+
+impl CacheArgs {
+    pub fn kv(self) -> tandem_models::KvDtype {
+        self.kv_dtype.into()
+    }
+
+    /// `opts` with this cache type.
+    pub fn apply(self, opts: LoadOptions) -> LoadOptions {
+        LoadOptions { kv_dtype: self.kv(), ..opts }
     }
 }
 

@@ -2,8 +2,7 @@
 use anyhow::{anyhow, Result};
 use std::path::PathBuf;
 use tandem_cli::care_arg::{bar, encode};
-use tandem_cli::{load_model, models, DtypeArg, KvDtypeArg};
-use tandem_models::LoadOptions;
+use tandem_cli::{load_model, models, DtypeArg};
 
 #[derive(clap::Subcommand)]
 pub enum EvalCommand {
@@ -30,10 +29,8 @@ pub struct PerplexityArgs {
     max_tokens: usize,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
-    /// What the KV cache holds per key and value number: f16 (half the memory; llama.cpp's
-    /// default) or f32.
-    #[arg(long, value_enum, default_value_t = KvDtypeArg::default())]
-    kv_dtype: KvDtypeArg,
+    #[command(flatten)]
+    cache: tandem_cli::CacheArgs,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -42,7 +39,7 @@ pub struct PerplexityArgs {
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let EvalCommand::Perplexity(args) = cmd;
     let path = models::resolve(args.model.as_deref())?;
-    let opts = LoadOptions { kv_dtype: args.kv_dtype.into(), ..args.dtype.load_options(tandem_cli::device(None)?) };
+    let opts = args.cache.apply(args.dtype.load_options(tandem_cli::device(None)?));
     let loaded = load_model(&path, &opts)?;
     let text = match args.text.is_empty() {
         true => tandem_care::text::python_license(),

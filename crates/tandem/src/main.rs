@@ -10,8 +10,7 @@ mod serve;
 mod train_drafter;
 
 use tandem_bench as bench;
-use tandem_cli::{device, load_model, models, online_arg, spec_arg, DtypeArg, KvDtypeArg};
-use tandem_models::LoadOptions;
+use tandem_cli::{device, load_model, models, online_arg, spec_arg, DtypeArg};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -145,10 +144,8 @@ struct GenerateArgs {
     choice: Option<Vec<String>>,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
-    /// What the KV cache holds per key and value number: f16 (half the memory; llama.cpp's
-    /// default) or f32.
-    #[arg(long, value_enum, default_value_t = KvDtypeArg::default())]
-    kv_dtype: KvDtypeArg,
+    #[command(flatten)]
+    cache: tandem_cli::CacheArgs,
     /// Run on this CUDA device (needs a build with --features cuda).
     #[arg(long)]
     cuda: Option<usize>,
@@ -179,7 +176,7 @@ fn grammar(args: &GenerateArgs, loaded: &tandem_models::LoadedModel) -> Result<O
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let path = models::resolve(args.model.as_deref())?;
-    let opts = LoadOptions { kv_dtype: args.kv_dtype.into(), ..args.dtype.load_options(device(args.cuda)?) };
+    let opts = args.cache.apply(args.dtype.load_options(device(args.cuda)?));
     let loaded = load_model(&path, &opts)?;
     let text = if args.chat {
         let template = ChatTemplate::new(

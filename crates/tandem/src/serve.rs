@@ -4,9 +4,8 @@ use std::time::Duration;
 use tandem_cli::online_arg::{self, OnlineArgs};
 use tandem_cli::schedule_arg::{self, ScheduleArgs};
 use tandem_cli::spec_arg::{self, SpecArgs};
-use tandem_cli::{device, load_model, models, DtypeArg, KvDtypeArg};
+use tandem_cli::{device, load_model, models, DtypeArg};
 use tandem_engine::EngineConfig;
-use tandem_models::LoadOptions;
 use tandem_server::training::TrainingLimits;
 use tandem_server::ServerOptions;
 
@@ -53,10 +52,8 @@ pub struct ServeArgs {
     max_waiting: usize,
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
-    /// What the KV cache holds per key and value number: f16 (half the memory; llama.cpp's
-    /// default) or f32.
-    #[arg(long, value_enum, default_value_t = KvDtypeArg::default())]
-    kv_dtype: KvDtypeArg,
+    #[command(flatten)]
+    cache: tandem_cli::CacheArgs,
     /// Seconds running requests get to finish after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
@@ -255,7 +252,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let server_options = args.server_options()?;
     let evolving = evolve_configs(&args)?;
     let path = models::resolve(args.model.first().map(String::as_str))?;
-    let opts = LoadOptions { kv_dtype: args.kv_dtype.into(), ..args.dtype.load_options(device(args.cuda)?) };
+    let opts = args.cache.apply(args.dtype.load_options(device(args.cuda)?));
     let loaded = load_model(&path, &opts)?;
     let config = engine_config(&args, &loaded)?;
     let (max_batch, max_seq_len, kv_tokens) = (config.max_batch, config.max_seq_len, config.kv_tokens.unwrap_or(0));

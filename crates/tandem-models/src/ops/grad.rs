@@ -273,10 +273,16 @@ impl CustomOp3 for SelfAttention {
     ) -> CResult<(CpuStorage, Shape)> {
         let (t, heads, d) = l1.shape().dims3()?;
         let kv_heads = l2.shape().dims3()?.1;
-        let (q, mut k, mut v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?.to_vec(), f32_slice(s3, l3)?.to_vec());
-        as_cached(self.kv, &mut k);
-        as_cached(self.kv, &mut v);
-        let out = attention_fwd(q, &k, &v, (heads, kv_heads, d), &self.lens)?;
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let out = match self.kv {
+            KvDtype::F32 => attention_fwd(q, k, v, (heads, kv_heads, d), &self.lens)?,
+            KvDtype::F16 => {
+                let (mut k, mut v) = (k.to_vec(), v.to_vec());
+                as_cached(self.kv, &mut k);
+                as_cached(self.kv, &mut v);
+                attention_fwd(q, &k, &v, (heads, kv_heads, d), &self.lens)?
+            }
+        };
         Ok((CpuStorage::F32(out), Shape::from((t, heads * d))))
     }
     fn bwd(

@@ -698,6 +698,9 @@ pub fn self_attention(
             // Rounded through the cache's type and back; the gradient passes the rounding unchanged
             // (x + (r - x) is r exactly: r - x is exact for r this close to x).
             let cached = |x: &Tensor| -> CResult<Tensor> {
+                if kv.dtype() == x.dtype() {
+                    return Ok(x.clone());
+                }
                 let r = x.to_dtype(kv.dtype())?.to_dtype(x.dtype())?;
                 x + (r - x)?.detach()
             };

@@ -59,9 +59,10 @@ pub fn contiguous_tables(slots: usize) -> Vec<Vec<u32>> {
 /// converted to f32 exactly as it is loaded, so attention's arithmetic is f32's either way and an
 /// f16 cache gives the bits an f32 cache holding the same (rounded) values gives.
 pub trait KvElem: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
     /// dst = src, each value rounded to this type (to nearest, ties to even).
     fn put(dst: &mut [Self], src: &[f32]);
+    /// dst = src as f32 (exact).
+    fn get(dst: &mut [f32], src: &[Self]);
     /// The values as f32 without a conversion, where they are f32.
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
     /// Eight values at p as f32.
@@ -73,11 +74,10 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 }
 
 impl KvElem for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
     fn put(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn get(dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src)
     }
     fn as_f32(values: &[f32]) -> Option<&[f32]> {
@@ -91,13 +91,13 @@ impl KvElem for f32 {
 }
 
 impl KvElem for half::f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
     fn put(dst: &mut [half::f16], src: &[f32]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src)
+    }
+    fn get(dst: &mut [f32], src: &[half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst)
     }
     fn as_f32(_: &[half::f16]) -> Option<&[f32]> {
         None
@@ -136,24 +136,20 @@ impl<'a, E: KvElem> PagedRows<'a, E> {
 
     /// Rows pos..pos + n (within one block) as f32: the cache's own values, or (f16) converted
     /// into `buf` once, so that every row of an item reads the block without converting it again.
-    ///
-    /// # Safety
-    /// AVX and F16C.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    pub(crate) unsafe fn rows_f32<'b>(&self, pos: usize, n: usize, buf: &'b mut [f32]) -> &'b [f32]
+    #[inline]
+    pub(crate) fn rows_f32<'b>(&self, pos: usize, n: usize, buf: &'b mut [f32]) -> &'b [f32]
     where
         'a: 'b,
     {
         let src = self.rows(pos, n);
-        if let Some(f) = E::as_f32(src) {
-            return f;
+        match E::as_f32(src) {
+            Some(f) => f,
+            None => {
+                let out = &mut buf[..src.len()];
+                E::get(out, src);
+                out
+            }
         }
-        let out = &mut buf[..src.len()];
-        for (o, c) in out.chunks_exact_mut(8).zip((0..src.len()).step_by(8)) {
-            std::arch::x86_64::_mm256_storeu_ps(o.as_mut_ptr(), E::load8(src.as_ptr().add(c)));
-        }
-        out
     }
 
     /// Asks for rows pos..pos + n (within one block) ahead of their use; nothing past the table.
@@ -373,15 +369,17 @@ fn attend_row<E: KvElem>(
     o: &mut [f32],
 ) {
     let positions = (0..r.len).chain(r.own);
-    let key = |p: usize| keys.rows(p, 1).iter().map(|k| k.to_f32()).collect::<Vec<f32>>();
+    let mut buf = vec![0f32; q.len()];
     scores.clear();
-    scores.extend(positions.clone().map(|p| dot(q, &key(p)) * scale));
+    for p in positions.clone() {
+        scores.push(dot(q, keys.rows_f32(p, 1, &mut buf)) * scale);
+    }
     let inv = softmax_in_place(scores);
     o.fill(0.0);
     for (&s, p) in scores.iter().zip(positions) {
         let w = s * inv;
-        for (o, v) in o.iter_mut().zip(values.rows(p, 1)) {
-            *o += w * v.to_f32();
+        for (o, &v) in o.iter_mut().zip(values.rows_f32(p, 1, &mut buf)) {
+            *o += w * v;
         }
     }
 }
