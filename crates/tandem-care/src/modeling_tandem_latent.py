@@ -13,8 +13,9 @@ k_proj and v_proj, so any transformers code runs the converted model:
 
 transformers caches the expanded keys and values, so it computes what the converted model
 computes but does not get its smaller cache (tandem serves the latents: `tandem serve --model
-FOLDER`). Command line: `python3 modeling_tandem_latent.py FOLDER TOKENS OUT.npy` writes the
-logits of comma-separated token ids.
+FOLDER`). Command line: `python3 modeling_tandem_latent.py FOLDER TOKENS OUT.npy [DTYPE]` writes
+the logits of comma-separated token ids, computed in DTYPE (float32 unless given; float64 makes it
+an exact reference: tandem's tests use it so that torch's own float32 rounding is not measured).
 """
 import json
 import os
@@ -80,7 +81,8 @@ def main():
     import numpy as np
 
     folder, tokens, out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
-    model = load(folder)
+    dtype = getattr(torch, sys.argv[4]) if len(sys.argv) > 4 else torch.float32
+    model = load(folder, dtype)
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0]
     np.save(out, logits.float().numpy())

@@ -112,16 +112,18 @@ fn models_dir() -> PathBuf {
 
 fn numpy_reference(checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     tandem_testkit::require_python(&["numpy"]);
-    run_logits_script(&repo_root().join("tests/reference/reference.py"), checkpoint, tokens)
+    run_logits_script(&repo_root().join("tests/reference/reference.py"), checkpoint, tokens, &[])
 }
 
-/// Logits from the folder's own transformers loader (the file `tandem convert care` writes).
+/// Logits from the folder's own transformers loader (the file `tandem convert care` writes), in
+/// float64: torch's float32 rounding over 600 positions varies with the CPU's kernels (CI measured
+/// 1.5e-4 where this machine measures 6e-6) and is not what the comparison is about.
 fn transformers_logits(folder: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     tandem_testkit::require_python(&["numpy", "torch", "transformers", "safetensors"]);
-    run_logits_script(&folder.join(tandem_care::TRANSFORMERS_LOADER_FILE), folder, tokens)
+    run_logits_script(&folder.join(tandem_care::TRANSFORMERS_LOADER_FILE), folder, tokens, &["float64"])
 }
 
-fn run_logits_script(script: &Path, checkpoint: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+fn run_logits_script(script: &Path, checkpoint: &Path, tokens: &[u32], extra: &[&str]) -> Vec<Vec<f32>> {
     let out = std::env::temp_dir().join(format!("tandem-care-ref-{}.npy", std::process::id()));
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let o = Command::new(python())
@@ -129,6 +131,7 @@ fn run_logits_script(script: &Path, checkpoint: &Path, tokens: &[u32]) -> Vec<Ve
         .arg(checkpoint)
         .arg(toks.join(","))
         .arg(&out)
+        .args(extra)
         .output()
         .expect("python3 runs");
     assert!(o.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr));
@@ -161,11 +164,20 @@ fn a_converted_smollm2_folder_loads_back_and_matches_numpy() {
     assert_eq!(chunked_beside_another(&conv.model, &probe), ours, "chunked and batched logits are not the same bits");
     let err = relative_error(&logits(&back.model, &probe), &ours);
     assert!(err < 1e-5, "the folder's logits differ by {err:.2e}");
-    let err = relative_error(&ours, &numpy_reference(&dir, &probe));
-    assert!(err < 1e-4, "numpy differs from the latent kernels by {err:.2e}");
+    let numpy = numpy_reference(&dir, &probe);
+    let err_numpy = relative_error(&ours, &numpy);
+    assert!(err_numpy < 1e-4, "numpy differs from the latent kernels by {err_numpy:.2e}");
     // Another stack: stock transformers with the factored projections put in place.
-    let err = relative_error(&ours, &transformers_logits(&dir, &probe));
-    assert!(err < 1e-4, "transformers differs from the latent kernels by {err:.2e}");
+    let tf = transformers_logits(&dir, &probe);
+    let err = relative_error(&ours, &tf);
+    let apart = relative_error(&tf, &numpy);
+    eprintln!(
+        "latent kernels against numpy {err_numpy:.2e}, against transformers {err:.2e} (those two apart {apart:.2e})"
+    );
+    assert!(
+        err < 1e-4,
+        "transformers differs from the latent kernels by {err:.2e} (numpy {err_numpy:.2e}; the two {apart:.2e})"
+    );
     let bytes = |model: &Model| KvCache::with_blocks(&model.config, 1, 16, 1, model.device()).unwrap().bytes();
     assert_eq!(bytes(&m.model), 2 * bytes(&back.model), "the cache tensors are not half the size");
     let (nll, n) =
