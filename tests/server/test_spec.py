@@ -90,6 +90,10 @@ def main():
     assert sum(emitted.values()) == decoded + len(jobs), (emitted, decoded)
     assert series("tandem_engine_steps_total")["drafted"] > 0, metrics
     assert 'tandem_engine_step_seconds_total{kind="prefill"}' in metrics
+    # A step's drafting and forward are parts of its time.
+    total, drafting, forward = (series(f"tandem_engine_step{s}_seconds_total") for s in ("", "_drafting", "_forward"))
+    assert all(drafting[k] + forward[k] <= total[k] + 1e-9 for k in total), (total, drafting, forward)
+    assert drafting["drafted"] > 0 and forward["drafted"] > 0, (drafting, forward)
     print(f"ok     speculative server equals plain server ({len(jobs)} requests, {accepted} draft tokens accepted)")
 
 

@@ -3,7 +3,7 @@ use crate::commit::{commit, StepReport};
 use crate::online::{OnlineHooks, OnlineState, Trace, TraceVersion, Version};
 use crate::runner::{ModelRunner, ServedDrafter};
 use crate::scheduler::{RequestInfo, Scheduler, SchedulingPolicy, Service, StepPlan};
-use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage};
+use crate::spec_stats::{SpecCounters, SpecStats, SpecUsage, StepTime};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -613,6 +613,7 @@ impl Engine {
             Ok(out) => out,
             Err(message) => return self.fail(&plan, &message),
         };
+        let forward_secs = verify_start.elapsed().as_secs_f64();
         let report = commit(&mut self.scheduler, &mut self.runner, &self.config, &plan, &out);
         self.scheduler.index_prefixes(&mut self.runner);
         if self.runner.drafter.is_some() {
@@ -630,7 +631,12 @@ impl Engine {
             }
         }
         self.measure_shape(&plan, &report, shape_secs);
-        self.shared.spec.add_time(&plan, &report, started.elapsed().as_secs_f64());
+        let time = StepTime {
+            total: started.elapsed().as_secs_f64(),
+            drafting: draft_nanos as f64 * 1e-9,
+            forward: forward_secs,
+        };
+        self.shared.spec.add_time(&plan, &report, time);
         let ended = self.scheduler.finish(report.finished, &mut self.runner);
         self.on_finished(ended);
         self.finishing.extend(report.finishing);

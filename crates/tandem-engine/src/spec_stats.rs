@@ -46,12 +46,17 @@ pub struct SpecStats {
     pub steps: StepKinds,
 }
 
-/// Steps of one kind: how many, their seconds (schedule, drafting, forward, commit), rows fed
-/// and tokens emitted.
+/// Steps of one kind: how many, their seconds (all of it, and of that the drafting and the
+/// target's forward; the rest is committing: verification, cache rollback, events, learning's
+/// observation), rows fed and tokens emitted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StepTally {
     pub steps: u64,
     pub secs: f64,
+    /// Scheduling, with the drafter's proposals (all of it where there is a drafter).
+    pub drafting_secs: f64,
+    /// The target's forward and its logits' copy to the host.
+    pub forward_secs: f64,
     pub rows: u64,
     pub emitted: u64,
 }
@@ -95,6 +100,14 @@ impl SpecStats {
     }
 }
 
+/// One step's seconds: all of it, and of that the drafting and the target's forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepTime {
+    pub total: f64,
+    pub drafting: f64,
+    pub forward: f64,
+}
+
 #[derive(Default)]
 pub(crate) struct SpecCounters {
     pub drafter: Mutex<Option<String>>,
@@ -131,11 +144,13 @@ impl SpecCounters {
     }
 
     /// Adds a committed step's wall time to its kind's tally.
-    pub(crate) fn add_time(&self, plan: &StepPlan, report: &StepReport, secs: f64) {
+    pub(crate) fn add_time(&self, plan: &StepPlan, report: &StepReport, time: StepTime) {
         let mut kinds = self.steps.lock().unwrap_or_else(|e| e.into_inner());
         let t = kinds.kind(plan);
         t.steps += 1;
-        t.secs += secs;
+        t.secs += time.total;
+        t.drafting_secs += time.drafting;
+        t.forward_secs += time.forward;
         t.rows += plan.seqs.iter().map(|s| s.tokens.len() as u64).sum::<u64>();
         t.emitted += report.seqs.iter().map(|c| c.emitted as u64).sum::<u64>();
     }

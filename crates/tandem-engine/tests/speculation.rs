@@ -4,7 +4,7 @@
 mod common;
 use std::path::Path;
 use std::sync::Arc;
-use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest, WeightVersion};
+use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest, StepTally, WeightVersion};
 use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
 use tandem_runtime::speculative::{
     DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter,
@@ -211,6 +211,11 @@ fn greedy_speculation_changes_nothing() {
             let emitted: u64 = kinds.iter().map(|(_, t)| t.emitted).sum();
             assert_eq!(emitted as usize, got.iter().map(|(t, _)| t.len()).sum::<usize>(), "{kinds:?}");
             assert!(kinds.iter().all(|(_, t)| t.secs >= 0.0 && t.rows >= t.steps), "{kinds:?}");
+            // A step's drafting and forward are parts of it; every step runs a forward.
+            let parts =
+                |t: &StepTally| t.drafting_secs + t.forward_secs <= t.secs && (t.steps == 0) == (t.forward_secs == 0.0);
+            assert!(kinds.iter().all(|(_, t)| parts(t)), "{kinds:?}");
+            assert!(stats.steps.drafted.steps == 0 || stats.steps.drafted.drafting_secs > 0.0, "{kinds:?}");
             assert!(stats.steps.prefill.steps > 0 && stats.steps.prefill.rows > stats.steps.prefill.steps);
             if name.starts_with("eagle") {
                 assert!(stats.steps.drafted.steps > 0, "{kinds:?}");

@@ -237,9 +237,15 @@ impl Metrics {
 /// drafts): what share of the engine's time prompts take, and what a decode step of each kind costs.
 fn render_step_kinds(out: &mut String, kinds: &tandem_engine::StepKinds) {
     type Field = fn(&tandem_engine::StepTally) -> f64;
-    let series: [(&str, &str, Field); 4] = [
+    let series: [(&str, &str, Field); 6] = [
         ("tandem_engine_steps_total", "Engine steps by kind.", |t| t.steps as f64),
         ("tandem_engine_step_seconds_total", "Engine step wall time by kind.", |t| t.secs),
+        ("tandem_engine_step_drafting_seconds_total", "Of the step time, scheduling and drafting.", |t| {
+            t.drafting_secs
+        }),
+        ("tandem_engine_step_forward_seconds_total", "Of the step time, the target model's forward.", |t| {
+            t.forward_secs
+        }),
         ("tandem_engine_step_rows_total", "Tokens fed to the model by kind of step.", |t| t.rows as f64),
         ("tandem_engine_step_emitted_tokens_total", "Tokens emitted by kind of step.", |t| t.emitted as f64),
     ];

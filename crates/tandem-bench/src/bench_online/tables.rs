@@ -61,20 +61,28 @@ pub(super) fn print(all_rows: &[WindowRow], summaries: &[Summary]) {
 
 /// Where each configuration's engine time went, by kind of step: prompts cost every
 /// configuration alike, so they bound the whole's gain; ms per token of each decode kind against
-/// `plain`'s is what drafts earn where they run.
+/// `plain`'s is what drafts earn where they run. A step's ms split into drafting, the target's
+/// forward and the rest (commit: verification, cache rollback, events) say which part of a
+/// drafted step costs more than a plain one.
 fn print_step_kinds(summaries: &[Summary]) {
-    println!("\n| config | step kind | steps | share of step time | ms/step | rows/step | tokens/step | ms/token |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "\n| config | step kind | steps | share of step time | ms/step | drafting | forward | commit | rows/step | tokens/step | ms/token |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for s in summaries {
         let total: f64 = s.steps.named().iter().map(|(_, t)| t.secs).sum();
         for (kind, t) in s.steps.named().into_iter().filter(|(_, t)| t.steps > 0) {
             let per = |x: f64, n: u64| x / n.max(1) as f64;
+            let rest = t.secs - t.drafting_secs - t.forward_secs;
             println!(
-                "| {} | {kind} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {kind} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 s.config,
                 t.steps,
                 100.0 * t.secs / total.max(1e-9),
                 per(t.secs * 1e3, t.steps),
+                per(t.drafting_secs * 1e3, t.steps),
+                per(t.forward_secs * 1e3, t.steps),
+                per(rest * 1e3, t.steps),
                 per(t.rows as f64, t.steps),
                 per(t.emitted as f64, t.steps),
                 per(t.secs * 1e3, t.emitted),
