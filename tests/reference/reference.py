@@ -7,7 +7,8 @@ sequence to an .npy file. Nothing here is shared with the Rust implementation.
 usage: python3 reference.py CHECKPOINT TOKENS(comma separated) OUT.npy [KV_DTYPE]
 
 KV_DTYPE f16: keys (after rope) and values rounded to IEEE half precision, as a KV cache of f16
-holds them (numpy's own rounding); everything else stays float64.
+holds them (numpy's own rounding); in a latent (CARE) checkpoint the key and value latents are
+what is rounded, before their expansion. Everything else stays float64.
 """
 import glob
 import json
@@ -74,7 +75,8 @@ def load_hf(folder):
             W[f"{i}.{short}"] = get(pre + name)
         if latent:
             for x in "kv":
-                W[f"{i}.{x}"] = get(pre + f"self_attn.{x}_b_proj.weight") @ get(pre + f"self_attn.{x}_a_proj.weight")
+                a, b = get(pre + f"self_attn.{x}_a_proj.weight"), get(pre + f"self_attn.{x}_b_proj.weight")
+                W[f"{i}.{x}"], W[f"{i}.{x}_a"], W[f"{i}.{x}_b"] = b @ a, a, b
                 W[f"{i}.{x}b"] = get(pre + f"self_attn.{x}_b_proj.bias")
     return p, W
 
@@ -142,13 +144,20 @@ def forward(p, W, tokens, kv_dtype="f32"):
         g = lambda n: W[f"{i}.{n}"]
         h = rms_norm(x, g("attn_norm"), p["eps"])
         q, k, v = h @ g("q").T, h @ g("k").T, h @ g("v").T
+        latent_f16 = kv_dtype == "f16" and W.get(f"{i}.k_a") is not None
+        if latent_f16:
+            # The cache holds the latents: they are rounded, then expanded.
+            half = lambda a: a.astype(np.float16).astype(np.float64)
+            k, v = half(h @ g("k_a").T) @ g("k_b").T, half(h @ g("v_a").T) @ g("v_b").T
         if g("qb") is not None:
-            q, k, v = q + g("qb"), k + g("kb"), v + g("vb")
+            q = q + g("qb")
+        if g("kb") is not None:
+            k, v = k + g("kb"), v + g("vb")
         q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
         if p["qk_norm"]:
             q, k = rms_norm(q, g("q_norm"), p["eps"]), rms_norm(k, g("k_norm"), p["eps"])
         q, k = rope(q, pos, p["theta"], p["interleaved"]), rope(k, pos, p["theta"], p["interleaved"])
-        if kv_dtype == "f16":
+        if kv_dtype == "f16" and not latent_f16:
             k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask

@@ -7,8 +7,8 @@ use std::path::Path;
 /// cache's memory, so a budget holds twice the tokens, and the bytes a decode step reads over a
 /// long context (SmolLM2 Q4_1 at depth 4,096: a step ~21% shorter, docs/kv-cache.md); keys
 /// and values are rounded once, when written, and attention's arithmetic stays f32. A CARE latent
-/// model's cache stays f32, which is why f32 is the default: an f16 default would make every
-/// conversion's cache larger than its original's (docs/kv-cache.md).
+/// model's cache holds its key and value latents rounded likewise. f32 stays the default until
+/// every reference test that checks f32 numerics names its cache type (docs/kv-cache.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     #[default]
@@ -263,19 +263,11 @@ impl ModelConfig {
         }
     }
 
-    /// What the cache holds: `kv_dtype`, or f32 in a latent (CARE) model.
-    pub fn cache_dtype(&self) -> KvDtype {
-        match &self.latent_kv {
-            Some(_) => KvDtype::F32,
-            None => self.kv_dtype,
-        }
-    }
-
     /// Bytes of KV cache one token takes over all layers: the one rule every budget, metric and
     /// report uses.
     pub fn kv_bytes_per_token(&self) -> usize {
         (0..self.num_layers)
-            .map(|l| self.cache_rows(l).iter().map(|(h, w)| h * w).sum::<usize>() * self.cache_dtype().bytes())
+            .map(|l| self.cache_rows(l).iter().map(|(h, w)| h * w).sum::<usize>() * self.kv_dtype.bytes())
             .sum()
     }
 }

@@ -5,7 +5,7 @@
 //! Over 600 lines because loading (building the blocks from any checkpoint) and the forward
 //! (serving's batched one and training's whole-sequence one, sharing `blocks_forward`) belong
 //! together: both follow the same weight layout.
-use crate::config::ModelConfig;
+use crate::config::{KvDtype, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -377,6 +377,11 @@ impl Model {
         self.path = path;
     }
 
+    /// The op implementations in use.
+    pub fn ops_path(&self) -> OpsPath {
+        self.path
+    }
+
     /// Bytes of weights streamed by one decode step (the embedding table is only gathered).
     pub fn weight_bytes_per_token(&self) -> usize {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -615,7 +620,7 @@ impl Model {
             let a = match packed.filter(|_| plain) {
                 Some(lens) => {
                     let heads = (c.num_heads, c.num_kv_heads, c.head_dim);
-                    ops::packed_self_attention(&qkv, heads, positions, &self.rope, lens, c.cache_dtype(), path)?
+                    ops::packed_self_attention(&qkv, heads, positions, &self.rope, lens, c.kv_dtype, path)?
                 }
                 None => {
                     let (q, k, v) = self.split_qkv(l, &qkv, positions)?;
@@ -658,7 +663,7 @@ impl Model {
             down: b.down.clone(),
             eps: c.rms_norm_eps,
             heads: (c.num_heads, c.num_kv_heads, c.head_dim),
-            kv: c.cache_dtype(),
+            kv: c.kv_dtype,
         };
         Ok(ops::layer::trained_layer(x, weights, positions, &self.rope, lens)?)
     }
@@ -773,15 +778,19 @@ impl Model {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let path = self.path;
         let x = self.embed.rows(ids, self.path, &self.device)?;
+        let kv = self.config.kv_dtype;
         let mut attend = |l: usize, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-            let (k, v) = match self.latent_weights(l) {
-                Some(w) => (
-                    ops::latent::expand_keys_on(&k.squeeze(1)?, positions, &w, path)?,
-                    ops::latent::expand_values(&v.squeeze(1)?, &w, path)?,
-                ),
-                None => (k.clone(), v.clone()),
-            };
-            Ok(ops::self_attention(q, &k, &v, lens, self.config.cache_dtype(), path)?)
+            Ok(match self.latent_weights(l) {
+                // Serving's cache holds the latents (rounded as it holds them) and expands them
+                // in f32: the expanded keys and values are not rounded again.
+                Some(w) => {
+                    let (k, v) = (ops::as_cached(&k.squeeze(1)?, kv)?, ops::as_cached(&v.squeeze(1)?, kv)?);
+                    let k = ops::latent::expand_keys_on(&k, positions, &w, path)?;
+                    let v = ops::latent::expand_values(&v, &w, path)?;
+                    ops::self_attention(q, &k, &v, lens, KvDtype::F32, path)?
+                }
+                None => ops::self_attention(q, k, v, lens, kv, path)?,
+            })
         };
         self.blocks_forward(x, positions, &[], &mut attend, Some(lens), observe)
     }

@@ -4,9 +4,22 @@
 mod common;
 
 use common::*;
-use tandem_models::{KvCache, LoadedModel, LogitsFor, OpsPath, SequenceInput};
+use tandem_models::{load, KvCache, KvDtype, LoadOptions, LoadedModel, LogitsFor, OpsPath, SequenceInput};
 
 const TOL: f64 = 1e-5;
+/// The generic path with an f16 cache: its products are not batch invariant, so a key computed in
+/// another batch shape can differ from itself by an f32 ulp, and where it lies near a half-
+/// precision boundary it then rounds to the neighbouring f16 (~5e-4 of that element). Measured
+/// on the tiny checkpoints' chunked prefill: up to 1.8e-5 against 6e-7 with an f32 cache
+/// (2026-12-07). The CPU kernels are batch invariant and stay bit for bit.
+const TOL_F16_GENERIC: f64 = 1e-4;
+
+fn tol(m: &LoadedModel) -> f64 {
+    match (m.model.ops_path(), m.model.config.kv_dtype) {
+        (OpsPath::Generic, KvDtype::F16) => TOL_F16_GENERIC,
+        _ => TOL,
+    }
+}
 
 fn alone(m: &LoadedModel, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = KvCache::new(&m.model.config, 1, 128, m.model.device()).unwrap();
@@ -50,7 +63,7 @@ fn check_batching(m: &LoadedModel, label: &str) {
     for (i, range) in out.logit_rows.iter().enumerate() {
         let expected = alone(m, &prefixes[i], &news[i]);
         let err = relative_error(&all[range.clone()], &expected);
-        assert!(err < TOL, "{label}: sequence {i} batched differs from alone by {err:.2e}");
+        assert!(err < tol(m), "{label}: sequence {i} batched differs from alone by {err:.2e}");
     }
     for (slot, (p, n)) in slots.iter().zip(prefixes.iter().zip(&news)) {
         assert_eq!(cache.len(*slot), p.len() + n.len());
@@ -78,7 +91,7 @@ fn check_truncation(m: &LoadedModel, label: &str) {
         .forward(&[SequenceInput { slot: 0, tokens: &c, logits: LogitsFor::All, siblings: &[] }], &mut cache, &[])
         .unwrap();
     let err = relative_error(&out.logits.to_vec2().unwrap(), &alone(m, &a, &c));
-    assert!(err < TOL, "{label}: logits after truncation differ by {err:.2e}");
+    assert!(err < tol(m), "{label}: logits after truncation differ by {err:.2e}");
 }
 
 fn check_chunked_prefill(m: &LoadedModel, label: &str) {
@@ -98,16 +111,22 @@ fn check_chunked_prefill(m: &LoadedModel, label: &str) {
         rows.extend(out.logits.to_vec2::<f32>().unwrap());
     }
     let err = relative_error(&rows, &whole);
-    assert!(err < TOL, "{label}: chunked prefill differs by {err:.2e}");
+    assert!(err < tol(m), "{label}: chunked prefill differs by {err:.2e}");
+}
+
+/// A tiny checkpoint with a KV cache of `kv` (every tiny test runs both: the latent ones' f16
+/// cache holds rounded latents).
+fn load_tiny(name: &str, kv: KvDtype) -> LoadedModel {
+    load(&tiny_dir().join(name), &LoadOptions { kv_dtype: kv, ..Default::default() }, &mut |_, _| {}).unwrap()
 }
 
 #[test]
 fn batching_truncation_and_chunking_keep_logits_on_tiny_models() {
-    for name in TINY {
-        let mut m = load_path(&tiny_dir().join(name));
+    for (name, kv) in TINY.iter().flat_map(|n| [(n, KvDtype::F32), (n, KvDtype::F16)]) {
+        let mut m = load_tiny(name, kv);
         for path in [OpsPath::CpuKernels, OpsPath::Generic] {
             m.model.set_ops_path(path);
-            let label = format!("{name} {path:?}");
+            let label = format!("{name} {path:?} {kv:?} cache");
             check_batching(&m, &label);
             check_truncation(&m, &label);
             check_chunked_prefill(&m, &label);
@@ -206,7 +225,7 @@ fn check_batch_invariance(m: &LoadedModel, label: &str) {
 
 /// A draft tree, the chain with siblings at several positions: each sibling's logits are what
 /// decoding it in place of its branch gives, and once moved into place the cache continues as if
-/// it had been decoded. `exact`: the same bits (CPU kernels), else within TOL.
+/// it had been decoded. `exact`: the same bits (CPU kernels), else within `tol`.
 fn check_siblings(m: &LoadedModel, label: &str, exact: bool) {
     let prefix: Vec<u32> = (20..33).collect();
     // Fed: the pending token and a chain of three, then siblings of chain tokens 1, 1, 2 and 3.
@@ -236,7 +255,7 @@ fn check_siblings(m: &LoadedModel, label: &str, exact: bool) {
             assert!(got == want, "{label}: {what} differs");
         } else {
             let err = relative_error(got, want);
-            assert!(err < TOL, "{label}: {what} differs by {err:.2e}");
+            assert!(err < tol(m), "{label}: {what} differs by {err:.2e}");
         }
     };
     same(&rows[..4], &alone(m, &prefix, &chain), "the chain");
@@ -259,11 +278,11 @@ fn check_siblings(m: &LoadedModel, label: &str, exact: bool) {
 
 #[test]
 fn draft_tree_siblings_equal_decoding_them_in_place() {
-    for name in TINY {
-        let mut m = load_path(&tiny_dir().join(name));
+    for (name, kv) in TINY.iter().flat_map(|n| [(n, KvDtype::F32), (n, KvDtype::F16)]) {
+        let mut m = load_tiny(name, kv);
         for path in [OpsPath::CpuKernels, OpsPath::Generic] {
             m.model.set_ops_path(path);
-            check_siblings(&m, &format!("{name} {path:?}"), false);
+            check_siblings(&m, &format!("{name} {path:?} {kv:?} cache"), false);
         }
     }
     for (label, m) in default_models() {
@@ -284,7 +303,7 @@ fn feed(m: &LoadedModel, cache: &mut KvCache, slot: usize, tokens: &[u32]) -> Ve
 fn check_prefix_sharing(m: &LoadedModel, label: &str, exact: bool) {
     let same = |a: &[Vec<f32>], b: &[Vec<f32>], what: &str| match exact {
         true => assert!(a == b, "{label}: {what} differs"),
-        false => assert!(relative_error(a, b) < TOL, "{label}: {what} differs"),
+        false => assert!(relative_error(a, b) < tol(m), "{label}: {what} differs"),
     };
     let mut cache = KvCache::with_blocks(&m.model.config, 3, 128, 16, m.model.device()).unwrap();
     // Token ids within the tiny models' vocabulary (280).

@@ -124,8 +124,8 @@ fn bf16_weights_match_the_reference_when_the_checkpoint_is_bf16() {
 const TOL_F16: f64 = 1e-3;
 
 /// An f16 KV cache against the reference with keys (after rope) and values rounded to half
-/// precision (numpy's rounding, float64 otherwise), on both op paths, for the tiny checkpoints
-/// (a latent one's cache stays f32: the f32 reference), SmolLM2 and Qwen2.5-Coder.
+/// precision (numpy's rounding, float64 otherwise; a latent checkpoint's key and value latents,
+/// before their expansion), on both op paths, for the tiny checkpoints, SmolLM2 and Qwen2.5-Coder.
 #[test]
 fn an_f16_kv_cache_matches_the_reference_with_rounded_keys_and_values() {
     let tokens: Vec<u32> = vec![260, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 262, 5, 270];
@@ -138,9 +138,7 @@ fn an_f16_kv_cache_matches_the_reference_with_rounded_keys_and_values() {
     let opts = tandem_models::LoadOptions { kv_dtype: tandem_models::KvDtype::F16, ..Default::default() };
     for (name, path, tokens) in cases {
         let mut loaded = tandem_models::load(&path, &opts, &mut |_, _| {}).unwrap();
-        // A latent (CARE) model's cache stays f32.
-        let kv = if loaded.model.config.latent_kv.is_some() { "f32" } else { "f16" };
-        let reference = reference_logits_kv(&path, &tokens, kv);
+        let reference = reference_logits_kv(&path, &tokens, "f16");
         for ops in [OpsPath::CpuKernels, OpsPath::Generic] {
             loaded.model.set_ops_path(ops);
             let err = relative_error(&tandem_logits(&loaded, &tokens), &reference);

@@ -78,6 +78,31 @@ fn training_forward_equals_serving_bit_for_bit() {
     }
 }
 
+/// A latent (CARE) model trains on the latents its cache holds: with an f16 cache, the training
+/// forward rounds the key and value latents before expanding them, as serving's cache does, so
+/// the two forwards agree for either cache type (to float rounding: serving expands a latent with
+/// its own kernel, training with a product) and the f16 cache's logits are not the f32 one's.
+#[test]
+fn a_latent_model_trains_on_the_latents_its_cache_holds() {
+    for name in ["llama-latent-untied", "qwen2-latent-bias", "qwen3-latent-qknorm"] {
+        let mut by_cache = Vec::new();
+        for kv in [tandem_models::KvDtype::F32, tandem_models::KvDtype::F16] {
+            let opts = LoadOptions { kv_dtype: kv, ..Default::default() };
+            let m = load(&tiny_dir().join(name), &opts, &mut |_, _| {}).unwrap().model;
+            assert!(m.config.latent_kv.is_some(), "{name} is not latent");
+            let toks = tokens(20, m.config.vocab_size, 5);
+            let served = served_logits(&m, &toks);
+            let trained = m.forward_sequence(&toks).unwrap().to_vec2::<f32>().unwrap();
+            let flat = |x: &[Vec<f32>]| Tensor::new(x.concat(), &Device::Cpu).unwrap();
+            let err = max_rel(&flat(&trained), &flat(&served));
+            eprintln!("{name} ({kv:?} cache): training forward against serving {err:.2e}");
+            assert!(err < 1e-5, "{name} ({kv:?} cache): training forward differs from serving by {err:.2e}");
+            by_cache.push(served);
+        }
+        assert_ne!(by_cache[0], by_cache[1], "{name}: the f16 cache rounded nothing");
+    }
+}
+
 /// Gradients of a scalar loss with respect to every trainable tensor, with ops on `path`.
 fn grads(base: &Model, mode: Mode, path: OpsPath, toks: &[u32], targets: &[u32]) -> BTreeMap<String, Tensor> {
     let mut base = base.clone();

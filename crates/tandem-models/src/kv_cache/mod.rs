@@ -90,7 +90,7 @@ impl KvCache {
         for l in 0..config.num_layers {
             // A latent layer (CARE) caches one row of its rank per token for keys and for values.
             let [(kh, kw), (vh, vw)] = config.cache_rows(l);
-            let dtype = config.cache_dtype().dtype();
+            let dtype = config.kv_dtype.dtype();
             keys.push(Tensor::zeros((blocks, kh, BLOCK, kw), dtype, device)?);
             values.push(Tensor::zeros((blocks, vh, BLOCK, vw), dtype, device)?);
         }

@@ -71,10 +71,16 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 /// The f32 values of a CPU tensor borrowed through its storage guard (no copy).
 pub(crate) fn host<'a>(guard: &'a (candle_core::StorageRef<'a>, &'a candle_core::Layout)) -> CResult<&'a [f32]> {
+    host_of::<f32>(guard)
+}
+
+/// The values of a CPU tensor of element type T borrowed through its storage guard (no copy).
+pub(crate) fn host_of<'a, T: candle_core::WithDType>(
+    guard: &'a (candle_core::StorageRef<'a>, &'a candle_core::Layout),
+) -> CResult<&'a [T]> {
     let (storage, layout) = guard;
-    let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
-        candle_core::bail!("tandem kernels need f32 CPU tensors")
-    };
+    let Storage::Cpu(cpu) = &**storage else { candle_core::bail!("tandem kernels need CPU tensors") };
+    let v = cpu.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("tandem kernels need contiguous tensors"),
@@ -695,16 +701,7 @@ pub fn self_attention(
             q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
         }
         OpsPath::Generic => {
-            // Rounded through the cache's type and back; the gradient passes the rounding unchanged
-            // (x + (r - x) is r exactly: r - x is exact for r this close to x).
-            let cached = |x: &Tensor| -> CResult<Tensor> {
-                if kv.dtype() == x.dtype() {
-                    return Ok(x.clone());
-                }
-                let r = x.to_dtype(kv.dtype())?.to_dtype(x.dtype())?;
-                x + (r - x)?.detach()
-            };
-            let (k, v) = (&cached(k)?, &cached(v)?);
+            let (k, v) = (&as_cached(k, kv)?, &as_cached(v, kv)?);
             let mut outs = Vec::with_capacity(lens.len());
             let mut start = 0;
             for &n in lens {
@@ -742,6 +739,17 @@ pub fn packed_self_attention(
     let k = qkv.narrow(1, qw, kw)?.reshape((t, kv_heads, head_dim))?;
     let v = qkv.narrow(1, qw + kw, kw)?.reshape((t, kv_heads, head_dim))?;
     self_attention(&rope(&q, positions, tables, path)?, &rope(&k, positions, tables, path)?, &v, lens, kv, path)
+}
+
+/// x rounded through the cache's element type and back, as a KV cache of that type holds it; the
+/// gradient passes the rounding unchanged (x + (r - x) is r exactly: r - x is exact for r this
+/// close to x).
+pub fn as_cached(x: &Tensor, kv: crate::config::KvDtype) -> CResult<Tensor> {
+    if kv.dtype() == x.dtype() {
+        return Ok(x.clone());
+    }
+    let r = x.to_dtype(kv.dtype())?.to_dtype(x.dtype())?;
+    x + (r - x)?.detach()
 }
 
 fn generic_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<Tensor> {
