@@ -96,6 +96,14 @@ impl KvElem for half::f16 {
         dst.convert_from_f32_slice(src)
     }
     fn get(dst: &mut [f32], src: &[half::f16]) {
+        // Eight at a time with F16C: the `half` crate's slice conversion (its own dispatch and
+        // loop per call) made an f16 latent cache's step, which converts one short row at a
+        // time, 15-20% slower than the f32 one's.
+        #[cfg(target_arch = "x86_64")]
+        if src.len().is_multiple_of(8) && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX).
+            return unsafe { f16c_to_f32(dst, src) };
+        }
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst)
     }
@@ -107,6 +115,19 @@ impl KvElem for half::f16 {
     unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// dst = src as f32, eight values at a time (src.len() a multiple of eight, dst as long).
+///
+/// # Safety
+/// The CPU has AVX and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16c_to_f32(dst: &mut [f32], src: &[half::f16]) {
+    assert_eq!(dst.len(), src.len());
+    for c in (0..src.len()).step_by(8) {
+        std::arch::x86_64::_mm256_storeu_ps(dst.as_mut_ptr().add(c), half::f16::load8(src.as_ptr().add(c)));
     }
 }
 
