@@ -325,7 +325,8 @@ fn a_care_converted_model_serves_speculation_unchanged() {
     assert!(status.success(), "tandem convert care failed");
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["latent_kv"]["k_ranks"].as_array().unwrap().len(), 30);
-    assert_eq!(config["tandem_conversion"]["kv_bytes_per_token"]["converted"], 30 * 2 * 96 * 4);
+    let element = tandem_models::KvDtype::default().bytes();
+    assert_eq!(config["tandem_conversion"]["kv_bytes_per_token"]["converted"], 30 * 2 * 96 * element);
     assert_eq!(config["tandem_conversion"]["allocation"], "uniform", "the default allocation");
     let (plain_port, spec_port) = (free_port(), free_port());
     let _plain = start(&out, plain_port);
