@@ -5,9 +5,10 @@
 # otherwise never run. Emulation is slow (about 200x: cache_and_batching takes ~10 min), so this is a
 # check to run when a kernel or a cache type changes, not part of the test command.
 #
-# usage: scripts/avx2-check.sh [CRATE:TEST ...]
+# usage: scripts/avx2-check.sh [CRATE:TEST[:FILTER] ...]
 #        default: tandem-models:quant tandem-models:cache_and_batching
-#        CRATE:lib runs a crate's unit tests; QEMU_CPU picks another emulated CPU (default EPYC-Milan).
+#        CRATE:lib runs a crate's unit tests; FILTER: only the tests whose names contain it;
+#        QEMU_CPU picks another emulated CPU (default EPYC-Milan).
 # needs: qemu-x86_64 (Debian: apt-get install qemu-user)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +32,12 @@ executable() { # crate test -> path of its test binary
 
 failed=0
 for spec in "$@"; do
-  crate="${spec%%:*}" test="${spec#*:}"
+  IFS=: read -r crate test filter <<<"$spec"
   bin=$(executable "$crate" "$test")
   [ -n "$bin" ] || { echo "no test binary $test in crate $crate" >&2; failed=1; continue; }
   echo "== $crate $test on an emulated $cpu ($bin)"
   # Tests find their files from the crate's folder, as under cargo test.
-  if ! (cd "crates/$crate" && qemu-x86_64 -cpu "$cpu" "$bin" 2> >(grep -v "TCG doesn't support" >&2)); then
+  if ! (cd "crates/$crate" && qemu-x86_64 -cpu "$cpu" "$bin" ${filter:+"$filter"} 2> >(grep -v "TCG doesn't support" >&2)); then
     failed=1
   fi
 done

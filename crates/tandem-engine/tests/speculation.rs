@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 use tandem_engine::{Engine, EngineConfig, EngineHandle, Event, Fcfs, GenerationRequest, StepTally, WeightVersion};
-use tandem_models::{load, KvCache, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
+use tandem_models::{load, KvCache, KvDtype, LoadOptions, LogitsFor, Model, ModelError, SequenceInput};
 use tandem_runtime::speculative::{
     DraftModelDrafter, DraftRequest, Drafter, EagleDrafter, NgramDrafter, OracleDrafter,
 };
@@ -17,7 +17,8 @@ fn tiny_dir() -> &'static Path {
 }
 
 fn model(name: &str) -> Model {
-    load(&tiny_dir().join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
+    let opts = LoadOptions { kv_dtype: KV.get(), ..Default::default() };
+    load(&tiny_dir().join(name), &opts, &mut |_, _| {}).unwrap().model
 }
 
 const TARGET: &str = "qwen3-qknorm-untied";
@@ -27,6 +28,9 @@ const DRAFT: &str = "qwen3-qknorm-untied-near";
 thread_local! {
     /// The served model of the test on this thread (TARGET unless a test says otherwise).
     static SERVED: std::cell::Cell<&'static str> = const { std::cell::Cell::new(TARGET) };
+    /// The KV cache type of every model the test on this thread loads (the default unless a test
+    /// says otherwise).
+    static KV: std::cell::Cell<KvDtype> = std::cell::Cell::new(KvDtype::default());
 }
 
 fn target() -> &'static str {
@@ -156,6 +160,18 @@ fn greedy_speculation_changes_nothing_for_any_drafter() {
 fn greedy_speculation_on_a_latent_model_changes_nothing() {
     SERVED.set("qwen3-latent-qknorm");
     greedy_speculation_changes_nothing();
+}
+
+/// The same with f16 KV caches (`--kv-dtype f16`), on the latent model (f16 latent rows, converted
+/// as each is read) and the plain one: the plain decoding it is compared with rounds alike.
+#[test]
+fn greedy_speculation_with_an_f16_cache_changes_nothing() {
+    KV.set(KvDtype::F16);
+    assert_eq!(model(TARGET).config.kv_dtype, KvDtype::F16);
+    for served in ["qwen3-latent-qknorm", TARGET] {
+        SERVED.set(served);
+        greedy_speculation_changes_nothing();
+    }
 }
 
 fn greedy_speculation_changes_nothing() {
