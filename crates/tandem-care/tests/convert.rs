@@ -8,8 +8,11 @@ use tandem_care::{Allocation, Method};
 use tandem_models::{load, KvCache, KvDtype, LoadOptions, LoadedModel, LogitsFor, Model, OpsPath, SequenceInput};
 use tandem_testkit::{python, repo_root, tiny};
 
+/// A checkpoint with an f32 KV cache: these tests compare f32 logits (the f16 latent cache is
+/// compared with a reference that rounds alike).
 fn load_path(path: &Path) -> LoadedModel {
-    load(path, &LoadOptions::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    let opts = LoadOptions { kv_dtype: KvDtype::F32, ..Default::default() };
+    load(path, &opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
 fn logits(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {

@@ -71,8 +71,7 @@ fn quantized_smollm2_tracks_the_reference() {
     let file = model_file(SMOLLM2);
     let tokens: Vec<u32> = vec![1, 4093, 198, 1780, 314, 216, 34, 33, 34, 47, 2, 198, 1, 520, 9531];
     let reference = reference_logits(&file, &tokens);
-    let opts = tandem_models::LoadOptions { keep_quantized: true, ..Default::default() };
-    let loaded = tandem_models::load(&file, &opts, &mut |_, _| {}).unwrap();
+    let loaded = load_quantized(&file);
     let ours = tandem_logits(&loaded, &tokens);
     let err = relative_error(&ours, &reference);
     assert!(err < 0.05, "quantized SmolLM2: relative error {err:.2e}");
@@ -107,7 +106,7 @@ fn bf16_weights_match_the_reference_when_the_checkpoint_is_bf16() {
     let tokens: Vec<u32> = vec![260, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 262];
     let dir = tiny_dir().join("llama-bf16-tied");
     let reference = reference_logits(&dir, &tokens);
-    let opts = tandem_models::LoadOptions { weight_dtype: tandem_models::WeightDtype::Bf16, ..Default::default() };
+    let opts = tandem_models::LoadOptions { weight_dtype: tandem_models::WeightDtype::Bf16, ..f32_cache() };
     let mut loaded = tandem_models::load(&dir, &opts, &mut |_, _| {}).unwrap();
     for path in [OpsPath::CpuKernels, OpsPath::Generic] {
         loaded.model.set_ops_path(path);

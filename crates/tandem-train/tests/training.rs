@@ -394,7 +394,7 @@ fn merged_export_gives_the_same_logits_as_adapters() {
         let t = trained(&base, all_targets(4));
         let out = std::env::temp_dir().join(format!("tandem-merged-{}-{name}", std::process::id()));
         t.export_hf(Some(&tiny_dir().join(name)), &tiny_dir().join(name), &out).unwrap();
-        let merged = load(&out, &LoadOptions::default(), &mut |_, _| {}).unwrap().model;
+        let merged = load(&out, &common::f32_cache(), &mut |_, _| {}).unwrap().model;
         let toks = tokens(14, base.config.vocab_size, 9);
         let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap();
         let b = merged.forward_sequence(&toks).unwrap();
@@ -469,7 +469,7 @@ fn bad_data_is_refused_before_any_work() {
 fn a_gguf_served_model_exports_to_a_hugging_face_folder_with_the_same_logits() {
     // The real SmolLM2 GGUF (llama: q/k rows stored permuted for interleaved rope, tied output).
     let file = common::smollm2_file();
-    let loaded = load(&file, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let loaded = load(&file, &common::f32_cache(), &mut |_, _| {}).unwrap();
     let t = trained(&loaded.model, all_targets(4));
     let dir = std::env::temp_dir().join(format!("tandem-gguf-export-{}", std::process::id()));
     let tok_dir = dir.join("tokenizer");
@@ -477,7 +477,7 @@ fn a_gguf_served_model_exports_to_a_hugging_face_folder_with_the_same_logits() {
     loaded.tokenizer.save(tok_dir.join("tokenizer.json"), false).unwrap();
     let out = dir.join("merged");
     t.export_hf(None, &tok_dir, &out).unwrap();
-    let merged = load(&out, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let merged = load(&out, &common::f32_cache(), &mut |_, _| {}).unwrap();
     let toks = merged.tokenizer.encode("def add(a, b):\n    return a + b", false).unwrap().get_ids().to_vec();
     assert_eq!(toks, loaded.tokenizer.encode("def add(a, b):\n    return a + b", false).unwrap().get_ids());
     let a = t.snapshot().unwrap().forward_sequence(&toks).unwrap();

@@ -26,13 +26,21 @@ pub fn model_file(name: &str) -> PathBuf {
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN_CODER: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
-pub fn load_path(path: &Path) -> LoadedModel {
-    load(path, &LoadOptions::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+/// Load options with an f32 KV cache: the reference tests compare f32 computations (an f16
+/// cache is compared with a reference that rounds alike, `reference_logits_kv`).
+pub fn f32_cache() -> LoadOptions {
+    LoadOptions { kv_dtype: tandem_models::KvDtype::F32, ..Default::default() }
 }
 
-/// A GGUF file with its block-quantized weights kept as they are (the serving default).
+/// A checkpoint with an f32 KV cache (`f32_cache`).
+pub fn load_path(path: &Path) -> LoadedModel {
+    load(path, &f32_cache(), &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// A GGUF file with its block-quantized weights kept as they are (the serving default), with an
+/// f32 KV cache (`f32_cache`).
 pub fn load_quantized(path: &Path) -> LoadedModel {
-    let opts = LoadOptions { keep_quantized: true, ..Default::default() };
+    let opts = LoadOptions { keep_quantized: true, ..f32_cache() };
     load(path, &opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 

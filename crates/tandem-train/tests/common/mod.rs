@@ -2,7 +2,7 @@
 //! the default SmolLM2 file.
 #![allow(dead_code)]
 use std::path::PathBuf;
-use tandem_models::{load, LoadOptions, Model};
+use tandem_models::{load, KvDtype, LoadOptions, Model};
 
 pub use tandem_testkit::tiny_dir;
 
@@ -16,6 +16,15 @@ pub fn smollm2_file() -> PathBuf {
     file
 }
 
+/// Loading with an f32 KV cache: these tests compare f32 computations (gradients against candle's
+/// autograd, a model against its export) whose keys may differ by an ulp, which a rounding cache
+/// would turn into a whole f16 step. The f16 cache has its own tests (`training_forward_equals_
+/// serving_bit_for_bit`, the latent model's training).
+pub fn f32_cache() -> LoadOptions {
+    LoadOptions { kv_dtype: KvDtype::F32, ..Default::default() }
+}
+
+/// A tiny checkpoint with an f32 KV cache (`f32_cache`).
 pub fn tiny(name: &str) -> Model {
-    load(&tiny_dir().join(name), &LoadOptions::default(), &mut |_, _| {}).unwrap().model
+    load(&tiny_dir().join(name), &f32_cache(), &mut |_, _| {}).unwrap().model
 }
