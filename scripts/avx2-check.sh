@@ -18,8 +18,9 @@ command -v qemu-x86_64 >/dev/null || { echo "qemu-x86_64 is missing: apt-get ins
 [ $# -gt 0 ] || set -- tandem-models:quant tandem-models:cache_and_batching
 
 # Built as README's test command builds them (the whole workspace: the same features, so the same
-# binaries), then each named one is looked up by crate and target.
-built=$(cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
+# binaries), then each named one is looked up by crate and target. Cargo's own messages (a build
+# error among them) stay on stderr.
+built=$(cargo test --release --workspace --no-run --message-format=json |
   python3 -c 'import json, sys
 for m in map(json.loads, sys.stdin):
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
